@@ -1,0 +1,1 @@
+"""ralu_runtime: Region-Adaptive Latent Upsampling (RALU) for diffusion transformers."""
