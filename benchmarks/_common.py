@@ -1,0 +1,124 @@
+"""Shared helpers for benchmark scripts: environment record, timing, JSON and PNG output.
+
+Every benchmark prints a table, writes ``<name>.json`` (device, versions, shapes, times,
+ratios) and ``<name>.png`` into ``--out`` (default ``benchmarks/results``).
+"""
+from __future__ import annotations
+
+import json
+import os
+import platform
+import statistics
+import time
+from pathlib import Path
+from typing import Callable, Sequence
+
+import torch
+
+
+def environment() -> dict:
+    """Device name and library versions, for the JSON header."""
+    env = {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "cuda": torch.version.cuda,
+        "platform": platform.platform(),
+        "cpu_count": os.cpu_count(),
+        "device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else f"cpu ({platform.processor() or platform.machine()})",
+    }
+    for mod in ("triton", "diffusers", "transformers", "onnxruntime"):
+        try:
+            env[mod] = __import__(mod).__version__
+        except Exception:  # noqa: BLE001 - optional packages
+            env[mod] = None
+    return env
+
+
+def device_slug() -> str:
+    """Short file-name-safe device tag, e.g. ``nvidia-h100-80gb-hbm3`` or ``cpu``."""
+    if not torch.cuda.is_available():
+        return "cpu"
+    return "".join(ch if ch.isalnum() else "-" for ch in torch.cuda.get_device_name(0).lower()).strip("-")
+
+
+def time_fn(fn: Callable[[], object], *, warmup: int = 3, reps: int = 10, device: str | None = None) -> dict:
+    """Time ``fn`` after ``warmup`` calls; returns mean/stdev/min in milliseconds over ``reps`` calls.
+
+    On CUDA uses events and synchronises around every call.
+    """
+    cuda = device == "cuda" or (device is None and torch.cuda.is_available())
+    for _ in range(warmup):
+        fn()
+    if cuda:
+        torch.cuda.synchronize()
+    times = []
+    for _ in range(reps):
+        if cuda:
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            torch.cuda.synchronize()
+            times.append(start.elapsed_time(end))
+        else:
+            t0 = time.perf_counter()
+            fn()
+            times.append((time.perf_counter() - t0) * 1e3)
+    return {
+        "mean_ms": statistics.fmean(times),
+        "stdev_ms": statistics.stdev(times) if len(times) > 1 else 0.0,
+        "min_ms": min(times),
+        "reps": reps,
+    }
+
+
+def print_table(rows: Sequence[dict], columns: Sequence[str]) -> None:
+    """Print rows as a fixed-width text table with the given columns."""
+    def fmt(v):
+        if isinstance(v, float):
+            return f"{v:.4g}"
+        return str(v)
+
+    widths = [max(len(c), *(len(fmt(r.get(c, ""))) for r in rows)) for c in columns]
+    print("  ".join(c.ljust(w) for c, w in zip(columns, widths)))
+    print("  ".join("-" * w for w in widths))
+    for r in rows:
+        print("  ".join(fmt(r.get(c, "")).ljust(w) for c, w in zip(columns, widths)))
+
+
+def write_json(out_dir: str | Path, name: str, payload: dict) -> Path:
+    """Write ``payload`` plus the environment record to ``out_dir/name.json``."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / f"{name}.json"
+    body = {"benchmark": name, "environment": environment(), **payload}
+    path.write_text(json.dumps(body, indent=2, default=str))
+    print(f"wrote {path}")
+    return path
+
+
+def bar_plot(out_dir: str | Path, name: str, labels: Sequence[str], values: Sequence[float], ylabel: str, title: str,
+             log: bool = False) -> Path | None:
+    """Save a simple bar chart to ``out_dir/name.png``; returns None when matplotlib is missing."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib not installed: no PNG written (pip install matplotlib)")
+        return None
+    fig, ax = plt.subplots(figsize=(max(6, 0.6 * len(labels) + 2), 4))
+    ax.bar(range(len(values)), values)
+    ax.set_xticks(range(len(labels)))
+    ax.set_xticklabels(labels, rotation=30, ha="right", fontsize=8)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    if log:
+        ax.set_yscale("log")
+    fig.tight_layout()
+    path = Path(out_dir) / f"{name}.png"
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    print(f"wrote {path}")
+    return path

@@ -1,0 +1,23 @@
+"""Test configuration: everything runs on a CPU.
+
+Triton kernels run under the interpreter (``TRITON_INTERPRET=1``) unless the session asks
+for the GPU with ``RALU_TEST_GPU=1``. The variable must be set before triton is imported.
+"""
+import os
+
+if os.environ.get("RALU_TEST_GPU") != "1":
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+
+
+def pytest_collection_modifyitems(config, items):
+    if torch.cuda.is_available():
+        return
+    skip_gpu = pytest.mark.skip(reason="needs a CUDA device; none is visible to torch")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip_gpu)
