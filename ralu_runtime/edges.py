@@ -1,0 +1,187 @@
+"""Edge-based region selection of RALU's mixed-resolution stage.
+
+At the end of stage 1 the sampler VAE-decodes the Tweedie estimate (images in [-1, 1]) and calls
+:func:`edge_scores` (Canny edge pixels per image block, one block = one coarse token) and
+:func:`select_top_blocks` (jittered top-k, all randomness from the user's generators). The masks
+(:func:`region_mask`) and :func:`overlay_mask` are for users and the CLI.
+
+Two detectors:
+
+* ``"opencv"`` - ``cv2.Canny(gray_uint8, low, high)`` per image on the CPU (one device->host copy of the
+  uint8 grayscale batch); what the reference implementation does.
+* ``"gpu"`` - :func:`ralu_kernels.edge_scores.canny` + :func:`ralu_kernels.edge_scores.block_sum` on the
+  images' device (no host copy of data). It reproduces OpenCV's Canny (aperture 3, L1 gradient).
+
+Mapping from [-1, 1] to [0, 1]: ``"unit"`` is ``(x + 1) / 2`` (correct); ``"clip"`` clamps ``x`` to [0, 1]
+as the reference implementation does (everything below mid-grey becomes black, its edges vanish).
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from ralu_kernels import edge_scores as _k
+
+__all__ = [
+    "images_to_uint8_gray",
+    "edge_scores",
+    "select_top_blocks",
+    "region_mask",
+    "overlay_mask",
+    "JITTER_SCALE",
+]
+
+JITTER_SCALE = 1e-3
+"""Tie-breaking jitter is uniform in ``[0, JITTER_SCALE)``; edge counts are integers, so it only breaks ties."""
+
+# OpenCV's fixed-point RGB->GRAY for 8-bit images: 0.299, 0.587, 0.114 scaled by 2^15, rounded descale
+# (checked against cv2.cvtColor over all 2^24 RGB values with OpenCV 5.0; the older 2^14 table differs)
+_R2Y, _G2Y, _B2Y, _GRAY_SHIFT = 9798, 19235, 3735, 15
+_MAPPINGS = ("unit", "clip")
+_DETECTORS = ("opencv", "gpu")
+
+
+def _images_to_uint8_rgb(images: Tensor, mapping: str) -> Tensor:
+    if mapping not in _MAPPINGS:
+        raise ValueError(f"mapping must be one of {_MAPPINGS}; got {mapping!r}")
+    if images.dim() != 4 or images.shape[1] != 3:
+        raise ValueError(f"images must be (B, 3, H, W); got shape {tuple(images.shape)}")
+    x = images.to(torch.float32)
+    x = (x / 2 + 0.5) if mapping == "unit" else x
+    # as diffusers' image processor: clamp, * 255, round half to even
+    return (x.clamp(0, 1) * 255).round().to(torch.int32)
+
+
+def images_to_uint8_gray(images: Tensor, *, mapping: str = "unit", as_numpy: bool = False) -> np.ndarray | Tensor:
+    """VAE output ``(B, 3, H, W)`` in [-1, 1] -> uint8 grayscale ``(B, H, W)``.
+
+    RGB is mapped to [0, 1] (``mapping="unit"``: ``(x + 1) / 2``; ``"clip"``: clamp ``x``, the reference's
+    quirk), clamped, scaled by 255 and rounded to uint8, then converted with OpenCV's RGB->GRAY weights
+    (0.299, 0.587, 0.114) in OpenCV's fixed-point arithmetic, so the result equals
+    ``cv2.cvtColor(rgb_uint8, cv2.COLOR_RGB2GRAY)`` exactly.
+
+    Returns a uint8 tensor on ``images.device``, or (``as_numpy=True``) a numpy array on the host.
+    """
+    rgb = _images_to_uint8_rgb(images, mapping)
+    gray = (rgb[:, 0] * _R2Y + rgb[:, 1] * _G2Y + rgb[:, 2] * _B2Y + (1 << (_GRAY_SHIFT - 1))) >> _GRAY_SHIFT
+    gray = gray.to(torch.uint8)
+    if as_numpy:
+        return gray.cpu().numpy()
+    return gray
+
+
+def _check_block(images: Tensor, block: int) -> tuple[int, int]:
+    if not isinstance(block, int) or block < 1:
+        raise ValueError(f"block must be a positive int; got {block!r}")
+    h, w = images.shape[-2:]
+    if h % block or w % block:
+        raise ValueError(f"image height {h} and width {w} must be multiples of block={block}")
+    return h // block, w // block
+
+
+def edge_scores(images: Tensor, block: int, *, mapping: str = "unit", detector: str = "opencv",
+                low: float = 100, high: float = 200) -> Tensor:
+    """Number of Canny edge pixels per ``block x block`` image block.
+
+    ``images`` ``(B, 3, H, W)`` in [-1, 1] (VAE output); returns ``(B, H // block, W // block)`` float32 on
+    ``images.device``. ``detector="opencv"``: ``cv2.Canny`` on the CPU (one host copy for the batch);
+    ``"gpu"``: :func:`ralu_kernels.edge_scores.canny` and the Triton block sum on the images' device.
+    ``H`` and ``W`` must be multiples of ``block`` (ValueError otherwise).
+    """
+    if detector not in _DETECTORS:
+        raise ValueError(f"detector must be one of {_DETECTORS}; got {detector!r}")
+    if images.dim() != 4 or images.shape[1] != 3:
+        raise ValueError(f"images must be (B, 3, H, W); got shape {tuple(images.shape)}")
+    hb, wb = _check_block(images, block)
+    b = images.shape[0]
+    if detector == "opencv":
+        import cv2
+
+        gray = images_to_uint8_gray(images, mapping=mapping, as_numpy=True)   # the one host copy
+        edges = np.stack([cv2.Canny(np.ascontiguousarray(g), low, high) for g in gray]) if b else \
+            np.zeros(gray.shape, np.uint8)
+        counts = (edges > 0).reshape(b, hb, block, wb, block).sum(axis=(2, 4), dtype=np.int64)
+        return torch.from_numpy(counts.astype(np.float32)).to(images.device)
+    gray = images_to_uint8_gray(images, mapping=mapping)
+    edges = _k.canny(gray, low, high)
+    return _k.block_sum(edges, block)
+
+
+def _jitter(b: int, m: int, generators: Sequence[torch.Generator] | torch.Generator | None,
+            device: torch.device) -> Tensor:
+    if generators is None:
+        gens = [torch.Generator().manual_seed(0)] * b   # one CPU generator, drawn from image by image
+    elif isinstance(generators, torch.Generator):
+        gens = [generators] * b
+    else:
+        gens = list(generators)
+        if len(gens) != b:
+            raise ValueError(f"need one generator per image: got {len(gens)} for a batch of {b}")
+    rows = [torch.rand(m, generator=g, device=g.device, dtype=torch.float32) for g in gens]
+    return torch.stack([r.to(device) for r in rows]) * JITTER_SCALE if b else torch.zeros(0, m, device=device)
+
+
+def select_top_blocks(scores: Tensor, k: int,
+                      generators: Sequence[torch.Generator] | torch.Generator | None = None) -> Tensor:
+    """Raster indices ``(B, k)`` int64 of the ``k`` highest-scoring blocks of each image, sorted ascending.
+
+    ``scores`` ``(B, Hb, Wb)`` or ``(B, M)``. Ties are broken by a jitter uniform in ``[0, 1e-3)`` added to
+    the scores, drawn (``torch.rand(M)``, float32) from ``generators[b]`` for image ``b`` on that
+    generator's device, then moved to ``scores.device``: the choice is deterministic per seed and all
+    randomness comes from the user's generators. A single generator is used for every image in turn.
+    With ``generators=None`` a CPU ``torch.Generator`` seeded 0 is used (deterministic, not tied to
+    any user seed). ``k`` must be in ``[0, M]`` (ValueError otherwise); ``k == 0`` gives ``(B, 0)``.
+    The top-k itself runs on ``scores.device`` (:func:`ralu_kernels.edge_scores.topk_blocks`).
+    """
+    if scores.dim() not in (2, 3):
+        raise ValueError(f"scores must be (B, Hb, Wb) or (B, M); got shape {tuple(scores.shape)}")
+    b = scores.shape[0]
+    m = scores[0].numel() if b else int(np.prod(scores.shape[1:]))
+    if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or not 0 <= k <= m:
+        raise ValueError(f"k must be an int in [0, {m}]; got {k!r}")
+    k = int(k)
+    if k == 0:
+        return torch.empty((b, 0), dtype=torch.int64, device=scores.device)
+    jitter = _jitter(b, m, generators, scores.device)
+    return _k.topk_blocks(scores.reshape(b, m), k, jitter)
+
+
+def region_mask(indices: Tensor, grid_hw: tuple[int, int]) -> Tensor:
+    """``(B, k)`` raster block indices -> ``(B, Hb, Wb)`` bool mask of the selected blocks."""
+    hb, wb = grid_hw
+    if indices.dim() != 2:
+        raise ValueError(f"indices must be (B, k); got shape {tuple(indices.shape)}")
+    mask = torch.zeros((indices.shape[0], hb * wb), dtype=torch.bool, device=indices.device)
+    if indices.numel():
+        if int(indices.min()) < 0 or int(indices.max()) >= hb * wb:
+            raise ValueError(f"indices out of range for a {hb}x{wb} grid")
+        mask.scatter_(1, indices.to(torch.int64), True)
+    return mask.view(indices.shape[0], hb, wb)
+
+
+def overlay_mask(image_uint8_hwc: np.ndarray, mask_hw: np.ndarray, color=(255, 64, 64), alpha: float = 0.45) -> np.ndarray:
+    """Tint the selected blocks of an RGB uint8 image ``(H, W, 3)``.
+
+    ``mask_hw`` is the block grid ``(Hb, Wb)`` (bool; a tensor is accepted too), upscaled to ``(H, W)`` by
+    nearest neighbour; selected pixels become ``(1 - alpha) * pixel + alpha * color``. Returns a new array.
+    """
+    img = np.asarray(image_uint8_hwc)
+    if img.ndim != 3 or img.shape[2] != 3:
+        raise ValueError(f"image must be (H, W, 3); got shape {img.shape}")
+    if isinstance(mask_hw, torch.Tensor):
+        mask_hw = mask_hw.detach().cpu().numpy()
+    mask = np.asarray(mask_hw).astype(bool)
+    if mask.ndim != 2:
+        raise ValueError(f"mask must be (Hb, Wb); got shape {mask.shape}")
+    h, w = img.shape[:2]
+    hb, wb = mask.shape
+    rows = (np.arange(h) * hb) // h
+    cols = (np.arange(w) * wb) // w
+    full = mask[rows[:, None], cols[None, :]]
+    out = img.astype(np.float32)
+    tint = np.asarray(color, dtype=np.float32)
+    out[full] = (1.0 - alpha) * out[full] + alpha * tint
+    return np.clip(np.rint(out), 0, 255).astype(np.uint8)
