@@ -1,0 +1,192 @@
+"""The samplers: ordinary full-resolution flow matching, and RALU's three stages.
+
+State is kept as tokens ``(B, L, C_tok)`` in the model dtype; every Euler step is computed like
+diffusers' ``FlowMatchEulerDiscreteScheduler.step`` (float32 update, cast back), so the baseline
+reproduces the diffusers pipelines. All randomness comes from the caller's generators.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import torch
+from tqdm.auto import tqdm
+
+from .adapters.base import Conditioning, DiTAdapter, TokenGrid
+from .layout import TokenLayout, grid_positions
+from .schedule import RaluSchedule
+from .solvers import SOLVERS, make_solver
+
+NOISE_VARIANTS = ("reference", "exact")
+
+
+@dataclass
+class StageRecord:
+    """Wall time (s) and shape facts of one piece of a run, for the per-stage timing table."""
+
+    name: str
+    seconds: float
+    steps: int = 0
+    tokens: int = 0
+
+
+@dataclass
+class SamplerResult:
+    """Final fine tokens ``(B, L, C_tok)`` raster order, optional layout, and timing records."""
+
+    tokens: torch.Tensor
+    layout: TokenLayout | None = None
+    records: list[StageRecord] = field(default_factory=list)
+
+
+class _Clock:
+    """Times named pieces; synchronises CUDA at piece boundaries only (never inside a stage)."""
+
+    def __init__(self, device: torch.device):
+        self.cuda = device.type == "cuda"
+        self.records: list[StageRecord] = []
+
+    def __call__(self, name: str, steps: int = 0, tokens: int = 0):
+        clock = self
+
+        class _Piece:
+            def __enter__(self):
+                if clock.cuda:
+                    torch.cuda.synchronize()
+                self.t0 = time.perf_counter()
+
+            def __exit__(self, *exc):
+                if clock.cuda:
+                    torch.cuda.synchronize()
+                clock.records.append(StageRecord(name, time.perf_counter() - self.t0, steps, tokens))
+
+        return _Piece()
+
+
+def run_stage(adapter: DiTAdapter, x: torch.Tensor, grid: TokenGrid, timesteps: torch.Tensor, sigmas: torch.Tensor,
+              cond: Conditioning, *, solver: str = "euler", desc: str = "", progress: bool = True):
+    """Integrate one stage: ``len(timesteps)`` model calls from ``sigmas[0]`` to ``sigmas[-1]``.
+
+    timesteps: ``(N,)`` float32 ``1000 * sigma`` given to the model; sigmas: ``(N+1,)`` float32.
+    Returns ``(x, v_last)``: the state at ``sigmas[-1]`` and the last velocity.
+    """
+    stepper = make_solver(solver, sigmas)
+    v = None
+    for i in tqdm(range(len(timesteps)), desc=desc, disable=not progress, leave=False):
+        v = adapter.velocity(x, grid, timesteps[i], cond)
+        x = stepper.step(i, x, v)
+    return x, v
+
+
+def stage_timesteps(schedule: RaluSchedule, k: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """RALU stage ``k`` (0-based): ``(timesteps (N_k,), sigmas (N_k + 1,))`` float32 from the schedule."""
+    sig = schedule.stage_sigmas(k)
+    sigmas = torch.tensor(sig, dtype=torch.float32, device=device)
+    timesteps = torch.tensor(sig[:-1] * 1000.0, dtype=torch.float32, device=device)
+    return timesteps, sigmas
+
+
+def sample_baseline(adapter: DiTAdapter, cond: Conditioning, noise: torch.Tensor, num_steps: int, *,
+                    solver: str = "euler", progress: bool = True) -> SamplerResult:
+    """Ordinary full-resolution sampling with the pipeline's own timesteps. noise: ``(B, C, h, w)``."""
+    clock = _Clock(noise.device)
+    h, w = noise.shape[-2:]
+    p = adapter.patch_size
+    fine_hw = (h // p, w // p)
+    x = adapter.pack(noise)
+    b = x.shape[0]
+    grid = TokenGrid(grid_positions(*fine_hw, device=x.device).expand(b, -1, -1), fine_hw, None, raster=True)
+    timesteps, sigmas = adapter.baseline_schedule(num_steps, x.shape[1])
+    with clock("baseline", steps=len(timesteps), tokens=x.shape[1]):
+        x, _ = run_stage(adapter, x, grid, timesteps, sigmas, cond, solver=solver, desc="baseline", progress=progress)
+    return SamplerResult(x, None, clock.records)
+
+
+def draw_seeds(generators: list[torch.Generator], device) -> torch.Tensor:
+    """One int64 Philox seed per image from each image's generator: ``(B,)`` on ``device``."""
+    seeds = [torch.randint(0, 2**62, (1,), generator=g, device=g.device).to(device) for g in generators]
+    return torch.cat(seeds)
+
+
+def select_regions(adapter: DiTAdapter, x: torch.Tensor, v: torch.Tensor, sigma_end: float, latent_hw, k: int,
+                   generators, *, edge_map: str, edge_detector: str) -> torch.Tensor:
+    """Edge-based choice of the ``k`` coarse tokens to upsample first: ``(B, k)`` int64 sorted.
+
+    Tweedie estimate ``x0 = x - sigma_end v`` at the end of stage 1, VAE decode at half resolution,
+    Canny edges, edge pixels per coarse-token block, top-k with a tiny jitter from each image's generator.
+    """
+    from .edges import edge_scores, select_top_blocks
+
+    x0 = (x.to(torch.float32) - sigma_end * v.to(torch.float32)).to(x.dtype)
+    images = adapter.decode(adapter.unpack(x0, latent_hw[0] // 2, latent_hw[1] // 2))
+    block = adapter.patch_size * adapter.vae_scale_factor
+    scores = edge_scores(images, block, mapping=edge_map, detector=edge_detector)
+    return select_top_blocks(scores, k, generators)
+
+
+def apply_transition(x: torch.Tensor, pos: torch.Tensor, tmap, boundary, seeds: torch.Tensor, *, noise: str,
+                     impl: str):
+    """Run one stage transition (upsample + correlated noise + scale + reorder) with ralu_kernels."""
+    from ralu_kernels.transition import stage_transition
+
+    return stage_transition(x, pos, tmap.src_index, tmap.group, tmap.child, seeds, a=boundary.a, b=boundary.b,
+                            c=boundary.c, pos_scale=tmap.pos_scale, exact_noise=(noise == "exact"), impl=impl)
+
+
+def sample_ralu(adapter: DiTAdapter, cond: Conditioning, noise: torch.Tensor, schedule: RaluSchedule,
+                generators: list[torch.Generator], *, noise_variant: str = "reference", edge_map: str = "unit",
+                edge_detector: str = "opencv", transition_impl: str = "auto", solver: str = "euler",
+                progress: bool = True) -> SamplerResult:
+    """RALU: low-resolution stage, edge-selected partial upsampling, full-resolution stage.
+
+    noise: full-resolution latent noise ``(B, C, h, w)`` (stage 1 starts from its 2x nearest downsample,
+    so a RALU run and a baseline run with the same seed start from the same noise).
+    generators: one per image (the same object repeated is allowed: draws are then sequential).
+    Returns final tokens in fine raster order ``(B, 4M, C_tok)``.
+    """
+    if noise_variant not in NOISE_VARIANTS:
+        raise ValueError(f"noise={noise_variant!r} is not allowed; choose one of {NOISE_VARIANTS}")
+    clock = _Clock(noise.device)
+    b = noise.shape[0]
+    latent_hw = noise.shape[-2:]
+    p = adapter.patch_size
+    coarse_hw = (latent_hw[0] // (2 * p), latent_hw[1] // (2 * p))
+    fine_hw = (2 * coarse_hw[0], 2 * coarse_hw[1])
+    m = coarse_hw[0] * coarse_hw[1]
+    k = int(m * schedule.ratio)
+
+    # stage 1: coarse grid
+    x = adapter.pack(noise[:, :, ::2, ::2].contiguous())
+    pos = grid_positions(*coarse_hw, device=x.device).expand(b, -1, -1).contiguous()
+    ts, sig = stage_timesteps(schedule, 0, x.device)
+    with clock("stage1", steps=len(ts), tokens=m):
+        x, v = run_stage(adapter, x, TokenGrid(pos, coarse_hw, None, raster=True), ts, sig, cond,
+                         solver=solver, desc="RALU stage 1/3", progress=progress)
+
+    # region choice
+    with clock("edges", tokens=k):
+        if 0 < k < m:
+            sel = select_regions(adapter, x, v, float(sig[-1]), latent_hw, k, generators,
+                                 edge_map=edge_map, edge_detector=edge_detector)
+        else:
+            sel = torch.arange(m, device=x.device).expand(b, m)[:, :k]
+        layout = TokenLayout(coarse_hw, sel.to(x.device))
+
+    # transition 1 -> 2
+    with clock("transition12", tokens=layout.stage_lengths[1]):
+        x, pos = apply_transition(x, pos, layout.transition_12(), schedule.boundary(0),
+                                  draw_seeds(generators, x.device), noise=noise_variant, impl=transition_impl)
+    ts, sig = stage_timesteps(schedule, 1, x.device)
+    with clock("stage2", steps=len(ts), tokens=x.shape[1]):
+        x, v = run_stage(adapter, x, TokenGrid(pos, coarse_hw, layout.stage2_fine_mask()), ts, sig, cond,
+                         solver=solver, desc="RALU stage 2/3", progress=progress)
+
+    # transition 2 -> 3
+    with clock("transition23", tokens=4 * m):
+        x, pos = apply_transition(x, pos, layout.transition_23(), schedule.boundary(1),
+                                  draw_seeds(generators, x.device), noise=noise_variant, impl=transition_impl)
+    ts, sig = stage_timesteps(schedule, 2, x.device)
+    with clock("stage3", steps=len(ts), tokens=x.shape[1]):
+        x, _ = run_stage(adapter, x, TokenGrid(pos, fine_hw, None, raster=True), ts, sig, cond,
+                         solver=solver, desc="RALU stage 3/3", progress=progress)
+    return SamplerResult(x, layout, clock.records)

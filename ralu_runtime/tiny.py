@@ -1,0 +1,103 @@
+"""Tiny randomly initialised FLUX and SD3 pipelines, built from configs with no download.
+
+They have the real diffusers classes (transformer, VAE, text encoders, scheduler) at toy sizes, and
+byte-level tokenizers built in code, so prompts work offline. Used by the demo and the tests; the
+images they make are noise-like (random weights), but every code path is the production one.
+"""
+from __future__ import annotations
+
+import torch
+
+TEXT_DIM = 32
+VOCAB = 300  # 256 byte symbols + specials, rounded up
+
+
+def byte_tokenizer(max_length: int):
+    """A byte-level BPE tokenizer with no merges (every UTF-8 byte is one token), built in memory."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    specials = ["<pad>", "<unk>", "</s>"]
+    vocab = {tok: i for i, tok in enumerate(specials)}
+    for ch in pre_tokenizers.ByteLevel.alphabet():
+        vocab[ch] = len(vocab)
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", unk_token="<unk>", eos_token="</s>",
+                                   model_max_length=max_length)
+
+
+def _clip(with_projection: bool, hidden: int = TEXT_DIM, projection: int = TEXT_DIM):
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    cfg = CLIPTextConfig(vocab_size=VOCAB, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=2,
+                         num_attention_heads=2, max_position_embeddings=77, projection_dim=projection,
+                         bos_token_id=0, eos_token_id=2, pad_token_id=0)
+    return (CLIPTextModelWithProjection if with_projection else CLIPTextModel)(cfg).eval()
+
+
+def _t5(d_model: int = TEXT_DIM):
+    from transformers import T5Config, T5EncoderModel
+
+    cfg = T5Config(vocab_size=VOCAB, d_model=d_model, d_kv=8, d_ff=2 * d_model, num_layers=2, num_heads=4,
+                   decoder_start_token_id=0, pad_token_id=0, eos_token_id=2)
+    return T5EncoderModel(cfg).eval()
+
+
+def _vae(latent_channels: int, shift_factor: float | None):
+    from diffusers import AutoencoderKL
+
+    return AutoencoderKL(
+        in_channels=3, out_channels=3, latent_channels=latent_channels,
+        down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+        block_out_channels=(8, 8, 16, 16), layers_per_block=1, norm_num_groups=4,
+        scaling_factor=1.5, shift_factor=shift_factor, use_quant_conv=shift_factor is None,
+        use_post_quant_conv=shift_factor is None,
+    ).eval()
+
+
+def build_tiny_flux_pipeline(seed: int = 0, *, guidance_embeds: bool = True, latent_channels: int = 16,
+                             num_layers: int = 1, num_single_layers: int = 2, device="cpu", dtype=torch.float32):
+    """A FluxPipeline with a 1+2-block transformer (hidden 32), tiny VAE (factor 8), tiny CLIP and T5."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
+
+    torch.manual_seed(seed)
+    transformer = FluxTransformer2DModel(
+        patch_size=1, in_channels=4 * latent_channels, num_layers=num_layers, num_single_layers=num_single_layers,
+        attention_head_dim=16, num_attention_heads=2, joint_attention_dim=TEXT_DIM, pooled_projection_dim=TEXT_DIM,
+        guidance_embeds=guidance_embeds, axes_dims_rope=(4, 6, 6),
+    ).eval()
+    scheduler = FlowMatchEulerDiscreteScheduler(
+        num_train_timesteps=1000, shift=3.0 if guidance_embeds else 1.0, use_dynamic_shifting=guidance_embeds,
+        base_shift=0.5, max_shift=1.15, base_image_seq_len=256, max_image_seq_len=4096,
+    )
+    pipe = FluxPipeline(
+        scheduler=scheduler, vae=_vae(latent_channels, 0.1159), text_encoder=_clip(False),
+        tokenizer=byte_tokenizer(77), text_encoder_2=_t5(), tokenizer_2=byte_tokenizer(512), transformer=transformer,
+    )
+    pipe.set_progress_bar_config(disable=True)
+    pipe.to(device)
+    return pipe if dtype == torch.float32 else pipe.to(dtype=dtype)
+
+
+def build_tiny_sd3_pipeline(seed: int = 0, *, latent_channels: int = 16, num_layers: int = 2, device="cpu",
+                            dtype=torch.float32):
+    """A StableDiffusion3Pipeline with a 2-block transformer, tiny VAE, two tiny CLIPs and a tiny T5."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
+
+    torch.manual_seed(seed)
+    transformer = SD3Transformer2DModel(
+        sample_size=32, patch_size=2, in_channels=latent_channels, num_layers=num_layers, attention_head_dim=16,
+        num_attention_heads=2, caption_projection_dim=32, joint_attention_dim=TEXT_DIM,
+        pooled_projection_dim=2 * TEXT_DIM, out_channels=latent_channels, pos_embed_max_size=96,
+    ).eval()
+    scheduler = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0)
+    pipe = StableDiffusion3Pipeline(
+        scheduler=scheduler, vae=_vae(latent_channels, 0.0609), text_encoder=_clip(True), tokenizer=byte_tokenizer(77),
+        text_encoder_2=_clip(True), tokenizer_2=byte_tokenizer(77), text_encoder_3=_t5(), tokenizer_3=byte_tokenizer(512),
+        transformer=transformer,
+    )
+    pipe.set_progress_bar_config(disable=True)
+    pipe.to(device)
+    return pipe if dtype == torch.float32 else pipe.to(dtype=dtype)
