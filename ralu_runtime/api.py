@@ -44,11 +44,12 @@ def load_pipeline(path: str, *, torch_dtype=None, device=None):
 
 
 def resolve_schedule(speedup, adapter: DiTAdapter) -> RaluSchedule | None:
-    """``speedup`` ("4x", "7x", ... preset of the model family, a RaluSchedule, or None) -> schedule."""
+    """``speedup`` ("4x", "7x", ... preset of the model family; "default" = the family's fastest preset;
+    a RaluSchedule; or None for the baseline) -> schedule."""
     if speedup is None or isinstance(speedup, RaluSchedule):
         return speedup
     if isinstance(speedup, str):
-        return get_preset(adapter.family, speedup)
+        return get_preset(adapter.family, adapter.default_preset if speedup == "default" else speedup)
     raise ValueError(f"speedup={speedup!r} is not allowed: use a preset name such as '7x', a RaluSchedule, or None")
 
 
@@ -74,7 +75,7 @@ def _prompt_batch(prompt, prompt_embeds) -> None:
 
 @torch.no_grad()
 def generate(pipe, prompt: str | list[str] | None = None, *, height: int | None = None, width: int | None = None,
-             speedup: str | RaluSchedule | None = "7x", num_inference_steps: int | None = None,
+             speedup: str | RaluSchedule | None = "default", num_inference_steps: int | None = None,
              guidance_scale: float | None = None, negative_prompt=None, prompt_embeds=None,
              pooled_prompt_embeds=None, negative_prompt_embeds=None, negative_pooled_prompt_embeds=None,
              num_images_per_prompt: int = 1, generator=None, seed: int | None = None, output_type: str = "pil",
@@ -83,6 +84,9 @@ def generate(pipe, prompt: str | list[str] | None = None, *, height: int | None 
              max_sequence_length: int | None = None, progress: bool = True, torch_dtype=None,
              device=None) -> RaluOutput:
     """Generate images with RALU (``speedup`` preset or schedule) or the ordinary sampler (``speedup=None``).
+
+    ``speedup="default"`` is the family's fastest preset: "7x" for FLUX.1-dev, "3x" for SD3, "4step" for
+    FLUX.1-schnell.
 
     pipe: a loaded diffusers ``FluxPipeline`` / ``StableDiffusion3Pipeline``, a local model folder (loaded
     with ``from_pretrained``), or a :class:`~ralu_runtime.adapters.DiTAdapter`. Give ``prompt`` (str or list)

@@ -22,7 +22,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--prompt", default="a photograph of a red fox in the snow")
     g.add_argument("--height", type=int, default=None, help="pixels (default 256 for tiny models, else 1024)")
     g.add_argument("--width", type=int, default=None)
-    g.add_argument("--speedup", type=_speedup, default="7x", help="preset name (4x, 7x, ...) or 'none' for baseline")
+    g.add_argument("--speedup", type=_speedup, default="default",
+                   help="preset name (FLUX: 4x, 5x, 7x; SD3: 2x, 3x), 'default' (fastest), or 'none' for baseline")
     g.add_argument("--steps", type=int, default=None, help="baseline steps (speedup none only)")
     g.add_argument("--guidance", type=float, default=None)
     g.add_argument("--seed", type=int, default=0)

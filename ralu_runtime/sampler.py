@@ -71,6 +71,7 @@ def run_stage(adapter: DiTAdapter, x: torch.Tensor, grid: TokenGrid, timesteps: 
     Returns ``(x, v_last)``: the state at ``sigmas[-1]`` and the last velocity.
     """
     stepper = make_solver(solver, sigmas)
+    adapter.begin_stage()
     v = None
     for i in tqdm(range(len(timesteps)), desc=desc, disable=not progress, leave=False):
         v = adapter.velocity(x, grid, timesteps[i], cond)

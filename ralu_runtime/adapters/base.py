@@ -49,17 +49,31 @@ class DiTAdapter(ABC):
     """Base class of model adapters.
 
     Class attributes a subclass sets: ``family`` (preset family name), ``default_steps`` and
-    ``default_guidance`` (the pipeline's own defaults), ``base_shift`` (h_ori, the model's timestep shift
+    ``default_guidance`` (the pipeline's own defaults), ``default_preset`` (preset used for speedup="default"), ``base_shift`` (h_ori, the model's timestep shift
     used by NT-Matching).
     """
 
     family: str = ""
+    default_preset: str = "7x"
     default_steps: int = 28
     default_guidance: float = 3.5
     base_shift: float = 3.0
 
     def __init__(self, pipe):
         self.pipe = pipe
+        self.feature_cache = None  # optional ralu_runtime cache object (temporal acceleration), see run_blocks
+
+    # ---- temporal-cache hooks ----------------------------------------------------------------------------
+    def begin_stage(self) -> None:
+        """Called by the sampler at the start of every stage: the token set changes, caches are invalid."""
+        if self.feature_cache is not None:
+            self.feature_cache.reset()
+
+    def run_blocks(self, blocks_fn, hidden: torch.Tensor, timestep: torch.Tensor):
+        """Run the transformer's block stack ``blocks_fn()`` -> image hidden states, through the cache if set."""
+        if self.feature_cache is None:
+            return blocks_fn()
+        return self.feature_cache(blocks_fn, hidden, timestep)
 
     # ---- geometry ------------------------------------------------------------------------------------
     @property

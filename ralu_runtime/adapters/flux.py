@@ -84,6 +84,7 @@ class FluxAdapter(DiTAdapter):
         self.transformer = pipe.transformer
         if not getattr(self.transformer.config, "guidance_embeds", True):
             self.family = "flux-schnell"
+            self.default_preset = "4step"
             self.default_steps = 4
             self.base_shift = 1.0
         self._install_processors()
@@ -148,10 +149,16 @@ class FluxAdapter(DiTAdapter):
             temb = tr.time_text_embed(t, guidance.to(hidden.dtype) * 1000, pooled)
         enc = tr.context_embedder(embeds)
         rope = self.rotary(grid, enc.shape[1])
-        for block in tr.transformer_blocks:
-            enc, hidden = block(hidden_states=hidden, encoder_hidden_states=enc, temb=temb, image_rotary_emb=rope)
-        for block in tr.single_transformer_blocks:
-            enc, hidden = block(hidden_states=hidden, encoder_hidden_states=enc, temb=temb, image_rotary_emb=rope)
+
+        def blocks():
+            h, e = hidden, enc
+            for block in tr.transformer_blocks:
+                e, h = block(hidden_states=h, encoder_hidden_states=e, temb=temb, image_rotary_emb=rope)
+            for block in tr.single_transformer_blocks:
+                e, h = block(hidden_states=h, encoder_hidden_states=e, temb=temb, image_rotary_emb=rope)
+            return h
+
+        hidden = self.run_blocks(blocks, hidden, timestep)
         return tr.proj_out(tr.norm_out(hidden, temb))
 
     def baseline_schedule(self, num_steps, image_seq_len):

@@ -20,6 +20,7 @@ class SD3Adapter(DiTAdapter):
     """Adapter for diffusers' ``StableDiffusion3Pipeline`` (SD3 / SD3.5 transformers)."""
 
     family = "sd3"
+    default_preset = "3x"
     default_steps = 28
     default_guidance = 7.0
     base_shift = 3.0
@@ -108,8 +109,14 @@ class SD3Adapter(DiTAdapter):
         hidden = self.embed_tokens(x, g2).contiguous()
         temb = tr.time_text_embed(timestep.expand(x.shape[0]), cond.data["pooled"])
         enc = tr.context_embedder(cond.data["embeds"])
-        for block in tr.transformer_blocks:
-            enc, hidden = block(hidden_states=hidden, encoder_hidden_states=enc, temb=temb)
+
+        def blocks():
+            h, e = hidden, enc
+            for block in tr.transformer_blocks:
+                e, h = block(hidden_states=h, encoder_hidden_states=e, temb=temb)
+            return h
+
+        hidden = self.run_blocks(blocks, hidden, timestep)
         out = tr.proj_out(tr.norm_out(hidden, temb))
         p = self.patch_size
         out = out.view(x.shape[0], l, p, p, -1).permute(0, 1, 4, 2, 3).reshape(x.shape[0], l, -1)
