@@ -19,7 +19,8 @@ INSTALL_REQUIRES = [
 ]
 
 EXTRAS = {
-    "test": ["pytest>=8", "hypothesis>=6.100", "scikit-image>=0.22", "triton==3.9.0; platform_system == 'Linux'"],
+    "test": ["pytest>=8", "hypothesis>=6.100", "scikit-image>=0.22", "triton==3.9.0; platform_system == 'Linux'",
+             "peft>=0.17", "onnx", "onnxruntime"],
     "triton": ["triton"],
     "onnx": ["onnx", "onnxruntime"],
     "bench": ["matplotlib"],

@@ -1,0 +1,399 @@
+"""End-to-end latency: 50-step baseline vs RALU, eager vs compiled, with a per-stage breakdown.
+
+Random-weight models with the real shapes (no download): ``--size full`` is FLUX.1-dev (19 double + 38 single
+blocks, hidden 3072, 24 heads, 512 text tokens) or SD3-medium (24 joint blocks, hidden 1536, 333 text
+tokens, CFG) with a real-size FLUX/SD3 VAE, bf16, 1024^2; ``--size small`` is a FLUX-shaped model small
+enough for a CPU (2 + 4 blocks, hidden 256, 64 text tokens, small VAE, float32, 512^2).
+Prompt embeddings are made directly (cached prompts: no text encoder runs); the VAE decode is included.
+
+Rows (``--rows``, comma separated): ``baseline-eager``, ``baseline-compiled``, ``ralu-<preset>-eager``,
+``ralu-<preset>-compiled`` (FLUX presets 4x, 5x, 7x; SD3 2x, 3x). Compiled = ``backend=inductor``
+(regional compile, symbolic token dim, one CUDA graph per stage call). Every optimization has its own
+switch: ``--no-cuda-graphs``, ``--no-fused-qkv``, ``--attn-backend {auto,default,cudnn,flash,efficient,math}``,
+``--transition {auto,torch,triton,cuda}``, ``--edge-detector {gpu,opencv}``, ``--max-autotune``,
+``--static-shapes``. After warm-up, each row runs ``--reps`` times (mean and stdev); per-stage times
+(stage1, edges, transition12, stage2, transition23, stage3 / baseline, vae_decode) come from the sampler's
+clock, which synchronises only at stage boundaries. Compile seconds, CUDA-graph captures and dynamo graph
+counts (recompiles) are reported per row; cold start (empty inductor cache) and warm start (dynamo reset, cache
+bundle reloaded, same process) times of the compiled RALU path with ``--start-times``.
+
+    python benchmarks/latency.py --model flux --size full          # on an H100 (~5 min)
+    python benchmarks/latency.py --model flux --size small --rows baseline-eager,ralu-7x-eager   # CPU
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks._common import device_slug, print_table, write_json  # noqa: E402
+
+# ----------------------------------------------------------------------------------------------- models
+FLUX_FULL = dict(patch_size=1, in_channels=64, num_layers=19, num_single_layers=38, attention_head_dim=128,
+                 num_attention_heads=24, joint_attention_dim=4096, pooled_projection_dim=768, guidance_embeds=True,
+                 axes_dims_rope=(16, 56, 56))
+FLUX_SMALL = dict(FLUX_FULL, num_layers=2, num_single_layers=4, attention_head_dim=64, num_attention_heads=4,
+                  joint_attention_dim=256, pooled_projection_dim=128, axes_dims_rope=(8, 28, 28))
+SD3_FULL = dict(sample_size=128, patch_size=2, in_channels=16, num_layers=24, attention_head_dim=64,
+                num_attention_heads=24, joint_attention_dim=4096, caption_projection_dim=1536,
+                pooled_projection_dim=2048, out_channels=16, pos_embed_max_size=192)
+SD3_SMALL = dict(SD3_FULL, num_layers=4, attention_head_dim=64, num_attention_heads=4, joint_attention_dim=256,
+                 caption_projection_dim=256, pooled_projection_dim=256, sample_size=64)
+VAE_FULL = dict(block_out_channels=(128, 256, 512, 512), layers_per_block=2, norm_num_groups=32)
+VAE_SMALL = dict(block_out_channels=(8, 16, 32, 32), layers_per_block=1, norm_num_groups=8)
+VAE_SCALING = {"flux": (0.3611, 0.1159), "sd3": (1.5305, 0.0609)}
+TEXT_LEN = {("flux", "full"): 512, ("flux", "small"): 64, ("sd3", "full"): 333, ("sd3", "small"): 77}
+RESOLUTION = {"full": 1024, "small": 512}
+
+
+def build_pipeline(model: str, size: str, device="cpu", dtype=torch.float32, seed: int = 0):
+    """A diffusers FluxPipeline / StableDiffusion3Pipeline with random weights of the given shape and no text
+    encoders (use prompt embeddings). ``device="meta"`` builds it without memory (FLOP counting)."""
+    from diffusers import (AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel,
+                           SD3Transformer2DModel, StableDiffusion3Pipeline)
+
+    torch.manual_seed(seed)
+    prev = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)  # build in the target dtype directly: no float32 copy of 12 B parameters
+    try:
+        with torch.device(device):
+            scaling, shift = VAE_SCALING[model]
+            vae = AutoencoderKL(in_channels=3, out_channels=3, latent_channels=16,
+                                down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+                                scaling_factor=scaling, shift_factor=shift, use_quant_conv=False,
+                                use_post_quant_conv=False, **(VAE_FULL if size == "full" else VAE_SMALL)).eval()
+            if model == "flux":
+                tr = FluxTransformer2DModel(**(FLUX_FULL if size == "full" else FLUX_SMALL)).eval()
+                sched = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0, use_dynamic_shifting=True,
+                                                        base_shift=0.5, max_shift=1.15, base_image_seq_len=256,
+                                                        max_image_seq_len=4096)
+                pipe = FluxPipeline(scheduler=sched, vae=vae, text_encoder=None, tokenizer=None, text_encoder_2=None,
+                                    tokenizer_2=None, transformer=tr)
+            else:
+                tr = SD3Transformer2DModel(**(SD3_FULL if size == "full" else SD3_SMALL)).eval()
+                sched = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0)
+                pipe = StableDiffusion3Pipeline(scheduler=sched, vae=vae, text_encoder=None, tokenizer=None,
+                                                text_encoder_2=None, tokenizer_2=None, text_encoder_3=None,
+                                                tokenizer_3=None, transformer=tr)
+    finally:
+        torch.set_default_dtype(prev)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def prompt_embeds(pipe, model: str, batch: int, text_len: int, device, dtype, seed: int = 0) -> dict:
+    cfg = pipe.transformer.config
+    g = torch.Generator("cpu").manual_seed(seed)
+    r = lambda *s: torch.randn(*s, generator=g).to(device=device, dtype=dtype)  # noqa: E731
+    emb = {"prompt_embeds": r(batch, text_len, cfg.joint_attention_dim),
+           "pooled_prompt_embeds": r(batch, cfg.pooled_projection_dim)}
+    if model == "sd3":
+        emb["negative_prompt_embeds"] = r(batch, text_len, cfg.joint_attention_dim)
+        emb["negative_pooled_prompt_embeds"] = r(batch, cfg.pooled_projection_dim)
+    return emb
+
+
+def default_rows(model: str) -> list[str]:
+    presets = ("4x", "7x") if model == "flux" else ("2x", "3x")
+    rows = ["baseline-eager"] + [f"ralu-{p}-eager" for p in presets]
+    return rows + ["baseline-compiled"] + [f"ralu-{p}-compiled" for p in presets]
+
+
+def parse_row(name: str) -> tuple[str | None, str]:
+    """'baseline-eager' -> (None, 'eager'); 'ralu-7x-compiled' -> ('7x', 'compiled')."""
+    parts = name.split("-")
+    if parts[0] == "baseline" and len(parts) == 2 and parts[1] in ("eager", "compiled"):
+        return None, parts[1]
+    if parts[0] == "ralu" and len(parts) == 3 and parts[2] in ("eager", "compiled"):
+        return parts[1], parts[2]
+    raise ValueError(f"row {name!r}: use baseline-eager|baseline-compiled|ralu-<preset>-eager|ralu-<preset>-compiled")
+
+
+# ---------------------------------------------------------------------------------------------- running
+def _sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def run_once(pipe, emb, args, speedup, seed):
+    from ralu_runtime import generate
+
+    device = pipe.transformer.device
+    _sync(device)
+    t0 = time.perf_counter()
+    out = generate(pipe, **emb, height=args.resolution, width=args.resolution, speedup=speedup,
+                   num_inference_steps=args.steps if speedup is None else None, seed=seed, output_type="pt",
+                   progress=False, edge_detector=args.edge_detector, transition_impl=args.transition)
+    _sync(device)
+    return time.perf_counter() - t0, dict(out.timings)
+
+
+def compile_options(args) -> dict:
+    return {"cuda_graphs": None if not args.no_cuda_graphs else False, "fused_qkv": not args.no_fused_qkv,
+            "attn_backend": args.attn_backend, "mode": "max-autotune" if args.max_autotune else "default",
+            "dynamic": not args.static_shapes}
+
+
+def eager_options(args) -> dict:
+    return {"cuda_graphs": False, "fused_qkv": not args.no_fused_qkv, "attn_backend": args.attn_backend}
+
+
+def prepare_row(pipe, emb, args, row: str) -> dict:
+    """Install the row's backend and run its warm-up calls (compile, CUDA-graph capture)."""
+    from ralu_runtime.compile import compile_stats, ensure_backend
+
+    preset, kind = parse_row(row)
+    backend, opts = ("inductor", compile_options(args)) if kind == "compiled" else ("eager", eager_options(args))
+    runner = ensure_backend(pipe, backend, **opts)
+    state = {"row": row, "preset": preset, "kind": kind, "backend": backend, "opts": opts, "runner": runner,
+             "n_builds": len(runner.builds), "graphs0": compile_stats()["unique_graphs"], "totals": [], "stages": {}}
+    state["reps"] = args.reps if args.reps else (2 if (preset is None and kind == "eager" and args.size == "full") else 5)
+    warm = args.warmup if args.warmup is not None else (2 if kind == "compiled" else 1)
+    state["warmup"], state["first"] = warm, None
+    for i in range(warm):
+        sec, _ = run_once(pipe, emb, args, preset, seed=100 + i)
+        state["first"] = sec if state["first"] is None else state["first"]
+    state["graphs_warm"] = compile_stats()["unique_graphs"]
+    return state
+
+
+def timed_rep(pipe, emb, args, state: dict, i: int) -> None:
+    from ralu_runtime.compile import ensure_backend
+
+    ensure_backend(pipe, state["backend"], **state["opts"])  # no-op unless rows of two kinds interleave
+    sec, timings = run_once(pipe, emb, args, state["preset"], seed=i)
+    state["totals"].append(sec)
+    for k, v in timings.items():
+        state["stages"].setdefault(k, []).append(v)
+
+
+def finish_row(pipe, emb, args, state: dict) -> dict:
+    from ralu_runtime.compile import compile_stats
+
+    row, preset, kind, runner = state["row"], state["preset"], state["kind"], state["runner"]
+    graphs_end = compile_stats()["unique_graphs"]
+    if args.profile and row in args.profile_rows:
+        from torch.profiler import ProfilerActivity, profile
+
+        acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
+        with profile(activities=acts) as prof:
+            run_once(pipe, emb, args, preset, seed=0)
+        path = Path(args.out) / f"trace_{args.tag}_{row}.json"
+        prof.export_chrome_trace(str(path))
+        print(f"wrote {path}")
+    totals = state["totals"]
+    mean = statistics.fmean(totals)
+    builds = runner.builds[state["n_builds"]:]
+    stage_mean = {k: statistics.fmean(v) for k, v in state["stages"].items() if k != "text_encode"}
+    first = state["first"]
+    return {
+        "row": row, "preset": preset or "baseline", "kind": kind, "backend": state["backend"], "options": state["opts"],
+        "steps": args.steps if preset is None else None, "reps": len(totals), "warmup": state["warmup"],
+        "mean_s": mean, "stdev_s": statistics.stdev(totals) if len(totals) > 1 else 0.0, "min_s": min(totals),
+        "times_s": totals, "first_call_s": first,
+        "compile_s": max(0.0, (first or mean) - mean) if kind == "compiled" else 0.0,
+        "stages_s": stage_mean,
+        "graphs_compiled_in_warmup": state["graphs_warm"] - state["graphs0"],
+        "recompiles_after_warmup": graphs_end - state["graphs_warm"],
+        "cuda_graph_captures": len(builds), "capture_s": sum(b.seconds for b in builds),
+        "fused_qkv": runner.applied.get("fused_qkv"),
+    }
+
+
+def bench_rows(pipe, emb, args, rows: list[str]) -> list[dict]:
+    """Rows one after another, or (``--interleave``) the timed reps of each kind's rows round-robin, so that a
+    shared machine's load hits baseline and RALU alike."""
+    results = []
+    groups = [[r for r in rows if r.endswith("eager")], [r for r in rows if r.endswith("compiled")]]
+    for group in groups:
+        if not group:
+            continue
+        if args.interleave:
+            states = [prepare_row(pipe, emb, args, r) for r in group]
+            for i in range(max(s["reps"] for s in states)):
+                for s in states:
+                    if i < s["reps"]:
+                        timed_rep(pipe, emb, args, s, i)
+            finished = [finish_row(pipe, emb, args, s) for s in states]
+        else:
+            finished = []
+            for r in group:
+                s = prepare_row(pipe, emb, args, r)
+                for i in range(s["reps"]):
+                    timed_rep(pipe, emb, args, s, i)
+                finished.append(finish_row(pipe, emb, args, s))
+                # a partial record after every row, so a run cut off by a time limit still leaves its numbers
+                write_json(args.out, f"{args.tag}_partial", {"rows": results + finished})
+        for res in finished:
+            st = "  ".join(f"{k}={v * 1e3:.0f}ms" for k, v in res["stages_s"].items())
+            print(f"[{res['row']}] {res['mean_s']:.3f} s +- {res['stdev_s']:.3f} (n={res['reps']}); compile "
+                  f"{res['compile_s']:.1f} s; graphs {res['graphs_compiled_in_warmup']} "
+                  f"(+{res['recompiles_after_warmup']} after warm-up); {st}", flush=True)
+        results.extend(finished)
+    return results
+
+
+def start_times(pipe, emb, args, row: str, cache_file: Path) -> dict:
+    """Warm start after a cold one: save torch's cache bundle, reset dynamo, reload it, time the first call."""
+    from ralu_runtime.compile import (compile_adapter, load_compile_artifacts, save_compile_artifacts,
+                                      uncompile_adapter)
+
+    preset, _ = parse_row(row)
+    nbytes = save_compile_artifacts(cache_file)
+    uncompile_adapter(pipe)
+    torch._dynamo.reset()
+    loaded = load_compile_artifacts(cache_file)
+    compile_adapter(pipe, "inductor", **compile_options(args))
+    warm_first, _ = run_once(pipe, emb, args, preset, seed=7)
+    steady, _ = run_once(pipe, emb, args, preset, seed=8)
+    return {"row": row, "cache_bundle_bytes": nbytes, "bundle_loaded": loaded, "warm_start_first_call_s": warm_first,
+            "steady_s": steady, "note": "warm start = same process after torch._dynamo.reset() with the cache bundle "
+            "(torch.compiler.save/load_cache_artifacts) reloaded; a new process adds Python/model start-up"}
+
+
+def stacked_plot(out_dir: Path, name: str, rows: list[dict], title: str):
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    keys = []
+    for r in rows:
+        for k in r["stages_s"]:
+            if k not in keys:
+                keys.append(k)
+    fig, ax = plt.subplots(figsize=(max(6, 1.1 * len(rows) + 2), 4.5))
+    bottom = [0.0] * len(rows)
+    for k in keys:
+        vals = [r["stages_s"].get(k, 0.0) for r in rows]
+        ax.bar(range(len(rows)), vals, bottom=bottom, label=k)
+        bottom = [b + v for b, v in zip(bottom, vals)]
+    for i, r in enumerate(rows):
+        ax.errorbar(i, r["mean_s"], yerr=r["stdev_s"], fmt="k_", capsize=4)
+        ax.text(i, r["mean_s"], f" {r['mean_s']:.2f}s", ha="center", va="bottom", fontsize=7)
+    ax.set_xticks(range(len(rows)))
+    ax.set_xticklabels([r["row"] for r in rows], rotation=25, ha="right", fontsize=8)
+    ax.set_ylabel("seconds per image (end to end)")
+    ax.set_yscale("log" if max(r["mean_s"] for r in rows) / max(1e-9, min(r["mean_s"] for r in rows)) > 20 else "linear")
+    ax.set_title(title, fontsize=9)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    path = out_dir / f"{name}.png"
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    print(f"wrote {path}")
+    return path
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", choices=("flux", "sd3"), default="flux")
+    ap.add_argument("--size", choices=("full", "small"), default=None, help="default: full on CUDA, small on CPU")
+    ap.add_argument("--rows", default=None, help="comma-separated rows (default: baseline and two presets, both kinds)")
+    ap.add_argument("--resolution", type=int, default=None, help="pixels (default 1024 full, 512 small)")
+    ap.add_argument("--batch", type=int, default=1)
+    ap.add_argument("--steps", type=int, default=50, help="baseline steps")
+    ap.add_argument("--reps", type=int, default=None, help="timed runs per row (default 5; 2 for full eager baseline)")
+    ap.add_argument("--warmup", type=int, default=None, help="untimed runs per row (default 2 compiled, 1 eager)")
+    ap.add_argument("--device", default=None)
+    ap.add_argument("--dtype", choices=("bfloat16", "float16", "float32"), default=None,
+                    help="default bfloat16 on CUDA, float32 on CPU")
+    ap.add_argument("--no-cuda-graphs", action="store_true")
+    ap.add_argument("--no-fused-qkv", action="store_true")
+    ap.add_argument("--attn-backend", default="auto", choices=("auto", "default", "cudnn", "flash", "efficient", "math"))
+    ap.add_argument("--transition", default="auto", choices=("auto", "torch", "triton", "cuda"))
+    ap.add_argument("--edge-detector", default=None, choices=("gpu", "opencv"), help="default gpu on CUDA, else opencv")
+    ap.add_argument("--max-autotune", action="store_true", help="inductor max-autotune (longer compile)")
+    ap.add_argument("--static-shapes", action="store_true", help="compile each stage shape statically (dynamic=False)")
+    ap.add_argument("--interleave", action="store_true",
+                    help="time the rows of each kind round-robin (fair ratios on a shared/noisy machine)")
+    ap.add_argument("--start-times", action="store_true", help="measure cold and warm start of the compiled RALU row")
+    ap.add_argument("--cache-dir", default=None, help="inductor cache folder (default: a fresh temporary one = cold)")
+    ap.add_argument("--profile", action="store_true", help="write a torch profiler chrome trace for --profile-rows")
+    ap.add_argument("--profile-rows", default=None, help="rows to profile (default: the compiled RALU rows)")
+    ap.add_argument("--tag", default=None, help="file name tag (default: latency_<model>_<size>_<device>)")
+    ap.add_argument("--out", default="benchmarks/results")
+    args = ap.parse_args(argv)
+
+    from ralu_runtime.compile import compile_stats, enable_persistent_cache
+
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    args.size = args.size or ("full" if device.type == "cuda" else "small")
+    args.resolution = args.resolution or RESOLUTION[args.size]
+    args.edge_detector = args.edge_detector or ("gpu" if device.type == "cuda" else "opencv")
+    dtype = getattr(torch, args.dtype) if args.dtype else (torch.bfloat16 if device.type == "cuda" else torch.float32)
+    rows = args.rows.split(",") if args.rows else default_rows(args.model)
+    for r in rows:
+        parse_row(r)
+    rows = [r for r in rows if r.endswith("eager")] + [r for r in rows if r.endswith("compiled")]  # eager first
+    args.profile_rows = args.profile_rows.split(",") if args.profile_rows else [r for r in rows if r.startswith("ralu")
+                                                                                 and r.endswith("compiled")]
+    args.tag = args.tag or f"latency_{args.model}_{args.size}_{device_slug() if device.type == 'cuda' else 'cpu'}"
+    Path(args.out).mkdir(parents=True, exist_ok=True)
+    tmp = tempfile.TemporaryDirectory(prefix="ralu-inductor-")
+    cache_dir = enable_persistent_cache(args.cache_dir or tmp.name)
+
+    t0 = time.perf_counter()
+    pipe = build_pipeline(args.model, args.size, device=device, dtype=dtype)
+    build_s = time.perf_counter() - t0
+    n_params = sum(p.numel() for p in pipe.transformer.parameters())
+    text_len = TEXT_LEN[(args.model, args.size)]
+    emb = prompt_embeds(pipe, args.model, args.batch, text_len, device, dtype)
+    print(f"{args.model} {args.size}: {n_params / 1e9:.2f} B transformer parameters, {dtype}, {args.resolution}^2, "
+          f"batch {args.batch}, text {text_len} tokens, built in {build_s:.1f} s on {device}")
+
+    t1 = time.perf_counter()
+    results = bench_rows(pipe, emb, args, rows)
+    bench_s = time.perf_counter() - t1
+
+    by = {r["row"]: r for r in results}
+    for r in results:
+        for ref in ("baseline-eager", "baseline-compiled"):
+            if ref in by:
+                r[f"speedup_vs_{ref}"] = by[ref]["mean_s"] / r["mean_s"]
+                r[f"speedup_min_vs_{ref}"] = by[ref]["min_s"] / r["min_s"]  # robust to a loaded machine
+    start = None
+    compiled_ralu = [r for r in rows if r.startswith("ralu") and r.endswith("compiled")]
+    if args.start_times and compiled_ralu:
+        row = compiled_ralu[-1]
+        start = start_times(pipe, emb, args, row, Path(cache_dir) / "ralu_cache_bundle.bin")
+        start["cold_start_first_call_s"] = by[row]["first_call_s"]
+        print(f"start times [{row}]: cold first call {start['cold_start_first_call_s']:.1f} s, warm first call "
+              f"{start['warm_start_first_call_s']:.1f} s, steady {start['steady_s']:.2f} s")
+
+    cols = ["row", "mean_s", "stdev_s", "speedup_vs_baseline-eager", "speedup_vs_baseline-compiled", "compile_s",
+            "graphs_compiled_in_warmup", "recompiles_after_warmup", "cuda_graph_captures"]
+    print_table(results, cols)
+    stage_rows = [{"row": r["row"], **{k: round(v * 1e3, 1) for k, v in r["stages_s"].items()}} for r in results]
+    stage_cols = ["row"] + sorted({k for r in results for k in r["stages_s"]},
+                                  key=lambda k: ["baseline", "stage1", "edges", "transition12", "stage2", "transition23",
+                                                 "stage3", "vae_decode"].index(k) if k in
+                                  ["baseline", "stage1", "edges", "transition12", "stage2", "transition23", "stage3",
+                                   "vae_decode"] else 99)
+    print("per-stage means (ms):")
+    print_table(stage_rows, stage_cols)
+    write_json(args.out, args.tag, {
+        "model": args.model, "size": args.size, "resolution": args.resolution, "batch": args.batch, "dtype": str(dtype),
+        "text_len": text_len, "transformer_params": n_params, "baseline_steps": args.steps,
+        "flags": {k: getattr(args, k) for k in ("no_cuda_graphs", "no_fused_qkv", "attn_backend", "transition",
+                                                "edge_detector", "max_autotune", "static_shapes")},
+        "model_build_s": build_s, "bench_wall_s": bench_s, "rows": results, "start_times": start, "dynamo": compile_stats(),
+        "notes": "end to end per image: cached prompt embeddings, all stages, edge selection, transitions, VAE decode; "
+                 "compile_s = first call - steady mean"})
+    stacked_plot(Path(args.out), args.tag, results,
+                 f"{args.model} {args.size} {args.resolution}^2 {str(dtype).replace('torch.', '')} on "
+                 f"{torch.cuda.get_device_name(0) if device.type == 'cuda' else 'CPU'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

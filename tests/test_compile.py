@@ -1,0 +1,268 @@
+"""Per-stage compilation backends (ralu_runtime.compile) on tiny random pipelines, CPU.
+
+Tolerances (float32 tiny models): inductor vs eager and onnxruntime vs eager agree to atol = rtol = 1e-4
+on latents (measured: ~5e-7). Recompile guarantee (dynamic=True, duck sizing off): the FLUX blocks compile
+to 3 graphs (double block; single block fed a contiguous input; single block fed a strided one) and any
+further token count / resolution / RALU stage reuses them (0 recompiles); the first batch > 1 after
+batch 1 adds one graph per kind (size-1 dimensions are specialised), after which no batch size recompiles.
+"""
+import importlib.util
+import threading
+
+import pytest
+import torch
+
+from ralu_runtime import generate
+from ralu_runtime.adapters import TokenGrid, get_adapter
+from ralu_runtime.compile import (BACKENDS, StageRunner, compile_adapter, compile_stats, ensure_backend,
+                                  save_compile_artifacts, uncompile_adapter, warmup)
+from ralu_runtime.layout import grid_positions
+
+TOL = dict(atol=1e-4, rtol=1e-4)
+HAVE_TRANSITION = importlib.util.find_spec("ralu_kernels.transition") is not None
+
+
+def flux_embeds(b, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return {"prompt_embeds": torch.randn(b, 8, 32, generator=g), "pooled_prompt_embeds": torch.randn(b, 32, generator=g)}
+
+
+def sd3_embeds(b, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return {"prompt_embeds": torch.randn(b, 8, 32, generator=g), "pooled_prompt_embeds": torch.randn(b, 64, generator=g),
+            "negative_prompt_embeds": torch.randn(b, 8, 32, generator=g),
+            "negative_pooled_prompt_embeds": torch.randn(b, 64, generator=g)}
+
+
+BASE = dict(speedup=None, num_inference_steps=2, seed=1, output_type="latent", progress=False)
+
+
+def _fresh_flux():
+    from ralu_runtime.tiny import build_tiny_flux_pipeline
+
+    return build_tiny_flux_pipeline(seed=0)
+
+
+def _mixed_grid(adapter, b, coarse_hw, n_fine_parents):
+    """A stage-2-like token set: coarse tokens plus 4 children for the first parents, fractional positions."""
+    coarse = grid_positions(*coarse_hw)
+    kids = [coarse[i] + torch.tensor(d) for i in range(n_fine_parents) for d in ((0, 0), (0, .5), (.5, 0), (.5, .5))]
+    pos = torch.cat([coarse[n_fine_parents:], torch.stack(kids)]) if kids else coarse
+    mask = torch.zeros(pos.shape[0], dtype=torch.bool)
+    mask[coarse.shape[0] - n_fine_parents:] = True
+    return TokenGrid(pos.expand(b, -1, -1).contiguous(), coarse_hw, mask.expand(b, -1).contiguous())
+
+
+def _cond(adapter, emb):
+    return adapter.encode_prompt(None, None, **emb, guidance_scale=3.5)
+
+
+@pytest.fixture(scope="module")
+def inductor_flux():
+    """A tiny FLUX pipeline with the inductor backend (one cold CPU compile, ~1 min on 2 cores), and eager refs."""
+    pipe = _fresh_flux()
+    emb = flux_embeds(1)
+    refs = {hw: generate(pipe, **emb, height=hw[0], width=hw[1], **BASE).images for hw in ((64, 64), (96, 128))}
+    runner = compile_adapter(pipe, "inductor")
+    yield pipe, emb, refs, runner
+    uncompile_adapter(pipe)
+
+
+@torch.no_grad()
+def test_inductor_matches_eager_and_new_token_counts_do_not_recompile(inductor_flux):
+    pipe, emb, refs, runner = inductor_flux
+    adapter = get_adapter(pipe)
+    assert isinstance(adapter.velocity, StageRunner)
+    out = generate(pipe, **emb, height=64, width=64, backend="inductor", **BASE).images
+    torch.testing.assert_close(out, refs[(64, 64)], **TOL)
+    graphs = compile_stats()["unique_graphs"]
+    # another resolution: new token count, no recompile
+    out = generate(pipe, **emb, height=96, width=128, backend="inductor", **BASE).images
+    torch.testing.assert_close(out, refs[(96, 128)], **TOL)
+    # stage-2-like mixed token sets of several sizes (coarse 4x4 grid; 16 + 3k tokens), against eager
+    cond = _cond(adapter, emb)
+    eager = type(adapter).velocity.__get__(adapter)
+    for k in (1, 3, 5):
+        grid = _mixed_grid(adapter, 1, (4, 4), k)
+        x = torch.randn(1, grid.positions.shape[1], adapter.token_channels, generator=torch.Generator().manual_seed(k))
+        t = torch.tensor(700.0)
+        torch.testing.assert_close(adapter.velocity(x, grid, t, cond), eager(x, grid, t, cond), **TOL)
+    assert compile_stats()["unique_graphs"] == graphs, "a new token count recompiled"
+
+
+@pytest.mark.skipif(not HAVE_TRANSITION, reason="ralu_kernels.transition not available yet")
+@torch.no_grad()
+def test_inductor_ralu_matches_eager(inductor_flux):
+    from ralu_runtime import RaluSchedule
+
+    pipe, emb, _refs, _runner = inductor_flux
+    sched = RaluSchedule(steps=(2, 2, 2), ends=(0.3, 0.5, 1.0), shifts=(3.0, 3.0, 3.0), z=4.0, ratio=0.3)
+    kw = dict(height=96, width=128, speedup=sched, seed=3, output_type="latent", return_masks=True, progress=False,
+              transition_impl="torch")
+    graphs = compile_stats()["unique_graphs"]
+    out = generate(pipe, **emb, backend="inductor", **kw)
+    ref = generate(pipe, **emb, backend="eager", **kw)
+    ensure_backend(pipe, "inductor")
+    assert torch.equal(out.masks, ref.masks)
+    torch.testing.assert_close(out.images, ref.images, **TOL)
+    assert compile_stats()["unique_graphs"] == graphs, "RALU's stage token counts recompiled"
+
+
+@pytest.mark.slow
+@torch.no_grad()
+def test_batch_size_change_recompiles_at_most_once(inductor_flux):
+    pipe, emb, _refs, _runner = inductor_flux
+    generate(pipe, **emb, height=64, width=64, backend="inductor", **BASE)
+    g0 = compile_stats()["unique_graphs"]
+    two = flux_embeds(2)
+    generate(pipe, **two, height=64, width=64, backend="inductor", **BASE)
+    g1 = compile_stats()["unique_graphs"]
+    assert g1 - g0 <= 3  # one more graph per block kind: size-1 batch was specialised
+    generate(pipe, **flux_embeds(3), height=96, width=64, backend="inductor", **BASE)
+    assert compile_stats()["unique_graphs"] == g1
+
+
+def test_cache_artifacts_can_be_saved(inductor_flux, tmp_path):
+    n = save_compile_artifacts(tmp_path / "ralu.cache")
+    assert n > 0 and (tmp_path / "ralu.cache").stat().st_size == n
+
+
+@pytest.mark.parametrize("family", ["flux", "sd3"])
+@torch.no_grad()
+def test_onnx_matches_eager(family):
+    pytest.importorskip("onnxruntime")
+    pytest.importorskip("onnx")
+    from ralu_runtime.tiny import build_tiny_sd3_pipeline
+
+    pipe = _fresh_flux() if family == "flux" else build_tiny_sd3_pipeline(seed=0)
+    emb = flux_embeds(1) if family == "flux" else sd3_embeds(1)
+    kw = dict(BASE, guidance_scale=5.0) if family == "sd3" else BASE
+    ref = generate(pipe, **emb, height=64, width=64, **kw).images
+    out = generate(pipe, **emb, height=64, width=64, backend="onnx", **kw).images
+    torch.testing.assert_close(out, ref, **TOL)
+    runner = get_adapter(pipe).velocity
+    assert [b.kind for b in runner.builds] == ["onnx"]  # one export for the one signature, replayed per step
+    # a stage-2 mixed token set (per-token positions, fine mask) through its own exported graph
+    adapter = get_adapter(pipe)
+    cond = adapter.encode_prompt(None, None, **emb, guidance_scale=5.0 if family == "sd3" else 3.5)
+    grid = _mixed_grid(adapter, 1, (2, 2), 1)
+    x = torch.randn(1, grid.positions.shape[1], adapter.token_channels, generator=torch.Generator().manual_seed(0))
+    t = torch.tensor(500.0)
+    eager = type(adapter).velocity.__get__(adapter)
+    torch.testing.assert_close(adapter.velocity(x, grid, t, cond), eager(x, grid, t, cond), **TOL)
+    uncompile_adapter(pipe)
+
+
+def test_unavailable_tensorrt_names_what_to_install():
+    pipe = _fresh_flux()
+    have = any(importlib.util.find_spec(m) is not None for m in ("torch_tensorrt", "tensorrt"))
+    if have:
+        with pytest.raises(RuntimeError, match="CUDA"):
+            compile_adapter(pipe, "tensorrt")
+        return
+    with pytest.raises(ImportError, match=r"torch-tensorrt.*tensorrt"):
+        generate(pipe, **flux_embeds(1), height=64, width=64, backend="tensorrt", **BASE)
+
+
+def test_unknown_backend_and_cpu_cuda_graphs_are_rejected():
+    pipe = _fresh_flux()
+    with pytest.raises(ValueError, match=r"backend='xla'.*eager"):
+        generate(pipe, **flux_embeds(1), height=64, width=64, backend="xla", **BASE)
+    with pytest.raises(ValueError, match="CUDA"):
+        compile_adapter(pipe, "inductor", cuda_graphs=True)
+    assert set(BACKENDS) == {"eager", "inductor", "onnx", "tensorrt"}
+
+
+def _lora_state_dict(transformer, rank: int, seed: int) -> dict:
+    g = torch.Generator().manual_seed(seed)
+    sd = {}
+    for name, mod in transformer.named_modules():
+        if name.endswith(("attn.to_q", "attn.to_k", "attn.to_v")):
+            sd[f"transformer.{name}.lora_A.weight"] = torch.randn(rank, mod.in_features, generator=g) * 0.3
+            sd[f"transformer.{name}.lora_B.weight"] = torch.randn(mod.out_features, rank, generator=g) * 0.3
+    return sd
+
+
+def _lora_hotswap(dynamo_backend):
+    pytest.importorskip("peft")
+    pipe = _fresh_flux()
+    emb = flux_embeds(1)
+    kw = dict(BASE, height=64, width=64)
+    base = generate(pipe, **emb, **kw).images
+    pipe.enable_lora_hotswap(target_rank=8)
+    pipe.load_lora_weights(_lora_state_dict(pipe.transformer, 4, 1), adapter_name="style")
+    compile_adapter(pipe, "inductor", dynamo_backend=dynamo_backend)
+    a = generate(pipe, **emb, **kw).images
+    assert (a - base).abs().max() > 1e-3  # the LoRA is active
+    graphs = compile_stats()["unique_graphs"]
+    pipe.load_lora_weights(_lora_state_dict(pipe.transformer, 8, 2), adapter_name="style", hotswap=True)
+    b = generate(pipe, **emb, **kw).images
+    assert compile_stats()["unique_graphs"] == graphs, "LoRA hot-swap recompiled"
+    assert (b - a).abs().max() > 1e-3  # the new LoRA is active
+    uncompile_adapter(pipe)
+    torch.testing.assert_close(b, generate(pipe, **emb, **kw).images, **TOL)
+
+
+@torch.no_grad()
+def test_lora_hotswap_does_not_recompile():
+    """Recompiles are decided by dynamo's guards, so dynamo with its eager backend counts them quickly."""
+    _lora_hotswap("eager")
+
+
+@pytest.mark.slow
+@torch.no_grad()
+def test_lora_hotswap_does_not_recompile_inductor():
+    _lora_hotswap(None)
+
+
+@torch.no_grad()
+def test_warmup_reports_compile_time_per_stage():
+    pipe = _fresh_flux()
+    rep = warmup(pipe, 64, 64, speedup=None, backend="inductor", text_len=8, num_inference_steps=2,
+                 compile_options={"dynamo_backend": "eager"})
+    assert rep["graphs_compiled"] >= 2 and "baseline" in rep["stages"]
+    assert rep["stages"]["baseline"]["compile_s"] >= 0 and rep["first_s"] >= rep["stages"]["baseline"]["first_s"]
+    # the warmed pipeline serves a request with no further compile
+    g = compile_stats()["unique_graphs"]
+    generate(pipe, **flux_embeds(1), height=64, width=64, **BASE)
+    assert compile_stats()["unique_graphs"] == g
+
+
+@pytest.mark.gpu
+@torch.no_grad()
+def test_cuda_graph_instances_are_not_shared_between_threads():
+    pipe = _fresh_flux().to("cuda")
+    compile_adapter(pipe, "eager", cuda_graphs=True)
+    emb = {k: v.cuda() for k, v in flux_embeds(1).items()}
+    ref = generate(pipe, **emb, height=64, width=64, **BASE).images
+    outs, errors = [], []
+
+    def work():
+        try:
+            with torch.cuda.stream(torch.cuda.Stream()):
+                outs.append(generate(pipe, **emb, height=64, width=64, **BASE).images)
+        except Exception as exc:  # noqa: BLE001
+            errors.append(exc)
+
+    threads = [threading.Thread(target=work) for _ in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors
+    for o in outs:
+        torch.testing.assert_close(o, ref, **TOL)
+
+
+@pytest.mark.parametrize("family", ["flux", "sd3"])
+@torch.no_grad()
+def test_fused_qkv_fast_default_matches_unfused(family):
+    from ralu_runtime.tiny import build_tiny_sd3_pipeline
+
+    pipe = _fresh_flux() if family == "flux" else build_tiny_sd3_pipeline(seed=0)
+    emb = flux_embeds(1) if family == "flux" else sd3_embeds(1)
+    ref = generate(pipe, **emb, height=64, width=64, **BASE).images
+    runner = compile_adapter(pipe, "eager", fused_qkv=True, attn_backend="math")
+    assert runner.applied["fused_qkv"]
+    assert any(getattr(m, "fused_projections", False) for m in pipe.transformer.modules())
+    torch.testing.assert_close(generate(pipe, **emb, height=64, width=64, **BASE).images, ref, **TOL)
