@@ -1,6 +1,7 @@
 """``ralu_runtime.generate``: RALU (or the ordinary baseline) on a diffusers FLUX or SD3 pipeline."""
 from __future__ import annotations
 
+import contextlib
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -30,6 +31,7 @@ class RaluOutput:
     timings: dict[str, float] = field(default_factory=dict)
     records: list[StageRecord] = field(default_factory=list)
     schedule: RaluSchedule | None = None
+    cache_stats: dict | None = None  # feature cache's full/cached step counts (see ralu_runtime.cache), if one ran
 
 
 def load_pipeline(path: str, *, torch_dtype=None, device=None):
@@ -67,6 +69,22 @@ def _generators(generator, seed, batch: int, device) -> tuple[Any, list[torch.Ge
     return generator, [generator] * batch
 
 
+@contextlib.contextmanager
+def _call_cache(adapter: DiTAdapter, cache):
+    """Attach ``cache`` (spec or object; None: keep the attached one) for one call; yields the active cache."""
+    from .cache import make_cache
+
+    previous = adapter.feature_cache
+    active = previous if cache is None else make_cache(cache)
+    if hasattr(active, "reset_stats"):
+        active.reset_stats()
+    adapter.feature_cache = active
+    try:
+        yield active
+    finally:
+        adapter.feature_cache = previous
+
+
 def _prompt_batch(prompt, prompt_embeds) -> None:
     if (prompt is None) == (prompt_embeds is None):
         raise ValueError("give exactly one of prompt and prompt_embeds (got "
@@ -79,10 +97,10 @@ def generate(pipe, prompt: str | list[str] | None = None, *, height: int | None 
              guidance_scale: float | None = None, negative_prompt=None, prompt_embeds=None,
              pooled_prompt_embeds=None, negative_prompt_embeds=None, negative_pooled_prompt_embeds=None,
              num_images_per_prompt: int = 1, generator=None, seed: int | None = None, output_type: str = "pil",
-             return_masks: bool = False, noise: str = "reference", edge_map: str = "unit",
+             return_masks: bool = False, cache=None, noise: str = "reference", edge_map: str = "unit",
              edge_detector: str = "opencv", solver: str = "euler", transition_impl: str = "auto",
              max_sequence_length: int | None = None, progress: bool = True, torch_dtype=None,
-             device=None) -> RaluOutput:
+             device=None, backend: str | None = None, compile_options: dict | None = None) -> RaluOutput:
     """Generate images with RALU (``speedup`` preset or schedule) or the ordinary sampler (``speedup=None``).
 
     ``speedup="default"`` is the family's fastest preset: "7x" for FLUX.1-dev, "3x" for SD3, "4step" for
@@ -96,6 +114,12 @@ def generate(pipe, prompt: str | list[str] | None = None, *, height: int | None 
     ``noise``: "reference" (N(0, I) for tokens not upsampled at a boundary) or "exact" (N(0, (1 - c) I)).
     ``edge_map``: "unit" maps the decoded [-1, 1] image by (x + 1) / 2; "clip" reproduces the reference
     implementation's clipping. ``edge_detector``: "opencv" (CPU Canny) or "gpu" (on-device Canny).
+    ``cache``: temporal feature cache for this call (see :mod:`ralu_runtime.cache`): "taylorseer:W[:order]",
+    "fbcache:threshold", a cache object, or "none"; None keeps whatever :func:`ralu_runtime.cache.set_cache`
+    attached (nothing by default). The cache is reset at every stage; its step counts land in ``cache_stats``.
+    ``backend``: "eager", "inductor", "onnx" or "tensorrt" (see :mod:`ralu_runtime.compile`): installs a per-stage
+    compiled model call on the pipeline, kept for later calls with the same backend and ``compile_options``;
+    None keeps whatever is installed (plain eager if nothing).
     """
     _prompt_batch(prompt, prompt_embeds)
     if output_type not in OUTPUT_TYPES:
@@ -106,11 +130,19 @@ def generate(pipe, prompt: str | list[str] | None = None, *, height: int | None 
         raise ValueError(f"edge_map={edge_map!r} is not allowed; choose one of {EDGE_MAPS}")
     if solver not in SOLVERS:
         raise ValueError(f"solver={solver!r} is not allowed; choose one of {tuple(SOLVERS)}")
+    if cache is not None:
+        from .cache import make_cache
+
+        make_cache(cache)  # raises ValueError on a bad spec before any work
     if not isinstance(num_images_per_prompt, int) or num_images_per_prompt < 1:
         raise ValueError(f"num_images_per_prompt={num_images_per_prompt!r} must be an integer >= 1")
     if isinstance(pipe, str):
         pipe = load_pipeline(pipe, torch_dtype=torch_dtype, device=device)
     adapter = get_adapter(pipe)
+    if backend is not None:
+        from .compile import ensure_backend
+
+        ensure_backend(adapter, backend, **(compile_options or {}))
     schedule = resolve_schedule(speedup, adapter)
     if schedule is not None and num_inference_steps is not None:
         raise ValueError("num_inference_steps applies to speedup=None only; a RALU schedule fixes its own steps")
@@ -135,21 +167,23 @@ def generate(pipe, prompt: str | list[str] | None = None, *, height: int | None 
     dtype = cond.data["embeds"].dtype if "embeds" in cond.data else adapter.dtype
     noise_latents = adapter.prepare_noise(batch, height, width, noise_gen, dtype)
 
-    if schedule is None:
-        result = sample_baseline(adapter, cond, noise_latents, steps, solver=solver, progress=progress)
-    else:
-        result = sample_ralu(adapter, cond, noise_latents, schedule, per_image, noise_variant=noise,
-                             edge_map=edge_map, edge_detector=edge_detector, transition_impl=transition_impl,
-                             solver=solver, progress=progress)
+    with _call_cache(adapter, cache) as fcache:
+        if schedule is None:
+            result = sample_baseline(adapter, cond, noise_latents, steps, solver=solver, progress=progress)
+        else:
+            result = sample_ralu(adapter, cond, noise_latents, schedule, per_image, noise_variant=noise,
+                                 edge_map=edge_map, edge_detector=edge_detector, transition_impl=transition_impl,
+                                 solver=solver, progress=progress)
+    cache_stats = fcache.stats() if hasattr(fcache, "stats") else None
     for rec in result.records:
         timings[rec.name] = rec.seconds
     latents = adapter.unpack(result.tokens, *noise_latents.shape[-2:])
     masks = result.layout.selected_mask() if (return_masks and result.layout is not None) else None
     if output_type == "latent":
-        return RaluOutput(latents, masks, timings, result.records, schedule)
+        return RaluOutput(latents, masks, timings, result.records, schedule, cache_stats)
     t0 = time.perf_counter()
     images = adapter.decode(latents)
     if images.device.type == "cuda":
         torch.cuda.synchronize()
     timings["vae_decode"] = time.perf_counter() - t0
-    return RaluOutput(adapter.postprocess(images, output_type), masks, timings, result.records, schedule)
+    return RaluOutput(adapter.postprocess(images, output_type), masks, timings, result.records, schedule, cache_stats)

@@ -37,6 +37,11 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--mask-out", default=None, help="optional PNG of the image with the regions upsampled first tinted")
     g.add_argument("--max-sequence-length", type=int, default=None)
     g.add_argument("--no-progress", action="store_true")
+    g.add_argument("--cache", default=None,
+                   help="temporal feature cache: 'taylorseer:W[:order]' (e.g. taylorseer:3), 'fbcache:THRESHOLD' "
+                        "(e.g. fbcache:0.1) or 'none' (default)")
+    g.add_argument("--backend", choices=("eager", "inductor", "onnx", "tensorrt"), default=None,
+                   help="per-stage compilation backend (default: plain eager)")
     return parser
 
 
@@ -47,7 +52,7 @@ def _load(args, torch):
         from .tiny import build_tiny_flux_pipeline, build_tiny_sd3_pipeline
 
         build = build_tiny_flux_pipeline if args.model == "tiny-flux" else build_tiny_sd3_pipeline
-        return build(device=device, dtype=dtype), 256, 32
+        return build(device=device, dtype=dtype), 256, 77
     from .api import load_pipeline
 
     return load_pipeline(args.model, torch_dtype=dtype, device=device), 1024, None
@@ -68,7 +73,8 @@ def cmd_generate(args) -> int:
                    speedup=args.speedup, num_inference_steps=args.steps, guidance_scale=args.guidance,
                    seed=args.seed, output_type="np", return_masks=args.mask_out is not None, noise=args.noise,
                    solver=args.solver, edge_detector=args.edge_detector,
-                   max_sequence_length=args.max_sequence_length or max_seq, progress=not args.no_progress)
+                   max_sequence_length=args.max_sequence_length or max_seq, progress=not args.no_progress,
+                   backend=args.backend, cache=args.cache)
     image = (np.clip(out.images[0], 0, 1) * 255).round().astype(np.uint8)
     Image.fromarray(image).save(args.out)
     print(f"model load: {load_s:.2f} s  ({args.model})")
@@ -83,6 +89,9 @@ def cmd_generate(args) -> int:
         if name not in recorded:
             print(f"{name:<14}{'':>6}{'':>8}{sec:>10.3f}")
     print(f"{'total':<14}{'':>6}{'':>8}{sum(out.timings.values()):>10.3f}")
+    if out.cache_stats is not None:
+        print(f"cache {args.cache}: {out.cache_stats['full']} full / {out.cache_stats['cached']} cached block-stack "
+              f"steps ({' | '.join(s['pattern'] for s in out.cache_stats['stages'])})")
     print(f"wrote {args.out}")
     if args.mask_out is not None:
         if out.masks is None:

@@ -37,6 +37,21 @@ class TokenGrid:
     raster: bool = False
 
 
+class SplitBlocks:
+    """A transformer block stack split after its first block, for first-block caches.
+
+    ``first()`` runs block 0 and returns ``(image hidden after block 0, state)``; ``rest(state)`` runs the other
+    blocks and returns the final image hidden states. Calling the object runs both (the whole stack), so it
+    can be passed wherever a plain ``blocks_fn`` is expected.
+    """
+
+    def __init__(self, first, rest):
+        self.first, self.rest = first, rest
+
+    def __call__(self):
+        return self.rest(self.first()[1])
+
+
 @dataclass
 class Conditioning:
     """Encoded prompts of a batch of ``batch`` images; ``data`` is adapter-specific."""
@@ -70,7 +85,10 @@ class DiTAdapter(ABC):
             self.feature_cache.reset()
 
     def run_blocks(self, blocks_fn, hidden: torch.Tensor, timestep: torch.Tensor):
-        """Run the transformer's block stack ``blocks_fn()`` -> image hidden states, through the cache if set."""
+        """Run the transformer's block stack ``blocks_fn()`` -> image hidden states, through the cache if set.
+
+        ``blocks_fn`` may be a :class:`SplitBlocks` (first block / remaining blocks), which first-block caches need.
+        """
         if self.feature_cache is None:
             return blocks_fn()
         return self.feature_cache(blocks_fn, hidden, timestep)

@@ -12,7 +12,7 @@ import copy
 import numpy as np
 import torch
 
-from .base import Conditioning, DiTAdapter, TokenGrid
+from .base import Conditioning, DiTAdapter, SplitBlocks, TokenGrid
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -150,14 +150,19 @@ class FluxAdapter(DiTAdapter):
         enc = tr.context_embedder(embeds)
         rope = self.rotary(grid, enc.shape[1])
 
-        def blocks():
-            h, e = hidden, enc
-            for block in tr.transformer_blocks:
-                e, h = block(hidden_states=h, encoder_hidden_states=e, temb=temb, image_rotary_emb=rope)
-            for block in tr.single_transformer_blocks:
-                e, h = block(hidden_states=h, encoder_hidden_states=e, temb=temb, image_rotary_emb=rope)
-            return h
+        stack = list(tr.transformer_blocks) + list(tr.single_transformer_blocks)
 
+        def run(state, start, stop):  # blocks [start, stop) on state (encoder, image) hidden states
+            e, h = state
+            for block in stack[start:stop]:
+                e, h = block(hidden_states=h, encoder_hidden_states=e, temb=temb, image_rotary_emb=rope)
+            return e, h
+
+        def first():
+            state = run((enc, hidden), 0, 1)
+            return state[1], state
+
+        blocks = SplitBlocks(first, lambda state: run(state, 1, len(stack))[1])
         hidden = self.run_blocks(blocks, hidden, timestep)
         return tr.proj_out(tr.norm_out(hidden, temb))
 

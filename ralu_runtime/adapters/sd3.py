@@ -13,7 +13,7 @@ import copy
 import torch
 import torch.nn.functional as F
 
-from .base import Conditioning, DiTAdapter, TokenGrid
+from .base import Conditioning, DiTAdapter, SplitBlocks, TokenGrid
 
 
 class SD3Adapter(DiTAdapter):
@@ -110,12 +110,19 @@ class SD3Adapter(DiTAdapter):
         temb = tr.time_text_embed(timestep.expand(x.shape[0]), cond.data["pooled"])
         enc = tr.context_embedder(cond.data["embeds"])
 
-        def blocks():
-            h, e = hidden, enc
-            for block in tr.transformer_blocks:
-                e, h = block(hidden_states=h, encoder_hidden_states=e, temb=temb)
-            return h
+        stack = list(tr.transformer_blocks)
 
+        def run(state, start, stop):  # blocks [start, stop) on state (encoder, image) hidden states
+            e, h = state
+            for block in stack[start:stop]:
+                e, h = block(hidden_states=h, encoder_hidden_states=e, temb=temb)
+            return e, h
+
+        def first():
+            state = run((enc, hidden), 0, 1)
+            return state[1], state
+
+        blocks = SplitBlocks(first, lambda state: run(state, 1, len(stack))[1])
         hidden = self.run_blocks(blocks, hidden, timestep)
         out = tr.proj_out(tr.norm_out(hidden, temb))
         p = self.patch_size
