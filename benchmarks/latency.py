@@ -138,7 +138,7 @@ def run_once(pipe, emb, args, speedup, seed):
 def compile_options(args) -> dict:
     return {"cuda_graphs": None if not args.no_cuda_graphs else False, "fused_qkv": not args.no_fused_qkv,
             "attn_backend": args.attn_backend, "mode": "max-autotune" if args.max_autotune else "default",
-            "dynamic": not args.static_shapes}
+            "dynamic": not args.static_shapes, "compile_vae": not args.no_compile_vae}
 
 
 def eager_options(args) -> dict:
@@ -188,10 +188,20 @@ def finish_row(pipe, emb, args, state: dict) -> dict:
         path = Path(args.out) / f"trace_{args.tag}_{row}.json"
         prof.export_chrome_trace(str(path))
         print(f"wrote {path}")
+    if args.cprofile and row in args.profile_rows:  # host-side view: where one call's wall time goes
+        import cProfile
+        import pstats
+
+        prof = cProfile.Profile()
+        prof.runcall(run_once, pipe, emb, args, preset, 0)
+        print(f"cProfile of one call [{row}] (cumulative, top 30):")
+        pstats.Stats(prof).sort_stats("cumulative").print_stats(30)
     totals = state["totals"]
     mean = statistics.fmean(totals)
     builds = runner.builds[state["n_builds"]:]
     stage_mean = {k: statistics.fmean(v) for k, v in state["stages"].items() if k != "text_encode"}
+    # everything the sampler's clock does not cover: prompt conditioning, noise, unpacking, postprocess, Python
+    stage_mean["other"] = max(0.0, statistics.fmean(totals) - sum(stage_mean.values()))
     first = state["first"]
     return {
         "row": row, "preset": preset or "baseline", "kind": kind, "backend": state["backend"], "options": state["opts"],
@@ -319,6 +329,8 @@ def main(argv=None) -> int:
     ap.add_argument("--start-times", action="store_true", help="measure cold and warm start of the compiled RALU row")
     ap.add_argument("--cache-dir", default=None, help="inductor cache folder (default: a fresh temporary one = cold)")
     ap.add_argument("--profile", action="store_true", help="write a torch profiler chrome trace for --profile-rows")
+    ap.add_argument("--cprofile", action="store_true", help="print a cProfile (host side) of one call of --profile-rows")
+    ap.add_argument("--no-compile-vae", action="store_true", help="compiled rows: keep the VAE decoder eager")
     ap.add_argument("--profile-rows", default=None, help="rows to profile (default: the compiled RALU rows)")
     ap.add_argument("--tag", default=None, help="file name tag (default: latency_<model>_<size>_<device>)")
     ap.add_argument("--out", default="benchmarks/results")
@@ -374,18 +386,16 @@ def main(argv=None) -> int:
             "graphs_compiled_in_warmup", "recompiles_after_warmup", "cuda_graph_captures"]
     print_table(results, cols)
     stage_rows = [{"row": r["row"], **{k: round(v * 1e3, 1) for k, v in r["stages_s"].items()}} for r in results]
+    order = ["baseline", "stage1", "edges", "transition12", "stage2", "transition23", "stage3", "vae_decode", "other"]
     stage_cols = ["row"] + sorted({k for r in results for k in r["stages_s"]},
-                                  key=lambda k: ["baseline", "stage1", "edges", "transition12", "stage2", "transition23",
-                                                 "stage3", "vae_decode"].index(k) if k in
-                                  ["baseline", "stage1", "edges", "transition12", "stage2", "transition23", "stage3",
-                                   "vae_decode"] else 99)
+                                  key=lambda k: order.index(k) if k in order else len(order))
     print("per-stage means (ms):")
     print_table(stage_rows, stage_cols)
     write_json(args.out, args.tag, {
         "model": args.model, "size": args.size, "resolution": args.resolution, "batch": args.batch, "dtype": str(dtype),
         "text_len": text_len, "transformer_params": n_params, "baseline_steps": args.steps,
         "flags": {k: getattr(args, k) for k in ("no_cuda_graphs", "no_fused_qkv", "attn_backend", "transition",
-                                                "edge_detector", "max_autotune", "static_shapes")},
+                                                "edge_detector", "max_autotune", "static_shapes", "no_compile_vae")},
         "model_build_s": build_s, "bench_wall_s": bench_s, "rows": results, "start_times": start, "dynamo": compile_stats(),
         "notes": "end to end per image: cached prompt embeddings, all stages, edge selection, transitions, VAE decode; "
                  "compile_s = first call - steady mean"})

@@ -117,13 +117,24 @@ class DiTAdapter(ABC):
         """Image pixels per side of one coarse (stage-1) token: height and width must be multiples."""
         return 2 * self.patch_size * self.vae_scale_factor
 
+    def _first_parameter(self):
+        """The transformer's first parameter, or None where diffusers hooks (e.g. group offloading) decide the
+        execution device. diffusers' own ``.device`` / ``.dtype`` walk every submodule looking for offload hooks:
+        ~10 ms per call on FLUX.1-dev, read several times per image, so the plain case takes this shortcut."""
+        tr = self.pipe.transformer
+        if getattr(tr, "_diffusers_hook", None) is not None:
+            return None
+        return next(tr.parameters(), None)
+
     @property
     def device(self) -> torch.device:
-        return self.pipe.transformer.device
+        p = self._first_parameter()
+        return p.device if p is not None else self.pipe.transformer.device
 
     @property
     def dtype(self) -> torch.dtype:
-        return self.pipe.transformer.dtype
+        p = self._first_parameter()
+        return p.dtype if p is not None and p.is_floating_point() else self.pipe.transformer.dtype
 
     def check_size(self, height: int, width: int) -> None:
         """Raise ValueError unless height and width are positive multiples of :attr:`coarse_block_px`."""

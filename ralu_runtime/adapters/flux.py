@@ -117,11 +117,15 @@ class FluxAdapter(DiTAdapter):
             raise ValueError("negative prompts are not supported for FLUX (it uses a guidance embedding, not CFG)")
         if prompt_embeds is not None and pooled_prompt_embeds is None:
             raise ValueError("FLUX needs pooled_prompt_embeds together with prompt_embeds")
-        embeds, pooled, _text_ids = self.pipe.encode_prompt(
-            prompt=prompt, prompt_2=None, device=self.device, num_images_per_prompt=num_images_per_prompt,
-            prompt_embeds=prompt_embeds, pooled_prompt_embeds=pooled_prompt_embeds,
-            max_sequence_length=max_sequence_length or 512,
-        )
+        if prompt_embeds is not None:  # cached embeddings: no text encoder, and no diffusers call (its dtype lookup
+            # walks every submodule); images are prompt-major like diffusers' own repeat for text prompts
+            embeds = prompt_embeds.to(self.device).repeat_interleave(num_images_per_prompt, dim=0)
+            pooled = pooled_prompt_embeds.to(self.device).repeat_interleave(num_images_per_prompt, dim=0)
+        else:
+            embeds, pooled, _text_ids = self.pipe.encode_prompt(
+                prompt=prompt, prompt_2=None, device=self.device, num_images_per_prompt=num_images_per_prompt,
+                max_sequence_length=max_sequence_length or 512,
+            )
         b = embeds.shape[0]
         guidance = None
         if self.transformer.config.guidance_embeds:
