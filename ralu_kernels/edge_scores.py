@@ -27,15 +27,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-try:  # triton is optional: the torch references work without it
-    import triton
-    import triton.language as tl
-
-    HAS_TRITON = True
-except Exception:  # noqa: BLE001
-    triton = None
-    tl = None
-    HAS_TRITON = False
+from ._triton import HAS_TRITON, tl, triton  # optional: the torch references work without it
 
 __all__ = [
     "block_sum",

@@ -46,15 +46,7 @@ import torch
 
 from . import philox
 
-try:  # triton is optional: the torch reference works without it
-    import triton
-    import triton.language as tl
-
-    HAS_TRITON = True
-except Exception:  # noqa: BLE001
-    triton = None
-    tl = None
-    HAS_TRITON = False
+from ._triton import HAS_TRITON, tl, triton  # optional: the torch references work without it
 
 __all__ = [
     "stage_transition",
