@@ -136,3 +136,19 @@ def test_cli_writes_png(tmp_path):
                  "--no-progress"]) == 0
     assert Image.open(out).size == (96, 64)
     assert Image.open(mask).size == (96, 64)
+
+
+@torch.no_grad()
+def test_flux_prompt_embeds_with_num_images_per_prompt(flux_pipe):
+    """Cached FLUX embeddings of 2 prompts x 2 images per prompt: 4 images, prompt-major, each equal to a
+    single run of its prompt with its own generator."""
+    emb = flux_embeds(2)
+    kw = dict(height=64, width=64, speedup=SMALL, output_type="latent", progress=False)
+    seeds = (5, 6, 7, 8)
+    out = generate(flux_pipe, **emb, num_images_per_prompt=2,
+                   generator=[torch.Generator().manual_seed(s) for s in seeds], **kw).images
+    assert out.shape[0] == 4
+    for i, s in enumerate(seeds):
+        one = {k: v[i // 2:i // 2 + 1] for k, v in emb.items()}
+        single = generate(flux_pipe, **one, generator=torch.Generator().manual_seed(s), **kw).images
+        torch.testing.assert_close(out[i:i + 1], single, rtol=1e-4, atol=1e-4)
