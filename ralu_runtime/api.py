@@ -69,13 +69,14 @@ def _generators(generator, seed, batch: int, device) -> tuple[Any, list[torch.Ge
     return generator, [generator] * batch
 
 
+_KEEP = object()  # generate(cache=None): keep whatever cache is attached to the adapter
+
+
 @contextlib.contextmanager
 def _call_cache(adapter: DiTAdapter, cache):
-    """Attach ``cache`` (spec or object; None: keep the attached one) for one call; yields the active cache."""
-    from .cache import make_cache
-
+    """Attach ``cache`` (a cache object, None for no cache, or ``_KEEP``) for one call; yields the active cache."""
     previous = adapter.feature_cache
-    active = previous if cache is None else make_cache(cache)
+    active = previous if cache is _KEEP else cache
     if hasattr(active, "reset_stats"):
         active.reset_stats()
     adapter.feature_cache = active
@@ -130,10 +131,12 @@ def generate(pipe, prompt: str | list[str] | None = None, *, height: int | None 
         raise ValueError(f"edge_map={edge_map!r} is not allowed; choose one of {EDGE_MAPS}")
     if solver not in SOLVERS:
         raise ValueError(f"solver={solver!r} is not allowed; choose one of {tuple(SOLVERS)}")
-    if cache is not None:
+    if cache is None:
+        cache = _KEEP
+    else:
         from .cache import make_cache
 
-        make_cache(cache)  # raises ValueError on a bad spec before any work
+        cache = make_cache(cache)  # parsed once, before any work: a bad spec raises ValueError here
     if not isinstance(num_images_per_prompt, int) or num_images_per_prompt < 1:
         raise ValueError(f"num_images_per_prompt={num_images_per_prompt!r} must be an integer >= 1")
     if isinstance(pipe, str):
