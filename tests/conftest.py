@@ -21,3 +21,19 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip_gpu)
+
+
+@pytest.fixture(scope="module")
+def flux_pipe():
+    """A tiny random FLUX pipeline (seed 0), one per test module."""
+    from ralu_runtime.tiny import build_tiny_flux_pipeline
+
+    return build_tiny_flux_pipeline(seed=0)
+
+
+@pytest.fixture(scope="module")
+def sd3_pipe():
+    """A tiny random SD3 pipeline (seed 0), one per test module."""
+    from ralu_runtime.tiny import build_tiny_sd3_pipeline
+
+    return build_tiny_sd3_pipeline(seed=0)

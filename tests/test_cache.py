@@ -7,16 +7,10 @@ import torch
 from ralu_runtime import RaluSchedule, generate
 from ralu_runtime.adapters import get_adapter
 from ralu_runtime.cache import CacheShapeError, FirstBlockCache, TaylorSeerCache, make_cache, set_cache
+from tiny_inputs import flux_embeds
 
 SCHED = RaluSchedule(steps=(2, 3, 4), ends=(0.3, 0.5, 1.0), shifts=(3.0, 3.0, 3.0), z=4.0, ratio=0.3)
 SIZE = dict(height=64, width=96)  # coarse grid 2x3 = 6 tokens, fine 4x6 = 24
-
-
-@pytest.fixture(scope="module")
-def flux_pipe():
-    from ralu_runtime.tiny import build_tiny_flux_pipeline
-
-    return build_tiny_flux_pipeline(seed=0)
 
 
 @pytest.fixture(scope="module")
@@ -24,18 +18,6 @@ def schnell_pipe():
     from ralu_runtime.tiny import build_tiny_flux_pipeline
 
     return build_tiny_flux_pipeline(seed=1, guidance_embeds=False)
-
-
-@pytest.fixture(scope="module")
-def sd3_pipe():
-    from ralu_runtime.tiny import build_tiny_sd3_pipeline
-
-    return build_tiny_sd3_pipeline(seed=0)
-
-
-def flux_embeds(b=1, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    return {"prompt_embeds": torch.randn(b, 8, 32, generator=g), "pooled_prompt_embeds": torch.randn(b, 32, generator=g)}
 
 
 def run(pipe, speedup=SCHED, seed=3, **kw):

@@ -17,21 +17,10 @@ from ralu_runtime.adapters import TokenGrid, get_adapter
 from ralu_runtime.compile import (BACKENDS, CompileOptions, StageRunner, compile_adapter, compile_stats, ensure_backend,
                                   save_compile_artifacts, uncompile_adapter, warmup)
 from ralu_runtime.layout import grid_positions
+from tiny_inputs import flux_embeds, sd3_embeds
 
 TOL = dict(atol=1e-4, rtol=1e-4)
 HAVE_TRANSITION = importlib.util.find_spec("ralu_kernels.transition") is not None
-
-
-def flux_embeds(b, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    return {"prompt_embeds": torch.randn(b, 8, 32, generator=g), "pooled_prompt_embeds": torch.randn(b, 32, generator=g)}
-
-
-def sd3_embeds(b, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    return {"prompt_embeds": torch.randn(b, 8, 32, generator=g), "pooled_prompt_embeds": torch.randn(b, 64, generator=g),
-            "negative_prompt_embeds": torch.randn(b, 8, 32, generator=g),
-            "negative_pooled_prompt_embeds": torch.randn(b, 64, generator=g)}
 
 
 BASE = dict(speedup=None, num_inference_steps=2, seed=1, output_type="latent", progress=False)

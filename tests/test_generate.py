@@ -5,33 +5,7 @@ import torch
 
 import ralu_runtime
 from ralu_runtime import RaluSchedule, generate
-
-
-@pytest.fixture(scope="module")
-def flux_pipe():
-    from ralu_runtime.tiny import build_tiny_flux_pipeline
-
-    return build_tiny_flux_pipeline(seed=0)
-
-
-@pytest.fixture(scope="module")
-def sd3_pipe():
-    from ralu_runtime.tiny import build_tiny_sd3_pipeline
-
-    return build_tiny_sd3_pipeline(seed=0)
-
-
-def flux_embeds(b, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    return {"prompt_embeds": torch.randn(b, 8, 32, generator=g), "pooled_prompt_embeds": torch.randn(b, 32, generator=g)}
-
-
-def sd3_embeds(b, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    return {"prompt_embeds": torch.randn(b, 8, 32, generator=g), "pooled_prompt_embeds": torch.randn(b, 64, generator=g),
-            "negative_prompt_embeds": torch.randn(b, 8, 32, generator=g),
-            "negative_pooled_prompt_embeds": torch.randn(b, 64, generator=g)}
-
+from tiny_inputs import flux_embeds, sd3_embeds
 
 SMALL = RaluSchedule(steps=(2, 2, 2), ends=(0.3, 0.5, 1.0), shifts=(3.0, 3.0, 3.0), z=4.0, ratio=0.3)
 
