@@ -97,9 +97,8 @@ def write_json(out_dir: str | Path, name: str, payload: dict) -> Path:
     return path
 
 
-def bar_plot(out_dir: str | Path, name: str, labels: Sequence[str], values: Sequence[float], ylabel: str, title: str,
-             log: bool = False) -> Path | None:
-    """Save a simple bar chart to ``out_dir/name.png``; returns None when matplotlib is missing."""
+def pyplot():
+    """``matplotlib.pyplot`` on the Agg backend, or None (with a message) when matplotlib is missing."""
     try:
         import matplotlib
 
@@ -107,6 +106,27 @@ def bar_plot(out_dir: str | Path, name: str, labels: Sequence[str], values: Sequ
         import matplotlib.pyplot as plt
     except ImportError:
         print("matplotlib not installed: no PNG written (pip install matplotlib)")
+        return None
+    return plt
+
+
+def save_figure(fig, out_dir: str | Path, name: str, dpi: int = 120) -> Path:
+    """Lay out, save to ``out_dir/name.png``, close ``fig``; returns the path."""
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    path = Path(out_dir) / f"{name}.png"
+    fig.savefig(path, dpi=dpi)
+    plt.close(fig)
+    print(f"wrote {path}")
+    return path
+
+
+def bar_plot(out_dir: str | Path, name: str, labels: Sequence[str], values: Sequence[float], ylabel: str, title: str,
+             log: bool = False) -> Path | None:
+    """Save a simple bar chart to ``out_dir/name.png``; returns None when matplotlib is missing."""
+    plt = pyplot()
+    if plt is None:
         return None
     fig, ax = plt.subplots(figsize=(max(6, 0.6 * len(labels) + 2), 4))
     ax.bar(range(len(values)), values)
@@ -116,9 +136,4 @@ def bar_plot(out_dir: str | Path, name: str, labels: Sequence[str], values: Sequ
     ax.set_title(title)
     if log:
         ax.set_yscale("log")
-    fig.tight_layout()
-    path = Path(out_dir) / f"{name}.png"
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    print(f"wrote {path}")
-    return path
+    return save_figure(fig, out_dir, name)

@@ -19,7 +19,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks._common import print_table, write_json  # noqa: E402
+from benchmarks._common import print_table, pyplot, save_figure, write_json  # noqa: E402
 from benchmarks.latency import TEXT_LEN, build_pipeline, prompt_embeds  # noqa: E402
 
 PAPER_TFLOPS = {"flux": {"baseline": 2991.0, "5x": 540.5, "7x": 426.0}}
@@ -122,12 +122,8 @@ def model_flops(model: str, resolution: int, batch: int) -> dict:
 
 
 def plot(out_dir: Path, name: str, results: list[dict]):
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
+    plt = pyplot()
+    if plt is None:
         return None
     fig, axes = plt.subplots(1, len(results), figsize=(5.5 * len(results), 4), squeeze=False)
     for ax, res in zip(axes[0], results):
@@ -146,12 +142,7 @@ def plot(out_dir: Path, name: str, results: list[dict]):
         ax.set_ylabel("transformer TFLOPs per image")
         ax.set_title(f"{res['model']} {res['resolution']}^2", fontsize=9)
         ax.legend(fontsize=7)
-    fig.tight_layout()
-    path = out_dir / f"{name}.png"
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    print(f"wrote {path}")
-    return path
+    return save_figure(fig, out_dir, name)
 
 
 def main(argv=None) -> int:

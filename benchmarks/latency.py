@@ -33,7 +33,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks._common import device_slug, print_table, write_json  # noqa: E402
+from benchmarks._common import device_slug, print_table, pyplot, save_figure, write_json  # noqa: E402
 
 # ----------------------------------------------------------------------------------------------- models
 FLUX_FULL = dict(patch_size=1, in_channels=64, num_layers=19, num_single_layers=38, attention_head_dim=128,
@@ -269,12 +269,8 @@ def start_times(pipe, emb, args, row: str, cache_file: Path) -> dict:
 
 
 def stacked_plot(out_dir: Path, name: str, rows: list[dict], title: str):
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
+    plt = pyplot()
+    if plt is None:
         return None
     keys = []
     for r in rows:
@@ -296,12 +292,7 @@ def stacked_plot(out_dir: Path, name: str, rows: list[dict], title: str):
     ax.set_yscale("log" if max(r["mean_s"] for r in rows) / max(1e-9, min(r["mean_s"] for r in rows)) > 20 else "linear")
     ax.set_title(title, fontsize=9)
     ax.legend(fontsize=7)
-    fig.tight_layout()
-    path = out_dir / f"{name}.png"
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    print(f"wrote {path}")
-    return path
+    return save_figure(fig, out_dir, name)
 
 
 def main(argv=None) -> int:

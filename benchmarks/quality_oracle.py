@@ -36,7 +36,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks._common import print_table, write_json  # noqa: E402
+from benchmarks._common import print_table, pyplot, save_figure, write_json  # noqa: E402
 from ralu_runtime import oracle_metrics as om  # noqa: E402
 from ralu_runtime.adapters.base import Conditioning, TokenGrid  # noqa: E402
 from ralu_runtime.adapters.oracle import GaussianOracle  # noqa: E402
@@ -254,12 +254,8 @@ def run(args) -> dict:
 
 
 def plot(out_dir: Path, name: str, result: dict) -> Path | None:
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
+    plt = pyplot()
+    if plt is None:
         return None
     rows, sweeps = result["rows"], result["sweeps"]
     variants = sorted({r["oracle"] for r in rows}, key=lambda v: v != "stationary")
@@ -297,12 +293,7 @@ def plot(out_dir: Path, name: str, result: dict) -> Path | None:
         ax.set_title("sweeps (stationary oracle)")
         for j in range(1, len(variants)):
             axes[j][1].axis("off")
-    fig.tight_layout()
-    path = out_dir / f"{name}.png"
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    print(f"wrote {path}")
-    return path
+    return save_figure(fig, out_dir, name, dpi=110)
 
 
 def main(argv=None) -> dict:
