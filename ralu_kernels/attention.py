@@ -712,6 +712,22 @@ def _rows(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
     return x.index_select(0, idx).unsqueeze(0)
 
 
+def _request_index(image_lens, text_lens, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Request number of every packed image token and of every packed text token: ``(sum image_lens,)``,
+    ``(sum text_lens,)`` int64."""
+    req = torch.arange(len(image_lens), device=device)
+    return (torch.repeat_interleave(req, torch.tensor(image_lens, device=device)),
+            torch.repeat_interleave(req, torch.tensor(text_lens, device=device)))
+
+
+def _packed_norm_out(transformer, hs: torch.Tensor, temb: torch.Tensor, img_idx: torch.Tensor) -> torch.Tensor:
+    """The final AdaLN of FLUX / SD3 with each request's own shift and scale: ``(1, N, D)`` -> ``(1, N, D)``."""
+    norm_out = transformer.norm_out
+    emb = norm_out.linear(norm_out.silu(temb).to(hs.dtype))
+    scale, shift = torch.chunk(emb, 2, dim=1)
+    return norm_out.norm(hs) * _rows(1 + scale, img_idx) + _rows(shift, img_idx)
+
+
 def _flux_double_block(block, hs, ehs, temb, rot, img_idx, txt_idx):
     """``FluxTransformerBlock.forward`` with per-token AdaLN modulation (same op order)."""
     emb = block.norm1.linear(block.norm1.silu(temb))
@@ -793,9 +809,7 @@ def flux_packed_forward(transformer, hidden_states_list, encoder_hidden_states_l
     ids = torch.cat((packed["txt_ids"], packed["img_ids"]), dim=0)
     rot = transformer.pos_embed(ids)
 
-    req = torch.arange(n, device=device)
-    img_idx = torch.repeat_interleave(req, torch.tensor(image_lens, device=device))
-    txt_idx = torch.repeat_interleave(req, torch.tensor(text_lens, device=device))
+    img_idx, txt_idx = _request_index(image_lens, text_lens, device)
     single_idx = torch.cat([txt_idx, img_idx])
 
     with packed_attention(transformer, image_lens, text_lens, backend=backend):
@@ -804,10 +818,7 @@ def flux_packed_forward(transformer, hidden_states_list, encoder_hidden_states_l
         for block in transformer.single_transformer_blocks:
             ehs, hs = _flux_single_block(block, hs, ehs, temb, rot, single_idx)
 
-    norm_out = transformer.norm_out
-    emb = norm_out.linear(norm_out.silu(temb).to(hs.dtype))
-    scale, shift = torch.chunk(emb, 2, dim=1)
-    hs = norm_out.norm(hs) * _rows(1 + scale, img_idx) + _rows(shift, img_idx)
+    hs = _packed_norm_out(transformer, hs, temb, img_idx)
     out = transformer.proj_out(hs)
     return [o.unsqueeze(0) for o in out[0].split(image_lens, dim=0)]
 
@@ -899,17 +910,12 @@ def sd3_packed_forward(transformer, hidden_states_list, encoder_hidden_states_li
     temb = transformer.time_text_embed(timestep, pooled)
     ehs = transformer.context_embedder(torch.cat(ehs_list, 0)[None])
 
-    req = torch.arange(n, device=device)
-    img_idx = torch.repeat_interleave(req, torch.tensor(image_lens, device=device))
-    txt_idx = torch.repeat_interleave(req, torch.tensor(text_lens, device=device))
+    img_idx, txt_idx = _request_index(image_lens, text_lens, device)
     with packed_attention(transformer, image_lens, text_lens, backend=backend):
         for block in transformer.transformer_blocks:
             ehs, hs = _sd3_block(block, hs, ehs, temb, img_idx, txt_idx)
 
-    norm_out = transformer.norm_out
-    emb = norm_out.linear(norm_out.silu(temb).to(hs.dtype))
-    scale, shift = torch.chunk(emb, 2, dim=1)
-    hs = norm_out.norm(hs) * _rows(1 + scale, img_idx) + _rows(shift, img_idx)
+    hs = _packed_norm_out(transformer, hs, temb, img_idx)
     hs = transformer.proj_out(hs)
     outs = [o.unsqueeze(0) for o in hs[0].split(image_lens, dim=0)]
     if image_tokens:
