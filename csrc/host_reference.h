@@ -1,15 +1,17 @@
 // host_reference.h: host C++ (C++14, no CUDA needed) transcription of the Philox
-// normals in ralu_philox.cuh and of the stage-transition math in
-// stage_transition.cu. Used by csrc/tests/transition_selftest.cu (GPU vs CPU) and by
-// tests/test_csrc.py (compiled with g++, compared against Triton's tl.randint4x /
-// tl.randn4x under TRITON_INTERPRET=1).
+// normals in ralu_philox.cuh and of the v2 (group-major) stage-transition math in
+// stage_transition.cu, per output row. Used by csrc/tests/transition_selftest.cu
+// (GPU vs CPU) and by tests/test_csrc.py (compiled with g++, compared against
+// Triton's tl.randint4x / tl.randn4x under TRITON_INTERPRET=1 and against the torch
+// reference). Independent of ralu_philox.cuh on purpose: it is the tests' reference.
 //
 // The integer part (key/counter layout, rounds, constants) and the uniform
 // conversion are the same formulas as the device code, so their results are
-// bitwise identical. The Box-Muller step uses the host libm (logf/cosf/sinf and an
-// IEEE sqrt) where the device uses libdevice and sqrt.approx.ftz.f32, so the
-// normals agree to float precision (a few ulp), not bitwise. Compile without
-// -ffast-math and with -ffp-contract=off so no FMA is formed implicitly.
+// bitwise identical. The Box-Muller step is the accurate one of tl.randn4x (host
+// libm logf/cosf/sinf and an IEEE sqrt); the device uses the MUFU approximations
+// lg2/cos/sin/sqrt.approx, which the host cannot reproduce. So the normals agree
+// to a tolerance (~2^-21 absolute), not bitwise. Compile without -ffast-math and
+// with -ffp-contract=off so no FMA is formed implicitly.
 #ifndef RALU_HOST_REFERENCE_H_
 #define RALU_HOST_REFERENCE_H_
 
@@ -106,25 +108,32 @@ inline TransitionScalars make_scalars(double a, double b, double c, double pos_s
   return s;
 }
 
-inline float transition_noise(uint64_t seed, uint32_t offset, int q, const TransitionScalars& s) {
-  const Normal4 u = randn4x(seed, offset);
+// Noise of one output element (v2): upsampled child q >= 0 of a group uses the normal4 at
+// counter goff + ch (shared by the 4 children), a kept token (q < 0) the normal4 at the
+// aligned quad goff + (ch & ~3), component ch & 3. goff = uint32(group * C).
+inline float transition_noise(uint64_t seed, uint32_t goff, uint32_t ch, int q, const TransitionScalars& s) {
   if (q >= 0) {
+    const Normal4 u = randn4x(seed, goff + ch);
     const float sum = ((u.n0 + u.n1) + u.n2) + u.n3;
     const float uq = q == 0 ? u.n0 : (q == 1 ? u.n1 : (q == 2 ? u.n2 : u.n3));
     return std::fma(s.alpha, sum, uq);
   }
-  return s.noise_std * u.n0;
+  const Normal4 u = randn4x(seed, goff + (ch & ~3u));
+  const uint32_t k = ch & 3u;
+  const float uk = k == 0 ? u.n0 : (k == 1 ? u.n1 : (k == 2 ? u.n2 : u.n3));
+  return s.noise_std * uk;
 }
 
 // Float32 result of one output element (before the cast to the output dtype).
 inline float transition_value(float x, uint64_t seed, int32_t group, int64_t channels, int64_t ch, int q,
                               const TransitionScalars& s) {
-  const uint32_t offset = static_cast<uint32_t>(group) * static_cast<uint32_t>(channels) + static_cast<uint32_t>(ch);
-  const float n = transition_noise(seed, offset, q, s);
+  const uint32_t goff = static_cast<uint32_t>(group) * static_cast<uint32_t>(channels);
+  const float n = transition_noise(seed, goff, static_cast<uint32_t>(ch), q, s);
   return std::fma(s.a, x, s.b * n);
 }
 
-// pos_out for one token: (px, py) of the parent in, scaled and offset values out.
+// pos_out for one token: (px, py) of the parent in, scaled and offset values out. (The kernels
+// add child_step only where the offset is 1: the same bits except for a -0.0 component.)
 inline void transition_position(float px, float py, int q, const TransitionScalars& s, float& ox, float& oy) {
   if (q >= 0) {
     px = px + s.child_step * static_cast<float>(q >> 1);

@@ -1,5 +1,6 @@
 // torch_binding.cpp: registers torch.ops.ralu.stage_transition (CUDA) around the
-// pure-CUDA launcher in stage_transition.cu.
+// pure-CUDA launcher in stage_transition.cu (v2, group-major: `order` / `num_up`
+// as described in stage_transition.h; the caller validates the order contract).
 //
 // The op mutates its preallocated outputs and returns nothing, allocates nothing and
 // never synchronises, so it can be captured in a CUDA graph. Its fake (meta)
@@ -23,14 +24,15 @@ void check_cuda_contiguous(const at::Tensor& t, const char* name) {
 }
 
 void stage_transition_cuda(const at::Tensor& x, const at::Tensor& pos, const at::Tensor& src_index,
-                           const at::Tensor& group, const at::Tensor& child, const at::Tensor& seeds, double a,
-                           double b, double c, double pos_scale, double child_step, bool exact_noise,
-                           const at::Tensor& out, const at::Tensor& pos_out) {
+                           const at::Tensor& group, const at::Tensor& child, const at::Tensor& order,
+                           const at::Tensor& seeds, int64_t num_up, double a, double b, double c, double pos_scale,
+                           double child_step, bool exact_noise, const at::Tensor& out, const at::Tensor& pos_out) {
   check_cuda_contiguous(x, "x");
   check_cuda_contiguous(pos, "pos");
   check_cuda_contiguous(src_index, "src_index");
   check_cuda_contiguous(group, "group");
   check_cuda_contiguous(child, "child");
+  check_cuda_contiguous(order, "order");
   check_cuda_contiguous(seeds, "seeds");
   check_cuda_contiguous(out, "out");
   check_cuda_contiguous(pos_out, "pos_out");
@@ -44,6 +46,9 @@ void stage_transition_cuda(const at::Tensor& x, const at::Tensor& pos, const at:
               "ralu::stage_transition: pos must be (B, Ls, 2)");
   TORCH_CHECK(group.sizes() == src_index.sizes(), "ralu::stage_transition: group must be (B, Ld)");
   TORCH_CHECK(child.sizes() == src_index.sizes(), "ralu::stage_transition: child must be (B, Ld)");
+  TORCH_CHECK(order.sizes() == src_index.sizes(), "ralu::stage_transition: order must be (B, Ld)");
+  TORCH_CHECK(num_up >= 0 && num_up <= Ld / 4, "ralu::stage_transition: num_up must satisfy 0 <= 4 * num_up <= Ld = ",
+              Ld, ", got num_up = ", num_up);
   TORCH_CHECK(seeds.dim() == 1 && seeds.size(0) == B, "ralu::stage_transition: seeds must be (B,)");
   TORCH_CHECK(out.dim() == 3 && out.size(0) == B && out.size(1) == Ld && out.size(2) == C,
               "ralu::stage_transition: out must be (B, Ld, C)");
@@ -52,8 +57,9 @@ void stage_transition_cuda(const at::Tensor& x, const at::Tensor& pos, const at:
 
   TORCH_CHECK(pos.scalar_type() == at::kFloat && pos_out.scalar_type() == at::kFloat,
               "ralu::stage_transition: pos and pos_out must be float32");
-  TORCH_CHECK(src_index.scalar_type() == at::kInt && group.scalar_type() == at::kInt,
-              "ralu::stage_transition: src_index and group must be int32");
+  TORCH_CHECK(src_index.scalar_type() == at::kInt && group.scalar_type() == at::kInt &&
+                  order.scalar_type() == at::kInt,
+              "ralu::stage_transition: src_index, group and order must be int32");
   TORCH_CHECK(child.scalar_type() == at::kChar, "ralu::stage_transition: child must be int8");
   TORCH_CHECK(seeds.scalar_type() == at::kLong, "ralu::stage_transition: seeds must be int64");
   TORCH_CHECK(out.scalar_type() == x.scalar_type(), "ralu::stage_transition: out must have the dtype of x");
@@ -80,8 +86,8 @@ void stage_transition_cuda(const at::Tensor& x, const at::Tensor& pos, const at:
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(x.device().index()).stream();
   const cudaError_t err = ralu_stage_transition_launch(
       x.data_ptr(), pos.data_ptr<float>(), src_index.data_ptr<int32_t>(), group.data_ptr<int32_t>(),
-      child.data_ptr<int8_t>(), seeds.data_ptr<int64_t>(), out.data_ptr(), pos_out.data_ptr<float>(), B, Ls, Ld, C,
-      dtype, a, b, c, pos_scale, child_step, exact_noise ? 1 : 0, stream);
+      child.data_ptr<int8_t>(), order.data_ptr<int32_t>(), seeds.data_ptr<int64_t>(), num_up, out.data_ptr(),
+      pos_out.data_ptr<float>(), B, Ls, Ld, C, dtype, a, b, c, pos_scale, child_step, exact_noise ? 1 : 0, stream);
   TORCH_CHECK(err == cudaSuccess, "ralu::stage_transition: kernel launch failed: ", cudaGetErrorString(err));
 }
 
@@ -89,8 +95,8 @@ void stage_transition_cuda(const at::Tensor& x, const at::Tensor& pos, const at:
 
 TORCH_LIBRARY_FRAGMENT(ralu, m) {
   m.def(
-      "stage_transition(Tensor x, Tensor pos, Tensor src_index, Tensor group, Tensor child, Tensor seeds, "
-      "float a, float b, float c, float pos_scale, float child_step, bool exact_noise, "
+      "stage_transition(Tensor x, Tensor pos, Tensor src_index, Tensor group, Tensor child, Tensor order, "
+      "Tensor seeds, int num_up, float a, float b, float c, float pos_scale, float child_step, bool exact_noise, "
       "Tensor(a!) out, Tensor(b!) pos_out) -> ()");
 }
 

@@ -6,9 +6,11 @@ so that torch.compile can trace it. It returns False, never raises, when the ext
 absent or cannot be loaded (CPU-only torch, built against another torch, ...), or when the
 environment variable ``RALU_DISABLE_CSRC=1`` is set.
 
-``stage_transition_cuda(...)`` runs the fused stage transition with the CUDA op. Its
-semantics are those of the Triton kernel and of the torch reference in
-``ralu_kernels.transition``; the noise is bitwise the noise of Triton's ``tl.randn4x``.
+``stage_transition_cuda(...)`` runs the fused stage transition with the CUDA op (group-major,
+"v2": ``order`` / ``num_up`` list the 4 rows of each upsampled group, then the kept rows). Its
+semantics are those of the torch reference in ``ralu_kernels.transition``, and its outputs are
+bitwise those of the Triton kernel there (both use the fast MUFU Box-Muller; the reference uses
+accurate math, so it agrees to float32 rounding-level tolerances, not bitwise).
 """
 from __future__ import annotations
 
@@ -39,8 +41,8 @@ def _register_fake() -> None:
     if _FAKE_REGISTERED:
         return
 
-    def _stage_transition_fake(x, pos, src_index, group, child, seeds, a, b, c, pos_scale, child_step,
-                               exact_noise, out, pos_out):
+    def _stage_transition_fake(x, pos, src_index, group, child, order, seeds, num_up, a, b, c, pos_scale,
+                               child_step, exact_noise, out, pos_out):
         # Mutates out / pos_out in place, returns nothing: no new tensors to describe.
         return None
 
@@ -97,11 +99,17 @@ def stage_transition_cuda(
     exact_noise: bool = False,
     out: Optional[torch.Tensor] = None,
     pos_out: Optional[torch.Tensor] = None,
+    order: torch.Tensor,
+    num_up: int,
 ) -> Tuple[torch.Tensor, torch.Tensor]:
     """Fused stage transition with the CUDA op; returns ``(out, pos_out)``.
 
     x (B, Ls, C) float32/float16/bfloat16, pos (B, Ls, 2) float32, src_index / group (B, Ld)
-    int32, child (B, Ld) int8, seeds (B,) int64. ``out`` (B, Ld, C) with x's dtype and
+    int32, child (B, Ld) int8, seeds (B,) int64. ``order`` (B, Ld) int32 and ``num_up`` (U, an
+    int with 0 <= 4U <= Ld): per image, ``order[b, 4j + q]`` (j < U) is the row of child q of the
+    j-th upsampled group and ``order[b, 4U:]`` are the kept rows (child < 0), e.g. from
+    ``ralu_kernels.transition.group_major_order``. The contract is not checked here (the kernel
+    trusts it; ``ralu_kernels.transition`` validates it). ``out`` (B, Ld, C) with x's dtype and
     ``pos_out`` (B, Ld, 2) float32 are allocated when not given. With preallocated outputs
     and inputs of the right dtypes and layouts the call allocates nothing and does not
     synchronise (CUDA-graph safe).
@@ -116,6 +124,11 @@ def stage_transition_cuda(
                          f"{tuple(src_index.shape)}")
     batch, _, channels = x.shape
     dst_len = src_index.shape[1]
+    num_up = int(num_up)
+    if not 0 <= 4 * num_up <= dst_len:
+        raise ValueError(f"num_up must satisfy 0 <= 4 * num_up <= Ld = {dst_len}; got {num_up}")
+    if tuple(order.shape) != (batch, dst_len):
+        raise ValueError(f"order must be (B, Ld) = {(batch, dst_len)}; got {tuple(order.shape)}")
     if out is None:
         out = torch.empty((batch, dst_len, channels), dtype=x.dtype, device=x.device)
     if pos_out is None:
@@ -132,7 +145,9 @@ def stage_transition_cuda(
         _prep(src_index, torch.int32),
         _prep(group, torch.int32),
         _prep(child, torch.int8),
+        _prep(order, torch.int32),
         _prep(seeds, torch.int64),
+        num_up,
         float(a),
         float(b),
         float(c),

@@ -1,4 +1,4 @@
-"""Optional Triton import shared by the kernel modules: ``HAS_TRITON``, ``triton``, ``tl`` (None without it).
+"""Optional Triton import shared by the kernel modules: ``HAS_TRITON``, ``triton``, ``tl``, ``libdevice`` (None without it).
 
 The torch references work without Triton; a broken Triton install (any import error) counts as absent.
 """
@@ -12,4 +12,11 @@ except Exception:  # noqa: BLE001
     tl = None
     HAS_TRITON = False
 
-__all__ = ["HAS_TRITON", "tl", "triton"]
+libdevice = None
+if HAS_TRITON:
+    try:  # CUDA libdevice wrappers (fast_logf, ...); only traced for compiled NVIDIA kernels
+        from triton.language.extra.cuda import libdevice
+    except Exception:  # noqa: BLE001
+        libdevice = None
+
+__all__ = ["HAS_TRITON", "libdevice", "tl", "triton"]

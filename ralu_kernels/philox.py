@@ -25,9 +25,10 @@ which library evaluates them decides the last bit:
   interpreter (``TRITON_INTERPRET=1``) evaluates, so the normals are **bitwise** equal to the
   interpreted ``tl.randn4x`` (numpy's SIMD dispatch is per process, the same for both).
 * CUDA tensors: torch's float32 ops (CUDA ``logf``/``cosf``/``sinf``, like libdevice's
-  ``__nv_logf``/``__nv_cosf``/``__nv_sinf`` that Triton calls) and an IEEE ``sqrt`` where
-  compiled Triton uses ``sqrt.approx.ftz.f32``: equal to a few float32 ulp (|diff| ~1e-6), not
-  guaranteed bitwise.
+  ``__nv_logf``/``__nv_cosf``/``__nv_sinf`` that ``tl.randn4x`` calls) and an IEEE ``sqrt`` where
+  compiled Triton uses ``sqrt.approx.ftz.f32``: equal to ``tl.randn4x`` to a few float32 ulp
+  (|diff| ~1e-6), not guaranteed bitwise. (The compiled transition kernels use the MUFU
+  approximations instead, see :mod:`ralu_kernels.transition`: ~2^-21 absolute.)
 * ``math="float64"``: transcendentals in float64 rounded once to float32 (device independent).
 """
 from __future__ import annotations

@@ -5,30 +5,44 @@ batch, and writes their position ids. For every image ``b``, output token ``i``,
 (float32 math, result cast to the output dtype)::
 
     p, g, q = src_index[b, i], group[b, i], child[b, i]
-    (u0, u1, u2, u3) = tl.randn4x(seeds[b], g * C + ch)        # Triton's Philox normals (int32 offset)
-    q >= 0:  n = fma(alpha, ((u0 + u1) + u2) + u3, u_q)         # alpha = (sqrt(1 - 4c) - 1) / 4
-    q <  0:  n = sqrt(v) * u0                                   # v = 1, or 1 - c with exact_noise
+    q >= 0:  (u0, u1, u2, u3) = normal4(seeds[b], g * C + ch)                 # int32 Philox counter
+             n = fma(alpha, ((u0 + u1) + u2) + u3, u_q)         # alpha = (sqrt(1 - 4c) - 1) / 4
+    q <  0:  (u0, u1, u2, u3) = normal4(seeds[b], g * C + 4 * (ch // 4))
+             n = sqrt(v) * u_(ch % 4)                           # v = 1, or 1 - c with exact_noise
     x_out[b, i, ch] = fma(a, x[b, p, ch], b * n)
     pos_out[b, i]   = pos_scale * (pos[b, p] + child_step * (q // 2, q % 2))   (q >= 0)
                       pos_scale * pos[b, p]                                      (q <  0)
 
-The 4 children of one parent (same ``g``, ``q`` = 0..3) get noise with covariance ``I - c J``
-per channel; the noise depends only on (seed, group, child, channel), not on the output order.
-The evaluation order above (and float32 scalars ``a``, ``b``, ``alpha``, ``sqrt(v)`` computed in
-float64 on the host) is the one of the CUDA op in ``csrc/stage_transition.cu``, so the Triton
-kernel, the CUDA op and the torch reference compute the same float32 expression.
+``normal4(seed, off)`` is Triton's ``tl.randn4x``: Philox4x32-10 keyed by the seed, four uniforms,
+two Box-Muller pairs. One call serves the 4 children of a group (per channel) or 4 channels of a
+kept token: 4x fewer Philox/Box-Muller evaluations than one call per output element. The 4
+children of one parent get noise with covariance ``I - c J`` per channel; kept tokens get i.i.d.
+``N(0, v)``; the noise depends only on (seed, group, child, channel), not on the output order.
+
+Work order. The Triton kernel and the CUDA op are group-major: they walk ``order`` (B, Ld) int32,
+per image the output rows of the ``num_up`` upsampled groups (4 rows each, children 0..3 in order)
+and then the kept rows (:func:`group_major_order` builds it from the per-row maps;
+``ralu_runtime.layout`` builds it directly). They need complete groups of 4 children; the torch
+reference works row by row on any maps.
+
+Float details. The evaluation order above (and float32 scalars ``a``, ``b``, ``alpha``, ``sqrt(v)``
+computed in float64 on the host) is the one of the CUDA op in ``csrc/stage_transition.cu``. Compiled
+for an NVIDIA GPU, both kernels evaluate the Box-Muller transform with the MUFU approximations
+(``lg2/sin/cos/sqrt.approx.ftz.f32``, absolute error ~2^-21: the noise is rounded to bf16/fp16 or
+added to float32 latents, where that is far below one ulp of the result) and round to bf16 with
+``cvt.rn``; they are meant to be bitwise equal to each other. The torch reference and the Triton
+interpreter use accurate float32 ``log``/``cos``/``sin`` (numpy on CPU: bitwise equal to each
+other), so on a GPU reference and kernels agree to ~1e-5 absolute, not bitwise.
 
 Implementations (all with the signature of :func:`stage_transition`):
 
-* :func:`stage_transition_triton`: one Triton launch, grid ``(cdiv(Ld, BLOCK_T), B)``, each program
-  ``BLOCK_T`` tokens x all ``C`` channels (``BLOCK_T * BLOCK_C = 512`` elements, 4 warps: 4
-  contiguous channels per thread; the kernel is bound by the Philox/Box-Muller arithmetic, not by
-  memory, and 4 elements per thread measured fastest), positions written by the same launch,
-  no autotuning, compiled with ``enable_fp_fusion=False``.
+* :func:`stage_transition_triton`: one Triton launch, grid ``(up programs + kept programs, B)``;
+  an up program takes ``BLOCK_G`` groups x all ``C`` channels (one ``normal4`` per group and
+  channel, 4 rows written), a kept program ``BLOCK_K`` tokens x ``C`` channels (one ``normal4`` per
+  4 channels); positions in the same launch; tile sizes by problem size (see ``_tiles``), no
+  autotuning, compiled with ``enable_fp_fusion=False``.
 * :func:`stage_transition_reference`: pure torch (CPU or CUDA), memory O(tokens * C) processed in
-  chunks, noise from :mod:`ralu_kernels.philox`. On CPU it is bitwise equal to the Triton kernel
-  under ``TRITON_INTERPRET=1``; on CUDA the normals differ from compiled Triton by a few ulp
-  (``sqrt.approx`` vs IEEE sqrt), see :mod:`ralu_kernels.philox`.
+  chunks, noise from :mod:`ralu_kernels.philox`.
 * the CUDA op ``torch.ops.ralu.stage_transition`` from ``csrc/`` (via ``ralu_kernels._csrc``).
 
 :func:`stage_transition` dispatches (``impl="auto"``): CUDA op if built and ``x`` is on CUDA, else
@@ -46,12 +60,13 @@ import torch
 
 from . import philox
 
-from ._triton import HAS_TRITON, tl, triton  # optional: the torch references work without it
+from ._triton import HAS_TRITON, libdevice, tl, triton  # optional: the torch references work without it
 
 __all__ = [
     "stage_transition",
     "stage_transition_reference",
     "stage_transition_triton",
+    "group_major_order",
     "correlated_noise_alpha",
     "dense_mvn_noise",
     "example_transition_maps",
@@ -202,10 +217,15 @@ def stage_transition_reference(
     exact_noise: bool = False,
     out: Optional[torch.Tensor] = None,
     pos_out: Optional[torch.Tensor] = None,
+    order: Optional[torch.Tensor] = None,
+    num_up: Optional[int] = None,
     check_values: Optional[bool] = None,
     chunk_elements: int = 1 << 20,
 ) -> Tuple[torch.Tensor, torch.Tensor]:
     """Pure-torch stage transition (same semantics and float32 evaluation order as the kernels).
+
+    Works token by token on any maps (``order``/``num_up``, the kernels' work order, are accepted
+    and ignored).
 
     Works on any device; temporaries are bounded by ``chunk_elements`` (tokens x channels per
     chunk). ``check_values`` (default: on for CPU tensors, off on CUDA where it would sync)
@@ -242,80 +262,176 @@ def stage_transition_reference(
             g = group[bi, t0:t1].long()
             q = q_all[bi, t0:t1][:, None]
             xv = x[bi].index_select(0, p).to(torch.float32)  # (T, C)
-            off = g[:, None] * channels + ch[None, :]  # < 2^31: int32 and int64 offsets agree
+            # children: counter g*C + ch, value u_q mixed with the group sum; kept tokens: counter
+            # g*C + 4*(ch // 4), value u_(ch % 4) (one Philox call per 4 channels in the kernels)
+            up = q >= 0
+            off = g[:, None] * channels + torch.where(up, ch[None, :], ch[None, :] & ~3)  # < 2^31
             w0, w1, w2, w3 = philox.randint4x(seed, off)
             u0, u1 = philox.pair_uniform_to_normal(philox.uint_to_uniform_float(w0),
                                                    philox.uint_to_uniform_float(w1))
             u2, u3 = philox.pair_uniform_to_normal(philox.uint_to_uniform_float(w2),
                                                    philox.uint_to_uniform_float(w3))
             s = ((u0 + u1) + u2) + u3
-            uq = torch.where(q == 0, u0, torch.where(q == 1, u1, torch.where(q == 2, u2, u3)))
-            n = torch.where(q >= 0, _fma_f32(alpha.expand_as(s), s, uq), nstd * u0)
+            slot = torch.where(up, q, ch[None, :] & 3)
+            uq = torch.where(slot == 0, u0, torch.where(slot == 1, u1, torch.where(slot == 2, u2, u3)))
+            n = torch.where(up, _fma_f32(alpha.expand_as(s), s, uq), nstd * uq)
             y = _fma_f32(fa.expand_as(xv), xv, fb * n)
             out[bi, t0:t1].copy_(y)
     return out, pos_out
 
 
 # ---------------------------------------------------------------------------------------------
-# Triton kernel
+# Triton kernel (group-major)
 # ---------------------------------------------------------------------------------------------
-# Measured on an H100 (Triton 3.6, C = 64 bf16, graph-launched): 4 elements per thread was fastest
-# (512 x 4 warps: 4.6 us at Ld = 4096, 46 us at Ld = 65536; 1024 x 4 warps: 6.4 / 55 us).
-_ELEMS_PER_PROGRAM = 512
+# Tiles (C = 64 bf16, 4 warps, sm_90, read off the SASS of Triton 3.9 compiled without a GPU):
+# large tiles (16 groups / 64 kept tokens per program) need ~39 instructions per output element,
+# 64 registers, no spills; small tiles (4 / 16) ~56 but give 4x more programs, which matters when
+# the whole transition is a few dozen programs (FLUX 1024^2: Ld = 4096). Not yet timed on a GPU.
+_LARGE_TILES = (16, 64)   # (BLOCK_G, BLOCK_K) for C = 64; scaled by 64 / BLOCK_C for other C
+_SMALL_TILES = (4, 16)
+_MIN_PROGRAMS_FOR_LARGE = 264  # two waves of 132 SMs (H100)
 _NUM_WARPS = 4
+
+
+def _tiles(num_up: int, kept: int, batch: int, block_c: int, block_c4: int) -> Tuple[int, int, int, int]:
+    """``(BLOCK_G, BLOCK_K, up_programs, kept_programs)`` for one launch."""
+    def programs(tiles):
+        bg = max(1, tiles[0] * 64 // block_c)
+        bk = max(1, tiles[1] * 16 // block_c4)
+        return bg, bk, -(-num_up // bg), -(-kept // bk)
+
+    large = programs(_LARGE_TILES)
+    if (large[2] + large[3]) * batch >= _MIN_PROGRAMS_FOR_LARGE:
+        return large
+    return programs(_SMALL_TILES)
+
 
 if HAS_TRITON:
 
     @triton.jit
-    def _stage_transition_kernel(
-        x_ptr, pos_ptr, src_ptr, group_ptr, child_ptr, seeds_ptr, out_ptr, pos_out_ptr,
-        src_len, dst_len, C,
-        a, b, alpha, noise_std, pos_scale, child_step,
-        BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr, OUT_BF16: tl.constexpr,
-    ):
-        pid_t = tl.program_id(0)
-        img = tl.program_id(1).to(tl.int64)
-        tok = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
-        tmask = tok < dst_len
-        row = img * dst_len + tok  # int64 output token index
-        p = tl.load(src_ptr + row, mask=tmask, other=0)
-        g = tl.load(group_ptr + row, mask=tmask, other=0)
-        q = tl.load(child_ptr + row, mask=tmask, other=-1).to(tl.int32)
-        seed = tl.load(seeds_ptr + img)
-        src_row = img * src_len + p.to(tl.int64)
+    def _box_muller(u_first, u_second, FAST: tl.constexpr):
+        """Triton's pair_uniform_to_normal; ``FAST``: MUFU approximations (lg2/cos/sin.approx.ftz)."""
+        v = tl.maximum(1.0e-7, u_first)
+        th = 6.283185307179586 * u_second
+        if FAST:
+            # lg2.approx has an absolute error (~2^-22) near 1, where log(v) ~ -1e-7: clamp so that it can
+            # never reach sqrt as a negative number (NaN); csrc/ralu_philox.cuh does the same (max.f32)
+            r = tl.sqrt(tl.maximum(-2.0 * libdevice.fast_logf(v), 0.0))
+            return r * libdevice.fast_cosf(th), r * libdevice.fast_sinf(th)
+        else:
+            r = tl.sqrt(-2.0 * tl.log(v))
+            return r * tl.cos(th), r * tl.sin(th)
 
-        # positions (the same launch)
-        py = tl.load(pos_ptr + src_row * 2, mask=tmask, other=0.0)
-        px = tl.load(pos_ptr + src_row * 2 + 1, mask=tmask, other=0.0)
-        up_t = q >= 0
-        py = tl.where(up_t, py + child_step * ((q >> 1) & 1).to(tl.float32), py)
-        px = tl.where(up_t, px + child_step * (q & 1).to(tl.float32), px)
-        tl.store(pos_out_ptr + row * 2, pos_scale * py, mask=tmask)
-        tl.store(pos_out_ptr + row * 2 + 1, pos_scale * px, mask=tmask)
+    @triton.jit
+    def _normal4(seed, off, FAST: tl.constexpr):
+        """Four N(0, 1) float32 from one Philox4x32-10 call at int32 counter ``off`` (= tl.randn4x's)."""
+        w0, w1, w2, w3 = tl.randint4x(seed, off)
+        n0, n1 = _box_muller(tl.random.uint_to_uniform_float(w0), tl.random.uint_to_uniform_float(w1), FAST)
+        n2, n3 = _box_muller(tl.random.uint_to_uniform_float(w2), tl.random.uint_to_uniform_float(w3), FAST)
+        return n0, n1, n2, n3
 
-        # channels
-        ch = tl.arange(0, BLOCK_C)
-        m = tmask[:, None] & (ch < C)[None, :]
-        xv = tl.load(x_ptr + src_row[:, None] * C + ch[None, :], mask=m, other=0.0).to(tl.float32)
-        off = g[:, None] * C + ch[None, :]  # int32 Philox counter (G*C < 2^31 checked on the host)
-        q2 = q[:, None]
-        if tl.max(q, axis=0) >= 0:
-            u0, u1, u2, u3 = tl.randn4x(seed, off)
-            s = ((u0 + u1) + u2) + u3
-            uq = tl.where(q2 == 0, u0, tl.where(q2 == 1, u1, tl.where(q2 == 2, u2, u3)))
-            n = tl.where(q2 >= 0, tl.fma(s, alpha, uq), noise_std * u0)
-        else:  # no upsampled token in this block: only the first normal is needed (= tl.randn)
-            n = noise_std * tl.randn(seed, off)
-        y = tl.fma(xv, a, b * n)
-        if OUT_BF16:
+    @triton.jit
+    def _to_out(y, out_ptr, OUT_BF16: tl.constexpr, FAST: tl.constexpr):
+        if OUT_BF16 and not FAST:
             # float32 -> bfloat16 rounded to nearest even with integer ops: the same bits as the GPU's
-            # cvt.rn.bf16.f32, and also under TRITON_INTERPRET=1, whose float32 -> bf16 cast truncates.
+            # cvt.rn.bf16.f32 (used when compiled), here for TRITON_INTERPRET=1, whose float32 -> bf16 cast truncates.
             bits = y.to(tl.uint32, bitcast=True)
             bits = bits + 0x7FFF + ((bits >> 16) & 1)
-            yo = (bits >> 16).to(tl.uint16).to(tl.bfloat16, bitcast=True)
+            return (bits >> 16).to(tl.uint16).to(tl.bfloat16, bitcast=True)
         else:
-            yo = y.to(out_ptr.dtype.element_ty)
-        tl.store(out_ptr + row[:, None] * C + ch[None, :], yo, mask=m)
+            return y.to(out_ptr.dtype.element_ty)
+
+    @triton.jit
+    def _upsampled_groups(x_ptr, pos_ptr, src_ptr, group_ptr, order_ptr, out_ptr, pos_out_ptr, seed, img, pid,
+                          src_len, dst_len, C, num_up, a, b, alpha, pos_scale, child_step,
+                          BLOCK_G: tl.constexpr, BLOCK_C: tl.constexpr, OUT_BF16: tl.constexpr, FAST: tl.constexpr):
+        """BLOCK_G upsampled groups x all C channels: one normal4 per (group, channel), 4 output rows."""
+        img_rows = img * dst_len  # first output row of this image (int64)
+        gi = pid * BLOCK_G + tl.arange(0, BLOCK_G)
+        gmask = gi < num_up
+        work = img_rows + 4 * gi.to(tl.int64)
+        r0 = img_rows + tl.load(order_ptr + work, mask=gmask, other=0)
+        r1 = img_rows + tl.load(order_ptr + work + 1, mask=gmask, other=0)
+        r2 = img_rows + tl.load(order_ptr + work + 2, mask=gmask, other=0)
+        r3 = img_rows + tl.load(order_ptr + work + 3, mask=gmask, other=0)
+        p = tl.load(src_ptr + r0, mask=gmask, other=0)
+        g = tl.load(group_ptr + r0, mask=gmask, other=0)
+        src_row = img * src_len + p.to(tl.int64)
+        py = tl.load(pos_ptr + src_row * 2, mask=gmask, other=0.0)
+        px = tl.load(pos_ptr + src_row * 2 + 1, mask=gmask, other=0.0)
+        py1 = py + child_step
+        px1 = px + child_step
+        tl.store(pos_out_ptr + r0 * 2, pos_scale * py, mask=gmask)
+        tl.store(pos_out_ptr + r0 * 2 + 1, pos_scale * px, mask=gmask)
+        tl.store(pos_out_ptr + r1 * 2, pos_scale * py, mask=gmask)
+        tl.store(pos_out_ptr + r1 * 2 + 1, pos_scale * px1, mask=gmask)
+        tl.store(pos_out_ptr + r2 * 2, pos_scale * py1, mask=gmask)
+        tl.store(pos_out_ptr + r2 * 2 + 1, pos_scale * px, mask=gmask)
+        tl.store(pos_out_ptr + r3 * 2, pos_scale * py1, mask=gmask)
+        tl.store(pos_out_ptr + r3 * 2 + 1, pos_scale * px1, mask=gmask)
+
+        ch = tl.arange(0, BLOCK_C)
+        cols = ch[None, :]
+        m = gmask[:, None] & (ch < C)[None, :]
+        xv = tl.load(x_ptr + src_row[:, None] * C + cols, mask=m, other=0.0).to(tl.float32)
+        u0, u1, u2, u3 = _normal4(seed, g[:, None] * C + cols, FAST)  # int32 counter (G*C < 2^31)
+        s = ((u0 + u1) + u2) + u3
+        tl.store(out_ptr + r0[:, None] * C + cols, _to_out(tl.fma(xv, a, b * tl.fma(s, alpha, u0)), out_ptr, OUT_BF16, FAST),
+                 mask=m)
+        tl.store(out_ptr + r1[:, None] * C + cols, _to_out(tl.fma(xv, a, b * tl.fma(s, alpha, u1)), out_ptr, OUT_BF16, FAST),
+                 mask=m)
+        tl.store(out_ptr + r2[:, None] * C + cols, _to_out(tl.fma(xv, a, b * tl.fma(s, alpha, u2)), out_ptr, OUT_BF16, FAST),
+                 mask=m)
+        tl.store(out_ptr + r3[:, None] * C + cols, _to_out(tl.fma(xv, a, b * tl.fma(s, alpha, u3)), out_ptr, OUT_BF16, FAST),
+                 mask=m)
+
+    @triton.jit
+    def _kept_tokens(x_ptr, pos_ptr, src_ptr, group_ptr, order_ptr, out_ptr, pos_out_ptr, seed, img, pid,
+                     src_len, dst_len, C, num_up, a, b, noise_std, pos_scale,
+                     BLOCK_K: tl.constexpr, BLOCK_C4: tl.constexpr, OUT_BF16: tl.constexpr, FAST: tl.constexpr):
+        """BLOCK_K kept tokens x C channels: one normal4 per (token, aligned quad of channels)."""
+        img_rows = img * dst_len
+        ki = pid * BLOCK_K + tl.arange(0, BLOCK_K)
+        kmask = ki < dst_len - 4 * num_up
+        row = img_rows + tl.load(order_ptr + img_rows + 4 * num_up + ki, mask=kmask, other=0)
+        p = tl.load(src_ptr + row, mask=kmask, other=0)
+        g = tl.load(group_ptr + row, mask=kmask, other=0)
+        src_row = img * src_len + p.to(tl.int64)
+        py = tl.load(pos_ptr + src_row * 2, mask=kmask, other=0.0)
+        px = tl.load(pos_ptr + src_row * 2 + 1, mask=kmask, other=0.0)
+        tl.store(pos_out_ptr + row * 2, pos_scale * py, mask=kmask)
+        tl.store(pos_out_ptr + row * 2 + 1, pos_scale * px, mask=kmask)
+
+        c4 = tl.arange(0, BLOCK_C4)
+        n0, n1, n2, n3 = _normal4(seed, g[:, None] * C + 4 * c4[None, :], FAST)  # (BLOCK_K, BLOCK_C4)
+        n = tl.join(tl.join(n0, n2), tl.join(n1, n3))  # [k, c4, i, j] = n_(2i + j): channel 4 c4 + 2i + j
+        n = tl.reshape(n, (BLOCK_K, 4 * BLOCK_C4))
+        ch = tl.arange(0, 4 * BLOCK_C4)
+        m = kmask[:, None] & (ch < C)[None, :]
+        xv = tl.load(x_ptr + src_row[:, None] * C + ch[None, :], mask=m, other=0.0).to(tl.float32)
+        y = tl.fma(xv, a, b * (noise_std * n))
+        tl.store(out_ptr + row[:, None] * C + ch[None, :], _to_out(y, out_ptr, OUT_BF16, FAST), mask=m)
+
+    @triton.jit
+    def _stage_transition_kernel(
+        x_ptr, pos_ptr, src_ptr, group_ptr, order_ptr, seeds_ptr, out_ptr, pos_out_ptr,
+        src_len, dst_len, C, num_up, up_programs,
+        a, b, alpha, noise_std, pos_scale, child_step,
+        BLOCK_G: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_C4: tl.constexpr,
+        OUT_BF16: tl.constexpr, FAST: tl.constexpr,
+    ):
+        """Grid (up_programs + kept programs, B): upsampled groups first, then kept tokens."""
+        pid = tl.program_id(0)
+        img = tl.program_id(1).to(tl.int64)
+        seed = tl.load(seeds_ptr + img)
+        if pid < up_programs:
+            _upsampled_groups(x_ptr, pos_ptr, src_ptr, group_ptr, order_ptr, out_ptr, pos_out_ptr, seed, img, pid,
+                              src_len, dst_len, C, num_up, a, b, alpha, pos_scale, child_step,
+                              BLOCK_G, BLOCK_C, OUT_BF16, FAST)
+        else:
+            _kept_tokens(x_ptr, pos_ptr, src_ptr, group_ptr, order_ptr, out_ptr, pos_out_ptr, seed, img,
+                         pid - up_programs, src_len, dst_len, C, num_up, a, b, noise_std, pos_scale,
+                         BLOCK_K, BLOCK_C4, OUT_BF16, FAST)
 
 
 def _triton_usable(device: torch.device) -> bool:
@@ -342,9 +458,15 @@ def stage_transition_triton(
     exact_noise: bool = False,
     out: Optional[torch.Tensor] = None,
     pos_out: Optional[torch.Tensor] = None,
+    order: Optional[torch.Tensor] = None,
+    num_up: Optional[int] = None,
     check_values: Optional[bool] = None,
 ) -> Tuple[torch.Tensor, torch.Tensor]:
-    """The fused transition as one Triton launch (CUDA tensors, or CPU under ``TRITON_INTERPRET=1``)."""
+    """The fused transition as one Triton launch (CUDA tensors, or CPU under ``TRITON_INTERPRET=1``).
+
+    ``order``/``num_up``: the group-major work order (see :func:`group_major_order`, which computes
+    it when they are not given, at the cost of a few extra launches and a host sync).
+    """
     if not HAS_TRITON:
         raise RuntimeError("impl='triton' needs the triton package (pip install triton)")
     if isinstance(x, torch.Tensor) and not _triton_usable(x.device):
@@ -361,20 +483,115 @@ def stage_transition_triton(
                                           pos_scale=pos_scale, child_step=child_step,
                                           exact_noise=exact_noise, out=out, pos_out=pos_out,
                                           check_values=False)
+    order, num_up = _resolve_order(order, num_up, src_index, group, child, check_values)
     block_c = triton.next_power_of_2(channels)
-    block_t = max(1, _ELEMS_PER_PROGRAM // block_c)
-    grid = (triton.cdiv(dst_len, block_t), bsz)
+    block_c4 = triton.next_power_of_2(triton.cdiv(channels, 4))
+    block_g, block_k, up_programs, kept_programs = _tiles(num_up, dst_len - 4 * num_up, bsz, block_c, block_c4)
+    grid = (up_programs + kept_programs, bsz)
     if grid[0] > 2**31 - 1 or bsz > 65535:
         raise ValueError(f"too many tokens for one launch: B={bsz}, Ld={dst_len}")
+    fast = x.device.type == "cuda" and libdevice is not None
     _stage_transition_kernel[grid](
-        x.contiguous(), pos.contiguous(), src_index.contiguous(), group.contiguous(), child.contiguous(),
+        x.contiguous(), pos.contiguous(), src_index.contiguous(), group.contiguous(), order,
         seeds.contiguous(), out, pos_out,
-        src_len, dst_len, channels,
+        src_len, dst_len, channels, num_up, up_programs,
         float(a), float(b), correlated_noise_alpha(c), _noise_std(c, exact_noise), float(pos_scale),
         float(child_step),
-        BLOCK_T=block_t, BLOCK_C=block_c, OUT_BF16=out.dtype == torch.bfloat16, num_warps=_NUM_WARPS, num_stages=1, enable_fp_fusion=False,
+        BLOCK_G=block_g, BLOCK_K=block_k, BLOCK_C=block_c, BLOCK_C4=block_c4, OUT_BF16=out.dtype == torch.bfloat16,
+        FAST=fast, num_warps=_NUM_WARPS, num_stages=1, enable_fp_fusion=False,
     )
     return out, pos_out
+
+
+# ---------------------------------------------------------------------------------------------
+# group-major work order
+# ---------------------------------------------------------------------------------------------
+def group_major_order(src_index: torch.Tensor, group: torch.Tensor, child: torch.Tensor, *,
+                      check: bool = True) -> Tuple[torch.Tensor, int]:
+    """Work order of the group-major kernels for per-row maps: ``(order (B, Ld) int32, num_up)``.
+
+    Per image, ``order`` lists the rows of upsampled children sorted by ``(group, child)`` (so
+    entries ``4j .. 4j+3`` are children ``q = 0..3`` of the ``j``-th group), then the rows with
+    ``child < 0`` in ascending order. ``num_up`` (the number of upsampled groups) must be the same for
+    every image. With ``check`` (a host sync) it raises ``ValueError`` unless every upsampled group
+    has exactly the children 0, 1, 2, 3 and they share one source token; the kernels need complete
+    groups (RALU always upsamples a token into 4), the torch reference does not.
+    """
+    bsz, dst_len = child.shape
+    dev = child.device
+    up = child >= 0
+    rows = torch.arange(dst_len, device=dev, dtype=torch.int64).expand(bsz, dst_len)
+    # up rows: key = group * 4 + q < 2^33; kept rows after every up row, in row order
+    key = torch.where(up, group.long() * 4 + child.long().clamp_min(0), (1 << 34) + rows)
+    order = torch.argsort(key, dim=1, stable=True)
+    counts = up.sum(1)
+    if bsz == 0:
+        return order.to(torch.int32).contiguous(), 0
+    n_up_rows = int(counts[0])
+    if check:
+        if bool((counts != n_up_rows).any()):
+            raise ValueError(f"every image must upsample the same number of tokens; child >= 0 counts per image: "
+                             f"{counts.tolist()}")
+        _check_quads(order, n_up_rows, src_index, group, child)
+    elif n_up_rows % 4:
+        raise ValueError(f"{n_up_rows} upsampled rows per image is not a multiple of 4")
+    return order.to(torch.int32).contiguous(), n_up_rows // 4
+
+
+def _check_quads(order: torch.Tensor, n_up_rows: int, src_index, group, child) -> None:
+    if n_up_rows % 4:
+        raise ValueError(f"{n_up_rows} rows with child >= 0 per image is not a multiple of 4: every upsampled "
+                         "group needs its 4 children")
+    bsz = order.shape[0]
+    quads = order[:, :n_up_rows].long().view(bsz, -1, 4)
+    q = torch.gather(child, 1, quads.flatten(1)).view_as(quads).long()
+    if bool((q != torch.arange(4, device=q.device)).any()):
+        bad = int(torch.nonzero((q != torch.arange(4, device=q.device)).any(-1))[0, 1])
+        raise ValueError(f"upsampled groups must have exactly the children 0, 1, 2, 3; one group has {q[0, bad].tolist()} "
+                         "(the Triton/CUDA kernels need complete groups; impl='torch' takes any map)")
+    for name, t in (("group", group), ("src_index", src_index)):
+        v = torch.gather(t, 1, quads.flatten(1)).view_as(quads)
+        if bool((v != v[..., :1]).any()):
+            raise ValueError(f"the 4 children of an upsampled group must share one {name}")
+    kept = order[:, n_up_rows:].long()
+    if kept.numel() and bool((torch.gather(child, 1, kept) >= 0).any()):
+        raise ValueError("order must list the kept rows (child < 0) after the upsampled groups")
+
+
+def _check_order(order: torch.Tensor, num_up: int, src_index, group, child) -> None:
+    """Validate a caller-provided group-major ``order`` (CPU tensors or ``check_values=True``)."""
+    bsz, dst_len = child.shape
+    if not isinstance(order, torch.Tensor) or order.shape != (bsz, dst_len) or order.dtype != torch.int32:
+        raise ValueError(f"order must be an int32 tensor of shape (B, Ld) = {(bsz, dst_len)}; got "
+                         f"{getattr(order, 'dtype', type(order).__name__)} {tuple(getattr(order, 'shape', ()))}")
+    if order.device != child.device:
+        raise ValueError(f"order must be on {child.device}, got {order.device}")
+    if dst_len == 0:
+        return
+    srt = torch.sort(order.long(), dim=1).values
+    if bool((srt != torch.arange(dst_len, device=order.device)).any()):
+        raise ValueError("order must be a permutation of the output rows 0..Ld-1 for every image")
+    counts = (child >= 0).sum(1)
+    if bool((counts != 4 * num_up).any()):
+        raise ValueError(f"num_up={num_up} groups means {4 * num_up} rows with child >= 0 per image; got {counts.tolist()}")
+    _check_quads(order, 4 * num_up, src_index, group, child)
+
+
+def _resolve_order(order, num_up, src_index, group, child, check_values) -> Tuple[torch.Tensor, int]:
+    if (order is None) != (num_up is None):
+        raise ValueError("pass both order and num_up (see group_major_order), or neither")
+    if order is None:
+        return group_major_order(src_index, group, child)
+    num_up = int(num_up)
+    if num_up < 0 or 4 * num_up > child.shape[1]:
+        raise ValueError(f"num_up must be in [0, Ld/4] = [0, {child.shape[1] // 4}]; got {num_up}")
+    if check_values is None:
+        check_values = child.device.type == "cpu"
+    if check_values:
+        _check_order(order, num_up, src_index, group, child)
+    elif order.shape != child.shape or order.dtype != torch.int32 or order.device != child.device:
+        raise ValueError(f"order must be int32 (B, Ld) = {tuple(child.shape)} on {child.device}")
+    return order.contiguous(), num_up
 
 
 # ---------------------------------------------------------------------------------------------
@@ -407,6 +624,8 @@ def stage_transition(
     exact_noise: bool = False,
     out: Optional[torch.Tensor] = None,
     pos_out: Optional[torch.Tensor] = None,
+    order: Optional[torch.Tensor] = None,
+    num_up: Optional[int] = None,
     impl: str = "auto",
     check_values: Optional[bool] = None,
 ) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -414,12 +633,15 @@ def stage_transition(
 
     ``impl``: ``"auto"`` (CUDA op if built and x on CUDA, else Triton on CUDA, else torch),
     ``"cuda"``, ``"triton"``, ``"torch"``. See the module docstring for the math.
+    ``order``/``num_up``: group-major work order for the Triton/CUDA kernels (:func:`group_major_order`;
+    computed here when not given; the torch reference ignores them).
     ``check_values``: check index/group ranges (default: on CPU only; on CUDA it would sync).
     """
     kw = dict(a=a, b=b, c=c, pos_scale=pos_scale, child_step=child_step, exact_noise=exact_noise,
               out=out, pos_out=pos_out, check_values=check_values)
     if impl == "torch":
         return stage_transition_reference(x, pos, src_index, group, child, seeds, **kw)
+    kw.update(order=order, num_up=num_up)
     if impl == "triton":
         return stage_transition_triton(x, pos, src_index, group, child, seeds, **kw)
     if impl == "cuda":
@@ -440,7 +662,7 @@ def stage_transition(
 
 
 def _run_csrc(x, pos, src_index, group, child, seeds, *, a, b, c, pos_scale, child_step, exact_noise, out,
-              pos_out, check_values):
+              pos_out, order, num_up, check_values):
     from . import _csrc
 
     bsz, _, dst_len, channels = _validate(x, pos, src_index, group, child, seeds, a, b, c, pos_scale,
@@ -448,9 +670,16 @@ def _run_csrc(x, pos, src_index, group, child, seeds, *, a, b, c, pos_scale, chi
     out, pos_out = _alloc_outputs(x, bsz, dst_len, channels, out, pos_out)
     if bsz * dst_len == 0:
         return out, pos_out
+    if channels == 0:  # the CUDA launcher needs C > 0; positions only
+        return stage_transition_reference(x, pos, src_index, group, child, seeds, a=a, b=b, c=c,
+                                          pos_scale=pos_scale, child_step=child_step,
+                                          exact_noise=exact_noise, out=out, pos_out=pos_out,
+                                          check_values=False)
+    order, num_up = _resolve_order(order, num_up, src_index, group, child, check_values)
     return _csrc.stage_transition_cuda(x, pos, src_index, group, child, seeds, a=a, b=b, c=c,
                                        pos_scale=pos_scale, child_step=child_step,
-                                       exact_noise=exact_noise, out=out, pos_out=pos_out)
+                                       exact_noise=exact_noise, out=out, pos_out=pos_out, order=order,
+                                       num_up=num_up)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -510,7 +739,8 @@ def example_transition_maps(kind: str, height: int, width: int, ratio: float, ba
     ``q = 2*dy + dx`` and ``group`` = parent raster index; tokens that were already fine are
     copied with ``q = -1`` and ``group = M + fine raster index`` (disjoint from the parents' ids,
     so no two noise draws share a Philox counter).
-    Returns ``dict(pos, src_index, group, child, pos_scale, num_groups, selected)``.
+    Returns ``dict(pos, src_index, group, child, order, num_up, pos_scale, num_groups, selected)``
+    (``order``/``num_up`` from :func:`group_major_order`).
     """
     m = height * width
     k = int(m * ratio)
@@ -557,11 +787,17 @@ def example_transition_maps(kind: str, height: int, width: int, ratio: float, ba
         else:
             raise ValueError(f"kind must be '1to2' or '2to3'; got {kind!r}")
         out["selected"].append(sel)
+    src_index = torch.stack(out["src_index"]).to(dtype=torch.int32)
+    group = torch.stack(out["group"]).to(dtype=torch.int32)
+    child = torch.stack(out["child"]).to(dtype=torch.int8)
+    order, num_up = group_major_order(src_index, group, child)
     return dict(
         pos=torch.stack(out["pos"]).to(device),
-        src_index=torch.stack(out["src_index"]).to(device=device, dtype=torch.int32),
-        group=torch.stack(out["group"]).to(device=device, dtype=torch.int32),
-        child=torch.stack(out["child"]).to(device=device, dtype=torch.int8),
+        src_index=src_index.to(device),
+        group=group.to(device),
+        child=child.to(device),
+        order=order.to(device),
+        num_up=num_up,
         pos_scale=1.0 if kind == "1to2" else 2.0,
         num_groups=m if kind == "1to2" else 5 * m,
         selected=out["selected"],

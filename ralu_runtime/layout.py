@@ -11,7 +11,8 @@ raster order. Positions are ``(row, col)`` float32: coarse-grid units in stages 
 ``parent + 0.5 * (dy, dx)``), fine-grid units in stage 3.
 
 A :class:`TransitionMap` holds, per output token, the source token it copies, its noise group and
-its child index; it is exactly the input contract of :func:`ralu_kernels.transition.stage_transition`.
+its child index, plus the group-major work order of the kernels; it is exactly the input contract of
+:func:`ralu_kernels.transition.stage_transition`.
 """
 from __future__ import annotations
 
@@ -28,6 +29,8 @@ class TransitionMap:
     group share correlated noise; kept tokens have a group of their own); ``child`` int8: ``q = 2 dy + dx``
     for a child of a token upsampled at this boundary, ``-1`` for a token that is only copied.
     ``pos_scale``: factor applied to positions (2.0 when switching to fine-grid units).
+    ``order`` int32 ``(B, L_dst)``: output rows group-major (the 4 children ``q = 0..3`` of each of the
+    ``num_up`` upsampled groups, then the copied tokens), the work order of the Triton/CUDA kernels.
     """
 
     src_index: torch.Tensor
@@ -35,6 +38,8 @@ class TransitionMap:
     child: torch.Tensor
     pos_scale: float
     num_groups: int
+    order: torch.Tensor
+    num_up: int
 
 
 def grid_positions(h: int, w: int, *, device=None) -> torch.Tensor:
@@ -117,7 +122,9 @@ class TokenLayout:
             torch.arange(4, device=self.device, dtype=torch.int8).repeat(k).expand(b, 4 * k),
             torch.full((b, m - k), -1, dtype=torch.int8, device=self.device),
         ], dim=1)
-        return TransitionMap(src.int().contiguous(), src.int().contiguous(), child.contiguous(), 1.0, m)
+        # stage-2 order is already group-major: children parent by parent (q = 0..3), then the rest
+        order = torch.arange(4 * k + (m - k), device=self.device, dtype=torch.int32).expand(b, -1).contiguous()
+        return TransitionMap(src.int().contiguous(), src.int().contiguous(), child.contiguous(), 1.0, m, order, k)
 
     # ---- stage 3 -------------------------------------------------------------------------------------
     def transition_23(self) -> TransitionMap:
@@ -138,7 +145,17 @@ class TokenLayout:
         src = torch.where(sel_p, 4 * rank_p + q, 4 * k + rank_p)
         group = torch.where(sel_p, m + f, parent.expand_as(src))
         child = torch.where(sel_p, torch.full_like(src, -1), q.expand_as(src)).to(torch.int8)
-        return TransitionMap(src.int().contiguous(), group.int().contiguous(), child.contiguous(), 2.0, 5 * m)
+        # group-major order: the 4 fine rows of each coarse token still coarse (upsampled now), then the
+        # 4 fine rows of each token upsampled at the first boundary (copied)
+        py, px = self.rest // wc, self.rest % wc
+        base = 2 * py * fw + 2 * px                            # fine row of child q = 0
+        quad = torch.tensor([0, 1, fw, fw + 1], device=self.device)
+        up_rows = (base[..., None] + quad).flatten(1)          # (B, 4 (M - k)), q = 0..3 per parent
+        sy, sx = self.selected // wc, self.selected % wc
+        kept_rows = ((2 * sy * fw + 2 * sx)[..., None] + quad).flatten(1)
+        order = torch.cat([up_rows, kept_rows], dim=1).int().contiguous()
+        return TransitionMap(src.int().contiguous(), group.int().contiguous(), child.contiguous(), 2.0, 5 * m,
+                             order, m - k)
 
     def stage3_positions(self) -> torch.Tensor:
         """``(B, 4M, 2)`` float32 fine-grid positions (what the model uses natively at full resolution)."""

@@ -131,7 +131,8 @@ def apply_transition(x: torch.Tensor, pos: torch.Tensor, tmap, boundary, seeds: 
     from ralu_kernels.transition import stage_transition
 
     return stage_transition(x, pos, tmap.src_index, tmap.group, tmap.child, seeds, a=boundary.a, b=boundary.b,
-                            c=boundary.c, pos_scale=tmap.pos_scale, exact_noise=(noise == "exact"), impl=impl)
+                            c=boundary.c, pos_scale=tmap.pos_scale, exact_noise=(noise == "exact"),
+                            order=tmap.order, num_up=tmap.num_up, impl=impl)
 
 
 def sample_ralu(adapter: DiTAdapter, cond: Conditioning, noise: torch.Tensor, schedule: RaluSchedule,

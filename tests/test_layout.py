@@ -77,6 +77,23 @@ def test_noise_groups_are_consistent():
                 assert sorted(q[g == grp].tolist()) == [0, 1, 2, 3]
 
 
+@pytest.mark.parametrize("hc,wc,k", [(1, 1, 0), (1, 1, 1), (3, 4, 5), (4, 6, 0), (4, 6, 24)])
+def test_work_order_is_group_major(hc, wc, k):
+    """The layout's kernel work order passes the kernels' validation and equals the generic one."""
+    from ralu_kernels import transition as T
+
+    b = 2
+    lay = TokenLayout((hc, wc), random_selection(b, hc * wc, k, seed=k + 7))
+    for tmap, n_up in ((lay.transition_12(), k), (lay.transition_23(), hc * wc - k)):
+        assert tmap.num_up == n_up and tmap.order.dtype == torch.int32
+        T._check_order(tmap.order, tmap.num_up, tmap.src_index, tmap.group, tmap.child)
+        # same groups in the same sequence as the sort-based order (both sort upsampled groups by group id)
+        order, num_up = T.group_major_order(tmap.src_index, tmap.group, tmap.child)
+        assert num_up == tmap.num_up
+        assert torch.equal(order[:, : 4 * num_up], tmap.order[:, : 4 * num_up])
+        assert torch.equal(order[:, 4 * num_up:].sort(1).values, tmap.order[:, 4 * num_up:].sort(1).values)
+
+
 def test_selection_validation():
     with pytest.raises(ValueError, match="unique"):
         TokenLayout((2, 2), torch.tensor([[1, 1]]))
