@@ -10,8 +10,12 @@ Shapes (FLUX.1 1024^2: 32x32 low-res token grid, M_low = 1024, C = 64 channels, 
 Rows per shape: ``triton`` (GPU only: the interpreter on a CPU is no timing), ``cuda`` (the csrc
 op, when built), ``torch`` (the reference, also its CPU timing), ``dense_mvn`` (the reference
 implementation's approach: a dense multivariate normal over all tokens of one image, noise only,
-where the Ld x Ld covariance fits; on a CPU at 256 and 1024 tokens). GB/s counts the bytes a fused
-kernel must move: x rows read and written, maps, positions read and written.
+where the Ld x Ld covariance fits; on a CPU at 256 and 1024 tokens). GB/s counts the bytes the
+group-major kernel moves at least: every source row read once (a parent is read once for its 4
+children), every output row written, the maps it reads (order; src_index and group once per group
+or kept token) and positions read and written. (Until 2026-11-23 the x read was counted per output
+row, 281 B per output token at C = 64 bf16 instead of ~210: GB/s figures of older JSON files are
+not comparable.)
 
     python benchmarks/bench_transition.py            # device default: cuda if present
     python benchmarks/bench_transition.py --quick    # fewer repetitions, no bandwidth case
@@ -44,9 +48,23 @@ def _shapes(device: torch.device, quick: bool):
     return shapes
 
 
-def _bytes_moved(batch, dst_len, channels, elt) -> int:
-    per_token = 2 * channels * elt + 4 + 4 + 1 + 2 * 4 * 2  # x read + out write, maps, pos read + write
-    return batch * dst_len * per_token + batch * 8
+def _bytes_moved(batch, dst_len, num_up, channels, elt) -> int:
+    work = num_up + (dst_len - 4 * num_up)  # groups + kept tokens: one source row, src_index, group each
+    per_image = (work * (channels * elt + 2 * 4 + 4 * 2)   # x row, pos row, src_index + group
+                 + dst_len * (channels * elt + 4 * 2 + 4))  # out row, pos_out row, order entry
+    return batch * (per_image + 8)  # + seed
+
+
+# Peak HBM bandwidth (TB/s, vendor figures) by device name, for the "% of HBM" column.
+_HBM_TBPS = {"H100 80GB HBM3": 3.35, "H100": 3.35, "H200": 4.8, "A100-SXM4-80GB": 2.04}
+
+
+def _hbm_peak_tbps() -> float:
+    name = torch.cuda.get_device_name()
+    for key, tbps in _HBM_TBPS.items():
+        if key in name:
+            return tbps
+    return float("nan")
 
 
 def _graph_time_us(fn, calls: int = 50, replays: int = 20) -> float:
@@ -109,14 +127,15 @@ def main() -> None:
         seeds = torch.randint(0, 2**62, (args.batch,), generator=gen, dtype=torch.int64).to(device)
         out = torch.empty(args.batch, dst_len, channels, device=device, dtype=dtype)
         pos_out = torch.empty(args.batch, dst_len, 2, device=device)
-        nbytes = _bytes_moved(args.batch, dst_len, channels, elt)
+        nbytes = _bytes_moved(args.batch, dst_len, maps["num_up"], channels, elt)
         cases.append(dict(name=name, kind=kind, coarse_grid=side, ratio=ratio, c=c, a=a, b=b, batch=args.batch,
                           src_len=src_len, dst_len=dst_len, channels=channels, dtype=args.dtype, bytes=nbytes))
 
         def call(impl):
             return lambda: T.stage_transition(x, maps["pos"], maps["src_index"], maps["group"], maps["child"],
                                               seeds, a=a, b=b, c=c, pos_scale=maps["pos_scale"], out=out,
-                                              pos_out=pos_out, impl=impl, check_values=False)
+                                              pos_out=pos_out, order=maps["order"], num_up=maps["num_up"],
+                                              impl=impl, check_values=False)
 
         impls = (["triton"] if has_triton else []) + (["cuda"] if has_cuda_op else []) + ["torch"]
         case_rows = []
@@ -126,6 +145,7 @@ def main() -> None:
             if cuda and impl in ("triton", "cuda"):
                 row["graph_us"] = _graph_time_us(call(impl))
                 row["graph_GBps"] = nbytes / (row["graph_us"] * 1e-6) / 1e9
+                row["pct_hbm"] = 100 * row["graph_GBps"] / (1e3 * _hbm_peak_tbps())
             case_rows.append(row)
         # dense multivariate normal over one image's tokens (the reference code's approach)
         mvn_limit = 4096 if cuda else 1024
@@ -153,7 +173,7 @@ def main() -> None:
             tm = time_fn(lambda: T.dense_mvn_noise(maps["group"][0], maps["child"][0], c, channels), warmup=1,
                          reps=reps, device="cpu")
             name = f"small_2to3_L{ld}"
-            nbytes = _bytes_moved(1, ld, channels, elt)
+            nbytes = _bytes_moved(1, ld, maps["num_up"], channels, elt)
             cases.append(dict(name=name, kind="2to3", coarse_grid=side, ratio=0.3, c=c, batch=1, dst_len=ld,
                               channels=channels, dtype=args.dtype, bytes=nbytes))
             rows.append(dict(shape=name, impl="torch", Ld=ld, **tr, GBps=nbytes / (tr["min_ms"] * 1e-3) / 1e9,
@@ -165,7 +185,7 @@ def main() -> None:
           f"{', CUDA op' if has_cuda_op else ''}); dtype {args.dtype}, C={channels}, batch {args.batch}")
     cols = ["shape", "impl", "Ld", "mean_ms", "min_ms", "GBps", "speedup_vs_torch"]
     if cuda:
-        cols += ["graph_us", "graph_GBps"]
+        cols += ["graph_us", "graph_GBps", "pct_hbm"]
     print_table(rows, cols)
     name = "transition_quick" if args.quick else "transition"
     name = f"{name}_{device_slug() if cuda else 'cpu'}"
