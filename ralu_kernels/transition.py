@@ -473,17 +473,13 @@ def stage_transition_triton(
         raise RuntimeError(
             f"impl='triton' needs CUDA tensors (x is on {x.device}); CPU tensors run only under the "
             "Triton interpreter: set TRITON_INTERPRET=1 before importing triton")
-    bsz, src_len, dst_len, channels = _validate(x, pos, src_index, group, child, seeds, a, b, c, pos_scale,
-                                                child_step, out, pos_out, check_values)
-    out, pos_out = _alloc_outputs(x, bsz, dst_len, channels, out, pos_out)
-    if bsz * dst_len == 0:
+    out, pos_out, order, num_up, done = _kernel_prologue(
+        x, pos, src_index, group, child, seeds, a=a, b=b, c=c, pos_scale=pos_scale, child_step=child_step,
+        exact_noise=exact_noise, out=out, pos_out=pos_out, order=order, num_up=num_up, check_values=check_values)
+    if done:
         return out, pos_out
-    if channels == 0:  # nothing for the kernel's channel loop; positions only
-        return stage_transition_reference(x, pos, src_index, group, child, seeds, a=a, b=b, c=c,
-                                          pos_scale=pos_scale, child_step=child_step,
-                                          exact_noise=exact_noise, out=out, pos_out=pos_out,
-                                          check_values=False)
-    order, num_up = _resolve_order(order, num_up, src_index, group, child, check_values)
+    bsz, src_len, channels = x.shape
+    dst_len = src_index.shape[1]
     block_c = triton.next_power_of_2(channels)
     block_c4 = triton.next_power_of_2(triton.cdiv(channels, 4))
     block_g, block_k, up_programs, kept_programs = _tiles(num_up, dst_len - 4 * num_up, bsz, block_c, block_c4)
@@ -545,10 +541,11 @@ def _check_quads(order: torch.Tensor, n_up_rows: int, src_index, group, child) -
     bsz = order.shape[0]
     quads = order[:, :n_up_rows].long().view(bsz, -1, 4)
     q = torch.gather(child, 1, quads.flatten(1)).view_as(quads).long()
-    if bool((q != torch.arange(4, device=q.device)).any()):
-        bad = int(torch.nonzero((q != torch.arange(4, device=q.device)).any(-1))[0, 1])
-        raise ValueError(f"upsampled groups must have exactly the children 0, 1, 2, 3; one group has {q[0, bad].tolist()} "
-                         "(the Triton/CUDA kernels need complete groups; impl='torch' takes any map)")
+    wrong = (q != torch.arange(4, device=q.device)).any(-1)  # (B, U)
+    if bool(wrong.any()):
+        b, j = (int(i) for i in torch.nonzero(wrong)[0])
+        raise ValueError(f"upsampled groups must have exactly the children 0, 1, 2, 3; group {j} of image {b} has "
+                         f"{q[b, j].tolist()} (the Triton/CUDA kernels need complete groups; impl='torch' takes any map)")
     for name, t in (("group", group), ("src_index", src_index)):
         v = torch.gather(t, 1, quads.flatten(1)).view_as(quads)
         if bool((v != v[..., :1]).any()):
@@ -575,6 +572,27 @@ def _check_order(order: torch.Tensor, num_up: int, src_index, group, child) -> N
     if bool((counts != 4 * num_up).any()):
         raise ValueError(f"num_up={num_up} groups means {4 * num_up} rows with child >= 0 per image; got {counts.tolist()}")
     _check_quads(order, 4 * num_up, src_index, group, child)
+
+
+def _kernel_prologue(x, pos, src_index, group, child, seeds, *, a, b, c, pos_scale, child_step, exact_noise, out,
+                     pos_out, order, num_up, check_values):
+    """Shared start of the Triton and CUDA paths: validate, allocate outputs, resolve the work order.
+
+    Returns ``(out, pos_out, order, num_up, done)``; ``done`` means the outputs are already final (no
+    output tokens, or C = 0: positions only, which the kernels do not handle, come from the reference).
+    """
+    bsz, _, dst_len, channels = _validate(x, pos, src_index, group, child, seeds, a, b, c, pos_scale,
+                                          child_step, out, pos_out, check_values)
+    out, pos_out = _alloc_outputs(x, bsz, dst_len, channels, out, pos_out)
+    if bsz * dst_len == 0:
+        return out, pos_out, order, num_up, True
+    if channels == 0:
+        stage_transition_reference(x, pos, src_index, group, child, seeds, a=a, b=b, c=c, pos_scale=pos_scale,
+                                   child_step=child_step, exact_noise=exact_noise, out=out, pos_out=pos_out,
+                                   check_values=False)
+        return out, pos_out, order, num_up, True
+    order, num_up = _resolve_order(order, num_up, src_index, group, child, check_values)
+    return out, pos_out, order, num_up, False
 
 
 def _resolve_order(order, num_up, src_index, group, child, check_values) -> Tuple[torch.Tensor, int]:
@@ -665,17 +683,11 @@ def _run_csrc(x, pos, src_index, group, child, seeds, *, a, b, c, pos_scale, chi
               pos_out, order, num_up, check_values):
     from . import _csrc
 
-    bsz, _, dst_len, channels = _validate(x, pos, src_index, group, child, seeds, a, b, c, pos_scale,
-                                          child_step, out, pos_out, check_values)
-    out, pos_out = _alloc_outputs(x, bsz, dst_len, channels, out, pos_out)
-    if bsz * dst_len == 0:
+    out, pos_out, order, num_up, done = _kernel_prologue(
+        x, pos, src_index, group, child, seeds, a=a, b=b, c=c, pos_scale=pos_scale, child_step=child_step,
+        exact_noise=exact_noise, out=out, pos_out=pos_out, order=order, num_up=num_up, check_values=check_values)
+    if done:
         return out, pos_out
-    if channels == 0:  # the CUDA launcher needs C > 0; positions only
-        return stage_transition_reference(x, pos, src_index, group, child, seeds, a=a, b=b, c=c,
-                                          pos_scale=pos_scale, child_step=child_step,
-                                          exact_noise=exact_noise, out=out, pos_out=pos_out,
-                                          check_values=False)
-    order, num_up = _resolve_order(order, num_up, src_index, group, child, check_values)
     return _csrc.stage_transition_cuda(x, pos, src_index, group, child, seeds, a=a, b=b, c=c,
                                        pos_scale=pos_scale, child_step=child_step,
                                        exact_noise=exact_noise, out=out, pos_out=pos_out, order=order,
