@@ -56,7 +56,8 @@ def _bytes_moved(batch, dst_len, num_up, channels, elt) -> int:
 
 
 # Peak HBM bandwidth (TB/s, vendor figures) by device name, for the "% of HBM" column.
-_HBM_TBPS = {"H100 80GB HBM3": 3.35, "H100": 3.35, "H200": 4.8, "A100-SXM4-80GB": 2.04}
+# First match wins: the PCIe H100 (2.0 TB/s) must not fall under the SXM entry.
+_HBM_TBPS = {"H100 PCIe": 2.0, "H100 80GB HBM3": 3.35, "H200": 4.8, "A100-SXM4-80GB": 2.04}
 
 
 def _hbm_peak_tbps() -> float:
