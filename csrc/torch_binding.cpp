@@ -14,7 +14,24 @@
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
+#include <cstdio>
+#include <string>
+
 #include "stage_transition.h"
+
+// Error messages are formatted with snprintf, never with iostream number insertion: on the H200 image
+// (torch 2.11 wheel, extension built by the system g++ 13) c10::str's ostream << long crashed with
+// SIGSEGV inside a libstdc++ locale facet, turning a bad-argument error into a process crash.
+static std::string ralu_fmt(const char* fmt, long long a, long long b = 0) {
+  char buf[256];
+  std::snprintf(buf, sizeof(buf), fmt, a, b);
+  return std::string(buf);
+}
+static std::string ralu_fmt_f(const char* fmt, double a) {
+  char buf[256];
+  std::snprintf(buf, sizeof(buf), fmt, a);
+  return std::string(buf);
+}
 
 namespace {
 
@@ -47,8 +64,9 @@ void stage_transition_cuda(const at::Tensor& x, const at::Tensor& pos, const at:
   TORCH_CHECK(group.sizes() == src_index.sizes(), "ralu::stage_transition: group must be (B, Ld)");
   TORCH_CHECK(child.sizes() == src_index.sizes(), "ralu::stage_transition: child must be (B, Ld)");
   TORCH_CHECK(order.sizes() == src_index.sizes(), "ralu::stage_transition: order must be (B, Ld)");
-  TORCH_CHECK(num_up >= 0 && num_up <= Ld / 4, "ralu::stage_transition: num_up must satisfy 0 <= 4 * num_up <= Ld = ",
-              Ld, ", got num_up = ", num_up);
+  TORCH_CHECK(num_up >= 0 && num_up <= Ld / 4,
+              ralu_fmt("ralu::stage_transition: num_up must satisfy 0 <= 4 * num_up <= Ld = %lld, got num_up = %lld",
+                       static_cast<long long>(Ld), static_cast<long long>(num_up)));
   TORCH_CHECK(seeds.dim() == 1 && seeds.size(0) == B, "ralu::stage_transition: seeds must be (B,)");
   TORCH_CHECK(out.dim() == 3 && out.size(0) == B && out.size(1) == Ld && out.size(2) == C,
               "ralu::stage_transition: out must be (B, Ld, C)");
@@ -76,9 +94,10 @@ void stage_transition_cuda(const at::Tensor& x, const at::Tensor& pos, const at:
       dtype = RALU_DTYPE_BFLOAT16;
       break;
     default:
-      TORCH_CHECK(false, "ralu::stage_transition: x must be float32, float16 or bfloat16, got ", x.scalar_type());
+      TORCH_CHECK(false, "ralu::stage_transition: x must be float32, float16 or bfloat16, got ",
+                  std::string(c10::toString(x.scalar_type())));
   }
-  TORCH_CHECK(c >= 0.0 && c <= 0.25, "ralu::stage_transition: c must be in [0, 0.25], got ", c);
+  TORCH_CHECK(c >= 0.0 && c <= 0.25, ralu_fmt_f("ralu::stage_transition: c must be in [0, 0.25], got %g", c));
   TORCH_CHECK(B * Ld == 0 || (Ls > 0 && C > 0), "ralu::stage_transition: Ls and C must be positive");
   if (B * Ld == 0) return;
 
