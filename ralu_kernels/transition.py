@@ -461,14 +461,19 @@ def stage_transition_triton(
     order: Optional[torch.Tensor] = None,
     num_up: Optional[int] = None,
     check_values: Optional[bool] = None,
+    tiles: Optional[Tuple[int, int, int]] = None,
 ) -> Tuple[torch.Tensor, torch.Tensor]:
     """The fused transition as one Triton launch (CUDA tensors, or CPU under ``TRITON_INTERPRET=1``).
 
     ``order``/``num_up``: the group-major work order (see :func:`group_major_order`, which computes
     it when they are not given, at the cost of a few extra launches and a host sync).
+    ``tiles``: ``(BLOCK_G, BLOCK_K, num_warps)`` instead of the built-in choice (tuning only:
+    ``benchmarks/tune_transition.py``); powers of two. The output does not depend on the tiles.
     """
     if not HAS_TRITON:
         raise RuntimeError("impl='triton' needs the triton package (pip install triton)")
+    if tiles is not None and (len(tiles) != 3 or any(int(t) < 1 or int(t) & (int(t) - 1) for t in tiles)):
+        raise ValueError(f"tiles={tiles!r}: (BLOCK_G, BLOCK_K, num_warps), each a power of two >= 1")
     if isinstance(x, torch.Tensor) and not _triton_usable(x.device):
         raise RuntimeError(
             f"impl='triton' needs CUDA tensors (x is on {x.device}); CPU tensors run only under the "
@@ -482,7 +487,13 @@ def stage_transition_triton(
     dst_len = src_index.shape[1]
     block_c = triton.next_power_of_2(channels)
     block_c4 = triton.next_power_of_2(triton.cdiv(channels, 4))
-    block_g, block_k, up_programs, kept_programs = _tiles(num_up, dst_len - 4 * num_up, bsz, block_c, block_c4)
+    kept = dst_len - 4 * num_up
+    num_warps = _NUM_WARPS
+    if tiles is None:
+        block_g, block_k, up_programs, kept_programs = _tiles(num_up, kept, bsz, block_c, block_c4)
+    else:
+        block_g, block_k, num_warps = (int(t) for t in tiles)
+        up_programs, kept_programs = -(-num_up // block_g), -(-kept // block_k)
     grid = (up_programs + kept_programs, bsz)
     if grid[0] > 2**31 - 1 or bsz > 65535:
         raise ValueError(f"too many tokens for one launch: B={bsz}, Ld={dst_len}")
@@ -494,7 +505,7 @@ def stage_transition_triton(
         float(a), float(b), correlated_noise_alpha(c), _noise_std(c, exact_noise), float(pos_scale),
         float(child_step),
         BLOCK_G=block_g, BLOCK_K=block_k, BLOCK_C=block_c, BLOCK_C4=block_c4, OUT_BF16=out.dtype == torch.bfloat16,
-        FAST=fast, num_warps=_NUM_WARPS, num_stages=1, enable_fp_fusion=False,
+        FAST=fast, num_warps=num_warps, num_stages=1, enable_fp_fusion=False,
     )
     return out, pos_out
 

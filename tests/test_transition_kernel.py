@@ -565,3 +565,26 @@ def test_compiled_sass_draws_one_normal4_per_4_outputs(tmp_path):
         assert r["mufu_per_elem"] == 2.0, r  # lg2, sqrt, sin, cos per Box-Muller pair: 8 per normal4
         assert r["local_bytes"] == 0, r
         assert r["instr_per_elem"] < 80, r  # the token-major kernel needed ~276
+
+
+# ---------------------------------------------------------------------------------------------
+# explicit tiles (tuning): the output must not depend on the tiling
+# ---------------------------------------------------------------------------------------------
+@needs_interpreter
+@pytest.mark.parametrize("tiles", [(1, 1, 1), (2, 8, 2), (8, 32, 4), (32, 4, 8)])
+def test_triton_output_independent_of_tiles(tiles):
+    x, maps, seeds = _case("2to3", 2, 4, 6, 0.4, 64, torch.bfloat16, 5, shuffle=True)
+    kw = dict(a=0.3, b=0.8, c=1 / 6.3**2, pos_scale=maps["pos_scale"], order=maps["order"], num_up=maps["num_up"])
+    args = (x, maps["pos"], maps["src_index"], maps["group"], maps["child"], seeds)
+    ref, ref_pos = T.stage_transition_triton(*args, **kw)
+    out, pos = T.stage_transition_triton(*args, **kw, tiles=tiles)
+    assert torch.equal(out, ref) and torch.equal(pos, ref_pos)
+
+
+@needs_interpreter
+@pytest.mark.parametrize("tiles", [(3, 16, 4), (4, 0, 4), (4, 16, 6)])
+def test_triton_rejects_tiles_that_are_not_powers_of_two(tiles):
+    x, maps, seeds = _case("1to2", 1, 2, 2, 0.5, 8, torch.float32, 1)
+    with pytest.raises(ValueError, match="power of two"):
+        T.stage_transition_triton(x, maps["pos"], maps["src_index"], maps["group"], maps["child"], seeds, a=0.3,
+                                  b=0.8, c=0.02, order=maps["order"], num_up=maps["num_up"], tiles=tiles)
