@@ -10,8 +10,9 @@ Shapes (FLUX.1 1024^2: 32x32 low-res token grid, M_low = 1024, C = 64 channels, 
 Rows per shape: ``triton`` (GPU only: the interpreter on a CPU is no timing), ``cuda`` (the csrc
 op, when built), ``torch`` (the reference, also its CPU timing), ``dense_mvn`` (the reference
 implementation's approach: a dense multivariate normal over all tokens of one image, noise only,
-where the Ld x Ld covariance fits; on a CPU at 256 and 1024 tokens). GB/s counts the bytes the
-group-major kernel moves at least: every source row read once (a parent is read once for its 4
+where the Ld x Ld covariance fits; on a CPU at 256 and 1024 tokens), ``copy_same_bytes`` (GPU only: a
+device copy moving as many bytes, the ceiling reachable at this size; ``pct_of_copy`` = copy time / kernel
+time). GB/s counts the bytes the group-major kernel moves at least: every source row read once (a parent is read once for its 4
 children), every output row written, the maps it reads (order; src_index and group once per group
 or kept token) and positions read and written. (Until 2026-11-23 the x read was counted per output
 row, 281 B per output token at C = 64 bf16 instead of ~210: GB/s figures of older JSON files are
@@ -155,6 +156,19 @@ def main() -> None:
             t = time_fn(lambda: T.dense_mvn_noise(grp, chd, c, channels), warmup=1, reps=max(2, reps // 10),
                         device=device.type)
             case_rows.append(dict(shape=name, impl="dense_mvn", Ld=dst_len, **t, GBps=float("nan")))
+        if cuda:  # the reachable ceiling at this size: a device copy moving the same bytes (half read, half written)
+            src_bytes = torch.empty(nbytes // 2, dtype=torch.uint8, device=device)
+            dst_bytes = torch.empty_like(src_bytes)
+            copy = lambda: dst_bytes.copy_(src_bytes)  # noqa: E731
+            t = time_fn(copy, warmup=warmup, reps=reps, device=device.type)
+            row = dict(shape=name, impl="copy_same_bytes", Ld=dst_len, **t, GBps=nbytes / (t["min_ms"] * 1e-3) / 1e9,
+                       graph_us=_graph_time_us(copy))
+            row["graph_GBps"] = nbytes / (row["graph_us"] * 1e-6) / 1e9
+            row["pct_hbm"] = 100 * row["graph_GBps"] / (1e3 * _hbm_peak_tbps())
+            for r in case_rows:
+                if "graph_us" in r:
+                    r["pct_of_copy"] = 100 * row["graph_us"] / r["graph_us"]
+            case_rows.append(row)
         t_ref = next(r["min_ms"] for r in case_rows if r["impl"] == "torch")
         for r in case_rows:
             r["speedup_vs_torch"] = t_ref / r["min_ms"]
@@ -186,7 +200,7 @@ def main() -> None:
           f"{', CUDA op' if has_cuda_op else ''}); dtype {args.dtype}, C={channels}, batch {args.batch}")
     cols = ["shape", "impl", "Ld", "mean_ms", "min_ms", "GBps", "speedup_vs_torch"]
     if cuda:
-        cols += ["graph_us", "graph_GBps", "pct_hbm"]
+        cols += ["graph_us", "graph_GBps", "pct_hbm", "pct_of_copy"]
     print_table(rows, cols)
     name = "transition_quick" if args.quick else "transition"
     name = f"{name}_{device_slug() if cuda else 'cpu'}"

@@ -15,7 +15,10 @@ switch: ``--no-cuda-graphs``, ``--no-fused-qkv``, ``--attn-backend {auto,default
 (stage1, edges, transition12, stage2, transition23, stage3 / baseline, vae_decode) come from the sampler's
 clock, which synchronises only at stage boundaries. Compile seconds, CUDA-graph captures and dynamo graph
 counts (recompiles) are reported per row; cold start (empty inductor cache) and warm start (dynamo reset, cache
-bundle reloaded, same process) times of the compiled RALU path with ``--start-times``.
+bundle reloaded, same process) times of the compiled RALU path with ``--start-times``. Across processes:
+``--save-artifacts FILE`` writes torch's cache bundle after the rows; a new process with ``--load-artifacts FILE``
+(and a fresh, empty inductor cache) loads it before its rows, so its rows' ``first_call_s`` is a warm start.
+``--cache SPEC`` (e.g. ``taylorseer:3``) runs the RALU rows with a temporal feature cache (stacking).
 
     python benchmarks/latency.py --model flux --size full          # on an H100 (~5 min)
     python benchmarks/latency.py --model flux --size small --rows baseline-eager,ralu-7x-eager   # CPU
@@ -130,7 +133,8 @@ def run_once(pipe, emb, args, speedup, seed):
     t0 = time.perf_counter()
     out = generate(pipe, **emb, height=args.resolution, width=args.resolution, speedup=speedup,
                    num_inference_steps=args.steps if speedup is None else None, seed=seed, output_type="pt",
-                   progress=False, edge_detector=args.edge_detector, transition_impl=args.transition)
+                   progress=False, edge_detector=args.edge_detector, transition_impl=args.transition,
+                   cache=args.cache if speedup is not None else None)
     _sync(device)
     return time.perf_counter() - t0, dict(out.timings)
 
@@ -319,6 +323,11 @@ def main(argv=None) -> int:
                     help="time the rows of each kind round-robin (fair ratios on a shared/noisy machine)")
     ap.add_argument("--start-times", action="store_true", help="measure cold and warm start of the compiled RALU row")
     ap.add_argument("--cache-dir", default=None, help="inductor cache folder (default: a fresh temporary one = cold)")
+    ap.add_argument("--save-artifacts", default=None, metavar="FILE",
+                    help="after the rows, write torch's compile-cache bundle (save_compile_artifacts) to FILE")
+    ap.add_argument("--load-artifacts", default=None, metavar="FILE",
+                    help="before the rows, load a bundle written by --save-artifacts (warm start in a new process)")
+    ap.add_argument("--cache", default=None, help="temporal cache for the RALU rows, e.g. taylorseer:3 (stacking)")
     ap.add_argument("--profile", action="store_true", help="write a torch profiler chrome trace for --profile-rows")
     ap.add_argument("--cprofile", action="store_true", help="print a cProfile (host side) of one call of --profile-rows")
     ap.add_argument("--no-compile-vae", action="store_true", help="compiled rows: keep the VAE decoder eager")
@@ -344,6 +353,17 @@ def main(argv=None) -> int:
     Path(args.out).mkdir(parents=True, exist_ok=True)
     tmp = tempfile.TemporaryDirectory(prefix="ralu-inductor-")
     cache_dir = enable_persistent_cache(args.cache_dir or tmp.name)
+    artifacts = {}
+    if args.load_artifacts:
+        from ralu_runtime.compile import load_compile_artifacts
+
+        t_load = time.perf_counter()
+        if not load_compile_artifacts(args.load_artifacts):
+            raise SystemExit(f"--load-artifacts {args.load_artifacts}: no such file")
+        artifacts["loaded"] = {"path": str(args.load_artifacts), "bytes": Path(args.load_artifacts).stat().st_size,
+                               "load_s": time.perf_counter() - t_load}
+        print(f"loaded compile artifacts {args.load_artifacts} ({artifacts['loaded']['bytes'] / 1e6:.1f} MB) in "
+              f"{artifacts['loaded']['load_s']:.2f} s")
 
     t0 = time.perf_counter()
     pipe = build_pipeline(args.model, args.size, device=device, dtype=dtype)
@@ -373,6 +393,14 @@ def main(argv=None) -> int:
         print(f"start times [{row}]: cold first call {start['cold_start_first_call_s']:.1f} s, warm first call "
               f"{start['warm_start_first_call_s']:.1f} s, steady {start['steady_s']:.2f} s")
 
+    if args.save_artifacts:
+        from ralu_runtime.compile import save_compile_artifacts
+
+        t_save = time.perf_counter()
+        nbytes = save_compile_artifacts(args.save_artifacts)
+        artifacts["saved"] = {"path": str(args.save_artifacts), "bytes": nbytes, "save_s": time.perf_counter() - t_save}
+        print(f"saved compile artifacts to {args.save_artifacts} ({nbytes / 1e6:.1f} MB)")
+
     cols = ["row", "mean_s", "stdev_s", "speedup_vs_baseline-eager", "speedup_vs_baseline-compiled", "compile_s",
             "graphs_compiled_in_warmup", "recompiles_after_warmup", "cuda_graph_captures"]
     print_table(results, cols)
@@ -388,6 +416,7 @@ def main(argv=None) -> int:
         "flags": {k: getattr(args, k) for k in ("no_cuda_graphs", "no_fused_qkv", "attn_backend", "transition",
                                                 "edge_detector", "max_autotune", "static_shapes", "no_compile_vae")},
         "model_build_s": build_s, "bench_wall_s": bench_s, "rows": results, "start_times": start, "dynamo": compile_stats(),
+        "cache": args.cache, "artifacts": artifacts or None,
         "notes": "end to end per image: cached prompt embeddings, all stages, edge selection, transitions, VAE decode; "
                  "compile_s = first call - steady mean"})
     stacked_plot(Path(args.out), args.tag, results,
