@@ -1,0 +1,595 @@
+"""GPU verification suite: one prepared run that settles every owed GPU claim (and a CPU dry run of it).
+
+Run it with ``bash benchmarks/gpu_suite.sh`` (that installs carried wheels first, see the script). Steps, in
+order; each runs as its own process with its own time limit, inside a total ``--budget`` (seconds):
+
+==================  =====================================================================================
+``build``           the CUDA extension ``ralu_kernels._C`` for sm_90 (``setup.py build_ext --inplace``)
+``ctest``           the standalone CMake build of ``csrc/`` and its ctest (device Philox vs host reference,
+                    extreme-uniform probe); in the background, joined before the first timing step
+``gpu_tests``       ``pytest -m gpu`` on the kernel, csrc, attention and compile tests (Triton vs CUDA
+                    bitwise, MUFU tolerances, CUDA graphs)
+``transition``      ``bench_transition.py``: FLUX 1024^2 transitions, 65536 tokens x 64 channels, % of HBM
+``transition_tune`` ``tune_transition.py``: tile/warp sweep of the Triton kernel (bitwise equal across tilings)
+``attention``       ``bench_attention.py``: varlen vs padded attention on FLUX stage lengths
+``latency_flux``    ``latency.py`` FLUX.1-dev shape 1024^2: 50-step eager and compiled, RALU 4x/5x/7x compiled
+                    (7x/4x eager too); the compiled RALU 7x row comes first, so its first call is a cold start;
+                    saves the compile-cache bundle
+``warm_start``      (optional) a new process loads that bundle and times its first RALU 7x call
+``latency_sd3``     (optional) SD3-medium shape: 28-step eager and compiled, RALU 2x/3x compiled
+``stacking``        (optional) RALU 5x + TaylorSeer (W = 3) compiled, FLUX.1-dev shape
+==================  =====================================================================================
+
+Optional steps run only while the budget lasts. Outputs: everything goes to a work folder; after every step
+``<out>/summary.json`` and ``<out>/results.tar.gz`` (the work folder's JSON, PNG, logs and JUnit XML) are
+rewritten, so a run cut off by a time limit still returns what finished; ``<out>/suite.log`` has the whole
+console output. ``<out>`` is ``$OUT`` when set (the device tool's output folder). At the end: a summary
+table, one line per claim (measured, goal, met or not).
+
+``--dry-run`` runs every step on the CPU at toy sizes (Triton under the interpreter, small models, eager
+rows unless ``--dry-run-compile``) so that a broken step is found before GPU minutes are spent. A dry run
+measures nothing: its summary says "dry run" in every line.
+
+    bash benchmarks/gpu_suite.sh                      # on the GPU machine (default budget 480 s)
+    bash benchmarks/gpu_suite.sh --only latency_sd3,stacking --budget 200   # a targeted rerun
+    python -m benchmarks.gpu_suite --dry-run          # CPU, toy sizes
+"""
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tarfile
+import tempfile
+import threading
+import time
+import xml.etree.ElementTree as ET
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+ROOT = Path(__file__).resolve().parents[1]
+PY = sys.executable
+GPU_TEST_FILES = ["tests/test_transition_kernel.py", "tests/test_csrc.py", "tests/test_attention.py",
+                  "tests/test_compile.py"]
+
+
+# ------------------------------------------------------------------------------------------------ context
+@dataclass
+class Ctx:
+    dry: bool
+    dry_compile: bool
+    work: Path
+    out: Path
+    slug: str
+    budget_s: float
+    t0: float = field(default_factory=time.monotonic)
+
+    def remaining(self) -> float:
+        return self.budget_s - (time.monotonic() - self.t0)
+
+
+Cmd = list  # argv, or ("env", dict, argv)
+
+
+@dataclass
+class Step:
+    name: str
+    what: str
+    limit_s: int
+    commands: Callable[[Ctx], list]  # -> [(argv, extra_env), ...] or a string: skip with that reason
+    optional: bool = False
+    background: bool = False
+    min_s: int = 20  # an optional step starts only with at least this much budget left
+
+
+@dataclass
+class Result:
+    name: str
+    status: str = "not run"  # ok | failed | timeout | skipped | not run
+    seconds: float = 0.0
+    rc: int | None = None
+    note: str = ""
+
+
+# ------------------------------------------------------------------------------------------------ steps
+def _bundle(ctx: Ctx) -> Path:
+    return ctx.work / "flux_compile_bundle.bin"
+
+
+def _latency(ctx: Ctx, *args: str) -> list[str]:
+    return [PY, "benchmarks/latency.py", "--out", str(ctx.work), *args]
+
+
+def build_cmds(ctx: Ctx):
+    check = [PY, "-c", "import ralu_kernels._csrc as c; ok = c.load_csrc(); print('ralu_kernels._C loaded:', ok); "
+             "raise SystemExit(0 if ok else 1)"]
+    if ctx.dry:  # a CPU build of torch: setup.py must say why it skips the extension, and the package must import
+        return [([PY, "setup.py", "-q", "build_ext", "--inplace"], {}),
+                ([PY, "-c", "import ralu_kernels._csrc as c; print('ralu_kernels._C loaded:', c.load_csrc())"], {})]
+    env = {"RALU_CUDA_ARCHS": "9.0", "RALU_FORCE_CUDA": "1", "MAX_JOBS": str(os.cpu_count() or 8)}
+    return [([PY, "setup.py", "-q", "build_ext", "--inplace"], env), (check, {})]
+
+
+def ctest_cmds(ctx: Ctx):
+    build = ctx.work / "cmake-build"
+    if shutil.which("cmake") is None:
+        return "cmake not found"
+    if shutil.which("nvcc") is None:
+        return "nvcc not found"
+    configure = ["cmake", "-S", str(ROOT), "-B", str(build), "-DCMAKE_BUILD_TYPE=Release",
+                 "-DCMAKE_CUDA_ARCHITECTURES=90"]
+    if ctx.dry:
+        return [(configure, {})]  # configure only: checks the project and the toolchain in seconds
+    return [(configure, {}), (["cmake", "--build", str(build), "-j", str(os.cpu_count() or 8)], {}),
+            (["ctest", "--test-dir", str(build), "--output-on-failure"], {})]
+
+
+def gpu_tests_cmds(ctx: Ctx):
+    # with pytest-xdist (on the GPU image), a test that crashes its process (a segfault in an extension)
+    # is reported as failed and the others still run; without it one crash ends the whole step
+    workers = ["-n", "2"] if importlib.util.find_spec("xdist") is not None else []
+    argv = [PY, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-m", "gpu", *workers, *GPU_TEST_FILES,
+            f"--junitxml={ctx.work / 'gpu_tests.xml'}"]
+    return [(argv, {} if ctx.dry else {"RALU_TEST_GPU": "1"})]
+
+
+def transition_cmds(ctx: Ctx):
+    extra = ["--device", "cpu", "--quick"] if ctx.dry else []
+    return [([PY, "benchmarks/bench_transition.py", "--out", str(ctx.work), *extra], {})]
+
+
+def tune_cmds(ctx: Ctx):
+    extra = ["--dry-run"] if ctx.dry else []
+    return [([PY, "benchmarks/tune_transition.py", "--out", str(ctx.work), *extra],
+             {"TRITON_INTERPRET": "1"} if ctx.dry else {})]
+
+
+def attention_cmds(ctx: Ctx):
+    extra = ["--device", "cpu", "--quick", "--reps", "2"] if ctx.dry else []
+    return [([PY, "benchmarks/bench_attention.py", "--out", str(ctx.work), *extra], {})]
+
+
+def _fresh_triton_cache(ctx: Ctx, name: str) -> dict:
+    path = ctx.work / f"triton-cache-{name}"
+    shutil.rmtree(path, ignore_errors=True)
+    return {"TRITON_CACHE_DIR": str(path)}  # no Triton kernel survives from an earlier step: honest cold starts
+
+
+def latency_flux_cmds(ctx: Ctx):
+    env = _fresh_triton_cache(ctx, "flux")
+    if ctx.dry:
+        rows = "baseline-eager,ralu-7x-eager" + (",ralu-7x-compiled" if ctx.dry_compile else "")
+        return [(_latency(ctx, "--model", "flux", "--size", "small", "--resolution", "256", "--steps", "4", "--rows",
+                          rows, "--reps", "1", "--warmup", "1", "--tag", "latency_flux_dry_cpu",
+                          "--save-artifacts", str(_bundle(ctx))), env)]
+    rows = ("baseline-eager,ralu-7x-eager,ralu-4x-eager,"
+            "ralu-7x-compiled,ralu-4x-compiled,ralu-5x-compiled,baseline-compiled")
+    return [(_latency(ctx, "--model", "flux", "--size", "full", "--rows", rows, "--reps", "3",
+                      "--save-artifacts", str(_bundle(ctx))), env)]
+
+
+def warm_start_cmds(ctx: Ctx):
+    if not _bundle(ctx).exists():
+        return "no compile bundle from latency_flux (no compiled row ran)"
+    env = _fresh_triton_cache(ctx, "warm")
+    size = ["--size", "small", "--resolution", "256"] if ctx.dry else ["--size", "full"]
+    return [(_latency(ctx, "--model", "flux", *size, "--rows", "ralu-7x-compiled", "--reps", "1", "--warmup", "1",
+                      "--load-artifacts", str(_bundle(ctx)), "--tag", f"latency_flux_warm_start_{ctx.slug}"), env)]
+
+
+def latency_sd3_cmds(ctx: Ctx):
+    env = _fresh_triton_cache(ctx, "sd3")
+    if ctx.dry:
+        return [(_latency(ctx, "--model", "sd3", "--size", "small", "--resolution", "256", "--steps", "4", "--rows",
+                          "baseline-eager,ralu-3x-eager", "--reps", "1", "--warmup", "0",
+                          "--tag", "latency_sd3_dry_cpu"), env)]
+    return [(_latency(ctx, "--model", "sd3", "--size", "full", "--steps", "28", "--rows",
+                      "baseline-eager,ralu-3x-compiled,ralu-2x-compiled,baseline-compiled", "--reps", "3"), env)]
+
+
+def stacking_cmds(ctx: Ctx):
+    env = _fresh_triton_cache(ctx, "stacking")
+    if ctx.dry:
+        return [(_latency(ctx, "--model", "flux", "--size", "small", "--resolution", "256", "--rows", "ralu-5x-eager",
+                          "--cache", "taylorseer:3", "--reps", "1", "--warmup", "0",
+                          "--tag", "latency_flux_taylorseer3_dry_cpu"), env)]
+    bundle = ["--load-artifacts", str(_bundle(ctx))] if _bundle(ctx).exists() else []
+    return [(_latency(ctx, "--model", "flux", "--size", "full", "--rows", "ralu-5x-compiled", "--cache",
+                      "taylorseer:3", "--reps", "3", *bundle, "--tag", f"latency_flux_full_taylorseer3_{ctx.slug}"),
+             env)]
+
+
+STEPS = [
+    Step("build", "CUDA extension ralu_kernels._C (sm_90) builds and loads", 240, build_cmds),
+    Step("ctest", "csrc CMake build + ctest", 300, ctest_cmds, background=True),
+    Step("gpu_tests", "pytest -m gpu", 240, gpu_tests_cmds),
+    Step("transition", "bench_transition.py", 150, transition_cmds),
+    Step("transition_tune", "tune_transition.py", 150, tune_cmds),
+    Step("attention", "bench_attention.py", 120, attention_cmds),
+    Step("latency_flux", "latency.py FLUX.1-dev shape", 330, latency_flux_cmds),
+    Step("warm_start", "latency.py warm start, new process", 150, warm_start_cmds, optional=True, min_s=60),
+    Step("latency_sd3", "latency.py SD3-medium shape", 240, latency_sd3_cmds, optional=True, min_s=90),
+    Step("stacking", "latency.py RALU 5x + TaylorSeer", 180, stacking_cmds, optional=True, min_s=60),
+]
+TIMING_STEPS = {"transition", "transition_tune", "attention", "latency_flux", "warm_start", "latency_sd3", "stacking"}
+
+
+# ------------------------------------------------------------------------------------------------ running
+class Console:
+    """Prints to stdout and appends to ``<out>/suite.log``."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.lock = threading.Lock()
+
+    def __call__(self, line: str) -> None:
+        with self.lock:
+            print(line, flush=True)
+            with self.path.open("a") as f:
+                f.write(line + "\n")
+
+
+def _kill(proc: subprocess.Popen) -> None:
+    try:
+        os.killpg(proc.pid, 9)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
+def run_commands(ctx: Ctx, step: Step, cmds: list, limit: float, console: Console | None) -> Result:
+    """Run a step's commands one after another within ``limit`` seconds; output to its log (and console)."""
+    res = Result(step.name)
+    log = ctx.work / "logs" / f"{step.name}.log"
+    t0 = time.monotonic()
+    with log.open("w") as lf:
+        for argv, extra in cmds:
+            env = {**os.environ, **extra, "PYTHONUNBUFFERED": "1"}
+            lf.write(f"$ {' '.join(argv)}  # env {extra}\n")
+            lf.flush()
+            left = limit - (time.monotonic() - t0)
+            if left <= 1:
+                res.status, res.note = "timeout", f"limit {limit:.0f} s reached before {argv[1] if len(argv) > 1 else argv[0]}"
+                break
+            proc = subprocess.Popen(argv, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                    text=True, errors="replace", start_new_session=True)
+
+            def pump(p=proc):
+                for line in p.stdout:
+                    lf.write(line)
+                    lf.flush()
+                    if console is not None:
+                        console(f"[{step.name}] {line.rstrip()}")
+
+            reader = threading.Thread(target=pump, daemon=True)
+            reader.start()
+            try:
+                res.rc = proc.wait(timeout=left)
+            except subprocess.TimeoutExpired:
+                _kill(proc)
+                proc.wait()
+                res.status, res.rc, res.note = "timeout", None, f"killed after its limit ({limit:.0f} s)"
+            reader.join(timeout=5)
+            if res.status == "timeout":
+                break
+            if res.rc != 0:
+                res.status, res.note = "failed", f"exit {res.rc}: {' '.join(argv[:3])}"
+                break
+        else:
+            res.status = "ok"
+    res.seconds = time.monotonic() - t0
+    return res
+
+
+class Background:
+    def __init__(self, ctx: Ctx, step: Step, cmds: list, limit: float):
+        self.step = step
+        self.result: Result | None = None
+        self.thread = threading.Thread(target=self._run, args=(ctx, step, cmds, limit), daemon=True)
+        self.thread.start()
+
+    def _run(self, ctx, step, cmds, limit):
+        self.result = run_commands(ctx, step, cmds, limit, console=None)
+
+    def join(self, timeout: float) -> Result:
+        self.thread.join(timeout=max(0.0, timeout))
+        if self.result is None:
+            return Result(self.step.name, "timeout", note="still running when the suite had to move on")
+        return self.result
+
+
+# ------------------------------------------------------------------------------------------------ claims
+def _json(work: Path, pattern: str) -> dict | None:
+    hits = sorted(p for p in work.glob(pattern) if not p.name.endswith("_partial.json"))
+    if not hits:
+        return None
+    try:
+        return json.loads(hits[0].read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+
+
+def _junit(work: Path) -> list[tuple[str, str]] | None:
+    path = work / "gpu_tests.xml"
+    if not path.exists():
+        return None
+    cases = []
+    for tc in ET.parse(path).getroot().iter("testcase"):
+        kids = {child.tag for child in tc}
+        state = ("failed" if kids & {"failure", "error"} else "skipped" if "skipped" in kids else "passed")
+        cases.append((tc.get("name", ""), state))
+    return cases
+
+
+def _row(rows: list[dict], **match) -> dict | None:
+    for r in rows or []:
+        if all(r.get(k) == v for k, v in match.items()):
+            return r
+    return None
+
+
+def _fmt(v, unit="") -> str:
+    if v is None:
+        return "not run"
+    if isinstance(v, float):
+        return f"{v:.3g}{unit}" if abs(v) < 100 else f"{v:.1f}{unit}"
+    return f"{v}{unit}"
+
+
+def claims(work: Path, results: dict[str, Result], dry: bool) -> list[dict]:
+    """One line per claim: what was measured, the goal, met or not (None: nothing to compare)."""
+    out = []
+
+    def add(claim, measured, goal, met, source):
+        out.append({"claim": claim, "measured": measured, "goal": goal,
+                    "met": "dry run" if dry else ("n/a" if met is None else ("yes" if met else "NO")), "source": source})
+
+    def step_ok(name):
+        r = results.get(name)
+        return None if r is None or r.status in ("not run", "skipped") else r.status == "ok"
+
+    b = results.get("build")
+    add("CUDA extension ralu_kernels._C builds (sm_90) and loads",
+        (f"{b.status} in {b.seconds:.0f} s" if b.status in ("ok", "failed", "timeout") else b.status) if b else "not run",
+        "builds and loads", step_ok("build"), "logs/build.log")
+    c = results.get("ctest")
+    add("csrc ctest: device Philox/transition vs host reference, extreme-uniform probe",
+        c.status if c else "not run", "passes", step_ok("ctest"), "logs/ctest.log")
+
+    cases = _junit(work)
+    if cases is None:  # no JUnit file: the step did not run, or pytest died before writing it
+        t = results.get("gpu_tests")
+        state = "not run" if t is None or t.status in ("not run", "skipped") else f"{t.status}: {t.note} (no JUnit file)"
+        met = None if state == "not run" else False
+        add("gpu-marked tests (kernels, csrc, attention, compile)", state, "0 failed, > 0 passed", met,
+            "logs/gpu_tests.log")
+        add("Triton = CUDA op bitwise (group-major transition)", state, "all pass, none skipped", met,
+            "logs/gpu_tests.log")
+    else:
+        n = {s: sum(1 for _, st in cases if st == s) for s in ("passed", "failed", "skipped")}
+        add("gpu-marked tests (kernels, csrc, attention, compile)",
+            f"{n['passed']} passed, {n['failed']} failed, {n['skipped']} skipped", "0 failed, > 0 passed",
+            n["failed"] == 0 and n["passed"] > 0, "gpu_tests.xml")
+        bitwise = [(nm, st) for nm, st in cases if nm.startswith(("test_gpu_op_matches_reference_and_triton",
+                                                                  "test_gpu_triton_matches_reference_and_csrc"))]
+        ok = sum(1 for _, st in bitwise if st == "passed")
+        add("Triton = CUDA op bitwise (group-major transition)", f"{ok}/{len(bitwise)} cases passed",
+            "all pass, none skipped", bool(bitwise) and ok == len(bitwise), "gpu_tests.xml")
+
+    tr = _json(work, "transition_nvidia*.json") or _json(work, "transition_quick_cpu.json")
+    rows = tr["rows"] if tr else []
+    for impl in ("triton", "cuda"):
+        r = _row(rows, shape="bw_2to3_L65536", impl=impl)
+        add(f"transition 65536 tokens x 64 ch bf16, {impl}: % of HBM peak",
+            f"{_fmt(r.get('pct_hbm'), ' %')} ({_fmt(r.get('graph_us'), ' us')})" if r else "not run", ">= 70 %",
+            None if not r else r.get("pct_hbm", 0) >= 70, "transition_*.json")
+    r = _row(rows, shape="bw_2to3_L65536", impl="triton")
+    c = _row(rows, shape="bw_2to3_L65536", impl="copy_same_bytes")
+    add("transition 65536 x 64, triton: time of a device copy of the same bytes / kernel time",
+        f"{_fmt(r.get('pct_of_copy'), ' %')} (copy {_fmt(c.get('graph_us'), ' us')}, {_fmt(c.get('pct_hbm'), ' %')} "
+        "of HBM)" if (r and c) else "not run", "record (the ceiling reachable at this size)", None, "transition_*.json")
+    for shape in ("1to2_r0.1", "2to3_r0.3"):
+        parts = [f"{impl} {_fmt(r.get('graph_us'), ' us')}" for impl in ("triton", "cuda")
+                 if (r := _row(rows, shape=shape, impl=impl)) and "graph_us" in r]
+        add(f"transition FLUX 1024^2 {shape}: device time per launch", ", ".join(parts) or "not run",
+            "record (token-major H100: 3.4 / 4.6 us Triton)", None, "transition_*.json")
+
+    tune = _json(work, "tune_transition_*.json")
+    if tune and tune.get("timed"):
+        best = tune["best"].get("bw_2to3_L65536")
+        add("transition tile sweep, best for 65536 x 64: % of HBM",
+            f"{best['pct_hbm']:.1f} % at ({best['block_g']}, {best['block_k']}) x {best['num_warps']} warps"
+            if best else "not run", ">= 70 %", None if not best else best["pct_hbm"] >= 70, "tune_transition_*.json")
+    add("transition output independent of tiling (bitwise)",
+        "not run" if tune is None else f"{len(tune['mismatches'])} mismatches over {len(tune['rows'])} runs",
+        "0 mismatches", None if tune is None else not tune["mismatches"], "tune_transition_*.json")
+
+    att = _json(work, "attention_nvidia*.json") or _json(work, "attention_quick_cpu.json")
+    if att:
+        mixed = [r for r in att["rows"] if r["case"] == "mixed"]
+        best = min((r for r in mixed if r["method"].startswith("varlen")), key=lambda r: r["min_ms"])
+        pad = _row(mixed, method="padded_masked")
+        ratio = pad["min_ms"] / best["min_ms"] if pad else None
+        add("varlen attention vs padded masked SDPA (mixed FLUX stage lengths)",
+            f"{_fmt(ratio, 'x')} ({best['method']} {best['min_ms']:.3f} ms)", "> 1x (H100: 2.98x)",
+            None if ratio is None else ratio > 1, "attention_*.json")
+    else:
+        add("varlen attention vs padded masked SDPA (mixed FLUX stage lengths)", "not run", "> 1x", None,
+            "attention_*.json")
+
+    lat = _json(work, "latency_flux_full_nvidia*.json") or _json(work, "latency_flux_dry_cpu.json")
+    by = {r["row"]: r for r in (lat["rows"] if lat else [])}
+
+    def ratio(row, ref):
+        r = by.get(row)
+        return r.get(f"speedup_vs_{ref}") if r else None
+
+    for row, ref, goal in (("ralu-7x-compiled", "baseline-eager", 10.0), ("ralu-7x-compiled", "baseline-compiled", 7.0),
+                           ("ralu-4x-compiled", "baseline-compiled", 4.0), ("ralu-5x-compiled", "baseline-compiled", 5.0)):
+        v = ratio(row, ref)
+        sec = by[row]["mean_s"] if row in by else None
+        add(f"FLUX.1-dev shape 1024^2: {row} vs 50-step {ref.split('-')[1]}",
+            f"{_fmt(v, 'x')} ({_fmt(sec, ' s')})" if v else "not run", f">= {goal:g}x",
+            None if v is None else v >= goal, "latency_flux_full_*.json")
+    compiled = [r for r in by.values() if r["kind"] == "compiled"]
+    rec = sum(r["recompiles_after_warmup"] for r in compiled) if compiled else None
+    add("compiled rows: no recompiles after warm-up", _fmt(rec), "0", None if rec is None else rec == 0,
+        "latency_flux_full_*.json")
+    cold = by.get("ralu-7x-compiled", {}).get("first_call_s")
+    warm_json = _json(work, "latency_flux_warm_start_*.json")
+    warm = warm_json["rows"][0]["first_call_s"] if warm_json and warm_json.get("rows") else None
+    add("RALU 7x compiled, first call: cold (fresh caches) -> warm (new process, saved bundle)",
+        f"{_fmt(cold, ' s')} -> {_fmt(warm, ' s')}", "warm < cold", None if not (cold and warm) else warm < cold,
+        "latency_flux_*.json")
+
+    sd3 = _json(work, "latency_sd3_full_nvidia*.json") or _json(work, "latency_sd3_dry_cpu.json")
+    sby = {r["row"]: r for r in (sd3["rows"] if sd3 else [])}
+    for row, goal in (("ralu-3x-compiled", 3.0), ("ralu-2x-compiled", 2.0)):
+        r = sby.get(row)
+        v = r.get("speedup_vs_baseline-compiled") if r else None
+        add(f"SD3-medium shape 1024^2: {row} vs 28-step compiled", f"{_fmt(v, 'x')}" if v else "not run",
+            f">= {goal:g}x", None if v is None else v >= goal, "latency_sd3_full_*.json")
+
+    st = _json(work, "latency_flux_full_taylorseer3_*.json") or _json(work, "latency_flux_taylorseer3_dry_cpu.json")
+    st_row = st["rows"][0] if st and st.get("rows") else None
+    base = by.get("baseline-compiled")
+    v = base["mean_s"] / st_row["mean_s"] if (st_row and base) else None
+    add("RALU 5x + TaylorSeer W=3 compiled vs 50-step compiled", f"{_fmt(v, 'x')}" if v else "not run",
+        ">= 7.28x (paper, FLOP ratio)", None if v is None else v >= 7.28, "latency_flux_full_taylorseer3_*.json")
+    return out
+
+
+def print_claims(lines: list[dict], console: Console) -> None:
+    cols = ["claim", "measured", "goal", "met"]
+    widths = [max(len(c), *(len(str(r[c])) for r in lines)) for c in cols]
+    console("  ".join(c.ljust(w) for c, w in zip(cols, widths)))
+    console("  ".join("-" * w for w in widths))
+    for r in lines:
+        console("  ".join(str(r[c]).ljust(w) for c, w in zip(cols, widths)))
+
+
+def publish(ctx: Ctx, results: dict[str, Result], final: bool) -> list[dict]:
+    """Rewrite ``summary.json`` and ``results.tar.gz`` in the output folder (after every step)."""
+    lines = claims(ctx.work, results, ctx.dry)
+    summary = {"device": ctx.slug, "dry_run": ctx.dry, "final": final, "budget_s": ctx.budget_s,
+               "elapsed_s": round(time.monotonic() - ctx.t0, 1),
+               "steps": [vars(r) for r in results.values()], "claims": lines}
+    tmp = ctx.out / "summary.json.tmp"
+    tmp.write_text(json.dumps(summary, indent=2))
+    tmp.replace(ctx.out / "summary.json")
+    (ctx.work / "summary.json").write_text(json.dumps(summary, indent=2))
+    tmp_tar = ctx.out / "results.tar.gz.tmp"
+    with tarfile.open(tmp_tar, "w:gz") as tf:
+        for p in sorted(ctx.work.rglob("*")):
+            rel = p.relative_to(ctx.work)
+            if p.is_file() and rel.parts[0] in ("logs",) or (
+                    p.is_file() and len(rel.parts) == 1 and p.suffix in (".json", ".png", ".xml")):
+                if not p.name.endswith("_partial.json") or not final:
+                    tf.add(p, arcname=str(Path("gpu_suite") / rel))
+    tmp_tar.replace(ctx.out / "results.tar.gz")
+    return lines
+
+
+def device_slug() -> str:
+    """``nvidia-h200`` etc. from nvidia-smi (no CUDA context in this process), ``cpu`` without a GPU."""
+    try:
+        name = subprocess.run(["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"], capture_output=True,
+                              text=True, timeout=20).stdout.strip().splitlines()[0]
+    except (OSError, subprocess.SubprocessError, IndexError):
+        return "cpu"
+    return "".join(ch if ch.isalnum() else "-" for ch in name.lower()).strip("-") or "cpu"
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--dry-run", action="store_true", help="CPU, toy sizes: checks every step's wiring")
+    ap.add_argument("--dry-run-compile", action="store_true",
+                    help="dry run with a compiled RALU row (inductor on the CPU: minutes) and the warm-start step")
+    ap.add_argument("--budget", type=float, default=None, help="total seconds (default 480 on a GPU, 1800 dry)")
+    ap.add_argument("--only", default=None, help="comma-separated steps to run (others: skipped)")
+    ap.add_argument("--skip", default="", help="comma-separated steps to skip")
+    ap.add_argument("--out", default=None, help="output folder (default $OUT, else ./out/gpu_suite)")
+    ap.add_argument("--work", default=None, help="work folder (default: a fresh one under the temp folder)")
+    args = ap.parse_args(argv)
+
+    names = [s.name for s in STEPS]
+    only = set(args.only.split(",")) if args.only else set(names)
+    skip = set(filter(None, args.skip.split(",")))
+    unknown = (only | skip) - set(names)
+    if unknown:
+        ap.error(f"unknown step(s) {sorted(unknown)}; steps are {names}")
+    dry = args.dry_run or args.dry_run_compile
+    slug = "cpu" if dry else device_slug()
+    if not dry and slug == "cpu":
+        print("gpu_suite: no NVIDIA GPU found (nvidia-smi); use --dry-run on a CPU", file=sys.stderr)
+        return 2
+    out = Path(args.out or os.environ.get("OUT") or ROOT / "out" / "gpu_suite")
+    work = Path(args.work) if args.work else Path(tempfile.gettempdir()) / "ralu-gpu-suite-work"
+    if not args.work:
+        shutil.rmtree(work, ignore_errors=True)
+    (work / "logs").mkdir(parents=True, exist_ok=True)
+    out.mkdir(parents=True, exist_ok=True)
+    ctx = Ctx(dry=dry, dry_compile=args.dry_run_compile, work=work, out=out, slug=slug,
+              budget_s=args.budget or (1800.0 if dry else 480.0))
+    console = Console(out / "suite.log")
+    console(f"gpu_suite: device {slug}, {'DRY RUN (toy sizes, CPU)' if dry else 'GPU run'}, budget {ctx.budget_s:.0f} s,"
+            f" work {work}, out {out}")
+
+    results: dict[str, Result] = {}
+    background: list[Background] = []
+
+    def join_background():
+        for bg in background:
+            r = bg.join(ctx.remaining() - 5)
+            results[r.name] = r
+            console(f"== {r.name}: {r.status} ({r.seconds:.0f} s) {r.note}")
+            log = work / "logs" / f"{r.name}.log"
+            if r.status != "ok" and log.exists():
+                for line in log.read_text(errors="replace").splitlines()[-30:]:
+                    console(f"[{r.name}] {line}")
+        background.clear()
+
+    for step in STEPS:
+        if step.name not in only or step.name in skip:
+            results[step.name] = Result(step.name, "skipped", note="not selected")
+            continue
+        if step.name in TIMING_STEPS and background:
+            join_background()
+            publish(ctx, results, final=False)
+        left = ctx.remaining()
+        if left < (step.min_s if step.optional else 10):
+            results[step.name] = Result(step.name, "skipped", note=f"budget: {left:.0f} s left")
+            console(f"== {step.name}: skipped ({left:.0f} s of the budget left)")
+            continue
+        cmds = step.commands(ctx)
+        if isinstance(cmds, str):
+            results[step.name] = Result(step.name, "skipped", note=cmds)
+            console(f"== {step.name}: skipped ({cmds})")
+            continue
+        limit = min(step.limit_s, left - 5)
+        console(f"== {step.name}: {step.what} (limit {limit:.0f} s, {left:.0f} s of the budget left)")
+        if step.background:
+            background.append(Background(ctx, step, cmds, limit))
+            continue
+        res = run_commands(ctx, step, cmds, limit, console)
+        results[step.name] = res
+        console(f"== {step.name}: {res.status} ({res.seconds:.0f} s) {res.note}")
+        publish(ctx, results, final=False)
+        if step.name == "build" and res.status != "ok" and not dry:
+            console("gpu_suite: the CUDA extension did not build; the CUDA-op rows and tests will be missing")
+    join_background()
+    lines = publish(ctx, results, final=True)
+    console(f"gpu_suite: {time.monotonic() - ctx.t0:.0f} s in all; summary (one line per claim):")
+    print_claims(lines, console)
+    failed = [r.name for r in results.values() if r.status in ("failed", "timeout")]
+    if failed:
+        console(f"gpu_suite: steps not ok: {failed}")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

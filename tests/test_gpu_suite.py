@@ -1,0 +1,130 @@
+"""The GPU verification suite (benchmarks/gpu_suite.py): its CPU dry run, and the claim table it prints."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import tarfile
+from pathlib import Path
+
+import pytest
+
+from benchmarks import gpu_suite as S
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.slow
+def test_dry_run_runs_every_step(tmp_path):
+    out, work = tmp_path / "out", tmp_path / "work"
+    env = {k: v for k, v in os.environ.items() if k not in ("OUT", "TRITON_INTERPRET", "RALU_TEST_GPU")}
+    proc = subprocess.run([sys.executable, "-m", "benchmarks.gpu_suite", "--dry-run", "--out", str(out),
+                           "--work", str(work)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["dry_run"] and summary["final"]
+    status = {s["name"]: s["status"] for s in summary["steps"]}
+    assert set(status) == {s.name for s in S.STEPS}
+    # without a compiled row there is no compile bundle, so the warm start is the one step that cannot run
+    expected_skips = {"warm_start"}
+    assert {n for n, st in status.items() if st != "ok"} == expected_skips, status
+    assert "ctest" in status
+    assert len(summary["claims"]) >= 15 and all(c["met"] == "dry run" for c in summary["claims"])
+    measured = {c["claim"]: c["measured"] for c in summary["claims"]}
+    assert measured["transition output independent of tiling (bitwise)"].startswith("0 mismatches")
+    assert "not run" not in measured["varlen attention vs padded masked SDPA (mixed FLUX stage lengths)"]
+    with tarfile.open(out / "results.tar.gz") as tf:
+        names = set(tf.getnames())
+    for name in ("gpu_suite/summary.json", "gpu_suite/logs/build.log", "gpu_suite/logs/latency_flux.log",
+                 "gpu_suite/latency_flux_dry_cpu.json", "gpu_suite/tune_transition_dry_cpu.json",
+                 "gpu_suite/gpu_tests.xml"):
+        assert name in names, name
+    log = (out / "suite.log").read_text()
+    assert "summary (one line per claim)" in log
+
+
+def test_unknown_step_is_refused(tmp_path):
+    with pytest.raises(SystemExit):
+        S.main(["--dry-run", "--only", "latency_fluxx", "--out", str(tmp_path / "o"), "--work", str(tmp_path / "w")])
+
+
+def _write(work: Path, name: str, payload: dict) -> None:
+    (work / name).write_text(json.dumps(payload))
+
+
+def _junit(work: Path, cases: dict[str, str]) -> None:
+    body = []
+    for name, state in cases.items():
+        inner = {"passed": "", "failed": "<failure message='x'/>", "skipped": "<skipped message='y'/>"}[state]
+        body.append(f'<testcase classname="t" name="{name}">{inner}</testcase>')
+    (work / "gpu_tests.xml").write_text(f"<testsuites><testsuite>{''.join(body)}</testsuite></testsuites>")
+
+
+def _claims(work, **results):
+    res = {k: S.Result(k, v, seconds=1.0) for k, v in results.items()}
+    return {c["claim"]: c for c in S.claims(work, res, dry=False)}
+
+
+def test_claims_met_and_not_met(tmp_path):
+    work = tmp_path
+    _junit(work, {"test_gpu_op_matches_reference_and_triton[a]": "passed",
+                  "test_gpu_triton_matches_reference_and_csrc[b]": "passed", "test_other": "skipped"})
+    _write(work, "transition_nvidia-h200.json", {"rows": [
+        {"shape": "bw_2to3_L65536", "impl": "triton", "pct_hbm": 75.0, "graph_us": 3.9},
+        {"shape": "bw_2to3_L65536", "impl": "cuda", "pct_hbm": 40.0, "graph_us": 7.1},
+        {"shape": "2to3_r0.3", "impl": "triton", "graph_us": 2.5}]})
+    _write(work, "latency_flux_full_nvidia-h200.json", {"rows": [
+        {"row": "baseline-eager", "kind": "eager", "mean_s": 9.0, "recompiles_after_warmup": 0},
+        {"row": "baseline-compiled", "kind": "compiled", "mean_s": 6.5, "recompiles_after_warmup": 0,
+         "speedup_vs_baseline-eager": 9.0 / 6.5},
+        {"row": "ralu-7x-compiled", "kind": "compiled", "mean_s": 0.9, "first_call_s": 20.0,
+         "recompiles_after_warmup": 1, "speedup_vs_baseline-eager": 10.0, "speedup_vs_baseline-compiled": 7.2},
+        {"row": "ralu-4x-compiled", "kind": "compiled", "mean_s": 1.7, "recompiles_after_warmup": 0,
+         "speedup_vs_baseline-compiled": 3.8}]})
+    _write(work, "latency_flux_warm_start_nvidia-h200.json", {"rows": [{"row": "ralu-7x-compiled",
+                                                                         "first_call_s": 6.0}]})
+    c = _claims(work, build="ok", ctest="failed", gpu_tests="ok")
+    assert c["CUDA extension ralu_kernels._C builds (sm_90) and loads"]["met"] == "yes"
+    assert c["csrc ctest: device Philox/transition vs host reference, extreme-uniform probe"]["met"] == "NO"
+    assert c["gpu-marked tests (kernels, csrc, attention, compile)"]["measured"] == "2 passed, 0 failed, 1 skipped"
+    assert c["Triton = CUDA op bitwise (group-major transition)"]["met"] == "yes"
+    assert c["transition 65536 tokens x 64 ch bf16, triton: % of HBM peak"]["met"] == "yes"
+    assert c["transition 65536 tokens x 64 ch bf16, cuda: % of HBM peak"]["met"] == "NO"
+    assert c["FLUX.1-dev shape 1024^2: ralu-7x-compiled vs 50-step eager"]["met"] == "yes"
+    assert c["FLUX.1-dev shape 1024^2: ralu-7x-compiled vs 50-step compiled"]["met"] == "yes"
+    assert c["FLUX.1-dev shape 1024^2: ralu-4x-compiled vs 50-step compiled"]["met"] == "NO"
+    assert c["FLUX.1-dev shape 1024^2: ralu-5x-compiled vs 50-step compiled"]["measured"] == "not run"
+    assert c["FLUX.1-dev shape 1024^2: ralu-5x-compiled vs 50-step compiled"]["met"] == "n/a"
+    assert c["compiled rows: no recompiles after warm-up"]["met"] == "NO"
+    warm = c["RALU 7x compiled, first call: cold (fresh caches) -> warm (new process, saved bundle)"]
+    assert warm["met"] == "yes" and warm["measured"] == "20 s -> 6 s"
+    assert c["SD3-medium shape 1024^2: ralu-3x-compiled vs 28-step compiled"]["met"] == "n/a"
+
+
+def test_bitwise_claim_not_met_when_its_tests_were_skipped(tmp_path):
+    _junit(tmp_path, {"test_gpu_op_matches_reference_and_triton[a]": "skipped",
+                      "test_gpu_triton_matches_reference_and_csrc[b]": "passed"})
+    c = _claims(tmp_path, gpu_tests="ok")
+    assert c["Triton = CUDA op bitwise (group-major transition)"]["met"] == "NO"
+    assert c["gpu-marked tests (kernels, csrc, attention, compile)"]["met"] == "yes"
+
+
+def test_crashed_test_run_is_not_met(tmp_path):
+    res = {"gpu_tests": S.Result("gpu_tests", "failed", rc=-11, note="exit -11: python -m pytest")}
+    c = {x["claim"]: x for x in S.claims(tmp_path, res, dry=False)}
+    for claim in ("gpu-marked tests (kernels, csrc, attention, compile)",
+                  "Triton = CUDA op bitwise (group-major transition)"):
+        assert c[claim]["met"] == "NO" and "exit -11" in c[claim]["measured"]
+
+
+def test_step_timeout_kills_the_process_group(tmp_path):
+    ctx = S.Ctx(dry=True, dry_compile=False, work=tmp_path, out=tmp_path, slug="cpu", budget_s=60)
+    (tmp_path / "logs").mkdir()
+    step = S.Step("sleepy", "sleeps", 1, lambda c: [])
+    cmds = [([sys.executable, "-c", "import time; print('start', flush=True); time.sleep(30)"], {})]
+    res = S.run_commands(ctx, step, cmds, limit=2, console=None)
+    assert res.status == "timeout" and res.seconds < 15
+    assert "start" in (tmp_path / "logs" / "sleepy.log").read_text()
+    res = S.run_commands(ctx, step, [([sys.executable, "-c", "raise SystemExit(3)"], {})], limit=20, console=None)
+    assert res.status == "failed" and res.rc == 3
