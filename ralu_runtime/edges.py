@@ -12,8 +12,15 @@ Two detectors:
 * ``"gpu"`` - :func:`ralu_kernels.edge_scores.canny` + :func:`ralu_kernels.edge_scores.block_sum` on the
   images' device (no host copy of data). It reproduces OpenCV's Canny (aperture 3, L1 gradient).
 
-Mapping from [-1, 1] to [0, 1]: ``"unit"`` is ``(x + 1) / 2`` (correct); ``"clip"`` clamps ``x`` to [0, 1]
-as the reference implementation does (everything below mid-grey becomes black, its edges vanish).
+Both detectors get the same uint8 grayscale image, built on the images' device by
+:func:`images_to_uint8_gray` from the [-1, 1] RGB with one of two mappings:
+
+* ``"unit"`` (default, correct): RGB mapped by ``(x + 1) / 2``, clamped to [0, 1], scaled by 255 and rounded
+  to uint8, then OpenCV's 8-bit RGB->GRAY (``cv2.cvtColor(rgb_uint8, COLOR_RGB2GRAY)`` exactly).
+* ``"clip"`` (the reference implementation's): grey from the raw [-1, 1] RGB first, in float32,
+  ``(0.299f * R + 0.587f * G) + 0.114f * B``, then clipped to [0, 1], scaled by 255 and truncated to uint8
+  (``np.clip(gray, 0, 1) * 255`` then ``astype(np.uint8)``). Everything below mid-grey becomes black and
+  its edges vanish.
 """
 from __future__ import annotations
 
@@ -40,34 +47,59 @@ JITTER_SCALE = 1e-3
 # OpenCV's fixed-point RGB->GRAY for 8-bit images: 0.299, 0.587, 0.114 scaled by 2^15, rounded descale
 # (checked against cv2.cvtColor over all 2^24 RGB values with OpenCV 5.0; the older 2^14 table differs)
 _R2Y, _G2Y, _B2Y, _GRAY_SHIFT = 9798, 19235, 3735, 15
+# the same weights as float32 (OpenCV's float RGB->GRAY: 0.299f, 0.587f, 0.114f); exact as Python floats, so
+# a tensor * scalar product is the correctly rounded float32 product on any device
+_R2Y_F32, _G2Y_F32, _B2Y_F32 = (float(np.float32(c)) for c in (0.299, 0.587, 0.114))
 _MAPPINGS = ("unit", "clip")
 _DETECTORS = ("opencv", "gpu")
 
 
-def _images_to_uint8_rgb(images: Tensor, mapping: str) -> Tensor:
-    if mapping not in _MAPPINGS:
-        raise ValueError(f"mapping must be one of {_MAPPINGS}; got {mapping!r}")
-    if images.dim() != 4 or images.shape[1] != 3:
-        raise ValueError(f"images must be (B, 3, H, W); got shape {tuple(images.shape)}")
-    x = images.to(torch.float32)
-    x = (x / 2 + 0.5) if mapping == "unit" else x
-    # as diffusers' image processor: clamp, * 255, round half to even
-    return (x.clamp(0, 1) * 255).round().to(torch.int32)
+def _unit_gray_uint8(x: Tensor) -> Tensor:
+    # as diffusers' image processor: (x + 1) / 2, clamp, * 255, round half to even; then OpenCV's 8-bit gray
+    rgb = ((x / 2 + 0.5).clamp(0, 1) * 255).round().to(torch.int32)
+    gray = (rgb[:, 0] * _R2Y + rgb[:, 1] * _G2Y + rgb[:, 2] * _B2Y + (1 << (_GRAY_SHIFT - 1))) >> _GRAY_SHIFT
+    return gray.to(torch.uint8)
+
+
+def _clip_gray_uint8(x: Tensor) -> Tensor:
+    # the reference's grey: float32 luma of the raw values, each product and sum a separate, correctly rounded
+    # float32 operation (no fused multiply-add), then clip to [0, 1], * 255 and truncate
+    gray = x[:, 0] * _R2Y_F32 + x[:, 1] * _G2Y_F32
+    gray = gray + x[:, 2] * _B2Y_F32
+    return (gray.clamp(0, 1) * 255).to(torch.uint8)   # float -> uint8 truncates; values are in [0, 255]
 
 
 def images_to_uint8_gray(images: Tensor, *, mapping: str = "unit", as_numpy: bool = False) -> np.ndarray | Tensor:
     """VAE output ``(B, 3, H, W)`` in [-1, 1] -> uint8 grayscale ``(B, H, W)``.
 
-    RGB is mapped to [0, 1] (``mapping="unit"``: ``(x + 1) / 2``; ``"clip"``: clamp ``x``, the reference's
-    quirk), clamped, scaled by 255 and rounded to uint8, then converted with OpenCV's RGB->GRAY weights
-    (0.299, 0.587, 0.114) in OpenCV's fixed-point arithmetic, so the result equals
-    ``cv2.cvtColor(rgb_uint8, cv2.COLOR_RGB2GRAY)`` exactly.
+    The images are first converted to float32 (exact for float16/bfloat16 inputs).
+
+    ``mapping="unit"``: RGB mapped by ``(x + 1) / 2``, clamped to [0, 1], scaled by 255 and rounded (half to
+    even) to uint8, then converted with OpenCV's RGB->GRAY weights (0.299, 0.587, 0.114) in OpenCV's
+    fixed-point arithmetic, so the result equals ``cv2.cvtColor(rgb_uint8, cv2.COLOR_RGB2GRAY)`` exactly.
+
+    ``mapping="clip"`` (the reference implementation's): no mapping of the RGB; the grey of the raw values
+    ``R, G, B`` (about [-1, 1]) is computed first, in float32 with every operation correctly rounded
+    (``*`` and ``+`` never fused), in this order::
+
+        y = (R * 0.299f + G * 0.587f) + B * 0.114f        # 0.299f = float32(0.299), ...
+        gray = uint8(trunc(clip(y, 0, 1) * 255f))         # truncation, not rounding
+
+    i.e. ``(np.clip(y, 0, 1) * np.float32(255)).astype(np.uint8)`` of the float32 ``y``. Grey values below 0
+    (below mid-grey after ``(x + 1) / 2``) become black. ``cv2.cvtColor`` on float32 RGB uses the same
+    weights but may evaluate the sum in another order or with fused multiply-adds (its SIMD code does on
+    x86 with FMA); its float result can then differ from ``y`` by one float32 ulp, which changes the
+    truncated grey by one level only when ``y * 255`` is within an ulp of an integer: about 1 pixel in 10^6
+    for continuous values, more for RGB on the 8-bit grid (``R = G = B = k / 127.5 - 1``: 6 of 256 levels).
 
     Returns a uint8 tensor on ``images.device``, or (``as_numpy=True``) a numpy array on the host.
     """
-    rgb = _images_to_uint8_rgb(images, mapping)
-    gray = (rgb[:, 0] * _R2Y + rgb[:, 1] * _G2Y + rgb[:, 2] * _B2Y + (1 << (_GRAY_SHIFT - 1))) >> _GRAY_SHIFT
-    gray = gray.to(torch.uint8)
+    if mapping not in _MAPPINGS:
+        raise ValueError(f"mapping must be one of {_MAPPINGS}; got {mapping!r}")
+    if images.dim() != 4 or images.shape[1] != 3:
+        raise ValueError(f"images must be (B, 3, H, W); got shape {tuple(images.shape)}")
+    x = images.to(torch.float32)
+    gray = _unit_gray_uint8(x) if mapping == "unit" else _clip_gray_uint8(x)
     if as_numpy:
         return gray.cpu().numpy()
     return gray
@@ -87,9 +119,12 @@ def edge_scores(images: Tensor, block: int, *, mapping: str = "unit", detector: 
     """Number of Canny edge pixels per ``block x block`` image block.
 
     ``images`` ``(B, 3, H, W)`` in [-1, 1] (VAE output); returns ``(B, H // block, W // block)`` float32 on
-    ``images.device``. ``detector="opencv"``: ``cv2.Canny`` on the CPU (one host copy for the batch);
-    ``"gpu"``: :func:`ralu_kernels.edge_scores.canny` and the Triton block sum on the images' device.
-    ``H`` and ``W`` must be multiples of ``block`` (ValueError otherwise).
+    ``images.device``. Both detectors run Canny (``low``/``high``, aperture 3, L1 gradient) on the same uint8
+    grayscale image, :func:`images_to_uint8_gray` with ``mapping`` (``"unit"``: ``(x + 1) / 2``, rounded RGB,
+    OpenCV's 8-bit RGB->GRAY; ``"clip"``: the reference's float32 grey of the raw RGB, clipped to [0, 1],
+    ``* 255``, truncated), computed on ``images.device``. ``detector="opencv"``: ``cv2.Canny`` on the CPU (one
+    host copy of the uint8 grey batch); ``"gpu"``: :func:`ralu_kernels.edge_scores.canny` and the Triton block
+    sum on the images' device. ``H`` and ``W`` must be multiples of ``block`` (ValueError otherwise).
     """
     if detector not in _DETECTORS:
         raise ValueError(f"detector must be one of {_DETECTORS}; got {detector!r}")

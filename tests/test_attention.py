@@ -273,9 +273,9 @@ def test_flux_per_token_route_equals_separate_forwards_at_different_timesteps():
     assert [o.shape for o in out] == [r.shape for r in ref]
     for r, o in zip(ref, out):
         torch.testing.assert_close(o, r, atol=1e-5, rtol=1e-5)
-    # one request: bitwise the diffusers forward
+    # one request: bitwise the diffusers forward (same ops on the same shapes; measured equal on CPU)
     single = flux_packed_forward(model, hs[:1], es[:1], pooled[:1], ts[:1], img_ids[:1], txt_ids[:1])
-    torch.testing.assert_close(single[0], ref[0], atol=1e-6, rtol=1e-6)
+    assert torch.equal(single[0], ref[0]), f"max abs diff {(single[0] - ref[0]).abs().max().item():.3g}"
 
 
 @torch.no_grad()
@@ -334,8 +334,9 @@ def test_sd3_per_token_route_equals_separate_forwards():
     toks = [model.pos_embed(lat).contiguous() for lat in latents]
     tok_out = sd3_packed_forward(model, toks, es, pooled, ts, image_tokens=True)
     assert [t.shape[1] for t in tok_out] == [16, 24, 15]
+    # one request: bitwise the diffusers forward (same ops on the same shapes; measured equal on CPU)
     single = sd3_packed_forward(model, latents[:1], es[:1], pooled[:1], ts[:1])
-    torch.testing.assert_close(single[0], ref[0], atol=1e-6, rtol=1e-6)
+    assert torch.equal(single[0], ref[0]), f"max abs diff {(single[0] - ref[0]).abs().max().item():.3g}"
 
 
 @torch.no_grad()

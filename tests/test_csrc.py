@@ -9,8 +9,9 @@
   conversion; its Box-Muller uses the MUFU approximations (lg2/cos/sin/sqrt.approx) that only
   a GPU evaluates, so the device normals are checked on a GPU (here and in
   csrc/tests/transition_selftest.cu) to a tolerance, and bitwise against Triton.
-* ``load_csrc()`` returns False, without raising, when the extension is absent; the fake
-  kernel's arguments match the op schema in torch_binding.cpp.
+* ``load_csrc()`` returns True exactly when ``ralu_kernels._C`` imports and
+  ``torch.ops.ralu.stage_transition`` exists, False (without raising) otherwise or with
+  ``RALU_DISABLE_CSRC=1``; the fake kernel's arguments match the op schema in torch_binding.cpp.
 * GPU (``@pytest.mark.gpu``): the op on group-major maps (``example_transition_maps``,
   ``order``/``num_up``) against the torch reference (tolerance) and Triton (bitwise), vector vs
   scalar path, row-order invariance, torch.compile and CUDA graph capture.
@@ -363,16 +364,67 @@ def test_load_csrc_broken_extension_does_not_raise(monkeypatch):
 def test_load_csrc_disabled_by_env(monkeypatch):
     csrc = _fresh_csrc(monkeypatch)
     monkeypatch.setenv("RALU_DISABLE_CSRC", "1")
+    tried = []
+    monkeypatch.setattr(csrc.importlib, "import_module", lambda name, *a, **k: tried.append(name))
     assert csrc.load_csrc() is False
+    assert csrc.csrc_available() is False
+    assert tried == []  # the variable wins before any import is attempted
+
+
+def _extension_usable() -> bool:
+    """Independent of load_csrc: ``ralu_kernels._C`` imports and registered ``torch.ops.ralu.stage_transition``."""
+    try:
+        importlib.import_module("ralu_kernels._C")
+    except Exception:
+        return False
+    try:
+        return hasattr(torch.ops.ralu, "stage_transition")
+    except Exception:
+        return False
 
 
 def test_load_csrc_real_environment(monkeypatch):
-    # Whatever is installed here: returns a bool and never raises.
+    # Whatever is installed here: True exactly when the extension imports and its op exists.
+    monkeypatch.delenv("RALU_DISABLE_CSRC", raising=False)
     csrc = _fresh_csrc(monkeypatch)
+    monkeypatch.setattr(csrc, "_FAKE_REGISTERED", csrc._FAKE_REGISTERED)
+    expected = _extension_usable()
     ok = csrc.load_csrc()
-    assert isinstance(ok, bool)
+    assert ok is expected, f"load_csrc() returned {ok}, extension importable with its op: {expected}"
+    assert csrc._LOADED is ok and csrc.load_csrc() is ok  # cached
+    assert csrc.csrc_available() is (ok and torch.cuda.is_available())
+    if ok:
+        assert csrc._FAKE_REGISTERED  # the meta kernel for torch.compile is registered with the op
     if torch.version.cuda is None:
         assert ok is False  # a CPU build of torch cannot have loaded the CUDA op
+    # the environment variable turns a usable extension off as well
+    monkeypatch.setattr(csrc, "_LOADED", None)
+    monkeypatch.setenv("RALU_DISABLE_CSRC", "1")
+    assert csrc.load_csrc() is False
+
+
+@pytest.mark.parametrize("op_exists", [False, True])
+def test_load_csrc_true_only_with_module_and_op(monkeypatch, op_exists):
+    # Simulated extension module: importable; the op registered or not.
+    csrc = _fresh_csrc(monkeypatch)
+    monkeypatch.delenv("RALU_DISABLE_CSRC", raising=False)
+    fake_module = type(sys)("ralu_kernels._C")
+    real_import = importlib.import_module
+    monkeypatch.setattr(csrc.importlib, "import_module",
+                        lambda name, *a, **k: fake_module if name == "ralu_kernels._C" else real_import(name, *a, **k))
+    monkeypatch.setattr(csrc, "_op_exists", lambda: op_exists)
+    registered = []
+    monkeypatch.setattr(csrc, "_register_fake", lambda: registered.append(True))
+    assert csrc.load_csrc() is op_exists
+    assert registered == ([True] if op_exists else [])
+    # an op lookup that raises counts as absent, without raising
+    monkeypatch.setattr(csrc, "_LOADED", None)
+
+    def broken_lookup():
+        raise RuntimeError("simulated: torch.ops lookup failed")
+
+    monkeypatch.setattr(csrc, "_op_exists", broken_lookup)
+    assert csrc.load_csrc() is False
 
 
 def _schema_arguments():
