@@ -47,6 +47,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks._common import bar_plot, print_table, write_json  # noqa: E402
 from ralu_runtime import generate, get_preset  # noqa: E402
+from ralu_runtime.adapters import call_scope  # noqa: E402
 from ralu_runtime.adapters.base import Conditioning, TokenGrid  # noqa: E402
 from ralu_runtime.cache import TaylorSeerCache  # noqa: E402
 
@@ -120,11 +121,9 @@ def forward_flops(adapter, tokens: int, text: int = 512) -> dict:
     out = {}
     for name, cache in (("full", None), ("cached", lambda blocks, hidden, ts: hidden),
                         ("first_block", lambda blocks, hidden, ts: blocks.first()[0])):
-        adapter.feature_cache = cache
-        with FlopCounterMode(display=False) as counter:
+        with call_scope(cache), FlopCounterMode(display=False) as counter:
             adapter.velocity(x, grid, t, cond)
         out[name] = counter.get_total_flops()
-    adapter.feature_cache = None
     return out
 
 
@@ -207,7 +206,7 @@ def quality_table(args) -> tuple[list[dict], dict]:
     class CachedOracle(GaussianOracle):
         """The oracle with its velocity routed through run_blocks (so a feature cache can extrapolate it)."""
 
-        def velocity(self, tokens, grid, timestep, cond=None):
+        def velocity(self, tokens, grid, timestep, cond=None, impl=None):
             return self.run_blocks(lambda: GaussianOracle.velocity(self, tokens, grid, timestep, cond), tokens,
                                    timestep)
 

@@ -1,19 +1,43 @@
-"""``ralu_runtime.generate``: RALU (or the ordinary baseline) on a diffusers FLUX or SD3 pipeline."""
+"""``ralu_runtime.generate``: RALU (or the ordinary baseline) on a diffusers FLUX or SD3 pipeline.
+
+Guarantees (tested in ``tests/test_safety.py``):
+
+* **The pipeline is left as found.** ralu never replaces, patches, compiles or fuses anything on the user's
+  pipeline: attention processors, modules, parameters, hooks and the global torch RNG (when a ``seed`` or
+  ``generator`` is given) are the same before and after a call, and a plain ``pipe(...)`` afterwards gives
+  bitwise the same result as before. Compiled functions, fused weights, CUDA graphs and exported graphs belong
+  to ralu's runner (:mod:`ralu_runtime.compile`) and follow the live model (a LoRA loaded later takes effect).
+* **Thread-safe.** One pipeline may serve ``generate`` calls from several threads: per-call state (feature
+  cache, chosen backend, generators) belongs to the call; text encoding with the pipeline's tokenizers is
+  serialised per pipeline; a cache *object* shared by calls is used by one call at a time.
+* **Bad input fails fast**: every argument is checked before any model is loaded or run, with a ValueError or
+  TypeError naming the argument, the value and what is allowed.
+"""
 from __future__ import annotations
 
 import contextlib
+import math
+import numbers
+import os
+import threading
 import time
+import weakref
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
 
-from .adapters import DiTAdapter, get_adapter
+from .adapters import DiTAdapter, call_scope, get_adapter
 from .sampler import NOISE_VARIANTS, SOLVERS, StageRecord, sample_baseline, sample_ralu
 from .schedule import RaluSchedule, get_preset
 
 OUTPUT_TYPES = ("pil", "np", "pt", "latent")
 EDGE_MAPS = ("unit", "clip")
+EDGE_DETECTORS = ("opencv", "gpu")
+TRANSITION_IMPLS = ("auto", "cuda", "triton", "torch")
+MAX_STEPS = 1000
+MAX_SEQUENCE_LENGTH = 512
 
 
 @dataclass
@@ -34,15 +58,34 @@ class RaluOutput:
     cache_stats: dict | None = None  # feature cache's full/cached step counts (see ralu_runtime.cache), if one ran
 
 
-def load_pipeline(path: str, *, torch_dtype=None, device=None):
-    """Load a local diffusers FLUX or SD3 pipeline folder with ``DiffusionPipeline.from_pretrained``."""
-    from diffusers import DiffusionPipeline
+# ------------------------------------------------------------------------------------------- loading
+_LOADED: dict[tuple, Any] = {}
+_LOAD_LOCK = threading.Lock()
 
-    pipe = DiffusionPipeline.from_pretrained(path, torch_dtype=torch_dtype)
-    get_adapter(pipe)  # fail early on unsupported classes
-    if device is not None:
-        pipe.to(device)
-    return pipe
+
+def load_pipeline(path: str | os.PathLike, *, torch_dtype=None, device=None, reuse: bool = True):
+    """Load a local diffusers FLUX or SD3 pipeline folder with ``DiffusionPipeline.from_pretrained`` (never from
+    the Hub: a missing folder is an error). With ``reuse=True`` (what ``generate(path, ...)`` uses) a folder is
+    loaded once per process and ``(torch_dtype, device)``, and later calls get the same pipeline."""
+    folder = Path(path).expanduser()
+    if not folder.is_dir():
+        raise FileNotFoundError(f"model folder not found: {str(path)!r} (ralu loads local diffusers folders only; "
+                                "nothing is downloaded)")
+    if not (folder / "model_index.json").exists():
+        raise ValueError(f"{str(path)!r} is not a diffusers pipeline folder (no model_index.json)")
+    key = (str(folder.resolve()), str(torch_dtype), str(device))
+    with _LOAD_LOCK:
+        if reuse and key in _LOADED:
+            return _LOADED[key]
+        from diffusers import DiffusionPipeline
+
+        pipe = DiffusionPipeline.from_pretrained(str(folder), torch_dtype=torch_dtype, local_files_only=True)
+        get_adapter(pipe)  # fail early on unsupported classes
+        if device is not None:
+            pipe.to(device)
+        if reuse:
+            _LOADED[key] = pipe
+        return pipe
 
 
 def resolve_schedule(speedup, adapter: DiTAdapter) -> RaluSchedule | None:
@@ -55,43 +98,169 @@ def resolve_schedule(speedup, adapter: DiTAdapter) -> RaluSchedule | None:
     raise ValueError(f"speedup={speedup!r} is not allowed: use a preset name such as '7x', a RaluSchedule, or None")
 
 
-def _generators(generator, seed, batch: int, device) -> tuple[Any, list[torch.Generator]]:
+# ---------------------------------------------------------------------------------------- validation
+def _is_int(v) -> bool:
+    return isinstance(v, numbers.Integral) and not isinstance(v, bool)
+
+
+def _check_choice(name: str, value, allowed) -> None:
+    if not isinstance(value, str) or value not in allowed:
+        raise ValueError(f"{name}={value!r} is not allowed; choose one of {tuple(allowed)}")
+
+
+def _check_int(name: str, value, lo: int, hi: int | None = None) -> None:
+    if not _is_int(value) or value < lo or (hi is not None and value > hi):
+        rng = f">= {lo}" if hi is None else f"in [{lo}, {hi}]"
+        raise (TypeError if not _is_int(value) else ValueError)(f"{name}={value!r} is not allowed: need an integer {rng}")
+
+
+def _check_prompt(prompt) -> int | None:
+    """Number of prompts, or None for no prompt."""
+    if prompt is None:
+        return None
+    if isinstance(prompt, str):
+        return 1
+    if isinstance(prompt, (list, tuple)) and prompt and all(isinstance(p, str) for p in prompt):
+        return len(prompt)
+    raise TypeError(f"prompt={prompt!r} is not allowed: give a string or a non-empty list of strings")
+
+
+def _check_embeds(name: str, t, ndim: int, dim: int | None, batch: int | None = None) -> int:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    shape_doc = "(batch, tokens, dim)" if ndim == 3 else "(batch, dim)"
+    if t.ndim != ndim:
+        raise ValueError(f"{name} has shape {tuple(t.shape)}; expected {shape_doc}")
+    if not t.is_floating_point():
+        raise TypeError(f"{name} has dtype {t.dtype}; expected a floating-point tensor")
+    if t.shape[0] < 1 or (ndim == 3 and t.shape[1] < 1):
+        raise ValueError(f"{name} has shape {tuple(t.shape)}: the batch (and token) size must be >= 1")
+    if dim is not None and t.shape[-1] != dim:
+        raise ValueError(f"{name} has last dimension {t.shape[-1]}; this model expects {dim} ({shape_doc})")
+    if batch is not None and t.shape[0] != batch:
+        raise ValueError(f"{name} has batch {t.shape[0]}; prompt_embeds has batch {batch} (they must be equal)")
+    if t.device.type != "meta" and not bool(torch.isfinite(t).all()):
+        raise ValueError(f"{name} contains NaN or Inf values")
+    return int(t.shape[0])
+
+
+def _check_generator(generator, batch: int):
+    if generator is None or isinstance(generator, torch.Generator):
+        return
+    if isinstance(generator, (list, tuple)):
+        bad = [i for i, g in enumerate(generator) if not isinstance(g, torch.Generator)]
+        if bad:
+            raise TypeError(f"generator[{bad[0]}]={generator[bad[0]]!r}: every entry must be a torch.Generator")
+        if len(generator) != batch:
+            raise ValueError(f"got {len(generator)} generators for a batch of {batch} images "
+                             "(len(prompts) x num_images_per_prompt)")
+        return
+    raise TypeError(f"generator={generator!r} is not allowed: give a torch.Generator, a list of them (one per "
+                    "image), or None (and seed= for a seeded CPU generator)")
+
+
+def _validate(adapter: DiTAdapter, *, prompt, prompt_embeds, pooled_prompt_embeds, negative_prompt,
+              negative_prompt_embeds, negative_pooled_prompt_embeds, height, width, num_images_per_prompt,
+              guidance_scale, generator, seed, max_sequence_length, num_inference_steps, schedule) -> tuple[int, int, int]:
+    """Check the model-dependent arguments; returns ``(height, width, batch)``."""
+    n_prompts = _check_prompt(prompt)
+    if (prompt is None) == (prompt_embeds is None):
+        raise ValueError("give exactly one of prompt and prompt_embeds (got "
+                         f"{'both' if prompt is not None else 'neither'})")
+    dims = adapter.embed_dims()
+    if prompt_embeds is not None:
+        if pooled_prompt_embeds is None and dims is not None:
+            raise ValueError(f"{adapter.family} needs pooled_prompt_embeds together with prompt_embeds")
+        n_prompts = _check_embeds("prompt_embeds", prompt_embeds, 3, dims and dims[0])
+        if pooled_prompt_embeds is not None:
+            _check_embeds("pooled_prompt_embeds", pooled_prompt_embeds, 2, dims and dims[1], n_prompts)
+    elif pooled_prompt_embeds is not None:
+        raise ValueError("pooled_prompt_embeds goes with prompt_embeds, not with a text prompt")
+    negative = negative_prompt is not None or negative_prompt_embeds is not None or \
+        negative_pooled_prompt_embeds is not None
+    if negative and not adapter.supports_negative_prompt:
+        raise ValueError(f"negative prompts are not supported for {adapter.family} (it uses a guidance embedding, "
+                         "not classifier-free guidance)")
+    if negative_prompt is not None:
+        _check_prompt(negative_prompt)
+        if prompt is None:
+            raise ValueError("negative_prompt goes with prompt; with prompt_embeds give negative_prompt_embeds")
+    if negative_prompt_embeds is not None:
+        if prompt_embeds is None:
+            raise ValueError("negative_prompt_embeds goes with prompt_embeds")
+        _check_embeds("negative_prompt_embeds", negative_prompt_embeds, 3, dims and dims[0], n_prompts)
+        if negative_pooled_prompt_embeds is None:
+            raise ValueError("negative_prompt_embeds needs negative_pooled_prompt_embeds")
+        _check_embeds("negative_pooled_prompt_embeds", negative_pooled_prompt_embeds, 2, dims and dims[1], n_prompts)
+    _check_int("num_images_per_prompt", num_images_per_prompt, 1, 4096)
+    batch = n_prompts * num_images_per_prompt
+    if guidance_scale is not None and (not isinstance(guidance_scale, numbers.Real) or isinstance(guidance_scale, bool)
+                                       or not math.isfinite(guidance_scale)):
+        raise ValueError(f"guidance_scale={guidance_scale!r} is not allowed: need a finite number")
+    _check_generator(generator, batch)
+    if seed is not None:
+        if generator is not None:
+            raise ValueError("pass either generator or seed, not both")
+        _check_int("seed", seed, 0, 2**63 - 1)
+    if max_sequence_length is not None:
+        _check_int("max_sequence_length", max_sequence_length, 1, MAX_SEQUENCE_LENGTH)
+    if num_inference_steps is not None:
+        if schedule is not None:
+            raise ValueError("num_inference_steps applies to speedup=None only; a RALU schedule fixes its own steps")
+        _check_int("num_inference_steps", num_inference_steps, 1, MAX_STEPS)
+    height = adapter.default_size if height is None else height
+    width = adapter.default_size if width is None else width
+    adapter.check_size(height, width)
+    return int(height), int(width), batch
+
+
+def _generators(generator, seed, batch: int) -> tuple[Any, list[torch.Generator]]:
     """(generator argument for the initial noise, per-image generator list for RALU's own draws)."""
-    if generator is not None and seed is not None:
-        raise ValueError("pass either generator or seed, not both")
     if generator is None:
+        # no seed: one draw from the global RNG, like diffusers' own pipelines without a generator
         generator = torch.Generator("cpu").manual_seed(int(seed) if seed is not None else
                                                        int(torch.randint(0, 2**62, (1,)).item()))
-    if isinstance(generator, list):
-        if len(generator) != batch:
-            raise ValueError(f"got {len(generator)} generators for a batch of {batch} images")
-        return generator, generator
+    if isinstance(generator, (list, tuple)):
+        return list(generator), list(generator)
     return generator, [generator] * batch
 
 
-_KEEP = object()  # generate(cache=None): keep whatever cache is attached to the adapter
+# ---------------------------------------------------------------------------------------- per-call state
+_LOCKS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+_LOCKS_LOCK = threading.Lock()
+_FALLBACK_LOCK = threading.RLock()
+
+
+def _lock_for(obj) -> threading.RLock:
+    """One lock per object (pipeline: its tokenizers; a shared cache object), kept by ralu, not on the object."""
+    with _LOCKS_LOCK:
+        try:
+            lock = _LOCKS.get(obj)
+            if lock is None:
+                lock = _LOCKS[obj] = threading.RLock()
+        except TypeError:  # not weak-referenceable: one global lock
+            lock = _FALLBACK_LOCK
+        return lock
 
 
 @contextlib.contextmanager
 def _call_cache(adapter: DiTAdapter, cache):
-    """Attach ``cache`` (a cache object, None for no cache, or ``_KEEP``) for one call; yields the active cache."""
-    previous = adapter.feature_cache
-    active = previous if cache is _KEEP else cache
-    if hasattr(active, "reset_stats"):
-        active.reset_stats()
-    adapter.feature_cache = active
-    try:
-        yield active
-    finally:
-        adapter.feature_cache = previous
+    """The feature cache of this call: ``cache`` (an object, or None for none), or the adapter's default (set with
+    :func:`ralu_runtime.cache.set_cache`) for ``_DEFAULT``. A cache object used by several calls is held by one
+    call at a time. Yields the active cache."""
+    active = adapter.feature_cache if cache is _DEFAULT else cache
+    hold = _lock_for(active) if active is not None else contextlib.nullcontext()
+    with hold:
+        if hasattr(active, "reset_stats"):
+            active.reset_stats()
+        with call_scope(active):
+            yield active
 
 
-def _prompt_batch(prompt, prompt_embeds) -> None:
-    if (prompt is None) == (prompt_embeds is None):
-        raise ValueError("give exactly one of prompt and prompt_embeds (got "
-                         f"{'both' if prompt is not None else 'neither'})")
+_DEFAULT = object()
 
 
+# ---------------------------------------------------------------------------------------------- generate
 @torch.no_grad()
 def generate(pipe, prompt: str | list[str] | None = None, *, height: int | None = None, width: int | None = None,
              speedup: str | RaluSchedule | None = "default", num_inference_steps: int | None = None,
@@ -107,77 +276,110 @@ def generate(pipe, prompt: str | list[str] | None = None, *, height: int | None 
     ``speedup="default"`` is the family's fastest preset: "7x" for FLUX.1-dev, "3x" for SD3, "4step" for
     FLUX.1-schnell.
 
-    pipe: a loaded diffusers ``FluxPipeline`` / ``StableDiffusion3Pipeline``, a local model folder (loaded
-    with ``from_pretrained``), or a :class:`~ralu_runtime.adapters.DiTAdapter`. Give ``prompt`` (str or list)
-    or ``prompt_embeds`` (+ pooled), not both. ``generator``: a torch.Generator or one per image (a batch of
-    two with generators [g1, g2] equals two single runs with g1 and g2); ``seed`` makes a CPU generator.
-    ``num_inference_steps`` applies to the baseline only (RALU's steps come from its schedule).
+    pipe: a loaded diffusers ``FluxPipeline`` / ``StableDiffusion3Pipeline`` (or a subclass), a local model folder
+    (loaded once per process with :func:`load_pipeline`; ``torch_dtype`` / ``device`` apply to that load only),
+    or a :class:`~ralu_runtime.adapters.DiTAdapter`. Give ``prompt`` (str or list) or ``prompt_embeds`` (+ pooled),
+    not both. ``height`` / ``width``: pixels, multiples of the model's coarse block (32 for FLUX and SD3), at most
+    the model's limit (FLUX 4096, SD3 its position table); default 1024. ``generator``: a torch.Generator or one per
+    image (a batch of two with generators [g1, g2] equals two single runs with g1 and g2); ``seed`` makes a CPU
+    generator. ``num_inference_steps`` applies to the baseline only (RALU's steps come from its schedule).
     ``noise``: "reference" (N(0, I) for tokens not upsampled at a boundary) or "exact" (N(0, (1 - c) I)).
-    ``edge_map``: "unit" maps the decoded [-1, 1] image by (x + 1) / 2; "clip" reproduces the reference
-    implementation's clipping. ``edge_detector``: "opencv" (CPU Canny) or "gpu" (on-device Canny).
-    ``cache``: temporal feature cache for this call (see :mod:`ralu_runtime.cache`): "taylorseer:W[:order]",
-    "fbcache:threshold", a cache object, or "none"; None keeps whatever :func:`ralu_runtime.cache.set_cache`
-    attached (nothing by default). The cache is reset at every stage; its step counts land in ``cache_stats``.
-    ``backend``: "eager", "inductor", "onnx" or "tensorrt" (see :mod:`ralu_runtime.compile`): installs a per-stage
-    compiled model call on the pipeline, kept for later calls with the same backend and ``compile_options``;
-    None keeps whatever is installed (plain eager if nothing).
+    ``edge_map``: "unit" maps the decoded [-1, 1] image by (x + 1) / 2; "clip" is the reference
+    implementation's grey mapping (see :mod:`ralu_runtime.edges`). ``edge_detector``: "opencv" (CPU Canny) or
+    "gpu" (on-device Canny). ``cache``: temporal feature cache for this call (see :mod:`ralu_runtime.cache`):
+    "taylorseer:W[:order]", "fbcache:threshold" (a fresh cache for this call), a cache object, or "none"; None
+    uses what :func:`ralu_runtime.cache.set_cache` set as the default (nothing by default). The cache is reset at
+    every stage; its step counts land in ``cache_stats``. ``backend``: "eager", "inductor", "onnx" or "tensorrt"
+    (see :mod:`ralu_runtime.compile`): installs ralu's runner for this pipeline, kept for later calls with the
+    same backend and ``compile_options``; None keeps whatever is installed (plain eager if nothing).
+
+    Raises ValueError / TypeError for bad arguments before any work, and FloatingPointError when a stage produces
+    non-finite latents (naming the stage).
     """
-    _prompt_batch(prompt, prompt_embeds)
-    if output_type not in OUTPUT_TYPES:
-        raise ValueError(f"output_type={output_type!r} is not allowed; choose one of {OUTPUT_TYPES}")
-    if noise not in NOISE_VARIANTS:
-        raise ValueError(f"noise={noise!r} is not allowed; choose one of {NOISE_VARIANTS}")
-    if edge_map not in EDGE_MAPS:
-        raise ValueError(f"edge_map={edge_map!r} is not allowed; choose one of {EDGE_MAPS}")
-    if solver not in SOLVERS:
-        raise ValueError(f"solver={solver!r} is not allowed; choose one of {tuple(SOLVERS)}")
+    # ---- model-independent arguments
+    for name, value, allowed in (("output_type", output_type, OUTPUT_TYPES), ("noise", noise, NOISE_VARIANTS),
+                                 ("edge_map", edge_map, EDGE_MAPS), ("edge_detector", edge_detector, EDGE_DETECTORS),
+                                 ("solver", solver, tuple(SOLVERS)), ("transition_impl", transition_impl,
+                                                                      TRANSITION_IMPLS)):
+        _check_choice(name, value, allowed)
+    for name, value in (("return_masks", return_masks), ("progress", progress)):
+        if not isinstance(value, bool):
+            raise TypeError(f"{name}={value!r}: use True or False")
+    if compile_options is not None and not isinstance(compile_options, dict):
+        raise TypeError(f"compile_options={compile_options!r}: give a dict of ralu_runtime.compile.CompileOptions "
+                        "fields, or None")
+    if compile_options and backend is None:
+        raise ValueError("compile_options need backend= (the backend they configure)")
+    if backend is not None:
+        from .compile import BACKENDS, CompileOptions
+
+        _check_choice("backend", backend, BACKENDS)
+        unknown = set(compile_options or {}) - set(CompileOptions.__dataclass_fields__) - {"backend"}
+        if unknown:
+            raise TypeError(f"compile_options {sorted(unknown)} are not known")
+        CompileOptions(backend=backend, **(compile_options or {}))  # validates the values
     if cache is None:
-        cache = _KEEP
+        cache = _DEFAULT
     else:
         from .cache import make_cache
 
         cache = make_cache(cache)  # parsed once, before any work: a bad spec raises ValueError here
-    if not isinstance(num_images_per_prompt, int) or num_images_per_prompt < 1:
-        raise ValueError(f"num_images_per_prompt={num_images_per_prompt!r} must be an integer >= 1")
-    if isinstance(pipe, str):
+    if isinstance(pipe, (str, os.PathLike)):
         pipe = load_pipeline(pipe, torch_dtype=torch_dtype, device=device)
+    elif torch_dtype is not None or device is not None:
+        raise ValueError("torch_dtype and device apply when pipe is a model folder; move a loaded pipeline yourself "
+                         "(pipe.to(device, dtype)): ralu does not change the pipeline it is given")
     adapter = get_adapter(pipe)
+    adapter.check_supported()
+    schedule = resolve_schedule(speedup, adapter)
+    height, width, batch = _validate(
+        adapter, prompt=prompt, prompt_embeds=prompt_embeds, pooled_prompt_embeds=pooled_prompt_embeds,
+        negative_prompt=negative_prompt, negative_prompt_embeds=negative_prompt_embeds,
+        negative_pooled_prompt_embeds=negative_pooled_prompt_embeds, height=height, width=width,
+        num_images_per_prompt=num_images_per_prompt, guidance_scale=guidance_scale, generator=generator, seed=seed,
+        max_sequence_length=max_sequence_length, num_inference_steps=num_inference_steps, schedule=schedule)
+    steps = num_inference_steps if num_inference_steps is not None else adapter.default_steps
+    guidance = adapter.default_guidance if guidance_scale is None else float(guidance_scale)
+
+    # ---- the call's own state: backend runner, feature cache, generators
     if backend is not None:
         from .compile import ensure_backend
 
         ensure_backend(adapter, backend, **(compile_options or {}))
-    schedule = resolve_schedule(speedup, adapter)
-    if schedule is not None and num_inference_steps is not None:
-        raise ValueError("num_inference_steps applies to speedup=None only; a RALU schedule fixes its own steps")
-    steps = num_inference_steps if num_inference_steps is not None else adapter.default_steps
-    if not isinstance(steps, int) or steps < 1:
-        raise ValueError(f"num_inference_steps={steps!r} must be an integer >= 1")
-    height = height or 1024
-    width = width or 1024
-    adapter.check_size(height, width)
-    guidance = adapter.default_guidance if guidance_scale is None else guidance_scale
+    runner = adapter.runner
+    if runner is not None:
+        runner.begin_call()
+    impl = runner.impl if runner is not None else None
+    velocity = runner if runner is not None else adapter.velocity
+
+    def decode(latents):
+        return adapter.decode(latents, impl=impl)
 
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
-    cond = adapter.encode_prompt(prompt, negative_prompt, prompt_embeds=prompt_embeds,
-                                 pooled_prompt_embeds=pooled_prompt_embeds, negative_prompt_embeds=negative_prompt_embeds,
-                                 negative_pooled_prompt_embeds=negative_pooled_prompt_embeds,
-                                 num_images_per_prompt=num_images_per_prompt, guidance_scale=guidance,
-                                 max_sequence_length=max_sequence_length)
+    text = prompt is not None or negative_prompt is not None
+    with (_lock_for(adapter.pipe if adapter.pipe is not None else adapter) if text else contextlib.nullcontext()):
+        cond = adapter.encode_prompt(prompt, negative_prompt, prompt_embeds=prompt_embeds,
+                                     pooled_prompt_embeds=pooled_prompt_embeds,
+                                     negative_prompt_embeds=negative_prompt_embeds,
+                                     negative_pooled_prompt_embeds=negative_pooled_prompt_embeds,
+                                     num_images_per_prompt=num_images_per_prompt, guidance_scale=guidance,
+                                     max_sequence_length=max_sequence_length)
     timings["text_encode"] = time.perf_counter() - t0
     batch = cond.batch
-    noise_gen, per_image = _generators(generator, seed, batch, adapter.device)
+    noise_gen, per_image = _generators(generator, seed, batch)
     dtype = cond.data["embeds"].dtype if "embeds" in cond.data else adapter.dtype
     noise_latents = adapter.prepare_noise(batch, height, width, noise_gen, dtype)
 
     with _call_cache(adapter, cache) as fcache:
         if schedule is None:
-            result = sample_baseline(adapter, cond, noise_latents, steps, solver=solver, progress=progress)
+            result = sample_baseline(adapter, cond, noise_latents, steps, solver=solver, progress=progress,
+                                     velocity=velocity)
         else:
             result = sample_ralu(adapter, cond, noise_latents, schedule, per_image, noise_variant=noise,
                                  edge_map=edge_map, edge_detector=edge_detector, transition_impl=transition_impl,
-                                 solver=solver, progress=progress)
-    cache_stats = fcache.stats() if hasattr(fcache, "stats") else None
+                                 solver=solver, progress=progress, velocity=velocity, decode=decode)
+        cache_stats = fcache.stats() if hasattr(fcache, "stats") else None
     for rec in result.records:
         timings[rec.name] = rec.seconds
     latents = adapter.unpack(result.tokens, *noise_latents.shape[-2:])
@@ -185,7 +387,7 @@ def generate(pipe, prompt: str | list[str] | None = None, *, height: int | None 
     if output_type == "latent":
         return RaluOutput(latents, masks, timings, result.records, schedule, cache_stats)
     t0 = time.perf_counter()
-    images = adapter.decode(latents)
+    images = decode(latents)
     if images.device.type == "cuda":
         torch.cuda.synchronize()
     timings["vae_decode"] = time.perf_counter() - t0

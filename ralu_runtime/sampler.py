@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
+from typing import Callable
 
 import torch
 from tqdm.auto import tqdm
@@ -64,19 +65,29 @@ class _Clock:
 
 
 def run_stage(adapter: DiTAdapter, x: torch.Tensor, grid: TokenGrid, timesteps: torch.Tensor, sigmas: torch.Tensor,
-              cond: Conditioning, *, solver: str = "euler", desc: str = "", progress: bool = True):
+              cond: Conditioning, *, solver: str = "euler", desc: str = "", progress: bool = True,
+              velocity: Callable | None = None):
     """Integrate one stage: ``len(timesteps)`` model calls from ``sigmas[0]`` to ``sigmas[-1]``.
 
     timesteps: ``(N,)`` float32 ``1000 * sigma`` given to the model; sigmas: ``(N+1,)`` float32.
+    velocity: the model call (default ``adapter.velocity``; ``generate`` passes the installed backend's runner).
     Returns ``(x, v_last)``: the state at ``sigmas[-1]`` and the last velocity.
     """
+    velocity = velocity or adapter.velocity
     stepper = make_solver(solver, sigmas)
     adapter.begin_stage()
     v = None
     for i in tqdm(range(len(timesteps)), desc=desc, disable=not progress, leave=False):
-        v = adapter.velocity(x, grid, timesteps[i], cond)
+        v = velocity(x, grid, timesteps[i], cond)
         x = stepper.step(i, x, v)
     return x, v
+
+
+def check_finite(x: torch.Tensor, stage: str) -> None:
+    """Raise FloatingPointError naming ``stage`` when the latents hold NaN or Inf (one reduction, one sync)."""
+    if not bool(torch.isfinite(x).all()):
+        raise FloatingPointError(f"non-finite latents (NaN or Inf) after {stage}: the model produced NaN/Inf "
+                                 "(check the prompt embeddings, guidance scale and the model's dtype)")
 
 
 def stage_timesteps(schedule: RaluSchedule, k: int, device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -88,7 +99,7 @@ def stage_timesteps(schedule: RaluSchedule, k: int, device) -> tuple[torch.Tenso
 
 
 def sample_baseline(adapter: DiTAdapter, cond: Conditioning, noise: torch.Tensor, num_steps: int, *,
-                    solver: str = "euler", progress: bool = True) -> SamplerResult:
+                    solver: str = "euler", progress: bool = True, velocity: Callable | None = None) -> SamplerResult:
     """Ordinary full-resolution sampling with the pipeline's own timesteps. noise: ``(B, C, h, w)``."""
     clock = _Clock(noise.device)
     h, w = noise.shape[-2:]
@@ -99,7 +110,9 @@ def sample_baseline(adapter: DiTAdapter, cond: Conditioning, noise: torch.Tensor
     grid = TokenGrid(grid_positions(*fine_hw, device=x.device).expand(b, -1, -1), fine_hw, None, raster=True)
     timesteps, sigmas = adapter.baseline_schedule(num_steps, x.shape[1])
     with clock("baseline", steps=len(timesteps), tokens=x.shape[1]):
-        x, _ = run_stage(adapter, x, grid, timesteps, sigmas, cond, solver=solver, desc="baseline", progress=progress)
+        x, _ = run_stage(adapter, x, grid, timesteps, sigmas, cond, solver=solver, desc="baseline", progress=progress,
+                         velocity=velocity)
+    check_finite(x, "the baseline sampler")
     return SamplerResult(x, None, clock.records)
 
 
@@ -110,7 +123,7 @@ def draw_seeds(generators: list[torch.Generator], device) -> torch.Tensor:
 
 
 def select_regions(adapter: DiTAdapter, x: torch.Tensor, v: torch.Tensor, sigma_end: float, latent_hw, k: int,
-                   generators, *, edge_map: str, edge_detector: str) -> torch.Tensor:
+                   generators, *, edge_map: str, edge_detector: str, decode: Callable | None = None) -> torch.Tensor:
     """Edge-based choice of the ``k`` coarse tokens to upsample first: ``(B, k)`` int64 sorted.
 
     Tweedie estimate ``x0 = x - sigma_end v`` at the end of stage 1, VAE decode at half resolution,
@@ -119,7 +132,7 @@ def select_regions(adapter: DiTAdapter, x: torch.Tensor, v: torch.Tensor, sigma_
     from .edges import edge_scores, select_top_blocks
 
     x0 = (x.to(torch.float32) - sigma_end * v.to(torch.float32)).to(x.dtype)
-    images = adapter.decode(adapter.unpack(x0, latent_hw[0] // 2, latent_hw[1] // 2))
+    images = (decode or adapter.decode)(adapter.unpack(x0, latent_hw[0] // 2, latent_hw[1] // 2))
     block = adapter.patch_size * adapter.vae_scale_factor
     scores = edge_scores(images, block, mapping=edge_map, detector=edge_detector)
     return select_top_blocks(scores, k, generators)
@@ -138,12 +151,13 @@ def apply_transition(x: torch.Tensor, pos: torch.Tensor, tmap, boundary, seeds: 
 def sample_ralu(adapter: DiTAdapter, cond: Conditioning, noise: torch.Tensor, schedule: RaluSchedule,
                 generators: list[torch.Generator], *, noise_variant: str = "reference", edge_map: str = "unit",
                 edge_detector: str = "opencv", transition_impl: str = "auto", solver: str = "euler",
-                progress: bool = True) -> SamplerResult:
+                progress: bool = True, velocity: Callable | None = None, decode: Callable | None = None) -> SamplerResult:
     """RALU: low-resolution stage, edge-selected partial upsampling, full-resolution stage.
 
     noise: full-resolution latent noise ``(B, C, h, w)`` (stage 1 starts from its 2x nearest downsample,
     so a RALU run and a baseline run with the same seed start from the same noise).
     generators: one per image (the same object repeated is allowed: draws are then sequential).
+    velocity / decode: the model call and the VAE decode (defaults: the adapter's plain ones).
     Returns final tokens in fine raster order ``(B, 4M, C_tok)``.
     """
     if noise_variant not in NOISE_VARIANTS:
@@ -163,13 +177,14 @@ def sample_ralu(adapter: DiTAdapter, cond: Conditioning, noise: torch.Tensor, sc
     ts, sig = stage_timesteps(schedule, 0, x.device)
     with clock("stage1", steps=len(ts), tokens=m):
         x, v = run_stage(adapter, x, TokenGrid(pos, coarse_hw, None, raster=True), ts, sig, cond,
-                         solver=solver, desc="RALU stage 1/3", progress=progress)
+                         solver=solver, desc="RALU stage 1/3", progress=progress, velocity=velocity)
+    check_finite(x, "RALU stage 1")
 
     # region choice
     with clock("edges", tokens=k):
         if 0 < k < m:
             sel = select_regions(adapter, x, v, float(sig[-1]), latent_hw, k, generators,
-                                 edge_map=edge_map, edge_detector=edge_detector)
+                                 edge_map=edge_map, edge_detector=edge_detector, decode=decode)
         else:
             sel = torch.arange(m, device=x.device).expand(b, m)[:, :k]
         layout = TokenLayout(coarse_hw, sel.to(x.device))
@@ -181,7 +196,8 @@ def sample_ralu(adapter: DiTAdapter, cond: Conditioning, noise: torch.Tensor, sc
     ts, sig = stage_timesteps(schedule, 1, x.device)
     with clock("stage2", steps=len(ts), tokens=x.shape[1]):
         x, v = run_stage(adapter, x, TokenGrid(pos, coarse_hw, layout.stage2_fine_mask()), ts, sig, cond,
-                         solver=solver, desc="RALU stage 2/3", progress=progress)
+                         solver=solver, desc="RALU stage 2/3", progress=progress, velocity=velocity)
+    check_finite(x, "RALU stage 2")
 
     # transition 2 -> 3
     with clock("transition23", tokens=4 * m):
@@ -190,5 +206,6 @@ def sample_ralu(adapter: DiTAdapter, cond: Conditioning, noise: torch.Tensor, sc
     ts, sig = stage_timesteps(schedule, 2, x.device)
     with clock("stage3", steps=len(ts), tokens=x.shape[1]):
         x, _ = run_stage(adapter, x, TokenGrid(pos, fine_hw, None, raster=True), ts, sig, cond,
-                         solver=solver, desc="RALU stage 3/3", progress=progress)
+                         solver=solver, desc="RALU stage 3/3", progress=progress, velocity=velocity)
+    check_finite(x, "RALU stage 3")
     return SamplerResult(x, layout, clock.records)

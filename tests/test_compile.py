@@ -15,9 +15,10 @@ import torch
 from ralu_runtime import generate
 from ralu_runtime.adapters import TokenGrid, get_adapter
 from ralu_runtime.compile import (BACKENDS, CompileOptions, StageRunner, compile_adapter, compile_stats, ensure_backend,
-                                  save_compile_artifacts, uncompile_adapter, warmup)
+                                  save_compile_artifacts, uncompile_adapter)
+from ralu_runtime.warmup import warmup
 from ralu_runtime.layout import grid_positions
-from tiny_inputs import flux_embeds, sd3_embeds
+from tiny_inputs import flux_embeds, lora_state_dict, sd3_embeds
 
 TOL = dict(atol=1e-4, rtol=1e-4)
 HAVE_TRANSITION = importlib.util.find_spec("ralu_kernels.transition") is not None
@@ -61,7 +62,7 @@ def inductor_flux():
 def test_inductor_matches_eager_and_new_token_counts_do_not_recompile(inductor_flux):
     pipe, emb, refs, runner = inductor_flux
     adapter = get_adapter(pipe)
-    assert isinstance(adapter.velocity, StageRunner)
+    assert isinstance(adapter.runner, StageRunner)
     out = generate(pipe, **emb, height=64, width=64, backend="inductor", **BASE).images
     torch.testing.assert_close(out, refs[(64, 64)], **TOL)
     graphs = compile_stats()["unique_graphs"]
@@ -70,12 +71,11 @@ def test_inductor_matches_eager_and_new_token_counts_do_not_recompile(inductor_f
     torch.testing.assert_close(out, refs[(96, 128)], **TOL)
     # stage-2-like mixed token sets of several sizes (coarse 4x4 grid; 16 + 3k tokens), against eager
     cond = _cond(adapter, emb)
-    eager = type(adapter).velocity.__get__(adapter)
     for k in (1, 3, 5):
         grid = _mixed_grid(adapter, 1, (4, 4), k)
         x = torch.randn(1, grid.positions.shape[1], adapter.token_channels, generator=torch.Generator().manual_seed(k))
         t = torch.tensor(700.0)
-        torch.testing.assert_close(adapter.velocity(x, grid, t, cond), eager(x, grid, t, cond), **TOL)
+        torch.testing.assert_close(adapter.runner(x, grid, t, cond), adapter.velocity(x, grid, t, cond), **TOL)
     assert compile_stats()["unique_graphs"] == graphs, "a new token count recompiled"
 
 
@@ -118,18 +118,22 @@ def test_cache_artifacts_can_be_saved(inductor_flux, tmp_path):
 
 @pytest.mark.parametrize("family", ["flux", "sd3"])
 @torch.no_grad()
-def test_onnx_matches_eager(family):
-    pytest.importorskip("onnxruntime")
+def test_onnx_matches_eager(family, monkeypatch):
+    ort = pytest.importorskip("onnxruntime")
     pytest.importorskip("onnx")
     from ralu_runtime.tiny import build_tiny_sd3_pipeline
 
+    runs = []
+    real_run = ort.InferenceSession.run
+    monkeypatch.setattr(ort.InferenceSession, "run", lambda self, *a, **k: runs.append(1) or real_run(self, *a, **k))
     pipe = _fresh_flux() if family == "flux" else build_tiny_sd3_pipeline(seed=0)
     emb = flux_embeds(1) if family == "flux" else sd3_embeds(1)
     kw = dict(BASE, guidance_scale=5.0) if family == "sd3" else BASE
     ref = generate(pipe, **emb, height=64, width=64, **kw).images
     out = generate(pipe, **emb, height=64, width=64, backend="onnx", **kw).images
     torch.testing.assert_close(out, ref, **TOL)
-    runner = get_adapter(pipe).velocity
+    assert len(runs) == BASE["num_inference_steps"], "a step did not run in onnxruntime (silent eager fallback?)"
+    runner = get_adapter(pipe).runner
     assert [b.kind for b in runner.builds] == ["onnx"]  # one export for the one signature, replayed per step
     # a stage-2 mixed token set (per-token positions, fine mask) through its own exported graph
     adapter = get_adapter(pipe)
@@ -137,8 +141,8 @@ def test_onnx_matches_eager(family):
     grid = _mixed_grid(adapter, 1, (2, 2), 1)
     x = torch.randn(1, grid.positions.shape[1], adapter.token_channels, generator=torch.Generator().manual_seed(0))
     t = torch.tensor(500.0)
-    eager = type(adapter).velocity.__get__(adapter)
-    torch.testing.assert_close(adapter.velocity(x, grid, t, cond), eager(x, grid, t, cond), **TOL)
+    torch.testing.assert_close(adapter.runner(x, grid, t, cond), adapter.velocity(x, grid, t, cond), **TOL)
+    assert len(runs) == BASE["num_inference_steps"] + 1
     uncompile_adapter(pipe)
 
 
@@ -162,16 +166,6 @@ def test_unknown_backend_and_cpu_cuda_graphs_are_rejected():
     assert set(BACKENDS) == {"eager", "inductor", "onnx", "tensorrt"}
 
 
-def _lora_state_dict(transformer, rank: int, seed: int) -> dict:
-    g = torch.Generator().manual_seed(seed)
-    sd = {}
-    for name, mod in transformer.named_modules():
-        if name.endswith(("attn.to_q", "attn.to_k", "attn.to_v")):
-            sd[f"transformer.{name}.lora_A.weight"] = torch.randn(rank, mod.in_features, generator=g) * 0.3
-            sd[f"transformer.{name}.lora_B.weight"] = torch.randn(mod.out_features, rank, generator=g) * 0.3
-    return sd
-
-
 def _lora_hotswap(dynamo_backend):
     pytest.importorskip("peft")
     pipe = _fresh_flux()
@@ -179,12 +173,12 @@ def _lora_hotswap(dynamo_backend):
     kw = dict(BASE, height=64, width=64)
     base = generate(pipe, **emb, **kw).images
     pipe.enable_lora_hotswap(target_rank=8)
-    pipe.load_lora_weights(_lora_state_dict(pipe.transformer, 4, 1), adapter_name="style")
+    pipe.load_lora_weights(lora_state_dict(pipe.transformer, 4, 1), adapter_name="style")
     compile_adapter(pipe, "inductor", dynamo_backend=dynamo_backend)
     a = generate(pipe, **emb, **kw).images
     assert (a - base).abs().max() > 1e-3  # the LoRA is active
     graphs = compile_stats()["unique_graphs"]
-    pipe.load_lora_weights(_lora_state_dict(pipe.transformer, 8, 2), adapter_name="style", hotswap=True)
+    pipe.load_lora_weights(lora_state_dict(pipe.transformer, 8, 2), adapter_name="style", hotswap=True)
     b = generate(pipe, **emb, **kw).images
     assert compile_stats()["unique_graphs"] == graphs, "LoRA hot-swap recompiled"
     assert (b - a).abs().max() > 1e-3  # the new LoRA is active
@@ -253,8 +247,11 @@ def test_fused_qkv_fast_default_matches_unfused(family):
     ref = generate(pipe, **emb, height=64, width=64, **BASE).images
     runner = compile_adapter(pipe, "eager", fused_qkv=True, attn_backend="math")
     assert runner.applied["fused_qkv"]
-    assert any(getattr(m, "fused_projections", False) for m in pipe.transformer.modules())
     torch.testing.assert_close(generate(pipe, **emb, height=64, width=64, **BASE).images, ref, **TOL)
+    # the fusion is ralu's own: the user's attention layers are untouched
+    assert not any(getattr(m, "fused_projections", False) or hasattr(m, "to_qkv") for m in pipe.transformer.modules())
+    if family == "flux":
+        assert runner.impl.fused_store.nbytes() > 0  # FLUX attention runs on the fused copies
 
 
 @torch.no_grad()
@@ -265,10 +262,12 @@ def test_compiled_vae_decoder_gives_the_same_images_and_is_undone():
     kw = dict(BASE, output_type="pt", height=64, width=64)
     ref = generate(pipe, **flux_embeds(1), **kw).images
     runner = compile_adapter(pipe, "eager", compile_vae=True, dynamo_backend="eager")
-    assert runner._compiled_vae is pipe.vae.decoder
-    assert pipe.vae.decoder._compiled_call_impl is not None
+    assert runner.applied["compile_vae"]
     out = generate(pipe, **flux_embeds(1), **kw).images
     torch.testing.assert_close(out, ref, **TOL)
+    assert runner.impl.vae_decode(pipe.vae) is not None  # ralu's compiled decode ...
+    assert pipe.vae.decoder._compiled_call_impl is None and pipe.vae._compiled_call_impl is None  # ... not the user's
     uncompile_adapter(pipe)
-    assert pipe.vae.decoder._compiled_call_impl is None
-    assert StageRunner(get_adapter(pipe), CompileOptions(backend="eager"))._compiled_vae is None  # off on CPU
+    assert get_adapter(pipe).runner is None and runner.impl._vae is None  # released with the runner
+    assert torch.equal(generate(pipe, **flux_embeds(1), **kw).images, ref)
+    assert not StageRunner(get_adapter(pipe), CompileOptions(backend="eager")).applied["compile_vae"]  # off on CPU

@@ -1,38 +1,67 @@
-"""Model adapters: one file per DiT family, registered here by pipeline class name."""
+"""Model adapters: one file per DiT family, registered here by pipeline class name.
+
+:func:`get_adapter` keeps one adapter per pipeline in a table owned by ralu (weakly keyed: nothing is stored
+on the pipeline, and the adapter goes away with it). An adapter holds the components it was built for
+(:meth:`DiTAdapter.components`); when the pipeline's components are swapped (``pipe.transformer = other``) the
+next call builds a new adapter, so a stale model never runs.
+"""
 from __future__ import annotations
 
-from .base import Conditioning, DiTAdapter, TokenGrid
+import importlib
+import threading
+import weakref
 
-# pipeline class name -> "module:AdapterClass" (imported lazily so diffusers loads only when needed)
+from .base import CallState, Conditioning, DiTAdapter, ModelImpl, TokenGrid, call_scope, current_cache
+
+# pipeline class name -> "module:AdapterClass" (imported lazily so diffusers loads only when needed); subclasses
+# of these pipelines are accepted (the first registered class in the pipeline's MRO decides)
 ADAPTERS: dict[str, str] = {
     "FluxPipeline": "ralu_runtime.adapters.flux:FluxAdapter",
     "StableDiffusion3Pipeline": "ralu_runtime.adapters.sd3:SD3Adapter",
 }
 
+_TABLE: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+_LOCK = threading.Lock()
+
+
+def adapter_class_name(pipe) -> str | None:
+    """The registered pipeline class ``pipe`` is (or derives from), or None."""
+    for cls in type(pipe).__mro__:
+        if cls.__name__ in ADAPTERS:
+            return cls.__name__
+    return None
+
 
 def get_adapter(pipe) -> DiTAdapter:
-    """Return the adapter for a loaded diffusers pipeline (cached on the pipeline), or the adapter itself.
+    """Return the adapter for a loaded diffusers pipeline, or the adapter itself.
 
     Raises ValueError naming the class and the supported ones for anything else.
     """
     if isinstance(pipe, DiTAdapter):
         return pipe
-    cached = getattr(pipe, "_ralu_adapter", None)
-    if cached is not None:
-        return cached
-    name = type(pipe).__name__
-    if name not in ADAPTERS:
-        raise ValueError(f"unsupported model class {name!r}: ralu supports {sorted(ADAPTERS)} "
-                         "(or pass a ralu_runtime.adapters.DiTAdapter)")
-    import importlib
+    name = adapter_class_name(pipe)
+    if name is None:
+        raise ValueError(f"unsupported model class {type(pipe).__name__!r}: ralu supports {sorted(ADAPTERS)} and "
+                         "their subclasses (or pass a ralu_runtime.adapters.DiTAdapter)")
+    with _LOCK:
+        try:
+            cached = _TABLE.get(pipe)
+        except TypeError:  # pragma: no cover - an unhashable pipeline: no table entry
+            cached = None
+        if cached is not None and _same(cached.components(), cached.read_components()):
+            return cached
+        module, cls = ADAPTERS[name].split(":")
+        adapter = getattr(importlib.import_module(module), cls)(pipe)
+        try:
+            _TABLE[pipe] = adapter
+        except TypeError:  # pragma: no cover
+            pass
+        return adapter
 
-    module, cls = ADAPTERS[name].split(":")
-    adapter = getattr(importlib.import_module(module), cls)(pipe)
-    try:
-        pipe._ralu_adapter = adapter
-    except AttributeError:  # pragma: no cover - exotic pipelines
-        pass
-    return adapter
+
+def _same(a: tuple, b: tuple) -> bool:
+    return len(a) == len(b) and all(x is y for x, y in zip(a, b))
 
 
-__all__ = ["ADAPTERS", "Conditioning", "DiTAdapter", "TokenGrid", "get_adapter"]
+__all__ = ["ADAPTERS", "CallState", "Conditioning", "DiTAdapter", "ModelImpl", "TokenGrid", "adapter_class_name",
+           "call_scope", "current_cache", "get_adapter"]

@@ -10,9 +10,11 @@ flow-matching convention ``v = noise - data`` with ``x_sigma = (1 - sigma) * dat
 """
 from __future__ import annotations
 
+import contextlib
+import contextvars
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -35,6 +37,34 @@ class TokenGrid:
     grid_hw: tuple[int, int]
     fine_mask: torch.Tensor | None = None
     raster: bool = False
+
+
+def call_with_hooks(module: torch.nn.Module, fn: Callable, args: tuple, hook_kwargs: dict):
+    """``fn(*args)`` in place of ``module(**hook_kwargs)``, with the module's torch forward pre-hooks and forward
+    hooks run around it as ``Module.__call__`` would for a keyword-only call (positional args ``()``).
+
+    For adapters that run a block's layers themselves: hooks that observe (counters, probes) keep working.
+    A hook that returns a replacement input or output cannot be honoured: NotImplementedError.
+    """
+    pre, post = module._forward_pre_hooks, module._forward_hooks
+    if not pre and not post:
+        return fn(*args)
+    name = type(module).__name__
+    for hid, hook in list(pre.items()):
+        r = hook(module, (), hook_kwargs) if hid in module._forward_pre_hooks_with_kwargs else hook(module, ())
+        if r is not None:
+            raise NotImplementedError(f"a forward pre-hook on {name} returned new inputs; ralu runs this block's "
+                                      "layers itself and cannot apply hooks that change its inputs")
+    out = fn(*args)
+    for hid, hook in list(post.items()):
+        if hid in module._forward_hooks_with_kwargs:
+            r = hook(module, (), hook_kwargs, out)
+        else:
+            r = hook(module, (), out)
+        if r is not None:
+            raise NotImplementedError(f"a forward hook on {name} returned a new output; ralu runs this block's "
+                                      "layers itself and cannot apply hooks that change its output")
+    return out
 
 
 class SplitBlocks:
@@ -60,6 +90,57 @@ class Conditioning:
     data: dict[str, Any]
 
 
+class ModelImpl:
+    """How a model call is executed, chosen by the backend that runs it (:mod:`ralu_runtime.compile`).
+
+    The adapter's ``velocity`` asks it for each block kind's callable (:meth:`block`: the plain function, or a
+    ``torch.compile`` of it owned by ralu), for fused projection weights (:meth:`fused`: None means "use the
+    model's own layers") and for the VAE decode (:meth:`vae_decode`). The user's modules are never changed:
+    compiled and fused objects live here. This base class is plain eager execution.
+    """
+
+    def block(self, name: str, fn: Callable) -> Callable:
+        """The callable to run for block kind ``name`` whose eager implementation is ``fn``."""
+        return fn
+
+    def fused(self, module: torch.nn.Module, names: tuple[str, ...]):
+        """``(weight, bias)`` concatenating ``module``'s Linear layers ``names`` (live weights), or None."""
+        return None
+
+    def vae_decode(self, vae) -> Callable | None:
+        """A replacement for ``vae.decode(z, return_dict=False)[0]``, or None for the VAE's own."""
+        return None
+
+
+EAGER = ModelImpl()
+
+
+@dataclass
+class CallState:
+    """What belongs to one ``generate`` call and nothing else: its temporal feature cache (or None)."""
+
+    cache: Any = None
+
+
+_CALL: contextvars.ContextVar[CallState | None] = contextvars.ContextVar("ralu_call", default=None)
+
+
+@contextlib.contextmanager
+def call_scope(cache=None):
+    """Make ``cache`` the feature cache of the calls made in this context (this thread only)."""
+    token = _CALL.set(CallState(cache))
+    try:
+        yield _CALL.get()
+    finally:
+        _CALL.reset(token)
+
+
+def current_cache():
+    """The feature cache of the ``generate`` call running in this thread (None outside one, or without cache)."""
+    state = _CALL.get()
+    return None if state is None else state.cache
+
+
 class DiTAdapter(ABC):
     """Base class of model adapters.
 
@@ -73,25 +154,48 @@ class DiTAdapter(ABC):
     default_steps: int = 28
     default_guidance: float = 3.5
     base_shift: float = 3.0
+    default_size: int = 1024                 # pixels per side when generate gets no height / width
+    supports_negative_prompt: bool = False   # classifier-free guidance with negative prompts
 
     def __init__(self, pipe):
         self.pipe = pipe
-        self.feature_cache = None  # optional ralu_runtime cache object (temporal acceleration), see run_blocks
+        # default temporal cache for calls that pass cache=None (set by ralu_runtime.cache.set_cache); each call
+        # runs with its own cache (see call_scope), so concurrent calls never share or swap one
+        self.feature_cache = None
+        self.runner = None  # the installed compile backend (ralu_runtime.compile.StageRunner), if any
+        self._components = self.read_components()
+
+    def read_components(self) -> tuple:
+        """The pipeline's components this adapter depends on, as they are now (transformer, VAE)."""
+        if self.pipe is None:
+            return ()
+        return (getattr(self.pipe, "transformer", None), getattr(self.pipe, "vae", None))
+
+    def components(self) -> tuple:
+        """The components this adapter was built for; when :meth:`read_components` differs (e.g.
+        ``pipe.transformer = other``), :func:`ralu_runtime.adapters.get_adapter` builds a new adapter."""
+        return self._components
+
+    def check_supported(self) -> None:
+        """Raise ValueError when the model is in a state this adapter cannot run faithfully (before any work)."""
 
     # ---- temporal-cache hooks ----------------------------------------------------------------------------
     def begin_stage(self) -> None:
         """Called by the sampler at the start of every stage: the token set changes, caches are invalid."""
-        if self.feature_cache is not None:
-            self.feature_cache.reset()
+        cache = current_cache()
+        if cache is not None:
+            cache.reset()
 
     def run_blocks(self, blocks_fn, hidden: torch.Tensor, timestep: torch.Tensor):
-        """Run the transformer's block stack ``blocks_fn()`` -> image hidden states, through the cache if set.
+        """Run the transformer's block stack ``blocks_fn()`` -> image hidden states, through the calling
+        ``generate``'s feature cache if it has one.
 
         ``blocks_fn`` may be a :class:`SplitBlocks` (first block / remaining blocks), which first-block caches need.
         """
-        if self.feature_cache is None:
+        cache = current_cache()
+        if cache is None:
             return blocks_fn()
-        return self.feature_cache(blocks_fn, hidden, timestep)
+        return cache(blocks_fn, hidden, timestep)
 
     # ---- geometry ------------------------------------------------------------------------------------
     @property
@@ -136,15 +240,29 @@ class DiTAdapter(ABC):
         p = self._first_parameter()
         return p.dtype if p is not None and p.is_floating_point() else self.pipe.transformer.dtype
 
+    def max_size(self) -> int | None:
+        """Largest height / width in pixels this model can take (None: no limit known)."""
+        return None
+
+    def embed_dims(self) -> tuple[int, int] | None:
+        """``(prompt embedding dim, pooled embedding dim)`` the model expects (None: not checked)."""
+        return None
+
     def check_size(self, height: int, width: int) -> None:
-        """Raise ValueError unless height and width are positive multiples of :attr:`coarse_block_px`."""
+        """Raise ValueError unless height and width are positive multiples of :attr:`coarse_block_px` within
+        :meth:`max_size` (TypeError for non-integers)."""
         blk = self.coarse_block_px
+        cap = self.max_size()
         for name, val in (("height", height), ("width", width)):
-            if not isinstance(val, (int, np.integer)) or val <= 0 or val % blk:
+            if isinstance(val, bool) or not isinstance(val, (int, np.integer)):
+                raise TypeError(f"{name}={val!r} is not allowed: need an integer number of pixels")
+            if val <= 0 or val % blk:
                 raise ValueError(
                     f"{name}={val} is not allowed: RALU needs a positive multiple of {blk} pixels for this model "
                     f"(VAE factor {self.vae_scale_factor} x patch {self.patch_size} x 2 for the coarse stage)"
                 )
+            if cap is not None and val > cap:
+                raise ValueError(f"{name}={val} is not allowed: this model takes at most {cap} pixels per side")
 
     def latent_hw(self, height: int, width: int) -> tuple[int, int]:
         return height // self.vae_scale_factor, width // self.vae_scale_factor
@@ -181,18 +299,23 @@ class DiTAdapter(ABC):
         return randn_tensor((batch, self.latent_channels, h, w), generator=generators, device=self.device, dtype=dtype)
 
     @abstractmethod
-    def velocity(self, tokens: torch.Tensor, grid: TokenGrid, timestep: torch.Tensor, cond: Conditioning) -> torch.Tensor:
-        """Flow velocity ``(B, L, C_tok)`` for tokens at ``timestep = 1000 * sigma`` (0-dim float32 tensor)."""
+    def velocity(self, tokens: torch.Tensor, grid: TokenGrid, timestep: torch.Tensor, cond: Conditioning,
+                 impl: ModelImpl | None = None) -> torch.Tensor:
+        """Flow velocity ``(B, L, C_tok)`` for tokens at ``timestep = 1000 * sigma`` (0-dim float32 tensor).
+
+        ``impl``: how to execute the model (compiled block callables, fused weights); None = plain eager."""
 
     @abstractmethod
     def baseline_schedule(self, num_steps: int, image_seq_len: int) -> tuple[torch.Tensor, torch.Tensor]:
         """The diffusers pipeline's own ``(timesteps (N,), sigmas (N+1,))`` float32 for a full-resolution run."""
 
-    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+    def decode(self, latents: torch.Tensor, impl: ModelImpl | None = None) -> torch.Tensor:
         """Latents ``(B, C, h, w)`` -> images ``(B, 3, 8h, 8w)`` float in about [-1, 1]."""
         vae = self.pipe.vae
         latents = latents / vae.config.scaling_factor + (getattr(vae.config, "shift_factor", None) or 0.0)
-        return vae.decode(latents.to(vae.dtype), return_dict=False)[0]
+        latents = latents.to(next(vae.parameters()).dtype)
+        fn = (impl or EAGER).vae_decode(vae)
+        return fn(latents) if fn is not None else vae.decode(latents, return_dict=False)[0]
 
     def postprocess(self, images: torch.Tensor, output_type: str):
         """Images in [-1, 1] -> the requested ``output_type`` ("pil", "np", "pt")."""

@@ -2,8 +2,17 @@
 
 RALU stage 2 gives every image its own token positions, so rotary embeddings are per image
 ``(B, L, D)``; diffusers' FluxAttnProcessor only broadcasts ``(L, D)``. The adapter therefore runs the
-transformer's blocks itself with :class:`BatchedRopeFluxAttnProcessor`, which is numerically the same
-as diffusers' processor when all images share positions.
+transformer's blocks itself (:func:`flux_double_block`, :func:`flux_single_block`: the same operations in
+the same order as diffusers' ``FluxTransformerBlock`` / ``FluxSingleTransformerBlock`` and
+``FluxAttnProcessor``, bitwise equal to them when all images share positions), calling the blocks' own
+layers, so LoRA layers and hooks on layers take effect. Nothing on the user's model is replaced or
+patched: not the attention processors, not the projections (fused q/k/v weights, when a backend asks
+for them, are ralu's own copies: :mod:`ralu_runtime.adapters.fused`).
+
+Torch forward hooks on the blocks still run (:func:`~ralu_runtime.adapters.base.call_with_hooks`). Not
+supported (refused before any work, :meth:`FluxAdapter.check_supported`): attention processors other than
+diffusers' ``FluxAttnProcessor`` (IP-Adapter, custom processors) and diffusers hook registries on the blocks
+(``enable_cache``, block-level group offloading), which running the blocks' layers would bypass.
 """
 from __future__ import annotations
 
@@ -12,7 +21,7 @@ import copy
 import numpy as np
 import torch
 
-from .base import Conditioning, DiTAdapter, SplitBlocks, TokenGrid
+from .base import EAGER, Conditioning, DiTAdapter, ModelImpl, SplitBlocks, TokenGrid, call_with_hooks
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -29,46 +38,86 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return (x.float() * cos + x_rotated.float() * sin).to(x.dtype)
 
 
-class BatchedRopeFluxAttnProcessor:
-    """FLUX attention processor accepting per-image rotary embeddings ``(B, S, D)``."""
+def _projections(attn, x, names, fused):
+    """q, k, v of ``x`` from ``attn``'s layers ``names`` (or their fused weights ``(w, b)``)."""
+    if fused is not None:
+        return torch.nn.functional.linear(x, fused[0], fused[1]).chunk(3, dim=-1)
+    return tuple(getattr(attn, n)(x) for n in names)
 
-    _attention_backend = None
-    _parallel_config = None
 
-    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, image_rotary_emb=None):
-        from diffusers.models.attention_dispatch import dispatch_attention_fn
-        from diffusers.models.transformers.transformer_flux import _get_qkv_projections
+def flux_attention(attn, hidden_states, encoder_hidden_states, rope, qkv=None, added_qkv=None):
+    """diffusers' ``FluxAttnProcessor`` on ``attn`` with per-image or shared rotary ``rope = (cos, sin)``.
 
-        query, key, value, encoder_query, encoder_key, encoder_value = _get_qkv_projections(
-            attn, hidden_states, encoder_hidden_states
-        )
-        query = attn.norm_q(query.unflatten(-1, (-1, attn.head_dim)))
-        key = attn.norm_k(key.unflatten(-1, (-1, attn.head_dim)))
-        value = value.unflatten(-1, (-1, attn.head_dim))
-        if attn.added_kv_proj_dim is not None:
-            encoder_query = attn.norm_added_q(encoder_query.unflatten(-1, (-1, attn.head_dim)))
-            encoder_key = attn.norm_added_k(encoder_key.unflatten(-1, (-1, attn.head_dim)))
-            encoder_value = encoder_value.unflatten(-1, (-1, attn.head_dim))
-            query = torch.cat([encoder_query, query], dim=1)
-            key = torch.cat([encoder_key, key], dim=1)
-            value = torch.cat([encoder_value, value], dim=1)
-        if image_rotary_emb is not None:
-            cos, sin = image_rotary_emb
-            query = apply_rope(query, cos, sin)
-            key = apply_rope(key, cos, sin)
-        hidden_states = dispatch_attention_fn(
-            query, key, value, attn_mask=attention_mask, backend=self._attention_backend,
-            parallel_config=self._parallel_config,
-        )
-        hidden_states = hidden_states.flatten(2, 3).to(query.dtype)
-        if encoder_hidden_states is not None:
-            encoder_hidden_states, hidden_states = hidden_states.split_with_sizes(
-                [encoder_hidden_states.shape[1], hidden_states.shape[1] - encoder_hidden_states.shape[1]], dim=1
-            )
-            hidden_states = attn.to_out[1](attn.to_out[0](hidden_states.contiguous()))
-            encoder_hidden_states = attn.to_add_out(encoder_hidden_states.contiguous())
-            return hidden_states, encoder_hidden_states
-        return hidden_states
+    ``qkv`` / ``added_qkv``: fused ``(weight, bias)`` of to_q/to_k/to_v and add_q/k/v_proj, or None.
+    """
+    from diffusers.models.attention_dispatch import dispatch_attention_fn
+
+    query, key, value = _projections(attn, hidden_states, ("to_q", "to_k", "to_v"), qkv)
+    query = attn.norm_q(query.unflatten(-1, (-1, attn.head_dim)))
+    key = attn.norm_k(key.unflatten(-1, (-1, attn.head_dim)))
+    value = value.unflatten(-1, (-1, attn.head_dim))
+    if encoder_hidden_states is not None and attn.added_kv_proj_dim is not None:
+        eq, ek, ev = _projections(attn, encoder_hidden_states, ("add_q_proj", "add_k_proj", "add_v_proj"), added_qkv)
+        eq = attn.norm_added_q(eq.unflatten(-1, (-1, attn.head_dim)))
+        ek = attn.norm_added_k(ek.unflatten(-1, (-1, attn.head_dim)))
+        ev = ev.unflatten(-1, (-1, attn.head_dim))
+        query = torch.cat([eq, query], dim=1)
+        key = torch.cat([ek, key], dim=1)
+        value = torch.cat([ev, value], dim=1)
+    if rope is not None:
+        query = apply_rope(query, *rope)
+        key = apply_rope(key, *rope)
+    proc = attn.processor
+    out = dispatch_attention_fn(query, key, value, attn_mask=None, backend=getattr(proc, "_attention_backend", None),
+                                parallel_config=getattr(proc, "_parallel_config", None))
+    out = out.flatten(2, 3).to(query.dtype)
+    if encoder_hidden_states is None:
+        return out
+    enc, out = out.split_with_sizes([encoder_hidden_states.shape[1], out.shape[1] - encoder_hidden_states.shape[1]],
+                                    dim=1)
+    out = attn.to_out[1](attn.to_out[0](out.contiguous()))
+    return out, attn.to_add_out(enc.contiguous())
+
+
+def flux_double_block(block, hidden_states, encoder_hidden_states, temb, rope, qkv=None, added_qkv=None):
+    """diffusers' ``FluxTransformerBlock.forward`` (same operations, same order) with :func:`flux_attention`.
+    Returns ``(encoder_hidden_states, hidden_states)``."""
+    norm_h, gate_msa, shift_mlp, scale_mlp, gate_mlp = block.norm1(hidden_states, emb=temb)
+    norm_e, c_gate_msa, c_shift_mlp, c_scale_mlp, c_gate_mlp = block.norm1_context(encoder_hidden_states, emb=temb)
+    attn_out, context_attn_out = flux_attention(block.attn, norm_h, norm_e, rope, qkv, added_qkv)
+
+    hidden_states = hidden_states + gate_msa.unsqueeze(1) * attn_out
+    norm_h = block.norm2(hidden_states)
+    norm_h = norm_h * (1 + scale_mlp[:, None]) + shift_mlp[:, None]
+    hidden_states = hidden_states + gate_mlp.unsqueeze(1) * block.ff(norm_h)
+
+    encoder_hidden_states = encoder_hidden_states + c_gate_msa.unsqueeze(1) * context_attn_out
+    norm_e = block.norm2_context(encoder_hidden_states)
+    norm_e = norm_e * (1 + c_scale_mlp[:, None]) + c_shift_mlp[:, None]
+    encoder_hidden_states = encoder_hidden_states + c_gate_mlp.unsqueeze(1) * block.ff_context(norm_e)
+    if encoder_hidden_states.dtype == torch.float16:
+        encoder_hidden_states = encoder_hidden_states.clip(-65504, 65504)
+    return encoder_hidden_states, hidden_states
+
+
+def flux_single_block(block, hidden_states, encoder_hidden_states, temb, rope, qkv=None):
+    """diffusers' ``FluxSingleTransformerBlock.forward`` (same operations, same order) with
+    :func:`flux_attention`. Returns ``(encoder_hidden_states, hidden_states)``."""
+    text_len = encoder_hidden_states.shape[1]
+    x = torch.cat([encoder_hidden_states, hidden_states], dim=1)
+    residual = x
+    norm_x, gate = block.norm(x, emb=temb)
+    mlp = block.act_mlp(block.proj_mlp(norm_x))
+    attn_out = flux_attention(block.attn, norm_x, None, rope, qkv)
+    x = torch.cat([attn_out, mlp], dim=2)
+    x = residual + gate.unsqueeze(1) * block.proj_out(x)
+    if x.dtype == torch.float16:
+        x = x.clip(-65504, 65504)
+    return x[:, :text_len], x[:, text_len:]
+
+
+QKV = ("to_q", "to_k", "to_v")
+ADDED_QKV = ("add_q_proj", "add_k_proj", "add_v_proj")
 
 
 class FluxAdapter(DiTAdapter):
@@ -87,16 +136,33 @@ class FluxAdapter(DiTAdapter):
             self.default_preset = "4step"
             self.default_steps = 4
             self.base_shift = 1.0
-        self._install_processors()
 
-    def _install_processors(self) -> None:
-        for module in self.transformer.modules():
+    def check_supported(self) -> None:
+        tr = self.transformer
+        for name, module in tr.named_modules():
             proc = getattr(module, "processor", None)
-            if proc is not None and type(proc).__name__ == "FluxAttnProcessor":
-                new = BatchedRopeFluxAttnProcessor()
-                new._attention_backend = getattr(proc, "_attention_backend", None)
-                new._parallel_config = getattr(proc, "_parallel_config", None)
-                module.processor = new
+            if proc is not None and type(proc).__name__ != "FluxAttnProcessor":
+                raise ValueError(f"{name} has attention processor {type(proc).__name__}; ralu runs FLUX attention "
+                                 "itself and supports only diffusers' FluxAttnProcessor (no IP-Adapter or custom "
+                                 "processors): restore it with pipe.transformer.set_attn_processor(FluxAttnProcessor())")
+        for kind in ("transformer_blocks", "single_transformer_blocks"):
+            for i, block in enumerate(getattr(tr, kind)):
+                hooks = getattr(block, "_diffusers_hook", None)
+                if hooks is not None and getattr(hooks, "hooks", None):
+                    raise ValueError(f"{kind}.{i} carries diffusers hooks ({', '.join(map(str, hooks.hooks))}: e.g. "
+                                     "enable_cache or block-level group offloading); ralu runs the FLUX blocks' "
+                                     "layers itself and would bypass them. Remove them (pipe.transformer."
+                                     "disable_cache(), leaf-level or no offloading) and use generate(cache=...) for "
+                                     "temporal caching")
+
+    max_side_px = 4096  # 65536 fine tokens; FLUX.1 is trained up to about 2 MP, beyond this only time is lost
+
+    def max_size(self) -> int:
+        return self.max_side_px
+
+    def embed_dims(self) -> tuple[int, int]:
+        cfg = self.transformer.config
+        return int(cfg.joint_attention_dim), int(cfg.pooled_projection_dim)
 
     @property
     def patch_size(self) -> int:
@@ -140,7 +206,8 @@ class FluxAdapter(DiTAdapter):
         cos, sin = self.transformer.pos_embed(ids.reshape(-1, 3))
         return cos.view(b, text_len + l, -1), sin.view(b, text_len + l, -1)
 
-    def velocity(self, tokens, grid, timestep, cond):
+    def velocity(self, tokens, grid, timestep, cond, impl: ModelImpl | None = None):
+        impl = impl or EAGER
         tr = self.transformer
         embeds, pooled, guidance = cond.data["embeds"], cond.data["pooled"], cond.data["guidance"]
         b = tokens.shape[0]
@@ -152,21 +219,31 @@ class FluxAdapter(DiTAdapter):
         else:
             temb = tr.time_text_embed(t, guidance.to(hidden.dtype) * 1000, pooled)
         enc = tr.context_embedder(embeds)
-        rope = self.rotary(grid, enc.shape[1])
+        rope = self.rotary(grid, enc.shape[1])  # (B, T + L, D) always: one graph for all stages when compiled
 
-        stack = list(tr.transformer_blocks) + list(tr.single_transformer_blocks)
+        double = impl.block("flux_double", flux_double_block)
+        single = impl.block("flux_single", flux_single_block)
+        doubles = [(blk, double, (impl.fused(blk.attn, QKV), impl.fused(blk.attn, ADDED_QKV)))
+                   for blk in tr.transformer_blocks]
+        singles = [(blk, single, (impl.fused(blk.attn, QKV),)) for blk in tr.single_transformer_blocks]
 
         def run(state, start, stop):  # blocks [start, stop) on state (encoder, image) hidden states
             e, h = state
-            for block in stack[start:stop]:
-                e, h = block(hidden_states=h, encoder_hidden_states=e, temb=temb, image_rotary_emb=rope)
+            for i in range(start, stop):
+                blk, fn, extra = doubles[i] if i < len(doubles) else singles[i - len(doubles)]
+                args = (blk, h, e, temb, rope, *extra)
+                if blk._forward_hooks or blk._forward_pre_hooks:
+                    e, h = call_with_hooks(blk, fn, args, dict(hidden_states=h, encoder_hidden_states=e, temb=temb,
+                                                               image_rotary_emb=rope))
+                else:
+                    e, h = fn(*args)
             return e, h
 
         def first():
             state = run((enc, hidden), 0, 1)
             return state[1], state
 
-        blocks = SplitBlocks(first, lambda state: run(state, 1, len(stack))[1])
+        blocks = SplitBlocks(first, lambda state: run(state, 1, len(doubles) + len(singles))[1])
         hidden = self.run_blocks(blocks, hidden, timestep)
         return tr.proj_out(tr.norm_out(hidden, temb))
 

@@ -334,7 +334,7 @@ class GaussianOracle(DiTAdapter):
                              f"(latent {self.fine_hw}); got height={height}, width={width}")
         return super().prepare_noise(batch, height, width, generators, dtype)
 
-    def velocity(self, tokens, grid, timestep, cond=None):
+    def velocity(self, tokens, grid, timestep, cond=None, impl=None):
         with _one_thread():
             return self._velocity(tokens, grid, timestep)
 
@@ -373,7 +373,7 @@ class GaussianOracle(DiTAdapter):
         sigmas = torch.tensor(sig, dtype=torch.float32, device=self.device)
         return (sigmas[:-1] * 1000.0).contiguous(), sigmas
 
-    def decode(self, latents):
+    def decode(self, latents, impl=None):
         x = torch.einsum("rc,bchw->brhw", self.vae_mix.to(latents.device), latents.to(torch.float32))
         kw = {"align_corners": False} if self.vae_mode == "bilinear" else {}
         return F.interpolate(self.vae_gain * x, scale_factor=8, mode=self.vae_mode, **kw)

@@ -13,7 +13,14 @@ import copy
 import torch
 import torch.nn.functional as F
 
-from .base import Conditioning, DiTAdapter, SplitBlocks, TokenGrid
+from .base import EAGER, Conditioning, DiTAdapter, ModelImpl, SplitBlocks, TokenGrid
+
+
+def sd3_joint_block(block, hidden_states, encoder_hidden_states, temb):
+    """One ``JointTransformerBlock`` called as the module it is (its processor and hooks run as usual).
+    Returns ``(encoder_hidden_states, hidden_states)``; a separate function so a backend can compile it
+    without touching the user's module."""
+    return block(hidden_states=hidden_states, encoder_hidden_states=encoder_hidden_states, temb=temb)
 
 
 class SD3Adapter(DiTAdapter):
@@ -25,9 +32,19 @@ class SD3Adapter(DiTAdapter):
     default_guidance = 7.0
     base_shift = 3.0
 
+    supports_negative_prompt = True
+
     def __init__(self, pipe):
         super().__init__(pipe)
         self.transformer = pipe.transformer
+
+    def max_size(self) -> int:
+        """The sin-cos position table's side (``pos_embed_max_size`` tokens) in pixels."""
+        return int(self.transformer.pos_embed.pos_embed_max_size) * self.patch_size * self.vae_scale_factor
+
+    def embed_dims(self) -> tuple[int, int]:
+        cfg = self.transformer.config
+        return int(cfg.joint_attention_dim), int(cfg.pooled_projection_dim)
 
     @property
     def patch_size(self) -> int:
@@ -97,7 +114,8 @@ class SD3Adapter(DiTAdapter):
         pos = self.sincos_at(grid.positions, grid.grid_hw).to(hidden.device)
         return (hidden + pos).to(hidden.dtype)
 
-    def velocity(self, tokens, grid, timestep, cond):
+    def velocity(self, tokens, grid, timestep, cond, impl: ModelImpl | None = None):
+        impl = impl or EAGER
         tr = self.transformer
         cfg = cond.data["cfg"]
         b, l, ct = tokens.shape
@@ -111,11 +129,12 @@ class SD3Adapter(DiTAdapter):
         enc = tr.context_embedder(cond.data["embeds"])
 
         stack = list(tr.transformer_blocks)
+        joint = impl.block("sd3_joint", sd3_joint_block)
 
         def run(state, start, stop):  # blocks [start, stop) on state (encoder, image) hidden states
             e, h = state
             for block in stack[start:stop]:
-                e, h = block(hidden_states=h, encoder_hidden_states=e, temb=temb)
+                e, h = joint(block, h, e, temb)
             return e, h
 
         def first():

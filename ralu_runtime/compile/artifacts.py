@@ -1,0 +1,177 @@
+"""Compile caches across processes, and why their files are treated as code.
+
+:func:`enable_persistent_cache` points inductor's FX-graph, AOT-autograd and autotune caches at a folder
+(default ``$RALU_CACHE_DIR`` or ``~/.cache/ralu/inductor``, created private to the user) so a new process skips
+the compile. :func:`save_compile_artifacts` / :func:`load_compile_artifacts` move torch's portable cache bundle
+(``torch.compiler.save_cache_artifacts``) between processes or machines.
+
+**These files are code.** Loading a bundle unpickles inductor entries (a crafted file runs arbitrary commands)
+and writes autotune entries at paths taken from the file; the persistent cache folder is read the same way.
+So:
+
+* :func:`save_compile_artifacts` writes, next to the bundle, a manifest ``<file>.manifest.json`` with the
+  bundle's SHA-256, its size, the torch / ralu / CUDA versions and device it was built with, and an HMAC-SHA256
+  over all of it with a secret key (default: ``~/.cache/ralu/artifact.key``, created with mode 0600 on first use;
+  ``RALU_ARTIFACT_KEY_FILE`` or ``key=`` choose another, e.g. one shared by the replicas of a deployment);
+* :func:`load_compile_artifacts` refuses (:class:`ArtifactError`, before anything is unpickled) a bundle without
+  manifest, with a wrong digest or size, a manifest not signed with the key, or other torch / ralu / CUDA
+  versions or another device; ``trust=True`` skips these checks for a file you vouch for yourself.
+
+Keep the key, the bundles and the cache folder writable only by the service's user.
+"""
+from __future__ import annotations
+
+import hashlib
+import hmac
+import json
+import os
+import platform
+import secrets
+import time
+from pathlib import Path
+
+import torch
+
+FORMAT = "ralu-compile-artifacts/1"
+
+
+class ArtifactError(ValueError):
+    """A compile-artifact file that ralu did not write, or wrote for another environment."""
+
+
+def _private_dir(path: Path) -> Path:
+    path.mkdir(parents=True, exist_ok=True)
+    try:
+        os.chmod(path, 0o700)
+    except OSError:  # pragma: no cover - not our folder
+        pass
+    return path
+
+
+def default_cache_root() -> Path:
+    return Path(os.environ.get("RALU_CACHE_DIR") or Path.home() / ".cache" / "ralu")
+
+
+def enable_persistent_cache(cache_dir: str | os.PathLike | None = None) -> Path:
+    """Keep inductor's FX-graph, AOT-autograd and autotune caches in ``cache_dir`` (default: ``$RALU_CACHE_DIR/inductor``
+    or ``~/.cache/ralu/inductor``), so compiled kernels survive the process. Call before the first compile. The
+    folder's contents are loaded as code: keep it writable by this user only (it is created with mode 0700)."""
+    path = _private_dir(Path(cache_dir) if cache_dir else default_cache_root() / "inductor")
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(path)
+    import torch._inductor.config as icfg
+
+    icfg.fx_graph_cache = True
+    for name in ("autotune_local_cache", "bundle_triton_into_fx_graph_cache"):
+        if hasattr(icfg, name):
+            setattr(icfg, name, True)
+    try:
+        import torch._functorch.config as fcfg
+
+        fcfg.enable_autograd_cache = True
+    except (ImportError, AttributeError):  # pragma: no cover - older torch
+        pass
+    return path
+
+
+def _key(key) -> bytes:
+    """The HMAC key: bytes, a hex string, a key file, ``$RALU_ARTIFACT_KEY_FILE``, or the default key file."""
+    if isinstance(key, bytes):
+        if len(key) < 16:
+            raise ValueError("key: use at least 16 bytes")
+        return key
+    if isinstance(key, str) and not os.path.exists(key):
+        try:
+            return _key(bytes.fromhex(key))
+        except ValueError:
+            raise ValueError("key: bytes, a hex string or a key file path") from None
+    path = Path(key or os.environ.get("RALU_ARTIFACT_KEY_FILE") or default_cache_root() / "artifact.key")
+    if not path.exists():
+        if key is not None or os.environ.get("RALU_ARTIFACT_KEY_FILE"):
+            raise ArtifactError(f"artifact key file {path} does not exist")
+        _private_dir(path.parent)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(secrets.token_hex(32))
+    return bytes.fromhex(path.read_text().strip())
+
+
+def environment() -> dict:
+    """What a bundle depends on: torch, ralu, CUDA versions and the device it was compiled for."""
+    from importlib import metadata
+
+    try:
+        ralu = metadata.version("ralu")
+    except metadata.PackageNotFoundError:  # pragma: no cover - running from a source tree
+        ralu = "source"
+    cuda = torch.cuda.is_available()
+    return {"torch": torch.__version__, "ralu": ralu, "cuda": torch.version.cuda,
+            "device": torch.cuda.get_device_name(0) if cuda else f"cpu ({platform.machine()})"}
+
+
+def _manifest_path(path: Path) -> Path:
+    return path.with_name(path.name + ".manifest.json")
+
+
+def _signed_fields(m: dict) -> bytes:
+    return json.dumps({k: v for k, v in m.items() if k != "hmac_sha256"}, sort_keys=True).encode()
+
+
+def save_compile_artifacts(path: str | os.PathLike, *, key=None) -> int:
+    """Write torch's portable compile-cache bundle (everything compiled in this process) to ``path`` and its
+    signed manifest to ``<path>.manifest.json``. Returns the bundle's bytes (0: nothing compiled, nothing
+    written)."""
+    saved = torch.compiler.save_cache_artifacts()
+    if saved is None:
+        return 0
+    data, _info = saved
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    manifest = {"format": FORMAT, "file": path.name, "size": len(data), "sha256": hashlib.sha256(data).hexdigest(),
+                "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), **environment()}
+    manifest["hmac_sha256"] = hmac.new(_key(key), _signed_fields(manifest), hashlib.sha256).hexdigest()
+    path.write_bytes(data)
+    _manifest_path(path).write_text(json.dumps(manifest, indent=2))
+    return len(data)
+
+
+def verify_compile_artifacts(path: str | os.PathLike, *, key=None, data: bytes | None = None) -> dict:
+    """Check a bundle against its manifest, the key and this environment; returns the manifest or raises
+    :class:`ArtifactError` saying what does not match. Reads the file's bytes only (nothing is unpickled);
+    ``data``: the bundle's bytes when already read (so the bytes checked are the bytes loaded)."""
+    path = Path(path)
+    mpath = _manifest_path(path)
+    if not mpath.exists():
+        raise ArtifactError(f"{path}: no manifest {mpath.name}; ralu loads only bundles written by "
+                            "save_compile_artifacts (pass trust=True for a file you vouch for)")
+    try:
+        manifest = json.loads(mpath.read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise ArtifactError(f"{mpath}: unreadable manifest ({exc})") from None
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+        raise ArtifactError(f"{mpath}: not a {FORMAT} manifest")
+    expected = hmac.new(_key(key), _signed_fields(manifest), hashlib.sha256).hexdigest()
+    if not hmac.compare_digest(str(manifest.get("hmac_sha256", "")), expected):
+        raise ArtifactError(f"{mpath}: signature does not match this artifact key (written by another key, or "
+                            "edited); use the key it was saved with (key= or RALU_ARTIFACT_KEY_FILE)")
+    data = path.read_bytes() if data is None else data
+    if len(data) != manifest.get("size") or hashlib.sha256(data).hexdigest() != manifest.get("sha256"):
+        raise ArtifactError(f"{path}: contents do not match the manifest's size and SHA-256 (modified or truncated)")
+    env = environment()
+    wrong = {k: (manifest.get(k), v) for k, v in env.items() if manifest.get(k) != v}
+    if wrong:
+        detail = ", ".join(f"{k} {a!r} (here {b!r})" for k, (a, b) in wrong.items())
+        raise ArtifactError(f"{path}: built for another environment: {detail}")
+    return manifest
+
+
+def load_compile_artifacts(path: str | os.PathLike, *, key=None, trust: bool = False) -> bool:
+    """Load a bundle written by :func:`save_compile_artifacts` (in a fresh process, before compiling), after
+    :func:`verify_compile_artifacts` (skipped with ``trust=True``). Returns False when the file does not exist."""
+    p = Path(path)
+    if not p.exists():
+        return False
+    data = p.read_bytes()
+    if not trust:
+        verify_compile_artifacts(p, key=key, data=data)
+    torch.compiler.load_cache_artifacts(data)
+    return True

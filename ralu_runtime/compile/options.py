@@ -1,0 +1,55 @@
+"""Backend names and the options of a compiled model call (:class:`CompileOptions`), and build records."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+BACKENDS = ("eager", "inductor", "onnx", "tensorrt")
+ATTN_BACKENDS = ("auto", "default", "cudnn", "flash", "efficient", "math")
+MODES = ("default", "max-autotune", "reduce-overhead")
+
+
+@dataclass
+class CompileOptions:
+    """Options of one installed backend (see :func:`ralu_runtime.compile.compile_adapter`)."""
+
+    backend: str = "inductor"
+    cuda_graphs: bool | None = None      # None: on for inductor/tensorrt on CUDA devices (off for eager)
+    mode: str = "default"                # inductor: "default" | "max-autotune" (CUDA graphs are ours)
+    dynamic: bool = True                 # symbolic token / batch dims: no recompile across resolutions
+    fused_qkv: bool | None = None        # None: on CUDA only (ralu-owned fused weights, FLUX)
+    compile_vae: bool | None = None      # torch.compile the VAE decode; None: with inductor on CUDA
+    attn_backend: str = "auto"
+    dynamo_backend: Any = None           # override torch.compile's backend (tests: "eager" / a counter)
+    onnx_dir: str | None = None          # where exported graphs go (default: a temporary folder)
+    providers: list | None = None        # onnxruntime providers (default: by device)
+    opset: int = 18
+
+    def __post_init__(self):
+        if self.backend not in BACKENDS:
+            raise ValueError(f"backend={self.backend!r} is not allowed; choose one of {BACKENDS}")
+        if self.attn_backend not in ATTN_BACKENDS:
+            raise ValueError(f"attn_backend={self.attn_backend!r} is not allowed; choose one of {ATTN_BACKENDS}")
+        if self.mode not in MODES:
+            raise ValueError(f"mode={self.mode!r} is not allowed; choose one of {MODES}")
+        for name in ("cuda_graphs", "fused_qkv", "compile_vae"):
+            v = getattr(self, name)
+            if v is not None and not isinstance(v, bool):
+                raise TypeError(f"{name}={v!r}: use True, False or None (automatic)")
+        if not isinstance(self.dynamic, bool):
+            raise TypeError(f"dynamic={self.dynamic!r}: use True or False")
+        if not isinstance(self.opset, int) or not 14 <= self.opset <= 23:
+            raise ValueError(f"opset={self.opset!r}: use an ONNX opset between 14 and 23")
+
+    def key(self):
+        return tuple(sorted((k, repr(v)) for k, v in self.__dict__.items()))
+
+
+@dataclass
+class BuildRecord:
+    """One compile/export/capture: which signature, what kind, seconds."""
+
+    kind: str
+    tokens: int
+    batch: int
+    seconds: float

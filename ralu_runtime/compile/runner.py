@@ -1,0 +1,276 @@
+"""The installed backend of an adapter: :class:`StageRunner`, and installing / removing / reusing one."""
+from __future__ import annotations
+
+import contextlib
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..adapters.base import EAGER, Conditioning, DiTAdapter, TokenGrid, current_cache
+from .cuda_graphs import GraphPool
+from .flatten import flatten, signature, unflatten
+from .impl import BackendImpl
+from .options import BACKENDS, BuildRecord, CompileOptions
+from .scoped import SharedSetting
+from .sdpa import sdpa_context
+
+_INSTALL_LOCK = threading.Lock()
+_DYNAMO_CONFIG = SharedSetting()
+
+
+def _adapter_of(pipe_or_adapter) -> DiTAdapter:
+    from ..adapters import get_adapter
+
+    return get_adapter(pipe_or_adapter)
+
+
+def available_backends(device: torch.device | str | None = None) -> list[str]:
+    """The backends that can run here (``device`` default: cuda when visible, else cpu)."""
+    from .tensorrt import tensorrt_flavour
+
+    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    out = ["eager", "inductor"]
+    try:
+        import onnx  # noqa: F401
+        import onnxruntime  # noqa: F401
+
+        out.append("onnx")
+    except ImportError:
+        pass
+    if dev.type == "cuda":
+        try:
+            tensorrt_flavour()
+            out.append("tensorrt")
+        except ImportError:
+            pass
+    return out
+
+
+def compile_stats() -> dict[str, int]:
+    """torch._dynamo's global counters: ``unique_graphs`` (graphs compiled so far, recompiles included)."""
+    from torch._dynamo.utils import counters
+
+    return {"unique_graphs": int(counters["stats"]["unique_graphs"]),
+            "calls_captured": int(counters["stats"]["calls_captured"])}
+
+
+def model_fingerprint(module: torch.nn.Module, *, versions: bool) -> tuple:
+    """Identity of a model's layers and tensors: module types and hooks, parameter/buffer objects and storage,
+    and (``versions=True``) their in-place modification counters. Equal fingerprints: a graph built from the
+    model (a captured CUDA graph; with versions, an exported ONNX graph with baked-in weights) is still valid."""
+    items: list = []
+    for name, m in module.named_modules():
+        items.append((name, type(m), len(m._forward_hooks) + len(m._forward_pre_hooks)))
+    for name, t in list(module.named_parameters()) + list(module.named_buffers()):
+        items.append((name, id(t), t.data_ptr(), t.dtype, t.device, t._version if versions else 0))
+    return tuple(items)
+
+
+class StageRunner:
+    """One installed backend: runs each model call through it, caching compiled artifacts per input signature.
+
+    Not a patch on the user's model: it is what ``generate`` calls instead of the adapter's plain model call,
+    and everything it builds (compiled block functions, fused weights, CUDA graphs, ONNX sessions) is its own.
+    """
+
+    def __init__(self, adapter: DiTAdapter, options: CompileOptions):
+        from .tensorrt import tensorrt_flavour, torch_tensorrt_compile_kwargs
+
+        self.adapter = adapter
+        self.options = options
+        self.device = adapter.device
+        self.builds: list[BuildRecord] = []
+        self._graphs = GraphPool()
+        self._exported: dict[Any, Any] = {}
+        self._export_lock = threading.Lock()
+        self._call_lock = threading.Lock()
+        self._fingerprint = None
+        self._tmp = None
+        self.flavour = None
+        cuda = self.device.type == "cuda"
+        default_graphs = cuda and options.backend in ("inductor", "tensorrt")
+        self.cuda_graphs = (default_graphs if options.cuda_graphs is None else bool(options.cuda_graphs)) and \
+            options.backend in ("eager", "inductor", "tensorrt")
+        if self.cuda_graphs and not cuda:
+            raise ValueError("cuda_graphs=True needs a CUDA device")
+        if options.backend == "tensorrt":
+            self.flavour = tensorrt_flavour()  # ImportError naming what to install
+            if not cuda:
+                raise RuntimeError("backend='tensorrt' needs a CUDA device; the model is on "
+                                   f"{self.device}. Use backend='inductor' or 'onnx' on a CPU.")
+            if self.flavour != "torch_tensorrt":
+                self.cuda_graphs = False
+        if options.backend == "onnx":
+            try:
+                import onnx  # noqa: F401
+                import onnxruntime  # noqa: F401
+            except ImportError as exc:
+                raise ImportError("backend='onnx' needs onnx and onnxruntime (pip install 'ralu[onnx]', i.e. onnx "
+                                  "onnxruntime; onnxruntime-gpu for CUDA)") from exc
+        fused = cuda if options.fused_qkv is None else options.fused_qkv
+        compile_kwargs = None
+        if options.backend == "inductor":
+            compile_kwargs = dict(backend=options.dynamo_backend or "inductor", dynamic=options.dynamic, fullgraph=True)
+            if options.dynamo_backend is None and options.mode != "default":
+                # the CUDA graphs are ours (one per stage call): inductor must not add its own
+                mode = {"max-autotune": "max-autotune-no-cudagraphs", "reduce-overhead": "default"}[options.mode]
+                if mode != "default":
+                    compile_kwargs["mode"] = mode
+        elif self.flavour == "torch_tensorrt":
+            compile_kwargs = torch_tensorrt_compile_kwargs(adapter.dtype)
+        compile_vae = (options.backend == "inductor" and cuda) if options.compile_vae is None else options.compile_vae
+        vae_kwargs = dict(backend=options.dynamo_backend or "inductor", dynamic=False) if compile_vae else None
+        self.impl = BackendImpl(compile_kwargs, fused=fused, compile_vae=vae_kwargs)
+        self.applied = {"fused_qkv": bool(fused), "compiled_blocks": compile_kwargs is not None,
+                        "compile_vae": bool(compile_vae), "cuda_graphs": self.cuda_graphs}
+
+    # ---- per generate call
+    def begin_call(self) -> None:
+        """Before each ``generate`` call: drop what was built from layers or tensors the model no longer has
+        (CUDA graphs; for exported graphs also weights changed in place, which they hold as constants), and
+        refresh the fused weights from the live ones."""
+        exported = self.options.backend == "onnx" or self.flavour in ("tensorrt", "ort-trt")
+        fp = model_fingerprint(self.adapter.pipe.transformer, versions=exported)
+        with self._call_lock:
+            if fp != self._fingerprint:
+                if self._fingerprint is not None:
+                    self._graphs.clear()
+                    with self._export_lock:
+                        self._exported.clear()
+                self._fingerprint = fp
+            self.impl.refresh()
+
+    def _compile_context(self):
+        stack = contextlib.ExitStack()
+        stack.enter_context(sdpa_context(self.options.attn_backend, self.device))
+        if self.impl.compile_kwargs is not None:
+            stack.enter_context(_DYNAMO_CONFIG(_dynamo_settings))
+        return stack
+
+    def uninstall(self) -> None:
+        self._graphs.clear()
+        with self._export_lock:
+            self._exported.clear()
+        self.impl.release()
+
+    def _record(self, kind, tensors, seconds):
+        self.builds.append(BuildRecord(kind, int(tensors[0].shape[1]), int(tensors[0].shape[0]), seconds))
+
+    def compile_seconds(self) -> float:
+        return sum(b.seconds for b in self.builds)
+
+    def _eager(self, tokens, grid, timestep, cond):
+        return self.adapter.velocity(tokens, grid, timestep, cond, impl=self.impl)
+
+    # ---- the call
+    def __call__(self, tokens, grid: TokenGrid, timestep, cond: Conditioning) -> torch.Tensor:
+        with self._compile_context():
+            if self.options.backend == "onnx" or self.flavour in ("tensorrt", "ort-trt"):
+                return self._run_exported(tokens, grid, timestep, cond)
+            if not self.cuda_graphs or current_cache() is not None or not tokens.is_cuda:
+                return self._eager(tokens, grid, timestep, cond)  # stateful caches cannot be graphed
+            tensors, _names, spec = flatten(tokens, grid, timestep, cond)
+            key = signature(tensors, spec)
+            return self._graphs.run(key, self._eager, tensors, spec, lambda k, s: self._record("cuda_graph", tensors, s))
+
+    def _run_exported(self, tokens, grid, timestep, cond):
+        tensors, names, spec = flatten(tokens, grid, timestep, cond)
+        key = signature(tensors, spec)
+        runner = self._exported.get(key)
+        if runner is None:
+            with self._export_lock:
+                runner = self._exported.get(key)
+                if runner is None:
+                    t0 = time.perf_counter()
+                    runner = self._build_exported(tensors, names, spec, len(self.builds))
+                    self._exported[key] = runner
+                    self._record(self.options.backend, tensors, time.perf_counter() - t0)
+        return runner[0](tensors, names, runner[1])
+
+    def _build_exported(self, tensors, names, spec, index: int):
+        from .onnx import OrtStage, export_onnx
+        from .tensorrt import TrtEngine
+
+        if self.options.onnx_dir is None and self._tmp is None:
+            self._tmp = tempfile.TemporaryDirectory(prefix="ralu-onnx-")
+        folder = Path(self.options.onnx_dir or self._tmp.name) / f"stage{index}_L{tensors[0].shape[1]}_B{tensors[0].shape[0]}"
+        folder.mkdir(parents=True, exist_ok=True)
+
+        def plain(*args):  # exported graphs: the eager call (fused weights, if any, become constants too)
+            return self.adapter.velocity(*args, impl=self.impl)
+
+        path = export_onnx(plain, self.adapter.pipe.transformer, tensors, names, spec, folder / "velocity.onnx",
+                           self.options.opset)
+        with torch.no_grad():
+            out_like = torch.empty_like(plain(*unflatten(tensors, spec)))
+        if self.flavour == "tensorrt":
+            return TrtEngine(path, self.adapter.dtype), out_like
+        providers = self.options.providers
+        if self.flavour == "ort-trt" and providers is None:
+            providers = ["TensorrtExecutionProvider", "CUDAExecutionProvider"]
+        return OrtStage(path, self.device, providers, backend=self.options.backend), out_like
+
+
+def _dynamo_settings():
+    import torch._dynamo.config as dcfg
+    import torch.fx.experimental._config as fxcfg
+
+    stack = contextlib.ExitStack()
+    # duck sizing would tie a token count to an equal model dimension (e.g. 16 tokens, head_dim 16)
+    stack.enter_context(fxcfg.patch(use_duck_shape=False))
+    # static mode: one graph per stage shape and block kind, more than the default limit of 8
+    stack.enter_context(dcfg.patch(recompile_limit=max(dcfg.recompile_limit, 64)))
+    return stack
+
+
+def compile_adapter(pipe_or_adapter, backend: str = "inductor", **options) -> StageRunner:
+    """Install a :class:`StageRunner` for ``backend`` on the pipeline's adapter (replacing any earlier one) and
+    return it. Options: see :class:`CompileOptions` (``cuda_graphs``, ``mode``, ``dynamic``, ``fused_qkv``,
+    ``compile_vae``, ``attn_backend``, ``dynamo_backend``, ``onnx_dir``, ``providers``, ``opset``). Compilation itself
+    is lazy: each new signature compiles on its first call; :func:`ralu_runtime.warmup.warmup` does it ahead of
+    traffic. The user's pipeline is not modified."""
+    unknown = set(options) - set(CompileOptions.__dataclass_fields__) - {"backend"}
+    if unknown:
+        raise TypeError(f"compile options {sorted(unknown)} are not known; allowed: "
+                        f"{sorted(set(CompileOptions.__dataclass_fields__) - {'backend'})}")
+    opts = CompileOptions(backend=backend, **options)
+    adapter = _adapter_of(pipe_or_adapter)
+    with _INSTALL_LOCK:
+        old = adapter.runner
+        runner = StageRunner(adapter, opts)
+        adapter.runner = runner
+        adapter._ralu_runner_key = (backend, opts.key())
+    if old is not None:
+        old.uninstall()
+    return runner
+
+
+def uncompile_adapter(pipe_or_adapter) -> None:
+    """Remove the installed runner and free what it built: calls run the plain eager model again."""
+    adapter = _adapter_of(pipe_or_adapter)
+    with _INSTALL_LOCK:
+        runner, adapter.runner = adapter.runner, None
+        adapter.__dict__.pop("_ralu_runner_key", None)
+    if runner is not None:
+        runner.uninstall()
+
+
+def ensure_backend(pipe_or_adapter, backend: str, **options) -> StageRunner:
+    """What ``generate(backend=...)`` calls: keep the installed runner when backend and options match, else
+    install a new one (``"eager"`` installs a runner that only applies the fast defaults)."""
+    if backend not in BACKENDS:
+        raise ValueError(f"backend={backend!r} is not allowed; choose one of {BACKENDS}")
+    adapter = _adapter_of(pipe_or_adapter)
+    key = (backend, CompileOptions(backend=backend, **options).key())
+    runner = adapter.runner
+    if runner is not None and adapter.__dict__.get("_ralu_runner_key") == key:
+        return runner
+    return compile_adapter(adapter, backend, **options)
+
+
+__all__ = ["StageRunner", "available_backends", "compile_adapter", "compile_stats", "ensure_backend",
+           "model_fingerprint", "uncompile_adapter"]

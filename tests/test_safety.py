@@ -1,0 +1,262 @@
+"""Safe behind traffic: the user's pipeline is left as found, calls are thread-safe (tiny random pipelines, CPU).
+
+Per backend (eager, inductor, onnx): a snapshot of the pipeline (attention processors, module objects and types,
+parameter objects, count and values, hooks, compiled modules, instance attributes) and of the global torch RNG
+is equal before and after ``generate``; a plain ``pipe(...)`` gives bitwise the same latents before and after;
+a LoRA loaded after a ``generate`` call takes effect in the plain pipeline (bitwise equal to a pipeline ralu
+never touched) and in RALU. The inductor rows use dynamo's "eager" backend (what is checked here is what
+ralu does to the user's objects, which does not depend on the code generator; tests/test_compile.py checks
+inductor's numerics) and force fused q/k/v projections on (the CUDA default) so that path is covered on a CPU.
+"""
+from __future__ import annotations
+
+import threading
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+import torch
+
+from ralu_runtime import RaluSchedule, generate
+from ralu_runtime.adapters import get_adapter
+from ralu_runtime.cache import set_cache
+from ralu_runtime.compile import compile_adapter, uncompile_adapter
+from ralu_runtime.tiny import build_tiny_flux_pipeline, build_tiny_sd3_pipeline
+from tiny_inputs import flux_embeds, lora_state_dict, sd3_embeds
+
+SCHED = RaluSchedule(steps=(2, 2, 2), ends=(0.3, 0.5, 1.0), shifts=(3.0, 3.0, 3.0), z=4.0, ratio=0.3)
+TOL = dict(atol=1e-4, rtol=1e-4)
+BACKENDS = {
+    "eager": dict(backend="eager", compile_options={"fused_qkv": True}),
+    "inductor": dict(backend="inductor", compile_options={"fused_qkv": True, "dynamo_backend": "eager"}),
+    "onnx": dict(backend="onnx", compile_options={"fused_qkv": True}),
+}
+
+
+def _ralu(pipe, emb, seed=3, **kw):
+    return generate(pipe, **emb, height=64, width=96, speedup=SCHED, seed=seed, output_type="latent", progress=False,
+                    **kw).images
+
+
+def _plain(pipe, emb, seed=4):
+    return pipe(**emb, height=64, width=96, num_inference_steps=2, guidance_scale=3.5,
+                generator=torch.Generator().manual_seed(seed), output_type="latent").images
+
+
+def snapshot(pipe) -> dict:
+    """Everything ralu could change on a pipeline, by identity and value."""
+    snap = {"pipe_attrs": sorted(vars(pipe)), "rng": torch.get_rng_state()}
+    for comp in ("transformer", "vae", "text_encoder", "text_encoder_2"):
+        mod = getattr(pipe, comp, None)
+        if mod is None:
+            continue
+        snap[comp] = {
+            "modules": [(n, type(m), id(m), m._compiled_call_impl is not None, len(m._forward_hooks),
+                         len(m._forward_pre_hooks), getattr(m, "_diffusers_hook", None) is not None,
+                         sorted(k for k in vars(m) if not k.startswith("_"))) for n, m in mod.named_modules()],
+            "params": [(n, id(p), p._version) for n, p in mod.named_parameters()],
+            "values": {n: t.detach().clone() for n, t in mod.state_dict().items()},
+        }
+        if hasattr(mod, "attn_processors"):
+            snap[comp]["processors"] = {k: (type(v), id(v)) for k, v in mod.attn_processors.items()}
+    return snap
+
+
+def assert_same(a: dict, b: dict) -> None:
+    assert a.keys() == b.keys()
+    assert a["pipe_attrs"] == b["pipe_attrs"]
+    assert torch.equal(a["rng"], b["rng"]), "the global torch RNG was advanced"
+    for comp in a:
+        if comp in ("pipe_attrs", "rng"):
+            continue
+        for key in a[comp]:
+            if key == "values":
+                assert a[comp][key].keys() == b[comp][key].keys(), f"{comp}: parameters added or removed"
+                for n in a[comp][key]:
+                    assert torch.equal(a[comp][key][n], b[comp][key][n]), f"{comp}.{n} changed"
+            else:
+                assert a[comp][key] == b[comp][key], f"{comp}: {key} changed"
+
+
+@pytest.mark.parametrize("backend", sorted(BACKENDS))
+@torch.no_grad()
+def test_pipeline_left_as_found_and_later_lora_takes_effect(backend):
+    if backend == "onnx":
+        pytest.importorskip("onnxruntime")
+    pytest.importorskip("peft")
+    pipe, fresh = build_tiny_flux_pipeline(seed=0), build_tiny_flux_pipeline(seed=0)
+    emb = flux_embeds(1)
+    before_plain = _plain(pipe, emb)
+    before = snapshot(pipe)
+    out = _ralu(pipe, emb, **BACKENDS[backend])
+    torch.testing.assert_close(out, _ralu(fresh, emb), **TOL)
+    assert_same(before, snapshot(pipe))
+    assert torch.equal(_plain(pipe, emb), before_plain), "plain pipe() changed after generate"
+    uncompile_adapter(pipe)
+    assert_same(before, snapshot(pipe))
+
+    # a LoRA loaded after generate takes effect in both the plain pipeline and RALU (with the backend again)
+    out = _ralu(pipe, emb, **BACKENDS[backend])
+    for p in (pipe, fresh):
+        p.load_lora_weights(lora_state_dict(p.transformer, 4, 7), adapter_name="style")
+    lora_plain = _plain(fresh, emb)
+    assert (lora_plain - before_plain).abs().max() > 1e-3  # the LoRA changes the result
+    assert torch.equal(_plain(pipe, emb), lora_plain)
+    lora_ralu = _ralu(pipe, emb, **BACKENDS[backend])
+    assert (lora_ralu - out).abs().max() > 1e-3
+    torch.testing.assert_close(lora_ralu, _ralu(fresh, emb), **TOL)
+
+
+@torch.no_grad()
+def test_weight_change_after_a_call_takes_effect_in_every_backend():
+    """In-place weight changes reach the compiled paths: fused copies are refreshed, exported graphs rebuilt."""
+    emb = flux_embeds(1)
+    for backend, opts in BACKENDS.items():
+        if backend == "onnx" and not _have("onnxruntime"):
+            continue
+        pipe, ref_pipe = build_tiny_flux_pipeline(seed=0), build_tiny_flux_pipeline(seed=0)
+        first = _ralu(pipe, emb, **opts)
+        for p in (pipe, ref_pipe):
+            p.transformer.proj_out.weight.mul_(2)
+            p.transformer.transformer_blocks[0].attn.to_k.weight.mul_(0.5)
+        second = _ralu(pipe, emb, **opts)
+        assert (second - first).abs().max() > 1e-3, backend
+        torch.testing.assert_close(second, _ralu(ref_pipe, emb), **TOL)
+
+
+def _have(mod: str) -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec(mod) is not None
+
+
+@torch.no_grad()
+def test_swapped_transformer_is_used():
+    pipe, other_pipe = build_tiny_flux_pipeline(seed=0), build_tiny_flux_pipeline(seed=5)
+    emb = flux_embeds(1)
+    first = _ralu(pipe, emb, backend="eager")
+    pipe.transformer = other_pipe.transformer
+    second = _ralu(pipe, emb)
+    assert (second - first).abs().max() > 1e-3
+    pipe2 = build_tiny_flux_pipeline(seed=0)
+    pipe2.transformer = build_tiny_flux_pipeline(seed=5).transformer
+    torch.testing.assert_close(second, _ralu(pipe2, emb), **TOL)
+    assert get_adapter(pipe).transformer is other_pipe.transformer
+
+
+@torch.no_grad()
+def test_generate_leaves_sd3_as_found():
+    pipe = build_tiny_sd3_pipeline(seed=0)
+    emb = sd3_embeds(1)
+    # transformers installs output-recording hooks on the CLIP layers the first time hidden states are asked for
+    # (by diffusers' own encode_prompt, with or without ralu): do that once before the snapshot
+    pipe.encode_prompt("warm", None, None, device="cpu")
+    before = snapshot(pipe)
+    generate(pipe, **emb, height=64, width=64, speedup=SCHED, seed=1, output_type="latent", progress=False,
+             backend="inductor", compile_options={"dynamo_backend": "eager", "fused_qkv": True})
+    generate(pipe, "a prompt", height=64, width=64, speedup=SCHED, seed=1, output_type="latent", progress=False)
+    assert_same(before, snapshot(pipe))
+
+
+@torch.no_grad()
+def test_compiled_runner_follows_lora_hotswap_and_uncompile_restores_plain_calls():
+    """What the inductor backend compiles are ralu's own functions: the user's blocks never get a compiled call."""
+    pipe = build_tiny_flux_pipeline(seed=0)
+    emb = flux_embeds(1)
+    runner = compile_adapter(pipe, "inductor", dynamo_backend="eager")
+    _ralu(pipe, emb)
+    assert runner.impl.compiled_blocks == ["flux_double", "flux_single"]
+    assert all(m._compiled_call_impl is None for m in pipe.transformer.modules())
+    uncompile_adapter(pipe)
+    assert runner.impl.compiled_blocks == []
+
+
+# ------------------------------------------------------------------------------------------------ threads
+def _run_calls(pipe, calls, workers):
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        return list(pool.map(lambda kw: generate(pipe, **kw).images, calls))
+
+
+@torch.no_grad()
+def test_threads_with_mixed_options_equal_sequential_calls():
+    pipe = build_tiny_flux_pipeline(seed=0)
+    base = dict(height=64, width=96, output_type="latent", progress=False)
+    calls = []
+    for i in range(12):
+        kw = dict(base, **flux_embeds(1, seed=i % 3), seed=i)
+        if i % 4 == 0:
+            kw["cache"] = "taylorseer:3"
+        if i % 4 == 1:
+            kw["cache"] = "fbcache:0.05"
+        kw["speedup"] = SCHED if i % 3 else None
+        if kw["speedup"] is None:
+            kw["num_inference_steps"] = 6
+        if i % 5 == 0:
+            kw["prompt"] = "a fox"
+            del kw["prompt_embeds"], kw["pooled_prompt_embeds"]
+        calls.append(kw)
+    sequential = [generate(pipe, **kw).images for kw in calls]
+    for _round in range(2):
+        concurrent = _run_calls(pipe, calls, workers=4)
+        for i, (a, b) in enumerate(zip(sequential, concurrent)):
+            assert torch.equal(a, b), f"call {i} differs when run concurrently"
+    assert get_adapter(pipe).feature_cache is None  # no cache left attached by any call
+
+
+@torch.no_grad()
+def test_shared_default_cache_object_is_used_by_one_call_at_a_time():
+    pipe = build_tiny_flux_pipeline(seed=0)
+    kw = dict(flux_embeds(1), height=64, width=96, speedup=SCHED, output_type="latent", progress=False)
+    ref = [generate(pipe, **kw, seed=s, cache="taylorseer:2").images for s in range(6)]
+    with set_cache(pipe, "taylorseer:2"):
+        out = _run_calls(pipe, [dict(kw, seed=s) for s in range(6)], workers=3)
+    for a, b in zip(ref, out):
+        assert torch.equal(a, b)
+
+
+@torch.no_grad()
+def test_sd3_text_prompts_from_threads():
+    pipe = build_tiny_sd3_pipeline(seed=0)
+    prompts = ["a fox", "two cats on a long red sofa", "x", "an old lighthouse at dusk, oil painting"] * 3
+    calls = [dict(prompt=p, height=64, width=64, speedup=SCHED, seed=i, output_type="latent", progress=False)
+             for i, p in enumerate(prompts)]
+    sequential = [generate(pipe, **kw).images for kw in calls]
+    concurrent = _run_calls(pipe, calls, workers=4)
+    for a, b in zip(sequential, concurrent):
+        assert torch.equal(a, b)
+
+
+@torch.no_grad()
+def test_backend_switch_in_one_thread_does_not_change_another_threads_call():
+    pipe = build_tiny_flux_pipeline(seed=0)
+    emb = flux_embeds(1)
+    ref = _ralu(pipe, emb)
+    errors, outs = [], []
+    stop = threading.Event()
+
+    def switcher():
+        while not stop.is_set():
+            for b in ("eager", "inductor"):
+                compile_adapter(pipe, b, dynamo_backend="eager") if b == "inductor" else compile_adapter(pipe, b)
+            uncompile_adapter(pipe)
+
+    def caller():
+        try:
+            for _ in range(4):
+                outs.append(_ralu(pipe, emb))
+        except Exception as exc:  # noqa: BLE001
+            errors.append(exc)
+
+    t = threading.Thread(target=switcher)
+    t.start()
+    try:
+        callers = [threading.Thread(target=caller) for _ in range(2)]
+        for c in callers:
+            c.start()
+        for c in callers:
+            c.join()
+    finally:
+        stop.set()
+        t.join()
+    assert not errors, errors
+    for o in outs:
+        torch.testing.assert_close(o, ref, **TOL)
