@@ -121,13 +121,19 @@ def _check_len3(name: str, value) -> tuple:
     return value
 
 
+MAX_STAGE_STEPS = 1000        # per stage
+SHIFT_RANGE = (1e-3, 1e3)     # time shifts h_k (and the model's h_ori); NT-Matching's own bounds are [0.5, 10]
+MAX_Z = 1e4                   # Z = 1/sqrt(c); NT-Matching's own bounds are [2, 100]
+MIN_GAP = 1e-5                # smallest e_1, 1 - e_2 and e_2 - e_1
+
+
 @dataclass(frozen=True)
 class RaluSchedule:
     """Three-stage RALU schedule. Stage k (0-based) runs t in [starts[k], ends[k]] with steps[k] steps.
 
-    steps: N_k (ints >= 1); ends: e_k with 0 < e_1 < e_2 < e_3 = 1; shifts: per-stage time shifts h_k > 0;
-    z: Z >= 2 (noise correlation c = 1/Z^2 <= 1/4); ratio: fraction r in [0, 1] of coarse tokens upsampled
-    at the end of stage 1; base_shift: the model's own shift h_ori; jsd: NT-Matching distance if solved.
+    steps: N_k (ints in [1, 1000]); ends: e_k with 0 < e_1 < e_2 < e_3 = 1 (gaps >= 1e-5); shifts: per-stage
+    time shifts h_k in [1e-3, 1e3]; z: 2 <= Z <= 1e4 (noise correlation c = 1/Z^2 <= 1/4); ratio: fraction r
+    in [0, 1] of coarse tokens upsampled at the end of stage 1; base_shift: the model's own shift h_ori; jsd: NT-Matching distance if solved.
     """
     steps: tuple[int, int, int]
     ends: tuple[float, float, float]
@@ -141,23 +147,29 @@ class RaluSchedule:
     def __post_init__(self):
         steps = _check_len3("steps", self.steps)
         for n in steps:
-            if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 1:
-                raise ValueError(f"steps={steps!r} is not allowed: every N_k must be an int >= 1")
+            if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or not 1 <= n <= MAX_STAGE_STEPS:
+                raise ValueError(f"steps={steps!r} is not allowed: every N_k must be an int in [1, {MAX_STAGE_STEPS}]")
         ends = tuple(float(e) for e in _check_len3("ends", self.ends))
         if ends[2] != 1.0:
             raise ValueError(f"ends={ends!r} is not allowed: the last end e_3 must be exactly 1.0 (data)")
         if not 0.0 < ends[0] < ends[1] < ends[2]:
             raise ValueError(f"ends={ends!r} is not allowed: need 0 < e_1 < e_2 < e_3 = 1.0 (strictly increasing)")
+        if ends[0] < MIN_GAP or ends[1] > 1.0 - MIN_GAP or ends[1] - ends[0] < MIN_GAP:
+            raise ValueError(f"ends={ends!r} is not allowed: e_1 >= {MIN_GAP}, e_2 <= 1 - {MIN_GAP} and e_2 - e_1 >= "
+                             f"{MIN_GAP} (closer stage ends leave no time for a stage)")
         shifts = tuple(float(h) for h in _check_len3("shifts", self.shifts))
-        if not all(math.isfinite(h) and h > 0 for h in shifts):
-            raise ValueError(f"shifts={shifts!r} is not allowed: every shift h_k must be finite and > 0")
+        if not all(math.isfinite(h) and SHIFT_RANGE[0] <= h <= SHIFT_RANGE[1] for h in shifts):
+            raise ValueError(f"shifts={shifts!r} is not allowed: every shift h_k must be in [{SHIFT_RANGE[0]}, "
+                             f"{SHIFT_RANGE[1]}]")
         z, ratio, base = float(self.z), float(self.ratio), float(self.base_shift)
-        if not (math.isfinite(z) and z >= 2.0):
-            raise ValueError(f"z={self.z!r} is not allowed: need Z >= 2 (c = 1/Z^2 <= 1/4 for the correlated noise)")
+        if not (math.isfinite(z) and 2.0 <= z <= MAX_Z):
+            raise ValueError(f"z={self.z!r} is not allowed: need 2 <= Z <= {MAX_Z:g} (c = 1/Z^2 <= 1/4 for the "
+                             "correlated noise)")
         if not 0.0 <= ratio <= 1.0:
             raise ValueError(f"ratio={self.ratio!r} is not allowed: the upsampling ratio r must be in [0, 1]")
-        if not (math.isfinite(base) and base > 0):
-            raise ValueError(f"base_shift={self.base_shift!r} is not allowed: must be finite and > 0")
+        if not (math.isfinite(base) and SHIFT_RANGE[0] <= base <= SHIFT_RANGE[1]):
+            raise ValueError(f"base_shift={self.base_shift!r} is not allowed: must be in [{SHIFT_RANGE[0]}, "
+                             f"{SHIFT_RANGE[1]}]")
         for field, value in (("steps", tuple(int(n) for n in steps)), ("ends", ends), ("shifts", shifts),
                              ("z", z), ("ratio", ratio), ("base_shift", base)):
             object.__setattr__(self, field, value)
