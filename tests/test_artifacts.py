@@ -1,0 +1,141 @@
+"""Compile-artifact files are code: ralu loads only bundles it wrote and signed, for this environment."""
+from __future__ import annotations
+
+import hashlib
+import hmac
+import json
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from ralu_runtime.compile import ArtifactError, load_compile_artifacts, verify_compile_artifacts
+from ralu_runtime.compile.artifacts import FORMAT, _signed_fields, environment
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _crafted_bundle(target: Path) -> bytes:
+    """A torch cache bundle whose autotune entry's key is an absolute path: loading it writes ``target``."""
+    from torch._inductor.runtime.autotune_cache import AutotuneCacheArtifact
+    from torch.compiler._cache import _serialize_single_cache
+    from torch.utils._appending_byte_serializer import AppendingByteSerializer
+
+    ser = AppendingByteSerializer(serialize_fn=_serialize_single_cache)
+    ser.extend([("autotune", [AutotuneCacheArtifact(str(target), b'{"written": "by a crafted file"}')])])
+    return ser.to_bytes()
+
+
+def _manifest(data: bytes, key: bytes, **over) -> dict:
+    m = {"format": FORMAT, "file": "bundle.bin", "size": len(data), "sha256": hashlib.sha256(data).hexdigest(),
+         "created": "2026-01-01T00:00:00Z", **environment(), **over}
+    m["hmac_sha256"] = hmac.new(key, _signed_fields(m), hashlib.sha256).hexdigest()
+    return m
+
+
+@pytest.fixture
+def crafted(tmp_path, monkeypatch):
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "inductor"))
+    target = tmp_path / "outside" / "written.json"
+    bundle = tmp_path / "bundle.bin"
+    bundle.write_bytes(_crafted_bundle(target))
+    key = tmp_path / "artifact.key"
+    key.write_text("11" * 32)
+    return bundle, target, key
+
+
+def test_crafted_file_is_dangerous_when_trusted(crafted):
+    """The threat is real: torch writes wherever the file says (here: outside the cache folder)."""
+    bundle, target, _key = crafted
+    assert load_compile_artifacts(bundle, trust=True)
+    assert target.exists()
+
+
+def test_crafted_file_without_manifest_is_refused(crafted):
+    bundle, target, key = crafted
+    with pytest.raises(ArtifactError, match="no manifest"):
+        load_compile_artifacts(bundle, key=key)
+    assert not target.exists()
+
+
+def test_forged_manifest_is_refused(crafted):
+    bundle, target, key = crafted
+    data = bundle.read_bytes()
+    forged = _manifest(data, b"\x22" * 32)  # right digest and environment, signed with another key
+    bundle.with_name("bundle.bin.manifest.json").write_text(json.dumps(forged))
+    with pytest.raises(ArtifactError, match="signature"):
+        load_compile_artifacts(bundle, key=key)
+    assert not target.exists()
+
+
+def test_swapped_bundle_other_environment_and_wrong_key_are_refused(crafted, tmp_path):
+    bundle, target, key = crafted
+    good = b"\x00" * 8  # stands for a genuine bundle; only its digest matters here
+    mpath = bundle.with_name("bundle.bin.manifest.json")
+    mpath.write_text(json.dumps(_manifest(good, bytes.fromhex(key.read_text()))))
+    with pytest.raises(ArtifactError, match="do not match the manifest"):  # the crafted bytes behind a real manifest
+        load_compile_artifacts(bundle, key=key)
+    data = bundle.read_bytes()
+    mpath.write_text(json.dumps(_manifest(data, bytes.fromhex(key.read_text()), torch="1.0.0")))
+    with pytest.raises(ArtifactError, match="another environment: torch '1.0.0'"):
+        verify_compile_artifacts(bundle, key=key)
+    other = tmp_path / "other.key"
+    other.write_text("33" * 32)
+    mpath.write_text(json.dumps(_manifest(data, bytes.fromhex(key.read_text()))))
+    with pytest.raises(ArtifactError, match="signature"):
+        load_compile_artifacts(bundle, key=other)
+    assert verify_compile_artifacts(bundle, key=key)["sha256"] == hashlib.sha256(data).hexdigest()
+    assert not target.exists()
+
+
+def test_missing_file_is_false_and_bad_key_arguments(tmp_path):
+    assert load_compile_artifacts(tmp_path / "none.bin") is False
+    with pytest.raises(ValueError, match="at least 16 bytes"):
+        from ralu_runtime.compile.artifacts import _key
+
+        _key(b"short")
+    with pytest.raises(ArtifactError, match="does not exist"):
+        _key(tmp_path / "missing.key")
+
+
+_SAVE = """
+import sys, torch
+from ralu_runtime.compile import enable_persistent_cache, save_compile_artifacts
+enable_persistent_cache(sys.argv[1])
+f = torch.compile(lambda x: torch.sin(x) * 2 + 1, dynamic=False)
+f(torch.arange(8.0))
+print(save_compile_artifacts(sys.argv[2], key=sys.argv[3]))
+"""
+
+_LOAD = """
+import sys, torch
+from torch._dynamo.utils import counters
+from ralu_runtime.compile import enable_persistent_cache, load_compile_artifacts
+enable_persistent_cache(sys.argv[1])
+print("loaded", load_compile_artifacts(sys.argv[2], key=sys.argv[3]))
+f = torch.compile(lambda x: torch.sin(x) * 2 + 1, dynamic=False)
+y = f(torch.arange(8.0))
+assert torch.allclose(y, torch.sin(torch.arange(8.0)) * 2 + 1)
+print("fxgraph_cache_hit", counters["inductor"]["fxgraph_cache_hit"])
+"""
+
+
+@pytest.mark.slow
+def test_round_trip_in_fresh_processes(tmp_path):
+    """save_compile_artifacts in one process, load_compile_artifacts in another with an empty cache: the compile
+    is served from the bundle (inductor FX-graph cache hit)."""
+    key = tmp_path / "k"
+    key.write_text("44" * 32)
+    bundle = tmp_path / "ralu.bundle"
+    run = lambda code, cache: subprocess.run(  # noqa: E731
+        [sys.executable, "-c", textwrap.dedent(code), str(tmp_path / cache), str(bundle), str(key)],
+        cwd=ROOT, capture_output=True, text=True, timeout=600)
+    saved = run(_SAVE, "cache_a")
+    assert saved.returncode == 0, saved.stderr[-3000:]
+    assert int(saved.stdout.split()[-1]) > 0 and bundle.with_name("ralu.bundle.manifest.json").exists()
+    loaded = run(_LOAD, "cache_b")
+    assert loaded.returncode == 0, loaded.stderr[-3000:]
+    assert "loaded True" in loaded.stdout
+    assert int(loaded.stdout.split("fxgraph_cache_hit")[1].split()[0]) >= 1, loaded.stdout
