@@ -83,10 +83,34 @@ def test_sd3_sincos_at_integer_positions_equals_cropped_table(sd3, hw):
     torch.testing.assert_close(ours, table, rtol=0, atol=2e-6)
 
 
-def test_sd3_sincos_half_positions_are_between_neighbours(sd3):
-    # a child at +0.5 gets the formula's value there, which differs from both integer neighbours
-    emb = sd3.sincos_at(torch.tensor([[[1.0, 1.0], [1.5, 1.0], [2.0, 1.0]]]), (4, 4))[0]
-    assert not torch.allclose(emb[1], emb[0]) and not torch.allclose(emb[1], emb[2])
+def _sincos_reference(row: float, col: float, grid_hw, pe) -> torch.Tensor:
+    """SD3's 2-D sin-cos embedding written out in float64 at one real (row, col) of the centre crop of
+    ``grid_hw``: first half from the column, second half from the row; each half is sin(p w) then cos(p w) with
+    w_i = 10000^(-i / (D/4)), positions scaled by base_size / max_size / interpolation_scale."""
+    dim = pe.pos_embed.shape[-1]
+    m = pe.pos_embed_max_size
+    scale = (m / pe.base_size) * pe.interpolation_scale
+    top, left = (m - grid_hw[0]) // 2, (m - grid_hw[1]) // 2
+    omega = 1.0 / 10000 ** (torch.arange(dim // 4, dtype=torch.float64) / (dim / 4.0))
+
+    def half(p):
+        a = p * omega
+        return torch.cat([torch.sin(a), torch.cos(a)])
+
+    return torch.cat([half((col + left) / scale), half((row + top) / scale)]).float()
+
+
+def test_sd3_sincos_half_positions_equal_the_formula(sd3):
+    """A child at +0.5 gets the formula's value there (not an interpolation of the neighbours' table rows)."""
+    pe = sd3.transformer.pos_embed
+    points = [(1.0, 1.0), (1.5, 1.0), (2.0, 1.0), (0.5, 2.5), (3.5, 3.5)]
+    emb = sd3.sincos_at(torch.tensor([points]), (4, 4))[0]
+    for i, (r, c) in enumerate(points):
+        torch.testing.assert_close(emb[i], _sincos_reference(r, c, (4, 4), pe), rtol=0, atol=1e-6)
+    table = pe.cropped_pos_embed(4 * pe.patch_size, 4 * pe.patch_size)[0]  # the model's own table at integers
+    torch.testing.assert_close(emb[0], table[1 * 4 + 1], rtol=0, atol=2e-6)
+    torch.testing.assert_close(emb[2], table[2 * 4 + 1], rtol=0, atol=2e-6)
+    assert (emb[1] - (emb[0] + emb[2]) / 2).abs().max() > 1e-3  # the formula, not a linear blend
 
 
 @torch.no_grad()

@@ -1,0 +1,68 @@
+"""The package map's dependency directions (see the design note): read off the import statements of every module.
+
+The CLI calls the API; the API calls the sampler and the compiler; warm-up calls both; the sampler uses schedule,
+layout, transition, edges and adapters; kernels import nothing from the runtime; the schedule knows no model.
+"""
+import ast
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _imports(path: Path) -> set[str]:
+    """Absolute module names imported by ``path`` (relative imports resolved against its package)."""
+    tree = ast.parse(path.read_text())
+    pkg = ".".join(path.relative_to(ROOT).with_suffix("").parts[:-1])
+    out = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            out.update(a.name for a in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            if node.level:
+                base = pkg.split(".")[: len(pkg.split(".")) - node.level + 1]
+                mod = ".".join(base + ([node.module] if node.module else []))
+            else:
+                mod = node.module or ""
+            out.add(mod)
+            out.update(f"{mod}.{a.name}" for a in node.names)
+    return out
+
+
+def _modules(folder: str):
+    return sorted((ROOT / folder).rglob("*.py"))
+
+
+def _hits(files, forbidden) -> list[str]:
+    bad = []
+    for f in files:
+        for imp in _imports(f):
+            if any(imp == x or imp.startswith(x + ".") for x in forbidden):
+                bad.append(f"{f.relative_to(ROOT)} imports {imp}")
+    return bad
+
+
+def test_compile_package_knows_nothing_of_generate():
+    """ralu_runtime.compile is below the API: no import of the API, warm-up, sampler or CLI (no cycle)."""
+    assert not _hits(_modules("ralu_runtime/compile"), ["ralu_runtime.api", "ralu_runtime.warmup",
+                                                         "ralu_runtime.sampler", "ralu_runtime.cli"])
+
+
+def test_kernels_import_nothing_from_the_runtime():
+    assert not _hits(_modules("ralu_kernels"), ["ralu_runtime"])
+
+
+@pytest.mark.parametrize("module", ["schedule.py", "layout.py"])
+def test_schedule_and_layout_know_no_model(module):
+    assert not _hits([ROOT / "ralu_runtime" / module], ["ralu_runtime.adapters", "ralu_runtime.api", "diffusers",
+                                                        "ralu_runtime.compile", "ralu_runtime.sampler"])
+
+
+def test_adapters_know_nothing_of_the_sampler_or_compiler():
+    assert not _hits(_modules("ralu_runtime/adapters"), ["ralu_runtime.sampler", "ralu_runtime.api",
+                                                         "ralu_runtime.compile", "ralu_runtime.warmup"])
+
+
+def test_the_checker_sees_relative_imports(tmp_path):
+    assert "ralu_runtime.api" in _imports(ROOT / "ralu_runtime" / "warmup.py")
