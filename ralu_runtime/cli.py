@@ -1,112 +1,613 @@
-"""Command line: ``ralu generate`` (an image with RALU, per-stage timings printed).
+"""Command line: ``ralu generate`` (an image with RALU, per-stage timings printed) and ``ralu info`` (what ralu
+finds in this environment).
 
 With no ``--model`` it builds the tiny random FLUX pipeline (no download), so the demo runs anywhere.
+Every argument is checked before a model is built or loaded: a bad one prints one line ``ralu: error: ...`` to
+stderr and exits with status 2; an error while generating prints one line and exits with 1 (``--debug`` shows
+the traceback instead). Nothing heavy (torch, numpy, diffusers) is imported until a command runs, so
+``ralu --help`` is instant.
 """
 from __future__ import annotations
 
 import argparse
+import json
+import math
+import os
 import sys
 import time
+from dataclasses import dataclass
+from pathlib import Path
+
+EXIT_FAILURE, EXIT_USAGE = 1, 2
+TINY_MODELS = {"tiny-flux": ("flux", 4096), "tiny-sd3": ("sd3", 1536)}  # name -> (preset family, max pixels/side)
+PIPELINE_FAMILIES = {"FluxPipeline": "flux", "StableDiffusion3Pipeline": "sd3"}
+TINY_SIZE, MODEL_SIZE = 256, 1024     # default pixels per side
+TINY_MAX_SEQUENCE_LENGTH = 77         # the tiny models' text length (their CLIP's position table)
+COARSE_BLOCK_PX = 32                  # VAE factor 8 x patch 2 x 2 (RALU's coarse stage), FLUX and SD3
+# Names owned by modules that import torch, repeated here so that --help needs no torch (tests/test_cli.py
+# checks they agree with ralu_runtime.solvers.SOLVERS, ralu_runtime.compile.BACKENDS and the preset registry).
+SOLVER_NAMES = ("euler", "ab2", "dpmpp2m")
+BACKEND_NAMES = ("eager", "inductor", "onnx", "tensorrt")
+COMPILED_BACKENDS = ("inductor", "onnx", "tensorrt")
+PRESET_HELP = "FLUX.1-dev: 4x, 5x, 7x; FLUX.1-schnell: 4step; SD3: 2x, 3x"
+MAX_STEPS, MAX_SEQUENCE_LENGTH = 1000, 512
+COMMON_EXTENSIONS = ".png, .jpg, .jpeg, .webp, .bmp, .tiff"
+
+
+class UsageError(ValueError):
+    """A bad command-line argument (exit status 2)."""
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with its errors raised as :class:`UsageError` (printed by :func:`main` as one line)."""
+
+    def error(self, message):
+        raise UsageError(message)
 
 
 def _speedup(value: str):
-    return None if value.lower() in ("none", "baseline", "off") else value
+    value = value.strip().lower()
+    return None if value in ("none", "baseline", "off") else value
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="ralu", description="RALU: region-adaptive latent upsampling for DiTs")
-    sub = parser.add_subparsers(dest="command", required=True)
-    g = sub.add_parser("generate", help="generate one image and print per-stage timings")
-    g.add_argument("--model", default="tiny-flux",
-                   help="local diffusers FLUX/SD3 folder, or 'tiny-flux' / 'tiny-sd3' (built-in random models)")
-    g.add_argument("--prompt", default="a photograph of a red fox in the snow")
-    g.add_argument("--height", type=int, default=None, help="pixels (default 256 for tiny models, else 1024)")
-    g.add_argument("--width", type=int, default=None)
-    g.add_argument("--speedup", type=_speedup, default="default",
-                   help="preset name (FLUX: 4x, 5x, 7x; SD3: 2x, 3x), 'default' (fastest), or 'none' for baseline")
-    g.add_argument("--steps", type=int, default=None, help="baseline steps (speedup none only)")
-    g.add_argument("--guidance", type=float, default=None)
-    g.add_argument("--seed", type=int, default=0)
+    """The ``ralu`` argument parser (imports nothing heavy)."""
+    parser = _Parser(prog="ralu", description="RALU: region-adaptive latent upsampling for DiTs")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks instead of one-line errors")
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
+                        help="show tracebacks instead of one-line errors")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{generate,info}")
+    g = sub.add_parser("generate", parents=[common], help="generate one image and print per-stage timings",
+                       description="Generate one image with RALU and print per-stage steps, tokens and seconds. "
+                                   "Arguments are checked before the model is loaded.")
+    g.add_argument("--model", metavar="PATH", default="tiny-flux",
+                   help="local diffusers FLUX/SD3 folder (nothing is downloaded), or 'tiny-flux' / 'tiny-sd3' "
+                        "(built-in random models; default tiny-flux)")
+    g.add_argument("--prompt", metavar="TEXT", default="a photograph of a red fox in the snow")
+    g.add_argument("--height", metavar="PX", type=int, default=None,
+                   help=f"pixels, a multiple of {COARSE_BLOCK_PX} (default {TINY_SIZE} for tiny models, "
+                        f"else {MODEL_SIZE})")
+    g.add_argument("--width", metavar="PX", type=int, default=None, help="pixels, as --height")
+    g.add_argument("--speedup", metavar="PRESET", type=_speedup, default="default",
+                   help=f"preset name ({PRESET_HELP}), 'default' (the family's fastest), or 'none' for the "
+                        "ordinary full-resolution sampler")
+    g.add_argument("--steps", metavar="N", type=int, default=None, help="baseline steps (with --speedup none only)")
+    g.add_argument("--guidance", metavar="SCALE", type=float, default=None,
+                   help="guidance scale (default: the model's)")
+    g.add_argument("--seed", metavar="N", type=int, default=0)
     g.add_argument("--noise", choices=("reference", "exact"), default="reference")
-    g.add_argument("--solver", default="euler")
+    g.add_argument("--solver", choices=SOLVER_NAMES, default="euler")
     g.add_argument("--edge-detector", choices=("opencv", "gpu"), default="opencv")
-    g.add_argument("--device", default=None, help="cpu / cuda (default: cuda when available)")
+    g.add_argument("--device", metavar="DEVICE", default=None,
+                   help="cpu, cuda or cuda:N (default: cuda when available)")
     g.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default=None,
                    help="default: bfloat16 on CUDA, float32 on CPU")
-    g.add_argument("--out", default="ralu.png", help="output PNG")
-    g.add_argument("--mask-out", default=None, help="optional PNG of the image with the regions upsampled first tinted")
-    g.add_argument("--max-sequence-length", type=int, default=None)
-    g.add_argument("--no-progress", action="store_true")
-    g.add_argument("--cache", default=None,
+    g.add_argument("--out", metavar="PATH", default="ralu.png",
+                   help=f"output image ({COMMON_EXTENSIONS}, ...; default ralu.png)")
+    g.add_argument("--mask-out", metavar="PATH", default=None,
+                   help="also write the image with the regions upsampled first tinted (RALU runs only)")
+    g.add_argument("--max-sequence-length", metavar="N", type=int, default=None,
+                   help=f"text tokens, 1..{MAX_SEQUENCE_LENGTH} (default {TINY_MAX_SEQUENCE_LENGTH} for tiny "
+                        "models, else the pipeline's)")
+    g.add_argument("--no-progress", action="store_true", help="no progress bar")
+    g.add_argument("--cache", metavar="SPEC", default=None,
                    help="temporal feature cache: 'taylorseer:W[:order]' (e.g. taylorseer:3), 'fbcache:THRESHOLD' "
                         "(e.g. fbcache:0.1) or 'none' (default)")
-    g.add_argument("--backend", choices=("eager", "inductor", "onnx", "tensorrt"), default=None,
-                   help="per-stage compilation backend (default: plain eager)")
+    g.add_argument("--backend", choices=BACKEND_NAMES, default=None,
+                   help="per-stage compilation backend (default: plain eager); a compiled one (inductor, onnx, "
+                        "tensorrt) is built by a warm-up run first, timed as its own row. onnx needs the "
+                        "[onnx] extra: pip install -e '.[onnx]'")
+    i = sub.add_parser("info", parents=[common], help="versions, device, kernels and backends ralu finds here",
+                       description="Print the versions, the device, which kernels and attention/compile backends "
+                                   "ralu uses here (and why), and its cache paths.")
+    i.add_argument("--json", action="store_true", help="machine-readable output")
     return parser
 
 
-def _load(args, torch):
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    dtype = getattr(torch, args.dtype) if args.dtype else (torch.bfloat16 if device == "cuda" else torch.float32)
-    if args.model in ("tiny-flux", "tiny-sd3"):
+# ------------------------------------------------------------------------------------------- checks
+@dataclass
+class GeneratePlan:
+    """The checked and resolved arguments of ``ralu generate``."""
+
+    model: str
+    family: str
+    height: int
+    width: int
+    speedup: str | None
+    device: str
+    dtype: str
+    max_sequence_length: int | None
+    text_len: int | None      # prompt-embedding length of a generate call (for the warm-up's dummy prompt)
+    out: str
+    mask_out: str | None
+
+
+def _model_family(model: str) -> tuple[str, int, int | None]:
+    """``(preset family, default size, max pixels per side or None)`` of ``--model``, read from the folder's
+    ``model_index.json`` and ``transformer/config.json`` without loading anything."""
+    if model in TINY_MODELS:
+        family, cap = TINY_MODELS[model]
+        return family, TINY_SIZE, cap
+    folder = Path(model).expanduser()
+    if not folder.is_dir():
+        raise UsageError(f"model folder not found: {model!r} (--model takes a local diffusers folder, nothing is "
+                         "downloaded; or 'tiny-flux' / 'tiny-sd3' for the built-in random models)")
+    index = folder / "model_index.json"
+    if not index.is_file():
+        raise UsageError(f"--model {model!r} is not a diffusers pipeline folder (no model_index.json)")
+    cls = _read_json(index).get("_class_name")
+    if cls not in PIPELINE_FAMILIES:
+        raise UsageError(f"--model {model!r} holds a {cls!r} pipeline; ralu supports {', '.join(PIPELINE_FAMILIES)}")
+    family = PIPELINE_FAMILIES[cls]
+    cfg = _read_json(folder / "transformer" / "config.json", missing_ok=True)
+    if family == "flux":
+        return ("flux" if cfg.get("guidance_embeds", True) else "flux-schnell"), MODEL_SIZE, 4096
+    vae = _read_json(folder / "vae" / "config.json", missing_ok=True)
+    vae_factor = 2 ** (len(vae["block_out_channels"]) - 1) if "block_out_channels" in vae else 8
+    cap = cfg.get("pos_embed_max_size")
+    return family, MODEL_SIZE, (int(cap) * int(cfg.get("patch_size", 2)) * vae_factor if cap else None)
+
+
+def _read_json(path: Path, missing_ok: bool = False) -> dict:
+    if missing_ok and not path.is_file():
+        return {}
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise UsageError(f"cannot read {str(path)!r}: {exc}") from None
+    if not isinstance(data, dict):
+        raise UsageError(f"{str(path)!r} is not a JSON object")
+    return data
+
+
+def _check_int(flag: str, value, lo: int, hi: int) -> None:
+    if value is not None and not lo <= value <= hi:
+        raise UsageError(f"{flag} {value} is not allowed: need an integer in [{lo}, {hi}]")
+
+
+def _image_format(path: str) -> str:
+    """Pillow's format name for ``path``'s extension (UsageError when Pillow cannot write it)."""
+    import io
+
+    from PIL import Image
+
+    ext = os.path.splitext(path)[1].lower()
+    fmt = Image.registered_extensions().get(ext)
+    if fmt is None or fmt not in Image.SAVE:
+        what = f"unknown image extension {ext!r}" if ext else "no file extension"
+        raise UsageError(f"{what}: use {COMMON_EXTENSIONS} (or another extension Pillow can write)")
+    try:
+        Image.new("RGB", (1, 1)).save(io.BytesIO(), format=fmt)
+    except Exception as exc:  # noqa: BLE001 - e.g. a plugin without its codec
+        raise UsageError(f"Pillow cannot write {fmt} images here ({exc})") from None
+    return fmt
+
+
+def _check_output(flag: str, path: str) -> str:
+    """``path`` if an image can be written there: a known image extension, in an existing writable folder."""
+    try:
+        _image_format(path)
+    except UsageError as exc:
+        raise UsageError(f"{flag} {path!r}: {exc}") from None
+    target = Path(path).expanduser()
+    if target.is_dir():
+        raise UsageError(f"{flag} {path!r} is a folder; give an image file name")
+    folder = target.absolute().parent
+    if not folder.is_dir():
+        raise UsageError(f"{flag} {path!r}: folder {str(folder)!r} does not exist")
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise UsageError(f"{flag} {path!r}: folder {str(folder)!r} is not writable")
+    return str(target)
+
+
+def _check_device(device: str | None, dtype: str | None) -> tuple[str, str]:
+    import torch
+
+    name = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(name)
+    except (RuntimeError, ValueError):
+        raise UsageError(f"--device {name!r} is not a device: use cpu, cuda or cuda:N") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            build = "a CPU build" if torch.version.cuda is None else f"built for CUDA {torch.version.cuda}"
+            raise UsageError(f"--device {name!r}: no CUDA device is visible to torch {torch.__version__} ({build}); "
+                             "use --device cpu")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise UsageError(f"--device {name!r}: only {torch.cuda.device_count()} CUDA device(s) are visible")
+    elif dev.type != "cpu":
+        raise UsageError(f"--device {name!r} is not supported: use cpu, cuda or cuda:N")
+    return name, dtype or ("bfloat16" if dev.type == "cuda" else "float32")
+
+
+def _backend_unavailable(backend: str, device: str) -> str | None:
+    """Why ``backend`` cannot run on ``device`` here (None when it can)."""
+    from .compile import available_backends
+
+    if backend in available_backends(device):
+        return None
+    if backend == "onnx":
+        import importlib.util
+
+        missing = [m for m in ("onnx", "onnxruntime") if importlib.util.find_spec(m) is None]
+        return (f"needs {' and '.join(missing) if missing else 'onnx and onnxruntime (not importable)'}: "
+                "pip install -e '.[onnx]'")
+    if backend == "tensorrt":
+        if not device.startswith("cuda"):
+            return "runs on CUDA devices only"
+        from .compile.tensorrt import tensorrt_flavour
+
+        try:
+            tensorrt_flavour()
+        except ImportError as exc:
+            return str(exc)
+    return "not available on this device"
+
+
+def check_generate(args) -> GeneratePlan:
+    """Check every ``ralu generate`` argument, before any model is built or loaded; UsageError names the bad
+    value and what is allowed."""
+    family, default_size, cap = _model_family(args.model)
+    height = default_size if args.height is None else args.height
+    width = default_size if args.width is None else args.width
+    for flag, value in (("--height", height), ("--width", width)):
+        if value <= 0 or value % COARSE_BLOCK_PX:
+            raise UsageError(f"{flag} {value} is not allowed: need a positive multiple of {COARSE_BLOCK_PX} pixels "
+                             "(VAE factor 8 x patch 2 x 2 for RALU's coarse stage)")
+        if cap is not None and value > cap:
+            raise UsageError(f"{flag} {value} is not allowed: {args.model} takes at most {cap} pixels per side")
+    from .schedule import PRESET_SPECS
+
+    presets = PRESET_SPECS[family]
+    if args.speedup is not None and args.speedup != "default" and args.speedup not in presets:
+        raise UsageError(f"--speedup {args.speedup!r} is not a preset of {family} ({args.model}): use "
+                         f"{', '.join(presets)}, default or none")
+    if args.steps is not None:
+        if args.speedup is not None:
+            raise UsageError(f"--steps {args.steps} applies to --speedup none only (a RALU preset fixes its own "
+                             "steps)")
+        _check_int("--steps", args.steps, 1, MAX_STEPS)
+    if args.guidance is not None and not math.isfinite(args.guidance):
+        raise UsageError(f"--guidance {args.guidance} is not allowed: need a finite number")
+    _check_int("--seed", args.seed, 0, 2**63 - 1)
+    _check_int("--max-sequence-length", args.max_sequence_length, 1, MAX_SEQUENCE_LENGTH)
+    out = _check_output("--out", args.out)
+    mask_out = None
+    if args.mask_out is not None:
+        if args.speedup is None:
+            raise UsageError("--mask-out needs a RALU run: --speedup none upsamples no regions")
+        mask_out = _check_output("--mask-out", args.mask_out)
+        if os.path.abspath(mask_out) == os.path.abspath(out):
+            raise UsageError(f"--mask-out {args.mask_out!r} is the same file as --out")
+    device, dtype = _check_device(args.device, args.dtype)
+    if args.cache is not None:
+        from .cache import make_cache
+
+        try:
+            make_cache(args.cache)
+        except ValueError as exc:
+            raise UsageError(f"--cache {args.cache!r}: {exc}") from None
+    if args.backend is not None:
+        why = _backend_unavailable(args.backend, device)
+        if why:
+            raise UsageError(f"--backend {args.backend!r} is not available here: {why}")
+    msl = args.max_sequence_length or (TINY_MAX_SEQUENCE_LENGTH if args.model in TINY_MODELS else None)
+    text_len = None if msl is None else (77 + msl if family == "sd3" else msl)  # SD3: CLIP 77 + T5 tokens
+    return GeneratePlan(args.model, family, height, width, args.speedup, device, dtype, msl, text_len, out,
+                        mask_out)
+
+
+# ------------------------------------------------------------------------------------------- generate
+def _load(plan: GeneratePlan):
+    import torch
+
+    dtype = getattr(torch, plan.dtype)
+    if plan.model in TINY_MODELS:
         from .tiny import build_tiny_flux_pipeline, build_tiny_sd3_pipeline
 
-        build = build_tiny_flux_pipeline if args.model == "tiny-flux" else build_tiny_sd3_pipeline
-        return build(device=device, dtype=dtype), 256, 77
+        build = build_tiny_flux_pipeline if plan.family == "flux" else build_tiny_sd3_pipeline
+        return build(device=plan.device, dtype=dtype)
     from .api import load_pipeline
 
-    return load_pipeline(args.model, torch_dtype=dtype, device=device), 1024, None
+    return load_pipeline(plan.model, torch_dtype=dtype, device=plan.device)
+
+
+def _save_image(array, file, fmt: str) -> None:
+    from PIL import Image
+
+    Image.fromarray(array).save(file, format=fmt)
+
+
+def write_images(items) -> None:
+    """Write ``[(uint8 HWC array, path), ...]`` all or none: each goes to a hidden temporary file in its target
+    folder, and all are renamed into place only once every one is written."""
+    import secrets
+
+    tmps = []
+    try:
+        for array, path in items:
+            folder, name = os.path.split(os.path.abspath(path))
+            tmp = os.path.join(folder, f".{name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
+            with open(tmp, "xb") as f:
+                tmps.append(tmp)
+                _save_image(array, f, _image_format(path))
+        done = []
+        try:
+            for tmp, (_, path) in zip(tmps, items):
+                os.replace(tmp, path)
+                done.append(path)
+        except BaseException:
+            for path in done:
+                os.unlink(path)
+            raise
+    finally:
+        for tmp in tmps:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+
+
+def _speedup_line(plan: GeneratePlan, out) -> str:
+    sched = out.schedule
+    if sched is None:
+        steps = sum(r.steps for r in out.records)
+        return f"speedup: none (baseline, {steps} steps at full resolution)"
+    name = (sched.name or "custom").split("/")[-1]
+    origin = f"{plan.family} default" if plan.speedup == "default" else f"{plan.family} preset"
+    return f"speedup: {name} ({origin}): steps {sched.steps}, ends {sched.ends}, r={sched.ratio}"
 
 
 def cmd_generate(args) -> int:
+    """``ralu generate``: check the arguments, build or load the model, (warm up), generate, write, report."""
+    plan = check_generate(args)
     import numpy as np
-    import torch
-    from PIL import Image
 
     from .api import generate
-    from .edges import overlay_mask
 
     t0 = time.perf_counter()
-    pipe, default_size, max_seq = _load(args, torch)
+    pipe = _load(plan)
     load_s = time.perf_counter() - t0
-    out = generate(pipe, args.prompt, height=args.height or default_size, width=args.width or default_size,
-                   speedup=args.speedup, num_inference_steps=args.steps, guidance_scale=args.guidance,
-                   seed=args.seed, output_type="np", return_masks=args.mask_out is not None, noise=args.noise,
-                   solver=args.solver, edge_detector=args.edge_detector,
-                   max_sequence_length=args.max_sequence_length or max_seq, progress=not args.no_progress,
-                   backend=args.backend, cache=args.cache)
+    kwargs = dict(height=plan.height, width=plan.width, speedup=plan.speedup, num_inference_steps=args.steps,
+                  guidance_scale=args.guidance, noise=args.noise, solver=args.solver,
+                  edge_detector=args.edge_detector, cache=args.cache)
+    compile_s = None
+    if args.backend in COMPILED_BACKENDS:
+        from .warmup import warmup
+
+        t0 = time.perf_counter()
+        warmup(pipe, backend=args.backend, text_len=plan.text_len, runs=1, **kwargs)
+        compile_s = time.perf_counter() - t0
+    out = generate(pipe, args.prompt, **kwargs, seed=args.seed, output_type="np",
+                   return_masks=plan.mask_out is not None, max_sequence_length=plan.max_sequence_length,
+                   progress=not args.no_progress, backend=args.backend)
     image = (np.clip(out.images[0], 0, 1) * 255).round().astype(np.uint8)
-    Image.fromarray(image).save(args.out)
-    print(f"model load: {load_s:.2f} s  ({args.model})")
-    sched = out.schedule
-    print(f"speedup: {args.speedup or 'none (baseline)'}" + (f"  steps {sched.steps}, ends {sched.ends}, "
-                                                               f"r={sched.ratio}" if sched else ""))
-    print(f"{'stage':<14}{'steps':>6}{'tokens':>8}{'seconds':>10}")
-    recorded = {r.name for r in out.records}
-    for rec in out.records:
-        print(f"{rec.name:<14}{rec.steps:>6}{rec.tokens:>8}{rec.seconds:>10.3f}")
+    items = [(image, plan.out)]
+    if plan.mask_out is not None:
+        from .edges import overlay_mask
+
+        items.append((overlay_mask(image, out.masks[0].cpu().numpy()), plan.mask_out))
+    write_images(items)
+
+    print(f"model: {plan.model} ({plan.family}, {plan.device}, {plan.dtype}), loaded in {load_s:.2f} s")
+    print(_speedup_line(plan, out))
+    print(f"size: {plan.width}x{plan.height} (width x height), seed {args.seed}, solver {args.solver}, "
+          f"backend {args.backend or 'eager'}"
+          + (f", cache {args.cache}" if args.cache else ""))
+    print(f"{'stage':<20}{'steps':>6}{'tokens':>8}{'seconds':>10}")
+    if compile_s is not None:
+        print(f"{'compile (warm-up)':<20}{'':>6}{'':>8}{compile_s:>10.3f}")
+    records = {r.name: r for r in out.records}
     for name, sec in out.timings.items():
-        if name not in recorded:
-            print(f"{name:<14}{'':>6}{'':>8}{sec:>10.3f}")
-    print(f"{'total':<14}{'':>6}{'':>8}{sum(out.timings.values()):>10.3f}")
+        rec = records.get(name)
+        print(f"{name:<20}{rec.steps if rec else '':>6}{rec.tokens if rec else '':>8}{sec:>10.3f}")
+    print(f"{'total (generate)':<20}{'':>6}{'':>8}{sum(out.timings.values()):>10.3f}")
     if out.cache_stats is not None:
         print(f"cache {args.cache}: {out.cache_stats['full']} full / {out.cache_stats['cached']} cached block-stack "
               f"steps ({' | '.join(s['pattern'] for s in out.cache_stats['stages'])})")
-    print(f"wrote {args.out}")
-    if args.mask_out is not None:
-        if out.masks is None:
-            print("no mask: a baseline run upsamples nothing", file=sys.stderr)
-        else:
-            Image.fromarray(overlay_mask(image, out.masks[0].cpu().numpy())).save(args.mask_out)
-            print(f"wrote {args.mask_out}")
+    for _, path in items:
+        print(f"wrote {path}")
     return 0
 
 
+# ------------------------------------------------------------------------------------------- info
+def _version(*dists: str) -> str | None:
+    from importlib import metadata
+
+    for dist in dists:
+        try:
+            return metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            continue
+    return None
+
+
+def _csrc_status(torch) -> tuple[bool, str]:
+    """Whether ``ralu_kernels._C`` (the CUDA op) is loaded here, and why (not)."""
+    import importlib
+    import importlib.util
+
+    if os.environ.get("RALU_DISABLE_CSRC") == "1":
+        return False, "disabled by RALU_DISABLE_CSRC=1"
+    if importlib.util.find_spec("ralu_kernels._C") is None:
+        if torch.version.cuda is None:
+            return False, (f"not built: torch {torch.__version__} is a CPU build (the extension is compiled at "
+                           "install time with a CUDA build of torch and nvcc)")
+        return False, ("not built: reinstall with `pip install -e .` where nvcc is found "
+                       "(README, 'Building the CUDA ops')")
+    try:
+        module = importlib.import_module("ralu_kernels._C")
+    except Exception as exc:  # noqa: BLE001 - built for another torch, missing libraries, ...
+        return False, f"built but not loadable: {' '.join(str(exc).split())}"
+    from ralu_kernels._csrc import load_csrc
+
+    if not load_csrc():
+        return False, "loaded, but torch.ops.ralu.stage_transition is not registered"
+    return True, f"loaded ({getattr(module, '__file__', '?')})"
+
+
+def collect_info() -> dict:
+    """What ``ralu info`` reports, as a JSON-ready dict."""
+    import importlib.util
+    import platform
+
+    import torch
+
+    from ralu_kernels.attention import available_backends as attention_backends
+    from ralu_kernels.transition import HAS_TRITON
+
+    from .compile import BACKENDS, available_backends
+    from .compile.artifacts import default_cache_root
+
+    cuda = torch.cuda.is_available()
+    versions = {
+        "python": platform.python_version(), "ralu": _version("ralu"),
+        "ralu_location": os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "torch": torch.__version__,
+        "cuda_build": torch.version.cuda, "diffusers": _version("diffusers"), "transformers": _version("transformers"),
+        "tokenizers": _version("tokenizers"), "triton": _version("triton", "pytorch-triton"),
+        "onnx": _version("onnx"), "onnxruntime": _version("onnxruntime", "onnxruntime-gpu"),
+        "opencv": _version("opencv-python-headless", "opencv-python", "opencv-contrib-python-headless",
+                           "opencv-contrib-python"),
+        "numpy": _version("numpy"), "pillow": _version("pillow"),
+    }
+    if cuda:
+        idx = torch.cuda.current_device()
+        cap = torch.cuda.get_device_capability(idx)
+        device = {"type": "cuda", "name": torch.cuda.get_device_name(idx), "capability": f"{cap[0]}.{cap[1]}",
+                  "count": torch.cuda.device_count()}
+    else:
+        why = "torch is a CPU build" if torch.version.cuda is None else "no CUDA device visible to torch"
+        device = {"type": "cpu", "name": platform.processor() or platform.machine(),
+                  "threads": torch.get_num_threads(), "why_not_cuda": why}
+    dev = "cuda" if cuda else "cpu"
+
+    csrc_ok, csrc_why = _csrc_status(torch)
+    if not cuda:
+        transition = ("torch", "no CUDA device: auto runs the CUDA op or Triton only for CUDA tensors, the torch "
+                               "reference otherwise")
+    elif csrc_ok:
+        transition = ("cuda", "the CUDA op ralu_kernels._C is loaded and tensors are on CUDA")
+    elif HAS_TRITON:
+        transition = ("triton", f"the CUDA op is not loaded ({csrc_why}); Triton runs on CUDA")
+    else:
+        transition = ("torch", f"the CUDA op is not loaded ({csrc_why}) and Triton is not importable")
+
+    attn_dtype = torch.bfloat16 if cuda else torch.float32
+    attn = attention_backends(dev, attn_dtype)
+    if not cuda:
+        attn_why = "flash_attn and torch_varlen run on CUDA (float16/bfloat16) only"
+    else:
+        missing = []
+        if "flash_attn" not in attn:
+            missing.append("flash-attn is not installed")
+        if "torch_varlen" not in attn:
+            missing.append(f"torch {torch.__version__} has no torch.nn.attention.varlen")
+        attn_why = "; ".join(missing) or "first in preference order"
+
+    usable = available_backends(dev)
+    unavailable = {b: _backend_unavailable(b, dev) for b in BACKENDS if b not in usable}
+    root = default_cache_root()
+    key_env = os.environ.get("RALU_ARTIFACT_KEY_FILE")
+    key = Path(key_env) if key_env else root / "artifact.key"
+    inductor = root / "inductor"
+    env = {k: os.environ.get(k) for k in ("RALU_CACHE_DIR", "RALU_ARTIFACT_KEY_FILE", "RALU_DISABLE_CSRC",
+                                          "TORCHINDUCTOR_CACHE_DIR", "TRITON_INTERPRET", "CUDA_VISIBLE_DEVICES")}
+    return {
+        "versions": versions,
+        "device": device,
+        "transition_auto": {"impl": transition[0], "why": transition[1], "triton_importable": HAS_TRITON},
+        "varlen_attention_auto": {"backend": attn[0], "available": attn, "why": attn_why, "dtype": str(attn_dtype)},
+        "cuda_extension": {"loaded": csrc_ok, "why": csrc_why,
+                           "built": importlib.util.find_spec("ralu_kernels._C") is not None},
+        "compile_backends": {"available": usable, "unavailable": unavailable},
+        "paths": {"cache_dir": str(root), "cache_dir_exists": root.is_dir(),
+                  "inductor_cache": str(inductor), "inductor_cache_exists": inductor.is_dir(),
+                  "artifact_key": str(key), "artifact_key_exists": key.is_file()},
+        "env": {k: v for k, v in env.items() if v is not None},
+    }
+
+
+def _exists(flag: bool) -> str:
+    return "exists" if flag else "absent"
+
+
+def format_info(info: dict) -> str:
+    """``collect_info()`` as a plain two-column table."""
+    v, d, p = info["versions"], info["device"], info["paths"]
+    rows = [("python", f"{v['python']} ({sys.executable})"), ("ralu", f"{v['ralu']} ({v['ralu_location']})"),
+            ("torch", v["torch"])]
+    rows.append(("CUDA build", v["cuda_build"] or "none (CPU build of torch)"))
+    rows += [(name, v[name] or "not installed") for name in ("diffusers", "transformers", "tokenizers", "triton",
+                                                              "onnx", "onnxruntime", "opencv", "numpy", "pillow")]
+    rows.append(("", ""))
+    if d["type"] == "cuda":
+        rows.append(("device", f"cuda: {d['name']} (compute capability {d['capability']}, {d['count']} visible)"))
+    else:
+        rows.append(("device", f"cpu: {d['name']}, {d['threads']} torch threads ({d['why_not_cuda']})"))
+    t, a, c, b = (info["transition_auto"], info["varlen_attention_auto"], info["cuda_extension"],
+                  info["compile_backends"])
+    rows.append(("transition (auto)", f"{t['impl']}: {t['why']}"))
+    rows.append(("varlen attention", f"{a['backend']} (available: {', '.join(a['available'])}; {a['why']})"))
+    rows.append(("CUDA extension", f"{'loaded' if c['loaded'] else 'not loaded'}: {c['why']}"))
+    rows.append(("compile backends", ", ".join(b["available"])))
+    for name, why in b["unavailable"].items():
+        rows.append(("  not available", f"{name}: {why}"))
+    rows.append(("", ""))
+    env = "" if "RALU_CACHE_DIR" in info["env"] else ", RALU_CACHE_DIR not set"
+    rows.append(("cache folder", f"{p['cache_dir']} ({_exists(p['cache_dir_exists'])}{env})"))
+    rows.append(("inductor cache", f"{p['inductor_cache']} ({_exists(p['inductor_cache_exists'])}; used after "
+                                   "ralu_runtime.compile.enable_persistent_cache())"))
+    rows.append(("artifact key", f"{p['artifact_key']} ({_exists(p['artifact_key_exists'])}; created by the first "
+                                 "save_compile_artifacts)" if not p["artifact_key_exists"] else
+                 f"{p['artifact_key']} (exists)"))
+    for name, value in info["env"].items():
+        rows.append((f"${name}", value))
+    width = max(len(k) for k, _ in rows) + 2
+    return "\n".join(f"{k:<{width}}{val}".rstrip() for k, val in rows)
+
+
+def cmd_info(args) -> int:
+    """``ralu info``: print :func:`collect_info` as a table, or as JSON with ``--json``."""
+    info = collect_info()
+    print(json.dumps(info, indent=2) if args.json else format_info(info))
+    return 0
+
+
+COMMANDS = {"generate": cmd_generate, "info": cmd_info}
+
+
+def _one_line(exc: BaseException) -> str:
+    return " ".join(str(exc).split()) or type(exc).__name__
+
+
 def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
-    if args.command == "generate":
-        return cmd_generate(args)
-    return 2  # pragma: no cover
+    """``ralu``: returns the exit status (0 done, 1 failed while running, 2 bad arguments). Errors are one line
+    ``ralu: error: ...`` on stderr; ``--debug`` raises them with their traceback instead."""
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except UsageError as exc:
+        print(f"ralu: error: {_one_line(exc)} (see --help)", file=sys.stderr)
+        return EXIT_USAGE
+    except SystemExit as exc:  # --help
+        return exc.code if isinstance(exc.code, int) else 0
+    debug = getattr(args, "debug", False)
+    try:
+        return COMMANDS[args.command](args)
+    except UsageError as exc:
+        if debug:
+            raise
+        print(f"ralu: error: {_one_line(exc)}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        if debug:
+            raise
+        print("ralu: interrupted", file=sys.stderr)
+        return 130
+    except Exception as exc:  # noqa: BLE001 - one line for the user; --debug for the traceback
+        if debug:
+            raise
+        print(f"ralu: error: {_one_line(exc)} ({type(exc).__name__}; --debug shows the traceback)", file=sys.stderr)
+        return EXIT_FAILURE
 
 
 if __name__ == "__main__":

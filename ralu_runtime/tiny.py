@@ -10,17 +10,33 @@ import torch
 
 TEXT_DIM = 32
 VOCAB = 300  # 256 byte symbols + specials, rounded up
+SPECIAL_TOKENS = ("<pad>", "<unk>", "</s>")
+
+
+def byte_to_unicode() -> dict[int, str]:
+    """GPT-2's byte -> printable character map (the symbols of ``tokenizers``' ByteLevel pre-tokenizer).
+
+    Printable Latin-1 bytes map to themselves, the other 68 to U+0100... in byte order.
+    """
+    keep = {*range(0x21, 0x7F), *range(0xA1, 0xAD), *range(0xAE, 0x100)}  # "!".."~", "¡".."¬", "®".."ÿ"
+    shifted = iter(range(256, 512))
+    return {b: chr(b) if b in keep else chr(next(shifted)) for b in range(256)}
 
 
 def byte_tokenizer(max_length: int):
-    """A byte-level BPE tokenizer with no merges (every UTF-8 byte is one token), built in memory."""
+    """A byte-level BPE tokenizer with no merges (every UTF-8 byte is one token), built in memory.
+
+    Ids are fixed: 0-2 the specials, then byte ``b`` -> ``3 + b`` in every process (``ByteLevel.alphabet()``
+    is a set, whose order changes with the process's hash seed, so it is not used for the order).
+    """
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
-    specials = ["<pad>", "<unk>", "</s>"]
-    vocab = {tok: i for i, tok in enumerate(specials)}
-    for ch in pre_tokenizers.ByteLevel.alphabet():
-        vocab[ch] = len(vocab)
+    vocab = {tok: i for i, tok in enumerate(SPECIAL_TOKENS)}
+    for b, ch in byte_to_unicode().items():
+        vocab[ch] = len(SPECIAL_TOKENS) + b
+    if set(vocab) - set(SPECIAL_TOKENS) != set(pre_tokenizers.ByteLevel.alphabet()):  # pragma: no cover
+        raise RuntimeError("tokenizers' ByteLevel alphabet is not GPT-2's byte map; byte_tokenizer needs updating")
     tok = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()

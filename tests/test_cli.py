@@ -1,0 +1,324 @@
+"""The ``ralu`` command line: fast help, argument checks before any model work, one-line errors and exit codes,
+all-or-nothing image writes, the compile row, ``ralu info``, and the same PNG from two processes."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+import ralu_runtime
+from ralu_runtime import cli
+
+HEAVY = ("torch", "numpy", "scipy", "diffusers", "transformers", "PIL")
+
+
+def run_cli(*args, env=None, cwd=None, timeout=120):
+    """``python -m ralu_runtime.cli ARGS`` in a subprocess."""
+    full_env = {**os.environ, **(env or {})}
+    return subprocess.run([sys.executable, "-m", "ralu_runtime.cli", *args], capture_output=True, text=True,
+                          env=full_env, cwd=cwd, timeout=timeout)
+
+
+def error_line(stderr: str) -> str:
+    """The one ``ralu: error:`` line of stderr (library warnings printed before it are ignored)."""
+    lines = [ln for ln in stderr.splitlines() if ln.startswith("ralu: error:")]
+    assert len(lines) == 1, stderr
+    assert "Traceback" not in stderr
+    return lines[0]
+
+
+# ------------------------------------------------------------------------------------------- help
+def test_help_imports_nothing_heavy():
+    code = ("import sys, ralu_runtime.cli as c\n"
+            "p = c.build_parser(); p.format_help()\n"
+            "for cmd in ('generate', 'info'):\n"
+            "    try: p.parse_args([cmd, '--help'])\n"
+            "    except SystemExit: pass\n"
+            f"print(sorted(m for m in {HEAVY!r} if m in sys.modules))")
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.strip().splitlines()[-1] == "[]"
+
+
+def test_help_exits_0():
+    res = run_cli("--help")
+    assert res.returncode == 0 and "generate" in res.stdout and "info" in res.stdout and "--debug" in res.stdout
+    res = run_cli("generate", "--help")
+    assert res.returncode == 0, res.stderr
+    for flag in ("--model", "--speedup", "--backend", "--mask-out", "--debug", ".[onnx]"):
+        assert flag in res.stdout
+    assert cli.main(["info", "--help"]) == 0
+
+
+def test_package_names_resolve_lazily():
+    from ralu_runtime import RaluOutput, RaluSchedule, generate, get_preset, load_pipeline, solve_nt_matching
+    from ralu_runtime.api import generate as api_generate
+    from ralu_runtime.schedule import get_preset as schedule_get_preset
+
+    assert generate is api_generate and get_preset is schedule_get_preset
+    assert all(callable(f) for f in (RaluOutput, RaluSchedule, load_pipeline, solve_nt_matching))
+    assert set(ralu_runtime.__all__) <= set(dir(ralu_runtime))
+    assert ralu_runtime.schedule.PRESET_SPECS and ralu_runtime.adapters.get_adapter
+    with pytest.raises(AttributeError):
+        ralu_runtime.no_such_name  # noqa: B018
+
+
+def test_help_names_match_the_registries(flux_pipe, sd3_pipe):
+    """The names --help lists without importing torch are those of the modules that own them."""
+    from ralu_runtime.adapters import get_adapter
+    from ralu_runtime.compile import BACKENDS
+    from ralu_runtime.schedule import PRESET_SPECS
+    from ralu_runtime.solvers import SOLVERS
+
+    assert cli.SOLVER_NAMES == tuple(SOLVERS)
+    assert cli.BACKEND_NAMES == tuple(BACKENDS)
+    assert set(cli.COMPILED_BACKENDS) == set(BACKENDS) - {"eager"}
+    assert all(name in cli.PRESET_HELP for presets in PRESET_SPECS.values() for name in presets)
+    for name, pipe in (("tiny-flux", flux_pipe), ("tiny-sd3", sd3_pipe)):
+        adapter = get_adapter(pipe)
+        assert cli.TINY_MODELS[name] == (adapter.family, adapter.max_size())
+        assert adapter.coarse_block_px == cli.COARSE_BLOCK_PX
+
+
+# ------------------------------------------------------------------------------------------- bad arguments
+BAD = [
+    (["--height", "70"], "--height 70"),
+    (["--width", "0"], "--width 0"),
+    (["--height", "abc"], "'abc'"),
+    (["--model", "tiny-sd3", "--height", "2048"], "at most 1536"),
+    (["--speedup", "9x"], "'9x'"),
+    (["--model", "tiny-sd3", "--speedup", "7x"], "'7x'"),
+    (["--steps", "5"], "--steps 5"),
+    (["--speedup", "none", "--steps", "0"], "--steps 0"),
+    (["--solver", "rk4"], "'rk4'"),
+    (["--cache", "taylorseer:x"], "taylorseer:x"),
+    (["--backend", "fast"], "'fast'"),
+    (["--model", "black-forest-labs/FLUX.1-dev"], "model folder not found: 'black-forest-labs/FLUX.1-dev'"),
+    (["--model", "{tmp}/empty"], "no model_index.json"),
+    (["--model", "{tmp}/sdxl"], "'StableDiffusionXLPipeline'"),
+    (["--out", "missing/x.png"], "missing"),
+    (["--out", "x.xyz"], "'.xyz'"),
+    (["--out", "noext"], "no file extension"),
+    (["--out", "dir.png"], "is a folder"),
+    (["--speedup", "none", "--mask-out", "m.png"], "--mask-out"),
+    (["--mask-out", "ralu.png"], "same file"),
+    (["--mask-out", "missing/m.png"], "missing"),
+    (["--device", "tpu"], "'tpu'"),
+    (["--guidance", "inf"], "--guidance inf"),
+    (["--max-sequence-length", "0"], "--max-sequence-length 0"),
+    (["--seed", "-1"], "--seed -1"),
+]
+
+
+@pytest.fixture
+def workdir(tmp_path, monkeypatch):
+    """An empty current folder with two model-like folders; building or loading a model there fails the test."""
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "dir.png").mkdir()
+    (tmp_path / "sdxl").mkdir()
+    (tmp_path / "sdxl" / "model_index.json").write_text('{"_class_name": "StableDiffusionXLPipeline"}')
+    monkeypatch.chdir(tmp_path)
+
+    def no_load(plan):
+        raise AssertionError("the model was loaded before the arguments were checked")
+
+    monkeypatch.setattr(cli, "_load", no_load)
+    return tmp_path
+
+
+@pytest.mark.parametrize("args,needle", BAD, ids=[" ".join(a) for a, _ in BAD])
+def test_bad_argument_is_one_line_exit_2(workdir, capsys, args, needle):
+    args = [a.replace("{tmp}", str(workdir)) for a in args]
+    before = sorted(p.name for p in workdir.iterdir())
+    assert cli.main(["generate", "--no-progress", *args]) == 2
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    line = error_line(captured.err)
+    assert captured.err.strip() == line
+    assert needle.replace("{tmp}", str(workdir)) in line
+    assert sorted(p.name for p in workdir.iterdir()) == before  # no image, no temporary file
+
+
+def test_unavailable_backend_and_device_are_rejected(workdir, capsys):
+    import torch
+
+    from ralu_runtime.compile import available_backends
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    for backend in cli.BACKEND_NAMES:
+        if backend not in available_backends(device):
+            assert cli.main(["generate", "--backend", backend]) == 2
+            assert f"--backend {backend!r} is not available here" in error_line(capsys.readouterr().err)
+    if not torch.cuda.is_available():
+        assert cli.main(["generate", "--device", "cuda"]) == 2
+        assert "--device 'cuda'" in error_line(capsys.readouterr().err)
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["generate", "--height", "70"], "--height 70"),
+    (["generate", "--model", "no/such-model"], "model folder not found: 'no/such-model'"),
+    (["generate", "--cache", "fbcache"], "fbcache"),
+    (["generate", "--solver", "rk4"], "'rk4'"),
+    (["frobnicate"], "'frobnicate'"),
+    ([], "required"),
+])
+def test_bad_argument_subprocess(tmp_path, args, needle):
+    res = run_cli(*args, cwd=tmp_path)
+    assert res.returncode == 2, res.stderr
+    assert needle in error_line(res.stderr)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_debug_shows_the_exception(workdir):
+    with pytest.raises(cli.UsageError, match="--height 70"):
+        cli.main(["generate", "--height", "70", "--debug"])
+    with pytest.raises(ValueError, match="'9x'"):
+        cli.main(["--debug", "generate", "--speedup", "9x"])
+
+
+# ------------------------------------------------------------------------------------------- runtime errors
+def test_runtime_error_is_one_line_exit_1(tmp_path, monkeypatch, capsys):
+    """A folder that passes the checks but cannot be loaded: exit 1 and one line; --debug raises."""
+    model = tmp_path / "broken"
+    model.mkdir()
+    (model / "model_index.json").write_text('{"_class_name": "FluxPipeline", "_diffusers_version": "0.42.1", '
+                                            '"transformer": ["diffusers", "FluxTransformer2DModel"]}')
+    monkeypatch.chdir(tmp_path)
+    args = ["generate", "--model", str(model), "--height", "64", "--width", "64", "--no-progress"]
+    assert cli.main(args) == 1
+    line = error_line(capsys.readouterr().err)
+    assert "--debug" in line
+    assert not (tmp_path / "ralu.png").exists()
+    with pytest.raises(Exception):
+        cli.main([*args, "--debug"])
+
+
+def test_mask_write_failure_leaves_no_image(tmp_path, monkeypatch, capsys):
+    """The mask cannot be written: the main image is not left behind (an older one stays as it was)."""
+    out, mask = tmp_path / "img.png", tmp_path / "mask.png"
+    out.write_bytes(b"older image")
+    calls = []
+    real_save = cli._save_image
+
+    def save(array, file, fmt):
+        calls.append(fmt)
+        if len(calls) == 2:
+            raise OSError(28, "No space left on device")
+        real_save(array, file, fmt)
+
+    monkeypatch.setattr(cli, "_save_image", save)
+    assert cli.main(["generate", "--height", "64", "--width", "64", "--out", str(out), "--mask-out", str(mask),
+                     "--no-progress"]) == 1
+    assert "No space left on device" in error_line(capsys.readouterr().err)
+    assert len(calls) == 2
+    assert out.read_bytes() == b"older image" and not mask.exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["img.png"]  # no temporary files either
+
+
+# ------------------------------------------------------------------------------------------- generate
+def test_generate_prints_resolved_preset_and_writes_both(tmp_path, capsys):
+    from PIL import Image
+
+    out, mask = tmp_path / "img.jpg", tmp_path / "mask.webp"
+    assert cli.main(["generate", "--height", "64", "--width", "96", "--out", str(out), "--mask-out", str(mask),
+                     "--no-progress"]) == 0
+    text = capsys.readouterr().out
+    assert "speedup: 7x (flux default): steps (2, 3, 5)" in text
+    assert "compile (warm-up)" not in text  # eager: nothing to compile
+    assert "stage1" in text and "total (generate)" in text
+    assert Image.open(out).size == (96, 64) and Image.open(out).format == "JPEG"
+    assert Image.open(mask).size == (96, 64) and Image.open(mask).format == "WEBP"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["img.jpg", "mask.webp"]
+
+
+def test_compiled_backend_has_a_compile_row(tmp_path, monkeypatch, capsys):
+    """--backend onnx: a warm-up builds every graph first (its own row); the real call builds nothing more."""
+    from ralu_runtime import warmup as warmup_module
+    from ralu_runtime.adapters import get_adapter
+    from ralu_runtime.compile import available_backends
+
+    if "onnx" not in available_backends("cpu"):
+        pytest.skip("onnx and onnxruntime are not installed (pip install -e '.[onnx]')")
+    seen = {}
+    real_warmup = warmup_module.warmup
+
+    def warmup(pipe, *args, **kwargs):
+        result = real_warmup(pipe, *args, **kwargs)
+        seen["adapter"], seen["builds"] = get_adapter(pipe), len(get_adapter(pipe).runner.builds)
+        return result
+
+    monkeypatch.setattr(warmup_module, "warmup", warmup)
+    assert cli.main(["generate", "--height", "64", "--width", "64", "--speedup", "4x", "--backend", "onnx",
+                     "--out", str(tmp_path / "a.png"), "--no-progress"]) == 0
+    text = capsys.readouterr().out
+    assert "speedup: 4x (flux preset): steps (5, 6, 7)" in text
+    rows = [ln.split() for ln in text.splitlines()]
+    assert ["compile", "(warm-up)"] == rows[[r[:1] for r in rows].index(["compile"])][:2]
+    assert seen["builds"] > 0 and len(seen["adapter"].runner.builds) == seen["builds"]
+
+
+# ------------------------------------------------------------------------------------------- reproducibility
+VOCAB_CODE = ("import json; from ralu_runtime.tiny import byte_tokenizer; t = byte_tokenizer(77); "
+              "v = t.get_vocab(); print(json.dumps([sorted(v.items(), key=lambda kv: kv[1]), "
+              "t('a red fox, é')['input_ids']]))")
+
+
+def test_tokenizer_vocab_is_the_same_in_every_process():
+    procs = [subprocess.Popen([sys.executable, "-c", VOCAB_CODE], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              text=True, env={**os.environ, "PYTHONHASHSEED": seed}) for seed in ("1", "2")]
+    outs = [p.communicate(timeout=120) for p in procs]
+    assert all(p.returncode == 0 for p in procs), outs
+    first, second = (json.loads(o.strip().splitlines()[-1]) for o, _ in outs)
+    assert first == second
+    vocab, ids = first
+    assert [i for _, i in vocab] == list(range(259))
+    assert ids == [3 + b for b in "a red fox, é".encode()]
+
+
+@pytest.mark.slow
+def test_same_seed_same_png_across_processes(tmp_path):
+    """Two processes (different hash seeds) with --seed 0 write byte-identical PNGs."""
+    procs = [subprocess.Popen([sys.executable, "-m", "ralu_runtime.cli", "generate", "--height", "64", "--width", "64",
+                               "--seed", "0", "--no-progress", "--out", str(tmp_path / f"{name}.png")],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                              env={**os.environ, "PYTHONHASHSEED": seed})
+             for name, seed in (("a", "1"), ("b", "2"))]
+    outs = [p.communicate(timeout=300) for p in procs]
+    assert all(p.returncode == 0 for p in procs), outs
+    assert (tmp_path / "a.png").read_bytes() == (tmp_path / "b.png").read_bytes()
+
+
+# ------------------------------------------------------------------------------------------- info
+def test_info_table():
+    res = run_cli("info")
+    assert res.returncode == 0, res.stderr
+    for field in ("python", "ralu", "torch", "CUDA build", "diffusers", "transformers", "triton", "onnxruntime",
+                  "opencv", "device", "transition (auto)", "varlen attention", "CUDA extension", "compile backends",
+                  "cache folder", "artifact key"):
+        assert any(line.startswith(field) for line in res.stdout.splitlines()), field
+
+
+def test_info_json(tmp_path, monkeypatch, capsys):
+    import torch
+
+    from ralu_runtime.compile import BACKENDS, available_backends
+
+    cache = tmp_path / "cache"
+    monkeypatch.setenv("RALU_CACHE_DIR", str(cache))
+    monkeypatch.delenv("RALU_ARTIFACT_KEY_FILE", raising=False)
+    monkeypatch.setenv("RALU_DISABLE_CSRC", "1")
+    assert cli.main(["info", "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["versions"]["torch"] == torch.__version__ and info["versions"]["python"]
+    assert info["device"]["type"] == ("cuda" if torch.cuda.is_available() else "cpu")
+    assert info["transition_auto"]["impl"] in ("cuda", "triton", "torch") and info["transition_auto"]["why"]
+    assert info["varlen_attention_auto"]["backend"] == info["varlen_attention_auto"]["available"][0]
+    assert info["cuda_extension"] == {"loaded": False, "why": "disabled by RALU_DISABLE_CSRC=1",
+                                      "built": info["cuda_extension"]["built"]}
+    usable = info["compile_backends"]["available"]
+    assert usable == available_backends("cuda" if torch.cuda.is_available() else "cpu")
+    assert set(usable) | set(info["compile_backends"]["unavailable"]) == set(BACKENDS)
+    assert all(info["compile_backends"]["unavailable"].values())
+    assert info["paths"]["cache_dir"] == str(cache) and info["paths"]["artifact_key"] == str(cache / "artifact.key")
+    assert not cache.exists()  # info only looks
