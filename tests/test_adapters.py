@@ -8,16 +8,29 @@ from ralu_runtime.layout import grid_positions
 
 @pytest.fixture(scope="module")
 def flux():
+    from ralu_runtime.adapters.flux import FluxAdapter
     from ralu_runtime.tiny import build_tiny_flux_pipeline
 
-    return get_adapter(build_tiny_flux_pipeline(seed=1))
+    return FluxAdapter(build_tiny_flux_pipeline(seed=1))  # built directly: holds its pipeline
 
 
 @pytest.fixture(scope="module")
 def sd3():
+    from ralu_runtime.adapters.sd3 import SD3Adapter
     from ralu_runtime.tiny import build_tiny_sd3_pipeline
 
-    return get_adapter(build_tiny_sd3_pipeline(seed=2))
+    return SD3Adapter(build_tiny_sd3_pipeline(seed=2))
+
+
+def test_get_adapter_holds_the_pipeline_weakly():
+    from ralu_runtime.tiny import build_tiny_flux_pipeline
+
+    adapter = get_adapter(build_tiny_flux_pipeline(seed=1))  # nothing else keeps the pipeline
+    import gc
+
+    gc.collect()
+    with pytest.raises(RuntimeError, match="hold their pipeline weakly"):
+        adapter.pipe
 
 
 def test_pack_matches_diffusers_flux_packing(flux):

@@ -260,3 +260,15 @@ def test_backend_switch_in_one_thread_does_not_change_another_threads_call():
     assert not errors, errors
     for o in outs:
         torch.testing.assert_close(o, ref, **TOL)
+
+
+def test_adapter_table_does_not_keep_pipelines_alive():
+    import gc
+    import weakref
+
+    pipe = build_tiny_flux_pipeline(seed=0)
+    _ralu(pipe, flux_embeds(1), backend="eager")
+    ref = weakref.ref(pipe)
+    del pipe
+    gc.collect()
+    assert ref() is None

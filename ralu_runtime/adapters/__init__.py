@@ -35,7 +35,8 @@ def adapter_class_name(pipe) -> str | None:
 def get_adapter(pipe) -> DiTAdapter:
     """Return the adapter for a loaded diffusers pipeline, or the adapter itself.
 
-    Raises ValueError naming the class and the supported ones for anything else.
+    The adapter holds the pipeline by weak reference (the caller keeps the pipeline; ralu never keeps one
+    alive). Raises ValueError naming the class and the supported ones for anything else.
     """
     if isinstance(pipe, DiTAdapter):
         return pipe
@@ -51,7 +52,7 @@ def get_adapter(pipe) -> DiTAdapter:
         if cached is not None and _same(cached.components(), cached.read_components()):
             return cached
         module, cls = ADAPTERS[name].split(":")
-        adapter = getattr(importlib.import_module(module), cls)(pipe)
+        adapter = getattr(importlib.import_module(module), cls)(pipe, weak=True)
         try:
             _TABLE[pipe] = adapter
         except TypeError:  # pragma: no cover

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import weakref
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from typing import Any, Callable
@@ -156,14 +157,30 @@ class DiTAdapter(ABC):
     base_shift: float = 3.0
     default_size: int = 1024                 # pixels per side when generate gets no height / width
     supports_negative_prompt: bool = False   # classifier-free guidance with negative prompts
+    fuses_projections: bool = False          # velocity asks ModelImpl.fused for q/k/v weights (ralu-owned fusion)
 
-    def __init__(self, pipe):
-        self.pipe = pipe
+    def __init__(self, pipe, *, weak: bool = False):
+        # weak: hold the pipeline by weak reference (the adapter table in ralu_runtime.adapters is keyed by the
+        # pipeline; a strong reference from the value would keep every pipeline alive for good)
+        self._pipe_ref = weakref.ref(pipe) if (weak and pipe is not None) else None
+        self._pipe = None if self._pipe_ref is not None else pipe
         # default temporal cache for calls that pass cache=None (set by ralu_runtime.cache.set_cache); each call
         # runs with its own cache (see call_scope), so concurrent calls never share or swap one
         self.feature_cache = None
         self.runner = None  # the installed compile backend (ralu_runtime.compile.StageRunner), if any
         self._components = self.read_components()
+
+    @property
+    def pipe(self):
+        """The diffusers pipeline this adapter runs (None for adapters that are their own model)."""
+        if self._pipe_ref is None:
+            return self._pipe
+        pipe = self._pipe_ref()
+        if pipe is None:
+            raise RuntimeError("this adapter's pipeline no longer exists: adapters from get_adapter() hold their "
+                               "pipeline weakly (so that ralu never keeps a pipeline alive); keep a reference to the "
+                               "pipeline, or build the adapter class directly (e.g. FluxAdapter(pipe))")
+        return pipe
 
     def read_components(self) -> tuple:
         """The pipeline's components this adapter depends on, as they are now (transformer, VAE)."""

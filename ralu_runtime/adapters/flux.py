@@ -128,8 +128,8 @@ class FluxAdapter(DiTAdapter):
     default_guidance = 3.5
     base_shift = 3.0
 
-    def __init__(self, pipe):
-        super().__init__(pipe)
+    def __init__(self, pipe, *, weak: bool = False):
+        super().__init__(pipe, weak=weak)
         self.transformer = pipe.transformer
         if not getattr(self.transformer.config, "guidance_embeds", True):
             self.family = "flux-schnell"
@@ -155,6 +155,7 @@ class FluxAdapter(DiTAdapter):
                                      "disable_cache(), leaf-level or no offloading) and use generate(cache=...) for "
                                      "temporal caching")
 
+    fuses_projections = True
     max_side_px = 4096  # 65536 fine tokens; FLUX.1 is trained up to about 2 MP, beyond this only time is lost
 
     def max_size(self) -> int:

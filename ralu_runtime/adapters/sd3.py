@@ -34,8 +34,8 @@ class SD3Adapter(DiTAdapter):
 
     supports_negative_prompt = True
 
-    def __init__(self, pipe):
-        super().__init__(pipe)
+    def __init__(self, pipe, *, weak: bool = False):
+        super().__init__(pipe, weak=weak)
         self.transformer = pipe.transformer
 
     def max_size(self) -> int:

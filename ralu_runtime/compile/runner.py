@@ -111,7 +111,7 @@ class StageRunner:
             except ImportError as exc:
                 raise ImportError("backend='onnx' needs onnx and onnxruntime (pip install 'ralu[onnx]', i.e. onnx "
                                   "onnxruntime; onnxruntime-gpu for CUDA)") from exc
-        fused = cuda if options.fused_qkv is None else options.fused_qkv
+        fused = (cuda if options.fused_qkv is None else options.fused_qkv) and adapter.fuses_projections
         compile_kwargs = None
         if options.backend == "inductor":
             compile_kwargs = dict(backend=options.dynamo_backend or "inductor", dynamic=options.dynamic, fullgraph=True)
@@ -134,7 +134,8 @@ class StageRunner:
         (CUDA graphs; for exported graphs also weights changed in place, which they hold as constants), and
         refresh the fused weights from the live ones."""
         exported = self.options.backend == "onnx" or self.flavour in ("tensorrt", "ort-trt")
-        fp = model_fingerprint(self.adapter.pipe.transformer, versions=exported)
+        model = getattr(self.adapter.pipe, "transformer", None)
+        fp = () if model is None else model_fingerprint(model, versions=exported)
         with self._call_lock:
             if fp != self._fingerprint:
                 if self._fingerprint is not None:
