@@ -5,7 +5,9 @@ RALU saves work *spatially* (fewer tokens in the early stages); a feature cache 
 every stage transition, where the token set (and its length) changes.
 
 The adapters run their block stack through :meth:`DiTAdapter.run_blocks`, which calls
-``cache(blocks_fn, hidden, timestep)`` when ``adapter.feature_cache`` is set. ``hidden`` is the embedded
+``cache(blocks_fn, hidden, timestep)`` when the running ``generate`` call has a cache (each call has its own:
+see :func:`ralu_runtime.adapters.call_scope`; a cache object shared by several calls is used by one call at
+a time). ``hidden`` is the embedded
 image tokens ``(B, L, D)`` entering the first block, ``timestep`` is ``1000 * sigma`` and the return value
 is the image hidden states leaving the last block. Embedding, time/text conditioning and the output head
 always run (a cached step costs only those). The sampler calls ``adapter.begin_stage()`` at the start of
@@ -300,11 +302,12 @@ def make_cache(spec) -> FeatureCache | None:
 
 
 class set_cache:  # noqa: N801 - used like a function and as a context manager
-    """Attach ``cache`` (object, spec string or None) to a pipeline's / adapter's ``feature_cache``.
+    """Make ``cache`` (object, spec string or None) the default cache of a pipeline's ``generate`` calls that
+    pass ``cache=None`` (``adapter.feature_cache``; ralu's adapter, not the pipeline, holds it).
 
-    ``set_cache(pipe, "taylorseer:3")`` attaches it until changed; ``with set_cache(pipe, c): ...`` restores
-    the previous cache on exit. The attached cache's counters are cleared (``reset_stats``). ``.cache`` is
-    the attached object.
+    ``set_cache(pipe, "taylorseer:3")`` sets it until changed; ``with set_cache(pipe, c): ...`` restores
+    the previous default on exit. The cache's counters are cleared (``reset_stats``). ``.cache`` is the object.
+    Calls from several threads that use this one object take turns (it holds per-stage state).
     """
 
     def __init__(self, adapter_or_pipe, cache):
