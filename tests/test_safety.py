@@ -234,9 +234,10 @@ def test_backend_switch_in_one_thread_does_not_change_another_threads_call():
     stop = threading.Event()
 
     def switcher():
-        while not stop.is_set():
+        while not stop.wait(0.05):
             for b in ("eager", "inductor"):
                 compile_adapter(pipe, b, dynamo_backend="eager") if b == "inductor" else compile_adapter(pipe, b)
+                stop.wait(0.05)
             uncompile_adapter(pipe)
 
     def caller():
@@ -272,3 +273,62 @@ def test_adapter_table_does_not_keep_pipelines_alive():
     del pipe
     gc.collect()
     assert ref() is None
+
+
+def test_compile_settings_apply_to_the_calling_thread_only():
+    """The dynamo/fx switches a compiled call needs are per thread (torch keeps config in context variables):
+    another thread, e.g. the user's own torch.compile, never sees them, and they are back after the call."""
+    import torch._dynamo.config as dcfg
+    import torch.fx.experimental._config as fxcfg
+
+    from ralu_runtime.compile.runner import _dynamo_settings
+
+    before = (fxcfg.use_duck_shape, dcfg.recompile_limit)
+    entered, release, seen = threading.Event(), threading.Event(), []
+
+    def call():
+        with _dynamo_settings():
+            seen.append((fxcfg.use_duck_shape, dcfg.recompile_limit))
+            entered.set()
+            release.wait(10)
+
+    t = threading.Thread(target=call)
+    t.start()
+    entered.wait(10)
+    assert (fxcfg.use_duck_shape, dcfg.recompile_limit) == before  # this thread is not affected
+    release.set()
+    t.join()
+    assert seen and seen[0][0] is False and seen[0][1] >= 64
+    assert (fxcfg.use_duck_shape, dcfg.recompile_limit) == before
+
+
+def test_sdpa_switches_held_while_any_call_runs_and_restored_after_the_last():
+    """torch's SDPA backend switches are process-wide: the first call sets them, the last one restores them,
+    whichever thread that is."""
+    from ralu_runtime.compile.scoped import SharedSetting
+
+    state = {"v": "user"}
+
+    class Switch:
+        def __enter__(self):
+            self.prior, state["v"] = state["v"], "ralu"
+
+        def __exit__(self, *exc):
+            state["v"] = self.prior
+
+    shared = SharedSetting()
+    entered, release = threading.Event(), threading.Event()
+
+    def first():
+        with shared(Switch):
+            entered.set()
+            release.wait(10)
+
+    t = threading.Thread(target=first)
+    t.start()
+    entered.wait(10)
+    with shared(Switch):
+        release.set()
+        t.join()
+        assert state["v"] == "ralu"  # the first call left, this one still runs
+    assert state["v"] == "user" and not shared.active

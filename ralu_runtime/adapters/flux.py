@@ -139,14 +139,14 @@ class FluxAdapter(DiTAdapter):
 
     def check_supported(self) -> None:
         tr = self.transformer
-        for name, module in tr.named_modules():
-            proc = getattr(module, "processor", None)
-            if proc is not None and type(proc).__name__ != "FluxAttnProcessor":
-                raise ValueError(f"{name} has attention processor {type(proc).__name__}; ralu runs FLUX attention "
-                                 "itself and supports only diffusers' FluxAttnProcessor (no IP-Adapter or custom "
-                                 "processors): restore it with pipe.transformer.set_attn_processor(FluxAttnProcessor())")
         for kind in ("transformer_blocks", "single_transformer_blocks"):
             for i, block in enumerate(getattr(tr, kind)):
+                proc = getattr(block.attn, "processor", None)
+                if type(proc).__name__ != "FluxAttnProcessor":
+                    raise ValueError(f"{kind}.{i}.attn has attention processor {type(proc).__name__}; ralu runs FLUX "
+                                     "attention itself and supports only diffusers' FluxAttnProcessor (no IP-Adapter "
+                                     "or custom processors): restore it with "
+                                     "pipe.transformer.set_attn_processor(FluxAttnProcessor())")
                 hooks = getattr(block, "_diffusers_hook", None)
                 if hooks is not None and getattr(hooks, "hooks", None):
                     raise ValueError(f"{kind}.{i} carries diffusers hooks ({', '.join(map(str, hooks.hooks))}: e.g. "

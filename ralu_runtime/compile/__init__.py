@@ -26,7 +26,7 @@ built from (:func:`model_fingerprint`) and drops what is stale (CUDA graphs afte
 tensor; exported graphs after any weight change); fused weights are refreshed from the live ones.
 
 Concurrency: calls may come from several threads; CUDA-graph instances are never shared by concurrent calls,
-installs are serialised, and process-wide torch switches are held for the time of the calls that need them
+installs are serialised, and process-wide torch switches (SDPA) are held for the time of the calls that need them
 (:mod:`.scoped`).
 
 Cross-process reuse (cold start) and why those files are code: :mod:`.artifacts`.

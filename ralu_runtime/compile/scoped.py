@@ -1,10 +1,11 @@
 """Process-wide settings that a ralu call needs while it runs, shared by concurrent calls.
 
-Some of torch's switches are global to the process (the SDPA backend priority, dynamo/fx config). A
+Some of torch's switches are global to the process (the SDPA backend flags and priority order; torch's
+dynamo/fx config, by contrast, is per thread and is simply patched around each call). A
 :class:`SharedSetting` enters its context when the first concurrent user arrives and exits it (restoring what
-it found) when the last one leaves, so overlapping calls in several threads never restore each other's values
-half-way, and between ralu calls the switches are exactly as the user left them. A user arriving while the
-setting is active under other arguments runs under the active ones.
+it found) when the last one leaves, whichever thread that is, so overlapping calls in several threads never
+restore each other's values half-way, and between ralu calls the switches are exactly as the user left them.
+A user arriving while the setting is active under other arguments runs under the active ones.
 """
 from __future__ import annotations
 
