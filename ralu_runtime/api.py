@@ -311,13 +311,11 @@ def generate(pipe, prompt: str | list[str] | None = None, *, height: int | None 
     if compile_options and backend is None:
         raise ValueError("compile_options need backend= (the backend they configure)")
     if backend is not None:
-        from .compile import BACKENDS, CompileOptions
+        from .compile import BACKENDS
+        from .compile.options import make_options
 
         _check_choice("backend", backend, BACKENDS)
-        unknown = set(compile_options or {}) - set(CompileOptions.__dataclass_fields__) - {"backend"}
-        if unknown:
-            raise TypeError(f"compile_options {sorted(unknown)} are not known")
-        CompileOptions(backend=backend, **(compile_options or {}))  # validates the values
+        make_options(backend, compile_options)  # unknown fields and bad values fail here, before any work
     if cache is None:
         cache = _DEFAULT
     else:

@@ -18,6 +18,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from .versions import installed_version
+
 EXIT_FAILURE, EXIT_USAGE = 1, 2
 TINY_MODELS = {"tiny-flux": ("flux", 4096), "tiny-sd3": ("sd3", 1536)}  # name -> (preset family, max pixels/side)
 PIPELINE_FAMILIES = {"FluxPipeline": "flux", "StableDiffusion3Pipeline": "sd3"}
@@ -410,17 +412,6 @@ def cmd_generate(args) -> int:
 
 
 # ------------------------------------------------------------------------------------------- info
-def _version(*dists: str) -> str | None:
-    from importlib import metadata
-
-    for dist in dists:
-        try:
-            return metadata.version(dist)
-        except metadata.PackageNotFoundError:
-            continue
-    return None
-
-
 def _csrc_status(torch) -> tuple[bool, str]:
     """Whether ``ralu_kernels._C`` (the CUDA op) is loaded here, and why (not)."""
     import importlib
@@ -459,15 +450,16 @@ def collect_info() -> dict:
     from .compile.artifacts import default_cache_root
 
     cuda = torch.cuda.is_available()
+    v = installed_version
     versions = {
-        "python": platform.python_version(), "ralu": _version("ralu"),
+        "python": platform.python_version(), "ralu": v("ralu"),
         "ralu_location": os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "torch": torch.__version__,
-        "cuda_build": torch.version.cuda, "diffusers": _version("diffusers"), "transformers": _version("transformers"),
-        "tokenizers": _version("tokenizers"), "triton": _version("triton", "pytorch-triton"),
-        "onnx": _version("onnx"), "onnxruntime": _version("onnxruntime", "onnxruntime-gpu"),
-        "opencv": _version("opencv-python-headless", "opencv-python", "opencv-contrib-python-headless",
-                           "opencv-contrib-python"),
-        "numpy": _version("numpy"), "pillow": _version("pillow"),
+        "cuda_build": torch.version.cuda, "diffusers": v("diffusers"), "transformers": v("transformers"),
+        "tokenizers": v("tokenizers"), "triton": v("triton", "pytorch-triton"),
+        "onnx": v("onnx"), "onnxruntime": v("onnxruntime", "onnxruntime-gpu"),
+        "opencv": v("opencv-python-headless", "opencv-python", "opencv-contrib-python-headless",
+                    "opencv-contrib-python"),
+        "numpy": v("numpy"), "pillow": v("pillow"),
     }
     if cuda:
         idx = torch.cuda.current_device()

@@ -64,5 +64,5 @@ def test_adapters_know_nothing_of_the_sampler_or_compiler():
                                                          "ralu_runtime.compile", "ralu_runtime.warmup"])
 
 
-def test_the_checker_sees_relative_imports(tmp_path):
+def test_the_checker_sees_relative_imports():
     assert "ralu_runtime.api" in _imports(ROOT / "ralu_runtime" / "warmup.py")

@@ -32,6 +32,8 @@ from pathlib import Path
 
 import torch
 
+from ..versions import installed_version
+
 FORMAT = "ralu-compile-artifacts/1"
 
 
@@ -97,12 +99,7 @@ def _key(key) -> bytes:
 
 def environment() -> dict:
     """What a bundle depends on: torch, ralu, CUDA versions and the device it was compiled for."""
-    from importlib import metadata
-
-    try:
-        ralu = metadata.version("ralu")
-    except metadata.PackageNotFoundError:  # pragma: no cover - running from a source tree
-        ralu = "source"
+    ralu = installed_version("ralu") or "source"  # "source": running from a tree that is not installed
     cuda = torch.cuda.is_available()
     return {"torch": torch.__version__, "ralu": ralu, "cuda": torch.version.cuda,
             "device": torch.cuda.get_device_name(0) if cuda else f"cpu ({platform.machine()})"}

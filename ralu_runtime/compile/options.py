@@ -45,6 +45,17 @@ class CompileOptions:
         return tuple(sorted((k, repr(v)) for k, v in self.__dict__.items()))
 
 
+def make_options(backend: str, options: dict | None = None) -> CompileOptions:
+    """``CompileOptions`` for ``backend`` from a dict of its other fields; TypeError naming unknown fields, and
+    the values checked (:meth:`CompileOptions.__post_init__`)."""
+    options = dict(options or {})
+    fields = set(CompileOptions.__dataclass_fields__) - {"backend"}
+    unknown = set(options) - fields
+    if unknown:
+        raise TypeError(f"compile options {sorted(unknown)} are not known; allowed: {sorted(fields)}")
+    return CompileOptions(backend=backend, **options)
+
+
 @dataclass
 class BuildRecord:
     """One compile/export/capture: which signature, what kind, seconds."""

@@ -10,11 +10,11 @@ from typing import Any
 
 import torch
 
-from ..adapters.base import EAGER, Conditioning, DiTAdapter, TokenGrid, current_cache
+from ..adapters.base import Conditioning, DiTAdapter, TokenGrid, current_cache
 from .cuda_graphs import GraphPool
 from .flatten import flatten, signature, unflatten
 from .impl import BackendImpl
-from .options import BACKENDS, BuildRecord, CompileOptions
+from .options import BACKENDS, BuildRecord, CompileOptions, make_options
 from .sdpa import sdpa_context
 
 _INSTALL_LOCK = threading.Lock()
@@ -211,13 +211,11 @@ class StageRunner:
         folder = Path(self.options.onnx_dir or self._tmp.name) / f"stage{index}_L{tensors[0].shape[1]}_B{tensors[0].shape[0]}"
         folder.mkdir(parents=True, exist_ok=True)
 
-        def plain(*args):  # exported graphs: the eager call (fused weights, if any, become constants too)
-            return self.adapter.velocity(*args, impl=self.impl)
-
-        path = export_onnx(plain, self.adapter.pipe.transformer, tensors, names, spec, folder / "velocity.onnx",
-                           self.options.opset)
+        # exported graphs hold the eager call (fused weights, if any, become constants too)
+        path = export_onnx(self._eager, self.adapter.pipe.transformer, tensors, names, spec,
+                           folder / "velocity.onnx", self.options.opset)
         with torch.no_grad():
-            out_like = torch.empty_like(plain(*unflatten(tensors, spec)))
+            out_like = torch.empty_like(self._eager(*unflatten(tensors, spec)))
         if self.flavour == "tensorrt":
             return TrtEngine(path, self.adapter.dtype), out_like
         providers = self.options.providers
@@ -246,11 +244,7 @@ def compile_adapter(pipe_or_adapter, backend: str = "inductor", **options) -> St
     ``compile_vae``, ``attn_backend``, ``dynamo_backend``, ``onnx_dir``, ``providers``, ``opset``). Compilation itself
     is lazy: each new signature compiles on its first call; :func:`ralu_runtime.warmup.warmup` does it ahead of
     traffic. The user's pipeline is not modified."""
-    unknown = set(options) - set(CompileOptions.__dataclass_fields__) - {"backend"}
-    if unknown:
-        raise TypeError(f"compile options {sorted(unknown)} are not known; allowed: "
-                        f"{sorted(set(CompileOptions.__dataclass_fields__) - {'backend'})}")
-    opts = CompileOptions(backend=backend, **options)
+    opts = make_options(backend, options)
     adapter = _adapter_of(pipe_or_adapter)
     with _INSTALL_LOCK:
         old = adapter.runner
@@ -278,7 +272,7 @@ def ensure_backend(pipe_or_adapter, backend: str, **options) -> StageRunner:
     if backend not in BACKENDS:
         raise ValueError(f"backend={backend!r} is not allowed; choose one of {BACKENDS}")
     adapter = _adapter_of(pipe_or_adapter)
-    key = (backend, CompileOptions(backend=backend, **options).key())
+    key = (backend, make_options(backend, options).key())
     runner = adapter.runner
     if runner is not None and adapter.__dict__.get("_ralu_runner_key") == key:
         return runner

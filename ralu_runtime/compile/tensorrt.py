@@ -23,6 +23,8 @@ from pathlib import Path
 
 import torch
 
+from ..versions import installed_version
+
 _MIN_TRT = (8, 5)
 _TORCH_TRT_EXPLICIT_TYPING = (2, 10)  # torch_tensorrt release whose default became use_explicit_typing=True
 
@@ -35,24 +37,13 @@ def _version_tuple(text) -> tuple[int, int, int] | None:
     return tuple(int(g or 0) for g in m.groups())
 
 
-def _dist_version(*names: str) -> str | None:
-    from importlib import metadata
-
-    for name in names:
-        try:
-            return metadata.version(name)
-        except metadata.PackageNotFoundError:
-            continue
-    return None
-
-
 def _trt_version(trt) -> tuple[int, int, int] | None:
-    return _version_tuple(getattr(trt, "__version__", None) or _dist_version("tensorrt", "tensorrt-cu12",
+    return _version_tuple(getattr(trt, "__version__", None) or installed_version("tensorrt", "tensorrt-cu12",
                                                                              "tensorrt-cu13", "tensorrt-cu11"))
 
 
 def _torch_tensorrt_version(mod) -> tuple[int, int, int] | None:
-    return _version_tuple(getattr(mod, "__version__", None) or _dist_version("torch-tensorrt", "torch_tensorrt"))
+    return _version_tuple(getattr(mod, "__version__", None) or installed_version("torch-tensorrt", "torch_tensorrt"))
 
 
 def _fmt(v) -> str:
