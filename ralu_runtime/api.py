@@ -88,13 +88,19 @@ def load_pipeline(path: str | os.PathLike, *, torch_dtype=None, device=None, reu
         return pipe
 
 
-def resolve_schedule(speedup, adapter: DiTAdapter) -> RaluSchedule | None:
+def resolve_schedule(speedup, adapter: DiTAdapter, height: int | None = None,
+                     width: int | None = None) -> RaluSchedule | None:
     """``speedup`` ("4x", "7x", ... preset of the model family; "default" = the family's fastest preset;
-    a RaluSchedule; or None for the baseline) -> schedule."""
+    a RaluSchedule; or None for the baseline) -> schedule. Presets solved for the model's own timestep shift use
+    the adapter's h_ori at ``height`` x ``width`` (default: the model's default size)."""
     if speedup is None or isinstance(speedup, RaluSchedule):
         return speedup
     if isinstance(speedup, str):
-        return get_preset(adapter.family, adapter.default_preset if speedup == "default" else speedup)
+        name = adapter.default_preset if speedup == "default" else speedup
+        get_preset(adapter.family, name, 3.0)  # an unknown preset fails here, before the shift is computed
+        h = adapter.default_size if height is None else height
+        w = adapter.default_size if width is None else width
+        return get_preset(adapter.family, name, adapter.preset_base_shift(h, w))
     raise ValueError(f"speedup={speedup!r} is not allowed: use a preset name such as '7x', a RaluSchedule, or None")
 
 
@@ -159,17 +165,48 @@ def _check_generator(generator, batch: int):
                     "image), or None (and seed= for a seeded CPU generator)")
 
 
+def _check_mask(name: str, mask, embeds_name: str, embeds) -> None:
+    """A ``(B, T)`` 0/1 mask of ``embeds`` ``(B, T, D)``'s valid tokens, with at least one valid token per row."""
+    if embeds is None:
+        raise ValueError(f"{name} goes with {embeds_name}")
+    if not isinstance(mask, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(mask).__name__}")
+    if tuple(mask.shape) != tuple(embeds.shape[:2]):
+        raise ValueError(f"{name} has shape {tuple(mask.shape)}; expected {tuple(embeds.shape[:2])} (batch, tokens) "
+                         f"of {embeds_name}")
+    if mask.device.type != "meta":
+        if not bool(((mask == 0) | (mask == 1)).all()):
+            raise ValueError(f"{name} must hold 0/1 (or True/False) only")
+        if not bool(mask.bool().any(dim=1).all()):
+            raise ValueError(f"{name} has a row with no valid token (every prompt needs at least one)")
+
+
 def _validate(adapter: DiTAdapter, *, prompt, prompt_embeds, pooled_prompt_embeds, negative_prompt,
               negative_prompt_embeds, negative_pooled_prompt_embeds, height, width, num_images_per_prompt,
-              guidance_scale, generator, seed, max_sequence_length, num_inference_steps, schedule) -> tuple[int, int, int]:
+              guidance_scale, generator, seed, max_sequence_length, num_inference_steps, schedule,
+              prompt_embeds_mask=None, negative_prompt_embeds_mask=None) -> tuple[int, int, int]:
     """Check the model-dependent arguments; returns ``(height, width, batch)``."""
     n_prompts = _check_prompt(prompt)
     if (prompt is None) == (prompt_embeds is None):
         raise ValueError("give exactly one of prompt and prompt_embeds (got "
                          f"{'both' if prompt is not None else 'neither'})")
     dims = adapter.embed_dims()
+    pooled = dims is None or dims[1] is not None  # the model takes a pooled embedding (or nothing is known)
+    if not pooled:
+        for name, value in (("pooled_prompt_embeds", pooled_prompt_embeds),
+                            ("negative_pooled_prompt_embeds", negative_pooled_prompt_embeds)):
+            if value is not None:
+                raise ValueError(f"{name} is not allowed: {adapter.family} takes no pooled text embedding")
+    for name, value, embeds_name, embeds in (
+            ("prompt_embeds_mask", prompt_embeds_mask, "prompt_embeds", prompt_embeds),
+            ("negative_prompt_embeds_mask", negative_prompt_embeds_mask, "negative_prompt_embeds",
+             negative_prompt_embeds)):
+        if value is not None:
+            if not adapter.takes_prompt_mask:
+                raise ValueError(f"{name} is not allowed: {adapter.family} takes no text-token mask")
+            _check_mask(name, value, embeds_name, embeds)
     if prompt_embeds is not None:
-        if pooled_prompt_embeds is None and dims is not None:
+        if pooled_prompt_embeds is None and dims is not None and pooled:
             raise ValueError(f"{adapter.family} needs pooled_prompt_embeds together with prompt_embeds")
         n_prompts = _check_embeds("prompt_embeds", prompt_embeds, 3, dims and dims[0])
         if pooled_prompt_embeds is not None:
@@ -189,9 +226,11 @@ def _validate(adapter: DiTAdapter, *, prompt, prompt_embeds, pooled_prompt_embed
         if prompt_embeds is None:
             raise ValueError("negative_prompt_embeds goes with prompt_embeds")
         _check_embeds("negative_prompt_embeds", negative_prompt_embeds, 3, dims and dims[0], n_prompts)
-        if negative_pooled_prompt_embeds is None:
-            raise ValueError("negative_prompt_embeds needs negative_pooled_prompt_embeds")
-        _check_embeds("negative_pooled_prompt_embeds", negative_pooled_prompt_embeds, 2, dims and dims[1], n_prompts)
+        if pooled:
+            if negative_pooled_prompt_embeds is None:
+                raise ValueError("negative_prompt_embeds needs negative_pooled_prompt_embeds")
+            _check_embeds("negative_pooled_prompt_embeds", negative_pooled_prompt_embeds, 2, dims and dims[1],
+                          n_prompts)
     _check_int("num_images_per_prompt", num_images_per_prompt, 1, 4096)
     batch = n_prompts * num_images_per_prompt
     if guidance_scale is not None and (not isinstance(guidance_scale, numbers.Real) or isinstance(guidance_scale, bool)
@@ -270,7 +309,8 @@ def generate(pipe, prompt: str | list[str] | None = None, *, height: int | None 
              return_masks: bool = False, cache=None, noise: str = "reference", edge_map: str = "unit",
              edge_detector: str = "opencv", solver: str = "euler", transition_impl: str = "auto",
              max_sequence_length: int | None = None, progress: bool = True, torch_dtype=None,
-             device=None, backend: str | None = None, compile_options: dict | None = None) -> RaluOutput:
+             device=None, backend: str | None = None, compile_options: dict | None = None,
+             prompt_embeds_mask=None, negative_prompt_embeds_mask=None) -> RaluOutput:
     """Generate images with RALU (``speedup`` preset or schedule) or the ordinary sampler (``speedup=None``).
 
     ``speedup="default"`` is the family's fastest preset: "7x" for FLUX.1-dev, "3x" for SD3, "4step" for
@@ -329,13 +369,16 @@ def generate(pipe, prompt: str | list[str] | None = None, *, height: int | None 
                          "(pipe.to(device, dtype)): ralu does not change the pipeline it is given")
     adapter = get_adapter(pipe)
     adapter.check_supported()
-    schedule = resolve_schedule(speedup, adapter)
+    if speedup is not None and not isinstance(speedup, (str, RaluSchedule)):
+        resolve_schedule(speedup, adapter)  # raises the ValueError naming what is allowed
     height, width, batch = _validate(
         adapter, prompt=prompt, prompt_embeds=prompt_embeds, pooled_prompt_embeds=pooled_prompt_embeds,
         negative_prompt=negative_prompt, negative_prompt_embeds=negative_prompt_embeds,
         negative_pooled_prompt_embeds=negative_pooled_prompt_embeds, height=height, width=width,
         num_images_per_prompt=num_images_per_prompt, guidance_scale=guidance_scale, generator=generator, seed=seed,
-        max_sequence_length=max_sequence_length, num_inference_steps=num_inference_steps, schedule=schedule)
+        max_sequence_length=max_sequence_length, num_inference_steps=num_inference_steps, schedule=speedup,
+        prompt_embeds_mask=prompt_embeds_mask, negative_prompt_embeds_mask=negative_prompt_embeds_mask)
+    schedule = resolve_schedule(speedup, adapter, height, width)
     steps = num_inference_steps if num_inference_steps is not None else adapter.default_steps
     guidance = adapter.default_guidance if guidance_scale is None else float(guidance_scale)
 
@@ -353,6 +396,9 @@ def generate(pipe, prompt: str | list[str] | None = None, *, height: int | None 
     def decode(latents):
         return adapter.decode(latents, impl=impl)
 
+    masks = {}
+    if adapter.takes_prompt_mask:
+        masks = dict(prompt_embeds_mask=prompt_embeds_mask, negative_prompt_embeds_mask=negative_prompt_embeds_mask)
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
     text = prompt is not None or negative_prompt is not None
@@ -362,7 +408,7 @@ def generate(pipe, prompt: str | list[str] | None = None, *, height: int | None 
                                      negative_prompt_embeds=negative_prompt_embeds,
                                      negative_pooled_prompt_embeds=negative_pooled_prompt_embeds,
                                      num_images_per_prompt=num_images_per_prompt, guidance_scale=guidance,
-                                     max_sequence_length=max_sequence_length)
+                                     max_sequence_length=max_sequence_length, **masks)
     timings["text_encode"] = time.perf_counter() - t0
     batch = cond.batch
     noise_gen, per_image = _generators(generator, seed, batch)

@@ -219,15 +219,22 @@ class RaluSchedule:
         return dataclasses.replace(self, ratio=r)
 
 
+def shift_bounds(base_shift: float) -> tuple[float, float]:
+    """NT-Matching's search range for h_k: the reference's [0.5, 10] for models shifted up to FLUX.1's h_ori = 3,
+    the upper end scaled by h_ori / 3 beyond (FLUX.2's dynamic shift reaches h_ori ~ 7.6 at 1024^2 and ~ 9.9 for
+    its 4-step klein models; with the fixed 10 the optimum sits on the bound)."""
+    return SHIFT_BOUNDS[0], SHIFT_BOUNDS[1] * max(1.0, base_shift / 3.0)
+
+
 def solve_nt_matching(steps, ends, base_shift: float = 3.0, *, ratio: float = 0.3,
                       name: str | None = None) -> RaluSchedule:
     """NT-Matching: choose (h_1, h_2, h_3, Z) minimising the JS distance of the sampler's timestep density to
-    the target (L-BFGS-B, h in [0.5, 10], Z in [2, 100], start (3, 3, 3, 2)). Returns the schedule with ``jsd``.
+    the target (L-BFGS-B, h in :func:`shift_bounds` ([0.5, 10] up to h_ori = 3), Z in [2, 100], start (3, 3, 3, 2)). Returns the schedule with ``jsd``.
     ``ratio`` does not enter the objective; it is only stored in the result."""
     probe = RaluSchedule(steps, ends, X0[:3], X0[3], ratio, base_shift)  # validates the inputs
     steps, ends, base = probe.steps, probe.ends, probe.base_shift
     res = minimize(lambda x: _nt_distance(steps, ends, base, x[:3], x[3]), np.array(X0),
-                   bounds=[SHIFT_BOUNDS] * 3 + [Z_BOUNDS])
+                   bounds=[shift_bounds(base)] * 3 + [Z_BOUNDS])
     h1, h2, h3, z = (float(v) for v in res.x)
     # The objective is piecewise smooth (grid points enter/leave [s_k, e_k] as Z moves), so L-BFGS-B may stop
     # with an 'ABNORMAL' line search, and res.fun is then not always the value at res.x: re-evaluate.
@@ -256,36 +263,72 @@ def estimate_cost_ratio(schedule: RaluSchedule, baseline_steps: int, tokens_full
 
 # ----------------------------------------------------------------------------- presets
 # family -> name -> (steps N_k, ends e_k, ratio r, base shift h_ori). Shifts and Z are solved, never typed.
+# A base shift of None means "the model's own": the adapter derives h_ori from its pipeline's scheduler (dynamic
+# shifting and its mu at the requested resolution, the pipeline's default step count; DiTAdapter.preset_base_shift)
+# and shifts and Z are solved for that h_ori.
+FLUX1_4X = ((5, 6, 7), (0.3, 0.45, 1.0), 0.3)   # the reference implementation's FLUX.1 presets (h_ori = 3), reused
+FLUX1_7X = ((2, 3, 5), (0.2, 0.3, 1.0), 0.1)    # with the model's own h_ori by the other 50-step families
+FEW_STEP = ((1, 1, 2), (0.35, 0.55, 1.0), 0.1)  # 4 model calls; interior NT-Matching optimum for h_ori = 1
 PRESET_SPECS: dict[str, dict[str, tuple]] = {
     "flux": {  # FLUX.1-dev, h_ori = 3.0; "4x" and "7x" are the reference implementation's presets.
-        "4x": ((5, 6, 7), (0.3, 0.45, 1.0), 0.3, 3.0),
+        "4x": FLUX1_4X + (3.0,),
         # "5x": the paper reports 540.5 vs 2991.0 TFLOPs (5.53x). With the measured 21.5 / 74.4 TFLOPs per
         # step at 1024 / 4096 tokens (linear in between; stage 2 has 1024 + 3072 r tokens -> 32.1 at r = 0.2):
         # 3*21.5 + 5*32.1 + 6*74.4 = 671 TFLOPs vs 50*74.4 = 3720, i.e. 5.54x, the paper's ratio.
         # e and r lie between the 4x and 7x presets'.
         "5x": ((3, 5, 6), (0.25, 0.4, 1.0), 0.2, 3.0),
-        "7x": ((2, 3, 5), (0.2, 0.3, 1.0), 0.1, 3.0),
+        "7x": FLUX1_7X + (3.0,),
     },
-    "sd3": {  # SD3 (h_ori = 3.0), baseline 28 steps. estimate_cost_ratio(..., 28, 4096, text_tokens=333)
+    "sd3": {  # SD3 / SD3.5 (h_ori = 3.0), baseline 28 steps. estimate_cost_ratio(..., 28, 4096, text_tokens=333)
         # (1024^2: 4096 image tokens, 77 CLIP + 256 T5 text tokens): 2x -> 2.06, 3x -> 3.11.
         "2x": ((5, 6, 9), (0.3, 0.45, 1.0), 0.3, 3.0),
         "3x": ((4, 4, 6), (0.3, 0.45, 1.0), 0.2, 3.0),
     },
     "flux-schnell": {  # FLUX.1-schnell uses no shift (h_ori = 1: uniform target), 4 steps in all.
         # e = (0.35, 0.55) gives an interior optimum (JSD ~0.006); e.g. (0.3, 0.45) drives Z to its bound 2.
-        "4step": ((1, 1, 2), (0.35, 0.55, 1.0), 0.1, 1.0),
+        "4step": FEW_STEP + (1.0,),
     },
+    # 50-step families (FLUX.2-dev and the undistilled FLUX.2-klein bases, Qwen-Image, Z-Image): the FLUX.1 step
+    # and stage splits against a 50-step baseline, solved for each model's own h_ori.
+    "flux2": {"4x": FLUX1_4X + (None,), "7x": FLUX1_7X + (None,)},
+    "qwen-image": {"4x": FLUX1_4X + (None,), "7x": FLUX1_7X + (None,)},
+    # Z-Image (50 steps, CFG); "4step" is for Z-Image-Turbo (9 steps in its model card, no CFG)
+    "z-image": {"4x": FLUX1_4X + (None,), "7x": FLUX1_7X + (None,),
+                "4step": FEW_STEP + (None,)},
+    # FLUX.2-klein step-distilled (4 steps): its own few-step preset
+    "flux2-klein": {"4step": FEW_STEP + (None,)},
+    # Chroma (35 steps, true CFG): estimate_cost_ratio(..., 35, 4096, text_tokens=300) 3.25 and 5.21
+    "chroma": {"3x": ((4, 5, 7), (0.3, 0.45, 1.0), 0.3, None),
+               "5x": ((2, 3, 5), (0.2, 0.3, 1.0), 0.1, None)},
 }
 
 
+SHIFT_DECIMALS = 4  # model-derived base shifts are rounded to this many decimals (one solve per distinct value)
+
+
+def preset_base_shift(family: str, name: str) -> float | None:
+    """The typed h_ori of a preset, or None where the model's own shift is used."""
+    return PRESET_SPECS[family][name][3]
+
+
 @functools.lru_cache(maxsize=None)
-def _solved_preset(family: str, name: str) -> RaluSchedule:
+def _solved_preset(family: str, name: str, base_shift: float | None = None) -> RaluSchedule:
     steps, ends, ratio, base = PRESET_SPECS[family][name]
+    if base is None:
+        if base_shift is None:
+            raise ValueError(f"preset {family}/{name} is solved for the model's own timestep shift: pass base_shift "
+                             "(generate does this from the pipeline's scheduler)")
+        base = base_shift
     return solve_nt_matching(steps, ends, base, ratio=ratio, name=f"{family}/{name}")
 
 
+_DEFAULT_SHIFT = 3.0  # what PRESETS[family][name] uses for presets solved for the model's own shift
+
+
 class _LazyFamily(Mapping):
-    """Read-only name -> RaluSchedule mapping of one family; a preset is solved on first access (cached)."""
+    """Read-only name -> RaluSchedule mapping of one family; a preset is solved on first access (cached).
+    Presets solved for the model's own shift are shown at h_ori = 3 here; use :func:`get_preset` with the model's
+    ``base_shift`` (what ``generate`` does)."""
 
     def __init__(self, family: str):
         self.family = family
@@ -293,7 +336,8 @@ class _LazyFamily(Mapping):
     def __getitem__(self, name: str) -> RaluSchedule:
         if name not in PRESET_SPECS[self.family]:
             raise KeyError(name)
-        return _solved_preset(self.family, name)
+        return _solved_preset(self.family, name, _DEFAULT_SHIFT if preset_base_shift(self.family, name) is None
+                              else None)
 
     def __iter__(self) -> Iterator[str]:
         return iter(PRESET_SPECS[self.family])
@@ -308,11 +352,18 @@ class _LazyFamily(Mapping):
 PRESETS: dict[str, Mapping[str, RaluSchedule]] = {family: _LazyFamily(family) for family in PRESET_SPECS}
 
 
-def get_preset(family: str, name: str) -> RaluSchedule:
-    """Preset ``name`` of model ``family`` ("flux", "sd3", "flux-schnell"); NT-Matching solved on first use."""
+def get_preset(family: str, name: str, base_shift: float | None = None) -> RaluSchedule:
+    """Preset ``name`` of model ``family`` (see ``PRESET_SPECS``), NT-Matching solved on first use.
+
+    ``base_shift``: the model's own h_ori, used by presets whose spec leaves it to the model (rounded to
+    ``SHIFT_DECIMALS``); ignored by presets with a typed h_ori (FLUX.1, SD3)."""
     if family not in PRESET_SPECS:
         raise ValueError(f"unknown model family {family!r}; available families: {', '.join(PRESET_SPECS)}")
     if name not in PRESET_SPECS[family]:
         raise ValueError(f"unknown preset {name!r} for family {family!r}; available: "
                          f"{', '.join(PRESET_SPECS[family])}")
-    return _solved_preset(family, name)
+    if preset_base_shift(family, name) is not None:
+        return _solved_preset(family, name)
+    if base_shift is not None and not (math.isfinite(base_shift) and SHIFT_RANGE[0] <= base_shift <= SHIFT_RANGE[1]):
+        raise ValueError(f"base_shift={base_shift!r} is not allowed: must be in [{SHIFT_RANGE[0]}, {SHIFT_RANGE[1]}]")
+    return _solved_preset(family, name, None if base_shift is None else round(float(base_shift), SHIFT_DECIMALS))

@@ -11,13 +11,19 @@ import importlib
 import threading
 import weakref
 
-from .base import CallState, Conditioning, DiTAdapter, ModelImpl, TokenGrid, call_scope, current_cache
+from .base import (CallState, Conditioning, DiTAdapter, ModelImpl, TokenGrid, call_scope, current_cache,
+                   scheduler_base_shift)
 
 # pipeline class name -> "module:AdapterClass" (imported lazily so diffusers loads only when needed); subclasses
 # of these pipelines are accepted (the first registered class in the pipeline's MRO decides)
 ADAPTERS: dict[str, str] = {
     "FluxPipeline": "ralu_runtime.adapters.flux:FluxAdapter",
     "StableDiffusion3Pipeline": "ralu_runtime.adapters.sd3:SD3Adapter",
+    "Flux2Pipeline": "ralu_runtime.adapters.flux2:Flux2Adapter",
+    "Flux2KleinPipeline": "ralu_runtime.adapters.flux2:Flux2Adapter",
+    "QwenImagePipeline": "ralu_runtime.adapters.qwen_image:QwenImageAdapter",
+    "ZImagePipeline": "ralu_runtime.adapters.z_image:ZImageAdapter",
+    "ChromaPipeline": "ralu_runtime.adapters.chroma:ChromaAdapter",
 }
 
 _TABLE: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
@@ -65,4 +71,4 @@ def _same(a: tuple, b: tuple) -> bool:
 
 
 __all__ = ["ADAPTERS", "CallState", "Conditioning", "DiTAdapter", "ModelImpl", "TokenGrid", "adapter_class_name",
-           "call_scope", "current_cache", "get_adapter"]
+           "call_scope", "current_cache", "get_adapter", "scheduler_base_shift"]

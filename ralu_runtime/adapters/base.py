@@ -142,6 +142,22 @@ def current_cache():
     return None if state is None else state.cache
 
 
+def scheduler_base_shift(config, image_seq_len: int, mu: float | None = None) -> float:
+    """The shift h of a diffusers ``FlowMatchEulerDiscreteScheduler`` ``config`` at ``image_seq_len`` tokens, such that
+    its sigmas are ``h s / (1 + (h - 1) s)`` of the unshifted ``s``: ``config.shift`` without dynamic shifting; with
+    it, ``exp(mu)`` ("exponential" time shift) or ``mu`` ("linear"), where ``mu`` is given (pipelines with their own
+    formula, e.g. FLUX.2) or diffusers' ``calculate_shift`` line through (base_image_seq_len, base_shift) and
+    (max_image_seq_len, max_shift)."""
+    get = config.get if hasattr(config, "get") else lambda k, d=None: getattr(config, k, d)
+    if not get("use_dynamic_shifting", False):
+        return float(get("shift", 1.0))
+    if mu is None:
+        x0, x1 = get("base_image_seq_len", 256), get("max_image_seq_len", 4096)
+        y0, y1 = get("base_shift", 0.5), get("max_shift", 1.15)
+        mu = y0 + (y1 - y0) / (x1 - x0) * (image_seq_len - x0)
+    return float(np.exp(mu)) if get("time_shift_type", "exponential") == "exponential" else float(mu)
+
+
 class DiTAdapter(ABC):
     """Base class of model adapters.
 
@@ -157,6 +173,7 @@ class DiTAdapter(ABC):
     base_shift: float = 3.0
     default_size: int = 1024                 # pixels per side when generate gets no height / width
     supports_negative_prompt: bool = False   # classifier-free guidance with negative prompts
+    takes_prompt_mask: bool = False          # encode_prompt accepts prompt_embeds_mask (B, T) with prompt_embeds
     fuses_projections: bool = False          # velocity asks ModelImpl.fused for q/k/v weights (ralu-owned fusion)
 
     def __init__(self, pipe, *, weak: bool = False):
@@ -261,8 +278,15 @@ class DiTAdapter(ABC):
         """Largest height / width in pixels this model can take (None: no limit known)."""
         return None
 
-    def embed_dims(self) -> tuple[int, int] | None:
-        """``(prompt embedding dim, pooled embedding dim)`` the model expects (None: not checked)."""
+    def embed_dims(self) -> tuple[int, int | None] | None:
+        """``(prompt embedding dim, pooled embedding dim)`` the model expects (None: not checked). A pooled dim of
+        None means the model takes no pooled embedding (``pooled_prompt_embeds`` must then not be given)."""
+        return None
+
+    def preset_base_shift(self, height: int, width: int) -> float | None:
+        """The model's own timestep shift h_ori for RALU presets at this image size (pixels), from the pipeline's
+        scheduler and default step count (see :func:`scheduler_base_shift`); None: the preset's typed shift (FLUX.1
+        and SD3 keep the reference implementation's fixed h_ori = 3)."""
         return None
 
     def check_size(self, height: int, width: int) -> None:
@@ -304,9 +328,12 @@ class DiTAdapter(ABC):
     @abstractmethod
     def encode_prompt(self, prompt, negative_prompt, *, prompt_embeds=None, pooled_prompt_embeds=None,
                       negative_prompt_embeds=None, negative_pooled_prompt_embeds=None,
-                      num_images_per_prompt: int = 1, guidance_scale: float, max_sequence_length: int | None = None
-                      ) -> Conditioning:
-        """Encode prompts (or take embeddings) for ``batch = len(prompts) * num_images_per_prompt`` images."""
+                      num_images_per_prompt: int = 1, guidance_scale: float, max_sequence_length: int | None = None,
+                      prompt_embeds_mask=None, negative_prompt_embeds_mask=None) -> Conditioning:
+        """Encode prompts (or take embeddings) for ``batch = len(prompts) * num_images_per_prompt`` images.
+
+        ``prompt_embeds_mask`` / ``negative_prompt_embeds_mask``: ``(B, T)`` 0/1 masks of the given embeddings'
+        valid text tokens (only for adapters with ``takes_prompt_mask``; None = all valid)."""
 
     def prepare_noise(self, batch: int, height: int, width: int, generators, dtype) -> torch.Tensor:
         """Full-resolution latent noise ``(B, C, h, w)``, drawn exactly like the diffusers pipeline does."""
