@@ -58,7 +58,12 @@ RESOLUTION = {"full": 1024, "small": 512}
 
 def build_pipeline(model: str, size: str, device="cpu", dtype=torch.float32, seed: int = 0):
     """A diffusers FluxPipeline / StableDiffusion3Pipeline with random weights of the given shape and no text
-    encoders (use prompt embeddings). ``device="meta"`` builds it without memory (FLOP counting)."""
+    encoders (use prompt embeddings). ``device="meta"`` builds it without memory (FLOP counting). Other families
+    (``benchmarks.families.FAMILIES``: flux2, qwen-image, ...) come from their ``ralu_runtime.tiny`` module."""
+    if model not in ("flux", "sd3"):
+        from benchmarks.families import FAMILIES
+
+        return FAMILIES[model]().build(size, device, dtype)
     from diffusers import (AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel,
                            SD3Transformer2DModel, StableDiffusion3Pipeline)
 
@@ -92,6 +97,10 @@ def build_pipeline(model: str, size: str, device="cpu", dtype=torch.float32, see
 
 
 def prompt_embeds(pipe, model: str, batch: int, text_len: int, device, dtype, seed: int = 0) -> dict:
+    if model not in ("flux", "sd3"):
+        from benchmarks.families import FAMILIES
+
+        return FAMILIES[model]().embeds(pipe, batch, text_len, device, dtype)
     cfg = pipe.transformer.config
     g = torch.Generator("cpu").manual_seed(seed)
     r = lambda *s: torch.randn(*s, generator=g).to(device=device, dtype=dtype)  # noqa: E731
@@ -104,7 +113,12 @@ def prompt_embeds(pipe, model: str, batch: int, text_len: int, device, dtype, se
 
 
 def default_rows(model: str) -> list[str]:
-    presets = ("4x", "7x") if model == "flux" else ("2x", "3x")
+    if model in ("flux", "sd3"):
+        presets = ("4x", "7x") if model == "flux" else ("2x", "3x")
+    else:
+        from benchmarks.families import FAMILIES, family_presets
+
+        presets = family_presets(FAMILIES[model]())
     rows = ["baseline-eager"] + [f"ralu-{p}-eager" for p in presets]
     return rows + ["baseline-compiled"] + [f"ralu-{p}-compiled" for p in presets]
 
@@ -133,6 +147,7 @@ def run_once(pipe, emb, args, speedup, seed):
     t0 = time.perf_counter()
     out = generate(pipe, **emb, height=args.resolution, width=args.resolution, speedup=speedup,
                    num_inference_steps=args.steps if speedup is None else None, seed=seed, output_type="pt",
+                   guidance_scale=getattr(args, "guidance", None),
                    progress=False, edge_detector=args.edge_detector, transition_impl=args.transition,
                    cache=args.cache if speedup is not None else None)
     _sync(device)
@@ -301,12 +316,16 @@ def stacked_plot(out_dir: Path, name: str, rows: list[dict], title: str):
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", choices=("flux", "sd3"), default="flux")
+    from benchmarks.families import FAMILIES
+
+    ap.add_argument("--model", choices=tuple(FAMILIES), default="flux",
+                    help="flux / sd3 (FLUX.1-dev / SD3-medium shapes), or another family of benchmarks/families.py "
+                         "(its published full-size config, native resolution, default steps)")
     ap.add_argument("--size", choices=("full", "small"), default=None, help="default: full on CUDA, small on CPU")
     ap.add_argument("--rows", default=None, help="comma-separated rows (default: baseline and two presets, both kinds)")
     ap.add_argument("--resolution", type=int, default=None, help="pixels (default 1024 full, 512 small)")
     ap.add_argument("--batch", type=int, default=1)
-    ap.add_argument("--steps", type=int, default=50, help="baseline steps")
+    ap.add_argument("--steps", type=int, default=None, help="baseline steps (default 50 FLUX/SD3, else the family's)")
     ap.add_argument("--reps", type=int, default=None, help="timed runs per row (default 5; 2 for full eager baseline)")
     ap.add_argument("--warmup", type=int, default=None, help="untimed runs per row (default 2 compiled, 1 eager)")
     ap.add_argument("--device", default=None)
@@ -340,7 +359,14 @@ def main(argv=None) -> int:
 
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     args.size = args.size or ("full" if device.type == "cuda" else "small")
-    args.resolution = args.resolution or RESOLUTION[args.size]
+    fam = None if args.model in ("flux", "sd3") else FAMILIES[args.model]()
+    if fam is None:
+        args.resolution = args.resolution or RESOLUTION[args.size]
+        args.steps = args.steps or 50
+    else:
+        args.resolution = args.resolution or (fam.native if args.size == "full" else fam.cpu_size)
+        args.steps = args.steps or fam.steps  # None: resolved from the adapter once the model is built
+    args.guidance = None if fam is None else fam.guidance
     args.edge_detector = args.edge_detector or ("gpu" if device.type == "cuda" else "opencv")
     dtype = getattr(torch, args.dtype) if args.dtype else (torch.bfloat16 if device.type == "cuda" else torch.float32)
     rows = args.rows.split(",") if args.rows else default_rows(args.model)
@@ -369,7 +395,13 @@ def main(argv=None) -> int:
     pipe = build_pipeline(args.model, args.size, device=device, dtype=dtype)
     build_s = time.perf_counter() - t0
     n_params = sum(p.numel() for p in pipe.transformer.parameters())
-    text_len = TEXT_LEN[(args.model, args.size)]
+    if fam is None:
+        text_len = TEXT_LEN[(args.model, args.size)]
+    else:
+        from ralu_runtime.adapters import get_adapter
+
+        text_len = fam.text_len if args.size == "full" else 32
+        args.steps = args.steps or get_adapter(pipe).default_steps
     emb = prompt_embeds(pipe, args.model, args.batch, text_len, device, dtype)
     print(f"{args.model} {args.size}: {n_params / 1e9:.2f} B transformer parameters, {dtype}, {args.resolution}^2, "
           f"batch {args.batch}, text {text_len} tokens, built in {build_s:.1f} s on {device}")

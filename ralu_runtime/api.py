@@ -216,8 +216,8 @@ def _validate(adapter: DiTAdapter, *, prompt, prompt_embeds, pooled_prompt_embed
     negative = negative_prompt is not None or negative_prompt_embeds is not None or \
         negative_pooled_prompt_embeds is not None
     if negative and not adapter.supports_negative_prompt:
-        raise ValueError(f"negative prompts are not supported for {adapter.family} (it uses a guidance embedding, "
-                         "not classifier-free guidance)")
+        raise ValueError(f"negative prompts are not supported for {adapter.family}: it does not use classifier-free "
+                         "guidance (a guidance embedding or a step-distilled model)")
     if negative_prompt is not None:
         _check_prompt(negative_prompt)
         if prompt is None:

@@ -21,8 +21,13 @@ from pathlib import Path
 from .versions import installed_version
 
 EXIT_FAILURE, EXIT_USAGE = 1, 2
-TINY_MODELS = {"tiny-flux": ("flux", 4096), "tiny-sd3": ("sd3", 1536)}  # name -> (preset family, max pixels/side)
-PIPELINE_FAMILIES = {"FluxPipeline": "flux", "StableDiffusion3Pipeline": "sd3"}
+# built-in random models (ralu_runtime.tiny.TINY_BUILDERS builds them): name -> (preset family, max pixels/side)
+TINY_MODELS = {"tiny-flux": ("flux", 4096), "tiny-sd3": ("sd3", 1536), "tiny-sd35": ("sd3", 1536),
+               "tiny-flux2": ("flux2", 4096), "tiny-flux2-klein": ("flux2-klein", 4096),
+               "tiny-qwen-image": ("qwen-image", 4096), "tiny-z-image": ("z-image", 4096), "tiny-chroma": ("chroma", 4096)}
+PIPELINE_FAMILIES = {"FluxPipeline": "flux", "StableDiffusion3Pipeline": "sd3", "Flux2Pipeline": "flux2",
+                     "Flux2KleinPipeline": "flux2", "QwenImagePipeline": "qwen-image", "ZImagePipeline": "z-image",
+                     "ChromaPipeline": "chroma"}
 TINY_SIZE, MODEL_SIZE = 256, 1024     # default pixels per side
 TINY_MAX_SEQUENCE_LENGTH = 77         # the tiny models' text length (their CLIP's position table)
 COARSE_BLOCK_PX = 32                  # VAE factor 8 x patch 2 x 2 (RALU's coarse stage), FLUX and SD3
@@ -31,7 +36,8 @@ COARSE_BLOCK_PX = 32                  # VAE factor 8 x patch 2 x 2 (RALU's coars
 SOLVER_NAMES = ("euler", "ab2", "dpmpp2m")
 BACKEND_NAMES = ("eager", "inductor", "onnx", "tensorrt")
 COMPILED_BACKENDS = ("inductor", "onnx", "tensorrt")
-PRESET_HELP = "FLUX.1-dev: 4x, 5x, 7x; FLUX.1-schnell: 4step; SD3: 2x, 3x"
+PRESET_HELP = ("FLUX.1-dev: 4x, 5x, 7x; FLUX.1-schnell: 4step; SD3/SD3.5: 2x, 3x; FLUX.2: 4x, 7x; FLUX.2-klein "
+               "(distilled): 4step; Qwen-Image: 4x, 7x; Z-Image: 4x, 7x, 4step (Turbo); Chroma: 3x, 5x")
 MAX_STEPS, MAX_SEQUENCE_LENGTH = 1000, 512
 COMMON_EXTENSIONS = ".png, .jpg, .jpeg, .webp, .bmp, .tiff"
 
@@ -64,8 +70,9 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Generate one image with RALU and print per-stage steps, tokens and seconds. "
                                    "Arguments are checked before the model is loaded.")
     g.add_argument("--model", metavar="PATH", default="tiny-flux",
-                   help="local diffusers FLUX/SD3 folder (nothing is downloaded), or 'tiny-flux' / 'tiny-sd3' "
-                        "(built-in random models; default tiny-flux)")
+                   help="local diffusers folder of a supported pipeline (FLUX.1, SD3/3.5, FLUX.2, Qwen-Image, Z-Image, "
+                        "Chroma; the family is read from its model_index.json; nothing is downloaded), or a "
+                        f"built-in random model: {', '.join(TINY_MODELS)} (default tiny-flux)")
     g.add_argument("--prompt", metavar="TEXT", default="a photograph of a red fox in the snow")
     g.add_argument("--height", metavar="PX", type=int, default=None,
                    help=f"pixels, a multiple of {COARSE_BLOCK_PX} (default {TINY_SIZE} for tiny models, "
@@ -134,7 +141,7 @@ def _model_family(model: str) -> tuple[str, int, int | None]:
     folder = Path(model).expanduser()
     if not folder.is_dir():
         raise UsageError(f"model folder not found: {model!r} (--model takes a local diffusers folder, nothing is "
-                         "downloaded; or 'tiny-flux' / 'tiny-sd3' for the built-in random models)")
+                         f"downloaded; or one of {', '.join(TINY_MODELS)} for the built-in random models)")
     index = folder / "model_index.json"
     if not index.is_file():
         raise UsageError(f"--model {model!r} is not a diffusers pipeline folder (no model_index.json)")
@@ -145,6 +152,10 @@ def _model_family(model: str) -> tuple[str, int, int | None]:
     cfg = _read_json(folder / "transformer" / "config.json", missing_ok=True)
     if family == "flux":
         return ("flux" if cfg.get("guidance_embeds", True) else "flux-schnell"), MODEL_SIZE, 4096
+    if cls == "Flux2KleinPipeline" and _read_json(index).get("is_distilled", False):
+        return "flux2-klein", MODEL_SIZE, 4096
+    if family != "sd3":
+        return family, MODEL_SIZE, 4096
     vae = _read_json(folder / "vae" / "config.json", missing_ok=True)
     vae_factor = 2 ** (len(vae["block_out_channels"]) - 1) if "block_out_channels" in vae else 8
     cap = cfg.get("pos_embed_max_size")
@@ -306,10 +317,9 @@ def _load(plan: GeneratePlan):
 
     dtype = getattr(torch, plan.dtype)
     if plan.model in TINY_MODELS:
-        from .tiny import build_tiny_flux_pipeline, build_tiny_sd3_pipeline
+        from .tiny import build_tiny
 
-        build = build_tiny_flux_pipeline if plan.family == "flux" else build_tiny_sd3_pipeline
-        return build(device=plan.device, dtype=dtype)
+        return build_tiny(plan.model, device=plan.device, dtype=dtype)
     from .api import load_pipeline
 
     return load_pipeline(plan.model, torch_dtype=dtype, device=plan.device)

@@ -8,28 +8,16 @@ import time
 
 import torch
 
-from .adapters import DiTAdapter, get_adapter
+from .adapters import get_adapter
 from .api import generate
 from .compile import StageRunner, compile_stats, ensure_backend
-
-
-def _dummy_embeds(adapter: DiTAdapter, batch: int, text_len: int | None, device, dtype) -> dict:
-    joint, pooled = adapter.embed_dims()
-    if text_len is None:
-        text_len = 512 if adapter.family.startswith("flux") else 77 + 256
-    z = dict(device=device, dtype=dtype)
-    out = {"prompt_embeds": torch.zeros(batch, text_len, joint, **z), "pooled_prompt_embeds": torch.zeros(batch, pooled, **z)}
-    if adapter.supports_negative_prompt:
-        out["negative_prompt_embeds"] = torch.zeros(batch, text_len, joint, **z)
-        out["negative_pooled_prompt_embeds"] = torch.zeros(batch, pooled, **z)
-    return out
 
 
 def warmup(pipe, height: int = 1024, width: int = 1024, speedup="default", batch: int = 1, *,
            backend: str | None = None, text_len: int | None = None, runs: int = 2, **generate_kwargs) -> dict:
     """Build every compiled graph a ``generate(pipe, height, width, speedup, batch)`` call needs, ahead of
-    traffic, with zero prompt embeddings of ``text_len`` tokens (default: the length ``generate`` pads prompts to:
-    512 for FLUX, 77 + 256 for SD3). ``backend``: install that backend first (options in ``generate_kwargs``'s
+    traffic, with zero prompt embeddings of ``text_len`` tokens (default: the adapter's ``default_text_len``, the
+    length its pipeline pads prompts to: 512 for FLUX, 77 + 256 for SD3). ``backend``: install that backend first (options in ``generate_kwargs``'s
     ``compile_options``). Returns ``{"first_s", "warm_s", "compile_s", "stages": {name: {first_s, warm_s,
     compile_s}}, "builds": [...], "graphs_compiled": n}``: wall seconds of the first (compiling) run and of a
     second one, per stage, and the graphs torch._dynamo compiled."""
@@ -39,7 +27,7 @@ def warmup(pipe, height: int = 1024, width: int = 1024, speedup="default", batch
         ensure_backend(adapter, backend, **opts)
     runner = adapter.runner
     n_builds = len(runner.builds) if isinstance(runner, StageRunner) else 0
-    emb = _dummy_embeds(adapter, batch, text_len, adapter.device, adapter.dtype)
+    emb = adapter.dummy_embeds(batch, text_len)
     before = compile_stats()["unique_graphs"]
     runs_out = []
     for i in range(max(1, runs)):

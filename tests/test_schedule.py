@@ -166,4 +166,78 @@ def test_schnell_preset():
     sched = get_preset("flux-schnell", "4step")
     assert sched.total_steps == 4 and sched.base_shift == 1.0
     assert 2.0 < sched.z < 100.0 and sched.jsd < 0.02  # interior optimum, good match
-    assert set(PRESETS) == {"flux", "sd3", "flux-schnell"} and "7x" in PRESETS["flux"]
+    assert {"flux", "sd3", "flux-schnell"} <= set(PRESETS) and "7x" in PRESETS["flux"]
+
+
+# ---- presets solved for the model's own timestep shift (FLUX.2, Qwen-Image, Z-Image, Chroma)
+MODEL_SHIFT_FAMILIES = ("flux2", "flux2-klein", "qwen-image", "z-image", "chroma")
+
+
+@pytest.mark.parametrize("family", MODEL_SHIFT_FAMILIES)
+def test_model_shift_presets_need_the_models_shift(family):
+    from ralu_runtime.schedule import PRESET_SPECS, preset_base_shift
+
+    for name in PRESET_SPECS[family]:
+        assert preset_base_shift(family, name) is None
+        with pytest.raises(ValueError, match="model's own timestep shift"):
+            get_preset(family, name)
+
+
+@pytest.mark.parametrize("base", [2.3, 3.0, 7.56, 9.89])
+def test_model_shift_presets_are_solved_for_that_shift(base):
+    """The same spec solved for another h_ori: the target changes, so the solved shifts do; the match stays good
+    and the solution is interior (Z below its bound of 100 where the reference FLUX.1 4x is interior too)."""
+    sched = get_preset("flux2", "4x", base)
+    assert sched.base_shift == pytest.approx(base, abs=1e-4)
+    assert sched.steps == PRESETS["flux"]["4x"].steps and sched.ends == PRESETS["flux"]["4x"].ends
+    assert sched.jsd < 0.03 and 2.0 < sched.z < 100.0
+    assert sched.jsd == pytest.approx(sched.timestep_density_jsd(), abs=1e-12)
+    if base == 3.0:  # at FLUX.1's h_ori the spec reproduces FLUX.1's preset
+        ref = PRESETS["flux"]["4x"]
+        assert sched.shifts == pytest.approx(ref.shifts) and sched.z == pytest.approx(ref.z)
+
+
+def test_model_shift_is_rounded_for_the_cache_and_validated():
+    a, b = get_preset("qwen-image", "7x", 2.30321), get_preset("qwen-image", "7x", 2.30324)
+    assert a is b  # rounded to 4 decimals: one solve
+    with pytest.raises(ValueError, match="base_shift"):
+        get_preset("qwen-image", "7x", float("nan"))
+    with pytest.raises(ValueError, match="base_shift"):
+        get_preset("qwen-image", "7x", 0.0)
+    # typed presets ignore a given shift (FLUX.1 and SD3 keep the reference's h_ori = 3)
+    assert get_preset("flux", "7x", 9.0) is get_preset("flux", "7x")
+
+
+def test_shift_bounds_scale_above_flux1():
+    from ralu_runtime.schedule import shift_bounds
+
+    assert shift_bounds(1.0) == shift_bounds(3.0) == (0.5, 10.0)
+    assert shift_bounds(7.5) == (0.5, 25.0)
+    sched = get_preset("flux2", "7x", 7.5636)  # FLUX.2-dev at 1024^2, 50 steps
+    assert max(sched.shifts) < 25.0  # interior, not on the bound the reference's [0.5, 10] would impose
+
+
+def test_scheduler_base_shift_matches_diffusers_sigmas():
+    """h from a scheduler config reproduces the scheduler's own shifted sigmas: sigma' = h s / (1 + (h-1) s)."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    from ralu_runtime.adapters import scheduler_base_shift
+
+    s = np.linspace(1.0, 1 / 20, 20)
+    for kw, seq, mu in [(dict(shift=3.0), 4096, None),
+                        (dict(use_dynamic_shifting=True, base_shift=0.5, max_shift=0.9, max_image_seq_len=8192), 6889,
+                         None),
+                        (dict(use_dynamic_shifting=True), 4096, 2.02),
+                        (dict(use_dynamic_shifting=True, time_shift_type="linear"), 1000, None)]:
+        sched = FlowMatchEulerDiscreteScheduler(**kw)
+        h = scheduler_base_shift(sched.config, seq, mu=mu)
+        if sched.config.use_dynamic_shifting:
+            if mu is None:
+                c = sched.config
+                mu = c.base_shift + (c.max_shift - c.base_shift) / (c.max_image_seq_len - c.base_image_seq_len) * (
+                    seq - c.base_image_seq_len)
+            sched.set_timesteps(sigmas=s, mu=mu)
+        else:
+            sched.set_timesteps(sigmas=s)
+        ours = h * s / (1 + (h - 1) * s)
+        np.testing.assert_allclose(sched.sigmas[:-1].numpy(), ours, rtol=1e-5, atol=1e-6)

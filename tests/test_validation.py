@@ -92,6 +92,8 @@ BAD = [
     (dict(torch_dtype=torch.float16), ValueError, "does not change the pipeline"),
     (dict(return_masks="yes"), TypeError, "return_masks='yes'"),
     (dict(negative_prompt_embeds=torch.randn(1, 8, 32)), ValueError, "negative prompts are not supported for flux"),
+    (dict(prompt_embeds_mask=torch.ones(1, 8)), ValueError, "flux takes no text-token mask"),
+    (dict(speedup=None, num_inference_steps=2, height=48), ValueError, "multiple of 32"),
 ]
 
 
@@ -215,3 +217,35 @@ def test_model_folder_errors_and_one_load_per_process(tmp_path, monkeypatch):
     b = generate(str(folder), **E, **OK).images
     assert len(loads) == 1 and torch.equal(a, b)
     assert load_pipeline(folder) is load_pipeline(str(folder))
+
+
+class _MaskedFlux:
+    """A FLUX adapter that declares text-token masks (validation only: every call below fails before encoding)."""
+
+    @staticmethod
+    def make(pipe):
+        from ralu_runtime.adapters.flux import FluxAdapter
+
+        class MaskedFluxAdapter(FluxAdapter):
+            takes_prompt_mask = True
+
+        return MaskedFluxAdapter(pipe)
+
+
+@pytest.mark.parametrize("mask,exc,text", [
+    (torch.ones(1, 7), ValueError, "expected (1, 8)"),
+    (np.ones((1, 8)), TypeError, "torch.Tensor"),
+    (torch.full((1, 8), 2), ValueError, "0/1"),
+    (torch.zeros(1, 8), ValueError, "no valid token"),
+])
+def test_text_masks_are_checked(flux, mask, exc, text):
+    adapter = _MaskedFlux.make(flux)
+    counter = CallCounter(flux)
+    try:
+        with pytest.raises(exc, match=text.replace("(", r"\(").replace(")", r"\)")):
+            generate(adapter, **E, **OK, prompt_embeds_mask=mask)
+        with pytest.raises(ValueError, match="goes with negative_prompt_embeds"):
+            generate(adapter, **E, **OK, negative_prompt_embeds_mask=torch.ones(1, 8))
+    finally:
+        counter.close()
+    assert counter.n == 0

@@ -172,6 +172,7 @@ class DiTAdapter(ABC):
     default_guidance: float = 3.5
     base_shift: float = 3.0
     default_size: int = 1024                 # pixels per side when generate gets no height / width
+    default_text_len: int = 512              # text tokens of an encoded prompt (warm-up's dummy embeddings)
     supports_negative_prompt: bool = False   # classifier-free guidance with negative prompts
     takes_prompt_mask: bool = False          # encode_prompt accepts prompt_embeds_mask (B, T) with prompt_embeds
     fuses_projections: bool = False          # velocity asks ModelImpl.fused for q/k/v weights (ralu-owned fusion)
@@ -282,6 +283,25 @@ class DiTAdapter(ABC):
         """``(prompt embedding dim, pooled embedding dim)`` the model expects (None: not checked). A pooled dim of
         None means the model takes no pooled embedding (``pooled_prompt_embeds`` must then not be given)."""
         return None
+
+    def dummy_embeds(self, batch: int, text_len: int | None = None, *, device=None, dtype=None) -> dict:
+        """Zero prompt embeddings (``generate`` keyword arguments) of ``text_len`` tokens (default
+        :attr:`default_text_len`) for ``batch`` prompts: the pooled ones where the model takes them, the negative ones
+        where it does classifier-free guidance. For warm-ups and benchmarks, where the values do not matter."""
+        dims = self.embed_dims()
+        if dims is None:
+            raise NotImplementedError(f"{type(self).__name__} does not state its embedding sizes (embed_dims)")
+        joint, pooled = dims
+        z = dict(device=self.device if device is None else device, dtype=self.dtype if dtype is None else dtype)
+        n = self.default_text_len if text_len is None else text_len
+        out = {"prompt_embeds": torch.zeros(batch, n, joint, **z)}
+        if pooled is not None:
+            out["pooled_prompt_embeds"] = torch.zeros(batch, pooled, **z)
+        if self.supports_negative_prompt:
+            out["negative_prompt_embeds"] = torch.zeros(batch, n, joint, **z)
+            if pooled is not None:
+                out["negative_pooled_prompt_embeds"] = torch.zeros(batch, pooled, **z)
+        return out
 
     def preset_base_shift(self, height: int, width: int) -> float | None:
         """The model's own timestep shift h_ori for RALU presets at this image size (pixels), from the pipeline's

@@ -1,10 +1,17 @@
-"""Tiny randomly initialised FLUX and SD3 pipelines, built from configs with no download.
+"""Tiny randomly initialised pipelines of every supported family, built from configs with no download.
 
 They have the real diffusers classes (transformer, VAE, text encoders, scheduler) at toy sizes, and
 byte-level tokenizers built in code, so prompts work offline. Used by the demo and the tests; the
 images they make are noise-like (random weights), but every code path is the production one.
+
+FLUX.1 and SD3 live here; each further family has its own module (``ralu_runtime.tiny.<family>``) with its tiny
+builder, a benchmark-size / full-size builder (``build_<family>_pipeline(size)``: "small" for CPU latency
+ratios, "full" = the published transformer config for FLOP counting on meta tensors), ``NATIVE_SIZE``,
+``TEXT_LEN`` and ``random_embeds``. :data:`TINY_BUILDERS` names them for the CLI (``--model tiny-...``).
 """
 from __future__ import annotations
+
+import importlib
 
 import torch
 
@@ -117,3 +124,25 @@ def build_tiny_sd3_pipeline(seed: int = 0, *, latent_channels: int = 16, num_lay
     pipe.set_progress_bar_config(disable=True)
     pipe.to(device)
     return pipe if dtype == torch.float32 else pipe.to(dtype=dtype)
+
+
+# CLI name -> ("module:function", keyword arguments): the built-in random models of ``ralu generate --model``
+TINY_BUILDERS: dict[str, tuple[str, dict]] = {
+    "tiny-flux": ("ralu_runtime.tiny:build_tiny_flux_pipeline", {}),
+    "tiny-sd3": ("ralu_runtime.tiny:build_tiny_sd3_pipeline", {}),
+    "tiny-sd35": ("ralu_runtime.tiny.sd35:build_tiny_sd35_pipeline", {"variant": "large"}),
+    "tiny-flux2": ("ralu_runtime.tiny.flux2:build_tiny_flux2_pipeline", {}),
+    "tiny-flux2-klein": ("ralu_runtime.tiny.flux2:build_tiny_flux2_pipeline", {"klein": True, "distilled": True}),
+    "tiny-qwen-image": ("ralu_runtime.tiny.qwen_image:build_tiny_qwen_image_pipeline", {}),
+    "tiny-z-image": ("ralu_runtime.tiny.z_image:build_tiny_z_image_pipeline", {}),
+    "tiny-chroma": ("ralu_runtime.tiny.chroma:build_tiny_chroma_pipeline", {}),
+}
+
+
+def build_tiny(name: str, **kwargs):
+    """Build the built-in random model ``name`` (a key of :data:`TINY_BUILDERS`); ``kwargs``: device, dtype, seed."""
+    if name not in TINY_BUILDERS:
+        raise ValueError(f"unknown tiny model {name!r}; available: {', '.join(TINY_BUILDERS)}")
+    target, fixed = TINY_BUILDERS[name]
+    module, fn = target.split(":")
+    return getattr(importlib.import_module(module), fn)(**fixed, **kwargs)

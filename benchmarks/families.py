@@ -1,0 +1,252 @@
+"""RALU on every supported family: transformer FLOPs per preset at the native resolution, and CPU latency ratios.
+
+FLOPs: torch's FlopCounterMode on a meta-device transformer with the family's published full-size config (no
+memory, no weights), per model call at each stage's token count, times the stage's steps; the pipeline's default
+sampler (its default step count, full resolution) is the baseline. CFG families count both branches (the ratio
+does not change). VAE decodes are not included.
+
+CPU latency: the family's "small" benchmark model (random weights, a few blocks) in float32 on the CPU; the
+default sampler and each preset run interleaved (round-robin, ``--reps`` rounds), whole ``generate`` calls incl.
+the VAE decode; the ratio is baseline median / preset median within this one run.
+
+    python benchmarks/families.py [--family flux2 qwen-image ...] [--what flops cpu] [--out benchmarks/results]
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import statistics
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks._common import print_table, pyplot, save_figure, write_json  # noqa: E402
+from benchmarks.flops import count, velocity_flops  # noqa: E402
+
+
+@dataclass
+class Family:
+    """A benchmarked model: how to build it (``build(size, device, dtype)``), prompt embeddings for it
+    (``embeds(pipe, batch, text_len, device, dtype)``), its native side in pixels, the baseline's steps (None:
+    the adapter's default) and guidance (None: the adapter's default)."""
+
+    label: str
+    build: Callable
+    embeds: Callable
+    native: int
+    text_len: int
+    steps: int | None = None
+    guidance: float | None = None
+    presets: tuple[str, ...] | None = None  # None: all of the family's presets
+    cpu_size: int = 256
+    notes: str = ""
+    extra: dict = field(default_factory=dict)
+
+
+def _module_family(label, module, *, build_kwargs=None, full=None, small=None, cfg=False, **kw) -> Family:
+    """A family whose models come from ``ralu_runtime.tiny.<module>`` (build_<module>_pipeline, random_embeds)."""
+    def mod():
+        return importlib.import_module(f"ralu_runtime.tiny.{module}")
+
+    def build(size, device, dtype):
+        extra = dict(build_kwargs or {})
+        extra.update((full if size == "full" else small) or {})
+        size = extra.pop("size", size)
+        return getattr(mod(), f"build_{module}_pipeline")(size, device=device, dtype=dtype, **extra)
+
+    def embeds(pipe, batch, text_len, device, dtype):
+        return mod().random_embeds(pipe, batch, text_len, seed=0, device=device, dtype=dtype, cfg=cfg)
+
+    m = importlib.import_module(f"ralu_runtime.tiny.{module}")
+    kw.setdefault("text_len", getattr(m, "TEXT_LEN", 512))
+    return Family(label, build, embeds, getattr(m, "NATIVE_SIZE", 1024), **kw)
+
+
+def _flux1_family() -> Family:
+    from benchmarks.latency import build_pipeline, prompt_embeds
+
+    return Family("FLUX.1-dev", lambda size, device, dtype: build_pipeline("flux", size, device=device, dtype=dtype),
+                  lambda pipe, b, n, device, dtype: prompt_embeds(pipe, "flux", b, n, device, dtype), 1024, 512,
+                  steps=50)
+
+
+def _sd3_family() -> Family:
+    from benchmarks.latency import build_pipeline, prompt_embeds
+
+    return Family("SD3-medium", lambda size, device, dtype: build_pipeline("sd3", size, device=device, dtype=dtype),
+                  lambda pipe, b, n, device, dtype: prompt_embeds(pipe, "sd3", b, n, device, dtype), 1024, 333,
+                  steps=28)
+
+
+FAMILIES: dict[str, Callable[[], Family]] = {
+    "flux": _flux1_family,
+    "sd3": _sd3_family,
+    "sd35-large": lambda: _module_family("SD3.5 Large", "sd35", build_kwargs={"variant": "large"}, cfg=True, steps=28),
+    "sd35-medium": lambda: _module_family("SD3.5 Medium", "sd35", build_kwargs={"variant": "medium"}, cfg=True,
+                                          steps=40, notes="model card: 40 steps"),
+    "flux2": lambda: _module_family("FLUX.2-dev", "flux2"),
+    "flux2-klein": lambda: _module_family("FLUX.2-klein 4B (distilled)", "flux2", build_kwargs={"distilled": True},
+                                          full={"size": "full-klein"}),
+    "qwen-image": lambda: _module_family("Qwen-Image", "qwen_image", cfg=True,
+                                         notes="1344^2: the native 1328 is not a multiple of RALU's 32-px block"),
+    "z-image": lambda: _module_family("Z-Image", "z_image", cfg=True, presets=("4x", "7x")),
+    "z-image-turbo": lambda: _module_family("Z-Image-Turbo", "z_image", steps=9, guidance=0.0, presets=("4step",),
+                                            notes="model card: 9 steps, no CFG"),
+    "chroma": lambda: _module_family("Chroma1-HD", "chroma", cfg=True),
+}
+DEFAULT_FAMILIES = ("flux2", "flux2-klein", "qwen-image", "z-image", "z-image-turbo", "chroma", "sd35-large",
+                    "sd35-medium")
+
+
+def family_presets(fam: Family) -> tuple[str, ...]:
+    """The presets benchmarked for ``fam``: its own list, or every preset of its adapter family (the family name
+    is read from a meta-device build, so nothing is allocated)."""
+    if fam.presets:
+        return fam.presets
+    from ralu_runtime.adapters import get_adapter
+    from ralu_runtime.schedule import PRESET_SPECS
+
+    pipe = fam.build("small", "meta", torch.float32)
+    return tuple(PRESET_SPECS[get_adapter(pipe).family])
+
+
+def _setup(fam: Family, size: str, device, dtype, batch: int, text_len: int):
+    from ralu_runtime.adapters import get_adapter
+    from ralu_runtime.schedule import PRESET_SPECS
+
+    pipe = fam.build(size, device, dtype)
+    adapter = get_adapter(pipe)
+    emb = fam.embeds(pipe, batch, text_len, device, dtype)
+    presets = fam.presets or tuple(PRESET_SPECS[adapter.family])
+    steps = fam.steps or adapter.default_steps
+    guidance = adapter.default_guidance if fam.guidance is None else fam.guidance
+    return pipe, adapter, emb, presets, steps, guidance
+
+
+# ----------------------------------------------------------------------------------------------- FLOPs
+def family_flops(key: str, batch: int = 1) -> dict:
+    from ralu_runtime.schedule import get_preset
+
+    fam = FAMILIES[key]()
+    pipe, adapter, emb, presets, steps, guidance = _setup(fam, "full", "meta", torch.bfloat16, batch, fam.text_len)
+    cond = adapter.encode_prompt(None, None, **emb, guidance_scale=guidance)
+    p, f = adapter.patch_size, adapter.vae_scale_factor
+    res = fam.native
+    fine = (res // (p * f), res // (p * f))
+    coarse = (fine[0] // 2, fine[1] // 2)
+    m = coarse[0] * coarse[1]
+    cache: dict = {}
+
+    def per_call(tokens, grid_hw, mixed):
+        key_ = (tokens, grid_hw, mixed)
+        if key_ not in cache:
+            cache[key_] = velocity_flops(adapter, cond, tokens, batch, grid_hw, mixed)[0]
+        return cache[key_]
+
+    base = steps * per_call(4 * m, fine, False)
+    runs = [{"run": "baseline", "steps": steps, "tflops": base / 1e12, "ratio": 1.0}]
+    for name in presets:
+        sched = get_preset(adapter.family, name, adapter.preset_base_shift(res, res))
+        k = int(m * sched.ratio)
+        tokens = ((m, coarse, False), (m + 3 * k, coarse, True), (4 * m, fine, False))
+        total = sum(n * per_call(*t) for n, t in zip(sched.steps, tokens))
+        runs.append({"run": name, "steps": sched.total_steps, "stage_steps": list(sched.steps),
+                     "stage_tokens": [t[0] for t in tokens], "base_shift": sched.base_shift, "tflops": total / 1e12,
+                     "ratio": base / total})
+    return {"family": key, "label": fam.label, "adapter_family": adapter.family, "resolution": res,
+            "text_len": fam.text_len, "cfg": bool(cond.data.get("cfg", False)) if isinstance(cond.data, dict) else None,
+            "transformer_params": sum(q.numel() for q in pipe.transformer.parameters()),
+            "per_call_tflops": {f"{t} tokens{' (mixed)' if mx else ''}": v / 1e12 for (t, _hw, mx), v in cache.items()},
+            "runs": runs, "notes": fam.notes}
+
+
+# ----------------------------------------------------------------------------------------------- CPU latency
+def family_cpu(key: str, reps: int = 3, size: int | None = None, text_len: int = 32) -> dict:
+    from ralu_runtime import generate
+
+    fam = FAMILIES[key]()
+    torch.manual_seed(0)
+    pipe, adapter, emb, presets, steps, guidance = _setup(fam, "small", "cpu", torch.float32, 1, text_len)
+    side = size or fam.cpu_size
+    rows = [("baseline", dict(speedup=None, num_inference_steps=steps))] + [(n, dict(speedup=n)) for n in presets]
+    common = dict(height=side, width=side, guidance_scale=guidance, output_type="pt", progress=False)
+    times: dict[str, list[float]] = {name: [] for name, _ in rows}
+    for name, kw in rows:  # warm-up: one call per row (first-call allocations, preset solves)
+        generate(pipe, **emb, **common, **kw, seed=0)
+    for rep in range(reps):
+        for name, kw in rows:
+            t0 = time.perf_counter()
+            generate(pipe, **emb, **common, **kw, seed=rep)
+            times[name].append(time.perf_counter() - t0)
+    base = statistics.median(times["baseline"])
+    out = []
+    for name, kw in rows:
+        med = statistics.median(times[name])
+        out.append({"run": name, "median_s": med, "times_s": times[name], "ratio": base / med})
+    return {"family": key, "label": fam.label, "adapter_family": adapter.family, "size": side, "steps": steps,
+            "transformer_params": sum(q.numel() for q in pipe.transformer.parameters()), "runs": out}
+
+
+def plot(out_dir: Path, name: str, flops: list[dict], cpu: list[dict]):
+    plt = pyplot()
+    if plt is None:
+        return None
+    fig, ax = plt.subplots(figsize=(max(6.0, 1.2 * len(flops or cpu)), 4))
+    labels, fr, cr = [], [], []
+    for res in flops or cpu:
+        for r in res["runs"][1:]:
+            labels.append(f"{res['label']}\n{r['run']}")
+            fr.append(r["ratio"] if flops else 0.0)
+            c = next((c for c in cpu if c["family"] == res["family"]), None)
+            cr.append(next((x["ratio"] for x in c["runs"] if x["run"] == r["run"]), 0.0) if c else 0.0)
+    x = range(len(labels))
+    ax.bar([i - 0.2 for i in x], fr, width=0.4, label="FLOP ratio (full size, native res.)")
+    ax.bar([i + 0.2 for i in x], cr, width=0.4, label="CPU latency ratio (small model)")
+    ax.set_xticks(list(x))
+    ax.set_xticklabels(labels, fontsize=6, rotation=60, ha="right")
+    ax.set_ylabel("baseline / RALU")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    return save_figure(fig, out_dir, name)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--family", nargs="+", default=list(DEFAULT_FAMILIES), choices=tuple(FAMILIES))
+    ap.add_argument("--what", nargs="+", default=["flops", "cpu"], choices=("flops", "cpu"))
+    ap.add_argument("--reps", type=int, default=3, help="interleaved rounds of the CPU latency rows")
+    ap.add_argument("--cpu-size", type=int, default=None, help="pixels per side of the CPU runs (default 256)")
+    ap.add_argument("--out", default="benchmarks/results")
+    ap.add_argument("--name", default="families")
+    args = ap.parse_args(argv)
+    flops = [family_flops(k) for k in args.family] if "flops" in args.what else []
+    for res in flops:
+        print(f"\n{res['label']} ({res['adapter_family']}) {res['resolution']}^2, "
+              f"{res['transformer_params'] / 1e9:.2f} B parameters, text {res['text_len']} tokens")
+        print_table([{"run": r["run"], "steps": r["steps"], "TFLOPs": r["tflops"], "ratio": r["ratio"],
+                      "h_ori": r.get("base_shift", "")} for r in res["runs"]], ["run", "steps", "TFLOPs", "ratio", "h_ori"])
+    cpu = []
+    for k in (args.family if "cpu" in args.what else []):
+        res = family_cpu(k, args.reps, args.cpu_size)
+        cpu.append(res)
+        print(f"\n{res['label']} small model ({res['transformer_params'] / 1e6:.1f} M parameters), CPU, "
+              f"{res['size']}^2, baseline {res['steps']} steps")
+        print_table([{"run": r["run"], "median s": r["median_s"], "ratio": r["ratio"]} for r in res["runs"]],
+                    ["run", "median s", "ratio"])
+    Path(args.out).mkdir(parents=True, exist_ok=True)
+    write_json(args.out, args.name, {"flops": flops, "cpu": cpu,
+                                     "notes": "FLOPs: FlopCounterMode on meta tensors, transformer only, published "
+                                              "full-size configs; CPU: small random models, float32, interleaved "
+                                              "rounds, whole generate incl. VAE decode"})
+    plot(Path(args.out), args.name, flops, cpu)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
