@@ -27,7 +27,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks._common import print_table, pyplot, save_figure, write_json  # noqa: E402
-from benchmarks.flops import count, velocity_flops  # noqa: E402
+from benchmarks.flops import velocity_flops  # noqa: E402
 
 
 @dataclass
