@@ -96,7 +96,8 @@ FAMILIES: dict[str, Callable[[], Family]] = {
     "qwen-image": lambda: _module_family("Qwen-Image", "qwen_image", cfg=True,
                                          notes="1344^2: the native 1328 is not a multiple of RALU's 32-px block"),
     "z-image": lambda: _module_family("Z-Image", "z_image", cfg=True, presets=("4x", "7x")),
-    "z-image-turbo": lambda: _module_family("Z-Image-Turbo", "z_image", steps=9, guidance=0.0, presets=("4step",),
+    "z-image-turbo": lambda: _module_family("Z-Image-Turbo", "z_image", steps=9, guidance=0.0,
+                                            presets=("4step", "3step"),
                                             notes="model card: 9 steps, no CFG"),
     "chroma": lambda: _module_family("Chroma1-HD", "chroma", cfg=True),
 }

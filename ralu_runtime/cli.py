@@ -37,7 +37,7 @@ SOLVER_NAMES = ("euler", "ab2", "dpmpp2m")
 BACKEND_NAMES = ("eager", "inductor", "onnx", "tensorrt")
 COMPILED_BACKENDS = ("inductor", "onnx", "tensorrt")
 PRESET_HELP = ("FLUX.1-dev: 4x, 5x, 7x; FLUX.1-schnell: 4step; SD3/SD3.5: 2x, 3x; FLUX.2: 4x, 7x; FLUX.2-klein "
-               "(distilled): 4step; Qwen-Image: 4x, 7x; Z-Image: 4x, 7x, 4step (Turbo); Chroma: 3x, 5x")
+               "(distilled): 4step, 3step; Qwen-Image: 4x, 7x; Z-Image: 4x, 7x, 4step, 3step (Turbo); Chroma: 3x, 5x")
 MAX_STEPS, MAX_SEQUENCE_LENGTH = 1000, 512
 COMMON_EXTENSIONS = ".png, .jpg, .jpeg, .webp, .bmp, .tiff"
 

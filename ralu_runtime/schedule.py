@@ -269,6 +269,7 @@ def estimate_cost_ratio(schedule: RaluSchedule, baseline_steps: int, tokens_full
 FLUX1_4X = ((5, 6, 7), (0.3, 0.45, 1.0), 0.3)   # the reference implementation's FLUX.1 presets (h_ori = 3), reused
 FLUX1_7X = ((2, 3, 5), (0.2, 0.3, 1.0), 0.1)    # with the model's own h_ori by the other 50-step families
 FEW_STEP = ((1, 1, 2), (0.35, 0.55, 1.0), 0.1)  # 4 model calls; interior NT-Matching optimum for h_ori = 1
+THREE_STEP = ((1, 1, 1), (0.35, 0.55, 1.0), 0.1)  # 3 model calls (one at full resolution); interior for h_ori >= 3
 PRESET_SPECS: dict[str, dict[str, tuple]] = {
     "flux": {  # FLUX.1-dev, h_ori = 3.0; "4x" and "7x" are the reference implementation's presets.
         "4x": FLUX1_4X + (3.0,),
@@ -293,10 +294,10 @@ PRESET_SPECS: dict[str, dict[str, tuple]] = {
     "flux2": {"4x": FLUX1_4X + (None,), "7x": FLUX1_7X + (None,)},
     "qwen-image": {"4x": FLUX1_4X + (None,), "7x": FLUX1_7X + (None,)},
     # Z-Image (50 steps, CFG); "4step" is for Z-Image-Turbo (9 steps in its model card, no CFG)
-    "z-image": {"4x": FLUX1_4X + (None,), "7x": FLUX1_7X + (None,),
-                "4step": FEW_STEP + (None,)},
-    # FLUX.2-klein step-distilled (4 steps): its own few-step preset
-    "flux2-klein": {"4step": FEW_STEP + (None,)},
+    "z-image": {"4x": FLUX1_4X + (None,), "7x": FLUX1_7X + (None,), "4step": FEW_STEP + (None,),
+                "3step": THREE_STEP + (None,)},
+    # FLUX.2-klein step-distilled (4 steps): its own few-step presets
+    "flux2-klein": {"4step": FEW_STEP + (None,), "3step": THREE_STEP + (None,)},
     # Chroma (35 steps, true CFG): estimate_cost_ratio(..., 35, 4096, text_tokens=300) 3.25 and 5.21
     "chroma": {"3x": ((4, 5, 7), (0.3, 0.45, 1.0), 0.3, None),
                "5x": ((2, 3, 5), (0.2, 0.3, 1.0), 0.1, None)},
