@@ -401,7 +401,10 @@ def generate(pipe, prompt: str | list[str] | None = None, *, height: int | None 
         masks = dict(prompt_embeds_mask=prompt_embeds_mask, negative_prompt_embeds_mask=negative_prompt_embeds_mask)
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
-    text = prompt is not None or negative_prompt is not None
+    # the tokenizers run for text prompts, and also for the empty negative prompt a CFG family encodes itself when
+    # it gets prompt_embeds without negative ones: hold the pipeline's text lock whenever that can happen
+    text = prompt is not None or negative_prompt is not None or (
+        adapter.supports_negative_prompt and negative_prompt_embeds is None)
     with (_lock_for(adapter.pipe if adapter.pipe is not None else adapter) if text else contextlib.nullcontext()):
         cond = adapter.encode_prompt(prompt, negative_prompt, prompt_embeds=prompt_embeds,
                                      pooled_prompt_embeds=pooled_prompt_embeds,
