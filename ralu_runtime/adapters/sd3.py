@@ -1,19 +1,42 @@
-"""SD3 adapter (StableDiffusion3Pipeline / SD3Transformer2DModel): patch embedding per token, sin-cos
-position embedding evaluated at each token's own position, classifier-free guidance.
+"""SD3 / SD3.5 adapter (StableDiffusion3Pipeline / SD3Transformer2DModel): patch embedding per token, sin-cos
+position embedding evaluated at each token's own position, classifier-free guidance, skip-layer guidance.
 
-SD3 adds a fixed 2-D sin-cos table (centre-cropped to the current token grid) after its patch
-embedding. Stages 1 and 3 are plain grids and use the model's native path. In stage 2 the patch
-embedding (a conv with kernel = stride = patch, i.e. a linear map of each token's flattened patch) is
-applied per token, and the sin-cos formula is evaluated at fractional table indices on the coarse crop.
+Models: SD3 Medium (24 joint blocks), SD3.5 Large (38 joint blocks, RMSNorm on q/k) and SD3.5 Medium (MMDiT-X:
+24 blocks, the first 13 with a second, image-only self-attention; q/k RMSNorm; a 384-cell position table). One
+adapter serves them all: the joint blocks are called as the modules they are (:func:`sd3_joint_block`: their
+attention processors, q/k norms, dual attention, LoRA layers and hooks run as usual), and positions enter the
+model only through its patch embedding.
+
+Positions: SD3 adds a fixed 2-D sin-cos table (centre-cropped to the current token grid) after its patch
+embedding. Raster token sets (RALU stages 1 and 3, the baseline) go through the model's own ``pos_embed`` module.
+Mixed sets (stage 2: coarse tokens and their children at +{0, 0.5}, per image) go through the patch embedding's
+own conv applied to each token's patch (kernel = stride = patch: the same map, one token at a time) plus the
+sin-cos formula evaluated at each token's (fractional) index on the coarse crop (:meth:`SD3Adapter.sincos_at`).
+
+Skip-layer guidance (SD3.5 Medium's recommended setting; diffusers' ``skip_guidance_layers`` and friends): set
+``get_adapter(pipe).skip_layer_guidance = SkipLayerGuidance(layers=(7, 8, 9))``. It is applied inside
+:meth:`SD3Adapter.velocity` by the timestep's place in the model's own (unshifted) time axis, so it works in every
+RALU stage; see :class:`SkipLayerGuidance` for how that window relates to diffusers' step-index window.
+
+Refused before any work (:meth:`SD3Adapter.check_supported`): IP-Adapter attention processors (ralu passes no
+image embeddings, so the adapter would be silently ignored); diffusers' stateful hooks on the transformer or its
+blocks (``enable_cache`` and the like: their state follows the transformer's own forward, which ralu does not
+call; group offloading and layerwise casting are stateless per call and allowed); skip-layer guidance naming
+layers the model lacks, or with a dynamically shifted scheduler (no single shift defines its window).
 """
 from __future__ import annotations
 
 import copy
+import math
+from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 
 from .base import EAGER, Conditioning, DiTAdapter, ModelImpl, SplitBlocks, TokenGrid
+
+# diffusers hooks whose effect is per module call (no state across a transformer forward): allowed on the model
+STATELESS_HOOK_PREFIXES = ("group_offloading", "lazy_prefetch_group_offloading", "layerwise_casting",
+                           "peft_autocast_disable")
 
 
 def sd3_joint_block(block, hidden_states, encoder_hidden_states, temb):
@@ -23,8 +46,75 @@ def sd3_joint_block(block, hidden_states, encoder_hidden_states, temb):
     return block(hidden_states=hidden_states, encoder_hidden_states=encoder_hidden_states, temb=temb)
 
 
+@dataclass(frozen=True)
+class SkipLayerGuidance:
+    """Skip-layer guidance of SD3.5 (diffusers' ``StableDiffusion3Pipeline(skip_guidance_layers=layers,
+    skip_layer_guidance_scale=scale, skip_layer_guidance_start=start, skip_layer_guidance_stop=stop)``; the
+    defaults are diffusers' own; Stability AI recommends ``layers=(7, 8, 9)`` for SD3.5 Medium).
+
+    With classifier-free guidance on, at a timestep inside the window the velocity is
+    ``v = v_uncond + g (v_text - v_uncond) + scale (v_text - v_skip)``, ``v_skip`` the conditional prediction with
+    the blocks ``layers`` (0-based) skipped; outside it, plain CFG. Without CFG (guidance <= 1) nothing changes,
+    as in diffusers.
+
+    Window: ``start < p < stop`` with ``p = 1 - sigma / (h - (h - 1) sigma)``, sigma = timestep / 1000 un-shifted
+    by the scheduler's shift h: the fraction of the model's own time axis already travelled. It depends on the
+    timestep only, so it means the same in a baseline and in every RALU stage. diffusers decides by step index
+    (``N start < i < N stop`` for step i of N); on the scheduler's own N-step timesteps ``p_i = i (1 - s_min) /
+    (N - 1)`` (s_min = the scheduler's ``sigma_min``, 0.003 at shift 3), so the two select the same steps for the
+    default (0.01, 0.2) at every N below 100 (tested) and differ by at most one step at either end otherwise.
+
+    Cost: one extra conditional forward (batch B) per step inside the window, outside the feature cache; reading
+    the timestep is a host sync on CUDA, once per step while this is set. Not inside traced or captured calls
+    (ONNX / TensorRT export, CUDA graphs): NotImplementedError there.
+    """
+
+    layers: tuple[int, ...]
+    scale: float = 2.8
+    start: float = 0.01
+    stop: float = 0.2
+
+    def __post_init__(self):
+        layers = self.layers
+        if isinstance(layers, (int, bool)) or not isinstance(layers, (tuple, list, range)) or not len(layers):
+            raise ValueError(f"layers={layers!r}: give a non-empty tuple of block indices, e.g. (7, 8, 9)")
+        if any(isinstance(i, bool) or not isinstance(i, int) or i < 0 for i in layers):
+            raise ValueError(f"layers={tuple(layers)!r}: block indices must be integers >= 0")
+        object.__setattr__(self, "layers", tuple(sorted(set(int(i) for i in layers))))
+        for name in ("scale", "start", "stop"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+                raise ValueError(f"{name}={v!r}: need a finite number")
+            object.__setattr__(self, name, float(v))
+        if not 0.0 <= self.start < self.stop <= 1.0:
+            raise ValueError(f"start={self.start}, stop={self.stop}: need 0 <= start < stop <= 1 (fractions of the "
+                             "denoising trajectory)")
+
+    def progress(self, timestep: float, shift: float) -> float:
+        """``p`` of a model timestep (``1000 sigma``) under scheduler shift ``shift`` (float64 arithmetic)."""
+        sigma = float(timestep) / 1000.0
+        return 1.0 - sigma / (shift - (shift - 1.0) * sigma)
+
+    def active(self, timestep: float, shift: float) -> bool:
+        """True where the skip-layer term applies at this timestep."""
+        return self.start < self.progress(timestep, shift) < self.stop
+
+
+def _tracing() -> bool:
+    """True while the model call is being traced or captured (ONNX/TorchScript export, torch.export, a CUDA graph)."""
+    if torch.jit.is_tracing() or torch.onnx.is_in_onnx_export() or torch.compiler.is_compiling():
+        return True
+    return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
+
+
 class SD3Adapter(DiTAdapter):
-    """Adapter for diffusers' ``StableDiffusion3Pipeline`` (SD3 / SD3.5 transformers)."""
+    """Adapter for diffusers' ``StableDiffusion3Pipeline`` (SD3, SD3.5 Large, SD3.5 Medium transformers).
+
+    ``skip_layer_guidance``: a :class:`SkipLayerGuidance` (or a dict of its fields), or None (default: off). Read
+    when a ``generate`` call encodes its prompt, so a call runs with the setting it started with. It belongs to
+    this adapter object: ``get_adapter(pipe)`` builds a new adapter (setting off) when ``pipe.transformer`` or
+    ``pipe.vae`` is replaced.
+    """
 
     family = "sd3"
     default_preset = "3x"
@@ -33,10 +123,54 @@ class SD3Adapter(DiTAdapter):
     base_shift = 3.0
 
     supports_negative_prompt = True
+    default_text_len = 77 + 256  # CLIP tokens then T5 tokens
 
     def __init__(self, pipe, *, weak: bool = False):
         super().__init__(pipe, weak=weak)
         self.transformer = pipe.transformer
+        self._slg: SkipLayerGuidance | None = None
+
+    @property
+    def skip_layer_guidance(self) -> SkipLayerGuidance | None:
+        return self._slg
+
+    @skip_layer_guidance.setter
+    def skip_layer_guidance(self, value) -> None:
+        if isinstance(value, dict):
+            value = SkipLayerGuidance(**value)
+        if value is not None and not isinstance(value, SkipLayerGuidance):
+            raise TypeError(f"skip_layer_guidance={value!r}: give a SkipLayerGuidance, a dict of its fields, or None")
+        self._slg = value
+
+    def check_supported(self) -> None:
+        tr = self.transformer
+        mods = [("transformer", tr)] + [(f"transformer_blocks.{i}", b) for i, b in enumerate(tr.transformer_blocks)]
+        for name, mod in mods:
+            registry = getattr(mod, "_diffusers_hook", None)
+            names = getattr(registry, "hooks", None) or {}
+            hooks = [str(h) for h in names if not str(h).startswith(STATELESS_HOOK_PREFIXES)]
+            if hooks:
+                raise ValueError(f"{name} carries diffusers hooks ({', '.join(hooks)}: e.g. diffusers.hooks."
+                                 "apply_first_block_cache or context parallelism); they act through the transformer's "
+                                 "own forward, which ralu does not call. Remove them (HookRegistry.remove_hook) and "
+                                 "use generate(cache=...) for temporal caching")
+            for attn_name in ("attn", "attn2"):
+                proc = getattr(getattr(mod, attn_name, None), "processor", None)
+                if proc is not None and "IPAdapter" in type(proc).__name__:
+                    raise ValueError(f"{name}.{attn_name} has attention processor {type(proc).__name__}: ralu passes "
+                                     "no IP-Adapter image embeddings, so it would be ignored; unload it "
+                                     "(pipe.unload_ip_adapter()) to use ralu")
+        slg = self._slg
+        if slg is not None:
+            n = len(tr.transformer_blocks)
+            bad = [i for i in slg.layers if i >= n]
+            if bad:
+                raise ValueError(f"skip_layer_guidance layers {bad} do not exist: this transformer has {n} blocks "
+                                 f"(0..{n - 1})")
+            if self.pipe.scheduler.config.get("use_dynamic_shifting", False):
+                raise ValueError("skip_layer_guidance needs a scheduler with a fixed shift (use_dynamic_shifting="
+                                 "False, as SD3/SD3.5 ship): its window is placed on the scheduler's unshifted time "
+                                 "axis")
 
     def max_size(self) -> int:
         """The sin-cos position table's side (``pos_embed_max_size`` tokens) in pixels."""
@@ -61,6 +195,9 @@ class SD3Adapter(DiTAdapter):
     def encode_prompt(self, prompt, negative_prompt=None, *, prompt_embeds=None, pooled_prompt_embeds=None,
                       negative_prompt_embeds=None, negative_pooled_prompt_embeds=None, num_images_per_prompt=1,
                       guidance_scale, max_sequence_length=None):
+        """The pipeline's own prompt encoding. ``data``: ``embeds (B', T, D)`` and ``pooled (B', P)`` with
+        ``B' = 2B`` (negative rows first) under CFG, ``cfg``, ``guidance_scale``, and the call's skip-layer guidance
+        (``slg``: a :class:`SkipLayerGuidance` or None; ``slg_shift``: the scheduler's shift)."""
         if prompt_embeds is not None and pooled_prompt_embeds is None:
             raise ValueError("SD3 needs pooled_prompt_embeds together with prompt_embeds")
         cfg = guidance_scale > 1
@@ -74,7 +211,10 @@ class SD3Adapter(DiTAdapter):
         b = pe.shape[0]
         if cfg:
             pe, pp = torch.cat([npe, pe], dim=0), torch.cat([npp, pp], dim=0)
-        return Conditioning(b, {"embeds": pe, "pooled": pp, "cfg": cfg, "guidance_scale": guidance_scale})
+        slg = self._slg if cfg else None
+        shift = float(self.pipe.scheduler.config.get("shift", 1.0))
+        return Conditioning(b, {"embeds": pe, "pooled": pp, "cfg": cfg, "guidance_scale": guidance_scale,
+                                "slg": slg, "slg_shift": shift if slg is not None else None})
 
     # ---- position embedding ----------------------------------------------------------------------------
     def sincos_at(self, positions: torch.Tensor, grid_hw: tuple[int, int]) -> torch.Tensor:
@@ -102,33 +242,40 @@ class SD3Adapter(DiTAdapter):
         return emb.float().view(*positions.shape[:2], dim)
 
     def embed_tokens(self, tokens: torch.Tensor, grid: TokenGrid) -> torch.Tensor:
-        """Patch embedding plus position embedding of ``tokens (B, L, C p p)`` -> ``(B, L, D)``."""
+        """Patch embedding plus position embedding of ``tokens (B, L, C p p)`` -> ``(B, L, D)``.
+
+        Raster grids: the model's ``pos_embed`` module. Other token sets: its conv ``pos_embed.proj`` on each token's
+        ``(C, p, p)`` patch (the module itself, so hooks and LoRA layers on it apply), its norm if any, plus
+        :meth:`sincos_at` in the dtype of the model's table, added as ``PatchEmbed.forward`` adds it.
+        """
         pe = self.transformer.pos_embed
         if grid.raster and grid.fine_mask is None:
             latent = self.unpack(tokens, grid.grid_hw[0] * self.patch_size, grid.grid_hw[1] * self.patch_size)
             return pe(latent)
-        weight = pe.proj.weight.flatten(1)                      # (D, C p p), same (c, py, px) order as tokens
-        hidden = F.linear(tokens, weight, pe.proj.bias)
+        b, l, ct = tokens.shape
+        p = self.patch_size
+        patches = tokens.reshape(b * l, ct // (p * p), p, p)   # tokens are (channel, py, px) ordered
+        hidden = pe.proj(patches).reshape(b, l, -1)
         if pe.layer_norm:
             hidden = pe.norm(hidden)
-        pos = self.sincos_at(grid.positions, grid.grid_hw).to(hidden.device)
+        pos = self.sincos_at(grid.positions, grid.grid_hw).to(device=hidden.device, dtype=pe.pos_embed.dtype)
         return (hidden + pos).to(hidden.dtype)
 
-    def velocity(self, tokens, grid, timestep, cond, impl: ModelImpl | None = None):
-        impl = impl or EAGER
+    # ---- model call --------------------------------------------------------------------------------------
+    def _forward(self, x: torch.Tensor, grid: TokenGrid, timestep: torch.Tensor, embeds: torch.Tensor,
+                 pooled: torch.Tensor, impl: ModelImpl, skip: tuple[int, ...] = (), cached: bool = True):
+        """The transformer on tokens ``x (N, L, C p p)`` with text ``embeds (N, T, D_text)`` and ``pooled (N, P)``:
+        the model's output as tokens ``(N, L, C p p)``. ``skip``: block indices left out (diffusers'
+        ``skip_layers``); ``cached``: run the blocks through the call's feature cache (if any)."""
         tr = self.transformer
-        cfg = cond.data["cfg"]
-        b, l, ct = tokens.shape
-        x = torch.cat([tokens, tokens]) if cfg else tokens
-        g2 = grid
-        if cfg:
-            g2 = TokenGrid(torch.cat([grid.positions] * 2), grid.grid_hw,
-                           None if grid.fine_mask is None else torch.cat([grid.fine_mask] * 2), grid.raster)
-        hidden = self.embed_tokens(x, g2).contiguous()
-        temb = tr.time_text_embed(timestep.expand(x.shape[0]), cond.data["pooled"])
-        enc = tr.context_embedder(cond.data["embeds"])
+        n, l, _ = x.shape
+        hidden = self.embed_tokens(x, grid).contiguous()
+        temb = tr.time_text_embed(timestep.expand(n), pooled)
+        enc = tr.context_embedder(embeds)
+        if enc._base is not None:  # a view (Linear on 3-D input): dynamo guards a view input's base, so block 0
+            enc = enc.clone()      # would get a graph of its own; every block of a kind shares one graph this way
 
-        stack = list(tr.transformer_blocks)
+        stack = [blk for i, blk in enumerate(tr.transformer_blocks) if i not in skip]
         joint = impl.block("sd3_joint", sd3_joint_block)
 
         def run(state, start, stop):  # blocks [start, stop) on state (encoder, image) hidden states
@@ -142,13 +289,32 @@ class SD3Adapter(DiTAdapter):
             return state[1], state
 
         blocks = SplitBlocks(first, lambda state: run(state, 1, len(stack))[1])
-        hidden = self.run_blocks(blocks, hidden, timestep)
+        hidden = self.run_blocks(blocks, hidden, timestep) if cached else blocks()
         out = tr.proj_out(tr.norm_out(hidden, temb))
         p = self.patch_size
-        out = out.view(x.shape[0], l, p, p, -1).permute(0, 1, 4, 2, 3).reshape(x.shape[0], l, -1)
-        if cfg:
-            uncond, text = out.chunk(2)
-            out = uncond + cond.data["guidance_scale"] * (text - uncond)
+        return out.view(n, l, p, p, -1).permute(0, 1, 4, 2, 3).reshape(n, l, -1)
+
+    def velocity(self, tokens, grid, timestep, cond, impl: ModelImpl | None = None):
+        impl = impl or EAGER
+        data = cond.data
+        if not data["cfg"]:
+            return self._forward(tokens, grid, timestep, data["embeds"], data["pooled"], impl)
+        slg = data.get("slg")
+        if slg is not None and _tracing():
+            raise NotImplementedError(
+                "skip-layer guidance decides per timestep in Python; it cannot run inside a traced or captured model "
+                "call (backend='onnx'/'tensorrt', or CUDA graphs): use backend='eager', or 'inductor' with "
+                "compile_options={'cuda_graphs': False}")
+        g2 = TokenGrid(torch.cat([grid.positions] * 2), grid.grid_hw,
+                       None if grid.fine_mask is None else torch.cat([grid.fine_mask] * 2), grid.raster)
+        out = self._forward(torch.cat([tokens, tokens]), g2, timestep, data["embeds"], data["pooled"], impl)
+        uncond, text = out.chunk(2)
+        out = uncond + data["guidance_scale"] * (text - uncond)
+        if slg is not None and slg.active(timestep, data["slg_shift"]):  # as diffusers: conditional rows only
+            b = cond.batch
+            skipped = self._forward(tokens, grid, timestep, data["embeds"][b:], data["pooled"][b:], impl,
+                                    skip=slg.layers, cached=False)
+            out = out + (text - skipped) * slg.scale
         return out
 
     def baseline_schedule(self, num_steps, image_seq_len):
