@@ -61,7 +61,9 @@ def _module_family(label, module, *, build_kwargs=None, full=None, small=None, c
         return getattr(mod(), f"build_{module}_pipeline")(size, device=device, dtype=dtype, **extra)
 
     def embeds(pipe, batch, text_len, device, dtype):
-        return mod().random_embeds(pipe, batch, text_len, seed=0, device=device, dtype=dtype, cfg=cfg)
+        emb = mod().random_embeds(pipe, batch, text_len, seed=0, device=device, dtype=dtype, cfg=cfg)
+        emb.pop("guidance_scale", None)  # guidance is the Family's (its baseline's) setting, given separately
+        return emb
 
     m = importlib.import_module(f"ralu_runtime.tiny.{module}")
     kw.setdefault("text_len", getattr(m, "TEXT_LEN", 512))
