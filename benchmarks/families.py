@@ -91,7 +91,7 @@ FAMILIES: dict[str, Callable[[], Family]] = {
     "sd3": _sd3_family,
     "sd35-large": lambda: _module_family("SD3.5 Large", "sd35", build_kwargs={"variant": "large"}, cfg=True, steps=28),
     "sd35-medium": lambda: _module_family("SD3.5 Medium", "sd35", build_kwargs={"variant": "medium"}, cfg=True,
-                                          steps=40, notes="model card: 40 steps"),
+                                          steps=28, notes="the pipeline's default 28 steps (model card: 40)"),
     "flux2": lambda: _module_family("FLUX.2-dev", "flux2"),
     "flux2-klein": lambda: _module_family("FLUX.2-klein 4B (distilled)", "flux2", build_kwargs={"distilled": True},
                                           full={"size": "full-klein"}),
