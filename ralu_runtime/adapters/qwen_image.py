@@ -1,0 +1,373 @@
+"""Qwen-Image adapter (QwenImagePipeline / QwenImageTransformer2DModel): a 20 B dual-stream MMDiT conditioned on
+Qwen2.5-VL hidden states, 2x2 latent patches, 3-axis RoPE, true classifier-free guidance.
+
+**Positions.** diffusers' transformer builds its rotary table from ``img_shapes`` (integer grids) with
+``QwenEmbedRope(scale_rope=True)``: axes (frame, row, col) of ``axes_dims_rope`` dims; an image of ``H x W``
+tokens has frame 0, rows ``i - (H - H // 2)`` and columns ``j - (W - W // 2)`` (centred: the upper half at
+negative indices), and text token ``k`` has ``max(H // 2, W // 2) + k`` on all three axes. RALU needs per-image,
+possibly fractional positions, so the adapter runs the block stack itself (:func:`qwen_image_block`, the same
+operations in the same order as ``QwenImageTransformerBlock`` with ``QwenDoubleStreamAttnProcessor2_0``,
+calling the blocks' own layers, so LoRA layers and hooks on layers take effect) with per-image rotary tables
+``(B, T + L, D / 2)`` evaluated at each token's own position (:meth:`QwenImageAdapter.rotary`): equal to the
+model's own tables on integer grids; a stage-2 child at coarse position ``p + 0.5`` gets the formula's value
+there, with the centring of the grid it refers to (``TokenGrid.grid_hw``: the coarse grid in stages 1-2, the fine
+grid in stage 3). Nothing on the user's model is replaced or patched.
+
+**Text mask.** ``prompt_embeds_mask`` (``takes_prompt_mask``) is used exactly as diffusers 0.42.1 does: the
+pipeline drops an all-ones mask (None); otherwise the boolean mask of the text tokens, followed by ones for the
+image tokens, is the attention mask of every block (keys only). The text RoPE always covers the full (padded) text
+length, as in the transformer (``compute_text_seq_len_from_mask`` returns the padded length).
+
+**Guidance.** ``generate``'s ``guidance_scale`` is the pipeline's ``true_cfg_scale`` (default 4.0): true CFG runs
+only when a negative prompt (or negative embeddings) is given and the scale is > 1, with the pipeline's rescale of
+the combined prediction to the conditional prediction's norm per token. The conditional and unconditional passes
+run as one batch of 2B (text lengths padded to the longer one with masked tokens: the same attention).
+Guidance-distilled variants (``guidance_embeds=True``, the pipeline's ``guidance_scale``) are refused: diffusers
+0.42.1's own forward cannot run them either.
+
+**Refused** (:meth:`QwenImageAdapter.check_supported`, before any work): attention processors other than
+``QwenDoubleStreamAttnProcessor2_0``, diffusers hook registries on the blocks (``enable_cache``, block-level group
+offloading), and the edit / layered transformer variants (``zero_cond_t``, ``use_additional_t_cond``,
+``use_layer3d_rope``).
+"""
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+import torch
+
+from .base import (EAGER, Conditioning, DiTAdapter, ModelImpl, SplitBlocks, TokenGrid, call_with_hooks,
+                   scheduler_base_shift)
+
+QKV = ("to_q", "to_k", "to_v")
+ADDED_QKV = ("add_q_proj", "add_k_proj", "add_v_proj")
+
+
+def apply_rope_qwen(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotary embedding on ``x (B, S, H, D)`` with per-image ``cos``/``sin`` ``(B, S, D / 2)`` float32.
+
+    diffusers' ``apply_rotary_emb_qwen(use_real=False)`` (adjacent channel pairs as complex numbers times
+    ``cos + i sin``) in real arithmetic, so compilers without complex support can take it."""
+    xr, xi = x.float().reshape(*x.shape[:-1], -1, 2).unbind(-1)
+    c, s = cos[:, :, None, :], sin[:, :, None, :]
+    return torch.stack([xr * c - xi * s, xr * s + xi * c], dim=-1).flatten(3).to(x.dtype)
+
+
+def _projections(attn, x, names, fused):
+    if fused is not None:
+        return torch.nn.functional.linear(x, fused[0], fused[1]).chunk(3, dim=-1)
+    return tuple(getattr(attn, n)(x) for n in names)
+
+
+def qwen_attention(attn, hidden_states, encoder_hidden_states, attn_mask, rope, qkv=None, added_qkv=None):
+    """diffusers' ``QwenDoubleStreamAttnProcessor2_0`` on ``attn`` with a joint ``attn_mask`` ``(B, 1, 1, T + L)``
+    bool (or None) and per-image ``rope = (cos, sin)`` ``(B, T + L, D / 2)`` for [text, image] tokens.
+    ``qkv`` / ``added_qkv``: fused ``(weight, bias)`` of to_q/k/v and add_q/k/v_proj, or None.
+    Returns ``(image output, text output)``."""
+    from diffusers.models.attention_dispatch import dispatch_attention_fn
+
+    head_dim = attn.inner_dim // attn.heads
+    q, k, v = (t.unflatten(-1, (-1, head_dim)) for t in _projections(attn, hidden_states, QKV, qkv))
+    tq, tk, tv = (t.unflatten(-1, (-1, head_dim))
+                  for t in _projections(attn, encoder_hidden_states, ADDED_QKV, added_qkv))
+    if attn.norm_q is not None:
+        q = attn.norm_q(q)
+    if attn.norm_k is not None:
+        k = attn.norm_k(k)
+    if attn.norm_added_q is not None:
+        tq = attn.norm_added_q(tq)
+    if attn.norm_added_k is not None:
+        tk = attn.norm_added_k(tk)
+    seq_txt = encoder_hidden_states.shape[1]
+    # joint order [text, image]; the rotation is per token, so rotating the joint q / k equals the processor's
+    # separate text and image rotations
+    query = apply_rope_qwen(torch.cat([tq, q], dim=1), *rope)
+    key = apply_rope_qwen(torch.cat([tk, k], dim=1), *rope)
+    proc = attn.processor
+    out = dispatch_attention_fn(query, key, torch.cat([tv, v], dim=1),
+                                attn_mask=attn_mask, dropout_p=0.0, is_causal=False,
+                                backend=getattr(proc, "_attention_backend", None),
+                                parallel_config=getattr(proc, "_parallel_config", None))
+    out = out.flatten(2, 3).to(query.dtype)
+    txt, img = out[:, :seq_txt], out[:, seq_txt:]
+    img = attn.to_out[0](img.contiguous())
+    if len(attn.to_out) > 1:
+        img = attn.to_out[1](img)
+    return img, attn.to_add_out(txt.contiguous())
+
+
+def _modulate(x, params):
+    shift, scale, gate = params.chunk(3, dim=-1)
+    return x * (1 + scale.unsqueeze(1)) + shift.unsqueeze(1), gate.unsqueeze(1)
+
+
+def qwen_image_block(block, hidden_states, encoder_hidden_states, attn_mask, temb, rope, qkv=None, added_qkv=None):
+    """diffusers' ``QwenImageTransformerBlock.forward`` (no ``zero_cond_t``; same operations, same order) with
+    :func:`qwen_attention`. Returns ``(encoder_hidden_states, hidden_states)``."""
+    img_mod1, img_mod2 = block.img_mod(temb).chunk(2, dim=-1)
+    txt_mod1, txt_mod2 = block.txt_mod(temb).chunk(2, dim=-1)
+    img_x, img_gate1 = _modulate(block.img_norm1(hidden_states), img_mod1)
+    txt_x, txt_gate1 = _modulate(block.txt_norm1(encoder_hidden_states), txt_mod1)
+    img_attn, txt_attn = qwen_attention(block.attn, img_x, txt_x, attn_mask, rope, qkv, added_qkv)
+    hidden_states = hidden_states + img_gate1 * img_attn
+    encoder_hidden_states = encoder_hidden_states + txt_gate1 * txt_attn
+
+    img_x, img_gate2 = _modulate(block.img_norm2(hidden_states), img_mod2)
+    hidden_states = hidden_states + img_gate2 * block.img_mlp(img_x)
+    txt_x, txt_gate2 = _modulate(block.txt_norm2(encoder_hidden_states), txt_mod2)
+    encoder_hidden_states = encoder_hidden_states + txt_gate2 * block.txt_mlp(txt_x)
+    if encoder_hidden_states.dtype == torch.float16:
+        encoder_hidden_states = encoder_hidden_states.clip(-65504, 65504)
+    if hidden_states.dtype == torch.float16:
+        hidden_states = hidden_states.clip(-65504, 65504)
+    return encoder_hidden_states, hidden_states
+
+
+class QwenImageAdapter(DiTAdapter):
+    """Adapter for diffusers' ``QwenImagePipeline`` (Qwen-Image text-to-image).
+
+    ``guidance_scale`` of :func:`ralu_runtime.generate` is the pipeline's ``true_cfg_scale`` (default 4.0),
+    effective only with a negative prompt. ``default_size`` is the pipeline's own default (1024 px; the model card's
+    native 1328 px is not a multiple of the 32-px coarse block, 1344 is the nearest that is)."""
+
+    family = "qwen-image"
+    default_preset = "7x"
+    default_steps = 50
+    default_guidance = 4.0
+    default_size = 1024
+    base_shift = 2.0  # exp(mu) of the published scheduler at 1024^2; presets use preset_base_shift(h, w)
+    supports_negative_prompt = True
+    takes_prompt_mask = True
+    fuses_projections = True
+    max_side_px = 4096  # 65536 fine tokens; Qwen-Image is trained up to about 1.8 MP, beyond this only time is lost
+    default_max_sequence_length = 512  # QwenImagePipeline.__call__'s default
+
+    def __init__(self, pipe, *, weak: bool = False):
+        super().__init__(pipe, weak=weak)
+        self.transformer = pipe.transformer
+        self._inv_freq: dict[torch.device, list[torch.Tensor]] = {}
+
+    # ---- checks and geometry ---------------------------------------------------------------------------
+    def check_supported(self) -> None:
+        tr = self.transformer
+        cfg = tr.config
+        for flag, what in (("guidance_embeds", "guidance-distilled variants (diffusers 0.42.1's forward cannot run "
+                                               "them either)"),
+                           ("zero_cond_t", "the edit variant's zero-timestep conditioning"),
+                           ("use_additional_t_cond", "the layered variant's additional timestep condition"),
+                           ("use_layer3d_rope", "the layered variant's 3-D layer RoPE")):
+            if getattr(cfg, flag, False):
+                raise ValueError(f"this QwenImageTransformer2DModel has {flag}=True: ralu supports the Qwen-Image "
+                                 f"text-to-image transformer only, not {what}")
+        for i, block in enumerate(tr.transformer_blocks):
+            proc = getattr(block.attn, "processor", None)
+            if type(proc).__name__ != "QwenDoubleStreamAttnProcessor2_0":
+                raise ValueError(f"transformer_blocks.{i}.attn has attention processor {type(proc).__name__}; ralu "
+                                 "runs Qwen-Image attention itself and supports only diffusers' "
+                                 "QwenDoubleStreamAttnProcessor2_0: restore it with "
+                                 "pipe.transformer.set_attn_processor(QwenDoubleStreamAttnProcessor2_0())")
+            hooks = getattr(block, "_diffusers_hook", None)
+            if hooks is not None and getattr(hooks, "hooks", None):
+                raise ValueError(f"transformer_blocks.{i} carries diffusers hooks ({', '.join(map(str, hooks.hooks))}:"
+                                 " e.g. enable_cache or block-level group offloading); ralu runs the Qwen-Image "
+                                 "blocks' layers itself and would bypass them. Remove them (pipe.transformer."
+                                 "disable_cache(), leaf-level or no offloading) and use generate(cache=...) for "
+                                 "temporal caching")
+
+    def max_size(self) -> int:
+        return self.max_side_px
+
+    def embed_dims(self) -> tuple[int, None]:
+        return int(self.transformer.config.joint_attention_dim), None
+
+    @property
+    def patch_size(self) -> int:
+        return int(self.transformer.config.patch_size)
+
+    @property
+    def vae_scale_factor(self) -> int:
+        return self.pipe.vae_scale_factor
+
+    @property
+    def latent_channels(self) -> int:
+        return self.transformer.config.in_channels // 4
+
+    def preset_base_shift(self, height: int, width: int) -> float:
+        """exp(mu) of the pipeline's scheduler at the fine token count of ``height x width`` (the pipeline's mu is
+        diffusers' calculate_shift line on the scheduler config; Qwen-Image: 0.5 at 256 tokens, 0.9 at 8192)."""
+        h, w = self.latent_hw(height, width)
+        return scheduler_base_shift(self.pipe.scheduler.config, (h // self.patch_size) * (w // self.patch_size))
+
+    # ---- prompts -----------------------------------------------------------------------------------------
+    def _embed(self, prompt, embeds, mask, n, max_len):
+        """The pipeline's ``encode_prompt`` for a text prompt; for given embeddings the same steps written out
+        (truncate to ``max_len``, ``n`` images per prompt prompt-major, an all-ones mask becomes None), so that
+        meta-device embeddings (FLOP counting) work. Returns ``(embeds (B, T, D), bool mask (B, T) or None)``."""
+        if embeds is None:
+            embeds, mask = self.pipe.encode_prompt(prompt=prompt, device=self.device, num_images_per_prompt=n,
+                                                   max_sequence_length=max_len)
+        else:
+            embeds = embeds.to(self.device)[:, :max_len].repeat_interleave(n, dim=0)
+            if mask is not None:
+                mask = mask.to(self.device)[:, :max_len].repeat_interleave(n, dim=0)
+                if mask.device.type != "meta" and bool(mask.all()):
+                    mask = None
+        return embeds, (None if mask is None else mask.bool())
+
+    def encode_prompt(self, prompt, negative_prompt=None, *, prompt_embeds=None, pooled_prompt_embeds=None,
+                      negative_prompt_embeds=None, negative_pooled_prompt_embeds=None, num_images_per_prompt=1,
+                      guidance_scale, max_sequence_length=None, prompt_embeds_mask=None,
+                      negative_prompt_embeds_mask=None):
+        """Conditioning data: ``embeds (B or 2B, T, D)`` ([negative; positive] with CFG), ``mask`` bool
+        ``(B or 2B, T)`` or None, ``cfg`` and ``guidance_scale`` (the pipeline's true_cfg_scale)."""
+        if pooled_prompt_embeds is not None or negative_pooled_prompt_embeds is not None:
+            raise ValueError("Qwen-Image takes no pooled text embedding")
+        max_len = max_sequence_length or self.default_max_sequence_length
+        n = num_images_per_prompt
+        pe, pm = self._embed(prompt, prompt_embeds, prompt_embeds_mask, n, max_len)
+        b = pe.shape[0]
+        cfg = guidance_scale > 1 and (negative_prompt is not None or negative_prompt_embeds is not None)
+        if not cfg:
+            return Conditioning(b, {"embeds": pe, "mask": pm, "cfg": False, "guidance_scale": float(guidance_scale)})
+        if negative_prompt is not None:
+            prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+            negative_prompt = [negative_prompt] if isinstance(negative_prompt, str) else list(negative_prompt)
+            if len(negative_prompt) == 1:
+                negative_prompt = negative_prompt * len(prompts)
+            if len(negative_prompt) != len(prompts):
+                raise ValueError(f"got {len(negative_prompt)} negative prompts for {len(prompts)} prompts (give one, "
+                                 "or one per prompt)")
+        ne, nm = self._embed(negative_prompt, negative_prompt_embeds, negative_prompt_embeds_mask, n, max_len)
+        ne = ne.to(pe.dtype)
+        t = max(pe.shape[1], ne.shape[1])
+        mask = None
+        if pm is not None or nm is not None or pe.shape[1] != ne.shape[1]:
+            def full(e, m):  # pad to t text tokens; padding is masked out (keys only: the same attention)
+                m = torch.ones(e.shape[:2], dtype=torch.bool, device=e.device) if m is None else m
+                pad = t - e.shape[1]
+                if pad:
+                    e = torch.cat([e, e.new_zeros(e.shape[0], pad, e.shape[2])], dim=1)
+                    m = torch.cat([m, m.new_zeros(m.shape[0], pad)], dim=1)
+                return e, m
+
+            (ne, nm), (pe, pm) = full(ne, nm), full(pe, pm)
+            mask = torch.cat([nm, pm], dim=0)
+        return Conditioning(b, {"embeds": torch.cat([ne, pe], dim=0), "mask": mask, "cfg": True,
+                                "guidance_scale": float(guidance_scale)})
+
+    # ---- positions -----------------------------------------------------------------------------------------
+    def rope_frequencies(self, device=None) -> list[torch.Tensor]:
+        """Per axis (frame, row, col): the inverse frequencies ``(d_a / 2,)`` float32, computed on the CPU with the
+        arithmetic of ``QwenEmbedRope.rope_params`` (as the model's table is), kept per device (no host copy per
+        call, e.g. inside a CUDA graph capture)."""
+        device = torch.device("cpu") if device is None else torch.device(device)
+        freqs = self._inv_freq.get(device)
+        if freqs is None:
+            pe = self.transformer.pos_embed
+            freqs = [(1.0 / torch.pow(pe.theta, torch.arange(0, d, 2).to(torch.float32).div(d))).to(device)
+                     for d in pe.axes_dim]
+            self._inv_freq[device] = freqs
+        return freqs
+
+    def rotary(self, grid: TokenGrid, text_len: int, repeat: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-image rotary ``(cos, sin)``, each ``(B, T + L, D / 2)`` float32, for ``text_len`` text tokens then the
+        image tokens at ``grid.positions``: image (frame 0, row - (H - H // 2), col - (W - W // 2)) and text
+        ``max(H // 2, W // 2) + k`` on every axis, with ``(H, W) = grid.grid_hw`` (QwenEmbedRope's centred
+        convention). ``repeat``: the positions' batch repeated this many times (2 for CFG's [negative; positive])."""
+        pos = grid.positions.to(torch.float32)
+        if repeat > 1:
+            pos = pos.repeat(repeat, 1, 1)
+        b, l, _ = pos.shape
+        hh, ww = grid.grid_hw
+        dev = pos.device
+        txt = torch.arange(text_len, device=dev).to(torch.float32) + max(hh // 2, ww // 2)
+        txt = txt.expand(b, text_len)
+        coords = (torch.zeros(b, l, device=dev), pos[..., 0] - (hh - hh // 2), pos[..., 1] - (ww - ww // 2))
+        angles = []
+        for axis, inv in zip(coords, self.rope_frequencies(dev)):
+            angles.append(torch.cat([txt, axis], dim=1)[..., None] * inv)
+        ang = torch.cat(angles, dim=-1)
+        return torch.cos(ang), torch.sin(ang)
+
+    # ---- model ---------------------------------------------------------------------------------------------
+    def velocity(self, tokens, grid, timestep, cond, impl: ModelImpl | None = None):
+        impl = impl or EAGER
+        tr = self.transformer
+        data = cond.data
+        cfg = data["cfg"]
+        x = torch.cat([tokens, tokens]) if cfg else tokens
+        b, l = x.shape[:2]
+        hidden = tr.img_in(x)
+        t = (timestep.expand(b).to(x.dtype) / 1000).to(hidden.dtype)
+        temb = tr.time_text_embed(t, hidden)
+        enc = tr.txt_in(tr.txt_norm(data["embeds"]))
+        mask = data["mask"]
+        if mask is not None:
+            mask = torch.cat([mask, torch.ones(b, l, dtype=torch.bool, device=mask.device)], dim=1)[:, None, None, :]
+        rope = self.rotary(grid, enc.shape[1], 2 if cfg else 1)  # (B, T + L, D / 2) always: one graph for all stages
+
+        block_fn = impl.block("qwen_image_block", qwen_image_block)
+        stack = [(blk, (impl.fused(blk.attn, QKV), impl.fused(blk.attn, ADDED_QKV))) for blk in tr.transformer_blocks]
+
+        def run(state, start, stop):  # blocks [start, stop) on state (encoder, image) hidden states
+            e, h = state
+            for blk, extra in stack[start:stop]:
+                args = (blk, h, e, mask, temb, rope, *extra)
+                if blk._forward_hooks or blk._forward_pre_hooks:
+                    e, h = call_with_hooks(blk, block_fn, args, dict(
+                        hidden_states=h, encoder_hidden_states=e, encoder_hidden_states_mask=data["mask"], temb=temb,
+                        image_rotary_emb=rope))
+                else:
+                    e, h = block_fn(*args)
+            return e, h
+
+        def first():
+            state = run((enc, hidden), 0, 1)
+            return state[1], state
+
+        blocks = SplitBlocks(first, lambda state: run(state, 1, len(stack))[1])
+        hidden = self.run_blocks(blocks, hidden, timestep)
+        out = tr.proj_out(tr.norm_out(hidden, temb))
+        if cfg:
+            neg, pos = out.chunk(2)
+            comb = neg + data["guidance_scale"] * (pos - neg)
+            out = comb * (torch.norm(pos, dim=-1, keepdim=True) / torch.norm(comb, dim=-1, keepdim=True))
+        return out
+
+    def prepare_noise(self, batch, height, width, generators, dtype):
+        """``(B, C, h, w)``: the pipeline's ``(B, 1, C, h, w)`` draw (same generator use) without its frame axis."""
+        from diffusers.utils.torch_utils import randn_tensor
+
+        h, w = self.latent_hw(height, width)
+        shape = (batch, 1, self.latent_channels, h, w)
+        return randn_tensor(shape, generator=generators, device=self.device, dtype=dtype)[:, 0]
+
+    def baseline_schedule(self, num_steps, image_seq_len):
+        from diffusers.pipelines.qwenimage.pipeline_qwenimage import calculate_shift, retrieve_timesteps
+
+        sched = copy.deepcopy(self.pipe.scheduler)
+        cfg = sched.config
+        sigmas = np.linspace(1.0, 1 / num_steps, num_steps)
+        mu = calculate_shift(image_seq_len, cfg.get("base_image_seq_len", 256), cfg.get("max_image_seq_len", 4096),
+                             cfg.get("base_shift", 0.5), cfg.get("max_shift", 1.15))
+        timesteps, _ = retrieve_timesteps(sched, num_steps, self.device, sigmas=sigmas, mu=mu)
+        if not bool(torch.isfinite(sched.sigmas).all()):
+            # e.g. one step with shift_terminal (Qwen-Image's 0.02): diffusers' stretch divides by 1 - sigma_last = 0
+            raise ValueError(f"the pipeline's scheduler gives non-finite sigmas for num_inference_steps={num_steps} "
+                             f"(shift_terminal={cfg.get('shift_terminal', None)}); use at least 2 steps")
+        return timesteps, sched.sigmas.to(self.device)
+
+    def decode(self, latents, impl: ModelImpl | None = None):
+        """Latents ``(B, 16, h, w)`` -> images ``(B, 3, 8h, 8w)``: the pipeline's per-channel denormalisation
+        (``latents / (1 / latents_std) + latents_mean``, in the VAE's dtype) and a one-frame VAE decode."""
+        vae = self.pipe.vae
+        dtype = next(vae.parameters()).dtype
+        z = latents.unsqueeze(2).to(dtype)
+        shape = (1, vae.config.z_dim, 1, 1, 1)
+        mean = torch.tensor(vae.config.latents_mean).view(shape).to(z.device, dtype)
+        inv_std = 1.0 / torch.tensor(vae.config.latents_std).view(shape).to(z.device, dtype)
+        z = z / inv_std + mean
+        fn = (impl or EAGER).vae_decode(vae)
+        images = fn(z) if fn is not None else vae.decode(z, return_dict=False)[0]
+        return images[:, :, 0]
