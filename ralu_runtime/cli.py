@@ -24,7 +24,7 @@ EXIT_FAILURE, EXIT_USAGE = 1, 2
 # built-in random models (ralu_runtime.tiny.TINY_BUILDERS builds them): name -> (preset family, max pixels/side)
 TINY_MODELS = {"tiny-flux": ("flux", 4096), "tiny-sd3": ("sd3", 1536), "tiny-sd35": ("sd3", 1536),
                "tiny-flux2": ("flux2", 4096), "tiny-flux2-klein": ("flux2-klein", 4096),
-               "tiny-qwen-image": ("qwen-image", 4096), "tiny-z-image": ("z-image", 4096), "tiny-chroma": ("chroma", 4096)}
+               "tiny-qwen-image": ("qwen-image", 4096), "tiny-z-image": ("z-image", 8192), "tiny-chroma": ("chroma", 4096)}
 PIPELINE_FAMILIES = {"FluxPipeline": "flux", "StableDiffusion3Pipeline": "sd3", "Flux2Pipeline": "flux2",
                      "Flux2KleinPipeline": "flux2", "QwenImagePipeline": "qwen-image", "ZImagePipeline": "z-image",
                      "ChromaPipeline": "chroma"}
@@ -154,6 +154,9 @@ def _model_family(model: str) -> tuple[str, int, int | None]:
         return ("flux" if cfg.get("guidance_embeds", True) else "flux-schnell"), MODEL_SIZE, 4096
     if cls == "Flux2KleinPipeline" and _read_json(index).get("is_distilled", False):
         return "flux2-klein", MODEL_SIZE, 4096
+    if family == "z-image":  # its RoPE tables' length (axes_lens, diffusers' default 512) x patch 2 x VAE 8
+        lens = cfg.get("axes_lens") or (1024, 512, 512)
+        return family, MODEL_SIZE, int(min(lens[1], lens[2])) * 16
     if family != "sd3":
         return family, MODEL_SIZE, 4096
     vae = _read_json(folder / "vae" / "config.json", missing_ok=True)

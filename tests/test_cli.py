@@ -322,3 +322,45 @@ def test_info_json(tmp_path, monkeypatch, capsys):
     assert all(info["compile_backends"]["unavailable"].values())
     assert info["paths"]["cache_dir"] == str(cache) and info["paths"]["artifact_key"] == str(cache / "artifact.key")
     assert not cache.exists()  # info only looks
+
+
+# ------------------------------------------------------------------------------------------- every family
+def test_tiny_models_agree_with_their_adapters():
+    """Each built-in model's CLI entry (family, size cap) is what its adapter says, and every entry builds."""
+    from ralu_runtime.adapters import get_adapter
+    from ralu_runtime.tiny import TINY_BUILDERS, build_tiny
+
+    assert set(cli.TINY_MODELS) == set(TINY_BUILDERS)
+    for name, (family, cap) in cli.TINY_MODELS.items():
+        pipe = build_tiny(name)
+        adapter = get_adapter(pipe)
+        assert (adapter.family, adapter.max_size() or 4096) == (family, cap), name
+        assert adapter.coarse_block_px == cli.COARSE_BLOCK_PX, name
+        assert type(pipe).__name__ in cli.PIPELINE_FAMILIES, name
+    with pytest.raises(ValueError, match="unknown tiny model"):
+        build_tiny("tiny-sdxl")
+
+
+@pytest.mark.parametrize("name", ["tiny-sd35", "tiny-flux2", "tiny-flux2-klein", "tiny-qwen-image", "tiny-z-image",
+                                  "tiny-chroma"])
+def test_every_family_generates_from_the_cli(name, tmp_path, capsys):
+    from PIL import Image
+
+    out = tmp_path / "img.png"
+    assert cli.main(["generate", "--model", name, "--height", "64", "--width", "96", "--out", str(out),
+                     "--no-progress"]) == 0
+    text = capsys.readouterr().out
+    family = cli.TINY_MODELS[name][0]
+    assert f"({family} default)" in text and "stage3" in text
+    assert Image.open(out).size == (96, 64)
+
+
+@pytest.mark.parametrize("cls,extra,family", [
+    ("Flux2Pipeline", {}, "flux2"), ("Flux2KleinPipeline", {"is_distilled": True}, "flux2-klein"),
+    ("Flux2KleinPipeline", {"is_distilled": False}, "flux2"), ("QwenImagePipeline", {}, "qwen-image"),
+    ("ZImagePipeline", {}, "z-image"), ("ChromaPipeline", {}, "chroma")])
+def test_model_folder_family_from_model_index(tmp_path, cls, extra, family):
+    import json
+
+    (tmp_path / "model_index.json").write_text(json.dumps({"_class_name": cls, **extra}))
+    assert cli._model_family(str(tmp_path)) == (family, cli.MODEL_SIZE, 8192 if family == "z-image" else 4096)
