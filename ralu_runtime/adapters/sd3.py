@@ -201,6 +201,14 @@ class SD3Adapter(DiTAdapter):
         if prompt_embeds is not None and pooled_prompt_embeds is None:
             raise ValueError("SD3 needs pooled_prompt_embeds together with prompt_embeds")
         cfg = guidance_scale > 1
+        if prompt_embeds is not None and num_images_per_prompt > 1:
+            # diffusers repeats encoded text per image but returns given embeddings as they are: repeat them here
+            # (prompt-major, like its own repeat), so num_images_per_prompt means the same for both
+            rep = lambda t: None if t is None else t.repeat_interleave(num_images_per_prompt, dim=0)  # noqa: E731
+            prompt_embeds, pooled_prompt_embeds = rep(prompt_embeds), rep(pooled_prompt_embeds)
+            negative_prompt_embeds = rep(negative_prompt_embeds)
+            negative_pooled_prompt_embeds = rep(negative_pooled_prompt_embeds)
+            num_images_per_prompt = 1
         pe, npe, pp, npp = self.pipe.encode_prompt(
             prompt=prompt, prompt_2=None, prompt_3=None, device=self.device,
             num_images_per_prompt=num_images_per_prompt, do_classifier_free_guidance=cfg,
