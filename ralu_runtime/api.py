@@ -29,7 +29,7 @@ from typing import Any
 import torch
 
 from .adapters import DiTAdapter, call_scope, get_adapter
-from .sampler import NOISE_VARIANTS, SOLVERS, StageRecord, sample_baseline, sample_ralu
+from .sampler import NOISE_VARIANTS, REGION_MODES, SOLVERS, StageRecord, sample_baseline, sample_ralu
 from .schedule import RaluSchedule, get_preset
 
 OUTPUT_TYPES = ("pil", "np", "pt", "latent")
@@ -253,6 +253,26 @@ def _validate(adapter: DiTAdapter, *, prompt, prompt_embeds, pooled_prompt_embed
     return int(height), int(width), batch
 
 
+def _check_video(adapter: DiTAdapter, num_frames, region_mode) -> tuple[int | None, str]:
+    """``(num_frames, region_mode)`` checked for the adapter: video adapters take ``num_frames = 1 + k *
+    temporal_factor`` (default: the pipeline's) and ``region_mode`` "clip" (default) or "frame"; images take neither."""
+    if not adapter.is_video:
+        if num_frames is not None:
+            raise ValueError(f"num_frames={num_frames!r} is not allowed: {adapter.family} makes images")
+        if region_mode is not None:
+            raise ValueError(f"region_mode={region_mode!r} is not allowed: {adapter.family} makes images")
+        return None, "frame"
+    region_mode = "clip" if region_mode is None else region_mode
+    _check_choice("region_mode", region_mode, REGION_MODES)
+    num_frames = adapter.default_frames if num_frames is None else num_frames
+    _check_int("num_frames", num_frames, 1, 4096)
+    f = adapter.temporal_factor
+    if (num_frames - 1) % f:
+        raise ValueError(f"num_frames={num_frames} is not allowed: {adapter.family} needs 1 + a multiple of {f} "
+                         f"frames (e.g. {1 + (num_frames - 1) // f * f} or {1 + ((num_frames - 1) // f + 1) * f})")
+    return int(num_frames), region_mode
+
+
 def _generators(generator, seed, batch: int) -> tuple[Any, list[torch.Generator]]:
     """(generator argument for the initial noise, per-image generator list for RALU's own draws)."""
     if generator is None:
@@ -310,13 +330,16 @@ def generate(pipe, prompt: str | list[str] | None = None, *, height: int | None 
              edge_detector: str = "opencv", solver: str = "euler", transition_impl: str = "auto",
              max_sequence_length: int | None = None, progress: bool = True, torch_dtype=None,
              device=None, backend: str | None = None, compile_options: dict | None = None,
-             prompt_embeds_mask=None, negative_prompt_embeds_mask=None) -> RaluOutput:
-    """Generate images with RALU (``speedup`` preset or schedule) or the ordinary sampler (``speedup=None``).
+             prompt_embeds_mask=None, negative_prompt_embeds_mask=None, num_frames: int | None = None,
+             region_mode: str | None = None) -> RaluOutput:
+    """Generate images (or videos) with RALU (``speedup`` preset or schedule) or the ordinary sampler
+    (``speedup=None``).
 
-    ``speedup="default"`` is the family's fastest preset: "7x" for FLUX.1-dev, "3x" for SD3, "4step" for
-    FLUX.1-schnell.
+    ``speedup="default"`` is the family's default preset: "7x" for FLUX.1-dev, "3x" for SD3, "4step" for
+    FLUX.1-schnell (every family's in the README's "Model families").
 
-    pipe: a loaded diffusers ``FluxPipeline`` / ``StableDiffusion3Pipeline`` (or a subclass), a local model folder
+    pipe: a loaded diffusers pipeline of a supported family (``ralu_runtime.adapters.ADAPTERS``: FLUX.1, SD3/3.5,
+    FLUX.2, Qwen-Image, Z-Image, Chroma, or a subclass), a local model folder
     (loaded once per process with :func:`load_pipeline`; ``torch_dtype`` / ``device`` apply to that load only),
     or a :class:`~ralu_runtime.adapters.DiTAdapter`. Give ``prompt`` (str or list) or ``prompt_embeds`` (+ pooled),
     not both. ``height`` / ``width``: pixels, multiples of the model's coarse block (32 for FLUX and SD3), at most
@@ -332,6 +355,10 @@ def generate(pipe, prompt: str | list[str] | None = None, *, height: int | None 
     every stage; its step counts land in ``cache_stats``. ``backend``: "eager", "inductor", "onnx" or "tensorrt"
     (see :mod:`ralu_runtime.compile`): installs ralu's runner for this pipeline, kept for later calls with the
     same backend and ``compile_options``; None keeps whatever is installed (plain eager if nothing).
+    ``prompt_embeds_mask`` / ``negative_prompt_embeds_mask``: ``(B, T)`` 0/1 valid-token masks of given embeddings,
+    for families that take one (Qwen-Image, Z-Image, Chroma). Video families: ``num_frames`` (default: the
+    pipeline's), ``region_mode`` "clip" (default: the same spatial regions in every latent frame, temporally
+    coherent) or "frame" (each latent frame its own); ``images`` then holds the video as the pipeline returns it.
 
     Raises ValueError / TypeError for bad arguments before any work, and FloatingPointError when a stage produces
     non-finite latents (naming the stage).
@@ -369,6 +396,7 @@ def generate(pipe, prompt: str | list[str] | None = None, *, height: int | None 
                          "(pipe.to(device, dtype)): ralu does not change the pipeline it is given")
     adapter = get_adapter(pipe)
     adapter.check_supported()
+    num_frames, region_mode = _check_video(adapter, num_frames, region_mode)
     if speedup is not None and not isinstance(speedup, (str, RaluSchedule)):
         resolve_schedule(speedup, adapter)  # raises the ValueError naming what is allowed
     height, width, batch = _validate(
@@ -416,7 +444,8 @@ def generate(pipe, prompt: str | list[str] | None = None, *, height: int | None 
     batch = cond.batch
     noise_gen, per_image = _generators(generator, seed, batch)
     dtype = cond.data["embeds"].dtype if "embeds" in cond.data else adapter.dtype
-    noise_latents = adapter.prepare_noise(batch, height, width, noise_gen, dtype)
+    video = dict(num_frames=num_frames) if adapter.is_video else {}
+    noise_latents = adapter.prepare_noise(batch, height, width, noise_gen, dtype, **video)
 
     with _call_cache(adapter, cache) as fcache:
         if schedule is None:
@@ -425,12 +454,15 @@ def generate(pipe, prompt: str | list[str] | None = None, *, height: int | None 
         else:
             result = sample_ralu(adapter, cond, noise_latents, schedule, per_image, noise_variant=noise,
                                  edge_map=edge_map, edge_detector=edge_detector, transition_impl=transition_impl,
+                                 region_mode=region_mode,
                                  solver=solver, progress=progress, velocity=velocity, decode=decode)
         cache_stats = fcache.stats() if hasattr(fcache, "stats") else None
     for rec in result.records:
         timings[rec.name] = rec.seconds
     latents = adapter.unpack(result.tokens, *noise_latents.shape[-2:])
     masks = result.layout.selected_mask() if (return_masks and result.layout is not None) else None
+    if masks is not None and noise_latents.ndim == 5:  # tall grid -> (B, F, hc, wc)
+        masks = masks.view(masks.shape[0], noise_latents.shape[2], -1, masks.shape[-1])
     if output_type == "latent":
         return RaluOutput(latents, masks, timings, result.records, schedule, cache_stats)
     t0 = time.perf_counter()

@@ -19,6 +19,12 @@ from .schedule import RaluSchedule
 from .solvers import SOLVERS, make_solver
 
 NOISE_VARIANTS = ("reference", "exact")
+REGION_MODES = ("frame", "clip")  # video: regions chosen per latent frame, or the same spatial blocks in every frame
+
+
+def latent_frames(noise: torch.Tensor) -> int:
+    """Latent frames of ``(B, C, F, h, w)`` video latents; 1 for ``(B, C, h, w)`` images."""
+    return int(noise.shape[2]) if noise.ndim == 5 else 1
 
 
 @dataclass
@@ -100,14 +106,17 @@ def stage_timesteps(schedule: RaluSchedule, k: int, device) -> tuple[torch.Tenso
 
 def sample_baseline(adapter: DiTAdapter, cond: Conditioning, noise: torch.Tensor, num_steps: int, *,
                     solver: str = "euler", progress: bool = True, velocity: Callable | None = None) -> SamplerResult:
-    """Ordinary full-resolution sampling with the pipeline's own timesteps. noise: ``(B, C, h, w)``."""
+    """Ordinary full-resolution sampling with the pipeline's own timesteps. noise: ``(B, C, h, w)`` (images) or
+    ``(B, C, F, h, w)`` (video: the token grid is the frames stacked vertically, see :class:`TokenGrid`)."""
     clock = _Clock(noise.device)
     h, w = noise.shape[-2:]
+    frames = latent_frames(noise)
     p = adapter.patch_size
-    fine_hw = (h // p, w // p)
+    fine_hw = (frames * (h // p), w // p)
     x = adapter.pack(noise)
     b = x.shape[0]
-    grid = TokenGrid(grid_positions(*fine_hw, device=x.device).expand(b, -1, -1), fine_hw, None, raster=True)
+    grid = TokenGrid(grid_positions(*fine_hw, device=x.device).expand(b, -1, -1), fine_hw, None, raster=True,
+                     frames=frames)
     timesteps, sigmas = adapter.baseline_schedule(num_steps, x.shape[1])
     with clock("baseline", steps=len(timesteps), tokens=x.shape[1]):
         x, _ = run_stage(adapter, x, grid, timesteps, sigmas, cond, solver=solver, desc="baseline", progress=progress,
@@ -123,19 +132,29 @@ def draw_seeds(generators: list[torch.Generator], device) -> torch.Tensor:
 
 
 def select_regions(adapter: DiTAdapter, x: torch.Tensor, v: torch.Tensor, sigma_end: float, latent_hw, k: int,
-                   generators, *, edge_map: str, edge_detector: str, decode: Callable | None = None) -> torch.Tensor:
+                   generators, *, edge_map: str, edge_detector: str, decode: Callable | None = None,
+                   frames: int = 1, region_mode: str = "frame") -> torch.Tensor:
     """Edge-based choice of the ``k`` coarse tokens to upsample first: ``(B, k)`` int64 sorted.
 
     Tweedie estimate ``x0 = x - sigma_end v`` at the end of stage 1, VAE decode at half resolution,
     Canny edges, edge pixels per coarse-token block, top-k with a tiny jitter from each image's generator.
+    Video (``frames`` > 1, tall grid): ``region_mode="frame"`` takes the top-k blocks over all frames (each frame
+    its own regions); ``"clip"`` sums each spatial block's scores over the frames and takes the same ``k / frames``
+    blocks in every frame (temporally coherent).
     """
     from .edges import edge_scores, select_top_blocks
 
     x0 = (x.to(torch.float32) - sigma_end * v.to(torch.float32)).to(x.dtype)
-    images = (decode or adapter.decode)(adapter.unpack(x0, latent_hw[0] // 2, latent_hw[1] // 2))
+    images = adapter.edge_images(adapter.unpack(x0, latent_hw[0] // 2, latent_hw[1] // 2), decode or adapter.decode)
     block = adapter.patch_size * adapter.vae_scale_factor
     scores = edge_scores(images, block, mapping=edge_map, detector=edge_detector)
-    return select_top_blocks(scores, k, generators)
+    if frames == 1 or region_mode == "frame":
+        return select_top_blocks(scores, k, generators)
+    b = scores.shape[0]
+    per_frame = scores[0].numel() // frames
+    spatial = select_top_blocks(scores.reshape(b, frames, per_frame).sum(dim=1), k // frames, generators)
+    offsets = torch.arange(frames, device=spatial.device)[:, None] * per_frame
+    return (spatial[:, None, :] + offsets).reshape(b, -1)
 
 
 def apply_transition(x: torch.Tensor, pos: torch.Tensor, tmap, boundary, seeds: torch.Tensor, *, noise: str,
@@ -151,32 +170,38 @@ def apply_transition(x: torch.Tensor, pos: torch.Tensor, tmap, boundary, seeds: 
 def sample_ralu(adapter: DiTAdapter, cond: Conditioning, noise: torch.Tensor, schedule: RaluSchedule,
                 generators: list[torch.Generator], *, noise_variant: str = "reference", edge_map: str = "unit",
                 edge_detector: str = "opencv", transition_impl: str = "auto", solver: str = "euler",
-                progress: bool = True, velocity: Callable | None = None, decode: Callable | None = None) -> SamplerResult:
+                progress: bool = True, velocity: Callable | None = None, decode: Callable | None = None,
+                region_mode: str = "frame") -> SamplerResult:
     """RALU: low-resolution stage, edge-selected partial upsampling, full-resolution stage.
 
     noise: full-resolution latent noise ``(B, C, h, w)`` (stage 1 starts from its 2x nearest downsample,
-    so a RALU run and a baseline run with the same seed start from the same noise).
+    so a RALU run and a baseline run with the same seed start from the same noise), or video ``(B, C, F, h, w)``:
+    spatial 2x only (time kept at full resolution in every stage), the frames stacked as a tall image, regions
+    chosen per frame or per clip (``region_mode``, :func:`select_regions`).
     generators: one per image (the same object repeated is allowed: draws are then sequential).
     velocity / decode: the model call and the VAE decode (defaults: the adapter's plain ones).
     Returns final tokens in fine raster order ``(B, 4M, C_tok)``.
     """
     if noise_variant not in NOISE_VARIANTS:
         raise ValueError(f"noise={noise_variant!r} is not allowed; choose one of {NOISE_VARIANTS}")
+    if region_mode not in REGION_MODES:
+        raise ValueError(f"region_mode={region_mode!r} is not allowed; choose one of {REGION_MODES}")
     clock = _Clock(noise.device)
     b = noise.shape[0]
     latent_hw = noise.shape[-2:]
+    frames = latent_frames(noise)
     p = adapter.patch_size
-    coarse_hw = (latent_hw[0] // (2 * p), latent_hw[1] // (2 * p))
+    coarse_hw = (frames * (latent_hw[0] // (2 * p)), latent_hw[1] // (2 * p))  # frames stacked: a tall grid
     fine_hw = (2 * coarse_hw[0], 2 * coarse_hw[1])
     m = coarse_hw[0] * coarse_hw[1]
-    k = int(m * schedule.ratio)
+    k = int(m // frames * schedule.ratio) * frames if region_mode == "clip" else int(m * schedule.ratio)
 
     # stage 1: coarse grid
-    x = adapter.pack(noise[:, :, ::2, ::2].contiguous())
+    x = adapter.pack(noise[..., ::2, ::2].contiguous())
     pos = grid_positions(*coarse_hw, device=x.device).expand(b, -1, -1).contiguous()
     ts, sig = stage_timesteps(schedule, 0, x.device)
     with clock("stage1", steps=len(ts), tokens=m):
-        x, v = run_stage(adapter, x, TokenGrid(pos, coarse_hw, None, raster=True), ts, sig, cond,
+        x, v = run_stage(adapter, x, TokenGrid(pos, coarse_hw, None, raster=True, frames=frames), ts, sig, cond,
                          solver=solver, desc="RALU stage 1/3", progress=progress, velocity=velocity)
     check_finite(x, "RALU stage 1")
 
@@ -184,7 +209,8 @@ def sample_ralu(adapter: DiTAdapter, cond: Conditioning, noise: torch.Tensor, sc
     with clock("edges", tokens=k):
         if 0 < k < m:
             sel = select_regions(adapter, x, v, float(sig[-1]), latent_hw, k, generators,
-                                 edge_map=edge_map, edge_detector=edge_detector, decode=decode)
+                                 edge_map=edge_map, edge_detector=edge_detector, decode=decode, frames=frames,
+                                 region_mode=region_mode)
         else:
             sel = torch.arange(m, device=x.device).expand(b, m)[:, :k]
         layout = TokenLayout(coarse_hw, sel.to(x.device))
@@ -195,7 +221,8 @@ def sample_ralu(adapter: DiTAdapter, cond: Conditioning, noise: torch.Tensor, sc
                                   draw_seeds(generators, x.device), noise=noise_variant, impl=transition_impl)
     ts, sig = stage_timesteps(schedule, 1, x.device)
     with clock("stage2", steps=len(ts), tokens=x.shape[1]):
-        x, v = run_stage(adapter, x, TokenGrid(pos, coarse_hw, layout.stage2_fine_mask()), ts, sig, cond,
+        grid = TokenGrid(pos, coarse_hw, layout.stage2_fine_mask(), frames=frames)
+        x, v = run_stage(adapter, x, grid, ts, sig, cond,
                          solver=solver, desc="RALU stage 2/3", progress=progress, velocity=velocity)
     check_finite(x, "RALU stage 2")
 
@@ -205,7 +232,7 @@ def sample_ralu(adapter: DiTAdapter, cond: Conditioning, noise: torch.Tensor, sc
                                   draw_seeds(generators, x.device), noise=noise_variant, impl=transition_impl)
     ts, sig = stage_timesteps(schedule, 2, x.device)
     with clock("stage3", steps=len(ts), tokens=x.shape[1]):
-        x, _ = run_stage(adapter, x, TokenGrid(pos, fine_hw, None, raster=True), ts, sig, cond,
+        x, _ = run_stage(adapter, x, TokenGrid(pos, fine_hw, None, raster=True, frames=frames), ts, sig, cond,
                          solver=solver, desc="RALU stage 3/3", progress=progress, velocity=velocity)
     check_finite(x, "RALU stage 3")
     return SamplerResult(x, layout, clock.records)

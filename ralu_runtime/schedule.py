@@ -298,6 +298,9 @@ PRESET_SPECS: dict[str, dict[str, tuple]] = {
                 "3step": THREE_STEP + (None,)},
     # FLUX.2-klein step-distilled (4 steps): its own few-step presets
     "flux2-klein": {"4step": FEW_STEP + (None,), "3step": THREE_STEP + (None,)},
+    # video (50 steps, CFG; time kept at full resolution, 2x spatial per latent frame)
+    "wan": {"4x": FLUX1_4X + (None,), "7x": FLUX1_7X + (None,)},
+    "hunyuan-video-1.5": {"4x": FLUX1_4X + (None,), "7x": FLUX1_7X + (None,)},
     # Chroma (35 steps, true CFG): estimate_cost_ratio(..., 35, 4096, text_tokens=300) 3.25 and 5.21
     "chroma": {"3x": ((4, 5, 7), (0.3, 0.45, 1.0), 0.3, None),
                "5x": ((2, 3, 5), (0.2, 0.3, 1.0), 0.1, None)},

@@ -24,6 +24,8 @@ ADAPTERS: dict[str, str] = {
     "QwenImagePipeline": "ralu_runtime.adapters.qwen_image:QwenImageAdapter",
     "ZImagePipeline": "ralu_runtime.adapters.z_image:ZImageAdapter",
     "ChromaPipeline": "ralu_runtime.adapters.chroma:ChromaAdapter",
+    "WanPipeline": "ralu_runtime.adapters.wan:WanAdapter",
+    "HunyuanVideo15Pipeline": "ralu_runtime.adapters.hunyuan_video15:HunyuanVideo15Adapter",
 }
 
 _TABLE: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()

@@ -32,12 +32,16 @@ class TokenGrid:
         None when every token is at the grid's own resolution.
     raster: True when the tokens are exactly the grid in raster order (stage 1, stage 3, baseline), so an
         adapter may use the model's native full-grid path.
+    frames: latent frames stacked in the grid (video adapters; 1 for images). A video is a tall image: frame ``f``
+        holds rows ``[f R, (f + 1) R)`` with ``R = grid_hw[0] // frames``, so a token at row ``r`` is in frame
+        ``r // R`` at row ``r - frame R`` (half-integer rows of stage-2 children stay inside their frame).
     """
 
     positions: torch.Tensor
     grid_hw: tuple[int, int]
     fine_mask: torch.Tensor | None = None
     raster: bool = False
+    frames: int = 1
 
 
 def call_with_hooks(module: torch.nn.Module, fn: Callable, args: tuple, hook_kwargs: dict):
@@ -175,6 +179,9 @@ class DiTAdapter(ABC):
     default_text_len: int = 512              # text tokens of an encoded prompt (warm-up's dummy embeddings)
     supports_negative_prompt: bool = False   # classifier-free guidance with negative prompts
     takes_prompt_mask: bool = False          # encode_prompt accepts prompt_embeds_mask (B, T) with prompt_embeds
+    is_video: bool = False                   # latents (B, C, F, h, w); generate takes num_frames
+    default_frames: int | None = None        # video: the pipeline's default num_frames
+    temporal_factor: int = 1                 # video: VAE temporal compression (num_frames = 1 + k * factor)
     fuses_projections: bool = False          # velocity asks ModelImpl.fused for q/k/v weights (ralu-owned fusion)
 
     def __init__(self, pipe, *, weak: bool = False):
@@ -380,6 +387,13 @@ class DiTAdapter(ABC):
         latents = latents.to(next(vae.parameters()).dtype)
         fn = (impl or EAGER).vae_decode(vae)
         return fn(latents) if fn is not None else vae.decode(latents, return_dict=False)[0]
+
+    def edge_images(self, latents: torch.Tensor, decode: Callable) -> torch.Tensor:
+        """Images ``(B, 3, H, W)`` in about [-1, 1] whose edges choose the regions upsampled first, from the
+        half-resolution Tweedie latents of stage 1 (``decode``: the call's VAE decode). Images: the decode itself.
+        Video adapters return one decoded frame per latent frame, stacked vertically (the tall-image layout of
+        :class:`TokenGrid`)."""
+        return decode(latents)
 
     def postprocess(self, images: torch.Tensor, output_type: str):
         """Images in [-1, 1] -> the requested ``output_type`` ("pil", "np", "pt")."""

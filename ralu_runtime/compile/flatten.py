@@ -18,6 +18,7 @@ class Spec:
     has_mask: bool
     batch: int
     cond_keys: tuple[tuple[str, str, Any], ...]  # (key, "tensor" | "none" | "const", const value)
+    frames: int = 1
 
 
 def flatten(tokens, grid: TokenGrid, timestep, cond: Conditioning):
@@ -39,7 +40,7 @@ def flatten(tokens, grid: TokenGrid, timestep, cond: Conditioning):
         else:
             keys.append((k, "const", v))
     spec = Spec(tuple(int(s) for s in grid.grid_hw), bool(grid.raster), grid.fine_mask is not None, int(cond.batch),
-                tuple(keys))
+                tuple(keys), int(grid.frames))
     return tensors, names, spec
 
 
@@ -57,7 +58,8 @@ def unflatten(tensors, spec: Spec):
             i += 1
         else:
             data[k] = None if kind == "none" else val
-    return tokens, TokenGrid(positions, spec.grid_hw, mask, spec.raster), timestep, Conditioning(spec.batch, data)
+    grid = TokenGrid(positions, spec.grid_hw, mask, spec.raster, spec.frames)
+    return tokens, grid, timestep, Conditioning(spec.batch, data)
 
 
 def signature(tensors, spec: Spec):
