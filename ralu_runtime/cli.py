@@ -24,10 +24,14 @@ EXIT_FAILURE, EXIT_USAGE = 1, 2
 # built-in random models (ralu_runtime.tiny.TINY_BUILDERS builds them): name -> (preset family, max pixels/side)
 TINY_MODELS = {"tiny-flux": ("flux", 4096), "tiny-sd3": ("sd3", 1536), "tiny-sd35": ("sd3", 1536),
                "tiny-flux2": ("flux2", 4096), "tiny-flux2-klein": ("flux2-klein", 4096),
-               "tiny-qwen-image": ("qwen-image", 4096), "tiny-z-image": ("z-image", 8192), "tiny-chroma": ("chroma", 4096)}
+               "tiny-qwen-image": ("qwen-image", 4096), "tiny-z-image": ("z-image", 8192), "tiny-chroma": ("chroma", 4096),
+               "tiny-wan": ("wan", 4096), "tiny-hunyuan-video15": ("hunyuan-video-1.5", 4096)}
 PIPELINE_FAMILIES = {"FluxPipeline": "flux", "StableDiffusion3Pipeline": "sd3", "Flux2Pipeline": "flux2",
                      "Flux2KleinPipeline": "flux2", "QwenImagePipeline": "qwen-image", "ZImagePipeline": "z-image",
-                     "ChromaPipeline": "chroma"}
+                     "ChromaPipeline": "chroma", "WanPipeline": "wan", "HunyuanVideo15Pipeline": "hunyuan-video-1.5"}
+VIDEO_FAMILIES = {"wan": (480, 832, 81), "hunyuan-video-1.5": (480, 832, 121)}  # default height, width, frames
+TINY_FRAMES = 9                       # the tiny video models' default clip: 3 latent frames
+VIDEO_EXTENSIONS = (".webp", ".png", ".apng", ".gif")  # animated images Pillow writes
 TINY_SIZE, MODEL_SIZE = 256, 1024     # default pixels per side
 TINY_MAX_SEQUENCE_LENGTH = 77         # the tiny models' text length (their CLIP's position table)
 COARSE_BLOCK_PX = 32                  # VAE factor 8 x patch 2 x 2 (RALU's coarse stage), FLUX and SD3
@@ -37,7 +41,8 @@ SOLVER_NAMES = ("euler", "ab2", "dpmpp2m")
 BACKEND_NAMES = ("eager", "inductor", "onnx", "tensorrt")
 COMPILED_BACKENDS = ("inductor", "onnx", "tensorrt")
 PRESET_HELP = ("FLUX.1-dev: 4x, 5x, 7x; FLUX.1-schnell: 4step; SD3/SD3.5: 2x, 3x; FLUX.2: 4x, 7x; FLUX.2-klein "
-               "(distilled): 4step, 3step; Qwen-Image: 4x, 7x; Z-Image: 4x, 7x, 4step, 3step (Turbo); Chroma: 3x, 5x")
+               "(distilled): 4step, 3step; Qwen-Image: 4x, 7x; Z-Image: 4x, 7x, 4step, 3step (Turbo); Chroma: 3x, 5x; "
+               "Wan, HunyuanVideo 1.5: 4x, 7x")
 MAX_STEPS, MAX_SEQUENCE_LENGTH = 1000, 512
 COMMON_EXTENSIONS = ".png, .jpg, .jpeg, .webp, .bmp, .tiff"
 
@@ -78,6 +83,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"pixels, a multiple of {COARSE_BLOCK_PX} (default {TINY_SIZE} for tiny models, "
                         f"else {MODEL_SIZE})")
     g.add_argument("--width", metavar="PX", type=int, default=None, help="pixels, as --height")
+    g.add_argument("--frames", metavar="N", type=int, default=None,
+                   help=f"video models: frames, 1 + a multiple of the VAE's time factor (default {TINY_FRAMES} for tiny "
+                        "models, else the pipeline's); written as an animated WebP/PNG/GIF")
+    g.add_argument("--regions", choices=("clip", "frame"), default=None,
+                   help="video models: the same upsampled regions in every frame (clip, default) or per frame")
     g.add_argument("--speedup", metavar="PRESET", type=_speedup, default="default",
                    help=f"preset name ({PRESET_HELP}), 'default' (the family's fastest), or 'none' for the "
                         "ordinary full-resolution sampler")
@@ -130,6 +140,8 @@ class GeneratePlan:
     text_len: int | None      # prompt-embedding length of a generate call (for the warm-up's dummy prompt)
     out: str
     mask_out: str | None
+    num_frames: int | None = None   # video models only
+    regions: str | None = None      # video models only
 
 
 def _model_family(model: str) -> tuple[str, int, int | None]:
@@ -200,12 +212,16 @@ def _image_format(path: str) -> str:
     return fmt
 
 
-def _check_output(flag: str, path: str) -> str:
-    """``path`` if an image can be written there: a known image extension, in an existing writable folder."""
+def _check_output(flag: str, path: str, video: bool = False) -> str:
+    """``path`` if an image (``video``: an animated image) can be written there: a known extension, in an existing
+    writable folder."""
     try:
         _image_format(path)
     except UsageError as exc:
         raise UsageError(f"{flag} {path!r}: {exc}") from None
+    if video and os.path.splitext(path)[1].lower() not in VIDEO_EXTENSIONS:
+        raise UsageError(f"{flag} {path!r}: a video is written as an animated image: use "
+                         f"{', '.join(VIDEO_EXTENSIONS)}")
     target = Path(path).expanduser()
     if target.is_dir():
         raise UsageError(f"{flag} {path!r} is a folder; give an image file name")
@@ -265,8 +281,23 @@ def check_generate(args) -> GeneratePlan:
     """Check every ``ralu generate`` argument, before any model is built or loaded; UsageError names the bad
     value and what is allowed."""
     family, default_size, cap = _model_family(args.model)
-    height = default_size if args.height is None else args.height
-    width = default_size if args.width is None else args.width
+    video = family in VIDEO_FAMILIES
+    default_h = default_w = default_size
+    if video and args.model not in TINY_MODELS:
+        default_h, default_w, _ = VIDEO_FAMILIES[family]
+    height = default_h if args.height is None else args.height
+    width = default_w if args.width is None else args.width
+    num_frames = None
+    if video:
+        num_frames = args.frames if args.frames is not None else (
+            TINY_FRAMES if args.model in TINY_MODELS else VIDEO_FAMILIES[family][2])
+        _check_int("--frames", num_frames, 1, 4096)
+        if (num_frames - 1) % 4:
+            raise UsageError(f"--frames {num_frames} is not allowed: {family} needs 1 + a multiple of 4 frames")
+    else:
+        for flag, value in (("--frames", args.frames), ("--regions", args.regions)):
+            if value is not None:
+                raise UsageError(f"{flag} applies to video models; {args.model} ({family}) makes images")
     for flag, value in (("--height", height), ("--width", width)):
         if value <= 0 or value % COARSE_BLOCK_PX:
             raise UsageError(f"{flag} {value} is not allowed: need a positive multiple of {COARSE_BLOCK_PX} pixels "
@@ -288,12 +319,12 @@ def check_generate(args) -> GeneratePlan:
         raise UsageError(f"--guidance {args.guidance} is not allowed: need a finite number")
     _check_int("--seed", args.seed, 0, 2**63 - 1)
     _check_int("--max-sequence-length", args.max_sequence_length, 1, MAX_SEQUENCE_LENGTH)
-    out = _check_output("--out", args.out)
+    out = _check_output("--out", args.out, video)
     mask_out = None
     if args.mask_out is not None:
         if args.speedup is None:
             raise UsageError("--mask-out needs a RALU run: --speedup none upsamples no regions")
-        mask_out = _check_output("--mask-out", args.mask_out)
+        mask_out = _check_output("--mask-out", args.mask_out, video)
         if os.path.abspath(mask_out) == os.path.abspath(out):
             raise UsageError(f"--mask-out {args.mask_out!r} is the same file as --out")
     device, dtype = _check_device(args.device, args.dtype)
@@ -311,7 +342,7 @@ def check_generate(args) -> GeneratePlan:
     msl = args.max_sequence_length or (TINY_MAX_SEQUENCE_LENGTH if args.model in TINY_MODELS else None)
     text_len = None if msl is None else (77 + msl if family == "sd3" else msl)  # SD3: CLIP 77 + T5 tokens
     return GeneratePlan(args.model, family, height, width, args.speedup, device, dtype, msl, text_len, out,
-                        mask_out)
+                        mask_out, num_frames, args.regions if video else None)
 
 
 # ------------------------------------------------------------------------------------------- generate
@@ -328,9 +359,19 @@ def _load(plan: GeneratePlan):
     return load_pipeline(plan.model, torch_dtype=dtype, device=plan.device)
 
 
+VIDEO_FPS = 16  # frames per second of written clips (Wan's and HunyuanVideo's native rates are 16 and 24)
+
+
 def _save_image(array, file, fmt: str) -> None:
+    """An ``(H, W, 3)`` uint8 image, or ``(T, H, W, 3)`` frames as an animated image (looping, VIDEO_FPS)."""
     from PIL import Image
 
+    if array.ndim == 4:
+        frames = [Image.fromarray(f) for f in array]
+        extra = {"lossless": True} if fmt == "WEBP" else {}
+        frames[0].save(file, format=fmt, save_all=True, append_images=frames[1:], duration=int(1000 / VIDEO_FPS),
+                       loop=0, **extra)
+        return
     Image.fromarray(array).save(file, format=fmt)
 
 
@@ -385,6 +426,8 @@ def cmd_generate(args) -> int:
     kwargs = dict(height=plan.height, width=plan.width, speedup=plan.speedup, num_inference_steps=args.steps,
                   guidance_scale=args.guidance, noise=args.noise, solver=args.solver,
                   edge_detector=args.edge_detector, cache=args.cache)
+    if plan.num_frames is not None:
+        kwargs.update(num_frames=plan.num_frames, region_mode=plan.regions)
     compile_s = None
     if args.backend in COMPILED_BACKENDS:
         from .warmup import warmup
@@ -395,17 +438,23 @@ def cmd_generate(args) -> int:
     out = generate(pipe, args.prompt, **kwargs, seed=args.seed, output_type="np",
                    return_masks=plan.mask_out is not None, max_sequence_length=plan.max_sequence_length,
                    progress=not args.no_progress, backend=args.backend)
-    image = (np.clip(out.images[0], 0, 1) * 255).round().astype(np.uint8)
+    image = (np.clip(np.asarray(out.images[0]), 0, 1) * 255).round().astype(np.uint8)  # (H, W, 3) or (T, H, W, 3)
     items = [(image, plan.out)]
     if plan.mask_out is not None:
         from .edges import overlay_mask
 
-        items.append((overlay_mask(image, out.masks[0].cpu().numpy()), plan.mask_out))
+        mask = out.masks[0].cpu().numpy()
+        if image.ndim == 4:  # video: frame t shows the regions of its latent frame (t + 3) // 4
+            over = [overlay_mask(fr, mask[min((t + 3) // 4, mask.shape[0] - 1)]) for t, fr in enumerate(image)]
+            items.append((np.stack(over), plan.mask_out))
+        else:
+            items.append((overlay_mask(image, mask), plan.mask_out))
     write_images(items)
 
     print(f"model: {plan.model} ({plan.family}, {plan.device}, {plan.dtype}), loaded in {load_s:.2f} s")
     print(_speedup_line(plan, out))
-    print(f"size: {plan.width}x{plan.height} (width x height), seed {args.seed}, solver {args.solver}, "
+    frames = f", {plan.num_frames} frames, regions {plan.regions or 'clip'}" if plan.num_frames else ""
+    print(f"size: {plan.width}x{plan.height} (width x height){frames}, seed {args.seed}, solver {args.solver}, "
           f"backend {args.backend or 'eager'}"
           + (f", cache {args.cache}" if args.cache else ""))
     print(f"{'stage':<20}{'steps':>6}{'tokens':>8}{'seconds':>10}")
