@@ -18,6 +18,9 @@ order; each runs as its own process with its own time limit, inside a total ``--
 ``warm_start``      (optional) a new process loads that bundle and times its first RALU 7x call
 ``latency_sd3``     (optional) SD3-medium shape: 28-step eager and compiled, RALU 2x/3x compiled
 ``stacking``        (optional) RALU 5x + TaylorSeer (W = 3) compiled, FLUX.1-dev shape
+``latency_families`` (optional, its own call: ``--only build,latency_families --budget 560``) FLUX.2-dev,
+                    Qwen-Image, Z-Image(-Turbo), Chroma, SD3.5 Large, FLUX.2-klein at full size: compiled RALU
+                    default preset vs compiled baseline at the pipeline's default steps
 ==================  =====================================================================================
 
 Optional steps run only while the budget lasts. Outputs: everything goes to a work folder; after every step
@@ -204,6 +207,26 @@ def stacking_cmds(ctx: Ctx):
              env)]
 
 
+# the newer families at full size (published configs, random weights, bf16, native resolution): compiled RALU
+# default preset vs compiled baseline at the pipeline's default steps. Too long for the main budget: run it in its
+# own device call, ``--only build,latency_families --budget 560``.
+FAMILY_ROWS = {"flux2": "7x", "qwen-image": "7x", "z-image": "7x", "chroma": "5x", "sd35-large": "3x",
+               "flux2-klein": "3step", "z-image-turbo": "3step"}
+
+
+def latency_families_cmds(ctx: Ctx):
+    if ctx.dry:
+        return [(_latency(ctx, "--model", "chroma", "--size", "small", "--resolution", "128", "--steps", "2",
+                          "--rows", "baseline-eager,ralu-5x-eager", "--reps", "1", "--warmup", "0",
+                          "--tag", "latency_chroma_dry_cpu"), {})]
+    cmds = []
+    for fam, preset in FAMILY_ROWS.items():
+        cmds.append((_latency(ctx, "--model", fam, "--size", "full", "--rows",
+                              f"ralu-{preset}-compiled,baseline-compiled", "--reps", "2", "--warmup", "1",
+                              "--tag", f"latency_{fam}_full_{ctx.slug}"), _fresh_triton_cache(ctx, fam)))
+    return cmds
+
+
 STEPS = [
     Step("build", "CUDA extension ralu_kernels._C (sm_90) builds and loads", 240, build_cmds),
     Step("ctest", "csrc CMake build + ctest", 300, ctest_cmds, background=True),
@@ -215,8 +238,11 @@ STEPS = [
     Step("warm_start", "latency.py warm start, new process", 150, warm_start_cmds, optional=True, min_s=60),
     Step("latency_sd3", "latency.py SD3-medium shape", 240, latency_sd3_cmds, optional=True, min_s=90),
     Step("stacking", "latency.py RALU 5x + TaylorSeer", 180, stacking_cmds, optional=True, min_s=60),
+    Step("latency_families", "latency.py FLUX.2/Qwen-Image/Z-Image/Chroma/SD3.5 at full size", 540,
+         latency_families_cmds, optional=True, min_s=400),
 ]
-TIMING_STEPS = {"transition", "transition_tune", "attention", "latency_flux", "warm_start", "latency_sd3", "stacking"}
+TIMING_STEPS = {"transition", "transition_tune", "attention", "latency_flux", "warm_start", "latency_sd3", "stacking",
+                "latency_families"}
 
 
 # ------------------------------------------------------------------------------------------------ running
@@ -453,6 +479,14 @@ def claims(work: Path, results: dict[str, Result], dry: bool) -> list[dict]:
         v = r.get("speedup_vs_baseline-compiled") if r else None
         add(f"SD3-medium shape 1024^2: {row} vs 28-step compiled", f"{_fmt(v, 'x')}" if v else "not run",
             f">= {goal:g}x", None if v is None else v >= goal, "latency_sd3_full_*.json")
+
+    for fam, preset in FAMILY_ROWS.items():
+        fj = _json(work, f"latency_{fam}_full_nvidia*.json")
+        fby = {r["row"]: r for r in (fj["rows"] if fj else [])}
+        r = fby.get(f"ralu-{preset}-compiled")
+        v = r.get("speedup_vs_baseline-compiled") if r else None
+        add(f"{fam} full size: ralu-{preset}-compiled vs default-step compiled", f"{_fmt(v, 'x')}" if v else "not run",
+            "record (FLOP ratio in README)", None, f"latency_{fam}_full_*.json")
 
     st = _json(work, "latency_flux_full_taylorseer3_*.json") or _json(work, "latency_flux_taylorseer3_dry_cpu.json")
     st_row = st["rows"][0] if st and st.get("rows") else None
