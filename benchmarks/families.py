@@ -7,7 +7,8 @@ does not change). VAE decodes are not included.
 
 CPU latency: the family's "small" benchmark model (random weights, a few blocks) in float32 on the CPU; the
 default sampler and each preset run interleaved (round-robin, ``--reps`` rounds), whole ``generate`` calls incl.
-the VAE decode; the ratio is baseline median / preset median within this one run.
+the VAE decodes; the ratio is baseline median / preset median within this one run, for the whole call and for
+its transformer stages alone (the sampler's stage clocks: RALU's edge preview, transitions and the VAE excluded).
 
     python benchmarks/families.py [--family flux2 qwen-image ...] [--what flops cpu] [--out benchmarks/results]
 """
@@ -170,6 +171,7 @@ def family_flops(key: str, batch: int = 1) -> dict:
 
 
 # ----------------------------------------------------------------------------------------------- CPU latency
+MODEL_STAGES = ("baseline", "stage1", "stage2", "stage3")  # the sampler's transformer stages (timings keys)
 def family_cpu(key: str, reps: int = 3, size: int | None = None, text_len: int = 32) -> dict:
     from ralu_runtime import generate
 
@@ -180,18 +182,22 @@ def family_cpu(key: str, reps: int = 3, size: int | None = None, text_len: int =
     rows = [("baseline", dict(speedup=None, num_inference_steps=steps))] + [(n, dict(speedup=n)) for n in presets]
     common = dict(height=side, width=side, guidance_scale=guidance, output_type="pt", progress=False)
     times: dict[str, list[float]] = {name: [] for name, _ in rows}
+    model_times: dict[str, list[float]] = {name: [] for name, _ in rows}
     for name, kw in rows:  # warm-up: one call per row (first-call allocations, preset solves)
         generate(pipe, **emb, **common, **kw, seed=0)
     for rep in range(reps):
         for name, kw in rows:
             t0 = time.perf_counter()
-            generate(pipe, **emb, **common, **kw, seed=rep)
+            out = generate(pipe, **emb, **common, **kw, seed=rep)
             times[name].append(time.perf_counter() - t0)
+            model_times[name].append(sum(v for k, v in out.timings.items() if k in MODEL_STAGES))
     base = statistics.median(times["baseline"])
+    base_model = statistics.median(model_times["baseline"])
     out = []
     for name, kw in rows:
-        med = statistics.median(times[name])
-        out.append({"run": name, "median_s": med, "times_s": times[name], "ratio": base / med})
+        med, med_model = statistics.median(times[name]), statistics.median(model_times[name])
+        out.append({"run": name, "median_s": med, "times_s": times[name], "ratio": base / med,
+                    "transformer_median_s": med_model, "transformer_ratio": base_model / med_model})
     return {"family": key, "label": fam.label, "adapter_family": adapter.family, "size": side, "steps": steps,
             "transformer_params": sum(q.numel() for q in pipe.transformer.parameters()), "runs": out}
 
@@ -240,8 +246,9 @@ def main(argv=None) -> int:
         cpu.append(res)
         print(f"\n{res['label']} small model ({res['transformer_params'] / 1e6:.1f} M parameters), CPU, "
               f"{res['size']}^2, baseline {res['steps']} steps")
-        print_table([{"run": r["run"], "median s": r["median_s"], "ratio": r["ratio"]} for r in res["runs"]],
-                    ["run", "median s", "ratio"])
+        print_table([{"run": r["run"], "median s": r["median_s"], "ratio": r["ratio"],
+                      "transformer s": r["transformer_median_s"], "transformer ratio": r["transformer_ratio"]}
+                     for r in res["runs"]], ["run", "median s", "ratio", "transformer s", "transformer ratio"])
     Path(args.out).mkdir(parents=True, exist_ok=True)
     write_json(args.out, args.name, {"flops": flops, "cpu": cpu,
                                      "notes": "FLOPs: FlopCounterMode on meta tensors, transformer only, published "
