@@ -72,6 +72,31 @@ def call_with_hooks(module: torch.nn.Module, fn: Callable, args: tuple, hook_kwa
     return out
 
 
+def check_blocks(blocks, allowed: tuple[str, ...], model: str, *, attn: str = "attn") -> None:
+    """Refuse (ValueError, before any work) what running a model's blocks ourselves would bypass or run wrongly.
+
+    blocks: ``(name, block module)`` pairs; ``block.<attn>`` must carry one of the attention processor classes
+    ``allowed`` (by name), and the block no diffusers hook registry (``enable_cache``, block-level offloading).
+    ``model``: the family's display name for the messages."""
+    for name, block in blocks:
+        proc = type(getattr(getattr(block, attn), "processor", None)).__name__
+        if proc not in allowed:
+            raise ValueError(f"{name}.{attn} has attention processor {proc}; ralu runs {model} attention itself and "
+                             f"supports only diffusers' {' / '.join(allowed)} (no IP-Adapter or custom processors): "
+                             f"restore it with pipe.transformer.set_attn_processor({allowed[0]}())")
+        hooks = getattr(block, "_diffusers_hook", None)
+        if hooks is not None and getattr(hooks, "hooks", None):
+            raise ValueError(f"{name} carries diffusers hooks ({', '.join(map(str, hooks.hooks))}: e.g. enable_cache "
+                             f"or block-level group offloading); ralu runs the {model} blocks' layers itself and "
+                             "would bypass them. Remove them (pipe.transformer.disable_cache(), leaf-level or no "
+                             "offloading) and use generate(cache=...) for temporal caching")
+
+
+def named_blocks(transformer, *kinds: str):
+    """``(f"{kind}.{i}", block)`` for the block lists ``kinds`` of ``transformer``."""
+    return [(f"{kind}.{i}", b) for kind in kinds for i, b in enumerate(getattr(transformer, kind))]
+
+
 class SplitBlocks:
     """A transformer block stack split after its first block, for first-block caches.
 

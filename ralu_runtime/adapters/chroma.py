@@ -28,7 +28,7 @@ import copy
 import numpy as np
 import torch
 
-from .base import (EAGER, Conditioning, DiTAdapter, ModelImpl, SplitBlocks, call_with_hooks,
+from .base import (EAGER, Conditioning, DiTAdapter, ModelImpl, SplitBlocks, call_with_hooks, check_blocks, named_blocks,
                    scheduler_base_shift)
 from .flux import ADDED_QKV, QKV, _projections, apply_rope
 
@@ -145,22 +145,8 @@ class ChromaAdapter(DiTAdapter):
         self.transformer = pipe.transformer
 
     def check_supported(self) -> None:
-        tr = self.transformer
-        for kind in ("transformer_blocks", "single_transformer_blocks"):
-            for i, block in enumerate(getattr(tr, kind)):
-                proc = getattr(block.attn, "processor", None)
-                if type(proc).__name__ != "FluxAttnProcessor":
-                    raise ValueError(f"{kind}.{i}.attn has attention processor {type(proc).__name__}; ralu runs "
-                                     "Chroma attention itself and supports only diffusers' FluxAttnProcessor (no "
-                                     "IP-Adapter or custom processors): restore it with "
-                                     "pipe.transformer.set_attn_processor(FluxAttnProcessor())")
-                hooks = getattr(block, "_diffusers_hook", None)
-                if hooks is not None and getattr(hooks, "hooks", None):
-                    raise ValueError(f"{kind}.{i} carries diffusers hooks ({', '.join(map(str, hooks.hooks))}: e.g. "
-                                     "enable_cache or block-level group offloading); ralu runs the Chroma blocks' "
-                                     "layers itself and would bypass them. Remove them (pipe.transformer."
-                                     "disable_cache(), leaf-level or no offloading) and use generate(cache=...) for "
-                                     "temporal caching")
+        check_blocks(named_blocks(self.transformer, "transformer_blocks", "single_transformer_blocks"),
+                     ("FluxAttnProcessor",), "Chroma")
 
     def max_size(self) -> int:
         return self.max_side_px

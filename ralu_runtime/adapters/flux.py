@@ -21,7 +21,8 @@ import copy
 import numpy as np
 import torch
 
-from .base import EAGER, Conditioning, DiTAdapter, ModelImpl, SplitBlocks, TokenGrid, call_with_hooks
+from .base import (EAGER, Conditioning, DiTAdapter, ModelImpl, SplitBlocks, TokenGrid, call_with_hooks, check_blocks,
+                   named_blocks)
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -138,22 +139,8 @@ class FluxAdapter(DiTAdapter):
             self.base_shift = 1.0
 
     def check_supported(self) -> None:
-        tr = self.transformer
-        for kind in ("transformer_blocks", "single_transformer_blocks"):
-            for i, block in enumerate(getattr(tr, kind)):
-                proc = getattr(block.attn, "processor", None)
-                if type(proc).__name__ != "FluxAttnProcessor":
-                    raise ValueError(f"{kind}.{i}.attn has attention processor {type(proc).__name__}; ralu runs FLUX "
-                                     "attention itself and supports only diffusers' FluxAttnProcessor (no IP-Adapter "
-                                     "or custom processors): restore it with "
-                                     "pipe.transformer.set_attn_processor(FluxAttnProcessor())")
-                hooks = getattr(block, "_diffusers_hook", None)
-                if hooks is not None and getattr(hooks, "hooks", None):
-                    raise ValueError(f"{kind}.{i} carries diffusers hooks ({', '.join(map(str, hooks.hooks))}: e.g. "
-                                     "enable_cache or block-level group offloading); ralu runs the FLUX blocks' "
-                                     "layers itself and would bypass them. Remove them (pipe.transformer."
-                                     "disable_cache(), leaf-level or no offloading) and use generate(cache=...) for "
-                                     "temporal caching")
+        check_blocks(named_blocks(self.transformer, "transformer_blocks", "single_transformer_blocks"),
+                     ("FluxAttnProcessor",), "FLUX")
 
     fuses_projections = True
     max_side_px = 4096  # 65536 fine tokens; FLUX.1 is trained up to about 2 MP, beyond this only time is lost

@@ -34,7 +34,8 @@ import copy
 import numpy as np
 import torch
 
-from .base import (EAGER, Conditioning, DiTAdapter, ModelImpl, SplitBlocks, TokenGrid, call_with_hooks, current_cache,
+from .base import (EAGER, Conditioning, DiTAdapter, ModelImpl, SplitBlocks, TokenGrid, call_with_hooks, check_blocks,
+                   current_cache, named_blocks,
                    scheduler_base_shift)
 from .flux import apply_rope
 
@@ -196,22 +197,8 @@ class Flux2Adapter(DiTAdapter):
 
     # ---- support -------------------------------------------------------------------------------------------
     def check_supported(self) -> None:
-        tr = self.transformer
-        for kind, allowed in (("transformer_blocks", DOUBLE_PROCESSORS), ("single_transformer_blocks",
-                                                                          SINGLE_PROCESSORS)):
-            for i, block in enumerate(getattr(tr, kind)):
-                name = type(getattr(block.attn, "processor", None)).__name__
-                if name not in allowed:
-                    raise ValueError(f"{kind}.{i}.attn has attention processor {name}; ralu runs FLUX.2 attention "
-                                     f"itself and supports only diffusers' {allowed[0]} (no custom processors): "
-                                     f"restore it with pipe.transformer.set_attn_processor(...) or reload the model")
-                hooks = getattr(block, "_diffusers_hook", None)
-                if hooks is not None and getattr(hooks, "hooks", None):
-                    raise ValueError(f"{kind}.{i} carries diffusers hooks ({', '.join(map(str, hooks.hooks))}: e.g. "
-                                     "enable_cache or block-level group offloading); ralu runs the FLUX.2 blocks' "
-                                     "layers itself and would bypass them. Remove them (pipe.transformer."
-                                     "disable_cache(), leaf-level or no offloading) and use generate(cache=...) for "
-                                     "temporal caching")
+        check_blocks(named_blocks(self.transformer, "transformer_blocks"), DOUBLE_PROCESSORS, "FLUX.2")
+        check_blocks(named_blocks(self.transformer, "single_transformer_blocks"), SINGLE_PROCESSORS, "FLUX.2")
 
     def max_size(self) -> int:
         return self.max_side_px

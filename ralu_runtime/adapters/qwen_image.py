@@ -37,7 +37,8 @@ import copy
 import numpy as np
 import torch
 
-from .base import (EAGER, Conditioning, DiTAdapter, ModelImpl, SplitBlocks, TokenGrid, call_with_hooks,
+from .base import (EAGER, Conditioning, DiTAdapter, ModelImpl, SplitBlocks, TokenGrid, call_with_hooks, check_blocks,
+                   named_blocks,
                    scheduler_base_shift)
 
 QKV = ("to_q", "to_k", "to_v")
@@ -160,20 +161,7 @@ class QwenImageAdapter(DiTAdapter):
             if getattr(cfg, flag, False):
                 raise ValueError(f"this QwenImageTransformer2DModel has {flag}=True: ralu supports the Qwen-Image "
                                  f"text-to-image transformer only, not {what}")
-        for i, block in enumerate(tr.transformer_blocks):
-            proc = getattr(block.attn, "processor", None)
-            if type(proc).__name__ != "QwenDoubleStreamAttnProcessor2_0":
-                raise ValueError(f"transformer_blocks.{i}.attn has attention processor {type(proc).__name__}; ralu "
-                                 "runs Qwen-Image attention itself and supports only diffusers' "
-                                 "QwenDoubleStreamAttnProcessor2_0: restore it with "
-                                 "pipe.transformer.set_attn_processor(QwenDoubleStreamAttnProcessor2_0())")
-            hooks = getattr(block, "_diffusers_hook", None)
-            if hooks is not None and getattr(hooks, "hooks", None):
-                raise ValueError(f"transformer_blocks.{i} carries diffusers hooks ({', '.join(map(str, hooks.hooks))}:"
-                                 " e.g. enable_cache or block-level group offloading); ralu runs the Qwen-Image "
-                                 "blocks' layers itself and would bypass them. Remove them (pipe.transformer."
-                                 "disable_cache(), leaf-level or no offloading) and use generate(cache=...) for "
-                                 "temporal caching")
+        check_blocks(named_blocks(tr, "transformer_blocks"), ("QwenDoubleStreamAttnProcessor2_0",), "Qwen-Image")
 
     def max_size(self) -> int:
         return self.max_side_px

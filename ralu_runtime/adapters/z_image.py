@@ -33,7 +33,8 @@ import copy
 
 import torch
 
-from .base import EAGER, Conditioning, DiTAdapter, ModelImpl, SplitBlocks, call_with_hooks, scheduler_base_shift
+from .base import (EAGER, Conditioning, DiTAdapter, ModelImpl, SplitBlocks, call_with_hooks, check_blocks,
+                   scheduler_base_shift)
 
 QKV = ("to_q", "to_k", "to_v")
 PATCH_KEY = "2-1"  # ZImagePipeline calls the transformer with patch_size=2, f_patch_size=1
@@ -139,19 +140,7 @@ class ZImageAdapter(DiTAdapter):
             raise ValueError(f"this ZImageTransformer2DModel has no patch-2 (f 1) embedder (all_patch_size="
                              f"{tr.config.all_patch_size}, all_f_patch_size={tr.config.all_f_patch_size}); "
                              "ZImagePipeline and ralu use patch_size=2, f_patch_size=1")
-        for name, block in self._blocks():
-            proc = getattr(block.attention, "processor", None)
-            if type(proc).__name__ != "ZSingleStreamAttnProcessor":
-                raise ValueError(f"{name}.attention has attention processor {type(proc).__name__}; ralu runs "
-                                 "Z-Image attention itself and supports only diffusers' ZSingleStreamAttnProcessor "
-                                 "(no custom processors): restore it with pipe.transformer.set_attn_processor("
-                                 "ZSingleStreamAttnProcessor())")
-            hooks = getattr(block, "_diffusers_hook", None)
-            if hooks is not None and getattr(hooks, "hooks", None):
-                raise ValueError(f"{name} carries diffusers hooks ({', '.join(map(str, hooks.hooks))}: e.g. "
-                                 "enable_cache or block-level group offloading); ralu runs the Z-Image blocks' layers "
-                                 "itself and would bypass them. Remove them (pipe.transformer.disable_cache(), "
-                                 "leaf-level or no offloading) and use generate(cache=...) for temporal caching")
+        check_blocks(self._blocks(), ("ZSingleStreamAttnProcessor",), "Z-Image", attn="attention")
 
     def max_size(self) -> int:
         """The RoPE tables' image axes (``axes_lens[1:]`` tokens, 512 for Z-Image) in pixels."""
