@@ -98,8 +98,9 @@ def resolve_schedule(speedup, adapter: DiTAdapter, height: int | None = None,
     if isinstance(speedup, str):
         name = adapter.default_preset if speedup == "default" else speedup
         get_preset(adapter.family, name, 3.0)  # an unknown preset fails here, before the shift is computed
-        h = adapter.default_size if height is None else height
-        w = adapter.default_size if width is None else width
+        dh, dw = adapter.default_hw()
+        h = dh if height is None else height
+        w = dw if width is None else width
         return get_preset(adapter.family, name, adapter.preset_base_shift(h, w))
     raise ValueError(f"speedup={speedup!r} is not allowed: use a preset name such as '7x', a RaluSchedule, or None")
 
@@ -247,8 +248,9 @@ def _validate(adapter: DiTAdapter, *, prompt, prompt_embeds, pooled_prompt_embed
         if schedule is not None:
             raise ValueError("num_inference_steps applies to speedup=None only; a RALU schedule fixes its own steps")
         _check_int("num_inference_steps", num_inference_steps, 1, MAX_STEPS)
-    height = adapter.default_size if height is None else height
-    width = adapter.default_size if width is None else width
+    dh, dw = adapter.default_hw()
+    height = dh if height is None else height
+    width = dw if width is None else width
     adapter.check_size(height, width)
     return int(height), int(width), batch
 

@@ -307,6 +307,11 @@ class DiTAdapter(ABC):
         p = self._first_parameter()
         return p.dtype if p is not None and p.is_floating_point() else self.pipe.transformer.dtype
 
+    def default_hw(self) -> tuple[int, int]:
+        """``(height, width)`` in pixels when generate gets neither (default: :attr:`default_size` square; video
+        pipelines have their own, e.g. 480 x 832)."""
+        return self.default_size, self.default_size
+
     def max_size(self) -> int | None:
         """Largest height / width in pixels this model can take (None: no limit known)."""
         return None
