@@ -40,12 +40,13 @@ class Family:
     label: str
     build: Callable
     embeds: Callable
-    native: int
+    native: int | tuple[int, int]  # pixels per side, or (height, width)
     text_len: int
     steps: int | None = None
     guidance: float | None = None
     presets: tuple[str, ...] | None = None  # None: all of the family's presets
     cpu_size: int = 256
+    frames: int | None = None      # video: num_frames of the default sampler (None: images)
     notes: str = ""
     extra: dict = field(default_factory=dict)
 
@@ -68,7 +69,9 @@ def _module_family(label, module, *, build_kwargs=None, full=None, small=None, c
 
     m = importlib.import_module(f"ralu_runtime.tiny.{module}")
     kw.setdefault("text_len", getattr(m, "TEXT_LEN", 512))
-    return Family(label, build, embeds, getattr(m, "NATIVE_SIZE", 1024), **kw)
+    kw.setdefault("frames", getattr(m, "NATIVE_FRAMES", None))
+    kw.setdefault("native", getattr(m, "NATIVE_SIZE", 1024))
+    return Family(label, build, embeds, **kw)
 
 
 def _flux1_family() -> Family:
@@ -103,7 +106,14 @@ FAMILIES: dict[str, Callable[[], Family]] = {
                                             presets=("4step", "3step"),
                                             notes="model card: 9 steps, no CFG"),
     "chroma": lambda: _module_family("Chroma1-HD", "chroma", cfg=True),
+    "wan-480p": lambda: _module_family("Wan 2.1 T2V 14B 480p, 81 frames", "wan", cfg=True, cpu_size=(64, 96),
+                                       frames=81),
+    "wan-720p": lambda: _module_family("Wan 2.1 T2V 14B 720p, 81 frames", "wan", cfg=True, native=(704, 1280),
+                                       cpu_size=(64, 96), notes="704 x 1280: 720 is not a multiple of 32"),
+    "hunyuan-video15": lambda: _module_family("HunyuanVideo 1.5 720p, 121 frames", "hunyuan_video15", cfg=True,
+                                              cpu_size=(64, 96)),
 }
+VIDEO_CPU_FRAMES = 9  # num_frames of the CPU latency runs of video families (3 latent frames)
 DEFAULT_FAMILIES = ("flux2", "flux2-klein", "qwen-image", "z-image", "z-image-turbo", "chroma", "sd35-large",
                     "sd35-medium")
 
@@ -141,8 +151,9 @@ def family_flops(key: str, batch: int = 1) -> dict:
     pipe, adapter, emb, presets, steps, guidance = _setup(fam, "full", "meta", torch.bfloat16, batch, fam.text_len)
     cond = adapter.encode_prompt(None, None, **emb, guidance_scale=guidance)
     p, f = adapter.patch_size, adapter.vae_scale_factor
-    res = fam.native
-    fine = (res // (p * f), res // (p * f))
+    rh, rw = fam.native if isinstance(fam.native, tuple) else (fam.native, fam.native)
+    frames = 1 if fam.frames is None else 1 + (fam.frames - 1) // adapter.temporal_factor  # latent frames
+    fine = (frames * (rh // (p * f)), rw // (p * f))  # video: frames stacked (the sampler's tall grid)
     coarse = (fine[0] // 2, fine[1] // 2)
     m = coarse[0] * coarse[1]
     cache: dict = {}
@@ -150,20 +161,21 @@ def family_flops(key: str, batch: int = 1) -> dict:
     def per_call(tokens, grid_hw, mixed):
         key_ = (tokens, grid_hw, mixed)
         if key_ not in cache:
-            cache[key_] = velocity_flops(adapter, cond, tokens, batch, grid_hw, mixed)[0]
+            cache[key_] = velocity_flops(adapter, cond, tokens, batch, grid_hw, mixed, frames)[0]
         return cache[key_]
 
     base = steps * per_call(4 * m, fine, False)
     runs = [{"run": "baseline", "steps": steps, "tflops": base / 1e12, "ratio": 1.0}]
     for name in presets:
-        sched = get_preset(adapter.family, name, adapter.preset_base_shift(res, res))
+        sched = get_preset(adapter.family, name, adapter.preset_base_shift(rh, rw))
         k = int(m * sched.ratio)
         tokens = ((m, coarse, False), (m + 3 * k, coarse, True), (4 * m, fine, False))
         total = sum(n * per_call(*t) for n, t in zip(sched.steps, tokens))
         runs.append({"run": name, "steps": sched.total_steps, "stage_steps": list(sched.steps),
                      "stage_tokens": [t[0] for t in tokens], "base_shift": sched.base_shift, "tflops": total / 1e12,
                      "ratio": base / total})
-    return {"family": key, "label": fam.label, "adapter_family": adapter.family, "resolution": res,
+    return {"family": key, "label": fam.label, "adapter_family": adapter.family, "resolution": [rh, rw],
+            "num_frames": fam.frames, "latent_frames": frames, "fine_tokens": 4 * m,
             "text_len": fam.text_len, "cfg": bool(cond.data.get("cfg", False)) if isinstance(cond.data, dict) else None,
             "transformer_params": sum(q.numel() for q in pipe.transformer.parameters()),
             "per_call_tflops": {f"{t} tokens{' (mixed)' if mx else ''}": v / 1e12 for (t, _hw, mx), v in cache.items()},
@@ -179,8 +191,11 @@ def family_cpu(key: str, reps: int = 3, size: int | None = None, text_len: int =
     torch.manual_seed(0)
     pipe, adapter, emb, presets, steps, guidance = _setup(fam, "small", "cpu", torch.float32, 1, text_len)
     side = size or fam.cpu_size
+    sh, sw = side if isinstance(side, tuple) else (side, side)
     rows = [("baseline", dict(speedup=None, num_inference_steps=steps))] + [(n, dict(speedup=n)) for n in presets]
-    common = dict(height=side, width=side, guidance_scale=guidance, output_type="pt", progress=False)
+    common = dict(height=sh, width=sw, guidance_scale=guidance, output_type="pt", progress=False)
+    if fam.frames is not None:
+        common["num_frames"] = VIDEO_CPU_FRAMES
     times: dict[str, list[float]] = {name: [] for name, _ in rows}
     model_times: dict[str, list[float]] = {name: [] for name, _ in rows}
     for name, kw in rows:  # warm-up: one call per row (first-call allocations, preset solves)
@@ -198,7 +213,8 @@ def family_cpu(key: str, reps: int = 3, size: int | None = None, text_len: int =
         med, med_model = statistics.median(times[name]), statistics.median(model_times[name])
         out.append({"run": name, "median_s": med, "times_s": times[name], "ratio": base / med,
                     "transformer_median_s": med_model, "transformer_ratio": base_model / med_model})
-    return {"family": key, "label": fam.label, "adapter_family": adapter.family, "size": side, "steps": steps,
+    return {"family": key, "label": fam.label, "adapter_family": adapter.family, "size": [sh, sw], "steps": steps,
+            "num_frames": common.get("num_frames"),
             "transformer_params": sum(q.numel() for q in pipe.transformer.parameters()), "runs": out}
 
 
@@ -236,7 +252,7 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     flops = [family_flops(k) for k in args.family] if "flops" in args.what else []
     for res in flops:
-        print(f"\n{res['label']} ({res['adapter_family']}) {res['resolution']}^2, "
+        print(f"\n{res['label']} ({res['adapter_family']}) {res['resolution'][0]}x{res['resolution'][1]}, "
               f"{res['transformer_params'] / 1e9:.2f} B parameters, text {res['text_len']} tokens")
         print_table([{"run": r["run"], "steps": r["steps"], "TFLOPs": r["tflops"], "ratio": r["ratio"],
                       "h_ori": r.get("base_shift", "")} for r in res["runs"]], ["run", "steps", "TFLOPs", "ratio", "h_ori"])
@@ -245,7 +261,7 @@ def main(argv=None) -> int:
         res = family_cpu(k, args.reps, args.cpu_size)
         cpu.append(res)
         print(f"\n{res['label']} small model ({res['transformer_params'] / 1e6:.1f} M parameters), CPU, "
-              f"{res['size']}^2, baseline {res['steps']} steps")
+              f"{res['size'][0]}x{res['size'][1]}, baseline {res['steps']} steps")
         print_table([{"run": r["run"], "median s": r["median_s"], "ratio": r["ratio"],
                       "transformer s": r["transformer_median_s"], "transformer ratio": r["transformer_ratio"]}
                      for r in res["runs"]], ["run", "median s", "ratio", "transformer s", "transformer ratio"])

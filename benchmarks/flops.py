@@ -44,14 +44,14 @@ def count(fn, split: bool = False):
     return total, attn
 
 
-def velocity_flops(adapter, cond, tokens: int, batch: int, grid_hw, mixed: bool) -> int:
+def velocity_flops(adapter, cond, tokens: int, batch: int, grid_hw, mixed: bool, frames: int = 1) -> int:
     from ralu_runtime.adapters import TokenGrid
 
     dev = torch.device("meta")
     x = torch.empty(batch, tokens, adapter.token_channels, device=dev, dtype=adapter.dtype)
     pos = torch.empty(batch, tokens, 2, device=dev, dtype=torch.float32)
     mask = torch.empty(batch, tokens, device=dev, dtype=torch.bool) if mixed else None
-    grid = TokenGrid(pos, grid_hw, mask, raster=not mixed)
+    grid = TokenGrid(pos, grid_hw, mask, raster=not mixed, frames=frames)
     t = torch.empty((), device=dev, dtype=torch.float32)
     return count(lambda: adapter.velocity(x, grid, t, cond), split=True)
 

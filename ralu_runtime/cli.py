@@ -25,7 +25,7 @@ EXIT_FAILURE, EXIT_USAGE = 1, 2
 TINY_MODELS = {"tiny-flux": ("flux", 4096), "tiny-sd3": ("sd3", 1536), "tiny-sd35": ("sd3", 1536),
                "tiny-flux2": ("flux2", 4096), "tiny-flux2-klein": ("flux2-klein", 4096),
                "tiny-qwen-image": ("qwen-image", 4096), "tiny-z-image": ("z-image", 8192), "tiny-chroma": ("chroma", 4096),
-               "tiny-wan": ("wan", 4096), "tiny-hunyuan-video15": ("hunyuan-video-1.5", 4096)}
+               "tiny-wan": ("wan", 4096), "tiny-wan22": ("wan", 4096), "tiny-hunyuan-video15": ("hunyuan-video-1.5", 4096)}
 PIPELINE_FAMILIES = {"FluxPipeline": "flux", "StableDiffusion3Pipeline": "sd3", "Flux2Pipeline": "flux2",
                      "Flux2KleinPipeline": "flux2", "QwenImagePipeline": "qwen-image", "ZImagePipeline": "z-image",
                      "ChromaPipeline": "chroma", "WanPipeline": "wan", "HunyuanVideo15Pipeline": "hunyuan-video-1.5"}

@@ -264,6 +264,11 @@ class DiTAdapter(ABC):
             return blocks_fn()
         return cache(blocks_fn, hidden, timestep)
 
+    def specialize_call(self, timestep, cond: Conditioning) -> Conditioning:
+        """``cond`` with any choice this call makes on the host from ``timestep`` fixed as a constant (e.g. Wan 2.2's
+        expert), so compiled graphs, CUDA graphs and exported engines are keyed by it. Identity by default."""
+        return cond
+
     # ---- geometry ------------------------------------------------------------------------------------
     @property
     @abstractmethod

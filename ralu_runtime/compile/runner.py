@@ -179,6 +179,7 @@ class StageRunner:
 
     # ---- the call
     def __call__(self, tokens, grid: TokenGrid, timestep, cond: Conditioning) -> torch.Tensor:
+        cond = self.adapter.specialize_call(timestep, cond)  # host-side choices become constants of the key
         with self._compile_context():
             if self.options.backend == "onnx" or self.flavour in ("tensorrt", "ort-trt"):
                 return self._run_exported(tokens, grid, timestep, cond)

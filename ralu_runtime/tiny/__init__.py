@@ -137,6 +137,7 @@ TINY_BUILDERS: dict[str, tuple[str, dict]] = {
     "tiny-z-image": ("ralu_runtime.tiny.z_image:build_tiny_z_image_pipeline", {}),
     "tiny-chroma": ("ralu_runtime.tiny.chroma:build_tiny_chroma_pipeline", {}),
     "tiny-wan": ("ralu_runtime.tiny.wan:build_tiny_wan_pipeline", {}),
+    "tiny-wan22": ("ralu_runtime.tiny.wan:build_tiny_wan_pipeline", {"two_experts": True}),
     "tiny-hunyuan-video15": ("ralu_runtime.tiny.hunyuan_video15:build_tiny_hunyuan_video15_pipeline", {}),
 }
 

@@ -1,0 +1,513 @@
+"""Wan 2.1 / 2.2 text-to-video adapter (diffusers ``WanPipeline`` / ``WanTransformer3DModel``): UMT5 text states
+through cross-attention, a 3-D RoPE on the video self-attention, classifier-free guidance, and Wan 2.2 A14B's two
+experts (``transformer`` for high noise, ``transformer_2`` for low noise).
+
+**Video as a tall image.** Latents are ``(B, 16, F, h, w)``; tokens are the model's own ``(1, 2, 2)`` patches in
+frame-major raster order with channels ``(c, py, px)`` (:meth:`WanAdapter.pack`). The sampler stacks the frames
+vertically (:class:`~ralu_runtime.adapters.base.TokenGrid` ``frames``): a token at tall-grid row ``r`` is in frame
+``r // R`` (``R = grid_hw[0] // frames`` rows per frame) at row ``r - frame R``; RALU halves space only.
+
+**Positions.** The model builds its RoPE table from the latent's shape (``WanRotaryPosEmbed``: per axis (frame, row,
+col) of ``(t, h, w)`` head-dim channels, ``cos / sin`` of ``position * 10000^(-2i/d)`` in float64, channel pairs
+interleaved). RALU needs per-image and half-integer positions, so the adapter computes the tables itself from every
+token's (frame, row, col) (:meth:`WanAdapter.rotary`, ``(B, L, 1, head_dim)``: equal to the model's table on integer
+grids) and runs the block stack itself, calling each ``WanTransformerBlock`` module with them (its attention
+processor broadcasts per-image tables), so LoRA layers and hooks on blocks and layers work. The patch embedding is
+the model's Conv3d module: on the 5-D latent for raster token sets, on each token's ``(C, 1, 2, 2)`` patch otherwise
+(kernel = stride: the same map). Text tokens take no position (cross-attention only). Nothing on the user's modules
+is replaced or patched.
+
+**Guidance and experts.** As ``WanPipeline.__call__``: CFG when ``guidance_scale > 1`` with the negative prompt ("" by
+default) as ``uncond + g (cond - uncond)``; the conditional and unconditional passes run as one batch of 2B (two passes
+when the two text lengths differ, because Wan's cross-attention has no text mask). With ``boundary_ratio`` set (Wan
+2.2 A14B) each model call picks its expert from its own timestep exactly as the pipeline does (``transformer`` when
+``t >= boundary_ratio * num_train_timesteps``, else ``transformer_2`` with ``guidance_scale_2``); the low-noise
+guidance is :attr:`WanAdapter.guidance_scale_2` (None: the same as ``guidance_scale``, the pipeline's default). That
+choice reads the timestep on the host (one sync per step on CUDA); a traced / captured model call (ONNX / TensorRT
+export, CUDA graphs) needs it fixed beforehand (:meth:`WanAdapter.specialize_call`). A feature cache is reset when
+the expert changes.
+
+**Schedulers.** ralu integrates with its own solvers (Euler by default; ``solver="dpmpp2m"`` is the nearest
+multistep one), not UniPC: :meth:`WanAdapter.baseline_schedule` reads the timesteps and sigmas of whatever flow
+scheduler the pipeline has (the published ``UniPCMultistepScheduler(use_flow_sigmas=True, flow_shift=...)`` or
+``FlowMatchEulerDiscreteScheduler``), so ``speedup=None`` with a FlowMatchEuler scheduler equals the pipeline, and
+with UniPC it follows the same sigmas with a different integrator. h_ori for presets is the fixed flow shift.
+
+**Refused** (:meth:`WanAdapter.check_supported`, before any work): attention processors other than diffusers'
+``WanAttnProcessor``; image-conditioned (I2V) transformers (``image_dim`` / ``added_kv_proj_dim``); temporal patches
+other than 1 or non-square spatial patches; diffusers hook registries on the blocks (:func:`check_blocks`) and
+stateful ones (``enable_cache``, context parallelism) on the transformers; a ``boundary_ratio`` without
+``transformer_2``; schedulers without flow sigmas; ``guidance_scale_2`` without a ``boundary_ratio``. Wan 2.2 TI2V
+5B's ``expand_timesteps`` (per-token timesteps, all equal in text-to-video) runs as the equal scalar timestep.
+
+The VAE decode (``AutoencoderKLWan``: a stateful frame-by-frame loop with feature caches on the module) runs eagerly
+and one call at a time per VAE.
+"""
+from __future__ import annotations
+
+import copy
+import threading
+import weakref
+
+import torch
+
+from .base import (_CALL, EAGER, Conditioning, DiTAdapter, ModelImpl, SplitBlocks, TokenGrid, check_blocks,
+                   current_cache, scheduler_base_shift)
+
+ROPE_THETA = 10000.0  # WanRotaryPosEmbed's theta (WanTransformer3DModel passes none: the default)
+# diffusers hooks whose effect is per module call (no state across a transformer forward): allowed on the model
+STATELESS_HOOK_PREFIXES = ("group_offloading", "lazy_prefetch_group_offloading", "layerwise_casting",
+                           "peft_autocast_disable")
+
+_VAE_LOCKS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+_VAE_LOCKS_LOCK = threading.Lock()
+
+
+def _vae_lock(vae) -> threading.Lock:
+    with _VAE_LOCKS_LOCK:
+        lock = _VAE_LOCKS.get(vae)
+        if lock is None:
+            lock = _VAE_LOCKS[vae] = threading.Lock()
+        return lock
+
+
+def wan_block(block, hidden_states, encoder_hidden_states, temb, rope_cos, rope_sin):
+    """One ``WanTransformerBlock`` called as the module it is (its processors, LoRA layers and hooks run as usual)
+    with per-image rotary tables ``rope_cos`` / ``rope_sin`` ``(B, L, 1, head_dim)``; returns the image hidden states
+    ``(B, L, D)``. A separate pure function so a backend can compile it without touching the user's module."""
+    return block(hidden_states, encoder_hidden_states, temb, (rope_cos, rope_sin))
+
+
+def _tracing() -> bool:
+    """True while the model call is being traced or captured (ONNX/TorchScript export, torch.export, a CUDA graph)."""
+    if torch.jit.is_tracing() or torch.onnx.is_in_onnx_export() or torch.compiler.is_compiling():
+        return True
+    return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
+
+
+class WanAdapter(DiTAdapter):
+    """Adapter for diffusers' ``WanPipeline`` (Wan 2.1 T2V 1.3B / 14B, Wan 2.2 T2V A14B with two experts).
+
+    ``guidance_scale_2``: the low-noise expert's guidance scale (the pipeline's ``guidance_scale_2``; None = the same
+    as ``generate``'s ``guidance_scale``), read when a ``generate`` call encodes its prompt. It belongs to this
+    adapter object: ``get_adapter(pipe)`` builds a new adapter (setting None) when a transformer or the VAE is
+    replaced."""
+
+    family = "wan"
+    default_preset = "7x"
+    default_steps = 50
+    default_guidance = 5.0
+    default_size = 480                         # square fallback; generate uses default_hw() = (480, 832)
+    default_text_len = 512
+    base_shift = 3.0                           # the published flow_shift; presets use preset_base_shift(h, w)
+    supports_negative_prompt = True
+    takes_prompt_mask = False
+    is_video = True
+    default_frames = 81
+    temporal_factor = 4
+    default_max_sequence_length = 512          # WanPipeline.__call__'s default
+
+    def __init__(self, pipe, *, weak: bool = False):
+        super().__init__(pipe, weak=weak)
+        self.transformer = pipe.transformer
+        self.transformer_2 = getattr(pipe, "transformer_2", None)
+        self.guidance_scale_2: float | None = None
+        self._inv_freq: dict[torch.device, list[torch.Tensor]] = {}
+        self._call_expert: dict[int, tuple[weakref.ref, int]] = {}  # id(call state) -> (its weakref, last expert)
+        self._lock = threading.Lock()
+
+    def read_components(self) -> tuple:
+        pipe = self.pipe
+        if pipe is None:
+            return ()
+        return (getattr(pipe, "transformer", None), getattr(pipe, "vae", None), getattr(pipe, "transformer_2", None))
+
+    # ---- checks and geometry ---------------------------------------------------------------------------
+    @property
+    def boundary_ratio(self) -> float | None:
+        """The pipeline's ``boundary_ratio`` (Wan 2.2 A14B: 0.875), or None (one transformer)."""
+        return getattr(self.pipe.config, "boundary_ratio", None)
+
+    def experts(self) -> list[tuple[str, torch.nn.Module]]:
+        """``(name, transformer)`` of the models this pipeline runs: ``transformer`` and, with a ``boundary_ratio``,
+        ``transformer_2``."""
+        out = [("transformer", self.transformer)]
+        if self.boundary_ratio is not None:
+            out.append(("transformer_2", self.transformer_2))
+        return out
+
+    def check_supported(self) -> None:
+        if self.transformer is None:
+            raise ValueError("this WanPipeline has no `transformer`: ralu needs it (the high-noise expert, or the only "
+                             "model)")
+        if self.boundary_ratio is not None and self.transformer_2 is None:
+            raise ValueError(f"this WanPipeline has boundary_ratio={self.boundary_ratio} but no transformer_2 (the "
+                             "low-noise expert); diffusers could not run its low-noise steps either")
+        if self.boundary_ratio is None and self.guidance_scale_2 is not None:
+            raise ValueError("guidance_scale_2 is only supported when the pipeline's boundary_ratio is not None "
+                             "(Wan 2.2 A14B's two experts), as in WanPipeline")
+        g2 = self.guidance_scale_2
+        if g2 is not None and (isinstance(g2, bool) or not isinstance(g2, (int, float)) or g2 != g2
+                               or abs(g2) == float("inf")):
+            raise ValueError(f"guidance_scale_2={g2!r} is not allowed: need a finite number or None")
+        sched = self.pipe.scheduler
+        cfg = sched.config
+        if type(sched).__name__ != "FlowMatchEulerDiscreteScheduler" and not cfg.get("use_flow_sigmas", False):
+            raise ValueError(f"the pipeline's {type(sched).__name__} has no flow sigmas (use_flow_sigmas=False): ralu "
+                             "reads a flow-matching schedule from it (Wan's published UniPCMultistepScheduler has "
+                             "use_flow_sigmas=True, or use FlowMatchEulerDiscreteScheduler)")
+        if cfg.get("use_dynamic_shifting", False):
+            raise ValueError("the pipeline's scheduler has use_dynamic_shifting=True: WanPipeline passes no mu, so "
+                             "it cannot set its timesteps (Wan uses a fixed flow shift)")
+        for name, tr in self.experts():
+            c = tr.config
+            pt, ph, pw = c.patch_size
+            if pt != 1 or ph != pw:
+                raise ValueError(f"{name} has patch_size={tuple(c.patch_size)}; ralu supports Wan's (1, p, p) patches")
+            if c.image_dim is not None or c.added_kv_proj_dim is not None:
+                raise ValueError(f"{name} is an image-conditioned (I2V) Wan transformer (image_dim={c.image_dim}, "
+                                 f"added_kv_proj_dim={c.added_kv_proj_dim}); ralu supports WanPipeline's "
+                                 "text-to-video transformers")
+            if (c.out_channels or c.in_channels) != c.in_channels:
+                raise ValueError(f"{name} has in_channels={c.in_channels} but out_channels={c.out_channels}; a "
+                                 "text-to-video transformer predicts the velocity of its own latents")
+            registry = getattr(tr, "_diffusers_hook", None)
+            hooks = [str(h) for h in (getattr(registry, "hooks", None) or {})
+                     if not str(h).startswith(STATELESS_HOOK_PREFIXES)]
+            if hooks:
+                raise ValueError(f"{name} carries diffusers hooks ({', '.join(hooks)}: e.g. enable_cache or context "
+                                 "parallelism); they act through the transformer's own forward, which ralu does not "
+                                 "call. Remove them (pipe.transformer.disable_cache(), HookRegistry.remove_hook) and "
+                                 "use generate(cache=...) for temporal caching")
+            blocks = [(f"{name}.blocks.{i}", b) for i, b in enumerate(tr.blocks)]
+            for attn in ("attn1", "attn2"):
+                check_blocks(blocks, ("WanAttnProcessor",), "Wan", attn=attn)
+        if self.boundary_ratio is not None:
+            a, b = self.transformer.config, self.transformer_2.config
+            for key in ("patch_size", "in_channels", "text_dim", "num_attention_heads", "attention_head_dim",
+                        "rope_max_seq_len"):
+                va, vb = getattr(a, key), getattr(b, key)
+                if (tuple(va) != tuple(vb)) if key == "patch_size" else (va != vb):
+                    raise ValueError(f"transformer and transformer_2 differ in {key} ({va} vs {vb}); the two experts "
+                                     "must share the token layout and rotary embedding")
+
+    def default_hw(self) -> tuple[int, int]:
+        """WanPipeline's default (height, width): 480 x 832 pixels."""
+        return 480, 832
+
+    def max_size(self) -> int:
+        """The RoPE table's length per axis (``rope_max_seq_len`` tokens, 1024 for Wan) in pixels."""
+        return int(self.transformer.config.rope_max_seq_len) * self.patch_size * self.vae_scale_factor
+
+    def embed_dims(self) -> tuple[int, None]:
+        return int(self.transformer.config.text_dim), None
+
+    @property
+    def patch_size(self) -> int:
+        return int(self.transformer.config.patch_size[1])
+
+    @property
+    def vae_scale_factor(self) -> int:
+        return int(self.pipe.vae_scale_factor_spatial)
+
+    @property
+    def latent_channels(self) -> int:
+        return int(self.transformer.config.in_channels)
+
+    def preset_base_shift(self, height: int, width: int) -> float:
+        """h_ori: the scheduler's fixed flow shift (UniPC ``flow_shift`` with flow sigmas, or FlowMatchEuler
+        ``shift``); the same at every size and frame count (Wan's schedulers do not shift dynamically)."""
+        cfg = self.pipe.scheduler.config
+        if cfg.get("use_flow_sigmas", False):
+            return float(cfg.get("flow_shift", 1.0))
+        h, w = self.latent_hw(height, width)
+        frames = (self.default_frames - 1) // self.temporal_factor + 1
+        return scheduler_base_shift(cfg, frames * (h // self.patch_size) * (w // self.patch_size))
+
+    # ---- tokens --------------------------------------------------------------------------------------
+    def pack(self, latents: torch.Tensor) -> torch.Tensor:
+        """``(B, C, F, h, w)`` -> ``(B, F (h/p) (w/p), C p p)``: frame-major raster tokens, channels ``(c, py, px)``
+        (the order of the model's Conv3d patch embedding weights with temporal patch 1)."""
+        if latents.ndim != 5:
+            raise ValueError(f"Wan latents are (B, C, F, h, w); got shape {tuple(latents.shape)}")
+        b, c, f, h, w = latents.shape
+        p = self.patch_size
+        x = latents.view(b, c, f, h // p, p, w // p, p).permute(0, 2, 3, 5, 1, 4, 6)
+        return x.reshape(b, f * (h // p) * (w // p), c * p * p)
+
+    def unpack(self, tokens: torch.Tensor, h: int, w: int) -> torch.Tensor:
+        """Inverse of :meth:`pack` (the frame count from the token count): -> ``(B, C, F, h, w)``."""
+        b, n, ct = tokens.shape
+        p = self.patch_size
+        per_frame = (h // p) * (w // p)
+        if n % per_frame:
+            raise ValueError(f"{n} tokens are not whole frames of {h // p} x {w // p} tokens")
+        f = n // per_frame
+        c = ct // (p * p)
+        x = tokens.view(b, f, h // p, w // p, c, p, p).permute(0, 4, 1, 2, 5, 3, 6)
+        return x.reshape(b, c, f, h, w)
+
+    def latent_frames(self, num_frames: int) -> int:
+        """Latent frames of a ``num_frames`` video (the pipeline's ``(num_frames - 1) // 4 + 1``)."""
+        return (int(num_frames) - 1) // self.temporal_factor + 1
+
+    def prepare_noise(self, batch, height, width, generators, dtype, num_frames=None):
+        """``(B, C, F, h, w)`` drawn exactly as ``WanPipeline.prepare_latents`` draws it (float32, same shape and
+        generator use), then cast to ``dtype``."""
+        from diffusers.utils.torch_utils import randn_tensor
+
+        num_frames = self.default_frames if num_frames is None else num_frames
+        if (num_frames - 1) % self.temporal_factor or num_frames < 1:
+            raise ValueError(f"num_frames={num_frames} is not allowed: Wan needs 1 + a multiple of "
+                             f"{self.temporal_factor} frames")
+        f = self.latent_frames(num_frames)
+        cap = int(self.transformer.config.rope_max_seq_len)
+        if f > cap:
+            raise ValueError(f"num_frames={num_frames} gives {f} latent frames; the model's RoPE covers {cap}")
+        h, w = self.latent_hw(height, width)
+        shape = (batch, self.latent_channels, f, h, w)
+        noise = randn_tensor(shape, generator=generators, device=self.device, dtype=torch.float32)
+        return noise.to(dtype)
+
+    # ---- prompts -----------------------------------------------------------------------------------------
+    def encode_prompt(self, prompt, negative_prompt=None, *, prompt_embeds=None, pooled_prompt_embeds=None,
+                      negative_prompt_embeds=None, negative_pooled_prompt_embeds=None, num_images_per_prompt=1,
+                      guidance_scale, max_sequence_length=None, prompt_embeds_mask=None,
+                      negative_prompt_embeds_mask=None):
+        """The pipeline's ``encode_prompt`` (UMT5 states zero-padded to ``max_sequence_length``, 512 by default; the
+        empty negative prompt under CFG). ``data``: ``embeds (B, T, D)`` and ``negative_embeds (B, T', D)`` or None,
+        in the transformer's dtype; ``cfg``; ``guidance_scale``; ``guidance_scale_2`` (low-noise expert) and
+        ``boundary`` (``boundary_ratio * num_train_timesteps``) or None."""
+        if pooled_prompt_embeds is not None or negative_pooled_prompt_embeds is not None:
+            raise ValueError("Wan takes no pooled text embedding")
+        if prompt_embeds_mask is not None or negative_prompt_embeds_mask is not None:
+            raise ValueError("Wan takes no text-token mask")
+        cfg = guidance_scale > 1.0
+        n = num_images_per_prompt
+        max_len = max_sequence_length or self.default_max_sequence_length
+        if prompt_embeds is not None and n > 1:
+            # WanPipeline returns given embeddings unrepeated (its transformer call then fails): repeat them here,
+            # prompt-major like its own repeat of encoded text
+            prompt_embeds = prompt_embeds.repeat_interleave(n, dim=0)
+            if negative_prompt_embeds is not None:
+                negative_prompt_embeds = negative_prompt_embeds.repeat_interleave(n, dim=0)
+            n = 1
+        if prompt is not None and self.pipe.text_encoder is None:
+            raise ValueError("this pipeline has no text encoder: give prompt_embeds (and negative_prompt_embeds for "
+                             "classifier-free guidance) instead of a text prompt")
+        if cfg and negative_prompt_embeds is None and self.pipe.text_encoder is None:
+            raise ValueError("classifier-free guidance (guidance_scale > 1) needs negative_prompt_embeds: this "
+                             "pipeline has no text encoder to encode the empty negative prompt")
+        if prompt_embeds is not None:
+            prompt_embeds = prompt_embeds.to(self.device)
+        if negative_prompt_embeds is not None:
+            negative_prompt_embeds = negative_prompt_embeds.to(self.device)
+        pe, ne = self.pipe.encode_prompt(prompt=prompt, negative_prompt=negative_prompt,
+                                         do_classifier_free_guidance=cfg, num_videos_per_prompt=n,
+                                         prompt_embeds=prompt_embeds, negative_prompt_embeds=negative_prompt_embeds,
+                                         max_sequence_length=max_len, device=self.device)
+        dtype = self.dtype
+        pe = pe.to(dtype)
+        ne = ne.to(dtype) if (cfg and ne is not None) else None
+        boundary = self.boundary_ratio
+        g2 = None
+        if boundary is not None:
+            boundary = float(boundary * self.pipe.scheduler.config.num_train_timesteps)
+            g2 = float(guidance_scale if self.guidance_scale_2 is None else self.guidance_scale_2)
+        return Conditioning(pe.shape[0], {"embeds": pe, "negative_embeds": ne, "cfg": cfg,
+                                          "guidance_scale": float(guidance_scale), "guidance_scale_2": g2,
+                                          "boundary": boundary})
+
+    # ---- experts -----------------------------------------------------------------------------------------
+    def expert_index(self, timestep, cond: Conditioning) -> int:
+        """0 (``transformer``) or 1 (``transformer_2``) for a model call at ``timestep``, as ``WanPipeline.__call__``
+        decides: ``transformer`` when there is no boundary or ``t >= boundary_ratio * num_train_timesteps`` (torch's
+        comparison of the timestep tensor with the Python float, as the pipeline makes it). A fixed choice in
+        ``cond.data["expert"]`` (:meth:`specialize_call`) wins."""
+        data = cond.data
+        boundary = data.get("boundary")
+        if boundary is None:
+            return 0
+        fixed = data.get("expert")
+        if fixed is not None:
+            return int(fixed)
+        if _tracing():
+            raise NotImplementedError(
+                "Wan 2.2's expert choice reads the timestep on the host; it cannot run inside a traced or captured "
+                "model call (backend='onnx'/'tensorrt', or CUDA graphs) unless the runner fixes it per call with "
+                "WanAdapter.specialize_call: use backend='eager', or 'inductor' with compile_options={'cuda_graphs': "
+                "False}")
+        t = timestep if torch.is_tensor(timestep) else torch.tensor(float(timestep))
+        if t.device.type == "meta":  # shapes only (FLOP counting): both experts have the same shape
+            return 0
+        return 0 if bool(t >= boundary) else 1
+
+    def specialize_call(self, timestep, cond: Conditioning) -> Conditioning:
+        """``cond`` with this call's expert fixed (``data["expert"]``, a constant: compiled / captured artifacts keyed
+        by the conditioning's constants then hold one expert each). Identity for one-transformer pipelines."""
+        if cond.data.get("boundary") is None or cond.data.get("expert") is not None:
+            return cond
+        return Conditioning(cond.batch, {**cond.data, "expert": self.expert_index(timestep, cond)})
+
+    def _note_expert(self, expert: int) -> None:
+        """Reset the call's feature cache when the expert changes (its features belong to the other model). The last
+        expert is remembered per ``generate`` call (its call state, weakly), so concurrent calls never mix."""
+        cache = current_cache()
+        if cache is None:
+            return
+        state = _CALL.get()
+        with self._lock:  # keyed by identity (CallState is an unhashable dataclass); dead calls' entries dropped
+            for key in [k for k, (ref, _) in self._call_expert.items() if ref() is None]:
+                del self._call_expert[key]
+            ref, last = self._call_expert.get(id(state), (None, None))
+            if ref is None or ref() is not state:
+                last = None
+            self._call_expert[id(state)] = (weakref.ref(state), expert)
+        if last is not None and last != expert:
+            cache.reset()
+
+    # ---- positions -----------------------------------------------------------------------------------------
+    def rope_frequencies(self, device=None) -> list[torch.Tensor]:
+        """Per axis (frame, row, col): inverse frequencies ``(d_a / 2,)`` float64, as ``get_1d_rotary_pos_embed``
+        computes them for ``WanRotaryPosEmbed`` (``1 / theta^(arange(0, d, 2) / d)``), kept per device."""
+        device = torch.device("cpu") if device is None else torch.device(device)
+        freqs = self._inv_freq.get(device)
+        if freqs is None:
+            rope = self.transformer.rope
+            freqs = [(1.0 / (ROPE_THETA ** (torch.arange(0, d, 2, dtype=torch.float64) / d))).to(device)
+                     for d in (rope.t_dim, rope.h_dim, rope.w_dim)]
+            self._inv_freq[device] = freqs
+        return freqs
+
+    @staticmethod
+    def frame_positions(grid: TokenGrid) -> torch.Tensor:
+        """``(B, L, 3)`` float64 (frame, row, col) of the tokens of a tall grid: ``frame = floor(r / R)``, ``row = r -
+        frame R`` with ``R = grid_hw[0] // grid.frames`` rows per frame (integer frames; half-integer rows and columns
+        of stage-2 children stay)."""
+        frames = int(getattr(grid, "frames", 1))
+        rows = grid.grid_hw[0] // frames
+        pos = grid.positions.to(torch.float64)
+        r, c = pos[..., 0], pos[..., 1]
+        f = torch.floor(r / rows)
+        return torch.stack([f, r - f * rows, c], dim=-1)
+
+    def rotary(self, grid: TokenGrid) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-image rotary ``(cos, sin)``, each ``(B, L, 1, head_dim)`` in the dtype of the model's own table
+        (float32): per axis ``cos / sin`` of ``position * inv_freq`` in float64, channel pairs interleaved, axes in
+        the model's (frame, row, col) order; equal to ``WanRotaryPosEmbed``'s table at integer positions."""
+        fpos = self.frame_positions(grid)
+        dev = fpos.device
+        ang = torch.cat([fpos[..., a, None] * inv for a, inv in enumerate(self.rope_frequencies(dev))], dim=-1)
+        dtype = self.transformer.rope.freqs_cos.dtype
+        if dtype == torch.float64 or not dtype.is_floating_point:
+            dtype = torch.float32
+        cos = ang.cos().repeat_interleave(2, dim=-1).to(dtype).unsqueeze(2)
+        sin = ang.sin().repeat_interleave(2, dim=-1).to(dtype).unsqueeze(2)
+        return cos, sin
+
+    # ---- model ---------------------------------------------------------------------------------------------
+    def embed_tokens(self, tr, tokens: torch.Tensor, grid: TokenGrid) -> torch.Tensor:
+        """The model's Conv3d patch embedding of ``tokens (B, L, C p p)`` -> ``(B, L, D)``: on the 5-D latent for
+        raster token sets (the model's own path), else on each token's ``(C, 1, p, p)`` patch (the same map)."""
+        p = self.patch_size
+        frames = int(getattr(grid, "frames", 1))
+        if grid.raster and grid.fine_mask is None:
+            latent = self.unpack(tokens, (grid.grid_hw[0] // frames) * p, grid.grid_hw[1] * p)
+            hidden = tr.patch_embedding(latent).flatten(2).transpose(1, 2)
+        else:
+            b, l, ct = tokens.shape
+            hidden = tr.patch_embedding(tokens.reshape(b * l, ct // (p * p), 1, p, p)).reshape(b, l, -1)
+        return hidden.contiguous()
+
+    def _forward(self, tr, hidden: torch.Tensor, embeds: torch.Tensor, timestep: torch.Tensor, rope, impl: ModelImpl,
+                 cached: bool = True) -> torch.Tensor:
+        """Transformer ``tr`` from the embedded tokens ``hidden (N, L, D)`` with text ``embeds (N, T, D_text)``:
+        its output as tokens ``(N, L, C p p)`` (channels ``(c, py, px)``)."""
+        n, l, _ = hidden.shape
+        temb, proj, enc, _ = tr.condition_embedder(timestep.expand(n), embeds, None)
+        proj = proj.unflatten(1, (6, -1))
+        block_fn = impl.block("wan_block", wan_block)
+        stack = list(tr.blocks)
+
+        def run(h, start, stop):
+            for blk in stack[start:stop]:
+                h = block_fn(blk, h, enc, proj, *rope)
+            return h
+
+        def first():
+            h = run(hidden, 0, 1)
+            return h, h
+
+        blocks = SplitBlocks(first, lambda h: run(h, 1, len(stack)))
+        hidden = self.run_blocks(blocks, hidden, timestep) if cached else blocks()
+        shift, scale = (tr.scale_shift_table.to(temb.device) + temb.unsqueeze(1)).chunk(2, dim=1)
+        shift, scale = shift.to(hidden.device), scale.to(hidden.device)
+        hidden = (tr.norm_out(hidden.float()) * (1 + scale) + shift).type_as(hidden)
+        out = tr.proj_out(hidden)
+        p = self.patch_size
+        return out.view(n, l, p, p, -1).permute(0, 1, 4, 2, 3).reshape(n, l, -1)  # (py, px, c) -> (c, py, px)
+
+    def velocity(self, tokens, grid, timestep, cond, impl: ModelImpl | None = None):
+        impl = impl or EAGER
+        data = cond.data
+        expert = self.expert_index(timestep, cond)
+        tr = self.transformer if expert == 0 else self.transformer_2
+        if data.get("boundary") is not None:
+            self._note_expert(expert)
+        scale = data["guidance_scale"] if expert == 0 else data["guidance_scale_2"]
+        if not torch.is_tensor(timestep):
+            timestep = torch.tensor(float(timestep), device=tokens.device)
+        hidden = self.embed_tokens(tr, tokens, grid)
+        rope = self.rotary(grid)
+        pe, ne = data["embeds"], data["negative_embeds"]
+        if not data["cfg"]:
+            return self._forward(tr, hidden, pe, timestep, rope, impl)
+        if ne.shape[1] == pe.shape[1]:
+            out = self._forward(tr, torch.cat([hidden, hidden]), torch.cat([ne, pe]), timestep,
+                                tuple(torch.cat([r, r]) for r in rope), impl)
+            uncond, text = out.chunk(2)
+        else:  # different text lengths: two passes (no text mask in Wan's cross-attention), outside the cache
+            text = self._forward(tr, hidden, pe, timestep, rope, impl, cached=False)
+            uncond = self._forward(tr, hidden, ne, timestep, rope, impl, cached=False)
+        return uncond + scale * (text - uncond)
+
+    def baseline_schedule(self, num_steps, image_seq_len):
+        """The pipeline's ``scheduler.set_timesteps(num_steps)`` (no mu, no custom sigmas): its timesteps (integers
+        for UniPC, given to the model as they are) and flow sigmas ``(N + 1,)``, float32."""
+        sched = copy.deepcopy(self.pipe.scheduler)
+        sched.set_timesteps(num_steps, device=self.device)
+        timesteps = sched.timesteps.to(device=self.device, dtype=torch.float32)
+        sigmas = sched.sigmas.to(device=self.device, dtype=torch.float32)
+        if len(sigmas) != len(timesteps) + 1:
+            raise ValueError(f"the pipeline's {type(sched).__name__} gives {len(timesteps)} timesteps and "
+                             f"{len(sigmas)} sigmas for {num_steps} steps; ralu needs one sigma more than timesteps")
+        return timesteps, sigmas
+
+    def decode(self, latents, impl: ModelImpl | None = None):
+        """Latents ``(B, C, F, h, w)`` -> video ``(B, 3, 1 + 4 (F - 1), 8h, 8w)`` in about [-1, 1]: the pipeline's
+        de-normalisation (``latents / (1 / latents_std) + latents_mean`` in the VAE's dtype) and ``vae.decode``
+        (eager, one call at a time per VAE: its frame loop keeps state on the module)."""
+        vae = self.pipe.vae
+        param = next(vae.parameters())
+        z = latents.to(param.device, param.dtype)
+        shape = (1, vae.config.z_dim, 1, 1, 1)
+        mean = torch.tensor(vae.config.latents_mean).view(shape).to(z.device, z.dtype)
+        std = 1.0 / torch.tensor(vae.config.latents_std).view(shape).to(z.device, z.dtype)
+        z = z / std + mean
+        with _vae_lock(vae):
+            return vae.decode(z, return_dict=False)[0]
+
+    def edge_images(self, latents, decode):
+        """One decoded frame per latent frame (frame ``4 f`` for latent frame ``f``, clipped to the last), stacked
+        vertically: ``(B, 3, F H', W')`` for half-resolution latents ``(B, C, F, h, w)``."""
+        video = decode(latents)
+        f = latents.shape[2]
+        t = video.shape[2]
+        idx = torch.tensor([min(self.temporal_factor * i, t - 1) for i in range(f)], device=video.device)
+        frames = video.index_select(2, idx)
+        b, ch, _, hh, ww = frames.shape
+        return frames.reshape(b, ch, f * hh, ww)
+
+    def postprocess(self, images, output_type):
+        """Video ``(B, 3, T, H, W)`` -> what ``WanPipeline`` returns as ``frames`` for ``output_type``."""
+        return self.pipe.video_processor.postprocess_video(images, output_type=output_type)
