@@ -257,14 +257,14 @@ def _validate(adapter: DiTAdapter, *, prompt, prompt_embeds, pooled_prompt_embed
 
 def _check_video(adapter: DiTAdapter, num_frames, region_mode) -> tuple[int | None, str]:
     """``(num_frames, region_mode)`` checked for the adapter: video adapters take ``num_frames = 1 + k *
-    temporal_factor`` (default: the pipeline's) and ``region_mode`` "clip" (default) or "frame"; images take neither."""
+    temporal_factor`` (default: the pipeline's) and ``region_mode`` "frame" (default) or "clip"; images take neither."""
     if not adapter.is_video:
         if num_frames is not None:
             raise ValueError(f"num_frames={num_frames!r} is not allowed: {adapter.family} makes images")
         if region_mode is not None:
             raise ValueError(f"region_mode={region_mode!r} is not allowed: {adapter.family} makes images")
         return None, "frame"
-    region_mode = "clip" if region_mode is None else region_mode
+    region_mode = "frame" if region_mode is None else region_mode
     _check_choice("region_mode", region_mode, REGION_MODES)
     num_frames = adapter.default_frames if num_frames is None else num_frames
     _check_int("num_frames", num_frames, 1, 4096)
@@ -359,8 +359,9 @@ def generate(pipe, prompt: str | list[str] | None = None, *, height: int | None 
     same backend and ``compile_options``; None keeps whatever is installed (plain eager if nothing).
     ``prompt_embeds_mask`` / ``negative_prompt_embeds_mask``: ``(B, T)`` 0/1 valid-token masks of given embeddings,
     for families that take one (Qwen-Image, Z-Image, Chroma). Video families: ``num_frames`` (default: the
-    pipeline's), ``region_mode`` "clip" (default: the same spatial regions in every latent frame, temporally
-    coherent) or "frame" (each latent frame its own); ``images`` then holds the video as the pipeline returns it.
+    pipeline's), ``region_mode`` "frame" (default: each latent frame its own regions; the better Fréchet distance
+    on the video oracle) or "clip" (the same spatial regions in every latent frame); ``images`` then holds the
+    video as the pipeline returns it.
 
     Raises ValueError / TypeError for bad arguments before any work, and FloatingPointError when a stage produces
     non-finite latents (naming the stage).

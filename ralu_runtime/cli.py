@@ -25,7 +25,7 @@ EXIT_FAILURE, EXIT_USAGE = 1, 2
 TINY_MODELS = {"tiny-flux": ("flux", 4096), "tiny-sd3": ("sd3", 1536), "tiny-sd35": ("sd3", 1536),
                "tiny-flux2": ("flux2", 4096), "tiny-flux2-klein": ("flux2-klein", 4096),
                "tiny-qwen-image": ("qwen-image", 4096), "tiny-z-image": ("z-image", 8192), "tiny-chroma": ("chroma", 4096),
-               "tiny-wan": ("wan", 4096), "tiny-wan22": ("wan", 4096), "tiny-hunyuan-video15": ("hunyuan-video-1.5", 4096)}
+               "tiny-wan": ("wan", 4096), "tiny-wan22": ("wan", 4096), "tiny-hunyuan-video15": ("hunyuan-video-1.5", 2048)}
 PIPELINE_FAMILIES = {"FluxPipeline": "flux", "StableDiffusion3Pipeline": "sd3", "Flux2Pipeline": "flux2",
                      "Flux2KleinPipeline": "flux2", "QwenImagePipeline": "qwen-image", "ZImagePipeline": "z-image",
                      "ChromaPipeline": "chroma", "WanPipeline": "wan", "HunyuanVideo15Pipeline": "hunyuan-video-1.5"}
@@ -87,7 +87,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"video models: frames, 1 + a multiple of the VAE's time factor (default {TINY_FRAMES} for tiny "
                         "models, else the pipeline's); written as an animated WebP/PNG/GIF")
     g.add_argument("--regions", choices=("clip", "frame"), default=None,
-                   help="video models: the same upsampled regions in every frame (clip, default) or per frame")
+                   help="video models: regions chosen per latent frame (frame, default) or the same in every frame (clip)")
     g.add_argument("--speedup", metavar="PRESET", type=_speedup, default="default",
                    help=f"preset name ({PRESET_HELP}), 'default' (the family's fastest), or 'none' for the "
                         "ordinary full-resolution sampler")
@@ -453,7 +453,7 @@ def cmd_generate(args) -> int:
 
     print(f"model: {plan.model} ({plan.family}, {plan.device}, {plan.dtype}), loaded in {load_s:.2f} s")
     print(_speedup_line(plan, out))
-    frames = f", {plan.num_frames} frames, regions {plan.regions or 'clip'}" if plan.num_frames else ""
+    frames = f", {plan.num_frames} frames, regions {plan.regions or 'frame'}" if plan.num_frames else ""
     print(f"size: {plan.width}x{plan.height} (width x height){frames}, seed {args.seed}, solver {args.solver}, "
           f"backend {args.backend or 'eager'}"
           + (f", cache {args.cache}" if args.cache else ""))

@@ -69,7 +69,7 @@ def test_video_equals_the_tall_image(pair):
     for speedup in (None, SCHED):
         extra = dict(num_inference_steps=3) if speedup is None else {}
         v = generate(video, **emb, height=H, width=W, num_frames=video.default_frames, speedup=speedup,
-                     region_mode="frame", seed=7, **KW, **extra)
+                     seed=7, **KW, **extra)  # default region_mode: "frame"
         img = generate(pipe, **emb, height=F * H, width=W, speedup=speedup, seed=7, **KW, **extra)
         assert v.images.shape == (1, 16, F, H // 8, W // 8)
         assert torch.equal(v.images.reshape(img.images.shape), img.images)
@@ -83,7 +83,7 @@ def test_clip_regions_are_the_same_in_every_frame(pair):
     _pipe, video = pair
     emb = flux_embeds(2)
     gens = [torch.Generator().manual_seed(s) for s in (1, 2)]
-    out = generate(video, **emb, height=H, width=W, speedup=SCHED, generator=gens, **KW)  # default: "clip"
+    out = generate(video, **emb, height=H, width=W, speedup=SCHED, generator=gens, region_mode="clip", **KW)
     masks = out.masks
     assert masks.shape == (2, F, 2, 3)
     for f in range(1, F):
@@ -94,7 +94,7 @@ def test_clip_regions_are_the_same_in_every_frame(pair):
     for i, s in enumerate((1, 2)):
         emb_i = {k: v[i:i + 1] for k, v in emb.items()}
         one = generate(video, **emb_i, height=H, width=W, speedup=SCHED, generator=torch.Generator().manual_seed(s),
-                       **KW)
+                       region_mode="clip", **KW)
         assert torch.equal(one.masks[0], masks[i])
         torch.testing.assert_close(one.images[0], out.images[i], atol=1e-5, rtol=1e-5)
 

@@ -61,12 +61,10 @@ VARIANTS = ("stationary", "nonstationary")
 VAE_MODES = ("nearest", "bilinear")
 
 
-def _spectrum_covariance(h: int, w: int, k0: float, exponent: float, weight=None) -> np.ndarray:
-    """Covariance ``(h w, h w)`` of a stationary field with power ``(1 + |k|^2/k0^2)^-exponent * weight(|k|)``.
-
-    Computed on a ``2h x 2w`` periodic grid (|k| in cycles per *fine image* width: ``f * max(h, w)`` with f in
-    cycles per token) and cropped to ``h x w``; not normalised.
-    """
+def _spectrum_acf(h: int, w: int, k0: float, exponent: float, weight=None) -> np.ndarray:
+    """Autocovariance ``(2h, 2w)`` on the 2x zero-padded periodic grid of a stationary field with power
+    ``(1 + |k|^2/k0^2)^-exponent * weight(|k|)`` (|k| in cycles per *fine image* width: ``f * max(h, w)`` with f in
+    cycles per token); not normalised."""
     ph, pw = 2 * h, 2 * w
     fy = np.fft.fftfreq(ph)[:, None]
     fx = np.fft.fftfreq(pw)[None, :]
@@ -74,13 +72,48 @@ def _spectrum_covariance(h: int, w: int, k0: float, exponent: float, weight=None
     power = (1.0 + (k / k0) ** 2) ** (-exponent)
     if weight is not None:
         power = power * weight(k)
-    acf = np.real(np.fft.ifft2(power))  # autocovariance on the padded torus
+    return np.real(np.fft.ifft2(power))  # autocovariance on the padded torus
+
+
+def _crop_acf(acf: np.ndarray, h: int, w: int, shift=(0, 0)) -> np.ndarray:
+    """``(h w, h w)`` cross-covariance ``cov[p, p'] = acf[p - p' - shift]`` of an ``h x w`` crop of the torus field
+    with the same crop of it translated by ``shift`` (integer (rows, cols)); not symmetrised."""
+    ph, pw = acf.shape
     iy, ix = np.meshgrid(np.arange(h), np.arange(w), indexing="ij")
     iy, ix = iy.ravel(), ix.ravel()
-    dy = (iy[:, None] - iy[None, :]) % ph
-    dx = (ix[:, None] - ix[None, :]) % pw
-    cov = acf[dy, dx]
+    dy = (iy[:, None] - iy[None, :] - shift[0]) % ph
+    dx = (ix[:, None] - ix[None, :] - shift[1]) % pw
+    return acf[dy, dx]
+
+
+def _spectrum_covariance(h: int, w: int, k0: float, exponent: float, weight=None) -> np.ndarray:
+    """Covariance ``(h w, h w)`` of a stationary field with power ``(1 + |k|^2/k0^2)^-exponent * weight(|k|)``.
+
+    Computed on a ``2h x 2w`` periodic grid (|k| in cycles per *fine image* width: ``f * max(h, w)`` with f in
+    cycles per token) and cropped to ``h x w``; not normalised.
+    """
+    cov = _crop_acf(_spectrum_acf(h, w, k0, exponent, weight), h, w)
     return 0.5 * (cov + cov.T)
+
+
+def _low_pass(h: int, w: int):
+    """The non-stationary variant's smooth low-pass weight of |k|: cut at half the coarse grid's Nyquist frequency."""
+    k_cut = min(h, w) / 8.0  # half the coarse grid's Nyquist frequency, cycles per image
+    return lambda k: 1.0 / (1.0 + (k / k_cut) ** 8)
+
+
+def _envelope(h: int, w: int, offset=(0.0, 0.0)) -> np.ndarray:
+    """``(h, w)`` texture envelope of the non-stationary variant (a Gaussian bump off the centre on a floor, mean of
+    ``e^2`` = 1), its centre moved by ``offset`` (fractions of the height and width)."""
+    yy, xx = np.meshgrid((np.arange(h) + 0.5) / h, (np.arange(w) + 0.5) / w, indexing="ij")
+    env = 0.18 + np.exp(-((yy - (0.35 + offset[0])) ** 2 + (xx - (0.65 + offset[1])) ** 2) / (2 * 0.18**2))
+    return env / np.sqrt(np.mean(env**2))
+
+
+def _mean_pattern(h: int, w: int, amplitude: float, shift=(0, 0)) -> np.ndarray:
+    """``(h, w)`` fixed smooth mean pattern, translated by ``shift`` latent pixels."""
+    yy, xx = np.meshgrid((np.arange(h) - shift[0]) / h, (np.arange(w) - shift[1]) / w, indexing="ij")
+    return amplitude * np.sin(2 * np.pi * (yy + 0.5 * xx) + 0.3) * np.cos(np.pi * xx)
 
 
 @contextlib.contextmanager
@@ -139,28 +172,27 @@ class GaussianOracle(DiTAdapter):
         self._cache: OrderedDict = OrderedDict()
         self._cache_size = cache_size
 
-        d = self.d = h * w
+        self.d = h * w
         if variant == "stationary":
             cov = _spectrum_covariance(h, w, self.k0, self.exponent)
             cov /= np.mean(np.diag(cov))
             self.envelope = None
         else:
-            k_cut = min(h, w) / 8.0  # half the coarse grid's Nyquist frequency, cycles per image
-            low_w = lambda k: 1.0 / (1.0 + (k / k_cut) ** 8)  # noqa: E731  smooth low-pass
+            low_w = _low_pass(h, w)
             low = _spectrum_covariance(h, w, self.k0, self.exponent, low_w)
             high = _spectrum_covariance(h, w, self.k0, self.exponent, lambda k: 1.0 - low_w(k))
-            yy, xx = np.meshgrid((np.arange(h) + 0.5) / h, (np.arange(w) + 0.5) / w, indexing="ij")
-            env = 0.18 + np.exp(-((yy - 0.35) ** 2 + (xx - 0.65) ** 2) / (2 * 0.18**2))
-            env = env / np.sqrt(np.mean(env**2))
-            self.envelope = env
+            env = self.envelope = _envelope(h, w)
             e = env.ravel()
             cov = low + (e[:, None] * high * e[None, :])
             cov /= np.mean(np.diag(cov))
+        self._install_law(cov, _mean_pattern(h, w, mean_amplitude))
+
+    def _install_law(self, cov: np.ndarray, mean: np.ndarray) -> None:
+        """Make ``N(mean, cov)`` (float64, over the ``d`` fine tokens in raster order) the data law; derive the
+        extended token covariance, the sampling square root and the decoder's channel mix."""
         self.cov = torch.from_numpy(cov)                                    # (d, d) float64
-        yy, xx = np.meshgrid(np.arange(h) / h, np.arange(w) / w, indexing="ij")
-        mean = mean_amplitude * np.sin(2 * np.pi * (yy + 0.5 * xx) + 0.3) * np.cos(np.pi * xx)
         self.mean = torch.from_numpy(mean.ravel().astype(np.float64))       # (d,)
-        a_ext = torch.cat([torch.eye(d, dtype=torch.float64), self.block_average_matrix()])
+        a_ext = self._extended_measurements()
         self._cov_ext = a_ext @ self.cov @ a_ext.T                          # every fine and coarse token
         self._mean_ext = a_ext @ self.mean
         evals, evecs = torch.linalg.eigh(self.cov)
@@ -168,6 +200,10 @@ class GaussianOracle(DiTAdapter):
         g = torch.Generator().manual_seed(1234)
         mix = torch.randn(3, self.C, generator=g, dtype=torch.float64) + 1.0
         self.vae_mix = (mix / mix.norm(dim=1, keepdim=True)).to(torch.float32)  # unit rows: decoded std ~ gain
+
+    def _extended_measurements(self) -> torch.Tensor:
+        """``(d + M, d)``: every token the oracle knows, fine tokens then coarse tokens (coarse raster)."""
+        return torch.cat([torch.eye(self.d, dtype=torch.float64), self.block_average_matrix()])
 
     # ---- geometry --------------------------------------------------------------------------------------
     @property
