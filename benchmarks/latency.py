@@ -145,7 +145,9 @@ def run_once(pipe, emb, args, speedup, seed):
     device = pipe.transformer.device
     _sync(device)
     t0 = time.perf_counter()
-    out = generate(pipe, **emb, height=args.resolution, width=args.resolution, speedup=speedup,
+    h, w = args.resolution if isinstance(args.resolution, tuple) else (args.resolution, args.resolution)
+    video = {"num_frames": args.frames} if getattr(args, "frames", None) else {}
+    out = generate(pipe, **emb, height=h, width=w, speedup=speedup, **video,
                    num_inference_steps=args.steps if speedup is None else None, seed=seed, output_type="pt",
                    guidance_scale=getattr(args, "guidance", None),
                    progress=False, edge_detector=args.edge_detector, transition_impl=args.transition,
@@ -365,6 +367,11 @@ def main(argv=None) -> int:
         args.steps = args.steps or 50
     else:
         args.resolution = args.resolution or (fam.native if args.size == "full" else fam.cpu_size)
+    args.frames = None
+    if fam is not None and fam.frames is not None:  # video: the pipeline's frames at full size, 9 on a CPU
+        from benchmarks.families import VIDEO_CPU_FRAMES
+
+        args.frames = fam.frames if args.size == "full" else VIDEO_CPU_FRAMES
         args.steps = args.steps or fam.steps  # None: resolved from the adapter once the model is built
     args.guidance = None if fam is None else fam.guidance
     args.edge_detector = args.edge_detector or ("gpu" if device.type == "cuda" else "opencv")
