@@ -67,31 +67,28 @@ def build_pipeline(model: str, size: str, device="cpu", dtype=torch.float32, see
     from diffusers import (AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel,
                            SD3Transformer2DModel, StableDiffusion3Pipeline)
 
+    from ralu_runtime.tiny import building
+
     torch.manual_seed(seed)
-    prev = torch.get_default_dtype()
-    torch.set_default_dtype(dtype)  # build in the target dtype directly: no float32 copy of 12 B parameters
-    try:
-        with torch.device(device):
-            scaling, shift = VAE_SCALING[model]
-            vae = AutoencoderKL(in_channels=3, out_channels=3, latent_channels=16,
-                                down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
-                                scaling_factor=scaling, shift_factor=shift, use_quant_conv=False,
-                                use_post_quant_conv=False, **(VAE_FULL if size == "full" else VAE_SMALL)).eval()
-            if model == "flux":
-                tr = FluxTransformer2DModel(**(FLUX_FULL if size == "full" else FLUX_SMALL)).eval()
-                sched = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0, use_dynamic_shifting=True,
-                                                        base_shift=0.5, max_shift=1.15, base_image_seq_len=256,
-                                                        max_image_seq_len=4096)
-                pipe = FluxPipeline(scheduler=sched, vae=vae, text_encoder=None, tokenizer=None, text_encoder_2=None,
-                                    tokenizer_2=None, transformer=tr)
-            else:
-                tr = SD3Transformer2DModel(**(SD3_FULL if size == "full" else SD3_SMALL)).eval()
-                sched = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0)
-                pipe = StableDiffusion3Pipeline(scheduler=sched, vae=vae, text_encoder=None, tokenizer=None,
-                                                text_encoder_2=None, tokenizer_2=None, text_encoder_3=None,
-                                                tokenizer_3=None, transformer=tr)
-    finally:
-        torch.set_default_dtype(prev)
+    with building(device, dtype):  # in the target dtype directly: no float32 copy of 12 B parameters
+        scaling, shift = VAE_SCALING[model]
+        vae = AutoencoderKL(in_channels=3, out_channels=3, latent_channels=16,
+                            down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+                            scaling_factor=scaling, shift_factor=shift, use_quant_conv=False,
+                            use_post_quant_conv=False, **(VAE_FULL if size == "full" else VAE_SMALL)).eval()
+        if model == "flux":
+            tr = FluxTransformer2DModel(**(FLUX_FULL if size == "full" else FLUX_SMALL)).eval()
+            sched = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0, use_dynamic_shifting=True,
+                                                    base_shift=0.5, max_shift=1.15, base_image_seq_len=256,
+                                                    max_image_seq_len=4096)
+            pipe = FluxPipeline(scheduler=sched, vae=vae, text_encoder=None, tokenizer=None, text_encoder_2=None,
+                                tokenizer_2=None, transformer=tr)
+        else:
+            tr = SD3Transformer2DModel(**(SD3_FULL if size == "full" else SD3_SMALL)).eval()
+            sched = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0)
+            pipe = StableDiffusion3Pipeline(scheduler=sched, vae=vae, text_encoder=None, tokenizer=None,
+                                            text_encoder_2=None, tokenizer_2=None, text_encoder_3=None,
+                                            tokenizer_3=None, transformer=tr)
     pipe.set_progress_bar_config(disable=True)
     return pipe
 

@@ -11,6 +11,7 @@ ratios, "full" = the published transformer config for FLOP counting on meta tens
 """
 from __future__ import annotations
 
+import contextlib
 import importlib
 
 import torch
@@ -18,6 +19,19 @@ import torch
 TEXT_DIM = 32
 VOCAB = 300  # 256 byte symbols + specials, rounded up
 SPECIAL_TOKENS = ("<pad>", "<unk>", "</s>")
+
+
+@contextlib.contextmanager
+def building(device, dtype):
+    """Build modules on ``device`` in ``dtype`` directly (torch's default dtype and device for the block; the
+    default dtype is restored after): no float32 copy of a full-size model on the way."""
+    prev = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.device(device):
+            yield
+    finally:
+        torch.set_default_dtype(prev)
 
 
 def byte_to_unicode() -> dict[int, str]:

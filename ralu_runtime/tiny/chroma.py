@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import torch
 
+from . import building
+
 NATIVE_SIZE = 1024  # pixels: the pipeline's default_sample_size 128 x VAE factor 8
 TEXT_LEN = 512      # T5 tokens of an encoded prompt (the pipeline pads to max_sequence_length = 512)
 
@@ -68,19 +70,14 @@ def build_chroma_pipeline(size: str, *, device="cpu", dtype=torch.float32, seed:
     if size not in ("small", "full"):
         raise ValueError(f"size={size!r} is not allowed; choose 'small' or 'full'")
     torch.manual_seed(seed)
-    prev = torch.get_default_dtype()
-    torch.set_default_dtype(dtype)  # build in the target dtype: no float32 copy of 8.9 B parameters
-    try:
-        with torch.device(device):
-            vae = AutoencoderKL(in_channels=3, out_channels=3, latent_channels=16,
-                                down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
-                                scaling_factor=0.3611, shift_factor=0.1159, use_quant_conv=False,
-                                use_post_quant_conv=False, **(VAE_FULL if size == "full" else VAE_SMALL)).eval()
-            tr = ChromaTransformer2DModel(**(CHROMA_FULL if size == "full" else CHROMA_SMALL)).eval()
-            pipe = ChromaPipeline(scheduler=chroma_scheduler(), vae=vae, text_encoder=None, tokenizer=None,
-                                  transformer=tr)
-    finally:
-        torch.set_default_dtype(prev)
+    with building(device, dtype):
+        vae = AutoencoderKL(in_channels=3, out_channels=3, latent_channels=16,
+                            down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+                            scaling_factor=0.3611, shift_factor=0.1159, use_quant_conv=False,
+                            use_post_quant_conv=False, **(VAE_FULL if size == "full" else VAE_SMALL)).eval()
+        tr = ChromaTransformer2DModel(**(CHROMA_FULL if size == "full" else CHROMA_SMALL)).eval()
+        pipe = ChromaPipeline(scheduler=chroma_scheduler(), vae=vae, text_encoder=None, tokenizer=None,
+                              transformer=tr)
     pipe.set_progress_bar_config(disable=True)
     return pipe
 

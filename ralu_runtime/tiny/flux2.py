@@ -22,6 +22,8 @@ from __future__ import annotations
 
 import torch
 
+from . import building
+
 NATIVE_SIZE = 1024  # pixels: the pipelines' default_sample_size 128 x VAE factor 8
 TEXT_LEN = 512      # text tokens of an encoded prompt (both pipelines pad to max_sequence_length = 512)
 
@@ -161,20 +163,15 @@ def build_flux2_pipeline(size: str, *, device="cpu", dtype=torch.float32, seed: 
     else:
         shape = dict(FLUX2_SMALL, guidance_embeds=not klein)
     torch.manual_seed(seed)
-    prev = torch.get_default_dtype()
-    torch.set_default_dtype(dtype)  # build in the target dtype: no float32 copy of 32 B parameters
-    try:
-        with torch.device(device):
-            vae = _vae(**(VAE_FULL if size.startswith("full") else VAE_SMALL))
-            tr = Flux2Transformer2DModel(**shape).eval()
-            if klein:
-                pipe = Flux2KleinPipeline(scheduler=flux2_scheduler(), vae=vae, text_encoder=None, tokenizer=None,
-                                          transformer=tr, is_distilled=distilled)
-            else:
-                pipe = Flux2Pipeline(scheduler=flux2_scheduler(), vae=vae, text_encoder=None, tokenizer=None,
-                                     transformer=tr)
-    finally:
-        torch.set_default_dtype(prev)
+    with building(device, dtype):
+        vae = _vae(**(VAE_FULL if size.startswith("full") else VAE_SMALL))
+        tr = Flux2Transformer2DModel(**shape).eval()
+        if klein:
+            pipe = Flux2KleinPipeline(scheduler=flux2_scheduler(), vae=vae, text_encoder=None, tokenizer=None,
+                                      transformer=tr, is_distilled=distilled)
+        else:
+            pipe = Flux2Pipeline(scheduler=flux2_scheduler(), vae=vae, text_encoder=None, tokenizer=None,
+                                 transformer=tr)
     pipe.set_progress_bar_config(disable=True)
     return pipe
 

@@ -22,6 +22,8 @@ import re
 
 import torch
 
+from . import building
+
 # the pipeline's own default for the 720p model (target_size 960, 16:9 bucket) is 720 x 1280; 720 px is not a multiple
 # of RALU's 32-px coarse block (VAE factor 16 x patch 1 x 2), 704 is the nearest below
 NATIVE_SIZE = (704, 1280)
@@ -148,20 +150,15 @@ def build_hunyuan_video15_pipeline(size: str = "small", *, device="cpu", dtype=t
     if size not in ("small", "full"):
         raise ValueError(f"size={size!r}: use 'small' or 'full'")
     torch.manual_seed(seed)
-    prev = torch.get_default_dtype()
-    torch.set_default_dtype(dtype)
-    try:
-        with torch.device(device):
-            tr = HunyuanVideo15Transformer3DModel(**COMMON, **(FULL if size == "full" else SMALL)).eval()
-            if size == "full":
-                vae = AutoencoderKLHunyuanVideo15().eval()  # the published VAE config is diffusers' default
-            else:
-                vae = AutoencoderKLHunyuanVideo15(block_out_channels=(16, 16, 32, 32, 32), layers_per_block=1).eval()
-            pipe = HunyuanVideo15Pipeline(text_encoder=None, tokenizer=None, transformer=tr, vae=vae,
-                                          scheduler=_scheduler(), text_encoder_2=None, tokenizer_2=None,
-                                          guider=_guider())
-    finally:
-        torch.set_default_dtype(prev)
+    with building(device, dtype):
+        tr = HunyuanVideo15Transformer3DModel(**COMMON, **(FULL if size == "full" else SMALL)).eval()
+        if size == "full":
+            vae = AutoencoderKLHunyuanVideo15().eval()  # the published VAE config is diffusers' default
+        else:
+            vae = AutoencoderKLHunyuanVideo15(block_out_channels=(16, 16, 32, 32, 32), layers_per_block=1).eval()
+        pipe = HunyuanVideo15Pipeline(text_encoder=None, tokenizer=None, transformer=tr, vae=vae,
+                                      scheduler=_scheduler(), text_encoder_2=None, tokenizer_2=None,
+                                      guider=_guider())
     pipe.set_progress_bar_config(disable=True)
     return pipe
 

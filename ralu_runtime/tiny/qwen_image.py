@@ -20,7 +20,7 @@ import re
 
 import torch
 
-from . import byte_to_unicode
+from . import building, byte_to_unicode
 
 # Qwen-Image's native square size is 1328 px, which is not a multiple of RALU's 32-px coarse block (VAE factor 8
 # x patch 2 x 2); 1344 is the nearest multiple (84 x 84 fine tokens)
@@ -125,20 +125,15 @@ def build_qwen_image_pipeline(size: str = "small", *, device="cpu", dtype=torch.
     if size not in ("small", "full"):
         raise ValueError(f"size={size!r}: use 'small' or 'full'")
     torch.manual_seed(seed)
-    prev = torch.get_default_dtype()
-    torch.set_default_dtype(dtype)  # build in the target dtype directly: no float32 copy of 20 B parameters
-    try:
-        with torch.device(device):
-            tr = QwenImageTransformer2DModel(patch_size=2, in_channels=64, out_channels=16,
-                                             **(FULL if size == "full" else SMALL)).eval()
-            if size == "full":
-                vae = AutoencoderKLQwenImage().eval()  # the published VAE config is diffusers' default
-            else:
-                vae = AutoencoderKLQwenImage(base_dim=16, z_dim=16, dim_mult=[1, 2, 4, 4], num_res_blocks=1).eval()
-            pipe = QwenImagePipeline(scheduler=_scheduler(), vae=vae, text_encoder=None, tokenizer=None,
-                                     transformer=tr)
-    finally:
-        torch.set_default_dtype(prev)
+    with building(device, dtype):
+        tr = QwenImageTransformer2DModel(patch_size=2, in_channels=64, out_channels=16,
+                                         **(FULL if size == "full" else SMALL)).eval()
+        if size == "full":
+            vae = AutoencoderKLQwenImage().eval()  # the published VAE config is diffusers' default
+        else:
+            vae = AutoencoderKLQwenImage(base_dim=16, z_dim=16, dim_mult=[1, 2, 4, 4], num_res_blocks=1).eval()
+        pipe = QwenImagePipeline(scheduler=_scheduler(), vae=vae, text_encoder=None, tokenizer=None,
+                                 transformer=tr)
     pipe.set_progress_bar_config(disable=True)
     return pipe
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import torch
 
-from . import _clip, _t5, _vae, byte_tokenizer
+from . import building, _clip, _t5, _vae, byte_tokenizer
 
 NATIVE_SIZE = 1024  # pixels per side both models are trained for
 TEXT_LEN = 77 + 256  # the pipeline's prompt embeddings: 77 CLIP tokens then 256 T5 tokens (max_sequence_length)
@@ -96,17 +96,12 @@ def build_sd35_pipeline(size: str, *, variant: str = "large", device="cpu", dtyp
     if size not in ("small", "full"):
         raise ValueError(f"size={size!r}: choose 'small' or 'full'")
     torch.manual_seed(seed)
-    prev = torch.get_default_dtype()
-    torch.set_default_dtype(dtype)  # no float32 copy of 8 B parameters on the way
-    try:
-        with torch.device(device):
-            transformer = SD3Transformer2DModel(**CONFIGS[(variant, size)]).eval()
-            vae = AutoencoderKL(**(VAE_FULL if size == "full" else VAE_SMALL)).eval()
-            pipe = StableDiffusion3Pipeline(
-                scheduler=FlowMatchEulerDiscreteScheduler(**SCHEDULER), vae=vae, text_encoder=None, tokenizer=None,
-                text_encoder_2=None, tokenizer_2=None, text_encoder_3=None, tokenizer_3=None, transformer=transformer)
-    finally:
-        torch.set_default_dtype(prev)
+    with building(device, dtype):
+        transformer = SD3Transformer2DModel(**CONFIGS[(variant, size)]).eval()
+        vae = AutoencoderKL(**(VAE_FULL if size == "full" else VAE_SMALL)).eval()
+        pipe = StableDiffusion3Pipeline(
+            scheduler=FlowMatchEulerDiscreteScheduler(**SCHEDULER), vae=vae, text_encoder=None, tokenizer=None,
+            text_encoder_2=None, tokenizer_2=None, text_encoder_3=None, tokenizer_3=None, transformer=transformer)
     pipe.set_progress_bar_config(disable=True)
     return pipe
 

@@ -22,6 +22,8 @@ from __future__ import annotations
 
 import torch
 
+from . import building
+
 NATIVE_SIZE = (480, 832)  # pixels (height, width): WanPipeline's defaults
 NATIVE_FRAMES = 81        # WanPipeline's default num_frames (21 latent frames)
 TEXT_LEN = 512            # the pipeline pads UMT5 embeddings to max_sequence_length = 512
@@ -116,17 +118,12 @@ def build_wan_pipeline(size: str, *, device="cpu", dtype=torch.float32, seed: in
     two = size == "full-a14b"
     torch.manual_seed(seed)
     scheduler = wan_scheduler("unipc")  # outside the device / dtype context: it keeps its tables on the CPU
-    prev = torch.get_default_dtype()
-    torch.set_default_dtype(dtype)  # build in the target dtype: no float32 copy of 14 B parameters
-    try:
-        with torch.device(device):
-            vae = _vae(**(VAE_SMALL if size == "small" else VAE_FULL))
-            tr = WanTransformer3DModel(**shape).eval()
-            tr2 = WanTransformer3DModel(**shape).eval() if two else None
-            pipe = WanPipeline(tokenizer=None, text_encoder=None, vae=vae, scheduler=scheduler,
-                               transformer=tr, transformer_2=tr2, boundary_ratio=BOUNDARY_RATIO if two else None)
-    finally:
-        torch.set_default_dtype(prev)
+    with building(device, dtype):
+        vae = _vae(**(VAE_SMALL if size == "small" else VAE_FULL))
+        tr = WanTransformer3DModel(**shape).eval()
+        tr2 = WanTransformer3DModel(**shape).eval() if two else None
+        pipe = WanPipeline(tokenizer=None, text_encoder=None, vae=vae, scheduler=scheduler,
+                           transformer=tr, transformer_2=tr2, boundary_ratio=BOUNDARY_RATIO if two else None)
     pipe.set_progress_bar_config(disable=True)
     return pipe
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from . import TEXT_DIM, VOCAB, _vae, byte_tokenizer
+from . import building, TEXT_DIM, VOCAB, _vae, byte_tokenizer
 
 NATIVE_SIZE = 1024   # pixels per side (Z-Image / Z-Image-Turbo model cards: 1024 x 1024)
 TEXT_LEN = 128       # typical caption tokens after the chat template (variable length: no padding to 512)
@@ -90,19 +90,14 @@ def build_z_image_pipeline(size: str, *, device="cpu", dtype=torch.float32, seed
     if size not in ("small", "full"):
         raise ValueError(f"size={size!r} is not allowed; choose 'small' or 'full'")
     torch.manual_seed(seed)
-    prev = torch.get_default_dtype()
-    torch.set_default_dtype(dtype)  # build in the target dtype directly
-    try:
-        with torch.device(device):
-            vae = AutoencoderKL(in_channels=3, out_channels=3, latent_channels=16,
-                                down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
-                                scaling_factor=0.3611, shift_factor=0.1159, use_quant_conv=False,
-                                use_post_quant_conv=False, **(VAE_FULL if size == "full" else VAE_SMALL)).eval()
-            tr = ZImageTransformer2DModel(**(TRANSFORMER_FULL if size == "full" else TRANSFORMER_SMALL)).eval()
-            pipe = ZImagePipeline(scheduler=FlowMatchEulerDiscreteScheduler(**SCHEDULER_CONFIG), vae=vae,
-                                  text_encoder=None, tokenizer=None, transformer=tr)
-    finally:
-        torch.set_default_dtype(prev)
+    with building(device, dtype):
+        vae = AutoencoderKL(in_channels=3, out_channels=3, latent_channels=16,
+                            down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+                            scaling_factor=0.3611, shift_factor=0.1159, use_quant_conv=False,
+                            use_post_quant_conv=False, **(VAE_FULL if size == "full" else VAE_SMALL)).eval()
+        tr = ZImageTransformer2DModel(**(TRANSFORMER_FULL if size == "full" else TRANSFORMER_SMALL)).eval()
+        pipe = ZImagePipeline(scheduler=FlowMatchEulerDiscreteScheduler(**SCHEDULER_CONFIG), vae=vae,
+                              text_encoder=None, tokenizer=None, transformer=tr)
     pipe.set_progress_bar_config(disable=True)
     return pipe
 
