@@ -202,6 +202,7 @@ class DiTAdapter(ABC):
     base_shift: float = 3.0
     default_size: int = 1024                 # pixels per side when generate gets no height / width
     default_text_len: int = 512              # text tokens of an encoded prompt (warm-up's dummy embeddings)
+    max_side_px: int | None = None           # largest height / width in pixels (None: no fixed limit known)
     supports_negative_prompt: bool = False   # classifier-free guidance with negative prompts
     takes_prompt_mask: bool = False          # encode_prompt accepts prompt_embeds_mask (B, T) with prompt_embeds
     is_video: bool = False                   # latents (B, C, F, h, w); generate takes num_frames
@@ -318,8 +319,9 @@ class DiTAdapter(ABC):
         return self.default_size, self.default_size
 
     def max_size(self) -> int | None:
-        """Largest height / width in pixels this model can take (None: no limit known)."""
-        return None
+        """Largest height / width in pixels this model can take: :attr:`max_side_px` unless an adapter derives it
+        from the model (a position table's size); None: no limit known."""
+        return self.max_side_px
 
     def embed_dims(self) -> tuple[int, int | None] | None:
         """``(prompt embedding dim, pooled embedding dim)`` the model expects (None: not checked). A pooled dim of

@@ -148,9 +148,6 @@ class ChromaAdapter(DiTAdapter):
         check_blocks(named_blocks(self.transformer, "transformer_blocks", "single_transformer_blocks"),
                      ("FluxAttnProcessor",), "Chroma")
 
-    def max_size(self) -> int:
-        return self.max_side_px
-
     def embed_dims(self) -> tuple[int, None]:
         return int(self.transformer.config.joint_attention_dim), None
 

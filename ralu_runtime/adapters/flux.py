@@ -145,9 +145,6 @@ class FluxAdapter(DiTAdapter):
     fuses_projections = True
     max_side_px = 4096  # 65536 fine tokens; FLUX.1 is trained up to about 2 MP, beyond this only time is lost
 
-    def max_size(self) -> int:
-        return self.max_side_px
-
     def embed_dims(self) -> tuple[int, int]:
         cfg = self.transformer.config
         return int(cfg.joint_attention_dim), int(cfg.pooled_projection_dim)

@@ -200,9 +200,6 @@ class Flux2Adapter(DiTAdapter):
         check_blocks(named_blocks(self.transformer, "transformer_blocks"), DOUBLE_PROCESSORS, "FLUX.2")
         check_blocks(named_blocks(self.transformer, "single_transformer_blocks"), SINGLE_PROCESSORS, "FLUX.2")
 
-    def max_size(self) -> int:
-        return self.max_side_px
-
     def embed_dims(self) -> tuple[int, None]:
         return int(self.transformer.config.joint_attention_dim), None
 

@@ -160,9 +160,6 @@ class HunyuanVideo15Adapter(DiTAdapter):
                                  " e.g. enable_cache or block-level group offloading); ralu runs the blocks' layers "
                                  "itself and would bypass them. Remove them and use generate(cache=...)")
 
-    def max_size(self) -> int:
-        return self.max_side_px
-
     def embed_dims(self) -> tuple[int, None]:
         return int(self.transformer.config.text_embed_dim), None
 

@@ -163,9 +163,6 @@ class QwenImageAdapter(DiTAdapter):
                                  f"text-to-image transformer only, not {what}")
         check_blocks(named_blocks(tr, "transformer_blocks"), ("QwenDoubleStreamAttnProcessor2_0",), "Qwen-Image")
 
-    def max_size(self) -> int:
-        return self.max_side_px
-
     def embed_dims(self) -> tuple[int, None]:
         return int(self.transformer.config.joint_attention_dim), None
 
