@@ -29,7 +29,7 @@ from typing import Any
 import torch
 
 from .adapters import DiTAdapter, call_scope, get_adapter
-from .sampler import NOISE_VARIANTS, REGION_MODES, SOLVERS, StageRecord, sample_baseline, sample_ralu
+from .sampler import NOISE_VARIANTS, REGION_MODES, REGION_SOURCES, SOLVERS, StageRecord, sample_baseline, sample_ralu
 from .schedule import RaluSchedule, get_preset
 
 OUTPUT_TYPES = ("pil", "np", "pt", "latent")
@@ -333,7 +333,7 @@ def generate(pipe, prompt: str | list[str] | None = None, *, height: int | None 
              max_sequence_length: int | None = None, progress: bool = True, torch_dtype=None,
              device=None, backend: str | None = None, compile_options: dict | None = None,
              prompt_embeds_mask=None, negative_prompt_embeds_mask=None, num_frames: int | None = None,
-             region_mode: str | None = None) -> RaluOutput:
+             region_mode: str | None = None, region_source: str = "decode") -> RaluOutput:
     """Generate images (or videos) with RALU (``speedup`` preset or schedule) or the ordinary sampler
     (``speedup=None``).
 
@@ -361,7 +361,9 @@ def generate(pipe, prompt: str | list[str] | None = None, *, height: int | None 
     for families that take one (Qwen-Image, Z-Image, Chroma). Video families: ``num_frames`` (default: the
     pipeline's), ``region_mode`` "frame" (default: each latent frame its own regions; the better Fréchet distance
     on the video oracle) or "clip" (the same spatial regions in every latent frame); ``images`` then holds the
-    video as the pipeline returns it.
+    video as the pipeline returns it. ``region_source``: "decode" (default; Canny on the VAE-decoded half-resolution
+    preview of stage 1's estimate, as the reference) or "latent" (Sobel gradient magnitude of the latents per coarse
+    token: no preview decode, the cheaper choice for video VAEs; ``edge_map`` / ``edge_detector`` then do not apply).
 
     Raises ValueError / TypeError for bad arguments before any work, and FloatingPointError when a stage produces
     non-finite latents (naming the stage).
@@ -370,7 +372,8 @@ def generate(pipe, prompt: str | list[str] | None = None, *, height: int | None 
     for name, value, allowed in (("output_type", output_type, OUTPUT_TYPES), ("noise", noise, NOISE_VARIANTS),
                                  ("edge_map", edge_map, EDGE_MAPS), ("edge_detector", edge_detector, EDGE_DETECTORS),
                                  ("solver", solver, tuple(SOLVERS)), ("transition_impl", transition_impl,
-                                                                      TRANSITION_IMPLS)):
+                                                                      TRANSITION_IMPLS),
+                                 ("region_source", region_source, REGION_SOURCES)):
         _check_choice(name, value, allowed)
     for name, value in (("return_masks", return_masks), ("progress", progress)):
         if not isinstance(value, bool):
@@ -457,7 +460,7 @@ def generate(pipe, prompt: str | list[str] | None = None, *, height: int | None 
         else:
             result = sample_ralu(adapter, cond, noise_latents, schedule, per_image, noise_variant=noise,
                                  edge_map=edge_map, edge_detector=edge_detector, transition_impl=transition_impl,
-                                 region_mode=region_mode,
+                                 region_mode=region_mode, region_source=region_source,
                                  solver=solver, progress=progress, velocity=velocity, decode=decode)
         cache_stats = fcache.stats() if hasattr(fcache, "stats") else None
     for rec in result.records:

@@ -98,6 +98,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--noise", choices=("reference", "exact"), default="reference")
     g.add_argument("--solver", choices=SOLVER_NAMES, default="euler")
     g.add_argument("--edge-detector", choices=("opencv", "gpu"), default="opencv")
+    g.add_argument("--region-source", choices=("decode", "latent"), default="decode",
+                   help="regions from Canny on the VAE-decoded stage-1 preview (decode, default) or from the latents' "
+                        "gradients (latent: no preview decode, cheaper for video VAEs)")
     g.add_argument("--device", metavar="DEVICE", default=None,
                    help="cpu, cuda or cuda:N (default: cuda when available)")
     g.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default=None,
@@ -425,7 +428,7 @@ def cmd_generate(args) -> int:
     load_s = time.perf_counter() - t0
     kwargs = dict(height=plan.height, width=plan.width, speedup=plan.speedup, num_inference_steps=args.steps,
                   guidance_scale=args.guidance, noise=args.noise, solver=args.solver,
-                  edge_detector=args.edge_detector, cache=args.cache)
+                  edge_detector=args.edge_detector, cache=args.cache, region_source=args.region_source)
     if plan.num_frames is not None:
         kwargs.update(num_frames=plan.num_frames, region_mode=plan.regions)
     compile_s = None

@@ -3,7 +3,9 @@
 At the end of stage 1 the sampler VAE-decodes the Tweedie estimate (images in [-1, 1]) and calls
 :func:`edge_scores` (Canny edge pixels per image block, one block = one coarse token) and
 :func:`select_top_blocks` (jittered top-k, all randomness from the user's generators). The masks
-(:func:`region_mask`) and :func:`overlay_mask` are for users and the CLI.
+(:func:`region_mask`) and :func:`overlay_mask` are for users and the CLI. With ``region_source="latent"`` the
+sampler skips the decode and scores the Tweedie latents directly (:func:`latent_edge_scores`: Sobel magnitude per
+coarse token), which saves the half-resolution preview decode (large for video VAEs).
 
 Two detectors:
 
@@ -35,6 +37,7 @@ from ralu_kernels import edge_scores as _k
 __all__ = [
     "images_to_uint8_gray",
     "edge_scores",
+    "latent_edge_scores",
     "select_top_blocks",
     "region_mask",
     "overlay_mask",
@@ -143,6 +146,44 @@ def edge_scores(images: Tensor, block: int, *, mapping: str = "unit", detector: 
     gray = images_to_uint8_gray(images, mapping=mapping)
     edges = _k.canny(gray, low, high)
     return _k.block_sum(edges, block)
+
+
+_SOBEL = ((-1.0, 0.0, 1.0), (-2.0, 0.0, 2.0), (-1.0, 0.0, 1.0))
+LATENT_SCORE_MAX = 1e4
+"""Latent scores are scaled so each image's largest block scores this much (the top-k jitter is below 1e-3)."""
+
+
+def latent_edge_scores(latents: Tensor, patch: int) -> Tensor:
+    """Edge strength per coarse token, scored in latent space (no VAE decode).
+
+    ``latents`` ``(B, C, h, w)`` (images) or ``(B, C, F, h, w)`` (video) half-resolution Tweedie latents; every
+    ``patch x patch`` latent block is one coarse token. The score of a block is the sum over its pixels of the
+    Sobel gradient magnitude ``sqrt(gx^2 + gy^2)`` summed over the channels (float32, replicated borders; video
+    frames are filtered one by one, so no edge appears at a frame seam), scaled so that each image's highest
+    block scores :data:`LATENT_SCORE_MAX`. Returns ``(B, F h / patch, w / patch)`` float32 on ``latents.device``:
+    the block order of :func:`edge_scores` on the tall image of the decoded frames.
+    """
+    if latents.dim() not in (4, 5):
+        raise ValueError(f"latents must be (B, C, h, w) or (B, C, F, h, w); got shape {tuple(latents.shape)}")
+    if not isinstance(patch, int) or patch < 1:
+        raise ValueError(f"patch must be a positive int; got {patch!r}")
+    x = latents.to(torch.float32)
+    if x.dim() == 5:
+        b, c, f, h, w = x.shape
+        x = x.transpose(1, 2).reshape(b * f, c, h, w)
+    else:
+        (b, c, h, w), f = x.shape, 1
+    if h % patch or w % patch:
+        raise ValueError(f"latent height {h} and width {w} must be multiples of patch={patch}")
+    kx = torch.tensor(_SOBEL, dtype=torch.float32, device=x.device)
+    weight = torch.stack([kx, kx.t()])[:, None].repeat(c, 1, 1, 1)          # (2C, 1, 3, 3): gx, gy per channel
+    padded = torch.nn.functional.pad(x, (1, 1, 1, 1), mode="replicate")
+    g = torch.nn.functional.conv2d(padded, weight, groups=c).view(b * f, c, 2, h, w)
+    mag = g.pow(2).sum(dim=2).sqrt().sum(dim=1)                               # (B F, h, w)
+    hb, wb = h // patch, w // patch
+    blocks = mag.view(b, f * hb, patch, wb, patch).sum(dim=(2, 4))
+    top = blocks.flatten(1).amax(dim=1).clamp_min(1e-30)   # all-flat image: scores stay 0 (no 0 * inf)
+    return blocks * (LATENT_SCORE_MAX / top)[:, None, None]
 
 
 def _jitter(b: int, m: int, generators: Sequence[torch.Generator] | torch.Generator | None,

@@ -20,6 +20,7 @@ from .solvers import SOLVERS, make_solver
 
 NOISE_VARIANTS = ("reference", "exact")
 REGION_MODES = ("frame", "clip")  # video: regions chosen per latent frame, or the same spatial blocks in every frame
+REGION_SOURCES = ("decode", "latent")  # regions from Canny on the VAE-decoded preview, or Sobel on the latents
 
 
 def latent_frames(noise: torch.Tensor) -> int:
@@ -133,21 +134,27 @@ def draw_seeds(generators: list[torch.Generator], device) -> torch.Tensor:
 
 def select_regions(adapter: DiTAdapter, x: torch.Tensor, v: torch.Tensor, sigma_end: float, latent_hw, k: int,
                    generators, *, edge_map: str, edge_detector: str, decode: Callable | None = None,
-                   frames: int = 1, region_mode: str = "frame") -> torch.Tensor:
+                   frames: int = 1, region_mode: str = "frame", region_source: str = "decode") -> torch.Tensor:
     """Edge-based choice of the ``k`` coarse tokens to upsample first: ``(B, k)`` int64 sorted.
 
     Tweedie estimate ``x0 = x - sigma_end v`` at the end of stage 1, VAE decode at half resolution,
     Canny edges, edge pixels per coarse-token block, top-k with a tiny jitter from each image's generator.
+    ``region_source="latent"``: no decode; Sobel magnitude of the Tweedie latents per coarse token
+    (:func:`ralu_runtime.edges.latent_edge_scores`), the same jittered top-k.
     Video (``frames`` > 1, tall grid): ``region_mode="frame"`` takes the top-k blocks over all frames (each frame
     its own regions); ``"clip"`` sums each spatial block's scores over the frames and takes the same ``k / frames``
     blocks in every frame (temporally coherent).
     """
-    from .edges import edge_scores, select_top_blocks
+    from .edges import edge_scores, latent_edge_scores, select_top_blocks
 
     x0 = (x.to(torch.float32) - sigma_end * v.to(torch.float32)).to(x.dtype)
-    images = adapter.edge_images(adapter.unpack(x0, latent_hw[0] // 2, latent_hw[1] // 2), decode or adapter.decode)
-    block = adapter.patch_size * adapter.vae_scale_factor
-    scores = edge_scores(images, block, mapping=edge_map, detector=edge_detector)
+    latents = adapter.unpack(x0, latent_hw[0] // 2, latent_hw[1] // 2)
+    if region_source == "latent":
+        scores = latent_edge_scores(latents, adapter.patch_size)
+    else:
+        images = adapter.edge_images(latents, decode or adapter.decode)
+        block = adapter.patch_size * adapter.vae_scale_factor
+        scores = edge_scores(images, block, mapping=edge_map, detector=edge_detector)
     if frames == 1 or region_mode == "frame":
         return select_top_blocks(scores, k, generators)
     b = scores.shape[0]
@@ -171,13 +178,14 @@ def sample_ralu(adapter: DiTAdapter, cond: Conditioning, noise: torch.Tensor, sc
                 generators: list[torch.Generator], *, noise_variant: str = "reference", edge_map: str = "unit",
                 edge_detector: str = "opencv", transition_impl: str = "auto", solver: str = "euler",
                 progress: bool = True, velocity: Callable | None = None, decode: Callable | None = None,
-                region_mode: str = "frame") -> SamplerResult:
+                region_mode: str = "frame", region_source: str = "decode") -> SamplerResult:
     """RALU: low-resolution stage, edge-selected partial upsampling, full-resolution stage.
 
     noise: full-resolution latent noise ``(B, C, h, w)`` (stage 1 starts from its 2x nearest downsample,
     so a RALU run and a baseline run with the same seed start from the same noise), or video ``(B, C, F, h, w)``:
     spatial 2x only (time kept at full resolution in every stage), the frames stacked as a tall image, regions
-    chosen per frame or per clip (``region_mode``, :func:`select_regions`).
+    chosen per frame or per clip (``region_mode``, :func:`select_regions`). ``region_source``: "decode" (Canny on
+    the VAE-decoded half-resolution preview, as the reference) or "latent" (Sobel on the latents, no decode).
     generators: one per image (the same object repeated is allowed: draws are then sequential).
     velocity / decode: the model call and the VAE decode (defaults: the adapter's plain ones).
     Returns final tokens in fine raster order ``(B, 4M, C_tok)``.
@@ -186,6 +194,8 @@ def sample_ralu(adapter: DiTAdapter, cond: Conditioning, noise: torch.Tensor, sc
         raise ValueError(f"noise={noise_variant!r} is not allowed; choose one of {NOISE_VARIANTS}")
     if region_mode not in REGION_MODES:
         raise ValueError(f"region_mode={region_mode!r} is not allowed; choose one of {REGION_MODES}")
+    if region_source not in REGION_SOURCES:
+        raise ValueError(f"region_source={region_source!r} is not allowed; choose one of {REGION_SOURCES}")
     clock = _Clock(noise.device)
     b = noise.shape[0]
     latent_hw = noise.shape[-2:]
@@ -210,7 +220,7 @@ def sample_ralu(adapter: DiTAdapter, cond: Conditioning, noise: torch.Tensor, sc
         if 0 < k < m:
             sel = select_regions(adapter, x, v, float(sig[-1]), latent_hw, k, generators,
                                  edge_map=edge_map, edge_detector=edge_detector, decode=decode, frames=frames,
-                                 region_mode=region_mode)
+                                 region_mode=region_mode, region_source=region_source)
         else:
             sel = torch.arange(m, device=x.device).expand(b, m)[:, :k]
         layout = TokenLayout(coarse_hw, sel.to(x.device))

@@ -364,3 +364,18 @@ def test_model_folder_family_from_model_index(tmp_path, cls, extra, family):
 
     (tmp_path / "model_index.json").write_text(json.dumps({"_class_name": cls, **extra}))
     assert cli._model_family(str(tmp_path)) == (family, cli.MODEL_SIZE, 8192 if family == "z-image" else 4096)
+
+
+@pytest.mark.parametrize("name,regions,source", [("tiny-wan", "frame", "latent"),
+                                                 ("tiny-hunyuan-video15", "clip", "decode")])
+def test_video_models_write_an_animated_clip_and_overlay(name, regions, source, tmp_path, capsys):
+    from PIL import Image
+
+    out, mask = tmp_path / "clip.webp", tmp_path / "regions.webp"
+    assert cli.main(["generate", "--model", name, "--height", "64", "--width", "96", "--frames", "5",
+                     "--regions", regions, "--region-source", source, "--out", str(out), "--mask-out", str(mask),
+                     "--no-progress"]) == 0
+    assert "stage3" in capsys.readouterr().out
+    for path in (out, mask):
+        with Image.open(path) as im:
+            assert im.is_animated and im.n_frames == 5 and im.size == (96, 64)
