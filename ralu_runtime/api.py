@@ -16,6 +16,7 @@ Guarantees (tested in ``tests/test_safety.py``):
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import math
 import numbers
 import os
@@ -39,6 +40,26 @@ TRANSITION_IMPLS = ("auto", "cuda", "triton", "torch")
 MAX_STEPS = 1000
 MAX_SEQUENCE_LENGTH = 512
 
+# set only by ralu itself: check_arguments (validate, return before any work) and the serving engine (routes the
+# call's model calls through its batcher: hook(adapter, velocity) -> velocity)
+_CHECK_ONLY: contextvars.ContextVar[bool] = contextvars.ContextVar("ralu_check_only", default=False)
+_MODEL_CALL_HOOK: contextvars.ContextVar[Any] = contextvars.ContextVar("ralu_model_call_hook", default=None)
+
+
+@dataclass(frozen=True)
+class CheckedCall:
+    """What :func:`check_arguments` resolved: the adapter, pixel size, images in the call (prompts x
+    ``num_images_per_prompt``), the schedule (None: baseline), baseline steps, guidance, video frames (None: image)."""
+
+    adapter: DiTAdapter
+    height: int
+    width: int
+    batch: int
+    schedule: RaluSchedule | None
+    steps: int
+    guidance: float
+    num_frames: int | None
+
 
 @dataclass
 class RaluOutput:
@@ -56,6 +77,17 @@ class RaluOutput:
     records: list[StageRecord] = field(default_factory=list)
     schedule: RaluSchedule | None = None
     cache_stats: dict | None = None  # feature cache's full/cached step counts (see ralu_runtime.cache), if one ran
+
+
+def check_arguments(pipe, prompt=None, **kwargs) -> CheckedCall:
+    """Run every check :func:`generate` makes on these arguments, and nothing else (no text encoding, no noise,
+    no model call; a model folder is loaded, a backend is not installed). Raises what ``generate`` would raise;
+    returns the resolved :class:`CheckedCall`. The serving engine calls it when a request arrives."""
+    token = _CHECK_ONLY.set(True)
+    try:
+        return generate(pipe, prompt, **kwargs)
+    finally:
+        _CHECK_ONLY.reset(token)
 
 
 # ------------------------------------------------------------------------------------------- loading
@@ -415,6 +447,8 @@ def generate(pipe, prompt: str | list[str] | None = None, *, height: int | None 
     schedule = resolve_schedule(speedup, adapter, height, width)
     steps = num_inference_steps if num_inference_steps is not None else adapter.default_steps
     guidance = adapter.default_guidance if guidance_scale is None else float(guidance_scale)
+    if _CHECK_ONLY.get():
+        return CheckedCall(adapter, height, width, batch, schedule, steps, guidance, num_frames)
 
     # ---- the call's own state: backend runner, feature cache, generators
     if backend is not None:
@@ -426,6 +460,9 @@ def generate(pipe, prompt: str | list[str] | None = None, *, height: int | None 
         runner.begin_call()
     impl = runner.impl if runner is not None else None
     velocity = runner if runner is not None else adapter.velocity
+    hook = _MODEL_CALL_HOOK.get()
+    if hook is not None:
+        velocity = hook(adapter, velocity)
 
     def decode(latents):
         return adapter.decode(latents, impl=impl)
