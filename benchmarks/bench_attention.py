@@ -31,7 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks._common import bar_plot, device_slug, print_table, time_fn, write_json  # noqa: E402
 from ralu_kernels.attention import (  # noqa: E402
-    PackedAttentionContext,
+    StreamSegments,
     available_backends,
     pack_sequences,
     varlen_attention,
@@ -73,11 +73,13 @@ def run_case(name, lens, text, heads, head_dim, dtype, device, reps, warmup):
     for b in available_backends(device, dtype):
         c = cu.cpu() if b == "sdpa" else cu  # sdpa loops on the host: host lengths, no device sync
         fns[f"varlen[{b}]"] = (lambda b=b, c=c: varlen_attention(q, k, v, c, c, mx, mx, backend=b))
-    # what the FLUX processor does around the kernel: gather [text_i; image_i] segments from the
-    # global [all text; all image] layout, attention, scatter back
-    ctx = PackedAttentionContext([n - text for n in lens], [text] * len(lens))
-    qg, kg, vg = (t[None] for t in (q, k, v))  # stand-ins in the global layout (values don't matter)
-    fns["processor_gather+varlen+scatter"] = lambda: ctx.attend(qg, kg, vg, "text_first")
+    # what a packed FLUX call (FluxAdapter.packed_velocity) does around the kernel in a joint block: gather
+    # [text_i; image_i] segments from the text and image streams, attention, split back into the streams
+    seg = StreamSegments([[text] * len(lens), [n - text for n in lens]], device)
+    streams = [(t[:len(lens) * text], t[len(lens) * text:]) for t in (q, k, v)]  # stand-ins (values don't matter)
+    backend = available_backends(device, dtype)[0]
+    fns["segments_gather+varlen+split"] = (
+        lambda: seg.split(seg.attend(*(seg.gather(*s) for s in streams), backend=backend)))
     fns["padded_masked"] = lambda: F.scaled_dot_product_attention(qp, kp, vp, attn_mask=key_mask)
     fns["padded_nomask"] = lambda: F.scaled_dot_product_attention(qp, kp, vp)
     bd_bytes = total * total

@@ -1,4 +1,7 @@
-"""Tests for ralu_kernels.attention: varlen attention backends, packing, packed diffusers forwards."""
+"""Tests for ralu_kernels.attention: varlen attention backends, packing helpers, stream segments.
+
+The packed model calls built on them (FLUX, SD3 / SD3.5 ``packed_velocity``) are tested in
+tests/test_packed_velocity.py."""
 from __future__ import annotations
 
 import pytest
@@ -9,15 +12,11 @@ from hypothesis import strategies as st
 
 from ralu_kernels import attention as A
 from ralu_kernels.attention import (
-    PackedAttentionContext,
+    StreamSegments,
     block_diagonal_mask,
     cu_seqlens_from_lens,
-    flux_packed_forward,
-    pack_flux_inputs,
     pack_sequences,
-    packed_attention,
     padded_attention,
-    sd3_packed_forward,
     unpack_sequences,
     varlen_attention,
 )
@@ -148,221 +147,55 @@ def test_gpu_backends_refuse_cpu_tensors_and_fp32(monkeypatch):
 
 
 # ------------------------------------------------------------------------------------------
-# PackedAttentionContext
+# StreamSegments
 # ------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("layout", ["text_first", "image_first", "image_only"])
-def test_context_attend_equals_per_request_attention(layout):
-    img, txt, B, H, D = (5, 3, 8), (2, 4, 1), 2, 2, 8
-    ctx = PackedAttentionContext(img, txt)
-    streams = A._LAYOUTS[layout]
-    lens = {"text": txt, "image": img}
-    S = sum(sum(lens[s]) for s in streams)
-    q, k, v = (torch.randn(B, S, H, D) for _ in range(3))
-    out = ctx.attend(q, k, v, layout)
-    # reference: collect each request's rows from every stream
-    starts, acc = {}, 0
-    for s in streams:
-        starts[s] = acc
-        acc += sum(lens[s])
-    for b in range(B):
-        for i in range(len(img)):
-            rows = torch.cat([torch.arange(starts[s] + sum(lens[s][:i]), starts[s] + sum(lens[s][:i + 1]))
-                              for s in streams])
-            qs, ks, vs = (t[b, rows].transpose(0, 1)[None] for t in (q, k, v))
-            ref = F.scaled_dot_product_attention(qs, ks, vs)[0].transpose(0, 1)
-            torch.testing.assert_close(out[b, rows], ref, atol=1e-6, rtol=1e-6)
-    with pytest.raises(ValueError, match="expects"):
-        ctx.attend(q[:, :-1], k[:, :-1], v[:, :-1], layout)
+@pytest.mark.parametrize("stream_lens", [
+    [(2, 4, 1), (5, 3, 8)],             # two streams (e.g. text, image), one segment per request
+    [(5, 3, 8), (2, 0, 1)],             # an empty part
+    [(3, 1), (2, 2), (0, 4)],           # three streams
+    [(5, 3, 8)],                        # one stream: identity
+])
+def test_stream_segments_attend_equals_per_segment_attention(stream_lens):
+    H, D = 2, 8
+    seg = StreamSegments(stream_lens)
+    n_seg = len(stream_lens[0])
+    assert seg.num_segments == n_seg and seg.num_streams == len(stream_lens)
+    assert seg.segment_lens == tuple(sum(p) for p in zip(*stream_lens)) and seg.total == sum(seg.segment_lens)
+    assert seg.cu_seqlens.dtype == torch.int32 and seg.cu_seqlens_host.device.type == "cpu"
+    g = torch.Generator().manual_seed(len(stream_lens))
+    streams = [[torch.randn(sum(lens), H, D, generator=g) for lens in stream_lens] for _ in range(3)]
+    q, k, v = (seg.gather(*s) for s in streams)
+    assert q.shape == (seg.total, H, D)
+    # segment i = [part i of stream 0 ; part i of stream 1 ; ...]
+    for i in range(n_seg):
+        parts = [s[sum(lens[:i]):sum(lens[:i + 1])] for s, lens in zip(streams[0], stream_lens)]
+        a, b = seg.cu_seqlens_host[i].item(), seg.cu_seqlens_host[i + 1].item()
+        assert torch.equal(q[a:b], torch.cat(parts))
+    for s, lens in enumerate(stream_lens):  # segment ids: the segment of every token of a stream
+        assert seg.segment_ids(s).tolist() == [i for i, n in enumerate(lens) for _ in range(n)]
+        assert torch.equal(q[seg.positions(s)], streams[0][s])
+    out = seg.attend(q, k, v, backend="sdpa")
+    torch.testing.assert_close(out, _per_sequence_sdpa(q, k, v, seg.cu_seqlens_host), atol=1e-6, rtol=1e-6)
+    back = seg.split(q)
+    assert len(back) == len(stream_lens) and all(torch.equal(x, y) for x, y in zip(back, streams[0]))
 
 
-def test_context_validation():
-    with pytest.raises(ValueError, match="one entry per request"):
-        PackedAttentionContext((1, 2), (3,))
+def test_stream_segments_validation():
+    with pytest.raises(ValueError, match="one length per segment"):
+        StreamSegments([(1, 2), (3,)])
     with pytest.raises(ValueError, match=">= 0"):
-        PackedAttentionContext((1, -2), (3, 3))
-
-
-# ------------------------------------------------------------------------------------------
-# Tiny FLUX
-# ------------------------------------------------------------------------------------------
-def _tiny_flux(guidance_embeds=False):
-    from diffusers import FluxTransformer2DModel
-
-    torch.manual_seed(0)
-    return FluxTransformer2DModel(
-        patch_size=1, in_channels=16, num_layers=1, num_single_layers=1, attention_head_dim=16,
-        num_attention_heads=2, joint_attention_dim=32, pooled_projection_dim=32, axes_dims_rope=(4, 6, 6),
-        guidance_embeds=guidance_embeds,
-    ).eval()
-
-
-def _grid_ids(h, w, offset=0.0, scale=1.0):
-    ids = torch.zeros(h * w, 3)
-    ids[:, 1] = torch.arange(h).repeat_interleave(w) * scale + offset
-    ids[:, 2] = torch.arange(w).repeat(h) * scale + offset
-    return ids
-
-
-def _flux_requests():
-    g = torch.Generator().manual_seed(5)
-    # 16, 36 and 20 image tokens; different grids, a fractional (mixed-resolution-like) offset, and text lengths
-    grids = [(4, 4, 0.0, 1.0), (6, 6, 0.5, 0.5), (4, 5, 0.0, 2.0)]
-    text = [7, 5, 9]
-    hs = [torch.randn(1, h * w, 16, generator=g) for h, w, _, _ in grids]
-    img_ids = [_grid_ids(h, w, o, s) for h, w, o, s in grids]
-    es = [torch.randn(1, t, 32, generator=g) for t in text]
-    txt_ids = [torch.zeros(t, 3) for t in text]
-    pooled = [torch.randn(1, 32, generator=g) for _ in text]
-    timesteps = [torch.tensor([0.3]), torch.tensor([0.8]), torch.tensor([0.05])]
-    return hs, es, pooled, timesteps, img_ids, txt_ids
-
-
-def _flux_separate(model, hs, es, pooled, ts, img_ids, txt_ids, guidance=None):
-    out = []
-    for i in range(len(hs)):
-        kw = {} if guidance is None else {"guidance": guidance[i]}
-        out.append(model(hidden_states=hs[i], encoder_hidden_states=es[i], pooled_projections=pooled[i],
-                         timestep=ts[i], img_ids=img_ids[i], txt_ids=txt_ids[i], **kw).sample)
-    return out
-
-
-@torch.no_grad()
-def test_flux_shared_timestep_route_equals_separate_forwards():
-    model = _tiny_flux()
-    hs, es, pooled, ts, img_ids, txt_ids = _flux_requests()
-    pooled, ts = [pooled[0]] * 3, [ts[0]] * 3  # this route shares temb
-    ref = _flux_separate(model, hs, es, pooled, ts, img_ids, txt_ids)
-    originals = [m.processor for m in model.modules() if type(m).__name__ == "FluxAttention"]
-    p = pack_flux_inputs(hs, es, img_ids, txt_ids)
-    assert p["image_lens"] == [16, 36, 20] and p["text_lens"] == [7, 5, 9]
-    with packed_attention(model, p["image_lens"], p["text_lens"], backend="sdpa") as ctx:
-        assert ctx.num_requests == 3
-        out = model(hidden_states=p["hidden_states"], encoder_hidden_states=p["encoder_hidden_states"],
-                    pooled_projections=pooled[0], timestep=ts[0], img_ids=p["img_ids"], txt_ids=p["txt_ids"]).sample
-    assert [m.processor for m in model.modules() if type(m).__name__ == "FluxAttention"] == originals
-    for r, o in zip(ref, out[0].split(p["image_lens"])):
-        torch.testing.assert_close(o[None], r, atol=1e-5, rtol=1e-5)
-    # without packing the requests would see each other: the check above is not vacuous
-    mixed = model(hidden_states=p["hidden_states"], encoder_hidden_states=p["encoder_hidden_states"],
-                  pooled_projections=pooled[0], timestep=ts[0], img_ids=p["img_ids"], txt_ids=p["txt_ids"]).sample
-    assert (mixed[0, :16] - ref[0][0]).abs().max() > 1e-3
-
-
-@torch.no_grad()
-def test_flux_packed_attention_restores_processors_on_error_and_checks_lengths():
-    model = _tiny_flux()
-    hs, es, pooled, ts, img_ids, txt_ids = _flux_requests()
-    p = pack_flux_inputs(hs, es, img_ids, txt_ids)
-    originals = [m.processor for m in model.modules() if type(m).__name__ == "FluxAttention"]
-    with pytest.raises(ValueError, match="expects"):
-        with packed_attention(model, [16, 36, 21], p["text_lens"]):
-            model(hidden_states=p["hidden_states"], encoder_hidden_states=p["encoder_hidden_states"],
-                  pooled_projections=pooled[0], timestep=ts[0], img_ids=p["img_ids"], txt_ids=p["txt_ids"])
-    assert [m.processor for m in model.modules() if type(m).__name__ == "FluxAttention"] == originals
-    with pytest.raises(ValueError, match="no FLUX or SD3"):
-        with packed_attention(torch.nn.Linear(2, 2), [1], [1]):
-            pass
-
-
-@torch.no_grad()
-def test_flux_per_token_route_equals_separate_forwards_at_different_timesteps():
-    model = _tiny_flux()
-    hs, es, pooled, ts, img_ids, txt_ids = _flux_requests()
-    ref = _flux_separate(model, hs, es, pooled, ts, img_ids, txt_ids)
-    out = flux_packed_forward(model, hs, es, pooled, ts, img_ids, txt_ids, backend="sdpa")
-    assert [o.shape for o in out] == [r.shape for r in ref]
-    for r, o in zip(ref, out):
-        torch.testing.assert_close(o, r, atol=1e-5, rtol=1e-5)
-    # one request: bitwise the diffusers forward (same ops on the same shapes; measured equal on CPU)
-    single = flux_packed_forward(model, hs[:1], es[:1], pooled[:1], ts[:1], img_ids[:1], txt_ids[:1])
-    assert torch.equal(single[0], ref[0]), f"max abs diff {(single[0] - ref[0]).abs().max().item():.3g}"
-
-
-@torch.no_grad()
-def test_flux_per_token_route_with_guidance_and_2d_inputs():
-    model = _tiny_flux(guidance_embeds=True)
-    hs, es, pooled, ts, img_ids, txt_ids = _flux_requests()
-    guidance = [torch.tensor([3.5]), torch.tensor([1.0]), torch.tensor([7.0])]
-    ref = _flux_separate(model, hs, es, pooled, ts, img_ids, txt_ids, guidance)
-    out = flux_packed_forward(model, [h[0] for h in hs], [e[0] for e in es], [p[0] for p in pooled],
-                              [float(t) for t in ts], img_ids, txt_ids, [float(g) for g in guidance])
-    for r, o in zip(ref, out):
-        torch.testing.assert_close(o, r, atol=1e-5, rtol=1e-5)
-    with pytest.raises(ValueError, match="guidance_list"):
-        flux_packed_forward(model, hs, es, pooled, ts, img_ids, txt_ids)
-    with pytest.raises(ValueError, match="img_ids rows"):
-        flux_packed_forward(model, hs, es, pooled, ts, img_ids[::-1], txt_ids, guidance)
-
-
-# ------------------------------------------------------------------------------------------
-# Tiny SD3 / SD3.5
-# ------------------------------------------------------------------------------------------
-def _tiny_sd3():
-    from diffusers import SD3Transformer2DModel
-
-    torch.manual_seed(0)
-    # block 0 uses SD3.5's dual attention, the last block is context_pre_only
-    return SD3Transformer2DModel(
-        sample_size=16, patch_size=2, in_channels=4, num_layers=2, attention_head_dim=8, num_attention_heads=2,
-        joint_attention_dim=32, caption_projection_dim=16, pooled_projection_dim=32, out_channels=4,
-        pos_embed_max_size=16, dual_attention_layers=(0,), qk_norm="rms_norm",
-    ).eval()
-
-
-def _sd3_requests():
-    g = torch.Generator().manual_seed(7)
-    latents = [torch.randn(1, 4, 8, 8, generator=g), torch.randn(1, 4, 12, 8, generator=g),
-               torch.randn(1, 4, 6, 10, generator=g)]  # 16, 24, 15 image tokens
-    text = [7, 5, 9]
-    es = [torch.randn(1, t, 32, generator=g) for t in text]
-    pooled = [torch.randn(1, 32, generator=g) for _ in text]
-    ts = [torch.tensor([300.0]), torch.tensor([900.0]), torch.tensor([20.0])]
-    return latents, es, pooled, ts
-
-
-@torch.no_grad()
-def test_sd3_per_token_route_equals_separate_forwards():
-    model = _tiny_sd3()
-    latents, es, pooled, ts = _sd3_requests()
-    ref = [model(hidden_states=latents[i], encoder_hidden_states=es[i], pooled_projections=pooled[i],
-                 timestep=ts[i]).sample for i in range(3)]
-    out = sd3_packed_forward(model, latents, es, pooled, ts, backend="sdpa")
-    for r, o in zip(ref, out):
-        assert o.shape == r.shape
-        torch.testing.assert_close(o, r, atol=1e-5, rtol=1e-5)
-    # token route: embedded tokens in, per-token projections out
-    toks = [model.pos_embed(lat).contiguous() for lat in latents]
-    tok_out = sd3_packed_forward(model, toks, es, pooled, ts, image_tokens=True)
-    assert [t.shape[1] for t in tok_out] == [16, 24, 15]
-    # one request: bitwise the diffusers forward (same ops on the same shapes; measured equal on CPU)
-    single = sd3_packed_forward(model, latents[:1], es[:1], pooled[:1], ts[:1])
-    assert torch.equal(single[0], ref[0]), f"max abs diff {(single[0] - ref[0]).abs().max().item():.3g}"
-
-
-@torch.no_grad()
-def test_sd3_processor_level_packed_joint_attention():
-    """Shared-temb route at the processor level: JointAttention (+ SD3.5 attn2) on packed vs separate inputs."""
-    model = _tiny_sd3()
-    block = model.transformer_blocks[0]
-    g = torch.Generator().manual_seed(9)
-    img, txt = [16, 24, 15], [7, 5, 9]
-    hs = [torch.randn(1, n, 16, generator=g) for n in img]
-    es = [torch.randn(1, n, 16, generator=g) for n in txt]
-    ref = [block.attn(hidden_states=hs[i], encoder_hidden_states=es[i]) for i in range(3)]
-    ref2 = [block.attn2(hidden_states=hs[i]) for i in range(3)]
-    with packed_attention(model, img, txt):
-        a, c = block.attn(hidden_states=torch.cat(hs, 1), encoder_hidden_states=torch.cat(es, 1))
-        a2 = block.attn2(hidden_states=torch.cat(hs, 1))
-        # CFG-style batch of 2 with the same packing
-        ab, cb = block.attn(hidden_states=torch.cat(hs, 1).repeat(2, 1, 1),
-                            encoder_hidden_states=torch.cat(es, 1).repeat(2, 1, 1))
-    for i, (r, rc) in enumerate(ref):
-        torch.testing.assert_close(a.split(img, 1)[i], r, atol=1e-5, rtol=1e-5)
-        torch.testing.assert_close(c.split(txt, 1)[i], rc, atol=1e-5, rtol=1e-5)
-        torch.testing.assert_close(a2.split(img, 1)[i], ref2[i], atol=1e-5, rtol=1e-5)
-        torch.testing.assert_close(ab[1].split(img, 0)[i], r[0], atol=1e-5, rtol=1e-5)
-        torch.testing.assert_close(cb[1].split(txt, 0)[i], rc[0], atol=1e-5, rtol=1e-5)
-    assert type(block.attn.processor).__name__ == "JointAttnProcessor2_0"
+        StreamSegments([(1, -2), (3, 3)])
+    with pytest.raises(ValueError, match="at least one"):
+        StreamSegments([])
+    seg = StreamSegments([(2, 3), (4, 1)])
+    with pytest.raises(ValueError, match="stream 1 must have 5 tokens"):
+        seg.gather(torch.randn(5, 2), torch.randn(4, 2))
+    with pytest.raises(ValueError, match="2 stream tensors"):
+        seg.gather(torch.randn(5, 2))
+    with pytest.raises(ValueError, match="trailing shape and dtype"):
+        seg.gather(torch.randn(5, 2), torch.randn(5, 3))
+    with pytest.raises(ValueError, match="10 segment-major tokens"):
+        seg.split(torch.randn(9, 2))
 
 
 # ------------------------------------------------------------------------------------------
@@ -381,20 +214,3 @@ def test_gpu_backend_matches_sdpa_reference(backend):
         torch.testing.assert_close(out.float(), ref, atol=2e-2, rtol=2e-2)
         ref_bf16 = varlen_attention(q, k, v, cu, cu, mx, mx, backend="sdpa")
         torch.testing.assert_close(out, ref_bf16, atol=2e-2, rtol=2e-2)
-
-
-@pytest.mark.gpu
-@pytest.mark.parametrize("backend", ["auto", "sdpa", "torch_varlen", "flash_attn"])
-@torch.no_grad()
-def test_gpu_flux_per_token_route_bf16(backend):
-    if backend != "auto" and backend not in A.available_backends("cuda", torch.bfloat16):
-        pytest.skip(f"{backend} not available on this machine")
-    model = _tiny_flux().to("cuda", torch.bfloat16)
-    hs, es, pooled, ts, img_ids, txt_ids = _flux_requests()
-    cuda = lambda xs: [x.to("cuda", torch.bfloat16) for x in xs]  # noqa: E731
-    hs, es, pooled = cuda(hs), cuda(es), cuda(pooled)
-    ts, img_ids, txt_ids = [t.cuda() for t in ts], [i.cuda() for i in img_ids], [i.cuda() for i in txt_ids]
-    ref = _flux_separate(model, hs, es, pooled, ts, img_ids, txt_ids)
-    out = flux_packed_forward(model, hs, es, pooled, ts, img_ids, txt_ids, backend=backend)
-    for r, o in zip(ref, out):
-        torch.testing.assert_close(o.float(), r.float(), atol=5e-2, rtol=5e-2)
