@@ -11,8 +11,8 @@ import importlib
 import threading
 import weakref
 
-from .base import (CallState, Conditioning, DiTAdapter, ModelImpl, TokenGrid, call_scope, current_cache,
-                   scheduler_base_shift)
+from .base import (CallState, Conditioning, DiTAdapter, ModelImpl, TokenGrid, VelocityCall, call_scope,
+                   current_cache, scheduler_base_shift)
 
 # pipeline class name -> "module:AdapterClass" (imported lazily so diffusers loads only when needed); subclasses
 # of these pipelines are accepted (the first registered class in the pipeline's MRO decides)
@@ -72,5 +72,5 @@ def _same(a: tuple, b: tuple) -> bool:
     return len(a) == len(b) and all(x is y for x, y in zip(a, b))
 
 
-__all__ = ["ADAPTERS", "CallState", "Conditioning", "DiTAdapter", "ModelImpl", "TokenGrid", "adapter_class_name",
-           "call_scope", "current_cache", "get_adapter", "scheduler_base_shift"]
+__all__ = ["ADAPTERS", "CallState", "Conditioning", "DiTAdapter", "ModelImpl", "TokenGrid", "VelocityCall",
+           "adapter_class_name", "call_scope", "current_cache", "get_adapter", "scheduler_base_shift"]

@@ -15,7 +15,7 @@ import contextvars
 import weakref
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
@@ -118,6 +118,68 @@ class Conditioning:
 
     batch: int
     data: dict[str, Any]
+
+
+@dataclass
+class VelocityCall:
+    """One request's model call: tokens (B, L, C_tok), grid (TokenGrid), timestep 0-dim float32 (1000*sigma), cond.
+
+    The arguments of one :meth:`DiTAdapter.velocity` call, for :meth:`DiTAdapter.packed_velocity`.
+    """
+
+    tokens: torch.Tensor
+    grid: TokenGrid
+    timestep: torch.Tensor
+    cond: Conditioning
+
+
+def check_velocity_calls(calls: Sequence[VelocityCall]) -> list[VelocityCall]:
+    """The calls of one :meth:`DiTAdapter.packed_velocity` as a list, checked before any work.
+
+    ValueError when the list is empty, a call's tokens are not ``(B, L, C)`` with ``B, L >= 1``, its grid positions
+    are not ``(B, L, 2)`` (its fine mask, if any, not ``(B, L)``), its timestep has more than one element, its
+    ``cond.batch`` is not ``B``, or the calls' tokens, positions and timesteps are not all on one device and the
+    tokens not all of one dtype (one packed model call runs on one device in one dtype). TypeError for objects
+    that are not VelocityCall / TokenGrid / Conditioning / tensors.
+    """
+    if isinstance(calls, VelocityCall):
+        raise TypeError("packed_velocity takes a sequence of VelocityCall (got a single VelocityCall: wrap it in "
+                        "a list)")
+    calls = list(calls)
+    if not calls:
+        raise ValueError("packed_velocity needs at least one VelocityCall; got an empty sequence")
+    device = dtype = None
+    for i, c in enumerate(calls):
+        if not isinstance(c, VelocityCall):
+            raise TypeError(f"calls[{i}] is {type(c).__name__}, not a VelocityCall")
+        if not isinstance(c.tokens, torch.Tensor) or c.tokens.ndim != 3 or 0 in c.tokens.shape[:2]:
+            shape = tuple(c.tokens.shape) if isinstance(c.tokens, torch.Tensor) else type(c.tokens).__name__
+            raise ValueError(f"calls[{i}].tokens must be a (B, L, C_tok) tensor with B, L >= 1; got {shape}")
+        b, l, _ = c.tokens.shape
+        if not isinstance(c.grid, TokenGrid) or not isinstance(c.grid.positions, torch.Tensor):
+            raise TypeError(f"calls[{i}].grid must be a TokenGrid; got {type(c.grid).__name__}")
+        if tuple(c.grid.positions.shape) != (b, l, 2):
+            raise ValueError(f"calls[{i}].grid.positions has shape {tuple(c.grid.positions.shape)}; its tokens "
+                             f"{tuple(c.tokens.shape)} need ({b}, {l}, 2)")
+        if c.grid.fine_mask is not None and tuple(c.grid.fine_mask.shape) != (b, l):
+            raise ValueError(f"calls[{i}].grid.fine_mask has shape {tuple(c.grid.fine_mask.shape)}; need ({b}, {l})")
+        if not isinstance(c.timestep, torch.Tensor) or c.timestep.numel() != 1:
+            what = tuple(c.timestep.shape) if isinstance(c.timestep, torch.Tensor) else type(c.timestep).__name__
+            raise ValueError(f"calls[{i}].timestep must be a 0-dim tensor (1000 * sigma); got {what}")
+        if not isinstance(c.cond, Conditioning):
+            raise TypeError(f"calls[{i}].cond must be a Conditioning; got {type(c.cond).__name__}")
+        if c.cond.batch != b:
+            raise ValueError(f"calls[{i}]: cond.batch = {c.cond.batch} but its tokens have batch {b}")
+        if device is None:
+            device, dtype = c.tokens.device, c.tokens.dtype
+        if c.tokens.device != device or c.tokens.dtype != dtype:
+            raise ValueError(f"calls[{i}].tokens are {c.tokens.dtype} on {c.tokens.device} but calls[0].tokens are "
+                             f"{dtype} on {device}: one packed call runs on one device in one dtype")
+        for name, t in (("grid.positions", c.grid.positions), ("timestep", c.timestep)):
+            if t.device != device:
+                raise ValueError(f"calls[{i}].{name} is on {t.device}, the tokens on {device}: put every tensor of "
+                                 "the packed calls on one device")
+    return calls
 
 
 class ModelImpl:
@@ -412,6 +474,19 @@ class DiTAdapter(ABC):
         """Flow velocity ``(B, L, C_tok)`` for tokens at ``timestep = 1000 * sigma`` (0-dim float32 tensor).
 
         ``impl``: how to execute the model (compiled block callables, fused weights); None = plain eager."""
+
+    packs: bool = False   # True when the family implements a real packed call
+
+    def packed_velocity(self, calls: Sequence[VelocityCall], impl: ModelImpl | None = None) -> list[torch.Tensor]:
+        """Velocities, one (B_i, L_i, C_tok) per call, in order. Default: one self.velocity per call (no packing).
+
+        Each result equals ``self.velocity(call.tokens, call.grid, call.timestep, call.cond, impl)``. Families with
+        ``packs = True`` run all calls as one transformer call over a packed token sequence (every image one
+        attention segment, its own timestep, guidance, text and positions) where they can, and fall back to this
+        per-call loop where they cannot (see the family's docstring). The calls are checked first
+        (:func:`check_velocity_calls`: ValueError for an empty list, mismatched shapes, devices or dtypes)."""
+        calls = check_velocity_calls(calls)
+        return [self.velocity(c.tokens, c.grid, c.timestep, c.cond, impl) for c in calls]
 
     @abstractmethod
     def baseline_schedule(self, num_steps: int, image_seq_len: int) -> tuple[torch.Tensor, torch.Tensor]:
