@@ -20,8 +20,17 @@ bundle reloaded, same process) times of the compiled RALU path with ``--start-ti
 (and a fresh, empty inductor cache) loads it before its rows, so its rows' ``first_call_s`` is a warm start.
 ``--cache SPEC`` (e.g. ``taylorseer:3``) runs the RALU rows with a temporal feature cache (stacking).
 
+Long baselines (full-size video: minutes per call): ``--steps S --scale-baseline-to N`` runs the baseline rows with
+``S`` steps and adds ``scaled_*`` fields for ``N`` steps: the sampler's ``baseline`` stage (``S`` model calls at one
+token count) times ``N / S``, plus the measured rest (VAE decode, prompt handling), per timed run; the
+``speedup_vs_baseline-*`` ratios then use the scaled baseline. ``--warmup-shape HxW[xF]`` runs the warm-up calls of
+eager rows at a small size (``F`` frames for video): they load kernels, JIT-compile the Triton ones and create
+library handles without spending a full-size call.
+
     python benchmarks/latency.py --model flux --size full          # on an H100 (~5 min)
     python benchmarks/latency.py --model flux --size small --rows baseline-eager,ralu-7x-eager   # CPU
+    python benchmarks/latency.py --model wan-480p --size full --rows baseline-eager,ralu-7x-eager,ralu-4x-eager \
+        --steps 4 --scale-baseline-to 50 --reps 1 --warmup 1 --warmup-shape 128x128x5    # GPU, ~4 min
 """
 from __future__ import annotations
 
@@ -136,14 +145,19 @@ def _sync(device):
         torch.cuda.synchronize()
 
 
-def run_once(pipe, emb, args, speedup, seed):
+def run_once(pipe, emb, args, speedup, seed, shape=None):
+    """One ``generate`` call (seconds, its stage timings); ``shape``: ``(h, w[, frames])`` instead of the timed size."""
     from ralu_runtime import generate
 
     device = pipe.transformer.device
     _sync(device)
     t0 = time.perf_counter()
     h, w = args.resolution if isinstance(args.resolution, tuple) else (args.resolution, args.resolution)
-    video = {"num_frames": args.frames} if getattr(args, "frames", None) else {}
+    frames = getattr(args, "frames", None)
+    if shape is not None:
+        h, w = shape[:2]
+        frames = shape[2] if len(shape) > 2 and frames else frames
+    video = {"num_frames": frames} if frames else {}
     out = generate(pipe, **emb, height=h, width=w, speedup=speedup, **video,
                    num_inference_steps=args.steps if speedup is None else None, seed=seed, output_type="pt",
                    guidance_scale=getattr(args, "guidance", None),
@@ -174,10 +188,11 @@ def prepare_row(pipe, emb, args, row: str) -> dict:
              "n_builds": len(runner.builds), "graphs0": compile_stats()["unique_graphs"], "totals": [], "stages": {}}
     state["reps"] = args.reps if args.reps else (2 if (preset is None and kind == "eager" and args.size == "full") else 5)
     warm = args.warmup if args.warmup is not None else (2 if kind == "compiled" else 1)
-    state["warmup"], state["first"] = warm, None
+    small = args.warmup_shape if kind == "eager" else None  # compiled rows warm up at the timed shape
+    state["warmup"], state["warmup_shape"], state["first"] = warm, small, None
     for i in range(warm):
-        sec, _ = run_once(pipe, emb, args, preset, seed=100 + i)
-        state["first"] = sec if state["first"] is None else state["first"]
+        sec, _ = run_once(pipe, emb, args, preset, seed=100 + i, shape=small)
+        state["first"] = sec if state["first"] is None and small is None else state["first"]
     state["graphs_warm"] = compile_stats()["unique_graphs"]
     return state
 
@@ -190,6 +205,27 @@ def timed_rep(pipe, emb, args, state: dict, i: int) -> None:
     state["totals"].append(sec)
     for k, v in timings.items():
         state["stages"].setdefault(k, []).append(v)
+
+
+def scaled_baseline(totals: list[float], baseline_stage: list[float], steps: int, to_steps: int,
+                    stage_mean: dict) -> dict:
+    """A baseline row measured with ``steps`` model-call steps, extrapolated to ``to_steps``: each run's ``baseline``
+    stage (the model calls, one token count: linear in the steps) times ``to_steps / steps``, plus its measured rest
+    (VAE decode, prompt handling)."""
+    if len(baseline_stage) != len(totals):
+        raise ValueError("scaling a baseline needs the sampler's 'baseline' stage time of every timed run")
+    f = to_steps / steps
+    times = [t + b * (f - 1.0) for t, b in zip(totals, baseline_stage)]
+    stages = dict(stage_mean)
+    stages["baseline"] = stage_mean["baseline"] * f
+    return {"measured_steps": steps, "scaled_to_steps": to_steps, "scaled_times_s": times,
+            "scaled_mean_s": statistics.fmean(times), "scaled_min_s": min(times),
+            "scaled_stdev_s": statistics.stdev(times) if len(times) > 1 else 0.0, "scaled_stages_s": stages}
+
+
+def effective(r: dict, key: str = "mean_s") -> float:
+    """``mean_s`` / ``min_s`` of a row, the scaled figure for a baseline measured with fewer steps."""
+    return r.get(f"scaled_{key}", r[key])
 
 
 def finish_row(pipe, emb, args, state: dict) -> dict:
@@ -221,9 +257,14 @@ def finish_row(pipe, emb, args, state: dict) -> dict:
     # everything the sampler's clock does not cover: prompt conditioning, noise, unpacking, postprocess, Python
     stage_mean["other"] = max(0.0, statistics.fmean(totals) - sum(stage_mean.values()))
     first = state["first"]
+    scaled = {}
+    if preset is None and args.scale_baseline_to:
+        scaled = scaled_baseline(totals, state["stages"].get("baseline", []), args.steps, args.scale_baseline_to,
+                                 stage_mean)
     return {
         "row": row, "preset": preset or "baseline", "kind": kind, "backend": state["backend"], "options": state["opts"],
         "steps": args.steps if preset is None else None, "reps": len(totals), "warmup": state["warmup"],
+        "warmup_shape": list(state["warmup_shape"]) if state["warmup_shape"] else None,
         "mean_s": mean, "stdev_s": statistics.stdev(totals) if len(totals) > 1 else 0.0, "min_s": min(totals),
         "times_s": totals, "first_call_s": first,
         "compile_s": max(0.0, (first or mean) - mean) if kind == "compiled" else 0.0,
@@ -232,6 +273,7 @@ def finish_row(pipe, emb, args, state: dict) -> dict:
         "recompiles_after_warmup": graphs_end - state["graphs_warm"],
         "cuda_graph_captures": len(builds), "capture_s": sum(b.seconds for b in builds),
         "fused_qkv": runner.applied.get("fused_qkv"),
+        **scaled,
     }
 
 
@@ -261,7 +303,9 @@ def bench_rows(pipe, emb, args, rows: list[str]) -> list[dict]:
                 write_json(args.out, f"{args.tag}_partial", {"rows": results + finished})
         for res in finished:
             st = "  ".join(f"{k}={v * 1e3:.0f}ms" for k, v in res["stages_s"].items())
-            print(f"[{res['row']}] {res['mean_s']:.3f} s +- {res['stdev_s']:.3f} (n={res['reps']}); compile "
+            sc = (f" ({res['measured_steps']} steps; scaled to {res['scaled_to_steps']}: {res['scaled_mean_s']:.3f} s)"
+                  if "scaled_mean_s" in res else "")
+            print(f"[{res['row']}] {res['mean_s']:.3f} s +- {res['stdev_s']:.3f} (n={res['reps']}){sc}; compile "
                   f"{res['compile_s']:.1f} s; graphs {res['graphs_compiled_in_warmup']} "
                   f"(+{res['recompiles_after_warmup']} after warm-up); {st}", flush=True)
         results.extend(finished)
@@ -291,23 +335,28 @@ def stacked_plot(out_dir: Path, name: str, rows: list[dict], title: str):
     if plt is None:
         return None
     keys = []
-    for r in rows:
-        for k in r["stages_s"]:
+    stages = [r.get("scaled_stages_s", r["stages_s"]) for r in rows]
+    means = [effective(r) for r in rows]
+    stdevs = [r.get("scaled_stdev_s", r["stdev_s"]) for r in rows]
+    labels = [r["row"] + (f" ({r['measured_steps']}->{r['scaled_to_steps']} steps)" if "scaled_mean_s" in r else "")
+              for r in rows]
+    for st in stages:
+        for k in st:
             if k not in keys:
                 keys.append(k)
     fig, ax = plt.subplots(figsize=(max(6, 1.1 * len(rows) + 2), 4.5))
     bottom = [0.0] * len(rows)
     for k in keys:
-        vals = [r["stages_s"].get(k, 0.0) for r in rows]
+        vals = [st.get(k, 0.0) for st in stages]
         ax.bar(range(len(rows)), vals, bottom=bottom, label=k)
         bottom = [b + v for b, v in zip(bottom, vals)]
-    for i, r in enumerate(rows):
-        ax.errorbar(i, r["mean_s"], yerr=r["stdev_s"], fmt="k_", capsize=4)
-        ax.text(i, r["mean_s"], f" {r['mean_s']:.2f}s", ha="center", va="bottom", fontsize=7)
+    for i, (mean, sd) in enumerate(zip(means, stdevs)):
+        ax.errorbar(i, mean, yerr=sd, fmt="k_", capsize=4)
+        ax.text(i, mean, f" {mean:.2f}s", ha="center", va="bottom", fontsize=7)
     ax.set_xticks(range(len(rows)))
-    ax.set_xticklabels([r["row"] for r in rows], rotation=25, ha="right", fontsize=8)
+    ax.set_xticklabels(labels, rotation=25, ha="right", fontsize=8)
     ax.set_ylabel("seconds per image (end to end)")
-    ax.set_yscale("log" if max(r["mean_s"] for r in rows) / max(1e-9, min(r["mean_s"] for r in rows)) > 20 else "linear")
+    ax.set_yscale("log" if max(means) / max(1e-9, min(means)) > 20 else "linear")
     ax.set_title(title, fontsize=9)
     ax.legend(fontsize=7)
     return save_figure(fig, out_dir, name)
@@ -327,6 +376,11 @@ def main(argv=None) -> int:
     ap.add_argument("--steps", type=int, default=None, help="baseline steps (default 50 FLUX/SD3, else the family's)")
     ap.add_argument("--reps", type=int, default=None, help="timed runs per row (default 5; 2 for full eager baseline)")
     ap.add_argument("--warmup", type=int, default=None, help="untimed runs per row (default 2 compiled, 1 eager)")
+    ap.add_argument("--warmup-shape", default=None, metavar="HxW[xF]",
+                    help="eager rows: warm-up calls at this size (F: frames, video) instead of the timed size")
+    ap.add_argument("--scale-baseline-to", type=int, default=None, metavar="N",
+                    help="baseline rows run --steps steps; also report them scaled to N steps (their model-call stage "
+                         "x N / steps + the measured rest); speedups then use the scaled baseline")
     ap.add_argument("--device", default=None)
     ap.add_argument("--dtype", choices=("bfloat16", "float16", "float32"), default=None,
                     help="default bfloat16 on CUDA, float32 on CPU")
@@ -376,6 +430,14 @@ def main(argv=None) -> int:
     rows = args.rows.split(",") if args.rows else default_rows(args.model)
     for r in rows:
         parse_row(r)
+    if args.warmup_shape is not None:
+        try:
+            dims = [int(v) for v in args.warmup_shape.lower().split("x")]
+        except ValueError:
+            dims = []
+        if len(dims) not in (2, 3) or min(dims) < 1:
+            ap.error(f"--warmup-shape {args.warmup_shape!r}: use HxW or HxWxF (frames)")
+        args.warmup_shape = tuple(dims)
     rows = [r for r in rows if r.endswith("eager")] + [r for r in rows if r.endswith("compiled")]  # eager first
     args.profile_rows = args.profile_rows.split(",") if args.profile_rows else [r for r in rows if r.startswith("ralu")
                                                                                  and r.endswith("compiled")]
@@ -406,6 +468,8 @@ def main(argv=None) -> int:
 
         text_len = fam.text_len if args.size == "full" else 32
         args.steps = args.steps or get_adapter(pipe).default_steps
+    if args.scale_baseline_to is not None and not 1 <= args.steps <= args.scale_baseline_to:
+        raise SystemExit(f"--scale-baseline-to {args.scale_baseline_to}: needs 1 <= --steps ({args.steps}) <= it")
     emb = prompt_embeds(pipe, args.model, args.batch, text_len, device, dtype)
     print(f"{args.model} {args.size}: {n_params / 1e9:.2f} B transformer parameters, {dtype}, {args.resolution}^2, "
           f"batch {args.batch}, text {text_len} tokens, built in {build_s:.1f} s on {device}")
@@ -418,8 +482,8 @@ def main(argv=None) -> int:
     for r in results:
         for ref in ("baseline-eager", "baseline-compiled"):
             if ref in by:
-                r[f"speedup_vs_{ref}"] = by[ref]["mean_s"] / r["mean_s"]
-                r[f"speedup_min_vs_{ref}"] = by[ref]["min_s"] / r["min_s"]  # robust to a loaded machine
+                r[f"speedup_vs_{ref}"] = effective(by[ref]) / effective(r)
+                r[f"speedup_min_vs_{ref}"] = effective(by[ref], "min_s") / effective(r, "min_s")  # loaded machine
     start = None
     compiled_ralu = [r for r in rows if r.startswith("ralu") and r.endswith("compiled")]
     if args.start_times and compiled_ralu:
@@ -437,7 +501,8 @@ def main(argv=None) -> int:
         artifacts["saved"] = {"path": str(args.save_artifacts), "bytes": nbytes, "save_s": time.perf_counter() - t_save}
         print(f"saved compile artifacts to {args.save_artifacts} ({nbytes / 1e6:.1f} MB)")
 
-    cols = ["row", "mean_s", "stdev_s", "speedup_vs_baseline-eager", "speedup_vs_baseline-compiled", "compile_s",
+    cols = ["row", "mean_s", "stdev_s", *(["scaled_mean_s"] if args.scale_baseline_to else []),
+            "speedup_vs_baseline-eager", "speedup_vs_baseline-compiled", "compile_s",
             "graphs_compiled_in_warmup", "recompiles_after_warmup", "cuda_graph_captures"]
     print_table(results, cols)
     stage_rows = [{"row": r["row"], **{k: round(v * 1e3, 1) for k, v in r["stages_s"].items()}} for r in results]
@@ -449,12 +514,16 @@ def main(argv=None) -> int:
     write_json(args.out, args.tag, {
         "model": args.model, "size": args.size, "resolution": args.resolution, "batch": args.batch, "dtype": str(dtype),
         "text_len": text_len, "transformer_params": n_params, "baseline_steps": args.steps,
+        "baseline_scaled_to_steps": args.scale_baseline_to, "num_frames": args.frames,
         "flags": {k: getattr(args, k) for k in ("no_cuda_graphs", "no_fused_qkv", "attn_backend", "transition",
                                                 "edge_detector", "max_autotune", "static_shapes", "no_compile_vae")},
         "model_build_s": build_s, "bench_wall_s": bench_s, "rows": results, "start_times": start, "dynamo": compile_stats(),
         "cache": args.cache, "artifacts": artifacts or None,
         "notes": "end to end per image: cached prompt embeddings, all stages, edge selection, transitions, VAE decode; "
-                 "compile_s = first call - steady mean"})
+                 "compile_s = first call - steady mean" + (
+                     f"; baseline rows ran {args.steps} steps, scaled_* fields and speedups extrapolate them to "
+                     f"{args.scale_baseline_to} (model-call stage x {args.scale_baseline_to}/{args.steps} + measured "
+                     "rest)" if args.scale_baseline_to else "")})
     stacked_plot(Path(args.out), args.tag, results,
                  f"{args.model} {args.size} {args.resolution}^2 {str(dtype).replace('torch.', '')} on "
                  f"{torch.cuda.get_device_name(0) if device.type == 'cuda' else 'CPU'}")
