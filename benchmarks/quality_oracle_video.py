@@ -291,13 +291,13 @@ class Runner:
         exact = om.evaluate_moments(self.o, *om.baseline_moments(self.o, sig.double().numpy()))
         return {**_summ(evals), "fd_exact": exact["fd"]}
 
-    def ralu(self, schedule: RaluSchedule, region_mode: str) -> dict:
+    def ralu(self, schedule: RaluSchedule, region_mode: str, region_source: str = "decode") -> dict:
         from ralu_runtime import generate
 
         hh, ww = self.o.image_size
         evals = [self.evaluate(generate(self.o, [""] * self.n, height=hh, width=ww, num_frames=self.o.F,
-                                        speedup=schedule, region_mode=region_mode, seed=s, output_type="latent",
-                                        progress=False).images) for s in self.seeds]
+                                        speedup=schedule, region_mode=region_mode, region_source=region_source,
+                                        seed=s, output_type="latent", progress=False).images) for s in self.seeds]
         row = _summ(evals)
         m = self.o.coarse_hw[0] * self.o.coarse_hw[1]
         if schedule.ratio in (0.0, 1.0):  # no region choice: a linear sampler with a closed form
