@@ -18,11 +18,14 @@ INSTALL_REQUIRES = [
     "tqdm",
 ]
 
+SERVE = ["fastapi>=0.110", "uvicorn>=0.30", "prometheus_client>=0.20"]  # ralu serve (ralu_runtime.serving.http)
+
 EXTRAS = {
     "test": ["pytest>=8", "hypothesis>=6.100", "scikit-image>=0.22", "triton==3.9.0; platform_system == 'Linux'",
-             "peft>=0.17", "onnx", "onnxruntime"],
+             "peft>=0.17", "onnx", "onnxruntime", *SERVE, "httpx>=0.27"],
     "triton": ["triton"],
     "onnx": ["onnx", "onnxruntime"],
+    "serve": SERVE,
     "bench": ["matplotlib"],
 }
 

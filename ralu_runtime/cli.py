@@ -1,5 +1,5 @@
-"""Command line: ``ralu generate`` (an image with RALU, per-stage timings printed) and ``ralu info`` (what ralu
-finds in this environment).
+"""Command line: ``ralu generate`` (an image with RALU, per-stage timings printed), ``ralu serve`` (an
+OpenAI-compatible images API over the serving engine) and ``ralu info`` (what ralu finds in this environment).
 
 With no ``--model`` it builds the tiny random FLUX pipeline (no download), so the demo runs anywhere.
 Every argument is checked before a model is built or loaded: a bad one prints one line ``ralu: error: ...`` to
@@ -70,7 +70,7 @@ def build_parser() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
                         help="show tracebacks instead of one-line errors")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="{generate,info}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{generate,serve,info}")
     g = sub.add_parser("generate", parents=[common], help="generate one image and print per-stage timings",
                        description="Generate one image with RALU and print per-stage steps, tokens and seconds. "
                                    "Arguments are checked before the model is loaded.")
@@ -120,6 +120,37 @@ def build_parser() -> argparse.ArgumentParser:
                    help="per-stage compilation backend (default: plain eager); a compiled one (inductor, onnx, "
                         "tensorrt) is built by a warm-up run first, timed as its own row. onnx needs the "
                         "[onnx] extra: pip install -e '.[onnx]'")
+    s = sub.add_parser("serve", parents=[common], help="serve an OpenAI-compatible images API (HTTP) over the "
+                                                        "continuous-batching engine",
+                       description="Serve POST /v1/images/generations (OpenAI images API; JSON, PNG as b64_json), "
+                                   "GET /health and GET /metrics (Prometheus) over ralu's serving engine until "
+                                   "SIGINT/SIGTERM: then new requests get 503 while running and queued ones finish "
+                                   "(--grace seconds). Needs the [serve] extra: pip install -e '.[serve]'.")
+    s.add_argument("--model", metavar="PATH", default="tiny-flux",
+                   help="a local diffusers folder of a supported image pipeline, or a built-in random model: "
+                        f"{', '.join(m for m, (f, _) in TINY_MODELS.items() if f not in VIDEO_FAMILIES)} "
+                        "(default tiny-flux)")
+    s.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
+    s.add_argument("--port", metavar="N", type=int, default=8000, help="TCP port (default 8000; 0: a free one)")
+    s.add_argument("--max-active", metavar="N", type=int, default=8, help="requests running at once (default 8)")
+    s.add_argument("--max-queue", metavar="N", type=int, default=64,
+                   help="requests waiting beyond those; more get 503 (default 64)")
+    s.add_argument("--token-budget", metavar="N", type=int, default=None,
+                   help="image tokens per packed model call (default: the engine's)")
+    s.add_argument("--speedup", metavar="PRESET", type=_speedup, default="default",
+                   help="preset for requests that name none (default: the family's default; 'none': the "
+                        "ordinary sampler)")
+    s.add_argument("--device", metavar="DEVICE", default=None,
+                   help="cpu, cuda or cuda:N (default: cuda when available)")
+    s.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default=None,
+                   help="default: bfloat16 on CUDA, float32 on CPU")
+    s.add_argument("--request-timeout", metavar="SECONDS", type=float, default=None,
+                   help="seconds a request may take (its default and its largest 'timeout'; default: no limit)")
+    s.add_argument("--grace", metavar="SECONDS", type=float, default=30.0,
+                   help="on SIGINT/SIGTERM, seconds to finish running and queued requests (default 30)")
+    s.add_argument("--max-images", metavar="N", type=int, default=10, help="largest n per request (default 10)")
+    s.add_argument("--log-level", choices=("critical", "error", "warning", "info", "debug"), default="info",
+                   help="server log level (default info)")
     i = sub.add_parser("info", parents=[common], help="versions, device, kernels and backends ralu finds here",
                        description="Print the versions, the device, which kernels and attention/compile backends "
                                    "ralu uses here (and why), and its cache paths.")
@@ -348,8 +379,88 @@ def check_generate(args) -> GeneratePlan:
                         mask_out, num_frames, args.regions if video else None)
 
 
+@dataclass
+class ServePlan:
+    """The checked and resolved arguments of ``ralu serve``."""
+
+    model: str
+    family: str
+    device: str
+    dtype: str
+    defaults: dict            # generate arguments of every request unless it sets them
+
+
+def check_serve(args) -> ServePlan:
+    """Check every ``ralu serve`` argument, before any model is built or loaded (UsageError names the bad one)."""
+    family, default_size, _ = _model_family(args.model)
+    if family in VIDEO_FAMILIES:
+        raise UsageError(f"--model {args.model!r} ({family}) makes videos; ralu serve serves the images API: use an "
+                         "image model")
+    if not args.host.strip():
+        raise UsageError("--host is empty: give an address such as 127.0.0.1 or 0.0.0.0")
+    _check_int("--port", args.port, 0, 65535)
+    _check_int("--max-active", args.max_active, 1, 4096)
+    _check_int("--max-queue", args.max_queue, 0, 1 << 20)
+    _check_int("--max-images", args.max_images, 1, 4096)
+    if args.token_budget is not None:
+        _check_int("--token-budget", args.token_budget, 1, 1 << 30)
+    for flag, value, lo in (("--request-timeout", args.request_timeout, None), ("--grace", args.grace, 0.0)):
+        if value is not None and not (math.isfinite(value) and (value > 0 if lo is None else value >= lo)):
+            raise UsageError(f"{flag} {value} is not allowed: need seconds {'> 0' if lo is None else '>= 0'}")
+    from .schedule import PRESET_SPECS
+
+    presets = PRESET_SPECS[family]
+    if args.speedup is not None and args.speedup != "default" and args.speedup not in presets:
+        raise UsageError(f"--speedup {args.speedup!r} is not a preset of {family} ({args.model}): use "
+                         f"{', '.join(presets)}, default or none")
+    device, dtype = _check_device(args.device, args.dtype)
+    defaults = {"speedup": args.speedup}
+    if args.model in TINY_MODELS:   # the same defaults as ralu generate's for the built-in random models
+        defaults.update(height=default_size, width=default_size, max_sequence_length=TINY_MAX_SEQUENCE_LENGTH)
+    return ServePlan(args.model, family, device, dtype, defaults)
+
+
+def cmd_serve(args) -> int:
+    """``ralu serve``: check the arguments, build or load the model, serve it until SIGINT / SIGTERM."""
+    plan = check_serve(args)
+    from .serving import http   # ImportError naming the missing package (fastapi, uvicorn, prometheus_client)
+    from .serving import Engine, EngineConfig
+
+    import logging
+
+    log = logging.getLogger("ralu")   # the server's own lines (stopping, failed requests), as uvicorn prints its
+    if not log.handlers:
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("%(levelname)-9s %(message)s"))
+        log.addHandler(handler)
+    log.setLevel(args.log_level.upper())
+    t0 = time.perf_counter()
+    pipe = _load(plan)
+    load_s = time.perf_counter() - t0
+    engine = Engine(pipe, EngineConfig(token_budget=args.token_budget, max_active=args.max_active,
+                                       max_queue=args.max_queue), **plan.defaults)
+    model_name = args.model if args.model in TINY_MODELS else os.path.basename(os.path.normpath(args.model))
+
+    def ready(url):
+        print(f"model: {plan.model} ({plan.family}, {plan.device}, {plan.dtype}), loaded in {load_s:.2f} s; "
+              f"served as {model_name!r}")
+        print(f"ralu serve: listening on {url} (POST {url}{http.GENERATIONS_PATH}, GET {url}/health, "
+              f"GET {url}/metrics); Ctrl+C stops", flush=True)
+
+    try:
+        http.serve(engine, args.host, args.port, model_name=model_name, grace_s=args.grace,
+                   log_level=args.log_level, on_ready=ready, default_deadline_s=args.request_timeout,
+                   max_images=args.max_images)
+    except OSError as exc:   # the port is taken, the address is not this machine's, ...
+        raise UsageError(f"cannot listen on {args.host}:{args.port}: {exc.strerror or exc}") from None
+    finally:
+        engine.shutdown(drain=False, timeout=10)
+    print("ralu serve: stopped", flush=True)
+    return 0
+
+
 # ------------------------------------------------------------------------------------------- generate
-def _load(plan: GeneratePlan):
+def _load(plan: GeneratePlan | ServePlan):
     import torch
 
     dtype = getattr(torch, plan.dtype)
@@ -629,7 +740,7 @@ def cmd_info(args) -> int:
     return 0
 
 
-COMMANDS = {"generate": cmd_generate, "info": cmd_info}
+COMMANDS = {"generate": cmd_generate, "serve": cmd_serve, "info": cmd_info}
 
 
 def _one_line(exc: BaseException) -> str:
