@@ -379,3 +379,47 @@ def test_video_models_write_an_animated_clip_and_overlay(name, regions, source, 
     for path in (out, mask):
         with Image.open(path) as im:
             assert im.is_animated and im.n_frames == 5 and im.size == (96, 64)
+
+
+# ------------------------------------------------------------------------------------------- serve
+SERVE_BAD = [
+    (["--model", "tiny-wan"], "makes videos"),
+    (["--speedup", "9x"], "'9x' is not a preset"),
+    (["--model", "tiny-sd3", "--speedup", "7x"], "'7x' is not a preset"),
+    (["--port", "70000"], "--port 70000"),
+    (["--port", "http"], "'http'"),
+    (["--max-active", "0"], "--max-active 0"),
+    (["--max-queue", "-1"], "--max-queue -1"),
+    (["--token-budget", "0"], "--token-budget 0"),
+    (["--request-timeout", "0"], "--request-timeout 0"),
+    (["--grace", "nan"], "--grace nan"),
+    (["--host", " "], "--host"),
+    (["--device", "tpu"], "'tpu'"),
+    (["--model", "no/such/folder"], "model folder not found"),
+]
+
+
+@pytest.mark.parametrize("args,needle", SERVE_BAD, ids=[" ".join(a) for a, _ in SERVE_BAD])
+def test_serve_bad_argument_is_one_line_exit_2(workdir, capsys, args, needle):
+    assert cli.main(["serve", *args]) == 2
+    captured = capsys.readouterr()
+    assert captured.out == "" and needle in error_line(captured.err)
+
+
+def test_serve_parser_defaults_and_plan(capsys):
+    args = cli.build_parser().parse_args(["serve"])
+    assert (args.model, args.host, args.port, args.max_active, args.max_queue, args.token_budget, args.speedup,
+            args.device, args.dtype, args.request_timeout, args.grace) == (
+        "tiny-flux", "127.0.0.1", 8000, 8, 64, None, "default", None, None, None, 30.0)
+    plan = cli.check_serve(cli.build_parser().parse_args(["serve", "--speedup", "4x", "--device", "cpu"]))
+    assert (plan.family, plan.device, plan.dtype) == ("flux", "cpu", "float32")
+    assert plan.defaults == {"speedup": "4x", "height": cli.TINY_SIZE, "width": cli.TINY_SIZE,
+                             "max_sequence_length": cli.TINY_MAX_SEQUENCE_LENGTH}
+    none = cli.check_serve(cli.build_parser().parse_args(["serve", "--speedup", "none", "--device", "cpu"]))
+    assert none.defaults["speedup"] is None
+    assert cli.main(["serve", "--help"]) == 0
+    out = capsys.readouterr().out
+    for flag in ("--model", "--host", "--port", "--max-active", "--max-queue", "--token-budget", "--speedup",
+                 "--device", "--dtype", "--request-timeout", "--grace", ".[serve]"):
+        assert flag in out
+    assert "serve" in cli.build_parser().format_help()
