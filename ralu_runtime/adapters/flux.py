@@ -13,6 +13,12 @@ Torch forward hooks on the blocks still run (:func:`~ralu_runtime.adapters.base.
 supported (refused before any work, :meth:`FluxAdapter.check_supported`): attention processors other than
 diffusers' ``FluxAttnProcessor`` (IP-Adapter, custom processors) and diffusers hook registries on the blocks
 (``enable_cache``, block-level group offloading), which running the blocks' layers would bypass.
+
+Packed calls (:meth:`FluxAdapter.packed_velocity`, for serving many requests at once): the ``*_packed`` block
+functions below are the same operations on one packed token sequence in which every image is its own attention
+segment ``[text ; image]`` with its own timestep, guidance, pooled embedding, text length and rotary positions;
+attention is :func:`ralu_kernels.attention.varlen_attention`. The helpers :func:`per_token`, :func:`can_pack` and
+:func:`ada_norm_continuous_packed` serve the SD3 adapter's packed call as well.
 """
 from __future__ import annotations
 
@@ -21,8 +27,10 @@ import copy
 import numpy as np
 import torch
 
-from .base import (EAGER, Conditioning, DiTAdapter, ModelImpl, SplitBlocks, TokenGrid, call_with_hooks, check_blocks,
-                   named_blocks)
+from ralu_kernels.attention import StreamSegments
+
+from .base import (EAGER, Conditioning, DiTAdapter, ModelImpl, SplitBlocks, TokenGrid, VelocityCall, call_with_hooks,
+                   check_blocks, check_velocity_calls, current_cache, named_blocks)
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -121,6 +129,131 @@ QKV = ("to_q", "to_k", "to_v")
 ADDED_QKV = ("add_q_proj", "add_k_proj", "add_v_proj")
 
 
+# ---- packed batches: many images (of many requests) in one call --------------------------------------------------
+# Layout: every image is one attention segment. Image tokens of all images are kept one after another in one
+# (1, N_img, D) tensor, text tokens likewise in (1, N_txt, D); per-image vectors (temb, modulation) are (n_images, D)
+# and reach their tokens through the segment index of every token (StreamSegments.segment_ids).
+def per_token(x: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """Per-image rows ``x (n_images, D)`` -> per-token ``(1, N, D)``, ``rows (N,)`` the image of every token."""
+    return x.index_select(0, rows).unsqueeze(0)
+
+
+def has_hooks(module: torch.nn.Module) -> bool:
+    """True when ``module`` carries torch forward (pre-)hooks or a diffusers hook registry with hooks."""
+    registry = getattr(module, "_diffusers_hook", None)
+    return bool(module._forward_hooks or module._forward_pre_hooks or getattr(registry, "hooks", None))
+
+
+def can_pack(impl: ModelImpl | None, bypassed) -> bool:
+    """Whether a packed call may run: plain eager execution (``impl`` None or EAGER), no feature cache on the calling
+    ``generate`` (its state is per request), and no hooks on the modules ``bypassed`` -- those the unpacked call runs
+    as modules but the packed call decomposes into their layers (so their hooks would not run)."""
+    if impl is not None and impl is not EAGER:
+        return False
+    if current_cache() is not None:
+        return False
+    return not any(has_hooks(m) for m in bypassed)
+
+
+def ada_norm_continuous_packed(norm, x: torch.Tensor, emb: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """diffusers' ``AdaLayerNormContinuous`` (FLUX / SD3 ``norm_out``, SD3's last ``norm1_context``) with per-image
+    conditioning ``emb (n_images, D)`` on packed tokens ``x (1, N, D)`` (same operations, same order)."""
+    emb = norm.linear(norm.silu(emb).to(x.dtype))
+    scale, shift = torch.chunk(emb, 2, dim=1)
+    return norm.norm(x) * per_token(1 + scale, rows) + per_token(shift, rows)
+
+
+def flux_attention_packed(attn, hidden_states, encoder_hidden_states, rope, segments: StreamSegments,
+                          backend: str = "auto"):
+    """:func:`flux_attention` on a packed batch, attention within each image's segment only.
+
+    Joint blocks: ``hidden_states (1, N_img, D)`` and ``encoder_hidden_states (1, N_txt, D)`` hold the images' tokens
+    one after another, ``segments`` has the streams (text, image), so segment i is ``[text_i ; image_i]`` as in the
+    unpacked call. Single-stream blocks: ``hidden_states`` is the segment-major joint sequence itself,
+    ``encoder_hidden_states`` None, ``segments`` of that one stream. ``rope = (cos, sin)``, each ``(total, D_head)``
+    in segment-major order. Returns what :func:`flux_attention` returns, in the packed layout.
+    """
+    query, key, value = _projections(attn, hidden_states, QKV, None)
+    query = attn.norm_q(query.unflatten(-1, (-1, attn.head_dim)))
+    key = attn.norm_k(key.unflatten(-1, (-1, attn.head_dim)))
+    value = value.unflatten(-1, (-1, attn.head_dim))
+    joint = encoder_hidden_states is not None and attn.added_kv_proj_dim is not None
+    if joint:
+        eq, ek, ev = _projections(attn, encoder_hidden_states, ADDED_QKV, None)
+        eq = attn.norm_added_q(eq.unflatten(-1, (-1, attn.head_dim)))
+        ek = attn.norm_added_k(ek.unflatten(-1, (-1, attn.head_dim)))
+        ev = ev.unflatten(-1, (-1, attn.head_dim))
+        query = segments.gather(eq[0], query[0])[None]
+        key = segments.gather(ek[0], key[0])[None]
+        value = segments.gather(ev[0], value[0])[None]
+    if rope is not None:
+        query = apply_rope(query, *rope)
+        key = apply_rope(key, *rope)
+    out = segments.attend(query[0], key[0], value[0], backend=backend)
+    out = out.flatten(1, 2).to(query.dtype)
+    if encoder_hidden_states is None:
+        return out[None]
+    enc, out = segments.split(out)
+    out = attn.to_out[1](attn.to_out[0](out[None]))
+    return out, attn.to_add_out(enc[None])
+
+
+def flux_double_block_packed(block, hidden_states, encoder_hidden_states, temb, rope, segments: StreamSegments,
+                             backend: str = "auto"):
+    """:func:`flux_double_block` on a packed batch (same operations, same order): ``temb (n_images, D)`` one row per
+    image, AdaLN shift/scale/gate applied per token of its image; layout as in :func:`flux_attention_packed`
+    (``segments``: streams (text, image)). Returns ``(encoder_hidden_states, hidden_states)``, packed."""
+    txt, img = segments.segment_ids(0), segments.segment_ids(1)
+    emb = block.norm1.linear(block.norm1.silu(temb))
+    shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = emb.chunk(6, dim=1)
+    norm_h = block.norm1.norm(hidden_states) * per_token(1 + scale_msa, img) + per_token(shift_msa, img)
+    cemb = block.norm1_context.linear(block.norm1_context.silu(temb))
+    c_shift_msa, c_scale_msa, c_gate_msa, c_shift_mlp, c_scale_mlp, c_gate_mlp = cemb.chunk(6, dim=1)
+    norm_e = (block.norm1_context.norm(encoder_hidden_states) * per_token(1 + c_scale_msa, txt)
+              + per_token(c_shift_msa, txt))
+    attn_out, context_attn_out = flux_attention_packed(block.attn, norm_h, norm_e, rope, segments, backend)
+
+    hidden_states = hidden_states + per_token(gate_msa, img) * attn_out
+    norm_h = block.norm2(hidden_states)
+    norm_h = norm_h * per_token(1 + scale_mlp, img) + per_token(shift_mlp, img)
+    hidden_states = hidden_states + per_token(gate_mlp, img) * block.ff(norm_h)
+
+    encoder_hidden_states = encoder_hidden_states + per_token(c_gate_msa, txt) * context_attn_out
+    norm_e = block.norm2_context(encoder_hidden_states)
+    norm_e = norm_e * per_token(1 + c_scale_mlp, txt) + per_token(c_shift_mlp, txt)
+    encoder_hidden_states = encoder_hidden_states + per_token(c_gate_mlp, txt) * block.ff_context(norm_e)
+    if encoder_hidden_states.dtype == torch.float16:
+        encoder_hidden_states = encoder_hidden_states.clip(-65504, 65504)
+    return encoder_hidden_states, hidden_states
+
+
+def flux_single_block_packed(block, x, temb, rope, segments: StreamSegments, backend: str = "auto"):
+    """:func:`flux_single_block` on a packed batch (same operations, same order) on the segment-major joint sequence
+    ``x (1, total, D)`` (``[text_i ; image_i]`` per image), which stays joined across the single-stream blocks (the
+    unpacked block joins and splits the two streams each time: the same values). ``segments``: the one-stream
+    segments of ``x``. Returns the new ``x``."""
+    rows = segments.segment_ids(0)
+    residual = x
+    emb = block.norm.linear(block.norm.silu(temb))
+    shift, scale, gate = emb.chunk(3, dim=1)
+    norm_x = block.norm.norm(x) * per_token(1 + scale, rows) + per_token(shift, rows)
+    mlp = block.act_mlp(block.proj_mlp(norm_x))
+    attn_out = flux_attention_packed(block.attn, norm_x, None, rope, segments, backend)
+    x = torch.cat([attn_out, mlp], dim=2)
+    x = residual + per_token(gate, rows) * block.proj_out(x)
+    if x.dtype == torch.float16:
+        x = x.clip(-65504, 65504)
+    return x
+
+
+def split_calls(out: torch.Tensor, calls: list[VelocityCall], batches: list[int] | None = None) -> list[torch.Tensor]:
+    """Packed per-token output ``(1, N, C)`` -> one ``(n_i, L_i, C)`` view per call (``n_i`` = ``batches[i]``,
+    default the call's batch)."""
+    batches = batches or [c.tokens.shape[0] for c in calls]
+    sizes = [n * c.tokens.shape[1] for n, c in zip(batches, calls)]
+    return [o.view(n, c.tokens.shape[1], -1) for o, n, c in zip(out[0].split(sizes), batches, calls)]
+
+
 class FluxAdapter(DiTAdapter):
     """Adapter for diffusers' ``FluxPipeline`` (FLUX.1-dev with guidance embedding, FLUX.1-schnell without)."""
 
@@ -141,6 +274,79 @@ class FluxAdapter(DiTAdapter):
     def check_supported(self) -> None:
         check_blocks(named_blocks(self.transformer, "transformer_blocks", "single_transformer_blocks"),
                      ("FluxAttnProcessor",), "FLUX")
+
+    packs = True
+    packed_attention_backend = "auto"  # varlen_attention backend of packed_velocity ("auto", "sdpa", ...)
+
+    def _bypassed_by_packing(self) -> list:
+        """Modules the unpacked call runs as modules (hooks included) and the packed call decomposes."""
+        tr = self.transformer
+        mods = [tr.norm_out]
+        for blk in tr.transformer_blocks:
+            mods += [blk, blk.norm1, blk.norm1_context]
+        for blk in tr.single_transformer_blocks:
+            mods += [blk, blk.norm]
+        return mods
+
+    def packed_velocity(self, calls, impl: ModelImpl | None = None) -> list[torch.Tensor]:
+        """:meth:`velocity` of every call, all run as one transformer call over a packed token sequence.
+
+        Every image of every call is one attention segment ``[its text tokens ; its image tokens]``; time, guidance
+        and pooled embeddings are computed per image and its AdaLN shift/scale/gate applied to the tokens of its
+        segment; rotary embeddings per image from ``grid.positions`` (:meth:`rotary`); text lengths may differ
+        between calls. Attention: :func:`ralu_kernels.attention.varlen_attention` (backend
+        :attr:`packed_attention_backend`). Results equal the unpacked calls up to float rounding (fp32 on a CPU:
+        about 1e-7 relative, see tests/test_packed_velocity.py).
+
+        Falls back to one :meth:`velocity` per call (correct, unpacked) when ``impl`` is not None / EAGER (compiled
+        blocks, fused weights), when the calling ``generate`` has a feature cache, or when a block or an AdaLN
+        module the packed call decomposes carries torch forward (pre-)hooks or diffusers hooks.
+        """
+        calls = check_velocity_calls(calls)
+        if not can_pack(impl, self._bypassed_by_packing()):
+            return [self.velocity(c.tokens, c.grid, c.timestep, c.cond, impl) for c in calls]
+        return self._packed_call(calls)
+
+    def _packed_call(self, calls: list[VelocityCall]) -> list[torch.Tensor]:
+        tr = self.transformer
+        guided = bool(tr.config.guidance_embeds)
+        for i, c in enumerate(calls):
+            if (c.cond.data["guidance"] is not None) != guided:
+                raise ValueError(f"calls[{i}].cond {'lacks' if guided else 'has'} a guidance value but this FLUX "
+                                 f"transformer has guidance_embeds={guided}: encode its prompt with this adapter")
+        device, dtype = calls[0].tokens.device, calls[0].tokens.dtype
+        counts = [c.tokens.shape[0] for c in calls]
+        text_lens = [c.cond.data["embeds"].shape[1] for c in calls]
+        image_lens = [c.tokens.shape[1] for c in calls]
+
+        tokens = torch.cat([c.tokens.reshape(-1, c.tokens.shape[-1]) for c in calls])[None]
+        hidden = tr.x_embedder(tokens)
+        t = torch.cat([c.timestep.reshape(()).expand(b).to(dtype) / 1000 for c, b in zip(calls, counts)])
+        t = t.to(hidden.dtype) * 1000
+        pooled = torch.cat([c.cond.data["pooled"] for c in calls])
+        if guided:
+            guidance = torch.cat([c.cond.data["guidance"] for c in calls])
+            temb = tr.time_text_embed(t, guidance.to(hidden.dtype) * 1000, pooled)
+        else:
+            temb = tr.time_text_embed(t, pooled)
+        embeds = torch.cat([c.cond.data["embeds"].reshape(-1, c.cond.data["embeds"].shape[-1]) for c in calls])
+        enc = tr.context_embedder(embeds[None])
+        ropes = [self.rotary(c.grid, n) for c, n in zip(calls, text_lens)]  # (B, T + L, D): [text ; image] per image
+        rope = tuple(torch.cat([r[j].reshape(-1, r[j].shape[-1]) for r in ropes]) for j in (0, 1))
+
+        per_image = lambda lens: [n for n, b in zip(lens, counts) for _ in range(b)]  # noqa: E731
+        joint = StreamSegments([per_image(text_lens), per_image(image_lens)], device)
+        single = StreamSegments([joint.segment_lens], device)
+        backend = self.packed_attention_backend
+        for blk in tr.transformer_blocks:
+            enc, hidden = flux_double_block_packed(blk, hidden, enc, temb, rope, joint, backend)
+        if len(tr.single_transformer_blocks):
+            x = joint.gather(enc[0], hidden[0])[None]
+            for blk in tr.single_transformer_blocks:
+                x = flux_single_block_packed(blk, x, temb, rope, single, backend)
+            hidden = joint.split(x[0])[1][None]
+        out = tr.proj_out(ada_norm_continuous_packed(tr.norm_out, hidden, temb, joint.segment_ids(1)))
+        return split_calls(out, calls)
 
     fuses_projections = True
     max_side_px = 4096  # 65536 fine tokens; FLUX.1 is trained up to about 2 MP, beyond this only time is lost

@@ -23,6 +23,11 @@ image embeddings, so the adapter would be silently ignored); diffusers' stateful
 blocks (``enable_cache`` and the like: their state follows the transformer's own forward, which ralu does not
 call; group offloading and layerwise casting are stateless per call and allowed); skip-layer guidance naming
 layers the model lacks, or with a dynamically shifted scheduler (no single shift defines its window).
+
+Packed calls (:meth:`SD3Adapter.packed_velocity`, for serving many requests at once): :func:`sd3_joint_block_packed`
+and :func:`joint_attention_packed` are ``JointTransformerBlock.forward`` and ``JointAttnProcessor2_0`` on one packed
+token sequence in which every image (both CFG halves included) is its own attention segment ``[image ; text]``;
+a call inside its skip-layer-guidance window runs unpacked.
 """
 from __future__ import annotations
 
@@ -32,7 +37,10 @@ from dataclasses import dataclass
 
 import torch
 
-from .base import EAGER, Conditioning, DiTAdapter, ModelImpl, SplitBlocks, TokenGrid
+from ralu_kernels.attention import StreamSegments
+
+from .base import EAGER, Conditioning, DiTAdapter, ModelImpl, SplitBlocks, TokenGrid, VelocityCall, check_velocity_calls
+from .flux import ada_norm_continuous_packed, can_pack, per_token, split_calls
 
 # diffusers hooks whose effect is per module call (no state across a transformer forward): allowed on the model
 STATELESS_HOOK_PREFIXES = ("group_offloading", "lazy_prefetch_group_offloading", "layerwise_casting",
@@ -44,6 +52,98 @@ def sd3_joint_block(block, hidden_states, encoder_hidden_states, temb):
     Returns ``(encoder_hidden_states, hidden_states)``; a separate function so a backend can compile it
     without touching the user's module."""
     return block(hidden_states=hidden_states, encoder_hidden_states=encoder_hidden_states, temb=temb)
+
+
+def _feed_forward(block, ff, x: torch.Tensor) -> torch.Tensor:
+    """``ff(x)`` on packed tokens ``x (1, N, D)``, in chunks of the block's ``_chunk_size`` tokens when it has one
+    (a feed-forward is per token: chunking only bounds memory; the packed N need not be a multiple of the size)."""
+    if block._chunk_size is None or block._chunk_dim != 1:
+        return ff(x)
+    return torch.cat([ff(c) for c in x.split(block._chunk_size, dim=1)], dim=1)
+
+
+def joint_attention_packed(attn, hidden_states, encoder_hidden_states, segments: StreamSegments,
+                           backend: str = "auto"):
+    """diffusers' ``JointAttnProcessor2_0`` on ``attn`` for a packed batch, attention within each image's segment.
+
+    ``hidden_states (1, N_img, D)`` / ``encoder_hidden_states (1, N_txt, D)`` hold the images' tokens one after
+    another; ``segments`` has the streams (image, text), so segment i is ``[image_i ; text_i]`` as in the unpacked
+    call. Without ``encoder_hidden_states`` (SD3.5's image-only second attention) ``segments`` has the one image
+    stream. Returns ``(image out, text out)`` (text out None for ``context_pre_only``), or the image out alone.
+    """
+    query, key, value = attn.to_q(hidden_states), attn.to_k(hidden_states), attn.to_v(hidden_states)
+    head_dim = key.shape[-1] // attn.heads
+    query = query.view(1, -1, attn.heads, head_dim)    # (1, N, H, Dh); the processor's (B, H, N, Dh) transposed
+    key = key.view(1, -1, attn.heads, head_dim)
+    value = value.view(1, -1, attn.heads, head_dim)
+    if attn.norm_q is not None:
+        query = attn.norm_q(query)
+    if attn.norm_k is not None:
+        key = attn.norm_k(key)
+    q, k, v = query[0], key[0], value[0]
+    if encoder_hidden_states is not None:
+        eq = attn.add_q_proj(encoder_hidden_states).view(1, -1, attn.heads, head_dim)
+        ek = attn.add_k_proj(encoder_hidden_states).view(1, -1, attn.heads, head_dim)
+        ev = attn.add_v_proj(encoder_hidden_states).view(1, -1, attn.heads, head_dim)
+        if attn.norm_added_q is not None:
+            eq = attn.norm_added_q(eq)
+        if attn.norm_added_k is not None:
+            ek = attn.norm_added_k(ek)
+        q, k, v = segments.gather(q, eq[0]), segments.gather(k, ek[0]), segments.gather(v, ev[0])
+    out = segments.attend(q, k, v, backend=backend)
+    out = out.reshape(1, -1, attn.heads * head_dim).to(query.dtype)
+    enc = None
+    if encoder_hidden_states is not None:
+        out, enc = (t[None] for t in segments.split(out[0]))
+        enc = None if attn.context_pre_only else attn.to_add_out(enc)
+    out = attn.to_out[1](attn.to_out[0](out))
+    return out if encoder_hidden_states is None else (out, enc)
+
+
+def sd3_joint_block_packed(block, hidden_states, encoder_hidden_states, temb, segments: StreamSegments,
+                           image_segments: StreamSegments, backend: str = "auto"):
+    """diffusers' ``JointTransformerBlock.forward`` (SD3 / SD3.5, dual attention included) on a packed batch: the
+    same operations in the same order, with ``temb (n_images, D)`` one row per image and every AdaLN shift / scale /
+    gate applied per token of its image. ``segments``: streams (image, text); ``image_segments``: the image stream
+    alone (SD3.5's second attention). Returns ``(encoder_hidden_states or None, hidden_states)``, packed."""
+    img, txt = segments.segment_ids(0), segments.segment_ids(1)
+    emb = block.norm1.linear(block.norm1.silu(temb))
+    if block.use_dual_attention:
+        (shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp,
+         shift_msa2, scale_msa2, gate_msa2) = emb.chunk(9, dim=1)
+        normed = block.norm1.norm(hidden_states)
+        norm_h = normed * per_token(1 + scale_msa, img) + per_token(shift_msa, img)
+        norm_h2 = normed * per_token(1 + scale_msa2, img) + per_token(shift_msa2, img)
+    else:
+        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = emb.chunk(6, dim=1)
+        norm_h = block.norm1.norm(hidden_states) * per_token(1 + scale_msa, img) + per_token(shift_msa, img)
+
+    if block.context_pre_only:
+        norm_e = ada_norm_continuous_packed(block.norm1_context, encoder_hidden_states, temb, txt)
+    else:
+        cemb = block.norm1_context.linear(block.norm1_context.silu(temb))
+        c_shift_msa, c_scale_msa, c_gate_msa, c_shift_mlp, c_scale_mlp, c_gate_mlp = cemb.chunk(6, dim=1)
+        norm_e = (block.norm1_context.norm(encoder_hidden_states) * per_token(1 + c_scale_msa, txt)
+                  + per_token(c_shift_msa, txt))
+
+    attn_out, context_attn_out = joint_attention_packed(block.attn, norm_h, norm_e, segments, backend)
+    hidden_states = hidden_states + per_token(gate_msa, img) * attn_out
+    if block.use_dual_attention:
+        attn_out2 = joint_attention_packed(block.attn2, norm_h2, None, image_segments, backend)
+        hidden_states = hidden_states + per_token(gate_msa2, img) * attn_out2
+
+    norm_h = block.norm2(hidden_states)
+    norm_h = norm_h * per_token(1 + scale_mlp, img) + per_token(shift_mlp, img)
+    hidden_states = hidden_states + per_token(gate_mlp, img) * _feed_forward(block, block.ff, norm_h)
+
+    if block.context_pre_only:
+        return None, hidden_states
+    encoder_hidden_states = encoder_hidden_states + per_token(c_gate_msa, txt) * context_attn_out
+    norm_e = block.norm2_context(encoder_hidden_states)
+    norm_e = norm_e * per_token(1 + c_scale_mlp, txt) + per_token(c_shift_mlp, txt)
+    encoder_hidden_states = (encoder_hidden_states
+                             + per_token(c_gate_mlp, txt) * _feed_forward(block, block.ff_context, norm_e))
+    return encoder_hidden_states, hidden_states
 
 
 @dataclass(frozen=True)
@@ -98,6 +198,12 @@ class SkipLayerGuidance:
     def active(self, timestep: float, shift: float) -> bool:
         """True where the skip-layer term applies at this timestep."""
         return self.start < self.progress(timestep, shift) < self.stop
+
+
+def _doubled(grid: TokenGrid) -> TokenGrid:
+    """``grid`` for the CFG batch ``[uncond ; cond]`` (the images twice)."""
+    return TokenGrid(torch.cat([grid.positions] * 2), grid.grid_hw,
+                     None if grid.fine_mask is None else torch.cat([grid.fine_mask] * 2), grid.raster)
 
 
 def _tracing() -> bool:
@@ -313,9 +419,8 @@ class SD3Adapter(DiTAdapter):
                 "skip-layer guidance decides per timestep in Python; it cannot run inside a traced or captured model "
                 "call (backend='onnx'/'tensorrt', or CUDA graphs): use backend='eager', or 'inductor' with "
                 "compile_options={'cuda_graphs': False}")
-        g2 = TokenGrid(torch.cat([grid.positions] * 2), grid.grid_hw,
-                       None if grid.fine_mask is None else torch.cat([grid.fine_mask] * 2), grid.raster)
-        out = self._forward(torch.cat([tokens, tokens]), g2, timestep, data["embeds"], data["pooled"], impl)
+        out = self._forward(torch.cat([tokens, tokens]), _doubled(grid), timestep, data["embeds"], data["pooled"],
+                            impl)
         uncond, text = out.chunk(2)
         out = uncond + data["guidance_scale"] * (text - uncond)
         if slg is not None and slg.active(timestep, data["slg_shift"]):  # as diffusers: conditional rows only
@@ -324,6 +429,92 @@ class SD3Adapter(DiTAdapter):
                                     skip=slg.layers, cached=False)
             out = out + (text - skipped) * slg.scale
         return out
+
+    # ---- packed calls ------------------------------------------------------------------------------------
+    packs = True
+    packed_attention_backend = "auto"  # varlen_attention backend of packed_velocity ("auto", "sdpa", ...)
+    PACKED_PROCESSORS = ("JointAttnProcessor2_0",)  # the processor joint_attention_packed reproduces
+
+    def _packable_model(self) -> bool:
+        """No hooks on what the packed call decomposes (the blocks, their AdaLN modules and attention modules, the
+        final norm) and diffusers' own joint processor on every attention (the packed call reproduces it; a custom
+        or fused processor runs only unpacked)."""
+        tr = self.transformer
+        mods = [tr.norm_out]
+        for blk in tr.transformer_blocks:
+            attns = [a for a in (blk.attn, getattr(blk, "attn2", None)) if a is not None]
+            if any(type(a.processor).__name__ not in self.PACKED_PROCESSORS for a in attns):
+                return False
+            mods += [blk, blk.norm1, blk.norm1_context, *attns]
+        return can_pack(None, mods)
+
+    def packed_velocity(self, calls, impl: ModelImpl | None = None) -> list[torch.Tensor]:
+        """:meth:`velocity` of every call, all run as one transformer call over a packed token sequence.
+
+        Every image of every call is one attention segment ``[its image tokens ; its text tokens]``; under
+        classifier-free guidance a call brings its images twice (negative then positive prompt, as :meth:`velocity`
+        does) and its result is combined with its own ``guidance_scale``. Time / pooled embeddings per image, AdaLN
+        modulation per token of its segment, SD3.5's q/k norms and MMDiT-X's second (image-only) attention per
+        segment; positions: :meth:`embed_tokens` per call, exactly as :meth:`velocity` computes them; text lengths
+        may differ between calls. Attention: :func:`ralu_kernels.attention.varlen_attention` (backend
+        :attr:`packed_attention_backend`). Results equal the unpacked calls up to float rounding.
+
+        Falls back to :meth:`velocity` (correct, unpacked): for every call when ``impl`` is not None / EAGER, the
+        calling ``generate`` has a feature cache, a block / AdaLN / attention module the packed call decomposes
+        carries torch or diffusers hooks, or an attention processor is not diffusers' ``JointAttnProcessor2_0``;
+        for a call whose skip-layer guidance window is active at its timestep (its extra skip-layer forward runs
+        unpacked; outside the window such a call packs like any other).
+        """
+        calls = check_velocity_calls(calls)
+        if not (impl is None or impl is EAGER) or not self._packable_model():
+            return [self.velocity(c.tokens, c.grid, c.timestep, c.cond, impl) for c in calls]
+        out: list[torch.Tensor | None] = [None] * len(calls)
+        packed = []
+        for i, c in enumerate(calls):
+            slg = c.cond.data.get("slg") if c.cond.data["cfg"] else None
+            if slg is not None and (_tracing() or slg.active(c.timestep, c.cond.data["slg_shift"])):
+                out[i] = self.velocity(c.tokens, c.grid, c.timestep, c.cond, impl)
+            else:
+                packed.append(i)
+        if packed:
+            for i, v in zip(packed, self._packed_call([calls[i] for i in packed])):
+                out[i] = v
+        return out
+
+    def _packed_call(self, calls: list[VelocityCall]) -> list[torch.Tensor]:
+        tr = self.transformer
+        device = calls[0].tokens.device
+        hidden, counts = [], []
+        for c in calls:
+            x, grid = (torch.cat([c.tokens, c.tokens]), _doubled(c.grid)) if c.cond.data["cfg"] else (c.tokens, c.grid)
+            h = self.embed_tokens(x, grid)
+            hidden.append(h.reshape(-1, h.shape[-1]))
+            counts.append(x.shape[0])
+        hidden = torch.cat(hidden)[None]
+        t = torch.cat([c.timestep.reshape(()).expand(n) for c, n in zip(calls, counts)])
+        temb = tr.time_text_embed(t, torch.cat([c.cond.data["pooled"] for c in calls]))
+        embeds = torch.cat([c.cond.data["embeds"].reshape(-1, c.cond.data["embeds"].shape[-1]) for c in calls])
+        enc = tr.context_embedder(embeds[None])
+
+        per_image = lambda lens: [n for n, b in zip(lens, counts) for _ in range(b)]  # noqa: E731
+        image_lens = per_image([c.tokens.shape[1] for c in calls])
+        joint = StreamSegments([image_lens, per_image([c.cond.data["embeds"].shape[1] for c in calls])], device)
+        image = StreamSegments([image_lens], device)
+        backend = self.packed_attention_backend
+        for blk in tr.transformer_blocks:
+            enc, hidden = sd3_joint_block_packed(blk, hidden, enc, temb, joint, image, backend)
+        out = tr.proj_out(ada_norm_continuous_packed(tr.norm_out, hidden, temb, joint.segment_ids(0)))
+
+        p = self.patch_size
+        result = []
+        for c, o in zip(calls, split_calls(out, calls, counts)):
+            n, l, _ = o.shape
+            o = o.view(n, l, p, p, -1).permute(0, 1, 4, 2, 3).reshape(n, l, -1)
+            if c.cond.data["cfg"]:
+                uncond, text = o.chunk(2)
+                o = uncond + c.cond.data["guidance_scale"] * (text - uncond)
+            result.append(o)
+        return result
 
     def baseline_schedule(self, num_steps, image_seq_len):
         from diffusers.pipelines.stable_diffusion_3.pipeline_stable_diffusion_3 import calculate_shift, retrieve_timesteps
