@@ -21,6 +21,11 @@ order; each runs as its own process with its own time limit, inside a total ``--
 ``latency_families`` (optional, its own call: ``--only build,latency_families --budget 560``) FLUX.2-dev,
                     Qwen-Image, Z-Image(-Turbo), Chroma, SD3.5 Large, FLUX.2-klein at full size: compiled RALU
                     default preset vs compiled baseline at the pipeline's default steps
+``latency_video``   (optional, its own call: ``--only build,latency_video --budget 530``) Wan 2.1 T2V 14B, 480x832,
+                    81 frames (32 760 tokens), bf16, eager: RALU 7x and 4x vs the 50-step CFG baseline, measured with
+                    4 steps and scaled (``latency.py --scale-baseline-to``); about 4 min
+``latency_video_720p`` (optional, its own call: ``--only build,latency_video_720p --budget 560``) Wan 2.1 14B
+                    704x1280 81 frames and HunyuanVideo 1.5 704x1280 121 frames: RALU 7x vs 50 steps (2 measured)
 ==================  =====================================================================================
 
 Optional steps run only while the budget lasts. Outputs: everything goes to a work folder; after every step
@@ -35,6 +40,7 @@ measures nothing: its summary says "dry run" in every line.
 
     bash benchmarks/gpu_suite.sh                      # on the GPU machine (default budget 480 s)
     bash benchmarks/gpu_suite.sh --only latency_sd3,stacking --budget 200   # a targeted rerun
+    bash benchmarks/gpu_suite.sh --only build,latency_video --budget 530    # full-size video (its own call)
     python -m benchmarks.gpu_suite --dry-run          # CPU, toy sizes
 """
 from __future__ import annotations
@@ -227,6 +233,39 @@ def latency_families_cmds(ctx: Ctx):
     return cmds
 
 
+# full-size video (random weights, bf16, eager: at 30k-110k tokens the GEMMs and attention dominate, compiling buys
+# little and costs minutes): RALU rows vs the default 50-step CFG baseline, run with a few steps and scaled (its
+# model-call stage x 50 / steps + the measured VAE decode); warm-up calls at 128x128, 5 frames (kernels, Triton JIT,
+# library handles) instead of a full-size call. Estimates on an H200 at ~450 TFLOP/s (families_video_flops.json):
+# Wan 480p: 4 baseline steps ~30 s, RALU 7x ~45 s, 4x ~75 s, plus VAE decodes and the 14B model build: ~4 min.
+VIDEO_ROWS = {"wan-480p": ("7x", "4x"), "wan-720p": ("7x",), "hunyuan-video15": ("7x",)}
+VIDEO_LABELS = {"wan-480p": "Wan 2.1 14B 480x832, 81 frames", "wan-720p": "Wan 2.1 14B 704x1280, 81 frames",
+                "hunyuan-video15": "HunyuanVideo 1.5 704x1280, 121 frames"}
+VIDEO_BASELINE_STEPS = {"wan-480p": 4, "wan-720p": 2, "hunyuan-video15": 2}
+
+
+def _video_cmd(ctx: Ctx, fam: str):
+    presets = VIDEO_ROWS[fam][:1] if ctx.dry else VIDEO_ROWS[fam]
+    rows = ",".join(["baseline-eager"] + [f"ralu-{p}-eager" for p in presets])
+    if ctx.dry:  # the family's small model on the CPU (64 x 96, 9 frames), 2 baseline steps, one preset
+        return (_latency(ctx, "--model", fam, "--size", "small", "--rows", rows, "--steps", "2",
+                         "--scale-baseline-to", "50", "--reps", "1", "--warmup", "1", "--warmup-shape", "64x64x5",
+                         "--tag", f"latency_{fam}_dry_cpu"), {})
+    return (_latency(ctx, "--model", fam, "--size", "full", "--rows", rows, "--steps", str(VIDEO_BASELINE_STEPS[fam]),
+                     "--scale-baseline-to", "50", "--reps", "1", "--warmup", "1", "--warmup-shape", "128x128x5",
+                     "--tag", f"latency_{fam}_full_{ctx.slug}"), _fresh_triton_cache(ctx, fam))
+
+
+def latency_video_cmds(ctx: Ctx):
+    return [_video_cmd(ctx, "wan-480p")]
+
+
+def latency_video_720p_cmds(ctx: Ctx):
+    if ctx.dry:  # Wan's path ran in latency_video: the other family here
+        return [_video_cmd(ctx, "hunyuan-video15")]
+    return [_video_cmd(ctx, "wan-720p"), _video_cmd(ctx, "hunyuan-video15")]
+
+
 STEPS = [
     Step("build", "CUDA extension ralu_kernels._C (sm_90) builds and loads", 240, build_cmds),
     Step("ctest", "csrc CMake build + ctest", 300, ctest_cmds, background=True),
@@ -240,9 +279,13 @@ STEPS = [
     Step("stacking", "latency.py RALU 5x + TaylorSeer", 180, stacking_cmds, optional=True, min_s=60),
     Step("latency_families", "latency.py FLUX.2/Qwen-Image/Z-Image/Chroma/SD3.5 at full size", 540,
          latency_families_cmds, optional=True, min_s=400),
+    Step("latency_video", "latency.py Wan 2.1 14B 480p 81 frames at full size", 480, latency_video_cmds,
+         optional=True, min_s=300),
+    Step("latency_video_720p", "latency.py Wan 2.1 14B 720p and HunyuanVideo 1.5 720p at full size", 540,
+         latency_video_720p_cmds, optional=True, min_s=450),
 ]
 TIMING_STEPS = {"transition", "transition_tune", "attention", "latency_flux", "warm_start", "latency_sd3", "stacking",
-                "latency_families"}
+                "latency_families", "latency_video", "latency_video_720p"}
 
 
 # ------------------------------------------------------------------------------------------------ running
@@ -488,12 +531,59 @@ def claims(work: Path, results: dict[str, Result], dry: bool) -> list[dict]:
         add(f"{fam} full size: ralu-{preset}-compiled vs default-step compiled", f"{_fmt(v, 'x')}" if v else "not run",
             "record (FLOP ratio in README)", None, f"latency_{fam}_full_*.json")
 
+    out.extend(video_claims(work, dry))
+
     st = _json(work, "latency_flux_full_taylorseer3_*.json") or _json(work, "latency_flux_taylorseer3_dry_cpu.json")
     st_row = st["rows"][0] if st and st.get("rows") else None
     base = by.get("baseline-compiled")
     v = base["mean_s"] / st_row["mean_s"] if (st_row and base) else None
     add("RALU 5x + TaylorSeer W=3 compiled vs 50-step compiled", f"{_fmt(v, 'x')}" if v else "not run",
         ">= 7.28x (paper, FLOP ratio)", None if v is None else v >= 7.28, "latency_flux_full_taylorseer3_*.json")
+    return out
+
+
+def _video_flops() -> dict:
+    """``{family: {"runs": {run: {"ratio", "tflops"}}, "per_call_tflops": {...}}}`` from the FLOP count at full size."""
+    try:
+        data = json.loads((ROOT / "benchmarks" / "results" / "families_video_flops.json").read_text())
+    except (OSError, json.JSONDecodeError):
+        return {}
+    return {f["family"]: {"runs": {r["run"]: r for r in f["runs"]}, "per_call_tflops": f.get("per_call_tflops", {}),
+                          "fine_tokens": f.get("fine_tokens")} for f in data.get("flops", [])}
+
+
+def video_claims(work: Path, dry: bool) -> list[dict]:
+    """Full-size video latency (steps latency_video, latency_video_720p): RALU vs the 50-step eager baseline,
+    measured with a few steps and scaled; the model calls' TFLOP/s (FLOPs counted at full size / baseline stage)."""
+    flops = _video_flops()
+    out = []
+
+    def add(claim, measured, goal, source):
+        out.append({"claim": claim, "measured": measured, "goal": goal, "met": "dry run" if dry else "n/a",
+                    "source": source})
+
+    for fam, presets in VIDEO_ROWS.items():
+        src = f"latency_{fam}_full_*.json"
+        data = _json(work, f"latency_{fam}_full_nvidia*.json") or _json(work, f"latency_{fam}_dry_cpu.json")
+        by = {r["row"]: r for r in (data["rows"] if data else [])}
+        base = by.get("baseline-eager")
+        label = VIDEO_LABELS[fam]
+        fl = flops.get(fam, {})
+        measured = "not run"
+        if base and "scaled_mean_s" in base:
+            measured = (f"{_fmt(base['scaled_mean_s'], ' s')} ({base['measured_steps']} steps measured: "
+                        f"{_fmt(base['mean_s'], ' s')})")
+            per_call = fl.get("per_call_tflops", {}).get(f"{fl.get('fine_tokens')} tokens")
+            stage = base.get("stages_s", {}).get("baseline")
+            if data.get("size") == "full" and per_call and stage:
+                measured += f"; model calls at {per_call * base['measured_steps'] / stage:.0f} TFLOP/s"
+        add(f"{label}: 50-step eager CFG baseline, seconds per video", measured, "record", src)
+        for preset in presets:
+            r = by.get(f"ralu-{preset}-eager")
+            v = r.get("speedup_vs_baseline-eager") if r else None
+            ratio = fl.get("runs", {}).get(preset, {}).get("ratio")
+            add(f"{label}: ralu-{preset}-eager vs 50-step eager", f"{_fmt(v, 'x')} ({_fmt(r['mean_s'], ' s')})" if v
+                else "not run", f"record (transformer FLOPs {_fmt(ratio, 'x')})", src)
     return out
 
 

@@ -2,6 +2,7 @@
 # GPU verification suite (see benchmarks/gpu_suite.py for the steps). On the GPU machine:
 #
 #   bash benchmarks/gpu_suite.sh [--budget 480] [--only a,b] [--skip a,b]
+#   bash benchmarks/gpu_suite.sh --only build,latency_video --budget 530   # full-size Wan 480p video, own call
 #
 # Packages the GPU image lacks (diffusers 0.42.1 and importlib_metadata) travel as wheels in .whl/
 # (README, "GPU checks"); they are installed with --no-deps into a private folder put on PYTHONPATH.

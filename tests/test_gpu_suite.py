@@ -38,8 +38,18 @@ def test_dry_run_runs_every_step(tmp_path):
         names = set(tf.getnames())
     for name in ("gpu_suite/summary.json", "gpu_suite/logs/build.log", "gpu_suite/logs/latency_flux.log",
                  "gpu_suite/latency_flux_dry_cpu.json", "gpu_suite/tune_transition_dry_cpu.json",
-                 "gpu_suite/gpu_tests.xml"):
+                 "gpu_suite/gpu_tests.xml", "gpu_suite/logs/latency_video.log", "gpu_suite/latency_wan-480p_dry_cpu.json",
+                 "gpu_suite/latency_hunyuan-video15_dry_cpu.json"):
         assert name in names, name
+    # the video steps: a baseline run with 2 steps and scaled to 50, a RALU row, warm-up calls at a small size
+    video = json.loads((work / "latency_wan-480p_dry_cpu.json").read_text())
+    assert video["baseline_steps"] == 2 and video["baseline_scaled_to_steps"] == 50 and video["num_frames"] == 9
+    base, ralu = video["rows"]
+    assert base["row"] == "baseline-eager" and base["warmup_shape"] == [64, 64, 5]
+    assert base["scaled_mean_s"] > base["mean_s"] and base["speedup_vs_baseline-eager"] == 1.0
+    assert ralu["row"] == "ralu-7x-eager" and ralu["speedup_vs_baseline-eager"] == pytest.approx(
+        base["scaled_mean_s"] / ralu["mean_s"])
+    assert not measured["Wan 2.1 14B 480x832, 81 frames: ralu-7x-eager vs 50-step eager"].startswith("not run")
     log = (out / "suite.log").read_text()
     assert "summary (one line per claim)" in log
 
@@ -100,6 +110,33 @@ def test_claims_met_and_not_met(tmp_path):
     warm = c["RALU 7x compiled, first call: cold (fresh caches) -> warm (new process, saved bundle)"]
     assert warm["met"] == "yes" and warm["measured"] == "20 s -> 6 s"
     assert c["SD3-medium shape 1024^2: ralu-3x-compiled vs 28-step compiled"]["met"] == "n/a"
+
+
+def test_video_latency_steps_and_claims(tmp_path):
+    ctx = S.Ctx(dry=False, dry_compile=False, work=tmp_path, out=tmp_path, slug="nvidia-h200", budget_s=530)
+    (argv, env), = S.latency_video_cmds(ctx)
+    assert argv[argv.index("--model") + 1] == "wan-480p" and argv[argv.index("--size") + 1] == "full"
+    assert argv[argv.index("--rows") + 1] == "baseline-eager,ralu-7x-eager,ralu-4x-eager"
+    assert argv[argv.index("--steps") + 1] == "4" and argv[argv.index("--scale-baseline-to") + 1] == "50"
+    assert argv[argv.index("--tag") + 1] == "latency_wan-480p_full_nvidia-h200" and "TRITON_CACHE_DIR" in env
+    assert [c[0][c[0].index("--model") + 1] for c in S.latency_video_720p_cmds(ctx)] == ["wan-720p", "hunyuan-video15"]
+    step = {s.name: s for s in S.STEPS}["latency_video"]
+    assert step.optional and step.limit_s <= 530 - 30  # fits one call together with the build (~30 s)
+
+    _write(tmp_path, "latency_wan-480p_full_nvidia-h200.json", {"size": "full", "rows": [
+        {"row": "baseline-eager", "mean_s": 40.0, "measured_steps": 4, "scaled_mean_s": 380.0,
+         "stages_s": {"baseline": 30.0, "vae_decode": 10.0}, "speedup_vs_baseline-eager": 1.0},
+        {"row": "ralu-7x-eager", "mean_s": 50.0, "speedup_vs_baseline-eager": 7.6},
+        {"row": "ralu-4x-eager", "mean_s": 80.0, "speedup_vs_baseline-eager": 4.75}]})
+    c = _claims(tmp_path, latency_video="ok")
+    base = c["Wan 2.1 14B 480x832, 81 frames: 50-step eager CFG baseline, seconds per video"]
+    assert base["measured"].startswith("380.0 s (4 steps measured: 40 s)")
+    if S._video_flops():  # 4 calls x 3357 TFLOP in 30 s
+        assert base["measured"].endswith("model calls at 448 TFLOP/s")
+    r7 = c["Wan 2.1 14B 480x832, 81 frames: ralu-7x-eager vs 50-step eager"]
+    assert r7["measured"] == "7.6x (50 s)" and r7["met"] == "n/a" and r7["goal"].startswith("record")
+    assert c["Wan 2.1 14B 480x832, 81 frames: ralu-4x-eager vs 50-step eager"]["measured"] == "4.75x (80 s)"
+    assert c["HunyuanVideo 1.5 704x1280, 121 frames: ralu-7x-eager vs 50-step eager"]["measured"] == "not run"
 
 
 def test_bitwise_claim_not_met_when_its_tests_were_skipped(tmp_path):
