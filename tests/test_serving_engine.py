@@ -160,3 +160,16 @@ def test_engine_leaves_the_pipeline_as_found(flux):
     assert dict(flux.transformer.attn_processors) == procs
     after = flux.transformer.state_dict()
     assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
+
+
+def test_done_callbacks_and_closing_flag(flux):
+    seen = []
+    with Engine(flux, output_type="latent") as eng:
+        h = eng.submit(seed=0, height=64, width=64, speedup=A, **flux_embeds(1))
+        h.add_done_callback(lambda x: seen.append(("early", x.status)))
+        h.result(timeout=300)
+        h.add_done_callback(lambda x: seen.append(("late", x.status)))
+        h.add_done_callback(lambda x: 1 / 0)          # a failing callback is logged, not raised
+        assert not eng.closing
+    assert eng.closing and eng.closed
+    assert seen == [("early", "done"), ("late", "done")]

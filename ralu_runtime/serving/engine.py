@@ -133,6 +133,8 @@ class RequestHandle:
         self._error: BaseException | None = None
         self._cancel = False
         self._engine: Engine | None = None
+        self._callbacks: list[Callable] = []
+        self._cb_lock = threading.Lock()
 
     def done(self) -> bool:
         return self._done.is_set()
@@ -155,6 +157,15 @@ class RequestHandle:
             self._engine._cancelled(self)
         return True
 
+    def add_done_callback(self, fn: Callable[["RequestHandle"], None]) -> None:
+        """Call ``fn(handle)`` once the request has finished (at once if it has); from the thread that finishes it
+        (e.g. ``loop.call_soon_threadsafe`` to resume a coroutine). Exceptions in ``fn`` are not propagated."""
+        with self._cb_lock:
+            if not self._done.is_set():
+                self._callbacks.append(fn)
+                return
+        _safe_call(fn, self)
+
     def _check(self) -> None:
         if self._cancel:
             raise RequestCancelled(f"request {self.id} was cancelled")
@@ -164,7 +175,20 @@ class RequestHandle:
     def _finish(self, result=None, error: BaseException | None = None) -> None:
         self._result, self._error = result, error
         self.status = "done" if error is None else ("cancelled" if isinstance(error, RequestCancelled) else "failed")
-        self._done.set()
+        with self._cb_lock:
+            self._done.set()
+            callbacks, self._callbacks = self._callbacks, []
+        for fn in callbacks:
+            _safe_call(fn, self)
+
+
+def _safe_call(fn, handle) -> None:
+    try:
+        fn(handle)
+    except Exception:  # noqa: BLE001 - a client's callback must not break the engine's worker
+        import logging
+
+        logging.getLogger("ralu.serving").exception("done callback of request %s failed", handle.id)
 
 
 @dataclass
@@ -279,7 +303,13 @@ class Engine:
 
     @property
     def closed(self) -> bool:
+        """True once :meth:`shutdown` has finished all work (the scheduler has stopped)."""
         return self._closed.is_set()
+
+    @property
+    def closing(self) -> bool:
+        """True from the moment :meth:`shutdown` is called: no new requests are taken."""
+        return self._closing
 
     def __enter__(self):
         return self
