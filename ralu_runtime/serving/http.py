@@ -25,6 +25,10 @@ polled, and a client that disconnects while waiting has its engine request cance
 
 :class:`Server` runs an app on uvicorn with a graceful stop: new requests get 503 while the engine finishes what
 it holds (``grace_s``), then the listener closes; a second SIGINT/SIGTERM stops at once.
+
+Request parsing (:func:`parse_request`, :func:`read_body`), the error mapping (:func:`submit_error`,
+:func:`result_error`, :func:`install_error_handlers`), the response bodies and the Prometheus collector are
+module-level so that the Ray Serve ingress (:mod:`ralu_runtime.serving.ray`) serves the same API.
 """
 from __future__ import annotations
 
@@ -55,7 +59,9 @@ except ImportError as _exc:  # pragma: no cover - exercised in a subprocess by t
 
 from .engine import DeadlineExceeded, EngineBusy, EngineClosed, RequestCancelled
 
-__all__ = ["create_app", "serve", "Server", "GENERATIONS_PATH", "REQUEST_FIELDS"]
+__all__ = ["create_app", "serve", "Server", "GENERATIONS_PATH", "REQUEST_FIELDS", "ApiError", "parse_request",
+           "submit_error", "result_error", "generation_body", "models_body", "read_body", "install_error_handlers",
+           "retry_after_s", "unavailable", "EngineCollector"]
 
 logger = logging.getLogger("ralu.serve")
 
@@ -189,6 +195,87 @@ def _png_b64(images) -> list[str]:
     return out
 
 
+# ------------------------------------------------------------------ pieces shared with the Ray Serve ingress (ray.py)
+def unavailable(why: str, retry_after: str) -> ApiError:
+    """503 with ``Retry-After`` (a full queue, a server shutting down, no replica left)."""
+    return ApiError(503, why, code="unavailable", headers={"Retry-After": retry_after})
+
+
+def submit_error(exc: BaseException, retry_after) -> ApiError | None:
+    """The error response for an exception :meth:`Engine.submit` raised: 400 for arguments ``generate`` refuses
+    (ValueError / TypeError, with the request field it names), 503 for a full queue or a closing engine;
+    None for anything else (a bug: the app's 500 handler). ``retry_after()``: the Retry-After seconds."""
+    if isinstance(exc, (ValueError, TypeError)):
+        msg = _one_line(exc)
+        return ApiError(400, msg, param=_param_of(msg), code="invalid_value")
+    if isinstance(exc, (EngineBusy, EngineClosed)):
+        return unavailable(_one_line(exc), retry_after())
+    return None
+
+
+def result_error(exc: BaseException, deadline, retry_after) -> ApiError:
+    """The error response for an exception a request's result raised: 504 past its deadline, 503 when the engine
+    shut down first, 500 otherwise (one line; the caller logs the traceback)."""
+    if isinstance(exc, DeadlineExceeded):
+        return ApiError(504, f"{_one_line(exc)}: no result within the request's timeout ({deadline} s)",
+                        param="timeout", code="deadline_exceeded")
+    if isinstance(exc, (RequestCancelled, EngineClosed)):
+        return unavailable("the server shut down before this request finished", retry_after())
+    kind = getattr(exc, "type_name", None) or type(exc).__name__
+    return ApiError(500, f"generation failed: {kind}: {_one_line(exc)}", code="internal_error")
+
+
+def generation_body(b64_images: list[str], timings: dict, schedule: str | None, seed: int) -> dict:
+    """The response body of a generation: OpenAI's ``created`` and ``data``, and ralu's timings, schedule, seed."""
+    return {"created": int(time.time()), "data": [{"b64_json": b} for b in b64_images],
+            "ralu": {"timings": timings, "schedule": schedule, "seed": seed}}
+
+
+def models_body(model_name: str, started: float) -> dict:
+    """``GET /v1/models``: the served model, as the OpenAI models API lists it."""
+    return {"object": "list", "data": [{"id": model_name, "object": "model", "created": int(started),
+                                        "owned_by": "ralu"}]}
+
+
+async def read_body(request: Request, max_body_bytes: int):
+    """The request's JSON body; 413 over ``max_body_bytes`` (by Content-Length or while streaming), 400 when it is
+    not JSON."""
+    length = request.headers.get("content-length")
+    if length is not None and length.isdigit() and int(length) > max_body_bytes:
+        raise ApiError(413, f"request body of {int(length)} bytes is over the limit of {max_body_bytes}",
+                       code="request_too_large")
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > max_body_bytes:
+            raise ApiError(413, f"request body is over the limit of {max_body_bytes} bytes",
+                           code="request_too_large")
+        chunks.append(chunk)
+    try:
+        return json.loads(b"".join(chunks))
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise ApiError(400, f"the request body is not valid JSON: {_one_line(exc)}", code="invalid_json") from None
+
+
+def install_error_handlers(app) -> None:
+    """OpenAI-shaped error responses on ``app``: ApiError, Starlette's 404 / 405, and 500 for anything else."""
+
+    @app.exception_handler(ApiError)
+    async def _api_error(request, exc: ApiError):
+        return _error_response(exc.status, exc.message, exc.param, exc.code, exc.headers)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(request, exc):
+        code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code)
+        return _error_response(exc.status_code, str(exc.detail), None, code, getattr(exc, "headers", None))
+
+    @app.exception_handler(Exception)
+    async def _internal(request, exc):  # pragma: no cover - a bug in this module
+        logger.error("unhandled error on %s", request.url.path, exc_info=exc)
+        return _error_response(500, f"internal server error ({type(exc).__name__}); see the server log",
+                               code="internal_error")
+
+
 class EngineCollector:
     """Prometheus collector reading :meth:`Engine.metrics` (and the app's HTTP response counts) at scrape time."""
 
@@ -251,11 +338,16 @@ class _CountResponses:
         await self.app(scope, receive, counting_send)
 
 
-def _retry_after(engine) -> str:
-    """Seconds a refused client should wait: the mean request latency so far, 1..60."""
-    snap = engine.metrics()["request_latency_seconds"]
+def retry_after_s(metrics: dict) -> str:
+    """Seconds a refused client should wait, from an :meth:`Engine.metrics` snapshot: the mean request latency so
+    far, 1..60."""
+    snap = metrics["request_latency_seconds"]
     mean = snap["sum"] / snap["count"] if snap["count"] else 1.0
     return str(int(min(60, max(1, math.ceil(mean)))))
+
+
+def _retry_after(engine) -> str:
+    return retry_after_s(engine.metrics())
 
 
 def create_app(engine, *, model_name: str, max_body_bytes: int = MAX_BODY_BYTES,
@@ -297,59 +389,27 @@ def create_app(engine, *, model_name: str, max_body_bytes: int = MAX_BODY_BYTES,
     def closing() -> bool:
         return app.state.closing or engine.closed
 
-    @app.exception_handler(ApiError)
-    async def _api_error(request, exc: ApiError):
-        return _error_response(exc.status, exc.message, exc.param, exc.code, exc.headers)
+    install_error_handlers(app)
 
-    @app.exception_handler(StarletteHTTPException)
-    async def _http_error(request, exc):
-        code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code)
-        return _error_response(exc.status_code, str(exc.detail), None, code, getattr(exc, "headers", None))
-
-    @app.exception_handler(Exception)
-    async def _internal(request, exc):  # pragma: no cover - a bug in this module
-        logger.error("unhandled error on %s", request.url.path, exc_info=exc)
-        return _error_response(500, f"internal server error ({type(exc).__name__}); see the server log",
-                               code="internal_error")
-
-    async def read_body(request: Request) -> dict:
-        length = request.headers.get("content-length")
-        if length is not None and length.isdigit() and int(length) > max_body_bytes:
-            raise ApiError(413, f"request body of {int(length)} bytes is over the limit of {max_body_bytes}",
-                           code="request_too_large")
-        chunks, size = [], 0
-        async for chunk in request.stream():
-            size += len(chunk)
-            if size > max_body_bytes:
-                raise ApiError(413, f"request body is over the limit of {max_body_bytes} bytes",
-                               code="request_too_large")
-            chunks.append(chunk)
-        try:
-            return json.loads(b"".join(chunks))
-        except (ValueError, UnicodeDecodeError) as exc:
-            raise ApiError(400, f"the request body is not valid JSON: {_one_line(exc)}", code="invalid_json") from None
-
-    def unavailable(why: str) -> ApiError:
-        return ApiError(503, why, code="unavailable", headers={"Retry-After": _retry_after(engine)})
+    def retry_after() -> str:
+        return _retry_after(engine)
 
     @app.post(GENERATIONS_PATH)
     async def generations(request: Request):
-        body = await read_body(request)
+        body = await read_body(request, max_body_bytes)
         kwargs, deadline, seed = parse_request(body, model_name=model_name, max_images=max_images,
                                                default_deadline_s=default_deadline_s)
         if closing():
-            raise unavailable("the server is shutting down: no new requests")
+            raise unavailable("the server is shutting down: no new requests", retry_after())
         prompt = kwargs.pop("prompt")
         try:
             handle = await run_in_threadpool(engine.submit, prompt, deadline_s=deadline, output_type="pil",
                                              **kwargs)
-        except (ValueError, TypeError) as exc:
-            msg = _one_line(exc)
-            raise ApiError(400, msg, param=_param_of(msg), code="invalid_value") from None
-        except EngineBusy as exc:
-            raise unavailable(_one_line(exc)) from None
-        except EngineClosed as exc:
-            raise unavailable(_one_line(exc)) from None
+        except Exception as exc:
+            err = submit_error(exc, retry_after)
+            if err is None:
+                raise
+            raise err from None
         checks = 0
         while not handle.done():
             await asyncio.sleep(POLL_S)
@@ -360,19 +420,14 @@ def create_app(engine, *, model_name: str, max_body_bytes: int = MAX_BODY_BYTES,
                 return Response(status_code=499)   # nginx's "client closed request": nobody reads it
         try:
             out = handle.result(0)
-        except DeadlineExceeded as exc:
-            raise ApiError(504, f"{_one_line(exc)}: no result within the request's timeout ({deadline} s)",
-                           param="timeout", code="deadline_exceeded") from None
-        except (RequestCancelled, EngineClosed):
-            raise unavailable("the server shut down before this request finished") from None
         except Exception as exc:  # noqa: BLE001 - one line for the client, the traceback in the log
-            logger.error("request %s failed", handle.id, exc_info=exc)
-            raise ApiError(500, f"generation failed: {type(exc).__name__}: {_one_line(exc)}",
-                           code="internal_error") from None
+            err = result_error(exc, deadline, retry_after)
+            if err.status == 500:
+                logger.error("request %s failed", handle.id, exc_info=exc)
+            raise err from None
         data = await run_in_threadpool(_png_b64, out.images)
         schedule = out.schedule.name if out.schedule is not None else None
-        return {"created": int(time.time()), "data": [{"b64_json": b} for b in data],
-                "ralu": {"timings": out.timings, "schedule": schedule, "seed": seed}}
+        return generation_body(data, out.timings, schedule, seed)
 
     @app.get("/health")
     async def health():
@@ -388,8 +443,7 @@ def create_app(engine, *, model_name: str, max_body_bytes: int = MAX_BODY_BYTES,
 
     @app.get("/v1/models")
     async def models():
-        return {"object": "list", "data": [{"id": model_name, "object": "model",
-                                            "created": int(app.state.started), "owned_by": "ralu"}]}
+        return models_body(model_name, app.state.started)
 
     return app
 
