@@ -26,6 +26,9 @@ order; each runs as its own process with its own time limit, inside a total ``--
                     4 steps and scaled (``latency.py --scale-baseline-to``); about 4 min
 ``latency_video_720p`` (optional, its own call: ``--only build,latency_video_720p --budget 560``) Wan 2.1 14B
                     704x1280 81 frames and HunyuanVideo 1.5 704x1280 121 frames: RALU 7x vs 50 steps (2 measured)
+``serving``         (optional, its own call: ``--only serving --budget 500``) ``benchmarks/serving.py`` at the
+                    FLUX.1-dev shape: sequential generate, same-shape batching and the packed engine under
+                    open-loop load (throughput, p50/p95 latency), and the engine's token-budget sweep
 ==================  =====================================================================================
 
 Optional steps run only while the budget lasts. Outputs: everything goes to a work folder; after every step
@@ -233,6 +236,14 @@ def latency_families_cmds(ctx: Ctx):
     return cmds
 
 
+def serving_cmds(ctx: Ctx):
+    cmd = [PY, "benchmarks/serving.py", "--out", str(ctx.work)]
+    if ctx.dry:
+        return [(cmd + ["--quick", "--name", "serving_dry_cpu"], {})]
+    return [(cmd + ["--size", "full", "--requests", "16", "--loads", "0.5", "1", "2", "--budgets", "8192", "16384",
+                    "32768", "65536", "--name", f"serving_flux_full_{ctx.slug}"], _fresh_triton_cache(ctx, "serving"))]
+
+
 # full-size video (random weights, bf16, eager: at 30k-110k tokens the GEMMs and attention dominate, compiling buys
 # little and costs minutes): RALU rows vs the default 50-step CFG baseline, run with a few steps and scaled (its
 # model-call stage x 50 / steps + the measured VAE decode); warm-up calls at 128x128, 5 frames (kernels, Triton JIT,
@@ -283,9 +294,11 @@ STEPS = [
          optional=True, min_s=300),
     Step("latency_video_720p", "latency.py Wan 2.1 14B 720p and HunyuanVideo 1.5 720p at full size", 540,
          latency_video_720p_cmds, optional=True, min_s=450),
+    Step("serving", "serving.py FLUX.1-dev shape: sequential, same-shape, packed engine", 480, serving_cmds,
+         optional=True, min_s=300),
 ]
 TIMING_STEPS = {"transition", "transition_tune", "attention", "latency_flux", "warm_start", "latency_sd3", "stacking",
-                "latency_families", "latency_video", "latency_video_720p"}
+                "latency_families", "latency_video", "latency_video_720p", "serving"}
 
 
 # ------------------------------------------------------------------------------------------------ running
@@ -532,6 +545,7 @@ def claims(work: Path, results: dict[str, Result], dry: bool) -> list[dict]:
             "record (FLOP ratio in README)", None, f"latency_{fam}_full_*.json")
 
     out.extend(video_claims(work, dry))
+    out.extend(serving_claims(work, dry))
 
     st = _json(work, "latency_flux_full_taylorseer3_*.json") or _json(work, "latency_flux_taylorseer3_dry_cpu.json")
     st_row = st["rows"][0] if st and st.get("rows") else None
@@ -584,6 +598,31 @@ def video_claims(work: Path, dry: bool) -> list[dict]:
             ratio = fl.get("runs", {}).get(preset, {}).get("ratio")
             add(f"{label}: ralu-{preset}-eager vs 50-step eager", f"{_fmt(v, 'x')} ({_fmt(r['mean_s'], ' s')})" if v
                 else "not run", f"record (transformer FLOPs {_fmt(ratio, 'x')})", src)
+    return out
+
+
+def serving_claims(work: Path, dry: bool) -> list[dict]:
+    """The serving goals of issue 14 at the FLUX.1-dev shape: packed-engine throughput at the top load >= 1.5x
+    sequential generate, and its p95 latency at half load <= 1.3x a lone request's."""
+    data = _json(work, "serving_flux_full_nvidia*.json") or _json(work, "serving_dry_cpu.json")
+    rows = [r for r in (data["rows"] if data else []) if r.get("budget") is None]
+    by = {(r["server"], r["load"]): r for r in rows}
+    src = "serving_flux_full_*.json"
+    out = []
+
+    def add(claim, measured, goal, met):
+        out.append({"claim": claim, "measured": measured, "goal": goal,
+                    "met": "dry run" if dry else ("n/a" if met is None else ("yes" if met else "NO")), "source": src})
+
+    top = max((r["load"] for r in rows), default=None)
+    eng, seq = by.get(("engine", top)), by.get(("sequential", top))
+    v = eng["throughput_img_s"] / seq["throughput_img_s"] if eng and seq else None
+    add(f"serving: packed engine throughput vs sequential generate at load {top}", _fmt(v, "x") if v else "not run",
+        ">= 1.5x", None if v is None else v >= 1.5)
+    half = by.get(("engine", 0.5))
+    w = half["p95_s"] / data["lone_latency_s"] if half else None
+    add("serving: engine p95 latency at half load / lone request", _fmt(w, "x") if w else "not run", "<= 1.3x",
+        None if w is None else w <= 1.3)
     return out
 
 
