@@ -151,6 +151,21 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--max-images", metavar="N", type=int, default=10, help="largest n per request (default 10)")
     s.add_argument("--log-level", choices=("critical", "error", "warning", "info", "debug"), default="info",
                    help="server log level (default info)")
+    r = s.add_argument_group("Ray Serve (--ray; needs the [ray] extra: pip install -e '.[ray]')")
+    r.add_argument("--ray", action="store_true",
+                   help="serve with Ray Serve: engine replicas (one per GPU of the Ray cluster, CPU replicas where "
+                        "it has none), each loading and warming up the model before it takes traffic, behind the same "
+                        "HTTP API; a request whose replica dies is sent to another one")
+    r.add_argument("--replicas", metavar="N|MIN:MAX", default=None,
+                   help="with --ray: N replicas, or MIN:MAX to autoscale on queue depth (default: one per GPU)")
+    r.add_argument("--ray-address", metavar="ADDR", default=None,
+                   help="with --ray: the Ray cluster to join (default: $RAY_ADDRESS, a cluster started with `ray start` "
+                        "on this machine, or a new local one)")
+    r.add_argument("--backend", choices=BACKEND_NAMES, default=None,
+                   help="with --ray: compile backend of every replica, built by its warm-up before it takes traffic")
+    r.add_argument("--compile-artifacts", metavar="PATH", default=None,
+                   help="with --ray: compile-cache bundle written by save_compile_artifacts, loaded (signature "
+                        "checked) by every replica before its warm-up; the same path on every node")
     i = sub.add_parser("info", parents=[common], help="versions, device, kernels and backends ralu finds here",
                        description="Print the versions, the device, which kernels and attention/compile backends "
                                    "ralu uses here (and why), and its cache paths.")
@@ -385,9 +400,42 @@ class ServePlan:
 
     model: str
     family: str
-    device: str
-    dtype: str
+    device: str | None        # None with --ray: each replica picks its own (its GPU, or the CPU)
+    dtype: str | None
     defaults: dict            # generate arguments of every request unless it sets them
+    replicas: int | tuple[int, int] | None = None   # --ray: N, (min, max) or None (one per GPU)
+
+
+RAY_ONLY_FLAGS = (("--replicas", "replicas"), ("--ray-address", "ray_address"), ("--backend", "backend"),
+                  ("--compile-artifacts", "compile_artifacts"))
+
+
+def _parse_replicas(text: str) -> int | tuple[int, int]:
+    """``--replicas``: "N" -> N; "MIN:MAX" -> (MIN, MAX)."""
+    parts = text.strip().split(":")
+    try:
+        values = [int(p) for p in parts]
+    except ValueError:
+        values = []
+    if len(values) == 1 and 1 <= values[0] <= 4096:
+        return values[0]
+    if len(values) == 2 and 1 <= values[0] <= values[1] <= 4096:
+        return values[0], values[1]
+    raise UsageError(f"--replicas {text!r} is not allowed: use N (replicas, 1..4096) or MIN:MAX (autoscaling on "
+                     "queue depth, 1 <= MIN <= MAX)")
+
+
+def _check_ray_serve(args) -> tuple[str | None, str | None, int | tuple[int, int] | None]:
+    """``ralu serve --ray``'s own checks: device, dtype (resolved on each replica), replicas, artifacts."""
+    if args.device is not None and args.device not in ("cpu", "cuda"):
+        raise UsageError(f"--device {args.device!r} with --ray: use cpu or cuda (each replica uses the GPU Ray "
+                         "gives it)")
+    replicas = None if args.replicas is None else _parse_replicas(args.replicas)
+    if args.compile_artifacts is not None and not os.path.isfile(args.compile_artifacts):
+        raise UsageError(f"--compile-artifacts {args.compile_artifacts!r}: no such file")
+    if args.ray_address is not None and not args.ray_address.strip():
+        raise UsageError("--ray-address is empty: give HOST:PORT of the cluster's head (or 'auto')")
+    return args.device, args.dtype, replicas
 
 
 def check_serve(args) -> ServePlan:
@@ -413,16 +461,25 @@ def check_serve(args) -> ServePlan:
     if args.speedup is not None and args.speedup != "default" and args.speedup not in presets:
         raise UsageError(f"--speedup {args.speedup!r} is not a preset of {family} ({args.model}): use "
                          f"{', '.join(presets)}, default or none")
-    device, dtype = _check_device(args.device, args.dtype)
+    replicas = None
+    if getattr(args, "ray", False):
+        device, dtype, replicas = _check_ray_serve(args)
+    else:
+        for flag, name in RAY_ONLY_FLAGS:
+            if getattr(args, name, None) is not None:
+                raise UsageError(f"{flag} applies to --ray (Ray Serve replicas) only")
+        device, dtype = _check_device(args.device, args.dtype)
     defaults = {"speedup": args.speedup}
     if args.model in TINY_MODELS:   # the same defaults as ralu generate's for the built-in random models
         defaults.update(height=default_size, width=default_size, max_sequence_length=TINY_MAX_SEQUENCE_LENGTH)
-    return ServePlan(args.model, family, device, dtype, defaults)
+    return ServePlan(args.model, family, device, dtype, defaults, replicas)
 
 
 def cmd_serve(args) -> int:
     """``ralu serve``: check the arguments, build or load the model, serve it until SIGINT / SIGTERM."""
     plan = check_serve(args)
+    if getattr(args, "ray", False):
+        return _serve_ray(args, plan)
     from .serving import http   # ImportError naming the missing package (fastapi, uvicorn, prometheus_client)
     from .serving import Engine, EngineConfig
 
@@ -455,6 +512,47 @@ def cmd_serve(args) -> int:
         raise UsageError(f"cannot listen on {args.host}:{args.port}: {exc.strerror or exc}") from None
     finally:
         engine.shutdown(drain=False, timeout=10)
+    print("ralu serve: stopped", flush=True)
+    return 0
+
+
+def _serve_ray(args, plan: ServePlan) -> int:
+    """``ralu serve --ray``: deploy the replicas and the HTTP ingress on Ray Serve; serve until SIGINT / SIGTERM,
+    then delete the application (replicas finish their requests for up to --grace seconds)."""
+    from .serving import ray as ray_serving   # ImportError naming the [ray] extra
+
+    import logging
+
+    log = logging.getLogger("ralu")
+    if not log.handlers:
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("%(levelname)-9s %(message)s"))
+        log.addHandler(handler)
+    log.setLevel(args.log_level.upper())
+    model = plan.model if plan.model in TINY_MODELS else os.path.abspath(plan.model)   # replicas' cwd differs
+    spec = ray_serving.ReplicaSpec(model=model, device=plan.device, dtype=plan.dtype, defaults=plan.defaults,
+                                   max_active=args.max_active, max_queue=args.max_queue,
+                                   token_budget=args.token_budget, backend=args.backend,
+                                   compile_artifacts=(os.path.abspath(args.compile_artifacts)
+                                                      if args.compile_artifacts else None))
+    model_name = args.model if args.model in TINY_MODELS else os.path.basename(os.path.normpath(args.model))
+    options = ray_serving.IngressOptions(model_name=model_name, default_deadline_s=args.request_timeout,
+                                         max_images=args.max_images)
+    t0 = time.perf_counter()
+
+    def ready(url, status):
+        states = status.deployments["RaluReplica"].replica_states if "RaluReplica" in status.deployments else {}
+        running = states.get("RUNNING", 0)
+        print(f"model: {plan.model} ({plan.family}) on {running} Ray Serve replica(s), loaded and warmed up in "
+              f"{time.perf_counter() - t0:.1f} s; served as {model_name!r}")
+        print(f"ralu serve: listening on {url} (POST {url}/v1/images/generations, GET {url}/health, "
+              f"GET {url}/metrics) through Ray Serve; Ctrl+C stops", flush=True)
+
+    try:
+        ray_serving.run(spec, options, host=args.host, port=args.port, address=args.ray_address,
+                        replicas=plan.replicas, grace_s=args.grace, on_ready=ready)
+    except ValueError as exc:   # e.g. device='cuda' on a cluster without GPUs
+        raise UsageError(str(exc)) from None
     print("ralu serve: stopped", flush=True)
     return 0
 
