@@ -29,6 +29,7 @@ import torch
 
 from ralu_kernels.attention import StreamSegments
 
+from ..parallel.context import current_parallel
 from .base import (EAGER, Conditioning, DiTAdapter, ModelImpl, SplitBlocks, TokenGrid, VelocityCall, call_with_hooks,
                    check_blocks, check_velocity_calls, current_cache, named_blocks)
 
@@ -145,14 +146,153 @@ def has_hooks(module: torch.nn.Module) -> bool:
 
 
 def can_pack(impl: ModelImpl | None, bypassed) -> bool:
-    """Whether a packed call may run: plain eager execution (``impl`` None or EAGER), no feature cache on the calling
+    """Whether a packed call may run: plain eager execution (``impl`` None or EAGER) or an impl that declares packed
+    calls (``impl.packed_calls``: the compile runner's inductor / eager backends), no feature cache on the calling
     ``generate`` (its state is per request), and no hooks on the modules ``bypassed`` -- those the unpacked call runs
     as modules but the packed call decomposes into their layers (so their hooks would not run)."""
-    if impl is not None and impl is not EAGER:
+    if impl is not None and impl is not EAGER and not getattr(impl, "packed_calls", False):
         return False
     if current_cache() is not None:
         return False
     return not any(has_hooks(m) for m in bypassed)
+
+
+class PackedExecution:
+    """How :meth:`FluxAdapter.packed_velocity` / :meth:`SD3Adapter.packed_velocity` execute a packed call. This
+    default runs it directly with ``impl``; :class:`ralu_runtime.compile.StageRunner` passes its own (CUDA graphs per
+    token-count bucket).
+
+    ``static_layout``: the packed forward is compiled or captured, so its segment layout must be device tensors only
+    (:class:`PackedSegments`, one extra padding segment) instead of :class:`~ralu_kernels.attention.StreamSegments`
+    (host lists); true when ``impl`` compiles its blocks (``impl.compiles_blocks``). :meth:`pad` rounds the packed
+    token and segment counts up (identity here), :meth:`run` executes the packed forward on its flat tensor inputs
+    (``key``: everything else it depends on, hashable), :meth:`velocity` is the per-call fallback."""
+
+    def __init__(self, adapter, impl: ModelImpl | None = None):
+        self.adapter = adapter
+        self.impl = impl or EAGER
+        self.static_layout = bool(getattr(self.impl, "compiles_blocks", False))
+
+    def pad(self, kind: str, n: int) -> int:
+        """Padded size of ``n`` for ``kind`` "image" / "text" (tokens of that stream) or "segments"."""
+        return n
+
+    def run(self, key, forward, tensors: list[torch.Tensor]) -> torch.Tensor:
+        return forward(*tensors)
+
+    def velocity(self, call: VelocityCall) -> torch.Tensor:
+        return self.adapter.velocity(call.tokens, call.grid, call.timestep, call.cond, self.impl)
+
+
+def static_attention(backend: str, device: torch.device, dtype: torch.dtype) -> str:
+    """The attention of :class:`PackedSegments` for adapter backend name ``backend`` (checked as
+    :func:`ralu_kernels.attention.select_backend` checks it): ``"torch_varlen"`` (torch's flash varlen kernel; CUDA,
+    fp16/bf16) where it is available and ``backend`` is "auto", "torch_varlen" or "flash_attn" (the same kernel
+    family), else ``"dense"`` (one SDPA call over the whole packed sequence with a block-diagonal mask: exact, but
+    memory grows with the square of the packed length)."""
+    from ralu_kernels.attention import available_backends, select_backend
+
+    name = select_backend(backend, device, dtype)
+    if name in ("flash_attn", "torch_varlen") and "torch_varlen" in available_backends(device, dtype):
+        return "torch_varlen"
+    return "dense"
+
+
+class PackedSegments:
+    """The attention segments of a packed call as device tensors only: what a compiled or CUDA-graph-captured packed
+    forward takes instead of :class:`~ralu_kernels.attention.StreamSegments` (same methods: :meth:`segment_ids`,
+    :meth:`gather`, :meth:`split`, :meth:`attend`). Nothing here reads a value on the host or holds a Python number
+    that changes with the mix of requests, so a compiled block function with symbolic token dimensions serves every
+    mix without a recompile, and a captured graph is valid for any mix of the same padded sizes.
+
+    :meth:`build` lays out the real segments, then one padding segment (``pads[s]`` tokens of every stream: the
+    padding of the packed lengths up to a bucket; real tokens never attend to it and it changes no real output),
+    then empty segments up to ``num_segments``. Attention (``kind``): "dense" (SDPA, mask ``segment[q] ==
+    segment[k]``) or "torch_varlen" (``cu_seqlens`` on the device, the packed length as the max segment length).
+    """
+
+    def __init__(self, kind: str, ids, pos, order, seg_ids, cu_seqlens):
+        self.kind = kind
+        self.ids = tuple(ids)          # per stream: (N_s,) segment of every token
+        self.pos = tuple(pos)          # per stream: (N_s,) its place in the segment-major order (2+ streams)
+        self.order = order             # (total,) segment-major -> index into the streams concatenated (2+ streams)
+        self.seg_ids = seg_ids         # (total,) segment of every token, segment-major
+        self.cu_seqlens = cu_seqlens   # (num_segments + 1,) int32
+        self.num_streams = len(self.ids)
+
+    @classmethod
+    def build(cls, stream_lens, pads, num_segments: int, device, kind: str) -> "PackedSegments":
+        streams = [list(s) for s in stream_lens]
+        n = len(streams[0])
+        if num_segments < n + 1:
+            raise ValueError(f"num_segments={num_segments}: need room for {n} segments and the padding segment")
+        lens = [s + [int(p)] + [0] * (num_segments - n - 1) for s, p in zip(streams, pads)]
+        host = StreamSegments(lens)
+        seg_ids = torch.repeat_interleave(torch.arange(num_segments), torch.tensor(host.segment_lens))
+        pos = [host.positions(s) for s in range(len(lens))]
+        order = None
+        if len(lens) > 1:
+            order = torch.empty(host.total, dtype=torch.long)
+            order[torch.cat(pos)] = torch.arange(host.total)
+        to = lambda t: None if t is None else t.to(device)  # noqa: E731
+        return cls(kind, [to(host.segment_ids(s)) for s in range(len(lens))],
+                   [to(p) for p in pos] if len(lens) > 1 else [], to(order), to(seg_ids), to(host.cu_seqlens_host))
+
+    def tensors(self) -> list[torch.Tensor]:
+        """The flat tensors of this layout (:meth:`from_tensors` rebuilds it from them)."""
+        if self.num_streams == 1:
+            return [self.seg_ids, self.cu_seqlens]
+        return [*self.ids, *self.pos, self.order, self.seg_ids, self.cu_seqlens]
+
+    @classmethod
+    def from_tensors(cls, tensors, num_streams: int, kind: str) -> "PackedSegments":
+        if num_streams == 1:
+            seg_ids, cu = tensors
+            return cls(kind, [seg_ids], [], None, seg_ids, cu)
+        k = num_streams
+        return cls(kind, tensors[:k], tensors[k:2 * k], tensors[2 * k], tensors[2 * k + 1], tensors[2 * k + 2])
+
+    @staticmethod
+    def count(num_streams: int) -> int:
+        return 2 if num_streams == 1 else 2 * num_streams + 3
+
+    def joined(self) -> "PackedSegments":
+        """The same segments as one stream (the segment-major sequence itself)."""
+        return PackedSegments(self.kind, [self.seg_ids], [], None, self.seg_ids, self.cu_seqlens)
+
+    def segment_ids(self, stream: int) -> torch.Tensor:
+        return self.ids[stream]
+
+    def gather(self, *streams: torch.Tensor) -> torch.Tensor:
+        if len(streams) == 1:
+            return streams[0]
+        return torch.cat(streams).index_select(0, self.order)
+
+    def split(self, packed: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        if self.num_streams == 1:
+            return (packed,)
+        return tuple(packed.index_select(0, p) for p in self.pos)
+
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: float | None = None,
+               backend: str | None = None) -> torch.Tensor:
+        """Attention of segment-major ``(total, heads, head_dim)`` q, k, v within each segment (``backend`` is
+        ignored: the kind was chosen when the layout was built)."""
+        if self.kind == "torch_varlen":
+            from torch.nn.attention.varlen import varlen_attn
+
+            n = q.shape[0]  # any upper bound of the segment lengths is valid; this one never changes the graph
+            return varlen_attn(q, k, v, self.cu_seqlens, self.cu_seqlens, n, n, scale=scale)
+        mask = self.seg_ids[:, None] == self.seg_ids[None, :]
+        o = torch.nn.functional.scaled_dot_product_attention(
+            q.permute(1, 0, 2)[None], k.permute(1, 0, 2)[None], v.permute(1, 0, 2)[None], attn_mask=mask, scale=scale)
+        return o[0].permute(1, 0, 2)
+
+
+def pad_rows(x: torch.Tensor | None, n: int) -> torch.Tensor | None:
+    """``x`` with ``n`` zero rows appended on dim 0 (None stays None)."""
+    if x is None or n == 0:
+        return x
+    return torch.cat([x, x.new_zeros(n, *x.shape[1:])])
 
 
 def ada_norm_continuous_packed(norm, x: torch.Tensor, emb: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
@@ -164,22 +304,24 @@ def ada_norm_continuous_packed(norm, x: torch.Tensor, emb: torch.Tensor, rows: t
 
 
 def flux_attention_packed(attn, hidden_states, encoder_hidden_states, rope, segments: StreamSegments,
-                          backend: str = "auto"):
+                          backend: str = "auto", qkv=None, added_qkv=None):
     """:func:`flux_attention` on a packed batch, attention within each image's segment only.
 
     Joint blocks: ``hidden_states (1, N_img, D)`` and ``encoder_hidden_states (1, N_txt, D)`` hold the images' tokens
     one after another, ``segments`` has the streams (text, image), so segment i is ``[text_i ; image_i]`` as in the
     unpacked call. Single-stream blocks: ``hidden_states`` is the segment-major joint sequence itself,
     ``encoder_hidden_states`` None, ``segments`` of that one stream. ``rope = (cos, sin)``, each ``(total, D_head)``
-    in segment-major order. Returns what :func:`flux_attention` returns, in the packed layout.
+    in segment-major order. ``segments`` may also be a :class:`PackedSegments` (compiled / captured calls);
+    ``qkv`` / ``added_qkv``: fused projection weights as in :func:`flux_attention`. Returns what
+    :func:`flux_attention` returns, in the packed layout.
     """
-    query, key, value = _projections(attn, hidden_states, QKV, None)
+    query, key, value = _projections(attn, hidden_states, QKV, qkv)
     query = attn.norm_q(query.unflatten(-1, (-1, attn.head_dim)))
     key = attn.norm_k(key.unflatten(-1, (-1, attn.head_dim)))
     value = value.unflatten(-1, (-1, attn.head_dim))
     joint = encoder_hidden_states is not None and attn.added_kv_proj_dim is not None
     if joint:
-        eq, ek, ev = _projections(attn, encoder_hidden_states, ADDED_QKV, None)
+        eq, ek, ev = _projections(attn, encoder_hidden_states, ADDED_QKV, added_qkv)
         eq = attn.norm_added_q(eq.unflatten(-1, (-1, attn.head_dim)))
         ek = attn.norm_added_k(ek.unflatten(-1, (-1, attn.head_dim)))
         ev = ev.unflatten(-1, (-1, attn.head_dim))
@@ -199,7 +341,7 @@ def flux_attention_packed(attn, hidden_states, encoder_hidden_states, rope, segm
 
 
 def flux_double_block_packed(block, hidden_states, encoder_hidden_states, temb, rope, segments: StreamSegments,
-                             backend: str = "auto"):
+                             backend: str = "auto", qkv=None, added_qkv=None):
     """:func:`flux_double_block` on a packed batch (same operations, same order): ``temb (n_images, D)`` one row per
     image, AdaLN shift/scale/gate applied per token of its image; layout as in :func:`flux_attention_packed`
     (``segments``: streams (text, image)). Returns ``(encoder_hidden_states, hidden_states)``, packed."""
@@ -211,7 +353,8 @@ def flux_double_block_packed(block, hidden_states, encoder_hidden_states, temb, 
     c_shift_msa, c_scale_msa, c_gate_msa, c_shift_mlp, c_scale_mlp, c_gate_mlp = cemb.chunk(6, dim=1)
     norm_e = (block.norm1_context.norm(encoder_hidden_states) * per_token(1 + c_scale_msa, txt)
               + per_token(c_shift_msa, txt))
-    attn_out, context_attn_out = flux_attention_packed(block.attn, norm_h, norm_e, rope, segments, backend)
+    attn_out, context_attn_out = flux_attention_packed(block.attn, norm_h, norm_e, rope, segments, backend, qkv,
+                                                       added_qkv)
 
     hidden_states = hidden_states + per_token(gate_msa, img) * attn_out
     norm_h = block.norm2(hidden_states)
@@ -227,7 +370,7 @@ def flux_double_block_packed(block, hidden_states, encoder_hidden_states, temb, 
     return encoder_hidden_states, hidden_states
 
 
-def flux_single_block_packed(block, x, temb, rope, segments: StreamSegments, backend: str = "auto"):
+def flux_single_block_packed(block, x, temb, rope, segments: StreamSegments, backend: str = "auto", qkv=None):
     """:func:`flux_single_block` on a packed batch (same operations, same order) on the segment-major joint sequence
     ``x (1, total, D)`` (``[text_i ; image_i]`` per image), which stays joined across the single-stream blocks (the
     unpacked block joins and splits the two streams each time: the same values). ``segments``: the one-stream
@@ -238,7 +381,7 @@ def flux_single_block_packed(block, x, temb, rope, segments: StreamSegments, bac
     shift, scale, gate = emb.chunk(3, dim=1)
     norm_x = block.norm.norm(x) * per_token(1 + scale, rows) + per_token(shift, rows)
     mlp = block.act_mlp(block.proj_mlp(norm_x))
-    attn_out = flux_attention_packed(block.attn, norm_x, None, rope, segments, backend)
+    attn_out = flux_attention_packed(block.attn, norm_x, None, rope, segments, backend, qkv)
     x = torch.cat([attn_out, mlp], dim=2)
     x = residual + per_token(gate, rows) * block.proj_out(x)
     if x.dtype == torch.float16:
@@ -288,7 +431,8 @@ class FluxAdapter(DiTAdapter):
             mods += [blk, blk.norm]
         return mods
 
-    def packed_velocity(self, calls, impl: ModelImpl | None = None) -> list[torch.Tensor]:
+    def packed_velocity(self, calls, impl: ModelImpl | None = None, *,
+                        execution: PackedExecution | None = None) -> list[torch.Tensor]:
         """:meth:`velocity` of every call, all run as one transformer call over a packed token sequence.
 
         Every image of every call is one attention segment ``[its text tokens ; its image tokens]``; time, guidance
@@ -298,16 +442,23 @@ class FluxAdapter(DiTAdapter):
         :attr:`packed_attention_backend`). Results equal the unpacked calls up to float rounding (fp32 on a CPU:
         about 1e-7 relative, see tests/test_packed_velocity.py).
 
-        Falls back to one :meth:`velocity` per call (correct, unpacked) when ``impl`` is not None / EAGER (compiled
-        blocks, fused weights), when the calling ``generate`` has a feature cache, or when a block or an AdaLN
-        module the packed call decomposes carries torch forward (pre-)hooks or diffusers hooks.
+        Compiled blocks: with ``impl`` a compile runner's impl (``impl.packed_calls``; ``StageRunner.packed`` passes
+        its ``execution``), the packed block functions run through ``impl.block("flux_double_packed", ...)`` /
+        ``impl.block("flux_single_packed", ...)`` (compiled with a symbolic packed token dimension) with the fused
+        projections of ``impl.fused``, on a :class:`PackedSegments` layout (device tensors only; one padding segment,
+        CUDA graphs pad the packed lengths up to a bucket): a new mix of requests reuses the same graphs.
+
+        Falls back to one :meth:`velocity` per call (correct, unpacked) when ``impl`` is neither None / EAGER nor a
+        packing impl, when the calling ``generate`` has a feature cache, or when a block or an AdaLN module the
+        packed call decomposes carries torch forward (pre-)hooks or diffusers hooks.
         """
         calls = check_velocity_calls(calls)
-        if not can_pack(impl, self._bypassed_by_packing()):
-            return [self.velocity(c.tokens, c.grid, c.timestep, c.cond, impl) for c in calls]
-        return self._packed_call(calls)
+        execution = execution or PackedExecution(self, impl)
+        if not can_pack(execution.impl, self._bypassed_by_packing()):
+            return [execution.velocity(c) for c in calls]
+        return self._packed_call(calls, execution)
 
-    def _packed_call(self, calls: list[VelocityCall]) -> list[torch.Tensor]:
+    def _packed_call(self, calls: list[VelocityCall], execution: PackedExecution) -> list[torch.Tensor]:
         tr = self.transformer
         guided = bool(tr.config.guidance_embeds)
         for i, c in enumerate(calls):
@@ -316,37 +467,75 @@ class FluxAdapter(DiTAdapter):
                                  f"transformer has guidance_embeds={guided}: encode its prompt with this adapter")
         device, dtype = calls[0].tokens.device, calls[0].tokens.dtype
         counts = [c.tokens.shape[0] for c in calls]
-        text_lens = [c.cond.data["embeds"].shape[1] for c in calls]
-        image_lens = [c.tokens.shape[1] for c in calls]
+        per_image = lambda lens: [n for n, b in zip(lens, counts) for _ in range(b)]  # noqa: E731
+        text_lens = per_image([c.cond.data["embeds"].shape[1] for c in calls])
+        image_lens = per_image([c.tokens.shape[1] for c in calls])
 
-        tokens = torch.cat([c.tokens.reshape(-1, c.tokens.shape[-1]) for c in calls])[None]
-        hidden = tr.x_embedder(tokens)
+        tokens = torch.cat([c.tokens.reshape(-1, c.tokens.shape[-1]) for c in calls])
+        positions = torch.cat([c.grid.positions.reshape(-1, 2) for c in calls])
+        embeds = torch.cat([c.cond.data["embeds"].reshape(-1, c.cond.data["embeds"].shape[-1]) for c in calls])
         t = torch.cat([c.timestep.reshape(()).expand(b).to(dtype) / 1000 for c, b in zip(calls, counts)])
-        t = t.to(hidden.dtype) * 1000
+        guidance = torch.cat([c.cond.data["guidance"] for c in calls]) if guided else None
         pooled = torch.cat([c.cond.data["pooled"] for c in calls])
-        if guided:
-            guidance = torch.cat([c.cond.data["guidance"] for c in calls])
+        impl, backend = execution.impl, self.packed_attention_backend
+        if not execution.static_layout:
+            joint = StreamSegments([text_lens, image_lens], device)
+            out = self._packed_forward(tokens, positions, embeds, t, guidance, pooled, joint,
+                                       StreamSegments([joint.segment_lens], device), impl, backend)
+            return split_calls(out, calls)
+
+        n_img, n_txt, n_seg = len(tokens), len(embeds), len(image_lens)
+        pad_img, pad_txt = execution.pad("image", n_img) - n_img, execution.pad("text", n_txt) - n_txt
+        segs = execution.pad("segments", n_seg + 1)
+        kind = static_attention(backend, device, dtype)
+        joint = PackedSegments.build([text_lens, image_lens], [pad_txt, pad_img], segs, device, kind)
+        per_seg = [t, guidance, pooled]
+        tensors = [pad_rows(tokens, pad_img), pad_rows(positions, pad_img), pad_rows(embeds, pad_txt),
+                   *[pad_rows(x, segs - n_seg) for x in per_seg if x is not None], *joint.tensors()]
+
+        def forward(*ts):  # the flat tensors only (a captured graph replays it for every mix of the same sizes)
+            tok, pos, emb, tt = ts[:4]
+            g, pool = (ts[4], ts[5]) if guided else (None, ts[4])
+            lay = PackedSegments.from_tensors(ts[5 + guided:], 2, kind)
+            return self._packed_forward(tok, pos, emb, tt, g, pool, lay, lay.joined(), impl, backend)
+
+        out = execution.run(("flux", guided, kind, backend), forward, tensors)
+        return split_calls(out[:, :n_img], calls)
+
+    def _packed_forward(self, tokens, positions, embeds, t, guidance, pooled, joint, single, impl: ModelImpl,
+                        backend: str) -> torch.Tensor:
+        """The transformer on a packed batch: ``tokens (N_img, C)`` and their ``positions (N_img, 2)`` (every image's
+        tokens one after another), text ``embeds (N_txt, D)``, per image ``t`` (timestep / 1000), ``guidance``
+        (or None) and ``pooled``; ``joint``: the segments of the streams (text, image), ``single``: the same segments
+        as one stream. Returns the packed output ``(1, N_img, C)``."""
+        tr = self.transformer
+        hidden = tr.x_embedder(tokens[None])
+        t = t.to(hidden.dtype) * 1000
+        if guidance is not None:
             temb = tr.time_text_embed(t, guidance.to(hidden.dtype) * 1000, pooled)
         else:
             temb = tr.time_text_embed(t, pooled)
-        embeds = torch.cat([c.cond.data["embeds"].reshape(-1, c.cond.data["embeds"].shape[-1]) for c in calls])
         enc = tr.context_embedder(embeds[None])
-        ropes = [self.rotary(c.grid, n) for c, n in zip(calls, text_lens)]  # (B, T + L, D): [text ; image] per image
-        rope = tuple(torch.cat([r[j].reshape(-1, r[j].shape[-1]) for r in ropes]) for j in (0, 1))
+        if hidden._base is not None:  # views (Linear on 3-D input): a compiled block would guard their base
+            hidden = hidden.clone()
+        if enc._base is not None:
+            enc = enc.clone()
+        # rotary per token, segment-major ([text ; image] per image): text ids 0, image ids (0, row, col)
+        ids = positions.new_zeros(positions.shape[0], 3, dtype=torch.float32)
+        ids[:, 1:] = positions
+        rope = tr.pos_embed(joint.gather(ids.new_zeros(embeds.shape[0], 3), ids))
 
-        per_image = lambda lens: [n for n, b in zip(lens, counts) for _ in range(b)]  # noqa: E731
-        joint = StreamSegments([per_image(text_lens), per_image(image_lens)], device)
-        single = StreamSegments([joint.segment_lens], device)
-        backend = self.packed_attention_backend
+        double = impl.block("flux_double_packed", flux_double_block_packed)
+        single_fn = impl.block("flux_single_packed", flux_single_block_packed)
         for blk in tr.transformer_blocks:
-            enc, hidden = flux_double_block_packed(blk, hidden, enc, temb, rope, joint, backend)
+            enc, hidden = double(blk, hidden, enc, temb, rope, joint, backend, impl.fused(blk.attn, QKV),
+                                 impl.fused(blk.attn, ADDED_QKV))
         if len(tr.single_transformer_blocks):
-            x = joint.gather(enc[0], hidden[0])[None]
+            x = joint.gather(enc[0], hidden[0])[None].clone()  # not a view: every single block gets one graph
             for blk in tr.single_transformer_blocks:
-                x = flux_single_block_packed(blk, x, temb, rope, single, backend)
+                x = single_fn(blk, x, temb, rope, single, backend, impl.fused(blk.attn, QKV))
             hidden = joint.split(x[0])[1][None]
-        out = tr.proj_out(ada_norm_continuous_packed(tr.norm_out, hidden, temb, joint.segment_ids(1)))
-        return split_calls(out, calls)
+        return tr.proj_out(ada_norm_continuous_packed(tr.norm_out, hidden, temb, joint.segment_ids(1)))
 
     fuses_projections = True
     max_side_px = 4096  # 65536 fine tokens; FLUX.1 is trained up to about 2 MP, beyond this only time is lost
@@ -398,6 +587,9 @@ class FluxAdapter(DiTAdapter):
         return cos.view(b, text_len + l, -1), sin.view(b, text_len + l, -1)
 
     def velocity(self, tokens, grid, timestep, cond, impl: ModelImpl | None = None):
+        plan = current_parallel()
+        if plan is not None:  # context parallelism: this rank's shard of the sequence (ralu_runtime.parallel)
+            return plan.velocity(self, tokens, grid, timestep, cond, impl)
         impl = impl or EAGER
         tr = self.transformer
         embeds, pooled, guidance = cond.data["embeds"], cond.data["pooled"], cond.data["guidance"]

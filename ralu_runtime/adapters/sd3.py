@@ -40,7 +40,8 @@ import torch
 from ralu_kernels.attention import StreamSegments
 
 from .base import EAGER, Conditioning, DiTAdapter, ModelImpl, SplitBlocks, TokenGrid, VelocityCall, check_velocity_calls
-from .flux import ada_norm_continuous_packed, can_pack, per_token, split_calls
+from .flux import (PackedExecution, PackedSegments, ada_norm_continuous_packed, can_pack, pad_rows, per_token,
+                   split_calls, static_attention)
 
 # diffusers hooks whose effect is per module call (no state across a transformer forward): allowed on the model
 STATELESS_HOOK_PREFIXES = ("group_offloading", "lazy_prefetch_group_offloading", "layerwise_casting",
@@ -435,7 +436,7 @@ class SD3Adapter(DiTAdapter):
     packed_attention_backend = "auto"  # varlen_attention backend of packed_velocity ("auto", "sdpa", ...)
     PACKED_PROCESSORS = ("JointAttnProcessor2_0",)  # the processor joint_attention_packed reproduces
 
-    def _packable_model(self) -> bool:
+    def _packable_model(self, impl: ModelImpl | None = None) -> bool:
         """No hooks on what the packed call decomposes (the blocks, their AdaLN modules and attention modules, the
         final norm) and diffusers' own joint processor on every attention (the packed call reproduces it; a custom
         or fused processor runs only unpacked)."""
@@ -446,9 +447,10 @@ class SD3Adapter(DiTAdapter):
             if any(type(a.processor).__name__ not in self.PACKED_PROCESSORS for a in attns):
                 return False
             mods += [blk, blk.norm1, blk.norm1_context, *attns]
-        return can_pack(None, mods)
+        return can_pack(impl, mods)
 
-    def packed_velocity(self, calls, impl: ModelImpl | None = None) -> list[torch.Tensor]:
+    def packed_velocity(self, calls, impl: ModelImpl | None = None, *,
+                        execution: PackedExecution | None = None) -> list[torch.Tensor]:
         """:meth:`velocity` of every call, all run as one transformer call over a packed token sequence.
 
         Every image of every call is one attention segment ``[its image tokens ; its text tokens]``; under
@@ -459,51 +461,73 @@ class SD3Adapter(DiTAdapter):
         may differ between calls. Attention: :func:`ralu_kernels.attention.varlen_attention` (backend
         :attr:`packed_attention_backend`). Results equal the unpacked calls up to float rounding.
 
-        Falls back to :meth:`velocity` (correct, unpacked): for every call when ``impl`` is not None / EAGER, the
-        calling ``generate`` has a feature cache, a block / AdaLN / attention module the packed call decomposes
-        carries torch or diffusers hooks, or an attention processor is not diffusers' ``JointAttnProcessor2_0``;
-        for a call whose skip-layer guidance window is active at its timestep (its extra skip-layer forward runs
-        unpacked; outside the window such a call packs like any other).
+        Compiled blocks: with ``impl`` a compile runner's impl (``impl.packed_calls``; ``StageRunner.packed`` passes
+        its ``execution``), :func:`sd3_joint_block_packed` runs through ``impl.block("sd3_joint_packed", ...)``
+        (compiled with a symbolic packed token dimension) on a :class:`~ralu_runtime.adapters.flux.PackedSegments`
+        layout; the patch and position embedding of every call runs before it, outside the compiled / captured part.
+
+        Falls back to :meth:`velocity` (correct, unpacked; through the runner when it passes its ``execution``): for
+        every call when ``impl`` is neither None / EAGER nor a packing impl, the calling ``generate`` has a feature
+        cache, a block / AdaLN / attention module the packed call decomposes carries torch or diffusers hooks, or an
+        attention processor is not diffusers' ``JointAttnProcessor2_0``; for a call whose skip-layer guidance window
+        is active at its timestep (its extra skip-layer forward runs unpacked; outside the window such a call packs
+        like any other).
         """
         calls = check_velocity_calls(calls)
-        if not (impl is None or impl is EAGER) or not self._packable_model():
-            return [self.velocity(c.tokens, c.grid, c.timestep, c.cond, impl) for c in calls]
+        execution = execution or PackedExecution(self, impl)
+        if not self._packable_model(execution.impl):
+            return [execution.velocity(c) for c in calls]
         out: list[torch.Tensor | None] = [None] * len(calls)
         packed = []
         for i, c in enumerate(calls):
             slg = c.cond.data.get("slg") if c.cond.data["cfg"] else None
             if slg is not None and (_tracing() or slg.active(c.timestep, c.cond.data["slg_shift"])):
-                out[i] = self.velocity(c.tokens, c.grid, c.timestep, c.cond, impl)
+                out[i] = execution.velocity(c)
             else:
                 packed.append(i)
         if packed:
-            for i, v in zip(packed, self._packed_call([calls[i] for i in packed])):
+            for i, v in zip(packed, self._packed_call([calls[i] for i in packed], execution)):
                 out[i] = v
         return out
 
-    def _packed_call(self, calls: list[VelocityCall]) -> list[torch.Tensor]:
-        tr = self.transformer
-        device = calls[0].tokens.device
+    def _packed_call(self, calls: list[VelocityCall], execution: PackedExecution) -> list[torch.Tensor]:
+        device, dtype = calls[0].tokens.device, calls[0].tokens.dtype
         hidden, counts = [], []
         for c in calls:
             x, grid = (torch.cat([c.tokens, c.tokens]), _doubled(c.grid)) if c.cond.data["cfg"] else (c.tokens, c.grid)
             h = self.embed_tokens(x, grid)
             hidden.append(h.reshape(-1, h.shape[-1]))
             counts.append(x.shape[0])
-        hidden = torch.cat(hidden)[None]
+        hidden = torch.cat(hidden)
         t = torch.cat([c.timestep.reshape(()).expand(n) for c, n in zip(calls, counts)])
-        temb = tr.time_text_embed(t, torch.cat([c.cond.data["pooled"] for c in calls]))
+        pooled = torch.cat([c.cond.data["pooled"] for c in calls])
         embeds = torch.cat([c.cond.data["embeds"].reshape(-1, c.cond.data["embeds"].shape[-1]) for c in calls])
-        enc = tr.context_embedder(embeds[None])
 
         per_image = lambda lens: [n for n, b in zip(lens, counts) for _ in range(b)]  # noqa: E731
         image_lens = per_image([c.tokens.shape[1] for c in calls])
-        joint = StreamSegments([image_lens, per_image([c.cond.data["embeds"].shape[1] for c in calls])], device)
-        image = StreamSegments([image_lens], device)
-        backend = self.packed_attention_backend
-        for blk in tr.transformer_blocks:
-            enc, hidden = sd3_joint_block_packed(blk, hidden, enc, temb, joint, image, backend)
-        out = tr.proj_out(ada_norm_continuous_packed(tr.norm_out, hidden, temb, joint.segment_ids(0)))
+        text_lens = per_image([c.cond.data["embeds"].shape[1] for c in calls])
+        impl, backend = execution.impl, self.packed_attention_backend
+        if not execution.static_layout:
+            joint = StreamSegments([image_lens, text_lens], device)
+            out = self._packed_forward(hidden, embeds, t, pooled, joint, StreamSegments([image_lens], device), impl,
+                                       backend)
+        else:
+            n_img, n_txt, n_seg = len(hidden), len(embeds), len(image_lens)
+            pad_img, pad_txt = execution.pad("image", n_img) - n_img, execution.pad("text", n_txt) - n_txt
+            segs = execution.pad("segments", n_seg + 1)
+            kind = static_attention(backend, device, dtype)
+            joint = PackedSegments.build([image_lens, text_lens], [pad_img, pad_txt], segs, device, kind)
+            image = PackedSegments.build([image_lens], [pad_img], segs, device, kind)
+            tensors = [pad_rows(hidden, pad_img), pad_rows(embeds, pad_txt), pad_rows(t, segs - n_seg),
+                       pad_rows(pooled, segs - n_seg), *joint.tensors(), *image.tensors()]
+            k = PackedSegments.count(2)
+
+            def forward(*ts):  # the flat tensors only (a captured graph replays it for every mix of the same sizes)
+                lay = PackedSegments.from_tensors(ts[4:4 + k], 2, kind)
+                img = PackedSegments.from_tensors(ts[4 + k:], 1, kind)
+                return self._packed_forward(ts[0], ts[1], ts[2], ts[3], lay, img, impl, backend)
+
+            out = execution.run(("sd3", kind, backend), forward, tensors)[:, :n_img]
 
         p = self.patch_size
         result = []
@@ -515,6 +539,21 @@ class SD3Adapter(DiTAdapter):
                 o = uncond + c.cond.data["guidance_scale"] * (text - uncond)
             result.append(o)
         return result
+
+    def _packed_forward(self, hidden, embeds, t, pooled, joint, image, impl: ModelImpl, backend: str) -> torch.Tensor:
+        """The transformer on a packed batch: embedded image tokens ``hidden (N_img, D)`` (every image's tokens one
+        after another), text ``embeds (N_txt, D_text)``, per image ``t`` and ``pooled``; ``joint``: the segments of
+        the streams (image, text), ``image``: those of the image stream alone. Returns ``(1, N_img, C p p)``."""
+        tr = self.transformer
+        temb = tr.time_text_embed(t, pooled)
+        enc = tr.context_embedder(embeds[None])
+        hidden = hidden[None].clone()   # not views: a compiled block would guard their base
+        if enc._base is not None:
+            enc = enc.clone()
+        block = impl.block("sd3_joint_packed", sd3_joint_block_packed)
+        for blk in tr.transformer_blocks:
+            enc, hidden = block(blk, hidden, enc, temb, joint, image, backend)
+        return tr.proj_out(ada_norm_continuous_packed(tr.norm_out, hidden, temb, joint.segment_ids(0)))
 
     def baseline_schedule(self, num_steps, image_seq_len):
         from diffusers.pipelines.stable_diffusion_3.pipeline_stable_diffusion_3 import calculate_shift, retrieve_timesteps

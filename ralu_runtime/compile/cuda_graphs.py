@@ -1,4 +1,5 @@
-"""CUDA graphs of whole model calls, one pool of captured instances per input signature.
+"""CUDA graphs of whole model calls, one pool of captured instances per input signature (packed calls of many
+requests: per bucket of padded sizes, :mod:`.packed`).
 
 A CUDA graph owns static input/output buffers. Each call checks an instance out of its signature's pool (a new
 one is captured when every existing one is busy), copies its inputs in, replays, clones the output and hands
@@ -20,9 +21,10 @@ from .flatten import Spec, unflatten
 class GraphInstance:
     """One captured CUDA graph of the model call with its own static inputs and output."""
 
-    def __init__(self, fn: Callable, tensors: list[torch.Tensor], spec: Spec, warmup_iters: int = 2):
+    def __init__(self, fn: Callable, tensors: list[torch.Tensor], spec: Spec, warmup_iters: int = 2, *,
+                 unpack: Callable = unflatten, pool=None):
         self.static = [t.clone() for t in tensors]
-        args = unflatten(self.static, spec)
+        args = unpack(self.static, spec)
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):
@@ -30,7 +32,7 @@ class GraphInstance:
                 fn(*args)
         torch.cuda.current_stream().wait_stream(side)
         self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph, capture_error_mode="thread_local"):
+        with torch.cuda.graph(self.graph, pool=pool, capture_error_mode="thread_local"):
             self.out = fn(*args)
         self.ready: torch.cuda.Event | None = None
 
@@ -59,7 +61,11 @@ class GraphPool:
         self._lock = threading.Lock()
         self._generation = 0
 
-    def run(self, key, fn, tensors, spec, on_build: Callable[[Any, float], None]) -> torch.Tensor:
+    def run(self, key, fn, tensors, spec, on_build: Callable[[Any, float], None], *, unpack: Callable = unflatten,
+            pool=None) -> torch.Tensor:
+        """Replay the graph of ``key`` on ``tensors`` (capturing one first if none is free). ``fn(*unpack(tensors,
+        spec))`` is the call captured; ``pool``: a memory pool shared with other captures (their replays must then
+        never overlap: the caller serialises them)."""
         with self._lock:
             free = self._free.setdefault(key, [])
             inst = free.pop() if free else None
@@ -67,7 +73,7 @@ class GraphPool:
         if inst is None:
             t0 = time.perf_counter()
             with self._build_lock:
-                inst = GraphInstance(fn, tensors, spec)
+                inst = GraphInstance(fn, tensors, spec, unpack=unpack, pool=pool)
             torch.cuda.synchronize()
             on_build(key, time.perf_counter() - t0)
             with self._lock:

@@ -8,6 +8,11 @@ block's layers with their parameters as graph inputs, so the one compiled functi
 kind (FLUX: one double-block and one single-block graph for 57 blocks), and a LoRA loaded later, or a weight
 changed in place, is read live. The user's modules are never compiled, fused or patched: after
 :func:`ralu_runtime.compile.uncompile_adapter` (or with no backend) a plain ``pipe(...)`` runs exactly as before.
+
+Packed calls (many requests in one model call, :meth:`ralu_runtime.compile.StageRunner.packed`): the adapters' packed
+block functions come through :meth:`BackendImpl.block` under their own names (``flux_double_packed``,
+``flux_single_packed``, ``sd3_joint_packed``) and are always compiled with ``dynamic=True`` (their token and segment
+counts change with every mix of requests), whatever ``CompileOptions.dynamic`` says for the unpacked blocks.
 """
 from __future__ import annotations
 
@@ -22,10 +27,15 @@ from ..adapters.fused import FusedProjections
 
 class BackendImpl(ModelImpl):
     """Block callables (compiled with ``compile_kwargs``, or plain when None), ralu-owned fused projections
-    (``fused=True``) and a compiled VAE decode (``compile_vae`` kwargs, or None)."""
+    (``fused=True``) and a compiled VAE decode (``compile_vae`` kwargs, or None). ``packed_calls``: the adapters may
+    run packed calls (``packed_velocity``) with this impl (the inductor and eager backends; not torch_tensorrt)."""
 
-    def __init__(self, compile_kwargs: dict | None = None, *, fused: bool = False, compile_vae: dict | None = None):
+    PACKED_SUFFIX = "_packed"  # block names of packed calls: compiled with dynamic=True
+
+    def __init__(self, compile_kwargs: dict | None = None, *, fused: bool = False, compile_vae: dict | None = None,
+                 packed_calls: bool = False):
         self.compile_kwargs = compile_kwargs
+        self.packed_calls = packed_calls
         self.compile_vae = compile_vae
         self.fused_store = FusedProjections() if fused else None
         self._compiled: dict[str, Callable] = {}
@@ -41,9 +51,17 @@ class BackendImpl(ModelImpl):
             with self._lock:
                 compiled = self._compiled.get(name)
                 if compiled is None:
-                    compiled = torch.compile(fn, **self.compile_kwargs)
+                    kwargs = self.compile_kwargs
+                    if name.endswith(self.PACKED_SUFFIX) and "dynamic" in kwargs:
+                        kwargs = {**kwargs, "dynamic": True}
+                    compiled = torch.compile(fn, **kwargs)
                     self._compiled[name] = compiled
         return compiled
+
+    @property
+    def compiles_blocks(self) -> bool:
+        """True when :meth:`block` hands out compiled functions (their inputs must not change Python-side per call)."""
+        return self.compile_kwargs is not None
 
     def fused(self, module, names):
         return None if self.fused_store is None else self.fused_store.get(module, names)

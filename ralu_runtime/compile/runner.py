@@ -10,11 +10,12 @@ from typing import Any
 
 import torch
 
-from ..adapters.base import Conditioning, DiTAdapter, TokenGrid, current_cache
+from ..adapters.base import Conditioning, DiTAdapter, TokenGrid, VelocityCall, check_velocity_calls, current_cache
 from .cuda_graphs import GraphPool
 from .flatten import flatten, signature, unflatten
 from .impl import BackendImpl
 from .options import BACKENDS, BuildRecord, CompileOptions, make_options
+from .packed import PackedBuckets, PackedState, RunnerExecution
 from .sdpa import sdpa_context
 
 _INSTALL_LOCK = threading.Lock()
@@ -129,9 +130,13 @@ class StageRunner:
             compile_kwargs = torch_tensorrt_compile_kwargs(adapter.dtype)
         compile_vae = (options.backend == "inductor" and cuda) if options.compile_vae is None else options.compile_vae
         vae_kwargs = dict(backend=options.dynamo_backend or "inductor", dynamic=False) if compile_vae else None
-        self.impl = BackendImpl(compile_kwargs, fused=fused, compile_vae=vae_kwargs)
+        packed_calls = options.backend in ("eager", "inductor")  # exported graphs have a fixed structure
+        self.impl = BackendImpl(compile_kwargs, fused=fused, compile_vae=vae_kwargs, packed_calls=packed_calls)
+        self.packed_buckets = PackedBuckets()  # CUDA-graph buckets of packed calls (replaceable)
+        self._packed = PackedState()
         self.applied = {"fused_qkv": bool(fused), "compiled_blocks": compile_kwargs is not None,
-                        "compile_vae": bool(compile_vae), "cuda_graphs": self.cuda_graphs}
+                        "compile_vae": bool(compile_vae), "cuda_graphs": self.cuda_graphs,
+                        "packed_calls": packed_calls and bool(getattr(adapter, "packs", False))}
 
     # ---- per generate call
     def begin_call(self) -> None:
@@ -166,7 +171,10 @@ class StageRunner:
 
     def _record(self, kind, tensors, seconds):
         """A graph was built from the model as it is now: remember its fingerprint (first build since a drop)."""
-        self.builds.append(BuildRecord(kind, int(tensors[0].shape[1]), int(tensors[0].shape[0]), seconds))
+        self._record_build(BuildRecord(kind, int(tensors[0].shape[1]), int(tensors[0].shape[0]), seconds))
+
+    def _record_build(self, record: BuildRecord) -> None:
+        self.builds.append(record)
         with self._call_lock:
             if self._fingerprint is None:
                 self._fingerprint = self._model_fingerprint()
@@ -188,6 +196,35 @@ class StageRunner:
             tensors, _names, spec = flatten(tokens, grid, timestep, cond)
             key = signature(tensors, spec)
             return self._graphs.run(key, self._eager, tensors, spec, lambda k, s: self._record("cuda_graph", tensors, s))
+
+    # ---- packed calls (many requests' model calls in one; the serving engine)
+    @property
+    def packs(self) -> bool:
+        """True when :meth:`packed` runs its calls as one packed model call: the inductor or eager backend on a family
+        with a packed call (``adapter.packs``). onnx / tensorrt: False (:meth:`packed` runs them one by one)."""
+        return self.impl.packed_calls and bool(getattr(self.adapter, "packs", False))
+
+    def packed(self, calls) -> list[torch.Tensor]:
+        """What :meth:`__call__` gives for each of ``calls`` (:class:`~ralu_runtime.adapters.VelocityCall`), run as one
+        packed model call through this backend (:mod:`.packed`): compiled packed blocks with symbolic token counts
+        (inductor), CUDA graphs per bucket of padded sizes (on CUDA when the runner uses CUDA graphs and no feature
+        cache is active). Falls back to one :meth:`__call__` per call where :attr:`packs` is False, and per call where
+        the adapter cannot pack (hooks, a feature cache, ...)."""
+        calls = check_velocity_calls(calls)
+        calls = [VelocityCall(c.tokens, c.grid, c.timestep, self.adapter.specialize_call(c.timestep, c.cond))
+                 for c in calls]
+        if not self.packs:
+            return [self(c.tokens, c.grid, c.timestep, c.cond) for c in calls]
+        graphs = self.cuda_graphs and current_cache() is None and calls[0].tokens.is_cuda
+        execution = RunnerExecution(self, graphs)
+        with self._compile_context():
+            if not graphs:
+                return self.adapter.packed_velocity(calls, execution=execution)
+            with self._packed.lock:  # the packed graphs share one memory pool: one replay at a time
+                return self.adapter.packed_velocity(calls, execution=execution)
+
+    def _packed_pool(self):
+        return self._packed.pool_handle()
 
     def _run_exported(self, tokens, grid, timestep, cond):
         tensors, names, spec = flatten(tokens, grid, timestep, cond)
