@@ -353,10 +353,12 @@ class Engine:
 
         def hook(adapter, velocity):
             plain = velocity == adapter.velocity   # bound methods compare by function and instance
+            # or the installed backend's runner, when it runs packed calls (inductor / eager; not onnx / tensorrt)
+            runner = velocity is adapter.runner and bool(getattr(velocity, "packs", False))
 
             def model_call(tokens, grid, timestep, cond):
                 req._check()
-                packable = (engine.config.packed and plain and getattr(adapter, "packs", False)
+                packable = (engine.config.packed and (plain or runner) and getattr(adapter, "packs", False)
                             and current_cache() is None)
                 call = _Call(req, (tokens, grid, timestep, cond), velocity, contextvars.copy_context(), packable,
                              call_tokens(tokens, cond))
@@ -455,6 +457,7 @@ class Engine:
     def _execute(self, calls: list[_Call]) -> None:
         t0 = time.perf_counter()
         packed = [c for c in calls if c.packable]
+        packed = [c for c in packed if c.fn == packed[0].fn]  # one packed call: all plain, or all the same runner
         if len(packed) < 2:
             packed = []
         ids = {id(c) for c in packed}
@@ -462,7 +465,10 @@ class Engine:
             if packed:
                 from ..adapters.base import VelocityCall
 
-                outs = self.adapter.packed_velocity([VelocityCall(*c.args) for c in packed])
+                runner = getattr(packed[0].fn, "packed", None)  # the installed backend's packed entry, if any
+                vcalls = [VelocityCall(*c.args) for c in packed]
+                with torch.no_grad():  # as generate, whose model calls these are
+                    outs = runner(vcalls) if runner is not None else self.adapter.packed_velocity(vcalls)
                 for c, v in zip(packed, outs):
                     c.result = v
         except BaseException as e:  # noqa: BLE001 - every request of the packed call gets the error
