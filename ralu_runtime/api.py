@@ -365,7 +365,7 @@ def generate(pipe, prompt: str | list[str] | None = None, *, height: int | None 
              max_sequence_length: int | None = None, progress: bool = True, torch_dtype=None,
              device=None, backend: str | None = None, compile_options: dict | None = None,
              prompt_embeds_mask=None, negative_prompt_embeds_mask=None, num_frames: int | None = None,
-             region_mode: str | None = None, region_source: str = "decode") -> RaluOutput:
+             region_mode: str | None = None, region_source: str = "decode", parallel=None) -> RaluOutput:
     """Generate images (or videos) with RALU (``speedup`` preset or schedule) or the ordinary sampler
     (``speedup=None``).
 
@@ -399,6 +399,11 @@ def generate(pipe, prompt: str | list[str] | None = None, *, height: int | None 
 
     Raises ValueError / TypeError for bad arguments before any work, and FloatingPointError when a stage produces
     non-finite latents (naming the stage).
+
+    ``parallel``: a diffusers ``ContextParallelConfig(ulysses_degree=U, ring_degree=R)`` to split every model call's
+    token sequence over the ``U * R`` ranks of an initialised ``torch.distributed`` group (FLUX.1; launch with
+    torchrun and call ``generate`` with the same arguments on every rank; see :mod:`ralu_runtime.parallel`). None: a
+    transformer set up with diffusers' ``enable_parallelism`` runs under that config, any other unsharded.
     """
     # ---- model-independent arguments
     for name, value, allowed in (("output_type", output_type, OUTPUT_TYPES), ("noise", noise, NOISE_VARIANTS),
@@ -447,6 +452,9 @@ def generate(pipe, prompt: str | list[str] | None = None, *, height: int | None 
     schedule = resolve_schedule(speedup, adapter, height, width)
     steps = num_inference_steps if num_inference_steps is not None else adapter.default_steps
     guidance = adapter.default_guidance if guidance_scale is None else float(guidance_scale)
+    from .parallel import parallel_scope, resolve_parallel
+
+    plan = resolve_parallel(parallel, adapter, backend=backend, serving=_MODEL_CALL_HOOK.get() is not None)
     if _CHECK_ONLY.get():
         return CheckedCall(adapter, height, width, batch, schedule, steps, guidance, num_frames)
 
@@ -466,6 +474,12 @@ def generate(pipe, prompt: str | list[str] | None = None, *, height: int | None 
 
     def decode(latents):
         return adapter.decode(latents, impl=impl)
+
+    if plan is not None:  # every rank runs this call; rank 0's decodes and seed are shared (ralu_runtime.parallel)
+        plan.setup()
+        velocity, decode = plan.wrap_velocity(velocity), plan.wrap_decode(decode)
+        if generator is None and seed is None:
+            seed = plan.shared_seed()
 
     masks = {}
     if adapter.takes_prompt_mask:
@@ -490,7 +504,7 @@ def generate(pipe, prompt: str | list[str] | None = None, *, height: int | None 
     video = dict(num_frames=num_frames) if adapter.is_video else {}
     noise_latents = adapter.prepare_noise(batch, height, width, noise_gen, dtype, **video)
 
-    with _call_cache(adapter, cache) as fcache:
+    with _call_cache(adapter, cache) as fcache, parallel_scope(plan):
         if schedule is None:
             result = sample_baseline(adapter, cond, noise_latents, steps, solver=solver, progress=progress,
                                      velocity=velocity)

@@ -1,0 +1,87 @@
+"""Run a function in N local processes joined by a process group: context parallelism on one machine.
+
+For tests and ``benchmarks/context_parallel.py`` (gloo on a CPU; NCCL with one GPU per process). Every worker gets
+``MASTER_ADDR`` / ``MASTER_PORT`` (a free local port) and ``RANK`` / ``WORLD_SIZE`` / ``LOCAL_RANK`` like under
+torchrun, selects ``cuda:<rank>`` for NCCL, joins ``init_process_group`` with a timeout (so a collective that never
+completes fails instead of hanging), runs ``target(**kwargs)`` and returns its result (anything ``torch.save`` can
+write) through a temporary folder. :func:`run_local` waits at most ``timeout`` seconds, terminates the workers it
+started when that passes, and re-raises a worker's exception with its traceback.
+"""
+from __future__ import annotations
+
+import datetime
+import importlib
+import os
+import socket
+import tempfile
+import time
+from pathlib import Path
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that was free a moment ago."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _resolve(target):
+    if callable(target):
+        return target
+    module, name = target.split(":")
+    return getattr(importlib.import_module(module), name)
+
+
+def _entry(rank: int, target, world: int, port: int, kwargs: dict, folder: str, threads: int, timeout: float,
+           backend: str = "gloo"):
+    import torch
+    import torch.distributed as dist
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
+                      LOCAL_RANK=str(rank))
+    torch.set_num_threads(threads)
+    if backend == "nccl":
+        torch.cuda.set_device(rank)
+    dist.init_process_group(backend, rank=rank, world_size=world, timeout=datetime.timedelta(seconds=timeout))
+    try:
+        result = _resolve(target)(**kwargs)
+        torch.save(result, Path(folder) / f"rank{rank}.pt")
+        dist.barrier()
+    finally:
+        dist.destroy_process_group()
+
+
+def run_local(target, world_size: int = 2, *, backend: str = "gloo", kwargs: dict | None = None,
+              timeout: float = 300.0, threads: int = 1) -> list:
+    """``target(**kwargs)`` in ``world_size`` processes joined by ``backend`` ("gloo", or "nccl" with one GPU per
+    process); returns each rank's result (rank order).
+
+    ``target``: a module-level function or ``"module:function"`` (spawned processes import it). ``threads``: torch
+    threads per worker. Raises TimeoutError after ``timeout`` seconds (the workers are terminated), or the first
+    worker's exception (``torch.multiprocessing.ProcessRaisedException`` with its traceback)."""
+    import torch.multiprocessing as mp
+
+    port = free_port()
+    with tempfile.TemporaryDirectory(prefix="ralu-workers-") as folder:
+        ctx = mp.start_processes(_entry, args=(target, world_size, port, kwargs or {}, folder, threads, timeout,
+                                               backend),
+                                 nprocs=world_size, join=False, start_method="spawn")
+        deadline = time.monotonic() + timeout
+        try:
+            while not ctx.join(timeout=0.5):
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"{world_size} {backend} workers did not finish within {timeout:.0f} s")
+        finally:
+            for p in ctx.processes:
+                if p.is_alive():
+                    p.terminate()
+                    p.join(5)
+        import torch
+
+        return [torch.load(Path(folder) / f"rank{r}.pt", weights_only=False) for r in range(world_size)]
+
+
+def run_gloo(target, world_size: int = 2, *, kwargs: dict | None = None, timeout: float = 300.0,
+             threads: int = 1) -> list:
+    """:func:`run_local` with gloo (CPU processes)."""
+    return run_local(target, world_size, backend="gloo", kwargs=kwargs, timeout=timeout, threads=threads)

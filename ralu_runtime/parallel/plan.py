@@ -1,0 +1,199 @@
+"""Resolving ``generate(parallel=...)`` into a :class:`SequenceParallel` plan, and the plan's collectives.
+
+Consistency across ranks ("all compute identically", checked): every rank runs the whole ``generate`` call with the
+same arguments. Everything outside the model calls -- initial noise, stage-1 -> 2 region choice, transitions (Philox
+noise from seeds drawn from the same generators), solver steps, VAE decode -- is computed by every rank from the same
+inputs. The model call's output is all-gathered, so every rank gets the same bytes; the solver's elementwise update
+of identical bytes is identical. Two places where identical inputs are not enough are closed explicitly:
+
+* ``seed=None`` and no generator: rank 0 draws the seed and broadcasts it (otherwise each rank's global RNG would
+  pick its own noise);
+* VAE decodes (the edge preview that decides the regions, and the final image): every rank decodes and rank 0's
+  result is broadcast, so an autotuned convolution (``cudnn.benchmark``) that differs between processes cannot make
+  the ranks choose different regions.
+
+And it is verified: at the first model call of every stage, each rank fingerprints the call's inputs (tokens, token
+positions, timestep, text conditioning; the bits, not a float sum) and the fingerprints are compared across ranks. A
+difference raises :class:`RanksDivergedError` on every rank at once (no hang, no silent mix of two images).
+"""
+from __future__ import annotations
+
+import threading
+
+import torch
+import torch.distributed as dist
+
+from .attention import all_gather_flat, gather_rows, spec
+
+
+class RanksDivergedError(RuntimeError):
+    """The ranks of a context-parallel ``generate`` call hold different inputs for the same model call."""
+
+
+_GROUPS: dict = {}
+_GROUPS_LOCK = threading.Lock()
+
+
+def _world_groups(ring: int, ulysses: int):
+    """``(flat, ring_group, ulysses_group)`` over the default group: ranks ``r * ulysses + u``; ulysses groups
+    ``{r*U + u : u}``, ring groups ``{r*U + u : r}`` (every rank creates every group, in one order; cached)."""
+    world = dist.group.WORLD
+    key = (ring, ulysses)
+    with _GROUPS_LOCK:
+        cached = _GROUPS.get(key)
+        if cached is not None and cached[0] is world:
+            return cached[1]
+        rank = dist.get_rank()
+        ug = rg = world
+        if ring > 1 and ulysses > 1:
+            for r in range(ring):
+                g = dist.new_group([r * ulysses + u for u in range(ulysses)])
+                if rank // ulysses == r:
+                    ug = g
+            for u in range(ulysses):
+                g = dist.new_group([r * ulysses + u for r in range(ring)])
+                if rank % ulysses == u:
+                    rg = g
+        groups = (world, rg, ug)
+        _GROUPS[key] = (world, groups)
+        return groups
+
+
+def _mesh_groups(mesh):
+    """``(flat, ring_group, ulysses_group)`` of a device mesh with dimensions "ring" and "ulysses"."""
+    flat = mesh["ring", "ulysses"]._flatten()
+    return flat.get_group(), mesh["ring"].get_group(), mesh["ulysses"].get_group()
+
+
+class SequenceParallel:
+    """One ``generate`` call's context parallelism: ``ulysses`` x ``ring`` ranks, each holding a contiguous shard of
+    every model call's joint sequence (:mod:`ralu_runtime.parallel.attention`).
+
+    Built by :func:`resolve_parallel` (checks only); :meth:`setup` resolves the process groups (collective: every
+    rank calls it, as ``generate`` does). ``source``: "argument" (``generate(parallel=config)``) or "model" (the
+    transformer's own ``enable_parallelism`` config, adopted).
+    """
+
+    def __init__(self, config, *, ulysses: int, ring: int, device: torch.device, source: str = "argument"):
+        self.config = config
+        self.ulysses, self.ring = int(ulysses), int(ring)
+        self.world = self.ulysses * self.ring
+        self.device = torch.device(device)
+        self.source = source
+        self.flat = self.ring_group = self.ulysses_group = None
+        self.index = 0
+        self._last_grid = None
+
+    def __repr__(self) -> str:
+        return f"SequenceParallel(ulysses={self.ulysses}, ring={self.ring}, source={self.source!r})"
+
+    # ---- groups
+    def setup(self) -> "SequenceParallel":
+        cfg = self.config
+        if getattr(cfg, "_flattened_mesh", None) is not None:  # set up by diffusers (enable_parallelism)
+            groups = (cfg._flattened_mesh.get_group(), cfg._ring_mesh.get_group(), cfg._ulysses_mesh.get_group())
+        elif getattr(cfg, "mesh", None) is not None:
+            groups = _mesh_groups(cfg.mesh)
+        else:
+            groups = _world_groups(self.ring, self.ulysses)
+        self.flat, self.ring_group, self.ulysses_group = groups
+        self.index = dist.get_rank(self.flat)
+        ur = dist.get_rank(self.ulysses_group) if self.ulysses > 1 else 0
+        rr = dist.get_rank(self.ring_group) if self.ring > 1 else 0
+        if rr * self.ulysses + ur != self.index:
+            raise ValueError(f"the process groups do not have the ('ring', 'ulysses') layout: rank {self.index} of "
+                             f"the flattened group is ring rank {rr}, ulysses rank {ur}")
+        return self
+
+    def attention_spec(self, transformer):
+        """The interned :class:`~ralu_runtime.parallel.attention.AttentionSpec` of this plan, with the attention
+        backend the transformer's processors ask for (diffusers' ``set_attention_backend``)."""
+        proc = transformer.transformer_blocks[0].attn.processor if len(transformer.transformer_blocks) else None
+        backend = getattr(proc, "_attention_backend", None)
+        backend = "" if backend is None else str(getattr(backend, "value", backend))
+        return spec(self.ulysses_group.group_name if self.ulysses > 1 else "",
+                    self.ring_group.group_name if self.ring > 1 else "", self.ulysses, self.ring, backend)
+
+    # ---- collectives
+    def gather_rows(self, x: torch.Tensor, sizes: list[int]) -> torch.Tensor:
+        """This rank's rows ``x (B, sizes[index], ...)`` -> all rows ``(B, sum(sizes), ...)`` on every rank."""
+        return gather_rows(x, sizes, self.flat)
+
+    def broadcast(self, x: torch.Tensor) -> torch.Tensor:
+        """Rank 0's ``x`` on every rank (in place on the others; same shape and dtype everywhere)."""
+        x = x.contiguous()
+        dist.broadcast(x, src=dist.get_global_rank(self.flat, 0), group=self.flat)
+        return x
+
+    def shared_seed(self) -> int:
+        """A seed drawn by rank 0 from its global RNG, the same on every rank."""
+        s = torch.randint(0, 2**62, (1,), dtype=torch.int64).to(self.device)
+        return int(self.broadcast(s).item())
+
+    @staticmethod
+    def call_module(module, x):
+        """``module(x)``, without a diffusers context-parallel gather hook that ``enable_parallelism`` may have put on
+        it (ralu gathers itself; such a hook would gather a second time)."""
+        registry = getattr(module, "_diffusers_hook", None)
+        hooks = getattr(registry, "hooks", None) or {}
+        if any(str(name).startswith("cp_output---") for name in hooks):
+            return type(module).forward(module, x)
+        return module(x)
+
+    # ---- consistency
+    @staticmethod
+    def _bits(t: torch.Tensor) -> torch.Tensor:
+        """Two int64 numbers from the bits of ``t``: plain and position-weighted sum (integer arithmetic, wraps)."""
+        t = t.detach().contiguous()
+        if t.dtype == torch.bool:
+            t = t.to(torch.uint8)
+        if t.is_floating_point() or t.is_complex():
+            width = t.element_size()
+            t = t.view({1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}[width])
+        flat = t.reshape(-1).to(torch.int64)
+        w = torch.arange(flat.numel(), device=flat.device, dtype=torch.int64) % 65521 + 1
+        return torch.stack([flat.sum(), (flat * w).sum(), torch.tensor(flat.numel(), device=flat.device)])
+
+    def fingerprint(self, tokens, grid, timestep, cond) -> torch.Tensor:
+        parts = [tokens, grid.positions, timestep]
+        if grid.fine_mask is not None:
+            parts.append(grid.fine_mask)
+        parts += [v for _, v in sorted(cond.data.items()) if isinstance(v, torch.Tensor)]
+        return torch.cat([self._bits(p.to(self.device)) for p in parts])
+
+    def check_same(self, tokens, grid, timestep, cond) -> None:
+        """Compare this call's inputs across ranks; :class:`RanksDivergedError` (on every rank) if they differ."""
+        fp = self.fingerprint(tokens, grid, timestep, cond)
+        lens = all_gather_flat(torch.tensor([fp.numel()], device=self.device), self.flat).view(-1).tolist()
+        if len(set(lens)) > 1:
+            raise RanksDivergedError(f"the ranks' model calls differ in structure (fingerprint lengths {lens})")
+        prints = all_gather_flat(fp, self.flat)
+        bad = [r for r in range(self.world) if not torch.equal(prints[r], prints[0])]
+        if bad:
+            raise RanksDivergedError(
+                f"ranks {bad} hold other inputs than rank 0 for the same model call (tokens {tuple(tokens.shape)}): "
+                "every rank must call generate with the same arguments -- the same seed or generator state, the "
+                "same prompt or embeddings -- on the same kind of device")
+
+    # ---- what generate wraps
+    def wrap_velocity(self, velocity):
+        """The call's model call, with the cross-rank input check at each stage's first call (a new token grid)."""
+        def call(tokens, grid, timestep, cond):
+            if grid is not self._last_grid:
+                self.check_same(tokens, grid, timestep, cond)
+                self._last_grid = grid
+            return velocity(tokens, grid, timestep, cond)
+
+        return call
+
+    def wrap_decode(self, decode):
+        """The call's VAE decode, with rank 0's images broadcast to all ranks."""
+        def call(latents):
+            return self.broadcast(decode(latents))
+
+        return call
+
+    def velocity(self, adapter, tokens, grid, timestep, cond, impl=None):
+        from .flux import sp_flux_velocity
+
+        return sp_flux_velocity(adapter, self, tokens, grid, timestep, cond, impl)
