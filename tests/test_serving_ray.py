@@ -269,6 +269,7 @@ REQUESTS = [
 ]
 
 
+@pytest.mark.slow
 class TestReplicas:
     def test_replicas_load_and_warm_up_before_traffic(self, app):
         snap = board()
@@ -410,6 +411,7 @@ def _read_lines(stream, lines: queue.Queue):
     lines.put(None)
 
 
+@pytest.mark.slow
 def test_ralu_serve_ray_command_serves_and_stops_on_sigterm(cluster):
     cmd = [sys.executable, "-m", "ralu_runtime.cli", "serve", "--ray", "--ray-address", cluster.gcs_address,
            "--replicas", "1", "--port", str(cluster.port), "--device", "cpu", "--max-active", "2",

@@ -669,8 +669,12 @@ def run(spec: ReplicaSpec, options: IngressOptions | None = None, *, host: str =
             previous[sig] = signal.signal(sig, lambda *_: stop.set())
     try:
         serve.start(http_options={"host": host, "port": port})
-        serve.run(build_app(spec, options, replicas=replicas, grace_s=grace_s), name=APP_NAME, route_prefix="/",
-                  blocking=False)
+        try:
+            serve.run(build_app(spec, options, replicas=replicas, grace_s=grace_s), name=APP_NAME, route_prefix="/",
+                      blocking=False)
+        except RuntimeError as exc:     # Ray Serve's message names the deployment; add the replicas' own error
+            why = deploy_failure()
+            raise RuntimeError(f"{_http._one_line(exc)}{f' ({why})' if why else ''}") from None
         host_url = f"[{host}]" if ":" in host else host
         if on_ready is not None:
             on_ready(f"http://{host_url}:{port}", serve.status().applications[APP_NAME])
@@ -686,6 +690,20 @@ def run(spec: ReplicaSpec, options: IngressOptions | None = None, *, host: str =
                 serve.shutdown()
             if connected:
                 ray.shutdown()
+
+
+def deploy_failure() -> str | None:
+    """The last exception line in the application's deployment status messages (why a replica did not start)."""
+    import re
+
+    app = serve.status().applications.get(APP_NAME)
+    if app is None:
+        return None
+    lines = []
+    for d in app.deployments.values():
+        text = re.sub(r"\x1b\[[0-9;]*m", "", d.message or "")
+        lines += [ln.strip() for ln in text.splitlines() if re.match(r"\s*[\w.]*(Error|Exception)\b.*:", ln)]
+    return lines[-1] if lines else None
 
 
 def replica_status() -> dict:
