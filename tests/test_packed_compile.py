@@ -12,6 +12,8 @@
 * the serving engine with ``generate(..., backend="inductor")`` installed: every request equals generate alone (eager;
   atol = rtol = 1e-4 on latents, as tests/test_serving_engine.py), the engine ran packed calls through the runner,
   the user's model is left as found.
+* the eager backend packs with ralu's fused q/k/v weights; a runner whose impl does not pack (onnx / tensorrt) runs
+  one runner call per request.
 * GPU only (skipped here): CUDA graphs per bucket, one capture per bucket, bf16 varlen attention.
 """
 from __future__ import annotations
@@ -244,7 +246,7 @@ def test_buckets_and_padding_layout():
         PackedSegments.build([[2, 1], [3, 2]], [0, 0], 2, "cpu", "dense")
 
 
-# ---- the serving engine -----------------------------------------------------------------------------------------------
+# ---- the serving engine -------------------------------------------------------------------------------------------
 def test_engine_packs_calls_through_the_installed_runner(flux):
     from ralu_runtime.serving import Engine, EngineConfig
 
@@ -276,23 +278,24 @@ def test_engine_packs_calls_through_the_installed_runner(flux):
     _same(before, _snapshot(pipe.transformer))
 
 
-def test_onnx_and_tensorrt_runners_do_not_pack():
+def test_eager_backend_packs_with_fused_projections_and_exported_backends_do_not():
+    from ralu_runtime.compile import compile_adapter, uncompile_adapter
     from ralu_runtime.compile.impl import BackendImpl
 
     assert not BackendImpl(None).packed_calls  # what the runner builds for onnx / tensorrt
     pipe = build_tiny("tiny-flux")
-    from ralu_runtime.compile import compile_adapter, uncompile_adapter
-
-    runner = compile_adapter(pipe, "eager")
+    runner = compile_adapter(pipe, "eager", fused_qkv=True)
     try:
-        assert runner.packs and not runner.impl.compiles_blocks
+        assert runner.packs and runner.applied["fused_qkv"] and not runner.impl.compiles_blocks
         adapter = get_adapter(pipe)
         calls = _calls(adapter, MIX_2, seed=3)
         with torch.no_grad(), _CountVelocity(adapter) as count:
-            out = runner.packed(calls)
+            out = runner.packed(calls)                     # the packed call with ralu's fused q/k/v weights
             ref = adapter.packed_velocity(calls)
-        assert count.n == 0 and _rel_diff(out, ref) == 0.0  # the eager backend on a CPU: the plain packed call
+        assert count.n == 0 and _rel_diff(out, ref) <= REL_TOL
+        assert runner.impl.fused_store.nbytes() > 0        # the packed blocks asked for them
         runner.impl.packed_calls = False                   # as for onnx / tensorrt: one runner call per request
+        assert not runner.packs
         with torch.no_grad(), _CountVelocity(adapter) as count:
             out = runner.packed(calls)
         assert count.n == len(calls) and _rel_diff(out, ref) <= REL_TOL

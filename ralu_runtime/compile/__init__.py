@@ -29,6 +29,12 @@ Concurrency: calls may come from several threads; CUDA-graph instances are never
 installs are serialised, and process-wide torch switches (SDPA) are held for the time of the calls that need them
 (:mod:`.scoped`).
 
+Packed calls (the serving engine's batched step, many requests in one model call): :meth:`StageRunner.packed`
+runs the adapter's packed call through the backend -- inductor: packed block functions compiled with a symbolic
+packed token dimension (a new mix of requests does not recompile); CUDA graphs: one capture per bucket of padded
+sizes (:class:`PackedBuckets`), the padding an attention segment of its own; onnx / tensorrt: one call per request.
+See :mod:`.packed`.
+
 Cross-process reuse (cold start) and why those files are code: :mod:`.artifacts`.
 
 LoRA hot-swap: call ``pipe.enable_lora_hotswap(target_rank=R)`` before the first ``load_lora_weights`` and
@@ -39,11 +45,13 @@ traffic: :func:`ralu_runtime.warmup.warmup`.
 from .artifacts import (ArtifactError, enable_persistent_cache, load_compile_artifacts, save_compile_artifacts,
                         verify_compile_artifacts)
 from .options import ATTN_BACKENDS, BACKENDS, BuildRecord, CompileOptions
+from .packed import PackedBuckets
 from .runner import (StageRunner, available_backends, compile_adapter, compile_stats, ensure_backend,
                      model_fingerprint, uncompile_adapter)
 from .sdpa import sdpa_context
 
-__all__ = ["ATTN_BACKENDS", "ArtifactError", "BACKENDS", "BuildRecord", "CompileOptions", "StageRunner",
+__all__ = ["ATTN_BACKENDS", "ArtifactError", "BACKENDS", "BuildRecord", "CompileOptions", "PackedBuckets",
+           "StageRunner",
            "available_backends", "compile_adapter", "compile_stats", "enable_persistent_cache", "ensure_backend",
            "load_compile_artifacts", "model_fingerprint", "save_compile_artifacts", "sdpa_context",
            "uncompile_adapter", "verify_compile_artifacts"]
