@@ -159,8 +159,8 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--replicas", metavar="N|MIN:MAX", default=None,
                    help="with --ray: N replicas, or MIN:MAX to autoscale on queue depth (default: one per GPU)")
     r.add_argument("--ray-address", metavar="ADDR", default=None,
-                   help="with --ray: the Ray cluster to join (default: $RAY_ADDRESS, a cluster started with `ray start` "
-                        "on this machine, or a new local one)")
+                   help="with --ray: the Ray cluster to join (default: $RAY_ADDRESS, a cluster started with "
+                        "`ray start` on this machine, or a new local one)")
     r.add_argument("--backend", choices=BACKEND_NAMES, default=None,
                    help="with --ray: compile backend of every replica, built by its warm-up before it takes traffic")
     r.add_argument("--compile-artifacts", metavar="PATH", default=None,
