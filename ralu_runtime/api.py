@@ -44,6 +44,7 @@ MAX_SEQUENCE_LENGTH = 512
 # call's model calls through its batcher: hook(adapter, velocity) -> velocity)
 _CHECK_ONLY: contextvars.ContextVar[bool] = contextvars.ContextVar("ralu_check_only", default=False)
 _MODEL_CALL_HOOK: contextvars.ContextVar[Any] = contextvars.ContextVar("ralu_model_call_hook", default=None)
+_FINAL_DECODE_HOOK: contextvars.ContextVar[Any] = contextvars.ContextVar("ralu_final_decode_hook", default=None)
 
 
 @dataclass(frozen=True)
@@ -523,7 +524,8 @@ def generate(pipe, prompt: str | list[str] | None = None, *, height: int | None 
     if output_type == "latent":
         return RaluOutput(latents, masks, timings, result.records, schedule, cache_stats)
     t0 = time.perf_counter()
-    images = decode(latents)
+    final_hook = _FINAL_DECODE_HOOK.get()   # the serving engine batches final decodes (not the edge preview's)
+    images = (final_hook(decode) if final_hook is not None else decode)(latents)
     if images.device.type == "cuda":
         torch.cuda.synchronize()
     timings["vae_decode"] = time.perf_counter() - t0

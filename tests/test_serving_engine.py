@@ -173,3 +173,15 @@ def test_done_callbacks_and_closing_flag(flux):
         assert not eng.closing
     assert eng.closing and eng.closed
     assert seen == [("early", "done"), ("late", "done")]
+
+
+def test_final_decodes_are_batched_and_equal_single_decodes(flux):
+    kw = dict(height=64, width=96, speedup=A, output_type="pt", **flux_embeds(1))
+    with Engine(flux, EngineConfig(gather_timeout_s=0.2)) as eng:
+        hs = [eng.submit(seed=s, **kw) for s in (1, 2, 3)]
+        outs = [h.result(timeout=300).images for h in hs]
+        m = eng.metrics()
+    assert m["decode_batches"]["count"] < 3            # at least two final decodes ran as one batch
+    for s, out in zip((1, 2, 3), outs):
+        ref = generate(flux, seed=s, progress=False, **kw).images
+        torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)

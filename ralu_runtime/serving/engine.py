@@ -202,6 +202,7 @@ class _Call:
     packable: bool
     tokens: int
     arrived: float = field(default_factory=time.monotonic)
+    kind: str = "model"             # "model": a transformer call; "decode": the request's final VAE decode
     result: Any = None
     error: BaseException | None = None
     done: threading.Event = field(default_factory=threading.Event)
@@ -245,6 +246,7 @@ class Engine:
         self._request_latency = Histogram(LATENCY_BUCKETS)
         self._batch_tokens = Histogram(TOKEN_BUCKETS)
         self._batch_requests = Histogram(tuple(range(1, 33)))
+        self._decode_batches = Histogram(tuple(range(1, 33)))
         self._scheduler = threading.Thread(target=self._run, name="ralu-engine", daemon=True)
         self._scheduler.start()
 
@@ -320,7 +322,8 @@ class Engine:
 
     def metrics(self) -> dict:
         """A snapshot: queue depth, active requests, requests by outcome, model calls (packed ones), and
-        histograms of step latency (s), request latency (s), tokens and requests per model call."""
+        histograms of step latency (s), request latency (s), tokens and requests per model call, requests per
+        batched final VAE decode."""
         with self._lock:
             return {"queue_depth": len(self._queue), "active": len(self._active),
                     "requests": dict(self._outcomes), "model_calls": self._calls,
@@ -328,7 +331,8 @@ class Engine:
                     "step_latency_seconds": self._step_latency.snapshot(),
                     "request_latency_seconds": self._request_latency.snapshot(),
                     "batch_tokens": self._batch_tokens.snapshot(),
-                    "batch_requests": self._batch_requests.snapshot()}
+                    "batch_requests": self._batch_requests.snapshot(),
+                    "decode_batches": self._decode_batches.snapshot()}
 
     # ------------------------------------------------------------------------------------------ workers
     def _max_tokens(self, checked) -> int:
@@ -374,11 +378,31 @@ class Engine:
 
         return hook
 
+    def _decode_hook(self, req: RequestHandle):
+        engine = self
+
+        def hook(decode):
+            def final_decode(latents):
+                req._check()
+                call = _Call(req, (latents,), decode, contextvars.copy_context(), False, 0, kind="decode")
+                with engine._lock:
+                    engine._waiting.append(call)
+                    engine._lock.notify_all()
+                call.done.wait()
+                if call.error is not None:
+                    raise call.error
+                return call.result
+
+            return final_decode
+
+        return hook
+
     def _work(self, req: RequestHandle) -> None:
-        from ..api import _MODEL_CALL_HOOK, generate
+        from ..api import _FINAL_DECODE_HOOK, _MODEL_CALL_HOOK, generate
 
         outcome, result, error = "ok", None, None
         token = _MODEL_CALL_HOOK.set(self._hook(req))
+        dtoken = _FINAL_DECODE_HOOK.set(self._decode_hook(req))
         try:
             req._check()
             kwargs = dict(req.kwargs)
@@ -391,6 +415,7 @@ class Engine:
             outcome, error = "error", e
         finally:
             _MODEL_CALL_HOOK.reset(token)
+            _FINAL_DECODE_HOOK.reset(dtoken)
         with self._lock:
             self._active.discard(req)
             self._outcomes[outcome] += 1
@@ -454,7 +479,39 @@ class Engine:
                 calls = self._take()
             self._execute(calls)
 
+    def _decode(self, calls: list[_Call]) -> None:
+        """Final VAE decodes, batched per latent shape (one decode call per group; results split per request)."""
+        groups: dict[tuple, list[_Call]] = {}
+        for c in calls:
+            x = c.args[0]
+            groups.setdefault((tuple(x.shape[1:]), x.dtype, str(x.device)), []).append(c)
+        with torch.no_grad():
+            for group in groups.values():
+                if len(group) > 1:
+                    try:
+                        out = group[0].ctx.run(group[0].fn, torch.cat([c.args[0] for c in group]))
+                        for c, part in zip(group, out.split([c.args[0].shape[0] for c in group])):
+                            c.result = part
+                        continue
+                    except Exception:  # noqa: BLE001 - e.g. out of memory for the batch: decode one by one
+                        pass
+                for c in group:
+                    try:
+                        c.result = c.ctx.run(c.fn, *c.args)
+                    except BaseException as e:  # noqa: BLE001
+                        c.error = e
+        with self._lock:
+            self._decode_batches.observe(len(calls))
+        for c in calls:
+            c.done.set()
+
     def _execute(self, calls: list[_Call]) -> None:
+        decodes = [c for c in calls if c.kind == "decode"]
+        if decodes:
+            self._decode(decodes)
+            calls = [c for c in calls if c.kind != "decode"]
+            if not calls:
+                return
         t0 = time.perf_counter()
         packed = [c for c in calls if c.packable]
         packed = [c for c in packed if c.fn == packed[0].fn]  # one packed call: all plain, or all the same runner
@@ -477,7 +534,8 @@ class Engine:
         for c in calls:
             if id(c) not in ids:
                 try:
-                    c.result = c.ctx.run(c.fn, *c.args)
+                    with torch.no_grad():  # grad mode is per thread: as in the request's own generate
+                        c.result = c.ctx.run(c.fn, *c.args)
                 except BaseException as e:  # noqa: BLE001
                     c.error = e
         if calls and calls[0].args[0].device.type == "cuda":
