@@ -309,6 +309,11 @@ class Engine:
         return self._closed.is_set()
 
     @property
+    def healthy(self) -> bool:
+        """True while the engine takes and runs requests: not shutting down, its scheduler thread alive."""
+        return not self._closing and self._scheduler.is_alive()
+
+    @property
     def closing(self) -> bool:
         """True from the moment :meth:`shutdown` is called: no new requests are taken."""
         return self._closing

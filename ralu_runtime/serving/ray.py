@@ -403,8 +403,7 @@ class RaluReplica:
         """Ray Serve calls this periodically; raising makes it replace the replica."""
         if self.engine is None or self.engine.closed:
             raise RuntimeError(f"replica {self.id}: the engine has stopped")
-        scheduler = getattr(self.engine, "_scheduler", None)
-        if scheduler is not None and not scheduler.is_alive():
+        if not self.engine.closing and not self.engine.healthy:   # (a draining engine is not replaced)
             raise RuntimeError(f"replica {self.id}: the engine's scheduler thread died")
 
     # ------------------------------------------------------------------------------ reporting, shutdown
