@@ -477,8 +477,12 @@ class DiTAdapter(ABC):
 
     packs: bool = False   # True when the family implements a real packed call
 
-    def packed_velocity(self, calls: Sequence[VelocityCall], impl: ModelImpl | None = None) -> list[torch.Tensor]:
+    def packed_velocity(self, calls: Sequence[VelocityCall], impl: ModelImpl | None = None, *,
+                        execution=None) -> list[torch.Tensor]:
         """Velocities, one (B_i, L_i, C_tok) per call, in order. Default: one self.velocity per call (no packing).
+
+        ``execution``: how a compile runner executes packed calls (padding to a token bucket, CUDA graphs;
+        :class:`ralu_runtime.compile.packed.RunnerExecution`); families that pack take it, the default ignores it.
 
         Each result equals ``self.velocity(call.tokens, call.grid, call.timestep, call.cond, impl)``. Families with
         ``packs = True`` run all calls as one transformer call over a packed token sequence (every image one

@@ -17,8 +17,12 @@ Scheduling, per step boundary:
   waiting call arrived (a request busy with its VAE decode or region choice does not hold up the others);
 * calls are taken oldest request first until ``token_budget`` tokens (image tokens x images x 2 with CFG) would be
   exceeded; the oldest call always runs, so a request larger than the budget runs alone and none starves;
-* calls that cannot be packed (the family has no packed call, an active feature cache, a compiled backend's
-  runner, skip-layer guidance windows...) run one by one in the same step, in their request's own context.
+* with a compile backend installed, the eager and inductor runners run the packed call themselves (compiled packed
+  blocks with a symbolic token dimension; on CUDA, graphs captured per token-count bucket with the padding as its
+  own attention segment: :mod:`ralu_runtime.compile.packed`);
+* calls that cannot be packed (the family has no packed call, an active feature cache, an onnx/tensorrt runner,
+  skip-layer guidance windows...) run one by one in the same step, in their request's own context;
+* final VAE decodes of requests that finish together run as one batched decode per latent shape.
 
 Admission: at most ``max_active`` requests run at once; up to ``max_queue`` more wait in a FIFO queue; beyond that
 :meth:`Engine.submit` raises :class:`EngineBusy` at once (nothing is dropped silently). Arguments are checked
