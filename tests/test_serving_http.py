@@ -3,9 +3,7 @@ thread stopped by the fixtures) over a tiny random FLUX, with a real HTTP client
 concurrent requests with mixed sizes and presets give the PNGs generate gives alone, n=2, OpenAI-shaped 400/404/413
 errors, a full queue (503), a deadline (504), a client that hangs up (its engine request is cancelled), /health,
 /metrics, the graceful stop (the running request finishes, new ones get 503), and the ``ralu serve`` command."""
-import base64
 import contextlib
-import io
 import json
 import os
 import queue
@@ -20,7 +18,6 @@ from concurrent.futures import ThreadPoolExecutor
 import httpx
 import numpy as np
 import pytest
-from PIL import Image
 from prometheus_client.parser import text_string_to_metric_families
 
 from ralu_runtime import generate
@@ -28,10 +25,10 @@ from ralu_runtime.adapters import get_adapter
 from ralu_runtime.serving import Engine, EngineConfig
 from ralu_runtime.serving.http import GENERATIONS_PATH, Server, create_app
 from ralu_runtime.tiny import build_tiny
+from openai_checks import assert_error, pngs
 
 T = 120                                   # seconds: every HTTP call's timeout
 DEFAULTS = dict(height=64, width=64, max_sequence_length=77)   # the served engine's defaults (small: CPU time)
-ERROR_KEYS = {"message", "type", "param", "code"}
 
 
 @pytest.fixture(scope="module")
@@ -107,26 +104,8 @@ def post(server, body, client=None, **kw):
             c.close()
 
 
-def pngs(resp) -> list[np.ndarray]:
-    assert resp.status_code == 200, resp.text
-    out = []
-    for item in resp.json()["data"]:
-        img = Image.open(io.BytesIO(base64.b64decode(item["b64_json"])))
-        assert img.format == "PNG"
-        out.append(np.asarray(img.convert("RGB")).astype(np.int16))
-    return out
 
 
-def assert_error(resp, status, param=None, code=None):
-    assert resp.status_code == status, resp.text
-    err = resp.json()["error"]
-    assert set(err) == ERROR_KEYS and err["message"] and "Traceback" not in err["message"]
-    assert err["type"] == ("invalid_request_error" if status < 500 else "server_error")
-    if param is not None:
-        assert err["param"] == param, err
-    if code is not None:
-        assert err["code"] == code, err
-    return err
 
 
 def samples(server) -> dict:

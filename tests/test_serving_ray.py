@@ -18,11 +18,9 @@ Replicas run a module-level factory of this file (pickled by value): the tiny FL
 file ``<control>/delay`` holds seconds > 0, write ``<control>/busy-<pid>`` and sleep that long, so a test can
 find the process running a request and make a request last.
 """
-import base64
 import dataclasses
 import functools
 import glob
-import io
 import json
 import os
 import queue
@@ -37,14 +35,13 @@ from concurrent.futures import ThreadPoolExecutor
 import httpx
 import numpy as np
 import pytest
-from PIL import Image
 
 from ralu_runtime import cli, generate
+from openai_checks import assert_error, pngs
 
 T = 120                                    # seconds: every HTTP call's timeout
 DEFAULTS = dict(height=64, width=64, max_sequence_length=77)   # the replicas' defaults (small: CPU time)
 GENERATIONS = "/v1/images/generations"
-ERROR_KEYS = {"message", "type", "param", "code"}
 
 
 # ------------------------------------------------------------------------------------------- replica model
@@ -119,26 +116,8 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def pngs(resp) -> list[np.ndarray]:
-    assert resp.status_code == 200, resp.text
-    out = []
-    for item in resp.json()["data"]:
-        img = Image.open(io.BytesIO(base64.b64decode(item["b64_json"])))
-        assert img.format == "PNG"
-        out.append(np.asarray(img.convert("RGB")).astype(np.int16))
-    return out
 
 
-def assert_error(resp, status, param=None, code=None):
-    assert resp.status_code == status, resp.text
-    err = resp.json()["error"]
-    assert set(err) == ERROR_KEYS and err["message"] and "Traceback" not in err["message"]
-    assert err["type"] == ("invalid_request_error" if status < 500 else "server_error")
-    if param is not None:
-        assert err["param"] == param, err
-    if code is not None:
-        assert err["code"] == code, err
-    return err
 
 
 def alone(pipe, body) -> list[np.ndarray]:

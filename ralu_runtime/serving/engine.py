@@ -373,15 +373,8 @@ class Engine:
                 req._check()
                 packable = (engine.config.packed and (plain or runner) and getattr(adapter, "packs", False)
                             and current_cache() is None)
-                call = _Call(req, (tokens, grid, timestep, cond), velocity, contextvars.copy_context(), packable,
-                             call_tokens(tokens, cond))
-                with engine._lock:
-                    engine._waiting.append(call)
-                    engine._lock.notify_all()
-                call.done.wait()
-                if call.error is not None:
-                    raise call.error
-                return call.result
+                return engine._wait_for(_Call(req, (tokens, grid, timestep, cond), velocity,
+                                              contextvars.copy_context(), packable, call_tokens(tokens, cond)))
 
             return model_call
 
@@ -393,18 +386,22 @@ class Engine:
         def hook(decode):
             def final_decode(latents):
                 req._check()
-                call = _Call(req, (latents,), decode, contextvars.copy_context(), False, 0, kind="decode")
-                with engine._lock:
-                    engine._waiting.append(call)
-                    engine._lock.notify_all()
-                call.done.wait()
-                if call.error is not None:
-                    raise call.error
-                return call.result
+                return engine._wait_for(_Call(req, (latents,), decode, contextvars.copy_context(), False, 0,
+                                              kind="decode"))
 
             return final_decode
 
         return hook
+
+    def _wait_for(self, call: _Call):
+        """Hand ``call`` to the scheduler and block the request's thread until it has run; its result or error."""
+        with self._lock:
+            self._waiting.append(call)
+            self._lock.notify_all()
+        call.done.wait()
+        if call.error is not None:
+            raise call.error
+        return call.result
 
     def _work(self, req: RequestHandle) -> None:
         from ..api import _FINAL_DECODE_HOOK, _MODEL_CALL_HOOK, generate
