@@ -162,7 +162,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="with --ray: the Ray cluster to join (default: $RAY_ADDRESS, a cluster started with "
                         "`ray start` on this machine, or a new local one)")
     r.add_argument("--backend", choices=BACKEND_NAMES, default=None,
-                   help="with --ray: compile backend of every replica, built by its warm-up before it takes traffic")
+                   help="compile backend of the engine (of every replica with --ray), built by a warm-up request "
+                        "before the server takes traffic")
     r.add_argument("--compile-artifacts", metavar="PATH", default=None,
                    help="with --ray: compile-cache bundle written by save_compile_artifacts, loaded (signature "
                         "checked) by every replica before its warm-up; the same path on every node")
@@ -406,7 +407,7 @@ class ServePlan:
     replicas: int | tuple[int, int] | None = None   # --ray: N, (min, max) or None (one per GPU)
 
 
-RAY_ONLY_FLAGS = (("--replicas", "replicas"), ("--ray-address", "ray_address"), ("--backend", "backend"),
+RAY_ONLY_FLAGS = (("--replicas", "replicas"), ("--ray-address", "ray_address"),
                   ("--compile-artifacts", "compile_artifacts"))
 
 
@@ -469,6 +470,10 @@ def check_serve(args) -> ServePlan:
             if getattr(args, name, None) is not None:
                 raise UsageError(f"{flag} applies to --ray (Ray Serve replicas) only")
         device, dtype = _check_device(args.device, args.dtype)
+        if args.backend is not None:
+            why = _backend_unavailable(args.backend, device)
+            if why:
+                raise UsageError(f"--backend {args.backend!r} is not available here: {why}")
     defaults = {"speedup": args.speedup}
     if args.model in TINY_MODELS:   # the same defaults as ralu generate's for the built-in random models
         defaults.update(height=default_size, width=default_size, max_sequence_length=TINY_MAX_SEQUENCE_LENGTH)
@@ -494,8 +499,13 @@ def cmd_serve(args) -> int:
     t0 = time.perf_counter()
     pipe = _load(plan)
     load_s = time.perf_counter() - t0
+    defaults = dict(plan.defaults, **({"backend": args.backend} if args.backend is not None else {}))
     engine = Engine(pipe, EngineConfig(token_budget=args.token_budget, max_active=args.max_active,
-                                       max_queue=args.max_queue), **plan.defaults)
+                                       max_queue=args.max_queue), **defaults)
+    if args.backend is not None:   # install and build the backend before the port opens (first requests stay fast)
+        t0 = time.perf_counter()
+        engine.generate("ralu warm-up", seed=0, output_type="pil")
+        print(f"backend {args.backend}: warmed up in {time.perf_counter() - t0:.2f} s", flush=True)
     model_name = args.model if args.model in TINY_MODELS else os.path.basename(os.path.normpath(args.model))
 
     def ready(url):

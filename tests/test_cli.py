@@ -423,3 +423,19 @@ def test_serve_parser_defaults_and_plan(capsys):
                  "--device", "--dtype", "--request-timeout", "--grace", ".[serve]"):
         assert flag in out
     assert "serve" in cli.build_parser().format_help()
+
+
+def test_serve_with_a_backend_warms_up_before_listening(monkeypatch, capsys):
+    """``ralu serve --backend eager``: every request runs under the backend, installed by a warm-up request before
+    the server listens (the server itself is replaced by a recorder here; tests/test_serving_http.py runs it)."""
+    from ralu_runtime.serving import http
+
+    seen = {}
+
+    def fake_serve(engine, host, port, **kw):
+        seen.update(defaults=dict(engine.defaults), ok=engine.metrics()["requests"]["ok"], host=host)
+
+    monkeypatch.setattr(http, "serve", fake_serve)
+    assert cli.main(["serve", "--backend", "eager", "--device", "cpu", "--speedup", "4x", "--port", "0"]) == 0
+    assert seen["defaults"]["backend"] == "eager" and seen["ok"] == 1 and seen["host"] == "127.0.0.1"
+    assert "backend eager: warmed up" in capsys.readouterr().out

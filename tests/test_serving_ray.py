@@ -512,7 +512,7 @@ def test_replica_start_up_warms_up_through_its_engine_and_refuses_unsigned_artif
 
 @pytest.mark.parametrize("args,needle", [
     (["--replicas", "2"], "--replicas applies to --ray"),
-    (["--backend", "inductor"], "--backend applies to --ray"),
+    (["--compile-artifacts", "b.bundle"], "--compile-artifacts applies to --ray"),
     (["--ray", "--replicas", "0"], "--replicas '0'"),
     (["--ray", "--replicas", "4:2"], "MIN:MAX"),
     (["--ray", "--replicas", "two"], "--replicas 'two'"),

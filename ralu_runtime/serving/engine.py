@@ -51,7 +51,7 @@ DEFAULT_TOKEN_BUDGET = 16384
 """Tokens per packed model call by default (see README "Serving" for the measurement that chose it)."""
 
 # generate() arguments a request may not set: they belong to the engine (its pipeline, backend, thread pool)
-ENGINE_OWNED = ("backend", "compile_options", "torch_dtype", "device", "progress")
+ENGINE_OWNED = ("backend", "compile_options", "torch_dtype", "device", "progress", "parallel")
 
 
 class EngineBusy(RuntimeError):
