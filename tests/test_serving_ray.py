@@ -178,6 +178,9 @@ def cluster(tmp_path_factory):
 
     control = str(tmp_path_factory.mktemp("ray-control"))
     ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])   # replicas get gated_tiny_flux by value
+    # children this process had before Ray (e.g. inductor's compile workers from earlier test modules, which live
+    # as long as the pytest process) are not Ray's to stop
+    before = _descendants(os.getpid())
     ray.init(num_cpus=2, include_dashboard=False, logging_level="WARNING", log_to_driver=True)
     spawned: set[int] = set()
     try:
@@ -185,7 +188,7 @@ def cluster(tmp_path_factory):
         serve.start(http_options={"host": "127.0.0.1", "port": port})
         yield Cluster(port, ray.get_runtime_context().gcs_address, control)
     finally:
-        spawned = _descendants(os.getpid())
+        spawned = _descendants(os.getpid()) - before
         try:
             serve.shutdown()
         finally:
