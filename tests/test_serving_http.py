@@ -5,8 +5,6 @@ errors, a full queue (503), a deadline (504), a client that hangs up (its engine
 /metrics, the graceful stop (the running request finishes, new ones get 503), and the ``ralu serve`` command."""
 import contextlib
 import json
-import os
-import queue
 import signal
 import socket
 import subprocess
@@ -26,6 +24,7 @@ from ralu_runtime.serving import Engine, EngineConfig
 from ralu_runtime.serving.http import GENERATIONS_PATH, Server, create_app
 from ralu_runtime.tiny import build_tiny
 from openai_checks import assert_error, pngs
+from serve_process import serve_command
 
 T = 120                                   # seconds: every HTTP call's timeout
 DEFAULTS = dict(height=64, width=64, max_sequence_length=77)   # the served engine's defaults (small: CPU time)
@@ -316,28 +315,9 @@ def test_graceful_stop_finishes_the_running_request_and_refuses_new_ones(pipe):
 
 
 # --------------------------------------------------------------------------------------- the command
-def _read_lines(stream, lines: queue.Queue):
-    for line in stream:
-        lines.put(line)
-    lines.put(None)
-
-
 def test_ralu_serve_command_serves_and_stops_on_sigterm():
-    cmd = [sys.executable, "-m", "ralu_runtime.cli", "serve", "--model", "tiny-flux", "--port", "0",
-           "--device", "cpu", "--max-active", "2", "--log-level", "warning"]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            env={**os.environ, "PYTHONUNBUFFERED": "1"})
-    lines: queue.Queue = queue.Queue()
-    threading.Thread(target=_read_lines, args=(proc.stdout, lines), daemon=True).start()
-    seen = []
-    try:
-        url, deadline = None, time.monotonic() + 180
-        while url is None:
-            line = lines.get(timeout=max(0.1, deadline - time.monotonic()))
-            assert line is not None, "ralu serve exited:\n" + "".join(seen)
-            seen.append(line)
-            if "listening on " in line:
-                url = line.split("listening on ")[1].split()[0]
+    args = ["--model", "tiny-flux", "--port", "0", "--device", "cpu", "--max-active", "2", "--log-level", "warning"]
+    with serve_command(args, start_timeout=180) as (url, proc, seen):
         assert url.startswith("http://127.0.0.1:")
         r = httpx.post(url + GENERATIONS_PATH, json={"prompt": "a fox", "size": "64x64", "speedup": "none",
                                                      "steps": 2, "seed": 0}, timeout=T)
@@ -345,12 +325,6 @@ def test_ralu_serve_command_serves_and_stops_on_sigterm():
         assert httpx.get(url + "/health", timeout=T).json()["model"] == "tiny-flux"
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=60) == 0
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait(timeout=30)
-    while (line := lines.get(timeout=10)) is not None:
-        seen.append(line)
     assert "ralu serve: stopped" in "".join(seen)
 
 

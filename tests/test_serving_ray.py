@@ -23,12 +23,10 @@ import functools
 import glob
 import json
 import os
-import queue
 import signal
 import socket
 import subprocess
 import sys
-import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -38,6 +36,7 @@ import pytest
 
 from ralu_runtime import cli, generate
 from openai_checks import assert_error, pngs
+from serve_process import serve_command
 
 T = 120                                    # seconds: every HTTP call's timeout
 DEFAULTS = dict(height=64, width=64, max_sequence_length=77)   # the replicas' defaults (small: CPU time)
@@ -387,30 +386,11 @@ class TestReplicas:
 
 
 # ------------------------------------------------------------------------------------------- the command
-def _read_lines(stream, lines: queue.Queue):
-    for line in stream:
-        lines.put(line)
-    lines.put(None)
-
-
 @pytest.mark.slow
 def test_ralu_serve_ray_command_serves_and_stops_on_sigterm(cluster):
-    cmd = [sys.executable, "-m", "ralu_runtime.cli", "serve", "--ray", "--ray-address", cluster.gcs_address,
-           "--replicas", "1", "--port", str(cluster.port), "--device", "cpu", "--max-active", "2",
-           "--log-level", "warning"]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            env={**os.environ, "PYTHONUNBUFFERED": "1"})
-    lines: queue.Queue = queue.Queue()
-    threading.Thread(target=_read_lines, args=(proc.stdout, lines), daemon=True).start()
-    seen = []
-    try:
-        url, deadline = None, time.monotonic() + 240
-        while url is None:
-            line = lines.get(timeout=max(0.1, deadline - time.monotonic()))
-            assert line is not None, "ralu serve --ray exited:\n" + "".join(seen)
-            seen.append(line)
-            if "listening on " in line:
-                url = line.split("listening on ")[1].split()[0]
+    args = ["--ray", "--ray-address", cluster.gcs_address, "--replicas", "1", "--port", str(cluster.port),
+            "--device", "cpu", "--max-active", "2", "--log-level", "warning"]
+    with serve_command(args, start_timeout=240) as (url, proc, seen):
         assert url == cluster.url and "1 Ray Serve replica(s)" in "".join(seen)
         r = httpx.post(url + GENERATIONS, json={"prompt": "a fox", "size": "64x64", "speedup": "none", "steps": 2,
                                                 "seed": 0}, timeout=T)
@@ -418,12 +398,6 @@ def test_ralu_serve_ray_command_serves_and_stops_on_sigterm(cluster):
         assert httpx.get(url + "/health", timeout=T).json()["replicas"] == 1
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=120) == 0
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait(timeout=30)
-    while (line := lines.get(timeout=10)) is not None:
-        seen.append(line)
     assert "ralu serve: stopped" in "".join(seen)
     from ralu_runtime.serving.ray import replica_status
 
