@@ -35,32 +35,51 @@ def test_split_sizes_and_ranges():
     assert shard_range(27, 4, 3) == (21, 27)
 
 
-def test_one_rank_blocks_equal_the_adapters_blocks_bitwise(flux_pipe):
-    """The sharded block functions with a one-rank spec are flux_double_block / flux_single_block exactly (guards
-    against the two copies drifting apart)."""
+class _OneRank:
+    """What :class:`ralu_runtime.execution.sharding.Sharded` reads from a plan, for one rank without a group."""
+
+    world, index = 1, 0
+
+    @staticmethod
+    def attention_spec():
+        from ralu_runtime.execution.sharding import spec
+
+        return spec()
+
+    @staticmethod
+    def gather_rows(x, sizes):
+        assert list(sizes) == [x.shape[1]]
+        return x
+
+    @staticmethod
+    def call_module(module, x):
+        return module(x)
+
+
+@pytest.mark.parametrize("cache", [None, "taylorseer:2"])
+def test_one_rank_sharded_velocity_equals_the_unsharded_bitwise(flux_pipe, cache):
+    """The FLUX blocks in the Sharded mode with a one-rank plan are the Dense call exactly (one block function for
+    every mode: the sharded path is the same code with another join / attention), with and without a cache."""
     from ralu_runtime.adapters import get_adapter
-    from ralu_runtime.adapters.flux import flux_double_block, flux_single_block
     from ralu_runtime.adapters.base import TokenGrid
+    from ralu_runtime.cache import make_cache
+    from ralu_runtime.execution.call import call_scope
     from ralu_runtime.layout import grid_positions
-    from ralu_runtime.parallel.attention import spec
-    from ralu_runtime.parallel.flux import local_rotary, sp_flux_double_block, sp_flux_single_block
 
     adapter = get_adapter(flux_pipe)
-    tr = flux_pipe.transformer
     g = torch.Generator().manual_seed(0)
-    h = torch.randn(2, 12, tr.inner_dim, generator=g)
-    e = torch.randn(2, 5, tr.inner_dim, generator=g)
-    temb = torch.randn(2, tr.inner_dim, generator=g)
-    grid = TokenGrid(grid_positions(3, 4).expand(2, -1, -1), (3, 4))
-    rope = adapter.rotary(grid, 5)
-    assert all(torch.equal(x, y) for x, y in zip(rope, local_rotary(tr, grid.positions, 5, 0, 17)))
-    one = spec()
+    tokens = torch.randn(2, 12, adapter.token_channels, generator=g)
+    grid = TokenGrid(grid_positions(3, 4).expand(2, -1, -1) + 0.5 * torch.rand(2, 12, 2, generator=g), (3, 4))
+    emb = flux_embeds(2)
+    cond = adapter.encode_prompt(None, prompt_embeds=emb["prompt_embeds"],
+                                 pooled_prompt_embeds=emb["pooled_prompt_embeds"], guidance_scale=3.5)
+    t = torch.tensor(500.0)
+    outs = []
     with torch.no_grad():
-        a = flux_double_block(tr.transformer_blocks[0], h, e, temb, rope)
-        b = sp_flux_double_block(tr.transformer_blocks[0], h, e, temb, rope, None, None, 17, one)
-        c = flux_single_block(tr.single_transformer_blocks[0], h, e, temb, rope)
-        d = sp_flux_single_block(tr.single_transformer_blocks[0], h, e, temb, rope, None, 17, one)
-    assert all(torch.equal(x, y) for x, y in zip(a + c, b + d))
+        for sharding in (None, _OneRank()):
+            with call_scope(make_cache(cache) if cache else None, sharding=sharding):
+                outs.append(adapter.velocity(tokens, grid, t, cond))
+    assert torch.equal(outs[0], outs[1])
 
 
 def test_bad_configs_are_refused_before_any_work(flux_pipe, sd3_pipe):
@@ -71,7 +90,7 @@ def test_bad_configs_are_refused_before_any_work(flux_pipe, sd3_pipe):
     kw = dict(height=64, width=64, output_type="latent", progress=False)
     with pytest.raises(TypeError, match="ContextParallelConfig"):
         generate(flux_pipe, **flux_embeds(), parallel=2, **kw)
-    with pytest.raises(ValueError, match="FLUX.1"):
+    with pytest.raises(ValueError, match="not implemented for sd3"):
         generate(sd3_pipe, **sd3_embeds(), parallel=_cfg(ulysses_degree=2), **kw)
     with pytest.raises(ValueError, match="backend='onnx'"):
         generate(flux_pipe, **flux_embeds(), parallel=_cfg(ulysses_degree=2), backend="onnx", **kw)
@@ -205,15 +224,12 @@ def _attention_worker():
     from torch.distributed.device_mesh import init_device_mesh
 
     from ralu_runtime.parallel import SequenceParallel, sequence_attention, shard_range
-    from ralu_runtime.parallel.attention import _attend
+    from ralu_runtime.execution.sharding import attend_all
 
     g = torch.Generator().manual_seed(0)
     q, k, v = (torch.randn(2, 27, 3, 8, generator=g) for _ in range(3))
-    full = _attend(q, k, v, "")
+    full = attend_all(q, k, v, "")
     mesh = init_device_mesh("cpu", (2, 2), mesh_dim_names=("ring", "ulysses"))
-
-    class _Tr:  # what attention_spec reads
-        transformer_blocks = []
 
     out = {}
     for name, u, r, cfg_mesh in (("u4", 4, 1, None), ("r4", 1, 4, None), ("u2r2", 2, 2, None),
@@ -221,7 +237,7 @@ def _attention_worker():
         cfg = _cfg(ulysses_degree=u, ring_degree=r, mesh=cfg_mesh)
         plan = SequenceParallel(cfg, ulysses=u, ring=r, device="cpu").setup()
         a, z = shard_range(27, 4, plan.index)
-        local = sequence_attention(q[:, a:z], k[:, a:z], v[:, a:z], 27, plan.attention_spec(_Tr))
+        local = sequence_attention(q[:, a:z], k[:, a:z], v[:, a:z], 27, plan.attention_spec())
         out[name] = (local - full[:, a:z]).abs().max().item()
         out[name + "_gathered"] = (plan.gather_rows(local, [7, 7, 7, 6]) - full).abs().max().item()
     out["rank"] = dist.get_rank()

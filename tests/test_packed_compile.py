@@ -23,7 +23,7 @@ import torch
 
 from ralu_runtime import RaluSchedule, generate
 from ralu_runtime.adapters import TokenGrid, VelocityCall, get_adapter
-from ralu_runtime.adapters.flux import PackedExecution, PackedSegments
+from ralu_runtime.execution.packing import PackedExecution, PackedSegments
 from ralu_runtime.compile import compile_stats, ensure_backend
 from ralu_runtime.compile.packed import PackedBuckets
 from ralu_runtime.layout import grid_positions

@@ -10,8 +10,6 @@ flow-matching convention ``v = noise - data`` with ``x_sigma = (1 - sigma) * dat
 """
 from __future__ import annotations
 
-import contextlib
-import contextvars
 import weakref
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
@@ -19,6 +17,9 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
+
+from ..execution.call import (EAGER, CallState, ModelImpl, call_scope, current_cache,  # noqa: F401 (re-exported)
+                              current_call, current_sharding)
 
 
 @dataclass
@@ -112,6 +113,33 @@ class SplitBlocks:
         return self.rest(self.first()[1])
 
 
+class BlockStack(SplitBlocks):
+    """A family's block stack in an execution mode, for :meth:`DiTAdapter.run_stack`.
+
+    ``run(state, start, stop) -> state`` runs blocks ``[start, stop)`` of ``n`` from ``state0``; ``image(state)``
+    is the image hidden states of a state (this mode's rows). Seen from a feature cache (a :class:`SplitBlocks`),
+    outputs are whole-request tensors: ``ex.whole(..., stream)`` gathers a sharded mode's rows (identity otherwise),
+    so every rank holds the same cache state and takes the same full / cached decision."""
+
+    def __init__(self, run, n: int, state0, image, ex, stream: int):
+        self.run, self.n, self.state0, self.image, self.ex, self.stream = run, n, state0, image, ex, stream
+        super().__init__(self._first, self._rest)
+
+    def local(self):
+        """Run the whole stack; the image hidden states on this mode's rows (no gather)."""
+        return self.image(self.run(self.state0, 0, self.n))
+
+    def _first(self):
+        state = self.run(self.state0, 0, 1)
+        return self.ex.whole(self.image(state), self.stream), state
+
+    def _rest(self, state):
+        return self.ex.whole(self.image(self.run(state, 1, self.n)), self.stream)
+
+    def __call__(self):
+        return self.ex.whole(self.local(), self.stream)
+
+
 @dataclass
 class Conditioning:
     """Encoded prompts of a batch of ``batch`` images; ``data`` is adapter-specific."""
@@ -180,57 +208,6 @@ def check_velocity_calls(calls: Sequence[VelocityCall]) -> list[VelocityCall]:
                 raise ValueError(f"calls[{i}].{name} is on {t.device}, the tokens on {device}: put every tensor of "
                                  "the packed calls on one device")
     return calls
-
-
-class ModelImpl:
-    """How a model call is executed, chosen by the backend that runs it (:mod:`ralu_runtime.compile`).
-
-    The adapter's ``velocity`` asks it for each block kind's callable (:meth:`block`: the plain function, or a
-    ``torch.compile`` of it owned by ralu), for fused projection weights (:meth:`fused`: None means "use the
-    model's own layers") and for the VAE decode (:meth:`vae_decode`). The user's modules are never changed:
-    compiled and fused objects live here. This base class is plain eager execution.
-    """
-
-    def block(self, name: str, fn: Callable) -> Callable:
-        """The callable to run for block kind ``name`` whose eager implementation is ``fn``."""
-        return fn
-
-    def fused(self, module: torch.nn.Module, names: tuple[str, ...]):
-        """``(weight, bias)`` concatenating ``module``'s Linear layers ``names`` (live weights), or None."""
-        return None
-
-    def vae_decode(self, vae) -> Callable | None:
-        """A replacement for ``vae.decode(z, return_dict=False)[0]``, or None for the VAE's own."""
-        return None
-
-
-EAGER = ModelImpl()
-
-
-@dataclass
-class CallState:
-    """What belongs to one ``generate`` call and nothing else: its temporal feature cache (or None)."""
-
-    cache: Any = None
-
-
-_CALL: contextvars.ContextVar[CallState | None] = contextvars.ContextVar("ralu_call", default=None)
-
-
-@contextlib.contextmanager
-def call_scope(cache=None):
-    """Make ``cache`` the feature cache of the calls made in this context (this thread only)."""
-    token = _CALL.set(CallState(cache))
-    try:
-        yield _CALL.get()
-    finally:
-        _CALL.reset(token)
-
-
-def current_cache():
-    """The feature cache of the ``generate`` call running in this thread (None outside one, or without cache)."""
-    state = _CALL.get()
-    return None if state is None else state.cache
 
 
 def scheduler_base_shift(config, image_seq_len: int, mu: float | None = None) -> float:
@@ -326,6 +303,16 @@ class DiTAdapter(ABC):
         if cache is None:
             return blocks_fn()
         return cache(blocks_fn, hidden, timestep)
+
+    def run_stack(self, stack: BlockStack, hidden: torch.Tensor, timestep) -> torch.Tensor:
+        """Run a :class:`BlockStack` -> image hidden states on the stack's mode's rows, through the calling
+        ``generate``'s feature cache if it has one (one-request modes only: a packed call never runs with a cache).
+        ``hidden``: the stack's image input on those rows; ``timestep``: the call's 0-dim timestep."""
+        cache = current_cache()
+        if cache is None or not stack.ex.per_request:
+            return stack.local()
+        ex, s = stack.ex, stack.stream
+        return ex.local(cache(stack, ex.whole(hidden, s), timestep), s)
 
     def specialize_call(self, timestep, cond: Conditioning) -> Conditioning:
         """``cond`` with any choice this call makes on the host from ``timestep`` fixed as a constant (e.g. Wan 2.2's

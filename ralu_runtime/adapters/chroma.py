@@ -30,7 +30,8 @@ import torch
 
 from .base import (EAGER, Conditioning, DiTAdapter, ModelImpl, SplitBlocks, call_with_hooks, check_blocks, named_blocks,
                    scheduler_base_shift)
-from .flux import ADDED_QKV, QKV, _projections, apply_rope
+from .common import ADDED_QKV, QKV, apply_rope
+from .common import projections as _projections
 
 
 def chroma_attention(attn, hidden_states, encoder_hidden_states, rope, mask, qkv=None, added_qkv=None):

@@ -37,7 +37,7 @@ import torch
 from .base import (EAGER, Conditioning, DiTAdapter, ModelImpl, SplitBlocks, TokenGrid, call_with_hooks, check_blocks,
                    current_cache, named_blocks,
                    scheduler_base_shift)
-from .flux import apply_rope
+from .common import apply_rope
 
 QKV = ("to_q", "to_k", "to_v")
 ADDED_QKV = ("add_q_proj", "add_k_proj", "add_v_proj")

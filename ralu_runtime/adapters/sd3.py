@@ -40,8 +40,16 @@ import torch
 from ralu_kernels.attention import StreamSegments
 
 from .base import EAGER, Conditioning, DiTAdapter, ModelImpl, SplitBlocks, TokenGrid, VelocityCall, check_velocity_calls
-from .flux import (PackedExecution, PackedSegments, ada_norm_continuous_packed, can_pack, pad_rows, per_token,
-                   split_calls, static_attention)
+from ..execution.packing import (PackedExecution, PackedSegments, can_pack, pad_rows, per_token, split_calls,
+                                 static_attention)
+
+
+def ada_norm_continuous_packed(norm, x: torch.Tensor, emb: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """diffusers' ``AdaLayerNormContinuous`` with per-image conditioning ``emb (n_images, D)`` on packed tokens
+    ``x (1, N, D)`` (same operations, same order)."""
+    emb = norm.linear(norm.silu(emb).to(x.dtype))
+    scale, shift = torch.chunk(emb, 2, dim=1)
+    return norm.norm(x) * per_token(1 + scale, rows) + per_token(shift, rows)
 
 # diffusers hooks whose effect is per module call (no state across a transformer forward): allowed on the model
 STATELESS_HOOK_PREFIXES = ("group_offloading", "lazy_prefetch_group_offloading", "layerwise_casting",

@@ -6,7 +6,7 @@ length -- as one packed transformer call (``adapter.packed_velocity``). With a b
 * **inductor**: the adapter's packed block functions (``flux_double_packed``, ``flux_single_packed``,
   ``sd3_joint_packed``) are compiled by the runner's :class:`~.impl.BackendImpl` with ``dynamic=True``: the packed
   token and segment counts are symbolic and the segment layout is device tensors only
-  (:class:`ralu_runtime.adapters.flux.PackedSegments`), so a new mix of requests runs the graphs already compiled
+  (:class:`ralu_runtime.execution.packing.PackedSegments`), so a new mix of requests runs the graphs already compiled
   (no recompile; counted by ``tests/test_packed_compile.py``). Fused q/k/v projections where the unpacked call uses
   them.
 * **CUDA graphs** (inductor on CUDA by default, or ``cuda_graphs=True``): the whole packed call is captured once per
@@ -27,7 +27,7 @@ from dataclasses import dataclass
 import torch
 
 from ..adapters.base import VelocityCall
-from ..adapters.flux import PackedExecution
+from ..execution.packing import PackedExecution
 from .options import BuildRecord
 
 

@@ -26,7 +26,7 @@ process group.
 """
 from __future__ import annotations
 
-from .attention import AttentionSpec, sequence_attention, shard_range, split_sizes
+from ..execution.sharding import AttentionSpec, sequence_attention, shard_range, split_sizes
 from .context import current_parallel, parallel_scope
 from .plan import RanksDivergedError, SequenceParallel
 
@@ -41,10 +41,10 @@ def _context_config_class():
     return ContextParallelConfig
 
 
-def _runs_flux_velocity(adapter) -> bool:
-    from ..adapters.flux import FluxAdapter
-
-    return isinstance(adapter, FluxAdapter) and type(adapter).velocity is FluxAdapter.velocity
+def _shards(adapter) -> bool:
+    """True when the adapter's model call runs sharded (``adapter.shards``: its blocks take a
+    :class:`~ralu_runtime.execution.sharding.Sharded` mode)."""
+    return bool(getattr(adapter, "shards", False))
 
 
 def resolve_parallel(parallel, adapter, *, backend: str | None = None, serving: bool = False):
@@ -76,9 +76,10 @@ def resolve_parallel(parallel, adapter, *, backend: str | None = None, serving: 
                          "same degrees, or none (the model's config is then used)")
     cfg = model_cfg if model_cfg is not None else parallel
     where = "parallel=" if model_cfg is None else "the transformer's context-parallel config"
-    if not _runs_flux_velocity(adapter):
-        raise ValueError(f"{where}: context parallelism is implemented for FLUX.1 (dev, schnell) only; "
-                         f"{getattr(adapter, 'family', type(adapter).__name__)} runs unsharded (no parallel=)")
+    if not _shards(adapter):
+        raise ValueError(f"{where}: context parallelism is not implemented for "
+                         f"{getattr(adapter, 'family', type(adapter).__name__)} ({type(adapter).__name__}); run it "
+                         "unsharded (no parallel=)")
     if serving:
         raise ValueError(f"{where}: context parallelism cannot run inside the serving engine (its batched model "
                          "calls pack several requests into one call); run generate directly on every rank")

@@ -1,28 +1,30 @@
-"""The sequence-parallel plan of the running ``generate`` call (a context variable; this thread only).
-
-Kept apart from the rest of :mod:`ralu_runtime.parallel` so that adapters can ask for it without importing
-``torch.distributed`` machinery.
-"""
+"""The sequence-parallel plan of the running ``generate`` call: the ``sharding`` field of the call's
+:class:`~ralu_runtime.execution.call.CallState` (this thread only)."""
 from __future__ import annotations
 
 import contextlib
-import contextvars
-from typing import Any
 
-_PLAN: contextvars.ContextVar[Any] = contextvars.ContextVar("ralu_parallel_plan", default=None)
+from ..execution.call import call_scope, current_call, current_sharding
 
 
 def current_parallel():
     """The :class:`~ralu_runtime.parallel.SequenceParallel` plan of the ``generate`` call running in this thread,
     or None (no context parallelism)."""
-    return _PLAN.get()
+    return current_sharding()
 
 
 @contextlib.contextmanager
 def parallel_scope(plan):
-    """Model calls in this block (this thread) run under ``plan`` (None: unsharded)."""
-    token = _PLAN.set(plan)
+    """Model calls in this block (this thread) run under ``plan`` (None: unsharded): set on the current call's state
+    (a new one when no call is running)."""
+    state = current_call()
+    if state is None:
+        with call_scope(sharding=plan) as new:
+            yield new.sharding
+        return
+    before = state.sharding
+    state.sharding = plan
     try:
         yield plan
     finally:
-        _PLAN.reset(token)
+        state.sharding = before

@@ -23,7 +23,7 @@ import threading
 import torch
 import torch.distributed as dist
 
-from .attention import all_gather_flat, gather_rows, spec
+from ..execution.sharding import all_gather_flat, gather_rows, spec
 
 
 class RanksDivergedError(RuntimeError):
@@ -67,7 +67,7 @@ def _mesh_groups(mesh):
 
 class SequenceParallel:
     """One ``generate`` call's context parallelism: ``ulysses`` x ``ring`` ranks, each holding a contiguous shard of
-    every model call's joint sequence (:mod:`ralu_runtime.parallel.attention`).
+    every model call's joint sequence (:mod:`ralu_runtime.execution.sharding`).
 
     Built by :func:`resolve_parallel` (checks only); :meth:`setup` resolves the process groups (collective: every
     rank calls it, as ``generate`` does). ``source``: "argument" (``generate(parallel=config)``) or "model" (the
@@ -105,14 +105,11 @@ class SequenceParallel:
                              f"the flattened group is ring rank {rr}, ulysses rank {ur}")
         return self
 
-    def attention_spec(self, transformer):
-        """The interned :class:`~ralu_runtime.parallel.attention.AttentionSpec` of this plan, with the attention
-        backend the transformer's processors ask for (diffusers' ``set_attention_backend``)."""
-        proc = transformer.transformer_blocks[0].attn.processor if len(transformer.transformer_blocks) else None
-        backend = getattr(proc, "_attention_backend", None)
-        backend = "" if backend is None else str(getattr(backend, "value", backend))
+    def attention_spec(self):
+        """The interned :class:`~ralu_runtime.execution.sharding.AttentionSpec` of this plan's groups (the attention
+        backend is added per call from the processor's choice: ``AttentionSpec.with_backend``)."""
         return spec(self.ulysses_group.group_name if self.ulysses > 1 else "",
-                    self.ring_group.group_name if self.ring > 1 else "", self.ulysses, self.ring, backend)
+                    self.ring_group.group_name if self.ring > 1 else "", self.ulysses, self.ring, "")
 
     # ---- collectives
     def gather_rows(self, x: torch.Tensor, sizes: list[int]) -> torch.Tensor:
@@ -192,8 +189,3 @@ class SequenceParallel:
             return self.broadcast(decode(latents))
 
         return call
-
-    def velocity(self, adapter, tokens, grid, timestep, cond, impl=None):
-        from .flux import sp_flux_velocity
-
-        return sp_flux_velocity(adapter, self, tokens, grid, timestep, cond, impl)
