@@ -1,0 +1,135 @@
+"""The documentation: README.md and docs/*.md.
+
+Every relative link (and image) points to a file of the repository, and a ``#anchor`` to a heading of that file;
+the README opens with its two commands, the demo and the test command, and the test command is the one ``.ci/run``
+runs. Plain file reads and regular expressions: no network, no model, no torch.
+"""
+import re
+import shlex
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+README = ROOT / "README.md"
+DOCS = sorted((ROOT / "docs").glob("*.md"))
+PAGES = [README, *DOCS]
+
+FENCE = re.compile(r"^(```|~~~).*?^\1[ \t]*$", re.S | re.M)
+CODE_SPAN = re.compile(r"`[^`\n]*`")
+LINK = re.compile(r"!?\[(?:[^\[\]]|\[[^\[\]]*\])*\]\(\s*<?([^)\s>]+)>?(?:\s+\"[^\"]*\")?\s*\)")
+SCHEME = re.compile(r"^[a-zA-Z][a-zA-Z0-9+.-]*:")
+
+
+def prose(text: str) -> str:
+    """The text without fenced code blocks and code spans (links there are not links)."""
+    return CODE_SPAN.sub("", FENCE.sub("", text))
+
+
+def links(path: Path) -> list[str]:
+    return LINK.findall(prose(path.read_text(encoding="utf-8")))
+
+
+def anchors(path: Path) -> set[str]:
+    """GitHub's heading anchors: lower case, punctuation dropped, spaces to hyphens, -1, -2 for repeats."""
+    seen: dict[str, int] = {}
+    out = set()
+    for line in FENCE.sub("", path.read_text(encoding="utf-8")).splitlines():
+        m = re.match(r"^#{1,6}\s+(.*?)\s*#*\s*$", line)
+        if not m:
+            continue
+        slug = re.sub(r"[^\w\- ]", "", m.group(1).replace("`", "").lower()).replace(" ", "-")
+        n = seen.get(slug, 0)
+        seen[slug] = n + 1
+        out.add(slug if n == 0 else f"{slug}-{n}")
+    return out
+
+
+def test_there_are_pages_and_links():
+    assert README.is_file() and DOCS, "README.md and docs/*.md"
+    assert sum(len(links(p)) for p in PAGES) > 20
+
+
+@pytest.mark.parametrize("page", PAGES, ids=lambda p: str(p.relative_to(ROOT)))
+def test_relative_links_point_to_existing_files(page):
+    bad = []
+    for target in links(page):
+        if SCHEME.match(target) or target.startswith("//"):
+            continue  # a web address: not checked (no network)
+        path, _, anchor = target.partition("#")
+        dest = (page.parent / path).resolve() if path else page
+        if not dest.exists():
+            bad.append(f"{target}: no file {dest}")
+            continue
+        try:
+            dest.relative_to(ROOT)
+        except ValueError:
+            bad.append(f"{target}: outside the repository")
+            continue
+        if anchor and dest.suffix == ".md" and anchor not in anchors(dest):
+            bad.append(f"{target}: no heading #{anchor} in {dest.relative_to(ROOT)}")
+    assert not bad, f"{page.relative_to(ROOT)}: " + "; ".join(bad)
+
+
+def test_every_docs_page_is_linked_from_the_readme():
+    linked = {(README.parent / t.partition("#")[0]).resolve() for t in links(README)}
+    missing = [p.name for p in DOCS if p.resolve() not in linked]
+    assert not missing, f"docs pages the README does not link: {missing}"
+
+
+# ------------------------------------------------------------------------------------------- the two commands
+def bash_blocks(text: str) -> list[str]:
+    return [b.strip() for b in re.findall(r"^```bash\n(.*?)^```", text, re.S | re.M)]
+
+
+def ci_run() -> tuple[str, list[str], list[str]]:
+    """(python, pip install arguments, pytest arguments) of the README's test command as .ci/run runs it."""
+    text = (ROOT / ".ci" / "run").read_text(encoding="utf-8")
+    py = re.search(r"^PY=\$\{PYTHON:-(\S+)\}", text, re.M).group(1)
+    install = [ln for ln in text.splitlines() if re.search(r"-m pip install .*-e ", ln)]
+    assert len(install) == 1, install
+    pip_args = [a for a in shlex.split(install[0].split("pip install", 1)[1]) if a != "-q"]
+    pytest_line = [ln for ln in text.splitlines() if "-m pytest" in ln]
+    assert len(pytest_line) == 1, pytest_line
+    pytest_args = shlex.split(pytest_line[0].split("-m pytest", 1)[1].split("2>&1")[0])
+    return py, pip_args, pytest_args
+
+
+def test_readme_opens_with_the_two_commands():
+    text = README.read_text(encoding="utf-8")
+    blocks = bash_blocks(text)
+    assert len(blocks) >= 2
+    demo, tests = blocks[0], blocks[1]
+    assert "\n" not in demo and "\n" not in tests, "each command is one line, to copy and paste"
+    first_heading = re.search(r"^## (.*)$", text, re.M).group(1)
+    assert first_heading == "Two commands"
+    assert text.index(demo) < text.index("\n## ", text.index("## Two commands") + 1)
+    assert text.index(tests) < text.index("\n## ", text.index("## Two commands") + 1)
+
+
+def test_test_command_is_what_ci_runs():
+    py, pip_args, pytest_args = ci_run()
+    tests = bash_blocks(README.read_text(encoding="utf-8"))[1]
+    steps = [shlex.split(s) for s in tests.split("&&")]
+    assert steps[0] == [py, "-m", "venv", ".venv"]
+    assert steps[1][:2] == [".venv/bin/pip", "install"] and steps[1][2:] == pip_args
+    assert steps[2][:3] == [".venv/bin/python", "-m", "pytest"]
+    readme_pytest = steps[2][3:]
+    assert pytest_args[:len(readme_pytest)] == readme_pytest, (pytest_args, readme_pytest)
+    assert len(steps) == 3
+
+
+def test_demo_command_installs_the_same_torch_and_runs_ralu_generate():
+    py, pip_args, _ = ci_run()
+    demo = bash_blocks(README.read_text(encoding="utf-8"))[0]
+    steps = [shlex.split(s) for s in demo.split("&&")]
+    assert steps[0] == [py, "-m", "venv", ".venv"]
+    torch_pin = [a for a in pip_args if a.startswith("torch==")]
+    assert steps[1] == [".venv/bin/pip", "install", *torch_pin, "-e", "."]
+    assert steps[2][:2] == [".venv/bin/ralu", "generate"]
+    setup = (ROOT / "setup.py").read_text(encoding="utf-8")
+    assert re.search(r"""["']ralu\s*=\s*ralu_runtime\.cli:main["']""", setup), "the ralu console script"
+    from ralu_runtime import cli  # imports no torch (tests/test_cli.py)
+
+    args = cli.build_parser().parse_args(steps[2][1:])
+    assert args.command == "generate" and args.model == "tiny-flux" and args.speedup == "default"
