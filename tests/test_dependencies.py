@@ -66,3 +66,26 @@ def test_adapters_know_nothing_of_the_sampler_or_compiler():
 
 def test_the_checker_sees_relative_imports():
     assert "ralu_runtime.api" in _imports(ROOT / "ralu_runtime" / "warmup.py")
+
+
+def _private_imports(path: Path) -> list[str]:
+    """``from ralu_runtime... import _name`` statements of ``path`` (private names taken across modules)."""
+    tree = ast.parse(path.read_text())
+    pkg = ".".join(path.relative_to(ROOT).with_suffix("").parts[:-1])
+    out = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom):
+            mod = node.module or ""
+            if node.level:
+                mod = ".".join(pkg.split(".")[: len(pkg.split(".")) - node.level + 1] + ([mod] if mod else []))
+            if mod.startswith(("ralu_runtime", "benchmarks")):
+                out += [f"{path.relative_to(ROOT)}: from {mod} import {a.name}" for a in node.names
+                        if a.name.startswith("_") and not a.name.startswith("__")]
+    return out
+
+
+def test_the_serving_engine_uses_only_public_api():
+    """The engine runs requests with ralu_runtime.prepare / run and their documented hooks; api keeps no hidden
+    per-call switches (no ContextVar) and returns one type from generate."""
+    assert not [p for f in _modules("ralu_runtime/serving") for p in _private_imports(f)]
+    assert "contextvars" not in _imports(ROOT / "ralu_runtime" / "api.py")
