@@ -89,3 +89,28 @@ def test_the_serving_engine_uses_only_public_api():
     per-call switches (no ContextVar) and returns one type from generate."""
     assert not [p for f in _modules("ralu_runtime/serving") for p in _private_imports(f)]
     assert "contextvars" not in _imports(ROOT / "ralu_runtime" / "api.py")
+
+
+def test_benchmarks_import_no_cycle():
+    """benchmarks/*.py import each other (at module level or in a function) without a cycle: the model facts they
+    share come from ralu_runtime.families, not from one another."""
+    graph = {f.stem: {i.split(".")[1] for i in _imports(f) if i.startswith("benchmarks.")} - {f.stem}
+             for f in _modules("benchmarks")}
+    state: dict[str, int] = {}
+
+    def visit(node, path):
+        if state.get(node) == 1:
+            raise AssertionError("import cycle: " + " -> ".join(path + [node]))
+        if state.get(node) == 2:
+            return
+        state[node] = 1
+        for nxt in graph.get(node, ()):
+            visit(nxt, path + [node])
+        state[node] = 2
+
+    for node in graph:
+        visit(node, [])
+
+
+def test_the_family_registry_imports_nothing_heavy():
+    assert not _hits([ROOT / "ralu_runtime" / "families.py"], ["torch", "numpy", "scipy", "diffusers", "ralu_runtime"])

@@ -4,17 +4,20 @@ They have the real diffusers classes (transformer, VAE, text encoders, scheduler
 byte-level tokenizers built in code, so prompts work offline. Used by the demo and the tests; the
 images they make are noise-like (random weights), but every code path is the production one.
 
-FLUX.1 and SD3 live here; each further family has its own module (``ralu_runtime.tiny.<family>``) with its tiny
-builder, a benchmark-size / full-size builder (``build_<family>_pipeline(size)``: "small" for CPU latency
-ratios, "full" = the published transformer config for FLOP counting on meta tensors), ``NATIVE_SIZE``,
-``TEXT_LEN`` and ``random_embeds``. :data:`TINY_BUILDERS` names them for the CLI (``--model tiny-...``).
+The tiny FLUX.1 and SD3 builders live here; each further family has its own module (``ralu_runtime.tiny.<family>``)
+with its tiny builder. Every published model of :data:`ralu_runtime.families.MODELS` has a benchmark-size /
+full-size builder (``build_<module>_pipeline(size)``: "small" for CPU latency ratios, "full" = the published
+transformer config for FLOP counting on meta tensors) and ``random_embeds`` in its module (FLUX.1-dev:
+:mod:`.flux`, SD3 Medium: :mod:`.sd3`). The built-in models of ``ralu generate --model tiny-...`` are
+:data:`ralu_runtime.families.TINY_MODELS`; :func:`build_tiny` builds them.
 """
 from __future__ import annotations
 
 import contextlib
-import importlib
 
 import torch
+
+from ..families import TINY_MODELS
 
 TEXT_DIM = 32
 VOCAB = 300  # 256 byte symbols + specials, rounded up
@@ -140,26 +143,12 @@ def build_tiny_sd3_pipeline(seed: int = 0, *, latent_channels: int = 16, num_lay
     return pipe if dtype == torch.float32 else pipe.to(dtype=dtype)
 
 
-# CLI name -> ("module:function", keyword arguments): the built-in random models of ``ralu generate --model``
-TINY_BUILDERS: dict[str, tuple[str, dict]] = {
-    "tiny-flux": ("ralu_runtime.tiny:build_tiny_flux_pipeline", {}),
-    "tiny-sd3": ("ralu_runtime.tiny:build_tiny_sd3_pipeline", {}),
-    "tiny-sd35": ("ralu_runtime.tiny.sd35:build_tiny_sd35_pipeline", {"variant": "large"}),
-    "tiny-flux2": ("ralu_runtime.tiny.flux2:build_tiny_flux2_pipeline", {}),
-    "tiny-flux2-klein": ("ralu_runtime.tiny.flux2:build_tiny_flux2_pipeline", {"klein": True, "distilled": True}),
-    "tiny-qwen-image": ("ralu_runtime.tiny.qwen_image:build_tiny_qwen_image_pipeline", {}),
-    "tiny-z-image": ("ralu_runtime.tiny.z_image:build_tiny_z_image_pipeline", {}),
-    "tiny-chroma": ("ralu_runtime.tiny.chroma:build_tiny_chroma_pipeline", {}),
-    "tiny-wan": ("ralu_runtime.tiny.wan:build_tiny_wan_pipeline", {}),
-    "tiny-wan22": ("ralu_runtime.tiny.wan:build_tiny_wan_pipeline", {"two_experts": True}),
-    "tiny-hunyuan-video15": ("ralu_runtime.tiny.hunyuan_video15:build_tiny_hunyuan_video15_pipeline", {}),
-}
+# CLI name -> ("module:function", keyword arguments): the built-in random models (ralu_runtime.families.TINY_MODELS)
+TINY_BUILDERS: dict[str, tuple[str, dict]] = {name: (t.builder, dict(t.kwargs)) for name, t in TINY_MODELS.items()}
 
 
 def build_tiny(name: str, **kwargs):
     """Build the built-in random model ``name`` (a key of :data:`TINY_BUILDERS`); ``kwargs``: device, dtype, seed."""
-    if name not in TINY_BUILDERS:
-        raise ValueError(f"unknown tiny model {name!r}; available: {', '.join(TINY_BUILDERS)}")
-    target, fixed = TINY_BUILDERS[name]
-    module, fn = target.split(":")
-    return getattr(importlib.import_module(module), fn)(**fixed, **kwargs)
+    if name not in TINY_MODELS:
+        raise ValueError(f"unknown tiny model {name!r}; available: {', '.join(TINY_MODELS)}")
+    return TINY_MODELS[name].build(**kwargs)

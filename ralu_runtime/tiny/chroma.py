@@ -16,8 +16,6 @@ import torch
 
 from . import building
 
-NATIVE_SIZE = 1024  # pixels: the pipeline's default_sample_size 128 x VAE factor 8
-TEXT_LEN = 512      # T5 tokens of an encoded prompt (the pipeline pads to max_sequence_length = 512)
 
 # Chroma1-HD transformer/config.json (ChromaTransformer2DModel; also diffusers' defaults)
 CHROMA_FULL = dict(patch_size=1, in_channels=64, out_channels=None, num_layers=19, num_single_layers=38,

@@ -15,7 +15,6 @@ import torch
 
 from . import building, _clip, _t5, _vae, byte_tokenizer
 
-NATIVE_SIZE = 1024  # pixels per side both models are trained for
 TEXT_LEN = 77 + 256  # the pipeline's prompt embeddings: 77 CLIP tokens then 256 T5 tokens (max_sequence_length)
 VARIANTS = ("large", "medium")
 

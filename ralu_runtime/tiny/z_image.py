@@ -12,8 +12,6 @@ import torch
 
 from . import building, TEXT_DIM, VOCAB, _vae, byte_tokenizer
 
-NATIVE_SIZE = 1024   # pixels per side (Z-Image / Z-Image-Turbo model cards: 1024 x 1024)
-TEXT_LEN = 128       # typical caption tokens after the chat template (variable length: no padding to 512)
 
 # Z-Image(-Turbo) scheduler_config.json (HF model repos Tongyi-MAI/Z-Image(-Turbo)): shift 3, no dynamic shifting.
 SCHEDULER_CONFIG = dict(num_train_timesteps=1000, shift=3.0, use_dynamic_shifting=False)
