@@ -68,7 +68,7 @@ def byte_tokenizer(max_length: int):
                                    model_max_length=max_length)
 
 
-def _clip(with_projection: bool, hidden: int = TEXT_DIM, projection: int = TEXT_DIM):
+def tiny_clip(with_projection: bool, hidden: int = TEXT_DIM, projection: int = TEXT_DIM):
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
     cfg = CLIPTextConfig(vocab_size=VOCAB, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=2,
@@ -77,7 +77,7 @@ def _clip(with_projection: bool, hidden: int = TEXT_DIM, projection: int = TEXT_
     return (CLIPTextModelWithProjection if with_projection else CLIPTextModel)(cfg).eval()
 
 
-def _t5(d_model: int = TEXT_DIM):
+def tiny_t5(d_model: int = TEXT_DIM):
     from transformers import T5Config, T5EncoderModel
 
     cfg = T5Config(vocab_size=VOCAB, d_model=d_model, d_kv=8, d_ff=2 * d_model, num_layers=2, num_heads=4,
@@ -85,7 +85,7 @@ def _t5(d_model: int = TEXT_DIM):
     return T5EncoderModel(cfg).eval()
 
 
-def _vae(latent_channels: int, shift_factor: float | None):
+def tiny_vae(latent_channels: int, shift_factor: float | None):
     from diffusers import AutoencoderKL
 
     return AutoencoderKL(
@@ -113,8 +113,9 @@ def build_tiny_flux_pipeline(seed: int = 0, *, guidance_embeds: bool = True, lat
         base_shift=0.5, max_shift=1.15, base_image_seq_len=256, max_image_seq_len=4096,
     )
     pipe = FluxPipeline(
-        scheduler=scheduler, vae=_vae(latent_channels, 0.1159), text_encoder=_clip(False),
-        tokenizer=byte_tokenizer(77), text_encoder_2=_t5(), tokenizer_2=byte_tokenizer(512), transformer=transformer,
+        scheduler=scheduler, vae=tiny_vae(latent_channels, 0.1159), text_encoder=tiny_clip(False),
+        tokenizer=byte_tokenizer(77), text_encoder_2=tiny_t5(), tokenizer_2=byte_tokenizer(512),
+        transformer=transformer,
     )
     pipe.set_progress_bar_config(disable=True)
     pipe.to(device)
@@ -134,8 +135,9 @@ def build_tiny_sd3_pipeline(seed: int = 0, *, latent_channels: int = 16, num_lay
     ).eval()
     scheduler = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0)
     pipe = StableDiffusion3Pipeline(
-        scheduler=scheduler, vae=_vae(latent_channels, 0.0609), text_encoder=_clip(True), tokenizer=byte_tokenizer(77),
-        text_encoder_2=_clip(True), tokenizer_2=byte_tokenizer(77), text_encoder_3=_t5(), tokenizer_3=byte_tokenizer(512),
+        scheduler=scheduler, vae=tiny_vae(latent_channels, 0.0609), text_encoder=tiny_clip(True),
+        tokenizer=byte_tokenizer(77), text_encoder_2=tiny_clip(True), tokenizer_2=byte_tokenizer(77),
+        text_encoder_3=tiny_t5(), tokenizer_3=byte_tokenizer(512),
         transformer=transformer,
     )
     pipe.set_progress_bar_config(disable=True)

@@ -44,7 +44,7 @@ def build_tiny_chroma_pipeline(seed: int = 0, *, device="cpu", dtype=torch.float
     approximator 32 channels / hidden 32 / 2 layers), tiny VAE (factor 8), tiny T5 and the byte tokenizer."""
     from diffusers import ChromaPipeline, ChromaTransformer2DModel
 
-    from . import TEXT_DIM, _t5, _vae, byte_tokenizer
+    from . import TEXT_DIM, byte_tokenizer, tiny_t5, tiny_vae
 
     torch.manual_seed(seed)
     transformer = ChromaTransformer2DModel(
@@ -52,7 +52,7 @@ def build_tiny_chroma_pipeline(seed: int = 0, *, device="cpu", dtype=torch.float
         attention_head_dim=16, num_attention_heads=2, joint_attention_dim=TEXT_DIM, axes_dims_rope=(4, 6, 6),
         approximator_num_channels=32, approximator_hidden_dim=32, approximator_layers=2,
     ).eval()
-    pipe = ChromaPipeline(scheduler=chroma_scheduler(), vae=_vae(latent_channels, 0.1159), text_encoder=_t5(),
+    pipe = ChromaPipeline(scheduler=chroma_scheduler(), vae=tiny_vae(latent_channels, 0.1159), text_encoder=tiny_t5(),
                           tokenizer=byte_tokenizer(512), transformer=transformer)
     pipe.set_progress_bar_config(disable=True)
     pipe.to(device)

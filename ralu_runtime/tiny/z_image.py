@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from . import building, TEXT_DIM, VOCAB, _vae, byte_tokenizer
+from . import TEXT_DIM, VOCAB, building, byte_tokenizer, tiny_vae
 
 
 # Z-Image(-Turbo) scheduler_config.json (HF model repos Tongyi-MAI/Z-Image(-Turbo)): shift 3, no dynamic shifting.
@@ -73,7 +73,7 @@ def build_tiny_z_image_pipeline(seed: int = 0, *, device="cpu", dtype=torch.floa
         transformer.x_pad_token.normal_()
         transformer.cap_pad_token.normal_()
     pipe = ZImagePipeline(scheduler=FlowMatchEulerDiscreteScheduler(**SCHEDULER_CONFIG),
-                          vae=_vae(latent_channels, 0.1159), text_encoder=_qwen3(), tokenizer=qwen3_tokenizer(512),
+                          vae=tiny_vae(latent_channels, 0.1159), text_encoder=_qwen3(), tokenizer=qwen3_tokenizer(512),
                           transformer=transformer)
     pipe.set_progress_bar_config(disable=True)
     pipe.to(device)
