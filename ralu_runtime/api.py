@@ -421,13 +421,11 @@ def prepare(pipe, prompt: str | list[str] | None = None, *, height: int | None =
 
         _check_choice("backend", backend, BACKENDS)
         options = make_options(backend, compile_options)  # unknown fields and bad values fail here, before any work
-    if cache is not None:
+    default_cache = cache is None  # the pipeline's default (set_cache), read once the adapter is known
+    if not default_cache:
         from .cache import make_cache
 
         cache = make_cache(cache)  # parsed once, before any work: a bad spec raises ValueError here
-        use_default_cache = False
-    else:
-        use_default_cache = True
     if isinstance(pipe, (str, os.PathLike)):
         pipe = load_pipeline(pipe, torch_dtype=torch_dtype, device=device)
     elif torch_dtype is not None or device is not None:
@@ -435,7 +433,7 @@ def prepare(pipe, prompt: str | list[str] | None = None, *, height: int | None =
                          "(pipe.to(device, dtype)): ralu does not change the pipeline it is given")
     adapter = get_adapter(pipe)
     adapter.check_supported()
-    if use_default_cache:
+    if default_cache:
         cache = adapter.feature_cache
     num_frames, region_mode = _check_video(adapter, num_frames, region_mode)
     if speedup is not None and not isinstance(speedup, (str, RaluSchedule)):
