@@ -1,9 +1,10 @@
-"""RALU on every supported family: transformer FLOPs per preset at the native resolution, and CPU latency ratios.
+"""RALU on every published model of ``ralu_runtime.families.MODELS``: transformer FLOPs per preset at the native
+resolution, and CPU latency ratios.
 
-FLOPs: torch's FlopCounterMode on a meta-device transformer with the family's published full-size config (no
-memory, no weights), per model call at each stage's token count, times the stage's steps; the pipeline's default
-sampler (its default step count, full resolution) is the baseline. CFG families count both branches (the ratio
-does not change). VAE decodes are not included.
+FLOPs: torch's FlopCounterMode on a meta-device transformer with the model's published full-size config (no
+memory, no weights), per model call at each stage's token count, times the stage's steps; the release's published
+sampler (``MODELS[key].steps`` at full resolution, its guidance and scheduler shift) is the baseline. CFG models
+count both branches (the ratio does not change). VAE decodes are not included.
 
 CPU latency: the family's "small" benchmark model (random weights, a few blocks) in float32 on the CPU; the
 default sampler and each preset run interleaved (round-robin, ``--reps`` rounds), whole ``generate`` calls incl.
@@ -11,17 +12,17 @@ the VAE decodes; the ratio is baseline median / preset median within this one ru
 its transformer stages alone (the sampler's stage clocks: RALU's edge preview, transitions and the VAE excluded).
 
     python benchmarks/families.py [--family flux2 qwen-image ...] [--what flops cpu] [--out benchmarks/results]
+
+The committed tables: ``--what flops --family flux sd3 <DEFAULT_FAMILIES> --name families_flops`` and
+``--what flops --family <VIDEO_FAMILIES> --name families_video_flops``.
 """
 from __future__ import annotations
 
 import argparse
-import importlib
 import statistics
 import sys
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 import torch
 
@@ -29,129 +30,38 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks._common import print_table, pyplot, save_figure, write_json  # noqa: E402
 from benchmarks.flops import velocity_flops  # noqa: E402
+from ralu_runtime.families import CPU_FRAMES, MODELS  # noqa: E402
 
-
-@dataclass
-class Family:
-    """A benchmarked model: how to build it (``build(size, device, dtype)``), prompt embeddings for it
-    (``embeds(pipe, batch, text_len, device, dtype)``), its native side in pixels, the baseline's steps (None:
-    the adapter's default) and guidance (None: the adapter's default)."""
-
-    label: str
-    build: Callable
-    embeds: Callable
-    native: int | tuple[int, int]  # pixels per side, or (height, width)
-    text_len: int
-    steps: int | None = None
-    guidance: float | None = None
-    presets: tuple[str, ...] | None = None  # None: all of the family's presets
-    cpu_size: int = 256
-    frames: int | None = None      # video: num_frames of the default sampler (None: images)
-    notes: str = ""
-    extra: dict = field(default_factory=dict)
-
-
-def _module_family(label, module, *, build_kwargs=None, full=None, small=None, cfg=False, **kw) -> Family:
-    """A family whose models come from ``ralu_runtime.tiny.<module>`` (build_<module>_pipeline, random_embeds)."""
-    def mod():
-        return importlib.import_module(f"ralu_runtime.tiny.{module}")
-
-    def build(size, device, dtype):
-        extra = dict(build_kwargs or {})
-        extra.update((full if size == "full" else small) or {})
-        size = extra.pop("size", size)
-        return getattr(mod(), f"build_{module}_pipeline")(size, device=device, dtype=dtype, **extra)
-
-    def embeds(pipe, batch, text_len, device, dtype):
-        emb = mod().random_embeds(pipe, batch, text_len, seed=0, device=device, dtype=dtype, cfg=cfg)
-        emb.pop("guidance_scale", None)  # guidance is the Family's (its baseline's) setting, given separately
-        return emb
-
-    m = importlib.import_module(f"ralu_runtime.tiny.{module}")
-    kw.setdefault("text_len", getattr(m, "TEXT_LEN", 512))
-    kw.setdefault("frames", getattr(m, "NATIVE_FRAMES", None))
-    kw.setdefault("native", getattr(m, "NATIVE_SIZE", 1024))
-    return Family(label, build, embeds, **kw)
-
-
-def _flux1_family() -> Family:
-    from benchmarks.latency import build_pipeline, prompt_embeds
-
-    return Family("FLUX.1-dev", lambda size, device, dtype: build_pipeline("flux", size, device=device, dtype=dtype),
-                  lambda pipe, b, n, device, dtype: prompt_embeds(pipe, "flux", b, n, device, dtype), 1024, 512,
-                  steps=50)
-
-
-def _sd3_family() -> Family:
-    from benchmarks.latency import build_pipeline, prompt_embeds
-
-    return Family("SD3-medium", lambda size, device, dtype: build_pipeline("sd3", size, device=device, dtype=dtype),
-                  lambda pipe, b, n, device, dtype: prompt_embeds(pipe, "sd3", b, n, device, dtype), 1024, 333,
-                  steps=28)
-
-
-FAMILIES: dict[str, Callable[[], Family]] = {
-    "flux": _flux1_family,
-    "sd3": _sd3_family,
-    "sd35-large": lambda: _module_family("SD3.5 Large", "sd35", build_kwargs={"variant": "large"}, cfg=True, steps=28),
-    "sd35-medium": lambda: _module_family("SD3.5 Medium", "sd35", build_kwargs={"variant": "medium"}, cfg=True,
-                                          steps=28, notes="the pipeline's default 28 steps (model card: 40)"),
-    "flux2": lambda: _module_family("FLUX.2-dev", "flux2"),
-    "flux2-klein": lambda: _module_family("FLUX.2-klein 4B (distilled)", "flux2", build_kwargs={"distilled": True},
-                                          full={"size": "full-klein"}),
-    "qwen-image": lambda: _module_family("Qwen-Image", "qwen_image", cfg=True,
-                                         notes="1344^2: the native 1328 is not a multiple of RALU's 32-px block"),
-    "z-image": lambda: _module_family("Z-Image", "z_image", cfg=True, presets=("4x", "7x")),
-    "z-image-turbo": lambda: _module_family("Z-Image-Turbo", "z_image", steps=9, guidance=0.0,
-                                            presets=("4step", "3step"),
-                                            notes="model card: 9 steps, no CFG"),
-    "chroma": lambda: _module_family("Chroma1-HD", "chroma", cfg=True),
-    "wan-480p": lambda: _module_family("Wan 2.1 T2V 14B 480p, 81 frames", "wan", cfg=True, cpu_size=(64, 96),
-                                       frames=81),
-    "wan-720p": lambda: _module_family("Wan 2.1 T2V 14B 720p, 81 frames", "wan", cfg=True, native=(704, 1280),
-                                       cpu_size=(64, 96), notes="704 x 1280: 720 is not a multiple of 32"),
-    "hunyuan-video15": lambda: _module_family("HunyuanVideo 1.5 720p, 121 frames", "hunyuan_video15", cfg=True,
-                                              cpu_size=(64, 96)),
-}
-VIDEO_CPU_FRAMES = 9  # num_frames of the CPU latency runs of video families (3 latent frames)
+# the benchmarked models: ralu_runtime.families.MODELS (published settings, builders, native and CPU sizes)
+FAMILIES = MODELS
 DEFAULT_FAMILIES = ("flux2", "flux2-klein", "qwen-image", "z-image", "z-image-turbo", "chroma", "sd35-large",
                     "sd35-medium")
+VIDEO_FAMILIES = ("wan-480p", "wan-720p", "wan22-a14b", "hunyuan-video15")
 
 
-def family_presets(fam: Family) -> tuple[str, ...]:
-    """The presets benchmarked for ``fam``: its own list, or every preset of its adapter family (the family name
-    is read from a meta-device build, so nothing is allocated)."""
-    if fam.presets:
-        return fam.presets
+def setup_family(model, size: str, device, dtype, batch: int, text_len: int):
+    """Build ``model`` (a :class:`ralu_runtime.families.Model`) at ``size`` with random prompt embeddings; returns
+    ``(pipe, adapter, embeddings, presets, baseline steps, guidance)`` (the release's sampler; guidance None: the
+    adapter's default)."""
     from ralu_runtime.adapters import get_adapter
-    from ralu_runtime.schedule import PRESET_SPECS
 
-    pipe = fam.build("small", "meta", torch.float32)
-    return tuple(PRESET_SPECS[get_adapter(pipe).family])
-
-
-def _setup(fam: Family, size: str, device, dtype, batch: int, text_len: int):
-    from ralu_runtime.adapters import get_adapter
-    from ralu_runtime.schedule import PRESET_SPECS
-
-    pipe = fam.build(size, device, dtype)
+    pipe = model.build(size, device=device, dtype=dtype)
     adapter = get_adapter(pipe)
-    emb = fam.embeds(pipe, batch, text_len, device, dtype)
-    presets = fam.presets or tuple(PRESET_SPECS[adapter.family])
-    steps = fam.steps or adapter.default_steps
-    guidance = adapter.default_guidance if fam.guidance is None else fam.guidance
-    return pipe, adapter, emb, presets, steps, guidance
+    emb = model.random_embeds(pipe, batch, text_len, device=device, dtype=dtype)
+    guidance = adapter.default_guidance if model.guidance is None else model.guidance
+    return pipe, adapter, emb, model.preset_names, model.steps, guidance
 
 
 # ----------------------------------------------------------------------------------------------- FLOPs
 def family_flops(key: str, batch: int = 1) -> dict:
     from ralu_runtime.schedule import get_preset
 
-    fam = FAMILIES[key]()
-    pipe, adapter, emb, presets, steps, guidance = _setup(fam, "full", "meta", torch.bfloat16, batch, fam.text_len)
+    fam = FAMILIES[key]
+    pipe, adapter, emb, presets, steps, guidance = setup_family(fam, "full", "meta", torch.bfloat16, batch,
+                                                                fam.text_len)
     cond = adapter.encode_prompt(None, None, **emb, guidance_scale=guidance)
     p, f = adapter.patch_size, adapter.vae_scale_factor
-    rh, rw = fam.native if isinstance(fam.native, tuple) else (fam.native, fam.native)
+    rh, rw = fam.native
     frames = 1 if fam.frames is None else 1 + (fam.frames - 1) // adapter.temporal_factor  # latent frames
     fine = (frames * (rh // (p * f)), rw // (p * f))  # video: frames stacked (the sampler's tall grid)
     coarse = (fine[0] // 2, fine[1] // 2)
@@ -175,6 +85,8 @@ def family_flops(key: str, batch: int = 1) -> dict:
                      "stage_tokens": [t[0] for t in tokens], "base_shift": sched.base_shift, "tflops": total / 1e12,
                      "ratio": base / total})
     return {"family": key, "label": fam.label, "adapter_family": adapter.family, "resolution": [rh, rw],
+            "sampler": {"steps": steps, "guidance": guidance, "guidance_2": fam.guidance_2,
+                        "flow_shift": fam.flow_shift, "source": "ralu_runtime.families.MODELS"},
             "num_frames": fam.frames, "latent_frames": frames, "fine_tokens": 4 * m,
             "text_len": fam.text_len, "cfg": bool(cond.data.get("cfg", False)) if isinstance(cond.data, dict) else None,
             "transformer_params": sum(q.numel() for q in pipe.transformer.parameters()),
@@ -187,15 +99,14 @@ MODEL_STAGES = ("baseline", "stage1", "stage2", "stage3")  # the sampler's trans
 def family_cpu(key: str, reps: int = 3, size: int | None = None, text_len: int = 32) -> dict:
     from ralu_runtime import generate
 
-    fam = FAMILIES[key]()
+    fam = FAMILIES[key]
     torch.manual_seed(0)
-    pipe, adapter, emb, presets, steps, guidance = _setup(fam, "small", "cpu", torch.float32, 1, text_len)
-    side = size or fam.cpu_size
-    sh, sw = side if isinstance(side, tuple) else (side, side)
+    pipe, adapter, emb, presets, steps, guidance = setup_family(fam, "small", "cpu", torch.float32, 1, text_len)
+    sh, sw = (size, size) if size else fam.cpu_size
     rows = [("baseline", dict(speedup=None, num_inference_steps=steps))] + [(n, dict(speedup=n)) for n in presets]
     common = dict(height=sh, width=sw, guidance_scale=guidance, output_type="pt", progress=False)
     if fam.frames is not None:
-        common["num_frames"] = VIDEO_CPU_FRAMES
+        common["num_frames"] = CPU_FRAMES
     times: dict[str, list[float]] = {name: [] for name, _ in rows}
     model_times: dict[str, list[float]] = {name: [] for name, _ in rows}
     for name, kw in rows:  # warm-up: one call per row (first-call allocations, preset solves)

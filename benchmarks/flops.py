@@ -2,8 +2,9 @@
 
 Full-size FLUX.1-dev / SD3-medium shaped transformers (random weights are irrelevant: meta tensors carry
 shapes only, so this runs on a CPU in seconds with no memory). Per model call at each stage's token count,
-per stage (steps x per-call FLOPs), per run, for the baseline (50 steps FLUX, 28 SD3, full resolution) and
-the RALU presets at 1024^2 (FLUX text 512 tokens; SD3 333 tokens with CFG). VAE decodes (half resolution for
+per stage (steps x per-call FLOPs), per run, for the baseline (the published sampler of
+``ralu_runtime.families.MODELS``: 50 steps FLUX.1-dev, 28 SD3 Medium, full resolution) and the RALU presets at
+1024^2 (FLUX text 512 tokens; SD3 333 tokens with CFG). VAE decodes (half resolution for
 the edge map, full resolution at the end) are counted separately. Printed next to the paper's TFLOPs table
 (FLUX.1-dev 1024^2: baseline 2991.0, RALU 5x 540.5, RALU 7x 426.0).
 
@@ -20,11 +21,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks._common import print_table, pyplot, save_figure, write_json  # noqa: E402
-from benchmarks.latency import TEXT_LEN, build_pipeline, prompt_embeds  # noqa: E402
+from ralu_runtime.families import MODELS  # noqa: E402
 
-PAPER_TFLOPS = {"flux": {"baseline": 2991.0, "5x": 540.5, "7x": 426.0}}
-PRESETS = {"flux": ("4x", "5x", "7x"), "sd3": ("2x", "3x")}
-BASELINE_STEPS = {"flux": 50, "sd3": 28}
+PAPER_TFLOPS = {"flux": {"baseline": 2991.0, "5x": 540.5, "7x": 426.0}}  # the paper's table, FLUX.1-dev 1024^2
 
 
 ATTENTION_OPS = ("bmm", "attention")  # on meta tensors SDPA runs its math path: attention = the bmm FLOPs
@@ -60,9 +59,10 @@ def model_flops(model: str, resolution: int, batch: int) -> dict:
     from ralu_runtime.adapters import get_adapter
     from ralu_runtime.schedule import get_preset
 
-    pipe = build_pipeline(model, "full", device="meta", dtype=torch.bfloat16)
+    spec = MODELS[model]  # the published model: shapes, text length, baseline steps, presets
+    pipe = spec.build("full", device="meta", dtype=torch.bfloat16)
     adapter = get_adapter(pipe)
-    emb = prompt_embeds(pipe, model, batch, TEXT_LEN[(model, "full")], "meta", torch.bfloat16)
+    emb = spec.random_embeds(pipe, batch, spec.text_len, device="meta", dtype=torch.bfloat16)
     cond = adapter.encode_prompt(None, None, **emb, guidance_scale=adapter.default_guidance)
     p, f = adapter.patch_size, adapter.vae_scale_factor
     fine = (resolution // (p * f), resolution // (p * f))
@@ -82,14 +82,14 @@ def model_flops(model: str, resolution: int, batch: int) -> dict:
     vae_half = count(lambda: vae.decode(lat(resolution // 2)))
 
     runs = []
-    steps = BASELINE_STEPS[model]
+    steps = spec.steps
     base_call, base_attn = per_call(4 * m, fine, False)
     runs.append({"run": "baseline", "steps": steps, "stages": [{"stage": "baseline", "steps": steps, "tokens": 4 * m,
                                                                "tflops_per_call": base_call / 1e12,
                                                                "tflops": steps * base_call / 1e12,
                                                                "attention_tflops": steps * base_attn / 1e12}],
                  "transformer_tflops": steps * base_call / 1e12, "vae_tflops": vae_full / 1e12})
-    for name in PRESETS[model]:
+    for name in spec.preset_names:
         sched = get_preset(adapter.family, name)
         k = int(m * sched.ratio)
         stages = [("stage1", m, coarse, False), ("stage2", m + 3 * k, coarse, True), ("stage3", 4 * m, fine, False)]
@@ -113,7 +113,7 @@ def model_flops(model: str, resolution: int, batch: int) -> dict:
         if key in paper:
             r["paper_tflops"] = paper[key]
             r["paper_ratio"] = paper["baseline"] / paper[key]
-    return {"model": model, "resolution": resolution, "batch": batch, "text_len": TEXT_LEN[(model, "full")],
+    return {"model": model, "resolution": resolution, "batch": batch, "text_len": spec.text_len,
             "transformer_params": sum(p.numel() for p in pipe.transformer.parameters()),
             "per_call_tflops": {f"{t} tokens{' (mixed)' if mx else ''}": v[0] / 1e12 for (t, _hw, mx), v in cache.items()},
             "per_call_attention_tflops": {f"{t} tokens{' (mixed)' if mx else ''}": v[1] / 1e12

@@ -48,85 +48,39 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks._common import device_slug, print_table, pyplot, save_figure, write_json  # noqa: E402
 
 # ----------------------------------------------------------------------------------------------- models
-FLUX_FULL = dict(patch_size=1, in_channels=64, num_layers=19, num_single_layers=38, attention_head_dim=128,
-                 num_attention_heads=24, joint_attention_dim=4096, pooled_projection_dim=768, guidance_embeds=True,
-                 axes_dims_rope=(16, 56, 56))
-FLUX_SMALL = dict(FLUX_FULL, num_layers=2, num_single_layers=4, attention_head_dim=64, num_attention_heads=4,
-                  joint_attention_dim=256, pooled_projection_dim=128, axes_dims_rope=(8, 28, 28))
-SD3_FULL = dict(sample_size=128, patch_size=2, in_channels=16, num_layers=24, attention_head_dim=64,
-                num_attention_heads=24, joint_attention_dim=4096, caption_projection_dim=1536,
-                pooled_projection_dim=2048, out_channels=16, pos_embed_max_size=192)
-SD3_SMALL = dict(SD3_FULL, num_layers=4, attention_head_dim=64, num_attention_heads=4, joint_attention_dim=256,
-                 caption_projection_dim=256, pooled_projection_dim=256, sample_size=64)
-VAE_FULL = dict(block_out_channels=(128, 256, 512, 512), layers_per_block=2, norm_num_groups=32)
-VAE_SMALL = dict(block_out_channels=(8, 16, 32, 32), layers_per_block=1, norm_num_groups=8)
-VAE_SCALING = {"flux": (0.3611, 0.1159), "sd3": (1.5305, 0.0609)}
-TEXT_LEN = {("flux", "full"): 512, ("flux", "small"): 64, ("sd3", "full"): 333, ("sd3", "small"): 77}
-RESOLUTION = {"full": 1024, "small": 512}
+# every benchmarked model (shapes, published sampler, CPU sizes) is a record of ralu_runtime.families.MODELS
+
+
+def _model(key: str):
+    from ralu_runtime.families import MODELS
+
+    if key not in MODELS:
+        raise ValueError(f"unknown model {key!r}; available: {', '.join(MODELS)}")
+    return MODELS[key]
 
 
 def build_pipeline(model: str, size: str, device="cpu", dtype=torch.float32, seed: int = 0):
-    """A diffusers FluxPipeline / StableDiffusion3Pipeline with random weights of the given shape and no text
-    encoders (use prompt embeddings). ``device="meta"`` builds it without memory (FLOP counting). Other families
-    (``benchmarks.families.FAMILIES``: flux2, qwen-image, ...) come from their ``ralu_runtime.tiny`` module."""
-    if model not in ("flux", "sd3"):
-        from benchmarks.families import FAMILIES
-
-        return FAMILIES[model]().build(size, device, dtype)
-    from diffusers import (AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel,
-                           SD3Transformer2DModel, StableDiffusion3Pipeline)
-
-    from ralu_runtime.tiny import building
-
-    torch.manual_seed(seed)
-    with building(device, dtype):  # in the target dtype directly: no float32 copy of 12 B parameters
-        scaling, shift = VAE_SCALING[model]
-        vae = AutoencoderKL(in_channels=3, out_channels=3, latent_channels=16,
-                            down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
-                            scaling_factor=scaling, shift_factor=shift, use_quant_conv=False,
-                            use_post_quant_conv=False, **(VAE_FULL if size == "full" else VAE_SMALL)).eval()
-        if model == "flux":
-            tr = FluxTransformer2DModel(**(FLUX_FULL if size == "full" else FLUX_SMALL)).eval()
-            sched = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0, use_dynamic_shifting=True,
-                                                    base_shift=0.5, max_shift=1.15, base_image_seq_len=256,
-                                                    max_image_seq_len=4096)
-            pipe = FluxPipeline(scheduler=sched, vae=vae, text_encoder=None, tokenizer=None, text_encoder_2=None,
-                                tokenizer_2=None, transformer=tr)
-        else:
-            tr = SD3Transformer2DModel(**(SD3_FULL if size == "full" else SD3_SMALL)).eval()
-            sched = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0)
-            pipe = StableDiffusion3Pipeline(scheduler=sched, vae=vae, text_encoder=None, tokenizer=None,
-                                            text_encoder_2=None, tokenizer_2=None, text_encoder_3=None,
-                                            tokenizer_3=None, transformer=tr)
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
+    """The random-weight pipeline of published model ``model`` (a key of ``ralu_runtime.families.MODELS``: flux =
+    FLUX.1-dev, sd3 = SD3 Medium, flux2, qwen-image, wan-480p, ...) at ``size`` ("full": the published shapes;
+    "small": a CPU shape), no text encoders (use :func:`prompt_embeds`). ``device="meta"`` builds it without memory
+    (FLOP counting). The same ``seed`` gives the same weights in every process."""
+    return _model(model).build(size, device=device, dtype=dtype, seed=seed)
 
 
 def prompt_embeds(pipe, model: str, batch: int, text_len: int, device, dtype, seed: int = 0) -> dict:
-    if model not in ("flux", "sd3"):
-        from benchmarks.families import FAMILIES
-
-        return FAMILIES[model]().embeds(pipe, batch, text_len, device, dtype)
-    cfg = pipe.transformer.config
-    g = torch.Generator("cpu").manual_seed(seed)
-    r = lambda *s: torch.randn(*s, generator=g).to(device=device, dtype=dtype)  # noqa: E731
-    emb = {"prompt_embeds": r(batch, text_len, cfg.joint_attention_dim),
-           "pooled_prompt_embeds": r(batch, cfg.pooled_projection_dim)}
-    if model == "sd3":
-        emb["negative_prompt_embeds"] = r(batch, text_len, cfg.joint_attention_dim)
-        emb["negative_pooled_prompt_embeds"] = r(batch, cfg.pooled_projection_dim)
-    return emb
+    """Random prompt embeddings of ``text_len`` tokens for ``pipe`` (negative ones where the model runs CFG)."""
+    return _model(model).random_embeds(pipe, batch, text_len, device=device, dtype=dtype, seed=seed)
 
 
 def default_rows(model: str) -> list[str]:
-    if model in ("flux", "sd3"):
-        presets = ("4x", "7x") if model == "flux" else ("2x", "3x")
-    else:
-        from benchmarks.families import FAMILIES, family_presets
-
-        presets = family_presets(FAMILIES[model]())
+    presets = _model(model).preset_names
     rows = ["baseline-eager"] + [f"ralu-{p}-eager" for p in presets]
     return rows + ["baseline-compiled"] + [f"ralu-{p}-compiled" for p in presets]
+
+
+def _side(hw: tuple[int, int]):
+    """(h, w) -> h for a square (how --resolution and the result files write it), else the tuple."""
+    return hw[0] if hw[0] == hw[1] else tuple(hw)
 
 
 def parse_row(name: str) -> tuple[str | None, str]:
@@ -364,16 +318,19 @@ def stacked_plot(out_dir: Path, name: str, rows: list[dict], title: str):
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    from benchmarks.families import FAMILIES
+    from ralu_runtime.families import CPU_FRAMES, MODELS
 
-    ap.add_argument("--model", choices=tuple(FAMILIES), default="flux",
-                    help="flux / sd3 (FLUX.1-dev / SD3-medium shapes), or another family of benchmarks/families.py "
-                         "(its published full-size config, native resolution, default steps)")
+    ap.add_argument("--model", choices=tuple(MODELS), default="flux",
+                    help="a published model of ralu_runtime.families.MODELS: flux / sd3 (FLUX.1-dev / SD3 Medium), "
+                         "flux2, qwen-image, wan-480p, ... (its published full-size config, native resolution and "
+                         "published sampler)")
     ap.add_argument("--size", choices=("full", "small"), default=None, help="default: full on CUDA, small on CPU")
     ap.add_argument("--rows", default=None, help="comma-separated rows (default: baseline and two presets, both kinds)")
-    ap.add_argument("--resolution", type=int, default=None, help="pixels (default 1024 full, 512 small)")
+    ap.add_argument("--resolution", type=int, default=None,
+                    help="pixels per side (default: the model's native size full, its CPU size small)")
     ap.add_argument("--batch", type=int, default=1)
-    ap.add_argument("--steps", type=int, default=None, help="baseline steps (default 50 FLUX/SD3, else the family's)")
+    ap.add_argument("--steps", type=int, default=None,
+                    help="baseline steps (default: the model's published setting, e.g. 50 FLUX.1-dev, 28 SD3)")
     ap.add_argument("--reps", type=int, default=None, help="timed runs per row (default 5; 2 for full eager baseline)")
     ap.add_argument("--warmup", type=int, default=None, help="untimed runs per row (default 2 compiled, 1 eager)")
     ap.add_argument("--warmup-shape", default=None, metavar="HxW[xF]",
@@ -412,19 +369,13 @@ def main(argv=None) -> int:
 
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     args.size = args.size or ("full" if device.type == "cuda" else "small")
-    fam = None if args.model in ("flux", "sd3") else FAMILIES[args.model]()
-    if fam is None:
-        args.resolution = args.resolution or RESOLUTION[args.size]
-        args.steps = args.steps or 50
-    else:
-        args.resolution = args.resolution or (fam.native if args.size == "full" else fam.cpu_size)
+    model = MODELS[args.model]
+    args.resolution = args.resolution or _side(model.native if args.size == "full" else model.cpu_size)
     args.frames = None
-    if fam is not None and fam.frames is not None:  # video: the pipeline's frames at full size, 9 on a CPU
-        from benchmarks.families import VIDEO_CPU_FRAMES
-
-        args.frames = fam.frames if args.size == "full" else VIDEO_CPU_FRAMES
-        args.steps = args.steps or fam.steps  # None: resolved from the adapter once the model is built
-    args.guidance = None if fam is None else fam.guidance
+    if model.frames is not None:  # video: the release's frames at full size, CPU_FRAMES on a CPU
+        args.frames = model.frames if args.size == "full" else CPU_FRAMES
+    args.steps = args.steps or model.steps
+    args.guidance = model.guidance
     args.edge_detector = args.edge_detector or ("gpu" if device.type == "cuda" else "opencv")
     dtype = getattr(torch, args.dtype) if args.dtype else (torch.bfloat16 if device.type == "cuda" else torch.float32)
     rows = args.rows.split(",") if args.rows else default_rows(args.model)
@@ -461,13 +412,7 @@ def main(argv=None) -> int:
     pipe = build_pipeline(args.model, args.size, device=device, dtype=dtype)
     build_s = time.perf_counter() - t0
     n_params = sum(p.numel() for p in pipe.transformer.parameters())
-    if fam is None:
-        text_len = TEXT_LEN[(args.model, args.size)]
-    else:
-        from ralu_runtime.adapters import get_adapter
-
-        text_len = fam.text_len if args.size == "full" else 32
-        args.steps = args.steps or get_adapter(pipe).default_steps
+    text_len = model.text_len if args.size == "full" else model.cpu_text_len
     if args.scale_baseline_to is not None and not 1 <= args.steps <= args.scale_baseline_to:
         raise SystemExit(f"--scale-baseline-to {args.scale_baseline_to}: needs 1 <= --steps ({args.steps}) <= it")
     emb = prompt_embeds(pipe, args.model, args.batch, text_len, device, dtype)

@@ -48,11 +48,11 @@ def preview_flops(key: str) -> dict:
     """Preview decode vs transformer vs final decode, TFLOPs at the family's native size (meta tensors)."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    from benchmarks.families import FAMILIES, _setup, family_flops
+    from benchmarks.families import FAMILIES, family_flops, setup_family
 
-    fam = FAMILIES[key]()
-    pipe, adapter, *_ = _setup(fam, "full", "meta", torch.bfloat16, 1, 8)
-    rh, rw = fam.native if isinstance(fam.native, tuple) else (fam.native, fam.native)
+    fam = FAMILIES[key]
+    pipe, adapter, *_ = setup_family(fam, "full", "meta", torch.bfloat16, 1, 8)
+    rh, rw = fam.native
     f = adapter.vae_scale_factor
     shape = [1, adapter.latent_channels]
     if fam.frames is not None:
@@ -83,12 +83,12 @@ def preview_flops(key: str) -> dict:
 
 # ------------------------------------------------------------------------------------------------ CPU
 def cpu_rows(key: str, reps: int, size: tuple[int, int], frames: int) -> dict:
-    from benchmarks.families import FAMILIES, _setup
+    from benchmarks.families import FAMILIES, setup_family
     from ralu_runtime import generate
 
-    fam = FAMILIES[key]()
+    fam = FAMILIES[key]
     torch.manual_seed(0)
-    pipe, adapter, emb, presets, steps, guidance = _setup(fam, "small", "cpu", torch.float32, 1, 32)
+    pipe, adapter, emb, presets, steps, guidance = setup_family(fam, "small", "cpu", torch.float32, 1, 32)
     common = dict(height=size[0], width=size[1], guidance_scale=guidance, output_type="pt", progress=False,
                   num_frames=frames, return_masks=True)
     rows = [("baseline", dict(speedup=None, num_inference_steps=steps))]

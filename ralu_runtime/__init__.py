@@ -1,7 +1,9 @@
 """ralu_runtime: Region-Adaptive Latent Upsampling (RALU) for diffusion transformers.
 
-``generate(pipe, prompt, speedup="7x")`` runs RALU on a diffusers FLUX or SD3 pipeline; ``speedup=None``
-runs the ordinary full-resolution sampler for comparison.
+``generate(pipe, prompt, speedup="7x")`` runs RALU on a diffusers pipeline of a supported family
+(:mod:`ralu_runtime.families`); ``speedup=None`` runs the ordinary full-resolution sampler for comparison.
+``generate`` is ``run(prepare(...))``: :func:`prepare` checks and resolves a call into a :class:`CallPlan` (no model
+work), :func:`run` executes it.
 
 The names below are imported on first use (PEP 562), so ``import ralu_runtime.cli`` (``ralu --help``) does
 not import torch.
@@ -12,13 +14,15 @@ import importlib
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:  # pragma: no cover
-    from .api import RaluOutput, generate, load_pipeline
+    from .api import CallPlan, RaluOutput, generate, load_pipeline, prepare, run
     from .schedule import RaluSchedule, get_preset, solve_nt_matching
 
-_EXPORTS = {"RaluOutput": ".api", "generate": ".api", "load_pipeline": ".api",
+_EXPORTS = {"CallPlan": ".api", "RaluOutput": ".api", "generate": ".api", "load_pipeline": ".api", "prepare": ".api",
+            "run": ".api",
             "RaluSchedule": ".schedule", "get_preset": ".schedule", "solve_nt_matching": ".schedule"}
 
-__all__ = ["RaluOutput", "RaluSchedule", "generate", "get_preset", "load_pipeline", "solve_nt_matching"]
+__all__ = ["CallPlan", "RaluOutput", "RaluSchedule", "generate", "get_preset", "load_pipeline", "prepare", "run",
+           "solve_nt_matching"]
 
 
 def __getattr__(name: str):

@@ -1,4 +1,9 @@
-"""``ralu_runtime.generate``: RALU (or the ordinary baseline) on a diffusers FLUX or SD3 pipeline.
+"""``ralu_runtime.generate``: RALU (or the ordinary baseline) on a diffusers pipeline of a supported family.
+
+``generate(pipe, prompt, **kw)`` is ``run(prepare(pipe, prompt, **kw))``: :func:`prepare` checks every argument and
+resolves the call (adapter, sizes, batch, schedule, steps, guidance, frames, feature cache, backend options, parallel
+plan) into a :class:`CallPlan` without any model work; :func:`run` executes a plan. The serving engine prepares a
+request when it arrives and runs it later with its own ``model_call`` / ``final_decode`` hooks (see :func:`run`).
 
 Guarantees (tested in ``tests/test_safety.py``):
 
@@ -16,7 +21,6 @@ Guarantees (tested in ``tests/test_safety.py``):
 from __future__ import annotations
 
 import contextlib
-import contextvars
 import math
 import numbers
 import os
@@ -25,7 +29,7 @@ import time
 import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
@@ -40,17 +44,23 @@ TRANSITION_IMPLS = ("auto", "cuda", "triton", "torch")
 MAX_STEPS = 1000
 MAX_SEQUENCE_LENGTH = 512
 
-# set only by ralu itself: check_arguments (validate, return before any work) and the serving engine (routes the
-# call's model calls through its batcher: hook(adapter, velocity) -> velocity)
-_CHECK_ONLY: contextvars.ContextVar[bool] = contextvars.ContextVar("ralu_check_only", default=False)
-_MODEL_CALL_HOOK: contextvars.ContextVar[Any] = contextvars.ContextVar("ralu_model_call_hook", default=None)
-_FINAL_DECODE_HOOK: contextvars.ContextVar[Any] = contextvars.ContextVar("ralu_final_decode_hook", default=None)
-
 
 @dataclass(frozen=True)
-class CheckedCall:
-    """What :func:`check_arguments` resolved: the adapter, pixel size, images in the call (prompts x
-    ``num_images_per_prompt``), the schedule (None: baseline), baseline steps, guidance, video frames (None: image)."""
+class CallPlan:
+    """One checked ``generate`` call, resolved and ready to :func:`run` (made by :func:`prepare`; no model work).
+
+    Resolved: ``adapter`` (the pipeline's :class:`~ralu_runtime.adapters.DiTAdapter`), ``height`` / ``width``
+    (pixels), ``batch`` (images in the call: prompts x ``num_images_per_prompt``), ``schedule`` (None: the
+    baseline), ``steps`` (baseline steps), ``guidance``, ``num_frames`` (None: images), ``region_mode``, ``cache``
+    (the call's feature-cache object, None for none: a spec string is parsed into a fresh object, ``cache=None``
+    takes the pipeline's default set with :func:`ralu_runtime.cache.set_cache` at prepare time), ``compile``
+    (:class:`~ralu_runtime.compile.CompileOptions` of ``backend=``, None: keep what is installed) and ``parallel``
+    (the :class:`~ralu_runtime.parallel.SequenceParallel` plan, None: unsharded). The other fields are
+    ``generate``'s arguments as given (checked).
+
+    A plan holds the caller's objects (embeddings, generators, cache object): running it twice continues those
+    generators and reuses that cache object (one call at a time).
+    """
 
     adapter: DiTAdapter
     height: int
@@ -60,6 +70,39 @@ class CheckedCall:
     steps: int
     guidance: float
     num_frames: int | None
+    region_mode: str
+    cache: Any
+    compile: Any
+    parallel: Any
+    # text: a prompt or embeddings (checked against the model's sizes)
+    prompt: Any = None
+    negative_prompt: Any = None
+    prompt_embeds: torch.Tensor | None = None
+    pooled_prompt_embeds: torch.Tensor | None = None
+    negative_prompt_embeds: torch.Tensor | None = None
+    negative_pooled_prompt_embeds: torch.Tensor | None = None
+    prompt_embeds_mask: torch.Tensor | None = None
+    negative_prompt_embeds_mask: torch.Tensor | None = None
+    num_images_per_prompt: int = 1
+    max_sequence_length: int | None = None
+    # randomness
+    generator: Any = None
+    seed: int | None = None
+    # sampler and output options
+    output_type: str = "pil"
+    return_masks: bool = False
+    noise: str = "reference"
+    edge_map: str = "unit"
+    edge_detector: str = "opencv"
+    solver: str = "euler"
+    transition_impl: str = "auto"
+    region_source: str = "decode"
+    progress: bool = True
+
+    @property
+    def backend(self) -> str | None:
+        """The compile backend this call installs (None: whatever is installed runs)."""
+        return None if self.compile is None else self.compile.backend
 
 
 @dataclass
@@ -78,17 +121,6 @@ class RaluOutput:
     records: list[StageRecord] = field(default_factory=list)
     schedule: RaluSchedule | None = None
     cache_stats: dict | None = None  # feature cache's full/cached step counts (see ralu_runtime.cache), if one ran
-
-
-def check_arguments(pipe, prompt=None, **kwargs) -> CheckedCall:
-    """Run every check :func:`generate` makes on these arguments, and nothing else (no text encoding, no noise,
-    no model call; a model folder is loaded, a backend is not installed). Raises what ``generate`` would raise;
-    returns the resolved :class:`CheckedCall`. The serving engine calls it when a request arrives."""
-    token = _CHECK_ONLY.set(True)
-    try:
-        return generate(pipe, prompt, **kwargs)
-    finally:
-        _CHECK_ONLY.reset(token)
 
 
 # ------------------------------------------------------------------------------------------- loading
@@ -338,24 +370,212 @@ def _lock_for(obj) -> threading.RLock:
 
 
 @contextlib.contextmanager
-def _call_cache(adapter: DiTAdapter, cache):
-    """The feature cache of this call: ``cache`` (an object, or None for none), or the adapter's default (set with
-    :func:`ralu_runtime.cache.set_cache`) for ``_DEFAULT``. A cache object used by several calls is held by one
-    call at a time. Yields the active cache."""
-    active = adapter.feature_cache if cache is _DEFAULT else cache
-    hold = _lock_for(active) if active is not None else contextlib.nullcontext()
+def _call_cache(cache):
+    """Hold ``cache`` (a feature-cache object, or None) for one call: a cache object used by several calls is held
+    by one call at a time; its counters are cleared and it is the call's active cache (:func:`call_scope`)."""
+    hold = _lock_for(cache) if cache is not None else contextlib.nullcontext()
     with hold:
-        if hasattr(active, "reset_stats"):
-            active.reset_stats()
-        with call_scope(active):
-            yield active
-
-
-_DEFAULT = object()
+        if hasattr(cache, "reset_stats"):
+            cache.reset_stats()
+        with call_scope(cache):
+            yield cache
 
 
 # ---------------------------------------------------------------------------------------------- generate
+
+
+def prepare(pipe, prompt: str | list[str] | None = None, *, height: int | None = None, width: int | None = None,
+            speedup: str | RaluSchedule | None = "default", num_inference_steps: int | None = None,
+            guidance_scale: float | None = None, negative_prompt=None, prompt_embeds=None,
+            pooled_prompt_embeds=None, negative_prompt_embeds=None, negative_pooled_prompt_embeds=None,
+            num_images_per_prompt: int = 1, generator=None, seed: int | None = None, output_type: str = "pil",
+            return_masks: bool = False, cache=None, noise: str = "reference", edge_map: str = "unit",
+            edge_detector: str = "opencv", solver: str = "euler", transition_impl: str = "auto",
+            max_sequence_length: int | None = None, progress: bool = True, torch_dtype=None,
+            device=None, backend: str | None = None, compile_options: dict | None = None,
+            prompt_embeds_mask=None, negative_prompt_embeds_mask=None, num_frames: int | None = None,
+            region_mode: str | None = None, region_source: str = "decode", parallel=None) -> CallPlan:
+    """Check every argument of a :func:`generate` call (the same arguments) and resolve it into a
+    :class:`CallPlan`, before any work: no text encoding, no noise, no model call, no backend install (a model
+    folder given as ``pipe`` is loaded). Raises what ``generate`` raises for bad arguments (ValueError / TypeError
+    naming the argument, the value and what is allowed). ``run(prepare(...))`` is ``generate(...)``."""
+    # ---- model-independent arguments
+    for name, value, allowed in (("output_type", output_type, OUTPUT_TYPES), ("noise", noise, NOISE_VARIANTS),
+                                 ("edge_map", edge_map, EDGE_MAPS), ("edge_detector", edge_detector, EDGE_DETECTORS),
+                                 ("solver", solver, tuple(SOLVERS)), ("transition_impl", transition_impl,
+                                                                      TRANSITION_IMPLS),
+                                 ("region_source", region_source, REGION_SOURCES)):
+        _check_choice(name, value, allowed)
+    for name, value in (("return_masks", return_masks), ("progress", progress)):
+        if not isinstance(value, bool):
+            raise TypeError(f"{name}={value!r}: use True or False")
+    if compile_options is not None and not isinstance(compile_options, dict):
+        raise TypeError(f"compile_options={compile_options!r}: give a dict of ralu_runtime.compile.CompileOptions "
+                        "fields, or None")
+    if compile_options and backend is None:
+        raise ValueError("compile_options need backend= (the backend they configure)")
+    options = None
+    if backend is not None:
+        from .compile import BACKENDS
+        from .compile.options import make_options
+
+        _check_choice("backend", backend, BACKENDS)
+        options = make_options(backend, compile_options)  # unknown fields and bad values fail here, before any work
+    default_cache = cache is None  # the pipeline's default (set_cache), read once the adapter is known
+    if not default_cache:
+        from .cache import make_cache
+
+        cache = make_cache(cache)  # parsed once, before any work: a bad spec raises ValueError here
+    if isinstance(pipe, (str, os.PathLike)):
+        pipe = load_pipeline(pipe, torch_dtype=torch_dtype, device=device)
+    elif torch_dtype is not None or device is not None:
+        raise ValueError("torch_dtype and device apply when pipe is a model folder; move a loaded pipeline yourself "
+                         "(pipe.to(device, dtype)): ralu does not change the pipeline it is given")
+    adapter = get_adapter(pipe)
+    adapter.check_supported()
+    if default_cache:
+        cache = adapter.feature_cache
+    num_frames, region_mode = _check_video(adapter, num_frames, region_mode)
+    if speedup is not None and not isinstance(speedup, (str, RaluSchedule)):
+        resolve_schedule(speedup, adapter)  # raises the ValueError naming what is allowed
+    height, width, batch = _validate(
+        adapter, prompt=prompt, prompt_embeds=prompt_embeds, pooled_prompt_embeds=pooled_prompt_embeds,
+        negative_prompt=negative_prompt, negative_prompt_embeds=negative_prompt_embeds,
+        negative_pooled_prompt_embeds=negative_pooled_prompt_embeds, height=height, width=width,
+        num_images_per_prompt=num_images_per_prompt, guidance_scale=guidance_scale, generator=generator, seed=seed,
+        max_sequence_length=max_sequence_length, num_inference_steps=num_inference_steps, schedule=speedup,
+        prompt_embeds_mask=prompt_embeds_mask, negative_prompt_embeds_mask=negative_prompt_embeds_mask)
+    schedule = resolve_schedule(speedup, adapter, height, width)
+    steps = num_inference_steps if num_inference_steps is not None else adapter.default_steps
+    guidance = adapter.default_guidance if guidance_scale is None else float(guidance_scale)
+    from .parallel import resolve_parallel
+
+    plan = resolve_parallel(parallel, adapter, backend=backend)
+    return CallPlan(
+        adapter, height, width, batch, schedule, int(steps), guidance, num_frames, region_mode, cache, options, plan,
+        prompt=prompt, negative_prompt=negative_prompt, prompt_embeds=prompt_embeds,
+        pooled_prompt_embeds=pooled_prompt_embeds, negative_prompt_embeds=negative_prompt_embeds,
+        negative_pooled_prompt_embeds=negative_pooled_prompt_embeds, prompt_embeds_mask=prompt_embeds_mask,
+        negative_prompt_embeds_mask=negative_prompt_embeds_mask, num_images_per_prompt=num_images_per_prompt,
+        max_sequence_length=max_sequence_length, generator=generator, seed=seed, output_type=output_type,
+        return_masks=return_masks, noise=noise, edge_map=edge_map, edge_detector=edge_detector, solver=solver,
+        transition_impl=transition_impl, region_source=region_source, progress=progress)
+
+
+ModelCallHook = Callable[[DiTAdapter, Callable], Callable]
+FinalDecodeHook = Callable[[Callable], Callable]
+
+
 @torch.no_grad()
+def run(plan: CallPlan, *, model_call: ModelCallHook | None = None,
+        final_decode: FinalDecodeHook | None = None) -> RaluOutput:
+    """Execute a :class:`CallPlan` from :func:`prepare`: install its backend, encode the prompt, draw the noise,
+    sample (baseline or RALU) and decode. Returns the :class:`RaluOutput`.
+
+    Hooks for a caller that runs the model calls itself (the serving engine batches them across requests):
+
+    * ``model_call(adapter, velocity) -> velocity``: called once with the call's model call
+      ``velocity(tokens, grid, timestep, cond) -> velocity tensor`` (the plain adapter call, or the installed
+      backend's runner); what it returns is called instead for every model call (same arguments, same result shape:
+      ``tokens`` ``(B, L, C)`` in, ``(B, L, C)`` out).
+    * ``final_decode(decode) -> decode``: called once with the final VAE decode ``decode(latents) -> images``
+      (``(B, C, h, w)`` or video ``(B, C, F, h, w)`` latents in; the decoded tensor out); what it returns decodes the
+      final latents instead (the region-choice preview decode of a RALU run is not routed through it).
+
+    Context parallelism (``plan.parallel``) cannot run with a ``model_call`` hook (ValueError).
+    """
+    if not isinstance(plan, CallPlan):
+        raise TypeError(f"plan={plan!r}: give the CallPlan that ralu_runtime.prepare(...) returns")
+    for name, hook in (("model_call", model_call), ("final_decode", final_decode)):
+        if hook is not None and not callable(hook):
+            raise TypeError(f"{name}={hook!r}: give a callable or None")
+    if model_call is not None and plan.parallel is not None:
+        raise ValueError("context parallelism cannot run with a model_call hook such as the serving engine's (its "
+                         "batched model calls pack several requests into one call); run generate directly on every "
+                         "rank")
+    adapter, schedule = plan.adapter, plan.schedule
+    # ---- the call's own state: backend runner, feature cache, generators
+    if plan.compile is not None:
+        from dataclasses import fields
+
+        from .compile import ensure_backend
+
+        opts = plan.compile
+        ensure_backend(adapter, opts.backend, **{f.name: getattr(opts, f.name) for f in fields(opts)
+                                                 if f.name != "backend"})
+    runner = adapter.runner
+    if runner is not None:
+        runner.begin_call()
+    impl = runner.impl if runner is not None else None
+    velocity = runner if runner is not None else adapter.velocity
+    if model_call is not None:
+        velocity = model_call(adapter, velocity)
+
+    def decode(latents):
+        return adapter.decode(latents, impl=impl)
+
+    generator, seed = plan.generator, plan.seed
+    sp = plan.parallel
+    if sp is not None:  # every rank runs this call; rank 0's decodes and seed are shared (ralu_runtime.parallel)
+        sp.setup()
+        velocity, decode = sp.wrap_velocity(velocity), sp.wrap_decode(decode)
+        if generator is None and seed is None:
+            seed = sp.shared_seed()
+
+    masks = {}
+    if adapter.takes_prompt_mask:
+        masks = dict(prompt_embeds_mask=plan.prompt_embeds_mask,
+                     negative_prompt_embeds_mask=plan.negative_prompt_embeds_mask)
+    timings: dict[str, float] = {}
+    t0 = time.perf_counter()
+    # the tokenizers run for text prompts, and also for the empty negative prompt a CFG family encodes itself when
+    # it gets prompt_embeds without negative ones: hold the pipeline's text lock whenever that can happen
+    text = plan.prompt is not None or plan.negative_prompt is not None or (
+        adapter.supports_negative_prompt and plan.negative_prompt_embeds is None)
+    with (_lock_for(adapter.pipe if adapter.pipe is not None else adapter) if text else contextlib.nullcontext()):
+        cond = adapter.encode_prompt(plan.prompt, plan.negative_prompt, prompt_embeds=plan.prompt_embeds,
+                                     pooled_prompt_embeds=plan.pooled_prompt_embeds,
+                                     negative_prompt_embeds=plan.negative_prompt_embeds,
+                                     negative_pooled_prompt_embeds=plan.negative_pooled_prompt_embeds,
+                                     num_images_per_prompt=plan.num_images_per_prompt, guidance_scale=plan.guidance,
+                                     max_sequence_length=plan.max_sequence_length, **masks)
+    timings["text_encode"] = time.perf_counter() - t0
+    batch = cond.batch
+    noise_gen, per_image = _generators(generator, seed, batch)
+    dtype = cond.data["embeds"].dtype if "embeds" in cond.data else adapter.dtype
+    video = dict(num_frames=plan.num_frames) if adapter.is_video else {}
+    noise_latents = adapter.prepare_noise(batch, plan.height, plan.width, noise_gen, dtype, **video)
+
+    from .parallel import parallel_scope
+
+    with _call_cache(plan.cache) as fcache, parallel_scope(sp):
+        if schedule is None:
+            result = sample_baseline(adapter, cond, noise_latents, plan.steps, solver=plan.solver,
+                                     progress=plan.progress, velocity=velocity)
+        else:
+            result = sample_ralu(adapter, cond, noise_latents, schedule, per_image, noise_variant=plan.noise,
+                                 edge_map=plan.edge_map, edge_detector=plan.edge_detector,
+                                 transition_impl=plan.transition_impl, region_mode=plan.region_mode,
+                                 region_source=plan.region_source, solver=plan.solver, progress=plan.progress,
+                                 velocity=velocity, decode=decode)
+        cache_stats = fcache.stats() if hasattr(fcache, "stats") else None
+    for rec in result.records:
+        timings[rec.name] = rec.seconds
+    latents = adapter.unpack(result.tokens, *noise_latents.shape[-2:])
+    masks = result.layout.selected_mask() if (plan.return_masks and result.layout is not None) else None
+    if masks is not None and noise_latents.ndim == 5:  # tall grid -> (B, F, hc, wc)
+        masks = masks.view(masks.shape[0], noise_latents.shape[2], -1, masks.shape[-1])
+    if plan.output_type == "latent":
+        return RaluOutput(latents, masks, timings, result.records, schedule, cache_stats)
+    t0 = time.perf_counter()
+    images = (final_decode(decode) if final_decode is not None else decode)(latents)
+    if images.device.type == "cuda":
+        torch.cuda.synchronize()
+    timings["vae_decode"] = time.perf_counter() - t0
+    return RaluOutput(adapter.postprocess(images, plan.output_type), masks, timings, result.records, schedule,
+                      cache_stats)
+
+
 def generate(pipe, prompt: str | list[str] | None = None, *, height: int | None = None, width: int | None = None,
              speedup: str | RaluSchedule | None = "default", num_inference_steps: int | None = None,
              guidance_scale: float | None = None, negative_prompt=None, prompt_embeds=None,
@@ -368,13 +588,13 @@ def generate(pipe, prompt: str | list[str] | None = None, *, height: int | None 
              prompt_embeds_mask=None, negative_prompt_embeds_mask=None, num_frames: int | None = None,
              region_mode: str | None = None, region_source: str = "decode", parallel=None) -> RaluOutput:
     """Generate images (or videos) with RALU (``speedup`` preset or schedule) or the ordinary sampler
-    (``speedup=None``).
+    (``speedup=None``): ``run(prepare(pipe, prompt, ...))`` with the same arguments.
 
     ``speedup="default"`` is the family's default preset: "7x" for FLUX.1-dev, "3x" for SD3, "4step" for
-    FLUX.1-schnell (every family's in the README's "Model families").
+    FLUX.1-schnell (every family's in :mod:`ralu_runtime.families`).
 
     pipe: a loaded diffusers pipeline of a supported family (``ralu_runtime.adapters.ADAPTERS``: FLUX.1, SD3/3.5,
-    FLUX.2, Qwen-Image, Z-Image, Chroma, or a subclass), a local model folder
+    FLUX.2, Qwen-Image, Z-Image, Chroma, Wan, HunyuanVideo 1.5, or a subclass), a local model folder
     (loaded once per process with :func:`load_pipeline`; ``torch_dtype`` / ``device`` apply to that load only),
     or a :class:`~ralu_runtime.adapters.DiTAdapter`. Give ``prompt`` (str or list) or ``prompt_embeds`` (+ pooled),
     not both. ``height`` / ``width``: pixels, multiples of the model's coarse block (32 for FLUX and SD3), at most
@@ -406,127 +626,5 @@ def generate(pipe, prompt: str | list[str] | None = None, *, height: int | None 
     torchrun and call ``generate`` with the same arguments on every rank; see :mod:`ralu_runtime.parallel`). None: a
     transformer set up with diffusers' ``enable_parallelism`` runs under that config, any other unsharded.
     """
-    # ---- model-independent arguments
-    for name, value, allowed in (("output_type", output_type, OUTPUT_TYPES), ("noise", noise, NOISE_VARIANTS),
-                                 ("edge_map", edge_map, EDGE_MAPS), ("edge_detector", edge_detector, EDGE_DETECTORS),
-                                 ("solver", solver, tuple(SOLVERS)), ("transition_impl", transition_impl,
-                                                                      TRANSITION_IMPLS),
-                                 ("region_source", region_source, REGION_SOURCES)):
-        _check_choice(name, value, allowed)
-    for name, value in (("return_masks", return_masks), ("progress", progress)):
-        if not isinstance(value, bool):
-            raise TypeError(f"{name}={value!r}: use True or False")
-    if compile_options is not None and not isinstance(compile_options, dict):
-        raise TypeError(f"compile_options={compile_options!r}: give a dict of ralu_runtime.compile.CompileOptions "
-                        "fields, or None")
-    if compile_options and backend is None:
-        raise ValueError("compile_options need backend= (the backend they configure)")
-    if backend is not None:
-        from .compile import BACKENDS
-        from .compile.options import make_options
-
-        _check_choice("backend", backend, BACKENDS)
-        make_options(backend, compile_options)  # unknown fields and bad values fail here, before any work
-    if cache is None:
-        cache = _DEFAULT
-    else:
-        from .cache import make_cache
-
-        cache = make_cache(cache)  # parsed once, before any work: a bad spec raises ValueError here
-    if isinstance(pipe, (str, os.PathLike)):
-        pipe = load_pipeline(pipe, torch_dtype=torch_dtype, device=device)
-    elif torch_dtype is not None or device is not None:
-        raise ValueError("torch_dtype and device apply when pipe is a model folder; move a loaded pipeline yourself "
-                         "(pipe.to(device, dtype)): ralu does not change the pipeline it is given")
-    adapter = get_adapter(pipe)
-    adapter.check_supported()
-    num_frames, region_mode = _check_video(adapter, num_frames, region_mode)
-    if speedup is not None and not isinstance(speedup, (str, RaluSchedule)):
-        resolve_schedule(speedup, adapter)  # raises the ValueError naming what is allowed
-    height, width, batch = _validate(
-        adapter, prompt=prompt, prompt_embeds=prompt_embeds, pooled_prompt_embeds=pooled_prompt_embeds,
-        negative_prompt=negative_prompt, negative_prompt_embeds=negative_prompt_embeds,
-        negative_pooled_prompt_embeds=negative_pooled_prompt_embeds, height=height, width=width,
-        num_images_per_prompt=num_images_per_prompt, guidance_scale=guidance_scale, generator=generator, seed=seed,
-        max_sequence_length=max_sequence_length, num_inference_steps=num_inference_steps, schedule=speedup,
-        prompt_embeds_mask=prompt_embeds_mask, negative_prompt_embeds_mask=negative_prompt_embeds_mask)
-    schedule = resolve_schedule(speedup, adapter, height, width)
-    steps = num_inference_steps if num_inference_steps is not None else adapter.default_steps
-    guidance = adapter.default_guidance if guidance_scale is None else float(guidance_scale)
-    from .parallel import parallel_scope, resolve_parallel
-
-    plan = resolve_parallel(parallel, adapter, backend=backend, serving=_MODEL_CALL_HOOK.get() is not None)
-    if _CHECK_ONLY.get():
-        return CheckedCall(adapter, height, width, batch, schedule, steps, guidance, num_frames)
-
-    # ---- the call's own state: backend runner, feature cache, generators
-    if backend is not None:
-        from .compile import ensure_backend
-
-        ensure_backend(adapter, backend, **(compile_options or {}))
-    runner = adapter.runner
-    if runner is not None:
-        runner.begin_call()
-    impl = runner.impl if runner is not None else None
-    velocity = runner if runner is not None else adapter.velocity
-    hook = _MODEL_CALL_HOOK.get()
-    if hook is not None:
-        velocity = hook(adapter, velocity)
-
-    def decode(latents):
-        return adapter.decode(latents, impl=impl)
-
-    if plan is not None:  # every rank runs this call; rank 0's decodes and seed are shared (ralu_runtime.parallel)
-        plan.setup()
-        velocity, decode = plan.wrap_velocity(velocity), plan.wrap_decode(decode)
-        if generator is None and seed is None:
-            seed = plan.shared_seed()
-
-    masks = {}
-    if adapter.takes_prompt_mask:
-        masks = dict(prompt_embeds_mask=prompt_embeds_mask, negative_prompt_embeds_mask=negative_prompt_embeds_mask)
-    timings: dict[str, float] = {}
-    t0 = time.perf_counter()
-    # the tokenizers run for text prompts, and also for the empty negative prompt a CFG family encodes itself when
-    # it gets prompt_embeds without negative ones: hold the pipeline's text lock whenever that can happen
-    text = prompt is not None or negative_prompt is not None or (
-        adapter.supports_negative_prompt and negative_prompt_embeds is None)
-    with (_lock_for(adapter.pipe if adapter.pipe is not None else adapter) if text else contextlib.nullcontext()):
-        cond = adapter.encode_prompt(prompt, negative_prompt, prompt_embeds=prompt_embeds,
-                                     pooled_prompt_embeds=pooled_prompt_embeds,
-                                     negative_prompt_embeds=negative_prompt_embeds,
-                                     negative_pooled_prompt_embeds=negative_pooled_prompt_embeds,
-                                     num_images_per_prompt=num_images_per_prompt, guidance_scale=guidance,
-                                     max_sequence_length=max_sequence_length, **masks)
-    timings["text_encode"] = time.perf_counter() - t0
-    batch = cond.batch
-    noise_gen, per_image = _generators(generator, seed, batch)
-    dtype = cond.data["embeds"].dtype if "embeds" in cond.data else adapter.dtype
-    video = dict(num_frames=num_frames) if adapter.is_video else {}
-    noise_latents = adapter.prepare_noise(batch, height, width, noise_gen, dtype, **video)
-
-    with _call_cache(adapter, cache) as fcache, parallel_scope(plan):
-        if schedule is None:
-            result = sample_baseline(adapter, cond, noise_latents, steps, solver=solver, progress=progress,
-                                     velocity=velocity)
-        else:
-            result = sample_ralu(adapter, cond, noise_latents, schedule, per_image, noise_variant=noise,
-                                 edge_map=edge_map, edge_detector=edge_detector, transition_impl=transition_impl,
-                                 region_mode=region_mode, region_source=region_source,
-                                 solver=solver, progress=progress, velocity=velocity, decode=decode)
-        cache_stats = fcache.stats() if hasattr(fcache, "stats") else None
-    for rec in result.records:
-        timings[rec.name] = rec.seconds
-    latents = adapter.unpack(result.tokens, *noise_latents.shape[-2:])
-    masks = result.layout.selected_mask() if (return_masks and result.layout is not None) else None
-    if masks is not None and noise_latents.ndim == 5:  # tall grid -> (B, F, hc, wc)
-        masks = masks.view(masks.shape[0], noise_latents.shape[2], -1, masks.shape[-1])
-    if output_type == "latent":
-        return RaluOutput(latents, masks, timings, result.records, schedule, cache_stats)
-    t0 = time.perf_counter()
-    final_hook = _FINAL_DECODE_HOOK.get()   # the serving engine batches final decodes (not the edge preview's)
-    images = (final_hook(decode) if final_hook is not None else decode)(latents)
-    if images.device.type == "cuda":
-        torch.cuda.synchronize()
-    timings["vae_decode"] = time.perf_counter() - t0
-    return RaluOutput(adapter.postprocess(images, output_type), masks, timings, result.records, schedule, cache_stats)
+    arguments = dict(locals())  # exactly the parameters above (nothing else is defined yet)
+    return run(prepare(**arguments))

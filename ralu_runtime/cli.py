@@ -18,31 +18,24 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from .families import CPU_FRAMES, FAMILIES, TINY_SIZE, TINY_TEXT_LEN, family_for_pipeline
+from .families import TINY_MODELS as _TINY
 from .versions import installed_version
 
 EXIT_FAILURE, EXIT_USAGE = 1, 2
-# built-in random models (ralu_runtime.tiny.TINY_BUILDERS builds them): name -> (preset family, max pixels/side)
-TINY_MODELS = {"tiny-flux": ("flux", 4096), "tiny-sd3": ("sd3", 1536), "tiny-sd35": ("sd3", 1536),
-               "tiny-flux2": ("flux2", 4096), "tiny-flux2-klein": ("flux2-klein", 4096),
-               "tiny-qwen-image": ("qwen-image", 4096), "tiny-z-image": ("z-image", 8192), "tiny-chroma": ("chroma", 4096),
-               "tiny-wan": ("wan", 4096), "tiny-wan22": ("wan", 4096), "tiny-hunyuan-video15": ("hunyuan-video-1.5", 2048)}
-PIPELINE_FAMILIES = {"FluxPipeline": "flux", "StableDiffusion3Pipeline": "sd3", "Flux2Pipeline": "flux2",
-                     "Flux2KleinPipeline": "flux2", "QwenImagePipeline": "qwen-image", "ZImagePipeline": "z-image",
-                     "ChromaPipeline": "chroma", "WanPipeline": "wan", "HunyuanVideo15Pipeline": "hunyuan-video-1.5"}
-VIDEO_FAMILIES = {"wan": (480, 832, 81), "hunyuan-video-1.5": (480, 832, 121)}  # default height, width, frames
-TINY_FRAMES = 9                       # the tiny video models' default clip: 3 latent frames
+# family facts come from the torch-free registry ralu_runtime.families; the views below are what the checks use
+# built-in random models: name -> (preset family, max pixels per side)
+TINY_MODELS = {name: (t.family, t.max_side_px) for name, t in _TINY.items()}
+# diffusers pipeline class -> its (base) family
+PIPELINE_FAMILIES = {cls: fam.name for fam in FAMILIES.values() for cls in fam.pipelines}
 VIDEO_EXTENSIONS = (".webp", ".png", ".apng", ".gif")  # animated images Pillow writes
-TINY_SIZE, MODEL_SIZE = 256, 1024     # default pixels per side
-TINY_MAX_SEQUENCE_LENGTH = 77         # the tiny models' text length (their CLIP's position table)
 COARSE_BLOCK_PX = 32                  # VAE factor 8 x patch 2 x 2 (RALU's coarse stage), FLUX and SD3
 # Names owned by modules that import torch, repeated here so that --help needs no torch (tests/test_cli.py
-# checks they agree with ralu_runtime.solvers.SOLVERS, ralu_runtime.compile.BACKENDS and the preset registry).
+# checks they agree with ralu_runtime.solvers.SOLVERS and ralu_runtime.compile.BACKENDS).
 SOLVER_NAMES = ("euler", "ab2", "dpmpp2m")
 BACKEND_NAMES = ("eager", "inductor", "onnx", "tensorrt")
 COMPILED_BACKENDS = ("inductor", "onnx", "tensorrt")
-PRESET_HELP = ("FLUX.1-dev: 4x, 5x, 7x; FLUX.1-schnell: 4step; SD3/SD3.5: 2x, 3x; FLUX.2: 4x, 7x; FLUX.2-klein "
-               "(distilled): 4step, 3step; Qwen-Image: 4x, 7x; Z-Image: 4x, 7x, 4step, 3step (Turbo); Chroma: 3x, 5x; "
-               "Wan, HunyuanVideo 1.5: 4x, 7x")
+PRESET_HELP = "; ".join(f"{fam.label}: {', '.join(fam.presets)}" for fam in FAMILIES.values())
 MAX_STEPS, MAX_SEQUENCE_LENGTH = 1000, 512
 COMMON_EXTENSIONS = ".png, .jpg, .jpeg, .webp, .bmp, .tiff"
 
@@ -75,16 +68,17 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Generate one image with RALU and print per-stage steps, tokens and seconds. "
                                    "Arguments are checked before the model is loaded.")
     g.add_argument("--model", metavar="PATH", default="tiny-flux",
-                   help="local diffusers folder of a supported pipeline (FLUX.1, SD3/3.5, FLUX.2, Qwen-Image, Z-Image, "
-                        "Chroma; the family is read from its model_index.json; nothing is downloaded), or a "
-                        f"built-in random model: {', '.join(TINY_MODELS)} (default tiny-flux)")
+                   help="local diffusers folder of a supported pipeline ("
+                        f"{', '.join(f.label for f in FAMILIES.values() if f.pipelines)}; the family is read from its "
+                        "model_index.json; nothing is downloaded), or a built-in random model: "
+                        f"{', '.join(TINY_MODELS)} (default tiny-flux)")
     g.add_argument("--prompt", metavar="TEXT", default="a photograph of a red fox in the snow")
     g.add_argument("--height", metavar="PX", type=int, default=None,
                    help=f"pixels, a multiple of {COARSE_BLOCK_PX} (default {TINY_SIZE} for tiny models, "
-                        f"else {MODEL_SIZE})")
+                        "else the pipeline's: 1024 for images, 480 x 832 for video)")
     g.add_argument("--width", metavar="PX", type=int, default=None, help="pixels, as --height")
     g.add_argument("--frames", metavar="N", type=int, default=None,
-                   help=f"video models: frames, 1 + a multiple of the VAE's time factor (default {TINY_FRAMES} for tiny "
+                   help=f"video models: frames, 1 + a multiple of the VAE's time factor (default {CPU_FRAMES} for tiny "
                         "models, else the pipeline's); written as an animated WebP/PNG/GIF")
     g.add_argument("--regions", choices=("clip", "frame"), default=None,
                    help="video models: regions chosen per latent frame (frame, default) or the same in every frame (clip)")
@@ -110,7 +104,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--mask-out", metavar="PATH", default=None,
                    help="also write the image with the regions upsampled first tinted (RALU runs only)")
     g.add_argument("--max-sequence-length", metavar="N", type=int, default=None,
-                   help=f"text tokens, 1..{MAX_SEQUENCE_LENGTH} (default {TINY_MAX_SEQUENCE_LENGTH} for tiny "
+                   help=f"text tokens, 1..{MAX_SEQUENCE_LENGTH} (default {TINY_TEXT_LEN} for tiny "
                         "models, else the pipeline's)")
     g.add_argument("--no-progress", action="store_true", help="no progress bar")
     g.add_argument("--cache", metavar="SPEC", default=None,
@@ -128,7 +122,7 @@ def build_parser() -> argparse.ArgumentParser:
                                    "(--grace seconds). Needs the [serve] extra: pip install -e '.[serve]'.")
     s.add_argument("--model", metavar="PATH", default="tiny-flux",
                    help="a local diffusers folder of a supported image pipeline, or a built-in random model: "
-                        f"{', '.join(m for m, (f, _) in TINY_MODELS.items() if f not in VIDEO_FAMILIES)} "
+                        f"{', '.join(m for m, t in _TINY.items() if not FAMILIES[t.family].is_video)} "
                         "(default tiny-flux)")
     s.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
     s.add_argument("--port", metavar="N", type=int, default=8000, help="TCP port (default 8000; 0: a free one)")
@@ -194,12 +188,13 @@ class GeneratePlan:
     regions: str | None = None      # video models only
 
 
-def _model_family(model: str) -> tuple[str, int, int | None]:
-    """``(preset family, default size, max pixels per side or None)`` of ``--model``, read from the folder's
-    ``model_index.json`` and ``transformer/config.json`` without loading anything."""
-    if model in TINY_MODELS:
-        family, cap = TINY_MODELS[model]
-        return family, TINY_SIZE, cap
+def _model_family(model: str) -> tuple[str, tuple[int, int], int | None]:
+    """``(preset family, default (height, width) in pixels, max pixels per side or None)`` of ``--model``, read from
+    the registry (:mod:`ralu_runtime.families`), the folder's ``model_index.json`` and ``transformer/config.json``
+    without loading anything."""
+    if model in _TINY:
+        tiny = _TINY[model]
+        return tiny.family, (tiny.default_size, tiny.default_size), tiny.max_side_px
     folder = Path(model).expanduser()
     if not folder.is_dir():
         raise UsageError(f"model folder not found: {model!r} (--model takes a local diffusers folder, nothing is "
@@ -208,23 +203,26 @@ def _model_family(model: str) -> tuple[str, int, int | None]:
     if not index.is_file():
         raise UsageError(f"--model {model!r} is not a diffusers pipeline folder (no model_index.json)")
     cls = _read_json(index).get("_class_name")
-    if cls not in PIPELINE_FAMILIES:
+    fam = family_for_pipeline(cls) if isinstance(cls, str) else None
+    if fam is None:
         raise UsageError(f"--model {model!r} holds a {cls!r} pipeline; ralu supports {', '.join(PIPELINE_FAMILIES)}")
-    family = PIPELINE_FAMILIES[cls]
     cfg = _read_json(folder / "transformer" / "config.json", missing_ok=True)
-    if family == "flux":
-        return ("flux" if cfg.get("guidance_embeds", True) else "flux-schnell"), MODEL_SIZE, 4096
+    if fam.name == "flux" and not cfg.get("guidance_embeds", True):
+        fam = FAMILIES["flux-schnell"]
     if cls == "Flux2KleinPipeline" and _read_json(index).get("is_distilled", False):
-        return "flux2-klein", MODEL_SIZE, 4096
-    if family == "z-image":  # its RoPE tables' length (axes_lens, diffusers' default 512) x patch 2 x VAE 8
+        fam = FAMILIES["flux2-klein"]
+    cap = fam.max_side_px
+    if fam.name == "z-image":  # its RoPE tables' length (axes_lens, diffusers' default 512) x patch 2 x VAE 8
         lens = cfg.get("axes_lens") or (1024, 512, 512)
-        return family, MODEL_SIZE, int(min(lens[1], lens[2])) * 16
-    if family != "sd3":
-        return family, MODEL_SIZE, 4096
-    vae = _read_json(folder / "vae" / "config.json", missing_ok=True)
-    vae_factor = 2 ** (len(vae["block_out_channels"]) - 1) if "block_out_channels" in vae else 8
-    cap = cfg.get("pos_embed_max_size")
-    return family, MODEL_SIZE, (int(cap) * int(cfg.get("patch_size", 2)) * vae_factor if cap else None)
+        cap = int(min(lens[1], lens[2])) * 16
+    elif fam.name == "wan":  # its RoPE table's length (rope_max_seq_len, 1024) x patch 2 x VAE 8
+        cap = int(cfg.get("rope_max_seq_len", 1024)) * 16
+    elif fam.name == "sd3":  # its position table's side (pos_embed_max_size) x patch x VAE factor
+        vae = _read_json(folder / "vae" / "config.json", missing_ok=True)
+        vae_factor = 2 ** (len(vae["block_out_channels"]) - 1) if "block_out_channels" in vae else 8
+        table = cfg.get("pos_embed_max_size")
+        cap = int(table) * int(cfg.get("patch_size", 2)) * vae_factor if table else None
+    return fam.name, fam.default_hw, cap
 
 
 def _read_json(path: Path, missing_ok: bool = False) -> dict:
@@ -330,20 +328,19 @@ def _backend_unavailable(backend: str, device: str) -> str | None:
 def check_generate(args) -> GeneratePlan:
     """Check every ``ralu generate`` argument, before any model is built or loaded; UsageError names the bad
     value and what is allowed."""
-    family, default_size, cap = _model_family(args.model)
-    video = family in VIDEO_FAMILIES
-    default_h = default_w = default_size
-    if video and args.model not in TINY_MODELS:
-        default_h, default_w, _ = VIDEO_FAMILIES[family]
+    family, (default_h, default_w), cap = _model_family(args.model)
+    fam = FAMILIES[family]
+    video = fam.is_video
     height = default_h if args.height is None else args.height
     width = default_w if args.width is None else args.width
     num_frames = None
     if video:
         num_frames = args.frames if args.frames is not None else (
-            TINY_FRAMES if args.model in TINY_MODELS else VIDEO_FAMILIES[family][2])
+            _TINY[args.model].default_frames if args.model in _TINY else fam.default_frames)
         _check_int("--frames", num_frames, 1, 4096)
-        if (num_frames - 1) % 4:
-            raise UsageError(f"--frames {num_frames} is not allowed: {family} needs 1 + a multiple of 4 frames")
+        if (num_frames - 1) % fam.temporal_factor:
+            raise UsageError(f"--frames {num_frames} is not allowed: {family} needs 1 + a multiple of "
+                             f"{fam.temporal_factor} frames")
     else:
         for flag, value in (("--frames", args.frames), ("--regions", args.regions)):
             if value is not None:
@@ -354,9 +351,7 @@ def check_generate(args) -> GeneratePlan:
                              "(VAE factor 8 x patch 2 x 2 for RALU's coarse stage)")
         if cap is not None and value > cap:
             raise UsageError(f"{flag} {value} is not allowed: {args.model} takes at most {cap} pixels per side")
-    from .schedule import PRESET_SPECS
-
-    presets = PRESET_SPECS[family]
+    presets = fam.presets
     if args.speedup is not None and args.speedup != "default" and args.speedup not in presets:
         raise UsageError(f"--speedup {args.speedup!r} is not a preset of {family} ({args.model}): use "
                          f"{', '.join(presets)}, default or none")
@@ -389,7 +384,7 @@ def check_generate(args) -> GeneratePlan:
         why = _backend_unavailable(args.backend, device)
         if why:
             raise UsageError(f"--backend {args.backend!r} is not available here: {why}")
-    msl = args.max_sequence_length or (TINY_MAX_SEQUENCE_LENGTH if args.model in TINY_MODELS else None)
+    msl = args.max_sequence_length or (_TINY[args.model].max_sequence_length if args.model in _TINY else None)
     text_len = None if msl is None else (77 + msl if family == "sd3" else msl)  # SD3: CLIP 77 + T5 tokens
     return GeneratePlan(args.model, family, height, width, args.speedup, device, dtype, msl, text_len, out,
                         mask_out, num_frames, args.regions if video else None)
@@ -441,8 +436,8 @@ def _check_ray_serve(args) -> tuple[str | None, str | None, int | tuple[int, int
 
 def check_serve(args) -> ServePlan:
     """Check every ``ralu serve`` argument, before any model is built or loaded (UsageError names the bad one)."""
-    family, default_size, _ = _model_family(args.model)
-    if family in VIDEO_FAMILIES:
+    family, (default_h, default_w), _ = _model_family(args.model)
+    if FAMILIES[family].is_video:
         raise UsageError(f"--model {args.model!r} ({family}) makes videos; ralu serve serves the images API: use an "
                          "image model")
     if not args.host.strip():
@@ -456,9 +451,7 @@ def check_serve(args) -> ServePlan:
     for flag, value, lo in (("--request-timeout", args.request_timeout, None), ("--grace", args.grace, 0.0)):
         if value is not None and not (math.isfinite(value) and (value > 0 if lo is None else value >= lo)):
             raise UsageError(f"{flag} {value} is not allowed: need seconds {'> 0' if lo is None else '>= 0'}")
-    from .schedule import PRESET_SPECS
-
-    presets = PRESET_SPECS[family]
+    presets = FAMILIES[family].presets
     if args.speedup is not None and args.speedup != "default" and args.speedup not in presets:
         raise UsageError(f"--speedup {args.speedup!r} is not a preset of {family} ({args.model}): use "
                          f"{', '.join(presets)}, default or none")
@@ -475,8 +468,8 @@ def check_serve(args) -> ServePlan:
             if why:
                 raise UsageError(f"--backend {args.backend!r} is not available here: {why}")
     defaults = {"speedup": args.speedup}
-    if args.model in TINY_MODELS:   # the same defaults as ralu generate's for the built-in random models
-        defaults.update(height=default_size, width=default_size, max_sequence_length=TINY_MAX_SEQUENCE_LENGTH)
+    if args.model in _TINY:   # the same defaults as ralu generate's for the built-in random models
+        defaults.update(height=default_h, width=default_w, max_sequence_length=_TINY[args.model].max_sequence_length)
     return ServePlan(args.model, family, device, dtype, defaults, replicas)
 
 

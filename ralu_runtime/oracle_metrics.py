@@ -24,10 +24,10 @@ import math
 import numpy as np
 import torch
 
-from .adapters.oracle import _one_thread
 from .layout import TokenLayout
 from .schedule import RaluSchedule
 from .solvers import make_solver
+from .threads import one_thread
 
 __all__ = ["frechet_distance", "gaussian_fit", "subspace_bases", "evaluate_moments", "evaluate_samples",
            "data_floor", "velocity_affine", "stage_measurements", "baseline_moments", "ralu_moments",
@@ -71,7 +71,7 @@ def subspace_bases(oracle) -> tuple[torch.Tensor, torch.Tensor]:
 
 def evaluate_moments(oracle, mu: torch.Tensor, cov: torch.Tensor) -> dict:
     """FD (total, block-mean subspace, detail subspace) and variance ratios of ``N(mu, cov)`` against the data."""
-    with _one_thread():
+    with one_thread():
         return _evaluate_moments(oracle, mu, cov)
 
 
@@ -194,7 +194,7 @@ def _run_linear_stage(t: torch.Tensor, mu: torch.Tensor, a: torch.Tensor, oracle
 
 def baseline_moments(oracle, sigmas, solver: str = "euler") -> tuple[torch.Tensor, torch.Tensor]:
     """Exact ``(mean (d,), cov (d, d))`` of full-resolution sampling from N(0, I) over ``sigmas``."""
-    with _one_thread():
+    with one_thread():
         t = torch.eye(oracle.d, dtype=torch.float64)
         mu = torch.zeros(oracle.d, dtype=torch.float64)
         t, mu = _run_linear_stage(t, mu, torch.eye(oracle.d, dtype=torch.float64), oracle, sigmas, solver)
@@ -230,7 +230,7 @@ def ralu_moments(oracle, schedule: RaluSchedule, selected: torch.Tensor, *, gamm
     kept_noise: "reference" (``N(0, I)`` for tokens not upsampled at a boundary) or "exact" (``N(0, (1-c) I)``).
     naive: upsample by copying without re-noising (``a = 1, b = 0``), stage k+1 starting at ``e_k``.
     """
-    with _one_thread():
+    with one_thread():
         return _ralu_moments(oracle, schedule, selected, gamma, kept_noise, naive, solver)
 
 

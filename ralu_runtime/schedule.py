@@ -17,6 +17,8 @@ from dataclasses import dataclass
 import numpy as np
 from scipy.optimize import minimize
 
+from .families import FAMILIES, PresetSpec
+
 __all__ = ["Boundary", "PRESETS", "RaluSchedule", "estimate_cost_ratio", "get_preset", "jensen_shannon_distance",
            "sampler_density", "shifted_cdf", "shifted_pdf", "solve_nt_matching", "target_density",
            "truncated_pdf"]
@@ -262,49 +264,12 @@ def estimate_cost_ratio(schedule: RaluSchedule, baseline_steps: int, tokens_full
 
 
 # ----------------------------------------------------------------------------- presets
-# family -> name -> (steps N_k, ends e_k, ratio r, base shift h_ori). Shifts and Z are solved, never typed.
-# A base shift of None means "the model's own": the adapter derives h_ori from its pipeline's scheduler (dynamic
-# shifting and its mu at the requested resolution, the pipeline's default step count; DiTAdapter.preset_base_shift)
-# and shifts and Z are solved for that h_ori.
-FLUX1_4X = ((5, 6, 7), (0.3, 0.45, 1.0), 0.3)   # the reference implementation's FLUX.1 presets (h_ori = 3), reused
-FLUX1_7X = ((2, 3, 5), (0.2, 0.3, 1.0), 0.1)    # with the model's own h_ori by the other 50-step families
-FEW_STEP = ((1, 1, 2), (0.35, 0.55, 1.0), 0.1)  # 4 model calls; interior NT-Matching optimum for h_ori = 1
-THREE_STEP = ((1, 1, 1), (0.35, 0.55, 1.0), 0.1)  # 3 model calls (one at full resolution); interior for h_ori >= 3
-PRESET_SPECS: dict[str, dict[str, tuple]] = {
-    "flux": {  # FLUX.1-dev, h_ori = 3.0; "4x" and "7x" are the reference implementation's presets.
-        "4x": FLUX1_4X + (3.0,),
-        # "5x": the paper reports 540.5 vs 2991.0 TFLOPs (5.53x). With the measured 21.5 / 74.4 TFLOPs per
-        # step at 1024 / 4096 tokens (linear in between; stage 2 has 1024 + 3072 r tokens -> 32.1 at r = 0.2):
-        # 3*21.5 + 5*32.1 + 6*74.4 = 671 TFLOPs vs 50*74.4 = 3720, i.e. 5.54x, the paper's ratio.
-        # e and r lie between the 4x and 7x presets'.
-        "5x": ((3, 5, 6), (0.25, 0.4, 1.0), 0.2, 3.0),
-        "7x": FLUX1_7X + (3.0,),
-    },
-    "sd3": {  # SD3 / SD3.5 (h_ori = 3.0), baseline 28 steps. estimate_cost_ratio(..., 28, 4096, text_tokens=333)
-        # (1024^2: 4096 image tokens, 77 CLIP + 256 T5 text tokens): 2x -> 2.06, 3x -> 3.11.
-        "2x": ((5, 6, 9), (0.3, 0.45, 1.0), 0.3, 3.0),
-        "3x": ((4, 4, 6), (0.3, 0.45, 1.0), 0.2, 3.0),
-    },
-    "flux-schnell": {  # FLUX.1-schnell uses no shift (h_ori = 1: uniform target), 4 steps in all.
-        # e = (0.35, 0.55) gives an interior optimum (JSD ~0.006); e.g. (0.3, 0.45) drives Z to its bound 2.
-        "4step": FEW_STEP + (1.0,),
-    },
-    # 50-step families (FLUX.2-dev and the undistilled FLUX.2-klein bases, Qwen-Image, Z-Image): the FLUX.1 step
-    # and stage splits against a 50-step baseline, solved for each model's own h_ori.
-    "flux2": {"4x": FLUX1_4X + (None,), "7x": FLUX1_7X + (None,)},
-    "qwen-image": {"4x": FLUX1_4X + (None,), "7x": FLUX1_7X + (None,)},
-    # Z-Image (50 steps, CFG); "4step" is for Z-Image-Turbo (9 steps in its model card, no CFG)
-    "z-image": {"4x": FLUX1_4X + (None,), "7x": FLUX1_7X + (None,), "4step": FEW_STEP + (None,),
-                "3step": THREE_STEP + (None,)},
-    # FLUX.2-klein step-distilled (4 steps): its own few-step presets
-    "flux2-klein": {"4step": FEW_STEP + (None,), "3step": THREE_STEP + (None,)},
-    # video (50 steps, CFG; time kept at full resolution, 2x spatial per latent frame)
-    "wan": {"4x": FLUX1_4X + (None,), "7x": FLUX1_7X + (None,)},
-    "hunyuan-video-1.5": {"4x": FLUX1_4X + (None,), "7x": FLUX1_7X + (None,)},
-    # Chroma (35 steps, true CFG): estimate_cost_ratio(..., 35, 4096, text_tokens=300) 3.25 and 5.21
-    "chroma": {"3x": ((4, 5, 7), (0.3, 0.45, 1.0), 0.3, None),
-               "5x": ((2, 3, 5), (0.2, 0.3, 1.0), 0.1, None)},
-}
+# family -> name -> PresetSpec(steps N_k, ends e_k, ratio r, base shift h_ori): the presets of every family are
+# data in ralu_runtime.families (FAMILIES[family].presets). Shifts and Z are solved, never typed. A base shift of None
+# means "the model's own": the adapter derives h_ori from its pipeline's scheduler (dynamic shifting and its mu at the
+# requested resolution, the pipeline's default step count; DiTAdapter.preset_base_shift) and shifts and Z are solved
+# for that h_ori.
+PRESET_SPECS: dict[str, Mapping[str, PresetSpec]] = {name: fam.presets for name, fam in FAMILIES.items()}
 
 
 SHIFT_DECIMALS = 4  # model-derived base shifts are rounded to this many decimals (one solve per distinct value)

@@ -358,12 +358,17 @@ def test_every_family_generates_from_the_cli(name, tmp_path, capsys):
 @pytest.mark.parametrize("cls,extra,family", [
     ("Flux2Pipeline", {}, "flux2"), ("Flux2KleinPipeline", {"is_distilled": True}, "flux2-klein"),
     ("Flux2KleinPipeline", {"is_distilled": False}, "flux2"), ("QwenImagePipeline", {}, "qwen-image"),
-    ("ZImagePipeline", {}, "z-image"), ("ChromaPipeline", {}, "chroma")])
+    ("ZImagePipeline", {}, "z-image"), ("ChromaPipeline", {}, "chroma"), ("WanPipeline", {}, "wan"),
+    ("HunyuanVideo15Pipeline", {}, "hunyuan-video-1.5")])
 def test_model_folder_family_from_model_index(tmp_path, cls, extra, family):
+    """Family, default size and size cap of a folder, as its adapter would give them (caps from the default
+    position tables where the folder's transformer config does not say)."""
     import json
 
     (tmp_path / "model_index.json").write_text(json.dumps({"_class_name": cls, **extra}))
-    assert cli._model_family(str(tmp_path)) == (family, cli.MODEL_SIZE, 8192 if family == "z-image" else 4096)
+    hw = {"wan": (480, 832), "hunyuan-video-1.5": (480, 832)}.get(family, (1024, 1024))
+    cap = {"z-image": 8192, "wan": 16384, "hunyuan-video-1.5": 2048}.get(family, 4096)
+    assert cli._model_family(str(tmp_path)) == (family, hw, cap)
 
 
 @pytest.mark.parametrize("name,regions,source", [("tiny-wan", "frame", "latent"),
@@ -414,7 +419,7 @@ def test_serve_parser_defaults_and_plan(capsys):
     plan = cli.check_serve(cli.build_parser().parse_args(["serve", "--speedup", "4x", "--device", "cpu"]))
     assert (plan.family, plan.device, plan.dtype) == ("flux", "cpu", "float32")
     assert plan.defaults == {"speedup": "4x", "height": cli.TINY_SIZE, "width": cli.TINY_SIZE,
-                             "max_sequence_length": cli.TINY_MAX_SEQUENCE_LENGTH}
+                             "max_sequence_length": cli.TINY_TEXT_LEN}
     none = cli.check_serve(cli.build_parser().parse_args(["serve", "--speedup", "none", "--device", "cpu"]))
     assert none.defaults["speedup"] is None
     assert cli.main(["serve", "--help"]) == 0

@@ -83,8 +83,7 @@ def test_one_rank_sharded_velocity_equals_the_unsharded_bitwise(flux_pipe, cache
 
 
 def test_bad_configs_are_refused_before_any_work(flux_pipe, sd3_pipe):
-    from ralu_runtime import generate
-    from ralu_runtime.api import _MODEL_CALL_HOOK, check_arguments
+    from ralu_runtime import generate, prepare, run
     from tiny_inputs import sd3_embeds
 
     kw = dict(height=64, width=64, output_type="latent", progress=False)
@@ -94,14 +93,13 @@ def test_bad_configs_are_refused_before_any_work(flux_pipe, sd3_pipe):
         generate(sd3_pipe, **sd3_embeds(), parallel=_cfg(ulysses_degree=2), **kw)
     with pytest.raises(ValueError, match="backend='onnx'"):
         generate(flux_pipe, **flux_embeds(), parallel=_cfg(ulysses_degree=2), backend="onnx", **kw)
-    token = _MODEL_CALL_HOOK.set(lambda adapter, velocity: velocity)
-    try:
-        with pytest.raises(ValueError, match="serving engine"):
-            generate(flux_pipe, **flux_embeds(), parallel=_cfg(ulysses_degree=2), **kw)
-    finally:
-        _MODEL_CALL_HOOK.reset(token)
+    import dataclasses
+
+    plan = dataclasses.replace(prepare(flux_pipe, **flux_embeds(), **kw), parallel=object())  # as if one resolved
+    with pytest.raises(ValueError, match="serving engine"):
+        run(plan, model_call=lambda adapter, velocity: velocity)
     with pytest.raises(ValueError, match="not initialised"):
-        check_arguments(flux_pipe, **flux_embeds(), parallel=_cfg(ring_degree=2), **kw)
+        prepare(flux_pipe, **flux_embeds(), parallel=_cfg(ring_degree=2), **kw)
     with pytest.raises(ValueError, match="not initialised"):  # no model was run: the check comes first
         generate(flux_pipe, **flux_embeds(), parallel=_cfg(ring_degree=2), **kw)
 

@@ -66,3 +66,75 @@ def test_adapters_know_nothing_of_the_sampler_or_compiler():
 
 def test_the_checker_sees_relative_imports():
     assert "ralu_runtime.api" in _imports(ROOT / "ralu_runtime" / "warmup.py")
+
+
+def _private_imports(path: Path) -> list[str]:
+    """Private names ``path`` takes from other ralu / benchmark modules: ``from m import _name`` and ``alias._name``
+    for a module imported as ``alias``."""
+    tree = ast.parse(path.read_text())
+    pkg = ".".join(path.relative_to(ROOT).with_suffix("").parts[:-1])
+    out, aliases = [], set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom):
+            mod = node.module or ""
+            if node.level:
+                mod = ".".join(pkg.split(".")[: len(pkg.split(".")) - node.level + 1] + ([mod] if mod else []))
+            if mod.startswith(("ralu_runtime", "benchmarks")):
+                for a in node.names:
+                    if a.name.startswith("_") and not a.name.startswith("__"):
+                        out.append(f"{path.relative_to(ROOT)}: from {mod} import {a.name}")
+                    elif node.level or a.name[:1].islower():
+                        aliases.add(a.asname or a.name)  # possibly a module (from . import protocol)
+        elif isinstance(node, ast.Import):
+            aliases.update(a.asname for a in node.names if a.asname and a.name.startswith("ralu_runtime"))
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) and node.value.id in aliases \
+                and node.attr.startswith("_") and not node.attr.startswith("__"):
+            out.append(f"{path.relative_to(ROOT)}: {node.value.id}.{node.attr}")
+    return out
+
+
+MINE = ["ralu_runtime/serving", "ralu_runtime/tiny"]
+MINE_FILES = ["ralu_runtime/api.py", "ralu_runtime/cli.py", "ralu_runtime/families.py", "ralu_runtime/schedule.py",
+              "ralu_runtime/oracle_metrics.py", "ralu_runtime/threads.py", "ralu_runtime/adapters/oracle.py",
+              "ralu_runtime/adapters/oracle_video.py", "benchmarks/families.py", "benchmarks/flops.py",
+              "benchmarks/latency.py"]
+
+
+def test_no_private_names_across_modules():
+    """The serving front-ends share ralu_runtime.serving.protocol, the oracles ralu_runtime.threads.one_thread, the
+    tiny models tiny's public builders: no module takes another's private names."""
+    files = [f for d in MINE for f in _modules(d)] + [ROOT / f for f in MINE_FILES]
+    assert not [p for f in files for p in _private_imports(f)]
+
+
+def test_the_serving_engine_uses_only_public_api():
+    """The engine runs requests with ralu_runtime.prepare / run and their documented hooks; api keeps no hidden
+    per-call switches (no ContextVar) and returns one type from generate."""
+    assert not [p for f in _modules("ralu_runtime/serving") for p in _private_imports(f)]
+    assert "contextvars" not in _imports(ROOT / "ralu_runtime" / "api.py")
+
+
+def test_benchmarks_import_no_cycle():
+    """benchmarks/*.py import each other (at module level or in a function) without a cycle: the model facts they
+    share come from ralu_runtime.families, not from one another."""
+    graph = {f.stem: {i.split(".")[1] for i in _imports(f) if i.startswith("benchmarks.")} - {f.stem}
+             for f in _modules("benchmarks")}
+    state: dict[str, int] = {}
+
+    def visit(node, path):
+        if state.get(node) == 1:
+            raise AssertionError("import cycle: " + " -> ".join(path + [node]))
+        if state.get(node) == 2:
+            return
+        state[node] = 1
+        for nxt in graph.get(node, ()):
+            visit(nxt, path + [node])
+        state[node] = 2
+
+    for node in graph:
+        visit(node, [])
+
+
+def test_the_family_registry_imports_nothing_heavy():
+    assert not _hits([ROOT / "ralu_runtime" / "families.py"], ["torch", "numpy", "scipy", "diffusers", "ralu_runtime"])

@@ -126,3 +126,73 @@ def test_flux_prompt_embeds_with_num_images_per_prompt(flux_pipe):
         one = {k: v[i // 2:i // 2 + 1] for k, v in emb.items()}
         single = generate(flux_pipe, **one, generator=torch.Generator().manual_seed(s), **kw).images
         torch.testing.assert_close(out[i:i + 1], single, rtol=1e-4, atol=1e-4)
+
+
+# ------------------------------------------------------------------------------------------ prepare / run
+def test_generate_is_run_of_prepare(flux_pipe):
+    """The public split: prepare resolves the call without model work; run(plan) equals generate; the hooks see
+    every model call and the final decode."""
+    from ralu_runtime import CallPlan, prepare, run
+
+    calls = []
+    handles = [m.register_forward_hook(lambda *a: calls.append(1))
+               for m in (flux_pipe.transformer.x_embedder, flux_pipe.vae.decoder)]
+    kw = dict(height=64, width=96, speedup="7x", output_type="pt", progress=False, seed=3)
+    try:
+        plan = prepare(flux_pipe, **flux_embeds(2), num_images_per_prompt=1, **kw)
+    finally:
+        for h in handles:
+            h.remove()
+    assert isinstance(plan, CallPlan) and not calls
+    assert (plan.height, plan.width, plan.batch, plan.steps, plan.num_frames) == (64, 96, 2, 28, None)
+    assert plan.schedule.name == "flux/7x" and plan.guidance == 3.5 and plan.cache is None
+    assert plan.backend is None and plan.parallel is None
+    ref = generate(flux_pipe, **flux_embeds(2), **kw)
+    seen = {"model": 0, "decode": 0}
+
+    def model_call(adapter, velocity):
+        def call(tokens, grid, timestep, cond):
+            seen["model"] += 1
+            return velocity(tokens, grid, timestep, cond)
+        return call
+
+    def final_decode(decode):
+        def call(latents):
+            seen["decode"] += 1
+            return decode(latents)
+        return call
+
+    out = run(plan, model_call=model_call, final_decode=final_decode)
+    assert torch.equal(out.images, ref.images)
+    assert seen == {"model": sum(plan.schedule.steps), "decode": 1}
+    with pytest.raises(TypeError, match="CallPlan"):
+        run({"height": 64})
+    with pytest.raises(TypeError, match="model_call"):
+        run(plan, model_call=3)
+
+
+def test_prepare_resolves_cache_and_backend(flux_pipe):
+    from ralu_runtime import prepare
+    from ralu_runtime.cache import TaylorSeerCache, set_cache
+
+    kw = dict(height=64, width=64, progress=False)
+    plan = prepare(flux_pipe, **flux_embeds(), cache="taylorseer:3", backend="eager",
+                   compile_options={"attn_backend": "math"}, **kw)
+    assert isinstance(plan.cache, TaylorSeerCache) and plan.cache.interval == 3
+    assert plan.backend == "eager" and plan.compile.attn_backend == "math"
+    from ralu_runtime.adapters import get_adapter
+
+    assert get_adapter(flux_pipe).runner is None  # nothing installed by prepare
+    with set_cache(flux_pipe, "taylorseer:2") as default:
+        assert prepare(flux_pipe, **flux_embeds(), **kw).cache is default
+        assert prepare(flux_pipe, **flux_embeds(), cache="none", **kw).cache is None
+
+
+def test_generate_and_prepare_take_the_same_arguments():
+    import inspect
+
+    from ralu_runtime import prepare
+
+    g, p = inspect.signature(generate).parameters, inspect.signature(prepare).parameters
+    assert list(g) == list(p)
+    assert all(g[n].default == p[n].default and g[n].kind == p[n].kind for n in g)

@@ -1,4 +1,4 @@
-"""Model adapters: one file per DiT family, registered here by pipeline class name.
+"""Model adapters: one file per DiT family, registered by pipeline class name in :mod:`ralu_runtime.families`.
 
 :func:`get_adapter` keeps one adapter per pipeline in a table owned by ralu (weakly keyed: nothing is stored
 on the pipeline, and the adapter goes away with it). An adapter holds the components it was built for
@@ -7,26 +7,16 @@ next call builds a new adapter, so a stale model never runs.
 """
 from __future__ import annotations
 
-import importlib
 import threading
 import weakref
 
+from ..families import FAMILIES, load_object
 from .base import (CallState, Conditioning, DiTAdapter, ModelImpl, TokenGrid, VelocityCall, call_scope,
                    current_cache, scheduler_base_shift)
 
-# pipeline class name -> "module:AdapterClass" (imported lazily so diffusers loads only when needed); subclasses
-# of these pipelines are accepted (the first registered class in the pipeline's MRO decides)
-ADAPTERS: dict[str, str] = {
-    "FluxPipeline": "ralu_runtime.adapters.flux:FluxAdapter",
-    "StableDiffusion3Pipeline": "ralu_runtime.adapters.sd3:SD3Adapter",
-    "Flux2Pipeline": "ralu_runtime.adapters.flux2:Flux2Adapter",
-    "Flux2KleinPipeline": "ralu_runtime.adapters.flux2:Flux2Adapter",
-    "QwenImagePipeline": "ralu_runtime.adapters.qwen_image:QwenImageAdapter",
-    "ZImagePipeline": "ralu_runtime.adapters.z_image:ZImageAdapter",
-    "ChromaPipeline": "ralu_runtime.adapters.chroma:ChromaAdapter",
-    "WanPipeline": "ralu_runtime.adapters.wan:WanAdapter",
-    "HunyuanVideo15Pipeline": "ralu_runtime.adapters.hunyuan_video15:HunyuanVideo15Adapter",
-}
+# pipeline class name -> "module:AdapterClass" (imported lazily so diffusers loads only when needed), from the family
+# registry; subclasses of these pipelines are accepted (the first registered class in the pipeline's MRO decides)
+ADAPTERS: dict[str, str] = {cls: fam.adapter for fam in FAMILIES.values() for cls in fam.pipelines}
 
 _TABLE: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 _LOCK = threading.Lock()
@@ -59,8 +49,7 @@ def get_adapter(pipe) -> DiTAdapter:
             cached = None
         if cached is not None and _same(cached.components(), cached.read_components()):
             return cached
-        module, cls = ADAPTERS[name].split(":")
-        adapter = getattr(importlib.import_module(module), cls)(pipe, weak=True)
+        adapter = load_object(ADAPTERS[name])(pipe, weak=True)
         try:
             _TABLE[pipe] = adapter
         except TypeError:  # pragma: no cover

@@ -28,6 +28,7 @@ import copy
 import numpy as np
 import torch
 
+from ..families import FAMILIES
 from .base import (EAGER, Conditioning, DiTAdapter, ModelImpl, SplitBlocks, call_with_hooks, check_blocks, named_blocks,
                    scheduler_base_shift)
 from .common import ADDED_QKV, QKV, apply_rope
@@ -129,17 +130,17 @@ def _joint_mask(text_mask: torch.Tensor | None, image_tokens: int) -> torch.Tens
 class ChromaAdapter(DiTAdapter):
     """Adapter for diffusers' ``ChromaPipeline`` (Chroma1-HD / Chroma1-Base)."""
 
-    family = "chroma"
-    default_preset = "5x"
-    default_steps = 35
-    default_guidance = 5.0
-    base_shift = 3.0
-    default_size = 1024
-    default_text_len = 512
+    family = "chroma"  # defaults: ralu_runtime.families
+    default_preset = FAMILIES["chroma"].default_preset
+    default_steps = FAMILIES["chroma"].default_steps
+    default_guidance = FAMILIES["chroma"].default_guidance
+    base_shift = FAMILIES["chroma"].base_shift
+    default_size = FAMILIES["chroma"].default_size
+    default_text_len = FAMILIES["chroma"].default_text_len
     supports_negative_prompt = True
     takes_prompt_mask = True
     fuses_projections = True
-    max_side_px = 4096  # 65536 fine tokens, as FLUX
+    max_side_px = FAMILIES["chroma"].max_side_px  # 65536 fine tokens, as FLUX
 
     def __init__(self, pipe, *, weak: bool = False):
         super().__init__(pipe, weak=weak)

@@ -37,6 +37,8 @@ from .base import (EAGER, BlockStack, Conditioning, DiTAdapter, ModelImpl, Token
                    check_blocks, check_velocity_calls, current_sharding, named_blocks)
 from .common import ADDED_QKV, QKV, apply_rope, projections
 
+from ..families import FAMILIES
+
 TEXT, IMAGE = 0, 1  # FLUX's streams, in the order of its joint sequence [text ; image]
 
 
@@ -111,19 +113,18 @@ def flux_single_block(block, x, temb, rope, ex: Mode = DENSE, qkv=None):
 class FluxAdapter(DiTAdapter):
     """Adapter for diffusers' ``FluxPipeline`` (FLUX.1-dev with guidance embedding, FLUX.1-schnell without)."""
 
-    family = "flux"
-    default_steps = 28
-    default_guidance = 3.5
-    base_shift = 3.0
+    family = "flux"  # defaults: ralu_runtime.families (FLUX.1-schnell's in __init__)
+    default_steps = FAMILIES["flux"].default_steps
+    default_guidance = FAMILIES["flux"].default_guidance
+    base_shift = FAMILIES["flux"].base_shift
 
     def __init__(self, pipe, *, weak: bool = False):
         super().__init__(pipe, weak=weak)
         self.transformer = pipe.transformer
         if not getattr(self.transformer.config, "guidance_embeds", True):
-            self.family = "flux-schnell"
-            self.default_preset = "4step"
-            self.default_steps = 4
-            self.base_shift = 1.0
+            schnell = FAMILIES["flux-schnell"]
+            self.family, self.default_preset = schnell.name, schnell.default_preset
+            self.default_steps, self.base_shift = schnell.default_steps, schnell.base_shift
 
     def check_supported(self) -> None:
         check_blocks(named_blocks(self.transformer, "transformer_blocks", "single_transformer_blocks"),
@@ -286,7 +287,7 @@ class FluxAdapter(DiTAdapter):
         return ex.call(tr.proj_out, ex.ada_norm(tr.norm_out, hidden, temb, IMAGE))
 
     fuses_projections = True
-    max_side_px = 4096  # 65536 fine tokens; FLUX.1 is trained up to about 2 MP, beyond this only time is lost
+    max_side_px = FAMILIES["flux"].max_side_px  # 65536 fine tokens; FLUX.1 is trained up to about 2 MP
 
     def embed_dims(self) -> tuple[int, int]:
         cfg = self.transformer.config

@@ -34,6 +34,7 @@ import copy
 import numpy as np
 import torch
 
+from ..families import FAMILIES
 from .base import (EAGER, Conditioning, DiTAdapter, ModelImpl, SplitBlocks, TokenGrid, call_with_hooks, check_blocks,
                    current_cache, named_blocks,
                    scheduler_base_shift)
@@ -176,14 +177,14 @@ class Flux2Adapter(DiTAdapter):
     ``Flux2KleinPipeline`` (``is_distilled=True``: family "flux2-klein", 4 steps, no guidance; ``False``: family
     "flux2", 50 steps, true CFG at guidance 4.0 with a negative prompt)."""
 
-    family = "flux2"
-    default_preset = "7x"
-    default_steps = 50
-    default_guidance = 4.0
-    default_size = 1024
-    default_text_len = 512
+    family = "flux2"  # defaults: ralu_runtime.families (FLUX.2-klein distilled's in __init__)
+    default_preset = FAMILIES["flux2"].default_preset
+    default_steps = FAMILIES["flux2"].default_steps
+    default_guidance = FAMILIES["flux2"].default_guidance
+    default_size = FAMILIES["flux2"].default_size
+    default_text_len = FAMILIES["flux2"].default_text_len
     fuses_projections = True
-    max_side_px = 4096  # 65536 fine tokens; FLUX.2 is trained up to about 4 MP, beyond this only time is lost
+    max_side_px = FAMILIES["flux2"].max_side_px  # 65536 fine tokens; FLUX.2 is trained up to about 4 MP
 
     def __init__(self, pipe, *, weak: bool = False):
         super().__init__(pipe, weak=weak)
@@ -191,7 +192,8 @@ class Flux2Adapter(DiTAdapter):
         self.klein = _is_klein(pipe)
         self.distilled = self.klein and bool(getattr(pipe.config, "is_distilled", False))
         if self.distilled:
-            self.family, self.default_preset, self.default_steps = "flux2-klein", "4step", 4
+            klein = FAMILIES["flux2-klein"]
+            self.family, self.default_preset, self.default_steps = klein.name, klein.default_preset, klein.default_steps
         self.supports_negative_prompt = self.klein and not self.distilled
         self.base_shift = self.preset_base_shift(self.default_size, self.default_size)
 

@@ -43,6 +43,7 @@ import math
 import numpy as np
 import torch
 
+from ..families import FAMILIES
 from .base import (EAGER, Conditioning, DiTAdapter, ModelImpl, SplitBlocks, TokenGrid, call_with_hooks,
                    scheduler_base_shift)
 
@@ -111,17 +112,17 @@ def _bool_mask(mask, like: torch.Tensor, n: int) -> torch.Tensor:
 class HunyuanVideo15Adapter(DiTAdapter):
     """Adapter for diffusers' ``HunyuanVideo15Pipeline`` (text-to-video). See the module docstring."""
 
-    family = "hunyuan-video-1.5"
-    default_preset = "7x"
-    default_steps = 50
-    default_guidance = 6.0  # replaced per pipeline by its guider's guidance_scale
-    default_text_len = 1000  # the pipeline pads Qwen embeddings to tokenizer_max_length
+    family = "hunyuan-video-1.5"  # defaults: ralu_runtime.families
+    default_preset = FAMILIES["hunyuan-video-1.5"].default_preset
+    default_steps = FAMILIES["hunyuan-video-1.5"].default_steps
+    default_guidance = FAMILIES["hunyuan-video-1.5"].default_guidance  # replaced per pipeline by its guider's
+    default_text_len = FAMILIES["hunyuan-video-1.5"].default_text_len  # Qwen embeddings padded to tokenizer_max_length
     supports_negative_prompt = True
     takes_prompt_mask = True
     is_video = True
-    default_frames = 121
-    temporal_factor = 4
-    max_side_px = 2048
+    default_frames = FAMILIES["hunyuan-video-1.5"].default_frames
+    temporal_factor = FAMILIES["hunyuan-video-1.5"].temporal_factor
+    max_side_px = FAMILIES["hunyuan-video-1.5"].max_side_px
 
     def __init__(self, pipe, *, weak: bool = False):
         super().__init__(pipe, weak=weak)

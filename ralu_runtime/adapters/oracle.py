@@ -47,7 +47,6 @@ SD3/FLUX-like shifted sigmas ``3 s / (1 + 2 s)`` for ``s = linspace(1, 0, N + 1)
 """
 from __future__ import annotations
 
-import contextlib
 import hashlib
 from collections import OrderedDict
 
@@ -55,13 +54,14 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ..threads import one_thread
 from .base import Conditioning, DiTAdapter, TokenGrid
 
 VARIANTS = ("stationary", "nonstationary")
 VAE_MODES = ("nearest", "bilinear")
 
 
-def _spectrum_acf(h: int, w: int, k0: float, exponent: float, weight=None) -> np.ndarray:
+def spectrum_acf(h: int, w: int, k0: float, exponent: float, weight=None) -> np.ndarray:
     """Autocovariance ``(2h, 2w)`` on the 2x zero-padded periodic grid of a stationary field with power
     ``(1 + |k|^2/k0^2)^-exponent * weight(|k|)`` (|k| in cycles per *fine image* width: ``f * max(h, w)`` with f in
     cycles per token); not normalised."""
@@ -75,7 +75,7 @@ def _spectrum_acf(h: int, w: int, k0: float, exponent: float, weight=None) -> np
     return np.real(np.fft.ifft2(power))  # autocovariance on the padded torus
 
 
-def _crop_acf(acf: np.ndarray, h: int, w: int, shift=(0, 0)) -> np.ndarray:
+def crop_acf(acf: np.ndarray, h: int, w: int, shift=(0, 0)) -> np.ndarray:
     """``(h w, h w)`` cross-covariance ``cov[p, p'] = acf[p - p' - shift]`` of an ``h x w`` crop of the torus field
     with the same crop of it translated by ``shift`` (integer (rows, cols)); not symmetrised."""
     ph, pw = acf.shape
@@ -92,17 +92,17 @@ def _spectrum_covariance(h: int, w: int, k0: float, exponent: float, weight=None
     Computed on a ``2h x 2w`` periodic grid (|k| in cycles per *fine image* width: ``f * max(h, w)`` with f in
     cycles per token) and cropped to ``h x w``; not normalised.
     """
-    cov = _crop_acf(_spectrum_acf(h, w, k0, exponent, weight), h, w)
+    cov = crop_acf(spectrum_acf(h, w, k0, exponent, weight), h, w)
     return 0.5 * (cov + cov.T)
 
 
-def _low_pass(h: int, w: int):
+def low_pass(h: int, w: int):
     """The non-stationary variant's smooth low-pass weight of |k|: cut at half the coarse grid's Nyquist frequency."""
     k_cut = min(h, w) / 8.0  # half the coarse grid's Nyquist frequency, cycles per image
     return lambda k: 1.0 / (1.0 + (k / k_cut) ** 8)
 
 
-def _envelope(h: int, w: int, offset=(0.0, 0.0)) -> np.ndarray:
+def envelope(h: int, w: int, offset=(0.0, 0.0)) -> np.ndarray:
     """``(h, w)`` texture envelope of the non-stationary variant (a Gaussian bump off the centre on a floor, mean of
     ``e^2`` = 1), its centre moved by ``offset`` (fractions of the height and width)."""
     yy, xx = np.meshgrid((np.arange(h) + 0.5) / h, (np.arange(w) + 0.5) / w, indexing="ij")
@@ -110,24 +110,10 @@ def _envelope(h: int, w: int, offset=(0.0, 0.0)) -> np.ndarray:
     return env / np.sqrt(np.mean(env**2))
 
 
-def _mean_pattern(h: int, w: int, amplitude: float, shift=(0, 0)) -> np.ndarray:
+def mean_pattern(h: int, w: int, amplitude: float, shift=(0, 0)) -> np.ndarray:
     """``(h, w)`` fixed smooth mean pattern, translated by ``shift`` latent pixels."""
     yy, xx = np.meshgrid((np.arange(h) - shift[0]) / h, (np.arange(w) - shift[1]) / w, indexing="ij")
     return amplitude * np.sin(2 * np.pi * (yy + 0.5 * xx) + 0.3) * np.cos(np.pi * xx)
-
-
-@contextlib.contextmanager
-def _one_thread():
-    """Batched small LAPACK calls run far faster single-threaded on a busy CPU (no OpenMP spin-waits)."""
-    n = torch.get_num_threads()
-    if n == 1:
-        yield
-        return
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(n)
 
 
 class GaussianOracle(DiTAdapter):
@@ -178,14 +164,14 @@ class GaussianOracle(DiTAdapter):
             cov /= np.mean(np.diag(cov))
             self.envelope = None
         else:
-            low_w = _low_pass(h, w)
+            low_w = low_pass(h, w)
             low = _spectrum_covariance(h, w, self.k0, self.exponent, low_w)
             high = _spectrum_covariance(h, w, self.k0, self.exponent, lambda k: 1.0 - low_w(k))
-            env = self.envelope = _envelope(h, w)
+            env = self.envelope = envelope(h, w)
             e = env.ravel()
             cov = low + (e[:, None] * high * e[None, :])
             cov /= np.mean(np.diag(cov))
-        self._install_law(cov, _mean_pattern(h, w, mean_amplitude))
+        self._install_law(cov, mean_pattern(h, w, mean_amplitude))
 
     def _install_law(self, cov: np.ndarray, mean: np.ndarray) -> None:
         """Make ``N(mean, cov)`` (float64, over the ``d`` fine tokens in raster order) the data law; derive the
@@ -371,7 +357,7 @@ class GaussianOracle(DiTAdapter):
         return super().prepare_noise(batch, height, width, generators, dtype)
 
     def velocity(self, tokens, grid, timestep, cond=None, impl=None):
-        with _one_thread():
+        with one_thread():
             return self._velocity(tokens, grid, timestep)
 
     def _velocity(self, tokens, grid, timestep):

@@ -37,8 +37,8 @@ import torch
 import torch.nn.functional as F
 
 from .base import DiTAdapter, TokenGrid
-from .oracle import (VAE_MODES, VARIANTS, GaussianOracle, _crop_acf, _envelope, _low_pass, _mean_pattern,
-                     _one_thread, _spectrum_acf)
+from ..threads import one_thread
+from .oracle import VAE_MODES, VARIANTS, GaussianOracle, crop_acf, envelope, low_pass, mean_pattern, spectrum_acf
 
 
 def _content_shift(motion, t: int) -> tuple[int, int]:
@@ -53,19 +53,19 @@ def video_covariance(h: int, w: int, frames: int, *, variant: str = "stationary"
     its covariance exactly); block ``(t', t)`` is the transpose of block ``(t, t')``."""
     k0 = float(k0) if k0 is not None else max(h, w) / 8.0
     if variant == "stationary":
-        parts = [_spectrum_acf(h, w, k0, exponent)]
+        parts = [spectrum_acf(h, w, k0, exponent)]
         envs = None
     else:
-        low_w = _low_pass(h, w)
-        parts = [_spectrum_acf(h, w, k0, exponent, low_w), _spectrum_acf(h, w, k0, exponent, lambda k: 1.0 - low_w(k))]
-        envs = np.stack([_envelope(h, w, (motion[0] * t / h, motion[1] * t / w)) for t in range(frames)])
+        low_w = low_pass(h, w)
+        parts = [spectrum_acf(h, w, k0, exponent, low_w), spectrum_acf(h, w, k0, exponent, lambda k: 1.0 - low_w(k))]
+        envs = np.stack([envelope(h, w, (motion[0] * t / h, motion[1] * t / w)) for t in range(frames)])
     n = h * w
     cov = np.empty((frames * n, frames * n))
     shifts = [_content_shift(motion, t) for t in range(frames)]
     for t in range(frames):
         for u in range(t, frames):
             rel = (shifts[t][0] - shifts[u][0], shifts[t][1] - shifts[u][1])
-            blocks = [_crop_acf(acf, h, w, rel) for acf in parts]
+            blocks = [crop_acf(acf, h, w, rel) for acf in parts]
             if t == u:
                 blocks = [0.5 * (b + b.T) for b in blocks]
             blk = blocks[0]
@@ -131,7 +131,7 @@ class GaussianVideoOracle(GaussianOracle):
         self._cache_size = cache_size
         self.default_frames = self.F
         self.default_size = 8 * h  # generate's default height and width (pass width= for non-square frames)
-        with _one_thread():
+        with one_thread():
             self._build(mean_amplitude)
 
     def _build(self, mean_amplitude: float) -> None:
@@ -139,7 +139,7 @@ class GaussianVideoOracle(GaussianOracle):
         cov, self.envelopes = video_covariance(h, w, self.F, variant=self.variant, k0=self.k0, exponent=self.exponent,
                                                rho=self.rho, motion=motion)
         self.envelope = None if self.envelopes is None else self.envelopes.reshape(self.F * h, w)  # tall
-        mean = np.concatenate([_mean_pattern(h, w, mean_amplitude, _content_shift(motion, t)).ravel()
+        mean = np.concatenate([mean_pattern(h, w, mean_amplitude, _content_shift(motion, t)).ravel()
                                for t in range(self.F)])
         self._install_law(cov, mean)
 

@@ -37,6 +37,7 @@ import copy
 import numpy as np
 import torch
 
+from ..families import FAMILIES
 from .base import (EAGER, Conditioning, DiTAdapter, ModelImpl, SplitBlocks, TokenGrid, call_with_hooks, check_blocks,
                    named_blocks,
                    scheduler_base_shift)
@@ -132,16 +133,16 @@ class QwenImageAdapter(DiTAdapter):
     effective only with a negative prompt. ``default_size`` is the pipeline's own default (1024 px; the model card's
     native 1328 px is not a multiple of the 32-px coarse block, 1344 is the nearest that is)."""
 
-    family = "qwen-image"
-    default_preset = "7x"
-    default_steps = 50
-    default_guidance = 4.0
-    default_size = 1024
-    base_shift = 2.0  # exp(mu) of the published scheduler at 1024^2; presets use preset_base_shift(h, w)
+    family = "qwen-image"  # defaults: ralu_runtime.families
+    default_preset = FAMILIES["qwen-image"].default_preset
+    default_steps = FAMILIES["qwen-image"].default_steps
+    default_guidance = FAMILIES["qwen-image"].default_guidance
+    default_size = FAMILIES["qwen-image"].default_size
+    base_shift = FAMILIES["qwen-image"].base_shift  # presets use preset_base_shift(h, w)
     supports_negative_prompt = True
     takes_prompt_mask = True
     fuses_projections = True
-    max_side_px = 4096  # 65536 fine tokens; Qwen-Image is trained up to about 1.8 MP, beyond this only time is lost
+    max_side_px = FAMILIES["qwen-image"].max_side_px  # 65536 fine tokens; Qwen-Image is trained up to about 1.8 MP
     default_max_sequence_length = 512  # QwenImagePipeline.__call__'s default
 
     def __init__(self, pipe, *, weak: bool = False):

@@ -39,6 +39,7 @@ import torch
 
 from ralu_kernels.attention import StreamSegments
 
+from ..families import FAMILIES
 from .base import EAGER, Conditioning, DiTAdapter, ModelImpl, SplitBlocks, TokenGrid, VelocityCall, check_velocity_calls
 from ..execution.packing import (PackedExecution, PackedSegments, can_pack, pad_rows, per_token, split_calls,
                                  static_attention)
@@ -231,14 +232,14 @@ class SD3Adapter(DiTAdapter):
     ``pipe.vae`` is replaced.
     """
 
-    family = "sd3"
-    default_preset = "3x"
-    default_steps = 28
-    default_guidance = 7.0
-    base_shift = 3.0
+    family = "sd3"  # defaults: ralu_runtime.families
+    default_preset = FAMILIES["sd3"].default_preset
+    default_steps = FAMILIES["sd3"].default_steps
+    default_guidance = FAMILIES["sd3"].default_guidance
+    base_shift = FAMILIES["sd3"].base_shift
 
     supports_negative_prompt = True
-    default_text_len = 77 + 256  # CLIP tokens then T5 tokens
+    default_text_len = FAMILIES["sd3"].default_text_len  # CLIP tokens then T5 tokens
 
     def __init__(self, pipe, *, weak: bool = False):
         super().__init__(pipe, weak=weak)

@@ -51,6 +51,7 @@ import weakref
 
 import torch
 
+from ..families import FAMILIES, MODELS
 from .base import (_CALL, EAGER, Conditioning, DiTAdapter, ModelImpl, SplitBlocks, TokenGrid, check_blocks,
                    current_cache, scheduler_base_shift)
 
@@ -90,21 +91,23 @@ class WanAdapter(DiTAdapter):
 
     ``guidance_scale_2``: the low-noise expert's guidance scale (the pipeline's ``guidance_scale_2``; None = the same
     as ``generate``'s ``guidance_scale``), read when a ``generate`` call encodes its prompt. It belongs to this
-    adapter object: ``get_adapter(pipe)`` builds a new adapter (setting None) when a transformer or the VAE is
-    replaced."""
+    adapter object: ``get_adapter(pipe)`` builds a new adapter (setting the default) when a transformer or the VAE is
+    replaced. With two experts (Wan 2.2 T2V A14B) the defaults are the release's: 40 steps, ``guidance_scale`` 4.0 for
+    the high-noise expert and ``guidance_scale_2`` 3.0 for the low-noise one (as ``pipe(guidance_scale=4.0,
+    guidance_scale_2=3.0, num_inference_steps=40)``); one transformer: None, 50 steps, 5.0."""
 
-    family = "wan"
-    default_preset = "7x"
-    default_steps = 50
-    default_guidance = 5.0
-    default_size = 480                         # square fallback; generate uses default_hw() = (480, 832)
-    default_text_len = 512
-    base_shift = 3.0                           # the published flow_shift; presets use preset_base_shift(h, w)
+    family = "wan"  # defaults: ralu_runtime.families (Wan 2.2 T2V A14B's in __init__)
+    default_preset = FAMILIES["wan"].default_preset
+    default_steps = FAMILIES["wan"].default_steps
+    default_guidance = FAMILIES["wan"].default_guidance
+    default_size = FAMILIES["wan"].default_size  # square fallback; generate uses default_hw() = (480, 832)
+    default_text_len = FAMILIES["wan"].default_text_len
+    base_shift = FAMILIES["wan"].base_shift    # the published flow_shift; presets use preset_base_shift(h, w)
     supports_negative_prompt = True
     takes_prompt_mask = False
     is_video = True
-    default_frames = 81
-    temporal_factor = 4
+    default_frames = FAMILIES["wan"].default_frames
+    temporal_factor = FAMILIES["wan"].temporal_factor
     default_max_sequence_length = 512          # WanPipeline.__call__'s default
 
     def __init__(self, pipe, *, weak: bool = False):
@@ -112,6 +115,10 @@ class WanAdapter(DiTAdapter):
         self.transformer = pipe.transformer
         self.transformer_2 = getattr(pipe, "transformer_2", None)
         self.guidance_scale_2: float | None = None
+        if self.boundary_ratio is not None:  # two experts: Wan 2.2 T2V A14B's published sampler
+            a14b = MODELS["wan22-a14b"]
+            self.default_steps, self.default_guidance = a14b.steps, a14b.guidance
+            self.guidance_scale_2 = a14b.guidance_2
         self._inv_freq: dict[torch.device, list[torch.Tensor]] = {}
         self._call_expert: dict[int, tuple[weakref.ref, int]] = {}  # id(call state) -> (its weakref, last expert)
         self._lock = threading.Lock()

@@ -33,6 +33,7 @@ import copy
 
 import torch
 
+from ..families import FAMILIES
 from .base import (EAGER, Conditioning, DiTAdapter, ModelImpl, SplitBlocks, call_with_hooks, check_blocks,
                    scheduler_base_shift)
 
@@ -109,14 +110,14 @@ def z_image_block(block, x, attn_mask, cos, sin, adaln, qkv=None):
 
 class ZImageAdapter(DiTAdapter):
     """Adapter for diffusers' ``ZImagePipeline`` (Z-Image: 50 steps, CFG 5.0; Z-Image-Turbo: same classes, run
-    it with ``speedup="4step"`` / ``num_inference_steps=9`` and ``guidance_scale=0``)."""
+    it with ``speedup="4step"`` / ``num_inference_steps=8`` (its release's 8 model calls) and ``guidance_scale=0``)."""
 
-    family = "z-image"
-    default_preset = "7x"
-    default_steps = 50          # ZImagePipeline.__call__ defaults
-    default_guidance = 5.0
-    base_shift = 3.0            # the published scheduler: shift 3.0, no dynamic shifting
-    default_size = 1024
+    family = "z-image"  # defaults: ralu_runtime.families
+    default_preset = FAMILIES["z-image"].default_preset
+    default_steps = FAMILIES["z-image"].default_steps
+    default_guidance = FAMILIES["z-image"].default_guidance
+    base_shift = FAMILIES["z-image"].base_shift
+    default_size = FAMILIES["z-image"].default_size
     supports_negative_prompt = True
     takes_prompt_mask = True
     fuses_projections = True

@@ -1,8 +1,10 @@
 """The serving engine: continuous batching of ``generate`` requests at different RALU stages.
 
-Every admitted request runs the unchanged :func:`ralu_runtime.generate` in a worker thread of the engine (text
+A request is checked and resolved with :func:`ralu_runtime.prepare` when it is submitted, and its
+:class:`~ralu_runtime.CallPlan` is executed by :func:`ralu_runtime.run` in a worker thread of the engine (text
 encoding, noise, stage transitions, region choice, solver steps and the VAE decode are that request's own code),
-except its model calls: each is handed to the engine's scheduler thread and the worker waits for the answer. At
+with ``run``'s two public hooks: ``model_call`` hands each model call to the engine's scheduler thread (the worker
+waits for the answer), ``final_decode`` hands it the final VAE decode. At
 every step boundary the scheduler gathers the waiting calls of all active requests - each at its own stage, token
 count, timestep, guidance, preset and resolution - and runs them as **one packed transformer call**
 (:meth:`~ralu_runtime.adapters.DiTAdapter.packed_velocity`: varlen attention over the concatenated sequences,
@@ -26,7 +28,7 @@ Scheduling, per step boundary:
 
 Admission: at most ``max_active`` requests run at once; up to ``max_queue`` more wait in a FIFO queue; beyond that
 :meth:`Engine.submit` raises :class:`EngineBusy` at once (nothing is dropped silently). Arguments are checked
-at submission with :func:`ralu_runtime.api.check_arguments` (the same checks as ``generate``). Per-request
+at submission with :func:`ralu_runtime.prepare` (the same checks as ``generate``). Per-request
 deadlines (:class:`DeadlineExceeded`) and cancellation (:class:`RequestCancelled`) take effect while queued and
 at the request's next model call. :meth:`Engine.shutdown` finishes (``drain=True``) or rejects queued work.
 """
@@ -125,9 +127,10 @@ class RequestHandle:
     """A submitted request: :meth:`result` waits for its :class:`~ralu_runtime.api.RaluOutput` (or raises its
     error), :meth:`cancel` stops it, ``status`` is "queued", "running", "done", "failed" or "cancelled"."""
 
-    def __init__(self, rid: int, kwargs: dict, tokens: int, deadline: float | None):
+    def __init__(self, rid: int, kwargs: dict, tokens: int, deadline: float | None, plan):
         self.id = rid
-        self.kwargs = kwargs
+        self.kwargs = kwargs            # the generate arguments of the request (engine defaults applied)
+        self.plan = plan                # their CallPlan (ralu_runtime.prepare), run by the engine
         self.tokens = tokens            # tokens of its largest model call (for the budget and metrics)
         self.deadline = deadline        # time.monotonic() seconds, or None
         self.submitted = time.monotonic()
@@ -262,7 +265,7 @@ class Engine:
         seconds from now after which the request fails with :class:`DeadlineExceeded`. Raises
         :class:`EngineBusy` when the queue is full and :class:`EngineClosed` after :meth:`shutdown`.
         """
-        from ..api import check_arguments
+        from ..api import prepare
 
         owned = sorted(set(kwargs) & set(ENGINE_OWNED))
         if owned:
@@ -271,10 +274,10 @@ class Engine:
                                        or not deadline_s > 0):
             raise ValueError(f"deadline_s={deadline_s!r}: use seconds > 0, or None")
         call = {**self.defaults, **kwargs, "prompt": prompt, "progress": False}
-        checked = check_arguments(self.pipe, **call)
-        tokens = self._max_tokens(checked)
+        plan = prepare(self.pipe, **call)
+        tokens = self._max_tokens(plan)
         req = RequestHandle(next(self._ids), call, tokens,
-                            None if deadline_s is None else time.monotonic() + deadline_s)
+                            None if deadline_s is None else time.monotonic() + deadline_s, plan)
         req._engine = self
         with self._lock:
             if self._closing:
@@ -344,14 +347,14 @@ class Engine:
                     "decode_batches": self._decode_batches.snapshot()}
 
     # ------------------------------------------------------------------------------------------ workers
-    def _max_tokens(self, checked) -> int:
-        a = checked.adapter
+    def _max_tokens(self, plan) -> int:
+        a = plan.adapter
         p, f = a.patch_size, a.vae_scale_factor
         frames = 1
-        if checked.num_frames is not None:
-            frames = 1 + (checked.num_frames - 1) // a.temporal_factor
-        cfg = 2 if getattr(a, "supports_negative_prompt", False) and checked.guidance > 1 else 1
-        return checked.batch * frames * (checked.height // (p * f)) * (checked.width // (p * f)) * cfg
+        if plan.num_frames is not None:
+            frames = 1 + (plan.num_frames - 1) // a.temporal_factor
+        cfg = 2 if getattr(a, "supports_negative_prompt", False) and plan.guidance > 1 else 1
+        return plan.batch * frames * (plan.height // (p * f)) * (plan.width // (p * f)) * cfg
 
     def _cancelled(self, req: RequestHandle) -> None:
         with self._lock:
@@ -362,6 +365,7 @@ class Engine:
             self._lock.notify_all()
 
     def _hook(self, req: RequestHandle):
+        """``run``'s ``model_call`` hook for ``req``: every model call waits for the scheduler's (packed) step."""
         engine = self
 
         def hook(adapter, velocity):
@@ -381,6 +385,7 @@ class Engine:
         return hook
 
     def _decode_hook(self, req: RequestHandle):
+        """``run``'s ``final_decode`` hook for ``req``: the final VAE decode joins the scheduler's batched decodes."""
         engine = self
 
         def hook(decode):
@@ -404,24 +409,18 @@ class Engine:
         return call.result
 
     def _work(self, req: RequestHandle) -> None:
-        from ..api import _FINAL_DECODE_HOOK, _MODEL_CALL_HOOK, generate
+        from ..api import run
 
         outcome, result, error = "ok", None, None
-        token = _MODEL_CALL_HOOK.set(self._hook(req))
-        dtoken = _FINAL_DECODE_HOOK.set(self._decode_hook(req))
         try:
             req._check()
-            kwargs = dict(req.kwargs)
-            result = generate(self.pipe, kwargs.pop("prompt"), **kwargs)
+            result = run(req.plan, model_call=self._hook(req), final_decode=self._decode_hook(req))
         except RequestCancelled as e:
             outcome, error = "cancelled", e
         except DeadlineExceeded as e:
             outcome, error = "deadline", e
         except BaseException as e:  # noqa: BLE001 - reported to the request's client, never swallowed
             outcome, error = "error", e
-        finally:
-            _MODEL_CALL_HOOK.reset(token)
-            _FINAL_DECODE_HOOK.reset(dtoken)
         with self._lock:
             self._active.discard(req)
             self._outcomes[outcome] += 1

@@ -12,9 +12,9 @@ An application (:func:`build_app`) has three deployments:
   replicas, or autoscaling on queue depth: Ray Serve's autoscaler counts each replica's ongoing requests (its
   engine's running and queued requests plus the ones waiting for it in the routers) against
   ``target_ongoing_requests`` (default: the engine's ``max_active``, so replicas are added once requests queue).
-* ``RaluIngress``: the FastAPI app of :mod:`ralu_runtime.serving.http` (same request parsing, checks, errors, PNG
-  responses, ``/health``, ``/metrics``, ``/v1/models``; shared functions, not a copy) behind Ray Serve's HTTP
-  proxy. It forwards each generation to a replica; PNGs are encoded on the replica.
+* ``RaluIngress``: the API of :mod:`ralu_runtime.serving.http` (same request parsing, checks, errors, PNG
+  responses, ``/health``, ``/metrics``, ``/v1/models``; the functions of :mod:`ralu_runtime.serving.protocol`, not
+  a copy) behind Ray Serve's HTTP proxy. It forwards each generation to a replica; PNGs are encoded on the replica.
 * ``RaluBoard``: a small actor the replicas report their engine metrics to every second; ``/metrics`` and
   ``/health`` read the sum over live replicas (counters of replicas that died or stopped are kept, so totals
   never go down while the board lives).
@@ -57,7 +57,7 @@ except ImportError as _exc:  # pragma: no cover - exercised in a subprocess by t
 
 from fastapi import Request  # module-level: the route annotations are strings (from __future__ import annotations)
 
-from . import http as _http
+from . import protocol
 from .engine import DeadlineExceeded, EngineBusy, EngineClosed, EngineConfig, RequestCancelled
 
 __all__ = ["ReplicaSpec", "IngressOptions", "RaluReplica", "RaluIngress", "RaluBoard", "build_app",
@@ -132,9 +132,9 @@ class IngressOptions:
     waits for its replica's answer before cancelling the call."""
 
     model_name: str = "tiny-flux"
-    max_body_bytes: int = _http.MAX_BODY_BYTES
+    max_body_bytes: int = protocol.MAX_BODY_BYTES
     default_deadline_s: float | None = None
-    max_images: int = _http.MAX_IMAGES
+    max_images: int = protocol.MAX_IMAGES
     max_retries: int = 2
     deadline_slack_s: float = 5.0
     board_timeout_s: float = 10.0
@@ -215,7 +215,7 @@ def merge_metrics(live: list[dict], gone: list[dict] = ()) -> dict:
 
 
 class _Snapshot:
-    """A fixed :meth:`Engine.metrics` result, for :class:`~ralu_runtime.serving.http.EngineCollector`."""
+    """A fixed :meth:`Engine.metrics` result, for :class:`~ralu_runtime.serving.protocol.EngineCollector`."""
 
     def __init__(self, metrics: dict):
         self._metrics = metrics
@@ -285,7 +285,7 @@ def _to_wire(exc: BaseException) -> dict:
         kind = "invalid"
     else:
         kind = next((k for k, cls in _WIRE_KINDS.items() if k != "invalid" and isinstance(exc, cls)), "error")
-    return {"kind": kind, "type": type(exc).__name__, "message": _http._one_line(exc)}
+    return {"kind": kind, "type": type(exc).__name__, "message": protocol.one_line(exc)}
 
 
 class RemoteError(RuntimeError):
@@ -391,7 +391,7 @@ class RaluReplica:
             if err["kind"] == "error":
                 logger.error("replica %s: request %s failed", self.id, handle.id, exc_info=exc)
             return {"error": {**err, "stage": "result"}, "replica": self.id}
-        data = await asyncio.to_thread(_http._png_b64, out.images)
+        data = await asyncio.to_thread(protocol.png_b64, out.images)
         schedule = out.schedule.name if out.schedule is not None else None
         return {"images": data, "timings": out.timings, "schedule": schedule, "replica": self.id}
 
@@ -438,7 +438,7 @@ class RaluReplica:
 
 # --------------------------------------------------------------------------------------------- ingress
 def _retry_after(total: dict | None) -> str:
-    return _http.retry_after_s(total) if total else "1"
+    return protocol.retry_after_s(total) if total else "1"
 
 
 class RaluIngress:
@@ -471,7 +471,7 @@ class RaluIngress:
             attempt += 1
             left = None if end is None else end - time.monotonic()
             if left is not None and left <= 0:
-                raise _http.result_error(DeadlineExceeded("the request passed its deadline"), deadline,
+                raise protocol.result_error(DeadlineExceeded("the request passed its deadline"), deadline,
                                          lambda: _retry_after(self._last_total))
             call = self.replicas.generate.remote(prompt, kwargs, left)
             try:
@@ -482,23 +482,23 @@ class RaluIngress:
             except asyncio.TimeoutError:
                 call.cancel()   # cancels the engine request on its replica
                 self._count("ingress_timeouts")
-                raise _http.result_error(DeadlineExceeded("the replica did not answer by the request's deadline"),
+                raise protocol.result_error(DeadlineExceeded("the replica did not answer by the request's deadline"),
                                          deadline, lambda: _retry_after(self._last_total)) from None
             except asyncio.CancelledError:
                 call.cancel()   # the client hung up (Ray Serve cancels this handler): cancel it on the replica
                 raise
             except BackPressureError:
-                raise _http.unavailable("every replica is busy and the queue is full: retry later",
+                raise protocol.unavailable("every replica is busy and the queue is full: retry later",
                                         _retry_after(self._last_total)) from None
             except DeploymentUnavailableError as exc:
-                raise _http.unavailable(f"no replica is available: {_http._one_line(exc)}",
+                raise protocol.unavailable(f"no replica is available: {protocol.one_line(exc)}",
                                         _retry_after(self._last_total)) from None
             except RayActorError as exc:
                 self._count("replica_failures")
                 why = f"the replica running this request died ({type(exc).__name__})"
                 if attempt > opts.max_retries:
                     logger.error("%s; %d attempt(s), giving up", why, attempt)
-                    raise _http.ApiError(503, f"{why}; tried {attempt} time(s): retry later", code="replica_failed",
+                    raise protocol.ApiError(503, f"{why}; tried {attempt} time(s): retry later", code="replica_failed",
                                          headers={"Retry-After": _retry_after(self._last_total)}) from None
                 logger.warning("%s; sending it to another replica (attempt %d of %d)", why, attempt + 1,
                                opts.max_retries + 1)
@@ -514,10 +514,10 @@ class RaluIngress:
                 self._count("retries")
                 continue
             if err["stage"] == "submit":
-                api = _http.submit_error(exc, retry_after)
+                api = protocol.submit_error(exc, retry_after)
                 if api is not None:
                     raise api
-            raise _http.result_error(exc, deadline, retry_after)
+            raise protocol.result_error(exc, deadline, retry_after)
 
     def __serve_build_asgi_app__(self):
         return build_ingress_app(self)
@@ -537,18 +537,18 @@ def build_ingress_app(ingress: RaluIngress):
 
     opts = ingress.options
     app = FastAPI(title="ralu", docs_url=None, redoc_url=None, openapi_url=None)
-    _http.install_error_handlers(app)
-    app.add_middleware(_http._CountResponses, counts=ingress._http_counts, lock=ingress._lock,
-                       paths=(_http.GENERATIONS_PATH, "/health", "/metrics", "/v1/models"))
+    protocol.install_error_handlers(app)
+    app.add_middleware(protocol.CountResponses, counts=ingress._http_counts, lock=ingress._lock,
+                       paths=(protocol.GENERATIONS_PATH, "/health", "/metrics", "/v1/models"))
 
-    @app.post(_http.GENERATIONS_PATH)
+    @app.post(protocol.GENERATIONS_PATH)
     async def generations(request: Request):
-        body = await _http.read_body(request, opts.max_body_bytes)
-        kwargs, deadline, seed = _http.parse_request(body, model_name=opts.model_name, max_images=opts.max_images,
+        body = await protocol.read_body(request, opts.max_body_bytes)
+        kwargs, deadline, seed = protocol.parse_request(body, model_name=opts.model_name, max_images=opts.max_images,
                                                      default_deadline_s=opts.default_deadline_s)
         prompt = kwargs.pop("prompt")
         reply = await ingress._run(prompt, kwargs, deadline)
-        out = _http.generation_body(reply["images"], reply["timings"], reply["schedule"], seed)
+        out = protocol.generation_body(reply["images"], reply["timings"], reply["schedule"], seed)
         out["ralu"]["replica"] = reply["replica"]
         return out
 
@@ -584,15 +584,15 @@ def build_ingress_app(ingress: RaluIngress):
         try:
             snap = await ingress._board()
         except Exception as exc:  # noqa: BLE001 - the board is restarting
-            raise _http.unavailable(f"replica metrics unavailable ({type(exc).__name__})", "1") from None
+            raise protocol.unavailable(f"replica metrics unavailable ({type(exc).__name__})", "1") from None
         registry = CollectorRegistry(auto_describe=False)
-        registry.register(_http.EngineCollector(_Snapshot(snap["total"]), ingress._http_counts, ingress._lock))
+        registry.register(protocol.EngineCollector(_Snapshot(snap["total"]), ingress._http_counts, ingress._lock))
         registry.register(_Extra(snap))
         return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
 
     @app.get("/v1/models")
     async def models():
-        return _http.models_body(opts.model_name, ingress.started)
+        return protocol.models_body(opts.model_name, ingress.started)
 
     return app
 
@@ -673,7 +673,7 @@ def run(spec: ReplicaSpec, options: IngressOptions | None = None, *, host: str =
                       blocking=False)
         except RuntimeError as exc:     # Ray Serve's message names the deployment; add the replicas' own error
             why = deploy_failure()
-            raise RuntimeError(f"{_http._one_line(exc)}{f' ({why})' if why else ''}") from None
+            raise RuntimeError(f"{protocol.one_line(exc)}{f' ({why})' if why else ''}") from None
         host_url = f"[{host}]" if ":" in host else host
         if on_ready is not None:
             on_ready(f"http://{host_url}:{port}", serve.status().applications[APP_NAME])

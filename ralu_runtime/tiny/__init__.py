@@ -4,17 +4,20 @@ They have the real diffusers classes (transformer, VAE, text encoders, scheduler
 byte-level tokenizers built in code, so prompts work offline. Used by the demo and the tests; the
 images they make are noise-like (random weights), but every code path is the production one.
 
-FLUX.1 and SD3 live here; each further family has its own module (``ralu_runtime.tiny.<family>``) with its tiny
-builder, a benchmark-size / full-size builder (``build_<family>_pipeline(size)``: "small" for CPU latency
-ratios, "full" = the published transformer config for FLOP counting on meta tensors), ``NATIVE_SIZE``,
-``TEXT_LEN`` and ``random_embeds``. :data:`TINY_BUILDERS` names them for the CLI (``--model tiny-...``).
+The tiny FLUX.1 and SD3 builders live here; each further family has its own module (``ralu_runtime.tiny.<family>``)
+with its tiny builder. Every published model of :data:`ralu_runtime.families.MODELS` has a benchmark-size /
+full-size builder (``build_<module>_pipeline(size)``: "small" for CPU latency ratios, "full" = the published
+transformer config for FLOP counting on meta tensors) and ``random_embeds`` in its module (FLUX.1-dev:
+:mod:`.flux`, SD3 Medium: :mod:`.sd3`). The built-in models of ``ralu generate --model tiny-...`` are
+:data:`ralu_runtime.families.TINY_MODELS`; :func:`build_tiny` builds them.
 """
 from __future__ import annotations
 
 import contextlib
-import importlib
 
 import torch
+
+from ..families import TINY_MODELS
 
 TEXT_DIM = 32
 VOCAB = 300  # 256 byte symbols + specials, rounded up
@@ -65,7 +68,7 @@ def byte_tokenizer(max_length: int):
                                    model_max_length=max_length)
 
 
-def _clip(with_projection: bool, hidden: int = TEXT_DIM, projection: int = TEXT_DIM):
+def tiny_clip(with_projection: bool, hidden: int = TEXT_DIM, projection: int = TEXT_DIM):
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
     cfg = CLIPTextConfig(vocab_size=VOCAB, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=2,
@@ -74,7 +77,7 @@ def _clip(with_projection: bool, hidden: int = TEXT_DIM, projection: int = TEXT_
     return (CLIPTextModelWithProjection if with_projection else CLIPTextModel)(cfg).eval()
 
 
-def _t5(d_model: int = TEXT_DIM):
+def tiny_t5(d_model: int = TEXT_DIM):
     from transformers import T5Config, T5EncoderModel
 
     cfg = T5Config(vocab_size=VOCAB, d_model=d_model, d_kv=8, d_ff=2 * d_model, num_layers=2, num_heads=4,
@@ -82,7 +85,7 @@ def _t5(d_model: int = TEXT_DIM):
     return T5EncoderModel(cfg).eval()
 
 
-def _vae(latent_channels: int, shift_factor: float | None):
+def tiny_vae(latent_channels: int, shift_factor: float | None):
     from diffusers import AutoencoderKL
 
     return AutoencoderKL(
@@ -110,8 +113,9 @@ def build_tiny_flux_pipeline(seed: int = 0, *, guidance_embeds: bool = True, lat
         base_shift=0.5, max_shift=1.15, base_image_seq_len=256, max_image_seq_len=4096,
     )
     pipe = FluxPipeline(
-        scheduler=scheduler, vae=_vae(latent_channels, 0.1159), text_encoder=_clip(False),
-        tokenizer=byte_tokenizer(77), text_encoder_2=_t5(), tokenizer_2=byte_tokenizer(512), transformer=transformer,
+        scheduler=scheduler, vae=tiny_vae(latent_channels, 0.1159), text_encoder=tiny_clip(False),
+        tokenizer=byte_tokenizer(77), text_encoder_2=tiny_t5(), tokenizer_2=byte_tokenizer(512),
+        transformer=transformer,
     )
     pipe.set_progress_bar_config(disable=True)
     pipe.to(device)
@@ -131,8 +135,9 @@ def build_tiny_sd3_pipeline(seed: int = 0, *, latent_channels: int = 16, num_lay
     ).eval()
     scheduler = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0)
     pipe = StableDiffusion3Pipeline(
-        scheduler=scheduler, vae=_vae(latent_channels, 0.0609), text_encoder=_clip(True), tokenizer=byte_tokenizer(77),
-        text_encoder_2=_clip(True), tokenizer_2=byte_tokenizer(77), text_encoder_3=_t5(), tokenizer_3=byte_tokenizer(512),
+        scheduler=scheduler, vae=tiny_vae(latent_channels, 0.0609), text_encoder=tiny_clip(True),
+        tokenizer=byte_tokenizer(77), text_encoder_2=tiny_clip(True), tokenizer_2=byte_tokenizer(77),
+        text_encoder_3=tiny_t5(), tokenizer_3=byte_tokenizer(512),
         transformer=transformer,
     )
     pipe.set_progress_bar_config(disable=True)
@@ -140,26 +145,12 @@ def build_tiny_sd3_pipeline(seed: int = 0, *, latent_channels: int = 16, num_lay
     return pipe if dtype == torch.float32 else pipe.to(dtype=dtype)
 
 
-# CLI name -> ("module:function", keyword arguments): the built-in random models of ``ralu generate --model``
-TINY_BUILDERS: dict[str, tuple[str, dict]] = {
-    "tiny-flux": ("ralu_runtime.tiny:build_tiny_flux_pipeline", {}),
-    "tiny-sd3": ("ralu_runtime.tiny:build_tiny_sd3_pipeline", {}),
-    "tiny-sd35": ("ralu_runtime.tiny.sd35:build_tiny_sd35_pipeline", {"variant": "large"}),
-    "tiny-flux2": ("ralu_runtime.tiny.flux2:build_tiny_flux2_pipeline", {}),
-    "tiny-flux2-klein": ("ralu_runtime.tiny.flux2:build_tiny_flux2_pipeline", {"klein": True, "distilled": True}),
-    "tiny-qwen-image": ("ralu_runtime.tiny.qwen_image:build_tiny_qwen_image_pipeline", {}),
-    "tiny-z-image": ("ralu_runtime.tiny.z_image:build_tiny_z_image_pipeline", {}),
-    "tiny-chroma": ("ralu_runtime.tiny.chroma:build_tiny_chroma_pipeline", {}),
-    "tiny-wan": ("ralu_runtime.tiny.wan:build_tiny_wan_pipeline", {}),
-    "tiny-wan22": ("ralu_runtime.tiny.wan:build_tiny_wan_pipeline", {"two_experts": True}),
-    "tiny-hunyuan-video15": ("ralu_runtime.tiny.hunyuan_video15:build_tiny_hunyuan_video15_pipeline", {}),
-}
+# CLI name -> ("module:function", keyword arguments): the built-in random models (ralu_runtime.families.TINY_MODELS)
+TINY_BUILDERS: dict[str, tuple[str, dict]] = {name: (t.builder, dict(t.kwargs)) for name, t in TINY_MODELS.items()}
 
 
 def build_tiny(name: str, **kwargs):
     """Build the built-in random model ``name`` (a key of :data:`TINY_BUILDERS`); ``kwargs``: device, dtype, seed."""
-    if name not in TINY_BUILDERS:
-        raise ValueError(f"unknown tiny model {name!r}; available: {', '.join(TINY_BUILDERS)}")
-    target, fixed = TINY_BUILDERS[name]
-    module, fn = target.split(":")
-    return getattr(importlib.import_module(module), fn)(**fixed, **kwargs)
+    if name not in TINY_MODELS:
+        raise ValueError(f"unknown tiny model {name!r}; available: {', '.join(TINY_MODELS)}")
+    return TINY_MODELS[name].build(**kwargs)

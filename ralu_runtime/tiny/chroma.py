@@ -16,8 +16,6 @@ import torch
 
 from . import building
 
-NATIVE_SIZE = 1024  # pixels: the pipeline's default_sample_size 128 x VAE factor 8
-TEXT_LEN = 512      # T5 tokens of an encoded prompt (the pipeline pads to max_sequence_length = 512)
 
 # Chroma1-HD transformer/config.json (ChromaTransformer2DModel; also diffusers' defaults)
 CHROMA_FULL = dict(patch_size=1, in_channels=64, out_channels=None, num_layers=19, num_single_layers=38,
@@ -46,7 +44,7 @@ def build_tiny_chroma_pipeline(seed: int = 0, *, device="cpu", dtype=torch.float
     approximator 32 channels / hidden 32 / 2 layers), tiny VAE (factor 8), tiny T5 and the byte tokenizer."""
     from diffusers import ChromaPipeline, ChromaTransformer2DModel
 
-    from . import TEXT_DIM, _t5, _vae, byte_tokenizer
+    from . import TEXT_DIM, byte_tokenizer, tiny_t5, tiny_vae
 
     torch.manual_seed(seed)
     transformer = ChromaTransformer2DModel(
@@ -54,7 +52,7 @@ def build_tiny_chroma_pipeline(seed: int = 0, *, device="cpu", dtype=torch.float
         attention_head_dim=16, num_attention_heads=2, joint_attention_dim=TEXT_DIM, axes_dims_rope=(4, 6, 6),
         approximator_num_channels=32, approximator_hidden_dim=32, approximator_layers=2,
     ).eval()
-    pipe = ChromaPipeline(scheduler=chroma_scheduler(), vae=_vae(latent_channels, 0.1159), text_encoder=_t5(),
+    pipe = ChromaPipeline(scheduler=chroma_scheduler(), vae=tiny_vae(latent_channels, 0.1159), text_encoder=tiny_t5(),
                           tokenizer=byte_tokenizer(512), transformer=transformer)
     pipe.set_progress_bar_config(disable=True)
     pipe.to(device)

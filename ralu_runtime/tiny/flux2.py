@@ -24,8 +24,6 @@ import torch
 
 from . import building
 
-NATIVE_SIZE = 1024  # pixels: the pipelines' default_sample_size 128 x VAE factor 8
-TEXT_LEN = 512      # text tokens of an encoded prompt (both pipelines pad to max_sequence_length = 512)
 
 # FLUX.2-dev transformer/config.json (also diffusers' Flux2Transformer2DModel defaults): 6144 hidden, 8 + 48 blocks,
 # text = 3 Mistral-Small-3 layers x 5120

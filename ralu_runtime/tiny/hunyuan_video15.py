@@ -26,9 +26,6 @@ from . import building
 
 # the pipeline's own default for the 720p model (target_size 960, 16:9 bucket) is 720 x 1280; 720 px is not a multiple
 # of RALU's 32-px coarse block (VAE factor 16 x patch 1 x 2), 704 is the nearest below
-NATIVE_SIZE = (704, 1280)
-NATIVE_FRAMES = 121   # HunyuanVideo15Pipeline.__call__'s default num_frames (31 latent frames)
-TEXT_LEN = 128        # valid Qwen tokens of a typical detailed prompt (the pipeline pads to 1000; padding is masked)
 TEXT_DIM = 32         # the tiny Qwen text encoder's hidden size (= the tiny transformer's text_embed_dim)
 TEXT_2_DIM = 16       # the tiny byT5 encoder's d_model (= text_embed_2_dim)
 

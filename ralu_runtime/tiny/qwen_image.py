@@ -24,8 +24,6 @@ from . import building, byte_to_unicode
 
 # Qwen-Image's native square size is 1328 px, which is not a multiple of RALU's 32-px coarse block (VAE factor 8
 # x patch 2 x 2); 1344 is the nearest multiple (84 x 84 fine tokens)
-NATIVE_SIZE = 1344
-TEXT_LEN = 128  # text tokens of a typical detailed prompt after the template's 34 system tokens are dropped
 TEXT_DIM = 32   # the tiny text encoder's hidden size (= the tiny transformer's joint_attention_dim)
 
 # Qwen/Qwen-Image scheduler/scheduler_config.json (the model card's Hugging Face repo), as published

@@ -13,9 +13,8 @@ from __future__ import annotations
 
 import torch
 
-from . import building, _clip, _t5, _vae, byte_tokenizer
+from . import building, byte_tokenizer, tiny_clip, tiny_t5, tiny_vae
 
-NATIVE_SIZE = 1024  # pixels per side both models are trained for
 TEXT_LEN = 77 + 256  # the pipeline's prompt embeddings: 77 CLIP tokens then 256 T5 tokens (max_sequence_length)
 VARIANTS = ("large", "medium")
 
@@ -75,10 +74,10 @@ def build_tiny_sd35_pipeline(seed: int = 0, *, variant: str = "large", device="c
     transformer = SD3Transformer2DModel(**TINY[variant]).eval()
     (h1, p1), (h2, p2) = TINY_CLIP
     pipe = StableDiffusion3Pipeline(
-        scheduler=FlowMatchEulerDiscreteScheduler(**SCHEDULER), vae=_vae(16, 0.0609),
-        text_encoder=_clip(True, h1, p1), tokenizer=byte_tokenizer(77),
-        text_encoder_2=_clip(True, h2, p2), tokenizer_2=byte_tokenizer(77),
-        text_encoder_3=_t5(TINY_T5), tokenizer_3=byte_tokenizer(512), transformer=transformer,
+        scheduler=FlowMatchEulerDiscreteScheduler(**SCHEDULER), vae=tiny_vae(16, 0.0609),
+        text_encoder=tiny_clip(True, h1, p1), tokenizer=byte_tokenizer(77),
+        text_encoder_2=tiny_clip(True, h2, p2), tokenizer_2=byte_tokenizer(77),
+        text_encoder_3=tiny_t5(TINY_T5), tokenizer_3=byte_tokenizer(512), transformer=transformer,
     )
     pipe.set_progress_bar_config(disable=True)
     pipe.to(device)

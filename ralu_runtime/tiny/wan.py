@@ -24,10 +24,8 @@ import torch
 
 from . import building
 
-NATIVE_SIZE = (480, 832)  # pixels (height, width): WanPipeline's defaults
-NATIVE_FRAMES = 81        # WanPipeline's default num_frames (21 latent frames)
-TEXT_LEN = 512            # the pipeline pads UMT5 embeddings to max_sequence_length = 512
-FLOW_SHIFT = 3.0          # published UniPC flow_shift of Wan 2.1 T2V (480p)
+TEXT_LEN = 512            # the tiny tokenizer's length: the pipeline pads UMT5 states to max_sequence_length 512
+FLOW_SHIFT = 3.0          # published UniPC flow_shift of Wan 2.1 T2V (its 480p setting; 5.0 at 720p)
 BOUNDARY_RATIO = 0.875    # Wan 2.2 T2V A14B's boundary_ratio (model_index.json)
 
 # Wan 2.1 T2V 14B transformer/config.json (diffusers' WanTransformer3DModel defaults): 5120 hidden, 40 blocks
@@ -104,20 +102,23 @@ def build_tiny_wan_pipeline(seed: int = 0, *, two_experts: bool = False, schedul
 SIZES = ("small", "full", "full-a14b", "full-1.3b")
 
 
-def build_wan_pipeline(size: str, *, device="cpu", dtype=torch.float32, seed: int = 0):
+def build_wan_pipeline(size: str, *, device="cpu", dtype=torch.float32, seed: int = 0, two_experts: bool = False,
+                       flow_shift: float = FLOW_SHIFT):
     """A ``WanPipeline`` with random weights of shape ``size``: "small" (hidden 384, 2 blocks, small Wan VAE),
     "full" (Wan 2.1 T2V 14B: 40 blocks, 40 heads x 128, FFN 13824, text dim 4096, the real VAE shape), "full-a14b"
     (Wan 2.2 T2V A14B: two such experts, ``boundary_ratio`` 0.875) or "full-1.3b" (Wan 2.1 T2V 1.3B: 30 blocks,
-    12 heads x 128, FFN 8960). Scheduler: the published UniPC (flow_shift 3). No text encoder. Built in ``dtype`` on
+    12 heads x 128, FFN 8960). ``two_experts``: two transformers of that shape and ``boundary_ratio`` 0.875 (Wan 2.2
+    A14B's layout; implied by "full-a14b"). Scheduler: the published UniPC with ``flow_shift`` (3.0: the published
+    config, Wan 2.1's 480p setting; the model card uses 5.0 at 720p). No text encoder. Built in ``dtype`` on
     ``device`` directly (``"meta"``: no memory, for FLOP counting)."""
     from diffusers import WanPipeline, WanTransformer3DModel
 
     if size not in SIZES:
         raise ValueError(f"size={size!r} is not allowed; choose one of {SIZES}")
     shape = {"small": WAN_SMALL, "full": WAN_14B, "full-a14b": WAN_14B, "full-1.3b": WAN_1_3B}[size]
-    two = size == "full-a14b"
+    two = two_experts or size == "full-a14b"
     torch.manual_seed(seed)
-    scheduler = wan_scheduler("unipc")  # outside the device / dtype context: it keeps its tables on the CPU
+    scheduler = wan_scheduler("unipc", flow_shift)  # outside the device / dtype context: it keeps its tables on the CPU
     with building(device, dtype):
         vae = _vae(**(VAE_SMALL if size == "small" else VAE_FULL))
         tr = WanTransformer3DModel(**shape).eval()

@@ -10,10 +10,8 @@ from __future__ import annotations
 
 import torch
 
-from . import building, TEXT_DIM, VOCAB, _vae, byte_tokenizer
+from . import TEXT_DIM, VOCAB, building, byte_tokenizer, tiny_vae
 
-NATIVE_SIZE = 1024   # pixels per side (Z-Image / Z-Image-Turbo model cards: 1024 x 1024)
-TEXT_LEN = 128       # typical caption tokens after the chat template (variable length: no padding to 512)
 
 # Z-Image(-Turbo) scheduler_config.json (HF model repos Tongyi-MAI/Z-Image(-Turbo)): shift 3, no dynamic shifting.
 SCHEDULER_CONFIG = dict(num_train_timesteps=1000, shift=3.0, use_dynamic_shifting=False)
@@ -75,7 +73,7 @@ def build_tiny_z_image_pipeline(seed: int = 0, *, device="cpu", dtype=torch.floa
         transformer.x_pad_token.normal_()
         transformer.cap_pad_token.normal_()
     pipe = ZImagePipeline(scheduler=FlowMatchEulerDiscreteScheduler(**SCHEDULER_CONFIG),
-                          vae=_vae(latent_channels, 0.1159), text_encoder=_qwen3(), tokenizer=qwen3_tokenizer(512),
+                          vae=tiny_vae(latent_channels, 0.1159), text_encoder=_qwen3(), tokenizer=qwen3_tokenizer(512),
                           transformer=transformer)
     pipe.set_progress_bar_config(disable=True)
     pipe.to(device)
