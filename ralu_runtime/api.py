@@ -370,15 +370,15 @@ def _lock_for(obj) -> threading.RLock:
 
 
 @contextlib.contextmanager
-def _call_cache(cache):
-    """Hold ``cache`` (a feature-cache object, or None) for one call: a cache object used by several calls is held
-    by one call at a time; its counters are cleared and it is the call's active cache (:func:`call_scope`)."""
+def _call_state(cache, sharding):
+    """The call's state (:func:`call_scope`): its feature cache (an object, or None) and its sharding plan (or
+    None). A cache object used by several calls is held by one call at a time; its counters are cleared."""
     hold = _lock_for(cache) if cache is not None else contextlib.nullcontext()
     with hold:
         if hasattr(cache, "reset_stats"):
             cache.reset_stats()
-        with call_scope(cache):
-            yield cache
+        with call_scope(cache, sharding=sharding) as state:
+            yield state
 
 
 # ---------------------------------------------------------------------------------------------- generate
@@ -546,9 +546,7 @@ def run(plan: CallPlan, *, model_call: ModelCallHook | None = None,
     video = dict(num_frames=plan.num_frames) if adapter.is_video else {}
     noise_latents = adapter.prepare_noise(batch, plan.height, plan.width, noise_gen, dtype, **video)
 
-    from .parallel import parallel_scope
-
-    with _call_cache(plan.cache) as fcache, parallel_scope(sp):
+    with _call_state(plan.cache, sp) as state:
         if schedule is None:
             result = sample_baseline(adapter, cond, noise_latents, plan.steps, solver=plan.solver,
                                      progress=plan.progress, velocity=velocity)
@@ -558,7 +556,7 @@ def run(plan: CallPlan, *, model_call: ModelCallHook | None = None,
                                  transition_impl=plan.transition_impl, region_mode=plan.region_mode,
                                  region_source=plan.region_source, solver=plan.solver, progress=plan.progress,
                                  velocity=velocity, decode=decode)
-        cache_stats = fcache.stats() if hasattr(fcache, "stats") else None
+        cache_stats = state.cache.stats() if hasattr(state.cache, "stats") else None
     for rec in result.records:
         timings[rec.name] = rec.seconds
     latents = adapter.unpack(result.tokens, *noise_latents.shape[-2:])

@@ -27,7 +27,6 @@ process group.
 from __future__ import annotations
 
 from ..execution.sharding import AttentionSpec, sequence_attention, shard_range, split_sizes
-from .context import current_parallel, parallel_scope
 from .plan import RanksDivergedError, SequenceParallel
 
 EXPORTED_BACKENDS = ("onnx", "tensorrt")
@@ -47,12 +46,12 @@ def _shards(adapter) -> bool:
     return bool(getattr(adapter, "shards", False))
 
 
-def resolve_parallel(parallel, adapter, *, backend: str | None = None, serving: bool = False):
+def resolve_parallel(parallel, adapter, *, backend: str | None = None):
     """The :class:`SequenceParallel` plan of a ``generate`` call, or None. Checks only (no collective, no group).
 
     ``parallel``: None, or a diffusers ``ContextParallelConfig``. With None, a transformer that carries a diffusers
     context-parallel config (``enable_parallelism``) is run under it. ``backend``: the call's compile backend (None:
-    the installed one). ``serving``: the call's model calls go through the serving engine's batcher.
+    the installed one).
     Raises TypeError / ValueError naming the problem.
     """
     tr = getattr(adapter, "transformer", None)
@@ -80,9 +79,6 @@ def resolve_parallel(parallel, adapter, *, backend: str | None = None, serving: 
         raise ValueError(f"{where}: context parallelism is not implemented for "
                          f"{getattr(adapter, 'family', type(adapter).__name__)} ({type(adapter).__name__}); run it "
                          "unsharded (no parallel=)")
-    if serving:
-        raise ValueError(f"{where}: context parallelism cannot run inside the serving engine (its batched model "
-                         "calls pack several requests into one call); run generate directly on every rank")
     if backend is None and getattr(adapter, "runner", None) is not None:
         backend = adapter.runner.options.backend
     if backend in EXPORTED_BACKENDS:
@@ -117,5 +113,5 @@ def resolve_parallel(parallel, adapter, *, backend: str | None = None, serving: 
                             source="argument" if model_cfg is None else "model")
 
 
-__all__ = ["AttentionSpec", "RanksDivergedError", "SequenceParallel", "current_parallel", "parallel_scope",
-           "resolve_parallel", "sequence_attention", "shard_range", "split_sizes"]
+__all__ = ["AttentionSpec", "RanksDivergedError", "SequenceParallel", "resolve_parallel", "sequence_attention",
+           "shard_range", "split_sizes"]
