@@ -276,6 +276,29 @@ def test_packed_falls_back_per_call_with_a_cache_or_hooks(wan22):
     assert seen, "the hooks ran in the per-call fallback"
 
 
+@torch.no_grad()
+def test_serving_engine_packs_wan_requests(wan22):
+    """The serving engine packs Wan 2.2 requests at different stages, sizes, frame counts and experts (CFG texts of
+    other lengths included); every request equals generate alone (atol = rtol = 1e-4 on latents, as
+    tests/test_serving_engine.py)."""
+    from ralu_runtime.serving import Engine, EngineConfig
+
+    pipe, _ = wan22
+    B = RaluSchedule(steps=(3, 1, 2), ends=(0.4, 0.6, 1.0), shifts=(3.0, 2.0, 3.0), z=3.0, ratio=0.5)
+    e1, e2 = random_embeds(pipe, 1, 12, seed=1, cfg=True), random_embeds(pipe, 2, 6, seed=2, cfg=True)
+    e2["negative_prompt_embeds"] = random_embeds(pipe, 2, 9, seed=3)["prompt_embeds"]
+    reqs = [(dict(height=64, width=96, num_frames=9, speedup=SMALL, **e1), 11),
+            (dict(height=96, width=64, num_frames=5, speedup=B, **e2), 12),
+            (dict(height=64, width=64, num_frames=5, speedup=None, num_inference_steps=6, **e1), 13)]
+    with Engine(pipe, EngineConfig(gather_timeout_s=0.05), output_type="latent") as eng:
+        outs = [h.result(timeout=600) for h in [eng.submit(seed=seed, **kw) for kw, seed in reqs]]
+        m = eng.metrics()
+    assert m["requests"]["ok"] == len(reqs) and m["packed_calls"] > 0
+    for (kw, seed), out in zip(reqs, outs):
+        ref = generate(pipe, seed=seed, output_type="latent", progress=False, **kw).images
+        torch.testing.assert_close(out.images, ref, rtol=1e-4, atol=1e-4)
+
+
 # ---- expert state per generate call ---------------------------------------------------------------------------------
 @torch.no_grad()
 def test_expert_state_lives_in_the_call_state(wan22):
@@ -368,9 +391,19 @@ def _cfg(**kw):
     return ContextParallelConfig(**kw)
 
 
-def _ranks_worker(configs):
-    """Every sharded case under each of ``configs`` (name -> ContextParallelConfig kwargs), with its single-process
-    reference computed in the same process. Counts the sharded attention calls (this worker process only)."""
+# sharded cases: (model, generate kwargs, negative text length; the prompt has 12 tokens)
+RANK_CASES = {
+    "ralu": ("wan21", dict(speedup=SMALL, seed=3), 12),
+    "ralu22": ("wan22", dict(speedup=SMALL, seed=3), 12),
+    "two_pass": ("wan22", dict(speedup=SMALL, seed=4), 9),           # CFG texts of 12 and 9 tokens: two passes
+    "cache": ("wan22", dict(speedup=None, num_inference_steps=5, seed=5, cache="taylorseer:2"), 12),
+    "batch2": ("wan22", dict(speedup=SMALL, seed=6, region_mode="frame"), 12),
+}
+
+
+def _ranks_worker(runs):
+    """``runs``: (config name, ContextParallelConfig kwargs, case of :data:`RANK_CASES`); each case also once in this
+    process without sharding (the reference). Counts the sharded attention calls (this worker process only)."""
     from ralu_runtime.execution.sharding import Sharded
 
     sharded_calls = []
@@ -381,26 +414,24 @@ def _ranks_worker(configs):
         return attend(self, *a, **kw)
 
     Sharded.attend = counted  # the worker process ends after this function
-    pipes = {"wan21": build_tiny_wan_pipeline(seed=0), "wan22": build_tiny_wan_pipeline(seed=0, two_experts=True)}
-    out = {}
-    for cname, ckw in configs.items():
-        for name, variant, extra, neg_len in (
-                ("ralu", "wan21", dict(speedup=SMALL, seed=3), 12),
-                ("two_pass", "wan22", dict(speedup=SMALL, seed=4), 9),          # CFG texts 12 and 9: two passes
-                ("cache", "wan22", dict(speedup=None, num_inference_steps=5, seed=5, cache="taylorseer:2"), 12),
-                ("batch2", "wan22", dict(speedup=SMALL, seed=6, region_mode="frame"), 12)):
-            pipe = pipes[variant]
-            b = 2 if name == "batch2" else 1
-            emb = random_embeds(pipe, b, 12, seed=1)
-            emb["negative_prompt_embeds"] = random_embeds(pipe, b, neg_len, seed=2)["prompt_embeds"]
-            kw = dict(KW, **emb, **extra, return_masks=True)
-            ref = generate(pipe, **kw)
-            before = len(sharded_calls)
-            par = generate(pipe, **kw, parallel=_cfg(**ckw))
-            out[f"{cname}/{name}"] = dict(ref=ref.images, par=par.images, ref_masks=ref.masks, par_masks=par.masks,
-                                          ref_stats=ref.cache_stats, par_stats=par.cache_stats,
-                                          tokens=[r.tokens for r in par.records],
-                                          sharded=len(sharded_calls) - before)
+    pipes, refs, out = {}, {}, {}
+    for cname, ckw, case in runs:
+        variant, extra, neg_len = RANK_CASES[case]
+        if variant not in pipes:
+            pipes[variant] = build_tiny_wan_pipeline(seed=0, two_experts=variant == "wan22")
+        pipe = pipes[variant]
+        b = 2 if case == "batch2" else 1
+        emb = random_embeds(pipe, b, 12, seed=1)
+        emb["negative_prompt_embeds"] = random_embeds(pipe, b, neg_len, seed=2)["prompt_embeds"]
+        kw = dict(KW, **emb, **extra, return_masks=True)
+        if case not in refs:
+            refs[case] = generate(pipe, **kw)
+        ref = refs[case]
+        before = len(sharded_calls)
+        par = generate(pipe, **kw, parallel=_cfg(**ckw))
+        out[f"{cname}/{case}"] = dict(ref=ref.images, par=par.images, ref_masks=ref.masks, par_masks=par.masks,
+                                      ref_stats=ref.cache_stats, par_stats=par.cache_stats,
+                                      tokens=[r.tokens for r in par.records], sharded=len(sharded_calls) - before)
     return out
 
 
@@ -421,14 +452,15 @@ def _check_ranks(results):
 def two_ranks():
     from ralu_runtime.parallel.launch import run_gloo
 
-    configs = {"ulysses": dict(ulysses_degree=2), "ring": dict(ring_degree=2, ring_anything=True)}
-    return run_gloo(WORKER + "_ranks_worker", 2, kwargs=dict(configs=configs), timeout=600)
+    u, r = dict(ulysses_degree=2), dict(ring_degree=2, ring_anything=True)
+    runs = [("ulysses", u, "two_pass"), ("ulysses", u, "batch2"), ("ring", r, "ralu22"), ("ring", r, "cache")]
+    return run_gloo(WORKER + "_ranks_worker", 2, kwargs=dict(runs=runs), timeout=600)
 
 
 def test_two_ranks_equal_one_process(two_ranks):
     _check_ranks(two_ranks)
     r = two_ranks[0]
-    assert 33 in r["ulysses/ralu"]["tokens"], r["ulysses/ralu"]["tokens"]  # stage 2: 18 + 3 x 5 rows, odd
+    assert 33 in r["ring/ralu22"]["tokens"], r["ring/ralu22"]["tokens"]  # stage 2: 18 + 3 x 5 rows, odd
     assert r["ring/cache"]["par_stats"]["cached"] > 0
 
 
@@ -437,4 +469,7 @@ def test_four_ranks_equal_one_process():
     from ralu_runtime.parallel.launch import run_gloo
 
     configs = {"u2r2": dict(ulysses_degree=2, ring_degree=2), "u4": dict(ulysses_degree=4, ulysses_anything=True)}
-    _check_ranks(run_gloo(WORKER + "_ranks_worker", 4, kwargs=dict(configs=configs), timeout=900))
+    runs = [(name, cfg, case) for name, cfg in configs.items() for case in RANK_CASES if case != "ralu22"]
+    results = run_gloo(WORKER + "_ranks_worker", 4, kwargs=dict(runs=runs), timeout=900)
+    _check_ranks(results)
+    assert len(results[0]) == 8

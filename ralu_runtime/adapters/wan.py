@@ -11,11 +11,31 @@ vertically (:class:`~ralu_runtime.adapters.base.TokenGrid` ``frames``): a token 
 col) of ``(t, h, w)`` head-dim channels, ``cos / sin`` of ``position * 10000^(-2i/d)`` in float64, channel pairs
 interleaved). RALU needs per-image and half-integer positions, so the adapter computes the tables itself from every
 token's (frame, row, col) (:meth:`WanAdapter.rotary`, ``(B, L, 1, head_dim)``: equal to the model's table on integer
-grids) and runs the block stack itself, calling each ``WanTransformerBlock`` module with them (its attention
-processor broadcasts per-image tables), so LoRA layers and hooks on blocks and layers work. The patch embedding is
-the model's Conv3d module: on the 5-D latent for raster token sets, on each token's ``(C, 1, 2, 2)`` patch otherwise
-(kernel = stride: the same map). Text tokens take no position (cross-attention only). Nothing on the user's modules
-is replaced or patched.
+grids) and runs the block stack itself. The patch embedding is the model's Conv3d module: on the 5-D latent for raster
+token sets, on each token's ``(C, 1, 2, 2)`` patch otherwise (kernel = stride: the same map). Text tokens take no
+position (cross-attention only). Nothing on the user's modules is replaced or patched.
+
+**Execution modes** (:mod:`ralu_runtime.execution`). One block function, :func:`wan_block` with :func:`wan_attention`
+(the same operations in the same order as diffusers' ``WanTransformerBlock`` and ``WanAttnProcessor``, on the blocks'
+own layers, so LoRA layers and hooks on layers take effect), serves every mode: the mode ``ex`` decides how the
+self-attention over the image stream and the cross-attention to the text stream run and how the per-image
+modulation (each block's scale-shift table plus the time projection) reaches the tokens.
+
+* One request (:class:`~ralu_runtime.execution.modes.Dense`): bitwise equal to calling the block modules.
+* Context parallelism (:class:`~ralu_runtime.execution.sharding.Sharded`, when the running ``generate`` call has a
+  sharding plan, ``generate(parallel=ContextParallelConfig(...))``): every rank holds its rows of the image tokens
+  (any count, uneven shards) and the whole text; the self-attention is exact across ranks, the cross-attention local
+  (the text is not sharded); every rank returns the whole velocity.
+* Many requests in one call (:class:`~ralu_runtime.execution.packing.Packed`, :meth:`WanAdapter.packed_velocity`):
+  every video its own self-attention segment and its own text segment, with its own timestep, text length and rotary
+  positions; CFG passes are videos of their own; one packed call per expert.
+
+Text masks: Wan has none (the pipeline zero-pads the UMT5 states to ``max_sequence_length`` and the cross-attention
+attends to every text token, padding included), so every mode attends to all of a video's text tokens and a packed
+call keeps them all in its text stream. Torch forward hooks on the blocks and on their ``attn1`` / ``attn2`` modules
+run in one-request calls (:func:`~ralu_runtime.adapters.base.call_with_hooks`: hooks that observe; a hook returning
+a replacement input or output raises NotImplementedError); a packed call with such hooks falls back to one call per
+request.
 
 **Guidance and experts.** As ``WanPipeline.__call__``: CFG when ``guidance_scale > 1`` with the negative prompt ("" by
 default) as ``uncond + g (cond - uncond)``; the conditional and unconditional passes run as one batch of 2B (two passes
@@ -36,7 +56,8 @@ with UniPC it follows the same sigmas with a different integrator. h_ori for pre
 **Refused** (:meth:`WanAdapter.check_supported`, before any work): attention processors other than diffusers'
 ``WanAttnProcessor``; image-conditioned (I2V) transformers (``image_dim`` / ``added_kv_proj_dim``); temporal patches
 other than 1 or non-square spatial patches; diffusers hook registries on the blocks (:func:`check_blocks`) and
-stateful ones (``enable_cache``, context parallelism) on the transformers; a ``boundary_ratio`` without
+stateful ones (``enable_cache``, diffusers' own ``enable_parallelism``: use ``generate(parallel=...)``) on the
+transformers; a ``boundary_ratio`` without
 ``transformer_2``; schedulers without flow sigmas; ``guidance_scale_2`` without a ``boundary_ratio``. Wan 2.2 TI2V
 5B's ``expand_timesteps`` (per-token timesteps, all equal in text-to-video) runs as the equal scalar timestep.
 
@@ -256,7 +277,8 @@ class WanAdapter(DiTAdapter):
                 raise ValueError(f"{name} carries diffusers hooks ({', '.join(hooks)}: e.g. enable_cache or context "
                                  "parallelism); they act through the transformer's own forward, which ralu does not "
                                  "call. Remove them (pipe.transformer.disable_cache(), HookRegistry.remove_hook) and "
-                                 "use generate(cache=...) for temporal caching")
+                                 "use generate(cache=...) for temporal caching, generate(parallel=ContextParallelConfig("
+                                 "...)) for context parallelism")
             blocks = [(f"{name}.blocks.{i}", b) for i, b in enumerate(tr.blocks)]
             for attn in ("attn1", "attn2"):
                 check_blocks(blocks, ("WanAttnProcessor",), "Wan", attn=attn)
