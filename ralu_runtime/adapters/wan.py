@@ -57,9 +57,9 @@ with UniPC it follows the same sigmas with a different integrator. h_ori for pre
 ``WanAttnProcessor``; image-conditioned (I2V) transformers (``image_dim`` / ``added_kv_proj_dim``); temporal patches
 other than 1 or non-square spatial patches; diffusers hook registries on the blocks (:func:`check_blocks`) and
 stateful ones (``enable_cache``, diffusers' own ``enable_parallelism``: use ``generate(parallel=...)``) on the
-transformers; a ``boundary_ratio`` without
-``transformer_2``; schedulers without flow sigmas; ``guidance_scale_2`` without a ``boundary_ratio``. Wan 2.2 TI2V
-5B's ``expand_timesteps`` (per-token timesteps, all equal in text-to-video) runs as the equal scalar timestep.
+transformers; a ``boundary_ratio`` without ``transformer_2``; schedulers without flow sigmas; ``guidance_scale_2``
+without a ``boundary_ratio``. Wan 2.2 TI2V 5B's ``expand_timesteps`` (per-token timesteps, all equal in
+text-to-video) runs as the equal scalar timestep.
 
 The VAE decode (``AutoencoderKLWan``: a stateful frame-by-frame loop with feature caches on the module) runs eagerly
 and one call at a time per VAE.
@@ -573,20 +573,19 @@ class WanAdapter(DiTAdapter):
                             tuple(ex.local(r, IMAGE) for r in rope), impl, timestep if cached else None)
         return ex.whole(out, IMAGE)
 
-    def _expert(self, timestep, cond: Conditioning):
-        """``(expert index, its transformer, its guidance scale)`` of a model call (:meth:`expert_index`)."""
-        expert = self.expert_index(timestep, cond)
-        data = cond.data
+    def _expert(self, expert: int, data: dict):
+        """``(transformer, guidance scale)`` of expert ``expert`` (:meth:`expert_index`) for a call's ``cond.data``."""
         if expert == 0:
-            return 0, self.transformer, data["guidance_scale"]
-        return 1, self.transformer_2, data["guidance_scale_2"]
+            return self.transformer, data["guidance_scale"]
+        return self.transformer_2, data["guidance_scale_2"]
 
     def velocity(self, tokens, grid, timestep, cond, impl: ModelImpl | None = None):
         """One request's velocity ``(B, L, C p p)`` (CFG combined); sharded across ranks when the running ``generate``
         call has a sharding plan (context parallelism: every rank returns the whole velocity)."""
         impl = impl or EAGER
         data = cond.data
-        expert, tr, scale = self._expert(timestep, cond)
+        expert = self.expert_index(timestep, cond)
+        tr, scale = self._expert(expert, data)
         if data.get("boundary") is not None:
             self._note_expert(expert)
         if not torch.is_tensor(timestep):
@@ -660,7 +659,7 @@ class WanAdapter(DiTAdapter):
 
     def _packed_call(self, calls: list[VelocityCall], expert: int, execution: PackedExecution) -> list[torch.Tensor]:
         """One packed call of ``expert``'s transformer for ``calls`` (all of that expert)."""
-        tr = self.transformer if expert == 0 else self.transformer_2
+        tr = self._expert(expert, calls[0].cond.data)[0]
         device, dtype = calls[0].tokens.device, calls[0].tokens.dtype
         tokens, fpos, embeds, ts, image_lens, text_lens, batches = [], [], [], [], [], [], []
         for c in calls:
@@ -707,8 +706,7 @@ class WanAdapter(DiTAdapter):
             data = c.cond.data
             if data["cfg"]:
                 uncond, text = o.chunk(2)
-                scale = data["guidance_scale"] if expert == 0 else data["guidance_scale_2"]
-                o = uncond + scale * (text - uncond)
+                o = uncond + self._expert(expert, data)[1] * (text - uncond)
             results.append(o)
         return results
 
