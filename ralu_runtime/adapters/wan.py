@@ -11,11 +11,31 @@ vertically (:class:`~ralu_runtime.adapters.base.TokenGrid` ``frames``): a token 
 col) of ``(t, h, w)`` head-dim channels, ``cos / sin`` of ``position * 10000^(-2i/d)`` in float64, channel pairs
 interleaved). RALU needs per-image and half-integer positions, so the adapter computes the tables itself from every
 token's (frame, row, col) (:meth:`WanAdapter.rotary`, ``(B, L, 1, head_dim)``: equal to the model's table on integer
-grids) and runs the block stack itself, calling each ``WanTransformerBlock`` module with them (its attention
-processor broadcasts per-image tables), so LoRA layers and hooks on blocks and layers work. The patch embedding is
-the model's Conv3d module: on the 5-D latent for raster token sets, on each token's ``(C, 1, 2, 2)`` patch otherwise
-(kernel = stride: the same map). Text tokens take no position (cross-attention only). Nothing on the user's modules
-is replaced or patched.
+grids) and runs the block stack itself. The patch embedding is the model's Conv3d module: on the 5-D latent for raster
+token sets, on each token's ``(C, 1, 2, 2)`` patch otherwise (kernel = stride: the same map). Text tokens take no
+position (cross-attention only). Nothing on the user's modules is replaced or patched.
+
+**Execution modes** (:mod:`ralu_runtime.execution`). One block function, :func:`wan_block` with :func:`wan_attention`
+(the same operations in the same order as diffusers' ``WanTransformerBlock`` and ``WanAttnProcessor``, on the blocks'
+own layers, so LoRA layers and hooks on layers take effect), serves every mode: the mode ``ex`` decides how the
+self-attention over the image stream and the cross-attention to the text stream run and how the per-image
+modulation (each block's scale-shift table plus the time projection) reaches the tokens.
+
+* One request (:class:`~ralu_runtime.execution.modes.Dense`): bitwise equal to calling the block modules.
+* Context parallelism (:class:`~ralu_runtime.execution.sharding.Sharded`, when the running ``generate`` call has a
+  sharding plan, ``generate(parallel=ContextParallelConfig(...))``): every rank holds its rows of the image tokens
+  (any count, uneven shards) and the whole text; the self-attention is exact across ranks, the cross-attention local
+  (the text is not sharded); every rank returns the whole velocity.
+* Many requests in one call (:class:`~ralu_runtime.execution.packing.Packed`, :meth:`WanAdapter.packed_velocity`):
+  every video its own self-attention segment and its own text segment, with its own timestep, text length and rotary
+  positions; CFG passes are videos of their own; one packed call per expert.
+
+Text masks: Wan has none (the pipeline zero-pads the UMT5 states to ``max_sequence_length`` and the cross-attention
+attends to every text token, padding included), so every mode attends to all of a video's text tokens and a packed
+call keeps them all in its text stream. Torch forward hooks on the blocks and on their ``attn1`` / ``attn2`` modules
+run in one-request calls (:func:`~ralu_runtime.adapters.base.call_with_hooks`: hooks that observe; a hook returning
+a replacement input or output raises NotImplementedError); a packed call with such hooks falls back to one call per
+request.
 
 **Guidance and experts.** As ``WanPipeline.__call__``: CFG when ``guidance_scale > 1`` with the negative prompt ("" by
 default) as ``uncond + g (cond - uncond)``; the conditional and unconditional passes run as one batch of 2B (two passes
@@ -36,9 +56,10 @@ with UniPC it follows the same sigmas with a different integrator. h_ori for pre
 **Refused** (:meth:`WanAdapter.check_supported`, before any work): attention processors other than diffusers'
 ``WanAttnProcessor``; image-conditioned (I2V) transformers (``image_dim`` / ``added_kv_proj_dim``); temporal patches
 other than 1 or non-square spatial patches; diffusers hook registries on the blocks (:func:`check_blocks`) and
-stateful ones (``enable_cache``, context parallelism) on the transformers; a ``boundary_ratio`` without
-``transformer_2``; schedulers without flow sigmas; ``guidance_scale_2`` without a ``boundary_ratio``. Wan 2.2 TI2V
-5B's ``expand_timesteps`` (per-token timesteps, all equal in text-to-video) runs as the equal scalar timestep.
+stateful ones (``enable_cache``, diffusers' own ``enable_parallelism``: use ``generate(parallel=...)``) on the
+transformers; a ``boundary_ratio`` without ``transformer_2``; schedulers without flow sigmas; ``guidance_scale_2``
+without a ``boundary_ratio``. Wan 2.2 TI2V 5B's ``expand_timesteps`` (per-token timesteps, all equal in
+text-to-video) runs as the equal scalar timestep.
 
 The VAE decode (``AutoencoderKLWan``: a stateful frame-by-frame loop with feature caches on the module) runs eagerly
 and one call at a time per VAE.
@@ -52,9 +73,16 @@ import weakref
 import torch
 
 from ..families import FAMILIES, MODELS
-from .base import (_CALL, EAGER, Conditioning, DiTAdapter, ModelImpl, SplitBlocks, TokenGrid, check_blocks,
-                   current_cache, scheduler_base_shift)
+from ..execution.modes import DENSE, Mode
+from ..execution.packing import (HostSegments, Packed, PackedExecution, PackedSegments, can_pack, pad_rows,
+                                 split_calls, static_attention)
+from ..execution.sharding import Sharded
+from .base import (EAGER, BlockStack, Conditioning, DiTAdapter, ModelImpl, TokenGrid, VelocityCall, call_with_hooks,
+                   check_blocks, check_velocity_calls, current_cache, current_call, current_sharding,
+                   scheduler_base_shift)
 
+IMAGE, TEXT = 0, 1  # Wan's streams: the video tokens (self-attention, sharded) and the text (cross-attention keys)
+_EXPERT_KEY = "wan.last_expert"  # CallState.adapter: the expert of the call's last model call (cache resets)
 ROPE_THETA = 10000.0  # WanRotaryPosEmbed's theta (WanTransformer3DModel passes none: the default)
 # diffusers hooks whose effect is per module call (no state across a transformer forward): allowed on the model
 STATELESS_HOOK_PREFIXES = ("group_offloading", "lazy_prefetch_group_offloading", "layerwise_casting",
@@ -72,11 +100,84 @@ def _vae_lock(vae) -> threading.Lock:
         return lock
 
 
-def wan_block(block, hidden_states, encoder_hidden_states, temb, rope_cos, rope_sin):
-    """One ``WanTransformerBlock`` called as the module it is (its processors, LoRA layers and hooks run as usual)
-    with per-image rotary tables ``rope_cos`` / ``rope_sin`` ``(B, L, 1, head_dim)``; returns the image hidden states
-    ``(B, L, D)``. A separate pure function so a backend can compile it without touching the user's module."""
-    return block(hidden_states, encoder_hidden_states, temb, (rope_cos, rope_sin))
+def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """diffusers' ``WanAttnProcessor`` rotary embedding (same operations): ``x (B, S, H, Dh)``, ``cos`` / ``sin``
+    ``(B, S, 1, Dh)`` with channel pairs interleaved."""
+    x1, x2 = x.unflatten(-1, (-1, 2)).unbind(-1)
+    cos = cos[..., 0::2]
+    sin = sin[..., 1::2]
+    out = torch.empty_like(x)
+    out[..., 0::2] = x1 * cos - x2 * sin
+    out[..., 1::2] = x1 * sin + x2 * cos
+    return out.type_as(x)
+
+
+def wan_attention(attn, hidden_states, encoder_hidden_states, rope, ex: Mode = DENSE) -> torch.Tensor:
+    """diffusers' ``WanAttnProcessor`` on ``attn`` (a ``WanAttention`` of a text-to-video block; same operations, same
+    order) in mode ``ex``. Self-attention (``encoder_hidden_states`` None): the image stream's tokens ``(B, L, D)``
+    attend to each other with rotary ``rope = (cos, sin)`` ``(B, L, 1, Dh)``. Cross-attention: they attend to their
+    own image's text tokens ``encoder_hidden_states (B, T, D)`` (no rotary). Returns ``(B, L, D)``. The projections
+    are the model's own layers (``to_qkv`` / ``to_kv`` when the model's projections are fused)."""
+    cross = encoder_hidden_states is not None
+    if attn.fused_projections and not cross:
+        query, key, value = attn.to_qkv(hidden_states).chunk(3, dim=-1)
+    elif attn.fused_projections:
+        query = attn.to_q(hidden_states)
+        key, value = attn.to_kv(encoder_hidden_states).chunk(2, dim=-1)
+    else:
+        kv_in = encoder_hidden_states if cross else hidden_states
+        query, key, value = attn.to_q(hidden_states), attn.to_k(kv_in), attn.to_v(kv_in)
+    query = attn.norm_q(query)
+    key = attn.norm_k(key)
+    query = query.unflatten(2, (attn.heads, -1))
+    key = key.unflatten(2, (attn.heads, -1))
+    value = value.unflatten(2, (attn.heads, -1))
+    if rope is not None:
+        query = _rotate(query, *rope)
+        key = _rotate(key, *rope)
+    proc = attn.processor
+    backend = getattr(proc, "_attention_backend", None)
+    if cross:
+        out = ex.cross_attend(query, key, value, q_stream=IMAGE, kv_stream=TEXT, backend=backend)
+    else:
+        out = ex.attend(query, key, value, stream=IMAGE, backend=backend,
+                        parallel_config=getattr(proc, "_parallel_config", None))
+    out = out.flatten(2, 3).type_as(query)
+    return attn.to_out[1](attn.to_out[0](out))
+
+
+def _attention(attn, hidden_states, encoder_hidden_states, rope, ex: Mode):
+    """:func:`wan_attention` with the torch forward hooks of the ``attn`` module run around it (observing hooks;
+    :func:`call_with_hooks`), as when the block called the module."""
+    args = (attn, hidden_states, encoder_hidden_states, rope, ex)
+    if not (attn._forward_hooks or attn._forward_pre_hooks):
+        return wan_attention(*args)
+    return call_with_hooks(attn, wan_attention, args, dict(hidden_states=hidden_states,
+                                                           encoder_hidden_states=encoder_hidden_states,
+                                                           attention_mask=None, rotary_emb=rope))
+
+
+def wan_block(block, hidden_states, encoder_hidden_states, temb, rope_cos, rope_sin, ex: Mode = DENSE):
+    """diffusers' ``WanTransformerBlock.forward`` (its per-image path ``temb (n, 6, D)``; same operations, same order)
+    with :func:`wan_attention`, in mode ``ex``: image tokens ``hidden_states (B, L, D)`` and text
+    ``encoder_hidden_states (B, T, D)`` in ``ex``'s layout, ``temb`` the time projection per image, rotary
+    ``rope_cos`` / ``rope_sin`` ``(B, L, 1, Dh)``. The six modulation vectors (the block's scale-shift table plus the
+    time projection) reach every image's tokens through ``ex.tok``. Returns the new image tokens."""
+    mod = (block.scale_shift_table + temb.float()).chunk(6, dim=1)
+    shift_msa, scale_msa, gate_msa, c_shift_msa, c_scale_msa, c_gate_msa = (ex.tok(m.squeeze(1), IMAGE) for m in mod)
+    rope = (rope_cos, rope_sin)
+
+    norm_h = (block.norm1(hidden_states.float()) * (1 + scale_msa) + shift_msa).type_as(hidden_states)
+    attn_out = _attention(block.attn1, norm_h, None, rope, ex)
+    hidden_states = (hidden_states.float() + attn_out * gate_msa).type_as(hidden_states)
+
+    norm_h = block.norm2(hidden_states.float()).type_as(hidden_states)
+    attn_out = _attention(block.attn2, norm_h, encoder_hidden_states, None, ex)
+    hidden_states = hidden_states + attn_out
+
+    norm_h = (block.norm3(hidden_states.float()) * (1 + c_scale_msa) + c_shift_msa).type_as(hidden_states)
+    ff_out = block.ffn(norm_h)
+    return (hidden_states.float() + ff_out.float() * c_gate_msa).type_as(hidden_states)
 
 
 def _tracing() -> bool:
@@ -120,8 +221,6 @@ class WanAdapter(DiTAdapter):
             self.default_steps, self.default_guidance = a14b.steps, a14b.guidance
             self.guidance_scale_2 = a14b.guidance_2
         self._inv_freq: dict[torch.device, list[torch.Tensor]] = {}
-        self._call_expert: dict[int, tuple[weakref.ref, int]] = {}  # id(call state) -> (its weakref, last expert)
-        self._lock = threading.Lock()
 
     def read_components(self) -> tuple:
         pipe = self.pipe
@@ -185,7 +284,8 @@ class WanAdapter(DiTAdapter):
                 raise ValueError(f"{name} carries diffusers hooks ({', '.join(hooks)}: e.g. enable_cache or context "
                                  "parallelism); they act through the transformer's own forward, which ralu does not "
                                  "call. Remove them (pipe.transformer.disable_cache(), HookRegistry.remove_hook) and "
-                                 "use generate(cache=...) for temporal caching")
+                                 "use generate(cache=...) for temporal caching, generate(parallel=ContextParallelConfig("
+                                 "...)) for context parallelism")
             blocks = [(f"{name}.blocks.{i}", b) for i, b in enumerate(tr.blocks)]
             for attn in ("attn1", "attn2"):
                 check_blocks(blocks, ("WanAttnProcessor",), "Wan", attn=attn)
@@ -358,18 +458,14 @@ class WanAdapter(DiTAdapter):
 
     def _note_expert(self, expert: int) -> None:
         """Reset the call's feature cache when the expert changes (its features belong to the other model). The last
-        expert is remembered per ``generate`` call (its call state, weakly), so concurrent calls never mix."""
+        expert is kept in the running ``generate`` call's own state (``CallState.adapter``), so concurrent calls
+        (threads) never see each other's."""
         cache = current_cache()
         if cache is None:
             return
-        state = _CALL.get()
-        with self._lock:  # keyed by identity (CallState is an unhashable dataclass); dead calls' entries dropped
-            for key in [k for k, (ref, _) in self._call_expert.items() if ref() is None]:
-                del self._call_expert[key]
-            ref, last = self._call_expert.get(id(state), (None, None))
-            if ref is None or ref() is not state:
-                last = None
-            self._call_expert[id(state)] = (weakref.ref(state), expert)
+        state = current_call().adapter
+        last = state.get(_EXPERT_KEY)
+        state[_EXPERT_KEY] = expert
         if last is not None and last != expert:
             cache.reset()
 
@@ -402,17 +498,28 @@ class WanAdapter(DiTAdapter):
         """Per-image rotary ``(cos, sin)``, each ``(B, L, 1, head_dim)`` in the dtype of the model's own table
         (float32): per axis ``cos / sin`` of ``position * inv_freq`` in float64, channel pairs interleaved, axes in
         the model's (frame, row, col) order; equal to ``WanRotaryPosEmbed``'s table at integer positions."""
-        fpos = self.frame_positions(grid)
-        dev = fpos.device
-        ang = torch.cat([fpos[..., a, None] * inv for a, inv in enumerate(self.rope_frequencies(dev))], dim=-1)
+        return self.rotary_tables(self.frame_positions(grid))
+
+    def rotary_tables(self, fpos: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """:meth:`rotary` from (frame, row, col) positions ``fpos (..., 3)`` float64: ``(cos, sin)`` ``(..., 1,
+        head_dim)``."""
+        ang = torch.cat([fpos[..., a, None] * inv for a, inv in enumerate(self.rope_frequencies(fpos.device))], dim=-1)
         dtype = self.transformer.rope.freqs_cos.dtype
         if dtype == torch.float64 or not dtype.is_floating_point:
             dtype = torch.float32
-        cos = ang.cos().repeat_interleave(2, dim=-1).to(dtype).unsqueeze(2)
-        sin = ang.sin().repeat_interleave(2, dim=-1).to(dtype).unsqueeze(2)
+        cos = ang.cos().repeat_interleave(2, dim=-1).to(dtype).unsqueeze(-2)
+        sin = ang.sin().repeat_interleave(2, dim=-1).to(dtype).unsqueeze(-2)
         return cos, sin
 
     # ---- model ---------------------------------------------------------------------------------------------
+    def embed_patches(self, tr, tokens: torch.Tensor) -> torch.Tensor:
+        """``tr``'s Conv3d patch embedding of every token's own ``(C, 1, p, p)`` patch: ``tokens (..., C p p)`` ->
+        ``(..., D)`` (kernel = stride: the map the model applies to the 5-D latent)."""
+        p = self.patch_size
+        ct = tokens.shape[-1]
+        flat = tokens.reshape(-1, ct // (p * p), 1, p, p)
+        return tr.patch_embedding(flat).reshape(*tokens.shape[:-1], -1)
+
     def embed_tokens(self, tr, tokens: torch.Tensor, grid: TokenGrid) -> torch.Tensor:
         """The model's Conv3d patch embedding of ``tokens (B, L, C p p)`` -> ``(B, L, D)``: on the 5-D latent for
         raster token sets (the model's own path), else on each token's ``(C, 1, p, p)`` patch (the same map)."""
@@ -422,61 +529,193 @@ class WanAdapter(DiTAdapter):
             latent = self.unpack(tokens, (grid.grid_hw[0] // frames) * p, grid.grid_hw[1] * p)
             hidden = tr.patch_embedding(latent).flatten(2).transpose(1, 2)
         else:
-            b, l, ct = tokens.shape
-            hidden = tr.patch_embedding(tokens.reshape(b * l, ct // (p * p), 1, p, p)).reshape(b, l, -1)
+            hidden = self.embed_patches(tr, tokens)
         return hidden.contiguous()
 
-    def _forward(self, tr, hidden: torch.Tensor, embeds: torch.Tensor, timestep: torch.Tensor, rope, impl: ModelImpl,
-                 cached: bool = True) -> torch.Tensor:
-        """Transformer ``tr`` from the embedded tokens ``hidden (N, L, D)`` with text ``embeds (N, T, D_text)``:
-        its output as tokens ``(N, L, C p p)`` (channels ``(c, py, px)``)."""
-        n, l, _ = hidden.shape
-        temb, proj, enc, _ = tr.condition_embedder(timestep.expand(n), embeds, None)
+    def _forward(self, ex: Mode, tr, hidden: torch.Tensor, embeds: torch.Tensor, t: torch.Tensor, rope,
+                 impl: ModelImpl, timestep: torch.Tensor | None = None) -> torch.Tensor:
+        """Transformer ``tr`` in mode ``ex`` from the embedded image tokens ``hidden (B, L, D)`` and the text ``embeds
+        (B, T, D_text)`` in ``ex``'s layout (packed: ``B = 1`` holding every image; sharded: this rank's image rows,
+        the whole text), per image timesteps ``t (n_images,)`` (``1000 sigma``) and rotary ``rope = (cos, sin)``
+        ``(B, L, 1, Dh)``. ``timestep``: the call's 0-dim timestep for the call's feature cache (one-request modes;
+        None: no cache). Returns the model's output tokens ``(B, L, C p p)`` (channels ``(c, py, px)``) in ``ex``'s
+        layout."""
+        temb, proj, enc, _ = tr.condition_embedder(t, embeds, None)
         proj = proj.unflatten(1, (6, -1))
-        block_fn = impl.block("wan_block", wan_block)
-        stack = list(tr.blocks)
+        if not ex.per_request:  # views (Linear on 3-D input): a compiled packed block would guard their base
+            hidden = hidden.clone() if hidden._base is not None else hidden
+            enc = enc.clone() if enc._base is not None else enc
+        block_fn = impl.block(ex.block_name("wan_block"), wan_block)
+        blocks = list(tr.blocks)
 
         def run(h, start, stop):
-            for blk in stack[start:stop]:
-                h = block_fn(blk, h, enc, proj, *rope)
+            for blk in blocks[start:stop]:
+                args = (blk, h, enc, proj, *rope, ex)
+                if blk._forward_hooks or blk._forward_pre_hooks:
+                    h = call_with_hooks(blk, block_fn, args, dict(hidden_states=h, encoder_hidden_states=enc,
+                                                                  temb=proj, rotary_emb=rope))
+                else:
+                    h = block_fn(*args)
             return h
 
-        def first():
-            h = run(hidden, 0, 1)
-            return h, h
-
-        blocks = SplitBlocks(first, lambda h: run(h, 1, len(stack)))
-        hidden = self.run_blocks(blocks, hidden, timestep) if cached else blocks()
+        stack = BlockStack(run, len(blocks), hidden, lambda h: h, ex, IMAGE)
+        hidden = stack.local() if timestep is None else self.run_stack(stack, hidden, timestep)
         shift, scale = (tr.scale_shift_table.to(temb.device) + temb.unsqueeze(1)).chunk(2, dim=1)
-        shift, scale = shift.to(hidden.device), scale.to(hidden.device)
+        shift, scale = ex.tok(shift.squeeze(1).to(hidden.device), IMAGE), ex.tok(scale.squeeze(1).to(hidden.device),
+                                                                                 IMAGE)
         hidden = (tr.norm_out(hidden.float()) * (1 + scale) + shift).type_as(hidden)
-        out = tr.proj_out(hidden)
-        p = self.patch_size
-        return out.view(n, l, p, p, -1).permute(0, 1, 4, 2, 3).reshape(n, l, -1)  # (py, px, c) -> (c, py, px)
+        out = ex.call(tr.proj_out, hidden)
+        b, l, p = out.shape[0], out.shape[1], self.patch_size
+        return out.view(b, l, p, p, -1).permute(0, 1, 4, 2, 3).reshape(b, l, -1)  # (py, px, c) -> (c, py, px)
+
+    def _request(self, tr, hidden: torch.Tensor, embeds: torch.Tensor, timestep: torch.Tensor, rope,
+                 impl: ModelImpl, cached: bool = True) -> torch.Tensor:
+        """One request's transformer call on ``hidden (N, L, D)`` and text ``embeds (N, T, D_text)``: :class:`Dense`,
+        or :class:`Sharded` over the image rows when the running ``generate`` call has a sharding plan (every rank
+        holds the whole text and returns the whole output). ``cached``: through the call's feature cache."""
+        plan = current_sharding()
+        ex = DENSE if plan is None else Sharded(plan, (hidden.shape[1],))
+        n = hidden.shape[0]
+        out = self._forward(ex, tr, ex.local(hidden, IMAGE), embeds, timestep.expand(n),
+                            tuple(ex.local(r, IMAGE) for r in rope), impl, timestep if cached else None)
+        return ex.whole(out, IMAGE)
+
+    def _expert(self, expert: int, data: dict):
+        """``(transformer, guidance scale)`` of expert ``expert`` (:meth:`expert_index`) for a call's ``cond.data``."""
+        if expert == 0:
+            return self.transformer, data["guidance_scale"]
+        return self.transformer_2, data["guidance_scale_2"]
 
     def velocity(self, tokens, grid, timestep, cond, impl: ModelImpl | None = None):
+        """One request's velocity ``(B, L, C p p)`` (CFG combined); sharded across ranks when the running ``generate``
+        call has a sharding plan (context parallelism: every rank returns the whole velocity)."""
         impl = impl or EAGER
         data = cond.data
         expert = self.expert_index(timestep, cond)
-        tr = self.transformer if expert == 0 else self.transformer_2
+        tr, scale = self._expert(expert, data)
         if data.get("boundary") is not None:
             self._note_expert(expert)
-        scale = data["guidance_scale"] if expert == 0 else data["guidance_scale_2"]
         if not torch.is_tensor(timestep):
             timestep = torch.tensor(float(timestep), device=tokens.device)
         hidden = self.embed_tokens(tr, tokens, grid)
         rope = self.rotary(grid)
         pe, ne = data["embeds"], data["negative_embeds"]
         if not data["cfg"]:
-            return self._forward(tr, hidden, pe, timestep, rope, impl)
+            return self._request(tr, hidden, pe, timestep, rope, impl)
         if ne.shape[1] == pe.shape[1]:
-            out = self._forward(tr, torch.cat([hidden, hidden]), torch.cat([ne, pe]), timestep,
+            out = self._request(tr, torch.cat([hidden, hidden]), torch.cat([ne, pe]), timestep,
                                 tuple(torch.cat([r, r]) for r in rope), impl)
             uncond, text = out.chunk(2)
         else:  # different text lengths: two passes (no text mask in Wan's cross-attention), outside the cache
-            text = self._forward(tr, hidden, pe, timestep, rope, impl, cached=False)
-            uncond = self._forward(tr, hidden, ne, timestep, rope, impl, cached=False)
+            text = self._request(tr, hidden, pe, timestep, rope, impl, cached=False)
+            uncond = self._request(tr, hidden, ne, timestep, rope, impl, cached=False)
         return uncond + scale * (text - uncond)
+
+    # ---- packed calls ----------------------------------------------------------------------------------------
+    packs = True
+    shards = True
+    packed_attention_backend = "auto"  # varlen_attention backend of packed_velocity ("auto", "sdpa", ...)
+
+    def _bypassed_by_packing(self) -> list:
+        """Modules whose torch hooks the one-request call runs (:func:`call_with_hooks`) and a packed call cannot
+        (they would see the packed layout): every expert's blocks and their attention modules."""
+        mods = []
+        for _, tr in self.experts():
+            for blk in tr.blocks:
+                mods += [blk, blk.attn1, blk.attn2]
+        return mods
+
+    def packed_velocity(self, calls, impl: ModelImpl | None = None, *,
+                        execution: PackedExecution | None = None) -> list[torch.Tensor]:
+        """:meth:`velocity` of every call, run as packed transformer calls: one per expert among the calls.
+
+        Every video of every call is one attention segment of the image stream (self-attention with its own rotary
+        positions) and one of the text stream (its cross-attention keys); each has its own timestep, text and text
+        length. CFG: a call's unconditional and conditional passes are two videos each (their texts may differ in
+        length: no second pass as in :meth:`velocity`), combined per call with the guidance scale of its expert.
+
+        Wan 2.2 A14B: a packed call runs one transformer, so the calls are grouped by expert (:meth:`expert_index`,
+        one host read of each call's timestep unless :meth:`specialize_call` fixed it) and each group is one packed
+        call; results come back in the order of ``calls``. The patch embedding runs per token (the map the raster
+        path applies to the 5-D latent). Results equal the unpacked calls up to float rounding (fp32 on a CPU:
+        within 1e-5 of the output scale, see tests/test_modes_wan.py).
+
+        Compiled blocks: with ``impl`` a compile runner's impl (``impl.packed_calls``; ``StageRunner.packed`` passes
+        its ``execution``), the block function runs through ``impl.block("wan_block_packed", ...)`` (compiled with a
+        symbolic packed token dimension) on a :class:`PackedSegments` layout (device tensors only; one padding
+        segment with at least one text token, CUDA graphs pad the packed lengths up to a bucket): a new mix of
+        requests reuses the same graphs.
+
+        Falls back to one :meth:`velocity` per call (correct, unpacked) when ``impl`` is neither None / EAGER nor a
+        packing impl, when the calling ``generate`` has a feature cache (its state is per request, and Wan resets it
+        at an expert change), or when a block or an attention module carries torch forward (pre-)hooks or diffusers
+        hooks.
+        """
+        calls = check_velocity_calls(calls)
+        execution = execution or PackedExecution(self, impl)
+        if not can_pack(execution.impl, self._bypassed_by_packing()):
+            return [execution.velocity(c) for c in calls]
+        groups: dict[int, list[int]] = {}
+        for i, c in enumerate(calls):
+            groups.setdefault(self.expert_index(c.timestep, c.cond), []).append(i)
+        out: list = [None] * len(calls)
+        for expert, idx in sorted(groups.items()):
+            for i, o in zip(idx, self._packed_call([calls[i] for i in idx], expert, execution)):
+                out[i] = o
+        return out
+
+    def _packed_call(self, calls: list[VelocityCall], expert: int, execution: PackedExecution) -> list[torch.Tensor]:
+        """One packed call of ``expert``'s transformer for ``calls`` (all of that expert)."""
+        tr = self._expert(expert, calls[0].cond.data)[0]
+        device, dtype = calls[0].tokens.device, calls[0].tokens.dtype
+        tokens, fpos, embeds, ts, image_lens, text_lens, batches = [], [], [], [], [], [], []
+        for c in calls:
+            data = c.cond.data
+            b, n = c.tokens.shape[:2]
+            texts = [data["negative_embeds"], data["embeds"]] if data["cfg"] else [data["embeds"]]
+            pos = self.frame_positions(c.grid).reshape(-1, 3)
+            for emb in texts:  # CFG: the unconditional videos first, as the batched pass of velocity
+                tokens.append(c.tokens.reshape(-1, c.tokens.shape[-1]))
+                fpos.append(pos)
+                embeds.append(emb.reshape(-1, emb.shape[-1]))
+                ts.append(c.timestep.reshape(()).expand(b))
+                image_lens += [n] * b
+                text_lens += [emb.shape[1]] * b
+            batches.append(b * len(texts))
+        tokens, fpos, embeds, t = torch.cat(tokens), torch.cat(fpos), torch.cat(embeds), torch.cat(ts)
+        impl, backend = execution.impl, self.packed_attention_backend
+        self.rope_frequencies(device)  # the frequency table exists before a capture reads it
+
+        def model(ex, tok, pos, emb, tt):
+            rope = tuple(r[None] for r in self.rotary_tables(pos))
+            return self._forward(ex, tr, self.embed_patches(tr, tok)[None], emb[None], tt, rope, impl)
+
+        if not execution.static_layout:
+            out = model(Packed(HostSegments([image_lens, text_lens], device), backend), tokens, fpos, embeds, t)
+        else:
+            n_img, n_txt, n_seg = len(tokens), len(embeds), len(image_lens)
+            pad_img = execution.pad("image", n_img) - n_img
+            # at least one padding text token: the padding segment's image tokens need a key to attend to
+            pad_txt = execution.pad("text", n_txt + 1) - n_txt
+            segs = execution.pad("segments", n_seg + 1)
+            kind = static_attention(backend, device, dtype)
+            lay = PackedSegments.build([image_lens, text_lens], [pad_img, pad_txt], segs, device, kind)
+            tensors = [pad_rows(tokens, pad_img), pad_rows(fpos, pad_img), pad_rows(embeds, pad_txt),
+                       pad_rows(t, segs - n_seg), *lay.tensors()]
+
+            def forward(*xs):  # the flat tensors only (a captured graph replays it for every mix of the same sizes)
+                ex = Packed(PackedSegments.from_tensors(xs[4:], 2, kind), backend)
+                return model(ex, *xs[:4])
+
+            out = execution.run(("wan", expert, kind, backend), forward, tensors)[:, :n_img]
+        results = []
+        for c, o in zip(calls, split_calls(out, calls, batches)):
+            data = c.cond.data
+            if data["cfg"]:
+                uncond, text = o.chunk(2)
+                o = uncond + self._expert(expert, data)[1] * (text - uncond)
+            results.append(o)
+        return results
 
     def baseline_schedule(self, num_steps, image_seq_len):
         """The pipeline's ``scheduler.set_timesteps(num_steps)`` (no mu, no custom sigmas): its timesteps (integers
