@@ -19,13 +19,30 @@ model takes one id table for the whole batch, so the adapter runs the blocks its
 ``(B, T + L, D)`` evaluated by the model's own ``pos_embed`` at each token's (possibly fractional) position,
 calling the blocks' own layers (LoRA and layer hooks work; nothing on the user's model is replaced or patched).
 :func:`flux2_double_block` / :func:`flux2_single_block` do the same operations in the same order as diffusers'
-``Flux2TransformerBlock`` / ``Flux2SingleTransformerBlock`` with ``Flux2AttnProcessor`` /
-``Flux2ParallelSelfAttnProcessor``.
+``Flux2TransformerBlock`` / ``Flux2SingleTransformerBlock`` with ``Flux2AttnProcessor`` (FLUX.1's
+:func:`~ralu_runtime.adapters.flux.flux_attention`: the same operations) / ``Flux2ParallelSelfAttnProcessor``;
+the parity with diffusers is bitwise on a CPU in float32.
+
+Execution modes (:mod:`ralu_runtime.execution`): one block function per block kind serves them all, the mode ``ex``
+deciding how the text and image streams are joined, how attention runs and how the per-image modulations reach the
+tokens --
+
+* one request (:class:`~ralu_runtime.execution.modes.Dense`): :meth:`Flux2Adapter.velocity`; true CFG runs prompt
+  and negative prompt as one batch when their embeddings have the same length, else as two passes;
+* many requests packed into one call (:class:`~ralu_runtime.execution.packing.Packed`,
+  :meth:`Flux2Adapter.packed_velocity`): every image its own attention segment ``[text ; image]`` with its own
+  timestep, guidance, text length and rotary ids; under CFG a call's images appear twice (prompt, negative prompt,
+  each with its own length); eager and static (compiled / CUDA-graph) layouts;
+* one request sharded across ranks (:class:`~ralu_runtime.execution.sharding.Sharded`, context parallelism when the
+  running ``generate`` call has a sharding plan): the joined sequence cut into contiguous shards of any size.
+
+Masks: FLUX.2's pipelines attend to every text token (no text mask), so no mode masks anything.
 
 Refused (:meth:`Flux2Adapter.check_supported`, before any work): other attention processors (custom ones, or
-anything that is not diffusers' Flux2 processor or its KV-cache variant used without a cache) and diffusers hook
+anything that is not diffusers' Flux2 processor or its KV-cache variant used without a cache), diffusers hook
 registries on the blocks (``enable_cache``, block-level group offloading), which running the blocks' layers would
-bypass. Reference-image conditioning (the pipelines' ``image=`` argument) is not supported.
+bypass, and projections fused by ``fuse_qkv_projections`` that are not plain Linear layers (read as weights).
+Reference-image conditioning (the pipelines' ``image=`` argument) is not supported.
 """
 from __future__ import annotations
 
@@ -266,9 +283,9 @@ class Flux2Adapter(DiTAdapter):
     # ---- model ---------------------------------------------------------------------------------------------
     @staticmethod
     def _ids(positions: torch.Tensor, text_index: torch.Tensor):
-        """4-axis rotary ids ``(t, h, w, l)`` float32: text ``(..., T, 4)`` = ``(0, 0, 0, i)`` from ``text_index (..., T)``
-        (each token's index in its prompt) and image ``(..., L, 4)`` = ``(0, row, col, 0)`` from ``positions (..., L, 2)``.
-        """
+        """4-axis rotary ids ``(t, h, w, l)`` float32: text ``(..., T, 4)`` = ``(0, 0, 0, i)`` from ``text_index``
+        ``(..., T)`` (each token's index in its prompt), image ``(..., L, 4)`` = ``(0, row, col, 0)`` from
+        ``positions (..., L, 2)``."""
         img = positions.new_zeros(*positions.shape[:-1], 4, dtype=torch.float32)
         img[..., 1:3] = positions
         txt = img.new_zeros(*text_index.shape, 4)
@@ -400,7 +417,7 @@ class Flux2Adapter(DiTAdapter):
         call brings its images twice, prompt then negative prompt (each with its own text length), and its result
         is combined with its own ``guidance_scale``. Attention: :func:`ralu_kernels.attention.varlen_attention`
         (backend :attr:`packed_attention_backend`). Results equal the unpacked calls up to float rounding (fp32 on
-        a CPU: within 1e-6 relative, see tests/test_modes_flux2.py).
+        a CPU: within 2e-6 relative, see tests/test_modes_flux2.py).
 
         Compiled blocks: with a compile runner's impl (``impl.packed_calls``; ``StageRunner.packed`` passes its
         ``execution``), ``flux2_double_packed`` / ``flux2_single_packed`` are compiled with a symbolic packed token

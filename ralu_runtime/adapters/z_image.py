@@ -23,6 +23,25 @@ the model predicts ``-v``; classifier-free guidance (``guidance_scale > 0``) as 
 negative captions batched after the positive ones; ``cfg_truncation`` / ``cfg_normalization`` (pipeline defaults
 1.0 / False; ``generate`` does not take them: set them on the adapter, ``get_adapter(pipe).cfg_truncation = 0.5``).
 
+Execution modes (:mod:`ralu_runtime.execution`): the block function :func:`z_image_block` serves them all. A model
+call has two streams, the image stream (an image's tokens + its pads) and the caption stream (a caption + its
+pads), joined as the unified sequence; the noise refiner attends within the image stream, the context refiner
+within the caption stream, the main layers over the joined sequence --
+
+* one request (:class:`~ralu_runtime.execution.modes.Dense`, :meth:`ZImageAdapter.velocity`): the batch's captions
+  padded to the longest padded caption; where their padded lengths differ, the rows past each caption are masked
+  as keys (the context refiner's mask over the caption stream, the main layers' over the unified sequence: the
+  model's own ``(B, S)`` bool masks, passed as ``(B, 1, 1, S)``), else nothing is masked, as in the model;
+* many requests packed into one call (:class:`~ralu_runtime.execution.packing.Packed`,
+  :meth:`ZImageAdapter.packed_velocity`): every image its own segment ``[image + pads ; caption + pads]``, with
+  its own timestep, caption length and rotary ids; the masked rows are left out (the mask is a hard key mask:
+  exact up to float rounding); under CFG a call's images appear twice (prompts, negatives);
+* one request sharded across ranks (:class:`~ralu_runtime.execution.sharding.Sharded`, context parallelism): the
+  unified sequence cut into contiguous shards of any size (a rank's share of a stream may be empty), the masks as
+  key masks (the joined sequence's, and the caption stream's for the context refiner).
+
+A feature cache sees the real image tokens of the request (not the image pads), as before the modes existed.
+
 Refused before any work (:meth:`ZImageAdapter.check_supported`): attention processors other than diffusers'
 ``ZSingleStreamAttnProcessor``, diffusers hook registries on the blocks (``enable_cache``, block-level group
 offloading), transformers without the 2x2 (f 1) patch embedder the pipeline uses.
@@ -55,7 +74,7 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     """Rotary embedding on ``x (B, S, H, D)`` with per-token ``cos``/``sin`` ``(B, S, D/2)`` float32: the complex
     product of ``ZSingleStreamAttnProcessor`` (pairs (2k, 2k+1) as real/imaginary parts, float32) in real
     arithmetic, so that it compiles and exports."""
-    xf = x.float().reshape(*x.shape[:-1], -1, 2)
+    xf = x.float().unflatten(-1, (-1, 2))  # (a rank's share of a stream may have no rows: no reshape by -1)
     xr, xi = xf.unbind(-1)
     c, s = cos[:, :, None, :], sin[:, :, None, :]
     out = torch.stack([xr * c - xi * s, xr * s + xi * c], dim=-1).flatten(3)
@@ -362,7 +381,7 @@ class ZImageAdapter(DiTAdapter):
                 u = self._run(block, blk, u, rope, adaln, ex, JOINT, impl, masks)
             return u
 
-        view = _RealImage(ex, *image_len) if image_len is not None else ex
+        view = ex if image_len is None else _RealImage(ex, image_len[0], image_len[1] - image_len[0])
         stack = BlockStack(run, len(layers), unified, lambda u: ex.split(u, img_rows)[0], view, IMAGE)
         hidden = self.run_stack(stack, hidden, timestep)
         return self._final(ex, hidden, adaln)
@@ -454,7 +473,7 @@ class ZImageAdapter(DiTAdapter):
         segment. The rows the unpacked call masks (past a caption's padded length, where the batch's captions
         differ) are not in the packed sequence: the mask is a hard key mask, so leaving them out is exact; pad tokens
         (``x_pad_token``, ``cap_pad_token``) are real participants and stay. Results equal the unpacked calls up to
-        float rounding (fp32 on a CPU: within 1e-6 relative, see tests/test_modes_z_image.py).
+        float rounding (fp32 on a CPU: within 2e-6 relative, see tests/test_modes_z_image.py).
 
         Compiled blocks: with a compile runner's impl, ``z_image_block_packed`` is compiled with a symbolic packed
         token dimension on a :class:`PackedSegments` layout (device tensors only; one padding segment for CUDA-graph
