@@ -9,8 +9,8 @@ base (true CFG with a negative prompt) pipelines, CPU, float32.
   prompt / negative prompt of different lengths and a call without CFG; max |packed - per call| / max |per call|
   <= REL_TOL = 1e-5 (measured on the 2-core CPU: dev <= 2.4e-7, klein base <= 1.4e-6). Hooks and feature caches fall
   back. Bucket padding of the static layout (what CUDA graphs capture) changes nothing.
-* inductor (``slow``, ~3 min): ``runner.packed`` == eager packed within REL_TOL (measured: dev <= 3.2e-7, klein
-  base <= 1.2e-6), a third mix compiles nothing new.
+* inductor (``slow``: cold compiles take minutes on the 2-core CPU): ``runner.packed`` == eager packed within
+  REL_TOL (measured: dev <= 3.2e-7, klein base <= 1.2e-6), a third mix compiles nothing new.
 * context parallelism through ``generate(parallel=...)``: 2 gloo ranks (one spawn) and 4 (``slow``, one spawn)
   equal one process within ATOL = 1e-5 on latents of scale ~1 (measured: 2 ranks <= 1.4e-6, 4 ranks <= 2.0e-6) and are
   bitwise equal across ranks; RALU 7x at 128 x 128 has 19 stage-2 image tokens (31 rows with the 12 text tokens:

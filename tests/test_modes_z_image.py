@@ -12,8 +12,8 @@ token count padded to a multiple of 32 with ``x_pad_token``) are real participan
   max |packed - per call| / max |per call| <= REL_TOL = 1e-5 (measured on the 2-core CPU: <= 1.4e-6). The masked
   rows are left out of the packed sequence (a hard key mask): exact up to float rounding. cfg_truncation decides
   per call. Hooks and feature caches fall back. Bucket padding of the static layout changes nothing.
-* inductor (``slow``, ~3 min): ``runner.packed`` == eager packed within REL_TOL (measured: <= 1.4e-6), a third mix
-  compiles nothing new (one graph kind, ``z_image_block_packed``).
+* inductor (``slow``: cold compiles take minutes on the 2-core CPU): ``runner.packed`` == eager packed within
+  REL_TOL (measured: <= 1.4e-6), a third mix compiles nothing new (one graph kind, ``z_image_block_packed``).
 * context parallelism through ``generate(parallel=...)``: 2 gloo ranks (one spawn) and 4 (``slow``, one spawn)
   equal one process within ATOL = 1e-5 on latents of scale ~1 (measured: 0 for 2 and 4 ranks: bitwise) and are
   bitwise equal across ranks; masked captions under CFG, RALU at 96 x 128 (stage 2: 21 image tokens, odd),
