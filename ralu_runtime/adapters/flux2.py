@@ -19,13 +19,30 @@ model takes one id table for the whole batch, so the adapter runs the blocks its
 ``(B, T + L, D)`` evaluated by the model's own ``pos_embed`` at each token's (possibly fractional) position,
 calling the blocks' own layers (LoRA and layer hooks work; nothing on the user's model is replaced or patched).
 :func:`flux2_double_block` / :func:`flux2_single_block` do the same operations in the same order as diffusers'
-``Flux2TransformerBlock`` / ``Flux2SingleTransformerBlock`` with ``Flux2AttnProcessor`` /
-``Flux2ParallelSelfAttnProcessor``.
+``Flux2TransformerBlock`` / ``Flux2SingleTransformerBlock`` with ``Flux2AttnProcessor`` (FLUX.1's
+:func:`~ralu_runtime.adapters.flux.flux_attention`: the same operations) / ``Flux2ParallelSelfAttnProcessor``;
+the parity with diffusers is bitwise on a CPU in float32.
+
+Execution modes (:mod:`ralu_runtime.execution`): one block function per block kind serves them all, the mode ``ex``
+deciding how the text and image streams are joined, how attention runs and how the per-image modulations reach the
+tokens --
+
+* one request (:class:`~ralu_runtime.execution.modes.Dense`): :meth:`Flux2Adapter.velocity`; true CFG runs prompt
+  and negative prompt as one batch when their embeddings have the same length, else as two passes;
+* many requests packed into one call (:class:`~ralu_runtime.execution.packing.Packed`,
+  :meth:`Flux2Adapter.packed_velocity`): every image its own attention segment ``[text ; image]`` with its own
+  timestep, guidance, text length and rotary ids; under CFG a call's images appear twice (prompt, negative prompt,
+  each with its own length); eager and static (compiled / CUDA-graph) layouts;
+* one request sharded across ranks (:class:`~ralu_runtime.execution.sharding.Sharded`, context parallelism when the
+  running ``generate`` call has a sharding plan): the joined sequence cut into contiguous shards of any size.
+
+Masks: FLUX.2's pipelines attend to every text token (no text mask), so no mode masks anything.
 
 Refused (:meth:`Flux2Adapter.check_supported`, before any work): other attention processors (custom ones, or
-anything that is not diffusers' Flux2 processor or its KV-cache variant used without a cache) and diffusers hook
+anything that is not diffusers' Flux2 processor or its KV-cache variant used without a cache), diffusers hook
 registries on the blocks (``enable_cache``, block-level group offloading), which running the blocks' layers would
-bypass. Reference-image conditioning (the pipelines' ``image=`` argument) is not supported.
+bypass, and projections fused by ``fuse_qkv_projections`` that are not plain Linear layers (read as weights).
+Reference-image conditioning (the pipelines' ``image=`` argument) is not supported.
 """
 from __future__ import annotations
 
@@ -35,13 +52,17 @@ import numpy as np
 import torch
 
 from ..families import FAMILIES
-from .base import (EAGER, Conditioning, DiTAdapter, ModelImpl, SplitBlocks, TokenGrid, call_with_hooks, check_blocks,
-                   current_cache, named_blocks,
+from ..execution.modes import DENSE, JOINT, Mode
+from ..execution.packing import (HostSegments, Packed, PackedExecution, PackedSegments, can_pack, pad_rows,
+                                 split_calls, static_attention)
+from ..execution.sharding import Sharded
+from .base import (EAGER, BlockStack, Conditioning, DiTAdapter, ModelImpl, TokenGrid, VelocityCall, call_with_hooks,
+                   check_blocks, check_velocity_calls, current_cache, current_sharding, named_blocks,
                    scheduler_base_shift)
-from .common import apply_rope
+from .common import ADDED_QKV, QKV, apply_rope
+from .flux import flux_attention
 
-QKV = ("to_q", "to_k", "to_v")
-ADDED_QKV = ("add_q_proj", "add_k_proj", "add_v_proj")
+TEXT, IMAGE = 0, 1  # FLUX.2's streams, in the order of its joint sequence [text ; image]
 DOUBLE_PROCESSORS = ("Flux2AttnProcessor", "Flux2KVAttnProcessor")
 SINGLE_PROCESSORS = ("Flux2ParallelSelfAttnProcessor", "Flux2KVParallelSelfAttnProcessor")
 
@@ -67,87 +88,54 @@ def unpatchify(latents: torch.Tensor) -> torch.Tensor:
     return x.reshape(b, c4 // 4, h * 2, w * 2)
 
 
-def split_modulation(mod: torch.Tensor, sets: int):
-    """``Flux2Modulation.split``: ``(B, 3 sets D)`` -> ``sets`` triples (shift, scale, gate) of ``(B, 1, D)``."""
-    if mod.ndim == 2:
-        mod = mod.unsqueeze(1)
-    parts = torch.chunk(mod, 3 * sets, dim=-1)
-    return tuple(parts[3 * i : 3 * (i + 1)] for i in range(sets))
+def _user_fused(attn, name: str):
+    """``(weight, bias)`` of the projection ``name`` (``to_qkv`` / ``to_added_qkv``) the user fused with diffusers'
+    ``fuse_qkv_projections``, or None when the projections are not fused (read live, every call)."""
+    if not getattr(attn, "fused_projections", False):
+        return None
+    layer = getattr(attn, name)
+    return layer.weight, layer.bias
 
 
-def _linear3(attn, x, names, fused):
-    """Three projections of ``x``: ``attn``'s layers ``names``, or ralu's fused ``(weight, bias)`` of them."""
-    if fused is not None:
-        return torch.nn.functional.linear(x, fused[0], fused[1]).chunk(3, dim=-1)
-    return tuple(getattr(attn, n)(x) for n in names)
+def _modulated_mlp(ex: Mode, stream: int, x, attn_out, gate_msa, shift_mlp, scale_mlp, gate_mlp, norm, ff):
+    """The second half of a FLUX.2 double block for one stream: gated attention residual, then the modulated MLP
+    residual (``Flux2TransformerBlock.forward``'s operations in its order); per-image vectors ``(n_images, D)``."""
+    x = x + ex.tok(gate_msa, stream) * attn_out
+    h = norm(x) * (1 + ex.tok(scale_mlp, stream)) + ex.tok(shift_mlp, stream)
+    return x + ex.tok(gate_mlp, stream) * ff(h)
 
 
-def _dispatch(attn, query, key, value):
-    from diffusers.models.attention_dispatch import dispatch_attention_fn
-
-    proc = attn.processor
-    return dispatch_attention_fn(query, key, value, attn_mask=None, backend=getattr(proc, "_attention_backend", None),
-                                 parallel_config=getattr(proc, "_parallel_config", None))
-
-
-def flux2_attention(attn, hidden_states, encoder_hidden_states, rope, qkv=None, added_qkv=None):
-    """diffusers' ``Flux2AttnProcessor`` on ``attn`` (a ``Flux2Attention``) with rotary ``rope = (cos, sin)`` of
-    shape ``(T + L, D)`` or per image ``(B, T + L, D)``. Returns ``(image out, text out)``.
-
-    ``qkv`` / ``added_qkv``: ralu's fused ``(weight, bias)`` of to_q/k/v and add_q/k/v_proj, or None (the layers).
-    A model whose projections the user fused (``fuse_qkv_projections``) runs its own ``to_qkv`` / ``to_added_qkv``.
-    """
-    if getattr(attn, "fused_projections", False):
-        query, key, value = attn.to_qkv(hidden_states).chunk(3, dim=-1)
-        enc_q, enc_k, enc_v = attn.to_added_qkv(encoder_hidden_states).chunk(3, dim=-1)
-    else:
-        query, key, value = _linear3(attn, hidden_states, QKV, qkv)
-        enc_q, enc_k, enc_v = _linear3(attn, encoder_hidden_states, ADDED_QKV, added_qkv)
-    query = attn.norm_q(query.unflatten(-1, (-1, attn.head_dim)))
-    key = attn.norm_k(key.unflatten(-1, (-1, attn.head_dim)))
-    value = value.unflatten(-1, (-1, attn.head_dim))
-    enc_q = attn.norm_added_q(enc_q.unflatten(-1, (-1, attn.head_dim)))
-    enc_k = attn.norm_added_k(enc_k.unflatten(-1, (-1, attn.head_dim)))
-    enc_v = enc_v.unflatten(-1, (-1, attn.head_dim))
-    query = apply_rope(torch.cat([enc_q, query], dim=1), *rope)
-    key = apply_rope(torch.cat([enc_k, key], dim=1), *rope)
-    value = torch.cat([enc_v, value], dim=1)
-    out = _dispatch(attn, query, key, value).flatten(2, 3).to(query.dtype)
-    text_len = encoder_hidden_states.shape[1]
-    enc, out = out.split_with_sizes([text_len, out.shape[1] - text_len], dim=1)
-    return attn.to_out[1](attn.to_out[0](out)), attn.to_add_out(enc)
-
-
-def flux2_double_block(block, hidden_states, encoder_hidden_states, mod_img, mod_txt, rope, qkv=None,
-                       added_qkv=None):
-    """diffusers' ``Flux2TransformerBlock.forward`` (same operations, same order) with :func:`flux2_attention`;
-    ``mod_img`` / ``mod_txt``: the transformer's shared double-stream modulations ``(B, 6 D)``.
+def flux2_double_block(block, hidden_states, encoder_hidden_states, mod_img, mod_txt, rope, ex: Mode = DENSE,
+                       qkv=None, added_qkv=None):
+    """diffusers' ``Flux2TransformerBlock.forward`` (same operations, same order) in mode ``ex``; attention is
+    FLUX.1's :func:`~ralu_runtime.adapters.flux.flux_attention` (``Flux2AttnProcessor`` does the same operations).
+    ``mod_img`` / ``mod_txt``: the transformer's shared double-stream modulations ``(n_images, 6 D)``; ``rope``:
+    ``(cos, sin)`` per token of the joined sequence; ``qkv`` / ``added_qkv``: fused ``(weight, bias)`` of to_q/k/v and
+    add_q/k/v_proj (the user's ``to_qkv`` / ``to_added_qkv``, or ralu's copies), or None (the layers).
     Returns ``(encoder_hidden_states, hidden_states)``."""
-    (shift_msa, scale_msa, gate_msa), (shift_mlp, scale_mlp, gate_mlp) = split_modulation(mod_img, 2)
-    (c_shift_msa, c_scale_msa, c_gate_msa), (c_shift_mlp, c_scale_mlp, c_gate_mlp) = split_modulation(mod_txt, 2)
+    shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = mod_img.chunk(6, dim=-1)
+    c_shift_msa, c_scale_msa, c_gate_msa, c_shift_mlp, c_scale_mlp, c_gate_mlp = mod_txt.chunk(6, dim=-1)
 
-    norm_h = (1 + scale_msa) * block.norm1(hidden_states) + shift_msa
-    norm_e = (1 + c_scale_msa) * block.norm1_context(encoder_hidden_states) + c_shift_msa
-    attn_out, context_attn_out = flux2_attention(block.attn, norm_h, norm_e, rope, qkv, added_qkv)
+    norm_h = (1 + ex.tok(scale_msa, IMAGE)) * block.norm1(hidden_states) + ex.tok(shift_msa, IMAGE)
+    norm_e = (1 + ex.tok(c_scale_msa, TEXT)) * block.norm1_context(encoder_hidden_states) + ex.tok(c_shift_msa, TEXT)
+    attn_out, context_attn_out = flux_attention(block.attn, norm_h, norm_e, rope, ex, qkv, added_qkv)
 
-    hidden_states = hidden_states + gate_msa * attn_out
-    norm_h = block.norm2(hidden_states) * (1 + scale_mlp) + shift_mlp
-    hidden_states = hidden_states + gate_mlp * block.ff(norm_h)
-
-    encoder_hidden_states = encoder_hidden_states + c_gate_msa * context_attn_out
-    norm_e = block.norm2_context(encoder_hidden_states) * (1 + c_scale_mlp) + c_shift_mlp
-    encoder_hidden_states = encoder_hidden_states + c_gate_mlp * block.ff_context(norm_e)
+    hidden_states = _modulated_mlp(ex, IMAGE, hidden_states, attn_out, gate_msa, shift_mlp, scale_mlp, gate_mlp,
+                                   block.norm2, block.ff)
+    encoder_hidden_states = _modulated_mlp(ex, TEXT, encoder_hidden_states, context_attn_out, c_gate_msa, c_shift_mlp,
+                                           c_scale_mlp, c_gate_mlp, block.norm2_context, block.ff_context)
     if encoder_hidden_states.dtype == torch.float16:
         encoder_hidden_states = encoder_hidden_states.clip(-65504, 65504)
     return encoder_hidden_states, hidden_states
 
 
-def flux2_single_block(block, hidden_states, mod, rope):
-    """diffusers' ``Flux2SingleTransformerBlock.forward`` on the joined [text, image] stream ``hidden_states``
-    (same operations, same order, ``Flux2ParallelSelfAttnProcessor`` inlined); ``mod``: the shared single-stream
-    modulation ``(B, 3 D)``. Returns the joined stream."""
-    shift, scale, gate = split_modulation(mod, 1)[0]
-    norm_x = (1 + scale) * block.norm(hidden_states) + shift
+def flux2_single_block(block, x, mod, rope, ex: Mode = DENSE):
+    """diffusers' ``Flux2SingleTransformerBlock.forward`` on the joined ``[text ; image]`` sequence ``x`` (same
+    operations, same order, ``Flux2ParallelSelfAttnProcessor`` inlined: one fused q/k/v + MLP-in projection, one
+    fused attention + MLP-out projection) in mode ``ex``; ``mod``: the shared single-stream modulation
+    ``(n_images, 3 D)``. Returns the new joined sequence."""
+    shift, scale, gate = mod.chunk(3, dim=-1)
+    norm_x = (1 + ex.tok(scale, JOINT)) * block.norm(x) + ex.tok(shift, JOINT)
 
     attn = block.attn
     proj = attn.to_qkv_mlp_proj(norm_x)
@@ -159,13 +147,15 @@ def flux2_single_block(block, hidden_states, mod, rope):
     query = apply_rope(attn.norm_q(query.unflatten(-1, (-1, attn.head_dim))), *rope)
     key = apply_rope(attn.norm_k(key.unflatten(-1, (-1, attn.head_dim))), *rope)
     value = value.unflatten(-1, (-1, attn.head_dim))
-    out = _dispatch(attn, query, key, value).flatten(2, 3).to(query.dtype)
-    out = attn.to_out(torch.cat([out, attn.mlp_act_fn(mlp)], dim=-1))
+    proc = attn.processor
+    out = ex.attend(query, key, value, backend=getattr(proc, "_attention_backend", None),
+                    parallel_config=getattr(proc, "_parallel_config", None))
+    out = attn.to_out(torch.cat([out.flatten(2, 3).to(query.dtype), attn.mlp_act_fn(mlp)], dim=-1))
 
-    hidden_states = hidden_states + gate * out
-    if hidden_states.dtype == torch.float16:
-        hidden_states = hidden_states.clip(-65504, 65504)
-    return hidden_states
+    x = x + ex.tok(gate, JOINT) * out
+    if x.dtype == torch.float16:
+        x = x.clip(-65504, 65504)
+    return x
 
 
 def _is_klein(pipe) -> bool:
@@ -201,6 +191,15 @@ class Flux2Adapter(DiTAdapter):
     def check_supported(self) -> None:
         check_blocks(named_blocks(self.transformer, "transformer_blocks"), DOUBLE_PROCESSORS, "FLUX.2")
         check_blocks(named_blocks(self.transformer, "single_transformer_blocks"), SINGLE_PROCESSORS, "FLUX.2")
+        for name, blk in named_blocks(self.transformer, "transformer_blocks"):
+            if not getattr(blk.attn, "fused_projections", False):
+                continue
+            for layer in ("to_qkv", "to_added_qkv"):  # read as (weight, bias): a wrapped layer would be bypassed
+                kind = type(getattr(blk.attn, layer)).__name__
+                if kind != "Linear":
+                    raise ValueError(f"{name}.attn.{layer} is a {kind}, not a plain Linear: ralu reads the projections "
+                                     "fused by fuse_qkv_projections as weights and would bypass it; call "
+                                     "pipe.transformer.unfuse_qkv_projections() (LoRA on to_q / to_k / to_v works)")
 
     def embed_dims(self) -> tuple[int, None]:
         return int(self.transformer.config.joint_attention_dim), None
@@ -284,46 +283,64 @@ class Flux2Adapter(DiTAdapter):
                                 "guidance_scale": float(guidance_scale)})
 
     # ---- model ---------------------------------------------------------------------------------------------
+    @staticmethod
+    def _ids(positions: torch.Tensor, text_index: torch.Tensor):
+        """4-axis rotary ids ``(t, h, w, l)`` float32: text ``(..., T, 4)`` = ``(0, 0, 0, i)`` from ``text_index``
+        ``(..., T)`` (each token's index in its prompt), image ``(..., L, 4)`` = ``(0, row, col, 0)`` from
+        ``positions (..., L, 2)``."""
+        img = positions.new_zeros(*positions.shape[:-1], 4, dtype=torch.float32)
+        img[..., 1:3] = positions
+        txt = img.new_zeros(*text_index.shape, 4)
+        txt[..., 3] = text_index
+        return txt, img
+
     def rotary(self, grid: TokenGrid, text_len: int):
         """Per-image rotary ``(cos, sin)`` of shape ``(B, T + L, D)`` float32 from the model's ``pos_embed``: text
         ids ``(0, 0, 0, i)`` then image ids ``(0, row, col, 0)`` at the grid's (possibly fractional) positions."""
-        b, l, _ = grid.positions.shape
-        dev = grid.positions.device
-        ids = torch.zeros(b, text_len + l, 4, device=dev, dtype=torch.float32)
-        ids[:, :text_len, 3] = torch.arange(text_len, device=dev, dtype=torch.float32)
-        ids[:, text_len:, 1:3] = grid.positions
+        pos = grid.positions
+        index = torch.arange(text_len, device=pos.device, dtype=torch.float32).expand(pos.shape[0], text_len)
+        ids = torch.cat(self._ids(pos, index), dim=1)
         cos, sin = self.transformer.pos_embed(ids.reshape(-1, 4))
-        return cos.view(b, text_len + l, -1), sin.view(b, text_len + l, -1)
+        return cos.view(*ids.shape[:2], -1), sin.view(*ids.shape[:2], -1)
 
-    def _forward(self, tokens, grid, timestep, embeds, guidance, impl):
-        """One transformer pass (the model's forward with per-image positions): ``(B, L, 128)`` velocities."""
+    def _forward(self, ex: Mode, tokens, embeds, txt_ids, img_ids, t, guidance, impl: ModelImpl,
+                 timestep=None) -> torch.Tensor:
+        """The transformer in mode ``ex`` (the model's forward with per-image positions): image ``tokens (B, L, 128)``
+        and text ``embeds (B, T, D)`` in ``ex``'s layout (packed: ``B = 1`` holding every image; sharded: this rank's
+        rows), their rotary ids (:meth:`_ids`), per image ``t`` (timestep / 1000) and ``guidance`` (or None);
+        ``timestep``: the call's 0-dim timestep for a feature cache (one-request modes). Returns the image tokens'
+        velocity in ``ex``'s layout."""
         tr = self.transformer
-        b = tokens.shape[0]
         x = tokens.to(self.dtype)
-        t = timestep.expand(b).to(tokens.dtype) / 1000        # the pipeline's timestep / 1000
         t = t.to(x.dtype) * 1000                               # the transformer's .to(hidden dtype) * 1000
         g = None if guidance is None else guidance.to(x.dtype) * 1000
         temb = tr.time_guidance_embed(t, g)
-        mod_img = tr.double_stream_modulation_img(temb)
+        mod_img = tr.double_stream_modulation_img(temb)        # (n_images, 6 D), shared by all double blocks
         mod_txt = tr.double_stream_modulation_txt(temb)
-        mod_single = tr.single_stream_modulation(temb)
-        hidden = tr.x_embedder(x)
+        mod_single = tr.single_stream_modulation(temb)         # (n_images, 3 D), shared by all single blocks
         enc = tr.context_embedder(embeds)
-        text_len = enc.shape[1]
-        rope = self.rotary(grid, text_len)  # (B, T + L, D) always: one graph for all stages when compiled
+        hidden = tr.x_embedder(x)
+        if not ex.per_request:  # views (Linear on 3-D input): a compiled packed block would guard their base
+            enc = enc.clone() if enc._base is not None else enc
+            hidden = hidden.clone() if hidden._base is not None else hidden
+        ids = ex.join(txt_ids, img_ids)
+        cos, sin = tr.pos_embed(ids.reshape(-1, 4))
+        rope = (cos.view(*ids.shape[:2], -1), sin.view(*ids.shape[:2], -1))  # per token always: one graph
 
-        double = impl.block("flux2_double", flux2_double_block)
-        single = impl.block("flux2_single", flux2_single_block)
-        doubles = [(blk, (impl.fused(blk.attn, QKV), impl.fused(blk.attn, ADDED_QKV))) for blk in tr.transformer_blocks]
+        double = impl.block(ex.block_name("flux2_double"), flux2_double_block)
+        single = impl.block(ex.block_name("flux2_single"), flux2_single_block)
+        doubles = [(blk, (_user_fused(blk.attn, "to_qkv") or impl.fused(blk.attn, QKV),
+                          _user_fused(blk.attn, "to_added_qkv") or impl.fused(blk.attn, ADDED_QKV)))
+                   for blk in tr.transformer_blocks]
         singles = list(tr.single_transformer_blocks)
-        nd = len(doubles)
+        nd, text_len = len(doubles), enc.shape[1]
 
-        def run(state, start, stop):  # blocks [start, stop); state (text, image), or (None, joined) in single blocks
-            e, h = state
+        def run(state, start, stop):  # blocks [start, stop) on (text, image, joined-or-None)
+            e, h, x = state
             for i in range(start, stop):
                 if i < nd:
-                    blk, fused = doubles[i]
-                    args = (blk, h, e, mod_img, mod_txt, rope, *fused)
+                    blk, projections = doubles[i]
+                    args = (blk, h, e, mod_img, mod_txt, rope, ex, *projections)
                     if blk._forward_hooks or blk._forward_pre_hooks:
                         e, h = call_with_hooks(blk, double, args, dict(
                             hidden_states=h, encoder_hidden_states=e, temb_mod_img=mod_img, temb_mod_txt=mod_txt,
@@ -331,46 +348,163 @@ class Flux2Adapter(DiTAdapter):
                     else:
                         e, h = double(*args)
                     continue
-                if e is not None:
-                    h, e = torch.cat([e, h], dim=1), None
+                if x is None:  # the single-stream blocks run on the joined sequence
+                    x = ex.join(e, h)
+                    x = x if ex.per_request else x.clone()  # not a view: every single block gets one graph
                 blk = singles[i - nd]
-                args = (blk, h, mod_single, rope)
+                args = (blk, x, mod_single, rope, ex)
                 if blk._forward_hooks or blk._forward_pre_hooks:
-                    h = call_with_hooks(blk, single, args, dict(hidden_states=h, encoder_hidden_states=None,
+                    x = call_with_hooks(blk, single, args, dict(hidden_states=x, encoder_hidden_states=None,
                                                                 temb_mod=mod_single, image_rotary_emb=rope))
                 else:
-                    h = single(*args)
-            return e, h
+                    x = single(*args)
+            return e, h, x
 
         def image(state):
-            e, h = state
-            return h if e is not None else h[:, text_len:]
+            e, h, x = state
+            return h if x is None else ex.split(x, text_len)[1]
 
-        def first():
-            state = run((enc, hidden), 0, 1)
-            return image(state), state
+        stack = BlockStack(run, nd + len(singles), (enc, hidden, None), image, ex, IMAGE)
+        hidden = self.run_stack(stack, hidden, timestep)
+        return ex.call(tr.proj_out, ex.ada_norm(tr.norm_out, hidden, temb, IMAGE))
 
-        blocks = SplitBlocks(first, lambda state: image(run(state, 1, nd + len(singles))))
-        hidden = self.run_blocks(blocks, hidden, timestep)
-        return tr.proj_out(tr.norm_out(hidden, temb))
+    def _request(self, tokens, positions, timestep, embeds, guidance, impl: ModelImpl) -> torch.Tensor:
+        """One transformer pass of one request ``(B, L, 128)``: Dense, or sharded across ranks when the running
+        ``generate`` call has a sharding plan (context parallelism: every rank returns the whole velocity)."""
+        b, text_len = tokens.shape[0], embeds.shape[1]
+        t = timestep.expand(b).to(tokens.dtype) / 1000        # the pipeline's timestep / 1000
+        index = torch.arange(text_len, device=tokens.device, dtype=torch.float32).expand(b, text_len)
+        txt_ids, img_ids = self._ids(positions, index)
+        plan = current_sharding()
+        ex = DENSE if plan is None else Sharded(plan, (text_len, tokens.shape[1]))
+        out = self._forward(ex, ex.local(tokens, IMAGE), ex.local(embeds, TEXT), ex.local(txt_ids, TEXT),
+                            ex.local(img_ids, IMAGE), t, guidance, impl, timestep)
+        return ex.whole(out, IMAGE)
 
     def velocity(self, tokens, grid, timestep, cond, impl: ModelImpl | None = None):
+        """One request's velocity ``(B, L, 128)`` (true CFG for klein base: prompt and negative prompt in one pass
+        when their embeddings have the same length, else two); sharded when the ``generate`` call is."""
         impl = impl or EAGER
         d = cond.data
         if not d["cfg"]:
-            return self._forward(tokens, grid, timestep, d["embeds"], d["guidance"], impl)
+            return self._request(tokens, grid.positions, timestep, d["embeds"], d["guidance"], impl)
         pos, neg = d["embeds"], d["neg_embeds"]
         if pos.shape[1] == neg.shape[1]:  # one pass on the batch [prompt, negative]
-            both = TokenGrid(torch.cat([grid.positions] * 2), grid.grid_hw,
-                             None if grid.fine_mask is None else torch.cat([grid.fine_mask] * 2), grid.raster)
-            text, uncond = self._forward(torch.cat([tokens, tokens]), both, timestep, torch.cat([pos, neg]),
-                                         None, impl).chunk(2)
+            text, uncond = self._request(torch.cat([tokens, tokens]), torch.cat([grid.positions] * 2), timestep,
+                                         torch.cat([pos, neg]), None, impl).chunk(2)
         else:
             if current_cache() is not None:
                 raise ValueError("a feature cache needs prompt and negative prompt embeddings of the same length")
-            text = self._forward(tokens, grid, timestep, pos, None, impl)
-            uncond = self._forward(tokens, grid, timestep, neg, None, impl)
+            text = self._request(tokens, grid.positions, timestep, pos, None, impl)
+            uncond = self._request(tokens, grid.positions, timestep, neg, None, impl)
         return uncond + d["guidance_scale"] * (text - uncond)
+
+    # ---- packed calls ------------------------------------------------------------------------------------
+    packs = True
+    shards = True
+    packed_attention_backend = "auto"  # varlen_attention backend of packed_velocity ("auto", "sdpa", ...)
+
+    def _bypassed_by_packing(self) -> list:
+        """Modules the unpacked call runs as modules (hooks included) and the packed call decomposes."""
+        tr = self.transformer
+        return [tr.norm_out, *tr.transformer_blocks, *tr.single_transformer_blocks]
+
+    def packed_velocity(self, calls, impl: ModelImpl | None = None, *,
+                        execution: PackedExecution | None = None) -> list[torch.Tensor]:
+        """:meth:`velocity` of every call, all run as one transformer call over a packed token sequence.
+
+        Every image is one attention segment ``[its text tokens ; its image tokens]`` with its own timestep,
+        guidance (FLUX.2-dev), text length and rotary ids (text ``(0, 0, 0, i)``, image positions from its grid); the
+        shared modulations are computed per image and reach the tokens of its segment. Under true CFG (klein base) a
+        call brings its images twice, prompt then negative prompt (each with its own text length), and its result
+        is combined with its own ``guidance_scale``. Attention: :func:`ralu_kernels.attention.varlen_attention`
+        (backend :attr:`packed_attention_backend`). Results equal the unpacked calls up to float rounding (fp32 on
+        a CPU: within 2e-6 relative, see tests/test_modes_flux2.py).
+
+        Compiled blocks: with a compile runner's impl (``impl.packed_calls``; ``StageRunner.packed`` passes its
+        ``execution``), ``flux2_double_packed`` / ``flux2_single_packed`` are compiled with a symbolic packed token
+        dimension and run on a :class:`PackedSegments` layout (device tensors only; one padding segment, CUDA graphs
+        pad the packed lengths up to a bucket): a new mix of requests reuses the same graphs.
+
+        Falls back to one :meth:`velocity` per call (correct, unpacked) when ``impl`` is neither None / EAGER nor a
+        packing impl, when the calling ``generate`` has a feature cache (its state is per request), or when a block
+        or the output AdaLN module (which the packed call decomposes) carries torch forward (pre-)hooks or diffusers
+        hooks; for a CFG call on a model with a guidance embedding (no diffusers pipeline makes one: its unpacked
+        CFG passes embed no guidance).
+        """
+        calls = check_velocity_calls(calls)
+        execution = execution or PackedExecution(self, impl)
+        if not can_pack(execution.impl, self._bypassed_by_packing()):
+            return [execution.velocity(c) for c in calls]
+        guided = getattr(self.transformer.time_guidance_embed, "guidance_embedder", None) is not None
+        out: list[torch.Tensor | None] = [None] * len(calls)
+        packed = []
+        for i, c in enumerate(calls):
+            if (c.cond.data["guidance"] is not None) != guided:
+                raise ValueError(f"calls[{i}].cond {'lacks' if guided else 'has'} a guidance value but this FLUX.2 "
+                                 f"transformer {'has' if guided else 'has no'} guidance embedding: encode its prompt "
+                                 "with this adapter")
+            if c.cond.data["cfg"] and guided:
+                out[i] = execution.velocity(c)
+            else:
+                packed.append(i)
+        if packed:
+            for i, v in zip(packed, self._packed_call([calls[i] for i in packed], execution, guided)):
+                out[i] = v
+        return out
+
+    def _packed_call(self, calls: list[VelocityCall], execution: PackedExecution, guided: bool) -> list[torch.Tensor]:
+        device, dtype = calls[0].tokens.device, calls[0].tokens.dtype
+        tokens, positions, embeds, text_index, t, guidance = [], [], [], [], [], []
+        text_lens, image_lens, counts = [], [], []
+        for c in calls:
+            d = c.cond.data
+            texts = [d["embeds"], d["neg_embeds"]] if d["cfg"] else [d["embeds"]]
+            b, l, _ = c.tokens.shape
+            for e in texts:  # CFG: the call's images twice, prompt then negative prompt
+                tokens.append(c.tokens.reshape(-1, c.tokens.shape[-1]))
+                positions.append(c.grid.positions.reshape(-1, 2))
+                embeds.append(e.reshape(-1, e.shape[-1]))
+                text_index.append(torch.arange(e.shape[1], device=device, dtype=torch.float32).repeat(b))
+                t.append(c.timestep.reshape(()).expand(b).to(dtype) / 1000)
+                if guided:
+                    guidance.append(d["guidance"])
+                text_lens += [e.shape[1]] * b
+                image_lens += [l] * b
+            counts.append(b * len(texts))
+        tokens, positions, embeds = torch.cat(tokens), torch.cat(positions), torch.cat(embeds)
+        text_index, t = torch.cat(text_index), torch.cat(t)
+        guidance = torch.cat(guidance) if guided else None
+        impl, backend = execution.impl, self.packed_attention_backend
+        if not execution.static_layout:
+            ex = Packed(HostSegments([text_lens, image_lens], device), backend)
+            out = self._forward(ex, tokens[None], embeds[None], *self._ids(positions[None], text_index[None]), t,
+                                guidance, impl)
+        else:
+            n_img, n_txt, n_seg = len(tokens), len(embeds), len(image_lens)
+            pad_img, pad_txt = execution.pad("image", n_img) - n_img, execution.pad("text", n_txt) - n_txt
+            segs = execution.pad("segments", n_seg + 1)
+            kind = static_attention(backend, device, dtype)
+            lay = PackedSegments.build([text_lens, image_lens], [pad_txt, pad_img], segs, device, kind)
+            per_seg = [t] + ([guidance] if guided else [])
+            tensors = [pad_rows(tokens, pad_img), pad_rows(positions, pad_img), pad_rows(embeds, pad_txt),
+                       pad_rows(text_index, pad_txt), *[pad_rows(x, segs - n_seg) for x in per_seg], *lay.tensors()]
+            k = 5 + guided
+
+            def forward(*ts):  # the flat tensors only (a captured graph replays it for every mix of the same sizes)
+                tok, pos, emb, index, tt = ts[:5]
+                ex = Packed(PackedSegments.from_tensors(ts[k:], 2, kind), backend)
+                return self._forward(ex, tok[None], emb[None], *self._ids(pos[None], index[None]), tt,
+                                     ts[5] if guided else None, impl)
+
+            out = execution.run(("flux2", guided, kind, backend), forward, tensors)[:, :n_img]
+        result = []
+        for c, o in zip(calls, split_calls(out, calls, counts)):
+            if c.cond.data["cfg"]:
+                text, uncond = o.chunk(2)
+                o = uncond + c.cond.data["guidance_scale"] * (text - uncond)
+            result.append(o)
+        return result
 
     def baseline_schedule(self, num_steps, image_seq_len):
         from diffusers.pipelines.flux2.pipeline_flux2 import retrieve_timesteps

@@ -98,10 +98,13 @@ def _call_ada_norm(norm, x, emb):
 class Dense(Mode):
     """One request, batch ``B`` (see the module docstring). ``attn_mask``: the mask of attention over the joined
     sequence (:data:`JOINT`), in the form the family's diffusers processor hands to ``dispatch_attention_fn`` (e.g.
-    ``(B, 1, 1, S)`` bool from a text padding mask), or None."""
+    ``(B, 1, 1, S)`` bool from a text padding mask), or None. ``stream_masks``: ``{stream: mask}`` in the same form
+    for attention over one stream (e.g. Z-Image's caption refiner over captions of different padded lengths);
+    streams not in it (or None) attend unmasked."""
 
-    def __init__(self, attn_mask: torch.Tensor | None = None):
+    def __init__(self, attn_mask: torch.Tensor | None = None, stream_masks: dict | None = None):
         self.attn_mask = attn_mask
+        self.stream_masks = stream_masks or {}
 
     def tok(self, v, stream):
         return v.unsqueeze(1)
@@ -115,7 +118,7 @@ class Dense(Mode):
     def attend(self, q, k, v, *, stream=JOINT, backend=None, parallel_config=None, scale=None):
         from diffusers.models.attention_dispatch import dispatch_attention_fn
 
-        mask = self.attn_mask if stream == JOINT else None
+        mask = self.attn_mask if stream == JOINT else self.stream_masks.get(stream)
         return dispatch_attention_fn(q, k, v, attn_mask=mask, scale=scale, backend=backend,
                                      parallel_config=parallel_config)
 

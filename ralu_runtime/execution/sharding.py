@@ -223,7 +223,9 @@ class Sharded(Mode):
     ``call_module(module, x)``; :class:`ralu_runtime.parallel.SequenceParallel`). ``stream_lens``: token counts of
     the streams that form the joined sequence, in order (FLUX ``(T, L)``), all images of the batch alike; a stream
     outside the joined sequence (Wan's cross-attention text) is not sharded: every rank holds it whole.
-    ``key_mask``: ``(B, sum(stream_lens))`` bool over the joined sequence or None.
+    ``key_mask``: ``(B, sum(stream_lens))`` bool over the joined sequence or None. ``stream_key_masks``:
+    ``{stream: (B, stream_lens[stream]) bool}``, the key masks of attention over one stream (e.g. Z-Image's caption
+    refiner); streams not in it (or None) attend unmasked.
 
     Attributes: ``ranges[s]`` = ``(start, stop)`` of this rank's rows within stream ``s``; ``sizes`` the joined rows
     of every rank; ``stream_sizes[s]`` stream ``s``'s rows of every rank.
@@ -231,7 +233,7 @@ class Sharded(Mode):
 
     suffix = "_sp"
 
-    def __init__(self, plan, stream_lens, key_mask: torch.Tensor | None = None):
+    def __init__(self, plan, stream_lens, key_mask: torch.Tensor | None = None, stream_key_masks: dict | None = None):
         self.plan = plan
         lens = [int(n) for n in stream_lens]
         self.total = sum(lens)
@@ -251,6 +253,7 @@ class Sharded(Mode):
         self.stream_sizes = [[clip(s, bounds[g], bounds[g + 1])[1] - clip(s, bounds[g], bounds[g + 1])[0]
                               for g in range(world)] for s in range(len(lens))]
         self.key_mask = key_mask
+        self.stream_key_masks = stream_key_masks or {}
         self._spec = plan.attention_spec()
 
     # per-request layout, this rank's rows
@@ -278,7 +281,7 @@ class Sharded(Mode):
         sp = self._spec.with_backend(backend)
         if stream == JOINT:
             return sequence_attention(q, k, v, self.sizes, sp, self.key_mask)
-        return sequence_attention(q, k, v, self.stream_sizes[stream], sp, None)
+        return sequence_attention(q, k, v, self.stream_sizes[stream], sp, self.stream_key_masks.get(stream))
 
     def cross_attend(self, q, k, v, *, q_stream, kv_stream, backend=None, scale=None):
         # the key stream is not sharded: every rank holds all of it
