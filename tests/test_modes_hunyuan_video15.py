@@ -7,13 +7,17 @@ exactly as in the one-request call).
   feature cache).
 * Packed == per call: a mix of videos of different frame counts and sizes, stages (coarse raster, stage-2 mixed
   with fine children at +0.5, fine raster), batch sizes, timesteps, text lengths and masks, glyph (byT5) text in one
-  call, CFG on and off, max |packed - per call| / max |per call| <= 1e-5 (measured: at most 1.7e-6 over three mixes x three seeds on a 2-core
-  CPU); eager host layout and the static layout (device tensors only, padded, random padding contents) alike;
-  fallbacks per call for hooks and a feature cache.
-* Inductor (``slow``): ``adapter.runner.packed`` equals eager packed within 1e-5 and a third mix compiles nothing.
+  call, CFG on and off. Bound: max |packed - per call| / max |per call| <= 1e-5; measured on a 2-core CPU at most
+  1.7e-6 (three mixes x three seeds, eager host layout and the static layout alike). The static layout (device
+  tensors only, as compiled calls use it) padded with random padding contents; fallbacks per call for hooks and a
+  feature cache.
+* Inductor (``slow``): ``adapter.runner.packed`` equals eager packed within 1e-5 (measured: at most 1.1e-6) and a
+  third mix compiles nothing (one graph, ``hunyuan_video15_block_packed``).
 * gloo ranks: ``generate(parallel=ContextParallelConfig(...))`` of a 9-frame video on 2 ranks (ulysses, ring) and 4
-  ranks (``slow``: ulysses 4, ulysses 2 x ring 2) equals one process within 1e-5 (measured: MEASURED_SHARDED) and
-  is bitwise equal across ranks, with masked text, CFG, batch 2 and an odd joined token count.
+  ranks (``slow``: ulysses 4, ulysses 2 x ring 2) equals one process within 1e-5 (measured: 1.4e-6 on 2 ranks,
+  1.7e-6 on 4; float rounding: every rank runs the per-token layers on its own rows) and is bitwise equal across
+  ranks, with masked text, CFG, batch 2 and an odd joined token count (stage 2: 21 image + 8 text tokens); one
+  velocity call of 2 image and 8 text tokens (ranks holding text rows only) likewise.
 """
 from __future__ import annotations
 
@@ -174,7 +178,7 @@ def test_packed_equals_per_call(adapter):
 class _Padded(PackedExecution):
     """The static layout (device tensors only, as compiled / captured packed calls use it) without a compiler:
     lengths padded past multiples of 16 tokens and 8 segments, random padding contents in the padded rows of the
-    flat tensors (image stream tensors, text stream tensors, per-image tensors: (("image", 3), ("text", 1), ("segments", 1)))."""
+    flat tensors, in the order of :data:`GROUPS` (image stream, text stream, per-image tensors)."""
 
     GROUPS = (("image", 3), ("text", 1), ("segments", 1))
 

@@ -4,14 +4,16 @@
 * One-rank Sharded == Dense, bitwise (text mask, true CFG, batch 2, fractional positions, a feature cache).
 * Packed == per call: a mix of requests at different stages (coarse raster, stage-2 mixed with fine children at
   +0.5, fine raster), batch sizes, timesteps, text lengths, masks (padding at the end, a hole in the middle: the
-  text keeps its rotary positions when masked tokens are left out) and CFG scales, max |packed - per call| / max
-  |per call| <= 1e-5 (measured: at most 1.6e-6 over three mixes x three seeds on a 2-core CPU); eager host layout and the static layout (device tensors
-  only, padded to buckets, random padding contents) alike; fallbacks per call for a block hook and a feature cache.
-* Inductor (``slow``): ``adapter.runner.packed`` equals eager packed within 1e-5 and a third mix compiles nothing.
+  text keeps its rotary positions when masked tokens are left out) and CFG scales. Bound: max |packed - per call| /
+  max |per call| <= 1e-5; measured on a 2-core CPU at most 1.6e-6 (three mixes x three seeds, eager host layout and
+  the static layout alike). The static layout (device tensors only, as compiled calls use it) padded with random
+  padding contents; fallbacks per call for hooks and a feature cache.
+* Inductor (``slow``): ``adapter.runner.packed`` equals eager packed within 1e-5 (measured: at most 1.3e-6) and a
+  third mix compiles nothing (one graph, ``qwen_image_block_packed``).
 * gloo ranks: ``generate(parallel=ContextParallelConfig(...))`` on 2 ranks (ulysses, ring) and 4 ranks (``slow``:
-  ulysses 4, ulysses 2 x ring 2) equals one process within 1e-5 (measured: <= 6e-7) and is bitwise equal across
+  ulysses 4, ulysses 2 x ring 2) equals one process within 1e-5 (measured: 0, bitwise) and is bitwise equal across
   ranks, with a padded text mask, true CFG, batch 2 and an odd joined token count (stage 2 at 96 x 128: 8 text + 15
-  image tokens).
+  image tokens); one velocity call of 8 text and 2 image tokens (a rank holding text rows only) likewise.
 """
 from __future__ import annotations
 
@@ -168,7 +170,7 @@ def test_packed_equals_per_call(adapter):
 class _Padded(PackedExecution):
     """The static layout (device tensors only, as compiled / captured packed calls use it) without a compiler:
     lengths padded past multiples of 16 tokens and 8 segments, random padding contents in the padded rows of the
-    flat tensors (image stream tensors, text stream tensors, per-image tensors: (("image", 3), ("text", 3), ("segments", 1)))."""
+    flat tensors, in the order of :data:`GROUPS` (image stream, text stream, per-image tensors)."""
 
     GROUPS = (("image", 3), ("text", 3), ("segments", 1))
 
