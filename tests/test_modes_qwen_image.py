@@ -8,6 +8,8 @@
   max |per call| <= 1e-5; measured on a 2-core CPU at most 1.6e-6 (three mixes x three seeds, eager host layout and
   the static layout alike). The static layout (device tensors only, as compiled calls use it) padded with random
   padding contents; fallbacks per call for hooks and a feature cache.
+* The serving engine: two requests (different sizes, CFG on and off, masked text) run through packed calls and
+  each equals ``generate`` alone (1e-4).
 * Inductor (``slow``): ``adapter.runner.packed`` equals eager packed within 1e-5 (measured: at most 1.3e-6) and a
   third mix compiles nothing (one graph, ``qwen_image_block_packed``).
 * gloo ranks: ``generate(parallel=ContextParallelConfig(...))`` on 2 ranks (ulysses, ring) and 4 ranks (``slow``:
@@ -255,6 +257,26 @@ def test_inductor_packed_equals_eager_packed_and_a_new_mix_does_not_recompile():
         assert [n for n in runner.impl.compiled_blocks if n.endswith("_packed")] == ["qwen_image_block_packed"]
     finally:
         uncompile_adapter(pipe)
+
+
+@torch.no_grad()
+def test_serving_engine_packs_and_each_request_equals_generate_alone():
+    """The serving engine's batched step runs the two requests' model calls as packed calls (different sizes, CFG
+    on and off, masked text); each result equals ``generate`` alone (atol = rtol = 1e-4 on latents, as
+    tests/test_serving_engine.py)."""
+    from ralu_runtime import generate
+    from ralu_runtime.serving import Engine, EngineConfig
+
+    pipe = build_tiny_qwen_image_pipeline(seed=4)
+    reqs = [(dict(height=96, width=128, speedup="7x", guidance_scale=4.0, **_embeds()), 11),
+            (dict(height=64, width=64, speedup="7x", guidance_scale=1.0,
+                  prompt_embeds=_embeds()["prompt_embeds"][:1, :5]), 12)]
+    refs = [generate(pipe, **kw, seed=seed, output_type="latent", progress=False).images for kw, seed in reqs]
+    with Engine(pipe, EngineConfig(gather_timeout_s=0.5), output_type="latent") as eng:
+        outs = [h.result(timeout=300).images for h in [eng.submit(seed=seed, **kw) for kw, seed in reqs]]
+        assert eng.metrics()["packed_calls"] > 0
+    for out, ref in zip(outs, refs):
+        torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4)
 
 
 # ---- gloo ranks -------------------------------------------------------------------------------------------------
