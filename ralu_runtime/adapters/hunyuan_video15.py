@@ -379,9 +379,9 @@ class HunyuanVideo15Adapter(DoubleStreamAdapter):
     TEXT, IMAGE = TEXT, IMAGE
 
     def _inputs(self, x, grid, timestep, data) -> StreamInputs:
-        """Image stream: tokens and the rotary tables of :meth:`rotary` (the tall grid's frames and rows as
-        today); text stream: :meth:`text_states` (valid tokens first); the text validity (None when every token of
-        every row is valid); per image: the timestep."""
+        """Image stream: tokens and the rotary tables of :meth:`rotary` (each token at its frame, row and column of
+        the tall grid); text stream: :meth:`text_states` (valid tokens first); the text validity (None when every
+        token of every row is valid); per image: the timestep."""
         b = x.shape[0]
         t = timestep.expand(b).to(x.dtype)
         cos, sin = self.rotary(grid, b // grid.positions.shape[0])  # (B, L, D) always: one graph for all stages
