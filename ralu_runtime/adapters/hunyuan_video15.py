@@ -29,6 +29,18 @@ published), with the guider's formulation (``use_original_formulation``) and ``g
 the guider is disabled or the scale is 1 (0 in the original formulation), as the guider decides. The negative
 prompt defaults to the empty prompt (encoded by the pipeline). Both halves run as one batch of 2B.
 
+**Execution modes** (:mod:`ralu_runtime.execution`; :func:`hv15_block` is written once against the mode, the
+shared request handling is :class:`~ralu_runtime.adapters.double_stream.DoubleStreamAdapter`): one request
+(``Dense``: the text validity as the joint ``(B, 1, 1, L + T)`` key mask above); sharded across ranks (context
+parallelism, ``generate(parallel=...)``, the mode that matters for long videos: the joined [image ; text] sequence,
+the video as its tall grid of frames, cut into contiguous row ranges across ranks, the validity as the sharded
+attention's ``(B, L + T)`` key mask, the rotary tables computed for the whole grid and sliced to each rank's rows;
+every rank holds the whole velocity); many requests packed into one call
+(:meth:`~ralu_runtime.adapters.double_stream.DoubleStreamAdapter.packed_velocity`: every video -- both CFG halves
+included -- its own attention segment with its own timestep, text states and rotary tables from its own grid and
+frame count; masked text tokens are left out, exact as above). Packed calls fall back to one call per request with
+a feature cache or with hooks on the blocks, their AdaLN modules or the output norm.
+
 **Refused** (:meth:`HunyuanVideo15Adapter.check_supported`, before any work): attention processors other than
 ``HunyuanVideo15AttnProcessor2_0``, diffusers hook registries on the blocks, temporal patches (``patch_size_t``
 > 1), inputs other than t2v's ``2 C + 1`` channels, guiders other than ``ClassifierFreeGuidance`` or with a
@@ -44,25 +56,27 @@ import numpy as np
 import torch
 
 from ..families import FAMILIES
-from .base import (EAGER, Conditioning, DiTAdapter, ModelImpl, SplitBlocks, TokenGrid, call_with_hooks,
-                   scheduler_base_shift)
+from ..execution.modes import DENSE, Mode
+from .base import EAGER, Conditioning, ModelImpl, TokenGrid, scheduler_base_shift
+from .double_stream import DoubleStreamAdapter, StreamInputs
+
+IMAGE, TEXT = 0, 1  # HunyuanVideo 1.5's streams, in the order of its joint sequence [image ; text]
 
 
 def apply_rope_hv(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """diffusers' ``apply_rotary_emb(use_real=True, sequence_dim=1)`` on ``x (B, L, H, D)`` with per-image tables
+    """diffusers' ``apply_rotary_emb(use_real=True, sequence_dim=1)`` on ``x (B, L, H, D)`` with per-token tables
     ``cos`` / ``sin`` ``(B, L, D)`` float32 (interleaved pairs)."""
-    xr, xi = x.reshape(*x.shape[:-1], -1, 2).unbind(-1)
+    xr, xi = x.unflatten(-1, (-1, 2)).unbind(-1)  # not reshape(-1): a sharded rank may hold no image rows
     rot = torch.stack([-xi, xr], dim=-1).flatten(3)
     c, s = cos[:, :, None, :], sin[:, :, None, :]
     return (x.float() * c + rot.float() * s).to(x.dtype)
 
 
-def hv15_attention(attn, hidden_states, encoder_hidden_states, attn_mask, cos, sin):
-    """diffusers' ``HunyuanVideo15AttnProcessor2_0`` on ``attn`` with per-image rotary ``cos``/``sin`` ``(B, L, D)``
-    on the image tokens and a key mask ``attn_mask`` ``(B, 1, 1, L + T)`` bool (or None: every key valid), image
-    tokens first. Returns ``(image output, text output)``."""
-    from diffusers.models.attention_dispatch import dispatch_attention_fn
-
+def hv15_attention(attn, hidden_states, encoder_hidden_states, cos, sin, ex: Mode = DENSE):
+    """diffusers' ``HunyuanVideo15AttnProcessor2_0`` on ``attn`` in mode ``ex`` (its text key mask is the mode's:
+    ``Dense(attn_mask)`` / ``Sharded(key_mask=)``; a packed call holds valid text tokens only), with per-token
+    rotary ``cos``/``sin`` ``(B, L, D)`` on the image tokens (in ``ex``'s layout of the image stream), image tokens
+    first. Returns ``(image output, text output)``."""
     q = attn.to_q(hidden_states).unflatten(2, (attn.heads, -1))
     k = attn.to_k(hidden_states).unflatten(2, (attn.heads, -1))
     v = attn.to_v(hidden_states).unflatten(2, (attn.heads, -1))
@@ -75,30 +89,29 @@ def hv15_attention(attn, hidden_states, encoder_hidden_states, attn_mask, cos, s
         tq = attn.norm_added_q(tq)
     if attn.norm_added_k is not None:
         tk = attn.norm_added_k(tk)
-    query, key, value = torch.cat([q, tq], dim=1), torch.cat([k, tk], dim=1), torch.cat([v, tv], dim=1)
+    query, key, value = ex.join(q, tq), ex.join(k, tk), ex.join(v, tv)
     proc = attn.processor
-    out = dispatch_attention_fn(query, key, value, attn_mask=attn_mask, dropout_p=0.0, is_causal=False,
-                                backend=getattr(proc, "_attention_backend", None),
-                                parallel_config=getattr(proc, "_parallel_config", None))
+    out = ex.attend(query, key, value, backend=getattr(proc, "_attention_backend", None),
+                    parallel_config=getattr(proc, "_parallel_config", None))
     out = out.flatten(2, 3).to(query.dtype)
-    t = encoder_hidden_states.shape[1]
-    img, txt = out[:, :-t], out[:, -t:]
+    img, txt = ex.split(out, hidden_states.shape[1])
     img = attn.to_out[1](attn.to_out[0](img))
     return img, attn.to_add_out(txt)
 
 
-def hv15_block(block, hidden_states, encoder_hidden_states, temb, attn_mask, cos, sin):
+def hv15_block(block, hidden_states, encoder_hidden_states, temb, cos, sin, ex: Mode = DENSE):
     """diffusers' ``HunyuanVideo15TransformerBlock.forward`` (same operations, same order) with
-    :func:`hv15_attention`. Returns ``(hidden_states, encoder_hidden_states)``."""
-    x, gate_msa, shift_mlp, scale_mlp, gate_mlp = block.norm1(hidden_states, emb=temb)
-    c, c_gate_msa, c_shift_mlp, c_scale_mlp, c_gate_mlp = block.norm1_context(encoder_hidden_states, emb=temb)
-    attn_out, ctx_out = hv15_attention(block.attn, x, c, attn_mask, cos, sin)
-    hidden_states = hidden_states + attn_out * gate_msa.unsqueeze(1)
-    encoder_hidden_states = encoder_hidden_states + ctx_out * c_gate_msa.unsqueeze(1)
-    x = block.norm2(hidden_states) * (1 + scale_mlp[:, None]) + shift_mlp[:, None]
-    c = block.norm2_context(encoder_hidden_states) * (1 + c_scale_mlp[:, None]) + c_shift_mlp[:, None]
-    hidden_states = hidden_states + gate_mlp.unsqueeze(1) * block.ff(x)
-    encoder_hidden_states = encoder_hidden_states + c_gate_mlp.unsqueeze(1) * block.ff_context(c)
+    :func:`hv15_attention`, in mode ``ex``. Returns ``(hidden_states, encoder_hidden_states)``."""
+    x, gate_msa, shift_mlp, scale_mlp, gate_mlp = ex.ada_norm(block.norm1, hidden_states, temb, IMAGE)
+    c, c_gate_msa, c_shift_mlp, c_scale_mlp, c_gate_mlp = ex.ada_norm(block.norm1_context, encoder_hidden_states,
+                                                                      temb, TEXT)
+    attn_out, ctx_out = hv15_attention(block.attn, x, c, cos, sin, ex)
+    hidden_states = hidden_states + attn_out * ex.tok(gate_msa, IMAGE)
+    encoder_hidden_states = encoder_hidden_states + ctx_out * ex.tok(c_gate_msa, TEXT)
+    x = block.norm2(hidden_states) * (1 + ex.tok(scale_mlp, IMAGE)) + ex.tok(shift_mlp, IMAGE)
+    c = block.norm2_context(encoder_hidden_states) * (1 + ex.tok(c_scale_mlp, TEXT)) + ex.tok(c_shift_mlp, TEXT)
+    hidden_states = hidden_states + ex.tok(gate_mlp, IMAGE) * block.ff(x)
+    encoder_hidden_states = encoder_hidden_states + ex.tok(c_gate_mlp, TEXT) * block.ff_context(c)
     return hidden_states, encoder_hidden_states
 
 
@@ -109,7 +122,7 @@ def _bool_mask(mask, like: torch.Tensor, n: int) -> torch.Tensor:
     return mask.to(like.device).bool().repeat_interleave(n, dim=0)
 
 
-class HunyuanVideo15Adapter(DiTAdapter):
+class HunyuanVideo15Adapter(DoubleStreamAdapter):
     """Adapter for diffusers' ``HunyuanVideo15Pipeline`` (text-to-video). See the module docstring."""
 
     family = "hunyuan-video-1.5"  # defaults: ralu_runtime.families
@@ -337,9 +350,12 @@ class HunyuanVideo15Adapter(DiTAdapter):
     # ---- model ---------------------------------------------------------------------------------------------
     def embed_tokens(self, tokens: torch.Tensor) -> torch.Tensor:
         """``(B, L, C p p)`` tokens + t2v's zero condition channels -> ``(B, L, inner)`` by the model's
-        ``x_embedder`` (a (1, p, p) conv run on the tokens laid side by side)."""
+        ``x_embedder`` (a (1, p, p) conv run on the tokens laid side by side). No tokens (a rank of a sharded call
+        that holds only text rows): ``(B, 0, inner)``, which the conv itself refuses."""
         tr = self.transformer
         b, l, ct = tokens.shape
+        if l == 0:
+            return tokens.new_empty(b, 0, tr.x_embedder.proj.out_channels)
         p = self.patch_size
         cin = int(tr.config.in_channels)
         x = torch.cat([tokens, tokens.new_zeros(b, l, (cin * p * p) - ct)], dim=-1)
@@ -361,52 +377,60 @@ class HunyuanVideo15Adapter(DiTAdapter):
         txt = torch.gather(enc, 1, order[..., None].expand(-1, -1, enc.shape[-1]))
         return txt if data["all_valid"] else txt * data["valid"][..., None].to(txt.dtype)
 
-    def velocity(self, tokens, grid, timestep, cond, impl: ModelImpl | None = None):
-        impl = impl or EAGER
-        tr = self.transformer
-        data = cond.data
-        cfg = data["cfg"]
-        x = torch.cat([tokens, tokens]) if cfg else tokens
-        b, l = x.shape[:2]
+    TEXT, IMAGE = TEXT, IMAGE
+
+    def _inputs(self, x, grid, timestep, data) -> StreamInputs:
+        """Image stream: tokens and the rotary tables of :meth:`rotary` (each token at its frame, row and column of
+        the tall grid); text stream: :meth:`text_states` (valid tokens first); the text validity (None when every
+        token of every row is valid); per image: the timestep."""
+        b = x.shape[0]
         t = timestep.expand(b).to(x.dtype)
-        temb = tr.time_embed(t)
-        hidden = self.embed_tokens(x)
-        enc = self.text_states(data, t)
-        mask = None
-        if not data["all_valid"]:
-            mask = torch.cat([torch.ones(b, l, dtype=torch.bool, device=x.device), data["valid"]], 1)[:, None, None]
-        cos, sin = self.rotary(grid, 2 if cfg else 1)  # (B, L, D) always: one graph for all stages
+        cos, sin = self.rotary(grid, b // grid.positions.shape[0])  # (B, L, D) always: one graph for all stages
+        return StreamInputs(image=(x, cos, sin), text=(self.text_states(data, t),),
+                            text_mask=None if data["all_valid"] else data["valid"], per_image=(t,))
 
-        block_fn = impl.block("hunyuan_video15_block", hv15_block)
-        blocks = list(tr.transformer_blocks)
+    def _forward(self, ex, image, text, per_image, impl, timestep=None, text_mask=None):
+        tr = self.transformer
+        tokens, cos, sin = image
+        (enc,) = text
+        temb = tr.time_embed(per_image[0])
+        hidden = self.embed_tokens(tokens)
+        if not ex.per_request:  # views: a compiled packed block would guard their base
+            hidden = hidden.clone() if hidden._base is not None else hidden
+            enc = enc.clone() if enc._base is not None else enc
+        block_fn = impl.block(ex.block_name("hunyuan_video15_block"), hv15_block)
+        blocks = [(blk, ()) for blk in tr.transformer_blocks]
 
-        def run(state, start, stop):
-            h, e = state
-            for blk in blocks[start:stop]:
-                args = (blk, h, e, temb, mask, cos, sin)
-                if blk._forward_hooks or blk._forward_pre_hooks:
-                    h, e = call_with_hooks(blk, block_fn, args, dict(
-                        hidden_states=h, encoder_hidden_states=e, temb=temb, attention_mask=mask,
-                        freqs_cis=(cos, sin)))
-                else:
-                    h, e = block_fn(*args)
-            return h, e
+        def hook_kwargs(state):  # diffusers' block forward: the joint key mask (B, 1, 1, L + T), as its processor
+            mask = None
+            if text_mask is not None:
+                ones = torch.ones(text_mask.shape[0], state[0].shape[1], dtype=torch.bool, device=text_mask.device)
+                mask = torch.cat([ones, text_mask], 1)[:, None, None]
+            return dict(hidden_states=state[0], encoder_hidden_states=state[1], temb=temb, attention_mask=mask,
+                        freqs_cis=(cos, sin))
 
-        def first():
-            state = run((hidden, enc), 0, 1)
-            return state[0], state
+        stack = self._block_stack(ex, block_fn, blocks, (hidden, enc), 0,
+                                  lambda blk, s, extra: (blk, s[0], s[1], temb, cos, sin, ex), hook_kwargs)
+        hidden = self.run_stack(stack, hidden, timestep)
+        return ex.call(tr.proj_out, ex.ada_norm(tr.norm_out, hidden, temb, IMAGE))
 
-        hidden = self.run_blocks(SplitBlocks(first, lambda state: run(state, 1, len(blocks))[0]), hidden, timestep)
-        out = tr.proj_out(tr.norm_out(hidden, temb))
-        if cfg:
-            neg, pos = out.chunk(2)
-            comb = (pos if data["original"] else neg) + data["guidance_scale"] * (pos - neg)
-            if data["guidance_rescale"] > 0:
-                from diffusers.guiders.guider_utils import rescale_noise_cfg
+    def _guide(self, out, data):
+        """The guider's CFG: ``neg + s (pos - neg)`` (``pos + s (pos - neg)`` in the original formulation), then
+        its ``guidance_rescale`` when > 0."""
+        neg, pos = out.chunk(2)
+        comb = (pos if data["original"] else neg) + data["guidance_scale"] * (pos - neg)
+        if data["guidance_rescale"] > 0:
+            from diffusers.guiders.guider_utils import rescale_noise_cfg
 
-                comb = rescale_noise_cfg(comb, pos, data["guidance_rescale"])
-            out = comb
-        return out
+            comb = rescale_noise_cfg(comb, pos, data["guidance_rescale"])
+        return comb
+
+    def _bypassed_by_packing(self) -> list:
+        tr = self.transformer
+        mods = [tr.norm_out]
+        for blk in tr.transformer_blocks:
+            mods += [blk, blk.norm1, blk.norm1_context]
+        return mods
 
     def prepare_noise(self, batch, height, width, generators, dtype, num_frames=None):
         """``(B, C, (num_frames - 1) // 4 + 1, h, w)``: the pipeline's ``prepare_latents`` draw."""

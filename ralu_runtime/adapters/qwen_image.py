@@ -25,6 +25,17 @@ run as one batch of 2B (text lengths padded to the longer one with masked tokens
 Guidance-distilled variants (``guidance_embeds=True``, the pipeline's ``guidance_scale``) are refused: diffusers
 0.42.1's own forward cannot run them either.
 
+**Execution modes** (:mod:`ralu_runtime.execution`; :func:`qwen_image_block` is written once against the mode,
+the shared request handling is :class:`~ralu_runtime.adapters.double_stream.DoubleStreamAdapter`): one request
+(``Dense``: the text mask as the joint ``(B, 1, 1, T + L)`` attention mask, exactly the call above); sharded across
+ranks (context parallelism, ``generate(parallel=...)``: the joined [text ; image] sequence cut across ranks, the
+mask as the sharded attention's ``(B, T + L)`` key mask; every rank holds the whole velocity); many requests packed
+into one call (:meth:`~ralu_runtime.adapters.double_stream.DoubleStreamAdapter.packed_velocity`, the serving
+engine's batched step: every image -- both CFG halves of a call included -- its own attention segment with its own
+timestep, rotary positions and text; the mask is a hard key mask, so masked text tokens are left out of the packed
+sequence and the others keep their rotary positions). Packed calls fall back to one call per request with a
+feature cache or with hooks on the blocks or the output norm.
+
 **Refused** (:meth:`QwenImageAdapter.check_supported`, before any work): attention processors other than
 ``QwenDoubleStreamAttnProcessor2_0``, diffusers hook registries on the blocks (``enable_cache``, block-level group
 offloading), and the edit / layered transformer variants (``zero_cond_t``, ``use_additional_t_cond``,
@@ -38,41 +49,34 @@ import numpy as np
 import torch
 
 from ..families import FAMILIES
-from .base import (EAGER, Conditioning, DiTAdapter, ModelImpl, SplitBlocks, TokenGrid, call_with_hooks, check_blocks,
-                   named_blocks,
-                   scheduler_base_shift)
+from ..execution.modes import DENSE, Mode
+from .base import EAGER, Conditioning, ModelImpl, TokenGrid, check_blocks, named_blocks, scheduler_base_shift
+from .common import ADDED_QKV, QKV, projections
+from .double_stream import DoubleStreamAdapter, StreamInputs
 
-QKV = ("to_q", "to_k", "to_v")
-ADDED_QKV = ("add_q_proj", "add_k_proj", "add_v_proj")
+TEXT, IMAGE = 0, 1  # Qwen-Image's streams, in the order of its joint sequence [text ; image]
 
 
 def apply_rope_qwen(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotary embedding on ``x (B, S, H, D)`` with per-image ``cos``/``sin`` ``(B, S, D / 2)`` float32.
+    """Rotary embedding on ``x (B, S, H, D)`` with per-token ``cos``/``sin`` ``(B, S, D / 2)`` float32.
 
     diffusers' ``apply_rotary_emb_qwen(use_real=False)`` (adjacent channel pairs as complex numbers times
     ``cos + i sin``) in real arithmetic, so compilers without complex support can take it."""
-    xr, xi = x.float().reshape(*x.shape[:-1], -1, 2).unbind(-1)
+    xr, xi = x.float().unflatten(-1, (-1, 2)).unbind(-1)
     c, s = cos[:, :, None, :], sin[:, :, None, :]
     return torch.stack([xr * c - xi * s, xr * s + xi * c], dim=-1).flatten(3).to(x.dtype)
 
 
-def _projections(attn, x, names, fused):
-    if fused is not None:
-        return torch.nn.functional.linear(x, fused[0], fused[1]).chunk(3, dim=-1)
-    return tuple(getattr(attn, n)(x) for n in names)
-
-
-def qwen_attention(attn, hidden_states, encoder_hidden_states, attn_mask, rope, qkv=None, added_qkv=None):
-    """diffusers' ``QwenDoubleStreamAttnProcessor2_0`` on ``attn`` with a joint ``attn_mask`` ``(B, 1, 1, T + L)``
-    bool (or None) and per-image ``rope = (cos, sin)`` ``(B, T + L, D / 2)`` for [text, image] tokens.
+def qwen_attention(attn, hidden_states, encoder_hidden_states, rope, ex: Mode = DENSE, qkv=None, added_qkv=None):
+    """diffusers' ``QwenDoubleStreamAttnProcessor2_0`` on ``attn`` in mode ``ex`` (its text key mask is the mode's:
+    ``Dense(attn_mask)`` / ``Sharded(key_mask=)``; a packed call holds valid text tokens only), with per-token
+    ``rope = (cos, sin)`` ``(B, T + L, D / 2)`` of the joined [text ; image] sequence in ``ex``'s layout.
     ``qkv`` / ``added_qkv``: fused ``(weight, bias)`` of to_q/k/v and add_q/k/v_proj, or None.
     Returns ``(image output, text output)``."""
-    from diffusers.models.attention_dispatch import dispatch_attention_fn
-
     head_dim = attn.inner_dim // attn.heads
-    q, k, v = (t.unflatten(-1, (-1, head_dim)) for t in _projections(attn, hidden_states, QKV, qkv))
+    q, k, v = (t.unflatten(-1, (-1, head_dim)) for t in projections(attn, hidden_states, QKV, qkv))
     tq, tk, tv = (t.unflatten(-1, (-1, head_dim))
-                  for t in _projections(attn, encoder_hidden_states, ADDED_QKV, added_qkv))
+                  for t in projections(attn, encoder_hidden_states, ADDED_QKV, added_qkv))
     if attn.norm_q is not None:
         q = attn.norm_q(q)
     if attn.norm_k is not None:
@@ -81,43 +85,43 @@ def qwen_attention(attn, hidden_states, encoder_hidden_states, attn_mask, rope, 
         tq = attn.norm_added_q(tq)
     if attn.norm_added_k is not None:
         tk = attn.norm_added_k(tk)
-    seq_txt = encoder_hidden_states.shape[1]
     # joint order [text, image]; the rotation is per token, so rotating the joint q / k equals the processor's
     # separate text and image rotations
-    query = apply_rope_qwen(torch.cat([tq, q], dim=1), *rope)
-    key = apply_rope_qwen(torch.cat([tk, k], dim=1), *rope)
+    query = apply_rope_qwen(ex.join(tq, q), *rope)
+    key = apply_rope_qwen(ex.join(tk, k), *rope)
     proc = attn.processor
-    out = dispatch_attention_fn(query, key, torch.cat([tv, v], dim=1),
-                                attn_mask=attn_mask, dropout_p=0.0, is_causal=False,
-                                backend=getattr(proc, "_attention_backend", None),
-                                parallel_config=getattr(proc, "_parallel_config", None))
+    out = ex.attend(query, key, ex.join(tv, v), backend=getattr(proc, "_attention_backend", None),
+                    parallel_config=getattr(proc, "_parallel_config", None))
     out = out.flatten(2, 3).to(query.dtype)
-    txt, img = out[:, :seq_txt], out[:, seq_txt:]
+    txt, img = ex.split(out, encoder_hidden_states.shape[1])
     img = attn.to_out[0](img.contiguous())
     if len(attn.to_out) > 1:
         img = attn.to_out[1](img)
     return img, attn.to_add_out(txt.contiguous())
 
 
-def _modulate(x, params):
+def _modulate(x, params, ex: Mode, stream: int):
+    """``x * (1 + scale) + shift`` and the gate, from per-image ``params (n_images, 3 D)`` = (shift, scale, gate),
+    applied to the tokens of ``stream``."""
     shift, scale, gate = params.chunk(3, dim=-1)
-    return x * (1 + scale.unsqueeze(1)) + shift.unsqueeze(1), gate.unsqueeze(1)
+    return x * (1 + ex.tok(scale, stream)) + ex.tok(shift, stream), ex.tok(gate, stream)
 
 
-def qwen_image_block(block, hidden_states, encoder_hidden_states, attn_mask, temb, rope, qkv=None, added_qkv=None):
+def qwen_image_block(block, hidden_states, encoder_hidden_states, temb, rope, ex: Mode = DENSE, qkv=None,
+                     added_qkv=None):
     """diffusers' ``QwenImageTransformerBlock.forward`` (no ``zero_cond_t``; same operations, same order) with
-    :func:`qwen_attention`. Returns ``(encoder_hidden_states, hidden_states)``."""
+    :func:`qwen_attention`, in mode ``ex``. Returns ``(encoder_hidden_states, hidden_states)``."""
     img_mod1, img_mod2 = block.img_mod(temb).chunk(2, dim=-1)
     txt_mod1, txt_mod2 = block.txt_mod(temb).chunk(2, dim=-1)
-    img_x, img_gate1 = _modulate(block.img_norm1(hidden_states), img_mod1)
-    txt_x, txt_gate1 = _modulate(block.txt_norm1(encoder_hidden_states), txt_mod1)
-    img_attn, txt_attn = qwen_attention(block.attn, img_x, txt_x, attn_mask, rope, qkv, added_qkv)
+    img_x, img_gate1 = _modulate(block.img_norm1(hidden_states), img_mod1, ex, IMAGE)
+    txt_x, txt_gate1 = _modulate(block.txt_norm1(encoder_hidden_states), txt_mod1, ex, TEXT)
+    img_attn, txt_attn = qwen_attention(block.attn, img_x, txt_x, rope, ex, qkv, added_qkv)
     hidden_states = hidden_states + img_gate1 * img_attn
     encoder_hidden_states = encoder_hidden_states + txt_gate1 * txt_attn
 
-    img_x, img_gate2 = _modulate(block.img_norm2(hidden_states), img_mod2)
+    img_x, img_gate2 = _modulate(block.img_norm2(hidden_states), img_mod2, ex, IMAGE)
     hidden_states = hidden_states + img_gate2 * block.img_mlp(img_x)
-    txt_x, txt_gate2 = _modulate(block.txt_norm2(encoder_hidden_states), txt_mod2)
+    txt_x, txt_gate2 = _modulate(block.txt_norm2(encoder_hidden_states), txt_mod2, ex, TEXT)
     encoder_hidden_states = encoder_hidden_states + txt_gate2 * block.txt_mlp(txt_x)
     if encoder_hidden_states.dtype == torch.float16:
         encoder_hidden_states = encoder_hidden_states.clip(-65504, 65504)
@@ -126,7 +130,7 @@ def qwen_image_block(block, hidden_states, encoder_hidden_states, attn_mask, tem
     return encoder_hidden_states, hidden_states
 
 
-class QwenImageAdapter(DiTAdapter):
+class QwenImageAdapter(DoubleStreamAdapter):
     """Adapter for diffusers' ``QwenImagePipeline`` (Qwen-Image text-to-image).
 
     ``guidance_scale`` of :func:`ralu_runtime.generate` is the pipeline's ``true_cfg_scale`` (default 4.0),
@@ -277,49 +281,49 @@ class QwenImageAdapter(DiTAdapter):
         return torch.cos(ang), torch.sin(ang)
 
     # ---- model ---------------------------------------------------------------------------------------------
-    def velocity(self, tokens, grid, timestep, cond, impl: ModelImpl | None = None):
-        impl = impl or EAGER
+    TEXT, IMAGE = TEXT, IMAGE
+
+    def _inputs(self, x, grid, timestep, data) -> StreamInputs:
+        """Image stream: tokens and the image rows of :meth:`rotary`; text stream: the prompt embeddings and the
+        text rows of :meth:`rotary` (text token ``k`` keeps its rotary position ``k`` when masked tokens are left
+        out of a packed call); the text mask; per image: ``timestep / 1000``."""
+        embeds = data["embeds"]
+        t_len = embeds.shape[1]
+        b = x.shape[0]
+        cos, sin = self.rotary(grid, t_len, b // grid.positions.shape[0])  # (B, T + L, D / 2): one graph per stage
+        t = timestep.expand(b).to(x.dtype) / 1000
+        return StreamInputs(image=(x, cos[:, t_len:], sin[:, t_len:]), text=(embeds, cos[:, :t_len], sin[:, :t_len]),
+                            text_mask=data["mask"], per_image=(t,))
+
+    def _forward(self, ex, image, text, per_image, impl, timestep=None, text_mask=None):
         tr = self.transformer
-        data = cond.data
-        cfg = data["cfg"]
-        x = torch.cat([tokens, tokens]) if cfg else tokens
-        b, l = x.shape[:2]
-        hidden = tr.img_in(x)
-        t = (timestep.expand(b).to(x.dtype) / 1000).to(hidden.dtype)
-        temb = tr.time_text_embed(t, hidden)
-        enc = tr.txt_in(tr.txt_norm(data["embeds"]))
-        mask = data["mask"]
-        if mask is not None:
-            mask = torch.cat([mask, torch.ones(b, l, dtype=torch.bool, device=mask.device)], dim=1)[:, None, None, :]
-        rope = self.rotary(grid, enc.shape[1], 2 if cfg else 1)  # (B, T + L, D / 2) always: one graph for all stages
+        tokens, cos_i, sin_i = image
+        embeds, cos_t, sin_t = text
+        hidden = tr.img_in(tokens)
+        temb = tr.time_text_embed(per_image[0].to(hidden.dtype), hidden)
+        enc = tr.txt_in(tr.txt_norm(embeds))
+        if not ex.per_request:  # views (Linear on 3-D input): a compiled packed block would guard their base
+            hidden = hidden.clone() if hidden._base is not None else hidden
+            enc = enc.clone() if enc._base is not None else enc
+        rope = (ex.join(cos_t, cos_i), ex.join(sin_t, sin_i))
+        block_fn = impl.block(ex.block_name("qwen_image_block"), qwen_image_block)
+        blocks = [(blk, (impl.fused(blk.attn, QKV), impl.fused(blk.attn, ADDED_QKV))) for blk in tr.transformer_blocks]
+        stack = self._block_stack(
+            ex, block_fn, blocks, (enc, hidden), 1, lambda blk, s, extra: (blk, s[1], s[0], temb, rope, ex, *extra),
+            lambda s: dict(hidden_states=s[1], encoder_hidden_states=s[0], encoder_hidden_states_mask=text_mask,
+                           temb=temb, image_rotary_emb=rope))
+        hidden = self.run_stack(stack, hidden, timestep)
+        return ex.call(tr.proj_out, ex.ada_norm(tr.norm_out, hidden, temb, IMAGE))
 
-        block_fn = impl.block("qwen_image_block", qwen_image_block)
-        stack = [(blk, (impl.fused(blk.attn, QKV), impl.fused(blk.attn, ADDED_QKV))) for blk in tr.transformer_blocks]
+    def _guide(self, out, data):
+        """The pipeline's true CFG: ``neg + s (pos - neg)`` rescaled to the positive prediction's norm per token."""
+        neg, pos = out.chunk(2)
+        comb = neg + data["guidance_scale"] * (pos - neg)
+        return comb * (torch.norm(pos, dim=-1, keepdim=True) / torch.norm(comb, dim=-1, keepdim=True))
 
-        def run(state, start, stop):  # blocks [start, stop) on state (encoder, image) hidden states
-            e, h = state
-            for blk, extra in stack[start:stop]:
-                args = (blk, h, e, mask, temb, rope, *extra)
-                if blk._forward_hooks or blk._forward_pre_hooks:
-                    e, h = call_with_hooks(blk, block_fn, args, dict(
-                        hidden_states=h, encoder_hidden_states=e, encoder_hidden_states_mask=data["mask"], temb=temb,
-                        image_rotary_emb=rope))
-                else:
-                    e, h = block_fn(*args)
-            return e, h
-
-        def first():
-            state = run((enc, hidden), 0, 1)
-            return state[1], state
-
-        blocks = SplitBlocks(first, lambda state: run(state, 1, len(stack))[1])
-        hidden = self.run_blocks(blocks, hidden, timestep)
-        out = tr.proj_out(tr.norm_out(hidden, temb))
-        if cfg:
-            neg, pos = out.chunk(2)
-            comb = neg + data["guidance_scale"] * (pos - neg)
-            out = comb * (torch.norm(pos, dim=-1, keepdim=True) / torch.norm(comb, dim=-1, keepdim=True))
-        return out
+    def _bypassed_by_packing(self) -> list:
+        tr = self.transformer
+        return [tr.norm_out, *tr.transformer_blocks]
 
     def prepare_noise(self, batch, height, width, generators, dtype):
         """``(B, C, h, w)``: the pipeline's ``(B, 1, C, h, w)`` draw (same generator use) without its frame axis."""

@@ -1,0 +1,343 @@
+"""Qwen-Image in every execution mode (tiny random pipeline, fp32, CPU): the one block function
+(``qwen_image_block``) run as one request (Dense), sharded across ranks (Sharded) and packed (Packed).
+
+* One-rank Sharded == Dense, bitwise (text mask, true CFG, batch 2, fractional positions, a feature cache).
+* Packed == per call: a mix of requests at different stages (coarse raster, stage-2 mixed with fine children at
+  +0.5, fine raster), batch sizes, timesteps, text lengths, masks (padding at the end, a hole in the middle: the
+  text keeps its rotary positions when masked tokens are left out) and CFG scales. Bound: max |packed - per call| /
+  max |per call| <= 1e-5; measured on a 2-core CPU at most 1.6e-6 (three mixes x three seeds, eager host layout and
+  the static layout alike). The static layout (device tensors only, as compiled calls use it) padded with random
+  padding contents; fallbacks per call for hooks and a feature cache.
+* The serving engine: two requests (different sizes, CFG on and off, masked text) run through packed calls and
+  each equals ``generate`` alone (1e-4).
+* Inductor (``slow``): ``adapter.runner.packed`` equals eager packed within 1e-5 (measured: at most 1.3e-6) and a
+  third mix compiles nothing (one graph, ``qwen_image_block_packed``).
+* gloo ranks: ``generate(parallel=ContextParallelConfig(...))`` on 2 ranks (ulysses, ring) and 4 ranks (``slow``:
+  ulysses 4, ulysses 2 x ring 2) equals one process within 1e-5 (measured: 0, bitwise) and is bitwise equal across
+  ranks, with a padded text mask, true CFG, batch 2 and an odd joined token count (stage 2 at 96 x 128: 8 text + 15
+  image tokens); one velocity call of 8 text and 2 image tokens (a rank holding text rows only) likewise.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from ralu_runtime.adapters import TokenGrid, VelocityCall
+from ralu_runtime.adapters.qwen_image import QwenImageAdapter
+from ralu_runtime.execution.call import call_scope
+from ralu_runtime.execution.packing import PackedExecution
+from ralu_runtime.layout import grid_positions
+from ralu_runtime.tiny.qwen_image import TEXT_DIM, build_tiny_qwen_image_pipeline
+
+REL_TOL = 1e-5   # packed vs per call, fp32: max abs diff / output scale
+ATOL = 1e-5      # sharded vs one process, fp32 latents of scale ~1
+WORKER = f"{__name__}:"
+
+
+@pytest.fixture(scope="module")
+def adapter():
+    return QwenImageAdapter(build_tiny_qwen_image_pipeline(seed=1))
+
+
+# ---- inputs ----------------------------------------------------------------------------------------------------
+def _grid(hw, b, mixed: int) -> TokenGrid:
+    """Raster ``hw`` grid, or (``mixed`` > 0) a stage-2 set: the first ``mixed`` coarse tokens replaced by their 4
+    children at +{0, 0.5}^2 (fine mask set), per image."""
+    coarse = grid_positions(*hw)
+    if not mixed:
+        return TokenGrid(coarse.expand(b, -1, -1).contiguous(), hw, None, raster=True)
+    kids = [coarse[i] + torch.tensor(d) for i in range(mixed) for d in ((0, 0), (0, .5), (.5, 0), (.5, .5))]
+    pos = torch.cat([torch.stack(kids), coarse[mixed:]])
+    fine = torch.zeros(pos.shape[0], dtype=torch.bool)
+    fine[:4 * mixed] = True
+    return TokenGrid(pos.expand(b, -1, -1).contiguous(), hw, fine.expand(b, -1).contiguous())
+
+
+def _cond(adapter, b, text_len, mask, guidance, g):
+    """``mask``: None (no mask), "pad" (the last 3 tokens of image 0 masked), "hole" (token 1 of every image
+    masked); with ``guidance`` > 1 a shorter negative prompt with its own mask (true CFG)."""
+    kw = {"prompt_embeds": torch.randn(b, text_len, TEXT_DIM, generator=g)}
+    if mask is not None:
+        m = torch.ones(b, text_len, dtype=torch.long)
+        if mask == "pad":
+            m[0, -3:] = 0
+        else:
+            m[:, 1] = 0
+        kw["prompt_embeds_mask"] = m
+    if guidance > 1:
+        kw["negative_prompt_embeds"] = torch.randn(b, text_len - 2, TEXT_DIM, generator=g)
+        kw["negative_prompt_embeds_mask"] = torch.ones(b, text_len - 2, dtype=torch.long)
+    return adapter.encode_prompt(None, None, guidance_scale=guidance, **kw)
+
+
+def _calls(adapter, specs, seed):
+    """specs: (grid hw, batch, mixed parents, timestep, guidance, text length, mask) per call."""
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for hw, b, mixed, t, guidance, text_len, mask in specs:
+        grid = _grid(hw, b, mixed)
+        x = torch.randn(b, grid.positions.shape[1], adapter.token_channels, generator=g)
+        out.append(VelocityCall(x, grid, torch.tensor(t), _cond(adapter, b, text_len, mask, guidance, g)))
+    return out
+
+
+MIX_1 = [((3, 4), 1, 0, 950.0, 4.0, 8, None), ((3, 4), 2, 3, 600.0, 1.0, 5, "pad"),
+         ((6, 8), 2, 0, 200.0, 7.0, 11, "pad"), ((4, 6), 1, 0, 40.0, 2.5, 6, "hole")]
+MIX_2 = [((4, 4), 1, 2, 700.0, 3.0, 8, "pad"), ((8, 8), 1, 0, 100.0, 1.0, 8, None)]
+MIX_3 = [((2, 3), 3, 0, 990.0, 1.0, 3, None), ((4, 6), 1, 5, 500.0, 4.5, 9, "hole"),
+         ((6, 6), 2, 0, 300.0, 6.0, 7, "pad"), ((3, 3), 1, 1, 800.0, 1.2, 12, None)]
+
+
+def _per_call(adapter, calls):
+    return [adapter.velocity(c.tokens, c.grid, c.timestep, c.cond) for c in calls]
+
+
+def _rel_diff(out, ref) -> float:
+    return max((o - r).abs().max().item() / r.abs().max().item() for o, r in zip(out, ref))
+
+
+class _CountVelocity:
+    """Counts the adapter's unpacked velocity calls (instance attribute: the class is untouched)."""
+
+    def __init__(self, adapter):
+        self.adapter, self.n, self.orig = adapter, 0, adapter.velocity
+
+    def __enter__(self):
+        def counted(*a, **kw):
+            self.n += 1
+            return self.orig(*a, **kw)
+        self.adapter.velocity = counted
+        return self
+
+    def __exit__(self, *exc):
+        del self.adapter.velocity
+
+
+class _OneRank:
+    """What :class:`ralu_runtime.execution.sharding.Sharded` reads from a plan, for one rank without a group."""
+
+    world, index = 1, 0
+
+    @staticmethod
+    def attention_spec():
+        from ralu_runtime.execution.sharding import spec
+
+        return spec()
+
+    @staticmethod
+    def gather_rows(x, sizes):
+        assert list(sizes) == [x.shape[1]]
+        return x
+
+    @staticmethod
+    def call_module(module, x):
+        return module(x)
+
+
+# ---- one request: Dense and one-rank Sharded ---------------------------------------------------------------------
+@pytest.mark.parametrize("cache", [None, "taylorseer:2"])
+@torch.no_grad()
+def test_one_rank_sharded_equals_dense_bitwise(adapter, cache):
+    from ralu_runtime.cache import make_cache
+
+    for call in _calls(adapter, [((3, 4), 2, 3, 600.0, 4.0, 8, "pad"), ((3, 4), 2, 0, 500.0, 1.0, 7, "hole")], 0):
+        outs = []
+        for sharding in (None, _OneRank()):
+            with call_scope(make_cache(cache) if cache else None, sharding=sharding):
+                outs.append([adapter.velocity(call.tokens, call.grid, torch.tensor(t), call.cond)
+                             for t in (900.0, 800.0, 700.0)])
+        assert all(torch.equal(a, b) for a, b in zip(*outs))
+
+
+# ---- packed ---------------------------------------------------------------------------------------------------------
+@torch.no_grad()
+def test_packed_equals_per_call(adapter):
+    calls = _calls(adapter, MIX_1, 1)
+    assert calls[1].cond.data["mask"] is not None and calls[0].cond.data["cfg"] and not calls[1].cond.data["cfg"]
+    ref = _per_call(adapter, calls)
+    with _CountVelocity(adapter) as count:
+        out = adapter.packed_velocity(calls)
+    assert count.n == 0, "the packed path fell back to per-call velocity"
+    assert [o.shape for o in out] == [r.shape for r in ref]
+    assert _rel_diff(out, ref) <= REL_TOL, f"max abs diff / output scale {_rel_diff(out, ref):.3g}"
+    # order and neighbours change nothing
+    perm = [2, 0, 3, 1]
+    again = adapter.packed_velocity([calls[i] for i in perm])
+    for j, i in enumerate(perm):
+        torch.testing.assert_close(again[j], out[i], atol=REL_TOL, rtol=0)
+    (one,) = adapter.packed_velocity([calls[3]])
+    assert _rel_diff([one], [ref[3]]) <= REL_TOL
+
+
+class _Padded(PackedExecution):
+    """The static layout (device tensors only, as compiled / captured packed calls use it) without a compiler:
+    lengths padded past multiples of 16 tokens and 8 segments, random padding contents in the padded rows of the
+    flat tensors, in the order of :data:`GROUPS` (image stream, text stream, per-image tensors)."""
+
+    GROUPS = (("image", 3), ("text", 3), ("segments", 1))
+
+    def __init__(self, adapter, seed):
+        super().__init__(adapter)
+        self.static_layout, self.g, self.real = True, torch.Generator().manual_seed(seed), {}
+
+    def pad(self, kind, n):
+        self.real[kind] = n - 1 if kind == "segments" else n  # segments: n counts the padding segment
+        return -(-n // 8) * 8 if kind == "segments" else -(-n // 16) * 16 + 16
+
+    def run(self, key, forward, tensors):
+        noisy, i = list(tensors), 0
+        for kind, count in self.GROUPS:
+            for _ in range(count):
+                t = noisy[i] = tensors[i].clone()
+                n = self.real[kind]
+                assert t.shape[0] > n
+                t[n:] = torch.randn(t[n:].shape, generator=self.g)
+                i += 1
+        return forward(*noisy)
+
+
+@torch.no_grad()
+def test_static_layout_with_padding_equals_the_host_layout(adapter):
+    calls = _calls(adapter, MIX_3, 2)
+    ref = adapter.packed_velocity(calls)
+    execution = _Padded(adapter, 0)
+    out = adapter.packed_velocity(calls, execution=execution)
+    assert set(execution.real) == {"image", "text", "segments"}
+    assert _rel_diff(out, ref) <= REL_TOL
+    assert _rel_diff(out, _per_call(adapter, calls)) <= REL_TOL
+
+
+@torch.no_grad()
+def test_hooks_and_feature_cache_fall_back_to_per_call(adapter):
+    calls = _calls(adapter, MIX_2, 3)
+    ref = _per_call(adapter, calls)
+    for module in (adapter.transformer.transformer_blocks[1], adapter.transformer.norm_out):
+        seen = []
+        handle = module.register_forward_pre_hook(lambda m, a: seen.append(1))
+        try:
+            with _CountVelocity(adapter) as count:
+                out = adapter.packed_velocity(calls)
+        finally:
+            handle.remove()
+        assert count.n == 2 and len(seen) == 2
+        assert all(torch.equal(o, r) for o, r in zip(out, ref))
+
+    def cache(blocks_fn, hidden, timestep):  # a pass-through feature cache
+        return blocks_fn()
+
+    with call_scope(cache), _CountVelocity(adapter) as count:
+        out = adapter.packed_velocity(calls)
+    assert count.n == 2 and all(torch.equal(o, r) for o, r in zip(out, ref))
+
+
+def test_flags():
+    assert QwenImageAdapter.packs and QwenImageAdapter.shards
+
+
+@pytest.mark.slow
+@torch.no_grad()
+def test_inductor_packed_equals_eager_packed_and_a_new_mix_does_not_recompile():
+    from ralu_runtime.compile import compile_stats, ensure_backend, uncompile_adapter
+
+    pipe = build_tiny_qwen_image_pipeline(seed=2)
+    runner = ensure_backend(pipe, "inductor")
+    adapter = runner.adapter
+    assert runner.packs and runner.impl.compiles_blocks
+    graphs = []
+    try:
+        for i, mix in enumerate((MIX_1, MIX_2, MIX_3)):
+            calls = _calls(adapter, mix, 10 + i)
+            ref = adapter.packed_velocity(calls)               # eager packed (no impl)
+            with _CountVelocity(adapter) as count:
+                out = runner.packed(calls)
+            assert count.n == 0, "the compiled packed call fell back to per-call velocity"
+            assert _rel_diff(out, ref) <= REL_TOL, f"mix {i + 1}: {_rel_diff(out, ref):.3g}"
+            graphs.append(compile_stats()["unique_graphs"])
+        assert graphs[2] == graphs[1], f"the third mix recompiled: unique graphs after each mix {graphs}"
+        assert [n for n in runner.impl.compiled_blocks if n.endswith("_packed")] == ["qwen_image_block_packed"]
+    finally:
+        uncompile_adapter(pipe)
+
+
+@torch.no_grad()
+def test_serving_engine_packs_and_each_request_equals_generate_alone():
+    """The serving engine's batched step runs the two requests' model calls as packed calls (different sizes, CFG
+    on and off, masked text); each result equals ``generate`` alone (atol = rtol = 1e-4 on latents, as
+    tests/test_serving_engine.py)."""
+    from ralu_runtime import generate
+    from ralu_runtime.serving import Engine, EngineConfig
+
+    pipe = build_tiny_qwen_image_pipeline(seed=4)
+    reqs = [(dict(height=96, width=128, speedup="7x", guidance_scale=4.0, **_embeds()), 11),
+            (dict(height=64, width=64, speedup="7x", guidance_scale=1.0,
+                  prompt_embeds=_embeds()["prompt_embeds"][:1, :5]), 12)]
+    refs = [generate(pipe, **kw, seed=seed, output_type="latent", progress=False).images for kw, seed in reqs]
+    with Engine(pipe, EngineConfig(gather_timeout_s=0.5), output_type="latent") as eng:
+        outs = [h.result(timeout=300).images for h in [eng.submit(seed=seed, **kw) for kw, seed in reqs]]
+        assert eng.metrics()["packed_calls"] > 0
+    for out, ref in zip(outs, refs):
+        torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4)
+
+
+# ---- gloo ranks -------------------------------------------------------------------------------------------------
+def _embeds():
+    """Batch 2, 8 text tokens with the last 3 of image 0 masked, a 6-token negative prompt (true CFG: padded to 8
+    with masked tokens)."""
+    g = torch.Generator().manual_seed(0)
+    mask = torch.ones(2, 8, dtype=torch.long)
+    mask[0, -3:] = 0
+    return dict(prompt_embeds=torch.randn(2, 8, TEXT_DIM, generator=g), prompt_embeds_mask=mask,
+                negative_prompt_embeds=torch.randn(2, 6, TEXT_DIM, generator=g))
+
+
+def _worker(configs):
+    """generate with each ``(name, ContextParallelConfig kwargs)`` and without: latents and token counts."""
+    from diffusers import ContextParallelConfig
+
+    from ralu_runtime import generate
+
+    pipe = build_tiny_qwen_image_pipeline(seed=0)
+    kw = dict(**_embeds(), height=96, width=128, speedup="7x", seed=3, guidance_scale=4.0, output_type="latent",
+              progress=False)
+    out = {"ref": generate(pipe, **kw).images}
+    for name, cfg in configs:
+        par = generate(pipe, **kw, parallel=ContextParallelConfig(**cfg))
+        out[name] = par.images
+        out["tokens"] = {r.name: r.tokens for r in par.records}
+    # one velocity call of 2 image and 8 text tokens: some ranks hold text rows only
+    from ralu_runtime.adapters import get_adapter
+    from ralu_runtime.parallel import resolve_parallel
+
+    adapter = get_adapter(pipe)
+    (call,) = _calls(adapter, [((1, 2), 2, 0, 500.0, 4.0, 8, "pad")], 5)
+    plan = resolve_parallel(ContextParallelConfig(**configs[0][1]), adapter).setup()
+    with torch.no_grad():
+        out["short_ref"] = adapter.velocity(call.tokens, call.grid, call.timestep, call.cond)
+        with call_scope(sharding=plan):
+            out["short"] = adapter.velocity(call.tokens, call.grid, call.timestep, call.cond)
+    return out
+
+
+def _check_ranks(results, names):
+    for name, ref in [(n, "ref") for n in names] + [("short", "short_ref")]:
+        assert all(torch.equal(r[name], results[0][name]) for r in results)          # bitwise across ranks
+        diff = (results[0][name] - results[0][ref]).abs().max().item()
+        assert diff <= ATOL, f"{name}: max |sharded - one process| = {diff:.3g}"
+    assert results[0]["tokens"]["stage2"] == 15  # 8 text + 15 image tokens: an odd joined sequence
+
+
+TWO = [("ulysses2", dict(ulysses_degree=2)), ("ring2", dict(ring_degree=2))]
+FOUR = [("ulysses4", dict(ulysses_degree=4)), ("u2r2", dict(ulysses_degree=2, ring_degree=2))]
+
+
+def test_two_ranks_equal_one_process():
+    from ralu_runtime.parallel.launch import run_gloo
+
+    _check_ranks(run_gloo(WORKER + "_worker", 2, kwargs={"configs": TWO}, timeout=300), [n for n, _ in TWO])
+
+
+@pytest.mark.slow
+def test_four_ranks_equal_one_process():
+    from ralu_runtime.parallel.launch import run_gloo
+
+    _check_ranks(run_gloo(WORKER + "_worker", 4, kwargs={"configs": FOUR}, timeout=420), [n for n, _ in FOUR])
