@@ -128,6 +128,13 @@ KERNEL_CHECKS = [("startup", 12.0), ("transition_triton", 6.0), ("transition_cud
                  ("copy_same_bytes", 2.0)]
 
 
+# the harness's own test jobs (tests/test_gpu_suite.py): run only when named in --only
+SELFTEST_JOBS = [Job("selftest-results", "harness: ok, failed, error, skipped", [("ok", 1.0), ("failed", 1.0),
+                                                                                 ("error", 1.0), ("skipped", 1.0)]),
+                 Job("selftest-hang", "harness: a check past its limit", [("first", 1.0), ("hang", 1.0), ("after", 1.0)]),
+                 Job("selftest-crash", "harness: the process dies in a check", [("crash", 1.0), ("after", 1.0)])]
+
+
 def jobs() -> list[Job]:
     from benchmarks.smoke_families import FAMILIES
 
@@ -295,15 +302,19 @@ def compile_backend(level: str, fam_compile_vae: bool, cuda: bool) -> tuple[str,
     return "inductor", opts
 
 
-def _level(ctx: Ctx, job: str, own: str) -> str:
+def effective_level(level: str, dry: bool, dry_compile: bool, job: str, own: str) -> str:
     """The job's compile level: ``--level`` when given; a dry run traces FLUX.1-dev and the serving engine with
     dynamo and runs the other families on the eager runner (the dynamo traces cost ~10 s per family on a 2-core CPU
     and each family's own tests trace its blocks); ``--dry-run-compile`` and the GPU run use the job's own level."""
-    if ctx.level != "auto":
-        return ctx.level
-    if ctx.dry and not ctx.dry_compile:
+    if own == "-" or level != "auto":
+        return own if own == "-" else level
+    if dry and not dry_compile:
         return "dynamo" if job in DRY_TRACED else "eager"
     return own
+
+
+def _level(ctx: Ctx, job: str, own: str) -> str:
+    return effective_level(ctx.level, ctx.dry, ctx.dry_compile, job, own)
 
 
 def family_job(key: str, ctx: Ctx, rec: Recorder) -> None:
@@ -644,7 +655,29 @@ def kernels_job(ctx: Ctx, rec: Recorder) -> None:
         run_check(rec, "copy_same_bytes", copy, needs=("startup",))
 
 
+def selftest_job(job: str, rec: Recorder) -> None:
+    """The harness's own checks (no torch): every result kind, a hang, a crash."""
+    def fail(c):
+        c.error = 2.0
+    if job == "selftest-results":
+        run_check(rec, "ok", lambda c: setattr(c, "error", 0.5), tol=1.0, needs=())
+        run_check(rec, "failed", fail, tol=1.0, needs=())
+        run_check(rec, "error", lambda c: 1 / 0, needs=())
+        run_check(rec, "skipped", lambda c: (_ for _ in ()).throw(Skip("not here")), needs=())
+    elif job == "selftest-hang":
+        run_check(rec, "first", lambda c: None, needs=())
+        run_check(rec, "hang", lambda c: time.sleep(3600), needs=())
+        run_check(rec, "after", lambda c: None, needs=())
+    elif job == "selftest-crash":
+        run_check(rec, "crash", lambda c: os._exit(3), needs=())
+        run_check(rec, "after", lambda c: None, needs=())
+
+
 def worker_main(args) -> int:
+    if all(j.startswith("selftest-") for j in args.worker.split(",")):
+        for job in args.worker.split(","):
+            selftest_job(job, Recorder(Path(args.jsonl), job))
+        return 0
     import torch
 
     ctx = Ctx(dry=args.dry_run, level=args.level, dry_compile=args.dry_run_compile)
@@ -753,10 +786,11 @@ class Group:
     ``--workers`` groups so that torch and diffusers are imported twice rather than 16 times on a 2-core CPU."""
 
     jobs: list[Job]
+    index: int = 0
 
     @property
     def name(self) -> str:
-        return "+".join(j.name for j in self.jobs)
+        return self.jobs[0].name if len(self.jobs) == 1 else f"group{self.index}"
 
     @property
     def paths(self) -> list[tuple[str, float]]:
@@ -767,11 +801,12 @@ class Group:
 
 
 def make_groups(all_jobs: list[Job], dry: bool, workers: int) -> list[Group]:
-    """GPU: one group per job, longest first. Dry run: ``workers`` groups balanced by the jobs' CPU seconds."""
-    order = sorted(all_jobs, key=lambda j: -(j.dry_s if dry else j.expected_s))
+    """GPU: one group per job: the kernel checks first (short, and the only run of the CUDA op), then the longest
+    first (so the last to start are short). Dry run: ``workers`` groups balanced by the jobs' CPU seconds."""
+    order = sorted(all_jobs, key=lambda j: (j.name != "kernels", -(j.dry_s if dry else j.expected_s)))
     if not dry:
         return [Group([j]) for j in order]
-    groups = [Group([]) for _ in range(max(1, min(workers, len(order))))]
+    groups = [Group([], i + 1) for i in range(max(1, min(workers, len(order))))]
     for j in order:
         min(groups, key=lambda g: g.expected(True)).jobs.append(j)
     return [g for g in groups if g.jobs]
@@ -816,6 +851,7 @@ def orchestrate(args) -> int:
     all_jobs = jobs()
     if args.only:
         wanted = set(args.only.split(","))
+        all_jobs += [j for j in SELFTEST_JOBS if j.name in wanted]
         unknown = wanted - {j.name for j in all_jobs}
         if unknown:
             raise SystemExit(f"gpu_smoke: unknown job(s) {sorted(unknown)}; jobs are {[j.name for j in all_jobs]}")
@@ -834,7 +870,9 @@ def orchestrate(args) -> int:
     report = {"schema": SCHEMA, "device": slug, "dry_run": dry, **commit_info(), **versions,
               "python": platform.python_version(), "dtype": dtype_name,
               "tolerance": {"latents": TOL[dtype_name], "kernels": KERNEL_TOL},
-              "level": args.level, "levels": {j.name: j.level for j in all_jobs}, "budget_s": args.budget,
+              "level": args.level, "budget_s": args.budget,
+              "levels": {j.name: effective_level(args.level, dry, args.dry_run_compile, j.name, j.level)
+                         for j in all_jobs},
               "workers": args.workers, "started": time.strftime("%Y-%m-%d %H:%M:%S"), "elapsed_s": 0.0,
               "final": False, "rows": []}
     rows: dict[str, dict] = {}
@@ -881,9 +919,9 @@ def orchestrate(args) -> int:
         with open(logf, "w") as lf:
             proc = subprocess.Popen(argv, cwd=ROOT, env=env, stdout=lf, stderr=subprocess.STDOUT,
                                     start_new_session=True)
-        levels = ", ".join(j.level for j in group.jobs)
-        log(f"-- start {group.name} (expected {group.expected(dry):.0f} s{' on the CPU' if dry else ''}; level "
-            f"{levels if args.level == 'auto' and not dry else args.level}) pid {proc.pid}")
+        levels = ", ".join(report["levels"][j.name] for j in group.jobs)
+        log(f"-- start {group.name}{'' if len(group.jobs) == 1 else ' (' + ', '.join(j.name for j in group.jobs) + ')'} (expected {group.expected(dry):.0f} s{' on the CPU' if dry else ''}; level "
+            f"{levels}) pid {proc.pid}")
         return Running(group, proc, jsonl, logf, time.monotonic())
 
     def tail(r: Running, n: int = 25) -> None:
@@ -981,6 +1019,8 @@ def orchestrate(args) -> int:
                 continue
             if r.current:
                 limit = check_limit(dict(r.group.paths).get(r.current, 30.0), dry)
+                if args.max_check_s:
+                    limit = min(limit, args.max_check_s)
                 if now - r.current_since > limit:
                     kill(r, f"check limit {limit:.0f} s")
                     changed = True
@@ -1048,6 +1088,7 @@ def main(argv=None) -> int:
                     help="compile level of every job (default: each family's own; dry run: dynamo)")
     ap.add_argument("--dtype", default=None, choices=("float32", "bfloat16"),
                     help="model dtype (default: bfloat16 on a GPU, float32 in a dry run)")
+    ap.add_argument("--max-check-s", type=float, default=None, help="cap every check's time limit (seconds)")
     ap.add_argument("--list", action="store_true", help="print the jobs, their checks and expected seconds")
     ap.add_argument("--measure-compile", action="store_true", help="CPU compile times of the tiny models")
     ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)

@@ -80,6 +80,8 @@ class Ctx:
     slug: str
     budget_s: float
     t0: float = field(default_factory=time.monotonic)
+    smoke: bool = False
+    only: frozenset = frozenset()
 
     def remaining(self) -> float:
         return self.budget_s - (time.monotonic() - self.t0)
@@ -97,6 +99,7 @@ class Step:
     optional: bool = False
     background: bool = False
     min_s: int = 20  # an optional step starts only with at least this much budget left
+    expected_s: int = 0  # seconds it took on the H200 (or an estimate where it never ran): what a run can plan with
 
 
 @dataclass
@@ -125,6 +128,23 @@ def build_cmds(ctx: Ctx):
                 ([PY, "-c", "import ralu_kernels._csrc as c; print('ralu_kernels._C loaded:', c.load_csrc())"], {})]
     env = {"RALU_CUDA_ARCHS": "9.0", "RALU_FORCE_CUDA": "1", "MAX_JOBS": str(os.cpu_count() or 8)}
     return [([PY, "setup.py", "-q", "build_ext", "--inplace"], env), (check, {})]
+
+
+SMOKE_LIMIT_S = 270  # the smoke step's own limit (its jobs: about 4 min on the H200, build of the extension excluded)
+
+
+def smoke_cmds(ctx: Ctx):
+    """``benchmarks/gpu_smoke.py``: every GPU path at reduced depth (see its docstring). Its JSON and log go to the
+    work folder (tarred) and to the output folder; its own budget ends 15 s before the step's limit, so it writes
+    its final table itself."""
+    if not (ctx.smoke or "smoke" in ctx.only):
+        return "not selected: pass --smoke (or --only ...,smoke)"
+    budget = max(30.0, min(SMOKE_LIMIT_S, ctx.remaining() - 5) - 15)
+    argv = [PY, "-m", "benchmarks.gpu_smoke", "--out", str(ctx.work), "--mirror", str(ctx.out), "--budget",
+            f"{budget:.0f}"]
+    if ctx.dry:
+        argv += ["--dry-run-compile"] if ctx.dry_compile else ["--dry-run"]
+    return [(argv, {})]
 
 
 def ctest_cmds(ctx: Ctx):
@@ -277,26 +297,36 @@ def latency_video_720p_cmds(ctx: Ctx):
     return [_video_cmd(ctx, "wan-720p"), _video_cmd(ctx, "hunyuan-video15")]
 
 
+# Order: the build, the smoke step (with --smoke), then what is owed most (issue 24): the FLUX.1-dev runtime's latency
+# (the restructured runtime: still 0.955 s for RALU 7x compiled?), its warm start, the families, serving, video;
+# then what has run on the H200 already. expected_s: seconds on the H200 (benchmarks/results/gpu_suite_nvidia-h200*.log:
+# build 28-32, ctest 12-15, gpu_tests 55-62, transition 18-25, transition_tune 68, attention 17, latency_flux 197 s on
+# 2026-11-29 and cut off at 225 s on 2026-12-04 while saving its bundle, warm_start 55, stacking 50, latency_sd3 100);
+# estimates (marked ~) for the steps that never ran.
 STEPS = [
-    Step("build", "CUDA extension ralu_kernels._C (sm_90) builds and loads", 240, build_cmds),
-    Step("ctest", "csrc CMake build + ctest", 300, ctest_cmds, background=True),
-    Step("gpu_tests", "pytest -m gpu", 240, gpu_tests_cmds),
-    Step("transition", "bench_transition.py", 150, transition_cmds),
-    Step("transition_tune", "tune_transition.py", 150, tune_cmds),
-    Step("attention", "bench_attention.py", 120, attention_cmds),
-    Step("latency_flux", "latency.py FLUX.1-dev shape", 330, latency_flux_cmds),
-    Step("warm_start", "latency.py warm start, new process", 150, warm_start_cmds, optional=True, min_s=60),
-    Step("latency_sd3", "latency.py SD3-medium shape", 240, latency_sd3_cmds, optional=True, min_s=90),
-    Step("stacking", "latency.py RALU 5x + TaylorSeer", 180, stacking_cmds, optional=True, min_s=60),
+    Step("build", "CUDA extension ralu_kernels._C (sm_90) builds and loads", 240, build_cmds, expected_s=30),
+    Step("ctest", "csrc CMake build + ctest", 300, ctest_cmds, background=True, expected_s=12),
+    Step("smoke", "every GPU path at reduced depth, full width (benchmarks/gpu_smoke.py)", SMOKE_LIMIT_S, smoke_cmds,
+         expected_s=240),
+    Step("latency_flux", "latency.py FLUX.1-dev shape", 330, latency_flux_cmds, expected_s=240),
+    Step("warm_start", "latency.py warm start, new process", 150, warm_start_cmds, optional=True, min_s=60,
+         expected_s=55),
     Step("latency_families", "latency.py FLUX.2/Qwen-Image/Z-Image/Chroma/SD3.5 at full size", 540,
-         latency_families_cmds, optional=True, min_s=400),
-    Step("latency_video", "latency.py Wan 2.1 14B 480p 81 frames at full size", 480, latency_video_cmds,
-         optional=True, min_s=300),
-    Step("latency_video_720p", "latency.py Wan 2.1 14B 720p and HunyuanVideo 1.5 720p at full size", 540,
-         latency_video_720p_cmds, optional=True, min_s=450),
+         latency_families_cmds, optional=True, min_s=400, expected_s=500),
     Step("serving", "serving.py FLUX.1-dev shape: sequential, same-shape, packed engine", 480, serving_cmds,
-         optional=True, min_s=300),
+         optional=True, min_s=300, expected_s=420),
+    Step("latency_video", "latency.py Wan 2.1 14B 480p 81 frames at full size", 480, latency_video_cmds,
+         optional=True, min_s=300, expected_s=250),
+    Step("latency_video_720p", "latency.py Wan 2.1 14B 720p and HunyuanVideo 1.5 720p at full size", 540,
+         latency_video_720p_cmds, optional=True, min_s=450, expected_s=500),
+    Step("latency_sd3", "latency.py SD3-medium shape", 240, latency_sd3_cmds, optional=True, min_s=90, expected_s=100),
+    Step("stacking", "latency.py RALU 5x + TaylorSeer", 180, stacking_cmds, optional=True, min_s=60, expected_s=50),
+    Step("gpu_tests", "pytest -m gpu", 240, gpu_tests_cmds, optional=True, min_s=70, expected_s=60),
+    Step("transition", "bench_transition.py", 150, transition_cmds, optional=True, min_s=35, expected_s=25),
+    Step("transition_tune", "tune_transition.py", 150, tune_cmds, optional=True, min_s=80, expected_s=70),
+    Step("attention", "bench_attention.py", 120, attention_cmds, optional=True, min_s=25, expected_s=17),
 ]
+ESTIMATED = {"latency_families", "serving", "latency_video", "latency_video_720p"}  # expected_s never measured
 TIMING_STEPS = {"transition", "transition_tune", "attention", "latency_flux", "warm_start", "latency_sd3", "stacking",
                 "latency_families", "latency_video", "latency_video_720p", "serving"}
 
@@ -385,14 +415,43 @@ class Background:
 
 
 # ------------------------------------------------------------------------------------------------ claims
-def _json(work: Path, pattern: str) -> dict | None:
-    hits = sorted(p for p in work.glob(pattern) if not p.name.endswith("_partial.json"))
+def _json(work: Path, pattern: str, partial: bool = False) -> dict | None:
+    """The first file matching ``pattern`` (sorted), parsed; ``*_partial.json`` files only with ``partial=True``."""
+    hits = sorted(p for p in work.glob(pattern) if partial or not p.name.endswith("_partial.json"))
     if not hits:
         return None
     try:
         return json.loads(hits[0].read_text())
     except (OSError, json.JSONDecodeError):
         return None
+
+
+def _effective(r: dict) -> float:
+    return r.get("scaled_mean_s", r["mean_s"])
+
+
+def _latency_json(work: Path, *patterns: str) -> tuple[dict | None, bool]:
+    """A latency.py result ``(data, partial)``: the final JSON of the first pattern that matches; else the
+    ``<tag>_partial.json`` latency.py rewrites after every row (a step cut off by its limit before the final JSON,
+    e.g. while saving the compile bundle, still has its rows), with the ``speedup_vs_*`` ratios the final JSON would
+    have recomputed from those rows."""
+    for pat in patterns:
+        data = _json(work, pat)
+        if data:
+            return data, False
+    for pat in patterns:
+        data = _json(work, pat[: -len(".json")] + "_partial.json", partial=True)
+        if data and data.get("rows"):
+            by = {r["row"]: r for r in data["rows"]}
+            for r in data["rows"]:
+                for ref in ("baseline-eager", "baseline-compiled"):
+                    if ref in by and f"speedup_vs_{ref}" not in r:
+                        r[f"speedup_vs_{ref}"] = _effective(by[ref]) / _effective(r)
+            return data, True
+    return None, False
+
+
+PARTIAL = " (partial JSON: the step was cut off before its final one)"
 
 
 def _junit(work: Path) -> list[tuple[str, str]] | None:
@@ -438,6 +497,7 @@ def claims(work: Path, results: dict[str, Result], dry: bool) -> list[dict]:
     add("CUDA extension ralu_kernels._C builds (sm_90) and loads",
         (f"{b.status} in {b.seconds:.0f} s" if b.status in ("ok", "failed", "timeout") else b.status) if b else "not run",
         "builds and loads", step_ok("build"), "logs/build.log")
+    out.extend(smoke_claims(work, results, dry))
     c = results.get("ctest")
     add("csrc ctest: device Philox/transition vs host reference, extreme-uniform probe",
         c.status if c else "not run", "passes", step_ok("ctest"), "logs/ctest.log")
@@ -503,8 +563,10 @@ def claims(work: Path, results: dict[str, Result], dry: bool) -> list[dict]:
         add("varlen attention vs padded masked SDPA (mixed FLUX stage lengths)", "not run", "> 1x", None,
             "attention_*.json")
 
-    lat = _json(work, "latency_flux_full_nvidia*.json") or _json(work, "latency_flux_dry_cpu.json")
+    lat, part = _latency_json(work, "latency_flux_full_nvidia*.json", "latency_flux_dry_cpu.json")
     by = {r["row"]: r for r in (lat["rows"] if lat else [])}
+    tag = PARTIAL if part else ""
+    src = "latency_flux_full_*_partial.json" if part else "latency_flux_full_*.json"
 
     def ratio(row, ref):
         r = by.get(row)
@@ -515,44 +577,87 @@ def claims(work: Path, results: dict[str, Result], dry: bool) -> list[dict]:
         v = ratio(row, ref)
         sec = by[row]["mean_s"] if row in by else None
         add(f"FLUX.1-dev shape 1024^2: {row} vs 50-step {ref.split('-')[1]}",
-            f"{_fmt(v, 'x')} ({_fmt(sec, ' s')})" if v else "not run", f">= {goal:g}x",
-            None if v is None else v >= goal, "latency_flux_full_*.json")
+            f"{_fmt(v, 'x')} ({_fmt(sec, ' s')}){tag}" if v else "not run", f">= {goal:g}x",
+            None if v is None else v >= goal, src)
     compiled = [r for r in by.values() if r["kind"] == "compiled"]
     rec = sum(r["recompiles_after_warmup"] for r in compiled) if compiled else None
-    add("compiled rows: no recompiles after warm-up", _fmt(rec), "0", None if rec is None else rec == 0,
-        "latency_flux_full_*.json")
+    add("compiled rows: no recompiles after warm-up", _fmt(rec) + (tag if compiled else ""), "0",
+        None if rec is None else rec == 0, src)
     cold = by.get("ralu-7x-compiled", {}).get("first_call_s")
-    warm_json = _json(work, "latency_flux_warm_start_*.json")
+    warm_json, _ = _latency_json(work, "latency_flux_warm_start_*.json")
     warm = warm_json["rows"][0]["first_call_s"] if warm_json and warm_json.get("rows") else None
     add("RALU 7x compiled, first call: cold (fresh caches) -> warm (new process, saved bundle)",
         f"{_fmt(cold, ' s')} -> {_fmt(warm, ' s')}", "warm < cold", None if not (cold and warm) else warm < cold,
         "latency_flux_*.json")
 
-    sd3 = _json(work, "latency_sd3_full_nvidia*.json") or _json(work, "latency_sd3_dry_cpu.json")
+    sd3, part = _latency_json(work, "latency_sd3_full_nvidia*.json", "latency_sd3_dry_cpu.json")
     sby = {r["row"]: r for r in (sd3["rows"] if sd3 else [])}
     for row, goal in (("ralu-3x-compiled", 3.0), ("ralu-2x-compiled", 2.0)):
         r = sby.get(row)
         v = r.get("speedup_vs_baseline-compiled") if r else None
-        add(f"SD3-medium shape 1024^2: {row} vs 28-step compiled", f"{_fmt(v, 'x')}" if v else "not run",
-            f">= {goal:g}x", None if v is None else v >= goal, "latency_sd3_full_*.json")
+        add(f"SD3-medium shape 1024^2: {row} vs 28-step compiled",
+            f"{_fmt(v, 'x')}{PARTIAL if part else ''}" if v else "not run", f">= {goal:g}x",
+            None if v is None else v >= goal, "latency_sd3_full_*.json")
 
     for fam, preset in FAMILY_ROWS.items():
-        fj = _json(work, f"latency_{fam}_full_nvidia*.json")
+        fj, part = _latency_json(work, f"latency_{fam}_full_nvidia*.json")
         fby = {r["row"]: r for r in (fj["rows"] if fj else [])}
         r = fby.get(f"ralu-{preset}-compiled")
         v = r.get("speedup_vs_baseline-compiled") if r else None
-        add(f"{fam} full size: ralu-{preset}-compiled vs default-step compiled", f"{_fmt(v, 'x')}" if v else "not run",
-            "record (FLOP ratio in README)", None, f"latency_{fam}_full_*.json")
+        add(f"{fam} full size: ralu-{preset}-compiled vs default-step compiled",
+            f"{_fmt(v, 'x')}{PARTIAL if part else ''}" if v else "not run", "record (FLOP ratio in README)", None,
+            f"latency_{fam}_full_*.json")
 
     out.extend(video_claims(work, dry))
     out.extend(serving_claims(work, dry))
 
-    st = _json(work, "latency_flux_full_taylorseer3_*.json") or _json(work, "latency_flux_taylorseer3_dry_cpu.json")
+    st, _ = _latency_json(work, "latency_flux_full_taylorseer3_*.json", "latency_flux_taylorseer3_dry_cpu.json")
     st_row = st["rows"][0] if st and st.get("rows") else None
     base = by.get("baseline-compiled")
     v = base["mean_s"] / st_row["mean_s"] if (st_row and base) else None
     add("RALU 5x + TaylorSeer W=3 compiled vs 50-step compiled", f"{_fmt(v, 'x')}" if v else "not run",
         ">= 7.28x (paper, FLOP ratio)", None if v is None else v >= 7.28, "latency_flux_full_taylorseer3_*.json")
+    return out
+
+
+def smoke_claims(work: Path, results: dict[str, Result], dry: bool) -> list[dict]:
+    """The smoke step (benchmarks/gpu_smoke.py): one line for all its checks, one per job (family, serving, kernels)."""
+    out = []
+    bad = ("failed", "error", "timeout", "crashed", "not run", "running")
+
+    def add(claim, measured, goal, met, source):
+        out.append({"claim": claim, "measured": measured, "goal": goal,
+                    "met": "dry run" if dry else ("n/a" if met is None else ("yes" if met else "NO")), "source": source})
+
+    data = _json(work, "smoke_*.json")
+    if not data or not data.get("rows"):
+        r = results.get("smoke")
+        state = "not run" if r is None or r.status in ("not run", "skipped") else f"{r.status}: {r.note} (no JSON)"
+        add("smoke: every GPU path at reduced depth, full width, bf16", state, "all ok",
+            None if state == "not run" else False, "smoke_*.json")
+        return out
+    rows = data["rows"]
+    counts: dict[str, int] = {}
+    for r in rows:
+        counts[r["result"]] = counts.get(r["result"], 0) + 1
+    n_bad = sum(n for k, n in counts.items() if k in bad)
+    summary = ", ".join(f"{n} {k}" for k, n in sorted(counts.items(), key=lambda kv: -kv[1]))
+    add(f"smoke: every GPU path at reduced depth, full width, {data.get('dtype')} ({len(rows)} checks, commit "
+        f"{str(data.get('commit'))[:12]})", f"{summary} in {data.get('elapsed_s')} s" +
+        ("" if data.get("final") else " (cut off)"), "all ok (skipped: not applicable here)", n_bad == 0,
+        f"smoke_{data.get('device')}.json")
+    jobs: dict[str, list[dict]] = {}
+    for r in rows:
+        jobs.setdefault(r["job"], []).append(r)
+    for job, jrows in jobs.items():
+        ok = sum(1 for r in jrows if r["result"] in ("ok", "skipped"))
+        first = next((r for r in jrows if r["result"] in bad), None)
+        errors = [r["error"] for r in jrows if isinstance(r.get("error"), (int, float))]
+        measured = f"{ok}/{len(jrows)} ok" + (f", max error {max(errors):.2g}" if errors else "")
+        if first:
+            measured += f"; {first['path'].split('/', 1)[1]}: {first['result']}" + (
+                f" ({first['note'][:80]})" if first.get("note") else "")
+        add(f"smoke {job}", measured, "all ok", first is None, f"smoke_{data.get('device')}.json")
     return out
 
 
@@ -578,7 +683,7 @@ def video_claims(work: Path, dry: bool) -> list[dict]:
 
     for fam, presets in VIDEO_ROWS.items():
         src = f"latency_{fam}_full_*.json"
-        data = _json(work, f"latency_{fam}_full_nvidia*.json") or _json(work, f"latency_{fam}_dry_cpu.json")
+        data, part = _latency_json(work, f"latency_{fam}_full_nvidia*.json", f"latency_{fam}_dry_cpu.json")
         by = {r["row"]: r for r in (data["rows"] if data else [])}
         base = by.get("baseline-eager")
         label = VIDEO_LABELS[fam]
@@ -591,6 +696,7 @@ def video_claims(work: Path, dry: bool) -> list[dict]:
             stage = base.get("stages_s", {}).get("baseline")
             if data.get("size") == "full" and per_call and stage:
                 measured += f"; model calls at {per_call * base['measured_steps'] / stage:.0f} TFLOP/s"
+            measured += PARTIAL if part else ""
         add(f"{label}: 50-step eager CFG baseline, seconds per video", measured, "record", src)
         for preset in presets:
             r = by.get(f"ralu-{preset}-eager")
@@ -651,8 +757,7 @@ def publish(ctx: Ctx, results: dict[str, Result], final: bool) -> list[dict]:
             rel = p.relative_to(ctx.work)
             if p.is_file() and rel.parts[0] in ("logs",) or (
                     p.is_file() and len(rel.parts) == 1 and p.suffix in (".json", ".png", ".xml")):
-                if not p.name.endswith("_partial.json") or not final:
-                    tf.add(p, arcname=str(Path("gpu_suite") / rel))
+                tf.add(p, arcname=str(Path("gpu_suite") / rel))  # *_partial.json too: rows of a step cut off
     tmp_tar.replace(ctx.out / "results.tar.gz")
     return lines
 
@@ -672,6 +777,9 @@ def main(argv=None) -> int:
     ap.add_argument("--dry-run", action="store_true", help="CPU, toy sizes: checks every step's wiring")
     ap.add_argument("--dry-run-compile", action="store_true",
                     help="dry run with a compiled RALU row (inductor on the CPU: minutes) and the warm-start step")
+    ap.add_argument("--smoke", action="store_true",
+                    help="run the smoke step (benchmarks/gpu_smoke.py) right after the build, then the timed steps "
+                         "the budget leaves room for")
     ap.add_argument("--budget", type=float, default=None, help="total seconds (default 480 on a GPU, 1800 dry)")
     ap.add_argument("--only", default=None, help="comma-separated steps to run (others: skipped)")
     ap.add_argument("--skip", default="", help="comma-separated steps to skip")
@@ -697,10 +805,11 @@ def main(argv=None) -> int:
     (work / "logs").mkdir(parents=True, exist_ok=True)
     out.mkdir(parents=True, exist_ok=True)
     ctx = Ctx(dry=dry, dry_compile=args.dry_run_compile, work=work, out=out, slug=slug,
-              budget_s=args.budget or (1800.0 if dry else 480.0))
+              budget_s=args.budget or (1800.0 if dry else 480.0), smoke=args.smoke,
+              only=frozenset(args.only.split(",")) if args.only else frozenset())
     console = Console(out / "suite.log")
     console(f"gpu_suite: device {slug}, {'DRY RUN (toy sizes, CPU)' if dry else 'GPU run'}, budget {ctx.budget_s:.0f} s,"
-            f" work {work}, out {out}")
+            f" work {work}, out {out}{', smoke step first' if args.smoke else ''}")
 
     results: dict[str, Result] = {}
     background: list[Background] = []
@@ -734,7 +843,8 @@ def main(argv=None) -> int:
             console(f"== {step.name}: skipped ({cmds})")
             continue
         limit = min(step.limit_s, left - 5)
-        console(f"== {step.name}: {step.what} (limit {limit:.0f} s, {left:.0f} s of the budget left)")
+        exp = f"expected {'~' if step.name in ESTIMATED else ''}{step.expected_s} s, " if step.expected_s else ""
+        console(f"== {step.name}: {step.what} (limit {limit:.0f} s, {exp}{left:.0f} s of the budget left)")
         if step.background:
             background.append(Background(ctx, step, cmds, limit))
             continue
