@@ -5,7 +5,8 @@ SD3.5 Large / Medium, FLUX.2-dev and klein, Qwen-Image, Z-Image and Turbo, Chrom
 runs at REDUCED DEPTH (2 blocks of each kind) and FULL WIDTH (the published hidden size, heads and text dim), with
 random weights, the real text length, bf16, at 1024^2 (images) or 480x832 x 17 frames (video). One job per family,
 each its own process; jobs run as parallel subprocesses sharing the GPU (``--workers``, default 8 on the 16-core GPU
-machine), longest first, each check under its own time limit; a failing check does not stop the others.
+machine), the kernel checks first, then the longest first; each check under its own time limit; a failing check
+does not stop the others.
 
 Checks of a family job (rows ``<family>/<check>`` of the table):
 
@@ -52,26 +53,45 @@ agree (and compare latents when all do).
 
 Compile levels (``--level``, per family by default): ``inductor`` = what users run (``backend="inductor"``: dynamo,
 inductor codegen, Triton kernels, ralu's CUDA graph per stage call; FLUX.1-dev also compiles the VAE decode).
-``dynamo`` = ``backend="inductor"`` with ``compile_options={"dynamo_backend": "eager"}``: dynamo traces ralu's
-block functions exactly as for inductor (fullgraph, symbolic token dims: graph breaks, guards and recompiles show)
-and the stage calls are captured as CUDA graphs, but no kernels are generated. Every family has its own block
-functions, so the inductor level runs once per distinct block function: FLUX.1-dev, SD3.5 Medium (its 4 blocks are
-dual-attention, joint and the last ``context_pre_only`` one: every SD3 kind), FLUX.2-dev, Qwen-Image, Z-Image,
-Chroma, Wan 2.1, HunyuanVideo 1.5, and the serving engine's packed FLUX blocks. Variants that share those block
-functions (schnell, SD3-medium, SD3.5 Large, klein, Z-Image-Turbo, Wan 2.2) use the dynamo level: what differs for
-them (guidance embedding, widths, expert switch, CFG off) is outside inductor's codegen. A run with time to spare
-can pass ``--level inductor``.
+``dynamo`` = ``backend="inductor"`` with ``compile_options={"dynamo_backend": "eager"}``: dynamo traces ralu's block
+functions exactly as for inductor (fullgraph, symbolic token dims: graph breaks, guards and recompiles show) and
+every stage call is captured as a CUDA graph, but no kernels are generated. ``eager`` = the eager runner (fused
+weights, CUDA graphs, nothing traced). What is graphed and what the masks do under replay is the same at every
+level; inductor adds its codegen. Every family has its own block functions, and a cold inductor compile costs
+about a minute each, so the inductor level is spent where codegen meets something no other job covers: FLUX.1-dev
+(the path users run, VAE decode included), FLUX.2-dev (its own blocks, 6144 wide), Qwen-Image and Z-Image (masked
+attention; Z-Image's refiners and padded captions), Wan 2.1 (video RoPE, 3-D latents), HunyuanVideo 1.5 (masks and
+video) and the serving engine (packed blocks with varlen attention). The dynamo level proves CUDA graphs and
+no-recompile for the rest: the variants sharing those block functions (FLUX.1-schnell, FLUX.2-klein,
+Z-Image-Turbo, Wan 2.2's second expert: guidance embedding, width, CFG or expert switch differ, outside codegen),
+and SD3/SD3.5 and Chroma, whose cold inductor compiles are the dearest (measured on the CPU: 2.1x and 1.8x
+FLUX.1's) while their operations (joint attention with q/k RMS norm, masked SDPA, modulation) are compiled in the
+inductor jobs above. A run with time to spare can pass ``--level inductor`` (every job) or ``--level eager``.
 
-Expected seconds (``SmokeFamily.expected_s`` per check, on the H200 with 8 workers): estimated, not measured (no GPU
-here). The compile estimates scale the H200's measured cold compile of the FLUX.1-dev shape (93 s for 57 blocks,
-the VAE decode at two sizes and 3 stage captures; benchmarks/results/gpu_suite_nvidia-h200_2026-12-04.log) by the
-CPU time dynamo and inductor take for each family's block functions (``--measure-compile``), plus 1.5x for 8
-processes sharing 16 cores; process start and build ~20 s, each eager check a few seconds.
+Expected seconds (``SmokeFamily.expected_s`` per check, on the H200 with 8 workers; ``--list`` prints them):
+estimated, not measured (no GPU here). Cold inductor compiles: the H200's cold first compiled RALU 7x call of the
+FLUX.1-dev shape took 93 s (57 blocks' two block kinds, the VAE decode at two sizes, 3 stage captures;
+benchmarks/results/gpu_suite_nvidia-h200_2026-12-04.log); the block functions' part, ~45 s, times 1.3 for 8 jobs
+sharing 16 cores gives 60 s for FLUX.1-dev, and the others scale by their CPU cold-compile time relative to FLUX.1's
+(``--measure-compile`` on the dry-size models, 2-core CPU: FLUX.1 102 s, FLUX.2 121, Qwen-Image 105, Z-Image 76,
+Wan 99, HunyuanVideo 1.5 131, Chroma 183, SD3.5 Medium 216; dynamo tracing alone 15-40 s there, ~20 s expected on
+the GPU machine). Process start and build ~20 s, eager checks a few seconds each. The sum is ~1490 s of job time;
+8 workers, longest job first, finish in ~210 s if the estimates hold; every check has a hard limit of 2.5x its
+expected seconds + 30 s.
 
-Output (``--out``): ``smoke_<device>.json`` (rewritten after every finished check: a run cut off still returns what
-finished), ``smoke_<device>.log`` (the run's log; each job's own log under ``logs/smoke/``), and the table printed at
-the end: path, result, seconds, max error, tolerance, expected seconds, note. The commit measured is
-``git rev-parse HEAD`` where ``.git`` exists, else ``$RALU_COMMIT``.
+Output (``--out``, and ``--mirror``): ``smoke_<device>.json`` (rewritten after every finished check: a run cut off
+still returns what finished; each row: path, job, result, seconds, error, tol, expected_s, note, info), the log
+``smoke_<device>.log`` (each job's own log under ``<out>/logs/smoke/``) and the table printed at the end: path,
+result, seconds, max error, tolerance, expected seconds, note. Results: ok, failed (tolerance or an expectation),
+error (an exception), timeout (past its limit or the budget: the job is killed), crashed (the process died),
+skipped (cannot run here), not run. The commit measured is ``git rev-parse HEAD`` where ``.git`` exists, else
+``$RALU_COMMIT``.
+
+The dry run (``--dry-run``, CPU, float32, tolerance 1e-4) builds every family through the same function with the
+width cut too (the families' CPU latency-model widths, a small VAE of the same class) and runs every check; it
+traces FLUX.1-dev and the serving engine with dynamo and puts the other families on the eager runner (dynamo
+traces cost ~10 s per family on 2 cores; each family's tests trace its blocks), the Triton kernel under the
+interpreter; the jobs run in ``--workers`` processes (2) rather than one each. ~90 s on an idle 2-core CPU.
 
     python -m benchmarks.gpu_smoke                      # on the GPU machine (after the CUDA extension is built)
     python -m benchmarks.gpu_smoke --dry-run            # CPU: tiny models, fp32, dynamo level, Triton interpreter
@@ -98,7 +118,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 TOL = {"bfloat16": 5e-2, "float32": 1e-4}
-KERNEL_TOL = {"transition": {"bfloat16": 1e-3, "float32": 1e-5}, "attention": {"bfloat16": 2e-2, "float32": 1e-5}}
+KERNEL_TOL = {"transition": {"bfloat16": 2e-3, "float32": 1e-4}, "attention": {"bfloat16": 2e-2, "float32": 1e-5}}
 PARITY_STEPS = 4
 DRY_PARITY_STEPS = 3
 RESULTS = ("ok", "failed", "error", "timeout", "crashed", "skipped", "not run", "running")
@@ -576,13 +596,14 @@ def kernels_job(ctx: Ctx, rec: Recorder) -> None:
             st["cases"].append((name, maps, x, seeds))
         c.info["shapes"] = {n: int(m["src_index"].shape[1]) for n, m, _x, _s in st["cases"]}
 
-    def call(maps, x, seeds, impl, dtype):
+    def call(maps, x, seeds, impl, dtype, **out):
         z = 6.261
         e = 0.3
         a, s_next = 1.0 / (z * (1 - e) + e), e / (z * (1 - e) + e)
         return st["T"].stage_transition(x.to(dev, dtype), maps["pos"], maps["src_index"], maps["group"], maps["child"],
                                         seeds, a=a, b=1.0 - s_next, c=1.0 / z**2, pos_scale=maps["pos_scale"],
-                                        order=maps["order"], num_up=maps["num_up"], impl=impl)
+                                        order=maps["order"], num_up=maps["num_up"], impl=impl,
+                                        check_values=False if out else None, **out)
 
     def triton(c: Check):
         if not st["T"].HAS_TRITON:
@@ -643,9 +664,16 @@ def kernels_job(ctx: Ctx, rec: Recorder) -> None:
         c.info.update(shape=name, bytes=nbytes)
         if ctx.cuda:  # as bench_transition.py: device time of one copy launched from a CUDA graph (recorded only)
             c.info["copy_graph_us"] = round(_graph_time_us(lambda: dst.copy_(src)), 3)
-            xb = x.to(dev, torch.bfloat16)
             impl = "cuda" if st["csrc"] else "triton"
-            c.info[f"{impl}_graph_us"] = round(_graph_time_us(lambda: call(maps, xb, seeds, impl, torch.bfloat16)), 3)
+            xb = x.to(dev, torch.bfloat16)
+            out = torch.empty(xb.shape[0], maps["src_index"].shape[1], xb.shape[2], device=dev, dtype=xb.dtype)
+            pos_out = torch.empty(xb.shape[0], maps["src_index"].shape[1], 2, device=dev)
+            try:  # the kernel the same way (bench_transition's call): information, not part of the check
+                c.info[f"{impl}_graph_us"] = round(_graph_time_us(lambda: call(maps, xb, seeds, impl, torch.bfloat16,
+                                                                               out=out, pos_out=pos_out)), 3)
+                c.info["pct_of_copy"] = round(100 * c.info["copy_graph_us"] / c.info[f"{impl}_graph_us"], 1)
+            except Exception as exc:  # noqa: BLE001
+                c.info["kernel_graph_error"] = f"{type(exc).__name__}: {exc}"[:300]
 
     with torch.no_grad():
         run_check(rec, "startup", startup, needs=())

@@ -1,49 +1,70 @@
 """GPU verification suite: one prepared run that settles every owed GPU claim (and a CPU dry run of it).
 
 Run it with ``bash benchmarks/gpu_suite.sh`` (that installs carried wheels first, see the script). Steps, in
-order; each runs as its own process with its own time limit, inside a total ``--budget`` (seconds):
+order; each runs as its own process with its own time limit, inside a total ``--budget`` (seconds). The order is
+what issue 24 says is owed most: the build, the smoke step (with ``--smoke``), the FLUX.1-dev runtime's latency,
+the families, serving, video, then what ran on the H200 already. Expected seconds on the H200 (``Step.expected_s``,
+from benchmarks/results/gpu_suite_nvidia-h200*.log; ~ = an estimate, the step never ran):
 
-==================  =====================================================================================
-``build``           the CUDA extension ``ralu_kernels._C`` for sm_90 (``setup.py build_ext --inplace``)
-``ctest``           the standalone CMake build of ``csrc/`` and its ctest (device Philox vs host reference,
-                    extreme-uniform probe); in the background, joined before the first timing step
-``gpu_tests``       ``pytest -m gpu`` on the kernel, csrc, attention and compile tests (Triton vs CUDA
-                    bitwise, MUFU tolerances, CUDA graphs)
-``transition``      ``bench_transition.py``: FLUX 1024^2 transitions, 65536 tokens x 64 channels, % of HBM
-``transition_tune`` ``tune_transition.py``: tile/warp sweep of the Triton kernel (bitwise equal across tilings)
-``attention``       ``bench_attention.py``: varlen vs padded attention on FLUX stage lengths
-``latency_flux``    ``latency.py`` FLUX.1-dev shape 1024^2: 50-step eager and compiled, RALU 4x/5x/7x compiled
-                    (7x/4x eager too); the compiled RALU 7x row comes first, so its first call is a cold start;
-                    saves the compile-cache bundle
-``warm_start``      (optional) a new process loads that bundle and times its first RALU 7x call
-``latency_sd3``     (optional) SD3-medium shape: 28-step eager and compiled, RALU 2x/3x compiled
-``stacking``        (optional) RALU 5x + TaylorSeer (W = 3) compiled, FLUX.1-dev shape
-``latency_families`` (optional, its own call: ``--only build,latency_families --budget 560``) FLUX.2-dev,
-                    Qwen-Image, Z-Image(-Turbo), Chroma, SD3.5 Large, FLUX.2-klein at full size: compiled RALU
-                    default preset vs compiled baseline at the pipeline's default steps
-``latency_video``   (optional, its own call: ``--only build,latency_video --budget 530``) Wan 2.1 T2V 14B, 480x832,
-                    81 frames (32 760 tokens), bf16, eager: RALU 7x and 4x vs the 50-step CFG baseline, measured with
-                    4 steps and scaled (``latency.py --scale-baseline-to``); about 4 min
-``latency_video_720p`` (optional, its own call: ``--only build,latency_video_720p --budget 560``) Wan 2.1 14B
-                    704x1280 81 frames and HunyuanVideo 1.5 704x1280 121 frames: RALU 7x vs 50 steps (2 measured)
-``serving``         (optional, its own call: ``--only serving --budget 500``) ``benchmarks/serving.py`` at the
-                    FLUX.1-dev shape: sequential generate, same-shape batching and the packed engine under
-                    open-loop load (throughput, p50/p95 latency), and the engine's token-budget sweep
-==================  =====================================================================================
+=====================  ======  ==================================================================================
+step                   exp. s  what
+=====================  ======  ==================================================================================
+``build``                  30  the CUDA extension ``ralu_kernels._C`` for sm_90 (``setup.py build_ext --inplace``)
+``ctest``                  12  the standalone CMake build of ``csrc/`` and its ctest (device Philox vs host
+                               reference, extreme-uniform probe); in the background, joined before the first
+                               timing step
+``smoke``                 240  (with ``--smoke``, or named in ``--only``) ``benchmarks/gpu_smoke.py``: every GPU path
+                               at reduced depth, full width, bf16, real resolution, as parallel jobs: each family's
+                               ``speedup=None`` vs its diffusers pipeline, RALU eager, compiled with CUDA graphs vs
+                               eager without recompiles, text masks under CUDA graphs; the serving engine's packed
+                               CUDA graphs per bucket; the transition kernels, varlen attention at video lengths,
+                               ``copy_same_bytes``. Writes ``smoke_<device>.json`` (after every check) and
+                               ``smoke_<device>.log`` to the work and the output folder
+``latency_flux``          240  ``latency.py`` FLUX.1-dev shape 1024^2: 50-step eager and compiled, RALU 4x/5x/7x
+                               compiled (7x/4x eager too); its first compiled RALU 7x call is a cold start; saves the
+                               compile-cache bundle (rows ~220 s, then the bundle)
+``warm_start``             55  (optional) a new process loads that bundle and times its first RALU 7x call
+``latency_families``     ~500  (optional, its own call: ``--only build,latency_families --budget 560``) FLUX.2-dev,
+                               Qwen-Image, Z-Image(-Turbo), Chroma, SD3.5 Large, FLUX.2-klein at full size:
+                               compiled RALU default preset vs compiled baseline at the pipeline's default steps
+``serving``              ~420  (optional, its own call: ``--only serving --budget 500``) ``benchmarks/serving.py`` at
+                               the FLUX.1-dev shape: sequential generate, same-shape batching and the packed engine
+                               under open-loop load (throughput, p50/p95 latency), the engine's token-budget sweep
+``latency_video``        ~250  (optional, its own call: ``--only build,latency_video --budget 530``) Wan 2.1 T2V 14B,
+                               480x832, 81 frames (32 760 tokens), bf16, eager: RALU 7x and 4x vs the 50-step CFG
+                               baseline, measured with 4 steps and scaled (``latency.py --scale-baseline-to``)
+``latency_video_720p``   ~500  (optional, its own call: ``--only build,latency_video_720p --budget 560``) Wan 2.1 14B
+                               704x1280 81 frames and HunyuanVideo 1.5 704x1280 121 frames: RALU 7x vs 50 steps
+``latency_sd3``           100  (optional) SD3-medium shape: 28-step eager and compiled, RALU 2x/3x compiled
+``stacking``               50  (optional) RALU 5x + TaylorSeer (W = 3) compiled, FLUX.1-dev shape
+``gpu_tests``              60  (optional) ``pytest -m gpu`` on the kernel, csrc, attention and compile tests (Triton
+                               vs CUDA bitwise, MUFU tolerances, CUDA graphs)
+``transition``             25  (optional) ``bench_transition.py``: FLUX 1024^2 transitions, 65536 tokens x 64
+                               channels, % of HBM, ``copy_same_bytes``
+``transition_tune``        70  (optional) ``tune_transition.py``: tile/warp sweep of the Triton kernel (bitwise
+                               equal across tilings)
+``attention``              17  (optional) ``bench_attention.py``: varlen vs padded attention on FLUX stage lengths
+=====================  ======  ==================================================================================
 
-Optional steps run only while the budget lasts. Outputs: everything goes to a work folder; after every step
-``<out>/summary.json`` and ``<out>/results.tar.gz`` (the work folder's JSON, PNG, logs and JUnit XML) are
-rewritten, so a run cut off by a time limit still returns what finished; ``<out>/suite.log`` has the whole
-console output. ``<out>`` is ``$OUT`` when set (the device tool's output folder). At the end: a summary
-table, one line per claim (measured, goal, met or not).
+Optional steps start only with at least their ``min_s`` of the budget left. Outputs: everything goes to a work
+folder; after every step ``<out>/summary.json`` and ``<out>/results.tar.gz`` (the work folder's JSON, PNG, logs and
+JUnit XML, ``*_partial.json`` included) are rewritten, so a run cut off by a time limit still returns what finished;
+``<out>/suite.log`` has the whole console output. ``<out>`` is ``$OUT`` when set (the device tool's output folder).
+At the end: a summary table, one line per claim (measured, goal, met or not). A latency step cut off before its
+final JSON (on 2026-12-04 ``latency_flux`` hit its limit while saving the compile bundle, after every row was timed)
+still has its rows in ``<tag>_partial.json``: the claims use them, marked "partial JSON".
 
 ``--dry-run`` runs every step on the CPU at toy sizes (Triton under the interpreter, small models, eager
 rows unless ``--dry-run-compile``) so that a broken step is found before GPU minutes are spent. A dry run
-measures nothing: its summary says "dry run" in every line.
+measures nothing: its summary says "dry run" in every line. The commit measured: ``git rev-parse HEAD`` where
+``.git`` exists, else ``$RALU_COMMIT`` (pass it to a device copy without .git).
 
-    bash benchmarks/gpu_suite.sh                      # on the GPU machine (default budget 480 s)
+    RALU_COMMIT=<sha> bash benchmarks/gpu_suite.sh --smoke --only build,smoke --budget 300   # the smoke step, ~4.7 min
+    bash benchmarks/gpu_suite.sh --smoke --budget 600     # build, smoke, then FLUX.1-dev latency and what fits
+    bash benchmarks/gpu_suite.sh                          # on the GPU machine (default budget 480 s), no smoke step
     bash benchmarks/gpu_suite.sh --only latency_sd3,stacking --budget 200   # a targeted rerun
     bash benchmarks/gpu_suite.sh --only build,latency_video --budget 530    # full-size video (its own call)
+    python -m benchmarks.gpu_suite --dry-run --smoke --only build,smoke     # CPU: the smoke step's dry run
     python -m benchmarks.gpu_suite --dry-run          # CPU, toy sizes
 """
 from __future__ import annotations
