@@ -349,7 +349,7 @@ def family_job(key: str, ctx: Ctx, rec: Recorder) -> None:
     st: dict = {}
     size = SF.sizes(fam, ctx.dry)
     steps = DRY_PARITY_STEPS if ctx.dry else PARITY_STEPS
-    edge = {"edge_detector": "gpu"} if ctx.cuda else {}
+    edge = {"edge_detector": "gpu"}  # ralu's torch Canny (on the device; on the CPU in a dry run)
     lat = dict(size, guidance_scale=fam.guidance, output_type="latent", progress=False)
     level = _level(ctx, key, fam.level)
     backend, opts = compile_backend(level, fam.compile_vae, ctx.cuda)
@@ -474,7 +474,7 @@ def serving_job(ctx: Ctx, rec: Recorder) -> None:
     fam = SF.FAMILIES["flux-dev"]
     dev, dt = ctx.device, ctx.dtype
     st: dict = {}
-    edge = {"edge_detector": "gpu"} if ctx.cuda else {}
+    edge = {"edge_detector": "gpu"}  # ralu's torch Canny (on the device; on the CPU in a dry run)
     level = _level(ctx, "serving", "inductor")
     backend, opts = compile_backend(level, False, ctx.cuda)
     hw = [(128, 128), (96, 128), (64, 64)] if ctx.dry else [(1024, 1024), (768, 1024), (512, 512)]
@@ -701,10 +701,30 @@ def selftest_job(job: str, rec: Recorder) -> None:
         run_check(rec, "after", lambda c: None, needs=())
 
 
+def _exit_with_parent() -> None:
+    """A worker runs in a session of its own (so that a check past its limit can be killed with its compile
+    subprocesses): when its parent (the orchestrator) is gone, e.g. killed by the suite at the step's limit, it ends
+    its own process group instead of holding the GPU through the next step."""
+    import threading
+
+    parent = os.getppid()
+
+    def watch():
+        while True:
+            time.sleep(1.0)
+            if os.getppid() != parent:
+                os.killpg(0, signal.SIGKILL)
+
+    threading.Thread(target=watch, name="smoke-parent-watch", daemon=True).start()
+
+
 def worker_main(args) -> int:
+    _exit_with_parent()
     if all(j.startswith("selftest-") for j in args.worker.split(",")):
         for job in args.worker.split(","):
-            selftest_job(job, Recorder(Path(args.jsonl), job))
+            rec = Recorder(Path(args.jsonl), job)
+            rec.emit(event="worker", job=job, pid=os.getpid(), t=time.time())
+            selftest_job(job, rec)
         return 0
     import torch
 
@@ -895,6 +915,12 @@ def orchestrate(args) -> int:
             versions[mod] = __import__(mod).__version__
         except Exception:  # noqa: BLE001
             versions[mod] = None
+    try:
+        import torch
+
+        versions["cuda"] = torch.version.cuda
+    except Exception:  # noqa: BLE001
+        versions["cuda"] = None
     report = {"schema": SCHEMA, "device": slug, "dry_run": dry, **commit_info(), **versions,
               "python": platform.python_version(), "dtype": dtype_name,
               "tolerance": {"latents": TOL[dtype_name], "kernels": KERNEL_TOL},

@@ -238,6 +238,42 @@ def test_smoke_harness_records_every_outcome(tmp_path):
     assert "selftest-hang/hang        timeout" in proc.stdout  # the table
 
 
+def test_smoke_workers_end_with_their_orchestrator(tmp_path):
+    """The suite kills a step's process group at its limit; the smoke jobs run in sessions of their own (so that one
+    job can be killed with its compile subprocesses), so each watches its parent and ends when the orchestrator is
+    gone instead of holding the GPU through the next step."""
+    import signal
+    import time
+
+    out = tmp_path / "out"
+    orch = subprocess.Popen([sys.executable, "-m", "benchmarks.gpu_smoke", "--dry-run", "--only", "selftest-hang",
+                             "--out", str(out)], cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+    jsonl = out / "smoke_work" / "selftest-hang.jsonl"
+    pid, deadline = None, time.monotonic() + 120
+    while pid is None and time.monotonic() < deadline:
+        time.sleep(0.2)
+        if jsonl.exists():
+            for line in jsonl.read_text().splitlines():
+                rec = json.loads(line)
+                if rec.get("event") == "start" and rec["path"] == "selftest-hang/hang":
+                    pid = next(json.loads(x)["pid"] for x in jsonl.read_text().splitlines()
+                               if json.loads(x).get("event") == "worker")
+    assert pid is not None, "the worker never reached its hanging check"
+    os.killpg(orch.pid, signal.SIGKILL)  # what the suite does at a step's limit
+    orch.wait()
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            break
+        time.sleep(0.2)
+    else:
+        os.kill(pid, signal.SIGKILL)
+        raise AssertionError("the worker outlived its orchestrator")
+
+
 def test_smoke_report_writer_and_table(tmp_path):
     from benchmarks import gpu_smoke as G
 
