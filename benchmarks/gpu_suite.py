@@ -647,8 +647,8 @@ def smoke_claims(work: Path, results: dict[str, Result], dry: bool) -> list[dict
     bad = ("failed", "error", "timeout", "crashed", "not run", "running")
 
     def add(claim, measured, goal, met, source):
-        out.append({"claim": claim, "measured": measured, "goal": goal,
-                    "met": "dry run" if dry else ("n/a" if met is None else ("yes" if met else "NO")), "source": source})
+        state = "dry run" if dry else ("n/a" if met is None else ("yes" if met else "NO"))
+        out.append({"claim": claim, "measured": measured, "goal": goal, "met": state, "source": source})
 
     data = _json(work, "smoke_*.json")
     if not data or not data.get("rows"):

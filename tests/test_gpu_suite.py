@@ -179,9 +179,9 @@ def test_smoke_dry_run_through_the_suite(tmp_path):
 
     out, work = tmp_path / "out", tmp_path / "work"
     env = {k: v for k, v in os.environ.items() if k not in ("OUT", "TRITON_INTERPRET", "RALU_TEST_GPU")}
-    proc = subprocess.run([sys.executable, "-m", "benchmarks.gpu_suite", "--dry-run", "--smoke", "--only", "build,smoke",
-                           "--out", str(out), "--work", str(work)], cwd=ROOT, env=env, capture_output=True, text=True,
-                          timeout=900)
+    proc = subprocess.run([sys.executable, "-m", "benchmarks.gpu_suite", "--dry-run", "--smoke", "--only",
+                           "build,smoke", "--out", str(out), "--work", str(work)], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-6000:] + proc.stderr[-3000:]
     summary = json.loads((out / "summary.json").read_text())
     status = {s["name"]: s["status"] for s in summary["steps"]}
@@ -229,7 +229,8 @@ def test_smoke_harness_records_every_outcome(tmp_path):
     got = {r["path"]: r["result"] for r in report["rows"]}
     assert got == {"selftest-results/ok": "ok", "selftest-results/failed": "failed", "selftest-results/error": "error",
                    "selftest-results/skipped": "skipped", "selftest-hang/first": "ok", "selftest-hang/hang": "timeout",
-                   "selftest-hang/after": "not run", "selftest-crash/crash": "crashed", "selftest-crash/after": "not run"}
+                   "selftest-hang/after": "not run", "selftest-crash/crash": "crashed",
+                   "selftest-crash/after": "not run"}
     assert report["final"] and report["counts"]["not run"] == 2 and report["counts"]["ok"] == 2
     rows = {r["path"]: r for r in report["rows"]}
     assert rows["selftest-results/failed"]["note"] == "error 2 > tolerance 1"
@@ -329,7 +330,8 @@ def test_smoke_step_wiring(tmp_path):
     ctx.smoke = True
     (argv, env), = S.smoke_cmds(ctx)
     assert argv[1:3] == ["-m", "benchmarks.gpu_smoke"] and "--dry-run" not in argv
-    assert argv[argv.index("--mirror") + 1] == str(tmp_path / "o") and argv[argv.index("--out") + 1] == str(tmp_path / "w")
+    assert argv[argv.index("--mirror") + 1] == str(tmp_path / "o")
+    assert argv[argv.index("--out") + 1] == str(tmp_path / "w")
     assert float(argv[argv.index("--budget") + 1]) <= S.SMOKE_LIMIT_S - 15  # ends itself, before the step's limit
     ctx = S.Ctx(dry=True, dry_compile=False, work=tmp_path, out=tmp_path, slug="cpu", budget_s=100,
                 only=frozenset({"build", "smoke"}))
