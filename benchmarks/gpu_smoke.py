@@ -92,7 +92,8 @@ The dry run (``--dry-run``, CPU, float32, tolerance 1e-4) builds every family th
 width cut too (the families' CPU latency-model widths, a small VAE of the same class) and runs every check; it
 traces FLUX.1-dev and the serving engine with dynamo and puts the other families on the eager runner (dynamo
 traces cost ~10 s per family on 2 cores; each family's tests trace its blocks), the Triton kernel under the
-interpreter; the jobs run in ``--workers`` processes (2) rather than one each. ~90 s on an idle 2-core CPU.
+interpreter; the jobs run in ``--workers`` processes (2) rather than one each. 48 s on an idle 2-core CPU (115 s
+under other developers' load).
 
     python -m benchmarks.gpu_smoke                      # on the GPU machine (after the CUDA extension is built)
     python -m benchmarks.gpu_smoke --dry-run            # CPU: tiny models, fp32, dynamo level, Triton interpreter
