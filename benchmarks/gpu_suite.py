@@ -1,49 +1,70 @@
 """GPU verification suite: one prepared run that settles every owed GPU claim (and a CPU dry run of it).
 
 Run it with ``bash benchmarks/gpu_suite.sh`` (that installs carried wheels first, see the script). Steps, in
-order; each runs as its own process with its own time limit, inside a total ``--budget`` (seconds):
+order; each runs as its own process with its own time limit, inside a total ``--budget`` (seconds). The order is
+what issue 24 says is owed most: the build, the smoke step (with ``--smoke``), the FLUX.1-dev runtime's latency,
+the families, serving, video, then what ran on the H200 already. Expected seconds on the H200 (``Step.expected_s``,
+from benchmarks/results/gpu_suite_nvidia-h200*.log; ~ = an estimate, the step never ran):
 
-==================  =====================================================================================
-``build``           the CUDA extension ``ralu_kernels._C`` for sm_90 (``setup.py build_ext --inplace``)
-``ctest``           the standalone CMake build of ``csrc/`` and its ctest (device Philox vs host reference,
-                    extreme-uniform probe); in the background, joined before the first timing step
-``gpu_tests``       ``pytest -m gpu`` on the kernel, csrc, attention and compile tests (Triton vs CUDA
-                    bitwise, MUFU tolerances, CUDA graphs)
-``transition``      ``bench_transition.py``: FLUX 1024^2 transitions, 65536 tokens x 64 channels, % of HBM
-``transition_tune`` ``tune_transition.py``: tile/warp sweep of the Triton kernel (bitwise equal across tilings)
-``attention``       ``bench_attention.py``: varlen vs padded attention on FLUX stage lengths
-``latency_flux``    ``latency.py`` FLUX.1-dev shape 1024^2: 50-step eager and compiled, RALU 4x/5x/7x compiled
-                    (7x/4x eager too); the compiled RALU 7x row comes first, so its first call is a cold start;
-                    saves the compile-cache bundle
-``warm_start``      (optional) a new process loads that bundle and times its first RALU 7x call
-``latency_sd3``     (optional) SD3-medium shape: 28-step eager and compiled, RALU 2x/3x compiled
-``stacking``        (optional) RALU 5x + TaylorSeer (W = 3) compiled, FLUX.1-dev shape
-``latency_families`` (optional, its own call: ``--only build,latency_families --budget 560``) FLUX.2-dev,
-                    Qwen-Image, Z-Image(-Turbo), Chroma, SD3.5 Large, FLUX.2-klein at full size: compiled RALU
-                    default preset vs compiled baseline at the pipeline's default steps
-``latency_video``   (optional, its own call: ``--only build,latency_video --budget 530``) Wan 2.1 T2V 14B, 480x832,
-                    81 frames (32 760 tokens), bf16, eager: RALU 7x and 4x vs the 50-step CFG baseline, measured with
-                    4 steps and scaled (``latency.py --scale-baseline-to``); about 4 min
-``latency_video_720p`` (optional, its own call: ``--only build,latency_video_720p --budget 560``) Wan 2.1 14B
-                    704x1280 81 frames and HunyuanVideo 1.5 704x1280 121 frames: RALU 7x vs 50 steps (2 measured)
-``serving``         (optional, its own call: ``--only serving --budget 500``) ``benchmarks/serving.py`` at the
-                    FLUX.1-dev shape: sequential generate, same-shape batching and the packed engine under
-                    open-loop load (throughput, p50/p95 latency), and the engine's token-budget sweep
-==================  =====================================================================================
+=====================  ======  ==================================================================================
+step                   exp. s  what
+=====================  ======  ==================================================================================
+``build``                  30  the CUDA extension ``ralu_kernels._C`` for sm_90 (``setup.py build_ext --inplace``)
+``ctest``                  12  the standalone CMake build of ``csrc/`` and its ctest (device Philox vs host
+                               reference, extreme-uniform probe); in the background, joined before the first
+                               timing step
+``smoke``                 240  (with ``--smoke``, or named in ``--only``) ``benchmarks/gpu_smoke.py``: every GPU path
+                               at reduced depth, full width, bf16, real resolution, as parallel jobs: each family's
+                               ``speedup=None`` vs its diffusers pipeline, RALU eager, compiled with CUDA graphs vs
+                               eager without recompiles, text masks under CUDA graphs; the serving engine's packed
+                               CUDA graphs per bucket; the transition kernels, varlen attention at video lengths,
+                               ``copy_same_bytes``. Writes ``smoke_<device>.json`` (after every check) and
+                               ``smoke_<device>.log`` to the work and the output folder
+``latency_flux``          240  ``latency.py`` FLUX.1-dev shape 1024^2: 50-step eager and compiled, RALU 4x/5x/7x
+                               compiled (7x/4x eager too); its first compiled RALU 7x call is a cold start; saves the
+                               compile-cache bundle (rows ~220 s, then the bundle)
+``warm_start``             55  (optional) a new process loads that bundle and times its first RALU 7x call
+``latency_families``     ~500  (optional, its own call: ``--only build,latency_families --budget 560``) FLUX.2-dev,
+                               Qwen-Image, Z-Image(-Turbo), Chroma, SD3.5 Large, FLUX.2-klein at full size:
+                               compiled RALU default preset vs compiled baseline at the pipeline's default steps
+``serving``              ~420  (optional, its own call: ``--only serving --budget 500``) ``benchmarks/serving.py`` at
+                               the FLUX.1-dev shape: sequential generate, same-shape batching and the packed engine
+                               under open-loop load (throughput, p50/p95 latency), the engine's token-budget sweep
+``latency_video``        ~250  (optional, its own call: ``--only build,latency_video --budget 530``) Wan 2.1 T2V 14B,
+                               480x832, 81 frames (32 760 tokens), bf16, eager: RALU 7x and 4x vs the 50-step CFG
+                               baseline, measured with 4 steps and scaled (``latency.py --scale-baseline-to``)
+``latency_video_720p``   ~500  (optional, its own call: ``--only build,latency_video_720p --budget 560``) Wan 2.1 14B
+                               704x1280 81 frames and HunyuanVideo 1.5 704x1280 121 frames: RALU 7x vs 50 steps
+``latency_sd3``           100  (optional) SD3-medium shape: 28-step eager and compiled, RALU 2x/3x compiled
+``stacking``               50  (optional) RALU 5x + TaylorSeer (W = 3) compiled, FLUX.1-dev shape
+``gpu_tests``              60  (optional) ``pytest -m gpu`` on the kernel, csrc, attention and compile tests (Triton
+                               vs CUDA bitwise, MUFU tolerances, CUDA graphs)
+``transition``             25  (optional) ``bench_transition.py``: FLUX 1024^2 transitions, 65536 tokens x 64
+                               channels, % of HBM, ``copy_same_bytes``
+``transition_tune``        70  (optional) ``tune_transition.py``: tile/warp sweep of the Triton kernel (bitwise
+                               equal across tilings)
+``attention``              17  (optional) ``bench_attention.py``: varlen vs padded attention on FLUX stage lengths
+=====================  ======  ==================================================================================
 
-Optional steps run only while the budget lasts. Outputs: everything goes to a work folder; after every step
-``<out>/summary.json`` and ``<out>/results.tar.gz`` (the work folder's JSON, PNG, logs and JUnit XML) are
-rewritten, so a run cut off by a time limit still returns what finished; ``<out>/suite.log`` has the whole
-console output. ``<out>`` is ``$OUT`` when set (the device tool's output folder). At the end: a summary
-table, one line per claim (measured, goal, met or not).
+Optional steps start only with at least their ``min_s`` of the budget left. Outputs: everything goes to a work
+folder; after every step ``<out>/summary.json`` and ``<out>/results.tar.gz`` (the work folder's JSON, PNG, logs and
+JUnit XML, ``*_partial.json`` included) are rewritten, so a run cut off by a time limit still returns what finished;
+``<out>/suite.log`` has the whole console output. ``<out>`` is ``$OUT`` when set (the device tool's output folder).
+At the end: a summary table, one line per claim (measured, goal, met or not). A latency step cut off before its
+final JSON (on 2026-12-04 ``latency_flux`` hit its limit while saving the compile bundle, after every row was timed)
+still has its rows in ``<tag>_partial.json``: the claims use them, marked "partial JSON".
 
 ``--dry-run`` runs every step on the CPU at toy sizes (Triton under the interpreter, small models, eager
 rows unless ``--dry-run-compile``) so that a broken step is found before GPU minutes are spent. A dry run
-measures nothing: its summary says "dry run" in every line.
+measures nothing: its summary says "dry run" in every line. The commit measured: ``git rev-parse HEAD`` where
+``.git`` exists, else ``$RALU_COMMIT`` (pass it to a device copy without .git).
 
-    bash benchmarks/gpu_suite.sh                      # on the GPU machine (default budget 480 s)
+    RALU_COMMIT=<sha> bash benchmarks/gpu_suite.sh --smoke --only build,smoke --budget 300   # the smoke step, ~4.7 min
+    bash benchmarks/gpu_suite.sh --smoke --budget 600     # build, smoke, then FLUX.1-dev latency and what fits
+    bash benchmarks/gpu_suite.sh                          # on the GPU machine (default budget 480 s), no smoke step
     bash benchmarks/gpu_suite.sh --only latency_sd3,stacking --budget 200   # a targeted rerun
     bash benchmarks/gpu_suite.sh --only build,latency_video --budget 530    # full-size video (its own call)
+    python -m benchmarks.gpu_suite --dry-run --smoke --only build,smoke     # CPU: the smoke step's dry run
     python -m benchmarks.gpu_suite --dry-run          # CPU, toy sizes
 """
 from __future__ import annotations
@@ -80,6 +101,8 @@ class Ctx:
     slug: str
     budget_s: float
     t0: float = field(default_factory=time.monotonic)
+    smoke: bool = False
+    only: frozenset = frozenset()
 
     def remaining(self) -> float:
         return self.budget_s - (time.monotonic() - self.t0)
@@ -97,6 +120,7 @@ class Step:
     optional: bool = False
     background: bool = False
     min_s: int = 20  # an optional step starts only with at least this much budget left
+    expected_s: int = 0  # seconds it took on the H200 (or an estimate where it never ran): what a run can plan with
 
 
 @dataclass
@@ -125,6 +149,23 @@ def build_cmds(ctx: Ctx):
                 ([PY, "-c", "import ralu_kernels._csrc as c; print('ralu_kernels._C loaded:', c.load_csrc())"], {})]
     env = {"RALU_CUDA_ARCHS": "9.0", "RALU_FORCE_CUDA": "1", "MAX_JOBS": str(os.cpu_count() or 8)}
     return [([PY, "setup.py", "-q", "build_ext", "--inplace"], env), (check, {})]
+
+
+SMOKE_LIMIT_S = 270  # the smoke step's own limit (its jobs: about 4 min on the H200, build of the extension excluded)
+
+
+def smoke_cmds(ctx: Ctx):
+    """``benchmarks/gpu_smoke.py``: every GPU path at reduced depth (see its docstring). Its JSON and log go to the
+    work folder (tarred) and to the output folder; its own budget ends 15 s before the step's limit, so it writes
+    its final table itself."""
+    if not (ctx.smoke or "smoke" in ctx.only):
+        return "not selected: pass --smoke (or --only ...,smoke)"
+    budget = max(30.0, min(SMOKE_LIMIT_S, ctx.remaining() - 5) - 15)
+    argv = [PY, "-m", "benchmarks.gpu_smoke", "--out", str(ctx.work), "--mirror", str(ctx.out), "--budget",
+            f"{budget:.0f}"]
+    if ctx.dry:
+        argv += ["--dry-run-compile"] if ctx.dry_compile else ["--dry-run"]
+    return [(argv, {})]
 
 
 def ctest_cmds(ctx: Ctx):
@@ -277,26 +318,36 @@ def latency_video_720p_cmds(ctx: Ctx):
     return [_video_cmd(ctx, "wan-720p"), _video_cmd(ctx, "hunyuan-video15")]
 
 
+# Order: the build, the smoke step (with --smoke), then what is owed most (issue 24): the FLUX.1-dev runtime's latency
+# (the restructured runtime: still 0.955 s for RALU 7x compiled?), its warm start, the families, serving, video;
+# then what has run on the H200 already. expected_s: seconds on the H200 (benchmarks/results/gpu_suite_nvidia-h200*.log:
+# build 28-32, ctest 12-15, gpu_tests 55-62, transition 18-25, transition_tune 68, attention 17, latency_flux 197 s on
+# 2026-11-29 and cut off at 225 s on 2026-12-04 while saving its bundle, warm_start 55, stacking 50, latency_sd3 100);
+# estimates (marked ~) for the steps that never ran.
 STEPS = [
-    Step("build", "CUDA extension ralu_kernels._C (sm_90) builds and loads", 240, build_cmds),
-    Step("ctest", "csrc CMake build + ctest", 300, ctest_cmds, background=True),
-    Step("gpu_tests", "pytest -m gpu", 240, gpu_tests_cmds),
-    Step("transition", "bench_transition.py", 150, transition_cmds),
-    Step("transition_tune", "tune_transition.py", 150, tune_cmds),
-    Step("attention", "bench_attention.py", 120, attention_cmds),
-    Step("latency_flux", "latency.py FLUX.1-dev shape", 330, latency_flux_cmds),
-    Step("warm_start", "latency.py warm start, new process", 150, warm_start_cmds, optional=True, min_s=60),
-    Step("latency_sd3", "latency.py SD3-medium shape", 240, latency_sd3_cmds, optional=True, min_s=90),
-    Step("stacking", "latency.py RALU 5x + TaylorSeer", 180, stacking_cmds, optional=True, min_s=60),
+    Step("build", "CUDA extension ralu_kernels._C (sm_90) builds and loads", 240, build_cmds, expected_s=30),
+    Step("ctest", "csrc CMake build + ctest", 300, ctest_cmds, background=True, expected_s=12),
+    Step("smoke", "every GPU path at reduced depth, full width (benchmarks/gpu_smoke.py)", SMOKE_LIMIT_S, smoke_cmds,
+         expected_s=240),
+    Step("latency_flux", "latency.py FLUX.1-dev shape", 330, latency_flux_cmds, expected_s=240),
+    Step("warm_start", "latency.py warm start, new process", 150, warm_start_cmds, optional=True, min_s=60,
+         expected_s=55),
     Step("latency_families", "latency.py FLUX.2/Qwen-Image/Z-Image/Chroma/SD3.5 at full size", 540,
-         latency_families_cmds, optional=True, min_s=400),
-    Step("latency_video", "latency.py Wan 2.1 14B 480p 81 frames at full size", 480, latency_video_cmds,
-         optional=True, min_s=300),
-    Step("latency_video_720p", "latency.py Wan 2.1 14B 720p and HunyuanVideo 1.5 720p at full size", 540,
-         latency_video_720p_cmds, optional=True, min_s=450),
+         latency_families_cmds, optional=True, min_s=400, expected_s=500),
     Step("serving", "serving.py FLUX.1-dev shape: sequential, same-shape, packed engine", 480, serving_cmds,
-         optional=True, min_s=300),
+         optional=True, min_s=300, expected_s=420),
+    Step("latency_video", "latency.py Wan 2.1 14B 480p 81 frames at full size", 480, latency_video_cmds,
+         optional=True, min_s=300, expected_s=250),
+    Step("latency_video_720p", "latency.py Wan 2.1 14B 720p and HunyuanVideo 1.5 720p at full size", 540,
+         latency_video_720p_cmds, optional=True, min_s=450, expected_s=500),
+    Step("latency_sd3", "latency.py SD3-medium shape", 240, latency_sd3_cmds, optional=True, min_s=90, expected_s=100),
+    Step("stacking", "latency.py RALU 5x + TaylorSeer", 180, stacking_cmds, optional=True, min_s=60, expected_s=50),
+    Step("gpu_tests", "pytest -m gpu", 240, gpu_tests_cmds, optional=True, min_s=70, expected_s=60),
+    Step("transition", "bench_transition.py", 150, transition_cmds, optional=True, min_s=35, expected_s=25),
+    Step("transition_tune", "tune_transition.py", 150, tune_cmds, optional=True, min_s=80, expected_s=70),
+    Step("attention", "bench_attention.py", 120, attention_cmds, optional=True, min_s=25, expected_s=17),
 ]
+ESTIMATED = {"latency_families", "serving", "latency_video", "latency_video_720p"}  # expected_s never measured
 TIMING_STEPS = {"transition", "transition_tune", "attention", "latency_flux", "warm_start", "latency_sd3", "stacking",
                 "latency_families", "latency_video", "latency_video_720p", "serving"}
 
@@ -385,14 +436,43 @@ class Background:
 
 
 # ------------------------------------------------------------------------------------------------ claims
-def _json(work: Path, pattern: str) -> dict | None:
-    hits = sorted(p for p in work.glob(pattern) if not p.name.endswith("_partial.json"))
+def _json(work: Path, pattern: str, partial: bool = False) -> dict | None:
+    """The first file matching ``pattern`` (sorted), parsed; ``*_partial.json`` files only with ``partial=True``."""
+    hits = sorted(p for p in work.glob(pattern) if partial or not p.name.endswith("_partial.json"))
     if not hits:
         return None
     try:
         return json.loads(hits[0].read_text())
     except (OSError, json.JSONDecodeError):
         return None
+
+
+def _effective(r: dict) -> float:
+    return r.get("scaled_mean_s", r["mean_s"])
+
+
+def _latency_json(work: Path, *patterns: str) -> tuple[dict | None, bool]:
+    """A latency.py result ``(data, partial)``: the final JSON of the first pattern that matches; else the
+    ``<tag>_partial.json`` latency.py rewrites after every row (a step cut off by its limit before the final JSON,
+    e.g. while saving the compile bundle, still has its rows), with the ``speedup_vs_*`` ratios the final JSON would
+    have recomputed from those rows."""
+    for pat in patterns:
+        data = _json(work, pat)
+        if data:
+            return data, False
+    for pat in patterns:
+        data = _json(work, pat[: -len(".json")] + "_partial.json", partial=True)
+        if data and data.get("rows"):
+            by = {r["row"]: r for r in data["rows"]}
+            for r in data["rows"]:
+                for ref in ("baseline-eager", "baseline-compiled"):
+                    if ref in by and f"speedup_vs_{ref}" not in r:
+                        r[f"speedup_vs_{ref}"] = _effective(by[ref]) / _effective(r)
+            return data, True
+    return None, False
+
+
+PARTIAL = " (partial JSON: the step was cut off before its final one)"
 
 
 def _junit(work: Path) -> list[tuple[str, str]] | None:
@@ -438,6 +518,7 @@ def claims(work: Path, results: dict[str, Result], dry: bool) -> list[dict]:
     add("CUDA extension ralu_kernels._C builds (sm_90) and loads",
         (f"{b.status} in {b.seconds:.0f} s" if b.status in ("ok", "failed", "timeout") else b.status) if b else "not run",
         "builds and loads", step_ok("build"), "logs/build.log")
+    out.extend(smoke_claims(work, results, dry))
     c = results.get("ctest")
     add("csrc ctest: device Philox/transition vs host reference, extreme-uniform probe",
         c.status if c else "not run", "passes", step_ok("ctest"), "logs/ctest.log")
@@ -503,8 +584,10 @@ def claims(work: Path, results: dict[str, Result], dry: bool) -> list[dict]:
         add("varlen attention vs padded masked SDPA (mixed FLUX stage lengths)", "not run", "> 1x", None,
             "attention_*.json")
 
-    lat = _json(work, "latency_flux_full_nvidia*.json") or _json(work, "latency_flux_dry_cpu.json")
+    lat, part = _latency_json(work, "latency_flux_full_nvidia*.json", "latency_flux_dry_cpu.json")
     by = {r["row"]: r for r in (lat["rows"] if lat else [])}
+    tag = PARTIAL if part else ""
+    src = "latency_flux_full_*_partial.json" if part else "latency_flux_full_*.json"
 
     def ratio(row, ref):
         r = by.get(row)
@@ -515,44 +598,87 @@ def claims(work: Path, results: dict[str, Result], dry: bool) -> list[dict]:
         v = ratio(row, ref)
         sec = by[row]["mean_s"] if row in by else None
         add(f"FLUX.1-dev shape 1024^2: {row} vs 50-step {ref.split('-')[1]}",
-            f"{_fmt(v, 'x')} ({_fmt(sec, ' s')})" if v else "not run", f">= {goal:g}x",
-            None if v is None else v >= goal, "latency_flux_full_*.json")
+            f"{_fmt(v, 'x')} ({_fmt(sec, ' s')}){tag}" if v else "not run", f">= {goal:g}x",
+            None if v is None else v >= goal, src)
     compiled = [r for r in by.values() if r["kind"] == "compiled"]
     rec = sum(r["recompiles_after_warmup"] for r in compiled) if compiled else None
-    add("compiled rows: no recompiles after warm-up", _fmt(rec), "0", None if rec is None else rec == 0,
-        "latency_flux_full_*.json")
+    add("compiled rows: no recompiles after warm-up", _fmt(rec) + (tag if compiled else ""), "0",
+        None if rec is None else rec == 0, src)
     cold = by.get("ralu-7x-compiled", {}).get("first_call_s")
-    warm_json = _json(work, "latency_flux_warm_start_*.json")
+    warm_json, _ = _latency_json(work, "latency_flux_warm_start_*.json")
     warm = warm_json["rows"][0]["first_call_s"] if warm_json and warm_json.get("rows") else None
     add("RALU 7x compiled, first call: cold (fresh caches) -> warm (new process, saved bundle)",
         f"{_fmt(cold, ' s')} -> {_fmt(warm, ' s')}", "warm < cold", None if not (cold and warm) else warm < cold,
         "latency_flux_*.json")
 
-    sd3 = _json(work, "latency_sd3_full_nvidia*.json") or _json(work, "latency_sd3_dry_cpu.json")
+    sd3, part = _latency_json(work, "latency_sd3_full_nvidia*.json", "latency_sd3_dry_cpu.json")
     sby = {r["row"]: r for r in (sd3["rows"] if sd3 else [])}
     for row, goal in (("ralu-3x-compiled", 3.0), ("ralu-2x-compiled", 2.0)):
         r = sby.get(row)
         v = r.get("speedup_vs_baseline-compiled") if r else None
-        add(f"SD3-medium shape 1024^2: {row} vs 28-step compiled", f"{_fmt(v, 'x')}" if v else "not run",
-            f">= {goal:g}x", None if v is None else v >= goal, "latency_sd3_full_*.json")
+        add(f"SD3-medium shape 1024^2: {row} vs 28-step compiled",
+            f"{_fmt(v, 'x')}{PARTIAL if part else ''}" if v else "not run", f">= {goal:g}x",
+            None if v is None else v >= goal, "latency_sd3_full_*.json")
 
     for fam, preset in FAMILY_ROWS.items():
-        fj = _json(work, f"latency_{fam}_full_nvidia*.json")
+        fj, part = _latency_json(work, f"latency_{fam}_full_nvidia*.json")
         fby = {r["row"]: r for r in (fj["rows"] if fj else [])}
         r = fby.get(f"ralu-{preset}-compiled")
         v = r.get("speedup_vs_baseline-compiled") if r else None
-        add(f"{fam} full size: ralu-{preset}-compiled vs default-step compiled", f"{_fmt(v, 'x')}" if v else "not run",
-            "record (FLOP ratio in README)", None, f"latency_{fam}_full_*.json")
+        add(f"{fam} full size: ralu-{preset}-compiled vs default-step compiled",
+            f"{_fmt(v, 'x')}{PARTIAL if part else ''}" if v else "not run", "record (FLOP ratio in README)", None,
+            f"latency_{fam}_full_*.json")
 
     out.extend(video_claims(work, dry))
     out.extend(serving_claims(work, dry))
 
-    st = _json(work, "latency_flux_full_taylorseer3_*.json") or _json(work, "latency_flux_taylorseer3_dry_cpu.json")
+    st, _ = _latency_json(work, "latency_flux_full_taylorseer3_*.json", "latency_flux_taylorseer3_dry_cpu.json")
     st_row = st["rows"][0] if st and st.get("rows") else None
     base = by.get("baseline-compiled")
     v = base["mean_s"] / st_row["mean_s"] if (st_row and base) else None
     add("RALU 5x + TaylorSeer W=3 compiled vs 50-step compiled", f"{_fmt(v, 'x')}" if v else "not run",
         ">= 7.28x (paper, FLOP ratio)", None if v is None else v >= 7.28, "latency_flux_full_taylorseer3_*.json")
+    return out
+
+
+def smoke_claims(work: Path, results: dict[str, Result], dry: bool) -> list[dict]:
+    """The smoke step (benchmarks/gpu_smoke.py): one line for all its checks, one per job (family, serving, kernels)."""
+    out = []
+    bad = ("failed", "error", "timeout", "crashed", "not run", "running")
+
+    def add(claim, measured, goal, met, source):
+        state = "dry run" if dry else ("n/a" if met is None else ("yes" if met else "NO"))
+        out.append({"claim": claim, "measured": measured, "goal": goal, "met": state, "source": source})
+
+    data = _json(work, "smoke_*.json")
+    if not data or not data.get("rows"):
+        r = results.get("smoke")
+        state = "not run" if r is None or r.status in ("not run", "skipped") else f"{r.status}: {r.note} (no JSON)"
+        add("smoke: every GPU path at reduced depth, full width, bf16", state, "all ok",
+            None if state == "not run" else False, "smoke_*.json")
+        return out
+    rows = data["rows"]
+    counts: dict[str, int] = {}
+    for r in rows:
+        counts[r["result"]] = counts.get(r["result"], 0) + 1
+    n_bad = sum(n for k, n in counts.items() if k in bad)
+    summary = ", ".join(f"{n} {k}" for k, n in sorted(counts.items(), key=lambda kv: -kv[1]))
+    add(f"smoke: every GPU path at reduced depth, full width, {data.get('dtype')} ({len(rows)} checks, commit "
+        f"{str(data.get('commit'))[:12]})", f"{summary} in {data.get('elapsed_s')} s" +
+        ("" if data.get("final") else " (cut off)"), "all ok (skipped: not applicable here)", n_bad == 0,
+        f"smoke_{data.get('device')}.json")
+    jobs: dict[str, list[dict]] = {}
+    for r in rows:
+        jobs.setdefault(r["job"], []).append(r)
+    for job, jrows in jobs.items():
+        ok = sum(1 for r in jrows if r["result"] in ("ok", "skipped"))
+        first = next((r for r in jrows if r["result"] in bad), None)
+        errors = [r["error"] for r in jrows if isinstance(r.get("error"), (int, float))]
+        measured = f"{ok}/{len(jrows)} ok" + (f", max error {max(errors):.2g}" if errors else "")
+        if first:
+            measured += f"; {first['path'].split('/', 1)[1]}: {first['result']}" + (
+                f" ({first['note'][:80]})" if first.get("note") else "")
+        add(f"smoke {job}", measured, "all ok", first is None, f"smoke_{data.get('device')}.json")
     return out
 
 
@@ -578,7 +704,7 @@ def video_claims(work: Path, dry: bool) -> list[dict]:
 
     for fam, presets in VIDEO_ROWS.items():
         src = f"latency_{fam}_full_*.json"
-        data = _json(work, f"latency_{fam}_full_nvidia*.json") or _json(work, f"latency_{fam}_dry_cpu.json")
+        data, part = _latency_json(work, f"latency_{fam}_full_nvidia*.json", f"latency_{fam}_dry_cpu.json")
         by = {r["row"]: r for r in (data["rows"] if data else [])}
         base = by.get("baseline-eager")
         label = VIDEO_LABELS[fam]
@@ -591,6 +717,7 @@ def video_claims(work: Path, dry: bool) -> list[dict]:
             stage = base.get("stages_s", {}).get("baseline")
             if data.get("size") == "full" and per_call and stage:
                 measured += f"; model calls at {per_call * base['measured_steps'] / stage:.0f} TFLOP/s"
+            measured += PARTIAL if part else ""
         add(f"{label}: 50-step eager CFG baseline, seconds per video", measured, "record", src)
         for preset in presets:
             r = by.get(f"ralu-{preset}-eager")
@@ -651,8 +778,7 @@ def publish(ctx: Ctx, results: dict[str, Result], final: bool) -> list[dict]:
             rel = p.relative_to(ctx.work)
             if p.is_file() and rel.parts[0] in ("logs",) or (
                     p.is_file() and len(rel.parts) == 1 and p.suffix in (".json", ".png", ".xml")):
-                if not p.name.endswith("_partial.json") or not final:
-                    tf.add(p, arcname=str(Path("gpu_suite") / rel))
+                tf.add(p, arcname=str(Path("gpu_suite") / rel))  # *_partial.json too: rows of a step cut off
     tmp_tar.replace(ctx.out / "results.tar.gz")
     return lines
 
@@ -672,6 +798,9 @@ def main(argv=None) -> int:
     ap.add_argument("--dry-run", action="store_true", help="CPU, toy sizes: checks every step's wiring")
     ap.add_argument("--dry-run-compile", action="store_true",
                     help="dry run with a compiled RALU row (inductor on the CPU: minutes) and the warm-start step")
+    ap.add_argument("--smoke", action="store_true",
+                    help="run the smoke step (benchmarks/gpu_smoke.py) right after the build, then the timed steps "
+                         "the budget leaves room for")
     ap.add_argument("--budget", type=float, default=None, help="total seconds (default 480 on a GPU, 1800 dry)")
     ap.add_argument("--only", default=None, help="comma-separated steps to run (others: skipped)")
     ap.add_argument("--skip", default="", help="comma-separated steps to skip")
@@ -697,10 +826,11 @@ def main(argv=None) -> int:
     (work / "logs").mkdir(parents=True, exist_ok=True)
     out.mkdir(parents=True, exist_ok=True)
     ctx = Ctx(dry=dry, dry_compile=args.dry_run_compile, work=work, out=out, slug=slug,
-              budget_s=args.budget or (1800.0 if dry else 480.0))
+              budget_s=args.budget or (1800.0 if dry else 480.0), smoke=args.smoke,
+              only=frozenset(args.only.split(",")) if args.only else frozenset())
     console = Console(out / "suite.log")
     console(f"gpu_suite: device {slug}, {'DRY RUN (toy sizes, CPU)' if dry else 'GPU run'}, budget {ctx.budget_s:.0f} s,"
-            f" work {work}, out {out}")
+            f" work {work}, out {out}{', smoke step first' if args.smoke else ''}")
 
     results: dict[str, Result] = {}
     background: list[Background] = []
@@ -734,7 +864,8 @@ def main(argv=None) -> int:
             console(f"== {step.name}: skipped ({cmds})")
             continue
         limit = min(step.limit_s, left - 5)
-        console(f"== {step.name}: {step.what} (limit {limit:.0f} s, {left:.0f} s of the budget left)")
+        exp = f"expected {'~' if step.name in ESTIMATED else ''}{step.expected_s} s, " if step.expected_s else ""
+        console(f"== {step.name}: {step.what} (limit {limit:.0f} s, {exp}{left:.0f} s of the budget left)")
         if step.background:
             background.append(Background(ctx, step, cmds, limit))
             continue

@@ -1,12 +1,15 @@
 #!/usr/bin/env bash
 # GPU verification suite (see benchmarks/gpu_suite.py for the steps). On the GPU machine:
 #
-#   bash benchmarks/gpu_suite.sh [--budget 480] [--only a,b] [--skip a,b]
+#   bash benchmarks/gpu_suite.sh [--smoke] [--budget 480] [--only a,b] [--skip a,b]
+#   RALU_COMMIT=<sha> bash benchmarks/gpu_suite.sh --smoke --only build,smoke --budget 300   # the smoke step (~4.7 min)
 #   bash benchmarks/gpu_suite.sh --only build,latency_video --budget 530   # full-size Wan 480p video, own call
+#
+# RALU_COMMIT: the commit measured, recorded in smoke_<device>.json where the copy has no .git.
 #
 # Packages the GPU image lacks (diffusers 0.42.1 and importlib_metadata) travel as wheels in .whl/
 # (README, "GPU checks"); they are installed with --no-deps into a private folder put on PYTHONPATH.
-# On a CPU: bash benchmarks/gpu_suite.sh --dry-run (toy sizes; uses the current environment).
+# On a CPU: bash benchmarks/gpu_suite.sh --dry-run [--smoke] (toy sizes; uses the current environment).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
