@@ -370,6 +370,11 @@ def pipeline_latents(fam: SmokeFamily, pipe, emb: dict, *, steps: int, seeds: li
             return pipe(**emb, **glyph, **kw).frames
         finally:
             pipe.guider.guidance_scale = before
+    if getattr(pipe, "transformer_2", None) is not None:  # Wan 2.2's low-noise expert: the adapter's guidance
+        from ralu_runtime.adapters import get_adapter
+
+        g2 = get_adapter(pipe).guidance_scale_2
+        kw["guidance_scale_2"] = fam.guidance if g2 is None else g2
     out = pipe(**emb, guidance_scale=fam.guidance, **kw)
     return out.frames if fam.video else out.images
 
