@@ -56,7 +56,7 @@ from ..execution.sharding import Sharded
 from .base import (EAGER, BlockStack, Conditioning, DiTAdapter, ModelImpl, VelocityCall, call_with_hooks, check_blocks,
                    check_velocity_calls, current_sharding, named_blocks, scheduler_base_shift)
 from .common import ADDED_QKV, QKV
-from .flux import IMAGE, TEXT, flux_double_block, flux_single_block
+from .flux import IMAGE, TEXT, FluxAdapter, flux_double_block, flux_single_block
 
 
 class ChromaModulation(Mode):
@@ -368,15 +368,8 @@ class ChromaAdapter(DiTAdapter):
     shards = True
     packed_attention_backend = "auto"  # varlen_attention backend of unmasked packed calls ("auto", "sdpa", ...)
 
-    def _bypassed_by_packing(self) -> list:
-        """Modules the unpacked call runs as modules (hooks included) and the packed call decomposes."""
-        tr = self.transformer
-        mods = [tr.norm_out]
-        for blk in tr.transformer_blocks:
-            mods += [blk, blk.norm1, blk.norm1_context]
-        for blk in tr.single_transformer_blocks:
-            mods += [blk, blk.norm]
-        return mods
+    # the modules the unpacked call runs as modules (hooks included) and the packed call decomposes: FLUX's list
+    _bypassed_by_packing = FluxAdapter._bypassed_by_packing
 
     def packed_velocity(self, calls, impl: ModelImpl | None = None, *,
                         execution: PackedExecution | None = None) -> list[torch.Tensor]:
