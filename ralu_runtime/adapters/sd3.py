@@ -3,9 +3,7 @@ position embedding evaluated at each token's own position, classifier-free guida
 
 Models: SD3 Medium (24 joint blocks), SD3.5 Large (38 joint blocks, RMSNorm on q/k) and SD3.5 Medium (MMDiT-X:
 24 blocks, the first 13 with a second, image-only self-attention; q/k RMSNorm; a 384-cell position table). One
-adapter serves them all: the joint blocks are called as the modules they are (:func:`sd3_joint_block`: their
-attention processors, q/k norms, dual attention, LoRA layers and hooks run as usual), and positions enter the
-model only through its patch embedding.
+adapter serves them all; positions enter the model only through its patch embedding.
 
 Positions: SD3 adds a fixed 2-D sin-cos table (centre-cropped to the current token grid) after its patch
 embedding. Raster token sets (RALU stages 1 and 3, the baseline) go through the model's own ``pos_embed`` module.
@@ -13,21 +11,40 @@ Mixed sets (stage 2: coarse tokens and their children at +{0, 0.5}, per image) g
 own conv applied to each token's patch (kernel = stride = patch: the same map, one token at a time) plus the
 sin-cos formula evaluated at each token's (fractional) index on the coarse crop (:meth:`SD3Adapter.sincos_at`).
 
+Execution modes (:mod:`ralu_runtime.execution`); the joint sequence is ``[image ; text]`` (streams :data:`IMAGE`,
+:data:`TEXT`), and one transformer body (:meth:`SD3Adapter._forward`) serves every mode:
+
+* one request (:class:`~ralu_runtime.execution.modes.Dense`, :meth:`SD3Adapter.velocity`): the joint blocks are
+  called as the modules they are (:func:`sd3_block_call`). Why not ralu's block function: SD3's one-request path
+  accepts any attention processor but IP-Adapter (custom or subclassed processors, fused q/k/v processors, the
+  processor's own attention call), diffusers' stateless hook registries on the blocks (group offloading, layerwise
+  casting) and torch hooks that replace a block's inputs or outputs; only the module call runs all of them, and it
+  is diffusers' own computation (bitwise). :func:`sd3_joint_block` performs the same operations in the same order:
+  with diffusers' ``JointAttnProcessor2_0`` its one-rank sharded result equals the module call bitwise
+  (tests/test_modes_sd3.py), so the two paths cannot drift apart unnoticed.
+* many requests packed into one call (:class:`~ralu_runtime.execution.packing.Packed`,
+  :meth:`SD3Adapter.packed_velocity`) and one request sharded across ranks
+  (:class:`~ralu_runtime.execution.sharding.Sharded`: context parallelism, when the running ``generate`` call has a
+  sharding plan): :func:`sd3_joint_block` / :func:`sd3_attention`, ralu's one copy of ``JointTransformerBlock`` and
+  ``JointAttnProcessor2_0`` written against the mode; SD3.5 Medium's second attention is image-only
+  (``ex.attend(..., stream=IMAGE)``: each image's own tokens, on every rank's rows when sharded). These modes need
+  diffusers' ``JointAttnProcessor2_0`` on every attention (packed calls fall back to per-call velocity otherwise;
+  sharded calls are refused, :meth:`SD3Adapter.check_shardable`).
+
+SD3 has no text mask: every text token is attended (no key mask in any mode).
+
 Skip-layer guidance (SD3.5 Medium's recommended setting; diffusers' ``skip_guidance_layers`` and friends): set
 ``get_adapter(pipe).skip_layer_guidance = SkipLayerGuidance(layers=(7, 8, 9))``. It is applied inside
 :meth:`SD3Adapter.velocity` by the timestep's place in the model's own (unshifted) time axis, so it works in every
-RALU stage; see :class:`SkipLayerGuidance` for how that window relates to diffusers' step-index window.
+RALU stage and in the sharded mode; see :class:`SkipLayerGuidance` for how that window relates to diffusers'
+step-index window. A packed call inside its window runs per call (its extra skip-layer forward has another block
+stack than the packed neighbours).
 
 Refused before any work (:meth:`SD3Adapter.check_supported`): IP-Adapter attention processors (ralu passes no
 image embeddings, so the adapter would be silently ignored); diffusers' stateful hooks on the transformer or its
 blocks (``enable_cache`` and the like: their state follows the transformer's own forward, which ralu does not
 call; group offloading and layerwise casting are stateless per call and allowed); skip-layer guidance naming
 layers the model lacks, or with a dynamically shifted scheduler (no single shift defines its window).
-
-Packed calls (:meth:`SD3Adapter.packed_velocity`, for serving many requests at once): :func:`sd3_joint_block_packed`
-and :func:`joint_attention_packed` are ``JointTransformerBlock.forward`` and ``JointAttnProcessor2_0`` on one packed
-token sequence in which every image (both CFG halves included) is its own attention segment ``[image ; text]``;
-a call inside its skip-layer-guidance window runs unpacked.
 """
 from __future__ import annotations
 
@@ -37,122 +54,103 @@ from dataclasses import dataclass
 
 import torch
 
-from ralu_kernels.attention import StreamSegments
-
 from ..families import FAMILIES
-from .base import EAGER, Conditioning, DiTAdapter, ModelImpl, SplitBlocks, TokenGrid, VelocityCall, check_velocity_calls
-from ..execution.packing import (PackedExecution, PackedSegments, can_pack, pad_rows, per_token, split_calls,
-                                 static_attention)
+from ..execution.modes import DENSE, Dense, Mode
+from ..execution.packing import (HostSegments, Packed, PackedExecution, PackedSegments, can_pack, has_hooks, pad_rows,
+                                 split_calls, static_attention)
+from ..execution.sharding import Sharded
+from .base import (EAGER, BlockStack, Conditioning, DiTAdapter, ModelImpl, TokenGrid, VelocityCall, call_with_hooks,
+                   check_velocity_calls, current_sharding)
+from .common import ADDED_QKV, QKV, projections
 
-
-def ada_norm_continuous_packed(norm, x: torch.Tensor, emb: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
-    """diffusers' ``AdaLayerNormContinuous`` with per-image conditioning ``emb (n_images, D)`` on packed tokens
-    ``x (1, N, D)`` (same operations, same order)."""
-    emb = norm.linear(norm.silu(emb).to(x.dtype))
-    scale, shift = torch.chunk(emb, 2, dim=1)
-    return norm.norm(x) * per_token(1 + scale, rows) + per_token(shift, rows)
+IMAGE, TEXT = 0, 1  # SD3's streams, in the order of its joint sequence [image ; text]
 
 # diffusers hooks whose effect is per module call (no state across a transformer forward): allowed on the model
 STATELESS_HOOK_PREFIXES = ("group_offloading", "lazy_prefetch_group_offloading", "layerwise_casting",
                            "peft_autocast_disable")
 
+# the attention processor sd3_attention reproduces (packed and sharded calls need it on every attention)
+JOINT_PROCESSORS = ("JointAttnProcessor2_0",)
 
-def sd3_joint_block(block, hidden_states, encoder_hidden_states, temb):
-    """One ``JointTransformerBlock`` called as the module it is (its processor and hooks run as usual).
-    Returns ``(encoder_hidden_states, hidden_states)``; a separate function so a backend can compile it
-    without touching the user's module."""
+
+def sd3_block_call(block, hidden_states, encoder_hidden_states, temb, ex: Mode = DENSE):
+    """One ``JointTransformerBlock`` called as the module it is (its processor and hooks run as usual): the one-request
+    (Dense) path, see the module docstring. Returns ``(encoder_hidden_states or None, hidden_states)``; a function of
+    its own so a backend can compile it without touching the user's module (``ex`` is unused: Dense only)."""
     return block(hidden_states=hidden_states, encoder_hidden_states=encoder_hidden_states, temb=temb)
 
 
 def _feed_forward(block, ff, x: torch.Tensor) -> torch.Tensor:
-    """``ff(x)`` on packed tokens ``x (1, N, D)``, in chunks of the block's ``_chunk_size`` tokens when it has one
-    (a feed-forward is per token: chunking only bounds memory; the packed N need not be a multiple of the size)."""
-    if block._chunk_size is None or block._chunk_dim != 1:
+    """``ff(x)``, in chunks of the block's ``_chunk_size`` along its ``_chunk_dim`` when it has one (diffusers'
+    ``_chunked_feed_forward``: equal chunks; the last one may be shorter here, so a sharded or packed token count need
+    not be a multiple of the size; a packed call's dim 0 is 1: one chunk)."""
+    if block._chunk_size is None:
         return ff(x)
-    return torch.cat([ff(c) for c in x.split(block._chunk_size, dim=1)], dim=1)
+    return torch.cat([ff(c) for c in x.split(block._chunk_size, dim=block._chunk_dim)], dim=block._chunk_dim)
 
 
-def joint_attention_packed(attn, hidden_states, encoder_hidden_states, segments: StreamSegments,
-                           backend: str = "auto"):
-    """diffusers' ``JointAttnProcessor2_0`` on ``attn`` for a packed batch, attention within each image's segment.
+def sd3_attention(attn, hidden_states, encoder_hidden_states, ex: Mode = DENSE):
+    """diffusers' ``JointAttnProcessor2_0`` on ``attn`` (same operations, same order; the processor's ``(B, H, S,
+    Dh)`` layout is ``(B, S, H, Dh)`` here: the same values), in mode ``ex``.
 
-    ``hidden_states (1, N_img, D)`` / ``encoder_hidden_states (1, N_txt, D)`` hold the images' tokens one after
-    another; ``segments`` has the streams (image, text), so segment i is ``[image_i ; text_i]`` as in the unpacked
-    call. Without ``encoder_hidden_states`` (SD3.5's image-only second attention) ``segments`` has the one image
-    stream. Returns ``(image out, text out)`` (text out None for ``context_pre_only``), or the image out alone.
-    """
-    query, key, value = attn.to_q(hidden_states), attn.to_k(hidden_states), attn.to_v(hidden_states)
+    With ``encoder_hidden_states`` (the text stream): attention over the joint sequence ``[image ; text]``; returns
+    ``(image out, text out)``, text out None for ``attn.context_pre_only``. Without (SD3.5 Medium's ``attn2``):
+    attention of the image stream alone (every image's own tokens); returns the image out."""
+    query, key, value = projections(attn, hidden_states, QKV, None)
     head_dim = key.shape[-1] // attn.heads
-    query = query.view(1, -1, attn.heads, head_dim)    # (1, N, H, Dh); the processor's (B, H, N, Dh) transposed
-    key = key.view(1, -1, attn.heads, head_dim)
-    value = value.view(1, -1, attn.heads, head_dim)
+    query = query.unflatten(-1, (attn.heads, head_dim))
+    key = key.unflatten(-1, (attn.heads, head_dim))
+    value = value.unflatten(-1, (attn.heads, head_dim))
     if attn.norm_q is not None:
         query = attn.norm_q(query)
     if attn.norm_k is not None:
         key = attn.norm_k(key)
-    q, k, v = query[0], key[0], value[0]
-    if encoder_hidden_states is not None:
-        eq = attn.add_q_proj(encoder_hidden_states).view(1, -1, attn.heads, head_dim)
-        ek = attn.add_k_proj(encoder_hidden_states).view(1, -1, attn.heads, head_dim)
-        ev = attn.add_v_proj(encoder_hidden_states).view(1, -1, attn.heads, head_dim)
-        if attn.norm_added_q is not None:
-            eq = attn.norm_added_q(eq)
-        if attn.norm_added_k is not None:
-            ek = attn.norm_added_k(ek)
-        q, k, v = segments.gather(q, eq[0]), segments.gather(k, ek[0]), segments.gather(v, ev[0])
-    out = segments.attend(q, k, v, backend=backend)
-    out = out.reshape(1, -1, attn.heads * head_dim).to(query.dtype)
-    enc = None
-    if encoder_hidden_states is not None:
-        out, enc = (t[None] for t in segments.split(out[0]))
-        enc = None if attn.context_pre_only else attn.to_add_out(enc)
-    out = attn.to_out[1](attn.to_out[0](out))
-    return out if encoder_hidden_states is None else (out, enc)
+    if encoder_hidden_states is None:
+        out = ex.attend(query, key, value, stream=IMAGE)
+        return attn.to_out[1](attn.to_out[0](out.flatten(2, 3).to(query.dtype)))
+    eq, ek, ev = (p.unflatten(-1, (attn.heads, head_dim)) for p in projections(attn, encoder_hidden_states,
+                                                                               ADDED_QKV, None))
+    if attn.norm_added_q is not None:
+        eq = attn.norm_added_q(eq)
+    if attn.norm_added_k is not None:
+        ek = attn.norm_added_k(ek)
+    out = ex.attend(ex.join(query, eq), ex.join(key, ek), ex.join(value, ev))
+    out, enc = ex.split(out.flatten(2, 3).to(query.dtype), hidden_states.shape[1])
+    enc = None if attn.context_pre_only else attn.to_add_out(enc)
+    return attn.to_out[1](attn.to_out[0](out)), enc
 
 
-def sd3_joint_block_packed(block, hidden_states, encoder_hidden_states, temb, segments: StreamSegments,
-                           image_segments: StreamSegments, backend: str = "auto"):
-    """diffusers' ``JointTransformerBlock.forward`` (SD3 / SD3.5, dual attention included) on a packed batch: the
-    same operations in the same order, with ``temb (n_images, D)`` one row per image and every AdaLN shift / scale /
-    gate applied per token of its image. ``segments``: streams (image, text); ``image_segments``: the image stream
-    alone (SD3.5's second attention). Returns ``(encoder_hidden_states or None, hidden_states)``, packed."""
-    img, txt = segments.segment_ids(0), segments.segment_ids(1)
-    emb = block.norm1.linear(block.norm1.silu(temb))
+def sd3_joint_block(block, hidden_states, encoder_hidden_states, temb, ex: Mode = DENSE):
+    """diffusers' ``JointTransformerBlock.forward`` (SD3 / SD3.5, MMDiT-X dual attention included; same operations,
+    same order) with :func:`sd3_attention`, in mode ``ex`` (packed and sharded calls). ``temb (n_images, D)``: the
+    time + pooled-text embedding per image; the AdaLN modules run through ``ex.ada_norm``. Returns
+    ``(encoder_hidden_states or None for the last, context_pre_only block, hidden_states)``."""
     if block.use_dual_attention:
-        (shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp,
-         shift_msa2, scale_msa2, gate_msa2) = emb.chunk(9, dim=1)
-        normed = block.norm1.norm(hidden_states)
-        norm_h = normed * per_token(1 + scale_msa, img) + per_token(shift_msa, img)
-        norm_h2 = normed * per_token(1 + scale_msa2, img) + per_token(shift_msa2, img)
+        norm_h, gate_msa, shift_mlp, scale_mlp, gate_mlp, norm_h2, gate_msa2 = ex.ada_norm(block.norm1, hidden_states,
+                                                                                           temb, IMAGE)
     else:
-        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = emb.chunk(6, dim=1)
-        norm_h = block.norm1.norm(hidden_states) * per_token(1 + scale_msa, img) + per_token(shift_msa, img)
-
+        norm_h, gate_msa, shift_mlp, scale_mlp, gate_mlp = ex.ada_norm(block.norm1, hidden_states, temb, IMAGE)
     if block.context_pre_only:
-        norm_e = ada_norm_continuous_packed(block.norm1_context, encoder_hidden_states, temb, txt)
+        norm_e = ex.ada_norm(block.norm1_context, encoder_hidden_states, temb, TEXT)
     else:
-        cemb = block.norm1_context.linear(block.norm1_context.silu(temb))
-        c_shift_msa, c_scale_msa, c_gate_msa, c_shift_mlp, c_scale_mlp, c_gate_mlp = cemb.chunk(6, dim=1)
-        norm_e = (block.norm1_context.norm(encoder_hidden_states) * per_token(1 + c_scale_msa, txt)
-                  + per_token(c_shift_msa, txt))
-
-    attn_out, context_attn_out = joint_attention_packed(block.attn, norm_h, norm_e, segments, backend)
-    hidden_states = hidden_states + per_token(gate_msa, img) * attn_out
+        norm_e, c_gate_msa, c_shift_mlp, c_scale_mlp, c_gate_mlp = ex.ada_norm(block.norm1_context,
+                                                                               encoder_hidden_states, temb, TEXT)
+    attn_out, context_attn_out = sd3_attention(block.attn, norm_h, norm_e, ex)
+    hidden_states = hidden_states + ex.tok(gate_msa, IMAGE) * attn_out
     if block.use_dual_attention:
-        attn_out2 = joint_attention_packed(block.attn2, norm_h2, None, image_segments, backend)
-        hidden_states = hidden_states + per_token(gate_msa2, img) * attn_out2
+        hidden_states = hidden_states + ex.tok(gate_msa2, IMAGE) * sd3_attention(block.attn2, norm_h2, None, ex)
 
     norm_h = block.norm2(hidden_states)
-    norm_h = norm_h * per_token(1 + scale_mlp, img) + per_token(shift_mlp, img)
-    hidden_states = hidden_states + per_token(gate_mlp, img) * _feed_forward(block, block.ff, norm_h)
-
+    norm_h = norm_h * (1 + ex.tok(scale_mlp, IMAGE)) + ex.tok(shift_mlp, IMAGE)
+    hidden_states = hidden_states + ex.tok(gate_mlp, IMAGE) * _feed_forward(block, block.ff, norm_h)
     if block.context_pre_only:
         return None, hidden_states
-    encoder_hidden_states = encoder_hidden_states + per_token(c_gate_msa, txt) * context_attn_out
+
+    encoder_hidden_states = encoder_hidden_states + ex.tok(c_gate_msa, TEXT) * context_attn_out
     norm_e = block.norm2_context(encoder_hidden_states)
-    norm_e = norm_e * per_token(1 + c_scale_mlp, txt) + per_token(c_shift_mlp, txt)
-    encoder_hidden_states = (encoder_hidden_states
-                             + per_token(c_gate_mlp, txt) * _feed_forward(block, block.ff_context, norm_e))
+    norm_e = norm_e * (1 + ex.tok(c_scale_mlp, TEXT)) + ex.tok(c_shift_mlp, TEXT)
+    encoder_hidden_states = encoder_hidden_states + ex.tok(c_gate_mlp, TEXT) * _feed_forward(block, block.ff_context,
+                                                                                            norm_e)
     return encoder_hidden_states, hidden_states
 
 
@@ -386,76 +384,132 @@ class SD3Adapter(DiTAdapter):
         return (hidden + pos).to(hidden.dtype)
 
     # ---- model call --------------------------------------------------------------------------------------
-    def _forward(self, x: torch.Tensor, grid: TokenGrid, timestep: torch.Tensor, embeds: torch.Tensor,
-                 pooled: torch.Tensor, impl: ModelImpl, skip: tuple[int, ...] = (), cached: bool = True):
-        """The transformer on tokens ``x (N, L, C p p)`` with text ``embeds (N, T, D_text)`` and ``pooled (N, P)``:
-        the model's output as tokens ``(N, L, C p p)``. ``skip``: block indices left out (diffusers'
-        ``skip_layers``); ``cached``: run the blocks through the call's feature cache (if any)."""
+    def _forward(self, ex: Mode, hidden: torch.Tensor, embeds: torch.Tensor, t: torch.Tensor, pooled: torch.Tensor,
+                 impl: ModelImpl, skip: tuple[int, ...] = (), cached: bool = True, timestep=None) -> torch.Tensor:
+        """The transformer after its patch embedding, in mode ``ex``: embedded image tokens ``hidden (B, L, D)`` and
+        text ``embeds (B, T, D_text)`` in ``ex``'s layout (packed: ``B = 1`` holding every image; sharded: this
+        rank's rows), per image timestep ``t (n_images,)`` (1000 sigma) and ``pooled (n_images, P)``. ``skip``: block
+        indices left out (diffusers' ``skip_layers``); ``cached``: run the blocks through the call's feature cache
+        (one-request modes; ``timestep`` the call's 0-dim timestep). Returns the output projection per token
+        ``(B, L, p p C)`` in ``ex``'s layout (the patch's ``(py, px, C)`` order: :meth:`_as_tokens`)."""
         tr = self.transformer
-        n, l, _ = x.shape
-        hidden = self.embed_tokens(x, grid).contiguous()
-        temb = tr.time_text_embed(timestep.expand(n), pooled)
+        temb = tr.time_text_embed(t, pooled)
         enc = tr.context_embedder(embeds)
         if enc._base is not None:  # a view (Linear on 3-D input): dynamo guards a view input's base, so block 0
             enc = enc.clone()      # would get a graph of its own; every block of a kind shares one graph this way
+        if hidden._base is not None:
+            hidden = hidden.clone()
 
-        stack = [blk for i, blk in enumerate(tr.transformer_blocks) if i not in skip]
-        joint = impl.block("sd3_joint", sd3_joint_block)
+        blocks = [blk for i, blk in enumerate(tr.transformer_blocks) if i not in skip]
+        modules = isinstance(ex, Dense)  # one request: the blocks as modules (see the module docstring)
+        joint = impl.block(ex.block_name("sd3_joint"), sd3_block_call if modules else sd3_joint_block)
 
         def run(state, start, stop):  # blocks [start, stop) on state (encoder, image) hidden states
             e, h = state
-            for block in stack[start:stop]:
-                e, h = joint(block, h, e, temb)
+            for blk in blocks[start:stop]:
+                if modules or not (blk._forward_hooks or blk._forward_pre_hooks):
+                    e, h = joint(blk, h, e, temb, ex)
+                else:  # sharded (packed calls with hooks run per call): hooks see the block's keyword interface
+                    e, h = call_with_hooks(blk, joint, (blk, h, e, temb, ex),
+                                           dict(hidden_states=h, encoder_hidden_states=e, temb=temb))
             return e, h
 
-        def first():
-            state = run((enc, hidden), 0, 1)
-            return state[1], state
+        stack = BlockStack(run, len(blocks), (enc, hidden), lambda state: state[1], ex, IMAGE)
+        hidden = self.run_stack(stack, hidden, timestep) if cached else stack.local()
+        return ex.call(tr.proj_out, ex.ada_norm(tr.norm_out, hidden, temb, IMAGE))
 
-        blocks = SplitBlocks(first, lambda state: run(state, 1, len(stack))[1])
-        hidden = self.run_blocks(blocks, hidden, timestep) if cached else blocks()
-        out = tr.proj_out(tr.norm_out(hidden, temb))
+    def _as_tokens(self, out: torch.Tensor) -> torch.Tensor:
+        """The output projection ``(n, L, p p C)`` (``(py, px, C)`` per token) -> tokens ``(n, L, C p p)``."""
+        n, l, _ = out.shape
         p = self.patch_size
         return out.view(n, l, p, p, -1).permute(0, 1, 4, 2, 3).reshape(n, l, -1)
 
+    def _call(self, x: torch.Tensor, grid: TokenGrid, timestep: torch.Tensor, embeds: torch.Tensor,
+              pooled: torch.Tensor, impl: ModelImpl, skip: tuple[int, ...] = (), cached: bool = True) -> torch.Tensor:
+        """One request's transformer call on tokens ``x (N, L, C p p)`` with text ``embeds (N, T, D_text)`` and
+        ``pooled (N, P)``: the model's output as tokens ``(N, L, C p p)``. Sharded across ranks when the running
+        ``generate`` call has a sharding plan (every rank computes the patch embedding, keeps its rows of the joint
+        sequence ``[image ; text]`` and returns the whole output)."""
+        n, l, _ = x.shape
+        hidden = self.embed_tokens(x, grid).contiguous()
+        plan = current_sharding()
+        ex = DENSE if plan is None else Sharded(plan, (l, embeds.shape[1]))
+        out = self._forward(ex, ex.local(hidden, IMAGE).contiguous(), ex.local(embeds, TEXT), timestep.expand(n),
+                            pooled, impl, skip, cached, timestep)
+        return self._as_tokens(ex.whole(out, IMAGE))
+
     def velocity(self, tokens, grid, timestep, cond, impl: ModelImpl | None = None):
+        """One request's velocity ``(B, L, C p p)`` (CFG and skip-layer guidance as the pipeline combines them);
+        sharded across ranks when the running ``generate`` call has a sharding plan (every rank returns the whole
+        velocity)."""
         impl = impl or EAGER
         data = cond.data
+        if current_sharding() is not None:
+            self.check_shardable()
         if not data["cfg"]:
-            return self._forward(tokens, grid, timestep, data["embeds"], data["pooled"], impl)
+            return self._call(tokens, grid, timestep, data["embeds"], data["pooled"], impl)
         slg = data.get("slg")
         if slg is not None and _tracing():
             raise NotImplementedError(
                 "skip-layer guidance decides per timestep in Python; it cannot run inside a traced or captured model "
                 "call (backend='onnx'/'tensorrt', or CUDA graphs): use backend='eager', or 'inductor' with "
                 "compile_options={'cuda_graphs': False}")
-        out = self._forward(torch.cat([tokens, tokens]), _doubled(grid), timestep, data["embeds"], data["pooled"],
-                            impl)
+        out = self._call(torch.cat([tokens, tokens]), _doubled(grid), timestep, data["embeds"], data["pooled"], impl)
         uncond, text = out.chunk(2)
         out = uncond + data["guidance_scale"] * (text - uncond)
         if slg is not None and slg.active(timestep, data["slg_shift"]):  # as diffusers: conditional rows only
             b = cond.batch
-            skipped = self._forward(tokens, grid, timestep, data["embeds"][b:], data["pooled"][b:], impl,
-                                    skip=slg.layers, cached=False)
+            skipped = self._call(tokens, grid, timestep, data["embeds"][b:], data["pooled"][b:], impl,
+                                 skip=slg.layers, cached=False)
             out = out + (text - skipped) * slg.scale
         return out
 
-    # ---- packed calls ------------------------------------------------------------------------------------
+    # ---- packed and sharded calls ------------------------------------------------------------------------
     packs = True
+    shards = True
     packed_attention_backend = "auto"  # varlen_attention backend of packed_velocity ("auto", "sdpa", ...)
-    PACKED_PROCESSORS = ("JointAttnProcessor2_0",)  # the processor joint_attention_packed reproduces
+
+    def _custom_processors(self) -> list[str]:
+        """``"transformer_blocks.i.attn: Name"`` for every attention whose processor :func:`sd3_attention` does not
+        reproduce."""
+        out = []
+        for i, blk in enumerate(self.transformer.transformer_blocks):
+            for name in ("attn", "attn2"):
+                attn = getattr(blk, name, None)
+                if attn is not None and type(attn.processor).__name__ not in JOINT_PROCESSORS:
+                    out.append(f"transformer_blocks.{i}.{name}: {type(attn.processor).__name__}")
+        return out
+
+    def check_shardable(self) -> None:
+        """ValueError unless ralu's block function can run this model sharded: diffusers' ``JointAttnProcessor2_0``
+        on every attention, and no diffusers hook registry or torch hook on a block's attention modules or a diffusers
+        hook registry on a block (the sharded call runs their layers itself and would bypass them; torch hooks on a
+        block itself run, see :func:`~ralu_runtime.adapters.base.call_with_hooks`). Checked at every sharded call,
+        on every rank alike."""
+        bad = self._custom_processors()
+        if bad:
+            raise ValueError(f"context parallelism runs SD3's attention as ralu's copy of diffusers' "
+                             f"JointAttnProcessor2_0; these attentions have another processor: {', '.join(bad)}. "
+                             "Restore it with pipe.transformer.set_attn_processor(JointAttnProcessor2_0()) or run "
+                             "unsharded")
+        for i, blk in enumerate(self.transformer.transformer_blocks):
+            registry = getattr(blk, "_diffusers_hook", None)
+            attns = [a for a in (blk.attn, getattr(blk, "attn2", None)) if a is not None]
+            if getattr(registry, "hooks", None) or any(has_hooks(a) for a in attns):
+                raise ValueError(f"transformer_blocks.{i} carries diffusers hooks or hooks on its attention modules; "
+                                 "context parallelism runs SD3's blocks' layers itself and would bypass them: remove "
+                                 "them (e.g. leaf-level group offloading instead of block-level) or run unsharded")
 
     def _packable_model(self, impl: ModelImpl | None = None) -> bool:
         """No hooks on what the packed call decomposes (the blocks, their AdaLN modules and attention modules, the
         final norm) and diffusers' own joint processor on every attention (the packed call reproduces it; a custom
         or fused processor runs only unpacked)."""
         tr = self.transformer
+        if self._custom_processors():
+            return False
         mods = [tr.norm_out]
         for blk in tr.transformer_blocks:
-            attns = [a for a in (blk.attn, getattr(blk, "attn2", None)) if a is not None]
-            if any(type(a.processor).__name__ not in self.PACKED_PROCESSORS for a in attns):
-                return False
-            mods += [blk, blk.norm1, blk.norm1_context, *attns]
+            mods += [blk, blk.norm1, blk.norm1_context, *(a for a in (blk.attn, getattr(blk, "attn2", None)) if a)]
         return can_pack(impl, mods)
 
     def packed_velocity(self, calls, impl: ModelImpl | None = None, *,
@@ -467,20 +521,23 @@ class SD3Adapter(DiTAdapter):
         does) and its result is combined with its own ``guidance_scale``. Time / pooled embeddings per image, AdaLN
         modulation per token of its segment, SD3.5's q/k norms and MMDiT-X's second (image-only) attention per
         segment; positions: :meth:`embed_tokens` per call, exactly as :meth:`velocity` computes them; text lengths
-        may differ between calls. Attention: :func:`ralu_kernels.attention.varlen_attention` (backend
-        :attr:`packed_attention_backend`). Results equal the unpacked calls up to float rounding.
+        may differ between calls. The blocks: :func:`sd3_joint_block` in the :class:`Packed` mode. Attention:
+        :func:`ralu_kernels.attention.varlen_attention` (backend :attr:`packed_attention_backend`). Results equal
+        the unpacked calls up to float rounding (fp32 on a CPU: about 1e-7 relative, tests/test_modes_sd3.py).
 
         Compiled blocks: with ``impl`` a compile runner's impl (``impl.packed_calls``; ``StageRunner.packed`` passes
-        its ``execution``), :func:`sd3_joint_block_packed` runs through ``impl.block("sd3_joint_packed", ...)``
-        (compiled with a symbolic packed token dimension) on a :class:`~ralu_runtime.adapters.flux.PackedSegments`
-        layout; the patch and position embedding of every call runs before it, outside the compiled / captured part.
+        its ``execution``), :func:`sd3_joint_block` runs through ``impl.block("sd3_joint_packed", ...)`` (compiled
+        with a symbolic packed token dimension) on a :class:`PackedSegments` layout (device tensors only; one padding
+        segment); the patch and position embedding of every call runs before it, outside the compiled / captured
+        part.
 
         Falls back to :meth:`velocity` (correct, unpacked; through the runner when it passes its ``execution``): for
         every call when ``impl`` is neither None / EAGER nor a packing impl, the calling ``generate`` has a feature
-        cache, a block / AdaLN / attention module the packed call decomposes carries torch or diffusers hooks, or an
-        attention processor is not diffusers' ``JointAttnProcessor2_0``; for a call whose skip-layer guidance window
-        is active at its timestep (its extra skip-layer forward runs unpacked; outside the window such a call packs
-        like any other).
+        cache (its state is per request), a block / AdaLN / attention module the packed call decomposes carries torch
+        or diffusers hooks, or an attention processor is not diffusers' ``JointAttnProcessor2_0`` (the one-request
+        path calls the modules, which runs them); for a call whose skip-layer guidance window is active at its
+        timestep (its extra skip-layer forward runs another block stack; outside the window such a call packs like
+        any other).
         """
         calls = check_velocity_calls(calls)
         execution = execution or PackedExecution(self, impl)
@@ -517,52 +574,31 @@ class SD3Adapter(DiTAdapter):
         text_lens = per_image([c.cond.data["embeds"].shape[1] for c in calls])
         impl, backend = execution.impl, self.packed_attention_backend
         if not execution.static_layout:
-            joint = StreamSegments([image_lens, text_lens], device)
-            out = self._packed_forward(hidden, embeds, t, pooled, joint, StreamSegments([image_lens], device), impl,
-                                       backend)
+            ex = Packed(HostSegments([image_lens, text_lens], device), backend)
+            out = self._forward(ex, hidden[None], embeds[None], t, pooled, impl)
         else:
             n_img, n_txt, n_seg = len(hidden), len(embeds), len(image_lens)
             pad_img, pad_txt = execution.pad("image", n_img) - n_img, execution.pad("text", n_txt) - n_txt
             segs = execution.pad("segments", n_seg + 1)
             kind = static_attention(backend, device, dtype)
-            joint = PackedSegments.build([image_lens, text_lens], [pad_img, pad_txt], segs, device, kind)
-            image = PackedSegments.build([image_lens], [pad_img], segs, device, kind)
+            lay = PackedSegments.build([image_lens, text_lens], [pad_img, pad_txt], segs, device, kind)
             tensors = [pad_rows(hidden, pad_img), pad_rows(embeds, pad_txt), pad_rows(t, segs - n_seg),
-                       pad_rows(pooled, segs - n_seg), *joint.tensors(), *image.tensors()]
-            k = PackedSegments.count(2)
+                       pad_rows(pooled, segs - n_seg), *lay.tensors()]
 
             def forward(*ts):  # the flat tensors only (a captured graph replays it for every mix of the same sizes)
-                lay = PackedSegments.from_tensors(ts[4:4 + k], 2, kind)
-                img = PackedSegments.from_tensors(ts[4 + k:], 1, kind)
-                return self._packed_forward(ts[0], ts[1], ts[2], ts[3], lay, img, impl, backend)
+                ex = Packed(PackedSegments.from_tensors(ts[4:], 2, kind), backend)
+                return self._forward(ex, ts[0][None], ts[1][None], ts[2], ts[3], impl)
 
             out = execution.run(("sd3", kind, backend), forward, tensors)[:, :n_img]
 
-        p = self.patch_size
         result = []
         for c, o in zip(calls, split_calls(out, calls, counts)):
-            n, l, _ = o.shape
-            o = o.view(n, l, p, p, -1).permute(0, 1, 4, 2, 3).reshape(n, l, -1)
+            o = self._as_tokens(o)
             if c.cond.data["cfg"]:
                 uncond, text = o.chunk(2)
                 o = uncond + c.cond.data["guidance_scale"] * (text - uncond)
             result.append(o)
         return result
-
-    def _packed_forward(self, hidden, embeds, t, pooled, joint, image, impl: ModelImpl, backend: str) -> torch.Tensor:
-        """The transformer on a packed batch: embedded image tokens ``hidden (N_img, D)`` (every image's tokens one
-        after another), text ``embeds (N_txt, D_text)``, per image ``t`` and ``pooled``; ``joint``: the segments of
-        the streams (image, text), ``image``: those of the image stream alone. Returns ``(1, N_img, C p p)``."""
-        tr = self.transformer
-        temb = tr.time_text_embed(t, pooled)
-        enc = tr.context_embedder(embeds[None])
-        hidden = hidden[None].clone()   # not views: a compiled block would guard their base
-        if enc._base is not None:
-            enc = enc.clone()
-        block = impl.block("sd3_joint_packed", sd3_joint_block_packed)
-        for blk in tr.transformer_blocks:
-            enc, hidden = block(blk, hidden, enc, temb, joint, image, backend)
-        return tr.proj_out(ada_norm_continuous_packed(tr.norm_out, hidden, temb, joint.segment_ids(0)))
 
     def baseline_schedule(self, num_steps, image_seq_len):
         from diffusers.pipelines.stable_diffusion_3.pipeline_stable_diffusion_3 import calculate_shift, retrieve_timesteps

@@ -95,15 +95,29 @@ def _call_ada_norm(norm, x, emb):
     return norm(x, emb=emb)
 
 
+def pair_mask_4d(query_rows: torch.Tensor, key_rows: torch.Tensor) -> torch.Tensor:
+    """The attention mask ``(B, 1, S_q, S_k)`` of a per-token *pair mask*: ``m[:, None, None, :] * m[:, None, :,
+    None]`` for ``query_rows`` ``(B, S_q)`` and ``key_rows`` ``(B, S_k)`` of one mask ``m`` (diffusers' Chroma blocks
+    build exactly this from their ``(B, S)`` mask: float 0/1 values are *added* to the logits, a +1 bias between
+    valid tokens; bool values form a hard mask, a query row of False attending to nothing)."""
+    return key_rows[:, None, None, :] * query_rows[:, None, :, None]
+
+
 class Dense(Mode):
     """One request, batch ``B`` (see the module docstring). ``attn_mask``: the mask of attention over the joined
     sequence (:data:`JOINT`), in the form the family's diffusers processor hands to ``dispatch_attention_fn`` (e.g.
-    ``(B, 1, 1, S)`` bool from a text padding mask), or None. ``stream_masks``: ``{stream: mask}`` in the same form
-    for attention over one stream (e.g. Z-Image's caption refiner over captions of different padded lengths);
-    streams not in it (or None) attend unmasked."""
+    ``(B, 1, 1, S)`` bool from a text padding mask), or None. ``pair_mask``: instead, a per-token ``(B, S)`` mask of
+    the joined sequence whose :func:`pair_mask_4d` is that mask, built inside :meth:`attend` (so inside a compiled
+    block function, as diffusers builds it in every block), or None. ``stream_masks``: ``{stream: mask}`` in the
+    processor's form for attention over one stream (e.g. Z-Image's caption refiner over captions of different padded
+    lengths); streams not in it (or None) attend unmasked."""
 
-    def __init__(self, attn_mask: torch.Tensor | None = None, stream_masks: dict | None = None):
+    def __init__(self, attn_mask: torch.Tensor | None = None, pair_mask: torch.Tensor | None = None,
+                 stream_masks: dict | None = None):
+        if attn_mask is not None and pair_mask is not None:
+            raise ValueError("Dense takes attn_mask or pair_mask, not both")
         self.attn_mask = attn_mask
+        self.pair_mask = pair_mask
         self.stream_masks = stream_masks or {}
 
     def tok(self, v, stream):
@@ -118,7 +132,9 @@ class Dense(Mode):
     def attend(self, q, k, v, *, stream=JOINT, backend=None, parallel_config=None, scale=None):
         from diffusers.models.attention_dispatch import dispatch_attention_fn
 
-        mask = self.attn_mask if stream == JOINT else self.stream_masks.get(stream)
+        mask = self.stream_masks.get(stream)
+        if stream == JOINT:
+            mask = self.attn_mask if self.pair_mask is None else pair_mask_4d(self.pair_mask, self.pair_mask)
         return dispatch_attention_fn(q, k, v, attn_mask=mask, scale=scale, backend=backend,
                                      parallel_config=parallel_config)
 
@@ -133,4 +149,4 @@ class Dense(Mode):
 
 DENSE = Dense()
 
-__all__ = ["DENSE", "Dense", "JOINT", "Mode"]
+__all__ = ["DENSE", "Dense", "JOINT", "Mode", "pair_mask_4d"]

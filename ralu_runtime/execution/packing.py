@@ -109,6 +109,25 @@ class PackedExecution:
         return self.adapter.velocity(call.tokens, call.grid, call.timestep, call.cond, self.impl)
 
 
+def pair_masked_segments(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu: list[int], pair: torch.Tensor,
+                         scale: float | None = None) -> torch.Tensor:
+    """Attention of ``(N, heads, head_dim)`` q, k, v within the segments ``[cu[i], cu[i + 1])`` (host ints), each
+    with the :func:`~ralu_runtime.execution.modes.pair_mask_4d` of its rows of the per-token mask ``pair (N,)``
+    (float: added to the logits; bool: hard). One SDPA call per segment, as a one-request call runs it per image."""
+    from .modes import pair_mask_4d
+
+    out = torch.empty_like(q)
+    for a, z in zip(cu[:-1], cu[1:]):
+        if a == z:
+            continue
+        m = pair[a:z][None]
+        o = torch.nn.functional.scaled_dot_product_attention(
+            q[a:z].permute(1, 0, 2)[None], k[a:z].permute(1, 0, 2)[None], v[a:z].permute(1, 0, 2)[None],
+            attn_mask=pair_mask_4d(m, m), scale=scale)
+        out[a:z] = o[0].permute(1, 0, 2)
+    return out
+
+
 # ------------------------------------------------------------------------------------------------ layouts
 class HostSegments:
     """The segments of a packed call built on the host (eager calls): ``stream_lens[s][i]`` tokens of image ``i`` in
@@ -145,8 +164,12 @@ class HostSegments:
     def split(self, packed):
         return self.joint.split(packed)
 
-    def attend(self, q, k, v, *, stream: int = JOINT, scale=None, backend: str = "auto"):
+    def attend(self, q, k, v, *, stream: int = JOINT, scale=None, backend: str = "auto", pair=None):
+        """``pair (N,)``: a per-token pair mask of the joined sequence (:func:`pair_masked_segments`: one SDPA call
+        per segment), or None (varlen attention with ``backend``)."""
         seg = self.joint if (stream == JOINT or self.num_streams == 1) else self._stream(stream)
+        if pair is not None:
+            return pair_masked_segments(q, k, v, seg.cu_seqlens_host.tolist(), pair, scale)
         return seg.attend(q, k, v, scale=scale, backend=backend)
 
     def cross(self, q, k, v, *, q_stream: int, kv_stream: int, scale=None, backend: str = "auto"):
@@ -240,22 +263,34 @@ class PackedSegments:
             return (packed,)
         return tuple(packed.index_select(0, p) for p in self.pos)
 
-    def _attention(self, q, k, v, ids_q, ids_k, cu_q, cu_k, scale):
+    def _attention(self, q, k, v, ids_q, ids_k, cu_q, cu_k, scale, pair=None):
         if self.kind == "torch_varlen":
+            if pair is not None:
+                raise NotImplementedError("PackedSegments kind 'torch_varlen' takes no pair mask: build the layout "
+                                          "with kind 'dense' for masked calls")
             from torch.nn.attention.varlen import varlen_attn
 
             nq, nk = q.shape[0], k.shape[0]  # upper bounds of the segment lengths that never change the graph
             return varlen_attn(q, k, v, cu_q, cu_k, nq, nk, scale=scale)
         mask = ids_q[:, None] == ids_k[None, :]
+        if pair is not None:  # within a segment the pair mask, across segments nothing (-inf / False)
+            from .modes import pair_mask_4d
+
+            within = pair_mask_4d(pair[None], pair[None])[0, 0]
+            mask = mask & within if pair.dtype == torch.bool else \
+                torch.where(mask, within, torch.full_like(within, float("-inf")))
         o = torch.nn.functional.scaled_dot_product_attention(
             q.permute(1, 0, 2)[None], k.permute(1, 0, 2)[None], v.permute(1, 0, 2)[None], attn_mask=mask, scale=scale)
         return o[0].permute(1, 0, 2)
 
-    def attend(self, q, k, v, *, stream: int = JOINT, scale=None, backend=None):
+    def attend(self, q, k, v, *, stream: int = JOINT, scale=None, backend=None, pair=None):
         """Attention of ``(N, heads, head_dim)`` q, k, v within each segment of ``stream`` (default: the joined
-        sequence; ``backend`` is ignored: the kind was chosen when the layout was built)."""
+        sequence; ``backend`` is ignored: the kind was chosen when the layout was built). ``pair (N,)``: a per-token
+        pair mask of the joined sequence (:func:`~ralu_runtime.execution.modes.pair_mask_4d` within every segment;
+        kind "dense" only), or None."""
         if stream == JOINT or self.num_streams == 1:
-            return self._attention(q, k, v, self.seg_ids, self.seg_ids, self.cu_seqlens, self.cu_seqlens, scale)
+            return self._attention(q, k, v, self.seg_ids, self.seg_ids, self.cu_seqlens, self.cu_seqlens, scale,
+                                   pair)
         ids, cu = self.ids[stream], self.stream_cu[stream]
         return self._attention(q, k, v, ids, ids, cu, cu, scale)
 
@@ -269,14 +304,19 @@ class PackedSegments:
 class Packed(Mode):
     """Many images in one call (see the module docstring). ``layout``: :class:`HostSegments` or
     :class:`PackedSegments` over the family's streams; ``backend``: the varlen attention backend of host layouts
-    ("auto", "sdpa", "torch_varlen", "flash_attn")."""
+    ("auto", "sdpa", "torch_varlen", "flash_attn"). ``pair_mask``: ``(1, N)`` per token of the joined sequence
+    (segment-major, e.g. ``layout.gather(text_mask, image_ones)[None]``), whose
+    :func:`~ralu_runtime.execution.modes.pair_mask_4d` masks attention over :data:`JOINT` within every segment
+    (``Dense(pair_mask=...)`` per image; 0 for a segment that has no mask: adding 0 is no mask), or None. Host
+    layouts then run one SDPA call per segment, static layouts need kind "dense"."""
 
     suffix = "_packed"
     per_request = False
 
-    def __init__(self, layout, backend: str = "auto"):
+    def __init__(self, layout, backend: str = "auto", pair_mask: torch.Tensor | None = None):
         self.layout = layout
         self.backend = backend
+        self.pair_mask = pair_mask
 
     def tok(self, v, stream):
         return per_token(v, self.layout.segment_ids(stream))
@@ -288,6 +328,9 @@ class Packed(Mode):
         return tuple(t[None] for t in self.layout.split(x[0]))
 
     def attend(self, q, k, v, *, stream=JOINT, backend=None, parallel_config=None, scale=None):
+        if self.pair_mask is not None and stream == JOINT:
+            return self.layout.attend(q[0], k[0], v[0], stream=stream, scale=scale, backend=self.backend,
+                                      pair=self.pair_mask[0])[None]
         return self.layout.attend(q[0], k[0], v[0], stream=stream, scale=scale, backend=self.backend)[None]
 
     def cross_attend(self, q, k, v, *, q_stream, kv_stream, backend=None, scale=None):
@@ -316,8 +359,21 @@ class Packed(Mode):
             shift_msa2, scale_msa2, gate_msa2 = chunks[6:]
             out2 = normed * self.tok(1 + scale_msa2, stream) + self.tok(shift_msa2, stream)
             return out, gate_msa, shift_mlp, scale_mlp, gate_mlp, out2, gate_msa2
+        if kind in _GIVEN_MODULATION and getattr(norm, "emb", None) is None:  # Chroma's: modulation given
+            emb = emb.flatten(1, 2)
+            if kind == "ChromaAdaLayerNormContinuousPruned":  # (shift, scale), in x's dtype
+                shift, scale = emb.to(x.dtype).chunk(2, dim=1)
+                return norm.norm(x) * self.tok(1 + scale, stream) + self.tok(shift, stream)
+            chunks = emb.chunk(_GIVEN_MODULATION[kind], dim=1)
+            return (norm.norm(x) * self.tok(1 + chunks[1], stream) + self.tok(chunks[0], stream), *chunks[2:])
         raise NotImplementedError(f"Packed.ada_norm: no packed form of {kind}; decompose it in the family's block "
                                   "function with Mode.tok")
+
+
+# diffusers' AdaLN kinds that take their modulation ready-made, ``emb (n_images, k, D)`` (Chroma's approximator
+# output): k chunks per image
+_GIVEN_MODULATION = {"ChromaAdaLayerNormZeroPruned": 6, "ChromaAdaLayerNormZeroSinglePruned": 3,
+                     "ChromaAdaLayerNormContinuousPruned": 2}
 
 
 def packed_layout(stream_lens, pads, num_segments, device, kind: str | None):
@@ -329,4 +385,4 @@ def packed_layout(stream_lens, pads, num_segments, device, kind: str | None):
 
 
 __all__ = ["HostSegments", "Packed", "PackedExecution", "PackedSegments", "can_pack", "has_hooks", "packed_layout",
-           "pad_rows", "per_token", "split_calls", "static_attention"]
+           "pad_rows", "pair_masked_segments", "per_token", "split_calls", "static_attention"]

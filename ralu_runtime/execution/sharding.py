@@ -35,7 +35,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .modes import DENSE, JOINT, Mode, _call_ada_norm
+from .modes import DENSE, JOINT, Mode, _call_ada_norm, pair_mask_4d
 
 
 def split_sizes(total: int, parts: int) -> list[int]:
@@ -133,26 +133,49 @@ def gather_rows(x: torch.Tensor, sizes: list[int], group) -> torch.Tensor:
     return g.index_select(1, _valid_rows(tuple(sizes), pad, x.device))
 
 
-def attend_all(q, k, v, backend: str, key_mask: torch.Tensor | None = None):
+def attend_all(q, k, v, backend: str, key_mask: torch.Tensor | None = None, pair=None):
     """Plain attention of ``(B, S, H, D)`` q against all of k, v with diffusers' ``dispatch_attention_fn``
-    (``backend`` its name, "" for its default); ``key_mask (B, S_k)`` bool: keys to keep (None: all)."""
+    (``backend`` its name, "" for its default); ``key_mask (B, S_k)`` bool: keys to keep (None: all); ``pair``:
+    ``(query rows (B, S_q), key rows (B, S_k))`` of a per-token pair mask (:func:`~.modes.pair_mask_4d`: float values
+    added to the logits, bool a hard mask), or None."""
     from diffusers.models.attention_dispatch import dispatch_attention_fn
 
     mask = None if key_mask is None else key_mask[:, None, None, :]
+    if pair is not None:
+        both = pair_mask_4d(*pair)
+        if mask is None:
+            mask = both
+        elif both.dtype == torch.bool:
+            mask = both & mask
+        else:
+            mask = both.masked_fill(~mask, float("-inf"))
     return dispatch_attention_fn(q, k, v, attn_mask=mask, backend=backend or None)
+
+
+def _query_rows(pair_mask: torch.Tensor, sizes: list[int], pad: int, first: int, count: int) -> torch.Tensor:
+    """The rows of ``pair_mask (B, total)`` for the queries of shards ``first .. first + count - 1``, each padded to
+    ``pad`` rows (padding: 0 / False), concatenated: what a rank holds after the Ulysses all-to-all."""
+    starts = [sum(sizes[:i]) for i in range(len(sizes))]
+    total = pair_mask.shape[1]
+    idx = []
+    for g in range(first, first + count):
+        idx += list(range(starts[g], starts[g] + sizes[g])) + [total] * (pad - sizes[g])
+    padded = torch.cat([pair_mask, pair_mask.new_zeros(pair_mask.shape[0], 1)], dim=1)
+    return padded[:, torch.tensor(idx, device=pair_mask.device)]
 
 
 def sequence_attention_impl(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sizes: list[int],
                             key_mask: torch.Tensor | None, ulysses_group: str, ring_group: str, ulysses: int,
-                            ring: int, backend: str) -> torch.Tensor:
+                            ring: int, backend: str, pair_mask: torch.Tensor | None = None) -> torch.Tensor:
     """Eager body of the ``ralu::sequence_attention`` op (see the module docstring). ``q, k, v (B, S_f, H, D)``:
     this rank's rows of a sequence whose shards have ``sizes`` rows (one per rank, in shard order); ``key_mask``:
-    ``(B, sum(sizes))`` bool or None; returns ``(B, S_f, H, D)``."""
+    ``(B, sum(sizes))`` bool or None; ``pair_mask``: ``(B, sum(sizes))`` per-token pair mask of the whole sequence
+    (:func:`~.modes.pair_mask_4d` of its query and key rows) or None; returns ``(B, S_f, H, D)``."""
     import torch.distributed as dist
 
     world = ulysses * ring
     if world == 1:
-        return attend_all(q, k, v, backend, key_mask)
+        return attend_all(q, k, v, backend, key_mask, None if pair_mask is None else (pair_mask, pair_mask))
     b, s, h, d = q.shape
     if ulysses > 1:
         ug = _group(ulysses_group)
@@ -179,7 +202,10 @@ def sequence_attention_impl(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, s
         kv = kv.permute(1, 2, 0, 3, 4, 5).reshape(2, b, world * pad, hl, d)
     if any(n != pad for n in sizes):
         kv = kv.index_select(2, _valid_rows(tuple(sizes), pad, q.device))
-    out = attend_all(q2, kv[0], kv[1], backend, key_mask)        # (B, U*P, hl, D)
+    pair = None
+    if pair_mask is not None:  # the queries here: the shards of this rank's ulysses group, each padded to P rows
+        pair = (_query_rows(pair_mask, sizes, pad, f - f % ulysses, ulysses), pair_mask)
+    out = attend_all(q2, kv[0], kv[1], backend, key_mask, pair)  # (B, U*P, hl, D)
     if ulysses > 1:  # back: block j of the send buffer = rank j's rows
         out = out.reshape(b, ulysses, pad, hl, d).permute(1, 0, 2, 3, 4)
         out = all_to_all_flat(out, ug)                           # (U, B, P, hl, D): block j = head slice j
@@ -190,29 +216,31 @@ def sequence_attention_impl(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, s
 @torch.library.custom_op("ralu::sequence_attention", mutates_args=())
 def _sequence_attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sizes: list[int],
                            key_mask: torch.Tensor | None, ulysses_group: str, ring_group: str, ulysses: int,
-                           ring: int, backend: str) -> torch.Tensor:
+                           ring: int, backend: str, pair_mask: torch.Tensor | None = None) -> torch.Tensor:
     return sequence_attention_impl(q, k, v, sizes, key_mask, ulysses_group, ring_group, ulysses, ring,
-                                   backend).contiguous()
+                                   backend, pair_mask).contiguous()
 
 
 @_sequence_attention_op.register_fake
-def _(q, k, v, sizes, key_mask, ulysses_group, ring_group, ulysses, ring, backend):
+def _(q, k, v, sizes, key_mask, ulysses_group, ring_group, ulysses, ring, backend, pair_mask=None):
     return torch.empty_like(q)
 
 
 def sequence_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sizes, spec: AttentionSpec,
-                       key_mask: torch.Tensor | None = None) -> torch.Tensor:
+                       key_mask: torch.Tensor | None = None, pair_mask: torch.Tensor | None = None) -> torch.Tensor:
     """Attention of this rank's rows ``q, k, v (B, S_f, H, D)`` of a sequence sharded into ``sizes`` rows per rank
     (an int ``total`` means :func:`split_sizes` of it), against the keys of all ranks: ``(B, S_f, H, D)``.
-    ``key_mask``: ``(B, total)`` bool, the keys every query may see (None: all). One custom op (``torch.compile``
-    keeps a block with it as one graph); the plain attention call when ``spec`` has no group."""
+    ``key_mask``: ``(B, total)`` bool, the keys every query may see (None: all). ``pair_mask``: ``(B, total)``, a
+    per-token pair mask of the whole sequence (:func:`~.modes.pair_mask_4d` of every query's and key's values: float
+    added to the logits, bool hard; every rank holds all of it), or None. One custom op (``torch.compile`` keeps a
+    block with it as one graph); the plain attention call when ``spec`` has no group."""
     world = spec.ulysses * spec.ring
     if world == 1:
-        return attend_all(q, k, v, spec.backend, key_mask)
+        return attend_all(q, k, v, spec.backend, key_mask, None if pair_mask is None else (pair_mask, pair_mask))
     if isinstance(sizes, int):
         sizes = split_sizes(sizes, world)
     return _sequence_attention_op(q, k, v, list(sizes), key_mask, spec.ulysses_group, spec.ring_group, spec.ulysses,
-                                  spec.ring, spec.backend)
+                                  spec.ring, spec.backend, pair_mask)
 
 
 # ------------------------------------------------------------------------------------------------ the mode
@@ -223,7 +251,9 @@ class Sharded(Mode):
     ``call_module(module, x)``; :class:`ralu_runtime.parallel.SequenceParallel`). ``stream_lens``: token counts of
     the streams that form the joined sequence, in order (FLUX ``(T, L)``), all images of the batch alike; a stream
     outside the joined sequence (Wan's cross-attention text) is not sharded: every rank holds it whole.
-    ``key_mask``: ``(B, sum(stream_lens))`` bool over the joined sequence or None. ``stream_key_masks``:
+    ``key_mask``: ``(B, sum(stream_lens))`` bool over the joined sequence or None. ``pair_mask``: ``(B,
+    sum(stream_lens))`` per-token pair mask of the joined sequence (``Dense(pair_mask=...)``, e.g. Chroma's text mask
+    extended with ones; the whole sequence on every rank) or None. ``stream_key_masks``:
     ``{stream: (B, stream_lens[stream]) bool}``, the key masks of attention over one stream (e.g. Z-Image's caption
     refiner); streams not in it (or None) attend unmasked.
 
@@ -233,7 +263,8 @@ class Sharded(Mode):
 
     suffix = "_sp"
 
-    def __init__(self, plan, stream_lens, key_mask: torch.Tensor | None = None, stream_key_masks: dict | None = None):
+    def __init__(self, plan, stream_lens, key_mask: torch.Tensor | None = None, pair_mask: torch.Tensor | None = None,
+                 stream_key_masks: dict | None = None):
         self.plan = plan
         lens = [int(n) for n in stream_lens]
         self.total = sum(lens)
@@ -253,6 +284,7 @@ class Sharded(Mode):
         self.stream_sizes = [[clip(s, bounds[g], bounds[g + 1])[1] - clip(s, bounds[g], bounds[g + 1])[0]
                               for g in range(world)] for s in range(len(lens))]
         self.key_mask = key_mask
+        self.pair_mask = pair_mask
         self.stream_key_masks = stream_key_masks or {}
         self._spec = plan.attention_spec()
 
@@ -280,7 +312,7 @@ class Sharded(Mode):
             raise NotImplementedError("sharded attention with a custom softmax scale")
         sp = self._spec.with_backend(backend)
         if stream == JOINT:
-            return sequence_attention(q, k, v, self.sizes, sp, self.key_mask)
+            return sequence_attention(q, k, v, self.sizes, sp, self.key_mask, self.pair_mask)
         return sequence_attention(q, k, v, self.stream_sizes[stream], sp, self.stream_key_masks.get(stream))
 
     def cross_attend(self, q, k, v, *, q_stream, kv_stream, backend=None, scale=None):
