@@ -116,6 +116,48 @@ def mean_pattern(h: int, w: int, amplitude: float, shift=(0, 0)) -> np.ndarray:
     return amplitude * np.sin(2 * np.pi * (yy + 0.5 * xx) + 0.3) * np.cos(np.pi * xx)
 
 
+def oracle_size(size, variant: str, vae_mode: str, channels: int) -> tuple[int, int]:
+    """``(h, w)`` latent size of an oracle from ``size`` (an int or a pair), after the checks the image and video
+    oracles share (even sizes >= 2, a known variant and VAE mode, channels >= 1): ValueError naming the value."""
+    h, w = (size, size) if isinstance(size, (int, np.integer)) else (int(size[0]), int(size[1]))
+    if h < 2 or w < 2 or h % 2 or w % 2:
+        raise ValueError(f"size must be even and >= 2 in both directions, got {(h, w)}")
+    if variant not in VARIANTS:
+        raise ValueError(f"variant={variant!r} is not allowed; choose one of {VARIANTS}")
+    if vae_mode not in VAE_MODES:
+        raise ValueError(f"vae_mode={vae_mode!r} is not allowed; choose one of {VAE_MODES}")
+    if channels < 1:
+        raise ValueError(f"channels must be >= 1, got {channels}")
+    return h, w
+
+
+class LayoutCache:
+    """A small LRU of per-layout results (token rows, eigen-decompositions), keyed by bytes."""
+
+    def __init__(self, size: int):
+        self._items: OrderedDict = OrderedDict()
+        self._size = size
+
+    def get(self, key: bytes, build):
+        hit = self._items.get(key)
+        if hit is None:
+            hit = self._items[key] = build()
+        self._items.move_to_end(key)
+        while len(self._items) > self._size:
+            self._items.popitem(last=False)
+        return hit
+
+
+def grid_key(grid: TokenGrid) -> bytes:
+    """A digest of everything about ``grid`` that decides its tokens' rows (positions, fine mask, grid, frames)."""
+    pos = grid.positions.detach().cpu().contiguous()
+    hsh = hashlib.blake2b(pos.numpy().tobytes(), digest_size=16)
+    hsh.update(repr((tuple(pos.shape), tuple(grid.grid_hw), bool(grid.raster), int(grid.frames))).encode())
+    if grid.fine_mask is not None:
+        hsh.update(grid.fine_mask.detach().cpu().contiguous().numpy().tobytes())
+    return hsh.digest()
+
+
 class GaussianOracle(DiTAdapter):
     """Gaussian data with the exact flow velocity for any fine/coarse/mixed token set (see module doc).
 
@@ -138,15 +180,7 @@ class GaussianOracle(DiTAdapter):
                  exponent: float = 1.5, mean_amplitude: float = 0.0, vae_gain: float = 0.5,
                  vae_mode: str = "nearest", dtype: torch.dtype = torch.float32, device="cpu", cache_size: int = 8):
         super().__init__(pipe=None)
-        h, w = (size, size) if isinstance(size, (int, np.integer)) else (int(size[0]), int(size[1]))
-        if h < 2 or w < 2 or h % 2 or w % 2:
-            raise ValueError(f"size must be even and >= 2 in both directions, got {(h, w)}")
-        if variant not in VARIANTS:
-            raise ValueError(f"variant={variant!r} is not allowed; choose one of {VARIANTS}")
-        if vae_mode not in VAE_MODES:
-            raise ValueError(f"vae_mode={vae_mode!r} is not allowed; choose one of {VAE_MODES}")
-        if channels < 1:
-            raise ValueError(f"channels must be >= 1, got {channels}")
+        h, w = oracle_size(size, variant, vae_mode, channels)
         self.H, self.W, self.C = h, w, int(channels)
         self.variant = variant
         self.k0 = float(k0) if k0 is not None else max(h, w) / 8.0
@@ -155,8 +189,7 @@ class GaussianOracle(DiTAdapter):
         self.vae_mode = vae_mode
         self._dtype = dtype
         self._device = torch.device(device)
-        self._cache: OrderedDict = OrderedDict()
-        self._cache_size = cache_size
+        self._cache = LayoutCache(cache_size)
 
         self.d = h * w
         if variant == "stationary":
@@ -306,36 +339,26 @@ class GaussianOracle(DiTAdapter):
 
     def _shared_eig(self, e: torch.Tensor):
         """``(U, lam, mu)`` with ``A S A^T = U diag(lam) U^T`` for one layout (extended rows ``e``), cached."""
-        key = b"eig" + e.numpy().tobytes()
-        hit = self._cache.get(key)
-        if hit is None:
+        def build():
             lam, u = torch.linalg.eigh(self._cov_ext[e[:, None], e[None, :]])
-            hit = (u, lam.clamp_min(0.0), self._mean_ext[e])
-            self._cache[key] = hit
-        self._cache.move_to_end(key)
-        while len(self._cache) > self._cache_size:
-            self._cache.popitem(last=False)
-        return hit
+            return u, lam.clamp_min(0.0), self._mean_ext[e]
+
+        return self._cache.get(b"eig" + e.numpy().tobytes(), build)
+
+    def _token_ext(self, positions: torch.Tensor, grid: TokenGrid, fine_mask) -> torch.Tensor:
+        """``(L,)`` extended rows of one image's tokens (``positions (L, 2)``, ``fine_mask (L,)`` or None)."""
+        return self._ext_index(*self.token_rows(positions, grid.grid_hw, fine_mask))
 
     def _batch_ext(self, grid: TokenGrid) -> torch.Tensor:
-        """``(B, L)`` rows of every image's tokens in the extended set (cached for the last few grids)."""
-        pos = grid.positions.detach().cpu().contiguous()
-        hsh = hashlib.blake2b(pos.numpy().tobytes(), digest_size=16)
-        hsh.update(repr((tuple(pos.shape), tuple(grid.grid_hw), bool(grid.raster))).encode())
-        if grid.fine_mask is not None:
-            hsh.update(grid.fine_mask.detach().cpu().contiguous().numpy().tobytes())
-        key = hsh.digest()
-        hit = self._cache.get(key)
-        if hit is not None:
-            self._cache.move_to_end(key)
-            return hit
-        nb = 1 if grid.raster else pos.shape[0]  # raster grids: one layout for the whole batch
-        ext = torch.stack([self._ext_index(*self.token_rows(
-            pos[b], grid.grid_hw, None if grid.fine_mask is None else grid.fine_mask[b])) for b in range(nb)])
-        self._cache[key] = ext
-        while len(self._cache) > self._cache_size:
-            self._cache.popitem(last=False)
-        return ext
+        """``(B, L)`` rows of every image's tokens in the extended set (one row for raster grids: one layout for the
+        whole batch), cached for the last few grids."""
+        def build():
+            pos = grid.positions.detach().cpu()
+            nb = 1 if grid.raster else pos.shape[0]
+            return torch.stack([self._token_ext(pos[b], grid, None if grid.fine_mask is None else grid.fine_mask[b])
+                                for b in range(nb)])
+
+        return self._cache.get(grid_key(grid), build)
 
     # ---- model -----------------------------------------------------------------------------------------
     def encode_prompt(self, prompt, negative_prompt=None, *, prompt_embeds=None, pooled_prompt_embeds=None,

@@ -28,9 +28,7 @@ Decoder. The image oracle's linear "VAE" applied frame by frame: latents ``(B, C
 """
 from __future__ import annotations
 
-import hashlib
 import math
-from collections import OrderedDict
 
 import numpy as np
 import torch
@@ -38,7 +36,7 @@ import torch.nn.functional as F
 
 from .base import DiTAdapter, TokenGrid
 from ..threads import one_thread
-from .oracle import VAE_MODES, VARIANTS, GaussianOracle, crop_acf, envelope, low_pass, mean_pattern, spectrum_acf
+from .oracle import GaussianOracle, LayoutCache, crop_acf, envelope, low_pass, mean_pattern, oracle_size, spectrum_acf
 
 
 def _content_shift(motion, t: int) -> tuple[int, int]:
@@ -105,17 +103,9 @@ class GaussianVideoOracle(GaussianOracle):
                  vae_gain: float = 0.5, vae_mode: str = "nearest", dtype: torch.dtype = torch.float32, device="cpu",
                  cache_size: int = 8):
         DiTAdapter.__init__(self, pipe=None)
-        h, w = (size, size) if isinstance(size, (int, np.integer)) else (int(size[0]), int(size[1]))
-        if h < 2 or w < 2 or h % 2 or w % 2:
-            raise ValueError(f"size must be even and >= 2 in both directions, got {(h, w)}")
+        h, w = oracle_size(size, variant, vae_mode, channels)
         if isinstance(frames, bool) or not isinstance(frames, (int, np.integer)) or frames < 1:
             raise ValueError(f"frames must be an integer >= 1, got {frames!r}")
-        if variant not in VARIANTS:
-            raise ValueError(f"variant={variant!r} is not allowed; choose one of {VARIANTS}")
-        if vae_mode not in VAE_MODES:
-            raise ValueError(f"vae_mode={vae_mode!r} is not allowed; choose one of {VAE_MODES}")
-        if channels < 1:
-            raise ValueError(f"channels must be >= 1, got {channels}")
         if not -1.0 < float(rho) < 1.0:
             raise ValueError(f"rho={rho!r} is not allowed: need -1 < rho < 1")
         motion = (float(motion[0]), float(motion[1]))
@@ -127,8 +117,7 @@ class GaussianVideoOracle(GaussianOracle):
         self.exponent = float(exponent)
         self.vae_gain, self.vae_mode = float(vae_gain), vae_mode
         self._dtype, self._device = dtype, torch.device(device)
-        self._cache: OrderedDict = OrderedDict()
-        self._cache_size = cache_size
+        self._cache = LayoutCache(cache_size)
         self.default_frames = self.F
         self.default_size = 8 * h  # generate's default height and width (pass width= for non-square frames)
         with one_thread():
@@ -233,25 +222,9 @@ class GaussianVideoOracle(GaussianOracle):
         """Dense ``A (L, d)`` float64 of one clip's tokens (see :meth:`token_ext`)."""
         return self._extended_measurements()[self.token_ext(positions, grid_hw, fine_mask, frames)]
 
-    def _batch_ext(self, grid: TokenGrid) -> torch.Tensor:
-        """``(B, L)`` extended rows of every clip's tokens (one row for raster grids), cached for the last few grids."""
-        pos = grid.positions.detach().cpu().contiguous()
-        hsh = hashlib.blake2b(pos.numpy().tobytes(), digest_size=16)
-        hsh.update(repr((tuple(pos.shape), tuple(grid.grid_hw), bool(grid.raster), int(grid.frames))).encode())
-        if grid.fine_mask is not None:
-            hsh.update(grid.fine_mask.detach().cpu().contiguous().numpy().tobytes())
-        key = hsh.digest()
-        hit = self._cache.get(key)
-        if hit is not None:
-            self._cache.move_to_end(key)
-            return hit
-        nb = 1 if grid.raster else pos.shape[0]
-        ext = torch.stack([self.token_ext(pos[b], grid.grid_hw, None if grid.fine_mask is None else grid.fine_mask[b],
-                                          grid.frames) for b in range(nb)])
-        self._cache[key] = ext
-        while len(self._cache) > self._cache_size:
-            self._cache.popitem(last=False)
-        return ext
+    def _token_ext(self, positions: torch.Tensor, grid: TokenGrid, fine_mask) -> torch.Tensor:
+        """``(L,)`` extended rows of one clip's tokens (see :meth:`token_ext`)."""
+        return self.token_ext(positions, grid.grid_hw, fine_mask, grid.frames)
 
     # ---- latents -----------------------------------------------------------------------------------------
     def prepare_noise(self, batch, height, width, generators, dtype, num_frames=None):
