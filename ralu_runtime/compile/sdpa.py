@@ -126,6 +126,9 @@ def shape_of(q, k, v, attn_mask=None, is_causal=False) -> AttnShape:
                      None if attn_mask is None else str(attn_mask.dtype), bool(is_causal))
 
 
+_SDPA_ARGS = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal")
+
+
 class SdpaRecorder(TorchFunctionMode):
     """Counts the ``torch.nn.functional.scaled_dot_product_attention`` calls made in its ``with`` block (this
     thread) by :class:`AttnShape`: ``calls[shape] = n``. Everything runs as it would without it."""
@@ -137,10 +140,9 @@ class SdpaRecorder(TorchFunctionMode):
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         if func is torch.nn.functional.scaled_dot_product_attention:
-            q, k, v = args[:3]
-            mask = args[3] if len(args) > 3 else kwargs.get("attn_mask")
-            causal = args[5] if len(args) > 5 else kwargs.get("is_causal", False)
-            shape = shape_of(q, k, v, mask, causal)
+            bound = dict(zip(_SDPA_ARGS, args), **kwargs)
+            shape = shape_of(bound["query"], bound["key"], bound["value"], bound.get("attn_mask"),
+                             bound.get("is_causal", False))
             self.calls[shape] = self.calls.get(shape, 0) + 1
         return func(*args, **kwargs)
 
