@@ -126,3 +126,27 @@ def test_sdpa_context_names():
     with pytest.raises(ValueError, match="attn_backend='fastest' is not allowed"):
         with sdpa_context("fastest", "cpu"):
             pass
+
+
+@pytest.mark.gpu
+def test_gpu_measure_flux_shape_picks_a_fused_kernel():
+    clear_measurements()
+    entry = measure_shape(AttnShape(1, 24, 24, 1536, 1536, 128, "torch.bfloat16"), "cuda")
+    assert entry["best"] in ("cudnn", "flash", "efficient", "flash_attn", "flash_attn_3")
+    assert "math" in entry["ms"] and entry["ms"][entry["best"]] < entry["ms"]["math"]
+
+
+@pytest.mark.gpu
+@torch.no_grad()
+def test_gpu_measured_backend_under_inductor_and_cuda_graphs():
+    pipe = build_tiny_flux_pipeline(seed=0, device="cuda", dtype=torch.bfloat16)
+    emb = {k: v.to("cuda", torch.bfloat16) for k, v in flux_embeds(1).items()}
+    ref = _ralu(pipe, emb)
+    runner = compile_adapter(pipe, "inductor", attn_backend="measure")
+    out = _ralu(pipe, emb)
+    assert (out.float() - ref.float()).norm() / ref.float().norm() < 0.03
+    chosen = {c["backend"] for c in runner.attention_choices()}
+    assert chosen and all("@" in k for k in runner.impl.compiled_blocks)
+    builds = len(runner.builds)
+    _ralu(pipe, emb)
+    assert len(runner.builds) == builds  # second call: replays

@@ -303,3 +303,61 @@ def test_inductor_fp8_on_cpu():
     generate(pipe, **emb, **kw)
     assert compile_stats()["unique_graphs"] == before
     assert runner.impl.compiled_blocks == ["flux_double", "flux_single"]
+
+
+# ------------------------------------------------------------------------------------------------ GPU (gpu_suite)
+def _need_fp8_gpu():
+    ok, why = fp8_support("cuda")
+    if not ok:
+        pytest.skip(why)
+
+
+@pytest.mark.gpu
+@torch.no_grad()
+def test_gpu_scaled_mm_matches_the_emulation():
+    """torch._scaled_mm with row-wise scales (bfloat16 out) computes what the fp32 emulation computes, M = 1 included
+    (the AdaLN modulation of one image); the refusal rule agrees with the device."""
+    cap = torch.cuda.get_device_capability()
+    assert fp8_support("cuda")[0] == (tuple(cap) >= (8, 9))
+    _need_fp8_gpu()
+    g = torch.Generator("cuda").manual_seed(0)
+    lin = torch.nn.Linear(256, 384, device="cuda", dtype=torch.bfloat16)
+    x = torch.randn(3, 77, 256, device="cuda", generator=g).bfloat16()
+    ref = torch.nn.functional.linear(x.float(), lin.weight.float(), lin.bias.float())
+    for rows in (x, x[0, :1]):
+        y = Fp8Linear(lin, "scaled_mm")(rows)
+        e = Fp8Linear(lin, "emulated")(rows)
+        assert y.dtype == torch.bfloat16 and y.shape == e.shape
+        assert _rel(y, e) < 1e-2  # the bfloat16 output rounding
+    assert _rel(Fp8Linear(lin, "scaled_mm")(x), ref) < 0.06
+
+
+@pytest.mark.gpu
+@torch.no_grad()
+def test_gpu_compiled_fp8_under_cuda_graphs_follows_weight_changes_and_lora():
+    """inductor + CUDA graphs with fp8 shadows: close to eager fp8, replayed without recaptures, an in-place weight
+    change reaches the captured graph (re-quantized into the same storage), a LoRA loaded later is followed."""
+    _need_fp8_gpu()
+    pipe = build_tiny_flux_pipeline(seed=0, device="cuda", dtype=torch.bfloat16)
+    emb = {k: v.to("cuda", torch.bfloat16) for k, v in flux_embeds(1).items()}
+    eager = _ralu(pipe, emb, backend="eager", compile_options=FP8)
+    runner = compile_adapter(pipe, "inductor", precision="fp8")
+    assert runner.cuda_graphs and runner.fp8_kernel in ("scaled_mm", "torchao")
+    out = _ralu(pipe, emb)
+    assert _rel(out, eager) < 0.03, _rel(out, eager)
+    builds = len(runner.builds)
+    torch.testing.assert_close(_ralu(pipe, emb), out)
+    assert len(runner.builds) == builds  # replayed
+    pipe.transformer.transformer_blocks[0].attn.to_k.weight.mul_(0.5)
+    changed = _ralu(pipe, emb)
+    assert (changed - out).abs().max() > 1e-3
+    if runner.fp8_kernel == "scaled_mm":
+        assert len(runner.builds) == builds  # same storage: the captured graphs still hold
+    ref = build_tiny_flux_pipeline(seed=0, device="cuda", dtype=torch.bfloat16)
+    ref.transformer.transformer_blocks[0].attn.to_k.weight.mul_(0.5)
+    assert _rel(changed, _ralu(ref, emb, backend="eager", compile_options=FP8)) < 0.03
+    pytest.importorskip("peft")
+    pipe.load_lora_weights(lora_state_dict(pipe.transformer, 4, 7), adapter_name="style")
+    lora = _ralu(pipe, emb)
+    assert (lora - changed).abs().max() > 1e-3
+    assert len(runner.builds) > builds  # the model's layers changed: graphs captured anew
