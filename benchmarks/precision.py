@@ -271,7 +271,8 @@ def main(argv=None) -> int:
     rows = args.rows.split(",") if args.rows else list(ROWS)
     for r in rows:
         parse_row(r)
-    args.tag = args.tag or f"precision_flux_{'quick_' if args.quick else ''}{device_slug() if device.type == 'cuda' else 'cpu'}"
+    slug = device_slug() if device.type == "cuda" else "cpu"
+    args.tag = args.tag or f"precision_flux_{'quick_' if args.quick else ''}{slug}"
     Path(args.out).mkdir(parents=True, exist_ok=True)
     tmp = tempfile.TemporaryDirectory(prefix="ralu-inductor-")
     enable_persistent_cache(tmp.name)  # a fresh cache: the first compiled call of each precision is cold
