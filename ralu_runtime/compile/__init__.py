@@ -35,6 +35,12 @@ packed token dimension (a new mix of requests does not recompile); CUDA graphs: 
 sizes (:class:`PackedBuckets`), the padding an attention segment of its own; onnx / tensorrt: one call per request.
 See :mod:`.packed`.
 
+Precision (``precision="fp8"``, eager and inductor): the blocks' Linear layers run in fp8 (e4m3, per-row weight
+scales, per-token activation scales) on ralu's own quantized copies, refreshed when the model changes (a LoRA
+loaded later included): :mod:`.fp8`. Attention backend measured per device and shape (``attn_backend="measure"``)
+and its report (:func:`attention_report`, :func:`measure_attention_backends`, ``StageRunner.attention_choices``):
+:mod:`.sdpa`.
+
 Cross-process reuse (cold start) and why those files are code: :mod:`.artifacts`.
 
 LoRA hot-swap: call ``pipe.enable_lora_hotswap(target_rank=R)`` before the first ``load_lora_weights`` and
@@ -44,14 +50,16 @@ traffic: :func:`ralu_runtime.warmup.warmup`.
 """
 from .artifacts import (ArtifactError, enable_persistent_cache, load_compile_artifacts, save_compile_artifacts,
                         verify_compile_artifacts)
-from .options import ATTN_BACKENDS, BACKENDS, BuildRecord, CompileOptions
+from .fp8 import Fp8Linear, Fp8Shadows, check_fp8_device, fp8_support
+from .options import ATTN_BACKENDS, BACKENDS, FP8_KERNELS, PRECISIONS, BuildRecord, CompileOptions
 from .packed import PackedBuckets
 from .runner import (StageRunner, available_backends, compile_adapter, compile_stats, ensure_backend,
                      model_fingerprint, uncompile_adapter)
-from .sdpa import sdpa_context
+from .sdpa import attention_report, measure_attention_backends, sdpa_context
 
-__all__ = ["ATTN_BACKENDS", "ArtifactError", "BACKENDS", "BuildRecord", "CompileOptions", "PackedBuckets",
-           "StageRunner",
-           "available_backends", "compile_adapter", "compile_stats", "enable_persistent_cache", "ensure_backend",
-           "load_compile_artifacts", "model_fingerprint", "save_compile_artifacts", "sdpa_context",
+__all__ = ["ATTN_BACKENDS", "ArtifactError", "BACKENDS", "BuildRecord", "CompileOptions", "FP8_KERNELS", "Fp8Linear",
+           "Fp8Shadows", "PRECISIONS", "PackedBuckets", "StageRunner",
+           "attention_report", "available_backends", "check_fp8_device", "compile_adapter", "compile_stats",
+           "enable_persistent_cache", "ensure_backend", "fp8_support", "load_compile_artifacts",
+           "measure_attention_backends", "model_fingerprint", "save_compile_artifacts", "sdpa_context",
            "uncompile_adapter", "verify_compile_artifacts"]

@@ -9,6 +9,15 @@ kind (FLUX: one double-block and one single-block graph for 57 blocks), and a Lo
 changed in place, is read live. The user's modules are never compiled, fused or patched: after
 :func:`ralu_runtime.compile.uncompile_adapter` (or with no backend) a plain ``pipe(...)`` runs exactly as before.
 
+fp8 (``precision="fp8"``, :mod:`.fp8`): every block callable is handed out wrapped so that it receives ralu's fp8
+*shadow* of the user's block (shared non-Linear submodules, Linear layers replaced by :class:`~.fp8.Fp8Linear` with
+quantized copies) instead of the block itself; :meth:`BackendImpl.fused` then returns None (the shadows' fp8 q, k and
+v layers run as three fp8 products: the fused-weight path of the block functions takes a plain weight tensor).
+
+Attention backend measured per shape (``attn_backend="measure"``, :mod:`.sdpa`): the runner sets the call's chosen
+backend (:func:`attention_tag`); compiled block functions are kept per (block kind, backend), since the SDPA kernel
+is chosen when a graph is traced and dynamo does not guard on it.
+
 Packed calls (many requests in one model call, :meth:`ralu_runtime.compile.StageRunner.packed`): the adapters' packed
 block functions come through :meth:`BackendImpl.block` under their own names (``flux_double_packed``,
 ``flux_single_packed``, ``sd3_joint_packed``) and are always compiled with ``dynamic=True`` (their token and segment
@@ -16,6 +25,8 @@ counts change with every mix of requests), whatever ``CompileOptions.dynamic`` s
 """
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import threading
 from typing import Callable
 
@@ -23,39 +34,80 @@ import torch
 
 from ..adapters.base import ModelImpl
 from ..adapters.fused import FusedProjections
+from .fp8 import Fp8Shadows
+
+_ATTN_TAG: contextvars.ContextVar[str | None] = contextvars.ContextVar("ralu_attn_tag", default=None)
+_PLAIN_BLOCKS: contextvars.ContextVar[bool] = contextvars.ContextVar("ralu_plain_blocks", default=False)
+
+
+@contextlib.contextmanager
+def attention_tag(tag: str | None, *, plain: bool = False):
+    """Calls in this block (this thread) run compiled block functions kept under attention backend ``tag`` (None:
+    the runner's fixed policy); ``plain=True``: the uncompiled block functions (a measured call's first run)."""
+    t1, t2 = _ATTN_TAG.set(tag), _PLAIN_BLOCKS.set(plain)
+    try:
+        yield
+    finally:
+        _PLAIN_BLOCKS.reset(t2)
+        _ATTN_TAG.reset(t1)
 
 
 class BackendImpl(ModelImpl):
     """Block callables (compiled with ``compile_kwargs``, or plain when None), ralu-owned fused projections
     (``fused=True``) and a compiled VAE decode (``compile_vae`` kwargs, or None). ``packed_calls``: the adapters may
-    run packed calls (``packed_velocity``) with this impl (the inductor and eager backends; not torch_tensorrt)."""
+    run packed calls (``packed_velocity``) with this impl (the inductor and eager backends; not torch_tensorrt).
+    ``fp8``: ralu's fp8 block shadows (:class:`~.fp8.Fp8Shadows`), or None for the model's own dtype."""
 
     PACKED_SUFFIX = "_packed"  # block names of packed calls: compiled with dynamic=True
 
     def __init__(self, compile_kwargs: dict | None = None, *, fused: bool = False, compile_vae: dict | None = None,
-                 packed_calls: bool = False):
+                 packed_calls: bool = False, fp8: Fp8Shadows | None = None):
         self.compile_kwargs = compile_kwargs
+        self.fp8 = fp8
         self.packed_calls = packed_calls
         self.compile_vae = compile_vae
-        self.fused_store = FusedProjections() if fused else None
+        self.fused_store = FusedProjections() if fused and fp8 is None else None
         self._compiled: dict[str, Callable] = {}
+        self._shadowed: dict[tuple[str, int], Callable] = {}
         self._vae = None
         self._vae_fn = None
         self._lock = threading.Lock()
 
     def block(self, name: str, fn: Callable) -> Callable:
-        if self.compile_kwargs is None:
+        run = self._compiled_block(name, fn)
+        if self.fp8 is None:
+            return run
+        key = (name if run is fn else self._key(name), id(run))
+        wrapped = self._shadowed.get(key)
+        if wrapped is None:
+            shadows = self.fp8
+
+            def wrapped(block, *args, **kwargs):  # the block's fp8 shadow in place of the user's block
+                return run(shadows.shadow(block), *args, **kwargs)
+
+            with self._lock:
+                wrapped = self._shadowed.setdefault(key, wrapped)
+        return wrapped
+
+    @staticmethod
+    def _key(name: str) -> str:
+        tag = _ATTN_TAG.get()
+        return name if tag is None else f"{name}@{tag}"
+
+    def _compiled_block(self, name: str, fn: Callable) -> Callable:
+        if self.compile_kwargs is None or _PLAIN_BLOCKS.get():
             return fn
-        compiled = self._compiled.get(name)
+        key = self._key(name)
+        compiled = self._compiled.get(key)
         if compiled is None:
             with self._lock:
-                compiled = self._compiled.get(name)
+                compiled = self._compiled.get(key)
                 if compiled is None:
                     kwargs = self.compile_kwargs
                     if name.endswith(self.PACKED_SUFFIX) and "dynamic" in kwargs:
                         kwargs = {**kwargs, "dynamic": True}
                     compiled = torch.compile(fn, **kwargs)
-                    self._compiled[name] = compiled
+                    self._compiled[key] = compiled
         return compiled
 
     @property
@@ -64,6 +116,8 @@ class BackendImpl(ModelImpl):
         return self.compile_kwargs is not None
 
     def fused(self, module, names):
+        """Fused ``(weight, bias)`` of ``module``'s layers ``names`` (ralu's copies), or None: always None under fp8
+        (the shadows' fp8 layers run instead)."""
         return None if self.fused_store is None else self.fused_store.get(module, names)
 
     def vae_decode(self, vae):
@@ -85,15 +139,20 @@ class BackendImpl(ModelImpl):
     def compiled_blocks(self) -> list[str]:
         return sorted(self._compiled)
 
-    def refresh(self) -> None:
-        """Before each ``generate`` call: bring the fused copies up to date with the live weights."""
+    def refresh(self) -> bool:
+        """Before each ``generate`` call: bring the fused copies and fp8 shadows up to date with the live weights.
+        Returns True when a tensor that a captured CUDA graph may read was replaced (the runner drops its graphs)."""
         if self.fused_store is not None:
             self.fused_store.refresh()
+        return self.fp8.refresh() if self.fp8 is not None else False
 
     def release(self) -> None:
         """Drop the compiled callables and fused copies (memory goes back)."""
         with self._lock:
             self._compiled.clear()
+            self._shadowed.clear()
             self._vae = self._vae_fn = None
         if self.fused_store is not None:
             self.fused_store.clear()
+        if self.fp8 is not None:
+            self.fp8.clear()

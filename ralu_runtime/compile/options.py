@@ -5,8 +5,10 @@ from dataclasses import dataclass
 from typing import Any
 
 BACKENDS = ("eager", "inductor", "onnx", "tensorrt")
-ATTN_BACKENDS = ("auto", "default", "cudnn", "flash", "efficient", "math")
+ATTN_BACKENDS = ("auto", "default", "cudnn", "flash", "efficient", "math", "measure")
 MODES = ("default", "max-autotune", "reduce-overhead")
+PRECISIONS = ("auto", "bf16", "fp16", "fp32", "fp8")
+FP8_KERNELS = ("auto", "torchao", "scaled_mm", "emulated")
 
 
 @dataclass
@@ -19,7 +21,9 @@ class CompileOptions:
     dynamic: bool = True                 # symbolic token / batch dims: no recompile across resolutions
     fused_qkv: bool | None = None        # None: on CUDA only (ralu-owned fused weights, FLUX)
     compile_vae: bool | None = None      # torch.compile the VAE decode; None: with inductor on CUDA
-    attn_backend: str = "auto"
+    attn_backend: str = "auto"          # "measure": the fastest SDPA backend per device and shape, timed at warm-up
+    precision: str = "auto"             # "auto" | "bf16" | "fp16" | "fp32": the model's own dtype; "fp8": fp8 linears
+    fp8_kernel: str = "auto"            # with precision="fp8": "auto" | "torchao" | "scaled_mm" | "emulated"
     dynamo_backend: Any = None           # override torch.compile's backend (tests: "eager" / a counter)
     onnx_dir: str | None = None          # where exported graphs go (default: a temporary folder)
     providers: list | None = None        # onnxruntime providers (default: by device)
@@ -30,6 +34,13 @@ class CompileOptions:
             raise ValueError(f"backend={self.backend!r} is not allowed; choose one of {BACKENDS}")
         if self.attn_backend not in ATTN_BACKENDS:
             raise ValueError(f"attn_backend={self.attn_backend!r} is not allowed; choose one of {ATTN_BACKENDS}")
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"precision={self.precision!r} is not allowed; choose one of {PRECISIONS}")
+        if self.fp8_kernel not in FP8_KERNELS:
+            raise ValueError(f"fp8_kernel={self.fp8_kernel!r} is not allowed; choose one of {FP8_KERNELS}")
+        if self.precision == "fp8" and self.backend not in ("eager", "inductor"):
+            raise ValueError(f"precision='fp8' runs with backend='eager' or 'inductor', not {self.backend!r} (an "
+                             "exported graph cannot hold ralu's fp8 layers)")
         if self.mode not in MODES:
             raise ValueError(f"mode={self.mode!r} is not allowed; choose one of {MODES}")
         for name in ("cuda_graphs", "fused_qkv", "compile_vae"):

@@ -11,12 +11,16 @@ from typing import Any
 import torch
 
 from ..adapters.base import Conditioning, DiTAdapter, TokenGrid, VelocityCall, check_velocity_calls, current_cache
+from ..execution.call import current_sharding
 from .cuda_graphs import GraphPool
 from .flatten import flatten, signature, unflatten
-from .impl import BackendImpl
+from .fp8 import Fp8Shadows, check_fp8_device, resolve_kernel
+from .impl import BackendImpl, attention_tag
 from .options import BACKENDS, BuildRecord, CompileOptions, make_options
 from .packed import PackedBuckets, PackedState, RunnerExecution
-from .sdpa import sdpa_context
+from .sdpa import SdpaRecorder, choose_backend, sdpa_context
+
+_PRECISION_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 _INSTALL_LOCK = threading.Lock()
 
@@ -80,7 +84,14 @@ class StageRunner:
     """One installed backend: runs each model call through it, caching compiled artifacts per input signature.
 
     Not a patch on the user's model: it is what ``generate`` calls instead of the adapter's plain model call,
-    and everything it builds (compiled block functions, fused weights, CUDA graphs, ONNX sessions) is its own.
+    and everything it builds (compiled block functions, fused weights, fp8 weight copies, CUDA graphs, ONNX
+    sessions) is its own.
+
+    ``options.precision="fp8"``: the blocks' Linear layers run in fp8 on ralu's quantized copies (:mod:`.fp8`);
+    refused here, before any work, on a device without fp8 support. ``options.attn_backend="measure"``: the first
+    call of each input signature runs uncompiled while its attention shapes are recorded, then the fastest
+    attention backend for them is measured and used for the signature's later calls (:mod:`.sdpa`;
+    :meth:`attention_choices`).
     """
 
     def __init__(self, adapter: DiTAdapter, options: CompileOptions):
@@ -117,7 +128,9 @@ class StageRunner:
             except ImportError as exc:
                 raise ImportError("backend='onnx' needs onnx and onnxruntime (pip install 'ralu[onnx]', i.e. onnx "
                                   "onnxruntime; onnxruntime-gpu for CUDA)") from exc
-        fused = (cuda if options.fused_qkv is None else options.fused_qkv) and adapter.fuses_projections
+        self.precision, self.fp8_kernel, fp8 = self._precision(options)
+        fused = (cuda if options.fused_qkv is None else options.fused_qkv) and adapter.fuses_projections \
+            and fp8 is None  # under fp8 the shadows' fp8 q/k/v layers run (BackendImpl.fused returns None)
         compile_kwargs = None
         if options.backend == "inductor":
             compile_kwargs = dict(backend=options.dynamo_backend or "inductor", dynamic=options.dynamic, fullgraph=True)
@@ -131,12 +144,32 @@ class StageRunner:
         compile_vae = (options.backend == "inductor" and cuda) if options.compile_vae is None else options.compile_vae
         vae_kwargs = dict(backend=options.dynamo_backend or "inductor", dynamic=False) if compile_vae else None
         packed_calls = options.backend in ("eager", "inductor")  # exported graphs have a fixed structure
-        self.impl = BackendImpl(compile_kwargs, fused=fused, compile_vae=vae_kwargs, packed_calls=packed_calls)
+        self.impl = BackendImpl(compile_kwargs, fused=fused, compile_vae=vae_kwargs, packed_calls=packed_calls,
+                                fp8=fp8)
+        self.measure_attention = options.attn_backend == "measure" and options.backend in ("eager", "inductor")
+        self._attn: dict[Any, tuple[str, dict]] = {}  # input signature -> (measured choice, details)
         self.packed_buckets = PackedBuckets()  # CUDA-graph buckets of packed calls (replaceable)
         self._packed = PackedState()
         self.applied = {"fused_qkv": bool(fused), "compiled_blocks": compile_kwargs is not None,
                         "compile_vae": bool(compile_vae), "cuda_graphs": self.cuda_graphs,
-                        "packed_calls": packed_calls and bool(getattr(adapter, "packs", False))}
+                        "packed_calls": packed_calls and bool(getattr(adapter, "packs", False)),
+                        "precision": self.precision, "fp8_kernel": self.fp8_kernel,
+                        "attn_backend": options.attn_backend}
+
+    def _precision(self, options: CompileOptions):
+        """``(precision, fp8 kernel or None, Fp8Shadows or None)`` for ``options``; raises before any work when the
+        model's dtype is not the one named, or fp8 cannot run on the model's device."""
+        dtype = self.adapter.dtype
+        if options.precision in _PRECISION_DTYPES:
+            if _PRECISION_DTYPES[options.precision] != dtype:
+                raise ValueError(f"precision={options.precision!r} but the model is {dtype}: ralu runs the model in "
+                                 "its own dtype (load or move it in the dtype you want) or in fp8 "
+                                 "(precision='fp8'); precision='auto' is the model's own")
+        if options.precision != "fp8":
+            return str(dtype).replace("torch.", ""), None, None
+        check_fp8_device(self.device)  # RuntimeError naming the device and its compute capability
+        kernel = resolve_kernel(options.fp8_kernel, self.device)
+        return "fp8", kernel, Fp8Shadows(kernel)
 
     # ---- per generate call
     def begin_call(self) -> None:
@@ -149,16 +182,17 @@ class StageRunner:
                 with self._export_lock:
                     self._exported.clear()
                 self._fingerprint = None  # taken again when something is built
-            self.impl.refresh()
+            if self.impl.refresh():  # an fp8 copy got new storage (a graph would read the old one)
+                self._graphs.clear()
 
     def _model_fingerprint(self) -> tuple:
         exported = self.options.backend == "onnx" or self.flavour in ("tensorrt", "ort-trt")
         model = getattr(self.adapter.pipe, "transformer", None)
         return () if model is None else model_fingerprint(model, versions=exported)
 
-    def _compile_context(self):
+    def _compile_context(self, attn: str | None = None):
         stack = contextlib.ExitStack()
-        stack.enter_context(sdpa_context(self.options.attn_backend, self.device))
+        stack.enter_context(sdpa_context(attn or self.options.attn_backend, self.device))
         if self.impl.compile_kwargs is not None:
             stack.enter_context(_dynamo_settings())
         return stack
@@ -188,7 +222,51 @@ class StageRunner:
     # ---- the call
     def __call__(self, tokens, grid: TokenGrid, timestep, cond: Conditioning) -> torch.Tensor:
         cond = self.adapter.specialize_call(timestep, cond)  # host-side choices become constants of the key
-        with self._compile_context():
+        if self.measure_attention and current_sharding() is None:
+            tensors, _names, spec = flatten(tokens, grid, timestep, cond)
+            key = signature(tensors, spec)
+            choice = self._attn.get(key)
+            if choice is None:
+                return self._measured_first_call(key, tokens, grid, timestep, cond)
+            with attention_tag(choice[0]):
+                return self._call(tokens, grid, timestep, cond, choice[0])
+        return self._call(tokens, grid, timestep, cond)
+
+    def _measured_first_call(self, key, tokens, grid, timestep, cond) -> torch.Tensor:
+        """The first call of a signature under ``attn_backend="measure"``: run with uncompiled block functions
+        (policy "auto") recording the attention shapes, then measure the backends on them and keep the fastest for
+        the signature's later calls."""
+        recorder = SdpaRecorder()
+        with self._compile_context("auto"), attention_tag(None, plain=True), recorder:
+            out = self._eager(tokens, grid, timestep, cond)
+        choice = choose_backend(recorder.calls, self.device)
+        with self._call_lock:
+            self._attn.setdefault(key, choice)
+        return out
+
+    def attention_choices(self) -> list[dict]:
+        """Under ``attn_backend="measure"``: per input signature (image tokens, batch) the chosen backend, the
+        total attention milliseconds per backend over one call, and the call's attention shapes with counts."""
+        with self._call_lock:
+            items = list(self._attn.items())
+        out = []
+        for key, (name, details) in items:  # key: (spec, (tokens shape, dtype, device), ...)
+            out.append({"tokens_shape": list(key[1][0]), "backend": name,
+                        "total_ms": {k: round(v, 4) for k, v in details["total_ms"].items()},
+                        "shapes": details["shapes"]})
+        return out
+
+    def report(self) -> dict:
+        """What this runner applies: :attr:`applied`, the fp8 copies (layers, MiB) and the measured attention
+        choices."""
+        fp8 = self.impl.fp8
+        return {**self.applied,
+                "fp8_layers": 0 if fp8 is None else len(fp8.layers()),
+                "fp8_mib": 0.0 if fp8 is None else round(fp8.nbytes() / 2**20, 3),
+                "attention": self.attention_choices()}
+
+    def _call(self, tokens, grid, timestep, cond, attn: str | None = None) -> torch.Tensor:
+        with self._compile_context(attn):
             if self.options.backend == "onnx" or self.flavour in ("tensorrt", "ort-trt"):
                 return self._run_exported(tokens, grid, timestep, cond)
             if not self.cuda_graphs or current_cache() is not None or not tokens.is_cuda:
@@ -279,7 +357,8 @@ def _dynamo_settings() -> contextlib.ExitStack:
 def compile_adapter(pipe_or_adapter, backend: str = "inductor", **options) -> StageRunner:
     """Install a :class:`StageRunner` for ``backend`` on the pipeline's adapter (replacing any earlier one) and
     return it. Options: see :class:`CompileOptions` (``cuda_graphs``, ``mode``, ``dynamic``, ``fused_qkv``,
-    ``compile_vae``, ``attn_backend``, ``dynamo_backend``, ``onnx_dir``, ``providers``, ``opset``). Compilation itself
+    ``compile_vae``, ``attn_backend`` (``"measure"``: fastest per shape), ``precision`` (``"fp8"``: fp8 linears),
+    ``fp8_kernel``, ``dynamo_backend``, ``onnx_dir``, ``providers``, ``opset``). Compilation itself
     is lazy: each new signature compiles on its first call; :func:`ralu_runtime.warmup.warmup` does it ahead of
     traffic. The user's pipeline is not modified."""
     opts = make_options(backend, options)
@@ -306,7 +385,8 @@ def uncompile_adapter(pipe_or_adapter) -> None:
 
 def ensure_backend(pipe_or_adapter, backend: str, **options) -> StageRunner:
     """What ``generate(backend=...)`` calls: keep the installed runner when backend and options match, else
-    install a new one (``"eager"`` installs a runner that only applies the fast defaults)."""
+    install a new one (``"eager"`` installs a runner that only applies the fast defaults). E.g.
+    ``ensure_backend(pipe, "inductor", precision="fp8")``: compiled blocks with fp8 linears."""
     if backend not in BACKENDS:
         raise ValueError(f"backend={backend!r} is not allowed; choose one of {BACKENDS}")
     adapter = _adapter_of(pipe_or_adapter)
