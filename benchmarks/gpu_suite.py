@@ -26,6 +26,8 @@ step                   exp. s  what
 ``warm_start``             55  (optional) a new process loads that bundle and times its first RALU 7x call
 ``latency_families``     ~500  (optional, its own call: ``--only build,latency_families --budget 560``) FLUX.2-dev,
                                Qwen-Image, Z-Image(-Turbo), Chroma, SD3.5 Large, FLUX.2-klein at full size:
+``precision``       (optional, ~6 min) ``benchmarks/precision.py`` at the FLUX.1-dev shape: bf16 vs fp8, 50-step
+                    eager / compiled, RALU 7x / 4x compiled, per-stage velocity error and image PSNR of fp8 vs bf16
                                compiled RALU default preset vs compiled baseline at the pipeline's default steps
 ``serving``              ~420  (optional, its own call: ``--only serving --budget 500``) ``benchmarks/serving.py`` at
                                the FLUX.1-dev shape: sequential generate, same-shape batching and the packed engine
@@ -88,7 +90,7 @@ from typing import Callable
 ROOT = Path(__file__).resolve().parents[1]
 PY = sys.executable
 GPU_TEST_FILES = ["tests/test_transition_kernel.py", "tests/test_csrc.py", "tests/test_attention.py",
-                  "tests/test_compile.py"]
+                  "tests/test_compile.py", "tests/test_fp8.py", "tests/test_attn_backend.py"]
 
 
 # ------------------------------------------------------------------------------------------------ context
@@ -277,6 +279,14 @@ def latency_families_cmds(ctx: Ctx):
     return cmds
 
 
+def precision_cmds(ctx: Ctx):
+    if ctx.dry:
+        return [([PY, "benchmarks/precision.py", "--quick", "--out", str(ctx.work), "--tag", "precision_flux_dry_cpu"],
+                 {})]
+    # torch._scaled_mm (row-wise) unless a torchao wheel was carried and installed ("auto" then takes torchao)
+    return [([PY, "benchmarks/precision.py", "--out", str(ctx.work)], _fresh_triton_cache(ctx, "precision"))]
+
+
 def serving_cmds(ctx: Ctx):
     cmd = [PY, "benchmarks/serving.py", "--out", str(ctx.work)]
     if ctx.dry:
@@ -329,6 +339,8 @@ STEPS = [
     Step("ctest", "csrc CMake build + ctest", 300, ctest_cmds, background=True, expected_s=12),
     Step("smoke", "every GPU path at reduced depth, full width (benchmarks/gpu_smoke.py)", SMOKE_LIMIT_S, smoke_cmds,
          expected_s=240),
+    Step("precision", "precision.py FLUX.1-dev shape: bf16 vs fp8 (50-step, RALU 7x/4x), fidelity", 420,
+         precision_cmds, optional=True, min_s=360),
     Step("latency_flux", "latency.py FLUX.1-dev shape", 330, latency_flux_cmds, expected_s=240),
     Step("warm_start", "latency.py warm start, new process", 150, warm_start_cmds, optional=True, min_s=60,
          expected_s=55),
@@ -349,7 +361,7 @@ STEPS = [
 ]
 ESTIMATED = {"latency_families", "serving", "latency_video", "latency_video_720p"}  # expected_s never measured
 TIMING_STEPS = {"transition", "transition_tune", "attention", "latency_flux", "warm_start", "latency_sd3", "stacking",
-                "latency_families", "latency_video", "latency_video_720p", "serving"}
+                "latency_families", "latency_video", "latency_video_720p", "serving", "precision"}
 
 
 # ------------------------------------------------------------------------------------------------ running
@@ -631,6 +643,7 @@ def claims(work: Path, results: dict[str, Result], dry: bool) -> list[dict]:
 
     out.extend(video_claims(work, dry))
     out.extend(serving_claims(work, dry))
+    out.extend(precision_claims(work, dry))
 
     st, _ = _latency_json(work, "latency_flux_full_taylorseer3_*.json", "latency_flux_taylorseer3_dry_cpu.json")
     st_row = st["rows"][0] if st and st.get("rows") else None
@@ -725,6 +738,28 @@ def video_claims(work: Path, dry: bool) -> list[dict]:
             ratio = fl.get("runs", {}).get(preset, {}).get("ratio")
             add(f"{label}: ralu-{preset}-eager vs 50-step eager", f"{_fmt(v, 'x')} ({_fmt(r['mean_s'], ' s')})" if v
                 else "not run", f"record (transformer FLOPs {_fmt(ratio, 'x')})", src)
+    return out
+
+
+def precision_claims(work: Path, dry: bool) -> list[dict]:
+    """Issue 24's fp8 goals at the FLUX.1-dev shape, as benchmarks/precision.py judged them, plus its fidelity."""
+    data = _json(work, "precision_flux_nvidia*.json") or _json(work, "precision_flux_dry_cpu.json")
+    out = []
+    for c in (data or {}).get("claims", []):
+        out.append({"claim": c["claim"], "measured": _fmt(c["measured"], " " + c["unit"]),
+                    "goal": f"{c['goal']} {c['unit']}",
+                    "met": "dry run" if dry else ("n/a" if c["met"] is None else ("yes" if c["met"] else "NO")),
+                    "source": "precision_flux_*.json"})
+    fid = (data or {}).get("velocity_fidelity")
+    if fid:
+        errs = ", ".join(f"{s['rel_err_mean'] * 100:.2f} %" for s in fid["stages"])
+        psnr = "; ".join(f"{k.split(' vs ')[0]} {v:.1f} dB" for k, v in data.get("image_psnr_db", {}).items())
+        out.append({"claim": "fp8 vs bf16 fidelity (random weights): velocity error per RALU 7x stage; image PSNR",
+                    "measured": f"{errs}; {psnr}", "goal": "record", "met": "dry run" if dry else "n/a",
+                    "source": "precision_flux_*.json"})
+    if not data:
+        out.append({"claim": "precision.py (fp8 vs bf16)", "measured": "not run", "goal": "see issue 24",
+                    "met": "dry run" if dry else "n/a", "source": "precision_flux_*.json"})
     return out
 
 

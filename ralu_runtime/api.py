@@ -394,7 +394,8 @@ def prepare(pipe, prompt: str | list[str] | None = None, *, height: int | None =
             max_sequence_length: int | None = None, progress: bool = True, torch_dtype=None,
             device=None, backend: str | None = None, compile_options: dict | None = None,
             prompt_embeds_mask=None, negative_prompt_embeds_mask=None, num_frames: int | None = None,
-            region_mode: str | None = None, region_source: str = "decode", parallel=None) -> CallPlan:
+            region_mode: str | None = None, region_source: str = "decode", parallel=None,
+            precision: str | None = None) -> CallPlan:
     """Check every argument of a :func:`generate` call (the same arguments) and resolve it into a
     :class:`CallPlan`, before any work: no text encoding, no noise, no model call, no backend install (a model
     folder given as ``pipe`` is loaded). Raises what ``generate`` raises for bad arguments (ValueError / TypeError
@@ -412,6 +413,15 @@ def prepare(pipe, prompt: str | list[str] | None = None, *, height: int | None =
     if compile_options is not None and not isinstance(compile_options, dict):
         raise TypeError(f"compile_options={compile_options!r}: give a dict of ralu_runtime.compile.CompileOptions "
                         "fields, or None")
+    if precision is not None:
+        from .compile.options import PRECISIONS
+
+        _check_choice("precision", precision, PRECISIONS)
+        if compile_options and compile_options.get("precision", precision) != precision:
+            raise ValueError(f"precision={precision!r} and compile_options['precision']="
+                             f"{compile_options['precision']!r} disagree: give one")
+        compile_options = {**(compile_options or {}), "precision": precision}
+        backend = "eager" if backend is None else backend
     if compile_options and backend is None:
         raise ValueError("compile_options need backend= (the backend they configure)")
     options = None
@@ -433,6 +443,10 @@ def prepare(pipe, prompt: str | list[str] | None = None, *, height: int | None =
                          "(pipe.to(device, dtype)): ralu does not change the pipeline it is given")
     adapter = get_adapter(pipe)
     adapter.check_supported()
+    if options is not None and options.precision == "fp8":
+        from .compile import check_fp8_device
+
+        check_fp8_device(adapter.device)  # RuntimeError naming the device and its compute capability
     if default_cache:
         cache = adapter.feature_cache
     num_frames, region_mode = _check_video(adapter, num_frames, region_mode)
@@ -584,7 +598,8 @@ def generate(pipe, prompt: str | list[str] | None = None, *, height: int | None 
              max_sequence_length: int | None = None, progress: bool = True, torch_dtype=None,
              device=None, backend: str | None = None, compile_options: dict | None = None,
              prompt_embeds_mask=None, negative_prompt_embeds_mask=None, num_frames: int | None = None,
-             region_mode: str | None = None, region_source: str = "decode", parallel=None) -> RaluOutput:
+             region_mode: str | None = None, region_source: str = "decode", parallel=None,
+             precision: str | None = None) -> RaluOutput:
     """Generate images (or videos) with RALU (``speedup`` preset or schedule) or the ordinary sampler
     (``speedup=None``): ``run(prepare(pipe, prompt, ...))`` with the same arguments.
 
@@ -608,6 +623,11 @@ def generate(pipe, prompt: str | list[str] | None = None, *, height: int | None 
     every stage; its step counts land in ``cache_stats``. ``backend``: "eager", "inductor", "onnx" or "tensorrt"
     (see :mod:`ralu_runtime.compile`): installs ralu's runner for this pipeline, kept for later calls with the
     same backend and ``compile_options``; None keeps whatever is installed (plain eager if nothing).
+    ``precision``: "fp8" runs the Linear layers of the transformer's blocks in fp8 (e4m3, per-row weight scales,
+    per-token activation scales) on ralu's own quantized copies (the model is left as it is; a LoRA loaded later is
+    followed); it needs a GPU of compute capability >= 8.9 (the CPU runs it for tests) and refuses others before any
+    work. "auto" / "bf16" / "fp16" / "fp32": the model's own dtype. Sets ``compile_options["precision"]`` (see
+    :mod:`ralu_runtime.compile.fp8`); with ``backend=None`` the eager backend is installed.
     ``prompt_embeds_mask`` / ``negative_prompt_embeds_mask``: ``(B, T)`` 0/1 valid-token masks of given embeddings,
     for families that take one (Qwen-Image, Z-Image, Chroma). Video families: ``num_frames`` (default: the
     pipeline's), ``region_mode`` "frame" (default: each latent frame its own regions; the better Fréchet distance

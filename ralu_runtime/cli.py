@@ -114,6 +114,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="per-stage compilation backend (default: plain eager); a compiled one (inductor, onnx, "
                         "tensorrt) is built by a warm-up run first, timed as its own row. onnx needs the "
                         "[onnx] extra: pip install -e '.[onnx]'")
+    g.add_argument("--precision", choices=("auto", "bf16", "fp16", "fp32", "fp8"), default=None,
+                   help="fp8: the transformer blocks' linear layers in fp8 (e4m3) on ralu's own quantized copies "
+                        "(GPU of compute capability >= 8.9; eager or inductor backend, eager when --backend is not "
+                        "given); default: the model's own dtype (--dtype)")
     s = sub.add_parser("serve", parents=[common], help="serve an OpenAI-compatible images API (HTTP) over the "
                                                         "continuous-batching engine",
                        description="Serve POST /v1/images/generations (OpenAI images API; JSON, PNG as b64_json), "
@@ -383,6 +387,14 @@ def check_generate(args) -> GeneratePlan:
     if args.backend is not None:
         why = _backend_unavailable(args.backend, device)
         if why:
+    if args.precision == "fp8":
+        from .compile import fp8_support
+
+        if args.backend not in (None, "eager", "inductor"):
+            raise UsageError(f"--precision fp8 runs with --backend eager or inductor, not {args.backend!r}")
+        ok, why = fp8_support(device)
+        if not ok:
+            raise UsageError(f"--precision fp8: {why}")
             raise UsageError(f"--backend {args.backend!r} is not available here: {why}")
     msl = args.max_sequence_length or (_TINY[args.model].max_sequence_length if args.model in _TINY else None)
     text_len = None if msl is None else (77 + msl if family == "sd3" else msl)  # SD3: CLIP 77 + T5 tokens
@@ -648,11 +660,12 @@ def cmd_generate(args) -> int:
         from .warmup import warmup
 
         t0 = time.perf_counter()
-        warmup(pipe, backend=args.backend, text_len=plan.text_len, runs=1, **kwargs)
+        warmup(pipe, backend=args.backend, text_len=plan.text_len, runs=1, **kwargs,
+               compile_options={"precision": args.precision} if args.precision else None)
         compile_s = time.perf_counter() - t0
     out = generate(pipe, args.prompt, **kwargs, seed=args.seed, output_type="np",
                    return_masks=plan.mask_out is not None, max_sequence_length=plan.max_sequence_length,
-                   progress=not args.no_progress, backend=args.backend)
+                   progress=not args.no_progress, backend=args.backend, precision=args.precision)
     image = (np.clip(np.asarray(out.images[0]), 0, 1) * 255).round().astype(np.uint8)  # (H, W, 3) or (T, H, W, 3)
     items = [(image, plan.out)]
     if plan.mask_out is not None:
@@ -670,7 +683,7 @@ def cmd_generate(args) -> int:
     print(_speedup_line(plan, out))
     frames = f", {plan.num_frames} frames, regions {plan.regions or 'frame'}" if plan.num_frames else ""
     print(f"size: {plan.width}x{plan.height} (width x height){frames}, seed {args.seed}, solver {args.solver}, "
-          f"backend {args.backend or 'eager'}"
+          f"backend {args.backend or 'eager'}" + (f", precision {args.precision}" if args.precision else "")
           + (f", cache {args.cache}" if args.cache else ""))
     print(f"{'stage':<20}{'steps':>6}{'tokens':>8}{'seconds':>10}")
     if compile_s is not None:
@@ -772,6 +785,10 @@ def collect_info() -> dict:
             missing.append(f"torch {torch.__version__} has no torch.nn.attention.varlen")
         attn_why = "; ".join(missing) or "first in preference order"
 
+    from .compile import fp8_support, measure_attention_backends
+
+    fp8_ok, fp8_why = fp8_support(dev)
+    measured = measure_attention_backends(dev)  # FLUX.1-dev's joint attention on CUDA, a tiny shape on a CPU
     usable = available_backends(dev)
     unavailable = {b: _backend_unavailable(b, dev) for b in BACKENDS if b not in usable}
     root = default_cache_root()
@@ -788,6 +805,9 @@ def collect_info() -> dict:
         "cuda_extension": {"loaded": csrc_ok, "why": csrc_why,
                            "built": importlib.util.find_spec("ralu_kernels._C") is not None},
         "compile_backends": {"available": usable, "unavailable": unavailable},
+        "fp8": {"supported": fp8_ok, "why": fp8_why},
+        "attention_measured": [{"shape": m["describe"], "ms": m["ms"], "best": m["best"], "skipped": m["skipped"]}
+                               for m in measured],
         "paths": {"cache_dir": str(root), "cache_dir_exists": root.is_dir(),
                   "inductor_cache": str(inductor), "inductor_cache_exists": inductor.is_dir(),
                   "artifact_key": str(key), "artifact_key_exists": key.is_file()},
@@ -820,6 +840,12 @@ def format_info(info: dict) -> str:
     rows.append(("compile backends", ", ".join(b["available"])))
     for name, why in b["unavailable"].items():
         rows.append(("  not available", f"{name}: {why}"))
+    f = info["fp8"]
+    rows.append(("precision fp8", f"{'yes' if f['supported'] else 'no'}: {f['why']}"))
+    for m in info["attention_measured"]:
+        times = ", ".join(f"{k} {v:.3g} ms" for k, v in sorted(m["ms"].items(), key=lambda kv: kv[1]))
+        rows.append(("attention (measured)", f"{m['shape']}: {m['best']} fastest ({times})"
+                     + (f"; skipped {', '.join(m['skipped'])}" if m["skipped"] else "")))
     rows.append(("", ""))
     env = "" if "RALU_CACHE_DIR" in info["env"] else ", RALU_CACHE_DIR not set"
     rows.append(("cache folder", f"{p['cache_dir']} ({_exists(p['cache_dir_exists'])}{env})"))

@@ -53,7 +53,7 @@ DEFAULT_TOKEN_BUDGET = 16384
 """Tokens per packed model call by default (see README "Serving" for the measurement that chose it)."""
 
 # generate() arguments a request may not set: they belong to the engine (its pipeline, backend, thread pool)
-ENGINE_OWNED = ("backend", "compile_options", "torch_dtype", "device", "progress", "parallel")
+ENGINE_OWNED = ("backend", "compile_options", "torch_dtype", "device", "progress", "parallel", "precision")
 
 
 class EngineBusy(RuntimeError):
@@ -232,7 +232,7 @@ class Engine:
         from ..adapters import get_adapter
 
         self.config = config or EngineConfig()
-        bad = sorted(set(defaults) & set(ENGINE_OWNED) - {"backend", "compile_options"})
+        bad = sorted(set(defaults) & set(ENGINE_OWNED) - {"backend", "compile_options", "precision"})
         if bad:
             raise ValueError(f"{', '.join(bad)}: set on the pipeline before building the engine")
         self.pipe = pipe
