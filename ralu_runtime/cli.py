@@ -387,6 +387,7 @@ def check_generate(args) -> GeneratePlan:
     if args.backend is not None:
         why = _backend_unavailable(args.backend, device)
         if why:
+            raise UsageError(f"--backend {args.backend!r} is not available here: {why}")
     if args.precision == "fp8":
         from .compile import fp8_support
 
@@ -395,7 +396,6 @@ def check_generate(args) -> GeneratePlan:
         ok, why = fp8_support(device)
         if not ok:
             raise UsageError(f"--precision fp8: {why}")
-            raise UsageError(f"--backend {args.backend!r} is not available here: {why}")
     msl = args.max_sequence_length or (_TINY[args.model].max_sequence_length if args.model in _TINY else None)
     text_len = None if msl is None else (77 + msl if family == "sd3" else msl)  # SD3: CLIP 77 + T5 tokens
     return GeneratePlan(args.model, family, height, width, args.speedup, device, dtype, msl, text_len, out,
