@@ -23,11 +23,12 @@ step                   exp. s  what
 ``latency_flux``          240  ``latency.py`` FLUX.1-dev shape 1024^2: 50-step eager and compiled, RALU 4x/5x/7x
                                compiled (7x/4x eager too); its first compiled RALU 7x call is a cold start; saves the
                                compile-cache bundle (rows ~220 s, then the bundle)
+``precision``            ~360  (optional) ``benchmarks/precision.py`` at the FLUX.1-dev shape: bf16 vs fp8, 50-step
+                               eager / compiled, RALU 7x / 4x compiled, per-stage velocity error and image PSNR of fp8
+                               vs bf16
 ``warm_start``             55  (optional) a new process loads that bundle and times its first RALU 7x call
 ``latency_families``     ~500  (optional, its own call: ``--only build,latency_families --budget 560``) FLUX.2-dev,
                                Qwen-Image, Z-Image(-Turbo), Chroma, SD3.5 Large, FLUX.2-klein at full size:
-``precision``       (optional, ~6 min) ``benchmarks/precision.py`` at the FLUX.1-dev shape: bf16 vs fp8, 50-step
-                    eager / compiled, RALU 7x / 4x compiled, per-stage velocity error and image PSNR of fp8 vs bf16
                                compiled RALU default preset vs compiled baseline at the pipeline's default steps
 ``serving``              ~420  (optional, its own call: ``--only serving --budget 500``) ``benchmarks/serving.py`` at
                                the FLUX.1-dev shape: sequential generate, same-shape batching and the packed engine
@@ -329,7 +330,8 @@ def latency_video_720p_cmds(ctx: Ctx):
 
 
 # Order: the build, the smoke step (with --smoke), then what is owed most (issue 24): the FLUX.1-dev runtime's latency
-# (the restructured runtime: still 0.955 s for RALU 7x compiled?), its warm start, the families, serving, video;
+# (the restructured runtime: still 0.955 s for RALU 7x compiled?), bf16 vs fp8 side by side, the warm start, the
+# families, serving, video;
 # then what has run on the H200 already. expected_s: seconds on the H200 (benchmarks/results/gpu_suite_nvidia-h200*.log:
 # build 28-32, ctest 12-15, gpu_tests 55-62, transition 18-25, transition_tune 68, attention 17, latency_flux 197 s on
 # 2026-11-29 and cut off at 225 s on 2026-12-04 while saving its bundle, warm_start 55, stacking 50, latency_sd3 100);
@@ -339,9 +341,9 @@ STEPS = [
     Step("ctest", "csrc CMake build + ctest", 300, ctest_cmds, background=True, expected_s=12),
     Step("smoke", "every GPU path at reduced depth, full width (benchmarks/gpu_smoke.py)", SMOKE_LIMIT_S, smoke_cmds,
          expected_s=240),
-    Step("precision", "precision.py FLUX.1-dev shape: bf16 vs fp8 (50-step, RALU 7x/4x), fidelity", 420,
-         precision_cmds, optional=True, min_s=360),
     Step("latency_flux", "latency.py FLUX.1-dev shape", 330, latency_flux_cmds, expected_s=240),
+    Step("precision", "precision.py FLUX.1-dev shape: bf16 vs fp8 (50-step, RALU 7x/4x), fidelity", 420,
+         precision_cmds, optional=True, min_s=360, expected_s=360),
     Step("warm_start", "latency.py warm start, new process", 150, warm_start_cmds, optional=True, min_s=60,
          expected_s=55),
     Step("latency_families", "latency.py FLUX.2/Qwen-Image/Z-Image/Chroma/SD3.5 at full size", 540,
@@ -359,7 +361,7 @@ STEPS = [
     Step("transition_tune", "tune_transition.py", 150, tune_cmds, optional=True, min_s=80, expected_s=70),
     Step("attention", "bench_attention.py", 120, attention_cmds, optional=True, min_s=25, expected_s=17),
 ]
-ESTIMATED = {"latency_families", "serving", "latency_video", "latency_video_720p"}  # expected_s never measured
+ESTIMATED = {"latency_families", "serving", "latency_video", "latency_video_720p", "precision"}  # expected_s never measured
 TIMING_STEPS = {"transition", "transition_tune", "attention", "latency_flux", "warm_start", "latency_sd3", "stacking",
                 "latency_families", "latency_video", "latency_video_720p", "serving", "precision"}
 

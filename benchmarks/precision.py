@@ -143,9 +143,8 @@ def psnr(a: torch.Tensor, b: torch.Tensor) -> float:
 @torch.no_grad()
 def velocity_fidelity(pipe, emb, args, preset: str) -> dict:
     """Per stage of one RALU run (bf16, eager): relative error of the fp8 velocity against bf16 on the same inputs."""
-    from ralu_runtime import generate
+    from ralu_runtime import prepare, run
     from ralu_runtime.adapters import get_adapter
-    from ralu_runtime.api import _MODEL_CALL_HOOK
     from ralu_runtime.compile import uncompile_adapter
     from ralu_runtime.compile.fp8 import Fp8Shadows, resolve_kernel
     from ralu_runtime.compile.impl import BackendImpl
@@ -160,12 +159,8 @@ def velocity_fidelity(pipe, emb, args, preset: str) -> dict:
             return velocity(tokens, grid, timestep, cond)
         return run
 
-    token = _MODEL_CALL_HOOK.set(hook)
-    try:
-        out = generate(pipe, **emb, height=args.resolution, width=args.resolution, speedup=preset, seed=0,
-                       output_type="latent", progress=False, edge_detector=args.edge_detector)
-    finally:
-        _MODEL_CALL_HOOK.reset(token)
+    out = run(prepare(pipe, **emb, height=args.resolution, width=args.resolution, speedup=preset, seed=0,
+                      output_type="latent", progress=False, edge_detector=args.edge_detector), model_call=hook)
     kernel = resolve_kernel(args.fp8_kernel, adapter.device)
     fp8 = BackendImpl(None, fp8=Fp8Shadows(kernel))
     steps = list(out.schedule.steps)

@@ -163,7 +163,7 @@ def test_option_values_checked():
 # ------------------------------------------------------------------------------------------------ whole model
 def _record_calls(pipe, emb, **kw):
     """The model calls of one generate: ``[(tokens, grid, timestep, cond)]`` as the sampler made them."""
-    from ralu_runtime.api import _MODEL_CALL_HOOK
+    from ralu_runtime import prepare, run
 
     calls = []
 
@@ -173,11 +173,8 @@ def _record_calls(pipe, emb, **kw):
             return velocity(tokens, grid, timestep, cond)
         return run
 
-    token = _MODEL_CALL_HOOK.set(hook)
-    try:
-        _ralu(pipe, emb, **kw)
-    finally:
-        _MODEL_CALL_HOOK.reset(token)
+    run(prepare(pipe, **emb, height=64, width=96, speedup=SCHED, seed=3, output_type="latent", progress=False, **kw),
+        model_call=hook)
     return calls
 
 

@@ -319,7 +319,7 @@ def test_smoke_step_wiring(tmp_path):
     names = [s.name for s in S.STEPS]
     assert names[:4] == ["build", "ctest", "smoke", "latency_flux"]
     timed = [n for n in names if n in S.TIMING_STEPS]
-    assert timed[:6] == ["latency_flux", "warm_start", "latency_families", "serving", "latency_video",
+    assert timed[:7] == ["latency_flux", "precision", "warm_start", "latency_families", "serving", "latency_video",
                          "latency_video_720p"]  # what issue 24 says is owed most, in that order
     assert all(s.expected_s > 0 for s in S.STEPS)
     step = {s.name: s for s in S.STEPS}

@@ -443,9 +443,9 @@ class ZImageAdapter(DiTAdapter):
                                                    keep], dim=1)}
         plan = current_sharding()
         if plan is None:
-            ex = Dense(masks[JOINT][:, None, None, :], {TEXT: keep[:, None, None, :]}) if masks else DENSE
+            ex = Dense(masks[JOINT][:, None, None, :], stream_masks={TEXT: keep[:, None, None, :]}) if masks else DENSE
         else:
-            ex = Sharded(plan, (l + pad, tmax), masks.get(JOINT), {TEXT: keep} if masks else None)
+            ex = Sharded(plan, (l + pad, tmax), masks.get(JOINT), stream_key_masks={TEXT: keep} if masks else None)
         img = lambda v: ex.local(v, IMAGE)  # noqa: E731
         txt = lambda v: ex.local(v, TEXT)  # noqa: E731
         out = self._forward(ex, img(x), img(img_pad), tuple(map(img, img_rope)), txt(d["embeds"][rows]),
