@@ -23,7 +23,6 @@ import inspect
 import os
 import re
 import shutil
-import struct
 import subprocess
 import sys
 from pathlib import Path

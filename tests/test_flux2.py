@@ -14,6 +14,7 @@ from ralu_runtime import RaluSchedule, generate
 from ralu_runtime.adapters import Conditioning, TokenGrid, get_adapter
 from ralu_runtime.layout import grid_positions
 from ralu_runtime.tiny.flux2 import build_tiny_flux2_pipeline, random_embeds
+from helpers import assert_same, snapshot
 
 TOL = dict(rtol=1e-5, atol=1e-5)
 VARIANTS = {"dev": {}, "klein": {"klein": True, "distilled": True}, "klein-base": {"klein": True}}
@@ -248,16 +249,6 @@ def test_inductor_matches_eager_without_new_graphs():
 
 
 # ------------------------------------------------------------------------------------------ safety
-def _snapshot(pipe) -> dict:
-    tr = pipe.transformer
-    return {"attrs": sorted(vars(pipe)), "rng": torch.get_rng_state(),
-            "modules": [(n, type(m), id(m), len(m._forward_hooks), len(m._forward_pre_hooks),
-                         sorted(k for k in vars(m) if not k.startswith("_"))) for n, m in tr.named_modules()],
-            "params": [(n, id(p), p._version) for n, p in tr.named_parameters()],
-            "values": {n: t.detach().clone() for n, t in {**tr.state_dict(), **pipe.vae.state_dict()}.items()},
-            "processors": {k: (type(v), id(v)) for k, v in tr.attn_processors.items()}}
-
-
 @torch.no_grad()
 def test_pipeline_left_as_found():
     pipe = build_tiny_flux2_pipeline(seed=0, klein=True)
@@ -267,14 +258,10 @@ def test_pipeline_left_as_found():
         return pipe(**emb, height=64, width=96, num_inference_steps=2, generator=torch.Generator().manual_seed(4),
                     output_type="latent").images
 
-    before_plain, before = plain(), _snapshot(pipe)
+    before_plain, before = plain(), snapshot(pipe)
     generate(pipe, **emb, height=64, width=96, speedup=SMALL, seed=3, output_type="pt", progress=False,
              backend="eager", compile_options={"fused_qkv": True})
-    after = _snapshot(pipe)
-    for key in ("attrs", "modules", "params", "processors"):
-        assert after[key] == before[key], key
-    assert torch.equal(after["rng"], before["rng"]), "the global torch RNG was advanced"
-    assert all(torch.equal(after["values"][k], v) for k, v in before["values"].items())
+    assert_same(before, snapshot(pipe))
     assert torch.equal(plain(), before_plain), "plain pipe() changed after generate"
 
 
