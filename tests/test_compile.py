@@ -58,6 +58,7 @@ def inductor_flux():
     uncompile_adapter(pipe)
 
 
+@pytest.mark.slow
 @torch.no_grad()
 def test_inductor_matches_eager_and_new_token_counts_do_not_recompile(inductor_flux):
     pipe, emb, refs, runner = inductor_flux

@@ -210,6 +210,7 @@ def test_edge_images_are_one_decoded_frame_per_latent_frame(adapter):
 
 
 # ------------------------------------------------------------------------------------------------- RALU
+@pytest.mark.slow
 @pytest.mark.parametrize("noise", ["reference", "exact"])
 @torch.no_grad()
 def test_ralu_preset_through_generate(pipe, noise):

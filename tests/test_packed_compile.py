@@ -140,6 +140,7 @@ def sd3():
 
 
 # ---- compiled packed calls ------------------------------------------------------------------------------------------
+@pytest.mark.slow
 @pytest.mark.parametrize("family", ["flux", "sd3"])
 @torch.no_grad()
 def test_inductor_packed_equals_eager_packed_and_a_new_mix_does_not_recompile(family, request):

@@ -43,7 +43,8 @@ def _plain(pipe, emb, seed=4):
                 generator=torch.Generator().manual_seed(seed), output_type="latent").images
 
 
-@pytest.mark.parametrize("backend", sorted(BACKENDS))
+@pytest.mark.parametrize("backend", [b if b == "eager" else pytest.param(b, marks=pytest.mark.slow)  # compile/export
+                                     for b in sorted(BACKENDS)])
 @torch.no_grad()
 def test_pipeline_left_as_found_and_later_lora_takes_effect(backend):
     if backend == "onnx":
@@ -72,6 +73,7 @@ def test_pipeline_left_as_found_and_later_lora_takes_effect(backend):
     torch.testing.assert_close(lora_ralu, _ralu(fresh, emb), **TOL)
 
 
+@pytest.mark.slow
 @torch.no_grad()
 def test_weight_change_after_a_call_takes_effect_in_every_backend():
     """In-place weight changes reach the compiled paths: fused copies are refreshed, exported graphs rebuilt."""
