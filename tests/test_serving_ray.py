@@ -274,7 +274,7 @@ class TestReplicas:
 
     @pytest.mark.parametrize("body,status,param,code", [
         (b'{"prompt": "a fox", ', 400, None, "invalid_json"),
-        ({"prompt": "a fox", "quality": "hd"}, 400, "quality", "unknown_parameter"),
+        ({"prompt": "a fox", "colour": "red"}, 400, "colour", "unknown_parameter"),
         ({"size": "64x64"}, 400, "prompt", "missing_required_parameter"),
         ({"prompt": "a fox", "size": "100x100"}, 400, "size", "invalid_value"),      # checked by the replica
         ({"prompt": "a fox", "steps": 3}, 400, "steps", "invalid_value"),             # checked by the replica
