@@ -12,7 +12,8 @@ Endpoints (:func:`create_app`):
   ``moderation`` are accepted and ignored. Unknown fields are refused. Response: ``{"created", "data":
   [{"b64_json"}], "output_format", "ralu": {"timings", "schedule", "seed"}}`` (the seed the server drew when the
   request gave none, so any image can be made again).
-* ``GET /health``: 200 ``{"status": "ok", "model", "queue_depth", "active"}``; 503 with status "shutting_down".
+* ``GET /health`` (open without an API key): 200 ``{"status": "ok", "model", "queue_depth", "active"}``; from a
+  stop signal until the process ends 503 with status "shutting_down", an OpenAI-shaped ``error`` and Retry-After.
 * ``GET /metrics``: Prometheus text exposition of :meth:`Engine.metrics` (own registry) and HTTP responses by code.
 * ``GET /v1/models``: the served model, as the OpenAI models API lists it; ``GET /v1/models/{id}``: it, or 404.
 
@@ -65,7 +66,7 @@ from .logs import quiet_library_logs
 from .protocol import (DEFAULT_REQUEST_TIMEOUT_S, GENERATIONS_PATH, MAX_BODY_BYTES, MAX_IMAGES, AccessPolicy,
                        CountResponses, EngineCollector, Guard, encode_images, generation_body, install_error_handlers,
                        is_loopback, model_or_404, models_body, parse_request, read_body, result_error, retry_after_s,
-                       submit_error, unavailable)
+                       shutting_down_health, submit_error, unavailable)
 
 __all__ = ["create_app", "serve", "Server", "ConnectionLimits", "bind_socket"]
 
@@ -186,10 +187,10 @@ def create_app(engine, *, model_name: str, max_body_bytes: int = MAX_BODY_BYTES,
     @app.get("/health")
     async def health():
         m = engine.metrics()
-        down = closing()
-        return JSONResponse({"status": "shutting_down" if down else "ok", "model": model_name,
-                             "queue_depth": m["queue_depth"], "active": m["active"]},
-                            status_code=503 if down else 200)
+        body = {"status": "ok", "model": model_name, "queue_depth": m["queue_depth"], "active": m["active"]}
+        if not closing():
+            return JSONResponse(body)
+        return shutting_down_health(body, retry_after())
 
     @app.get("/metrics")
     def metrics():
@@ -350,7 +351,7 @@ class _Uvicorn(uvicorn.Server):
         if self.owner._stop.is_set():
             self.should_exit = self.force_exit = True
         else:
-            self.owner._stop.set()
+            self.owner.request_stop()
 
     async def on_tick(self, counter: int) -> bool:
         if self.owner._stop.is_set() and self._drain_task is None:
@@ -430,7 +431,8 @@ class Server:
         return self
 
     def request_stop(self) -> None:
-        """Begin the graceful stop (returns at once)."""
+        """Begin the graceful stop (returns at once): from now on new requests and ``/health`` get 503."""
+        self.app.state.closing = True
         self._stop.set()
 
     def stop(self, timeout: float | None = None) -> bool:
