@@ -636,10 +636,13 @@ def _serve_ray(args, plan: ServePlan) -> int:
                                    max_active=args.max_active, max_queue=args.max_queue,
                                    token_budget=args.token_budget, backend=args.backend,
                                    compile_artifacts=(os.path.abspath(args.compile_artifacts)
-                                                      if args.compile_artifacts else None))
+                                                      if args.compile_artifacts else None),
+                                   log_prompts=args.log_prompts)
     model_name = args.model if args.model in TINY_MODELS else os.path.basename(os.path.normpath(args.model))
     options = ray_serving.IngressOptions(model_name=model_name, default_deadline_s=args.request_timeout,
-                                         max_images=args.max_images)
+                                         max_images=args.max_images, api_keys=plan.api_keys,
+                                         allowed_hosts=tuple(args.allowed_host or ()),
+                                         cors_origins=tuple(args.cors_origin or ()))
     t0 = time.perf_counter()
 
     def ready(url, status):
@@ -652,7 +655,7 @@ def _serve_ray(args, plan: ServePlan) -> int:
 
     try:
         ray_serving.run(spec, options, host=args.host, port=args.port, address=args.ray_address,
-                        replicas=plan.replicas, grace_s=args.grace, on_ready=ready)
+                        replicas=plan.replicas, grace_s=args.grace, on_ready=ready, insecure=args.insecure)
     except ValueError as exc:   # e.g. device='cuda' on a cluster without GPUs
         raise UsageError(str(exc)) from None
     print("ralu serve: stopped", flush=True)

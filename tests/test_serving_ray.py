@@ -518,3 +518,123 @@ def test_serve_ray_names_the_extra_where_ray_is_missing():
     line = [ln for ln in res.stderr.splitlines() if ln.startswith("ralu: error:")][-1]
     assert "ray" in line and "pip install" in line and "[ray]" in line
 
+
+
+# ------------------------------------------------------------------------------------------- the ingress alone
+class _Call:
+    """A fake replica call: awaitable, cancellable; answers ``reply`` unless ``hang``."""
+
+    def __init__(self, reply, hang, log):
+        self.reply, self.hang, self.log = reply, hang, log
+
+    def __await__(self):
+        return self._wait().__await__()
+
+    async def _wait(self):
+        import asyncio
+
+        while self.hang:
+            await asyncio.sleep(0.01)
+        return self.reply
+
+    def cancel(self):
+        self.log.append("cancelled")
+
+
+class _FakeReplicas:
+    def __init__(self):
+        self.calls, self.hang = [], False
+
+    @property
+    def generate(self):
+        outer = self
+
+        class _Method:
+            def remote(self, prompt, kwargs, left, encoding=None):
+                from ralu_runtime.serving.protocol import encode_images
+                from PIL import Image
+
+                outer.calls.append({"prompt": prompt, "kwargs": kwargs, "left": left, "encoding": encoding})
+                images = encode_images([Image.new("RGB", (8, 8), (200, 10, 10))], encoding)
+                return _Call({"images": images, "timings": {}, "schedule": None, "replica": "r1"}, outer.hang,
+                             outer.calls)
+        return _Method()
+
+
+class _FakeBoard:
+    class collect:
+        @staticmethod
+        def remote():
+            from ralu_runtime.serving.ray import merge_metrics
+
+            async def snap():
+                return {"total": merge_metrics([]), "replicas": [{}], "gone": []}
+            return snap()
+
+
+@pytest.fixture
+def lone_ingress():
+    """The ingress's app over fake replicas and board, in a TestClient (no Ray cluster)."""
+    pytest.importorskip("ray.serve")
+    from starlette.testclient import TestClient
+
+    from ralu_runtime.serving.ray import IngressOptions, RaluIngress, build_ingress_app
+
+    key = "ingress-key-0123456789"
+    ingress = RaluIngress(_FakeReplicas(), _FakeBoard(), IngressOptions(model_name="tiny-flux", api_keys=(key,),
+                                                                        bound_host="127.0.0.1"))
+    with TestClient(build_ingress_app(ingress), base_url="http://127.0.0.1:8000") as client:
+        client.headers["authorization"] = f"Bearer {key}"
+        yield ingress, client
+
+
+def test_ingress_applies_the_access_policy(lone_ingress):
+    ingress, client = lone_ingress
+    body = {"prompt": "a fox", "seed": 1}
+    assert_error(client.post(GENERATIONS, json=body, headers={"authorization": "Bearer nope-0123456789abcdef"}), 401,
+                 code="invalid_api_key")
+    assert_error(client.get("/metrics", headers={"authorization": ""}), 401)
+    assert client.get("/health", headers={"authorization": ""}).status_code == 200
+    assert_error(client.post(GENERATIONS, content=json.dumps(body), headers={"content-type": "text/plain"}), 415)
+    assert_error(client.get("/v1/models", headers={"host": "evil.example"}), 421, code="host_not_allowed")
+    assert_error(client.post(GENERATIONS, json=body, headers={"origin": "https://evil.example"}), 403)
+    assert_error(client.post(GENERATIONS, json={**body, "guidance_scale": 1e308}), 400, "guidance_scale")
+    assert not ingress.replicas.calls
+    r = client.post(GENERATIONS, json={**body, "output_format": "webp", "output_compression": 40, "style": "vivid"})
+    assert r.status_code == 200 and r.json()["output_format"] == "webp"
+    assert ingress.replicas.calls[-1]["encoding"].format == "webp"
+    assert ingress.replicas.calls[-1]["encoding"].quality == 40
+    assert ingress.replicas.calls[-1]["left"] <= 600                  # the default request timeout
+    assert client.get("/v1/models/tiny-flux").json()["id"] == "tiny-flux"
+    assert_error(client.get("/v1/models/other"), 404, "model", "model_not_found")
+
+
+def test_ingress_answers_503_from_the_stop_on_and_cuts_off_what_outlasts_the_grace(lone_ingress):
+    ingress, client = lone_ingress
+    ingress.replicas.hang = True
+    with ThreadPoolExecutor(1) as pool:
+        running = pool.submit(client.post, GENERATIONS, json={"prompt": "a fox", "seed": 2})
+        wait_for(lambda: client.portal.call(ingress.inflight) == 1, timeout=30, what="the request to be in flight")
+        assert client.portal.call(ingress.begin_shutdown) == 1
+        h = client.get("/health")
+        assert h.status_code == 503 and h.json()["status"] == "shutting_down" and "retry-after" in h.headers
+        assert h.json()["error"]["code"] == "unavailable"
+        refused = client.post(GENERATIONS, json={"prompt": "a fox", "seed": 3})
+        assert_error(refused, 503, code="unavailable")
+        assert "retry-after" in refused.headers
+        assert not running.done()
+        assert client.portal.call(ingress.abort_unfinished) == 1
+        cut = running.result(timeout=30)
+    assert_error(cut, 503, code="unavailable")
+    assert "retry-after" in cut.headers and "shut down" in cut.json()["error"]["message"]
+    assert "cancelled" in ingress.replicas.calls                     # its replica call was cancelled
+    assert client.portal.call(ingress.inflight) == 0
+
+
+def test_serve_ray_refuses_a_public_address_without_a_key(monkeypatch):
+    pytest.importorskip("ray.serve")
+    from ralu_runtime.serving import ray as ralu_ray
+
+    monkeypatch.setattr(ralu_ray.ray, "init", lambda *a, **k: pytest.fail("connected before the check"))
+    with pytest.raises(ValueError, match="API key"):
+        ralu_ray.run(ralu_ray.ReplicaSpec(), ralu_ray.IngressOptions(), host="0.0.0.0", port=0)
