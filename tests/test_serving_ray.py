@@ -349,6 +349,10 @@ class TestReplicas:
             victim = wait_for(app.busy, timeout=30, what="a replica to run the request")[0]
             assert victim in pids
             os.kill(victim, signal.SIGKILL)
+            killed_at = time.monotonic()
+            wait_for(lambda: httpx.get(app.url + "/health", timeout=T).json()["replicas"] == 1, timeout=10,
+                     what="/health to count one replica", every=0.1)
+            assert time.monotonic() - killed_at < 2.5                # liveness, not the 5 s staleness window
             resp = fut.result(T)
         app.delay(0)
         assert resp.json()["ralu"]["replica"] in set(replica_of.values()) - {replica_of[victim]}
@@ -356,6 +360,8 @@ class TestReplicas:
         after = counters(app.url)
         assert after[("ralu_replica_failures_total", ())] == before[("ralu_replica_failures_total", ())] + 1
         assert after[("ralu_retries_total", ())] == before[("ralu_retries_total", ())] + 1
+        ok = ("ralu_requests_total", (("outcome", "ok"),))
+        assert after[ok] == before[ok] + 1                          # kept at the ingress: nothing lost with the replica
         # Ray Serve replaces the dead replica; the new one loads and warms up before it reports
         from ralu_runtime.serving.ray import replica_status
 
@@ -562,7 +568,7 @@ class _FakeReplicas:
 
 
 class _FakeBoard:
-    class collect:
+    class snapshot:
         @staticmethod
         def remote():
             from ralu_runtime.serving.ray import merge_metrics
@@ -607,6 +613,13 @@ def test_ingress_applies_the_access_policy(lone_ingress):
     assert ingress.replicas.calls[-1]["left"] <= 600                  # the default request timeout
     assert client.get("/v1/models/tiny-flux").json()["id"] == "tiny-flux"
     assert_error(client.get("/v1/models/other"), 404, "model", "model_not_found")
+    from prometheus_client.parser import text_string_to_metric_families
+
+    m = {(x.name, tuple(sorted(x.labels.items()))): x.value
+         for fam in text_string_to_metric_families(client.get("/metrics").text) for x in fam.samples}
+    assert m[("ralu_requests_total", (("outcome", "ok"),))] == 1                   # counted at the ingress
+    assert m[("ralu_requests_total", (("outcome", "invalid"),))] == 1
+    assert m[("ralu_http_responses_total", (("code", "401"), ("path", GENERATIONS)))] == 1
 
 
 def test_ingress_answers_503_from_the_stop_on_and_cuts_off_what_outlasts_the_grace(lone_ingress):

@@ -245,21 +245,45 @@ class _Snapshot:
 
 class RaluBoard:
     """Where replicas report their engine metrics (:meth:`report`, every second) and the ingress reads them
-    (:meth:`collect`). A replica not heard of for ``stale_after_s`` counts as gone: its last counters stay in the
-    totals, its gauges leave them."""
+    (:meth:`snapshot`, or :meth:`collect` without the liveness check). A replica not heard of for ``stale_after_s``
+    counts as gone: its last counters stay in the totals, its gauges leave them. A replica whose actor has died
+    counts as gone at the next :meth:`snapshot` (Ray knows within a second; the staleness window is 5 s)."""
 
     def __init__(self, stale_after_s: float = STALE_AFTER_S):
         self.stale_after_s = stale_after_s
         self._live: dict[str, tuple[float, dict]] = {}
         self._gone: dict[str, dict] = {}
+        self._actors: dict[str, Any] = {}
 
-    def report(self, replica: str, metrics: dict, final: bool = False) -> None:
+    def report(self, replica: str, metrics: dict, final: bool = False, actor=None) -> None:
         self._gone.pop(replica, None)
         if final:
             self._live.pop(replica, None)
+            self._actors.pop(replica, None)
             self._gone[replica] = metrics
         else:
             self._live[replica] = (time.monotonic(), metrics)
+            if actor is not None:
+                self._actors[replica] = actor
+
+    async def snapshot(self, ping_timeout_s: float = 0.5) -> dict:
+        """:meth:`collect` after asking every live replica's actor whether it is still there: a dead one is gone
+        now (a busy one that does not answer in time stays)."""
+        async def dead(rid, actor) -> str | None:
+            try:
+                await asyncio.wait_for(_awaited(actor.__ray_ready__.remote()), ping_timeout_s)
+            except RayActorError:
+                return rid
+            except Exception:  # noqa: BLE001 - a timeout (busy) or a transient error: the staleness window decides
+                return None
+            return None
+
+        pings = [dead(rid, self._actors[rid]) for rid in list(self._live) if rid in self._actors]
+        for rid in await asyncio.gather(*pings):
+            if rid is not None and rid in self._live:
+                self._gone[rid] = self._live.pop(rid)[1]
+                self._actors.pop(rid, None)
+        return self.collect()
 
     def collect(self) -> dict:
         now = time.monotonic()
@@ -379,6 +403,10 @@ class RaluReplica:
     async def __init__(self, spec: ReplicaSpec, board=None):
         self.spec, self.board = spec, board
         self.id = serve.get_replica_context().replica_id.unique_id
+        try:
+            self._actor = ray.get_runtime_context().current_actor    # the board asks it whether it lives
+        except Exception:  # noqa: BLE001 - not in an actor (a test): no liveness check
+            self._actor = None
         self.engine = None
         self.engine, self.info = await asyncio.to_thread(start_engine, spec, self.id)
         self._stop = asyncio.Event()
@@ -432,7 +460,7 @@ class RaluReplica:
     # ------------------------------------------------------------------------------ reporting, shutdown
     async def _report(self, final: bool = False) -> None:
         try:
-            await asyncio.wait_for(self.board.report.remote(self.id, self.metrics(), final), 10.0)
+            await asyncio.wait_for(self.board.report.remote(self.id, self.metrics(), final, self._actor), 10.0)
         except Exception as exc:  # noqa: BLE001 - the board restarts; the next report fills it again
             logger.debug("replica %s: metrics report failed: %s", self.id, exc)
 
@@ -473,6 +501,8 @@ class RaluIngress:
         self._lock = threading.Lock()
         self._http_counts: dict = {}
         self._counts = {"retries": 0, "replica_failures": 0, "ingress_timeouts": 0}
+        # generations by outcome as clients saw them (a replica's own counts die with it)
+        self._outcomes = dict.fromkeys(("ok", "invalid", "rejected", "cancelled", "deadline", "error"), 0)
         self._last_total: dict | None = None
         self.closing = False            # from a stop signal on: /health and new requests get 503
         self._inflight = 0              # generations this ingress is answering
@@ -515,7 +545,7 @@ class RaluIngress:
                 self._inflight -= 1
 
     async def _board(self) -> dict:
-        snap = await asyncio.wait_for(self.board.collect.remote(), self.options.board_timeout_s)
+        snap = await asyncio.wait_for(self.board.snapshot.remote(), self.options.board_timeout_s)
         self._last_total = snap["total"]
         return snap
 
@@ -610,6 +640,22 @@ def build_ingress_app(ingress: RaluIngress):
 
     @app.post(protocol.GENERATIONS_PATH)
     async def generations(request: Request):
+        outcome = "error"
+        try:
+            out = await _generation(request)
+            outcome = "ok"
+            return out
+        except protocol.ApiError as exc:
+            outcome = {503: "rejected", 504: "deadline"}.get(exc.status, "invalid" if exc.status < 500 else "error")
+            raise
+        except (asyncio.CancelledError, protocol.ClientGone):
+            outcome = "cancelled"
+            raise
+        finally:
+            with ingress._lock:
+                ingress._outcomes[outcome] += 1
+
+    async def _generation(request: Request):
         body = await protocol.read_body(request, opts.max_body_bytes)
         kwargs, deadline, seed, encoding = protocol.parse_request(
             body, model_name=opts.model_name, max_images=opts.max_images, default_deadline_s=opts.default_deadline_s)
@@ -641,6 +687,12 @@ def build_ingress_app(ingress: RaluIngress):
 
         def collect(self):
             yield GaugeMetricFamily("ralu_replicas", "Replicas reporting metrics", value=len(self.snap["replicas"]))
+            replica_requests = CounterMetricFamily("ralu_replica_requests", "Requests the replicas' engines finished "
+                                                   "or refused, by outcome (warm-ups included; the counts since a "
+                                                   "dead replica's last report are lost)", labels=["outcome"])
+            for outcome, count in self.snap["total"]["requests"].items():
+                replica_requests.add_metric([outcome], count)
+            yield replica_requests
             with ingress._lock:
                 counts = dict(ingress._counts)
             yield CounterMetricFamily("ralu_replica_failures", "Requests whose replica died while running them",
@@ -657,7 +709,9 @@ def build_ingress_app(ingress: RaluIngress):
         except Exception as exc:  # noqa: BLE001 - the board is restarting
             raise protocol.unavailable(f"replica metrics unavailable ({type(exc).__name__})", "1") from None
         registry = CollectorRegistry(auto_describe=False)
-        registry.register(protocol.EngineCollector(_Snapshot(snap["total"]), ingress._http_counts, ingress._lock))
+        with ingress._lock:     # ralu_requests_total: generations by outcome as the ingress answered them
+            total = {**snap["total"], "requests": dict(ingress._outcomes)}
+        registry.register(protocol.EngineCollector(_Snapshot(total), ingress._http_counts, ingress._lock))
         registry.register(_Extra(snap))
         return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
 
