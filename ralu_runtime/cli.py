@@ -602,7 +602,8 @@ def cmd_serve(args) -> int:
             print(f"model: {plan.model} ({plan.family}, {plan.device}, {plan.dtype}), loaded in {load_s:.2f} s; "
                   f"served as {model_name!r}")
             auth = (f"API key required ({len(plan.api_keys)} accepted)" if plan.api_keys else
-                    "no API key (anyone who reaches the port can use it)")
+                    "no API key (this machine only)" if _is_loopback(args.host) else
+                    "no API key (--insecure: anyone who reaches the port can use it)")
             print(f"ralu serve: listening on {url} (POST {url}{http.GENERATIONS_PATH}, GET {url}/health, "
                   f"GET {url}/metrics); {auth}; Ctrl+C stops", flush=True)
 

@@ -293,8 +293,10 @@ class TestReplicas:
         before = counters(app.url)
         assert before[("ralu_replicas", ())] == 2
         assert post(app.url, {"prompt": "a fox", "speedup": "none", "steps": 2, "seed": 1}).status_code == 200
-        after = wait_for(lambda: (c := counters(app.url))[("ralu_requests_total", (("outcome", "ok"),))]
-                         > before[("ralu_requests_total", (("outcome", "ok"),))] and c, timeout=30,
+        ok = ("ralu_requests_total", (("outcome", "ok"),))
+        assert counters(app.url)[ok] == before[ok] + 1                 # counted at the ingress, at once
+        replica_ok = ("ralu_replica_requests_total", (("outcome", "ok"),))
+        after = wait_for(lambda: (c := counters(app.url))[replica_ok] > before[replica_ok] and c, timeout=30,
                          what="the replicas' next metrics report")
         assert after[("ralu_model_calls_total", ())] >= before[("ralu_model_calls_total", ())] + 2
         assert after[("ralu_request_latency_seconds_count", ())] > before[("ralu_request_latency_seconds_count", ())]
