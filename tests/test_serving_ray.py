@@ -412,6 +412,34 @@ def test_ralu_serve_ray_command_serves_and_stops_on_sigterm(cluster):
     assert replica_status() == {}       # the application was deleted
 
 
+@pytest.mark.slow
+def test_ralu_serve_ray_drains_for_its_grace_then_answers_503(cluster):
+    """SIGTERM with a request running longer than ``--grace``: /health and new requests get 503 with Retry-After
+    at once, the running request gets 503 with Retry-After when the grace ends (not a plain 500 at Ray's 20 s)."""
+    args = ["--ray", "--ray-address", cluster.gcs_address, "--replicas", "1", "--port", str(cluster.port),
+            "--device", "cpu", "--max-active", "2", "--log-level", "warning", "--grace", "3"]
+    with serve_command(args, start_timeout=240) as (url, proc, seen):
+        slow = {"prompt": "a fox", "size": "256x256", "speedup": "none", "steps": 1000, "seed": 0}
+        with ThreadPoolExecutor(1) as pool:
+            running = pool.submit(post, url, slow)
+            wait_for(lambda: httpx.get(url + "/health", timeout=T).json().get("active") == 1, timeout=60,
+                     what="the long request to run")
+            proc.send_signal(signal.SIGTERM)
+            signalled = time.monotonic()
+            h = wait_for(lambda: (r := httpx.get(url + "/health", timeout=T)).status_code != 200 and r, timeout=10,
+                         what="/health to leave 200", every=0.05)
+            assert h.status_code == 503 and "retry-after" in h.headers and h.json()["status"] == "shutting_down"
+            refused = post(url, {"prompt": "a fox", "seed": 1})
+            assert_error(refused, 503, code="unavailable")
+            assert "retry-after" in refused.headers
+            cut = running.result(T)
+            cut_after = time.monotonic() - signalled
+        assert proc.wait(timeout=120) == 0
+    assert_error(cut, 503, code="unavailable")
+    assert "retry-after" in cut.headers
+    assert 2.0 <= cut_after < 15.0, cut_after
+
+
 # ------------------------------------------------------------------------------------------- without a cluster
 def test_replica_options_one_gpu_each_and_autoscaling_on_queue_depth():
     pytest.importorskip("ray.serve")
