@@ -286,7 +286,9 @@ class TestReplicas:
 
     def test_body_limit_health_models_and_metrics(self, app):
         assert_error(post(app.url, json.dumps({"prompt": "x" * (2 << 20)})), 413, code="request_too_large")
-        h = httpx.get(app.url + "/health", timeout=T)
+        # the gauges come from the replicas' reports (every second): wait for the one after the last test's requests
+        h = wait_for(lambda: (r := httpx.get(app.url + "/health", timeout=T)).json().get("active") == 0 and r,
+                     timeout=10, what="/health to show the replicas idle")
         assert h.status_code == 200
         assert h.json() == {"status": "ok", "model": "tiny-flux", "queue_depth": 0, "active": 0, "replicas": 2}
         assert [m["id"] for m in httpx.get(app.url + "/v1/models", timeout=T).json()["data"]] == ["tiny-flux"]

@@ -263,13 +263,18 @@ class _BoundedH11(H11Protocol):
     """uvicorn's h11 protocol with read deadlines and a connection cap (uvicorn has neither: a client sending a
     partial request head holds its connection forever). Settings: ``config.ralu_limits``."""
 
+    _last_refusal_log = -1e9
+
     def connection_made(self, transport) -> None:
         super().connection_made(transport)
         self._limits: ConnectionLimits = self.config.ralu_limits
         self._timer = None
         self._phase = None
         if len(self.connections) > self._limits.max_connections:
-            logger.warning("connection refused: %d connections open (the limit)", len(self.connections) - 1)
+            now = time.monotonic()
+            if now - _BoundedH11._last_refusal_log > 10.0:     # one line per 10 s under a flood
+                _BoundedH11._last_refusal_log = now
+                logger.warning("connections refused: %d are open (--max-connections)", len(self.connections) - 1)
             self._close(_raw_error(503, "Service Unavailable", "too many open connections: retry later",
                                    "unavailable", "retry-after: 1\r\n"))
             return
