@@ -170,7 +170,7 @@ def test_the_seed_drawn_for_a_request_reproduces_it(served):
 @pytest.mark.parametrize("body,status,param,code", [
     (b'{"prompt": "a fox", ', 400, None, "invalid_json"),
     (b'["a fox"]', 400, None, "invalid_json"),
-    ({"prompt": "a fox", "quality": "hd", "style": "vivid"}, 400, "quality", "unknown_parameter"),
+    ({"prompt": "a fox", "colour": "red", "mood": "calm"}, 400, "colour", "unknown_parameter"),
     ({"size": "64x64"}, 400, "prompt", "missing_required_parameter"),
     ({"prompt": "a fox", "size": "100x100"}, 400, "size", "invalid_value"),
     ({"prompt": "a fox", "size": "large"}, 400, "size", "invalid_value"),
@@ -195,7 +195,7 @@ def test_bad_requests_get_openai_errors_before_any_work(served, body, status, pa
     before = engine.metrics()
     err = assert_error(post(server, body), status, param, code)
     if code == "unknown_parameter":
-        assert "quality" in err["message"] and "style" in err["message"]
+        assert "colour" in err["message"] and "mood" in err["message"]
     if param == "response_format":
         assert "b64_json" in err["message"] and "url" in err["message"]
     after = engine.metrics()
