@@ -10,6 +10,7 @@ flow-matching convention ``v = noise - data`` with ``x_sigma = (1 - sigma) * dat
 """
 from __future__ import annotations
 
+import threading
 import weakref
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
@@ -20,6 +21,22 @@ import torch
 
 from ..execution.call import (EAGER, CallState, ModelImpl, call_scope, current_cache,  # noqa: F401 (re-exported)
                               current_call, current_sharding)
+
+
+_VAE_LOCKS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+_VAE_LOCKS_LOCK = threading.Lock()
+
+
+def vae_lock(vae) -> threading.Lock:
+    """The one lock of ``vae`` (kept by ralu, not on the module): held around every decode of a VAE that keeps state
+    on its modules between calls (the causal 3-D VAEs of Qwen-Image, Wan and HunyuanVideo 1.5 cache features per
+    call), so two threads (two ``generate`` calls, or the serving engine's final decode and another request's
+    preview decode) never run it at once."""
+    with _VAE_LOCKS_LOCK:
+        lock = _VAE_LOCKS.get(vae)
+        if lock is None:
+            lock = _VAE_LOCKS[vae] = threading.Lock()
+        return lock
 
 
 @dataclass

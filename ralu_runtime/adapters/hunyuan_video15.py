@@ -57,7 +57,7 @@ import torch
 
 from ..families import FAMILIES
 from ..execution.modes import DENSE, Mode
-from .base import EAGER, Conditioning, ModelImpl, TokenGrid, scheduler_base_shift
+from .base import EAGER, Conditioning, ModelImpl, TokenGrid, scheduler_base_shift, vae_lock
 from .double_stream import DoubleStreamAdapter, StreamInputs
 
 IMAGE, TEXT = 0, 1  # HunyuanVideo 1.5's streams, in the order of its joint sequence [image ; text]
@@ -455,14 +455,16 @@ class HunyuanVideo15Adapter(DoubleStreamAdapter):
         """Latents ``(B, C, F, h, w)`` -> video ``(B, 3, 4 (F - 1) + 1, 16 h, 16 w)``: the pipeline's ``latents /
         scaling_factor`` in the VAE's dtype and VAE decode, one video at a time (diffusers 0.42.1's
         ``AutoencoderKLHunyuanVideo15`` mid-block attention breaks for a batch of more than one video unless
-        ``vae.enable_slicing()``, which decodes one at a time too)."""
+        ``vae.enable_slicing()``, which decodes one at a time too), one decode at a time per VAE
+        (:func:`~ralu_runtime.adapters.base.vae_lock`: a causal 3-D VAE, never run from two threads at once)."""
         vae = self.pipe.vae
         z = latents.to(next(vae.parameters()).dtype) / vae.config.scaling_factor
         fn = (impl or EAGER).vae_decode(vae)
         if fn is None:
             def fn(x):
                 return vae.decode(x, return_dict=False)[0]
-        return torch.cat([fn(zi) for zi in z.split(1)]) if z.shape[0] > 1 else fn(z)
+        with vae_lock(vae):
+            return torch.cat([fn(zi) for zi in z.split(1)]) if z.shape[0] > 1 else fn(z)
 
     def edge_images(self, latents, decode):
         """One decoded frame per latent frame (decoded frame ``4 f`` for latent frame ``f``, clipped), stacked

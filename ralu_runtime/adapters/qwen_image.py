@@ -50,7 +50,8 @@ import torch
 
 from ..families import FAMILIES
 from ..execution.modes import DENSE, Mode
-from .base import EAGER, Conditioning, ModelImpl, TokenGrid, check_blocks, named_blocks, scheduler_base_shift
+from .base import (EAGER, Conditioning, ModelImpl, TokenGrid, check_blocks, named_blocks, scheduler_base_shift,
+                   vae_lock)
 from .common import ADDED_QKV, QKV, projections
 from .double_stream import DoubleStreamAdapter, StreamInputs
 
@@ -359,5 +360,6 @@ class QwenImageAdapter(DoubleStreamAdapter):
         inv_std = 1.0 / torch.tensor(vae.config.latents_std).view(shape).to(z.device, dtype)
         z = z / inv_std + mean
         fn = (impl or EAGER).vae_decode(vae)
-        images = fn(z) if fn is not None else vae.decode(z, return_dict=False)[0]
+        with vae_lock(vae):
+            images = fn(z) if fn is not None else vae.decode(z, return_dict=False)[0]
         return images[:, :, 0]

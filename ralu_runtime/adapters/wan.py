@@ -67,8 +67,6 @@ and one call at a time per VAE.
 from __future__ import annotations
 
 import copy
-import threading
-import weakref
 
 import torch
 
@@ -79,7 +77,7 @@ from ..execution.packing import (HostSegments, Packed, PackedExecution, PackedSe
 from ..execution.sharding import Sharded
 from .base import (EAGER, BlockStack, Conditioning, DiTAdapter, ModelImpl, TokenGrid, VelocityCall, call_with_hooks,
                    check_blocks, check_velocity_calls, current_cache, current_call, current_sharding,
-                   scheduler_base_shift)
+                   scheduler_base_shift, vae_lock)
 
 IMAGE, TEXT = 0, 1  # Wan's streams: the video tokens (self-attention, sharded) and the text (cross-attention keys)
 _EXPERT_KEY = "wan.last_expert"  # CallState.adapter: the expert of the call's last model call (cache resets)
@@ -87,18 +85,6 @@ ROPE_THETA = 10000.0  # WanRotaryPosEmbed's theta (WanTransformer3DModel passes 
 # diffusers hooks whose effect is per module call (no state across a transformer forward): allowed on the model
 STATELESS_HOOK_PREFIXES = ("group_offloading", "lazy_prefetch_group_offloading", "layerwise_casting",
                            "peft_autocast_disable")
-
-_VAE_LOCKS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
-_VAE_LOCKS_LOCK = threading.Lock()
-
-
-def _vae_lock(vae) -> threading.Lock:
-    with _VAE_LOCKS_LOCK:
-        lock = _VAE_LOCKS.get(vae)
-        if lock is None:
-            lock = _VAE_LOCKS[vae] = threading.Lock()
-        return lock
-
 
 def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """diffusers' ``WanAttnProcessor`` rotary embedding (same operations): ``x (B, S, H, Dh)``, ``cos`` / ``sin``
@@ -740,7 +726,7 @@ class WanAdapter(DiTAdapter):
         mean = torch.tensor(vae.config.latents_mean).view(shape).to(z.device, z.dtype)
         std = 1.0 / torch.tensor(vae.config.latents_std).view(shape).to(z.device, z.dtype)
         z = z / std + mean
-        with _vae_lock(vae):
+        with vae_lock(vae):
             return vae.decode(z, return_dict=False)[0]
 
     def edge_images(self, latents, decode):
