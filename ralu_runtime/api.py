@@ -34,7 +34,8 @@ from typing import Any, Callable
 import torch
 
 from .adapters import DiTAdapter, call_scope, get_adapter
-from .sampler import NOISE_VARIANTS, REGION_MODES, REGION_SOURCES, SOLVERS, StageRecord, sample_baseline, sample_ralu
+from .sampler import (NOISE_VARIANTS, REGION_MODES, REGION_SOURCES, SOLVERS, StageRecord, check_finite_decode,
+                      sample_baseline, sample_ralu)
 from .schedule import RaluSchedule, get_preset
 
 OUTPUT_TYPES = ("pil", "np", "pt", "latent")
@@ -581,6 +582,7 @@ def run(plan: CallPlan, *, model_call: ModelCallHook | None = None,
         return RaluOutput(latents, masks, timings, result.records, schedule, cache_stats)
     t0 = time.perf_counter()
     images = (final_decode(decode) if final_decode is not None else decode)(latents)
+    check_finite_decode(images, "the final latents")
     if images.device.type == "cuda":
         torch.cuda.synchronize()
     timings["vae_decode"] = time.perf_counter() - t0
@@ -637,7 +639,8 @@ def generate(pipe, prompt: str | list[str] | None = None, *, height: int | None 
     token: no preview decode, the cheaper choice for video VAEs; ``edge_map`` / ``edge_detector`` then do not apply).
 
     Raises ValueError / TypeError for bad arguments before any work, and FloatingPointError when a stage produces
-    non-finite latents (naming the stage).
+    non-finite latents (naming the stage) or a VAE decode non-finite pixels (naming the decode: the region-choice
+    preview or the final one).
 
     ``parallel``: a diffusers ``ContextParallelConfig(ulysses_degree=U, ring_degree=R)`` to split every model call's
     token sequence over the ``U * R`` ranks of an initialised ``torch.distributed`` group (FLUX.1; launch with

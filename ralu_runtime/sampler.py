@@ -97,6 +97,16 @@ def check_finite(x: torch.Tensor, stage: str) -> None:
                                  "(check the prompt embeddings, guidance scale and the model's dtype)")
 
 
+def check_finite_decode(images: torch.Tensor, what: str) -> torch.Tensor:
+    """``images`` (any shape, the VAE's output) unchanged; FloatingPointError naming the decode ``what`` when they hold
+    NaN or Inf (a VAE that overflows, e.g. in fp16, or a broken decoder), instead of returning NaN pixels."""
+    if not bool(torch.isfinite(images).all()):
+        bad = int((~torch.isfinite(images)).sum())
+        raise FloatingPointError(f"non-finite output (NaN or Inf) of the VAE decode of {what}: {bad} of "
+                                 f"{images.numel()} values (check the VAE's dtype: fp16 VAEs can overflow)")
+    return images
+
+
 def stage_timesteps(schedule: RaluSchedule, k: int, device) -> tuple[torch.Tensor, torch.Tensor]:
     """RALU stage ``k`` (0-based): ``(timesteps (N_k,), sigmas (N_k + 1,))`` float32 from the schedule."""
     sig = schedule.stage_sigmas(k)
@@ -152,7 +162,8 @@ def select_regions(adapter: DiTAdapter, x: torch.Tensor, v: torch.Tensor, sigma_
     if region_source == "latent":
         scores = latent_edge_scores(latents, adapter.patch_size)
     else:
-        images = adapter.edge_images(latents, decode or adapter.decode)
+        images = check_finite_decode(adapter.edge_images(latents, decode or adapter.decode),
+                                     "the region-choice preview (end of RALU stage 1)")
         block = adapter.patch_size * adapter.vae_scale_factor
         scores = edge_scores(images, block, mapping=edge_map, detector=edge_detector)
     if frames == 1 or region_mode == "frame":

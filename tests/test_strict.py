@@ -45,3 +45,39 @@ def test_engine_mixed_sizes_on_stateful_vaes_equal_generate_alone(family):
     for (kw, seed), out in zip(reqs, outs):
         ref = generate(pipe, seed=seed, output_type="pt", progress=False, **kw)
         torch.testing.assert_close(out.images, ref.images, **TOL)
+
+
+# ------------------------------------------------------------------------------------------------ item 7
+@pytest.fixture(scope="module")
+def flux():
+    return build_tiny("tiny-flux")
+
+
+@pytest.fixture(scope="module")
+def sd3():
+    return build_tiny("tiny-sd3")
+
+
+def _small(**kw):
+    return dict(height=64, width=64, seed=1, progress=False, **kw)
+
+
+@pytest.mark.parametrize("speedup,region_source,match", [
+    (None, "decode", "decode of the final latents"),
+    (A, "decode", "decode of the region-choice preview"),
+    (A, "latent", "decode of the final latents"),
+])
+def test_non_finite_decode_raises_naming_the_decode(flux, speedup, region_source, match):
+    """Issue 22 item 7: a NaN in the VAE decoder returned NaN images with no error."""
+    from tiny_inputs import flux_embeds
+
+    handle = flux.vae.decoder.register_forward_hook(lambda mod, args, out: out * float("nan"))
+    try:
+        kw = dict(num_inference_steps=2) if speedup is None else {}
+        with pytest.raises(FloatingPointError, match=match):
+            generate(flux, speedup=speedup, region_source=region_source, output_type="pt", **kw,
+                     **_small(**flux_embeds(1)))
+    finally:
+        handle.remove()
+    out = generate(flux, speedup=A, output_type="pt", **_small(**flux_embeds(1)))
+    assert torch.isfinite(out.images).all()
