@@ -81,3 +81,88 @@ def test_non_finite_decode_raises_naming_the_decode(flux, speedup, region_source
         handle.remove()
     out = generate(flux, speedup=A, output_type="pt", **_small(**flux_embeds(1)))
     assert torch.isfinite(out.images).all()
+
+
+# ------------------------------------------------------------------------------------------------ item 8
+def test_lossless_dtype_cast_equals_the_model_dtype(sd3):
+    """Issue 22 item 8: fp16 / bf16 embeddings on an fp32 pipeline failed inside the transformer."""
+    from tiny_inputs import sd3_embeds
+
+    emb = {k: v.to(torch.float16).to(torch.float32) for k, v in sd3_embeds(1).items()}  # exactly fp16 values
+    ref = generate(sd3, speedup=A, output_type="latent", **_small(**emb))
+    for dtype in (torch.float16, torch.bfloat16):
+        low = {k: v.to(dtype) for k, v in emb.items()}
+        if dtype == torch.bfloat16:
+            ref = generate(sd3, speedup=A, output_type="latent", **_small(**{k: v.float() for k, v in low.items()}))
+        out = generate(sd3, speedup=A, output_type="latent", **_small(**low))
+        assert torch.equal(out.images, ref.images)
+
+
+@pytest.mark.parametrize("name", ["prompt_embeds", "pooled_prompt_embeds", "negative_prompt_embeds"])
+def test_lossy_dtype_is_refused_naming_the_argument(sd3, name):
+    from tiny_inputs import sd3_embeds
+
+    emb = sd3_embeds(1)
+    emb[name] = emb[name].double()
+    with pytest.raises(TypeError, match=f"{name} has dtype torch.float64 but the model runs in torch.float32"):
+        generate(sd3, speedup=A, **_small(**emb))
+
+
+def test_meta_embeddings_and_meta_pipeline_are_refused(sd3):
+    from tiny_inputs import sd3_embeds
+
+    from ralu_runtime.tiny import build_tiny_sd3_pipeline
+
+    emb = sd3_embeds(1)
+    emb["negative_prompt_embeds"] = torch.empty_like(emb["negative_prompt_embeds"], device="meta")
+    with pytest.raises(ValueError, match="negative_prompt_embeds is on the meta device"):
+        generate(sd3, speedup=A, **_small(**emb))
+    meta = build_tiny_sd3_pipeline(device="meta")
+    with pytest.raises(ValueError, match="transformer is on the meta device"):
+        generate(meta, speedup=A, **_small(**sd3_embeds(1)))
+
+
+# ------------------------------------------------------------------------------------------------ item 9
+CFG_TINY = ["tiny-sd3", "tiny-chroma", "tiny-qwen-image", "tiny-z-image", "tiny-wan", "tiny-hunyuan-video15"]
+
+
+def _cfg_pipe(name):
+    pipe = build_tiny(name)
+    extra = {"num_frames": 5} if name in ("tiny-wan", "tiny-hunyuan-video15") else {}
+    return pipe, extra
+
+
+@pytest.mark.parametrize("name", CFG_TINY)
+def test_prompt_count_mismatch_refused_before_the_text_encoders(name):
+    """Issue 22 item 9: 2 prompts with 3 negatives passed the checks (and the engine) and failed after encoding."""
+    from ralu_runtime import prepare
+
+    pipe, extra = _cfg_pipe(name)
+    calls = []
+    hooks = [m.register_forward_pre_hook(lambda *a: calls.append(1)) for m in pipe.components.values()
+             if isinstance(m, torch.nn.Module)]
+    try:
+        for neg in (["x", "y", "z"], ["x"], ("x", "y", "z")):
+            with pytest.raises(ValueError, match=f"got {len(neg)} negative prompts for 2 prompts"):
+                prepare(pipe, ["a", "b"], negative_prompt=neg, **_small(**extra))
+        with pytest.raises(TypeError, match="negative_prompt=.* is not allowed"):
+            prepare(pipe, ["a", "b"], negative_prompt=["x", 3], **_small(**extra))
+        with pytest.raises(TypeError, match="prompt=.* is not allowed"):
+            prepare(pipe, ("a", None), **_small(**extra))
+        with Engine(pipe) as eng, pytest.raises(ValueError, match="got 3 negative prompts for 2 prompts"):
+            eng.submit(["a", "b"], negative_prompt=["x", "y", "z"], height=64, width=64, **extra)
+    finally:
+        for h in hooks:
+            h.remove()
+    assert not calls, "a model ran before the prompt check"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", CFG_TINY)
+def test_tuple_prompts_and_one_negative_string_are_one_rule(name):
+    """A tuple is a list; one negative prompt string is used for every prompt, in every family."""
+    pipe, extra = _cfg_pipe(name)
+    kw = dict(speedup=None, num_inference_steps=2, output_type="latent", **_small(**extra))
+    ref = generate(pipe, ["a cat", "a dog"], negative_prompt=["blurry", "blurry"], **kw)
+    out = generate(pipe, ("a cat", "a dog"), negative_prompt="blurry", **kw)
+    assert torch.equal(out.images, ref.images)
