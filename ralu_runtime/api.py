@@ -35,7 +35,7 @@ import torch
 
 from .adapters import DiTAdapter, call_scope, get_adapter
 from .sampler import (NOISE_VARIANTS, REGION_MODES, REGION_SOURCES, SOLVERS, StageRecord, check_finite_decode,
-                      sample_baseline, sample_ralu)
+                      sample_baseline, sample_ralu, scheduler_integration)
 from .schedule import RaluSchedule, get_preset
 
 OUTPUT_TYPES = ("pil", "np", "pt", "latent")
@@ -99,6 +99,7 @@ class CallPlan:
     transition_impl: str = "auto"
     region_source: str = "decode"
     progress: bool = True
+    integration: str = "own"  # "follow": the baseline steps with the pipeline's scheduler (scheduler_integration)
 
     @property
     def backend(self) -> str | None:
@@ -521,6 +522,7 @@ def prepare(pipe, prompt: str | list[str] | None = None, *, height: int | None =
     negative_prompt_embeds, negative_pooled_prompt_embeds = (cast["negative_prompt_embeds"],
                                                              cast["negative_pooled_prompt_embeds"])
     schedule = resolve_schedule(speedup, adapter, height, width)
+    integration = scheduler_integration(adapter, schedule is not None, solver)
     steps = num_inference_steps if num_inference_steps is not None else adapter.default_steps
     guidance = adapter.default_guidance if guidance_scale is None else float(guidance_scale)
     from .parallel import resolve_parallel
@@ -534,7 +536,7 @@ def prepare(pipe, prompt: str | list[str] | None = None, *, height: int | None =
         negative_prompt_embeds_mask=negative_prompt_embeds_mask, num_images_per_prompt=num_images_per_prompt,
         max_sequence_length=max_sequence_length, generator=generator, seed=seed, output_type=output_type,
         return_masks=return_masks, noise=noise, edge_map=edge_map, edge_detector=edge_detector, solver=solver,
-        transition_impl=transition_impl, region_source=region_source, progress=progress)
+        transition_impl=transition_impl, region_source=region_source, progress=progress, integration=integration)
 
 
 ModelCallHook = Callable[[DiTAdapter, Callable], Callable]
@@ -624,7 +626,8 @@ def run(plan: CallPlan, *, model_call: ModelCallHook | None = None,
     with _call_state(plan.cache, sp) as state:
         if schedule is None:
             result = sample_baseline(adapter, cond, noise_latents, plan.steps, solver=plan.solver,
-                                     progress=plan.progress, velocity=velocity)
+                                     progress=plan.progress, velocity=velocity,
+                                     follow_scheduler=plan.integration == "follow")
         else:
             result = sample_ralu(adapter, cond, noise_latents, schedule, per_image, noise_variant=plan.noise,
                                  edge_map=plan.edge_map, edge_detector=plan.edge_detector,

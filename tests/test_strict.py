@@ -166,3 +166,72 @@ def test_tuple_prompts_and_one_negative_string_are_one_rule(name):
     ref = generate(pipe, ["a cat", "a dog"], negative_prompt=["blurry", "blurry"], **kw)
     out = generate(pipe, ("a cat", "a dog"), negative_prompt="blurry", **kw)
     assert torch.equal(out.images, ref.images)
+
+
+# ------------------------------------------------------------------------------------------------ item 6
+def _with_scheduler(pipe, sched):
+    """The same pipeline's modules with another scheduler (a new pipeline object: the fixture stays as it is)."""
+    return type(pipe)(**{**pipe.components, "scheduler": sched})
+
+
+def _sd3_schedulers(sd3):
+    from diffusers import DPMSolverMultistepScheduler, FlowMatchHeunDiscreteScheduler, UniPCMultistepScheduler
+
+    flow = dict(num_train_timesteps=1000, prediction_type="flow_prediction", use_flow_sigmas=True, flow_shift=3.0)
+    return {"heun": FlowMatchHeunDiscreteScheduler(num_train_timesteps=1000, shift=3.0),
+            "dpm": DPMSolverMultistepScheduler(**flow), "unipc": UniPCMultistepScheduler(**flow)}
+
+
+@pytest.mark.parametrize("kind", ["heun", "dpm", "unipc"])
+@torch.no_grad()
+def test_baseline_follows_a_deterministic_scheduler_as_the_pipeline(sd3, kind):
+    """Issue 22 item 6: speedup=None ran Euler on Heun's / DPM-Solver's / UniPC's sigmas (0.228 max diff on SD3)."""
+    from tiny_inputs import sd3_embeds
+
+    pipe = _with_scheduler(sd3, _sd3_schedulers(sd3)[kind])
+    emb = sd3_embeds(1)
+    ref = pipe(**emb, height=64, width=96, num_inference_steps=4, guidance_scale=5.0,
+               generator=torch.Generator().manual_seed(3), output_type="latent").images
+    ours = generate(pipe, **emb, height=64, width=96, speedup=None, num_inference_steps=4, guidance_scale=5.0,
+                    generator=torch.Generator().manual_seed(3), output_type="latent", progress=False).images
+    torch.testing.assert_close(ours, ref, rtol=1e-5, atol=1e-5)
+
+
+def test_ralu_with_another_scheduler_says_which_solver_runs(sd3, caplog):
+    from tiny_inputs import sd3_embeds
+
+    pipe = _with_scheduler(sd3, _sd3_schedulers(sd3)["heun"])
+    with caplog.at_level("WARNING", logger="ralu"):
+        generate(pipe, speedup=A, solver="ab2", output_type="latent", **_small(**sd3_embeds(1)))
+    assert "'ab2' solver" in caplog.text and "FlowMatchHeunDiscreteScheduler.step" in caplog.text
+    with pytest.raises(ValueError, match="solver='ab2' is not allowed with speedup=None and the pipeline's "
+                                         "FlowMatchHeunDiscreteScheduler"):
+        generate(pipe, speedup=None, solver="ab2", **_small(**sd3_embeds(1)))
+
+
+@pytest.mark.parametrize("speedup", [None, A])
+def test_stochastic_and_non_flow_schedulers_are_refused(flux, speedup):
+    from diffusers import EulerAncestralDiscreteScheduler, EulerDiscreteScheduler, FlowMatchEulerDiscreteScheduler
+    from tiny_inputs import flux_embeds
+
+    from ralu_runtime import prepare
+
+    cases = [(FlowMatchEulerDiscreteScheduler.from_config(flux.scheduler.config, stochastic_sampling=True),
+              "FlowMatchEulerDiscreteScheduler is stochastic \\(stochastic_sampling=True\\)"),
+             (EulerAncestralDiscreteScheduler(), "EulerAncestralDiscreteScheduler is stochastic"),
+             (EulerDiscreteScheduler(), "EulerDiscreteScheduler is not a flow-matching scheduler")]
+    for sched, match in cases:
+        with pytest.raises(ValueError, match=match):
+            prepare(_with_scheduler(flux, sched), speedup=speedup, **_small(**flux_embeds(1)))
+
+
+@torch.no_grad()
+def test_wan_baseline_follows_the_published_unipc():
+    from ralu_runtime.tiny.wan import build_tiny_wan_pipeline, random_embeds
+
+    pipe = build_tiny_wan_pipeline(seed=0, scheduler="unipc")
+    emb = random_embeds(pipe, 1, 8, seed=1, cfg=True)
+    kw = dict(height=64, width=64, num_frames=5, num_inference_steps=4, guidance_scale=5.0, output_type="latent")
+    ref = pipe(**emb, generator=torch.Generator().manual_seed(3), **kw).frames
+    ours = generate(pipe, **emb, speedup=None, generator=torch.Generator().manual_seed(3), progress=False, **kw).images
+    torch.testing.assert_close(ours, ref, rtol=1e-5, atol=1e-5)

@@ -10,6 +10,9 @@ flow-matching convention ``v = noise - data`` with ``x_sigma = (1 - sigma) * dat
 """
 from __future__ import annotations
 
+import contextlib
+import contextvars
+import copy
 import threading
 import weakref
 from abc import ABC, abstractmethod
@@ -21,6 +24,21 @@ import torch
 
 from ..execution.call import (EAGER, CallState, ModelImpl, call_scope, current_cache,  # noqa: F401 (re-exported)
                               current_call, current_sharding)
+
+
+_SCHEDULER_COPIES: contextvars.ContextVar[list | None] = contextvars.ContextVar("ralu_scheduler_copies", default=None)
+
+
+@contextlib.contextmanager
+def scheduler_copies():
+    """Collect the scheduler copies :meth:`DiTAdapter.scheduler_copy` makes in this ``with`` block (this thread /
+    context): the sampler reads the copy ``baseline_schedule`` configured, to follow its ``step``."""
+    got: list = []
+    token = _SCHEDULER_COPIES.set(got)
+    try:
+        yield got
+    finally:
+        _SCHEDULER_COPIES.reset(token)
 
 
 _VAE_LOCKS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
@@ -498,7 +516,17 @@ class DiTAdapter(ABC):
 
     @abstractmethod
     def baseline_schedule(self, num_steps: int, image_seq_len: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """The diffusers pipeline's own ``(timesteps (N,), sigmas (N+1,))`` float32 for a full-resolution run."""
+        """The diffusers pipeline's own ``(timesteps (N,), sigmas (N+1,))`` float32 for a full-resolution run,
+        configured on a copy from :meth:`scheduler_copy` (never on the pipeline's own scheduler)."""
+
+    def scheduler_copy(self):
+        """A deep copy of the pipeline's scheduler, for :meth:`baseline_schedule` to configure (the pipeline's own is
+        never changed); recorded for :func:`scheduler_copies`, so a baseline can follow that copy's ``step``."""
+        sched = copy.deepcopy(self.pipe.scheduler)
+        got = _SCHEDULER_COPIES.get()
+        if got is not None:
+            got.append(sched)
+        return sched
 
     def decode(self, latents: torch.Tensor, impl: ModelImpl | None = None) -> torch.Tensor:
         """Latents ``(B, C, h, w)`` -> images ``(B, 3, 8h, 8w)`` float in about [-1, 1]."""

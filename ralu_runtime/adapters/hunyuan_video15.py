@@ -49,7 +49,6 @@ default), which is what the pipeline's FlowMatchEulerDiscreteScheduler does.
 """
 from __future__ import annotations
 
-import copy
 import math
 
 import numpy as np
@@ -446,7 +445,7 @@ class HunyuanVideo15Adapter(DoubleStreamAdapter):
         """The pipeline's ``sigmas = linspace(1, 0, N + 1)[:-1]`` through (a copy of) its scheduler."""
         from diffusers.pipelines.hunyuan_video1_5.pipeline_hunyuan_video1_5 import retrieve_timesteps
 
-        sched = copy.deepcopy(self.pipe.scheduler)
+        sched = self.scheduler_copy()
         sigmas = np.linspace(1.0, 0.0, num_steps + 1)[:-1]
         timesteps, _ = retrieve_timesteps(sched, num_steps, self.device, sigmas=sigmas)
         return timesteps, sched.sigmas.to(self.device)

@@ -43,7 +43,6 @@ offloading), and the edit / layered transformer variants (``zero_cond_t``, ``use
 """
 from __future__ import annotations
 
-import copy
 
 import numpy as np
 import torch
@@ -337,7 +336,7 @@ class QwenImageAdapter(DoubleStreamAdapter):
     def baseline_schedule(self, num_steps, image_seq_len):
         from diffusers.pipelines.qwenimage.pipeline_qwenimage import calculate_shift, retrieve_timesteps
 
-        sched = copy.deepcopy(self.pipe.scheduler)
+        sched = self.scheduler_copy()
         cfg = sched.config
         sigmas = np.linspace(1.0, 1 / num_steps, num_steps)
         mu = calculate_shift(image_seq_len, cfg.get("base_image_seq_len", 256), cfg.get("max_image_seq_len", 4096),

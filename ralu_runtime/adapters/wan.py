@@ -47,11 +47,13 @@ choice reads the timestep on the host (one sync per step on CUDA); a traced / ca
 export, CUDA graphs) needs it fixed beforehand (:meth:`WanAdapter.specialize_call`). A feature cache is reset when
 the expert changes.
 
-**Schedulers.** ralu integrates with its own solvers (Euler by default; ``solver="dpmpp2m"`` is the nearest
-multistep one), not UniPC: :meth:`WanAdapter.baseline_schedule` reads the timesteps and sigmas of whatever flow
-scheduler the pipeline has (the published ``UniPCMultistepScheduler(use_flow_sigmas=True, flow_shift=...)`` or
-``FlowMatchEulerDiscreteScheduler``), so ``speedup=None`` with a FlowMatchEuler scheduler equals the pipeline, and
-with UniPC it follows the same sigmas with a different integrator. h_ori for presets is the fixed flow shift.
+**Schedulers.** :meth:`WanAdapter.baseline_schedule` reads the timesteps and sigmas of whatever flow scheduler the
+pipeline has (the published ``UniPCMultistepScheduler(use_flow_sigmas=True, flow_shift=...)`` or
+``FlowMatchEulerDiscreteScheduler``). ``speedup=None`` equals the pipeline with either: with FlowMatchEuler ralu's
+Euler is its step, with UniPC the baseline follows ``UniPCMultistepScheduler.step`` on a copy
+(:func:`ralu_runtime.sampler.scheduler_integration`). RALU presets integrate their stages with ralu's own solver
+(Euler by default; ``solver="dpmpp2m"`` is the nearest multistep one), not UniPC, and log a warning saying so.
+h_ori for presets is the fixed flow shift.
 
 **Refused** (:meth:`WanAdapter.check_supported`, before any work): attention processors other than diffusers'
 ``WanAttnProcessor``; image-conditioned (I2V) transformers (``image_dim`` / ``added_kv_proj_dim``); temporal patches
@@ -66,7 +68,6 @@ and one call at a time per VAE.
 """
 from __future__ import annotations
 
-import copy
 
 import torch
 
@@ -706,7 +707,7 @@ class WanAdapter(DiTAdapter):
     def baseline_schedule(self, num_steps, image_seq_len):
         """The pipeline's ``scheduler.set_timesteps(num_steps)`` (no mu, no custom sigmas): its timesteps (integers
         for UniPC, given to the model as they are) and flow sigmas ``(N + 1,)``, float32."""
-        sched = copy.deepcopy(self.pipe.scheduler)
+        sched = self.scheduler_copy()
         sched.set_timesteps(num_steps, device=self.device)
         timesteps = sched.timesteps.to(device=self.device, dtype=torch.float32)
         sigmas = sched.sigmas.to(device=self.device, dtype=torch.float32)
