@@ -374,6 +374,28 @@ def _cast_embeds(adapter: DiTAdapter, embeds: dict) -> dict:
     return out
 
 
+def _check_work(adapter: DiTAdapter, bounds, batch: int, height: int, width: int, num_frames, steps: int,
+                schedule) -> None:
+    """ValueError when the call's images or latent tokens x model calls exceed ``bounds``
+    (:class:`ralu_runtime.limits.Limits`), before any work."""
+    from .limits import token_steps
+
+    if batch > bounds.max_images:
+        raise ValueError(f"this call makes {batch} images (prompts x num_images_per_prompt); the limit is "
+                         f"max_images={bounds.max_images}: split the call, or raise it with limits={{'max_images': N}} "
+                         "or ralu_runtime.limits.set_limits(max_images=N)")
+    cell = adapter.patch_size * adapter.vae_scale_factor
+    frames = 1 if num_frames is None else 1 + (num_frames - 1) // adapter.temporal_factor
+    tokens = frames * (height // cell) * (width // cell)
+    work = token_steps(batch, tokens, steps, schedule)
+    if work > bounds.max_token_steps:
+        calls = f"{steps} steps" if schedule is None else f"RALU steps {tuple(schedule.steps)}"
+        raise ValueError(f"this call's work is {work} latent tokens x model calls ({batch} image(s) of {tokens} "
+                         f"tokens, {calls}); the limit is max_token_steps={bounds.max_token_steps}: use fewer "
+                         "images, steps or pixels, or raise it with limits={'max_token_steps': N} or "
+                         "ralu_runtime.limits.set_limits(max_token_steps=N)")
+
+
 def _check_video(adapter: DiTAdapter, num_frames, region_mode) -> tuple[int | None, str]:
     """``(num_frames, region_mode)`` checked for the adapter: video adapters take ``num_frames = 1 + k *
     temporal_factor`` (default: the pipeline's) and ``region_mode`` "frame" (default) or "clip"; images take neither."""
@@ -449,7 +471,7 @@ def prepare(pipe, prompt: str | list[str] | None = None, *, height: int | None =
             device=None, backend: str | None = None, compile_options: dict | None = None,
             prompt_embeds_mask=None, negative_prompt_embeds_mask=None, num_frames: int | None = None,
             region_mode: str | None = None, region_source: str = "decode", parallel=None,
-            precision: str | None = None) -> CallPlan:
+            precision: str | None = None, limits=None) -> CallPlan:
     """Check every argument of a :func:`generate` call (the same arguments) and resolve it into a
     :class:`CallPlan`, before any work: no text encoding, no noise, no model call, no backend install (a model
     folder given as ``pipe`` is loaded). Raises what ``generate`` raises for bad arguments (ValueError / TypeError
@@ -485,6 +507,9 @@ def prepare(pipe, prompt: str | list[str] | None = None, *, height: int | None =
 
         _check_choice("backend", backend, BACKENDS)
         options = make_options(backend, compile_options)  # unknown fields and bad values fail here, before any work
+    from .limits import resolve_limits
+
+    bounds = resolve_limits(limits)
     default_cache = cache is None  # the pipeline's default (set_cache), read once the adapter is known
     if not default_cache:
         from .cache import make_cache
@@ -525,6 +550,7 @@ def prepare(pipe, prompt: str | list[str] | None = None, *, height: int | None =
     integration = scheduler_integration(adapter, schedule is not None, solver)
     steps = num_inference_steps if num_inference_steps is not None else adapter.default_steps
     guidance = adapter.default_guidance if guidance_scale is None else float(guidance_scale)
+    _check_work(adapter, bounds, batch, height, width, num_frames, int(steps), schedule)
     from .parallel import resolve_parallel
 
     plan = resolve_parallel(parallel, adapter, backend=backend)
@@ -664,7 +690,7 @@ def generate(pipe, prompt: str | list[str] | None = None, *, height: int | None 
              device=None, backend: str | None = None, compile_options: dict | None = None,
              prompt_embeds_mask=None, negative_prompt_embeds_mask=None, num_frames: int | None = None,
              region_mode: str | None = None, region_source: str = "decode", parallel=None,
-             precision: str | None = None) -> RaluOutput:
+             precision: str | None = None, limits=None) -> RaluOutput:
     """Generate images (or videos) with RALU (``speedup`` preset or schedule) or the ordinary sampler
     (``speedup=None``): ``run(prepare(pipe, prompt, ...))`` with the same arguments.
 
@@ -708,6 +734,10 @@ def generate(pipe, prompt: str | list[str] | None = None, *, height: int | None 
     Raises ValueError / TypeError for bad arguments before any work, and FloatingPointError when a stage produces
     non-finite latents (naming the stage) or a VAE decode non-finite pixels (naming the decode: the region-choice
     preview or the final one).
+
+    ``limits``: bounds on the call's work (:mod:`ralu_runtime.limits`: at most 64 images and 2**24 latent tokens x
+    model calls by default), a :class:`~ralu_runtime.limits.Limits`, a dict of its fields, or None (the process-wide
+    defaults, :func:`ralu_runtime.limits.set_limits`); a call beyond them is refused before any work.
 
     ``parallel``: a diffusers ``ContextParallelConfig(ulysses_degree=U, ring_degree=R)`` to split every model call's
     token sequence over the ``U * R`` ranks of an initialised ``torch.distributed`` group (FLUX.1; launch with

@@ -235,3 +235,102 @@ def test_wan_baseline_follows_the_published_unipc():
     ref = pipe(**emb, generator=torch.Generator().manual_seed(3), **kw).frames
     ours = generate(pipe, **emb, speedup=None, generator=torch.Generator().manual_seed(3), progress=False, **kw).images
     torch.testing.assert_close(ours, ref, rtol=1e-5, atol=1e-5)
+
+
+# ------------------------------------------------------------------------------------------------ item 4
+def _no_model_calls(pipe):
+    calls = []
+    hooks = [m.register_forward_pre_hook(lambda *a: calls.append(1)) for m in pipe.components.values()
+             if isinstance(m, torch.nn.Module)]
+    return calls, hooks
+
+
+def test_work_is_bounded_before_any_work(flux):
+    """Issue 22 item 4: 1000 images per prompt at 1024^2, 2 x 4096 images and n=10 at 4096^2 were all accepted."""
+    from tiny_inputs import flux_embeds
+
+    from ralu_runtime import prepare
+    from ralu_runtime.limits import DEFAULT_MAX_IMAGES, Limits
+
+    calls, hooks = _no_model_calls(flux)
+    try:
+        with pytest.raises(ValueError, match=f"makes 1000 images .* max_images={DEFAULT_MAX_IMAGES}"):
+            prepare(flux, height=1024, width=1024, num_images_per_prompt=1000, **flux_embeds(1))
+        with pytest.raises(ValueError, match="makes 8192 images"):
+            prepare(flux, ["a", "b"], height=1024, width=1024, num_images_per_prompt=4096)
+        with pytest.raises(ValueError, match="max_token_steps=16777216"):
+            prepare(flux, height=4096, width=4096, speedup=None, num_images_per_prompt=10, **flux_embeds(1))
+        with pytest.raises(ValueError, match="RALU steps \\(2, 3, 5\\)"):
+            prepare(flux, height=4096, width=4096, speedup="7x", num_images_per_prompt=64, **flux_embeds(1))
+        # raised for one call (a Limits or a dict), nothing runs in prepare
+        plan = prepare(flux, height=1024, width=1024, num_images_per_prompt=1000, **flux_embeds(1),
+                       limits=Limits(max_images=1000, max_token_steps=2**40))
+        assert plan.batch == 1000
+        with pytest.raises(ValueError, match="max_token_steps"):
+            prepare(flux, height=1024, width=1024, num_images_per_prompt=1000, limits={"max_images": 1000},
+                    **flux_embeds(1))
+        with pytest.raises(ValueError, match="unknown field"):
+            prepare(flux, limits={"images": 3}, **flux_embeds(1))
+        with pytest.raises(ValueError, match="max_images=0 is not allowed"):
+            Limits(max_images=0)
+    finally:
+        for h in hooks:
+            h.remove()
+    assert not calls
+
+
+def test_process_wide_limits_and_the_engine_config(flux):
+    from tiny_inputs import flux_embeds
+
+    from ralu_runtime import limits, prepare
+
+    old = limits.LIMITS
+    try:
+        limits.set_limits(max_images=2)
+        with pytest.raises(ValueError, match="makes 3 images .* max_images=2"):
+            prepare(flux, num_images_per_prompt=3, height=64, width=64, **flux_embeds(1))
+        with Engine(flux, EngineConfig(max_images=4)) as eng:  # the engine's own bound wins
+            assert eng.config.limits().max_images == 4
+        limits.set_limits(max_images=old.max_images)
+        with Engine(flux, EngineConfig(max_images=2, max_token_steps=10**6)) as eng:
+            with pytest.raises(ValueError, match="makes 3 images"):
+                eng.submit(num_images_per_prompt=3, height=64, width=64, **flux_embeds(1))
+            with pytest.raises(ValueError, match="limits: belong to the engine"):
+                eng.submit(limits={"max_images": 9}, height=64, width=64, **flux_embeds(1))
+        with pytest.raises(ValueError, match="max_token_steps=-1 is not allowed"):
+            EngineConfig(max_token_steps=-1)
+    finally:
+        limits.LIMITS = old
+
+
+@pytest.mark.parametrize("n_requests", [1, 2])
+def test_cancelled_request_stops_within_one_block(flux, n_requests):
+    """Issue 22 item 4: a cancelled request finished its running model call (every block) before stopping."""
+    from tiny_inputs import flux_embeds
+
+    from ralu_runtime.serving import RequestCancelled
+
+    handles, after = [], []
+
+    def cancel(mod, args):
+        if len(handles) == n_requests and not any(h._cancel for h in handles):
+            for h in handles:
+                h.cancel()
+
+    def record(mod, args):
+        if handles and all(h._cancel for h in handles):
+            after.append(mod)
+
+    hooks = [flux.transformer.transformer_blocks[0].register_forward_pre_hook(cancel)]
+    hooks += [b.register_forward_pre_hook(record) for b in flux.transformer.single_transformer_blocks]
+    try:
+        with Engine(flux, EngineConfig(gather_timeout_s=0.2)) as eng:
+            for i in range(n_requests):
+                handles.append(eng.submit(height=64, width=64, speedup=A, seed=i, **flux_embeds(1)))
+            for h in handles:
+                with pytest.raises(RequestCancelled):
+                    h.result(timeout=300)
+    finally:
+        for h in hooks:
+            h.remove()
+    assert not after, f"{len(after)} blocks ran after the cancellation"

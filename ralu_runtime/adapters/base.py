@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from ..execution.call import (EAGER, CallState, ModelImpl, call_scope, current_cache,  # noqa: F401 (re-exported)
-                              current_call, current_sharding)
+                              current_call, current_interrupt, current_sharding)
 
 
 _SCHEDULER_COPIES: contextvars.ContextVar[list | None] = contextvars.ContextVar("ralu_scheduler_copies", default=None)
@@ -154,9 +154,23 @@ class BlockStack(SplitBlocks):
     ``run(state, start, stop) -> state`` runs blocks ``[start, stop)`` of ``n`` from ``state0``; ``image(state)``
     is the image hidden states of a state (this mode's rows). Seen from a feature cache (a :class:`SplitBlocks`),
     outputs are whole-request tensors: ``ex.whole(..., stream)`` gathers a sharded mode's rows (identity otherwise),
-    so every rank holds the same cache state and takes the same full / cached decision."""
+    so every rank holds the same cache state and takes the same full / cached decision.
+
+    Inside an :func:`~ralu_runtime.execution.call.interrupt_scope` (the serving engine's requests) the stack runs
+    one block at a time with the scope's check before each block, so a cancelled or expired request stops within
+    one block."""
 
     def __init__(self, run, n: int, state0, image, ex, stream: int):
+        check = current_interrupt()
+        if check is not None:
+            whole = run
+
+            def run(state, start, stop):
+                for i in range(start, stop):
+                    check()
+                    state = whole(state, i, i + 1)
+                return state
+
         self.run, self.n, self.state0, self.image, self.ex, self.stream = run, n, state0, image, ex, stream
         super().__init__(self._first, self._rest)
 
