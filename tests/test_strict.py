@@ -334,3 +334,17 @@ def test_cancelled_request_stops_within_one_block(flux, n_requests):
         for h in hooks:
             h.remove()
     assert not after, f"{len(after)} blocks ran after the cancellation"
+
+
+# ------------------------------------------------------------------------------------------------ item 12
+def test_out_path_is_checked_by_opening_it(tmp_path):
+    """Issue 22 item 12: as root, --out /proc/x.png passed the check (os.access) and failed after the work."""
+    from ralu_runtime.cli import UsageError, _check_output
+
+    with pytest.raises(UsageError, match="--out '/proc/x.png' cannot be written"):
+        _check_output("--out", "/proc/x.png")
+    new = tmp_path / "new.png"
+    assert _check_output("--out", str(new)) == str(new) and not new.exists()  # created and removed again
+    old = tmp_path / "old.png"
+    old.write_bytes(b"older image")
+    assert _check_output("--out", str(old)) == str(old) and old.read_bytes() == b"older image"
