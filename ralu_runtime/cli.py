@@ -290,7 +290,8 @@ def _image_format(path: str) -> str:
 
 def _check_output(flag: str, path: str, video: bool = False) -> str:
     """``path`` if an image (``video``: an animated image) can be written there: a known extension, in an existing
-    writable folder."""
+    writable folder, and the file really opens for writing (an existing file is opened for appending and left as it
+    is; a new one is created and removed again), before any model is loaded."""
     try:
         _image_format(path)
     except UsageError as exc:
@@ -306,6 +307,17 @@ def _check_output(flag: str, path: str, video: bool = False) -> str:
         raise UsageError(f"{flag} {path!r}: folder {str(folder)!r} does not exist")
     if not os.access(folder, os.W_OK | os.X_OK):
         raise UsageError(f"{flag} {path!r}: folder {str(folder)!r} is not writable")
+    existed = target.exists()
+    try:
+        with open(target, "ab" if existed else "xb"):
+            pass
+    except OSError as exc:
+        raise UsageError(f"{flag} {path!r} cannot be written: {exc.strerror or exc}") from None
+    if not existed:
+        try:
+            target.unlink()
+        except OSError:
+            pass
     return str(target)
 
 
