@@ -147,6 +147,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--grace", metavar="SECONDS", type=float, default=30.0,
                    help="on SIGINT/SIGTERM, seconds to finish running and queued requests (default 30)")
     s.add_argument("--max-images", metavar="N", type=int, default=10, help="largest n per request (default 10)")
+    s.add_argument("--max-token-steps", metavar="N", type=int, default=None,
+                   help="most work one request may ask for: latent tokens x model calls over its images (default: "
+                        "the library's, ralu_runtime.limits)")
     s.add_argument("--log-level", choices=("critical", "error", "warning", "info", "debug"), default="info",
                    help="server log level (default info)")
     s.add_argument("--log-prompts", action="store_true",
@@ -495,6 +498,7 @@ def check_serve(args) -> ServePlan:
     _check_int("--max-active", args.max_active, 1, 4096)
     _check_int("--max-queue", args.max_queue, 0, 1 << 20)
     _check_int("--max-images", args.max_images, 1, 4096)
+    _check_int("--max-token-steps", args.max_token_steps, 1, 1 << 50)
     if args.token_budget is not None:
         _check_int("--token-budget", args.token_budget, 1, 1 << 30)
     timeouts = (("--request-timeout", args.request_timeout, None), ("--grace", args.grace, 0.0),
@@ -599,7 +603,8 @@ def cmd_serve(args) -> int:
         load_s = time.perf_counter() - t0
         defaults = dict(plan.defaults, **({"backend": args.backend} if args.backend is not None else {}))
         engine = Engine(pipe, EngineConfig(token_budget=args.token_budget, max_active=args.max_active,
-                                           max_queue=args.max_queue), **defaults)
+                                           max_queue=args.max_queue, max_token_steps=args.max_token_steps),
+                        **defaults)
     except BaseException:
         sock.close()
         raise
@@ -647,7 +652,8 @@ def _serve_ray(args, plan: ServePlan) -> int:
     model = plan.model if plan.model in TINY_MODELS else os.path.abspath(plan.model)   # replicas' cwd differs
     spec = ray_serving.ReplicaSpec(model=model, device=plan.device, dtype=plan.dtype, defaults=plan.defaults,
                                    max_active=args.max_active, max_queue=args.max_queue,
-                                   token_budget=args.token_budget, backend=args.backend,
+                                   token_budget=args.token_budget, max_token_steps=args.max_token_steps,
+                                   backend=args.backend,
                                    compile_artifacts=(os.path.abspath(args.compile_artifacts)
                                                       if args.compile_artifacts else None),
                                    log_prompts=args.log_prompts)
@@ -746,6 +752,9 @@ def _speedup_line(plan: GeneratePlan, out) -> str:
 def cmd_generate(args) -> int:
     """``ralu generate``: check the arguments, build or load the model, (warm up), generate, write, report."""
     plan = check_generate(args)
+    from .serving.logs import quiet_library_logs
+
+    quiet_library_logs(log_prompts=True)  # before the libraries load: no torchvision notice (the prompt is the user's)
     import numpy as np
 
     from .api import generate

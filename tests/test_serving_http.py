@@ -214,6 +214,17 @@ def test_body_over_the_limit_is_413(pipe):
         assert_error(r, 404, code="not_found")
 
 
+def test_work_over_the_engines_limit_is_a_400_before_any_work(pipe):
+    """``ralu serve --max-token-steps``: a request whose latent tokens x model calls exceed the engine's limit is
+    refused with an OpenAI 400 naming the limit; nothing runs."""
+    with running(pipe, EngineConfig(gather_timeout_s=0.05, max_token_steps=2000)) as (server, engine):
+        err = assert_error(post(server, {"prompt": "a fox", "size": "256x256", "n": 2}), 400)
+        assert "max_token_steps" in err["message"], err
+        assert engine.metrics()["model_calls"] == 0
+        r = post(server, {"prompt": "a fox", "size": "64x64", "n": 1, "speedup": "none", "steps": 2})
+        assert r.status_code == 200, r.text
+
+
 # --------------------------------------------------------------------------------------- health, metrics
 def test_health_and_models(served):
     server, _ = served

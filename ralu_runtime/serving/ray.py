@@ -81,7 +81,8 @@ class ReplicaSpec:
     ``device``: None (a GPU when the replica has one, else the CPU), "cpu" or "cuda". ``dtype``: None (bfloat16 on
     CUDA, float32 on the CPU) or a torch dtype name. ``defaults``: ``generate`` arguments of every request unless
     it sets them. ``max_active``, ``max_queue``, ``token_budget``, ``gather_timeout_s``: the engine's
-    (:class:`EngineConfig`). ``backend``, ``compile_options``: a compile backend for every request (built by the
+    (:class:`EngineConfig`), and ``max_token_steps``, the work one request may ask for (:mod:`ralu_runtime.limits`;
+    None: the library's default). ``backend``, ``compile_options``: a compile backend for every request (built by the
     warm-up). ``compile_artifacts``: a bundle written by ``save_compile_artifacts`` to load first (verified
     against ``artifact_key``, default the node's ``RALU_ARTIFACT_KEY_FILE`` or ``~/.cache/ralu/artifact.key``;
     a missing file is logged and skipped); ``persistent_cache``: True or a folder for inductor's on-disk cache.
@@ -97,6 +98,7 @@ class ReplicaSpec:
     max_queue: int = 64
     token_budget: int | None = None
     gather_timeout_s: float = 0.005
+    max_token_steps: int | None = None
     backend: str | None = None
     compile_options: dict | None = None
     compile_artifacts: str | None = None
@@ -124,7 +126,7 @@ class ReplicaSpec:
 
     def engine_config(self) -> EngineConfig:
         return EngineConfig(token_budget=self.token_budget, max_active=self.max_active, max_queue=self.max_queue,
-                            gather_timeout_s=self.gather_timeout_s)
+                            gather_timeout_s=self.gather_timeout_s, max_token_steps=self.max_token_steps)
 
 
 @dataclass
