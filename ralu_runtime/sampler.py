@@ -106,9 +106,11 @@ def stage_timesteps(schedule: RaluSchedule, k: int, device) -> tuple[torch.Tenso
 
 
 def sample_baseline(adapter: DiTAdapter, cond: Conditioning, noise: torch.Tensor, num_steps: int, *,
-                    solver: str = "euler", progress: bool = True, velocity: Callable | None = None) -> SamplerResult:
+                    solver: str = "euler", progress: bool = True, velocity: Callable | None = None,
+                    start: int = 0) -> SamplerResult:
     """Ordinary full-resolution sampling with the pipeline's own timesteps. noise: ``(B, C, h, w)`` (images) or
-    ``(B, C, F, h, w)`` (video: the token grid is the frames stacked vertically, see :class:`TokenGrid`)."""
+    ``(B, C, F, h, w)`` (video: the token grid is the frames stacked vertically, see :class:`TokenGrid`).
+    ``start``: steps of the schedule skipped (img2img: ``noise`` is then the noised source at that step)."""
     clock = _Clock(noise.device)
     h, w = noise.shape[-2:]
     frames = latent_frames(noise)
@@ -119,6 +121,7 @@ def sample_baseline(adapter: DiTAdapter, cond: Conditioning, noise: torch.Tensor
     grid = TokenGrid(grid_positions(*fine_hw, device=x.device).expand(b, -1, -1), fine_hw, None, raster=True,
                      frames=frames)
     timesteps, sigmas = adapter.baseline_schedule(num_steps, x.shape[1])
+    timesteps, sigmas = timesteps[start:], sigmas[start:]
     with clock("baseline", steps=len(timesteps), tokens=x.shape[1]):
         x, _ = run_stage(adapter, x, grid, timesteps, sigmas, cond, solver=solver, desc="baseline", progress=progress,
                          velocity=velocity)
