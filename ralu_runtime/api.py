@@ -660,6 +660,11 @@ def generate(pipe, prompt: str | list[str] | None = None, *, height: int | None 
     token sequence over the ``U * R`` ranks of an initialised ``torch.distributed`` group (FLUX.1; launch with
     torchrun and call ``generate`` with the same arguments on every rank; see :mod:`ralu_runtime.parallel`). None: a
     transformer set up with diffusers' ``enable_parallelism`` runs under that config, any other unsharded.
+
+    ``image`` / ``strength`` (img2img, FLUX.1 and SD3; ``pipe`` an img2img pipeline or its text-to-image pipeline):
+    start from the image noised to the pipeline's sigma for ``strength`` (default 0.6); ``speedup=None`` equals
+    ``FluxImg2ImgPipeline`` / ``StableDiffusion3Img2ImgPipeline``, a RALU preset skips the stages that end before
+    that start (:mod:`ralu_runtime.editing`, docs/editing.md). ``mask_image`` (inpainting) is refused for now.
     """
     arguments = dict(locals())  # exactly the parameters above (nothing else is defined yet)
     return run(prepare(**arguments))
