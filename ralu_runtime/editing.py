@@ -41,6 +41,7 @@ from .layout import TokenLayout, grid_positions
 from .schedule import RaluSchedule
 
 EDIT_FAMILIES = ("flux", "flux-schnell", "sd3")  # adapter families that take image= (img2img)
+INPAINT_FAMILIES = ("flux", "flux-schnell")       # ... and mask_image= (inpainting)
 _IMG2IMG_CLASS = {"flux": "FluxImg2ImgPipeline", "flux-schnell": "FluxImg2ImgPipeline",
                   "sd3": "StableDiffusion3Img2ImgPipeline"}
 
@@ -68,15 +69,16 @@ def start_index(steps: int, strength: float) -> int:
 
 @dataclass(frozen=True)
 class EditSpec:
-    """A checked img2img request: ``pixels`` ``(n, 3, H, W)`` float32 in [-1, 1] (CPU), ``strength`` in (0, 1],
-    ``steps``: the schedule length whose tail gives the start sigma (the baseline's steps), ``guidance``: the
-    editing pipeline's default guidance (used when the call gives none)."""
+    """A checked img2img / inpainting request: ``pixels`` ``(n, 3, H, W)`` float32 in [-1, 1] (CPU), ``strength``
+    in (0, 1], ``steps``: the schedule length whose tail gives the start sigma (the baseline's steps), ``guidance``:
+    the editing pipeline's default guidance (used when the call gives none), ``mask``: inpainting's binarised mask."""
 
     kind: str
     pixels: torch.Tensor
     strength: float
     steps: int
     guidance: float
+    mask: torch.Tensor | None = None  # inpainting: (n_mask, 1, H, W) float32 in {0, 1}, 1 = repaint
 
 
 def check_edit(adapter, *, image, strength, mask_image, height: int, width: int, batch: int,
@@ -84,9 +86,10 @@ def check_edit(adapter, *, image, strength, mask_image, height: int, width: int,
     """Check the editing arguments of a ``generate`` call (before any model work); None without ``image``.
 
     Raises ValueError / TypeError with the reason for what is not supported: an editing pipeline without
-    ``image``, ``strength`` / ``mask_image`` without ``image``, a family other than FLUX.1 / SD3, inpainting
-    (``mask_image``, FluxInpaintPipeline: not implemented yet), strength outside (0, 1] (any strength > 0 leaves
-    at least one step: ``int(N - N s) <= N - 1``), an image the pipeline's image processor cannot read, an image batch that does not divide the batch."""
+    ``image``, ``strength`` / ``mask_image`` without ``image``, a family other than FLUX.1 / SD3, inpainting on SD3,
+    an inpainting pipeline without ``mask_image``, strength outside (0, 1] (any strength > 0 leaves at least one
+    step: ``int(N - N s) <= N - 1``), an image or mask the pipeline's processors cannot read, a mask with nothing to
+    repaint, image or mask counts that do not divide the batch."""
     pipe = getattr(adapter, "pipe", None)
     kind = edit_kind(pipe) if pipe is not None else None
     if image is None:
@@ -97,14 +100,17 @@ def check_edit(adapter, *, image, strength, mask_image, height: int, width: int,
             if value is not None:
                 raise ValueError(f"{name}= goes with image= (img2img); got {name} without an image")
         return None
-    if kind == "inpaint" or mask_image is not None:
-        raise ValueError("inpainting (mask_image=, FluxInpaintPipeline) is not supported by ralu yet; img2img "
-                         "(image=, strength=) is, with FluxImg2ImgPipeline / StableDiffusion3Img2ImgPipeline or "
-                         "their text-to-image pipelines")
     if adapter.family not in EDIT_FAMILIES or adapter.is_video or pipe is None:
         raise ValueError(f"image= (img2img) is supported for FLUX.1 and SD3 pipelines only; {adapter.family} "
                          "takes no image (issue 23 lists the editing pipelines still to come)")
-    cls = _IMG2IMG_CLASS[adapter.family]
+    inpaint = kind == "inpaint" or mask_image is not None
+    if inpaint and adapter.family not in INPAINT_FAMILIES:
+        raise ValueError("inpainting (mask_image=) is supported for FLUX.1 only (FluxInpaintPipeline); SD3 inpainting "
+                         "is not done yet: use StableDiffusion3Img2ImgPipeline without a mask, or the diffusers "
+                         "pipeline")
+    if inpaint and mask_image is None:
+        raise ValueError(f"{type(pipe).__name__} is an inpainting pipeline: give mask_image= (white = repaint)")
+    cls = "FluxInpaintPipeline" if inpaint else _IMG2IMG_CLASS[adapter.family]
     if strength is None:
         strength = _call_default(cls, "strength")
     if isinstance(strength, bool) or not isinstance(strength, numbers.Real) or not math.isfinite(strength):
@@ -131,7 +137,35 @@ def check_edit(adapter, *, image, strength, mask_image, height: int, width: int,
     if batch % n:
         raise ValueError(f"got {n} images for a batch of {batch} (prompts x num_images_per_prompt): the number of "
                          "images must divide the batch (they are tiled over it, as the diffusers pipelines do)")
-    return EditSpec("img2img", pixels, strength, steps, float(_call_default(cls, "guidance_scale")))
+    mask = _check_mask(pipe, mask_image, height, width, batch) if inpaint else None
+    return EditSpec("inpaint" if inpaint else "img2img", pixels, strength, steps,
+                    float(_call_default(cls, "guidance_scale")), mask)
+
+
+def _check_mask(pipe, mask_image, height: int, width: int, batch: int) -> torch.Tensor:
+    """The inpainting mask as FluxInpaintPipeline reads it: grey, resized to ``height`` x ``width``, binarised at
+    0.5 (white = repaint): ``(n, 1, H, W)`` float32 on the CPU. ValueError for a mask with no pixel to repaint or a
+    count that does not divide the batch; TypeError for what the processor cannot read."""
+    proc = getattr(pipe, "mask_processor", None)
+    if proc is None:
+        from diffusers.image_processor import VaeImageProcessor
+
+        proc = VaeImageProcessor(vae_scale_factor=pipe.vae_scale_factor * 2,
+                                 vae_latent_channels=pipe.vae.config.latent_channels, do_normalize=False,
+                                 do_binarize=True, do_convert_grayscale=True)
+    try:
+        mask = proc.preprocess(mask_image, height=height, width=width)
+    except (TypeError, ValueError, AttributeError, OSError) as e:
+        raise TypeError(f"mask_image={type(mask_image).__name__}: the pipeline's mask processor cannot read it ({e}); "
+                        "give a PIL image, a numpy array or a tensor (white = repaint)") from None
+    mask = mask.to("cpu", torch.float32)
+    if mask.ndim != 4 or mask.shape[1] != 1 or tuple(mask.shape[-2:]) != (height, width):
+        raise ValueError(f"mask_image preprocessed to shape {tuple(mask.shape)}; expected (n, 1, {height}, {width})")
+    if not bool((mask > 0.5).flatten(1).any(1).all()):
+        raise ValueError("mask_image has no pixel to repaint (every mask needs white pixels: white = repaint)")
+    if batch % mask.shape[0]:
+        raise ValueError(f"got {mask.shape[0]} masks for a batch of {batch}: the number of masks must divide it")
+    return mask
 
 
 # --------------------------------------------------------------------------------------------- encoding
@@ -231,20 +265,63 @@ def edit_cost(schedule: RaluSchedule, sigma_start: float, tokens_full: int) -> t
 # --------------------------------------------------------------------------------------------- sampler
 def run_edit(adapter, cond, noise: torch.Tensor, latents: torch.Tensor, plan, generators, *,
              velocity: Callable | None = None, decode: Callable | None = None):
-    """Sample an img2img :class:`~ralu_runtime.api.CallPlan` (``plan.edit`` set): the baseline's remaining steps
-    from the noised source (``plan.schedule`` None) or :func:`sample_ralu_edit`. ``noise`` / ``latents``:
+    """Sample an editing :class:`~ralu_runtime.api.CallPlan` (``plan.edit`` set): the baseline's remaining steps
+    from the noised source (``plan.schedule`` None; inpainting blends the unmasked part with the re-noised source
+    after every step, as FluxInpaintPipeline) or :func:`sample_ralu_edit`. ``noise`` / ``latents``:
     ``(B, C, h, w)``. Returns the sampler's result."""
     from .sampler import sample_baseline
 
     p = adapter.patch_size
-    t0, sigma = start_sigma(adapter, plan.edit, (noise.shape[-2] // p) * (noise.shape[-1] // p))
+    spec = plan.edit
+    t0, sigma = start_sigma(adapter, spec, (noise.shape[-2] // p) * (noise.shape[-1] // p))
+    mask = None if spec.mask is None else mask_latents(spec, noise.shape[0], noise.shape[-2:], noise.dtype)
     if plan.schedule is None:
-        return sample_baseline(adapter, cond, noised(latents, noise, sigma), plan.steps, solver=plan.solver,
-                               progress=plan.progress, velocity=velocity, start=t0)
-    return sample_ralu_edit(adapter, cond, noise, latents, plan.edit, plan.schedule, float(sigma), generators,
+        if mask is None:
+            return sample_baseline(adapter, cond, noised(latents, noise, sigma), plan.steps, solver=plan.solver,
+                                   progress=plan.progress, velocity=velocity, start=t0)
+        return _inpaint_baseline(adapter, cond, noise, latents, mask, plan, t0, velocity)
+    return sample_ralu_edit(adapter, cond, noise, latents, spec, plan.schedule, float(sigma), generators,
                             noise_variant=plan.noise, edge_map=plan.edge_map, edge_detector=plan.edge_detector,
                             transition_impl=plan.transition_impl, solver=plan.solver, progress=plan.progress,
-                            velocity=velocity, decode=decode, region_source=plan.region_source)
+                            velocity=velocity, decode=decode, region_source=plan.region_source, mask=mask)
+
+
+def mask_latents(spec: EditSpec, batch: int, latent_hw, dtype: torch.dtype) -> torch.Tensor:
+    """The inpainting mask at latent resolution, as FluxInpaintPipeline makes it: nearest resize of the binarised
+    mask to ``latent_hw``, cast to ``dtype``, tiled to ``batch``: ``(B, 1, h, w)`` (1 = repaint)."""
+    m = F.interpolate(spec.mask, size=tuple(latent_hw))
+    return torch.cat([m] * (batch // m.shape[0])).to(dtype)
+
+
+def _blend(mask: torch.Tensor, source: Callable, sigmas: torch.Tensor) -> Callable:
+    """``after_step(i, x)``: ``(1 - mask) source(sigmas[i + 1]) + mask x``, the pipeline's inpainting blend (the
+    kept part is the source noised to the level the step reached; clean after the last step)."""
+    def after_step(i, x):
+        return (1 - mask) * source(sigmas[i + 1]) + mask * x
+    return after_step
+
+
+def _inpaint_baseline(adapter, cond, noise, latents, mask, plan, t0: int, velocity):
+    """FluxInpaintPipeline's loop: the remaining steps from the noised source, blended after every step."""
+    from .adapters.base import TokenGrid
+    from .sampler import SamplerResult, _Clock, check_finite, run_stage
+
+    clock = _Clock(noise.device)
+    b, c = noise.shape[:2]
+    n, z = adapter.pack(noise), adapter.pack(latents)
+    m = adapter.pack(mask.expand(-1, c, -1, -1).contiguous())
+    p = adapter.patch_size
+    fine_hw = (noise.shape[-2] // p, noise.shape[-1] // p)
+    timesteps, sigmas = adapter.baseline_schedule(plan.steps, fine_hw[0] * fine_hw[1])
+    timesteps, sigmas = timesteps[t0:], sigmas[t0:]
+    x = noised(z, n, sigmas[0])
+    grid = TokenGrid(grid_positions(*fine_hw, device=x.device).expand(b, -1, -1), fine_hw, None, raster=True)
+    with clock("baseline", steps=len(timesteps), tokens=x.shape[1]):
+        x, _ = run_stage(adapter, x, grid, timesteps, sigmas, cond, solver=plan.solver, desc="inpaint",
+                         progress=plan.progress, velocity=velocity,
+                         after_step=_blend(m, lambda s: noised(z, n, s), sigmas))
+    check_finite(x, "the baseline sampler")
+    return SamplerResult(x, None, clock.records)
 
 
 def _as_tensors(sig: np.ndarray, device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -252,41 +329,67 @@ def _as_tensors(sig: np.ndarray, device) -> tuple[torch.Tensor, torch.Tensor]:
             torch.tensor(sig, dtype=torch.float32, device=device))
 
 
-def _coarse(x: torch.Tensor, noise: torch.Tensor, sigma: float) -> torch.Tensor:
+def _coarse(x: torch.Tensor, noise: torch.Tensor, sigma) -> torch.Tensor:
     """Coarse (half-resolution) noised latent ``(B, C, h/2, w/2)``: the 2x2 mean of the clean latent ``x``, noised
     at ``sigma`` with the nearest 2x subsample of the full-resolution ``noise`` (float32 math, noise's dtype)."""
     data = F.avg_pool2d(x.to(torch.float32), 2)
     return (sigma * noise[..., ::2, ::2].to(torch.float32) + (1.0 - sigma) * data).to(noise.dtype)
 
 
-def mixed_start(adapter, layout: TokenLayout, latents: torch.Tensor, noise: torch.Tensor, sigma: float):
-    """Stage-2 tokens and positions built from the clean latent at ``sigma``: children of the selected tokens are
-    the noised full-resolution tokens, the others the noised 2x2-mean tokens (layout order, coarse-grid positions,
-    children at ``+0.5 (dy, dx)``). Returns ``(tokens (B, L2, C), positions (B, L2, 2) float32)``."""
-    fine = adapter.pack((sigma * noise.to(torch.float32) + (1.0 - sigma) * latents.to(torch.float32))
-                        .to(noise.dtype))
-    coarse = adapter.pack(_coarse(latents, noise, sigma))
+def _fine(x: torch.Tensor, noise: torch.Tensor, sigma) -> torch.Tensor:
+    """Full-resolution noised latent ``sigma noise + (1 - sigma) x`` (float32 math, noise's dtype)."""
+    return (sigma * noise.to(torch.float32) + (1.0 - sigma) * x.to(torch.float32)).to(noise.dtype)
+
+
+def _mixed_index(layout: TokenLayout):
+    """Fine raster index of every stage-2 child ``(B, 4k)`` (q = 2 dy + dx) and the positions of the stage-2 tokens
+    ``(B, L2, 2)`` float32 (coarse-grid units, children at ``+0.5 (dy, dx)``)."""
     hc, wc = layout.coarse_hw
     sel, rest = layout.selected, layout.rest                      # (B, k), (B, M - k)
     i, j = sel // wc, sel % wc
     dy = torch.tensor([0, 0, 1, 1], device=sel.device)
     dx = torch.tensor([0, 1, 0, 1], device=sel.device)
-    rows = (2 * i[..., None] + dy).flatten(1)                     # (B, 4k) fine rows, q = 2 dy + dx
+    rows = (2 * i[..., None] + dy).flatten(1)                     # (B, 4k) fine rows
     cols = (2 * j[..., None] + dx).flatten(1)
-    fidx = rows * (2 * wc) + cols
-    c = fine.shape[-1]
-    x = torch.cat([fine.gather(1, fidx[..., None].expand(-1, -1, c)),
-                   coarse.gather(1, rest[..., None].expand(-1, -1, c))], dim=1)
     pos = torch.cat([torch.stack([rows, cols], -1).float() / 2, torch.stack([rest // wc, rest % wc], -1).float()],
                     dim=1)
-    return x, pos.contiguous()
+    return rows * (2 * wc) + cols, pos.contiguous()
+
+
+def _mix(layout: TokenLayout, fine: torch.Tensor, coarse: torch.Tensor) -> torch.Tensor:
+    """Stage-2 tokens ``(B, L2, C)`` from fine raster tokens ``(B, 4M, C)`` (the children) and coarse raster tokens
+    ``(B, M, C)`` (the rest), in the layout's order."""
+    fidx, _ = _mixed_index(layout)
+    c = fine.shape[-1]
+    return torch.cat([fine.gather(1, fidx[..., None].expand(-1, -1, c)),
+                      coarse.gather(1, layout.rest[..., None].expand(-1, -1, c))], dim=1)
+
+
+def mixed_start(adapter, layout: TokenLayout, latents: torch.Tensor, noise: torch.Tensor, sigma):
+    """Stage-2 tokens and positions built from the clean latent at ``sigma``: children of the selected tokens are
+    the noised full-resolution tokens, the others the noised 2x2-mean tokens (layout order, coarse-grid positions,
+    children at ``+0.5 (dy, dx)``). Returns ``(tokens (B, L2, C), positions (B, L2, 2) float32)``."""
+    x = _mix(layout, adapter.pack(_fine(latents, noise, sigma)), adapter.pack(_coarse(latents, noise, sigma)))
+    return x, _mixed_index(layout)[1]
+
+
+def mask_boost(adapter, mask: torch.Tensor) -> torch.Tensor:
+    """Mask-first region choice: ``(B, M)`` float32, a large value on every coarse token that holds a pixel to
+    repaint or touches one (dilated by one coarse block), 0 elsewhere; added to the edge scores, it puts those tokens
+    first among the regions upsampled at the end of stage 1 (the edge scores still order the rest, and order the
+    masked ones among themselves when they outnumber the budget). ``mask``: ``(B, 1, h, w)`` latent mask."""
+    block = 2 * adapter.patch_size
+    coarse = F.max_pool2d(mask.to(torch.float32), block)
+    grown = F.max_pool2d(coarse, 3, stride=1, padding=1)
+    return grown.flatten(1) * 1e6
 
 
 def source_regions(adapter, spec: EditSpec, latents: torch.Tensor, k: int, m: int, generators, *, edge_map: str,
-                   edge_detector: str, region_source: str) -> torch.Tensor:
+                   edge_detector: str, region_source: str, boost: torch.Tensor | None = None) -> torch.Tensor:
     """``(B, k)`` coarse tokens to upsample first, chosen from the source image (stage 1 skipped): Canny on the
     image at half resolution (blocks of patch x VAE factor pixels, as stage 1's preview), or with
-    ``region_source="latent"`` the Sobel scores of the 2x2-mean latents; jittered top-k per image."""
+    ``region_source="latent"`` the Sobel scores of the 2x2-mean latents; ``boost`` ``(B, M)`` added (mask-first);
+    jittered top-k per image."""
     from .edges import edge_scores, latent_edge_scores, select_top_blocks
 
     b = latents.shape[0]
@@ -300,6 +403,9 @@ def source_regions(adapter, spec: EditSpec, latents: torch.Tensor, k: int, m: in
         half = F.interpolate(px, scale_factor=0.5, mode="area")
         scores = edge_scores(half, adapter.patch_size * adapter.vae_scale_factor, mapping=edge_map,
                              detector=edge_detector)
+    scores = scores.reshape(b, m).to(torch.float32)
+    if boost is not None:
+        scores = scores + boost.to(scores.device)
     return select_top_blocks(scores.to(latents.device), k, generators)
 
 
@@ -307,17 +413,23 @@ def sample_ralu_edit(adapter, cond, noise: torch.Tensor, latents: torch.Tensor, 
                      schedule: RaluSchedule, sigma_start: float, generators, *, noise_variant: str = "reference",
                      edge_map: str = "unit", edge_detector: str = "opencv", transition_impl: str = "auto",
                      solver: str = "euler", progress: bool = True, velocity: Callable | None = None,
-                     decode: Callable | None = None, region_source: str = "decode") -> Any:
-    """RALU img2img: the stages of :func:`edit_stages` from the clean latents ``latents`` ``(B, C, h, w)`` and the
-    full-resolution ``noise`` (same shape) at ``sigma_start``. Returns a :class:`ralu_runtime.sampler.SamplerResult`
-    (final fine raster tokens; the layout when stage 2 ran)."""
+                     decode: Callable | None = None, region_source: str = "decode",
+                     mask: torch.Tensor | None = None) -> Any:
+    """RALU img2img / inpainting: the stages of :func:`edit_stages` from the clean latents ``latents``
+    ``(B, C, h, w)`` and the full-resolution ``noise`` (same shape) at ``sigma_start``.
+
+    ``mask`` ``(B, 1, h, w)`` (inpainting, 1 = repaint): the regions upsampled first are the masked tokens dilated by
+    a block (:func:`mask_boost`), then the edges; in every stage the kept part follows the pipeline's blend with the
+    source re-noised at the stage's token set (2x2 mean for coarse tokens, max-pooled mask), after every step and at
+    the start of a stage entered through a transition. Returns a :class:`ralu_runtime.sampler.SamplerResult` (final
+    fine raster tokens; the layout when stage 2 ran)."""
     from .adapters.base import TokenGrid
     from .sampler import SamplerResult, _Clock, apply_transition, check_finite, draw_seeds, run_stage, select_regions
 
     plan = edit_stages(schedule, sigma_start)
     sigma = float(sigma_start)
     clock = _Clock(noise.device)
-    b = noise.shape[0]
+    b, ch = noise.shape[:2]
     latent_hw = noise.shape[-2:]
     p = adapter.patch_size
     coarse_hw = (latent_hw[0] // (2 * p), latent_hw[1] // (2 * p))
@@ -327,18 +439,44 @@ def sample_ralu_edit(adapter, cond, noise: torch.Tensor, latents: torch.Tensor, 
     stage = dict(solver=solver, progress=progress, velocity=velocity)
     layout = None
     x = pos = None
+    boost = None
+    if mask is not None:
+        boost = mask_boost(adapter, mask)
+        pack_mask = lambda t: adapter.pack(t.expand(-1, ch, -1, -1).contiguous())  # noqa: E731
+        fine_m, coarse_m = pack_mask(mask), pack_mask(F.max_pool2d(mask, 2))
+        fine_src = lambda s: adapter.pack(_fine(latents, noise, s))  # noqa: E731
+        coarse_src = lambda s: adapter.pack(_coarse(latents, noise, s))  # noqa: E731
+
+    def blended(k_stage, sig, x, enter: bool):
+        """``(x, after_step)`` of stage ``k_stage``: x blended at the stage's start (``enter``), and the per-step
+        blend; x and None without a mask."""
+        if mask is None:
+            return x, None
+        if k_stage == 0:
+            mk, src = coarse_m, coarse_src
+        elif k_stage == 1:
+            mk = _mix(layout, fine_m, coarse_m)
+            src = lambda s: _mix(layout, fine_src(s), coarse_src(s))  # noqa: E731
+        else:
+            mk, src = fine_m, fine_src
+        if enter:
+            x = (1 - mk) * src(sig[0]) + mk * x
+        return x, _blend(mk, src, sig)
+
     if plan.entry == 0:
         x = adapter.pack(_coarse(latents, noise, sigma))
         pos = grid_positions(*coarse_hw, device=x.device).expand(b, -1, -1).contiguous()
         ts, sig = _as_tensors(plan.sigmas[0], x.device)
+        x, after = blended(0, sig, x, False)
         with clock("stage1", steps=len(ts), tokens=m):
             x, v = run_stage(adapter, x, TokenGrid(pos, coarse_hw, None, raster=True), ts, sig, cond,
-                             desc="RALU edit stage 1/3", **stage)
+                             desc="RALU edit stage 1/3", after_step=after, **stage)
         check_finite(x, "RALU stage 1")
         with clock("edges", tokens=k):
             if 0 < k < m:
                 sel = select_regions(adapter, x, v, float(sig[-1]), latent_hw, k, generators, edge_map=edge_map,
-                                     edge_detector=edge_detector, decode=decode, region_source=region_source)
+                                     edge_detector=edge_detector, decode=decode, region_source=region_source,
+                                     boost=boost)
             else:
                 sel = torch.arange(m, device=x.device).expand(b, m)[:, :k]
             layout = TokenLayout(coarse_hw, sel.to(x.device))
@@ -348,25 +486,26 @@ def sample_ralu_edit(adapter, cond, noise: torch.Tensor, latents: torch.Tensor, 
     elif plan.entry == 1:
         with clock("edges", tokens=k):
             sel = source_regions(adapter, spec, latents, k, m, generators, edge_map=edge_map,
-                                 edge_detector=edge_detector, region_source=region_source)
+                                 edge_detector=edge_detector, region_source=region_source, boost=boost)
             layout = TokenLayout(coarse_hw, sel.to(noise.device))
         x, pos = mixed_start(adapter, layout, latents, noise, sigma)
     if plan.entry <= 1:
         ts, sig = _as_tensors(plan.sigmas[1], x.device)
+        x, after = blended(1, sig, x, plan.entry == 0)
         with clock("stage2", steps=len(ts), tokens=x.shape[1]):
             x, v = run_stage(adapter, x, TokenGrid(pos, coarse_hw, layout.stage2_fine_mask()), ts, sig, cond,
-                             desc="RALU edit stage 2/3", **stage)
+                             desc="RALU edit stage 2/3", after_step=after, **stage)
         check_finite(x, "RALU stage 2")
         with clock("transition23", tokens=4 * m):
             x, pos = apply_transition(x, pos, layout.transition_23(), schedule.boundary(1),
                                       draw_seeds(generators, x.device), noise=noise_variant, impl=transition_impl)
     else:
-        x = adapter.pack((sigma * noise.to(torch.float32) + (1.0 - sigma) * latents.to(torch.float32))
-                         .to(noise.dtype))
+        x = adapter.pack(_fine(latents, noise, sigma))
         pos = grid_positions(*fine_hw, device=x.device).expand(b, -1, -1).contiguous()
     ts, sig = _as_tensors(plan.sigmas[2], x.device)
+    x, after = blended(2, sig, x, plan.entry <= 1)
     with clock("stage3", steps=len(ts), tokens=x.shape[1]):
         x, _ = run_stage(adapter, x, TokenGrid(pos, fine_hw, None, raster=True), ts, sig, cond,
-                         desc="RALU edit stage 3/3", **stage)
+                         desc="RALU edit stage 3/3", after_step=after, **stage)
     check_finite(x, "RALU stage 3")
     return SamplerResult(x, layout, clock.records)

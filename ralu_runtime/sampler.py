@@ -73,11 +73,12 @@ class _Clock:
 
 def run_stage(adapter: DiTAdapter, x: torch.Tensor, grid: TokenGrid, timesteps: torch.Tensor, sigmas: torch.Tensor,
               cond: Conditioning, *, solver: str = "euler", desc: str = "", progress: bool = True,
-              velocity: Callable | None = None):
+              velocity: Callable | None = None, after_step: Callable | None = None):
     """Integrate one stage: ``len(timesteps)`` model calls from ``sigmas[0]`` to ``sigmas[-1]``.
 
     timesteps: ``(N,)`` float32 ``1000 * sigma`` given to the model; sigmas: ``(N+1,)`` float32.
     velocity: the model call (default ``adapter.velocity``; ``generate`` passes the installed backend's runner).
+    after_step: ``(i, x) -> x`` applied after step ``i`` (inpainting's blend with the re-noised source).
     Returns ``(x, v_last)``: the state at ``sigmas[-1]`` and the last velocity.
     """
     velocity = velocity or adapter.velocity
@@ -87,6 +88,8 @@ def run_stage(adapter: DiTAdapter, x: torch.Tensor, grid: TokenGrid, timesteps: 
     for i in tqdm(range(len(timesteps)), desc=desc, disable=not progress, leave=False):
         v = velocity(x, grid, timesteps[i], cond)
         x = stepper.step(i, x, v)
+        if after_step is not None:
+            x = after_step(i, x)
     return x, v
 
 
@@ -137,7 +140,8 @@ def draw_seeds(generators: list[torch.Generator], device) -> torch.Tensor:
 
 def select_regions(adapter: DiTAdapter, x: torch.Tensor, v: torch.Tensor, sigma_end: float, latent_hw, k: int,
                    generators, *, edge_map: str, edge_detector: str, decode: Callable | None = None,
-                   frames: int = 1, region_mode: str = "frame", region_source: str = "decode") -> torch.Tensor:
+                   frames: int = 1, region_mode: str = "frame", region_source: str = "decode",
+                   boost: torch.Tensor | None = None) -> torch.Tensor:
     """Edge-based choice of the ``k`` coarse tokens to upsample first: ``(B, k)`` int64 sorted.
 
     Tweedie estimate ``x0 = x - sigma_end v`` at the end of stage 1, VAE decode at half resolution,
@@ -147,6 +151,7 @@ def select_regions(adapter: DiTAdapter, x: torch.Tensor, v: torch.Tensor, sigma_
     Video (``frames`` > 1, tall grid): ``region_mode="frame"`` takes the top-k blocks over all frames (each frame
     its own regions); ``"clip"`` sums each spatial block's scores over the frames and takes the same ``k / frames``
     blocks in every frame (temporally coherent).
+    ``boost``: ``(B, M)`` float32 added to the scores before the top-k (inpainting's mask-first choice).
     """
     from .edges import edge_scores, latent_edge_scores, select_top_blocks
 
@@ -158,6 +163,8 @@ def select_regions(adapter: DiTAdapter, x: torch.Tensor, v: torch.Tensor, sigma_
         images = adapter.edge_images(latents, decode or adapter.decode)
         block = adapter.patch_size * adapter.vae_scale_factor
         scores = edge_scores(images, block, mapping=edge_map, detector=edge_detector)
+    if boost is not None:
+        scores = scores.reshape(boost.shape).to(torch.float32) + boost.to(scores.device)
     if frames == 1 or region_mode == "frame":
         return select_top_blocks(scores, k, generators)
     b = scores.shape[0]

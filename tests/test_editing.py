@@ -40,6 +40,21 @@ def sd3_i2i(sd3_pipe):
     return pipe
 
 
+@pytest.fixture(scope="module")
+def flux_inpaint(flux_pipe):
+    from diffusers import FluxInpaintPipeline
+
+    pipe = FluxInpaintPipeline(**flux_pipe.components)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def _mask(n=1, h=H, w=W, box=(8, 40, 16, 56)):
+    m = torch.zeros(n, 1, h, w)
+    m[..., box[0]:box[1], box[2]:box[3]] = 1
+    return m
+
+
 def _flux_ref(pipe, **kw):
     lat = pipe(height=H, width=W, output_type="latent", **kw).images
     return pipe._unpack_latents(lat, H, W, pipe.vae_scale_factor)
@@ -219,13 +234,16 @@ def test_bad_strength_is_refused(flux_i2i, strength, match):
     _refuses(flux_i2i, match, strength=strength)
 
 
-def test_unsupported_edit_requests_are_refused(flux_pipe, flux_i2i):
-    from diffusers import FluxInpaintPipeline
-
+def test_unsupported_edit_requests_are_refused(flux_pipe, flux_i2i, flux_inpaint, sd3_i2i):
     _refuses(flux_i2i, "editing pipeline: give image", image=None)
+    _refuses(flux_inpaint, "editing pipeline: give image", image=None)
     _refuses(flux_pipe, "strength= goes with image", image=None, strength=0.5)
-    _refuses(flux_i2i, "inpainting", mask_image=_img())
-    _refuses(FluxInpaintPipeline(**flux_pipe.components), "inpainting")
+    _refuses(flux_pipe, "mask_image= goes with image", image=None, mask_image=_mask())
+    _refuses(flux_inpaint, "give mask_image")
+    _refuses(flux_i2i, "no pixel to repaint", mask_image=torch.zeros(1, 1, H, W))
+    _refuses(flux_i2i, "number of masks must divide", mask_image=torch.ones(3, 1, H, W), num_images_per_prompt=2)
+    with pytest.raises(ValueError, match="FLUX.1 only"):
+        generate(sd3_i2i, **sd3_embeds(), image=_img(), mask_image=_mask(), height=H, width=W, progress=False)
     _refuses(flux_i2i, "must divide the batch", image=_img(3), num_images_per_prompt=2)
     _refuses(flux_i2i, "RGB pixels", image=torch.zeros(1, 16, 8, 12))
     _refuses(flux_i2i, "image processor cannot read", image="not an image")
@@ -248,3 +266,79 @@ def test_custom_schedule_runs(flux_i2i):
     out = generate(flux_i2i, **flux_embeds(), image=_img(), strength=1.0, height=H, width=W, speedup=sched, seed=0,
                    output_type="latent", progress=False)
     assert [r.steps for r in out.records if r.name.startswith("stage")] == [2, 2, 2]
+
+
+# ------------------------------------------------------------------------------------------ inpainting (FLUX.1)
+@pytest.mark.parametrize("strength", [0.5, 1.0])
+@torch.no_grad()
+def test_flux_inpaint_equals_diffusers(flux_inpaint, strength):
+    kw = dict(**flux_embeds(), image=_img(), mask_image=_mask(), strength=strength, num_inference_steps=5,
+              guidance_scale=3.5)
+    ref = _flux_ref(flux_inpaint, generator=_gen(1), **kw)
+    torch.testing.assert_close(_ours(flux_inpaint, generator=_gen(1), **kw), ref, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.slow
+@torch.no_grad()
+def test_flux_inpaint_batch_of_two_equals_diffusers_and_single_runs(flux_inpaint, flux_pipe):
+    kw = dict(image=_img(2), mask_image=torch.cat([_mask(), _mask(box=(0, 32, 0, 32))]), strength=0.8,
+              num_inference_steps=4, guidance_scale=3.5)
+    e2 = flux_embeds(2)
+    both = _ours(flux_inpaint, generator=[_gen(7), _gen(8)], **e2, **kw)
+    torch.testing.assert_close(both, _flux_ref(flux_inpaint, generator=[_gen(7), _gen(8)], **e2, **kw),
+                               rtol=1e-5, atol=1e-5)
+    # a text-to-image FLUX pipeline given mask_image= is FluxInpaintPipeline
+    torch.testing.assert_close(both, _ours(flux_pipe, generator=[_gen(7), _gen(8)], **e2, **kw), rtol=0, atol=0)
+    r = dict(kw, strength=1.0, num_inference_steps=None, speedup="4x")
+    both = _ours(flux_inpaint, generator=[_gen(7), _gen(8)], **e2, **r)
+    for i, s in enumerate((7, 8)):
+        one = {k: v[i:i + 1] for k, v in e2.items()}
+        single = _ours(flux_inpaint, generator=_gen(s), **one,
+                       **{**r, "image": r["image"][i:i + 1], "mask_image": r["mask_image"][i:i + 1]})
+        torch.testing.assert_close(both[i:i + 1], single, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("speedup", [None, "4x"])
+@torch.no_grad()
+def test_inpaint_keeps_the_source_outside_the_mask(flux_inpaint, speedup):
+    """After the last step the kept part is the clean source latent exactly (the pipeline's blend), RALU too."""
+    from ralu_runtime.editing import check_edit, encode_images, mask_latents
+
+    adapter = get_adapter(flux_inpaint)
+    spec = check_edit(adapter, image=_img(), strength=1.0, mask_image=_mask(), height=H, width=W, batch=1,
+                      num_inference_steps=None)
+    src = encode_images(adapter, spec, _gen(3), 1, torch.float32)  # the first draw of the call's generator
+    keep = mask_latents(spec, 1, (8, 12), torch.float32).expand_as(src) == 0
+    steps = dict(num_inference_steps=4) if speedup is None else {}
+    out = _ours(flux_inpaint, **flux_embeds(), image=_img(), mask_image=_mask(), strength=1.0, speedup=speedup,
+                generator=_gen(3), **steps)
+    assert keep.any() and (~keep).any()
+    torch.testing.assert_close(out[keep], src[keep], rtol=0, atol=0)
+    assert not torch.allclose(out[~keep], src[~keep])
+
+
+def test_mask_boost_dilates_the_masked_tokens_by_one_block(flux_pipe):
+    from ralu_runtime.editing import mask_boost
+
+    mask = torch.zeros(1, 1, 32, 32)  # latents of a 256^2 image: an 8 x 8 coarse grid (4 x 4 latent pixels each)
+    mask[..., 13, 18] = 1              # one latent pixel in coarse token (3, 4)
+    grid = (mask_boost(get_adapter(flux_pipe), mask) > 0).view(8, 8)
+    expected = torch.zeros(8, 8, dtype=torch.bool)
+    expected[2:5, 3:6] = True
+    assert torch.equal(grid, expected)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("strength,first", [(1.0, "stage1"), (0.85, "stage2")])
+@torch.no_grad()
+def test_inpaint_upsamples_the_masked_regions_first(flux_inpaint, strength, first):
+    """256^2 (8 x 8 coarse tokens, the 4x preset upsamples 19 first): a 32-px square in the corner is masked; its
+    token and the 3 around it (dilated by a block) are among the regions upsampled first, whether they are chosen
+    after stage 1 (strength 1) or from the source (strength 0.85: stage 2 is the entry)."""
+    img = torch.rand(1, 3, 256, 256, generator=_gen(0))
+    out = generate(flux_inpaint, **flux_embeds(), image=img, mask_image=_mask(1, 256, 256, (0, 32, 0, 32)),
+                   strength=strength, height=256, width=256, speedup="4x", seed=0, output_type="latent",
+                   return_masks=True, progress=False)
+    assert [r.name for r in out.records if r.name.startswith("stage")][0] == first
+    assert out.masks.shape == (1, 8, 8) and int(out.masks.sum()) == 19
+    assert bool(out.masks[0, :2, :2].all())
