@@ -1,4 +1,5 @@
-"""Editing with RALU: img2img (``image=``, ``strength=``) for FLUX.1 and SD3 (design: ``docs/editing.md``).
+"""Editing with RALU: img2img (``image=``, ``strength=``) for FLUX.1 and SD3, inpainting (``mask_image=``) for
+FLUX.1 (design: ``docs/editing.md``).
 
 What a call does, in the diffusers pipelines' order (so ``speedup=None`` reproduces ``FluxImg2ImgPipeline`` and
 ``StableDiffusion3Img2ImgPipeline``):
@@ -23,6 +24,10 @@ is what a stage transition's NT-Matching produces (i.i.d. noise of standard devi
 the exact signal in place of an upsampled copy, so no extra noise (no ``Z`` shift) is needed. Entering stage 2, the
 regions upsampled first are chosen from the source image (Canny on its half-resolution version, or the latent Sobel
 scores with ``region_source="latent"``) instead of stage 1's estimate.
+
+Inpainting (FluxInpaintPipeline's math): after every step the kept part (mask 0) is replaced by the source noised
+to the sigma the step reached (clean after the last step). With RALU the masked coarse tokens, dilated by a block,
+are upsampled first (:func:`mask_boost`), and the blend runs in every stage on that stage's token set.
 """
 from __future__ import annotations
 
