@@ -342,3 +342,58 @@ def test_inpaint_upsamples_the_masked_regions_first(flux_inpaint, strength, firs
     assert [r.name for r in out.records if r.name.startswith("stage")][0] == first
     assert out.masks.shape == (1, 8, 8) and int(out.masks.sum()) == 19
     assert bool(out.masks[0, :2, :2].all())
+
+
+# ------------------------------------------------------------------------------------------ ralu edit (CLI)
+def _png(path, size=(96, 64), mode="RGB", value=None):
+    from PIL import Image
+
+    if value is None:
+        arr = (np.random.default_rng(0).random((size[1], size[0], 3)) * 255).astype(np.uint8)
+        Image.fromarray(arr).save(path)
+    else:
+        Image.new(mode, size, value).save(path)
+    return str(path)
+
+
+@torch.no_grad()
+def test_ralu_edit_inpaints_an_image_file(tmp_path, capsys):
+    from PIL import Image
+
+    from ralu_runtime import cli
+
+    image, mask = _png(tmp_path / "in.png"), tmp_path / "mask.png"
+    m = Image.new("L", (96, 64), 0)
+    m.paste(255, (16, 8, 56, 40))
+    m.save(mask)
+    out, regions = tmp_path / "out.png", tmp_path / "regions.png"
+    assert cli.main(["edit", "--image", image, "--mask", str(mask), "--strength", "1.0", "--height", "64",
+                     "--width", "96", "--speedup", "4x", "--out", str(out), "--mask-out", str(regions),
+                     "--no-progress"]) == 0
+    text = capsys.readouterr().out
+    assert "stage1" in text and "stage3" in text and f"wrote {out}" in text
+    assert Image.open(out).size == (96, 64) and Image.open(regions).size == (96, 64)
+
+
+@pytest.mark.parametrize("extra,needle", [
+    (["--image", "{tmp}/missing.png"], "no such file"),
+    (["--image", "{tmp}/text.png"], "not an image Pillow can read"),
+    (["--image", "{tmp}/in.png", "--strength", "0"], "--strength 0.0"),
+    (["--image", "{tmp}/in.png", "--mask", "{tmp}/black.png"], "nothing to repaint"),
+    (["--image", "{tmp}/in.png", "--mask", "{tmp}/black.png", "--model", "tiny-sd3"], "FLUX.1 models only"),
+    (["--image", "{tmp}/in.png", "--model", "tiny-qwen-image"], "FLUX.1 and SD3"),
+])
+def test_ralu_edit_refuses_bad_files_before_loading(tmp_path, monkeypatch, capsys, extra, needle):
+    from ralu_runtime import cli
+
+    def no_load(plan):
+        raise AssertionError("the model must not be loaded")
+
+    monkeypatch.setattr(cli, "_load", no_load)
+    _png(tmp_path / "in.png")
+    _png(tmp_path / "black.png", mode="L", value=0)
+    (tmp_path / "text.png").write_text("not a png")
+    args = [a.replace("{tmp}", str(tmp_path)) for a in extra]
+    assert cli.main(["edit", "--no-progress", "--out", str(tmp_path / "o.png"), *args]) == 2
+    err = capsys.readouterr().err
+    assert needle in err and not (tmp_path / "o.png").exists()
