@@ -279,7 +279,8 @@ def run_edit(adapter, cond, noise: torch.Tensor, latents: torch.Tensor, plan, ge
     p = adapter.patch_size
     spec = plan.edit
     t0, sigma = start_sigma(adapter, spec, (noise.shape[-2] // p) * (noise.shape[-1] // p))
-    mask = None if spec.mask is None else mask_latents(spec, noise.shape[0], noise.shape[-2:], noise.dtype)
+    mask = None if spec.mask is None else mask_latents(spec, noise.shape[0], noise.shape[-2:], noise.dtype,
+                                                       noise.device)
     if plan.schedule is None:
         if mask is None:
             return sample_baseline(adapter, cond, noised(latents, noise, sigma), plan.steps, solver=plan.solver,
@@ -291,11 +292,11 @@ def run_edit(adapter, cond, noise: torch.Tensor, latents: torch.Tensor, plan, ge
                             velocity=velocity, decode=decode, region_source=plan.region_source, mask=mask)
 
 
-def mask_latents(spec: EditSpec, batch: int, latent_hw, dtype: torch.dtype) -> torch.Tensor:
+def mask_latents(spec: EditSpec, batch: int, latent_hw, dtype: torch.dtype, device=None) -> torch.Tensor:
     """The inpainting mask at latent resolution, as FluxInpaintPipeline makes it: nearest resize of the binarised
-    mask to ``latent_hw``, cast to ``dtype``, tiled to ``batch``: ``(B, 1, h, w)`` (1 = repaint)."""
+    mask to ``latent_hw``, cast to ``dtype`` on ``device``, tiled to ``batch``: ``(B, 1, h, w)`` (1 = repaint)."""
     m = F.interpolate(spec.mask, size=tuple(latent_hw))
-    return torch.cat([m] * (batch // m.shape[0])).to(dtype)
+    return torch.cat([m] * (batch // m.shape[0])).to(device=device, dtype=dtype)
 
 
 def _blend(mask: torch.Tensor, source: Callable, sigmas: torch.Tensor) -> Callable:
