@@ -7,7 +7,12 @@ editing pipeline's own schedule gives for the strength), the per-call FLOPs at e
 StableDiffusion3Img2ImgPipeline 50) over its remaining steps. VAE encode (both) and RALU's half-resolution preview
 decode (only when stage 1 runs) are not counted.
 
-    python benchmarks/editing.py [--out benchmarks/results]
+``--cpu``: also time it on the CPU with the family's "small" benchmark model (random weights, float32, its CPU
+size; ``benchmarks/families.py``'s models): whole ``generate`` calls with an image (encode, sampling, decode),
+the baseline and each preset interleaved per round, medians of ``--reps`` rounds after one warm-up call each, and the
+model stages alone (the sampler's stage clocks).
+
+    python benchmarks/editing.py [--cpu [--cpu-family flux sd3] [--reps 3]] [--out benchmarks/results]
 """
 from __future__ import annotations
 
@@ -75,9 +80,57 @@ def table(flops: dict) -> list[dict]:
     return rows
 
 
+MODEL_STAGES = ("baseline", "stage1", "stage2", "stage3")
+
+
+def cpu_table(family: str, reps: int) -> list[dict]:
+    """CPU medians (s) of img2img with the family's small model: baseline vs its presets at each strength."""
+    import statistics
+    import time
+
+    import torch
+
+    from benchmarks.families import setup_family
+    from ralu_runtime import generate
+    from ralu_runtime.families import MODELS as PUBLISHED
+
+    model = PUBLISHED[family]
+    pipe, _adapter, emb, _presets, _steps, guidance = setup_family(model, "small", "cpu", torch.float32, 1, 32)
+    h, w = model.cpu_size
+    steps, presets = MODELS[family][1], MODELS[family][3]
+    image = torch.rand(1, 3, h, w, generator=torch.Generator().manual_seed(0))
+    common = dict(**emb, image=image, height=h, width=w, guidance_scale=guidance, output_type="pt", progress=False)
+    out = []
+    for strength in STRENGTHS:
+        rows = [("baseline", dict(speedup=None, num_inference_steps=steps))] + [(n, dict(speedup=n)) for n in presets]
+        times = {n: [] for n, _ in rows}
+        model_times = {n: [] for n, _ in rows}
+        calls = {}
+        for name, kw in rows:  # warm-up
+            generate(pipe, strength=strength, **common, **kw, seed=0)
+        for rep in range(reps):
+            for name, kw in rows:
+                t0 = time.perf_counter()
+                res = generate(pipe, strength=strength, **common, **kw, seed=rep)
+                times[name].append(time.perf_counter() - t0)
+                model_times[name].append(sum(v for k, v in res.timings.items() if k in MODEL_STAGES))
+                calls[name] = [r.steps for r in res.records if r.name in MODEL_STAGES]
+        base, base_model = statistics.median(times["baseline"]), statistics.median(model_times["baseline"])
+        for name, _ in rows:
+            med, med_model = statistics.median(times[name]), statistics.median(model_times[name])
+            out.append({"family": family, "size": [h, w], "strength": strength, "run": name, "calls": calls[name],
+                        "median_s": med, "times_s": times[name], "ratio": base / med,
+                        "model_median_s": med_model, "model_ratio": base_model / med_model})
+    return out
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default=str(Path(__file__).parent / "results"))
+    ap.add_argument("--cpu", action="store_true", help="also time img2img on the CPU with the small models")
+    ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--cpu-family", nargs="+", choices=tuple(MODELS), default=list(MODELS),
+                    help="families timed with --cpu (default: all)")
     args = ap.parse_args(argv)
     flops = json.loads((Path(__file__).parent / "results" / "flops.json").read_text())
     rows = table(flops)
@@ -88,6 +141,15 @@ def main(argv=None):
         print(f"| {r['family']} | {r['run']} | {r['strength']} | {r['sigma']:.3f} | {entry} | "
               f"{', '.join(map(str, r['calls']))} | {r['tflops']:.0f} | {r['ratio']:.2f}x |")
     write_json(args.out, "editing_flops", {"tokens": TOKENS, "rows": rows, "notes": __doc__})
+    if args.cpu:
+        cpu = [r for fam in args.cpu_family for r in cpu_table(fam, args.reps)]
+        print("| model | size | strength | run | calls | whole call s | vs baseline | model stages s | vs baseline |")
+        print("|---|---|---|---|---|---|---|---|---|")
+        for r in cpu:
+            print(f"| {r['family']} | {r['size'][0]}x{r['size'][1]} | {r['strength']} | {r['run']} | "
+                  f"{', '.join(map(str, r['calls']))} | {r['median_s']:.3f} | {r['ratio']:.2f}x | "
+                  f"{r['model_median_s']:.3f} | {r['model_ratio']:.2f}x |")
+        write_json(args.out, "editing_cpu", {"rows": cpu, "notes": __doc__})
 
 
 if __name__ == "__main__":
