@@ -664,8 +664,9 @@ def generate(pipe, prompt: str | list[str] | None = None, *, height: int | None 
     ``image`` / ``strength`` (img2img, FLUX.1 and SD3; ``pipe`` an img2img pipeline or its text-to-image pipeline):
     start from the image noised to the pipeline's sigma for ``strength`` (default 0.6); ``speedup=None`` equals
     ``FluxImg2ImgPipeline`` / ``StableDiffusion3Img2ImgPipeline``, a RALU preset skips the stages that end before
-    that start (:mod:`ralu_runtime.editing`, docs/editing.md). ``mask_image`` (inpainting, FLUX.1; white = repaint):
-    ``speedup=None`` equals ``FluxInpaintPipeline``; RALU upsamples the masked regions first.
+    that start (:mod:`ralu_runtime.editing`, docs/editing.md). ``mask_image`` (inpainting, FLUX.1 and SD3; white =
+    repaint): ``speedup=None`` equals ``FluxInpaintPipeline`` / ``StableDiffusion3InpaintPipeline``; RALU upsamples
+    the masked regions first.
     """
     arguments = dict(locals())  # exactly the parameters above (nothing else is defined yet)
     return run(prepare(**arguments))

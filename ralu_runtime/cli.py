@@ -121,12 +121,12 @@ def build_parser() -> argparse.ArgumentParser:
                    description="Generate one image with RALU and print per-stage steps, tokens and seconds. "
                                "Arguments are checked before the model is loaded.")
     e = sub.add_parser("edit", parents=[common, image_args], help="edit an image (img2img, inpainting) with RALU",
-                       description="img2img (--image, --strength) on FLUX.1 and SD3, inpainting (--mask) on FLUX.1: "
+                       description="img2img (--image, --strength) and inpainting (--mask) on FLUX.1 and SD3: "
                                    "the image is resized to --height x --width; per-stage timings are printed. "
                                    "Arguments and files are checked before the model is loaded.")
     e.add_argument("--image", metavar="PATH", required=True, help="the image to edit (any format Pillow reads)")
     e.add_argument("--mask", metavar="PATH", default=None,
-                   help="inpainting mask (FLUX.1): white = repaint, black = keep; resized like the image")
+                   help="inpainting mask: white = repaint, black = keep; resized like the image")
     e.add_argument("--strength", metavar="S", type=float, default=None,
                    help="0 < S <= 1: how much of the schedule is re-run from the noised image (default: the "
                         "pipeline's 0.6)")
@@ -652,7 +652,7 @@ def _speedup_line(plan: GeneratePlan, out) -> str:
     return f"speedup: {name} ({origin}): steps {sched.steps}, ends {sched.ends}, r={sched.ratio}"
 
 
-EDIT_FAMILIES, INPAINT_FAMILIES = ("flux", "flux-schnell", "sd3"), ("flux", "flux-schnell")  # as ralu_runtime.editing
+EDIT_FAMILIES = ("flux", "flux-schnell", "sd3")  # as ralu_runtime.editing (img2img and inpainting)
 
 
 def _read_image(flag: str, path: str, mode: str):
@@ -675,8 +675,6 @@ def check_edit(args) -> tuple[GeneratePlan, dict]:
     plan = check_generate(args)
     if plan.family not in EDIT_FAMILIES:
         raise UsageError(f"ralu edit runs FLUX.1 and SD3 models; {args.model} is {plan.family}")
-    if args.mask is not None and plan.family not in INPAINT_FAMILIES:
-        raise UsageError(f"--mask (inpainting) runs FLUX.1 models only; {args.model} is {plan.family}")
     if args.strength is not None and not (math.isfinite(args.strength) and 0 < args.strength <= 1):
         raise UsageError(f"--strength {args.strength} is not allowed: need 0 < S <= 1")
     edit = {"image": _read_image("--image", args.image, "RGB"), "strength": args.strength}

@@ -1,5 +1,5 @@
-"""Editing with RALU: img2img (``image=``, ``strength=``) for FLUX.1 and SD3, inpainting (``mask_image=``) for
-FLUX.1 (design: ``docs/editing.md``).
+"""Editing with RALU: img2img (``image=``, ``strength=``) and inpainting (``mask_image=``) for FLUX.1 and SD3
+(design: ``docs/editing.md``).
 
 What a call does, in the diffusers pipelines' order (so ``speedup=None`` reproduces ``FluxImg2ImgPipeline`` and
 ``StableDiffusion3Img2ImgPipeline``):
@@ -25,9 +25,10 @@ the exact signal in place of an upsampled copy, so no extra noise (no ``Z`` shif
 regions upsampled first are chosen from the source image (Canny on its half-resolution version, or the latent Sobel
 scores with ``region_source="latent"``) instead of stage 1's estimate.
 
-Inpainting (FluxInpaintPipeline's math): after every step the kept part (mask 0) is replaced by the source noised
-to the sigma the step reached (clean after the last step). With RALU the masked coarse tokens, dilated by a block,
-are upsampled first (:func:`mask_boost`), and the blend runs in every stage on that stage's token set.
+Inpainting (FluxInpaintPipeline's and StableDiffusion3InpaintPipeline's math): after every step the kept part
+(mask 0) is replaced by the source noised to the sigma the step reached (clean after the last step). With RALU the
+masked coarse tokens, dilated by a block, are upsampled first (:func:`mask_boost`), and the blend runs in every
+stage on that stage's token set.
 """
 from __future__ import annotations
 
@@ -46,9 +47,11 @@ from .layout import TokenLayout, grid_positions
 from .schedule import RaluSchedule
 
 EDIT_FAMILIES = ("flux", "flux-schnell", "sd3")  # adapter families that take image= (img2img)
-INPAINT_FAMILIES = ("flux", "flux-schnell")       # ... and mask_image= (inpainting)
+INPAINT_FAMILIES = ("flux", "flux-schnell", "sd3")  # ... and mask_image= (inpainting)
 _IMG2IMG_CLASS = {"flux": "FluxImg2ImgPipeline", "flux-schnell": "FluxImg2ImgPipeline",
                   "sd3": "StableDiffusion3Img2ImgPipeline"}
+_INPAINT_CLASS = {"flux": "FluxInpaintPipeline", "flux-schnell": "FluxInpaintPipeline",
+                  "sd3": "StableDiffusion3InpaintPipeline"}
 
 
 def edit_kind(pipe) -> str | None:
@@ -91,10 +94,10 @@ def check_edit(adapter, *, image, strength, mask_image, height: int, width: int,
     """Check the editing arguments of a ``generate`` call (before any model work); None without ``image``.
 
     Raises ValueError / TypeError with the reason for what is not supported: an editing pipeline without
-    ``image``, ``strength`` / ``mask_image`` without ``image``, a family other than FLUX.1 / SD3, inpainting on SD3,
-    an inpainting pipeline without ``mask_image``, strength outside (0, 1] (any strength > 0 leaves at least one
-    step: ``int(N - N s) <= N - 1``), an image or mask the pipeline's processors cannot read, a mask with nothing to
-    repaint, image or mask counts that do not divide the batch."""
+    ``image``, ``strength`` / ``mask_image`` without ``image``, a family other than FLUX.1 / SD3, an inpainting
+    pipeline without ``mask_image``, a model with mask input channels (Fill), strength outside (0, 1] (any
+    strength > 0 leaves at least one step: ``int(N - N s) <= N - 1``), an image or mask the pipeline's processors
+    cannot read, a mask with nothing to repaint, image or mask counts that do not divide the batch."""
     pipe = getattr(adapter, "pipe", None)
     kind = edit_kind(pipe) if pipe is not None else None
     if image is None:
@@ -109,13 +112,13 @@ def check_edit(adapter, *, image, strength, mask_image, height: int, width: int,
         raise ValueError(f"image= (img2img) is supported for FLUX.1 and SD3 pipelines only; {adapter.family} "
                          "takes no image (issue 23 lists the editing pipelines still to come)")
     inpaint = kind == "inpaint" or mask_image is not None
-    if inpaint and adapter.family not in INPAINT_FAMILIES:
-        raise ValueError("inpainting (mask_image=) is supported for FLUX.1 only (FluxInpaintPipeline); SD3 inpainting "
-                         "is not done yet: use StableDiffusion3Img2ImgPipeline without a mask, or the diffusers "
-                         "pipeline")
     if inpaint and mask_image is None:
         raise ValueError(f"{type(pipe).__name__} is an inpainting pipeline: give mask_image= (white = repaint)")
-    cls = "FluxInpaintPipeline" if inpaint else _IMG2IMG_CLASS[adapter.family]
+    if inpaint and pipe.transformer.config.in_channels != pipe.vae.config.latent_channels * (
+            1 if adapter.family == "sd3" else 4):  # FLUX.1 packs 2x2 latent pixels into the transformer's input
+        raise ValueError("inpainting models that take the mask and masked image as extra input channels (FLUX.1 Fill, "
+                         "33-channel SD3 inpainting) are not supported; ralu runs the pipelines' blending inpainting")
+    cls = (_INPAINT_CLASS if inpaint else _IMG2IMG_CLASS)[adapter.family]
     if strength is None:
         strength = _call_default(cls, "strength")
     if isinstance(strength, bool) or not isinstance(strength, numbers.Real) or not math.isfinite(strength):

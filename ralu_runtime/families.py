@@ -252,6 +252,7 @@ EDIT_PIPELINES: Mapping[str, tuple[str, str]] = MappingProxyType({
     "FluxImg2ImgPipeline": ("FluxPipeline", "img2img"),
     "StableDiffusion3Img2ImgPipeline": ("StableDiffusion3Pipeline", "img2img"),
     "FluxInpaintPipeline": ("FluxPipeline", "inpaint"),
+    "StableDiffusion3InpaintPipeline": ("StableDiffusion3Pipeline", "inpaint"),
 })
 
 

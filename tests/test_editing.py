@@ -234,7 +234,7 @@ def test_bad_strength_is_refused(flux_i2i, strength, match):
     _refuses(flux_i2i, match, strength=strength)
 
 
-def test_unsupported_edit_requests_are_refused(flux_pipe, flux_i2i, flux_inpaint, sd3_i2i):
+def test_unsupported_edit_requests_are_refused(flux_pipe, flux_i2i, flux_inpaint):
     _refuses(flux_i2i, "editing pipeline: give image", image=None)
     _refuses(flux_inpaint, "editing pipeline: give image", image=None)
     _refuses(flux_pipe, "strength= goes with image", image=None, strength=0.5)
@@ -242,8 +242,16 @@ def test_unsupported_edit_requests_are_refused(flux_pipe, flux_i2i, flux_inpaint
     _refuses(flux_inpaint, "give mask_image")
     _refuses(flux_i2i, "no pixel to repaint", mask_image=torch.zeros(1, 1, H, W))
     _refuses(flux_i2i, "number of masks must divide", mask_image=torch.ones(3, 1, H, W), num_images_per_prompt=2)
-    with pytest.raises(ValueError, match="FLUX.1 only"):
-        generate(sd3_i2i, **sd3_embeds(), image=_img(), mask_image=_mask(), height=H, width=W, progress=False)
+    fill = type("Fill", (), {"config": type("C", (), {"in_channels": 384})()})()  # FLUX.1 Fill's input width
+    from ralu_runtime.editing import check_edit
+
+    class _FillAdapter:
+        family, is_video = "flux", False
+        pipe = type("P", (), {"transformer": fill, "vae": flux_pipe.vae, "image_processor": None})()
+
+    with pytest.raises(ValueError, match="extra input channels"):
+        check_edit(_FillAdapter(), image=_img(), strength=0.5, mask_image=_mask(), height=H, width=W, batch=1,
+                   num_inference_steps=None)
     _refuses(flux_i2i, "must divide the batch", image=_img(3), num_images_per_prompt=2)
     _refuses(flux_i2i, "RGB pixels", image=torch.zeros(1, 16, 8, 12))
     _refuses(flux_i2i, "image processor cannot read", image="not an image")
@@ -380,7 +388,6 @@ def test_ralu_edit_inpaints_an_image_file(tmp_path, capsys):
     (["--image", "{tmp}/text.png"], "not an image Pillow can read"),
     (["--image", "{tmp}/in.png", "--strength", "0"], "--strength 0.0"),
     (["--image", "{tmp}/in.png", "--mask", "{tmp}/black.png"], "nothing to repaint"),
-    (["--image", "{tmp}/in.png", "--mask", "{tmp}/black.png", "--model", "tiny-sd3"], "FLUX.1 models only"),
     (["--image", "{tmp}/in.png", "--model", "tiny-qwen-image"], "FLUX.1 and SD3"),
 ])
 def test_ralu_edit_refuses_bad_files_before_loading(tmp_path, monkeypatch, capsys, extra, needle):
@@ -397,3 +404,35 @@ def test_ralu_edit_refuses_bad_files_before_loading(tmp_path, monkeypatch, capsy
     assert cli.main(["edit", "--no-progress", "--out", str(tmp_path / "o.png"), *args]) == 2
     err = capsys.readouterr().err
     assert needle in err and not (tmp_path / "o.png").exists()
+
+
+@pytest.mark.parametrize("strength", [0.6, 1.0])
+@torch.no_grad()
+def test_sd3_inpaint_equals_diffusers(sd3_pipe, strength):
+    from diffusers import StableDiffusion3InpaintPipeline
+
+    pipe = StableDiffusion3InpaintPipeline(**sd3_pipe.components)
+    pipe.set_progress_bar_config(disable=True)
+    kw = dict(**sd3_embeds(), image=_img(), mask_image=_mask(), strength=strength, num_inference_steps=4,
+              guidance_scale=5.0)
+    ref = pipe(height=H, width=W, output_type="latent", generator=_gen(3), **kw).images
+    torch.testing.assert_close(_ours(pipe, generator=_gen(3), **kw), ref, rtol=1e-5, atol=1e-5)
+    out = generate(pipe, **sd3_embeds(), image=_img(), mask_image=_mask(), strength=strength, height=H, width=W,
+                   speedup="3x", seed=1, output_type="latent", progress=False)
+    assert torch.isfinite(out.images).all()
+
+
+@torch.no_grad()
+def test_flux_schnell_img2img_equals_diffusers_and_runs_its_preset():
+    from diffusers import FluxImg2ImgPipeline
+
+    from ralu_runtime.tiny import build_tiny_flux_pipeline
+
+    pipe = FluxImg2ImgPipeline(**build_tiny_flux_pipeline(seed=1, guidance_embeds=False).components)
+    pipe.set_progress_bar_config(disable=True)
+    kw = dict(**flux_embeds(), image=_img(), strength=0.75, num_inference_steps=4, guidance_scale=0.0)
+    torch.testing.assert_close(_ours(pipe, generator=_gen(2), **kw), _flux_ref(pipe, generator=_gen(2), **kw),
+                               rtol=1e-5, atol=1e-5)
+    out = generate(pipe, **flux_embeds(), image=_img(), strength=1.0, height=H, width=W, seed=0,
+                   output_type="latent", progress=False)  # the family's default preset: 4step
+    assert out.schedule.name == "flux-schnell/4step" and torch.isfinite(out.images).all()
