@@ -100,6 +100,7 @@ class CallPlan:
     region_source: str = "decode"
     progress: bool = True
     integration: str = "own"  # "follow": the baseline steps with the pipeline's scheduler (scheduler_integration)
+    edit: Any = None  # img2img request (ralu_runtime.editing.EditSpec), None for text-to-image
 
     @property
     def backend(self) -> str | None:
@@ -471,7 +472,8 @@ def prepare(pipe, prompt: str | list[str] | None = None, *, height: int | None =
             device=None, backend: str | None = None, compile_options: dict | None = None,
             prompt_embeds_mask=None, negative_prompt_embeds_mask=None, num_frames: int | None = None,
             region_mode: str | None = None, region_source: str = "decode", parallel=None,
-            precision: str | None = None, limits=None) -> CallPlan:
+            precision: str | None = None, limits=None, image=None, strength: float | None = None,
+            mask_image=None) -> CallPlan:
     """Check every argument of a :func:`generate` call (the same arguments) and resolve it into a
     :class:`CallPlan`, before any work: no text encoding, no noise, no model call, no backend install (a model
     folder given as ``pipe`` is loaded). Raises what ``generate`` raises for bad arguments (ValueError / TypeError
@@ -548,12 +550,23 @@ def prepare(pipe, prompt: str | list[str] | None = None, *, height: int | None =
                                                              cast["negative_pooled_prompt_embeds"])
     schedule = resolve_schedule(speedup, adapter, height, width)
     integration = scheduler_integration(adapter, schedule is not None, solver)
-    steps = num_inference_steps if num_inference_steps is not None else adapter.default_steps
-    guidance = adapter.default_guidance if guidance_scale is None else float(guidance_scale)
+    from .editing import check_edit
+
+    edit = check_edit(adapter, image=image, strength=strength, mask_image=mask_image, height=height, width=width,
+                      batch=batch, num_inference_steps=num_inference_steps)
+    if edit is not None and integration != "own":
+        raise ValueError(f"image= (img2img / inpainting) runs with the pipeline's Euler flow scheduler only; this "
+                         f"pipeline has {type(adapter.pipe.scheduler).__name__}")
+    steps = edit.steps if edit is not None else (num_inference_steps if num_inference_steps is not None
+                                                 else adapter.default_steps)
+    default_guidance = adapter.default_guidance if edit is None else edit.guidance  # the editing pipeline's
+    guidance = default_guidance if guidance_scale is None else float(guidance_scale)
     _check_work(adapter, bounds, batch, height, width, num_frames, int(steps), schedule)
     from .parallel import resolve_parallel
 
     plan = resolve_parallel(parallel, adapter, backend=backend)
+    if edit is not None and plan is not None:
+        raise ValueError("image= (img2img) does not run with context parallelism yet; drop parallel=")
     return CallPlan(
         adapter, height, width, batch, schedule, int(steps), guidance, num_frames, region_mode, cache, options, plan,
         prompt=prompt, negative_prompt=negative_prompt, prompt_embeds=prompt_embeds,
@@ -562,7 +575,8 @@ def prepare(pipe, prompt: str | list[str] | None = None, *, height: int | None =
         negative_prompt_embeds_mask=negative_prompt_embeds_mask, num_images_per_prompt=num_images_per_prompt,
         max_sequence_length=max_sequence_length, generator=generator, seed=seed, output_type=output_type,
         return_masks=return_masks, noise=noise, edge_map=edge_map, edge_detector=edge_detector, solver=solver,
-        transition_impl=transition_impl, region_source=region_source, progress=progress, integration=integration)
+        transition_impl=transition_impl, region_source=region_source, progress=progress, integration=integration,
+        edit=edit)
 
 
 ModelCallHook = Callable[[DiTAdapter, Callable], Callable]
@@ -647,10 +661,16 @@ def run(plan: CallPlan, *, model_call: ModelCallHook | None = None,
     noise_gen, per_image = _generators(generator, seed, batch)
     dtype = cond.data["embeds"].dtype if "embeds" in cond.data else adapter.dtype
     video = dict(num_frames=plan.num_frames) if adapter.is_video else {}
+    if plan.edit is not None:  # the source is encoded before the noise is drawn (the pipelines' order of draws)
+        from .editing import encode_images, run_edit
+
+        source = encode_images(adapter, plan.edit, noise_gen, batch, dtype)
     noise_latents = adapter.prepare_noise(batch, plan.height, plan.width, noise_gen, dtype, **video)
 
     with _call_state(plan.cache, sp) as state:
-        if schedule is None:
+        if plan.edit is not None:
+            result = run_edit(adapter, cond, noise_latents, source, plan, per_image, velocity=velocity, decode=decode)
+        elif schedule is None:
             result = sample_baseline(adapter, cond, noise_latents, plan.steps, solver=plan.solver,
                                      progress=plan.progress, velocity=velocity,
                                      follow_scheduler=plan.integration == "follow")
@@ -690,7 +710,8 @@ def generate(pipe, prompt: str | list[str] | None = None, *, height: int | None 
              device=None, backend: str | None = None, compile_options: dict | None = None,
              prompt_embeds_mask=None, negative_prompt_embeds_mask=None, num_frames: int | None = None,
              region_mode: str | None = None, region_source: str = "decode", parallel=None,
-             precision: str | None = None, limits=None) -> RaluOutput:
+             precision: str | None = None, limits=None, image=None, strength: float | None = None,
+             mask_image=None) -> RaluOutput:
     """Generate images (or videos) with RALU (``speedup`` preset or schedule) or the ordinary sampler
     (``speedup=None``): ``run(prepare(pipe, prompt, ...))`` with the same arguments.
 
@@ -743,6 +764,13 @@ def generate(pipe, prompt: str | list[str] | None = None, *, height: int | None 
     token sequence over the ``U * R`` ranks of an initialised ``torch.distributed`` group (FLUX.1; launch with
     torchrun and call ``generate`` with the same arguments on every rank; see :mod:`ralu_runtime.parallel`). None: a
     transformer set up with diffusers' ``enable_parallelism`` runs under that config, any other unsharded.
+
+    ``image`` / ``strength`` (img2img, FLUX.1 and SD3; ``pipe`` an img2img pipeline or its text-to-image pipeline):
+    start from the image noised to the pipeline's sigma for ``strength`` (default 0.6); ``speedup=None`` equals
+    ``FluxImg2ImgPipeline`` / ``StableDiffusion3Img2ImgPipeline``, a RALU preset skips the stages that end before
+    that start (:mod:`ralu_runtime.editing`, docs/editing.md). ``mask_image`` (inpainting, FLUX.1 and SD3; white =
+    repaint): ``speedup=None`` equals ``FluxInpaintPipeline`` / ``StableDiffusion3InpaintPipeline``; RALU upsamples
+    the masked regions first.
     """
     arguments = dict(locals())  # exactly the parameters above (nothing else is defined yet)
     return run(prepare(**arguments))

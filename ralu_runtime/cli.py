@@ -1,5 +1,6 @@
-"""Command line: ``ralu generate`` (an image with RALU, per-stage timings printed), ``ralu serve`` (an
-OpenAI-compatible images API over the serving engine) and ``ralu info`` (what ralu finds in this environment).
+"""Command line: ``ralu generate`` (an image with RALU, per-stage timings printed), ``ralu edit`` (img2img and
+inpainting of an image file, the same report), ``ralu serve`` (an OpenAI-compatible images API over the serving
+engine) and ``ralu info`` (what ralu finds in this environment).
 
 With no ``--model`` it builds the tiny random FLUX pipeline (no download), so the demo runs anywhere.
 Every argument is checked before a model is built or loaded: a bad one prints one line ``ralu: error: ...`` to
@@ -63,10 +64,8 @@ def build_parser() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
                         help="show tracebacks instead of one-line errors")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="{generate,serve,info}")
-    g = sub.add_parser("generate", parents=[common], help="generate one image and print per-stage timings",
-                       description="Generate one image with RALU and print per-stage steps, tokens and seconds. "
-                                   "Arguments are checked before the model is loaded.")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{generate,edit,serve,info}")
+    g = image_args = argparse.ArgumentParser(add_help=False)  # the arguments of generate and edit
     g.add_argument("--model", metavar="PATH", default="tiny-flux",
                    help="local diffusers folder of a supported pipeline ("
                         f"{', '.join(f.label for f in FAMILIES.values() if f.pipelines)}; the family is read from its "
@@ -118,6 +117,19 @@ def build_parser() -> argparse.ArgumentParser:
                    help="fp8: the transformer blocks' linear layers in fp8 (e4m3) on ralu's own quantized copies "
                         "(GPU of compute capability >= 8.9; eager or inductor backend, eager when --backend is not "
                         "given); default: the model's own dtype (--dtype)")
+    sub.add_parser("generate", parents=[common, image_args], help="generate one image and print per-stage timings",
+                   description="Generate one image with RALU and print per-stage steps, tokens and seconds. "
+                               "Arguments are checked before the model is loaded.")
+    e = sub.add_parser("edit", parents=[common, image_args], help="edit an image (img2img, inpainting) with RALU",
+                       description="img2img (--image, --strength) and inpainting (--mask) on FLUX.1 and SD3: "
+                                   "the image is resized to --height x --width; per-stage timings are printed. "
+                                   "Arguments and files are checked before the model is loaded.")
+    e.add_argument("--image", metavar="PATH", required=True, help="the image to edit (any format Pillow reads)")
+    e.add_argument("--mask", metavar="PATH", default=None,
+                   help="inpainting mask: white = repaint, black = keep; resized like the image")
+    e.add_argument("--strength", metavar="S", type=float, default=None,
+                   help="0 < S <= 1: how much of the schedule is re-run from the noised image (default: the "
+                        "pipeline's 0.6)")
     s = sub.add_parser("serve", parents=[common], help="serve an OpenAI-compatible images API (HTTP) over the "
                                                         "continuous-batching engine",
                        description="Serve POST /v1/images/generations (OpenAI images API; JSON, PNG as b64_json), "
@@ -749,9 +761,49 @@ def _speedup_line(plan: GeneratePlan, out) -> str:
     return f"speedup: {name} ({origin}): steps {sched.steps}, ends {sched.ends}, r={sched.ratio}"
 
 
-def cmd_generate(args) -> int:
-    """``ralu generate``: check the arguments, build or load the model, (warm up), generate, write, report."""
+EDIT_FAMILIES = ("flux", "flux-schnell", "sd3")  # as ralu_runtime.editing (img2img and inpainting)
+
+
+def _read_image(flag: str, path: str, mode: str):
+    """Open and fully decode an image file (PIL image in ``mode``); UsageError for a missing or unreadable file."""
+    from PIL import Image
+
+    if not os.path.isfile(path):
+        raise UsageError(f"{flag} {path!r}: no such file")
+    try:
+        with Image.open(path) as img:
+            img.load()
+            return img.convert(mode)
+    except (OSError, ValueError, Image.DecompressionBombError) as exc:
+        raise UsageError(f"{flag} {path!r} is not an image Pillow can read ({_one_line(exc)})") from None
+
+
+def check_edit(args) -> tuple[GeneratePlan, dict]:
+    """Check every ``ralu edit`` argument (those of generate, the files, --strength), before any model is built or
+    loaded; returns the plan and the editing arguments of ``generate`` (PIL images, strength)."""
     plan = check_generate(args)
+    if plan.family not in EDIT_FAMILIES:
+        raise UsageError(f"ralu edit runs FLUX.1 and SD3 models; {args.model} is {plan.family}")
+    if args.strength is not None and not (math.isfinite(args.strength) and 0 < args.strength <= 1):
+        raise UsageError(f"--strength {args.strength} is not allowed: need 0 < S <= 1")
+    edit = {"image": _read_image("--image", args.image, "RGB"), "strength": args.strength}
+    if args.mask is not None:
+        mask = _read_image("--mask", args.mask, "L")
+        if not mask.getextrema()[1] >= 128:
+            raise UsageError(f"--mask {args.mask!r} has no white pixel: nothing to repaint (white = repaint)")
+        edit["mask_image"] = mask
+    return plan, edit
+
+
+def cmd_edit(args) -> int:
+    """``ralu edit``: as ``ralu generate`` with an image (and a mask) to edit."""
+    return cmd_generate(args, check_edit(args))
+
+
+def cmd_generate(args, edit_plan: tuple | None = None) -> int:
+    """``ralu generate``: check the arguments, build or load the model, (warm up), generate, write, report.
+    ``edit_plan``: ``ralu edit``'s checked plan and editing arguments."""
+    plan, edit = edit_plan if edit_plan is not None else (check_generate(args), {})
     from .serving.logs import quiet_library_logs
 
     quiet_library_logs(log_prompts=True)  # before the libraries load: no torchvision notice (the prompt is the user's)
@@ -775,7 +827,7 @@ def cmd_generate(args) -> int:
         warmup(pipe, backend=args.backend, text_len=plan.text_len, runs=1, **kwargs,
                compile_options={"precision": args.precision} if args.precision else None)
         compile_s = time.perf_counter() - t0
-    out = generate(pipe, args.prompt, **kwargs, seed=args.seed, output_type="np",
+    out = generate(pipe, args.prompt, **kwargs, **edit, seed=args.seed, output_type="np",
                    return_masks=plan.mask_out is not None, max_sequence_length=plan.max_sequence_length,
                    progress=not args.no_progress, backend=args.backend, precision=args.precision)
     image = (np.clip(np.asarray(out.images[0]), 0, 1) * 255).round().astype(np.uint8)  # (H, W, 3) or (T, H, W, 3)
@@ -979,7 +1031,7 @@ def cmd_info(args) -> int:
     return 0
 
 
-COMMANDS = {"generate": cmd_generate, "serve": cmd_serve, "info": cmd_info}
+COMMANDS = {"generate": cmd_generate, "edit": cmd_edit, "serve": cmd_serve, "info": cmd_info}
 
 
 def _one_line(exc: BaseException) -> str:

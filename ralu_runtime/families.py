@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any, Mapping, NamedTuple
 
-__all__ = ["CPU_FRAMES", "TINY_SIZE", "TINY_TEXT_LEN", "FAMILIES", "Family", "MODELS", "Model", "PresetSpec", "TINY_MODELS", "TinyModel",
+__all__ = ["CPU_FRAMES", "EDIT_PIPELINES", "TINY_SIZE", "TINY_TEXT_LEN", "FAMILIES", "Family", "MODELS", "Model", "PresetSpec", "TINY_MODELS", "TinyModel",
            "family_for_pipeline", "load_object"]
 
 CPU_FRAMES = 9  # frames of the CPU runs of video models (the tiny models' default clip, the small benchmarks): 3 latent
@@ -244,6 +244,16 @@ def family_for_pipeline(class_name: str) -> Family | None:
         if class_name in fam.pipelines:
             return fam
     return None
+
+
+# editing pipelines (img2img / inpaint) -> (the text-to-image pipeline class whose adapter runs them, edit kind);
+# what ralu does with each is in ralu_runtime.editing (docs/editing.md)
+EDIT_PIPELINES: Mapping[str, tuple[str, str]] = MappingProxyType({
+    "FluxImg2ImgPipeline": ("FluxPipeline", "img2img"),
+    "StableDiffusion3Img2ImgPipeline": ("StableDiffusion3Pipeline", "img2img"),
+    "FluxInpaintPipeline": ("FluxPipeline", "inpaint"),
+    "StableDiffusion3InpaintPipeline": ("StableDiffusion3Pipeline", "inpaint"),
+})
 
 
 # ----------------------------------------------------------------------------------------------- published models

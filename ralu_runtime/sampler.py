@@ -25,7 +25,7 @@ from tqdm.auto import tqdm
 from .adapters.base import Conditioning, DiTAdapter, TokenGrid, scheduler_copies
 from .layout import TokenLayout, grid_positions
 from .schedule import RaluSchedule
-from .solvers import SOLVERS, make_solver
+from .solvers import SOLVERS, make_solver  # noqa: F401 (SOLVERS re-exported to api)
 
 NOISE_VARIANTS = ("reference", "exact")
 REGION_MODES = ("frame", "clip")  # video: regions chosen per latent frame, or the same spatial blocks in every frame
@@ -82,11 +82,12 @@ class _Clock:
 
 def run_stage(adapter: DiTAdapter, x: torch.Tensor, grid: TokenGrid, timesteps: torch.Tensor, sigmas: torch.Tensor,
               cond: Conditioning, *, solver: str = "euler", desc: str = "", progress: bool = True,
-              velocity: Callable | None = None):
+              velocity: Callable | None = None, after_step: Callable | None = None):
     """Integrate one stage: ``len(timesteps)`` model calls from ``sigmas[0]`` to ``sigmas[-1]``.
 
     timesteps: ``(N,)`` float32 ``1000 * sigma`` given to the model; sigmas: ``(N+1,)`` float32.
     velocity: the model call (default ``adapter.velocity``; ``generate`` passes the installed backend's runner).
+    after_step: ``(i, x) -> x`` applied after step ``i`` (inpainting's blend with the re-noised source).
     Returns ``(x, v_last)``: the state at ``sigmas[-1]`` and the last velocity.
     """
     velocity = velocity or adapter.velocity
@@ -96,6 +97,8 @@ def run_stage(adapter: DiTAdapter, x: torch.Tensor, grid: TokenGrid, timesteps: 
     for i in tqdm(range(len(timesteps)), desc=desc, disable=not progress, leave=False):
         v = velocity(x, grid, timesteps[i], cond)
         x = stepper.step(i, x, v)
+        if after_step is not None:
+            x = after_step(i, x)
     return x, v
 
 
@@ -209,11 +212,12 @@ def stage_timesteps(schedule: RaluSchedule, k: int, device) -> tuple[torch.Tenso
 
 def sample_baseline(adapter: DiTAdapter, cond: Conditioning, noise: torch.Tensor, num_steps: int, *,
                     solver: str = "euler", progress: bool = True, velocity: Callable | None = None,
-                    follow_scheduler: bool = False) -> SamplerResult:
+                    follow_scheduler: bool = False, start: int = 0) -> SamplerResult:
     """Ordinary full-resolution sampling with the pipeline's own timesteps. noise: ``(B, C, h, w)`` (images) or
     ``(B, C, F, h, w)`` (video: the token grid is the frames stacked vertically, see :class:`TokenGrid`).
     ``follow_scheduler``: step with the pipeline's scheduler (a configured copy) instead of ``solver``
-    (:func:`scheduler_integration` decides)."""
+    (:func:`scheduler_integration` decides). ``start``: steps of the schedule skipped (img2img: ``noise`` is then
+    the noised source at that step; with the Euler flow scheduler only)."""
     clock = _Clock(noise.device)
     h, w = noise.shape[-2:]
     frames = latent_frames(noise)
@@ -225,6 +229,10 @@ def sample_baseline(adapter: DiTAdapter, cond: Conditioning, noise: torch.Tensor
                      frames=frames)
     with scheduler_copies() as copies:
         timesteps, sigmas = adapter.baseline_schedule(num_steps, x.shape[1])
+    if start and follow_scheduler and copies:
+        raise ValueError(f"img2img / inpainting (start step {start}) runs with the Euler flow scheduler only; the "
+                         f"pipeline has {type(copies[-1]).__name__}")
+    timesteps, sigmas = timesteps[start:], sigmas[start:]
     with clock("baseline", steps=len(timesteps), tokens=x.shape[1]):
         if follow_scheduler and copies:
             x = run_scheduler(adapter, x, grid, timesteps, copies[-1], cond, desc="baseline", progress=progress,
@@ -244,7 +252,8 @@ def draw_seeds(generators: list[torch.Generator], device) -> torch.Tensor:
 
 def select_regions(adapter: DiTAdapter, x: torch.Tensor, v: torch.Tensor, sigma_end: float, latent_hw, k: int,
                    generators, *, edge_map: str, edge_detector: str, decode: Callable | None = None,
-                   frames: int = 1, region_mode: str = "frame", region_source: str = "decode") -> torch.Tensor:
+                   frames: int = 1, region_mode: str = "frame", region_source: str = "decode",
+                   boost: torch.Tensor | None = None) -> torch.Tensor:
     """Edge-based choice of the ``k`` coarse tokens to upsample first: ``(B, k)`` int64 sorted.
 
     Tweedie estimate ``x0 = x - sigma_end v`` at the end of stage 1, VAE decode at half resolution,
@@ -254,6 +263,7 @@ def select_regions(adapter: DiTAdapter, x: torch.Tensor, v: torch.Tensor, sigma_
     Video (``frames`` > 1, tall grid): ``region_mode="frame"`` takes the top-k blocks over all frames (each frame
     its own regions); ``"clip"`` sums each spatial block's scores over the frames and takes the same ``k / frames``
     blocks in every frame (temporally coherent).
+    ``boost``: ``(B, M)`` float32 added to the scores before the top-k (inpainting's mask-first choice).
     """
     from .edges import edge_scores, latent_edge_scores, select_top_blocks
 
@@ -266,6 +276,8 @@ def select_regions(adapter: DiTAdapter, x: torch.Tensor, v: torch.Tensor, sigma_
                                      "the region-choice preview (end of RALU stage 1)")
         block = adapter.patch_size * adapter.vae_scale_factor
         scores = edge_scores(images, block, mapping=edge_map, detector=edge_detector)
+    if boost is not None:
+        scores = scores.reshape(boost.shape).to(torch.float32) + boost.to(scores.device)
     if frames == 1 or region_mode == "frame":
         return select_top_blocks(scores, k, generators)
     b = scores.shape[0]

@@ -10,7 +10,7 @@ from __future__ import annotations
 import threading
 import weakref
 
-from ..families import FAMILIES, load_object
+from ..families import EDIT_PIPELINES, FAMILIES, load_object
 from .base import (CallState, Conditioning, DiTAdapter, ModelImpl, TokenGrid, VelocityCall, call_scope,
                    current_cache, scheduler_base_shift)
 
@@ -23,10 +23,13 @@ _LOCK = threading.Lock()
 
 
 def adapter_class_name(pipe) -> str | None:
-    """The registered pipeline class ``pipe`` is (or derives from), or None."""
+    """The registered pipeline class ``pipe`` is (or derives from), or None. An editing pipeline of
+    :data:`ralu_runtime.families.EDIT_PIPELINES` (e.g. FluxImg2ImgPipeline) maps to its text-to-image class."""
     for cls in type(pipe).__mro__:
         if cls.__name__ in ADAPTERS:
             return cls.__name__
+        if cls.__name__ in EDIT_PIPELINES:
+            return EDIT_PIPELINES[cls.__name__][0]
     return None
 
 

@@ -1,0 +1,156 @@
+"""What img2img costs with RALU at each strength: model calls per stage and transformer TFLOPs, 1024^2.
+
+No model runs: the stages come from the schedule (:func:`ralu_runtime.editing.edit_stages` at the start sigma the
+editing pipeline's own schedule gives for the strength), the per-call FLOPs at each token count from
+``benchmarks/results/flops.json`` (torch FlopCounterMode on the full-size FLUX.1-dev / SD3-medium shaped models,
+``benchmarks/flops.py``). The baseline is the editing pipeline's default sampler (FluxImg2ImgPipeline 28 steps,
+StableDiffusion3Img2ImgPipeline 50) over its remaining steps. VAE encode (both) and RALU's half-resolution preview
+decode (only when stage 1 runs) are not counted.
+
+``--cpu``: also time it on the CPU with the family's "small" benchmark model (random weights, float32, its CPU
+size; ``benchmarks/families.py``'s models): whole ``generate`` calls with an image (encode, sampling, decode),
+the baseline and each preset interleaved per round, medians of ``--reps`` rounds after one warm-up call each, and the
+model stages alone (the sampler's stage clocks).
+
+    python benchmarks/editing.py [--cpu [--cpu-family flux sd3] [--reps 3]] [--out benchmarks/results]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks._common import write_json  # noqa: E402
+from ralu_runtime.editing import edit_cost, edit_stages, start_index  # noqa: E402
+from ralu_runtime.schedule import get_preset  # noqa: E402
+
+STRENGTHS = (0.3, 0.6, 0.9)
+TOKENS = 4096  # 1024^2: 128^2 latents, 2x2 patches
+# family -> (flops.json model, editing pipeline's default steps, scheduler (shift, dynamic mu at 4096 tokens), presets)
+MODELS = {"flux": ("flux", 28, (3.0, 1.15), ("4x", "5x", "7x")),
+          "sd3": ("sd3", 50, (3.0, None), ("2x", "3x"))}
+
+
+def start_sigma(steps: int, strength: float, shift: float, mu: float | None) -> float:
+    """The editing pipeline's start sigma: its schedule (FLUX: linspace(1, 1/N, N) shifted by exp(mu); SD3: the
+    scheduler's own, static shift) at the first step kept for ``strength``."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    if mu is None:
+        sched = FlowMatchEulerDiscreteScheduler(shift=shift)
+        sched.set_timesteps(steps)
+    else:
+        sched = FlowMatchEulerDiscreteScheduler(shift=shift, use_dynamic_shifting=True, base_shift=0.5,
+                                                max_shift=1.15, base_image_seq_len=256, max_image_seq_len=4096)
+        sched.set_timesteps(sigmas=np.linspace(1.0, 1 / steps, steps), mu=mu)
+    return float(sched.sigmas[start_index(steps, strength)])
+
+
+def per_call(flops: dict, model: str, tokens: int) -> float:
+    """TFLOPs of one model call at ``tokens`` image tokens, from flops.json."""
+    res = next(r for r in flops["results"] if r["model"] == model)["per_call_tflops"]
+    for key, v in res.items():
+        if int(key.split()[0]) == tokens:
+            return float(v)
+    raise KeyError(f"{model}: no per-call FLOPs at {tokens} tokens in flops.json")
+
+
+def table(flops: dict) -> list[dict]:
+    rows = []
+    for family, (model, steps, (shift, mu), presets) in MODELS.items():
+        full = per_call(flops, model, TOKENS)
+        for strength in STRENGTHS:
+            sigma = start_sigma(steps, strength, shift, mu)
+            base_steps = steps - start_index(steps, strength)
+            base = base_steps * full
+            rows.append({"family": family, "run": f"baseline {steps} steps", "strength": strength, "sigma": sigma,
+                         "entry_stage": None, "calls": [0, 0, base_steps], "tflops": base, "ratio": 1.0})
+            for name in presets:
+                sched = get_preset(family, name)
+                cost = edit_cost(sched, sigma, TOKENS)
+                tf = sum(n * per_call(flops, model, tok) for n, tok in cost if n)
+                rows.append({"family": family, "run": f"ralu {name}", "strength": strength, "sigma": sigma,
+                             "entry_stage": edit_stages(sched, sigma).entry + 1, "calls": [n for n, _ in cost],
+                             "tflops": tf, "ratio": base / tf})
+    return rows
+
+
+MODEL_STAGES = ("baseline", "stage1", "stage2", "stage3")
+
+
+def cpu_table(family: str, reps: int) -> list[dict]:
+    """CPU medians (s) of img2img with the family's small model: baseline vs its presets at each strength."""
+    import statistics
+    import time
+
+    import torch
+
+    from benchmarks.families import setup_family
+    from ralu_runtime import generate
+    from ralu_runtime.families import MODELS as PUBLISHED
+
+    model = PUBLISHED[family]
+    pipe, _adapter, emb, _presets, _steps, guidance = setup_family(model, "small", "cpu", torch.float32, 1, 32)
+    h, w = model.cpu_size
+    steps, presets = MODELS[family][1], MODELS[family][3]
+    image = torch.rand(1, 3, h, w, generator=torch.Generator().manual_seed(0))
+    common = dict(**emb, image=image, height=h, width=w, guidance_scale=guidance, output_type="pt", progress=False)
+    out = []
+    for strength in STRENGTHS:
+        rows = [("baseline", dict(speedup=None, num_inference_steps=steps))] + [(n, dict(speedup=n)) for n in presets]
+        times = {n: [] for n, _ in rows}
+        model_times = {n: [] for n, _ in rows}
+        calls = {}
+        for name, kw in rows:  # warm-up
+            generate(pipe, strength=strength, **common, **kw, seed=0)
+        for rep in range(reps):
+            for name, kw in rows:
+                t0 = time.perf_counter()
+                res = generate(pipe, strength=strength, **common, **kw, seed=rep)
+                times[name].append(time.perf_counter() - t0)
+                model_times[name].append(sum(v for k, v in res.timings.items() if k in MODEL_STAGES))
+                calls[name] = [r.steps for r in res.records if r.name in MODEL_STAGES]
+        base, base_model = statistics.median(times["baseline"]), statistics.median(model_times["baseline"])
+        for name, _ in rows:
+            med, med_model = statistics.median(times[name]), statistics.median(model_times[name])
+            out.append({"family": family, "size": [h, w], "strength": strength, "run": name, "calls": calls[name],
+                        "median_s": med, "times_s": times[name], "ratio": base / med,
+                        "model_median_s": med_model, "model_ratio": base_model / med_model})
+    return out
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", default=str(Path(__file__).parent / "results"))
+    ap.add_argument("--cpu", action="store_true", help="also time img2img on the CPU with the small models")
+    ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--cpu-family", nargs="+", choices=tuple(MODELS), default=list(MODELS),
+                    help="families timed with --cpu (default: all)")
+    args = ap.parse_args(argv)
+    flops = json.loads((Path(__file__).parent / "results" / "flops.json").read_text())
+    rows = table(flops)
+    print("| model | run | strength | sigma* | entry | calls (s1, s2, s3) | TFLOPs | vs baseline |")
+    print("|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        entry = "-" if r["entry_stage"] is None else r["entry_stage"]
+        print(f"| {r['family']} | {r['run']} | {r['strength']} | {r['sigma']:.3f} | {entry} | "
+              f"{', '.join(map(str, r['calls']))} | {r['tflops']:.0f} | {r['ratio']:.2f}x |")
+    write_json(args.out, "editing_flops", {"tokens": TOKENS, "rows": rows, "notes": __doc__})
+    if args.cpu:
+        cpu = [r for fam in args.cpu_family for r in cpu_table(fam, args.reps)]
+        print("| model | size | strength | run | calls | whole call s | vs baseline | model stages s | vs baseline |")
+        print("|---|---|---|---|---|---|---|---|---|")
+        for r in cpu:
+            print(f"| {r['family']} | {r['size'][0]}x{r['size'][1]} | {r['strength']} | {r['run']} | "
+                  f"{', '.join(map(str, r['calls']))} | {r['median_s']:.3f} | {r['ratio']:.2f}x | "
+                  f"{r['model_median_s']:.3f} | {r['model_ratio']:.2f}x |")
+        write_json(args.out, "editing_cpu", {"rows": cpu, "notes": __doc__})
+
+
+if __name__ == "__main__":
+    main()

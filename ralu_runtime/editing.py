@@ -1,0 +1,520 @@
+"""Editing with RALU: img2img (``image=``, ``strength=``) and inpainting (``mask_image=``) for FLUX.1 and SD3
+(design: ``docs/editing.md``).
+
+What a call does, in the diffusers pipelines' order (so ``speedup=None`` reproduces ``FluxImg2ImgPipeline`` and
+``StableDiffusion3Img2ImgPipeline``):
+
+1. the image is preprocessed by the pipeline's image processor to ``(n, 3, H, W)`` float32 in [-1, 1] (resized to
+   ``height`` x ``width``, the pipeline's default size when not given);
+2. it is VAE-encoded with a sample of the posterior drawn from the call's generator, then normalised
+   ``(z - shift_factor) * scaling_factor`` and tiled to the batch (``n`` must divide it);
+3. the full-resolution noise is drawn from the same generator (after the encode);
+4. the start sigma ``sigma*`` is the pipeline's own: its schedule of ``steps`` steps (``num_inference_steps``, or the
+   editing pipeline's default) with the first ``int(steps - steps * strength)`` steps dropped.
+
+The baseline then runs the remaining steps from ``sigma* noise + (1 - sigma*) z`` (diffusers' ``scale_noise``).
+RALU maps its three stages onto ``t in [t*, 1]`` with ``t* = 1 - sigma*`` (:func:`edit_stages`): it enters the
+last stage whose start ``s_k <= t*`` (earlier stages are skipped; re-entering an earlier stage would only be
+re-noised back above ``t*`` at its end), runs that stage's steps on ``[t*, e_k]`` (as many of its ``N_k`` steps as
+the part of its interval left in its own unshifted time, rounded up; at least one), and the later stages as they
+are. The entry latent is built at the entry stage's token set directly from the clean latent ``z``:
+``sigma* n + (1 - sigma*) D(z)`` with i.i.d. unit noise ``n`` (the full-resolution noise: its nearest 2x subsample
+for coarse tokens, as text-to-image stage 1) and ``D`` the 2x2 mean for coarse tokens, identity for fine ones. That
+is what a stage transition's NT-Matching produces (i.i.d. noise of standard deviation ``1 - s``, signal ``s``) with
+the exact signal in place of an upsampled copy, so no extra noise (no ``Z`` shift) is needed. Entering stage 2, the
+regions upsampled first are chosen from the source image (Canny on its half-resolution version, or the latent Sobel
+scores with ``region_source="latent"``) instead of stage 1's estimate.
+
+Inpainting (FluxInpaintPipeline's and StableDiffusion3InpaintPipeline's math): after every step the kept part
+(mask 0) is replaced by the source noised to the sigma the step reached (clean after the last step). With RALU the
+masked coarse tokens, dilated by a block, are upsampled first (:func:`mask_boost`), and the blend runs in every
+stage on that stage's token set.
+"""
+from __future__ import annotations
+
+import inspect
+import math
+import numbers
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .families import EDIT_PIPELINES
+from .layout import TokenLayout, grid_positions
+from .schedule import RaluSchedule
+
+EDIT_FAMILIES = ("flux", "flux-schnell", "sd3")  # adapter families that take image= (img2img)
+INPAINT_FAMILIES = ("flux", "flux-schnell", "sd3")  # ... and mask_image= (inpainting)
+_IMG2IMG_CLASS = {"flux": "FluxImg2ImgPipeline", "flux-schnell": "FluxImg2ImgPipeline",
+                  "sd3": "StableDiffusion3Img2ImgPipeline"}
+_INPAINT_CLASS = {"flux": "FluxInpaintPipeline", "flux-schnell": "FluxInpaintPipeline",
+                  "sd3": "StableDiffusion3InpaintPipeline"}
+
+
+def edit_kind(pipe) -> str | None:
+    """"img2img" / "inpaint" for an editing pipeline of :data:`ralu_runtime.families.EDIT_PIPELINES` (or a
+    subclass), None for any other object."""
+    for cls in type(pipe).__mro__:
+        if cls.__name__ in EDIT_PIPELINES:
+            return EDIT_PIPELINES[cls.__name__][1]
+    return None
+
+
+def _call_default(cls_name: str, name: str):
+    """Default of ``__call__`` argument ``name`` of diffusers pipeline class ``cls_name``."""
+    import diffusers
+
+    return inspect.signature(getattr(diffusers, cls_name).__call__).parameters[name].default
+
+
+def start_index(steps: int, strength: float) -> int:
+    """Steps the pipelines drop for ``strength``: ``int(max(steps - min(steps * strength, steps), 0))``."""
+    return int(max(steps - min(steps * strength, steps), 0))
+
+
+@dataclass(frozen=True)
+class EditSpec:
+    """A checked img2img / inpainting request: ``pixels`` ``(n, 3, H, W)`` float32 in [-1, 1] (CPU), ``strength``
+    in (0, 1], ``steps``: the schedule length whose tail gives the start sigma (the baseline's steps), ``guidance``:
+    the editing pipeline's default guidance (used when the call gives none), ``mask``: inpainting's binarised mask."""
+
+    kind: str
+    pixels: torch.Tensor
+    strength: float
+    steps: int
+    guidance: float
+    mask: torch.Tensor | None = None  # inpainting: (n_mask, 1, H, W) float32 in {0, 1}, 1 = repaint
+
+
+def check_edit(adapter, *, image, strength, mask_image, height: int, width: int, batch: int,
+               num_inference_steps: int | None) -> EditSpec | None:
+    """Check the editing arguments of a ``generate`` call (before any model work); None without ``image``.
+
+    Raises ValueError / TypeError with the reason for what is not supported: an editing pipeline without
+    ``image``, ``strength`` / ``mask_image`` without ``image``, a family other than FLUX.1 / SD3, an inpainting
+    pipeline without ``mask_image``, a model with mask input channels (Fill), strength outside (0, 1] (any
+    strength > 0 leaves at least one step: ``int(N - N s) <= N - 1``), an image or mask the pipeline's processors
+    cannot read, a mask with nothing to repaint, image or mask counts that do not divide the batch."""
+    pipe = getattr(adapter, "pipe", None)
+    kind = edit_kind(pipe) if pipe is not None else None
+    if image is None:
+        if kind is not None:
+            raise ValueError(f"{type(pipe).__name__} is an editing pipeline: give image= (and strength=), or use "
+                             "the text-to-image pipeline")
+        for name, value in (("strength", strength), ("mask_image", mask_image)):
+            if value is not None:
+                raise ValueError(f"{name}= goes with image= (img2img); got {name} without an image")
+        return None
+    if adapter.family not in EDIT_FAMILIES or adapter.is_video or pipe is None:
+        raise ValueError(f"image= (img2img) is supported for FLUX.1 and SD3 pipelines only; {adapter.family} "
+                         "takes no image (issue 23 lists the editing pipelines still to come)")
+    inpaint = kind == "inpaint" or mask_image is not None
+    if inpaint and mask_image is None:
+        raise ValueError(f"{type(pipe).__name__} is an inpainting pipeline: give mask_image= (white = repaint)")
+    if inpaint and pipe.transformer.config.in_channels != pipe.vae.config.latent_channels * (
+            1 if adapter.family == "sd3" else 4):  # FLUX.1 packs 2x2 latent pixels into the transformer's input
+        raise ValueError("inpainting models that take the mask and masked image as extra input channels (FLUX.1 Fill, "
+                         "33-channel SD3 inpainting) are not supported; ralu runs the pipelines' blending inpainting")
+    cls = (_INPAINT_CLASS if inpaint else _IMG2IMG_CLASS)[adapter.family]
+    if strength is None:
+        strength = _call_default(cls, "strength")
+    if isinstance(strength, bool) or not isinstance(strength, numbers.Real) or not math.isfinite(strength):
+        raise TypeError(f"strength={strength!r} is not allowed: need a number in (0, 1]")
+    strength = float(strength)
+    if not 0.0 < strength <= 1.0:
+        raise ValueError(f"strength={strength!r} is not allowed: need 0 < strength <= 1 (the fraction of the "
+                         "schedule re-run from the noised image; 0 would leave the image as it is)")
+    steps = int(_call_default(cls, "num_inference_steps") if num_inference_steps is None else num_inference_steps)
+    if isinstance(image, torch.Tensor) and image.ndim in (3, 4) and image.shape[-3] != 3:
+        raise ValueError(f"image has shape {tuple(image.shape)}: give RGB pixels (3, H, W) or (n, 3, H, W) "
+                         "(latents are not taken)")
+    try:
+        pixels = pipe.image_processor.preprocess(image, height=height, width=width)
+    except (TypeError, ValueError, AttributeError, OSError) as e:
+        raise TypeError(f"image={type(image).__name__}: the pipeline's image processor cannot read it ({e}); give a "
+                        "PIL image, a numpy array (H, W, 3), an RGB tensor, or a list of them") from None
+    pixels = pixels.to("cpu", torch.float32)
+    if pixels.ndim != 4 or pixels.shape[1] != 3 or tuple(pixels.shape[-2:]) != (height, width):
+        raise ValueError(f"image preprocessed to shape {tuple(pixels.shape)}; expected (n, 3, {height}, {width})")
+    if not bool(torch.isfinite(pixels).all()):
+        raise ValueError("image contains NaN or Inf values")
+    n = pixels.shape[0]
+    if batch % n:
+        raise ValueError(f"got {n} images for a batch of {batch} (prompts x num_images_per_prompt): the number of "
+                         "images must divide the batch (they are tiled over it, as the diffusers pipelines do)")
+    mask = _check_mask(pipe, mask_image, height, width, batch) if inpaint else None
+    return EditSpec("inpaint" if inpaint else "img2img", pixels, strength, steps,
+                    float(_call_default(cls, "guidance_scale")), mask)
+
+
+def _check_mask(pipe, mask_image, height: int, width: int, batch: int) -> torch.Tensor:
+    """The inpainting mask as FluxInpaintPipeline reads it: grey, resized to ``height`` x ``width``, binarised at
+    0.5 (white = repaint): ``(n, 1, H, W)`` float32 on the CPU. ValueError for a mask with no pixel to repaint or a
+    count that does not divide the batch; TypeError for what the processor cannot read."""
+    proc = getattr(pipe, "mask_processor", None)
+    if proc is None:
+        from diffusers.image_processor import VaeImageProcessor
+
+        proc = VaeImageProcessor(vae_scale_factor=pipe.vae_scale_factor * 2,
+                                 vae_latent_channels=pipe.vae.config.latent_channels, do_normalize=False,
+                                 do_binarize=True, do_convert_grayscale=True)
+    try:
+        mask = proc.preprocess(mask_image, height=height, width=width)
+    except (TypeError, ValueError, AttributeError, OSError) as e:
+        raise TypeError(f"mask_image={type(mask_image).__name__}: the pipeline's mask processor cannot read it ({e}); "
+                        "give a PIL image, a numpy array or a tensor (white = repaint)") from None
+    mask = mask.to("cpu", torch.float32)
+    if mask.ndim != 4 or mask.shape[1] != 1 or tuple(mask.shape[-2:]) != (height, width):
+        raise ValueError(f"mask_image preprocessed to shape {tuple(mask.shape)}; expected (n, 1, {height}, {width})")
+    if not bool((mask > 0.5).flatten(1).any(1).all()):
+        raise ValueError("mask_image has no pixel to repaint (every mask needs white pixels: white = repaint)")
+    if batch % mask.shape[0]:
+        raise ValueError(f"got {mask.shape[0]} masks for a batch of {batch}: the number of masks must divide it")
+    return mask
+
+
+# --------------------------------------------------------------------------------------------- encoding
+def encode_images(adapter, spec: EditSpec, generator, batch: int, dtype: torch.dtype) -> torch.Tensor:
+    """VAE-encode the source: ``(batch, C, h, w)`` normalised latents in the VAE's output dtype.
+
+    ``generator``: one generator (one encode of the ``n`` images, tiled to ``batch``: the pipelines' way) or a list
+    of ``batch`` (image ``i % n`` encoded with generator ``i``: each image of a batch equals its single run; with
+    ``n == batch`` this is the pipelines' way, with fewer images FluxImg2ImgPipeline would draw all from
+    generator 0 and SD3's pipeline fails)."""
+    vae = adapter.pipe.vae
+    pixels = spec.pixels.to(adapter.device, dtype)
+    n = pixels.shape[0]
+
+    def sample(x, gen):
+        out = vae.encode(x)
+        dist = getattr(out, "latent_dist", None)
+        return dist.sample(gen) if dist is not None else out.latents
+
+    if isinstance(generator, (list, tuple)):
+        z = torch.cat([sample(pixels[i % n: i % n + 1], g) for i, g in enumerate(generator)])
+    else:
+        z = sample(pixels, generator)
+        if z.shape[0] < batch:
+            z = torch.cat([z] * (batch // z.shape[0]))
+    shift = getattr(vae.config, "shift_factor", None) or 0.0
+    return (z - shift) * vae.config.scaling_factor
+
+
+def start_sigma(adapter, spec: EditSpec, image_seq_len: int) -> tuple[int, torch.Tensor]:
+    """``(t_start, sigma*)``: the dropped steps and the pipeline's sigma there (0-dim float32)."""
+    t0 = start_index(spec.steps, spec.strength)
+    _, sigmas = adapter.baseline_schedule(spec.steps, image_seq_len)
+    return t0, sigmas[t0]
+
+
+def noised(latents: torch.Tensor, noise: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+    """diffusers' ``scale_noise``: ``sigma noise + (1 - sigma) latents`` in ``latents``' dtype, cast to noise's."""
+    s = sigma.to(latents.device, latents.dtype)
+    return (s * noise + (1.0 - s) * latents).to(noise.dtype)
+
+
+# --------------------------------------------------------------------------------------------- stage mapping
+@dataclass(frozen=True)
+class EditStages:
+    """RALU stages of an edit starting at ``t_start`` (paper time, ``1 - sigma*``). ``entry``: the first stage
+    run (0-based); ``sigmas[k]``: stage k's float64 sigmas ``(N'_k + 1,)`` (None for a skipped stage)."""
+
+    entry: int
+    t_start: float
+    sigmas: tuple
+
+    @property
+    def steps(self) -> tuple[int, int, int]:
+        """Model calls per stage (0 for skipped stages)."""
+        return tuple(0 if s is None else len(s) - 1 for s in self.sigmas)
+
+
+def truncated_sigmas(schedule: RaluSchedule, k: int, t_start: float) -> np.ndarray:
+    """Stage ``k``'s sigmas from ``max(s_k, t_start)`` to ``e_k``: ``(n + 1,)`` float64, spaced uniformly in the
+    stage's unshifted sigma (shift ``h_k``); ``n = ceil(N_k * f)`` (at least 1) where ``f`` is the part of the
+    stage's unshifted sigma range left. Equals ``schedule.stage_sigmas(k)`` when ``t_start <= s_k``."""
+    if t_start <= schedule.starts[k]:
+        return schedule.stage_sigmas(k)
+    h = schedule.shifts[k]
+    full_hi, lo, hi = 1.0 - schedule.starts[k], 1.0 - schedule.ends[k], 1.0 - t_start
+    unshift = lambda s: s / (h - (h - 1.0) * s)  # noqa: E731
+    frac = (unshift(hi) - unshift(lo)) / (unshift(full_hi) - unshift(lo))
+    n = max(1, math.ceil(schedule.steps[k] * frac - 1e-9))
+    sig = np.linspace(unshift(hi), unshift(lo), n + 1)
+    sig = h * sig / (1.0 + (h - 1.0) * sig)
+    sig[0], sig[-1] = hi, lo
+    return sig
+
+
+def edit_stages(schedule: RaluSchedule, sigma_start: float) -> EditStages:
+    """Map the three stages onto ``t in [1 - sigma_start, 1]``: enter the last stage ``k`` with ``s_k <= t*``
+    (stages before it are skipped), truncate it (:func:`truncated_sigmas`), keep the later stages whole."""
+    sigma_start = float(sigma_start)
+    if not 0.0 < sigma_start <= 1.0:
+        raise ValueError(f"sigma_start={sigma_start!r} is not allowed: need 0 < sigma <= 1")
+    t = 1.0 - sigma_start
+    entry = max(k for k in range(3) if schedule.starts[k] <= t)
+    sig = tuple(None if k < entry else truncated_sigmas(schedule, k, t) if k == entry else schedule.stage_sigmas(k)
+                for k in range(3))
+    return EditStages(entry, t, sig)
+
+
+def edit_cost(schedule: RaluSchedule, sigma_start: float, tokens_full: int) -> tuple[tuple[int, int], ...]:
+    """``((model calls, image tokens per call), ...)`` of the three stages of an edit (0 calls when skipped)."""
+    m, r = tokens_full, schedule.ratio
+    k = int(m // 4 * r)
+    per = (m // 4, 4 * k + (m // 4 - k), m)
+    return tuple((n, per[i]) for i, n in enumerate(edit_stages(schedule, sigma_start).steps))
+
+
+# --------------------------------------------------------------------------------------------- sampler
+def run_edit(adapter, cond, noise: torch.Tensor, latents: torch.Tensor, plan, generators, *,
+             velocity: Callable | None = None, decode: Callable | None = None):
+    """Sample an editing :class:`~ralu_runtime.api.CallPlan` (``plan.edit`` set): the baseline's remaining steps
+    from the noised source (``plan.schedule`` None; inpainting blends the unmasked part with the re-noised source
+    after every step, as FluxInpaintPipeline) or :func:`sample_ralu_edit`. ``noise`` / ``latents``:
+    ``(B, C, h, w)``. Returns the sampler's result."""
+    from .sampler import sample_baseline
+
+    p = adapter.patch_size
+    spec = plan.edit
+    t0, sigma = start_sigma(adapter, spec, (noise.shape[-2] // p) * (noise.shape[-1] // p))
+    mask = None if spec.mask is None else mask_latents(spec, noise.shape[0], noise.shape[-2:], noise.dtype,
+                                                       noise.device)
+    if plan.schedule is None:
+        if mask is None:
+            return sample_baseline(adapter, cond, noised(latents, noise, sigma), plan.steps, solver=plan.solver,
+                                   progress=plan.progress, velocity=velocity, start=t0)
+        return _inpaint_baseline(adapter, cond, noise, latents, mask, plan, t0, velocity)
+    return sample_ralu_edit(adapter, cond, noise, latents, spec, plan.schedule, float(sigma), generators,
+                            noise_variant=plan.noise, edge_map=plan.edge_map, edge_detector=plan.edge_detector,
+                            transition_impl=plan.transition_impl, solver=plan.solver, progress=plan.progress,
+                            velocity=velocity, decode=decode, region_source=plan.region_source, mask=mask)
+
+
+def mask_latents(spec: EditSpec, batch: int, latent_hw, dtype: torch.dtype, device=None) -> torch.Tensor:
+    """The inpainting mask at latent resolution, as FluxInpaintPipeline makes it: nearest resize of the binarised
+    mask to ``latent_hw``, cast to ``dtype`` on ``device``, tiled to ``batch``: ``(B, 1, h, w)`` (1 = repaint)."""
+    m = F.interpolate(spec.mask, size=tuple(latent_hw))
+    return torch.cat([m] * (batch // m.shape[0])).to(device=device, dtype=dtype)
+
+
+def _blend(mask: torch.Tensor, source: Callable, sigmas: torch.Tensor) -> Callable:
+    """``after_step(i, x)``: ``(1 - mask) source(sigmas[i + 1]) + mask x``, the pipeline's inpainting blend (the
+    kept part is the source noised to the level the step reached; clean after the last step)."""
+    def after_step(i, x):
+        return (1 - mask) * source(sigmas[i + 1]) + mask * x
+    return after_step
+
+
+def _inpaint_baseline(adapter, cond, noise, latents, mask, plan, t0: int, velocity):
+    """FluxInpaintPipeline's loop: the remaining steps from the noised source, blended after every step."""
+    from .adapters.base import TokenGrid
+    from .sampler import SamplerResult, _Clock, check_finite, run_stage
+
+    clock = _Clock(noise.device)
+    b, c = noise.shape[:2]
+    n, z = adapter.pack(noise), adapter.pack(latents)
+    m = adapter.pack(mask.expand(-1, c, -1, -1).contiguous())
+    p = adapter.patch_size
+    fine_hw = (noise.shape[-2] // p, noise.shape[-1] // p)
+    timesteps, sigmas = adapter.baseline_schedule(plan.steps, fine_hw[0] * fine_hw[1])
+    timesteps, sigmas = timesteps[t0:], sigmas[t0:]
+    x = noised(z, n, sigmas[0])
+    grid = TokenGrid(grid_positions(*fine_hw, device=x.device).expand(b, -1, -1), fine_hw, None, raster=True)
+    with clock("baseline", steps=len(timesteps), tokens=x.shape[1]):
+        x, _ = run_stage(adapter, x, grid, timesteps, sigmas, cond, solver=plan.solver, desc="inpaint",
+                         progress=plan.progress, velocity=velocity,
+                         after_step=_blend(m, lambda s: noised(z, n, s), sigmas))
+    check_finite(x, "the baseline sampler")
+    return SamplerResult(x, None, clock.records)
+
+
+def _as_tensors(sig: np.ndarray, device) -> tuple[torch.Tensor, torch.Tensor]:
+    return (torch.tensor(sig[:-1] * 1000.0, dtype=torch.float32, device=device),
+            torch.tensor(sig, dtype=torch.float32, device=device))
+
+
+def _coarse(x: torch.Tensor, noise: torch.Tensor, sigma) -> torch.Tensor:
+    """Coarse (half-resolution) noised latent ``(B, C, h/2, w/2)``: the 2x2 mean of the clean latent ``x``, noised
+    at ``sigma`` with the nearest 2x subsample of the full-resolution ``noise`` (float32 math, noise's dtype)."""
+    data = F.avg_pool2d(x.to(torch.float32), 2)
+    return (sigma * noise[..., ::2, ::2].to(torch.float32) + (1.0 - sigma) * data).to(noise.dtype)
+
+
+def _fine(x: torch.Tensor, noise: torch.Tensor, sigma) -> torch.Tensor:
+    """Full-resolution noised latent ``sigma noise + (1 - sigma) x`` (float32 math, noise's dtype)."""
+    return (sigma * noise.to(torch.float32) + (1.0 - sigma) * x.to(torch.float32)).to(noise.dtype)
+
+
+def _mixed_index(layout: TokenLayout):
+    """Fine raster index of every stage-2 child ``(B, 4k)`` (q = 2 dy + dx) and the positions of the stage-2 tokens
+    ``(B, L2, 2)`` float32 (coarse-grid units, children at ``+0.5 (dy, dx)``)."""
+    hc, wc = layout.coarse_hw
+    sel, rest = layout.selected, layout.rest                      # (B, k), (B, M - k)
+    i, j = sel // wc, sel % wc
+    dy = torch.tensor([0, 0, 1, 1], device=sel.device)
+    dx = torch.tensor([0, 1, 0, 1], device=sel.device)
+    rows = (2 * i[..., None] + dy).flatten(1)                     # (B, 4k) fine rows
+    cols = (2 * j[..., None] + dx).flatten(1)
+    pos = torch.cat([torch.stack([rows, cols], -1).float() / 2, torch.stack([rest // wc, rest % wc], -1).float()],
+                    dim=1)
+    return rows * (2 * wc) + cols, pos.contiguous()
+
+
+def _mix(layout: TokenLayout, fine: torch.Tensor, coarse: torch.Tensor) -> torch.Tensor:
+    """Stage-2 tokens ``(B, L2, C)`` from fine raster tokens ``(B, 4M, C)`` (the children) and coarse raster tokens
+    ``(B, M, C)`` (the rest), in the layout's order."""
+    fidx, _ = _mixed_index(layout)
+    c = fine.shape[-1]
+    return torch.cat([fine.gather(1, fidx[..., None].expand(-1, -1, c)),
+                      coarse.gather(1, layout.rest[..., None].expand(-1, -1, c))], dim=1)
+
+
+def mixed_start(adapter, layout: TokenLayout, latents: torch.Tensor, noise: torch.Tensor, sigma):
+    """Stage-2 tokens and positions built from the clean latent at ``sigma``: children of the selected tokens are
+    the noised full-resolution tokens, the others the noised 2x2-mean tokens (layout order, coarse-grid positions,
+    children at ``+0.5 (dy, dx)``). Returns ``(tokens (B, L2, C), positions (B, L2, 2) float32)``."""
+    x = _mix(layout, adapter.pack(_fine(latents, noise, sigma)), adapter.pack(_coarse(latents, noise, sigma)))
+    return x, _mixed_index(layout)[1]
+
+
+def mask_boost(adapter, mask: torch.Tensor) -> torch.Tensor:
+    """Mask-first region choice: ``(B, M)`` float32, a large value on every coarse token that holds a pixel to
+    repaint or touches one (dilated by one coarse block), 0 elsewhere; added to the edge scores, it puts those tokens
+    first among the regions upsampled at the end of stage 1 (the edge scores still order the rest, and order the
+    masked ones among themselves when they outnumber the budget). ``mask``: ``(B, 1, h, w)`` latent mask."""
+    block = 2 * adapter.patch_size
+    coarse = F.max_pool2d(mask.to(torch.float32), block)
+    grown = F.max_pool2d(coarse, 3, stride=1, padding=1)
+    return grown.flatten(1) * 1e6
+
+
+def source_regions(adapter, spec: EditSpec, latents: torch.Tensor, k: int, m: int, generators, *, edge_map: str,
+                   edge_detector: str, region_source: str, boost: torch.Tensor | None = None) -> torch.Tensor:
+    """``(B, k)`` coarse tokens to upsample first, chosen from the source image (stage 1 skipped): Canny on the
+    image at half resolution (blocks of patch x VAE factor pixels, as stage 1's preview), or with
+    ``region_source="latent"`` the Sobel scores of the 2x2-mean latents; ``boost`` ``(B, M)`` added (mask-first);
+    jittered top-k per image."""
+    from .edges import edge_scores, latent_edge_scores, select_top_blocks
+
+    b = latents.shape[0]
+    if not 0 < k < m:
+        return torch.arange(m, device=latents.device).expand(b, m)[:, :k]
+    if region_source == "latent":
+        scores = latent_edge_scores(F.avg_pool2d(latents.to(torch.float32), 2), adapter.patch_size)
+    else:
+        px = spec.pixels
+        px = torch.cat([px] * (b // px.shape[0]))
+        half = F.interpolate(px, scale_factor=0.5, mode="area")
+        scores = edge_scores(half, adapter.patch_size * adapter.vae_scale_factor, mapping=edge_map,
+                             detector=edge_detector)
+    scores = scores.reshape(b, m).to(torch.float32)
+    if boost is not None:
+        scores = scores + boost.to(scores.device)
+    return select_top_blocks(scores.to(latents.device), k, generators)
+
+
+def sample_ralu_edit(adapter, cond, noise: torch.Tensor, latents: torch.Tensor, spec: EditSpec,
+                     schedule: RaluSchedule, sigma_start: float, generators, *, noise_variant: str = "reference",
+                     edge_map: str = "unit", edge_detector: str = "opencv", transition_impl: str = "auto",
+                     solver: str = "euler", progress: bool = True, velocity: Callable | None = None,
+                     decode: Callable | None = None, region_source: str = "decode",
+                     mask: torch.Tensor | None = None) -> Any:
+    """RALU img2img / inpainting: the stages of :func:`edit_stages` from the clean latents ``latents``
+    ``(B, C, h, w)`` and the full-resolution ``noise`` (same shape) at ``sigma_start``.
+
+    ``mask`` ``(B, 1, h, w)`` (inpainting, 1 = repaint): the regions upsampled first are the masked tokens dilated by
+    a block (:func:`mask_boost`), then the edges; in every stage the kept part follows the pipeline's blend with the
+    source re-noised at the stage's token set (2x2 mean for coarse tokens, max-pooled mask), after every step and at
+    the start of a stage entered through a transition. Returns a :class:`ralu_runtime.sampler.SamplerResult` (final
+    fine raster tokens; the layout when stage 2 ran)."""
+    from .adapters.base import TokenGrid
+    from .sampler import SamplerResult, _Clock, apply_transition, check_finite, draw_seeds, run_stage, select_regions
+
+    plan = edit_stages(schedule, sigma_start)
+    sigma = float(sigma_start)
+    clock = _Clock(noise.device)
+    b, ch = noise.shape[:2]
+    latent_hw = noise.shape[-2:]
+    p = adapter.patch_size
+    coarse_hw = (latent_hw[0] // (2 * p), latent_hw[1] // (2 * p))
+    fine_hw = (2 * coarse_hw[0], 2 * coarse_hw[1])
+    m = coarse_hw[0] * coarse_hw[1]
+    k = int(m * schedule.ratio)
+    stage = dict(solver=solver, progress=progress, velocity=velocity)
+    layout = None
+    x = pos = None
+    boost = None
+    if mask is not None:
+        boost = mask_boost(adapter, mask)
+        pack_mask = lambda t: adapter.pack(t.expand(-1, ch, -1, -1).contiguous())  # noqa: E731
+        fine_m, coarse_m = pack_mask(mask), pack_mask(F.max_pool2d(mask, 2))
+        fine_src = lambda s: adapter.pack(_fine(latents, noise, s))  # noqa: E731
+        coarse_src = lambda s: adapter.pack(_coarse(latents, noise, s))  # noqa: E731
+
+    def blended(k_stage, sig, x, enter: bool):
+        """``(x, after_step)`` of stage ``k_stage``: x blended at the stage's start (``enter``), and the per-step
+        blend; x and None without a mask."""
+        if mask is None:
+            return x, None
+        if k_stage == 0:
+            mk, src = coarse_m, coarse_src
+        elif k_stage == 1:
+            mk = _mix(layout, fine_m, coarse_m)
+            src = lambda s: _mix(layout, fine_src(s), coarse_src(s))  # noqa: E731
+        else:
+            mk, src = fine_m, fine_src
+        if enter:
+            x = (1 - mk) * src(sig[0]) + mk * x
+        return x, _blend(mk, src, sig)
+
+    if plan.entry == 0:
+        x = adapter.pack(_coarse(latents, noise, sigma))
+        pos = grid_positions(*coarse_hw, device=x.device).expand(b, -1, -1).contiguous()
+        ts, sig = _as_tensors(plan.sigmas[0], x.device)
+        x, after = blended(0, sig, x, False)
+        with clock("stage1", steps=len(ts), tokens=m):
+            x, v = run_stage(adapter, x, TokenGrid(pos, coarse_hw, None, raster=True), ts, sig, cond,
+                             desc="RALU edit stage 1/3", after_step=after, **stage)
+        check_finite(x, "RALU stage 1")
+        with clock("edges", tokens=k):
+            if 0 < k < m:
+                sel = select_regions(adapter, x, v, float(sig[-1]), latent_hw, k, generators, edge_map=edge_map,
+                                     edge_detector=edge_detector, decode=decode, region_source=region_source,
+                                     boost=boost)
+            else:
+                sel = torch.arange(m, device=x.device).expand(b, m)[:, :k]
+            layout = TokenLayout(coarse_hw, sel.to(x.device))
+        with clock("transition12", tokens=layout.stage_lengths[1]):
+            x, pos = apply_transition(x, pos, layout.transition_12(), schedule.boundary(0),
+                                      draw_seeds(generators, x.device), noise=noise_variant, impl=transition_impl)
+    elif plan.entry == 1:
+        with clock("edges", tokens=k):
+            sel = source_regions(adapter, spec, latents, k, m, generators, edge_map=edge_map,
+                                 edge_detector=edge_detector, region_source=region_source, boost=boost)
+            layout = TokenLayout(coarse_hw, sel.to(noise.device))
+        x, pos = mixed_start(adapter, layout, latents, noise, sigma)
+    if plan.entry <= 1:
+        ts, sig = _as_tensors(plan.sigmas[1], x.device)
+        x, after = blended(1, sig, x, plan.entry == 0)
+        with clock("stage2", steps=len(ts), tokens=x.shape[1]):
+            x, v = run_stage(adapter, x, TokenGrid(pos, coarse_hw, layout.stage2_fine_mask()), ts, sig, cond,
+                             desc="RALU edit stage 2/3", after_step=after, **stage)
+        check_finite(x, "RALU stage 2")
+        with clock("transition23", tokens=4 * m):
+            x, pos = apply_transition(x, pos, layout.transition_23(), schedule.boundary(1),
+                                      draw_seeds(generators, x.device), noise=noise_variant, impl=transition_impl)
+    else:
+        x = adapter.pack(_fine(latents, noise, sigma))
+        pos = grid_positions(*fine_hw, device=x.device).expand(b, -1, -1).contiguous()
+    ts, sig = _as_tensors(plan.sigmas[2], x.device)
+    x, after = blended(2, sig, x, plan.entry <= 1)
+    with clock("stage3", steps=len(ts), tokens=x.shape[1]):
+        x, _ = run_stage(adapter, x, TokenGrid(pos, fine_hw, None, raster=True), ts, sig, cond,
+                         desc="RALU edit stage 3/3", after_step=after, **stage)
+    check_finite(x, "RALU stage 3")
+    return SamplerResult(x, layout, clock.records)
