@@ -80,7 +80,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"video models: frames, 1 + a multiple of the VAE's time factor (default {CPU_FRAMES} for tiny "
                         "models, else the pipeline's); written as an animated WebP/PNG/GIF")
     g.add_argument("--regions", choices=("clip", "frame"), default=None,
-                   help="video models: regions chosen per latent frame (frame, default) or the same in every frame (clip)")
+                   help="video models: regions chosen per latent frame (frame, default) or the same in every frame "
+                        "(clip)")
     g.add_argument("--speedup", metavar="PRESET", type=_speedup, default="default",
                    help=f"preset name ({PRESET_HELP}), 'default' (the family's fastest), or 'none' for the "
                         "ordinary full-resolution sampler")
@@ -571,21 +572,12 @@ def _is_loopback(host: str) -> bool:
 
 def _listen_or_fail(host: str, port: int):
     """A socket listening on host:port, before any model loads; UsageError (one line) when that is not possible."""
-    import socket
+    from .serving.http import bind_socket
 
     try:
-        family, kind, proto, _, addr = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
-        sock = socket.socket(family, kind, proto)
-        try:
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            sock.bind(addr)
-            sock.listen(128)
-        except OSError:
-            sock.close()
-            raise
+        return bind_socket(host, port)
     except OSError as exc:   # the port is taken, the address is not this machine's, ...
         raise UsageError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
-    return sock
 
 
 def cmd_serve(args) -> int:
