@@ -71,7 +71,8 @@ def build_parser() -> argparse.ArgumentParser:
                         f"{', '.join(f.label for f in FAMILIES.values() if f.pipelines)}; the family is read from its "
                         "model_index.json; nothing is downloaded), or a built-in random model: "
                         f"{', '.join(TINY_MODELS)} (default tiny-flux)")
-    g.add_argument("--prompt", metavar="TEXT", default="a photograph of a red fox in the snow")
+    g.add_argument("--prompt", metavar="TEXT", default="a photograph of a red fox in the snow",
+                   help="the text prompt (default: a red fox in the snow)")
     g.add_argument("--height", metavar="PX", type=int, default=None,
                    help=f"pixels, a multiple of {COARSE_BLOCK_PX} (default {TINY_SIZE} for tiny models, "
                         "else the pipeline's: 1024 for images, 480 x 832 for video)")
@@ -88,10 +89,13 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--steps", metavar="N", type=int, default=None, help="baseline steps (with --speedup none only)")
     g.add_argument("--guidance", metavar="SCALE", type=float, default=None,
                    help="guidance scale (default: the model's)")
-    g.add_argument("--seed", metavar="N", type=int, default=0)
-    g.add_argument("--noise", choices=("reference", "exact"), default="reference")
-    g.add_argument("--solver", choices=SOLVER_NAMES, default="euler")
-    g.add_argument("--edge-detector", choices=("opencv", "gpu"), default="opencv")
+    g.add_argument("--seed", metavar="N", type=int, default=0, help="random seed: same seed, same image (default 0)")
+    g.add_argument("--noise", choices=("reference", "exact"), default="reference",
+                   help="transition noise: the reference implementation's (default) or exact marginal variance")
+    g.add_argument("--solver", choices=SOLVER_NAMES, default="euler",
+                   help="ODE solver within the stages (default euler, as the paper)")
+    g.add_argument("--edge-detector", choices=("opencv", "gpu"), default="opencv",
+                   help="Canny for the region choice: OpenCV on the CPU (default) or ralu's on-device one")
     g.add_argument("--region-source", choices=("decode", "latent"), default="decode",
                    help="regions from Canny on the VAE-decoded stage-1 preview (decode, default) or from the latents' "
                         "gradients (latent: no preview decode, cheaper for video VAEs)")
