@@ -640,7 +640,7 @@ def claims(work: Path, results: dict[str, Result], dry: bool) -> list[dict]:
         r = fby.get(f"ralu-{preset}-compiled")
         v = r.get("speedup_vs_baseline-compiled") if r else None
         add(f"{fam} full size: ralu-{preset}-compiled vs default-step compiled",
-            f"{_fmt(v, 'x')}{PARTIAL if part else ''}" if v else "not run", "record (FLOP ratio in README)", None,
+            f"{_fmt(v, 'x')}{PARTIAL if part else ''}" if v else "not run", "record (FLOP ratio: docs/families.md)", None,
             f"latency_{fam}_full_*.json")
 
     out.extend(video_claims(work, dry))

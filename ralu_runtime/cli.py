@@ -874,7 +874,7 @@ def _csrc_status(torch) -> tuple[bool, str]:
             return False, (f"not built: torch {torch.__version__} is a CPU build (the extension is compiled at "
                            "install time with a CUDA build of torch and nvcc)")
         return False, ("not built: reinstall with `pip install -e .` where nvcc is found "
-                       "(README, 'Building the CUDA ops')")
+                       "(docs/kernels.md, 'Building the CUDA ops')")
     try:
         module = importlib.import_module("ralu_kernels._C")
     except Exception as exc:  # noqa: BLE001 - built for another torch, missing libraries, ...
