@@ -283,7 +283,8 @@ def latency_families_cmds(ctx: Ctx):
 def precision_cmds(ctx: Ctx):
     if ctx.dry:  # the script's paths (bf16 and fp8 rows, fidelity, claims) at the least cost; --quick runs all rows
         return [([PY, "benchmarks/precision.py", "--quick", "--rows", "baseline-eager-bf16,ralu-7x-eager-fp8",
-                  "--steps", "2", "--warmup", "0", "--out", str(ctx.work), "--tag", "precision_flux_dry_cpu"], {})]
+                  "--steps", "2", "--warmup", "0", "--fp8-kernel", "emulated", "--out", str(ctx.work), "--tag",
+                  "precision_flux_dry_cpu"], {})]  # emulated: torch's CPU _scaled_mm is slower still
     # torch._scaled_mm (row-wise) unless a torchao wheel was carried and installed ("auto" then takes torchao)
     return [([PY, "benchmarks/precision.py", "--out", str(ctx.work)], _fresh_triton_cache(ctx, "precision"))]
 
