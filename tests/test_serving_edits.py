@@ -98,7 +98,6 @@ def test_img2img_equals_generate(served, pipe):
     assert_close(got, alone(pipe, source(), strength=0.6, num_inference_steps=3, speedup=None))
 
 
-@pytest.mark.slow
 def test_inpaint_with_alpha_and_grey_masks_equal_generate(served, pipe):
     server, _ = served
     want = alone(pipe, source(), strength=0.9, speedup="7x", mask_image=grey_mask())
@@ -106,3 +105,195 @@ def test_inpaint_with_alpha_and_grey_masks_equal_generate(served, pipe):
         r = edit(server, {"strength": "0.9", "speedup": "7x", "steps": None},
                  [("image", ("in.png", png(source()), "image/png")), ("mask", ("m.png", png(mask), "image/png"))])
         assert_close(pngs(r), want)
+
+
+def test_edit_packed_with_a_generation_equals_each_alone(pipe):
+    from concurrent.futures import ThreadPoolExecutor
+
+    with running(pipe, EngineConfig(gather_timeout_s=0.5)) as (server, engine):
+        gen = {"prompt": "a castle", "seed": 5, "speedup": "none", "steps": 3}
+        with ThreadPoolExecutor(2) as pool:
+            e = pool.submit(edit, server)
+            g = pool.submit(httpx.post, server.url + GENERATIONS_PATH, json=gen, timeout=T)
+            e, g = e.result(), g.result()
+        assert engine.metrics()["packed_calls"] >= 1
+    assert_close(pngs(e), alone(pipe, source(), strength=0.6, num_inference_steps=3, speedup=None))
+    want = generate(pipe, "a castle", seed=5, speedup=None, num_inference_steps=3, output_type="pil",
+                    progress=False, **DEFAULTS).images
+    assert_close(pngs(g), [np.asarray(im.convert("RGB")).astype(np.int16) for im in want])
+
+
+def test_size_n_and_output_format(served, pipe):
+    server, _ = served
+    r = edit(server, {"size": "96x64", "n": "2", "output_format": "jpeg", "output_compression": "90",
+                      "response_format": "b64_json", "model": "tiny-flux", "input_fidelity": "low"})
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["output_format"] == "jpeg" and len(body["data"]) == 2 and body["ralu"]["seed"] == 3
+    import base64
+
+    img = Image.open(io.BytesIO(base64.b64decode(body["data"][0]["b64_json"])))
+    assert img.format == "JPEG" and img.size == (96, 64)
+
+
+def test_modes_converted_to_rgb(served, pipe):
+    """P and L sources are converted losslessly; RGBA has its alpha dropped."""
+    server, _ = served
+    rgb = source()
+    pal = rgb.quantize(64)
+    for img, want in ((pal, pal.convert("RGB")), (rgb.convert("L"), rgb.convert("L").convert("RGB")),
+                      (rgb.convert("RGBA"), rgb)):
+        r = edit(server, {"strength": "0.3", "steps": "2"}, [("image", ("in.png", png(img), "image/png"))])
+        assert_close(pngs(r), alone(pipe, want, strength=0.3, num_inference_steps=2, speedup=None))
+
+
+def test_official_openai_client(pipe):
+    openai = pytest.importorskip("openai")
+    with running(pipe, api_keys=[KEY]) as (server, engine):
+        client = openai.OpenAI(base_url=server.url + "/v1", api_key=KEY, max_retries=0, timeout=T)
+        out = client.images.edit(image=("in.png", png(source()), "image/png"), prompt="a red fox", size="64x64",
+                                 mask=("m.png", png(alpha_mask()), "image/png"), n=1, response_format="b64_json",
+                                 extra_body={"seed": 3, "strength": 0.6, "speedup": "none", "steps": 3})
+        assert len(out.data) == 1 and out.data[0].b64_json
+        several = [("a.png", png(source()), "image/png"), ("b.png", png(source(seed=1)), "image/png")]
+        with pytest.raises(openai.BadRequestError) as err:       # image[] twice: more than the model takes
+            client.images.edit(image=several, prompt="x")
+        assert err.value.body["code"] == "too_many_images"
+        bad = openai.OpenAI(base_url=server.url + "/v1", api_key="not-the-key-0123456789", max_retries=0)
+        with pytest.raises(openai.AuthenticationError):
+            bad.images.edit(image=("in.png", png(source()), "image/png"), prompt="x")
+    import base64
+
+    got = np.asarray(Image.open(io.BytesIO(base64.b64decode(out.data[0].b64_json))).convert("RGB")).astype(np.int16)
+    assert_close([got], alone(pipe, source(), strength=0.6, num_inference_steps=3, speedup=None,
+                              mask_image=grey_mask()))
+
+
+# ----------------------------------------------------------------------------------------------- bad uploads
+def _bomb() -> bytes:
+    """A 4000x4000 PNG of a few KB (decodes to 48 MB)."""
+    return png(Image.new("RGB", (4000, 4000)))
+
+
+def _truncated() -> bytes:
+    data = png(source())
+    return data[: len(data) // 2]
+
+
+def _cmyk() -> bytes:
+    return png(source().convert("CMYK"), "JPEG")
+
+
+def _img(data, name="in.png"):
+    return ("image", (name, data, "image/png"))
+
+
+def _mask(img):
+    return ("mask", ("m.png", png(img), "image/png"))
+
+
+BAD = {
+    "not_an_image": ([_img(b"hello, this is text")], 400, "image", "invalid_image"),
+    "empty_file": ([_img(b"")], 400, "image", "invalid_image"),
+    "truncated": ([_img(_truncated())], 400, "image", "invalid_image"),
+    "decompression_bomb": ([_img(_bomb())], 400, "image", "image_too_large"),
+    "cmyk": ([_img(_cmyk(), "in.jpg")], 400, "image", "invalid_image"),
+    "two_images": ([_img(png(source())), _img(png(source()))], 400, "image", "too_many_images"),
+    "image_brackets_twice": ([("image[]", ("a.png", png(source()), "image/png")),
+                              ("image[]", ("b.png", png(source()), "image/png"))], 400, "image", "too_many_images"),
+    "no_image": ([], 400, "image", "missing_required_parameter"),
+    "mask_other_size": ([_img(png(source())), _mask(grey_mask(32, 32, (0, 0, 8, 8)))], 400, "mask", "invalid_mask"),
+    "mask_nothing_transparent": ([_img(png(source())), _mask(Image.new("RGBA", (64, 64), (255, 255, 255, 255)))],
+                                 400, "mask", "invalid_mask"),
+    "mask_all_black": ([_img(png(source())), _mask(Image.new("L", (64, 64), 0))], 400, "mask", "invalid_mask"),
+    "mask_not_an_image": ([_img(png(source())), ("mask", ("m.png", b"GIF89a-no", "image/png"))], 400, "mask",
+                          "invalid_image"),
+    "over_upload_limit": ([_img(b"\0" * (70 * 1024))], 413, None, "request_too_large"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD))
+def test_bad_upload_is_refused_with_no_engine_work(served, case):
+    server, engine = served
+    files, status, param, code = BAD[case]
+    before = engine.metrics()
+    r = edit(server, files=files) if files else httpx.post(server.url + EDITS_PATH, data={"prompt": "x"},
+                                                           files={"unused": ("u", b"u")}, timeout=T)
+    if case == "no_image":
+        assert_error(r, 400, param="unused", code="invalid_type")    # a file in a field that takes none
+        r = httpx.post(server.url + EDITS_PATH, data={"prompt": "x"}, files=[_mask(grey_mask())], timeout=T)
+    assert_error(r, status, param=param, code=code)
+    after = engine.metrics()
+    assert after["model_calls"] == before["model_calls"] and after["requests"] == before["requests"]
+    assert after["queue_depth"] == 0 and after["active"] == 0
+
+
+@pytest.mark.parametrize("fields,param,code", [
+    ({"bogus": "1"}, "bogus", "unknown_parameter"),
+    ({"stream": "true"}, "stream", "unknown_parameter"),
+    ({"n": "two"}, "n", "invalid_type"),
+    ({"strength": "nan"}, "strength", "invalid_type"),
+    ({"strength": "1.5"}, "strength", "invalid_value"),
+    ({"strength": "0"}, "strength", "invalid_value"),
+    ({"response_format": "url"}, "response_format", "invalid_value"),
+    ({"size": "big"}, "size", "invalid_value"),
+    ({"prompt": None}, "prompt", "missing_required_parameter"),
+])
+def test_bad_fields_are_refused(served, fields, param, code):
+    server, engine = served
+    before = engine.metrics()["model_calls"]
+    assert_error(edit(server, fields), 400, param=param, code=code)
+    assert engine.metrics()["model_calls"] == before
+
+
+def test_body_types_and_access(pipe):
+    with running(pipe, api_keys=[KEY]) as (server, engine):
+        auth = {"Authorization": f"Bearer {KEY}"}
+        assert_error(edit(server), 401, code="invalid_api_key")
+        r = httpx.post(server.url + EDITS_PATH, json={"prompt": "x"}, headers=auth, timeout=T)
+        assert_error(r, 415, code="unsupported_media_type")       # the edits endpoint takes forms only
+        r = httpx.post(server.url + GENERATIONS_PATH, data={"prompt": "x"}, files=[_img(png(source()))],
+                       headers=auth, timeout=T)
+        assert_error(r, 415, code="unsupported_media_type")       # ... and generations JSON only
+        r = edit(server, headers={**auth, "Host": "evil.example"})
+        assert r.status_code == 421
+        r = edit(server, headers={**auth, "Origin": "https://evil.example"})
+        assert_error(r, 403, code="origin_not_allowed")
+        assert engine.metrics()["model_calls"] == 0
+        assert edit(server, {"steps": "2"}, headers=auth).status_code == 200
+
+
+def test_model_without_editing_is_refused():
+    pipe = build_tiny("tiny-z-image")
+    engine = Engine(pipe, EngineConfig(), **DEFAULTS)
+    try:
+        with Server(create_app(engine, model_name="z"), "127.0.0.1", 0, grace_s=5) as server:
+            err = assert_error(edit(server), 400, code="unsupported_model")
+            assert "FLUX.1 and SD3" in err["message"]
+            assert engine.metrics()["model_calls"] == 0
+    finally:
+        engine.shutdown(drain=False, timeout=30)
+
+
+def _png_header(w: int, h: int) -> bytes:
+    """A PNG of ``w`` x ``h`` pixels by its header (no pixel data): what a decompression bomb shows before decoding."""
+    import struct
+    import zlib
+
+    def chunk(kind, data):
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 8, 2, 0, 0, 0))
+            + chunk(b"IDAT", zlib.compress(b"")) + chunk(b"IEND", b""))
+
+
+@pytest.mark.parametrize("w,h", [(5000, 4000), (100000, 100000)])
+def test_decode_refuses_too_many_pixels_before_decoding(w, h):
+    """Over the default limit (16.8 MP: ralu's check from the header) and over Pillow's own (at open)."""
+    from ralu_runtime.serving.edits import MAX_UPLOAD_PIXELS, decode_image
+    from ralu_runtime.serving.protocol import ApiError
+
+    assert w * h > MAX_UPLOAD_PIXELS
+    with pytest.raises(ApiError) as err:
+        decode_image(_png_header(w, h), "image")
+    assert err.value.status == 400 and err.value.code == "image_too_large"
