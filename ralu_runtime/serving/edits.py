@@ -25,13 +25,12 @@ from starlette.datastructures import Headers, UploadFile
 from starlette.formparsers import MultiPartException, MultiPartParser
 
 from ..editing import EDIT_FAMILIES
-from .protocol import REQUEST_FIELDS, ApiError, ClientGone, parse_request
+from .protocol import EDITS_PATH, REQUEST_FIELDS, ApiError, ClientGone, parse_request
 
 __all__ = ["EDITS_PATH", "EDIT_FIELDS", "MAX_UPLOAD_BYTES", "MAX_UPLOAD_PIXELS", "MAX_INPUT_IMAGES",
            "IMAGE_FORMATS", "RGB_MODES", "check_family", "read_raw", "parse_form", "parse_edit", "decode_image",
            "image_rgb", "mask_of"]
 
-EDITS_PATH = "/v1/images/edits"
 MAX_UPLOAD_BYTES = 16 << 20          # a whole edit request (images, mask and fields)
 MAX_UPLOAD_PIXELS = 4096 * 4096      # per uploaded image, checked from its header before it is decoded
 MAX_INPUT_IMAGES = 1                 # source images the served pipelines take (img2img / inpainting: one)
@@ -75,6 +74,12 @@ async def read_raw(request, max_bytes: int) -> bytes:
 async def parse_form(headers, raw: bytes) -> tuple[dict, dict]:
     """A multipart body -> ``(text fields, files)``: ``{name: str}`` and ``{name: [bytes, ...]}`` ("image[]" is
     "image"); 400 for a malformed body, a repeated text field, text where a file belongs or a file elsewhere."""
+    from starlette import formparsers
+
+    if formparsers.multipart is None:
+        raise ApiError(500, "image uploads need python-multipart, which is not installed on the server: pip install "
+                            "-e '.[serve]'", code="internal_error")
+
     async def stream():
         yield raw
         yield b""

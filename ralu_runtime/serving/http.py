@@ -12,6 +12,10 @@ Endpoints (:func:`create_app`):
   ``moderation`` are accepted and ignored. Unknown fields are refused. Response: ``{"created", "data":
   [{"b64_json"}], "output_format", "ralu": {"timings", "schedule", "seed"}}`` (the seed the server drew when the
   request gave none, so any image can be made again).
+* ``POST /v1/images/edits``: OpenAI's image edits (multipart/form-data: ``image``, optional ``mask``, the fields
+  above and ``strength``) on FLUX.1 / SD3 models, through the same engine; uploads are read and checked by
+  :mod:`ralu_runtime.serving.edits` (``max_upload_bytes``: 413 beyond; ``max_upload_pixels``) before any engine
+  work.
 * ``GET /health`` (open without an API key): 200 ``{"status": "ok", "model", "queue_depth", "active"}``; from a
   stop signal until the process ends 503 with status "shutting_down", an OpenAI-shaped ``error`` and Retry-After.
 * ``GET /metrics``: Prometheus text exposition of :meth:`Engine.metrics` (own registry) and HTTP responses by code.
@@ -20,7 +24,8 @@ Endpoints (:func:`create_app`):
 Who may call (:class:`~ralu_runtime.serving.protocol.AccessPolicy`, checked before any route): with API keys every
 path but ``/health`` needs ``Authorization: Bearer KEY`` (401); the ``Host`` header must name this server (421:
 DNS rebinding); a request with an ``Origin`` not in ``cors_origins`` may only GET (403: web pages); bodies must
-be ``application/json`` (415). :class:`Server` refuses a non-loopback address without a key unless ``insecure``.
+be ``application/json`` (415; multipart forms on the edits path only). :class:`Server` refuses a non-loopback
+address without a key unless ``insecure``.
 
 Errors use the OpenAI shape ``{"error": {"message", "type", "param", "code"}}``: 400 for malformed JSON, unknown
 fields, wrong types and out-of-range values (the engine checks a request's arguments with ``generate``'s own checks
@@ -111,7 +116,8 @@ def create_app(engine, *, model_name: str, max_body_bytes: int = MAX_BODY_BYTES,
                max_upload_bytes: int = MAX_UPLOAD_BYTES, max_upload_pixels: int = MAX_UPLOAD_PIXELS) -> FastAPI:
     """The FastAPI app serving ``engine`` (a :class:`~ralu_runtime.serving.Engine` on an image model) as
     ``model_name``. ``max_body_bytes``: larger JSON request bodies get 413; ``max_upload_bytes``: larger
-    ``/v1/images/edits`` forms get 413; ``max_upload_pixels``: larger uploaded images get 400. ``default_deadline_s``: seconds a request
+    ``/v1/images/edits`` forms get 413; ``max_upload_pixels``: larger uploaded images get 400.
+    ``default_deadline_s``: seconds a request
     may take when it sets no ``timeout`` (and the most it may set; default 600); None: no limit. ``max_images``:
     the largest ``n``. ``shutdown_grace_s``: when the app's lifespan ends with requests still in the engine (an
     ASGI server other than :class:`Server`), how long it lets them finish before rejecting the rest.

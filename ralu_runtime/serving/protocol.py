@@ -35,15 +35,16 @@ except ImportError as _exc:  # pragma: no cover - exercised in a subprocess by t
 from .access import AccessPolicy, is_loopback, parse_api_keys
 from .engine import DeadlineExceeded, EngineBusy, EngineClosed, RequestCancelled
 
-__all__ = ["GENERATIONS_PATH", "MAX_BODY_BYTES", "MAX_IMAGES", "REQUEST_FIELDS", "IGNORED_FIELDS", "RANGES",
-           "DEFAULT_REQUEST_TIMEOUT_S", "AccessPolicy", "ApiError", "ClientGone", "CountResponses", "Encoding",
-           "EngineCollector", "Guard", "encode_images", "error_response", "generation_body", "install_error_handlers",
-           "is_loopback", "model_body", "models_body", "one_line", "parse_api_keys", "parse_request", "png_b64",
+__all__ = ["GENERATIONS_PATH", "EDITS_PATH", "MAX_BODY_BYTES", "MAX_IMAGES", "REQUEST_FIELDS", "IGNORED_FIELDS",
+           "RANGES", "DEFAULT_REQUEST_TIMEOUT_S", "AccessPolicy", "ApiError", "ClientGone", "CountResponses",
+           "Encoding", "EngineCollector", "Guard", "encode_images", "error_response", "generation_body",
+           "install_error_handlers", "is_loopback", "model_body", "models_body", "one_line", "parse_api_keys", "parse_request", "png_b64",
            "read_body", "result_error", "retry_after_s", "shutting_down_health", "submit_error", "unavailable"]
 
 logger = logging.getLogger("ralu.serve")
 
 GENERATIONS_PATH = "/v1/images/generations"
+EDITS_PATH = "/v1/images/edits"     # multipart uploads: ralu_runtime.serving.edits
 MAX_BODY_BYTES = 1 << 20
 MAX_IMAGES = 10                     # OpenAI's own limit for n
 SEED_RANGE = 2**32                  # seeds the server draws (exact in every JSON client)
