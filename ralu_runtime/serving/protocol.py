@@ -38,8 +38,9 @@ from .engine import DeadlineExceeded, EngineBusy, EngineClosed, RequestCancelled
 __all__ = ["GENERATIONS_PATH", "EDITS_PATH", "MAX_BODY_BYTES", "MAX_IMAGES", "REQUEST_FIELDS", "IGNORED_FIELDS",
            "RANGES", "DEFAULT_REQUEST_TIMEOUT_S", "AccessPolicy", "ApiError", "ClientGone", "CountResponses",
            "Encoding", "EngineCollector", "Guard", "encode_images", "error_response", "generation_body",
-           "install_error_handlers", "is_loopback", "model_body", "models_body", "one_line", "parse_api_keys", "parse_request", "png_b64",
-           "read_body", "result_error", "retry_after_s", "shutting_down_health", "submit_error", "unavailable"]
+           "install_error_handlers", "is_loopback", "model_body", "models_body", "one_line", "parse_api_keys",
+           "parse_request", "png_b64", "read_body", "result_error", "retry_after_s", "shutting_down_health",
+           "submit_error", "unavailable"]
 
 logger = logging.getLogger("ralu.serve")
 
