@@ -155,6 +155,9 @@ def test_official_openai_client(pipe):
                                  mask=("m.png", png(alpha_mask()), "image/png"), n=1, response_format="b64_json",
                                  extra_body={"seed": 3, "strength": 0.6, "speedup": "none", "steps": 3})
         assert len(out.data) == 1 and out.data[0].b64_json
+        one = client.images.edit(image=[("in.png", png(source()), "image/png")], prompt="a red fox",    # image[]
+                                 extra_body={"seed": 3, "strength": 0.6, "speedup": "none", "steps": 3})
+        assert len(one.data) == 1
         several = [("a.png", png(source()), "image/png"), ("b.png", png(source(seed=1)), "image/png")]
         with pytest.raises(openai.BadRequestError) as err:       # image[] twice: more than the model takes
             client.images.edit(image=several, prompt="x")
@@ -198,6 +201,8 @@ BAD = {
     "truncated": ([_img(_truncated())], 400, "image", "invalid_image"),
     "decompression_bomb": ([_img(_bomb())], 400, "image", "image_too_large"),
     "cmyk": ([_img(_cmyk(), "in.jpg")], 400, "image", "invalid_image"),
+    "grey_16_bit": ([_img(png(Image.new("I;16", (64, 64), 300)))], 400, "image", "invalid_image"),
+    "gif": ([_img(png(source(), "GIF"), "in.gif")], 400, "image", "invalid_image"),
     "two_images": ([_img(png(source())), _img(png(source()))], 400, "image", "too_many_images"),
     "image_brackets_twice": ([("image[]", ("a.png", png(source()), "image/png")),
                               ("image[]", ("b.png", png(source()), "image/png"))], 400, "image", "too_many_images"),
@@ -297,3 +302,30 @@ def test_decode_refuses_too_many_pixels_before_decoding(w, h):
     with pytest.raises(ApiError) as err:
         decode_image(_png_header(w, h), "image")
     assert err.value.status == 400 and err.value.code == "image_too_large"
+
+
+def test_streamed_upload_over_the_limit_is_413(served):
+    """No Content-Length (chunked): the limit is applied while the body streams in."""
+    server, engine = served
+    boundary = "ralu-test-boundary"
+    head = (f"--{boundary}\r\ncontent-disposition: form-data; name=\"image\"; filename=\"a.png\"\r\n"
+            "content-type: image/png\r\n\r\n").encode()
+
+    def body():
+        yield head
+        for _ in range(80):
+            yield b"\0" * 1024
+
+    before = engine.metrics()
+    r = httpx.post(server.url + EDITS_PATH, content=body(), timeout=T,
+                   headers={"content-type": f"multipart/form-data; boundary={boundary}"})
+    assert_error(r, 413, code="request_too_large")
+    assert engine.metrics()["requests"] == before["requests"]
+
+
+def test_sd3_img2img_equals_generate():
+    pipe = build_tiny("tiny-sd3")
+    with running(pipe) as (server, engine):
+        got = pngs(edit(server, {"strength": "0.5", "guidance_scale": "2.0"}))
+    want = alone(pipe, source(), strength=0.5, num_inference_steps=3, speedup=None, guidance_scale=2.0)
+    assert_close(got, want)

@@ -149,7 +149,7 @@ def decode_image(data: bytes, param: str, max_pixels: int = MAX_UPLOAD_PIXELS) -
     except Image.DecompressionBombError as exc:     # Pillow's own limit (2 x Image.MAX_IMAGE_PIXELS), at open
         raise ApiError(400, f"{param}: {exc}", param=param, code="image_too_large") from None
     except Image.UnidentifiedImageError:
-        raise ApiError(400, f"{param} is not an image ralu reads: upload a {', '.join(IMAGE_FORMATS)} file",
+        raise ApiError(400, f"{param} is not an image ralu reads: upload a PNG, JPEG or WebP file",
                        param=param, code="invalid_image") from None
     except (OSError, SyntaxError, ValueError, EOFError, MemoryError) as exc:
         raise ApiError(400, f"{param} could not be decoded (truncated or corrupt file): "
