@@ -329,3 +329,21 @@ def test_sd3_img2img_equals_generate():
         got = pngs(edit(server, {"strength": "0.5", "guidance_scale": "2.0"}))
     want = alone(pipe, source(), strength=0.5, num_inference_steps=3, speedup=None, guidance_scale=2.0)
     assert_close(got, want)
+
+
+def test_jpeg_exif_orientation_is_applied(served, pipe):
+    """A JPEG with EXIF orientation 6 is edited upright (as viewers show it), as generate gets it transposed."""
+    from PIL import ImageOps
+
+    server, _ = served
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    buf = io.BytesIO()
+    source(64, 32).save(buf, format="JPEG", exif=exif.tobytes(), quality=95)
+    upright = ImageOps.exif_transpose(Image.open(io.BytesIO(buf.getvalue()))).convert("RGB")
+    assert upright.size == (32, 64)
+    r = edit(server, {"strength": "0.3", "steps": "2"}, [("image", ("in.jpg", buf.getvalue(), "image/jpeg"))])
+    assert_close(pngs(r), alone(pipe, upright, strength=0.3, num_inference_steps=2, speedup=None))
+    sideways = alone(pipe, Image.open(io.BytesIO(buf.getvalue())).convert("RGB"), strength=0.3,
+                     num_inference_steps=2, speedup=None)
+    assert np.abs(pngs(r)[0] - sideways[0]).max() > 1
