@@ -138,6 +138,7 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("serve", parents=[common], help="serve an OpenAI-compatible images API (HTTP) over the "
                                                         "continuous-batching engine",
                        description="Serve POST /v1/images/generations (OpenAI images API; JSON, PNG as b64_json), "
+                                   "POST /v1/images/edits (multipart uploads; FLUX.1 and SD3 models), "
                                    "GET /health and GET /metrics (Prometheus) over ralu's serving engine until "
                                    "SIGINT/SIGTERM: then new requests get 503 while running and queued ones finish "
                                    "(--grace seconds). Needs the [serve] extra: pip install -e '.[serve]'.")
@@ -164,6 +165,12 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--grace", metavar="SECONDS", type=float, default=30.0,
                    help="on SIGINT/SIGTERM, seconds to finish running and queued requests (default 30)")
     s.add_argument("--max-images", metavar="N", type=int, default=10, help="largest n per request (default 10)")
+    s.add_argument("--max-upload-mb", metavar="MB", type=int, default=16,
+                   help="largest POST /v1/images/edits form (image, mask and fields) in MiB; larger get 413 "
+                        "(default 16)")
+    s.add_argument("--max-upload-pixels", metavar="N", type=int, default=4096 * 4096,
+                   help="largest uploaded image in pixels, read from its header before decoding; larger get 400 "
+                        "(default 16777216: 4096x4096)")
     s.add_argument("--max-token-steps", metavar="N", type=int, default=None,
                    help="most work one request may ask for: latent tokens x model calls over its images (default: "
                         "the library's, ralu_runtime.limits)")
@@ -516,6 +523,8 @@ def check_serve(args) -> ServePlan:
     _check_int("--max-queue", args.max_queue, 0, 1 << 20)
     _check_int("--max-images", args.max_images, 1, 4096)
     _check_int("--max-token-steps", args.max_token_steps, 1, 1 << 50)
+    _check_int("--max-upload-mb", args.max_upload_mb, 1, 1 << 16)
+    _check_int("--max-upload-pixels", args.max_upload_pixels, 1, 1 << 40)
     if args.token_budget is not None:
         _check_int("--token-budget", args.token_budget, 1, 1 << 30)
     timeouts = (("--request-timeout", args.request_timeout, None), ("--grace", args.grace, 0.0),
@@ -635,6 +644,7 @@ def cmd_serve(args) -> int:
         http.serve(engine, args.host, args.port, model_name=model_name, grace_s=args.grace,
                    log_level=args.log_level, on_ready=ready, default_deadline_s=args.request_timeout,
                    max_images=args.max_images, sock=sock, insecure=args.insecure, limits=limits,
+                   max_upload_bytes=args.max_upload_mb << 20, max_upload_pixels=args.max_upload_pixels,
                    log_prompts=args.log_prompts, api_keys=plan.api_keys, allowed_hosts=args.allowed_host or (),
                    cors_origins=args.cors_origin or ())
     finally:

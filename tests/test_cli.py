@@ -398,6 +398,8 @@ SERVE_BAD = [
     (["--token-budget", "0"], "--token-budget 0"),
     (["--request-timeout", "0"], "--request-timeout 0"),
     (["--grace", "nan"], "--grace nan"),
+    (["--max-upload-mb", "0"], "--max-upload-mb 0"),
+    (["--max-upload-pixels", "0"], "--max-upload-pixels 0"),
     (["--host", " "], "--host"),
     (["--device", "tpu"], "'tpu'"),
     (["--model", "no/such/folder"], "model folder not found"),

@@ -683,3 +683,15 @@ def test_serve_ray_refuses_a_public_address_without_a_key(monkeypatch):
     monkeypatch.setattr(ralu_ray.ray, "init", lambda *a, **k: pytest.fail("connected before the check"))
     with pytest.raises(ValueError, match="API key"):
         ralu_ray.run(ralu_ray.ReplicaSpec(), ralu_ray.IngressOptions(), host="0.0.0.0", port=0)
+
+
+def test_ingress_refuses_image_edits_with_a_clear_404(lone_ingress):
+    """/v1/images/edits is served by ``ralu serve`` without --ray only; the ingress says so (after the access
+    checks) and sends nothing to a replica."""
+    ingress, client = lone_ingress
+    files = [("image", ("in.png", b"\x89PNG", "image/png"))]
+    err = assert_error(client.post("/v1/images/edits", data={"prompt": "x"}, files=files), 404, code="not_found")
+    assert "--ray" in err["message"]
+    assert_error(client.post("/v1/images/edits", data={"prompt": "x"}, files=files,
+                             headers={"authorization": ""}), 401)
+    assert not ingress.replicas.calls

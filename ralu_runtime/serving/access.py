@@ -28,9 +28,9 @@ class Refusal:
 
 
 LOOPBACK_NAMES = ("localhost", "127.0.0.1", "::1")
-# request body media types by path (default JSON); an upload endpoint (e.g. a future /v1/images/edits) would add
-# "multipart/form-data" here. Requests from a browser page not in the CORS list never get through: see Guard.
-BODY_TYPES: dict[str, tuple[str, ...]] = {}
+# request body media types by path (default JSON only); the image upload endpoint takes multipart forms only.
+# Requests from a browser page not in the CORS list never get through: see Guard.
+BODY_TYPES: dict[str, tuple[str, ...]] = {"/v1/images/edits": ("multipart/form-data",)}
 _BODY_METHODS = ("POST", "PUT", "PATCH")
 _KEY_CHARS = re.compile(r"[\x21-\x7e]+")          # printable ASCII without spaces: what a header can carry
 

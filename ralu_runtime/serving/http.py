@@ -12,6 +12,10 @@ Endpoints (:func:`create_app`):
   ``moderation`` are accepted and ignored. Unknown fields are refused. Response: ``{"created", "data":
   [{"b64_json"}], "output_format", "ralu": {"timings", "schedule", "seed"}}`` (the seed the server drew when the
   request gave none, so any image can be made again).
+* ``POST /v1/images/edits``: OpenAI's image edits (multipart/form-data: ``image``, optional ``mask``, the fields
+  above and ``strength``) on FLUX.1 / SD3 models, through the same engine; uploads are read and checked by
+  :mod:`ralu_runtime.serving.edits` (``max_upload_bytes``: 413 beyond; ``max_upload_pixels``) before any engine
+  work.
 * ``GET /health`` (open without an API key): 200 ``{"status": "ok", "model", "queue_depth", "active"}``; from a
   stop signal until the process ends 503 with status "shutting_down", an OpenAI-shaped ``error`` and Retry-After.
 * ``GET /metrics``: Prometheus text exposition of :meth:`Engine.metrics` (own registry) and HTTP responses by code.
@@ -20,7 +24,8 @@ Endpoints (:func:`create_app`):
 Who may call (:class:`~ralu_runtime.serving.protocol.AccessPolicy`, checked before any route): with API keys every
 path but ``/health`` needs ``Authorization: Bearer KEY`` (401); the ``Host`` header must name this server (421:
 DNS rebinding); a request with an ``Origin`` not in ``cors_origins`` may only GET (403: web pages); bodies must
-be ``application/json`` (415). :class:`Server` refuses a non-loopback address without a key unless ``insecure``.
+be ``application/json`` (415; multipart forms on the edits path only). :class:`Server` refuses a non-loopback
+address without a key unless ``insecure``.
 
 Errors use the OpenAI shape ``{"error": {"message", "type", "param", "code"}}``: 400 for malformed JSON, unknown
 fields, wrong types and out-of-range values (the engine checks a request's arguments with ``generate``'s own checks
@@ -62,13 +67,14 @@ except ImportError as _exc:  # pragma: no cover - exercised in a subprocess by t
     raise ImportError(f"the ralu HTTP server needs {_exc.name or 'fastapi, uvicorn and prometheus_client'}, which is "
                       "not installed: pip install -e '.[serve]' (fastapi, uvicorn, prometheus_client)") from _exc
 
+from .edits import EDITS_PATH, MAX_UPLOAD_BYTES, MAX_UPLOAD_PIXELS, check_family, parse_edit, parse_form, read_raw
 from .logs import quiet_library_logs
 from .protocol import (DEFAULT_REQUEST_TIMEOUT_S, GENERATIONS_PATH, MAX_BODY_BYTES, MAX_IMAGES, AccessPolicy,
                        CountResponses, EngineCollector, Guard, encode_images, generation_body, install_error_handlers,
                        is_loopback, model_or_404, models_body, parse_request, read_body, result_error, retry_after_s,
                        shutting_down_health, submit_error, unavailable)
 
-__all__ = ["create_app", "serve", "Server", "ConnectionLimits", "bind_socket"]
+__all__ = ["create_app", "serve", "Server", "ConnectionLimits", "bind_socket", "EDITS_PATH", "GENERATIONS_PATH"]
 
 logger = logging.getLogger("ralu.serve")
 
@@ -106,9 +112,12 @@ async def _finished_or_client_gone(handle, request: Request) -> bool:
 
 def create_app(engine, *, model_name: str, max_body_bytes: int = MAX_BODY_BYTES,
                default_deadline_s: float | None = DEFAULT_REQUEST_TIMEOUT_S, max_images: int = MAX_IMAGES,
-               shutdown_grace_s: float | None = 30.0, api_keys=(), allowed_hosts=(), cors_origins=()) -> FastAPI:
+               shutdown_grace_s: float | None = 30.0, api_keys=(), allowed_hosts=(), cors_origins=(),
+               max_upload_bytes: int = MAX_UPLOAD_BYTES, max_upload_pixels: int = MAX_UPLOAD_PIXELS) -> FastAPI:
     """The FastAPI app serving ``engine`` (a :class:`~ralu_runtime.serving.Engine` on an image model) as
-    ``model_name``. ``max_body_bytes``: larger request bodies get 413. ``default_deadline_s``: seconds a request
+    ``model_name``. ``max_body_bytes``: larger JSON request bodies get 413; ``max_upload_bytes``: larger
+    ``/v1/images/edits`` forms get 413; ``max_upload_pixels``: larger uploaded images get 400.
+    ``default_deadline_s``: seconds a request
     may take when it sets no ``timeout`` (and the most it may set; default 600); None: no limit. ``max_images``:
     the largest ``n``. ``shutdown_grace_s``: when the app's lifespan ends with requests still in the engine (an
     ASGI server other than :class:`Server`), how long it lets them finish before rejecting the rest.
@@ -116,8 +125,10 @@ def create_app(engine, *, model_name: str, max_body_bytes: int = MAX_BODY_BYTES,
     (``app.state.policy``; :class:`Server` adds the names of the address it binds)."""
     if getattr(engine.adapter, "is_video", False):
         raise ValueError(f"{engine.adapter.family} makes videos; the images API serves image models")
-    if not isinstance(max_body_bytes, int) or max_body_bytes < 1:
-        raise ValueError(f"max_body_bytes={max_body_bytes!r}: use a positive int")
+    for name, value in (("max_body_bytes", max_body_bytes), ("max_upload_bytes", max_upload_bytes),
+                        ("max_upload_pixels", max_upload_pixels)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name}={value!r}: use a positive int")
     if default_deadline_s is not None and not default_deadline_s > 0:
         raise ValueError(f"default_deadline_s={default_deadline_s!r}: use seconds > 0, or None")
 
@@ -143,7 +154,7 @@ def create_app(engine, *, model_name: str, max_body_bytes: int = MAX_BODY_BYTES,
     app.state.policy = policy
     app.add_middleware(Guard, policy=policy)     # inside the counter: refused requests are counted too
     app.add_middleware(CountResponses, counts=counts, lock=lock,
-                       paths=(GENERATIONS_PATH, "/health", "/metrics", "/v1/models"))
+                       paths=(GENERATIONS_PATH, EDITS_PATH, "/health", "/metrics", "/v1/models"))
 
     def closing() -> bool:
         return app.state.closing or engine.closed
@@ -153,11 +164,8 @@ def create_app(engine, *, model_name: str, max_body_bytes: int = MAX_BODY_BYTES,
     def retry_after() -> str:
         return _retry_after(engine)
 
-    @app.post(GENERATIONS_PATH)
-    async def generations(request: Request):
-        body = await read_body(request, max_body_bytes)
-        kwargs, deadline, seed, encoding = parse_request(body, model_name=model_name, max_images=max_images,
-                                                         default_deadline_s=default_deadline_s)
+    async def answer(request: Request, kwargs: dict, deadline, seed, encoding):
+        """Submit ``kwargs`` to the engine, wait for the result (or the client's hang-up), encode the images."""
         if closing():
             raise unavailable("the server is shutting down: no new requests", retry_after())
         prompt = kwargs.pop("prompt")
@@ -183,6 +191,22 @@ def create_app(engine, *, model_name: str, max_body_bytes: int = MAX_BODY_BYTES,
         data = await run_in_threadpool(encode_images, out.images, encoding)
         schedule = out.schedule.name if out.schedule is not None else None
         return generation_body(data, out.timings, schedule, seed, encoding.format)
+
+    @app.post(GENERATIONS_PATH)
+    async def generations(request: Request):
+        body = await read_body(request, max_body_bytes)
+        parsed = parse_request(body, model_name=model_name, max_images=max_images,
+                               default_deadline_s=default_deadline_s)
+        return await answer(request, *parsed)
+
+    @app.post(EDITS_PATH)
+    async def edits(request: Request):
+        check_family(engine.adapter)
+        raw = await read_raw(request, max_upload_bytes)
+        fields, files = await parse_form(request.headers, raw)
+        parsed = await run_in_threadpool(parse_edit, fields, files, model_name=model_name, max_images=max_images,
+                                         default_deadline_s=default_deadline_s, max_pixels=max_upload_pixels)
+        return await answer(request, *parsed)
 
     @app.get("/health")
     async def health():

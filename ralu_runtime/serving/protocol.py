@@ -35,15 +35,17 @@ except ImportError as _exc:  # pragma: no cover - exercised in a subprocess by t
 from .access import AccessPolicy, is_loopback, parse_api_keys
 from .engine import DeadlineExceeded, EngineBusy, EngineClosed, RequestCancelled
 
-__all__ = ["GENERATIONS_PATH", "MAX_BODY_BYTES", "MAX_IMAGES", "REQUEST_FIELDS", "IGNORED_FIELDS", "RANGES",
-           "DEFAULT_REQUEST_TIMEOUT_S", "AccessPolicy", "ApiError", "ClientGone", "CountResponses", "Encoding",
-           "EngineCollector", "Guard", "encode_images", "error_response", "generation_body", "install_error_handlers",
-           "is_loopback", "model_body", "models_body", "one_line", "parse_api_keys", "parse_request", "png_b64",
-           "read_body", "result_error", "retry_after_s", "shutting_down_health", "submit_error", "unavailable"]
+__all__ = ["GENERATIONS_PATH", "EDITS_PATH", "MAX_BODY_BYTES", "MAX_IMAGES", "REQUEST_FIELDS", "IGNORED_FIELDS",
+           "RANGES", "DEFAULT_REQUEST_TIMEOUT_S", "AccessPolicy", "ApiError", "ClientGone", "CountResponses",
+           "Encoding", "EngineCollector", "Guard", "encode_images", "error_response", "generation_body",
+           "install_error_handlers", "is_loopback", "model_body", "models_body", "one_line", "parse_api_keys",
+           "parse_request", "png_b64", "read_body", "result_error", "retry_after_s", "shutting_down_health",
+           "submit_error", "unavailable"]
 
 logger = logging.getLogger("ralu.serve")
 
 GENERATIONS_PATH = "/v1/images/generations"
+EDITS_PATH = "/v1/images/edits"     # multipart uploads: ralu_runtime.serving.edits
 MAX_BODY_BYTES = 1 << 20
 MAX_IMAGES = 10                     # OpenAI's own limit for n
 SEED_RANGE = 2**32                  # seeds the server draws (exact in every JSON client)
@@ -65,11 +67,12 @@ REQUEST_FIELDS = {
 IGNORED_FIELDS = ("quality", "style", "background", "moderation")
 # numeric fields: (lowest, highest) allowed, both included (n: up to the server's max_images)
 RANGES = {"n": (1, MAX_IMAGES), "seed": (0, 2**64 - 1), "steps": (1, 1000), "guidance_scale": (0.0, 100.0),
-          "timeout": (0.001, 7 * 86400.0), "output_compression": (0, 100)}
+          "timeout": (0.001, 7 * 86400.0), "output_compression": (0, 100), "strength": (0.0, 1.0)}
 OUTPUT_FORMATS = {"png": "PNG", "jpeg": "JPEG", "webp": "WEBP"}
 # generate()'s (and the engine's) argument names in error messages -> the request field they come from
 _PARAM_OF = {gen: name for name, (_, gen) in REQUEST_FIELDS.items() if gen} | {
-    "height": "size", "width": "size", "deadline_s": "timeout"}
+    "height": "size", "width": "size", "deadline_s": "timeout", "strength": "strength", "image": "image",
+    "mask_image": "mask"}
 _PARAM_HINTS = (("preset", "speedup"), ("negative prompt", "negative_prompt"), ("tokenizer", "prompt"))
 _SPEEDUP_NONE = ("none", "baseline", "off")
 
@@ -162,26 +165,29 @@ class Encoding:
     quality: int = 100
 
 
-def parse_request(body: dict, *, model_name: str, max_images: int, default_deadline_s: float | None):
+def parse_request(body: dict, *, model_name: str, max_images: int, default_deadline_s: float | None,
+                  fields: dict = REQUEST_FIELDS):
     """A request body -> ``(generate kwargs, deadline_s, seed, Encoding)``; :class:`ApiError` for anything not
     allowed that the engine does not check itself (field names, JSON types, text that is not Unicode, numbers out
-    of :data:`RANGES`, size syntax, response_format, output_format, model, n)."""
+    of :data:`RANGES`, size syntax, response_format, output_format, model, n). ``fields``: the allowed fields
+    (:data:`REQUEST_FIELDS`; the edits endpoint adds its own)."""
+    allowed = fields
     if not isinstance(body, dict):
         raise ApiError(400, f"the request body must be a JSON object, got {type(body).__name__}",
                        code="invalid_json")
     bad_keys = [k for k in body if not _unicode_ok(k)]
     if bad_keys:
         raise ApiError(400, "a field name is not valid Unicode (a lone surrogate)", code="invalid_value")
-    unknown = sorted(set(body) - set(REQUEST_FIELDS))
+    unknown = sorted(set(body) - set(allowed))
     if unknown:
         shown = ", ".join(_shown(k) for k in unknown[:10]) + (", ..." if len(unknown) > 10 else "")
         raise ApiError(400, f"unknown field{'s' if len(unknown) > 1 else ''}: {shown} (allowed: "
-                            f"{', '.join(REQUEST_FIELDS)})", param=unknown[0][:60], code="unknown_parameter")
+                            f"{', '.join(allowed)})", param=unknown[0][:60], code="unknown_parameter")
     if body.get("prompt") is None:
         raise ApiError(400, "missing required field: prompt", param="prompt", code="missing_required_parameter")
     fields = {k: v for k, v in body.items() if v is not None}    # null means "not given", as OpenAI's clients send
     for name, value in fields.items():
-        _check_type(name, value, REQUEST_FIELDS[name][0])
+        _check_type(name, value, allowed[name][0])
         if isinstance(value, str) and not _unicode_ok(value):
             raise ApiError(400, f"{name} is not valid Unicode text (it holds a lone surrogate)", param=name,
                            code="invalid_value")
@@ -201,7 +207,7 @@ def parse_request(body: dict, *, model_name: str, max_images: int, default_deadl
     if "model" in fields and fields["model"] != model_name:
         raise ApiError(404, f"model {_shown(fields['model'])} is not served here; this server serves "
                             f"{model_name!r}", param="model", code="model_not_found")
-    kwargs = {gen: fields[name] for name, (_, gen) in REQUEST_FIELDS.items() if gen and name in fields}
+    kwargs = {gen: fields[name] for name, (_, gen) in allowed.items() if gen and name in fields}
     kwargs["num_images_per_prompt"] = fields.get("n", 1)
     if "speedup" in kwargs:
         value = kwargs["speedup"].strip().lower()

@@ -669,6 +669,11 @@ def build_ingress_app(ingress: RaluIngress):
         out["ralu"]["replica"] = reply["replica"]
         return out
 
+    @app.post(protocol.EDITS_PATH)
+    async def edits(request: Request):
+        raise protocol.ApiError(404, f"{protocol.EDITS_PATH} is not served by the Ray Serve ingress yet: run ralu "
+                                     "serve without --ray for image edits (docs/serving.md)", code="not_found")
+
     @app.get("/health")
     async def health():
         if ingress.closing:
