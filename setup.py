@@ -22,8 +22,8 @@ SERVE = ["fastapi>=0.110", "uvicorn>=0.30", "prometheus_client>=0.20"]  # ralu s
 RAY = ["ray[serve]>=2.60", *SERVE]  # ralu serve --ray (ralu_runtime.serving.ray; tested with ray 2.60)
 
 EXTRAS = {
-    "test": ["pytest>=8", "hypothesis>=6.100", "scikit-image>=0.22", "triton==3.9.0; platform_system == 'Linux'",
-             "peft>=0.17", "onnx", "onnxruntime", *RAY, "httpx>=0.27"],
+    "test": ["pytest>=8", "pytest-xdist>=3.5", "hypothesis>=6.100", "scikit-image>=0.22",
+             "triton==3.9.0; platform_system == 'Linux'", "peft>=0.17", "onnx", "onnxruntime", *RAY, "httpx>=0.27"],
     "triton": ["triton"],
     "onnx": ["onnx", "onnxruntime"],
     "serve": SERVE,

@@ -49,7 +49,7 @@ def _shapes(device: torch.device, quick: bool):
     return shapes
 
 
-def _bytes_moved(batch, dst_len, num_up, channels, elt) -> int:
+def bytes_moved(batch, dst_len, num_up, channels, elt) -> int:
     work = num_up + (dst_len - 4 * num_up)  # groups + kept tokens: one source row, src_index, group each
     per_image = (work * (channels * elt + 2 * 4 + 4 * 2)   # x row, pos row, src_index + group
                  + dst_len * (channels * elt + 4 * 2 + 4))  # out row, pos_out row, order entry
@@ -61,7 +61,7 @@ def _bytes_moved(batch, dst_len, num_up, channels, elt) -> int:
 _HBM_TBPS = {"H100 PCIe": 2.0, "H100 80GB HBM3": 3.35, "H200": 4.8, "A100-SXM4-80GB": 2.04}
 
 
-def _hbm_peak_tbps() -> float:
+def hbm_peak_tbps() -> float:
     name = torch.cuda.get_device_name()
     for key, tbps in _HBM_TBPS.items():
         if key in name:
@@ -69,7 +69,7 @@ def _hbm_peak_tbps() -> float:
     return float("nan")
 
 
-def _graph_time_us(fn, calls: int = 50, replays: int = 20) -> float:
+def graph_time_us(fn, calls: int = 50, replays: int = 20) -> float:
     """Device time of one call, launched from a CUDA graph of ``calls`` calls (no Python/launch overhead)."""
     stream = torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())
@@ -129,7 +129,7 @@ def main() -> None:
         seeds = torch.randint(0, 2**62, (args.batch,), generator=gen, dtype=torch.int64).to(device)
         out = torch.empty(args.batch, dst_len, channels, device=device, dtype=dtype)
         pos_out = torch.empty(args.batch, dst_len, 2, device=device)
-        nbytes = _bytes_moved(args.batch, dst_len, maps["num_up"], channels, elt)
+        nbytes = bytes_moved(args.batch, dst_len, maps["num_up"], channels, elt)
         cases.append(dict(name=name, kind=kind, coarse_grid=side, ratio=ratio, c=c, a=a, b=b, batch=args.batch,
                           src_len=src_len, dst_len=dst_len, channels=channels, dtype=args.dtype, bytes=nbytes))
 
@@ -145,9 +145,9 @@ def main() -> None:
             t = time_fn(call(impl), warmup=warmup, reps=reps, device=device.type)
             row = dict(shape=name, impl=impl, Ld=dst_len, **t, GBps=nbytes / (t["min_ms"] * 1e-3) / 1e9)
             if cuda and impl in ("triton", "cuda"):
-                row["graph_us"] = _graph_time_us(call(impl))
+                row["graph_us"] = graph_time_us(call(impl))
                 row["graph_GBps"] = nbytes / (row["graph_us"] * 1e-6) / 1e9
-                row["pct_hbm"] = 100 * row["graph_GBps"] / (1e3 * _hbm_peak_tbps())
+                row["pct_hbm"] = 100 * row["graph_GBps"] / (1e3 * hbm_peak_tbps())
             case_rows.append(row)
         # dense multivariate normal over one image's tokens (the reference code's approach)
         mvn_limit = 4096 if cuda else 1024
@@ -162,9 +162,9 @@ def main() -> None:
             copy = lambda: dst_bytes.copy_(src_bytes)  # noqa: E731
             t = time_fn(copy, warmup=warmup, reps=reps, device=device.type)
             row = dict(shape=name, impl="copy_same_bytes", Ld=dst_len, **t, GBps=nbytes / (t["min_ms"] * 1e-3) / 1e9,
-                       graph_us=_graph_time_us(copy))
+                       graph_us=graph_time_us(copy))
             row["graph_GBps"] = nbytes / (row["graph_us"] * 1e-6) / 1e9
-            row["pct_hbm"] = 100 * row["graph_GBps"] / (1e3 * _hbm_peak_tbps())
+            row["pct_hbm"] = 100 * row["graph_GBps"] / (1e3 * hbm_peak_tbps())
             for r in case_rows:
                 if "graph_us" in r:
                     r["pct_of_copy"] = 100 * row["graph_us"] / r["graph_us"]
@@ -188,7 +188,7 @@ def main() -> None:
             tm = time_fn(lambda: T.dense_mvn_noise(maps["group"][0], maps["child"][0], c, channels), warmup=1,
                          reps=reps, device="cpu")
             name = f"small_2to3_L{ld}"
-            nbytes = _bytes_moved(1, ld, maps["num_up"], channels, elt)
+            nbytes = bytes_moved(1, ld, maps["num_up"], channels, elt)
             cases.append(dict(name=name, kind="2to3", coarse_grid=side, ratio=0.3, c=c, batch=1, dst_len=ld,
                               channels=channels, dtype=args.dtype, bytes=nbytes))
             rows.append(dict(shape=name, impl="torch", Ld=ld, **tr, GBps=nbytes / (tr["min_ms"] * 1e-3) / 1e9,

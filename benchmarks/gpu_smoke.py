@@ -654,23 +654,23 @@ def kernels_job(ctx: Ctx, rec: Recorder) -> None:
         c.info["lens"] = lens
 
     def copy(c: Check):
-        from benchmarks.bench_transition import _bytes_moved, _graph_time_us
+        from benchmarks.bench_transition import bytes_moved, graph_time_us
 
         name, maps, x, seeds = st["cases"][-1]
-        nbytes = _bytes_moved(2, int(maps["src_index"].shape[1]), maps["num_up"], 64, 2)
+        nbytes = bytes_moved(2, int(maps["src_index"].shape[1]), maps["num_up"], 64, 2)
         src = torch.randint(0, 255, (nbytes // 2,), dtype=torch.uint8, generator=g).to(dev)
         dst = torch.empty_like(src)
         dst.copy_(src)
         c.expect(torch.equal(dst, src), "copy differs")
         c.info.update(shape=name, bytes=nbytes)
         if ctx.cuda:  # as bench_transition.py: device time of one copy launched from a CUDA graph (recorded only)
-            c.info["copy_graph_us"] = round(_graph_time_us(lambda: dst.copy_(src)), 3)
+            c.info["copy_graph_us"] = round(graph_time_us(lambda: dst.copy_(src)), 3)
             impl = "cuda" if st["csrc"] else "triton"
             xb = x.to(dev, torch.bfloat16)
             out = torch.empty(xb.shape[0], maps["src_index"].shape[1], xb.shape[2], device=dev, dtype=xb.dtype)
             pos_out = torch.empty(xb.shape[0], maps["src_index"].shape[1], 2, device=dev)
             try:  # the kernel the same way (bench_transition's call): information, not part of the check
-                c.info[f"{impl}_graph_us"] = round(_graph_time_us(lambda: call(maps, xb, seeds, impl, torch.bfloat16,
+                c.info[f"{impl}_graph_us"] = round(graph_time_us(lambda: call(maps, xb, seeds, impl, torch.bfloat16,
                                                                                out=out, pos_out=pos_out)), 3)
                 c.info["pct_of_copy"] = round(100 * c.info["copy_graph_us"] / c.info[f"{impl}_graph_us"], 1)
             except Exception as exc:  # noqa: BLE001

@@ -281,9 +281,9 @@ def latency_families_cmds(ctx: Ctx):
 
 
 def precision_cmds(ctx: Ctx):
-    if ctx.dry:
-        return [([PY, "benchmarks/precision.py", "--quick", "--out", str(ctx.work), "--tag", "precision_flux_dry_cpu"],
-                 {})]
+    if ctx.dry:  # the script's paths (bf16 and fp8 rows, fidelity, claims) at the least cost; --quick runs all rows
+        return [([PY, "benchmarks/precision.py", "--quick", "--rows", "baseline-eager-bf16,ralu-7x-eager-fp8",
+                  "--steps", "2", "--warmup", "0", "--out", str(ctx.work), "--tag", "precision_flux_dry_cpu"], {})]
     # torch._scaled_mm (row-wise) unless a torchao wheel was carried and installed ("auto" then takes torchao)
     return [([PY, "benchmarks/precision.py", "--out", str(ctx.work)], _fresh_triton_cache(ctx, "precision"))]
 

@@ -122,9 +122,9 @@ def main() -> None:
     maps = T.example_transition_maps("2to3", 128, 128, 0.3, 1)
     dst_len, num_up = maps["src_index"].shape[1], maps["num_up"]
     kept = dst_len - 4 * num_up
-    from benchmarks.bench_transition import _bytes_moved
+    from benchmarks.bench_transition import bytes_moved
 
-    nbytes = _bytes_moved(1, dst_len, num_up, 64, 2)
+    nbytes = bytes_moved(1, dst_len, num_up, 64, 2)
     large = {r["part"]: r["instr_per_elem"] for r in rows if r["tiles"] == "large"}
     instr = 4 * num_up * 64 * large["up"] + kept * 64 * large["kept"]
     issue_rate = args.sms * 4 * args.clock_ghz * 1e9  # warp instructions per second

@@ -21,7 +21,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks._common import device_slug, print_table, pyplot, save_figure, time_fn, write_json  # noqa: E402
-from benchmarks.bench_transition import Z_4X, Z_7X, _bytes_moved, _graph_time_us, _hbm_peak_tbps  # noqa: E402
+from benchmarks.bench_transition import Z_4X, Z_7X, bytes_moved, graph_time_us, hbm_peak_tbps  # noqa: E402
 from ralu_kernels import transition as T  # noqa: E402
 
 # (name, kind, coarse grid side, ratio, Z, end time e_k of the finishing stage)
@@ -49,7 +49,7 @@ def main(argv=None) -> int:
     elt = torch.tensor([], dtype=dtype).element_size()
     channels = 64
     shapes, configs = (SHAPES, CONFIGS) if cuda else (DRY_SHAPES, DRY_CONFIGS)
-    peak = _hbm_peak_tbps() if cuda else float("nan")
+    peak = hbm_peak_tbps() if cuda else float("nan")
     gen = torch.Generator().manual_seed(0)
     rows, mismatches = [], []
     for name, kind, side, ratio, z, e in shapes:
@@ -60,7 +60,7 @@ def main(argv=None) -> int:
         x = torch.randn(1, maps["pos"].shape[1], channels, generator=gen).to(device=device, dtype=dtype)
         seeds = torch.randint(0, 2**62, (1,), generator=gen, dtype=torch.int64).to(device)
         dst_len = maps["src_index"].shape[1]
-        nbytes = _bytes_moved(1, dst_len, maps["num_up"], channels, elt)
+        nbytes = bytes_moved(1, dst_len, maps["num_up"], channels, elt)
 
         def call(tiles, out, pos_out):
             return lambda: T.stage_transition_triton(
@@ -83,7 +83,7 @@ def main(argv=None) -> int:
             row = dict(shape=name, Ld=dst_len, block_g=tiles[0], block_k=tiles[1], num_warps=tiles[2],
                        programs=programs, bitwise_equal_default=same)
             if cuda:
-                us = _graph_time_us(fn)
+                us = graph_time_us(fn)
                 row.update(graph_us=us, GBps=nbytes / (us * 1e-6) / 1e9)
                 row["pct_hbm"] = 100 * row["GBps"] / (1e3 * peak)
             else:

@@ -34,7 +34,8 @@ from typing import Any, Callable
 import torch
 
 from .adapters import DiTAdapter, call_scope, get_adapter
-from .sampler import NOISE_VARIANTS, REGION_MODES, REGION_SOURCES, SOLVERS, StageRecord, sample_baseline, sample_ralu
+from .sampler import (NOISE_VARIANTS, REGION_MODES, REGION_SOURCES, SOLVERS, StageRecord, check_finite_decode,
+                      sample_baseline, sample_ralu, scheduler_integration)
 from .schedule import RaluSchedule, get_preset
 
 OUTPUT_TYPES = ("pil", "np", "pt", "latent")
@@ -98,7 +99,8 @@ class CallPlan:
     transition_impl: str = "auto"
     region_source: str = "decode"
     progress: bool = True
-    edit: Any = None  # img2img request (ralu_runtime.editing.EditSpec), None for text-to-image
+    integration: str = "own"  # "follow": the baseline steps with the pipeline's scheduler (scheduler_integration)
+    edit: Any = None  # img2img / inpainting request (ralu_runtime.editing.EditSpec), None for text-to-image
 
     @property
     def backend(self) -> str | None:
@@ -187,15 +189,28 @@ def _check_int(name: str, value, lo: int, hi: int | None = None) -> None:
         raise (TypeError if not _is_int(value) else ValueError)(f"{name}={value!r} is not allowed: need an integer {rng}")
 
 
-def _check_prompt(prompt) -> int | None:
-    """Number of prompts, or None for no prompt."""
+def _check_prompt(prompt, name: str = "prompt") -> int | None:
+    """Number of prompts, or None for no prompt. A prompt is one string or a non-empty list (or tuple) of strings."""
     if prompt is None:
         return None
     if isinstance(prompt, str):
         return 1
     if isinstance(prompt, (list, tuple)) and prompt and all(isinstance(p, str) for p in prompt):
         return len(prompt)
-    raise TypeError(f"prompt={prompt!r} is not allowed: give a string or a non-empty list of strings")
+    shown = repr(prompt) if len(repr(prompt)) <= 200 else repr(prompt)[:200] + "..."
+    raise TypeError(f"{name}={shown} is not allowed: give a string or a non-empty list of strings")
+
+
+def _prompt_lists(prompt, negative_prompt):
+    """The one prompt rule of every family, after :func:`_validate`: a tuple becomes a list; a single negative
+    prompt string with a list of prompts is repeated for each (a list of negative prompts has one per prompt)."""
+    if isinstance(prompt, tuple):
+        prompt = list(prompt)
+    if isinstance(negative_prompt, tuple):
+        negative_prompt = list(negative_prompt)
+    if isinstance(prompt, list) and isinstance(negative_prompt, str):
+        negative_prompt = [negative_prompt] * len(prompt)
+    return prompt, negative_prompt
 
 
 def _check_embeds(name: str, t, ndim: int, dim: int | None, batch: int | None = None) -> int:
@@ -212,7 +227,9 @@ def _check_embeds(name: str, t, ndim: int, dim: int | None, batch: int | None = 
         raise ValueError(f"{name} has last dimension {t.shape[-1]}; this model expects {dim} ({shape_doc})")
     if batch is not None and t.shape[0] != batch:
         raise ValueError(f"{name} has batch {t.shape[0]}; prompt_embeds has batch {batch} (they must be equal)")
-    if t.device.type != "meta" and not bool(torch.isfinite(t).all()):
+    if t.device.type == "meta":
+        raise ValueError(f"{name} is on the meta device (a shape without values): give real tensors")
+    if not bool(torch.isfinite(t).all()):
         raise ValueError(f"{name} contains NaN or Inf values")
     return int(t.shape[0])
 
@@ -241,11 +258,12 @@ def _check_mask(name: str, mask, embeds_name: str, embeds) -> None:
     if tuple(mask.shape) != tuple(embeds.shape[:2]):
         raise ValueError(f"{name} has shape {tuple(mask.shape)}; expected {tuple(embeds.shape[:2])} (batch, tokens) "
                          f"of {embeds_name}")
-    if mask.device.type != "meta":
-        if not bool(((mask == 0) | (mask == 1)).all()):
-            raise ValueError(f"{name} must hold 0/1 (or True/False) only")
-        if not bool(mask.bool().any(dim=1).all()):
-            raise ValueError(f"{name} has a row with no valid token (every prompt needs at least one)")
+    if mask.device.type == "meta":
+        raise ValueError(f"{name} is on the meta device (a shape without values): give a real tensor")
+    if not bool(((mask == 0) | (mask == 1)).all()):
+        raise ValueError(f"{name} must hold 0/1 (or True/False) only")
+    if not bool(mask.bool().any(dim=1).all()):
+        raise ValueError(f"{name} has a row with no valid token (every prompt needs at least one)")
 
 
 def _validate(adapter: DiTAdapter, *, prompt, prompt_embeds, pooled_prompt_embeds, negative_prompt,
@@ -286,9 +304,12 @@ def _validate(adapter: DiTAdapter, *, prompt, prompt_embeds, pooled_prompt_embed
         raise ValueError(f"negative prompts are not supported for {adapter.family}: it does not use classifier-free "
                          "guidance (a guidance embedding or a step-distilled model)")
     if negative_prompt is not None:
-        _check_prompt(negative_prompt)
+        n_neg = _check_prompt(negative_prompt, "negative_prompt")
         if prompt is None:
             raise ValueError("negative_prompt goes with prompt; with prompt_embeds give negative_prompt_embeds")
+        if not isinstance(negative_prompt, str) and n_neg != n_prompts:
+            raise ValueError(f"got {n_neg} negative prompts for {n_prompts} prompt{'s' * (n_prompts != 1)}: give one "
+                             "negative prompt string (used for every prompt) or a list with one per prompt")
     if negative_prompt_embeds is not None:
         if prompt_embeds is None:
             raise ValueError("negative_prompt_embeds goes with prompt_embeds")
@@ -319,6 +340,61 @@ def _validate(adapter: DiTAdapter, *, prompt, prompt_embeds, pooled_prompt_embed
     width = dw if width is None else width
     adapter.check_size(height, width)
     return int(height), int(width), batch
+
+
+_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def _check_model_device(adapter: DiTAdapter) -> None:
+    """ValueError when the pipeline's transformer or VAE is on the meta device (no weights to run), before any work."""
+    pipe = adapter.pipe
+    for name in ("transformer", "transformer_2", "vae"):
+        module = getattr(pipe, name, None) if pipe is not None else None
+        p = next(module.parameters(), None) if isinstance(module, torch.nn.Module) else None
+        if p is not None and p.device.type == "meta":
+            raise ValueError(f"the pipeline's {name} is on the meta device (shapes without weights): ralu cannot run "
+                             "it; load real weights (DiffusionPipeline.from_pretrained) or build it on a real device")
+
+
+def _cast_embeds(adapter: DiTAdapter, embeds: dict) -> dict:
+    """``embeds`` (argument name -> tensor or None) in the transformer's dtype: a cast that keeps every value
+    (float16 / bfloat16 -> float32, anything -> float64) is made; a lossy one (float32 -> bfloat16, float64 ->
+    float32, float16 <-> bfloat16) is refused with a TypeError naming the argument. Models of another dtype (e.g. a
+    float8 storage dtype) take the embeddings as given."""
+    target = adapter.dtype
+    if target not in _FLOAT_DTYPES:
+        return embeds
+    out = dict(embeds)
+    for name, t in embeds.items():
+        if t is None or t.dtype == target:
+            continue
+        if torch.promote_types(t.dtype, target) != target:
+            raise TypeError(f"{name} has dtype {t.dtype} but the model runs in {target}: casting would lose precision "
+                            f"or range; cast it yourself ({name}.to({target})) or give {target} embeddings")
+        out[name] = t.to(target)
+    return out
+
+
+def _check_work(adapter: DiTAdapter, bounds, batch: int, height: int, width: int, num_frames, steps: int,
+                schedule) -> None:
+    """ValueError when the call's images or latent tokens x model calls exceed ``bounds``
+    (:class:`ralu_runtime.limits.Limits`), before any work."""
+    from .limits import token_steps
+
+    if batch > bounds.max_images:
+        raise ValueError(f"this call makes {batch} images (prompts x num_images_per_prompt); the limit is "
+                         f"max_images={bounds.max_images}: split the call, or raise it with limits={{'max_images': N}} "
+                         "or ralu_runtime.limits.set_limits(max_images=N)")
+    cell = adapter.patch_size * adapter.vae_scale_factor
+    frames = 1 if num_frames is None else 1 + (num_frames - 1) // adapter.temporal_factor
+    tokens = frames * (height // cell) * (width // cell)
+    work = token_steps(batch, tokens, steps, schedule)
+    if work > bounds.max_token_steps:
+        calls = f"{steps} steps" if schedule is None else f"RALU steps {tuple(schedule.steps)}"
+        raise ValueError(f"this call's work is {work} latent tokens x model calls ({batch} image(s) of {tokens} "
+                         f"tokens, {calls}); the limit is max_token_steps={bounds.max_token_steps}: use fewer "
+                         "images, steps or pixels, or raise it with limits={'max_token_steps': N} or "
+                         "ralu_runtime.limits.set_limits(max_token_steps=N)")
 
 
 def _check_video(adapter: DiTAdapter, num_frames, region_mode) -> tuple[int | None, str]:
@@ -396,7 +472,7 @@ def prepare(pipe, prompt: str | list[str] | None = None, *, height: int | None =
             device=None, backend: str | None = None, compile_options: dict | None = None,
             prompt_embeds_mask=None, negative_prompt_embeds_mask=None, num_frames: int | None = None,
             region_mode: str | None = None, region_source: str = "decode", parallel=None,
-            precision: str | None = None, image=None, strength: float | None = None,
+            precision: str | None = None, limits=None, image=None, strength: float | None = None,
             mask_image=None) -> CallPlan:
     """Check every argument of a :func:`generate` call (the same arguments) and resolve it into a
     :class:`CallPlan`, before any work: no text encoding, no noise, no model call, no backend install (a model
@@ -433,6 +509,9 @@ def prepare(pipe, prompt: str | list[str] | None = None, *, height: int | None =
 
         _check_choice("backend", backend, BACKENDS)
         options = make_options(backend, compile_options)  # unknown fields and bad values fail here, before any work
+    from .limits import resolve_limits
+
+    bounds = resolve_limits(limits)
     default_cache = cache is None  # the pipeline's default (set_cache), read once the adapter is known
     if not default_cache:
         from .cache import make_cache
@@ -445,6 +524,7 @@ def prepare(pipe, prompt: str | list[str] | None = None, *, height: int | None =
                          "(pipe.to(device, dtype)): ralu does not change the pipeline it is given")
     adapter = get_adapter(pipe)
     adapter.check_supported()
+    _check_model_device(adapter)
     if options is not None and options.precision == "fp8":
         from .compile import check_fp8_device
 
@@ -461,15 +541,27 @@ def prepare(pipe, prompt: str | list[str] | None = None, *, height: int | None =
         num_images_per_prompt=num_images_per_prompt, guidance_scale=guidance_scale, generator=generator, seed=seed,
         max_sequence_length=max_sequence_length, num_inference_steps=num_inference_steps, schedule=speedup,
         prompt_embeds_mask=prompt_embeds_mask, negative_prompt_embeds_mask=negative_prompt_embeds_mask)
+    prompt, negative_prompt = _prompt_lists(prompt, negative_prompt)
+    cast = _cast_embeds(adapter, dict(prompt_embeds=prompt_embeds, pooled_prompt_embeds=pooled_prompt_embeds,
+                                      negative_prompt_embeds=negative_prompt_embeds,
+                                      negative_pooled_prompt_embeds=negative_pooled_prompt_embeds))
+    prompt_embeds, pooled_prompt_embeds = cast["prompt_embeds"], cast["pooled_prompt_embeds"]
+    negative_prompt_embeds, negative_pooled_prompt_embeds = (cast["negative_prompt_embeds"],
+                                                             cast["negative_pooled_prompt_embeds"])
     schedule = resolve_schedule(speedup, adapter, height, width)
+    integration = scheduler_integration(adapter, schedule is not None, solver)
     from .editing import check_edit
 
     edit = check_edit(adapter, image=image, strength=strength, mask_image=mask_image, height=height, width=width,
                       batch=batch, num_inference_steps=num_inference_steps)
+    if edit is not None and integration == "follow":
+        raise ValueError(f"image= needs the pipeline's FlowMatchEulerDiscreteScheduler (or a RALU preset); its "
+                         f"{type(adapter.pipe.scheduler).__name__} would be followed, which cannot start mid-schedule")
     steps = edit.steps if edit is not None else (num_inference_steps if num_inference_steps is not None
                                                  else adapter.default_steps)
     default_guidance = adapter.default_guidance if edit is None else edit.guidance  # the editing pipeline's
     guidance = default_guidance if guidance_scale is None else float(guidance_scale)
+    _check_work(adapter, bounds, batch, height, width, num_frames, int(steps), schedule)
     from .parallel import resolve_parallel
 
     plan = resolve_parallel(parallel, adapter, backend=backend)
@@ -483,7 +575,8 @@ def prepare(pipe, prompt: str | list[str] | None = None, *, height: int | None =
         negative_prompt_embeds_mask=negative_prompt_embeds_mask, num_images_per_prompt=num_images_per_prompt,
         max_sequence_length=max_sequence_length, generator=generator, seed=seed, output_type=output_type,
         return_masks=return_masks, noise=noise, edge_map=edge_map, edge_detector=edge_detector, solver=solver,
-        transition_impl=transition_impl, region_source=region_source, progress=progress, edit=edit)
+        transition_impl=transition_impl, region_source=region_source, progress=progress, integration=integration,
+        edit=edit)
 
 
 ModelCallHook = Callable[[DiTAdapter, Callable], Callable]
@@ -579,7 +672,8 @@ def run(plan: CallPlan, *, model_call: ModelCallHook | None = None,
             result = run_edit(adapter, cond, noise_latents, source, plan, per_image, velocity=velocity, decode=decode)
         elif schedule is None:
             result = sample_baseline(adapter, cond, noise_latents, plan.steps, solver=plan.solver,
-                                     progress=plan.progress, velocity=velocity)
+                                     progress=plan.progress, velocity=velocity,
+                                     follow_scheduler=plan.integration == "follow")
         else:
             result = sample_ralu(adapter, cond, noise_latents, schedule, per_image, noise_variant=plan.noise,
                                  edge_map=plan.edge_map, edge_detector=plan.edge_detector,
@@ -597,6 +691,7 @@ def run(plan: CallPlan, *, model_call: ModelCallHook | None = None,
         return RaluOutput(latents, masks, timings, result.records, schedule, cache_stats)
     t0 = time.perf_counter()
     images = (final_decode(decode) if final_decode is not None else decode)(latents)
+    check_finite_decode(images, "the final latents")
     if images.device.type == "cuda":
         torch.cuda.synchronize()
     timings["vae_decode"] = time.perf_counter() - t0
@@ -615,7 +710,7 @@ def generate(pipe, prompt: str | list[str] | None = None, *, height: int | None 
              device=None, backend: str | None = None, compile_options: dict | None = None,
              prompt_embeds_mask=None, negative_prompt_embeds_mask=None, num_frames: int | None = None,
              region_mode: str | None = None, region_source: str = "decode", parallel=None,
-             precision: str | None = None, image=None, strength: float | None = None,
+             precision: str | None = None, limits=None, image=None, strength: float | None = None,
              mask_image=None) -> RaluOutput:
     """Generate images (or videos) with RALU (``speedup`` preset or schedule) or the ordinary sampler
     (``speedup=None``): ``run(prepare(pipe, prompt, ...))`` with the same arguments.
@@ -627,7 +722,8 @@ def generate(pipe, prompt: str | list[str] | None = None, *, height: int | None 
     FLUX.2, Qwen-Image, Z-Image, Chroma, Wan, HunyuanVideo 1.5, or a subclass), a local model folder
     (loaded once per process with :func:`load_pipeline`; ``torch_dtype`` / ``device`` apply to that load only),
     or a :class:`~ralu_runtime.adapters.DiTAdapter`. Give ``prompt`` (str or list) or ``prompt_embeds`` (+ pooled),
-    not both. ``height`` / ``width``: pixels, multiples of the model's coarse block (32 for FLUX and SD3), at most
+    not both. The same prompt rule for every family: ``prompt`` a string or a non-empty list (or tuple, taken as a
+    list) of strings; ``negative_prompt`` None, one string (used for every prompt) or a list with one per prompt. ``height`` / ``width``: pixels, multiples of the model's coarse block (32 for FLUX and SD3), at most
     the model's limit (FLUX 4096, SD3 its position table); default 1024. ``generator``: a torch.Generator or one per
     image (a batch of two with generators [g1, g2] equals two single runs with g1 and g2); ``seed`` makes a CPU
     generator. ``num_inference_steps`` applies to the baseline only (RALU's steps come from its schedule).
@@ -645,6 +741,9 @@ def generate(pipe, prompt: str | list[str] | None = None, *, height: int | None 
     followed); it needs a GPU of compute capability >= 8.9 (the CPU runs it for tests) and refuses others before any
     work. "auto" / "bf16" / "fp16" / "fp32": the model's own dtype. Sets ``compile_options["precision"]`` (see
     :mod:`ralu_runtime.compile.fp8`); with ``backend=None`` the eager backend is installed.
+    Embeddings in another dtype than the transformer's are cast where every value is kept (float16 / bfloat16 on a
+    float32 model) and refused otherwise (TypeError naming the argument: float32 on a bfloat16 model, float64 on a
+    float32 one); embeddings or a pipeline on the meta device are refused (ValueError).
     ``prompt_embeds_mask`` / ``negative_prompt_embeds_mask``: ``(B, T)`` 0/1 valid-token masks of given embeddings,
     for families that take one (Qwen-Image, Z-Image, Chroma). Video families: ``num_frames`` (default: the
     pipeline's), ``region_mode`` "frame" (default: each latent frame its own regions; the better Fréchet distance
@@ -654,7 +753,12 @@ def generate(pipe, prompt: str | list[str] | None = None, *, height: int | None 
     token: no preview decode, the cheaper choice for video VAEs; ``edge_map`` / ``edge_detector`` then do not apply).
 
     Raises ValueError / TypeError for bad arguments before any work, and FloatingPointError when a stage produces
-    non-finite latents (naming the stage).
+    non-finite latents (naming the stage) or a VAE decode non-finite pixels (naming the decode: the region-choice
+    preview or the final one).
+
+    ``limits``: bounds on the call's work (:mod:`ralu_runtime.limits`: at most 64 images and 2**24 latent tokens x
+    model calls by default), a :class:`~ralu_runtime.limits.Limits`, a dict of its fields, or None (the process-wide
+    defaults, :func:`ralu_runtime.limits.set_limits`); a call beyond them is refused before any work.
 
     ``parallel``: a diffusers ``ContextParallelConfig(ulysses_degree=U, ring_degree=R)`` to split every model call's
     token sequence over the ``U * R`` ranks of an initialised ``torch.distributed`` group (FLUX.1; launch with

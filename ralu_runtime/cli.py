@@ -16,7 +16,7 @@ import math
 import os
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from .families import CPU_FRAMES, FAMILIES, TINY_SIZE, TINY_TEXT_LEN, family_for_pipeline
@@ -154,13 +154,40 @@ def build_parser() -> argparse.ArgumentParser:
                    help="cpu, cuda or cuda:N (default: cuda when available)")
     s.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default=None,
                    help="default: bfloat16 on CUDA, float32 on CPU")
-    s.add_argument("--request-timeout", metavar="SECONDS", type=float, default=None,
-                   help="seconds a request may take (its default and its largest 'timeout'; default: no limit)")
+    s.add_argument("--request-timeout", metavar="SECONDS", type=float, default=600.0,
+                   help="seconds a request may take (its default and its largest 'timeout'; default 600)")
     s.add_argument("--grace", metavar="SECONDS", type=float, default=30.0,
                    help="on SIGINT/SIGTERM, seconds to finish running and queued requests (default 30)")
     s.add_argument("--max-images", metavar="N", type=int, default=10, help="largest n per request (default 10)")
+    s.add_argument("--max-token-steps", metavar="N", type=int, default=None,
+                   help="most work one request may ask for: latent tokens x model calls over its images (default: "
+                        "the library's, ralu_runtime.limits)")
     s.add_argument("--log-level", choices=("critical", "error", "warning", "info", "debug"), default="info",
                    help="server log level (default info)")
+    s.add_argument("--log-prompts", action="store_true",
+                   help="let the libraries' warnings quote prompts (default: a prompt's text is never logged)")
+    a = s.add_argument_group("access (who may call; see docs/serving.md)")
+    a.add_argument("--api-key", metavar="KEY", action="append", default=None,
+                   help="accept requests with 'Authorization: Bearer KEY' only (all paths but /health); repeat or "
+                        "separate with commas for several keys; at least 16 characters. Other users can read a "
+                        "command line: prefer $RALU_API_KEY or --api-key-file")
+    a.add_argument("--api-key-file", metavar="PATH", default=None,
+                   help="read API keys from this file (one per line), in addition to --api-key and $RALU_API_KEY")
+    a.add_argument("--insecure", action="store_true",
+                   help="allow a non-loopback --host without an API key (anyone who reaches the port can use it)")
+    a.add_argument("--allowed-host", metavar="NAME", action="append", default=None,
+                   help="a name clients may give in the Host header, besides the loopback names and --host (repeat; "
+                        "'*': any); other Host values get 421 (guards against DNS rebinding)")
+    a.add_argument("--cors-origin", metavar="ORIGIN", action="append", default=None,
+                   help="a web origin (e.g. https://app.example.com) whose pages may call the API, with CORS "
+                        "headers (repeat; '*': any); default none: browsers' cross-origin POSTs get 403")
+    c = s.add_argument_group("connections (the HTTP server without --ray)")
+    c.add_argument("--max-connections", metavar="N", type=int, default=256,
+                   help="open connections; more get 503 at once (default 256)")
+    c.add_argument("--header-timeout", metavar="SECONDS", type=float, default=10.0,
+                   help="seconds a client has to send a request's head (default 10)")
+    c.add_argument("--body-timeout", metavar="SECONDS", type=float, default=60.0,
+                   help="seconds a client has to send a request's body after its head (default 60)")
     r = s.add_argument_group("Ray Serve (--ray; needs the [ray] extra: pip install -e '.[ray]')")
     r.add_argument("--ray", action="store_true",
                    help="serve with Ray Serve: engine replicas (one per GPU of the Ray cluster, CPU replicas where "
@@ -278,7 +305,8 @@ def _image_format(path: str) -> str:
 
 def _check_output(flag: str, path: str, video: bool = False) -> str:
     """``path`` if an image (``video``: an animated image) can be written there: a known extension, in an existing
-    writable folder."""
+    writable folder, and the file really opens for writing (an existing file is opened for appending and left as it
+    is; a new one is created and removed again), before any model is loaded."""
     try:
         _image_format(path)
     except UsageError as exc:
@@ -294,6 +322,17 @@ def _check_output(flag: str, path: str, video: bool = False) -> str:
         raise UsageError(f"{flag} {path!r}: folder {str(folder)!r} does not exist")
     if not os.access(folder, os.W_OK | os.X_OK):
         raise UsageError(f"{flag} {path!r}: folder {str(folder)!r} is not writable")
+    existed = target.exists()
+    try:
+        with open(target, "ab" if existed else "xb"):
+            pass
+    except OSError as exc:
+        raise UsageError(f"{flag} {path!r} cannot be written: {exc.strerror or exc}") from None
+    if not existed:
+        try:
+            target.unlink()
+        except OSError:
+            pass
     return str(target)
 
 
@@ -424,6 +463,7 @@ class ServePlan:
     dtype: str | None
     defaults: dict            # generate arguments of every request unless it sets them
     replicas: int | tuple[int, int] | None = None   # --ray: N, (min, max) or None (one per GPU)
+    api_keys: tuple = field(default=(), repr=False)  # --api-key, --api-key-file, $RALU_API_KEY
 
 
 RAY_ONLY_FLAGS = (("--replicas", "replicas"), ("--ray-address", "ray_address"),
@@ -470,11 +510,20 @@ def check_serve(args) -> ServePlan:
     _check_int("--max-active", args.max_active, 1, 4096)
     _check_int("--max-queue", args.max_queue, 0, 1 << 20)
     _check_int("--max-images", args.max_images, 1, 4096)
+    _check_int("--max-token-steps", args.max_token_steps, 1, 1 << 50)
     if args.token_budget is not None:
         _check_int("--token-budget", args.token_budget, 1, 1 << 30)
-    for flag, value, lo in (("--request-timeout", args.request_timeout, None), ("--grace", args.grace, 0.0)):
+    timeouts = (("--request-timeout", args.request_timeout, None), ("--grace", args.grace, 0.0),
+                ("--header-timeout", args.header_timeout, None), ("--body-timeout", args.body_timeout, None))
+    for flag, value, lo in timeouts:
         if value is not None and not (math.isfinite(value) and (value > 0 if lo is None else value >= lo)):
             raise UsageError(f"{flag} {value} is not allowed: need seconds {'> 0' if lo is None else '>= 0'}")
+    _check_int("--max-connections", args.max_connections, 1, 1 << 20)
+    api_keys = _serve_api_keys(args)
+    if not api_keys and not args.insecure and not _is_loopback(args.host):
+        raise UsageError(f"--host {args.host} is reachable from other machines and no API key is set: anyone who "
+                         "reaches the port could use the server. Set $RALU_API_KEY (or --api-key-file / --api-key), "
+                         "or add --insecure to serve without one")
     presets = FAMILIES[family].presets
     if args.speedup is not None and args.speedup != "default" and args.speedup not in presets:
         raise UsageError(f"--speedup {args.speedup!r} is not a preset of {family} ({args.model}): use "
@@ -494,7 +543,49 @@ def check_serve(args) -> ServePlan:
     defaults = {"speedup": args.speedup}
     if args.model in _TINY:   # the same defaults as ralu generate's for the built-in random models
         defaults.update(height=default_h, width=default_w, max_sequence_length=_TINY[args.model].max_sequence_length)
-    return ServePlan(args.model, family, device, dtype, defaults, replicas)
+    return ServePlan(args.model, family, device, dtype, defaults, replicas, api_keys)
+
+
+def _serve_api_keys(args) -> tuple:
+    """The API keys of ``ralu serve``: --api-key, --api-key-file and $RALU_API_KEY (comma-separated)."""
+    from .serving.access import parse_api_keys
+
+    sources = [os.environ.get("RALU_API_KEY", ""), *(args.api_key or ())]
+    if args.api_key_file is not None:
+        try:
+            with open(args.api_key_file, encoding="utf-8") as f:
+                sources += [ln for ln in f.read().splitlines() if ln.strip() and not ln.lstrip().startswith("#")]
+        except (OSError, UnicodeDecodeError) as exc:
+            raise UsageError(f"--api-key-file {args.api_key_file!r}: {getattr(exc, 'strerror', None) or exc}") from None
+    try:
+        return parse_api_keys(*sources)
+    except ValueError as exc:
+        raise UsageError(f"API key: {exc}") from None
+
+
+def _is_loopback(host: str) -> bool:
+    from .serving.access import is_loopback
+
+    return is_loopback(host)
+
+
+def _listen_or_fail(host: str, port: int):
+    """A socket listening on host:port, before any model loads; UsageError (one line) when that is not possible."""
+    import socket
+
+    try:
+        family, kind, proto, _, addr = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+        sock = socket.socket(family, kind, proto)
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.bind(addr)
+            sock.listen(128)
+        except OSError:
+            sock.close()
+            raise
+    except OSError as exc:   # the port is taken, the address is not this machine's, ...
+        raise UsageError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
+    return sock
 
 
 def cmd_serve(args) -> int:
@@ -504,6 +595,7 @@ def cmd_serve(args) -> int:
         return _serve_ray(args, plan)
     from .serving import http   # ImportError naming the missing package (fastapi, uvicorn, prometheus_client)
     from .serving import Engine, EngineConfig
+    from .serving.logs import quiet_library_logs
 
     import logging
 
@@ -513,31 +605,44 @@ def cmd_serve(args) -> int:
         handler.setFormatter(logging.Formatter("%(levelname)-9s %(message)s"))
         log.addHandler(handler)
     log.setLevel(args.log_level.upper())
-    t0 = time.perf_counter()
-    pipe = _load(plan)
-    load_s = time.perf_counter() - t0
-    defaults = dict(plan.defaults, **({"backend": args.backend} if args.backend is not None else {}))
-    engine = Engine(pipe, EngineConfig(token_budget=args.token_budget, max_active=args.max_active,
-                                       max_queue=args.max_queue), **defaults)
-    if args.backend is not None:   # install and build the backend before the port opens (first requests stay fast)
-        t0 = time.perf_counter()
-        engine.generate("ralu warm-up", seed=0, output_type="pil")
-        print(f"backend {args.backend}: warmed up in {time.perf_counter() - t0:.2f} s", flush=True)
-    model_name = args.model if args.model in TINY_MODELS else os.path.basename(os.path.normpath(args.model))
-
-    def ready(url):
-        print(f"model: {plan.model} ({plan.family}, {plan.device}, {plan.dtype}), loaded in {load_s:.2f} s; "
-              f"served as {model_name!r}")
-        print(f"ralu serve: listening on {url} (POST {url}{http.GENERATIONS_PATH}, GET {url}/health, "
-              f"GET {url}/metrics); Ctrl+C stops", flush=True)
-
+    quiet_library_logs(args.log_prompts)    # before the model's libraries load: they warn on import
+    sock = _listen_or_fail(args.host, args.port)    # a taken port is reported now, not after the model loads
     try:
+        limits = http.ConnectionLimits(header_timeout_s=args.header_timeout, body_timeout_s=args.body_timeout,
+                                       max_connections=args.max_connections)
+        t0 = time.perf_counter()
+        pipe = _load(plan)
+        load_s = time.perf_counter() - t0
+        defaults = dict(plan.defaults, **({"backend": args.backend} if args.backend is not None else {}))
+        engine = Engine(pipe, EngineConfig(token_budget=args.token_budget, max_active=args.max_active,
+                                           max_queue=args.max_queue, max_token_steps=args.max_token_steps),
+                        **defaults)
+    except BaseException:
+        sock.close()
+        raise
+    try:
+        if args.backend is not None:   # install and build the backend before the server answers (fast first calls)
+            t0 = time.perf_counter()
+            engine.generate("ralu warm-up", seed=0, output_type="pil")
+            print(f"backend {args.backend}: warmed up in {time.perf_counter() - t0:.2f} s", flush=True)
+        model_name = args.model if args.model in TINY_MODELS else os.path.basename(os.path.normpath(args.model))
+
+        def ready(url):
+            print(f"model: {plan.model} ({plan.family}, {plan.device}, {plan.dtype}), loaded in {load_s:.2f} s; "
+                  f"served as {model_name!r}")
+            auth = (f"API key required ({len(plan.api_keys)} accepted)" if plan.api_keys else
+                    "no API key (this machine only)" if _is_loopback(args.host) else
+                    "no API key (--insecure: anyone who reaches the port can use it)")
+            print(f"ralu serve: listening on {url} (POST {url}{http.GENERATIONS_PATH}, GET {url}/health, "
+                  f"GET {url}/metrics); {auth}; Ctrl+C stops", flush=True)
+
         http.serve(engine, args.host, args.port, model_name=model_name, grace_s=args.grace,
                    log_level=args.log_level, on_ready=ready, default_deadline_s=args.request_timeout,
-                   max_images=args.max_images)
-    except OSError as exc:   # the port is taken, the address is not this machine's, ...
-        raise UsageError(f"cannot listen on {args.host}:{args.port}: {exc.strerror or exc}") from None
+                   max_images=args.max_images, sock=sock, insecure=args.insecure, limits=limits,
+                   log_prompts=args.log_prompts, api_keys=plan.api_keys, allowed_hosts=args.allowed_host or (),
+                   cors_origins=args.cors_origin or ())
     finally:
+        sock.close()
         engine.shutdown(drain=False, timeout=10)
     print("ralu serve: stopped", flush=True)
     return 0
@@ -559,12 +664,16 @@ def _serve_ray(args, plan: ServePlan) -> int:
     model = plan.model if plan.model in TINY_MODELS else os.path.abspath(plan.model)   # replicas' cwd differs
     spec = ray_serving.ReplicaSpec(model=model, device=plan.device, dtype=plan.dtype, defaults=plan.defaults,
                                    max_active=args.max_active, max_queue=args.max_queue,
-                                   token_budget=args.token_budget, backend=args.backend,
+                                   token_budget=args.token_budget, max_token_steps=args.max_token_steps,
+                                   backend=args.backend,
                                    compile_artifacts=(os.path.abspath(args.compile_artifacts)
-                                                      if args.compile_artifacts else None))
+                                                      if args.compile_artifacts else None),
+                                   log_prompts=args.log_prompts)
     model_name = args.model if args.model in TINY_MODELS else os.path.basename(os.path.normpath(args.model))
     options = ray_serving.IngressOptions(model_name=model_name, default_deadline_s=args.request_timeout,
-                                         max_images=args.max_images)
+                                         max_images=args.max_images, api_keys=plan.api_keys,
+                                         allowed_hosts=tuple(args.allowed_host or ()),
+                                         cors_origins=tuple(args.cors_origin or ()))
     t0 = time.perf_counter()
 
     def ready(url, status):
@@ -577,7 +686,7 @@ def _serve_ray(args, plan: ServePlan) -> int:
 
     try:
         ray_serving.run(spec, options, host=args.host, port=args.port, address=args.ray_address,
-                        replicas=plan.replicas, grace_s=args.grace, on_ready=ready)
+                        replicas=plan.replicas, grace_s=args.grace, on_ready=ready, insecure=args.insecure)
     except ValueError as exc:   # e.g. device='cuda' on a cluster without GPUs
         raise UsageError(str(exc)) from None
     print("ralu serve: stopped", flush=True)
@@ -695,6 +804,9 @@ def cmd_generate(args, edit_plan: tuple | None = None) -> int:
     """``ralu generate``: check the arguments, build or load the model, (warm up), generate, write, report.
     ``edit_plan``: ``ralu edit``'s checked plan and editing arguments."""
     plan, edit = edit_plan if edit_plan is not None else (check_generate(args), {})
+    from .serving.logs import quiet_library_logs
+
+    quiet_library_logs(log_prompts=True)  # before the libraries load: no torchvision notice (the prompt is the user's)
     import numpy as np
 
     from .api import generate

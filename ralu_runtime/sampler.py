@@ -3,9 +3,18 @@
 State is kept as tokens ``(B, L, C_tok)`` in the model dtype; every Euler step is computed like
 diffusers' ``FlowMatchEulerDiscreteScheduler.step`` (float32 update, cast back), so the baseline
 reproduces the diffusers pipelines. All randomness comes from the caller's generators.
+
+Schedulers (:func:`scheduler_integration`, checked by ``prepare`` before any work): with the pipeline's
+``FlowMatchEulerDiscreteScheduler`` (deterministic) ralu's solvers run on its sigmas, which for ``solver="euler"`` is
+the scheduler's own step. With another deterministic flow-matching scheduler (FlowMatchHeun, UniPC or DPM-Solver
+multistep with flow prediction, ...) the baseline (``speedup=None``) follows that scheduler's own ``step`` on a copy
+of it, as the pipeline does; RALU presets integrate their stages with ralu's solver instead (a warning on the
+``ralu`` logger says so). Stochastic schedulers (``stochastic_sampling=True``, ancestral / SDE / consistency
+samplers) and schedulers that are not flow matching are refused with a ValueError naming the class.
 """
 from __future__ import annotations
 
+import logging
 import time
 from dataclasses import dataclass, field
 from typing import Callable
@@ -13,7 +22,7 @@ from typing import Callable
 import torch
 from tqdm.auto import tqdm
 
-from .adapters.base import Conditioning, DiTAdapter, TokenGrid
+from .adapters.base import Conditioning, DiTAdapter, TokenGrid, scheduler_copies
 from .layout import TokenLayout, grid_positions
 from .schedule import RaluSchedule
 from .solvers import SOLVERS, make_solver
@@ -93,11 +102,104 @@ def run_stage(adapter: DiTAdapter, x: torch.Tensor, grid: TokenGrid, timesteps: 
     return x, v
 
 
+_STOCHASTIC_NAMES = ("Ancestral", "SDE", "LCM", "TCD")
+_WARNED: set = set()
+
+
+def _stochastic(sched) -> str | None:
+    """Why ``sched`` draws noise in its steps (None: deterministic)."""
+    cfg = getattr(sched, "config", {}) or {}
+    get = cfg.get if hasattr(cfg, "get") else lambda k, d=None: getattr(cfg, k, d)
+    name = type(sched).__name__
+    if get("stochastic_sampling", False):
+        return "stochastic_sampling=True"
+    if any(n in name for n in _STOCHASTIC_NAMES):
+        return "an ancestral / SDE / consistency sampler draws noise at every step"
+    if "sde" in str(get("algorithm_type", "") or ""):
+        return f"algorithm_type={get('algorithm_type')!r}"
+    if float(get("s_churn", 0.0) or 0.0) > 0:
+        return f"s_churn={get('s_churn')}"
+    return None
+
+
+def scheduler_integration(adapter: DiTAdapter, ralu: bool, solver: str = "euler") -> str:
+    """How a call integrates with the pipeline's scheduler, decided before any work: "own" (ralu's ``solver`` on
+    the schedule: the pipeline's FlowMatchEulerDiscreteScheduler, any RALU preset, adapters without a scheduler) or
+    "follow" (a baseline with another deterministic flow scheduler: its own ``step``, see the module docstring).
+
+    ValueError naming the scheduler class for a stochastic scheduler, one that is not flow matching, or a baseline
+    that would follow the scheduler with ``solver`` other than "euler"; a RALU preset with a scheduler other than
+    FlowMatchEuler logs a warning (once per class and solver) saying which solver runs instead."""
+    try:
+        sched = getattr(adapter.pipe, "scheduler", None) if adapter.pipe is not None else None
+    except RuntimeError:
+        sched = None
+    if sched is None or not hasattr(sched, "step"):
+        return "own"
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    name = type(sched).__name__
+    why = _stochastic(sched)
+    if why is not None:
+        raise ValueError(f"the pipeline's scheduler {name} is stochastic ({why}): ralu integrates deterministically "
+                         "and cannot keep that behaviour; give the pipeline a deterministic flow scheduler, e.g. "
+                         "FlowMatchEulerDiscreteScheduler.from_config(pipe.scheduler.config, "
+                         "stochastic_sampling=False)")
+    if isinstance(sched, FlowMatchEulerDiscreteScheduler):
+        return "own"
+    cfg = sched.config
+    flow = (name.startswith("FlowMatch") or cfg.get("prediction_type", None) == "flow_prediction"
+            or bool(cfg.get("use_flow_sigmas", False)))
+    if not flow:
+        raise ValueError(f"the pipeline's scheduler {name} is not a flow-matching scheduler (prediction_type="
+                         f"{cfg.get('prediction_type', None)!r}); these models predict flow velocities: use "
+                         "FlowMatchEulerDiscreteScheduler or a scheduler with prediction_type='flow_prediction'")
+    if ralu:
+        if (name, solver) not in _WARNED:
+            _WARNED.add((name, solver))
+            logging.getLogger("ralu").warning(
+                "RALU integrates its stages with ralu's %r solver on its own schedule, not with the pipeline's "
+                "%s.step (the baseline, speedup=None, follows %s.step)", solver, name, name)
+        return "own"
+    if solver != "euler":
+        raise ValueError(f"solver={solver!r} is not allowed with speedup=None and the pipeline's {name}: the baseline "
+                         f"follows {name}.step as the pipeline does; leave solver='euler' (the default), or give "
+                         "the pipeline a FlowMatchEulerDiscreteScheduler to run ralu's solvers")
+    return "follow"
+
+
+def run_scheduler(adapter: DiTAdapter, x: torch.Tensor, grid: TokenGrid, timesteps: torch.Tensor, sched,
+                  cond: Conditioning, *, desc: str = "", progress: bool = True,
+                  velocity: Callable | None = None) -> torch.Tensor:
+    """Integrate with the configured scheduler copy ``sched``'s own ``step`` (one model call per entry of
+    ``timesteps`` ``(N,)`` float32, the scheduler's timesteps as the model takes them), as the pipeline's loop does:
+    the state ``x`` ``(B, L, C_tok)`` is cast back to the velocity's dtype after every step."""
+    velocity = velocity or adapter.velocity
+    if len(sched.timesteps) != len(timesteps):
+        raise ValueError(f"{type(sched).__name__} has {len(sched.timesteps)} timesteps but the baseline schedule "
+                         f"{len(timesteps)}")
+    adapter.begin_stage()
+    for i in tqdm(range(len(timesteps)), desc=desc, disable=not progress, leave=False):
+        v = velocity(x, grid, timesteps[i], cond)
+        x = sched.step(v, sched.timesteps[i], x, return_dict=False)[0].to(v.dtype)
+    return x
+
+
 def check_finite(x: torch.Tensor, stage: str) -> None:
     """Raise FloatingPointError naming ``stage`` when the latents hold NaN or Inf (one reduction, one sync)."""
     if not bool(torch.isfinite(x).all()):
         raise FloatingPointError(f"non-finite latents (NaN or Inf) after {stage}: the model produced NaN/Inf "
                                  "(check the prompt embeddings, guidance scale and the model's dtype)")
+
+
+def check_finite_decode(images: torch.Tensor, what: str) -> torch.Tensor:
+    """``images`` (any shape, the VAE's output) unchanged; FloatingPointError naming the decode ``what`` when they hold
+    NaN or Inf (a VAE that overflows, e.g. in fp16, or a broken decoder), instead of returning NaN pixels."""
+    if not bool(torch.isfinite(images).all()):
+        bad = int((~torch.isfinite(images)).sum())
+        raise FloatingPointError(f"non-finite output (NaN or Inf) of the VAE decode of {what}: {bad} of "
+                                 f"{images.numel()} values (check the VAE's dtype: fp16 VAEs can overflow)")
+    return images
 
 
 def stage_timesteps(schedule: RaluSchedule, k: int, device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -110,10 +212,12 @@ def stage_timesteps(schedule: RaluSchedule, k: int, device) -> tuple[torch.Tenso
 
 def sample_baseline(adapter: DiTAdapter, cond: Conditioning, noise: torch.Tensor, num_steps: int, *,
                     solver: str = "euler", progress: bool = True, velocity: Callable | None = None,
-                    start: int = 0) -> SamplerResult:
+                    follow_scheduler: bool = False, start: int = 0) -> SamplerResult:
     """Ordinary full-resolution sampling with the pipeline's own timesteps. noise: ``(B, C, h, w)`` (images) or
     ``(B, C, F, h, w)`` (video: the token grid is the frames stacked vertically, see :class:`TokenGrid`).
-    ``start``: steps of the schedule skipped (img2img: ``noise`` is then the noised source at that step)."""
+    ``follow_scheduler``: step with the pipeline's scheduler (a configured copy) instead of ``solver``
+    (:func:`scheduler_integration` decides). ``start``: steps of the schedule skipped (img2img: ``noise`` is then
+    the noised source at that step; not with ``follow_scheduler``)."""
     clock = _Clock(noise.device)
     h, w = noise.shape[-2:]
     frames = latent_frames(noise)
@@ -123,11 +227,19 @@ def sample_baseline(adapter: DiTAdapter, cond: Conditioning, noise: torch.Tensor
     b = x.shape[0]
     grid = TokenGrid(grid_positions(*fine_hw, device=x.device).expand(b, -1, -1), fine_hw, None, raster=True,
                      frames=frames)
-    timesteps, sigmas = adapter.baseline_schedule(num_steps, x.shape[1])
+    if start and follow_scheduler:
+        raise ValueError("a baseline that follows the pipeline's scheduler cannot skip steps (img2img needs "
+                         "FlowMatchEulerDiscreteScheduler)")
+    with scheduler_copies() as copies:
+        timesteps, sigmas = adapter.baseline_schedule(num_steps, x.shape[1])
     timesteps, sigmas = timesteps[start:], sigmas[start:]
     with clock("baseline", steps=len(timesteps), tokens=x.shape[1]):
-        x, _ = run_stage(adapter, x, grid, timesteps, sigmas, cond, solver=solver, desc="baseline", progress=progress,
-                         velocity=velocity)
+        if follow_scheduler and copies:
+            x = run_scheduler(adapter, x, grid, timesteps, copies[-1], cond, desc="baseline", progress=progress,
+                              velocity=velocity)
+        else:
+            x, _ = run_stage(adapter, x, grid, timesteps, sigmas, cond, solver=solver, desc="baseline",
+                             progress=progress, velocity=velocity)
     check_finite(x, "the baseline sampler")
     return SamplerResult(x, None, clock.records)
 
@@ -160,7 +272,8 @@ def select_regions(adapter: DiTAdapter, x: torch.Tensor, v: torch.Tensor, sigma_
     if region_source == "latent":
         scores = latent_edge_scores(latents, adapter.patch_size)
     else:
-        images = adapter.edge_images(latents, decode or adapter.decode)
+        images = check_finite_decode(adapter.edge_images(latents, decode or adapter.decode),
+                                     "the region-choice preview (end of RALU stage 1)")
         block = adapter.patch_size * adapter.vae_scale_factor
         scores = edge_scores(images, block, mapping=edge_map, detector=edge_detector)
     if boost is not None:

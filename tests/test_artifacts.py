@@ -4,6 +4,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import json
+import os
 import subprocess
 import sys
 import textwrap
@@ -35,14 +36,20 @@ def _manifest(data: bytes, key: bytes, **over) -> dict:
     return m
 
 
+def _key_file(path: Path, text: str, mode: int = 0o600) -> Path:
+    """A key file holding ``text`` with ``mode`` (0600: what ralu accepts)."""
+    path.write_text(text)
+    path.chmod(mode)
+    return path
+
+
 @pytest.fixture
 def crafted(tmp_path, monkeypatch):
     monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "inductor"))
     target = tmp_path / "outside" / "written.json"
     bundle = tmp_path / "bundle.bin"
     bundle.write_bytes(_crafted_bundle(target))
-    key = tmp_path / "artifact.key"
-    key.write_text("11" * 32)
+    key = _key_file(tmp_path / "artifact.key", "11" * 32)
     return bundle, target, key
 
 
@@ -81,8 +88,7 @@ def test_swapped_bundle_other_environment_and_wrong_key_are_refused(crafted, tmp
     mpath.write_text(json.dumps(_manifest(data, bytes.fromhex(key.read_text()), torch="1.0.0")))
     with pytest.raises(ArtifactError, match="another environment: torch '1.0.0'"):
         verify_compile_artifacts(bundle, key=key)
-    other = tmp_path / "other.key"
-    other.write_text("33" * 32)
+    other = _key_file(tmp_path / "other.key", "33" * 32)
     mpath.write_text(json.dumps(_manifest(data, bytes.fromhex(key.read_text()))))
     with pytest.raises(ArtifactError, match="signature"):
         load_compile_artifacts(bundle, key=other)
@@ -92,7 +98,7 @@ def test_swapped_bundle_other_environment_and_wrong_key_are_refused(crafted, tmp
 
 def test_missing_file_is_false_and_bad_key_arguments(tmp_path):
     assert load_compile_artifacts(tmp_path / "none.bin") is False
-    with pytest.raises(ValueError, match="at least 16 bytes"):
+    with pytest.raises(ValueError, match="at least 32 random bytes"):
         from ralu_runtime.compile.artifacts import _key
 
         _key(b"short")
@@ -126,8 +132,7 @@ print("fxgraph_cache_hit", counters["inductor"]["fxgraph_cache_hit"])
 def test_round_trip_in_fresh_processes(tmp_path):
     """save_compile_artifacts in one process, load_compile_artifacts in another with an empty cache: the compile
     is served from the bundle (inductor FX-graph cache hit)."""
-    key = tmp_path / "k"
-    key.write_text("44" * 32)
+    key = _key_file(tmp_path / "k", "44" * 32)
     bundle = tmp_path / "ralu.bundle"
     run = lambda code, cache: subprocess.run(  # noqa: E731
         [sys.executable, "-c", textwrap.dedent(code), str(tmp_path / cache), str(bundle), str(key)],
@@ -139,3 +144,68 @@ def test_round_trip_in_fresh_processes(tmp_path):
     assert loaded.returncode == 0, loaded.stderr[-3000:]
     assert "loaded True" in loaded.stdout
     assert int(loaded.stdout.split("fxgraph_cache_hit")[1].split()[0]) >= 1, loaded.stdout
+
+
+# ---------------------------------------------------------------------------------------- keys and permissions
+def test_short_or_open_keys_are_refused(tmp_path):
+    """Issue 22 item 2: an empty or 1-byte key file, and key files readable or writable by others, were accepted."""
+    from ralu_runtime.compile.artifacts import _key
+
+    for text in ("", "ab", "11" * 31):
+        with pytest.raises(ArtifactError, match="at least 32 random bytes"):
+            _key(_key_file(tmp_path / "short.key", text))
+    with pytest.raises(ValueError, match="at least 32 random bytes"):
+        _key(b"\x01" * 31)
+    with pytest.raises(ValueError, match="at least 32 random bytes"):
+        _key("11" * 16)  # a hex string of 16 bytes
+    for mode in (0o644, 0o666, 0o640, 0o604):
+        with pytest.raises(ArtifactError, match=f"mode {mode:04o}.*chmod 600"):
+            _key(_key_file(tmp_path / "open.key", "11" * 32, mode))
+    assert _key(_key_file(tmp_path / "ok.key", "11" * 32)) == b"\x11" * 32
+    assert _key(_key_file(tmp_path / "ro.key", "11" * 32, 0o400)) == b"\x11" * 32
+
+
+@pytest.mark.skipif(not hasattr(os, "geteuid") or os.geteuid() != 0, reason="needs root to chown to another user")
+def test_key_and_cache_folder_of_another_user_are_refused_and_left_alone(tmp_path):
+    from ralu_runtime.compile import enable_persistent_cache
+    from ralu_runtime.compile.artifacts import _key
+
+    key = _key_file(tmp_path / "theirs.key", "11" * 32)
+    os.chown(key, 12345, 12345)
+    with pytest.raises(ArtifactError, match="belongs to uid 12345"):
+        _key(key)
+    folder = tmp_path / "their_cache"
+    folder.mkdir(mode=0o777)
+    folder.chmod(0o777)
+    os.chown(folder, 12345, 12345)
+    with pytest.raises(ArtifactError, match="belongs to uid 12345.*will not change the mode"):
+        enable_persistent_cache(folder)
+    assert folder.stat().st_mode & 0o777 == 0o777  # not chmod-ed
+
+
+def test_own_cache_folder_is_made_private(tmp_path, monkeypatch):
+    from ralu_runtime.compile import enable_persistent_cache
+
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "before"))
+    folder = tmp_path / "mine"
+    folder.mkdir()
+    folder.chmod(0o777)
+    assert enable_persistent_cache(folder) == folder
+    assert folder.stat().st_mode & 0o777 == 0o700
+
+
+@pytest.mark.parametrize("open_part", ["bundle", "manifest", "folder"])
+def test_bundles_others_can_write_are_refused_even_when_trusted(crafted, tmp_path, open_part):
+    bundle, target, key = crafted
+    data = bundle.read_bytes()
+    mpath = bundle.with_name(bundle.name + ".manifest.json")
+    mpath.write_text(json.dumps(_manifest(data, bytes.fromhex(key.read_text()))))
+    part = {"bundle": bundle, "manifest": mpath, "folder": tmp_path}[open_part]
+    part.chmod(part.stat().st_mode | 0o022)
+    try:
+        for trust in (False, True):
+            with pytest.raises(ArtifactError, match="writable by other users"):
+                load_compile_artifacts(bundle, key=key, trust=trust)
+    finally:
+        part.chmod(part.stat().st_mode & ~0o022)
+    assert not target.exists()

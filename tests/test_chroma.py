@@ -11,6 +11,7 @@ import torch
 from ralu_runtime import generate
 from ralu_runtime.adapters import TokenGrid, get_adapter
 from ralu_runtime.layout import grid_positions
+from helpers import assert_same, snapshot
 
 TOL = dict(atol=1e-5, rtol=1e-5)
 
@@ -187,17 +188,6 @@ def test_ralu_preset_non_square_finite_deterministic(pipe, noise):
 
 
 @torch.no_grad()
-def test_ralu_batch_of_two_equals_two_single_runs(pipe):
-    emb = _embeds(2, seed=8)
-    gens = [torch.Generator().manual_seed(s) for s in (21, 22)]
-    both = generate(pipe, **emb, speedup="3x", generator=gens, **RALU).images
-    for i, s in enumerate((21, 22)):
-        one = generate(pipe, **{k: v[i:i + 1] for k, v in emb.items()}, speedup="3x",
-                       generator=torch.Generator().manual_seed(s), **RALU).images
-        torch.testing.assert_close(both[i:i + 1], one, **TOL)
-
-
-@torch.no_grad()
 def test_feature_caches_run_with_one_and_two_model_passes(pipe):
     for kw, cache in ((dict(), "taylorseer:2"), (dict(neg_t=5), "fbcache:0.05")):
         out = generate(pipe, **_embeds(1, seed=9, **kw), speedup="3x", seed=1, cache=cache, **RALU)
@@ -227,33 +217,6 @@ def test_inductor_matches_eager_and_adds_no_graphs():
     uncompile_adapter(pipe)
 
 
-def _snapshot(pipe) -> dict:
-    snap = {"attrs": sorted(vars(pipe)), "rng": torch.get_rng_state()}
-    for comp in ("transformer", "vae", "text_encoder"):
-        mod = getattr(pipe, comp)
-        snap[comp] = ([(n, type(m), id(m), len(m._forward_hooks), len(m._forward_pre_hooks),
-                        m._compiled_call_impl is not None) for n, m in mod.named_modules()],
-                      [(n, id(p), p._version) for n, p in mod.named_parameters()],
-                      {n: t.clone() for n, t in mod.state_dict().items()})
-    snap["processors"] = {k: (type(v), id(v)) for k, v in pipe.transformer.attn_processors.items()}
-    return snap
-
-
-def _same(a, b) -> bool:
-    for key in a:
-        if key in ("transformer", "vae", "text_encoder"):
-            if a[key][:2] != b[key][:2] or a[key][2].keys() != b[key][2].keys():
-                return False
-            if not all(torch.equal(a[key][2][n], b[key][2][n]) for n in a[key][2]):
-                return False
-        elif key == "rng":
-            if not torch.equal(a[key], b[key]):
-                return False
-        elif a[key] != b[key]:
-            return False
-    return True
-
-
 def _plain(pipe, emb):
     return pipe(**_pipeline_kwargs(emb), height=64, width=96, num_inference_steps=2,
                 generator=torch.Generator().manual_seed(4), output_type="latent").images
@@ -268,10 +231,10 @@ def test_pipeline_left_as_found_and_later_lora_takes_effect():
     emb = _embeds(1, seed=12)
     pipe.encode_prompt("warm", device="cpu")  # any lazily installed text-encoder hooks, before the snapshot
     before_plain = _plain(pipe, emb)
-    before = _snapshot(pipe)
+    before = snapshot(pipe)
     first = generate(pipe, **emb, speedup="3x", seed=3, **RALU).images
     generate(pipe, "a prompt", speedup=None, num_inference_steps=2, seed=3, **RALU)
-    assert _same(before, _snapshot(pipe))
+    assert_same(before, snapshot(pipe))
     assert torch.equal(_plain(pipe, emb), before_plain), "plain pipe() changed after generate"
 
     pipe.load_lora_weights(lora_state_dict(pipe.transformer, 4, 7), adapter_name="style")

@@ -415,7 +415,7 @@ def test_serve_parser_defaults_and_plan(capsys):
     args = cli.build_parser().parse_args(["serve"])
     assert (args.model, args.host, args.port, args.max_active, args.max_queue, args.token_budget, args.speedup,
             args.device, args.dtype, args.request_timeout, args.grace) == (
-        "tiny-flux", "127.0.0.1", 8000, 8, 64, None, "default", None, None, None, 30.0)
+        "tiny-flux", "127.0.0.1", 8000, 8, 64, None, "default", None, None, 600.0, 30.0)
     plan = cli.check_serve(cli.build_parser().parse_args(["serve", "--speedup", "4x", "--device", "cpu"]))
     assert (plan.family, plan.device, plan.dtype) == ("flux", "cpu", "float32")
     assert plan.defaults == {"speedup": "4x", "height": cli.TINY_SIZE, "width": cli.TINY_SIZE,

@@ -23,7 +23,6 @@ import inspect
 import os
 import re
 import shutil
-import struct
 import subprocess
 import sys
 from pathlib import Path
@@ -196,6 +195,7 @@ def _triton_rng(seed, offsets):
 # --------------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc not on PATH: CUDA compile check needs it")
 def test_compile_csrc_script():
     # The full script (nvcc sm_80+sm_90 and the CMake build) takes ~40 s on 2 CPUs.

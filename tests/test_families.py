@@ -1,7 +1,8 @@
 """What works for FLUX.1 works for every family: solvers, temporal caches, edge maps, odd aspect ratios, several
-images per prompt, presets solved for the model's own shift, warm-up, fail-fast input checks. One tiny random
-pipeline per family (``ralu_runtime.tiny``); each family's own parity / position / compile tests are in
-``tests/test_<family>.py``."""
+images per prompt, presets solved for the model's own shift, warm-up, fail-fast input checks; and the contract of
+every built-in tiny model, images and video (the user's pipeline left as found, a batch equal to its single runs).
+One tiny random pipeline per family (``ralu_runtime.tiny``); each family's own parity / position / compile tests
+are in ``tests/test_<family>.py``."""
 from __future__ import annotations
 
 import importlib
@@ -120,3 +121,52 @@ def test_bad_input_fails_before_any_model_call(family, bad, text):
         for h in blocks:
             h.remove()
     assert not calls
+
+
+# ------------------------------------------------------------------------------ the contract of every family
+# Every built-in tiny model, images and video: what each family must do through the public API alone. The family
+# files (tests/test_<family>.py) keep what is specific to a family (parity with its pipeline, positions, experts).
+EVERY = {"tiny-flux": ("flux", False), "tiny-sd3": ("sd3", True), **FAMILIES, "tiny-wan": ("wan", True),
+         "tiny-wan22": ("wan", True), "tiny-hunyuan-video15": ("hunyuan_video15", True)}
+VIDEO = {"tiny-wan", "tiny-wan22", "tiny-hunyuan-video15"}
+TOL = dict(rtol=1e-5, atol=1e-5)
+
+
+@pytest.fixture(scope="module", params=list(EVERY))
+def any_family(request):
+    """(name, pipeline, random_embeds(batch, seed), size keyword arguments) of one tiny model."""
+    from ralu_runtime.tiny import build_tiny
+
+    module, cfg = EVERY[request.param]
+    pipe = build_tiny(request.param, seed=0)
+    embeds = importlib.import_module(f"ralu_runtime.tiny.{module}").random_embeds
+    size = dict(SIZE, num_frames=9) if request.param in VIDEO else dict(SIZE)
+    return request.param, pipe, lambda batch, seed: embeds(pipe, batch, 8, seed=seed, cfg=cfg), size
+
+
+@torch.no_grad()
+def test_contract_pipeline_left_as_found(any_family):
+    """RALU (eager backend, fused q/k/v where the family fuses) and the baseline leave every module, parameter,
+    hook, processor, the scheduler's config and the global RNG as they were."""
+    from helpers import assert_same, snapshot
+
+    _name, pipe, embeds, size = any_family
+    emb = embeds(1, 1)
+    before = snapshot(pipe)
+    kw = dict(size, seed=3, output_type="latent", progress=False)
+    generate(pipe, **emb, speedup="default", backend="eager", compile_options={"fused_qkv": True}, **kw)
+    generate(pipe, **emb, speedup=None, num_inference_steps=2, **kw)
+    assert_same(before, snapshot(pipe))
+
+
+@torch.no_grad()
+def test_contract_batch_of_two_equals_two_single_runs(any_family):
+    """A batch of two with one generator per image equals the two single runs (the default preset)."""
+    _name, pipe, embeds, size = any_family
+    emb = embeds(2, 2)
+    kw = dict(size, speedup="default", output_type="latent", progress=False)
+    both = generate(pipe, **emb, generator=[torch.Generator().manual_seed(s) for s in (5, 6)], **kw).images
+    for i, s in enumerate((5, 6)):
+        single = {k: (v[i:i + 1] if v is not None else None) for k, v in emb.items()}
+        one = generate(pipe, **single, generator=torch.Generator().manual_seed(s), **kw).images
+        torch.testing.assert_close(both[i:i + 1], one, **TOL)

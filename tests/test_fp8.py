@@ -27,7 +27,7 @@ from ralu_runtime.compile.fp8 import (E4M3, E4M3_MAX, Fp8Linear, Fp8Shadows, che
                                       quantize_rows, resolve_kernel)
 from ralu_runtime.compile.runner import StageRunner
 from ralu_runtime.tiny import build_tiny_flux_pipeline
-from test_safety import assert_same, snapshot
+from helpers import assert_same, snapshot
 from tiny_inputs import flux_embeds, lora_state_dict
 
 SCHED = RaluSchedule(steps=(2, 2, 2), ends=(0.3, 0.5, 1.0), shifts=(3.0, 3.0, 3.0), z=4.0, ratio=0.3)

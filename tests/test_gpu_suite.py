@@ -215,6 +215,7 @@ def test_smoke_dry_run_through_the_suite(tmp_path):
     assert claims["smoke hunyuan-video15"]["measured"].startswith("8/8 ok")
 
 
+@pytest.mark.slow
 def test_smoke_harness_records_every_outcome(tmp_path):
     """The orchestrator's own checks (no model): ok / failed (tolerance) / error / skipped rows, a check past its limit
     killed (timeout, the rest of its job not run), a process dying in a check (crashed); the JSON ends final."""
@@ -239,6 +240,7 @@ def test_smoke_harness_records_every_outcome(tmp_path):
     assert "selftest-hang/hang        timeout" in proc.stdout  # the table
 
 
+@pytest.mark.slow
 def test_smoke_workers_end_with_their_orchestrator(tmp_path):
     """The suite kills a step's process group at its limit; the smoke jobs run in sessions of their own (so that one
     job can be killed with its compile subprocesses), so each watches its parent and ends when the orchestrator is

@@ -14,6 +14,7 @@ from ralu_runtime.adapters.hunyuan_video15 import HunyuanVideo15Adapter
 from ralu_runtime.layout import grid_positions
 from ralu_runtime.tiny.hunyuan_video15 import (TEXT_2_DIM, TEXT_DIM, build_tiny_hunyuan_video15_pipeline,
                                                random_embeds)
+from helpers import assert_same, snapshot
 
 H, W, NF = 64, 96, 9  # 3 latent frames of 4 x 6
 
@@ -209,6 +210,7 @@ def test_edge_images_are_one_decoded_frame_per_latent_frame(adapter):
 
 
 # ------------------------------------------------------------------------------------------------- RALU
+@pytest.mark.slow
 @pytest.mark.parametrize("noise", ["reference", "exact"])
 @torch.no_grad()
 def test_ralu_preset_through_generate(pipe, noise):
@@ -235,16 +237,6 @@ def test_ralu_4x_to_video(pipe):
 
 
 # ------------------------------------------------------------------------------------- safety and refusals
-def _snapshot(p) -> dict:
-    snap = {"attrs": sorted(vars(p)), "rng": torch.get_rng_state(), "guider": dict(vars(p.guider))}
-    for name in ("transformer", "vae", "text_encoder", "text_encoder_2"):
-        mod = getattr(p, name)
-        snap[name] = ([(n, type(m), id(m), len(m._forward_hooks), len(m._forward_pre_hooks)) for n, m in
-                       mod.named_modules()], {n: t.clone() for n, t in mod.state_dict().items()})
-    snap["processors"] = {k: (type(v), id(v)) for k, v in p.transformer.attn_processors.items()}
-    return snap
-
-
 @torch.no_grad()
 def test_pipeline_left_as_found_and_refusals(monkeypatch):
     from diffusers.models.attention_processor import AttnProcessor2_0
@@ -258,16 +250,10 @@ def test_pipeline_left_as_found_and_refusals(monkeypatch):
 
     before_plain = plain()
     p.encode_prompt("a cat", device="cpu")  # transformers adds output-recording hooks on a first encoder call
-    before = _snapshot(p)
+    before = snapshot(p, extra={"guider": p.guider})
     generate(p, **emb, height=H, width=W, num_frames=5, speedup="7x", seed=3, output_type="latent", progress=False)
     generate(p, "a cat", height=H, width=W, num_frames=5, speedup=None, num_inference_steps=2, seed=0, progress=False)
-    after = _snapshot(p)
-    assert before.keys() == after.keys() and before["attrs"] == after["attrs"]
-    assert before["processors"] == after["processors"] and before["guider"].keys() == after["guider"].keys()
-    assert torch.equal(before["rng"], after["rng"])
-    for name in ("transformer", "vae", "text_encoder", "text_encoder_2"):
-        assert before[name][0] == after[name][0], name
-        assert all(torch.equal(before[name][1][k], after[name][1][k]) for k in before[name][1]), name
+    assert_same(before, snapshot(p, extra={"guider": p.guider}))
     assert torch.equal(plain(), before_plain), "plain pipe() changed after generate"
 
     calls = []

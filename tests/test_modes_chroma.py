@@ -327,6 +327,7 @@ def _check(ranks, case):
     return ranks[0][case]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case", ["float_ulysses", "two_groups_ring", "bool_cache"])
 def test_two_ranks_equal_one_process(two_ranks, case):
     res = _check(two_ranks, case)

@@ -341,6 +341,7 @@ TWO = [("ulysses2", dict(ulysses_degree=2)), ("ring2", dict(ring_degree=2))]
 FOUR = [("ulysses4", dict(ulysses_degree=4)), ("u2r2", dict(ulysses_degree=2, ring_degree=2))]
 
 
+@pytest.mark.slow
 def test_two_ranks_equal_one_process():
     from ralu_runtime.parallel.launch import run_gloo
 

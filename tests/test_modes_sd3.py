@@ -353,6 +353,7 @@ def _check(ranks, case):
     return ranks[0][case]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case", ["medium_ulysses", "medium_ring", "sd3_cache"])
 def test_two_ranks_equal_one_process(two_ranks, case):
     res = _check(two_ranks, case)

@@ -457,6 +457,7 @@ def two_ranks():
     return run_gloo(WORKER + "_ranks_worker", 2, kwargs=dict(runs=runs), timeout=600)
 
 
+@pytest.mark.slow
 def test_two_ranks_equal_one_process(two_ranks):
     _check_ranks(two_ranks)
     r = two_ranks[0]

@@ -288,6 +288,7 @@ def two_ranks():
     return run_gloo(WORKER, 2, timeout=400)
 
 
+@pytest.mark.slow
 def test_two_gloo_ranks_equal_one_process(two_ranks):
     _check_ranks(two_ranks)
     res = two_ranks[0]

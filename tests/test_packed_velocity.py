@@ -13,6 +13,7 @@ import torch
 
 from ralu_runtime.adapters import DiTAdapter, ModelImpl, TokenGrid, VelocityCall, call_scope
 from ralu_runtime.layout import TokenLayout, grid_positions
+from helpers import assert_same, snapshot
 
 REL_TOL = 1e-5  # max |packed - unpacked| / max |unpacked|, fp32
 
@@ -180,33 +181,13 @@ def test_packed_call_backpropagates_like_the_unpacked_one(adapters, family):
 
 
 # ---- the user's model -----------------------------------------------------------------------------------------------
-def _snapshot(transformer):
-    return {
-        "processors": [(n, m.processor) for n, m in transformer.named_modules() if hasattr(m, "processor")],
-        "hooks": [(n, dict(m._forward_hooks), dict(m._forward_pre_hooks)) for n, m in transformer.named_modules()],
-        "params": [(n, p) for n, p in transformer.named_parameters()],
-        "state": {k: v.clone() for k, v in transformer.state_dict().items()},
-        "modules": [(n, m) for n, m in transformer.named_modules()],
-        "training": transformer.training,
-        "attrs": {n: sorted(vars(m)) for n, m in transformer.named_modules()},
-    }
-
-
 @pytest.mark.parametrize("family", ["flux", "sd35-medium"])
 @torch.no_grad()
 def test_packed_call_leaves_the_model_unchanged(adapters, family):
     adapter = _adapter(adapters, family)
-    tr = adapter.transformer
-    before = _snapshot(tr)
+    before = snapshot(adapter.pipe)
     adapter.packed_velocity(_calls(adapter, seed=4))
-    after = _snapshot(tr)
-    assert [(n, id(p)) for n, p in before["processors"]] == [(n, id(p)) for n, p in after["processors"]]
-    assert before["hooks"] == after["hooks"]
-    assert [(n, id(p)) for n, p in before["params"]] == [(n, id(p)) for n, p in after["params"]]
-    assert before["state"].keys() == after["state"].keys()
-    assert all(torch.equal(before["state"][k], after["state"][k]) for k in before["state"])
-    assert [(n, id(m)) for n, m in before["modules"]] == [(n, id(m)) for n, m in after["modules"]]
-    assert before["training"] == after["training"] and before["attrs"] == after["attrs"]
+    assert_same(before, snapshot(adapter.pipe))
 
 
 # ---- fallbacks ------------------------------------------------------------------------------------------------------

@@ -15,6 +15,7 @@ from ralu_runtime.adapters import TokenGrid, get_adapter
 from ralu_runtime.adapters.qwen_image import QwenImageAdapter
 from ralu_runtime.layout import grid_positions
 from ralu_runtime.tiny.qwen_image import build_tiny_qwen_image_pipeline, random_embeds
+from helpers import assert_same, snapshot
 
 
 @pytest.fixture(scope="module")
@@ -217,26 +218,6 @@ def test_inductor_matches_eager_without_new_graphs():
 
 
 # ------------------------------------------------------------------------------------- safety and refusals
-def _snapshot(p) -> dict:
-    snap = {"attrs": sorted(vars(p)), "rng": torch.get_rng_state()}
-    for name in ("transformer", "vae", "text_encoder"):
-        mod = getattr(p, name)
-        snap[name] = ([(n, type(m), id(m), len(m._forward_hooks), len(m._forward_pre_hooks),
-                        getattr(m, "_diffusers_hook", None) is not None) for n, m in mod.named_modules()],
-                      [(n, id(t), t._version) for n, t in mod.named_parameters()],
-                      {n: t.clone() for n, t in mod.state_dict().items()})
-    snap["processors"] = {k: (type(v), id(v)) for k, v in p.transformer.attn_processors.items()}
-    return snap
-
-
-def _assert_same(a, b):
-    assert a.keys() == b.keys() and a["attrs"] == b["attrs"] and a["processors"] == b["processors"]
-    assert torch.equal(a["rng"], b["rng"])
-    for name in ("transformer", "vae", "text_encoder"):
-        assert a[name][0] == b[name][0] and a[name][1] == b[name][1], name
-        assert all(torch.equal(a[name][2][k], b[name][2][k]) for k in a[name][2]), name
-
-
 def _plain(p, emb):
     return p(**emb, height=64, width=96, num_inference_steps=2, generator=_gens(4), output_type="latent").images
 
@@ -250,11 +231,11 @@ def test_pipeline_left_as_found_and_a_later_lora_takes_effect():
     emb = _embeds(1, cfg=True)
     before_plain = _plain(p, emb)
     p.encode_prompt("a cat", device="cpu")  # transformers adds its output-recording hooks on a first text-encoder call
-    before = _snapshot(p)
+    before = snapshot(p)
     kw = dict(height=64, width=96, speedup="7x", seed=3, output_type="latent", progress=False)
     first = generate(p, **emb, **kw).images
     generate(p, "a cat", height=64, width=64, speedup=None, num_inference_steps=2, seed=0, progress=False)
-    _assert_same(before, _snapshot(p))
+    assert_same(before, snapshot(p))
     assert torch.equal(_plain(p, emb), before_plain), "plain pipe() changed after generate"
 
     p.load_lora_weights(lora_state_dict(p.transformer, 4, 7), adapter_name="style")

@@ -21,6 +21,7 @@ from ralu_runtime.adapters import get_adapter
 from ralu_runtime.cache import set_cache
 from ralu_runtime.compile import compile_adapter, uncompile_adapter
 from ralu_runtime.tiny import build_tiny_flux_pipeline, build_tiny_sd3_pipeline
+from helpers import assert_same, snapshot
 from tiny_inputs import flux_embeds, lora_state_dict, sd3_embeds
 
 SCHED = RaluSchedule(steps=(2, 2, 2), ends=(0.3, 0.5, 1.0), shifts=(3.0, 3.0, 3.0), z=4.0, ratio=0.3)
@@ -42,42 +43,8 @@ def _plain(pipe, emb, seed=4):
                 generator=torch.Generator().manual_seed(seed), output_type="latent").images
 
 
-def snapshot(pipe) -> dict:
-    """Everything ralu could change on a pipeline, by identity and value."""
-    snap = {"pipe_attrs": sorted(vars(pipe)), "rng": torch.get_rng_state()}
-    for comp in ("transformer", "vae", "text_encoder", "text_encoder_2"):
-        mod = getattr(pipe, comp, None)
-        if mod is None:
-            continue
-        snap[comp] = {
-            "modules": [(n, type(m), id(m), m._compiled_call_impl is not None, len(m._forward_hooks),
-                         len(m._forward_pre_hooks), getattr(m, "_diffusers_hook", None) is not None,
-                         sorted(k for k in vars(m) if not k.startswith("_"))) for n, m in mod.named_modules()],
-            "params": [(n, id(p), p._version) for n, p in mod.named_parameters()],
-            "values": {n: t.detach().clone() for n, t in mod.state_dict().items()},
-        }
-        if hasattr(mod, "attn_processors"):
-            snap[comp]["processors"] = {k: (type(v), id(v)) for k, v in mod.attn_processors.items()}
-    return snap
-
-
-def assert_same(a: dict, b: dict) -> None:
-    assert a.keys() == b.keys()
-    assert a["pipe_attrs"] == b["pipe_attrs"]
-    assert torch.equal(a["rng"], b["rng"]), "the global torch RNG was advanced"
-    for comp in a:
-        if comp in ("pipe_attrs", "rng"):
-            continue
-        for key in a[comp]:
-            if key == "values":
-                assert a[comp][key].keys() == b[comp][key].keys(), f"{comp}: parameters added or removed"
-                for n in a[comp][key]:
-                    assert torch.equal(a[comp][key][n], b[comp][key][n]), f"{comp}.{n} changed"
-            else:
-                assert a[comp][key] == b[comp][key], f"{comp}: {key} changed"
-
-
-@pytest.mark.parametrize("backend", sorted(BACKENDS))
+@pytest.mark.parametrize("backend", [b if b == "eager" else pytest.param(b, marks=pytest.mark.slow)  # compile/export
+                                     for b in sorted(BACKENDS)])
 @torch.no_grad()
 def test_pipeline_left_as_found_and_later_lora_takes_effect(backend):
     if backend == "onnx":
@@ -106,6 +73,7 @@ def test_pipeline_left_as_found_and_later_lora_takes_effect(backend):
     torch.testing.assert_close(lora_ralu, _ralu(fresh, emb), **TOL)
 
 
+@pytest.mark.slow
 @torch.no_grad()
 def test_weight_change_after_a_call_takes_effect_in_every_backend():
     """In-place weight changes reach the compiled paths: fused copies are refreshed, exported graphs rebuilt."""

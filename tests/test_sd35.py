@@ -11,6 +11,7 @@ from ralu_runtime.adapters.sd3 import SD3Adapter, SkipLayerGuidance
 from ralu_runtime.compile import compile_stats, uncompile_adapter
 from ralu_runtime.layout import grid_positions
 from ralu_runtime.tiny.sd35 import build_sd35_pipeline, build_tiny_sd35_pipeline, random_embeds
+from helpers import assert_same, snapshot
 
 VARIANTS = ("large", "medium")
 TEXT = 8  # text tokens of the random embeddings
@@ -352,16 +353,6 @@ def test_skip_layer_guidance_compiled_adds_no_graphs_after_warmup(pipes):
 
 
 # ---------------------------------------------------------------------------------------------- safety
-def _snapshot(pipe) -> dict:
-    tr = pipe.transformer
-    return {"modules": [(n, type(m), id(m), len(m._forward_hooks), len(m._forward_pre_hooks),
-                         getattr(m, "_diffusers_hook", None) is not None) for n, m in tr.named_modules()],
-            "params": [(n, id(p), p._version) for n, p in tr.named_parameters()],
-            "values": {n: t.detach().clone() for n, t in tr.state_dict().items()},
-            "processors": {k: (type(v), id(v)) for k, v in tr.attn_processors.items()},
-            "scheduler": dict(pipe.scheduler.config), "rng": torch.get_rng_state()}
-
-
 @torch.no_grad()
 def test_pipeline_left_as_found(pipes):
     pipe = pipes["medium"]
@@ -372,20 +363,13 @@ def test_pipeline_left_as_found(pipes):
         return pipe(**emb, height=64, width=96, num_inference_steps=2, guidance_scale=4.0,
                     generator=torch.Generator().manual_seed(4), output_type="latent").images
 
-    before_plain, before = plain(), _snapshot(pipe)
+    before_plain, before = plain(), snapshot(pipe)
     adapter.skip_layer_guidance = SkipLayerGuidance(layers=(1,), stop=0.6)
     try:
         generate(pipe, **emb, height=96, width=128, speedup="3x", seed=3, output_type="latent", progress=False)
     finally:
         adapter.skip_layer_guidance = None
-    after = _snapshot(pipe)
-    for key in before:
-        if key == "values":
-            assert all(torch.equal(before[key][n], after[key][n]) for n in before[key])
-        elif key == "rng":
-            assert torch.equal(before[key], after[key]), "the global RNG was advanced"
-        else:
-            assert before[key] == after[key], key
+    assert_same(before, snapshot(pipe))
     assert torch.equal(plain(), before_plain)
 
 

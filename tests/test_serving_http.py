@@ -170,7 +170,7 @@ def test_the_seed_drawn_for_a_request_reproduces_it(served):
 @pytest.mark.parametrize("body,status,param,code", [
     (b'{"prompt": "a fox", ', 400, None, "invalid_json"),
     (b'["a fox"]', 400, None, "invalid_json"),
-    ({"prompt": "a fox", "quality": "hd", "style": "vivid"}, 400, "quality", "unknown_parameter"),
+    ({"prompt": "a fox", "colour": "red", "mood": "calm"}, 400, "colour", "unknown_parameter"),
     ({"size": "64x64"}, 400, "prompt", "missing_required_parameter"),
     ({"prompt": "a fox", "size": "100x100"}, 400, "size", "invalid_value"),
     ({"prompt": "a fox", "size": "large"}, 400, "size", "invalid_value"),
@@ -195,7 +195,7 @@ def test_bad_requests_get_openai_errors_before_any_work(served, body, status, pa
     before = engine.metrics()
     err = assert_error(post(server, body), status, param, code)
     if code == "unknown_parameter":
-        assert "quality" in err["message"] and "style" in err["message"]
+        assert "colour" in err["message"] and "mood" in err["message"]
     if param == "response_format":
         assert "b64_json" in err["message"] and "url" in err["message"]
     after = engine.metrics()
@@ -212,6 +212,17 @@ def test_body_over_the_limit_is_413(pipe):
         assert engine.metrics()["model_calls"] == 0
         r = httpx.get(server.url + "/nowhere", timeout=T)
         assert_error(r, 404, code="not_found")
+
+
+def test_work_over_the_engines_limit_is_a_400_before_any_work(pipe):
+    """``ralu serve --max-token-steps``: a request whose latent tokens x model calls exceed the engine's limit is
+    refused with an OpenAI 400 naming the limit; nothing runs."""
+    with running(pipe, EngineConfig(gather_timeout_s=0.05, max_token_steps=2000)) as (server, engine):
+        err = assert_error(post(server, {"prompt": "a fox", "size": "256x256", "n": 2}), 400)
+        assert "max_token_steps" in err["message"], err
+        assert engine.metrics()["model_calls"] == 0
+        r = post(server, {"prompt": "a fox", "size": "64x64", "n": 1, "speedup": "none", "steps": 2})
+        assert r.status_code == 200, r.text
 
 
 # --------------------------------------------------------------------------------------- health, metrics

@@ -274,7 +274,7 @@ class TestReplicas:
 
     @pytest.mark.parametrize("body,status,param,code", [
         (b'{"prompt": "a fox", ', 400, None, "invalid_json"),
-        ({"prompt": "a fox", "quality": "hd"}, 400, "quality", "unknown_parameter"),
+        ({"prompt": "a fox", "colour": "red"}, 400, "colour", "unknown_parameter"),
         ({"size": "64x64"}, 400, "prompt", "missing_required_parameter"),
         ({"prompt": "a fox", "size": "100x100"}, 400, "size", "invalid_value"),      # checked by the replica
         ({"prompt": "a fox", "steps": 3}, 400, "steps", "invalid_value"),             # checked by the replica
@@ -286,15 +286,19 @@ class TestReplicas:
 
     def test_body_limit_health_models_and_metrics(self, app):
         assert_error(post(app.url, json.dumps({"prompt": "x" * (2 << 20)})), 413, code="request_too_large")
-        h = httpx.get(app.url + "/health", timeout=T)
+        # the gauges come from the replicas' reports (every second): wait for the one after the last test's requests
+        h = wait_for(lambda: (r := httpx.get(app.url + "/health", timeout=T)).json().get("active") == 0 and r,
+                     timeout=10, what="/health to show the replicas idle")
         assert h.status_code == 200
         assert h.json() == {"status": "ok", "model": "tiny-flux", "queue_depth": 0, "active": 0, "replicas": 2}
         assert [m["id"] for m in httpx.get(app.url + "/v1/models", timeout=T).json()["data"]] == ["tiny-flux"]
         before = counters(app.url)
         assert before[("ralu_replicas", ())] == 2
         assert post(app.url, {"prompt": "a fox", "speedup": "none", "steps": 2, "seed": 1}).status_code == 200
-        after = wait_for(lambda: (c := counters(app.url))[("ralu_requests_total", (("outcome", "ok"),))]
-                         > before[("ralu_requests_total", (("outcome", "ok"),))] and c, timeout=30,
+        ok = ("ralu_requests_total", (("outcome", "ok"),))
+        assert counters(app.url)[ok] == before[ok] + 1                 # counted at the ingress, at once
+        replica_ok = ("ralu_replica_requests_total", (("outcome", "ok"),))
+        after = wait_for(lambda: (c := counters(app.url))[replica_ok] > before[replica_ok] and c, timeout=30,
                          what="the replicas' next metrics report")
         assert after[("ralu_model_calls_total", ())] >= before[("ralu_model_calls_total", ())] + 2
         assert after[("ralu_request_latency_seconds_count", ())] > before[("ralu_request_latency_seconds_count", ())]
@@ -349,6 +353,10 @@ class TestReplicas:
             victim = wait_for(app.busy, timeout=30, what="a replica to run the request")[0]
             assert victim in pids
             os.kill(victim, signal.SIGKILL)
+            killed_at = time.monotonic()
+            wait_for(lambda: httpx.get(app.url + "/health", timeout=T).json()["replicas"] == 1, timeout=10,
+                     what="/health to count one replica", every=0.1)
+            assert time.monotonic() - killed_at < 2.5                # liveness, not the 5 s staleness window
             resp = fut.result(T)
         app.delay(0)
         assert resp.json()["ralu"]["replica"] in set(replica_of.values()) - {replica_of[victim]}
@@ -356,6 +364,8 @@ class TestReplicas:
         after = counters(app.url)
         assert after[("ralu_replica_failures_total", ())] == before[("ralu_replica_failures_total", ())] + 1
         assert after[("ralu_retries_total", ())] == before[("ralu_retries_total", ())] + 1
+        ok = ("ralu_requests_total", (("outcome", "ok"),))
+        assert after[ok] == before[ok] + 1                          # kept at the ingress: nothing lost with the replica
         # Ray Serve replaces the dead replica; the new one loads and warms up before it reports
         from ralu_runtime.serving.ray import replica_status
 
@@ -402,6 +412,34 @@ def test_ralu_serve_ray_command_serves_and_stops_on_sigterm(cluster):
     from ralu_runtime.serving.ray import replica_status
 
     assert replica_status() == {}       # the application was deleted
+
+
+@pytest.mark.slow
+def test_ralu_serve_ray_drains_for_its_grace_then_answers_503(cluster):
+    """SIGTERM with a request running longer than ``--grace``: /health and new requests get 503 with Retry-After
+    at once, the running request gets 503 with Retry-After when the grace ends (not a plain 500 at Ray's 20 s)."""
+    args = ["--ray", "--ray-address", cluster.gcs_address, "--replicas", "1", "--port", str(cluster.port),
+            "--device", "cpu", "--max-active", "2", "--log-level", "warning", "--grace", "3"]
+    with serve_command(args, start_timeout=240) as (url, proc, seen):
+        slow = {"prompt": "a fox", "size": "256x256", "speedup": "none", "steps": 1000, "seed": 0}
+        with ThreadPoolExecutor(1) as pool:
+            running = pool.submit(post, url, slow)
+            wait_for(lambda: httpx.get(url + "/health", timeout=T).json().get("active") == 1, timeout=60,
+                     what="the long request to run")
+            proc.send_signal(signal.SIGTERM)
+            signalled = time.monotonic()
+            h = wait_for(lambda: (r := httpx.get(url + "/health", timeout=T)).status_code != 200 and r, timeout=10,
+                         what="/health to leave 200", every=0.05)
+            assert h.status_code == 503 and "retry-after" in h.headers and h.json()["status"] == "shutting_down"
+            refused = post(url, {"prompt": "a fox", "seed": 1})
+            assert_error(refused, 503, code="unavailable")
+            assert "retry-after" in refused.headers
+            cut = running.result(T)
+            cut_after = time.monotonic() - signalled
+        assert proc.wait(timeout=120) == 0
+    assert_error(cut, 503, code="unavailable")
+    assert "retry-after" in cut.headers
+    assert 2.0 <= cut_after < 15.0, cut_after
 
 
 # ------------------------------------------------------------------------------------------- without a cluster
@@ -518,3 +556,130 @@ def test_serve_ray_names_the_extra_where_ray_is_missing():
     line = [ln for ln in res.stderr.splitlines() if ln.startswith("ralu: error:")][-1]
     assert "ray" in line and "pip install" in line and "[ray]" in line
 
+
+
+# ------------------------------------------------------------------------------------------- the ingress alone
+class _Call:
+    """A fake replica call: awaitable, cancellable; answers ``reply`` unless ``hang``."""
+
+    def __init__(self, reply, hang, log):
+        self.reply, self.hang, self.log = reply, hang, log
+
+    def __await__(self):
+        return self._wait().__await__()
+
+    async def _wait(self):
+        import asyncio
+
+        while self.hang:
+            await asyncio.sleep(0.01)
+        return self.reply
+
+    def cancel(self):
+        self.log.append("cancelled")
+
+
+class _FakeReplicas:
+    def __init__(self):
+        self.calls, self.hang = [], False
+
+    @property
+    def generate(self):
+        outer = self
+
+        class _Method:
+            def remote(self, prompt, kwargs, left, encoding=None):
+                from ralu_runtime.serving.protocol import encode_images
+                from PIL import Image
+
+                outer.calls.append({"prompt": prompt, "kwargs": kwargs, "left": left, "encoding": encoding})
+                images = encode_images([Image.new("RGB", (8, 8), (200, 10, 10))], encoding)
+                return _Call({"images": images, "timings": {}, "schedule": None, "replica": "r1"}, outer.hang,
+                             outer.calls)
+        return _Method()
+
+
+class _FakeBoard:
+    class snapshot:
+        @staticmethod
+        def remote():
+            from ralu_runtime.serving.ray import merge_metrics
+
+            async def snap():
+                return {"total": merge_metrics([]), "replicas": [{}], "gone": []}
+            return snap()
+
+
+@pytest.fixture
+def lone_ingress():
+    """The ingress's app over fake replicas and board, in a TestClient (no Ray cluster)."""
+    pytest.importorskip("ray.serve")
+    from starlette.testclient import TestClient
+
+    from ralu_runtime.serving.ray import IngressOptions, RaluIngress, build_ingress_app
+
+    key = "ingress-key-0123456789"
+    ingress = RaluIngress(_FakeReplicas(), _FakeBoard(), IngressOptions(model_name="tiny-flux", api_keys=(key,),
+                                                                        bound_host="127.0.0.1"))
+    with TestClient(build_ingress_app(ingress), base_url="http://127.0.0.1:8000") as client:
+        client.headers["authorization"] = f"Bearer {key}"
+        yield ingress, client
+
+
+def test_ingress_applies_the_access_policy(lone_ingress):
+    ingress, client = lone_ingress
+    body = {"prompt": "a fox", "seed": 1}
+    assert_error(client.post(GENERATIONS, json=body, headers={"authorization": "Bearer nope-0123456789abcdef"}), 401,
+                 code="invalid_api_key")
+    assert_error(client.get("/metrics", headers={"authorization": ""}), 401)
+    assert client.get("/health", headers={"authorization": ""}).status_code == 200
+    assert_error(client.post(GENERATIONS, content=json.dumps(body), headers={"content-type": "text/plain"}), 415)
+    assert_error(client.get("/v1/models", headers={"host": "evil.example"}), 421, code="host_not_allowed")
+    assert_error(client.post(GENERATIONS, json=body, headers={"origin": "https://evil.example"}), 403)
+    assert_error(client.post(GENERATIONS, json={**body, "guidance_scale": 1e308}), 400, "guidance_scale")
+    assert not ingress.replicas.calls
+    r = client.post(GENERATIONS, json={**body, "output_format": "webp", "output_compression": 40, "style": "vivid"})
+    assert r.status_code == 200 and r.json()["output_format"] == "webp"
+    assert ingress.replicas.calls[-1]["encoding"].format == "webp"
+    assert ingress.replicas.calls[-1]["encoding"].quality == 40
+    assert ingress.replicas.calls[-1]["left"] <= 600                  # the default request timeout
+    assert client.get("/v1/models/tiny-flux").json()["id"] == "tiny-flux"
+    assert_error(client.get("/v1/models/other"), 404, "model", "model_not_found")
+    from prometheus_client.parser import text_string_to_metric_families
+
+    m = {(x.name, tuple(sorted(x.labels.items()))): x.value
+         for fam in text_string_to_metric_families(client.get("/metrics").text) for x in fam.samples}
+    assert m[("ralu_requests_total", (("outcome", "ok"),))] == 1                   # counted at the ingress
+    assert m[("ralu_requests_total", (("outcome", "invalid"),))] == 1
+    assert m[("ralu_http_responses_total", (("code", "401"), ("path", GENERATIONS)))] == 1
+
+
+def test_ingress_answers_503_from_the_stop_on_and_cuts_off_what_outlasts_the_grace(lone_ingress):
+    ingress, client = lone_ingress
+    ingress.replicas.hang = True
+    with ThreadPoolExecutor(1) as pool:
+        running = pool.submit(client.post, GENERATIONS, json={"prompt": "a fox", "seed": 2})
+        wait_for(lambda: client.portal.call(ingress.inflight) == 1, timeout=30, what="the request to be in flight")
+        assert client.portal.call(ingress.begin_shutdown) == 1
+        h = client.get("/health")
+        assert h.status_code == 503 and h.json()["status"] == "shutting_down" and "retry-after" in h.headers
+        assert h.json()["error"]["code"] == "unavailable"
+        refused = client.post(GENERATIONS, json={"prompt": "a fox", "seed": 3})
+        assert_error(refused, 503, code="unavailable")
+        assert "retry-after" in refused.headers
+        assert not running.done()
+        assert client.portal.call(ingress.abort_unfinished) == 1
+        cut = running.result(timeout=30)
+    assert_error(cut, 503, code="unavailable")
+    assert "retry-after" in cut.headers and "shut down" in cut.json()["error"]["message"]
+    assert "cancelled" in ingress.replicas.calls                     # its replica call was cancelled
+    assert client.portal.call(ingress.inflight) == 0
+
+
+def test_serve_ray_refuses_a_public_address_without_a_key(monkeypatch):
+    pytest.importorskip("ray.serve")
+    from ralu_runtime.serving import ray as ralu_ray
+
+    monkeypatch.setattr(ralu_ray.ray, "init", lambda *a, **k: pytest.fail("connected before the check"))
+    with pytest.raises(ValueError, match="API key"):
+        ralu_ray.run(ralu_ray.ReplicaSpec(), ralu_ray.IngressOptions(), host="0.0.0.0", port=0)

@@ -197,7 +197,8 @@ def _count_triton_launches(monkeypatch) -> list:
 
 # ------------------------------------------------------------------------------------------------ Triton = torch
 @needs_interpreter
-@pytest.mark.parametrize("shape, mode, preset", TRITON_CASES, ids=CASE_IDS[:len(TRITON_CASES)])
+@pytest.mark.parametrize("shape, mode, preset", [pytest.param(*c, marks=pytest.mark.slow) if i else c  # full size
+                                                  for i, c in enumerate(TRITON_CASES)], ids=CASE_IDS[:len(TRITON_CASES)])
 def test_triton_equals_reference_with_one_launch_per_transition(shape, mode, preset, monkeypatch):
     case = _case(shape, mode, preset)
     launches = _count_triton_launches(monkeypatch)

@@ -12,6 +12,7 @@ from ralu_runtime import RaluSchedule, generate
 from ralu_runtime.adapters import Conditioning, TokenGrid, get_adapter
 from ralu_runtime.layout import grid_positions
 from ralu_runtime.tiny.wan import build_tiny_wan_pipeline, random_embeds
+from helpers import assert_same, snapshot
 
 TOL = dict(rtol=1e-5, atol=1e-5)
 SMALL = RaluSchedule(steps=(2, 2, 2), ends=(0.3, 0.5, 1.0), shifts=(3.0, 3.0, 3.0), z=4.0, ratio=0.3)
@@ -318,19 +319,6 @@ def test_inductor_matches_eager_without_new_graphs():
 
 
 # ------------------------------------------------------------------------------------------ safety
-def _snapshot(pipe) -> dict:
-    mods = {"transformer": pipe.transformer, "transformer_2": pipe.transformer_2}
-    return {"attrs": sorted(vars(pipe)), "rng": torch.get_rng_state(),
-            "modules": [(k, n, type(m), id(m), len(m._forward_hooks), len(m._forward_pre_hooks),
-                         sorted(a for a in vars(m) if not a.startswith("_")))
-                        for k, tr in mods.items() for n, m in tr.named_modules()],
-            "params": [(k, n, id(p), p._version) for k, tr in mods.items() for n, p in tr.named_parameters()],
-            "values": {f"{k}.{n}": t.detach().clone()
-                       for k, mod in {**mods, "vae": pipe.vae}.items() for n, t in mod.state_dict().items()},
-            "processors": {f"{k}.{n}": (type(v), id(v)) for k, tr in mods.items()
-                           for n, v in tr.attn_processors.items()}}
-
-
 @torch.no_grad()
 def test_pipeline_left_as_found():
     pipe = build_tiny_wan_pipeline(seed=0, two_experts=True, num_layers=1)
@@ -341,14 +329,10 @@ def test_pipeline_left_as_found():
     def plain():
         return pipe(**emb, num_inference_steps=3, generator=_gens(4)[0], **kw).frames
 
-    before_plain, before = plain(), _snapshot(pipe)
+    before_plain, before = plain(), snapshot(pipe)
     get_adapter(pipe).guidance_scale_2 = 2.0
     generate(pipe, **emb, speedup=SMALL, seed=3, progress=False, **dict(kw, output_type="pt"))
-    after = _snapshot(pipe)
-    for key in ("attrs", "modules", "params", "processors"):
-        assert after[key] == before[key], key
-    assert torch.equal(after["rng"], before["rng"]), "the global torch RNG was advanced"
-    assert all(torch.equal(after["values"][k], v) for k, v in before["values"].items())
+    assert_same(before, snapshot(pipe))
     assert torch.equal(plain(), before_plain), "plain pipe() changed after generate"
 
 

@@ -15,6 +15,7 @@ from ralu_runtime.adapters import TokenGrid, get_adapter
 from ralu_runtime.adapters.z_image import ZImageAdapter
 from ralu_runtime.layout import grid_positions
 from ralu_runtime.tiny.z_image import build_tiny_z_image_pipeline, random_embeds
+from helpers import assert_same, snapshot
 
 TOL = dict(atol=1e-5, rtol=1e-5)
 SCHED = RaluSchedule(steps=(2, 2, 2), ends=(0.3, 0.5, 1.0), shifts=(3.0, 3.0, 3.0), z=4.0, ratio=0.3)
@@ -230,30 +231,6 @@ def test_inductor_matches_eager_and_adds_no_graphs():
 
 
 # ------------------------------------------------------------------------------------------------- safety
-def _snapshot(pipe) -> dict:
-    snap = {"attrs": sorted(vars(pipe)), "rng": torch.get_rng_state()}
-    for comp in ("transformer", "vae", "text_encoder"):
-        mod = getattr(pipe, comp)
-        snap[comp] = ([(n, type(m), id(m), len(m._forward_hooks), len(m._forward_pre_hooks),
-                        sorted(k for k in vars(m) if not k.startswith("_"))) for n, m in mod.named_modules()],
-                      [(n, id(p), p._version) for n, p in mod.named_parameters()],
-                      {n: t.clone() for n, t in mod.state_dict().items()})
-    procs = {n: (type(m.processor), id(m.processor)) for n, m in pipe.transformer.named_modules()
-             if hasattr(m, "processor")}
-    return snap, procs, vars(pipe.transformer.rope_embedder).copy()
-
-
-def _same(a, b) -> bool:
-    (sa, pa, ra), (sb, pb, rb) = a, b
-    if sa["attrs"] != sb["attrs"] or not torch.equal(sa["rng"], sb["rng"]) or pa != pb or ra.keys() != rb.keys():
-        return False
-    for comp in ("transformer", "vae", "text_encoder"):
-        (ma, ia, va), (mb, ib, vb) = sa[comp], sb[comp]
-        if ma != mb or ia != ib or va.keys() != vb.keys() or not all(torch.equal(va[k], vb[k]) for k in va):
-            return False
-    return all(ra[k] is rb[k] for k in ra)
-
-
 @torch.no_grad()
 def test_pipeline_left_as_found_refusal_and_later_lora():
     pytest.importorskip("peft")
@@ -262,12 +239,12 @@ def test_pipeline_left_as_found_refusal_and_later_lora():
               num_inference_steps=2)
     before_plain = _plain(pipe, **kw)
     _plain(pipe, prompt="a dog", height=64, width=64, num_inference_steps=1)  # transformers adds its output-capture
-    before = _snapshot(pipe)  # hooks to the text encoder on its first call: let the pipeline itself do that first
+    before = snapshot(pipe, extra={"rope": pipe.transformer.rope_embedder})  # hooks to the text encoder on its first call: let the pipeline itself do that first
     emb = dict(prompt_embeds=torch.stack(kw["prompt_embeds"]), negative_prompt_embeds=torch.stack(
         kw["negative_prompt_embeds"]))
     generate(pipe, "a cat", height=64, width=64, speedup=SCHED, seed=2, transition_impl="torch", **LAT)  # text path
     first = generate(pipe, **emb, height=64, width=96, speedup=SCHED, seed=2, transition_impl="torch", **LAT).images
-    assert _same(before, _snapshot(pipe))
+    assert_same(before, snapshot(pipe, extra={"rope": pipe.transformer.rope_embedder}))
     assert torch.equal(_plain(pipe, **kw), before_plain), "plain pipe() changed after generate"
 
     # a custom attention processor is refused before any work

@@ -10,6 +10,10 @@ flow-matching convention ``v = noise - data`` with ``x_sigma = (1 - sigma) * dat
 """
 from __future__ import annotations
 
+import contextlib
+import contextvars
+import copy
+import threading
 import weakref
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
@@ -19,7 +23,38 @@ import numpy as np
 import torch
 
 from ..execution.call import (EAGER, CallState, ModelImpl, call_scope, current_cache,  # noqa: F401 (re-exported)
-                              current_call, current_sharding)
+                              current_call, current_interrupt, current_sharding)
+
+
+_SCHEDULER_COPIES: contextvars.ContextVar[list | None] = contextvars.ContextVar("ralu_scheduler_copies", default=None)
+
+
+@contextlib.contextmanager
+def scheduler_copies():
+    """Collect the scheduler copies :meth:`DiTAdapter.scheduler_copy` makes in this ``with`` block (this thread /
+    context): the sampler reads the copy ``baseline_schedule`` configured, to follow its ``step``."""
+    got: list = []
+    token = _SCHEDULER_COPIES.set(got)
+    try:
+        yield got
+    finally:
+        _SCHEDULER_COPIES.reset(token)
+
+
+_VAE_LOCKS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+_VAE_LOCKS_LOCK = threading.Lock()
+
+
+def vae_lock(vae) -> threading.Lock:
+    """The one lock of ``vae`` (kept by ralu, not on the module): held around every decode of a VAE that keeps state
+    on its modules between calls (the causal 3-D VAEs of Qwen-Image, Wan and HunyuanVideo 1.5 cache features per
+    call), so two threads (two ``generate`` calls, or the serving engine's final decode and another request's
+    preview decode) never run it at once."""
+    with _VAE_LOCKS_LOCK:
+        lock = _VAE_LOCKS.get(vae)
+        if lock is None:
+            lock = _VAE_LOCKS[vae] = threading.Lock()
+        return lock
 
 
 @dataclass
@@ -119,9 +154,23 @@ class BlockStack(SplitBlocks):
     ``run(state, start, stop) -> state`` runs blocks ``[start, stop)`` of ``n`` from ``state0``; ``image(state)``
     is the image hidden states of a state (this mode's rows). Seen from a feature cache (a :class:`SplitBlocks`),
     outputs are whole-request tensors: ``ex.whole(..., stream)`` gathers a sharded mode's rows (identity otherwise),
-    so every rank holds the same cache state and takes the same full / cached decision."""
+    so every rank holds the same cache state and takes the same full / cached decision.
+
+    Inside an :func:`~ralu_runtime.execution.call.interrupt_scope` (the serving engine's requests) the stack runs
+    one block at a time with the scope's check before each block, so a cancelled or expired request stops within
+    one block."""
 
     def __init__(self, run, n: int, state0, image, ex, stream: int):
+        check = current_interrupt()
+        if check is not None:
+            whole = run
+
+            def run(state, start, stop):
+                for i in range(start, stop):
+                    check()
+                    state = whole(state, i, i + 1)
+                return state
+
         self.run, self.n, self.state0, self.image, self.ex, self.stream = run, n, state0, image, ex, stream
         super().__init__(self._first, self._rest)
 
@@ -481,7 +530,17 @@ class DiTAdapter(ABC):
 
     @abstractmethod
     def baseline_schedule(self, num_steps: int, image_seq_len: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """The diffusers pipeline's own ``(timesteps (N,), sigmas (N+1,))`` float32 for a full-resolution run."""
+        """The diffusers pipeline's own ``(timesteps (N,), sigmas (N+1,))`` float32 for a full-resolution run,
+        configured on a copy from :meth:`scheduler_copy` (never on the pipeline's own scheduler)."""
+
+    def scheduler_copy(self):
+        """A deep copy of the pipeline's scheduler, for :meth:`baseline_schedule` to configure (the pipeline's own is
+        never changed); recorded for :func:`scheduler_copies`, so a baseline can follow that copy's ``step``."""
+        sched = copy.deepcopy(self.pipe.scheduler)
+        got = _SCHEDULER_COPIES.get()
+        if got is not None:
+            got.append(sched)
+        return sched
 
     def decode(self, latents: torch.Tensor, impl: ModelImpl | None = None) -> torch.Tensor:
         """Latents ``(B, C, h, w)`` -> images ``(B, 3, 8h, 8w)`` float in about [-1, 1]."""

@@ -44,7 +44,6 @@ Refused before any work (:meth:`ChromaAdapter.check_supported`): attention proce
 """
 from __future__ import annotations
 
-import copy
 
 import numpy as np
 import torch
@@ -482,7 +481,7 @@ class ChromaAdapter(DiTAdapter):
     def baseline_schedule(self, num_steps, image_seq_len):
         from diffusers.pipelines.chroma.pipeline_chroma import calculate_shift, retrieve_timesteps
 
-        sched = copy.deepcopy(self.pipe.scheduler)
+        sched = self.scheduler_copy()
         cfg = sched.config
         sigmas = np.linspace(1.0, 1 / num_steps, num_steps)
         mu = calculate_shift(image_seq_len, cfg.get("base_image_seq_len", 256), cfg.get("max_image_seq_len", 4096),

@@ -24,7 +24,6 @@ which running the blocks' layers would bypass.
 """
 from __future__ import annotations
 
-import copy
 
 import numpy as np
 import torch
@@ -350,7 +349,7 @@ class FluxAdapter(DiTAdapter):
     def baseline_schedule(self, num_steps, image_seq_len):
         from diffusers.pipelines.flux.pipeline_flux import calculate_shift, retrieve_timesteps
 
-        sched = copy.deepcopy(self.pipe.scheduler)
+        sched = self.scheduler_copy()
         cfg = sched.config
         sigmas = np.linspace(1.0, 1 / num_steps, num_steps)
         if getattr(cfg, "use_flow_sigmas", False):

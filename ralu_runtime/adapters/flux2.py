@@ -46,7 +46,6 @@ Reference-image conditioning (the pipelines' ``image=`` argument) is not support
 """
 from __future__ import annotations
 
-import copy
 
 import numpy as np
 import torch
@@ -509,7 +508,7 @@ class Flux2Adapter(DiTAdapter):
     def baseline_schedule(self, num_steps, image_seq_len):
         from diffusers.pipelines.flux2.pipeline_flux2 import retrieve_timesteps
 
-        sched = copy.deepcopy(self.pipe.scheduler)
+        sched = self.scheduler_copy()
         sigmas = np.linspace(1.0, 1 / num_steps, num_steps)
         if getattr(sched.config, "use_flow_sigmas", False):
             sigmas = None

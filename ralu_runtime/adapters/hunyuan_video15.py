@@ -49,7 +49,6 @@ default), which is what the pipeline's FlowMatchEulerDiscreteScheduler does.
 """
 from __future__ import annotations
 
-import copy
 import math
 
 import numpy as np
@@ -57,7 +56,7 @@ import torch
 
 from ..families import FAMILIES
 from ..execution.modes import DENSE, Mode
-from .base import EAGER, Conditioning, ModelImpl, TokenGrid, scheduler_base_shift
+from .base import EAGER, Conditioning, ModelImpl, TokenGrid, scheduler_base_shift, vae_lock
 from .double_stream import DoubleStreamAdapter, StreamInputs
 
 IMAGE, TEXT = 0, 1  # HunyuanVideo 1.5's streams, in the order of its joint sequence [image ; text]
@@ -446,7 +445,7 @@ class HunyuanVideo15Adapter(DoubleStreamAdapter):
         """The pipeline's ``sigmas = linspace(1, 0, N + 1)[:-1]`` through (a copy of) its scheduler."""
         from diffusers.pipelines.hunyuan_video1_5.pipeline_hunyuan_video1_5 import retrieve_timesteps
 
-        sched = copy.deepcopy(self.pipe.scheduler)
+        sched = self.scheduler_copy()
         sigmas = np.linspace(1.0, 0.0, num_steps + 1)[:-1]
         timesteps, _ = retrieve_timesteps(sched, num_steps, self.device, sigmas=sigmas)
         return timesteps, sched.sigmas.to(self.device)
@@ -455,14 +454,16 @@ class HunyuanVideo15Adapter(DoubleStreamAdapter):
         """Latents ``(B, C, F, h, w)`` -> video ``(B, 3, 4 (F - 1) + 1, 16 h, 16 w)``: the pipeline's ``latents /
         scaling_factor`` in the VAE's dtype and VAE decode, one video at a time (diffusers 0.42.1's
         ``AutoencoderKLHunyuanVideo15`` mid-block attention breaks for a batch of more than one video unless
-        ``vae.enable_slicing()``, which decodes one at a time too)."""
+        ``vae.enable_slicing()``, which decodes one at a time too), one decode at a time per VAE
+        (:func:`~ralu_runtime.adapters.base.vae_lock`: a causal 3-D VAE, never run from two threads at once)."""
         vae = self.pipe.vae
         z = latents.to(next(vae.parameters()).dtype) / vae.config.scaling_factor
         fn = (impl or EAGER).vae_decode(vae)
         if fn is None:
             def fn(x):
                 return vae.decode(x, return_dict=False)[0]
-        return torch.cat([fn(zi) for zi in z.split(1)]) if z.shape[0] > 1 else fn(z)
+        with vae_lock(vae):
+            return torch.cat([fn(zi) for zi in z.split(1)]) if z.shape[0] > 1 else fn(z)
 
     def edge_images(self, latents, decode):
         """One decoded frame per latent frame (decoded frame ``4 f`` for latent frame ``f``, clipped), stacked

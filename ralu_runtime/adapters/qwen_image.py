@@ -43,14 +43,14 @@ offloading), and the edit / layered transformer variants (``zero_cond_t``, ``use
 """
 from __future__ import annotations
 
-import copy
 
 import numpy as np
 import torch
 
 from ..families import FAMILIES
 from ..execution.modes import DENSE, Mode
-from .base import EAGER, Conditioning, ModelImpl, TokenGrid, check_blocks, named_blocks, scheduler_base_shift
+from .base import (EAGER, Conditioning, ModelImpl, TokenGrid, check_blocks, named_blocks, scheduler_base_shift,
+                   vae_lock)
 from .common import ADDED_QKV, QKV, projections
 from .double_stream import DoubleStreamAdapter, StreamInputs
 
@@ -336,7 +336,7 @@ class QwenImageAdapter(DoubleStreamAdapter):
     def baseline_schedule(self, num_steps, image_seq_len):
         from diffusers.pipelines.qwenimage.pipeline_qwenimage import calculate_shift, retrieve_timesteps
 
-        sched = copy.deepcopy(self.pipe.scheduler)
+        sched = self.scheduler_copy()
         cfg = sched.config
         sigmas = np.linspace(1.0, 1 / num_steps, num_steps)
         mu = calculate_shift(image_seq_len, cfg.get("base_image_seq_len", 256), cfg.get("max_image_seq_len", 4096),
@@ -359,5 +359,6 @@ class QwenImageAdapter(DoubleStreamAdapter):
         inv_std = 1.0 / torch.tensor(vae.config.latents_std).view(shape).to(z.device, dtype)
         z = z / inv_std + mean
         fn = (impl or EAGER).vae_decode(vae)
-        images = fn(z) if fn is not None else vae.decode(z, return_dict=False)[0]
+        with vae_lock(vae):
+            images = fn(z) if fn is not None else vae.decode(z, return_dict=False)[0]
         return images[:, :, 0]

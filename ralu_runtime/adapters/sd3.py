@@ -48,7 +48,6 @@ layers the model lacks, or with a dynamically shifted scheduler (no single shift
 """
 from __future__ import annotations
 
-import copy
 import math
 from dataclasses import dataclass
 
@@ -603,7 +602,7 @@ class SD3Adapter(DiTAdapter):
     def baseline_schedule(self, num_steps, image_seq_len):
         from diffusers.pipelines.stable_diffusion_3.pipeline_stable_diffusion_3 import calculate_shift, retrieve_timesteps
 
-        sched = copy.deepcopy(self.pipe.scheduler)
+        sched = self.scheduler_copy()
         kwargs = {}
         if sched.config.get("use_dynamic_shifting", None):
             kwargs["mu"] = calculate_shift(image_seq_len, sched.config.get("base_image_seq_len", 256),

@@ -47,11 +47,13 @@ choice reads the timestep on the host (one sync per step on CUDA); a traced / ca
 export, CUDA graphs) needs it fixed beforehand (:meth:`WanAdapter.specialize_call`). A feature cache is reset when
 the expert changes.
 
-**Schedulers.** ralu integrates with its own solvers (Euler by default; ``solver="dpmpp2m"`` is the nearest
-multistep one), not UniPC: :meth:`WanAdapter.baseline_schedule` reads the timesteps and sigmas of whatever flow
-scheduler the pipeline has (the published ``UniPCMultistepScheduler(use_flow_sigmas=True, flow_shift=...)`` or
-``FlowMatchEulerDiscreteScheduler``), so ``speedup=None`` with a FlowMatchEuler scheduler equals the pipeline, and
-with UniPC it follows the same sigmas with a different integrator. h_ori for presets is the fixed flow shift.
+**Schedulers.** :meth:`WanAdapter.baseline_schedule` reads the timesteps and sigmas of whatever flow scheduler the
+pipeline has (the published ``UniPCMultistepScheduler(use_flow_sigmas=True, flow_shift=...)`` or
+``FlowMatchEulerDiscreteScheduler``). ``speedup=None`` equals the pipeline with either: with FlowMatchEuler ralu's
+Euler is its step, with UniPC the baseline follows ``UniPCMultistepScheduler.step`` on a copy
+(:func:`ralu_runtime.sampler.scheduler_integration`). RALU presets integrate their stages with ralu's own solver
+(Euler by default; ``solver="dpmpp2m"`` is the nearest multistep one), not UniPC, and log a warning saying so.
+h_ori for presets is the fixed flow shift.
 
 **Refused** (:meth:`WanAdapter.check_supported`, before any work): attention processors other than diffusers'
 ``WanAttnProcessor``; image-conditioned (I2V) transformers (``image_dim`` / ``added_kv_proj_dim``); temporal patches
@@ -66,9 +68,6 @@ and one call at a time per VAE.
 """
 from __future__ import annotations
 
-import copy
-import threading
-import weakref
 
 import torch
 
@@ -79,7 +78,7 @@ from ..execution.packing import (HostSegments, Packed, PackedExecution, PackedSe
 from ..execution.sharding import Sharded
 from .base import (EAGER, BlockStack, Conditioning, DiTAdapter, ModelImpl, TokenGrid, VelocityCall, call_with_hooks,
                    check_blocks, check_velocity_calls, current_cache, current_call, current_sharding,
-                   scheduler_base_shift)
+                   scheduler_base_shift, vae_lock)
 
 IMAGE, TEXT = 0, 1  # Wan's streams: the video tokens (self-attention, sharded) and the text (cross-attention keys)
 _EXPERT_KEY = "wan.last_expert"  # CallState.adapter: the expert of the call's last model call (cache resets)
@@ -87,18 +86,6 @@ ROPE_THETA = 10000.0  # WanRotaryPosEmbed's theta (WanTransformer3DModel passes 
 # diffusers hooks whose effect is per module call (no state across a transformer forward): allowed on the model
 STATELESS_HOOK_PREFIXES = ("group_offloading", "lazy_prefetch_group_offloading", "layerwise_casting",
                            "peft_autocast_disable")
-
-_VAE_LOCKS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
-_VAE_LOCKS_LOCK = threading.Lock()
-
-
-def _vae_lock(vae) -> threading.Lock:
-    with _VAE_LOCKS_LOCK:
-        lock = _VAE_LOCKS.get(vae)
-        if lock is None:
-            lock = _VAE_LOCKS[vae] = threading.Lock()
-        return lock
-
 
 def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """diffusers' ``WanAttnProcessor`` rotary embedding (same operations): ``x (B, S, H, Dh)``, ``cos`` / ``sin``
@@ -720,7 +707,7 @@ class WanAdapter(DiTAdapter):
     def baseline_schedule(self, num_steps, image_seq_len):
         """The pipeline's ``scheduler.set_timesteps(num_steps)`` (no mu, no custom sigmas): its timesteps (integers
         for UniPC, given to the model as they are) and flow sigmas ``(N + 1,)``, float32."""
-        sched = copy.deepcopy(self.pipe.scheduler)
+        sched = self.scheduler_copy()
         sched.set_timesteps(num_steps, device=self.device)
         timesteps = sched.timesteps.to(device=self.device, dtype=torch.float32)
         sigmas = sched.sigmas.to(device=self.device, dtype=torch.float32)
@@ -740,7 +727,7 @@ class WanAdapter(DiTAdapter):
         mean = torch.tensor(vae.config.latents_mean).view(shape).to(z.device, z.dtype)
         std = 1.0 / torch.tensor(vae.config.latents_std).view(shape).to(z.device, z.dtype)
         z = z / std + mean
-        with _vae_lock(vae):
+        with vae_lock(vae):
             return vae.decode(z, return_dict=False)[0]
 
     def edge_images(self, latents, decode):

@@ -48,7 +48,6 @@ offloading), transformers without the 2x2 (f 1) patch embedder the pipeline uses
 """
 from __future__ import annotations
 
-import copy
 
 import torch
 
@@ -557,7 +556,7 @@ class ZImageAdapter(DiTAdapter):
         from diffusers.pipelines.z_image.pipeline_z_image import (calculate_shift, get_default_z_image_sigmas,
                                                                    retrieve_timesteps)
 
-        sched = copy.deepcopy(self.pipe.scheduler)
+        sched = self.scheduler_copy()
         cfg = sched.config
         mu = calculate_shift(image_seq_len, cfg.get("base_image_seq_len", 256), cfg.get("max_image_seq_len", 4096),
                              cfg.get("base_shift", 0.5), cfg.get("max_shift", 1.15))

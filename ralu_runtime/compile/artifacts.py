@@ -11,13 +11,17 @@ So:
 
 * :func:`save_compile_artifacts` writes, next to the bundle, a manifest ``<file>.manifest.json`` with the
   bundle's SHA-256, its size, the torch / ralu / CUDA versions and device it was built with, and an HMAC-SHA256
-  over all of it with a secret key (default: ``~/.cache/ralu/artifact.key``, created with mode 0600 on first use;
-  ``RALU_ARTIFACT_KEY_FILE`` or ``key=`` choose another, e.g. one shared by the replicas of a deployment);
-* :func:`load_compile_artifacts` refuses (:class:`ArtifactError`, before anything is unpickled) a bundle without
-  manifest, with a wrong digest or size, a manifest not signed with the key, or other torch / ralu / CUDA
-  versions or another device; ``trust=True`` skips these checks for a file you vouch for yourself.
-
-Keep the key, the bundles and the cache folder writable only by the service's user.
+  over all of it with a secret key (default: ``~/.cache/ralu/artifact.key``, 32 random bytes created with mode 0600
+  on first use; ``RALU_ARTIFACT_KEY_FILE`` or ``key=`` choose another, e.g. one shared by the replicas of a
+  deployment);
+* the key has at least :data:`MIN_KEY_BYTES` (32) bytes, and a key file must belong to this user with no group or
+  other permission bits (mode 0600 or 0400): anything else is refused (:class:`ArtifactError`) with the reason;
+* :func:`load_compile_artifacts` refuses (:class:`ArtifactError`, before anything is unpickled) a bundle whose
+  file, manifest or folder others can write (group or other write bit), and, unless ``trust=True`` (a file you
+  vouch for yourself), a bundle without manifest, with a wrong digest or size, a manifest not signed with the key,
+  or other torch / ralu / CUDA versions or another device;
+* :func:`enable_persistent_cache` makes the cache folder private (mode 0700) only when it belongs to this user; a
+  folder of another user is refused with the reason, never chmod-ed.
 """
 from __future__ import annotations
 
@@ -37,17 +41,59 @@ from ..versions import installed_version
 FORMAT = "ralu-compile-artifacts/1"
 
 
+MIN_KEY_BYTES = 32  # HMAC-SHA256 keys: at least the hash's output size
+
+
 class ArtifactError(ValueError):
-    """A compile-artifact file that ralu did not write, or wrote for another environment."""
+    """A compile-artifact file, key or cache folder that ralu cannot trust: not written by ralu, written for another
+    environment, or open to other users."""
+
+
+def _owner_problem(path: Path, st: os.stat_result) -> str | None:
+    """Why ``path`` is not owned by this process's user (None: it is, or the platform has no owners)."""
+    if not hasattr(os, "geteuid"):  # pragma: no cover - Windows: no POSIX owners
+        return None
+    if st.st_uid != os.geteuid():
+        return f"{path} belongs to uid {st.st_uid}, not to this user (uid {os.geteuid()})"
+    return None
 
 
 def _private_dir(path: Path) -> Path:
-    path.mkdir(parents=True, exist_ok=True)
-    try:
+    """Create ``path`` (mode 0700) or make this user's existing folder 0700; a folder of another user is refused
+    (ArtifactError) and left as it is."""
+    path.mkdir(parents=True, exist_ok=True, mode=0o700)
+    problem = _owner_problem(path, path.stat())
+    if problem is not None:
+        raise ArtifactError(f"{problem}: ralu loads its contents as code and will not change the mode of a folder it "
+                            "does not own; use a folder of your own (cache_dir= or RALU_CACHE_DIR)")
+    if path.stat().st_mode & 0o077:
         os.chmod(path, 0o700)
-    except OSError:  # pragma: no cover - not our folder
-        pass
     return path
+
+
+def _check_not_writable_by_others(path: Path, what: str) -> None:
+    """ArtifactError when ``path`` (a bundle, its manifest or their folder) has the group or other write bit."""
+    try:
+        mode = path.stat().st_mode
+    except OSError as exc:
+        raise ArtifactError(f"{what} {path}: cannot be checked ({exc})") from None
+    if mode & 0o022:
+        raise ArtifactError(f"{what} {path} is writable by other users (mode {mode & 0o777:04o}): anyone who can "
+                            "write it can run code in this process; remove the group / other write bits (chmod "
+                            "go-w) or keep bundles in a folder of your own")
+
+
+def _check_key_file(path: Path) -> None:
+    """ArtifactError unless the key file ``path`` is a regular file of this user without group / other bits."""
+    st = path.stat()
+    if not path.is_file():
+        raise ArtifactError(f"artifact key file {path} is not a regular file")
+    problem = _owner_problem(path, st)
+    if problem is not None:
+        raise ArtifactError(f"artifact key file: {problem}; the key must be this user's own")
+    if st.st_mode & 0o077:
+        raise ArtifactError(f"artifact key file {path} has mode {st.st_mode & 0o777:04o}: other users can read or "
+                            "change the key (and forge signatures); chmod 600 it")
 
 
 def default_cache_root() -> Path:
@@ -57,7 +103,8 @@ def default_cache_root() -> Path:
 def enable_persistent_cache(cache_dir: str | os.PathLike | None = None) -> Path:
     """Keep inductor's FX-graph, AOT-autograd and autotune caches in ``cache_dir`` (default: ``$RALU_CACHE_DIR/inductor``
     or ``~/.cache/ralu/inductor``), so compiled kernels survive the process. Call before the first compile. The
-    folder's contents are loaded as code: keep it writable by this user only (it is created with mode 0700)."""
+    folder's contents are loaded as code: it is created (or set) to mode 0700; a folder owned by another user is
+    refused (:class:`ArtifactError`), never chmod-ed."""
     path = _private_dir(Path(cache_dir) if cache_dir else default_cache_root() / "inductor")
     os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(path)
     import torch._inductor.config as icfg
@@ -76,16 +123,19 @@ def enable_persistent_cache(cache_dir: str | os.PathLike | None = None) -> Path:
 
 
 def _key(key) -> bytes:
-    """The HMAC key: bytes, a hex string, a key file, ``$RALU_ARTIFACT_KEY_FILE``, or the default key file."""
+    """The HMAC key (at least :data:`MIN_KEY_BYTES` bytes): bytes, a hex string, a key file (this user's, mode 0600
+    or 0400, holding hex), ``$RALU_ARTIFACT_KEY_FILE``, or the default key file (created on first use)."""
     if isinstance(key, bytes):
-        if len(key) < 16:
-            raise ValueError("key: use at least 16 bytes")
+        if len(key) < MIN_KEY_BYTES:
+            raise ValueError(f"key: {len(key)} bytes; use at least {MIN_KEY_BYTES} random bytes "
+                             "(e.g. secrets.token_bytes(32))")
         return key
     if isinstance(key, str) and not os.path.exists(key):
         try:
-            return _key(bytes.fromhex(key))
+            raw = bytes.fromhex(key)
         except ValueError:
             raise ValueError("key: bytes, a hex string or a key file path") from None
+        return _key(raw)
     path = Path(key or os.environ.get("RALU_ARTIFACT_KEY_FILE") or default_cache_root() / "artifact.key")
     if not path.exists():
         if key is not None or os.environ.get("RALU_ARTIFACT_KEY_FILE"):
@@ -93,8 +143,16 @@ def _key(key) -> bytes:
         _private_dir(path.parent)
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         with os.fdopen(fd, "w") as f:
-            f.write(secrets.token_hex(32))
-    return bytes.fromhex(path.read_text().strip())
+            f.write(secrets.token_hex(MIN_KEY_BYTES))
+    _check_key_file(path)
+    try:
+        data = bytes.fromhex(path.read_text().strip())
+    except ValueError:
+        raise ArtifactError(f"artifact key file {path} does not hold a hex key") from None
+    if len(data) < MIN_KEY_BYTES:
+        raise ArtifactError(f"artifact key file {path} holds {len(data)} bytes; use at least {MIN_KEY_BYTES} random "
+                            f"bytes (e.g. python -c 'import secrets; print(secrets.token_hex({MIN_KEY_BYTES}))')")
+    return data
 
 
 def environment() -> dict:
@@ -163,10 +221,14 @@ def verify_compile_artifacts(path: str | os.PathLike, *, key=None, data: bytes |
 
 def load_compile_artifacts(path: str | os.PathLike, *, key=None, trust: bool = False) -> bool:
     """Load a bundle written by :func:`save_compile_artifacts` (in a fresh process, before compiling), after
-    :func:`verify_compile_artifacts` (skipped with ``trust=True``). Returns False when the file does not exist."""
+    :func:`verify_compile_artifacts` (skipped with ``trust=True``). Returns False when the file does not exist.
+    A bundle, manifest or folder that other users can write is refused even with ``trust=True``."""
     p = Path(path)
     if not p.exists():
         return False
+    for what, q in (("bundle", p), ("manifest", _manifest_path(p)), ("bundle folder", p.resolve().parent)):
+        if q.exists():
+            _check_not_writable_by_others(q, what)
     data = p.read_bytes()
     if not trust:
         verify_compile_artifacts(p, key=key, data=data)

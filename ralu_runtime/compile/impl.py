@@ -19,9 +19,10 @@ backend (:func:`attention_tag`); compiled block functions are kept per (block ki
 is chosen when a graph is traced and dynamo does not guard on it.
 
 Packed calls (many requests in one model call, :meth:`ralu_runtime.compile.StageRunner.packed`): the adapters' packed
-block functions come through :meth:`BackendImpl.block` under their own names (``flux_double_packed``,
-``flux_single_packed``, ``sd3_joint_packed``) and are always compiled with ``dynamic=True`` (their token and segment
-counts change with every mix of requests), whatever ``CompileOptions.dynamic`` says for the unpacked blocks.
+block functions come through :meth:`BackendImpl.block` under the block's name with the mode's suffix
+(``flux_double_packed``, ``sd3_joint_packed``, ``wan_block_packed``, ...) and are always compiled with
+``dynamic=True`` (their token and segment counts change with every mix of requests), whatever
+``CompileOptions.dynamic`` says for the unpacked blocks. Sharded calls' blocks (suffix ``_sp``) follow it.
 """
 from __future__ import annotations
 

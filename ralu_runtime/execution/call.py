@@ -86,4 +86,25 @@ def current_sharding():
     return None if state is None else state.sharding
 
 
-__all__ = ["CallState", "EAGER", "ModelImpl", "call_scope", "current_cache", "current_call", "current_sharding"]
+_INTERRUPT: contextvars.ContextVar[Callable[[], None] | None] = contextvars.ContextVar("ralu_interrupt", default=None)
+
+
+@contextlib.contextmanager
+def interrupt_scope(check: Callable[[], None] | None):
+    """Model calls in this block (this thread / context) call ``check()`` before every transformer block; it raises
+    to stop the call there (the serving engine's cancellation and deadlines: a request stops within one block, not
+    one model call). None: no check (plain ``generate`` runs each block stack in one piece)."""
+    token = _INTERRUPT.set(check)
+    try:
+        yield
+    finally:
+        _INTERRUPT.reset(token)
+
+
+def current_interrupt() -> Callable[[], None] | None:
+    """The check of the innermost :func:`interrupt_scope` (None outside one)."""
+    return _INTERRUPT.get()
+
+
+__all__ = ["CallState", "EAGER", "ModelImpl", "call_scope", "current_cache", "current_call", "current_interrupt",
+           "current_sharding", "interrupt_scope"]

@@ -87,7 +87,7 @@ class Mode:
         return module(x)
 
 
-def _call_ada_norm(norm, x, emb):
+def call_ada_norm(norm, x, emb):
     """``norm(x, emb)`` with the calling convention of its class (AdaLayerNormContinuous takes the conditioning
     positionally, the AdaLN-Zero kinds as ``emb=``)."""
     if type(norm).__name__ == "AdaLayerNormContinuous":
@@ -144,9 +144,9 @@ class Dense(Mode):
         return dispatch_attention_fn(q, k, v, attn_mask=None, scale=scale, backend=backend)
 
     def ada_norm(self, norm, x, emb, stream):
-        return _call_ada_norm(norm, x, emb)
+        return call_ada_norm(norm, x, emb)
 
 
 DENSE = Dense()
 
-__all__ = ["DENSE", "Dense", "JOINT", "Mode", "pair_mask_4d"]
+__all__ = ["DENSE", "Dense", "JOINT", "Mode", "call_ada_norm", "pair_mask_4d"]

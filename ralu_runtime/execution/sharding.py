@@ -35,7 +35,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .modes import DENSE, JOINT, Mode, _call_ada_norm, pair_mask_4d
+from .modes import DENSE, JOINT, Mode, call_ada_norm, pair_mask_4d
 
 
 def split_sizes(total: int, parts: int) -> list[int]:
@@ -320,7 +320,7 @@ class Sharded(Mode):
         return DENSE.cross_attend(q, k, v, q_stream=q_stream, kv_stream=kv_stream, backend=backend, scale=scale)
 
     def ada_norm(self, norm, x, emb, stream):
-        return _call_ada_norm(norm, x, emb)
+        return call_ada_norm(norm, x, emb)
 
     def call(self, module, x):
         """``module(x)`` without a diffusers context-parallel gather hook (ralu gathers itself)."""

@@ -11,18 +11,19 @@ A transformer on which ``enable_parallelism(config=ContextParallelConfig(...))``
 config without ``parallel=`` (its process groups are used; its hooks are not: ralu runs the blocks itself and does
 its own sharding).
 
-Why ralu shards itself: ralu runs FLUX's blocks with its own attention call and per-token positions and never calls
-``transformer.forward``, where diffusers' ``_cp_plan`` hooks split the inputs; and RALU's token counts change per
-stage and are rarely divisible by the number of GPUs. Here every model call's joint ``[text ; image]`` sequence is
-cut into contiguous shards of any sizes (:mod:`.attention`); attention is exact (Ulysses all-to-all over heads,
-K/V all-gather across ring groups, padding removed before the softmax); the velocity is all-gathered so every rank
-holds the same state, and the ranks' inputs are compared at each stage (:mod:`.plan`).
+Why ralu shards itself: ralu runs each family's blocks with its own attention call and per-token positions and
+never calls ``transformer.forward``, where diffusers' ``_cp_plan`` hooks split the inputs; and RALU's token counts
+change per stage and are rarely divisible by the number of GPUs. Here every model call's joint ``[text ; image]``
+sequence is cut into contiguous shards of any sizes; attention is exact (Ulysses all-to-all over heads, K/V
+all-gather across ring groups, padding removed before the softmax: :mod:`ralu_runtime.execution.sharding`); the
+velocity is all-gathered so every rank holds the same state, and the ranks' inputs are compared at each stage
+(:mod:`.plan`). The blocks run in the ``Sharded`` execution mode that this package's plan drives.
 
-Supported: FLUX.1 (dev, schnell), eager and ``backend="inductor"`` (the attention is one custom op inside the
-compiled block graphs), feature caches (``cache="taylorseer:..."``, ``"fbcache:..."``), any ulysses x ring
-factorisation, token counts and head counts that do not divide. Refused before any work: other families, the onnx /
-tensorrt backends, the serving engine's batched calls, diffusers tensor parallelism, configs that do not match the
-process group.
+Supported: every family (FLUX.1, SD3/SD3.5, FLUX.2, Qwen-Image, Z-Image, Chroma, Wan, HunyuanVideo 1.5), eager
+and ``backend="inductor"`` (the attention is one custom op inside the compiled block graphs), feature caches
+(``cache="taylorseer:..."``, ``"fbcache:..."``), any ulysses x ring factorisation, token counts and head counts
+that do not divide. Refused before any work: the onnx / tensorrt backends, the serving engine's batched calls,
+diffusers tensor parallelism, configs that do not match the process group.
 """
 from __future__ import annotations
 

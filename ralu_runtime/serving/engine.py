@@ -30,7 +30,9 @@ Admission: at most ``max_active`` requests run at once; up to ``max_queue`` more
 :meth:`Engine.submit` raises :class:`EngineBusy` at once (nothing is dropped silently). Arguments are checked
 at submission with :func:`ralu_runtime.prepare` (the same checks as ``generate``). Per-request
 deadlines (:class:`DeadlineExceeded`) and cancellation (:class:`RequestCancelled`) take effect while queued and
-at the request's next model call. :meth:`Engine.shutdown` finishes (``drain=True``) or rejects queued work.
+before the request's next transformer block (a packed call stops once every request in it is stopped). The work
+of a request is bounded at submission (``EngineConfig.max_images`` / ``max_token_steps``,
+:mod:`ralu_runtime.limits`). :meth:`Engine.shutdown` finishes (``drain=True``) or rejects queued work.
 """
 from __future__ import annotations
 
@@ -45,6 +47,7 @@ from typing import Any, Callable
 import torch
 
 from ..adapters.base import current_cache
+from ..execution.call import interrupt_scope
 
 __all__ = ["Engine", "EngineConfig", "RequestHandle", "EngineBusy", "EngineClosed", "DeadlineExceeded",
            "RequestCancelled", "DEFAULT_TOKEN_BUDGET"]
@@ -53,7 +56,7 @@ DEFAULT_TOKEN_BUDGET = 16384
 """Tokens per packed model call by default (see README "Serving" for the measurement that chose it)."""
 
 # generate() arguments a request may not set: they belong to the engine (its pipeline, backend, thread pool)
-ENGINE_OWNED = ("backend", "compile_options", "torch_dtype", "device", "progress", "parallel", "precision")
+ENGINE_OWNED = ("backend", "compile_options", "torch_dtype", "device", "progress", "parallel", "precision", "limits")
 
 
 class EngineBusy(RuntimeError):
@@ -77,13 +80,17 @@ class EngineConfig:
     """Engine limits. ``token_budget``: tokens per packed model call (None: :data:`DEFAULT_TOKEN_BUDGET`);
     ``max_active``: requests running at once (one worker thread each); ``max_queue``: requests waiting beyond
     those; ``gather_timeout_s``: how long a waiting call may wait for requests busy outside the model;
-    ``packed``: False runs every model call unpacked (same scheduler; for comparisons)."""
+    ``packed``: False runs every model call unpacked (same scheduler; for comparisons). ``max_images`` /
+    ``max_token_steps``: the work a request may ask for (:mod:`ralu_runtime.limits`; None: the process-wide
+    defaults of :func:`ralu_runtime.limits.set_limits` when the request is submitted), checked at submission."""
 
     token_budget: int | None = None
     max_active: int = 8
     max_queue: int = 64
     gather_timeout_s: float = 0.005
     packed: bool = True
+    max_images: int | None = None
+    max_token_steps: int | None = None
 
     def __post_init__(self):
         for name in ("max_active", "max_queue"):
@@ -96,6 +103,15 @@ class EngineConfig:
             raise ValueError(f"token_budget={self.token_budget!r}: use a positive int (tokens per model call)")
         if not isinstance(self.gather_timeout_s, (int, float)) or not 0 <= self.gather_timeout_s <= 10:
             raise ValueError(f"gather_timeout_s={self.gather_timeout_s!r}: use seconds in [0, 10]")
+        self.limits()  # bad max_images / max_token_steps fail here
+
+    def limits(self):
+        """The :class:`~ralu_runtime.limits.Limits` of a request submitted now (unset fields: the process-wide
+        defaults)."""
+        from ..limits import resolve_limits
+
+        return resolve_limits({k: v for k, v in (("max_images", self.max_images),
+                                                  ("max_token_steps", self.max_token_steps)) if v is not None})
 
 
 _OUTCOMES = ("ok", "error", "cancelled", "deadline", "rejected")
@@ -215,6 +231,19 @@ class _Call:
     done: threading.Event = field(default_factory=threading.Event)
 
 
+def _all_stopped(reqs: list) -> None:
+    """Raise the first request's cancellation / deadline error when every request in ``reqs`` is stopped."""
+    errors = []
+    for r in reqs:
+        try:
+            r._check()
+        except (RequestCancelled, DeadlineExceeded) as e:
+            errors.append(e)
+        else:
+            return
+    raise errors[0]
+
+
 def call_tokens(tokens: torch.Tensor, cond) -> int:
     """Tokens a model call processes: images x image tokens, doubled for classifier-free guidance."""
     data = getattr(cond, "data", None) or {}
@@ -274,7 +303,7 @@ class Engine:
                                        or not deadline_s > 0):
             raise ValueError(f"deadline_s={deadline_s!r}: use seconds > 0, or None")
         call = {**self.defaults, **kwargs, "prompt": prompt, "progress": False}
-        plan = prepare(self.pipe, **call)
+        plan = prepare(self.pipe, **call, limits=self.config.limits())
         tokens = self._max_tokens(plan)
         req = RequestHandle(next(self._ids), call, tokens,
                             None if deadline_s is None else time.monotonic() + deadline_s, plan)
@@ -414,7 +443,8 @@ class Engine:
         outcome, result, error = "ok", None, None
         try:
             req._check()
-            result = run(req.plan, model_call=self._hook(req), final_decode=self._decode_hook(req))
+            with interrupt_scope(req._check):  # a cancelled / expired request stops before its next block
+                result = run(req.plan, model_call=self._hook(req), final_decode=self._decode_hook(req))
         except RequestCancelled as e:
             outcome, error = "cancelled", e
         except DeadlineExceeded as e:
@@ -529,13 +559,20 @@ class Engine:
 
                 runner = getattr(packed[0].fn, "packed", None)  # the installed backend's packed entry, if any
                 vcalls = [VelocityCall(*c.args) for c in packed]
-                with torch.no_grad():  # as generate, whose model calls these are
+                reqs = [c.req for c in packed]
+                # the packed call stops within one block once every request in it is cancelled or expired
+                with torch.no_grad(), interrupt_scope(lambda: _all_stopped(reqs)):  # as generate: no grad
                     outs = runner(vcalls) if runner is not None else self.adapter.packed_velocity(vcalls)
                 for c, v in zip(packed, outs):
                     c.result = v
         except BaseException as e:  # noqa: BLE001 - every request of the packed call gets the error
             for c in packed:
                 c.error = e
+                if isinstance(e, (RequestCancelled, DeadlineExceeded)):
+                    try:
+                        c.req._check()  # its own cancellation / deadline error
+                    except BaseException as own:  # noqa: BLE001
+                        c.error = own
         for c in calls:
             if id(c) not in ids:
                 try:

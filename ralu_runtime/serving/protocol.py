@@ -4,8 +4,10 @@
 Request parsing (:func:`parse_request`, :func:`read_body`), the mapping of engine errors to OpenAI-shaped error
 responses (:class:`ApiError`, :func:`submit_error`, :func:`result_error`, :func:`unavailable`,
 :func:`install_error_handlers`), the response bodies (:func:`generation_body`, :func:`models_body`, :func:`png_b64`),
-and the metrics pieces (:class:`EngineCollector` for Prometheus, :class:`CountResponses` counting responses by path
-and status, :func:`retry_after_s`). See :mod:`ralu_runtime.serving.http` for the endpoints and error codes.
+the metrics pieces (:class:`EngineCollector` for Prometheus, :class:`CountResponses` counting responses by path
+and status, :func:`retry_after_s`), and who may call (:class:`AccessPolicy` and the :class:`Guard` middleware: API
+keys, the ``Host`` header, ``Origin`` / CORS, body media types). See :mod:`ralu_runtime.serving.http` for the
+endpoints and error codes.
 """
 from __future__ import annotations
 
@@ -18,22 +20,26 @@ import re
 import secrets
 import threading
 import time
+from dataclasses import dataclass
 
 try:
     from fastapi import Request
     from fastapi.responses import JSONResponse
+    from starlette.requests import ClientDisconnect
     from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
     from starlette.exceptions import HTTPException as StarletteHTTPException
 except ImportError as _exc:  # pragma: no cover - exercised in a subprocess by tests/test_serving_http.py
     raise ImportError(f"the ralu HTTP server needs {_exc.name or 'fastapi and prometheus_client'}, which is not "
                       "installed: pip install -e '.[serve]' (fastapi, uvicorn, prometheus_client)") from _exc
 
+from .access import AccessPolicy, is_loopback, parse_api_keys
 from .engine import DeadlineExceeded, EngineBusy, EngineClosed, RequestCancelled
 
-__all__ = ["GENERATIONS_PATH", "MAX_BODY_BYTES", "MAX_IMAGES", "REQUEST_FIELDS", "ApiError", "CountResponses",
-           "EngineCollector", "error_response", "generation_body", "install_error_handlers", "models_body",
-           "one_line", "parse_request", "png_b64", "read_body", "result_error", "retry_after_s", "submit_error",
-           "unavailable"]
+__all__ = ["GENERATIONS_PATH", "MAX_BODY_BYTES", "MAX_IMAGES", "REQUEST_FIELDS", "IGNORED_FIELDS", "RANGES",
+           "DEFAULT_REQUEST_TIMEOUT_S", "AccessPolicy", "ApiError", "ClientGone", "CountResponses", "Encoding",
+           "EngineCollector", "Guard", "encode_images", "error_response", "generation_body", "install_error_handlers",
+           "is_loopback", "model_body", "models_body", "one_line", "parse_api_keys", "parse_request", "png_b64",
+           "read_body", "result_error", "retry_after_s", "shutting_down_health", "submit_error", "unavailable"]
 
 logger = logging.getLogger("ralu.serve")
 
@@ -41,6 +47,7 @@ GENERATIONS_PATH = "/v1/images/generations"
 MAX_BODY_BYTES = 1 << 20
 MAX_IMAGES = 10                     # OpenAI's own limit for n
 SEED_RANGE = 2**32                  # seeds the server draws (exact in every JSON client)
+DEFAULT_REQUEST_TIMEOUT_S = 600.0   # a request's deadline when it sets none (and the most it may set)
 
 
 # request field -> (JSON type, generate() argument or None when the API layer handles it)
@@ -50,8 +57,16 @@ REQUEST_FIELDS = {
     "speedup": ("string", "speedup"), "seed": ("integer", "seed"), "steps": ("integer", "num_inference_steps"),
     "guidance_scale": ("number", "guidance_scale"), "negative_prompt": ("string", "negative_prompt"),
     "solver": ("string", "solver"), "cache": ("string", "cache"), "region_source": ("string", "region_source"),
-    "timeout": ("number", None),
+    "timeout": ("number", None), "output_format": ("string", None), "output_compression": ("integer", None),
+    "quality": ("string", None), "style": ("string", None), "background": ("string", None),
+    "moderation": ("string", None),
 }
+# OpenAI fields accepted and ignored: they have no meaning for these models (documented in docs/serving.md)
+IGNORED_FIELDS = ("quality", "style", "background", "moderation")
+# numeric fields: (lowest, highest) allowed, both included (n: up to the server's max_images)
+RANGES = {"n": (1, MAX_IMAGES), "seed": (0, 2**64 - 1), "steps": (1, 1000), "guidance_scale": (0.0, 100.0),
+          "timeout": (0.001, 7 * 86400.0), "output_compression": (0, 100)}
+OUTPUT_FORMATS = {"png": "PNG", "jpeg": "JPEG", "webp": "WEBP"}
 # generate()'s (and the engine's) argument names in error messages -> the request field they come from
 _PARAM_OF = {gen: name for name, (_, gen) in REQUEST_FIELDS.items() if gen} | {
     "height": "size", "width": "size", "deadline_s": "timeout"}
@@ -71,6 +86,7 @@ class ApiError(Exception):
 def error_response(status: int, message: str, param=None, code=None, headers=None) -> JSONResponse:
     """A JSON response in the OpenAI error shape ``{"error": {message, type, param, code}}``."""
     kind = "invalid_request_error" if status < 500 else "server_error"
+    message = message.encode("utf-8", "backslashreplace").decode("utf-8")   # no lone surrogate reaches the encoder
     return JSONResponse({"error": {"message": message, "type": kind, "param": param, "code": code}},
                         status_code=status, headers=headers)
 
@@ -93,13 +109,38 @@ def _param_of(message: str) -> str | None:
     return next((field for word, field in _PARAM_HINTS if word in low), None)
 
 
+def _shown(value) -> str:
+    """A request value for an error message: scalars as JSON (cut at 60 characters), arrays and objects by kind."""
+    if isinstance(value, list):
+        return "an array"
+    if isinstance(value, dict):
+        return "an object"
+    text = json.dumps(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
 def _check_type(name: str, value, kind: str) -> None:
     ok = {"string": isinstance(value, str),
           "integer": isinstance(value, int) and not isinstance(value, bool),
           "number": isinstance(value, (int, float)) and not isinstance(value, bool)}[kind]
     if not ok:
-        raise ApiError(400, f"{name}={json.dumps(value)} is not allowed: need {'an' if kind == 'integer' else 'a'} "
+        raise ApiError(400, f"{name}={_shown(value)} is not allowed: need {'an' if kind == 'integer' else 'a'} "
                             f"{kind}", param=name, code="invalid_type")
+
+
+def _check_range(name: str, value, lo, hi) -> None:
+    if not (isinstance(value, int) or math.isfinite(value)) or not lo <= value <= hi:
+        raise ApiError(400, f"{name}={_shown(value)} is not allowed: need a value in [{lo}, {hi}]", param=name,
+                       code="invalid_value")
+
+
+def _unicode_ok(text: str) -> bool:
+    """False for strings with a lone surrogate (JSON's "\\ud800"), which no tokenizer or UTF-8 encoder takes."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def _parse_size(size: str) -> tuple[int, int] | None:
@@ -113,35 +154,55 @@ def _parse_size(size: str) -> tuple[int, int] | None:
     return int(m.group(2)), int(m.group(1))
 
 
+@dataclass(frozen=True)
+class Encoding:
+    """How a response's images are written: ``format`` (png, jpeg, webp) and ``quality`` (0..100, jpeg / webp)."""
+
+    format: str = "png"
+    quality: int = 100
+
+
 def parse_request(body: dict, *, model_name: str, max_images: int, default_deadline_s: float | None):
-    """A request body -> ``(generate kwargs, deadline_s, seed)``; :class:`ApiError` for anything not allowed
-    that the engine does not check itself (field names, JSON types, size syntax, response_format, model, n)."""
+    """A request body -> ``(generate kwargs, deadline_s, seed, Encoding)``; :class:`ApiError` for anything not
+    allowed that the engine does not check itself (field names, JSON types, text that is not Unicode, numbers out
+    of :data:`RANGES`, size syntax, response_format, output_format, model, n)."""
     if not isinstance(body, dict):
         raise ApiError(400, f"the request body must be a JSON object, got {type(body).__name__}",
                        code="invalid_json")
+    bad_keys = [k for k in body if not _unicode_ok(k)]
+    if bad_keys:
+        raise ApiError(400, "a field name is not valid Unicode (a lone surrogate)", code="invalid_value")
     unknown = sorted(set(body) - set(REQUEST_FIELDS))
     if unknown:
-        raise ApiError(400, f"unknown field{'s' if len(unknown) > 1 else ''}: {', '.join(unknown)} (allowed: "
-                            f"{', '.join(REQUEST_FIELDS)})", param=unknown[0], code="unknown_parameter")
+        shown = ", ".join(_shown(k) for k in unknown[:10]) + (", ..." if len(unknown) > 10 else "")
+        raise ApiError(400, f"unknown field{'s' if len(unknown) > 1 else ''}: {shown} (allowed: "
+                            f"{', '.join(REQUEST_FIELDS)})", param=unknown[0][:60], code="unknown_parameter")
     if body.get("prompt") is None:
         raise ApiError(400, "missing required field: prompt", param="prompt", code="missing_required_parameter")
     fields = {k: v for k, v in body.items() if v is not None}    # null means "not given", as OpenAI's clients send
     for name, value in fields.items():
         _check_type(name, value, REQUEST_FIELDS[name][0])
+        if isinstance(value, str) and not _unicode_ok(value):
+            raise ApiError(400, f"{name} is not valid Unicode text (it holds a lone surrogate)", param=name,
+                           code="invalid_value")
+        if name in RANGES:
+            lo, hi = (1, max_images) if name == "n" else RANGES[name]
+            _check_range(name, value, lo, hi)
     fmt = fields.get("response_format", "b64_json")
     if fmt != "b64_json":
         why = (" ralu serve returns images inline and hosts no files to link to" if fmt == "url" else "")
-        raise ApiError(400, f"response_format={fmt!r} is not supported:{why}; use 'b64_json'",
+        raise ApiError(400, f"response_format={_shown(fmt)} is not supported:{why}; use 'b64_json'",
                        param="response_format", code="invalid_value")
+    out_fmt = fields.get("output_format", "png").lower()
+    if out_fmt not in OUTPUT_FORMATS:
+        raise ApiError(400, f"output_format={_shown(fields['output_format'])} is not allowed: use "
+                            f"{', '.join(OUTPUT_FORMATS)}", param="output_format", code="invalid_value")
+    encoding = Encoding(out_fmt, fields.get("output_compression", 100))
     if "model" in fields and fields["model"] != model_name:
-        raise ApiError(404, f"model {fields['model']!r} is not served here; this server serves {model_name!r}",
-                       param="model", code="model_not_found")
-    n = fields.get("n", 1)
-    if not 1 <= n <= max_images:
-        raise ApiError(400, f"n={n} is not allowed: need an integer in [1, {max_images}]", param="n",
-                       code="invalid_value")
+        raise ApiError(404, f"model {_shown(fields['model'])} is not served here; this server serves "
+                            f"{model_name!r}", param="model", code="model_not_found")
     kwargs = {gen: fields[name] for name, (_, gen) in REQUEST_FIELDS.items() if gen and name in fields}
-    kwargs["num_images_per_prompt"] = n
+    kwargs["num_images_per_prompt"] = fields.get("n", 1)
     if "speedup" in kwargs:
         value = kwargs["speedup"].strip().lower()
         kwargs["speedup"] = None if value in _SPEEDUP_NONE else value
@@ -154,25 +215,43 @@ def parse_request(body: dict, *, model_name: str, max_images: int, default_deadl
     deadline = default_deadline_s
     if "timeout" in fields:
         t = fields["timeout"]
-        if not (math.isfinite(t) and t > 0):
-            raise ApiError(400, f"timeout={t} is not allowed: need seconds > 0", param="timeout", code="invalid_value")
         deadline = t if deadline is None else min(t, deadline)
-    return kwargs, deadline, kwargs["seed"]
+    return kwargs, deadline, kwargs["seed"], encoding
 
 
-def png_b64(images) -> list[str]:
-    """PIL images -> base64 PNG strings (the ``b64_json`` of a generation)."""
+def encode_images(images, encoding: Encoding = Encoding()) -> list[str]:
+    """PIL images -> base64 strings in ``encoding`` (the ``b64_json`` of a generation): PNG (lossless; quality
+    ignored), JPEG or WebP at ``encoding.quality``."""
     out = []
     for img in images:
         buf = io.BytesIO()
-        img.save(buf, format="PNG")
+        if encoding.format == "png":
+            img.save(buf, format="PNG")
+        else:
+            if img.mode not in ("RGB", "L"):
+                img = img.convert("RGB")
+            img.save(buf, format=OUTPUT_FORMATS[encoding.format], quality=int(encoding.quality))
         out.append(base64.b64encode(buf.getvalue()).decode("ascii"))
     return out
+
+
+def png_b64(images) -> list[str]:
+    """PIL images -> base64 PNG strings."""
+    return encode_images(images)
 
 
 def unavailable(why: str, retry_after: str) -> ApiError:
     """503 with ``Retry-After`` (a full queue, a server shutting down, no replica left)."""
     return ApiError(503, why, code="unavailable", headers={"Retry-After": retry_after})
+
+
+def shutting_down_health(body: dict, retry_after: str) -> JSONResponse:
+    """``/health`` of a server that is stopping: 503 with Retry-After, ``status`` "shutting_down" and the OpenAI
+    ``error`` object new requests get."""
+    error = {"message": "the server is shutting down: no new requests", "type": "server_error", "param": None,
+             "code": "unavailable"}
+    return JSONResponse({**body, "status": "shutting_down", "error": error}, status_code=503,
+                        headers={"Retry-After": retry_after})
 
 
 def submit_error(exc: BaseException, retry_after) -> ApiError | None:
@@ -199,36 +278,64 @@ def result_error(exc: BaseException, deadline, retry_after) -> ApiError:
     return ApiError(500, f"generation failed: {kind}: {one_line(exc)}", code="internal_error")
 
 
-def generation_body(b64_images: list[str], timings: dict, schedule: str | None, seed: int) -> dict:
-    """The response body of a generation: OpenAI's ``created`` and ``data``, and ralu's timings, schedule, seed."""
+def generation_body(b64_images: list[str], timings: dict, schedule: str | None, seed: int,
+                    output_format: str = "png") -> dict:
+    """The response body of a generation: OpenAI's ``created``, ``data`` and ``output_format``, and ralu's timings,
+    schedule, seed."""
     return {"created": int(time.time()), "data": [{"b64_json": b} for b in b64_images],
-            "ralu": {"timings": timings, "schedule": schedule, "seed": seed}}
+            "output_format": output_format, "ralu": {"timings": timings, "schedule": schedule, "seed": seed}}
+
+
+def model_body(model_name: str, started: float) -> dict:
+    """The served model as the OpenAI models API describes one (``GET /v1/models/{id}``)."""
+    return {"id": model_name, "object": "model", "created": int(started), "owned_by": "ralu"}
 
 
 def models_body(model_name: str, started: float) -> dict:
     """``GET /v1/models``: the served model, as the OpenAI models API lists it."""
-    return {"object": "list", "data": [{"id": model_name, "object": "model", "created": int(started),
-                                        "owned_by": "ralu"}]}
+    return {"object": "list", "data": [model_body(model_name, started)]}
+
+
+def model_or_404(model_id: str, model_name: str, started: float) -> dict:
+    """``GET /v1/models/{id}``: the served model, or 404 in the OpenAI shape for any other id."""
+    if model_id != model_name:
+        raise ApiError(404, f"model {_shown(model_id)} is not served here; this server serves {model_name!r}",
+                       param="model", code="model_not_found")
+    return model_body(model_name, started)
+
+
+class ClientGone(Exception):
+    """The client hung up before its request body arrived (logged as one line; nobody reads the answer)."""
+
+
+def _no_constant(name: str):
+    raise ValueError(f"{name} is not a JSON number")
 
 
 async def read_body(request: Request, max_body_bytes: int):
     """The request's JSON body; 413 over ``max_body_bytes`` (by Content-Length or while streaming), 400 when it is
-    not JSON."""
+    not JSON (also NaN / Infinity and nesting too deep to parse); :class:`ClientGone` when the client hangs up."""
     length = request.headers.get("content-length")
     if length is not None and length.isdigit() and int(length) > max_body_bytes:
         raise ApiError(413, f"request body of {int(length)} bytes is over the limit of {max_body_bytes}",
                        code="request_too_large")
     chunks, size = [], 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > max_body_bytes:
-            raise ApiError(413, f"request body is over the limit of {max_body_bytes} bytes",
-                           code="request_too_large")
-        chunks.append(chunk)
     try:
-        return json.loads(b"".join(chunks))
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > max_body_bytes:
+                raise ApiError(413, f"request body is over the limit of {max_body_bytes} bytes",
+                               code="request_too_large")
+            chunks.append(chunk)
+    except ClientDisconnect:
+        raise ClientGone(f"client hung up after {size} bytes of its request body") from None
+    try:
+        return json.loads(b"".join(chunks), parse_constant=_no_constant)
+    except RecursionError:
+        raise ApiError(400, "the request body is not valid JSON: nested too deeply", code="invalid_json") from None
     except (ValueError, UnicodeDecodeError) as exc:
-        raise ApiError(400, f"the request body is not valid JSON: {one_line(exc)}", code="invalid_json") from None
+        raise ApiError(400, f"the request body is not valid JSON: {one_line(exc)[:200]}",
+                       code="invalid_json") from None
 
 
 def install_error_handlers(app) -> None:
@@ -237,6 +344,11 @@ def install_error_handlers(app) -> None:
     @app.exception_handler(ApiError)
     async def _api_error(request, exc: ApiError):
         return error_response(exc.status, exc.message, exc.param, exc.code, exc.headers)
+
+    @app.exception_handler(ClientGone)
+    async def _client_gone(request, exc: ClientGone):
+        logger.info("%s %s: %s", request.method, request.url.path, exc)
+        return JSONResponse({}, status_code=499)     # nginx's "client closed request": nobody reads it
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(request, exc):
@@ -309,7 +421,20 @@ class CountResponses:
                     self.counts[key] = self.counts.get(key, 0) + 1
             await send(message)
 
-        await self.app(scope, receive, counting_send)
+        started = False
+
+        async def counting_send_once(message):
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await counting_send(message)
+
+        try:
+            await self.app(scope, receive, counting_send_once)
+        except BaseException:
+            if not started:      # the outer error middleware answers 500: count it here
+                with self.lock:
+                    self.counts[(path, 500)] = self.counts.get((path, 500), 0) + 1
+            raise
 
 
 def retry_after_s(metrics: dict) -> str:
@@ -320,3 +445,43 @@ def retry_after_s(metrics: dict) -> str:
     return str(int(min(60, max(1, math.ceil(mean)))))
 
 
+
+
+class Guard:
+    """Pure ASGI middleware applying an :class:`AccessPolicy` before the app (421 foreign Host, 403 foreign
+    Origin, 401 without a valid key, 415 for a body type not accepted; OpenAI-shaped), and CORS headers and
+    preflight answers for the configured origins only."""
+
+    def __init__(self, app, policy: AccessPolicy):
+        self.app, self.policy = app, policy
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        headers = {}
+        for k, v in scope.get("headers", ()):
+            headers.setdefault(k.decode("latin-1").lower(), v.decode("latin-1"))
+        method, path = scope.get("method", "GET"), scope.get("path", "")
+        origin = headers.get("origin")
+        cors = origin is not None and bool(self.policy.cors_origins) and self.policy.origin_ok(origin)
+        extra = ({"Access-Control-Allow-Origin": origin, "Vary": "Origin"} if cors else {})
+        if cors and method == "OPTIONS" and "access-control-request-method" in headers \
+                and self.policy.host_ok(headers.get("host")):
+            response = JSONResponse(None, status_code=204, headers={
+                **extra, "Access-Control-Allow-Methods": "GET, POST",
+                "Access-Control-Allow-Headers": "authorization, content-type", "Access-Control-Max-Age": "600"})
+            return await response(scope, receive, send)
+        err = self.policy.check(method, path, headers)
+        if err is not None:
+            response = error_response(err.status, err.message, None, err.code, {**(err.headers or {}), **extra})
+            return await response(scope, receive, send)
+        if not extra:
+            return await self.app(scope, receive, send)
+
+        async def send_with_cors(message):
+            if message["type"] == "http.response.start":
+                message = {**message, "headers": [*message.get("headers", []),
+                                                  *((k.lower().encode(), v.encode()) for k, v in extra.items())]}
+            await send(message)
+
+        await self.app(scope, receive, send_with_cors)

@@ -58,6 +58,7 @@ except ImportError as _exc:  # pragma: no cover - exercised in a subprocess by t
 from fastapi import Request  # module-level: the route annotations are strings (from __future__ import annotations)
 
 from . import protocol
+from .access import AccessPolicy, is_loopback, parse_api_keys
 from .engine import DeadlineExceeded, EngineBusy, EngineClosed, EngineConfig, RequestCancelled
 
 __all__ = ["ReplicaSpec", "IngressOptions", "RaluReplica", "RaluIngress", "RaluBoard", "build_app",
@@ -80,12 +81,14 @@ class ReplicaSpec:
     ``device``: None (a GPU when the replica has one, else the CPU), "cpu" or "cuda". ``dtype``: None (bfloat16 on
     CUDA, float32 on the CPU) or a torch dtype name. ``defaults``: ``generate`` arguments of every request unless
     it sets them. ``max_active``, ``max_queue``, ``token_budget``, ``gather_timeout_s``: the engine's
-    (:class:`EngineConfig`). ``backend``, ``compile_options``: a compile backend for every request (built by the
+    (:class:`EngineConfig`), and ``max_token_steps``, the work one request may ask for (:mod:`ralu_runtime.limits`;
+    None: the library's default). ``backend``, ``compile_options``: a compile backend for every request (built by the
     warm-up). ``compile_artifacts``: a bundle written by ``save_compile_artifacts`` to load first (verified
     against ``artifact_key``, default the node's ``RALU_ARTIFACT_KEY_FILE`` or ``~/.cache/ralu/artifact.key``;
     a missing file is logged and skipped); ``persistent_cache``: True or a folder for inductor's on-disk cache.
     ``warmup``: ``generate`` arguments per warm-up shape (None: one shape, the defaults; ``[]``: no warm-up), each
-    run ``warmup_requests`` times at once through the engine. ``cpus``: CPUs per replica on CPU-only clusters."""
+    run ``warmup_requests`` times at once through the engine. ``cpus``: CPUs per replica on CPU-only clusters.
+    ``log_prompts``: let the libraries' warnings quote prompts (default: redacted)."""
 
     model: Any = "tiny-flux"
     device: str | None = None
@@ -95,6 +98,7 @@ class ReplicaSpec:
     max_queue: int = 64
     token_budget: int | None = None
     gather_timeout_s: float = 0.005
+    max_token_steps: int | None = None
     backend: str | None = None
     compile_options: dict | None = None
     compile_artifacts: str | None = None
@@ -104,6 +108,7 @@ class ReplicaSpec:
     warmup_requests: int = 2
     warmup_timeout_s: float = 3600.0
     cpus: float = 1.0
+    log_prompts: bool = False
 
     def __post_init__(self):
         self.engine_config()        # the engine's own checks, now
@@ -121,7 +126,7 @@ class ReplicaSpec:
 
     def engine_config(self) -> EngineConfig:
         return EngineConfig(token_budget=self.token_budget, max_active=self.max_active, max_queue=self.max_queue,
-                            gather_timeout_s=self.gather_timeout_s)
+                            gather_timeout_s=self.gather_timeout_s, max_token_steps=self.max_token_steps)
 
 
 @dataclass
@@ -129,15 +134,21 @@ class IngressOptions:
     """The HTTP side: ``model_name`` (what clients give as ``model``), ``max_body_bytes``, ``default_deadline_s``,
     ``max_images`` as in :func:`ralu_runtime.serving.http.create_app`; ``max_retries``: how often a request whose
     replica died is sent to another one; ``deadline_slack_s``: how long past a request's deadline the ingress
-    waits for its replica's answer before cancelling the call."""
+    waits for its replica's answer before cancelling the call. ``api_keys``, ``allowed_hosts``, ``cors_origins``:
+    the :class:`~ralu_runtime.serving.access.AccessPolicy` of the ingress (as ``ralu serve``'s); ``bound_host``: the
+    address Ray Serve's proxy listens on (its names are allowed in ``Host``; :func:`run` sets it)."""
 
     model_name: str = "tiny-flux"
     max_body_bytes: int = protocol.MAX_BODY_BYTES
-    default_deadline_s: float | None = None
+    default_deadline_s: float | None = protocol.DEFAULT_REQUEST_TIMEOUT_S
     max_images: int = protocol.MAX_IMAGES
     max_retries: int = 2
     deadline_slack_s: float = 5.0
     board_timeout_s: float = 10.0
+    api_keys: tuple = field(default=(), repr=False)
+    allowed_hosts: tuple = ()
+    cors_origins: tuple = ()
+    bound_host: str | None = None
 
     def __post_init__(self):
         if not isinstance(self.max_body_bytes, int) or self.max_body_bytes < 1:
@@ -148,6 +159,16 @@ class IngressOptions:
             raise ValueError(f"max_retries={self.max_retries!r}: use an int >= 0")
         if not self.deadline_slack_s >= 0:
             raise ValueError(f"deadline_slack_s={self.deadline_slack_s!r}: use seconds >= 0")
+        self.api_keys = parse_api_keys(self.api_keys)
+        self.allowed_hosts, self.cors_origins = tuple(self.allowed_hosts), tuple(self.cors_origins)
+
+    def policy(self) -> AccessPolicy:
+        """The ingress's access policy."""
+        policy = AccessPolicy(api_keys=self.api_keys, allowed_hosts=set(self.allowed_hosts),
+                              cors_origins=self.cors_origins)
+        if self.bound_host is not None:
+            policy.allow_bound_host(self.bound_host)
+        return policy
 
 
 def deployment_options(spec: ReplicaSpec, replicas=None, *, cluster_gpus: float = 0.0,
@@ -226,21 +247,45 @@ class _Snapshot:
 
 class RaluBoard:
     """Where replicas report their engine metrics (:meth:`report`, every second) and the ingress reads them
-    (:meth:`collect`). A replica not heard of for ``stale_after_s`` counts as gone: its last counters stay in the
-    totals, its gauges leave them."""
+    (:meth:`snapshot`, or :meth:`collect` without the liveness check). A replica not heard of for ``stale_after_s``
+    counts as gone: its last counters stay in the totals, its gauges leave them. A replica whose actor has died
+    counts as gone at the next :meth:`snapshot` (Ray knows within a second; the staleness window is 5 s)."""
 
     def __init__(self, stale_after_s: float = STALE_AFTER_S):
         self.stale_after_s = stale_after_s
         self._live: dict[str, tuple[float, dict]] = {}
         self._gone: dict[str, dict] = {}
+        self._actors: dict[str, Any] = {}
 
-    def report(self, replica: str, metrics: dict, final: bool = False) -> None:
+    def report(self, replica: str, metrics: dict, final: bool = False, actor=None) -> None:
         self._gone.pop(replica, None)
         if final:
             self._live.pop(replica, None)
+            self._actors.pop(replica, None)
             self._gone[replica] = metrics
         else:
             self._live[replica] = (time.monotonic(), metrics)
+            if actor is not None:
+                self._actors[replica] = actor
+
+    async def snapshot(self, ping_timeout_s: float = 0.5) -> dict:
+        """:meth:`collect` after asking every live replica's actor whether it is still there: a dead one is gone
+        now (a busy one that does not answer in time stays)."""
+        async def dead(rid, actor) -> str | None:
+            try:
+                await asyncio.wait_for(_awaited(actor.__ray_ready__.remote()), ping_timeout_s)
+            except RayActorError:
+                return rid
+            except Exception:  # noqa: BLE001 - a timeout (busy) or a transient error: the staleness window decides
+                return None
+            return None
+
+        pings = [dead(rid, self._actors[rid]) for rid in list(self._live) if rid in self._actors]
+        for rid in await asyncio.gather(*pings):
+            if rid is not None and rid in self._live:
+                self._gone[rid] = self._live.pop(rid)[1]
+                self._actors.pop(rid, None)
+        return self.collect()
 
     def collect(self) -> dict:
         now = time.monotonic()
@@ -310,6 +355,9 @@ def start_engine(spec: ReplicaSpec, name: str = "local"):
     from ..compile.artifacts import enable_persistent_cache, load_compile_artifacts
     from .engine import Engine
 
+    from .logs import quiet_library_logs
+
+    quiet_library_logs(spec.log_prompts)       # no prompt text (nor torchvision notices) in the replica's log
     t0 = time.perf_counter()
     if spec.persistent_cache:
         enable_persistent_cache(None if spec.persistent_cache is True else spec.persistent_cache)
@@ -357,6 +405,10 @@ class RaluReplica:
     async def __init__(self, spec: ReplicaSpec, board=None):
         self.spec, self.board = spec, board
         self.id = serve.get_replica_context().replica_id.unique_id
+        try:
+            self._actor = ray.get_runtime_context().current_actor    # the board asks it whether it lives
+        except Exception:  # noqa: BLE001 - not in an actor (a test): no liveness check
+            self._actor = None
         self.engine = None
         self.engine, self.info = await asyncio.to_thread(start_engine, spec, self.id)
         self._stop = asyncio.Event()
@@ -366,10 +418,11 @@ class RaluReplica:
             self._reporter = asyncio.get_running_loop().create_task(self._report_loop())
 
     # ------------------------------------------------------------------------------ requests
-    async def generate(self, prompt, kwargs: dict, deadline_s: float | None) -> dict:
-        """Run one request on this replica's engine: ``{"images": [PNG base64], "timings", "schedule",
-        "replica"}``, or ``{"error": {"kind", "type", "message", "stage"}}``. Cancelling the call cancels the engine
-        request."""
+    async def generate(self, prompt, kwargs: dict, deadline_s: float | None,
+                       encoding: protocol.Encoding | None = None) -> dict:
+        """Run one request on this replica's engine: ``{"images": [base64 in ``encoding``, default PNG],
+        "timings", "schedule", "replica"}``, or ``{"error": {"kind", "type", "message", "stage"}}``. Cancelling the
+        call cancels the engine request."""
         try:
             handle = await asyncio.to_thread(self.engine.submit, prompt, deadline_s=deadline_s, output_type="pil",
                                              **kwargs)
@@ -391,7 +444,7 @@ class RaluReplica:
             if err["kind"] == "error":
                 logger.error("replica %s: request %s failed", self.id, handle.id, exc_info=exc)
             return {"error": {**err, "stage": "result"}, "replica": self.id}
-        data = await asyncio.to_thread(protocol.png_b64, out.images)
+        data = await asyncio.to_thread(protocol.encode_images, out.images, encoding or protocol.Encoding())
         schedule = out.schedule.name if out.schedule is not None else None
         return {"images": data, "timings": out.timings, "schedule": schedule, "replica": self.id}
 
@@ -409,7 +462,7 @@ class RaluReplica:
     # ------------------------------------------------------------------------------ reporting, shutdown
     async def _report(self, final: bool = False) -> None:
         try:
-            await asyncio.wait_for(self.board.report.remote(self.id, self.metrics(), final), 10.0)
+            await asyncio.wait_for(self.board.report.remote(self.id, self.metrics(), final, self._actor), 10.0)
         except Exception as exc:  # noqa: BLE001 - the board restarts; the next report fills it again
             logger.debug("replica %s: metrics report failed: %s", self.id, exc)
 
@@ -450,10 +503,51 @@ class RaluIngress:
         self._lock = threading.Lock()
         self._http_counts: dict = {}
         self._counts = {"retries": 0, "replica_failures": 0, "ingress_timeouts": 0}
+        # generations by outcome as clients saw them (a replica's own counts die with it)
+        self._outcomes = dict.fromkeys(("ok", "invalid", "rejected", "cancelled", "deadline", "error"), 0)
         self._last_total: dict | None = None
+        self.closing = False            # from a stop signal on: /health and new requests get 503
+        self._inflight = 0              # generations this ingress is answering
+        self._abort = asyncio.Event()   # set when the grace period is over: unfinished requests get 503
+
+    # -------------------------------------------------------------- shutdown (called by run() through a handle)
+    async def begin_shutdown(self) -> int:
+        """Refuse new requests (503) and report ``/health`` as shutting down; returns the requests in flight."""
+        self.closing = True
+        return self._inflight
+
+    async def inflight(self) -> int:
+        """Generations this ingress is still answering."""
+        return self._inflight
+
+    async def abort_unfinished(self) -> int:
+        """Answer every unfinished request with 503 and Retry-After now (their replica calls are cancelled)."""
+        self.closing = True
+        self._abort.set()
+        return self._inflight
+
+    async def answer(self, prompt, kwargs: dict, deadline, encoding) -> dict:
+        """:meth:`_run`, unless :meth:`abort_unfinished` comes first (then 503 with Retry-After)."""
+        with self._lock:
+            self._inflight += 1
+        run = asyncio.ensure_future(self._run(prompt, kwargs, deadline, encoding))
+        aborted = asyncio.ensure_future(self._abort.wait())
+        try:
+            await asyncio.wait({run, aborted}, return_when=asyncio.FIRST_COMPLETED)
+            if run.done():
+                return run.result()
+            run.cancel()
+            raise protocol.unavailable("the server shut down before this request finished: retry later",
+                                       _retry_after(self._last_total))
+        finally:
+            aborted.cancel()
+            if not run.done():
+                run.cancel()       # the client hung up (this handler was cancelled) or the server stopped
+            with self._lock:
+                self._inflight -= 1
 
     async def _board(self) -> dict:
-        snap = await asyncio.wait_for(self.board.collect.remote(), self.options.board_timeout_s)
+        snap = await asyncio.wait_for(self.board.snapshot.remote(), self.options.board_timeout_s)
         self._last_total = snap["total"]
         return snap
 
@@ -461,7 +555,7 @@ class RaluIngress:
         with self._lock:
             self._counts[name] += 1
 
-    async def _run(self, prompt, kwargs: dict, deadline: float | None) -> dict:
+    async def _run(self, prompt, kwargs: dict, deadline: float | None, encoding=None) -> dict:
         """Send the request to a replica; again to another one when its replica dies (same seed, the rest of its
         deadline), up to ``max_retries`` times."""
         opts = self.options
@@ -473,7 +567,7 @@ class RaluIngress:
             if left is not None and left <= 0:
                 raise protocol.result_error(DeadlineExceeded("the request passed its deadline"), deadline,
                                          lambda: _retry_after(self._last_total))
-            call = self.replicas.generate.remote(prompt, kwargs, left)
+            call = self.replicas.generate.remote(prompt, kwargs, left, encoding)
             try:
                 if left is None:
                     reply = await call
@@ -538,22 +632,47 @@ def build_ingress_app(ingress: RaluIngress):
     opts = ingress.options
     app = FastAPI(title="ralu", docs_url=None, redoc_url=None, openapi_url=None)
     protocol.install_error_handlers(app)
+    app.state.policy = opts.policy()
+    app.add_middleware(protocol.Guard, policy=app.state.policy)   # inside the counter: refusals are counted
     app.add_middleware(protocol.CountResponses, counts=ingress._http_counts, lock=ingress._lock,
                        paths=(protocol.GENERATIONS_PATH, "/health", "/metrics", "/v1/models"))
 
+    def retry_after() -> str:
+        return _retry_after(ingress._last_total)
+
     @app.post(protocol.GENERATIONS_PATH)
     async def generations(request: Request):
+        outcome = "error"
+        try:
+            out = await _generation(request)
+            outcome = "ok"
+            return out
+        except protocol.ApiError as exc:
+            outcome = {503: "rejected", 504: "deadline"}.get(exc.status, "invalid" if exc.status < 500 else "error")
+            raise
+        except (asyncio.CancelledError, protocol.ClientGone):
+            outcome = "cancelled"
+            raise
+        finally:
+            with ingress._lock:
+                ingress._outcomes[outcome] += 1
+
+    async def _generation(request: Request):
         body = await protocol.read_body(request, opts.max_body_bytes)
-        kwargs, deadline, seed = protocol.parse_request(body, model_name=opts.model_name, max_images=opts.max_images,
-                                                     default_deadline_s=opts.default_deadline_s)
+        kwargs, deadline, seed, encoding = protocol.parse_request(
+            body, model_name=opts.model_name, max_images=opts.max_images, default_deadline_s=opts.default_deadline_s)
+        if ingress.closing:
+            raise protocol.unavailable("the server is shutting down: no new requests", retry_after())
         prompt = kwargs.pop("prompt")
-        reply = await ingress._run(prompt, kwargs, deadline)
-        out = protocol.generation_body(reply["images"], reply["timings"], reply["schedule"], seed)
+        reply = await ingress.answer(prompt, kwargs, deadline, encoding)
+        out = protocol.generation_body(reply["images"], reply["timings"], reply["schedule"], seed, encoding.format)
         out["ralu"]["replica"] = reply["replica"]
         return out
 
     @app.get("/health")
     async def health():
+        if ingress.closing:
+            return protocol.shutting_down_health({"model": opts.model_name}, retry_after())
         try:
             snap = await ingress._board()
         except Exception as exc:  # noqa: BLE001 - the board is restarting
@@ -570,6 +689,12 @@ def build_ingress_app(ingress: RaluIngress):
 
         def collect(self):
             yield GaugeMetricFamily("ralu_replicas", "Replicas reporting metrics", value=len(self.snap["replicas"]))
+            replica_requests = CounterMetricFamily("ralu_replica_requests", "Requests the replicas' engines finished "
+                                                   "or refused, by outcome (warm-ups included; the counts since a "
+                                                   "dead replica's last report are lost)", labels=["outcome"])
+            for outcome, count in self.snap["total"]["requests"].items():
+                replica_requests.add_metric([outcome], count)
+            yield replica_requests
             with ingress._lock:
                 counts = dict(ingress._counts)
             yield CounterMetricFamily("ralu_replica_failures", "Requests whose replica died while running them",
@@ -586,13 +711,19 @@ def build_ingress_app(ingress: RaluIngress):
         except Exception as exc:  # noqa: BLE001 - the board is restarting
             raise protocol.unavailable(f"replica metrics unavailable ({type(exc).__name__})", "1") from None
         registry = CollectorRegistry(auto_describe=False)
-        registry.register(protocol.EngineCollector(_Snapshot(snap["total"]), ingress._http_counts, ingress._lock))
+        with ingress._lock:     # ralu_requests_total: generations by outcome as the ingress answered them
+            total = {**snap["total"], "requests": dict(ingress._outcomes)}
+        registry.register(protocol.EngineCollector(_Snapshot(total), ingress._http_counts, ingress._lock))
         registry.register(_Extra(snap))
         return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
 
     @app.get("/v1/models")
     async def models():
         return protocol.models_body(opts.model_name, ingress.started)
+
+    @app.get("/v1/models/{model_id:path}")
+    async def model(model_id: str):
+        return protocol.model_or_404(model_id, opts.model_name, ingress.started)
 
     return app
 
@@ -627,7 +758,10 @@ def build_app(spec: ReplicaSpec, options: IngressOptions | None = None, *, repli
     opts["max_queued_requests"] = max_queued_requests or max(64, spec.max_queue * n)
     board = RaluBoardDeployment.bind()
     replica = RaluReplicaDeployment.options(**opts).bind(spec, board)
-    return RaluIngressDeployment.bind(replica, board, options)
+    # the ingress drains as long as the replicas do (Ray's default would cut its answers off after 20 s)
+    ingress = RaluIngressDeployment.options(graceful_shutdown_timeout_s=grace_s + 10.0,
+                                            graceful_shutdown_wait_loop_s=0.5)
+    return ingress.bind(replica, board, options)
 
 
 def free_port(host: str) -> int:
@@ -637,15 +771,63 @@ def free_port(host: str) -> int:
         return s.getsockname()[1]
 
 
+def _serve_running() -> bool:
+    """True when the connected cluster already runs Ray Serve (its proxy then owns the port)."""
+    try:
+        ray.get_actor("SERVE_CONTROLLER_ACTOR", namespace="serve")
+    except ValueError:
+        return False
+    return True
+
+
+def _check_port(host: str, port: int) -> None:
+    """ValueError (one line) when ``host:port`` cannot be listened on."""
+    try:
+        family, kind, proto, _, addr = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+        with socket.socket(family, kind, proto) as sock:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.bind(addr)
+    except OSError as exc:
+        raise ValueError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
+
+
+def drain_ingress(grace_s: float, poll_s: float = 0.2) -> int:
+    """The stop of a running application, before it is deleted: the ingress answers 503 to ``/health`` and new
+    requests at once, lets the requests it is answering finish for up to ``grace_s`` seconds, then answers the rest
+    with 503 and Retry-After. Returns how many were cut off."""
+    ingress = serve.get_app_handle(APP_NAME)
+    left = ingress.begin_shutdown.remote().result(timeout_s=30)
+    end = time.monotonic() + grace_s
+    while left and time.monotonic() < end:
+        time.sleep(poll_s)
+        left = ingress.inflight.remote().result(timeout_s=30)
+    if not left:
+        return 0
+    cut = ingress.abort_unfinished.remote().result(timeout_s=30)
+    logger.warning("grace period over: %d unfinished request(s) answered with 503", cut)
+    end = time.monotonic() + 10.0
+    while ingress.inflight.remote().result(timeout_s=30) and time.monotonic() < end:
+        time.sleep(poll_s)     # their 503s are written
+    return cut
+
+
 def run(spec: ReplicaSpec, options: IngressOptions | None = None, *, host: str = "127.0.0.1", port: int = 8000,
         address: str | None = None, replicas=None, grace_s: float = 30.0, on_ready: Callable | None = None,
-        stop: threading.Event | None = None) -> None:
+        stop: threading.Event | None = None, insecure: bool = False) -> None:
     """Serve ``spec`` on Ray Serve until SIGINT / SIGTERM (or ``stop`` is set): connect to the Ray cluster at
     ``address`` (None: ``RAY_ADDRESS``, a cluster started with ``ray start`` on this machine, or a new local one),
     start Ray Serve's proxy on ``host:port`` (port 0: a free one), deploy, call ``on_ready(url, status)``, wait;
-    then delete the application (replicas finish their requests for up to ``grace_s``)."""
+    then stop: the ingress answers 503 to ``/health`` and new requests and drains for up to ``grace_s`` (the rest
+    get 503, :func:`drain_ingress`), then the application is deleted. A non-loopback ``host`` without
+    ``options.api_keys`` is refused (ValueError) unless ``insecure``."""
+    import dataclasses
     import signal
 
+    options = options or IngressOptions()
+    if not insecure and not options.api_keys and not is_loopback(host):
+        raise ValueError(f"listening on {host} (not a loopback address) without an API key would let anyone who can "
+                         "reach it use this server: give API keys (--api-key / RALU_API_KEY), or --insecure")
+    options = dataclasses.replace(options, bound_host=host)
     owned = False     # True: this call started a local Ray instance (and stops it at the end)
     if not ray.is_initialized():
         if address is None and not os.environ.get("RAY_ADDRESS"):
@@ -661,11 +843,14 @@ def run(spec: ReplicaSpec, options: IngressOptions | None = None, *, host: str =
         connected = False
     if port == 0:
         port = free_port(host)
+    elif not _serve_running():
+        _check_port(host, port)     # before Ray Serve starts its proxy and the replicas load the model
     stop = stop or threading.Event()
     previous = {}
     if threading.current_thread() is threading.main_thread():
         for sig in (signal.SIGINT, signal.SIGTERM):
             previous[sig] = signal.signal(sig, lambda *_: stop.set())
+    deployed = False
     try:
         serve.start(http_options={"host": host, "port": port})
         try:
@@ -674,6 +859,7 @@ def run(spec: ReplicaSpec, options: IngressOptions | None = None, *, host: str =
         except RuntimeError as exc:     # Ray Serve's message names the deployment; add the replicas' own error
             why = deploy_failure()
             raise RuntimeError(f"{protocol.one_line(exc)}{f' ({why})' if why else ''}") from None
+        deployed = True
         host_url = f"[{host}]" if ":" in host else host
         if on_ready is not None:
             on_ready(f"http://{host_url}:{port}", serve.status().applications[APP_NAME])
@@ -683,10 +869,17 @@ def run(spec: ReplicaSpec, options: IngressOptions | None = None, *, host: str =
         for sig, handler in previous.items():
             signal.signal(sig, handler)
         try:
-            serve.delete(APP_NAME)
-        finally:
-            if owned:
+            if deployed:
+                try:
+                    drain_ingress(grace_s)
+                except Exception as exc:  # noqa: BLE001 - the ingress is gone: delete what is left
+                    logger.warning("could not drain the ingress: %s", protocol.one_line(exc))
+            if not owned:
+                serve.delete(APP_NAME)      # the cluster's proxy stays, and answers 404 from now on
+            elif not deployed:
                 serve.shutdown()
+            # owned and deployed: ray.shutdown() below ends the proxy with everything else (no window of 404s)
+        finally:
             if connected:
                 ray.shutdown()
 

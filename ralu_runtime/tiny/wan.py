@@ -13,10 +13,9 @@
 Scheduler. The published ``scheduler_config.json`` of Wan2.1-T2V-14B/1.3B-Diffusers (from the model cards / HF
 configs, as we know them) is ``UniPCMultistepScheduler(num_train_timesteps=1000, prediction_type="flow_prediction",
 use_flow_sigmas=True, flow_shift=3.0, solver_order=2, ...)``: shift 3.0 is Wan's 480p setting (the model card uses
-5.0 for 720p). ralu integrates with its own solvers (Euler by default), not UniPC, so the tiny pipeline uses
-``FlowMatchEulerDiscreteScheduler(shift=3.0)`` (the same shifted sigmas) by default, which makes ``speedup=None``
-equal to the diffusers pipeline; ``scheduler="unipc"`` gives the published UniPC scheduler (ralu then reads its
-sigmas; see :mod:`ralu_runtime.adapters.wan`).
+5.0 for 720p). RALU presets integrate with ralu's own solvers (Euler by default), not UniPC, so the tiny pipeline
+uses ``FlowMatchEulerDiscreteScheduler(shift=3.0)`` (the same shifted sigmas) by default; ``scheduler="unipc"`` gives
+the published UniPC scheduler (the baseline then follows UniPC's step; see :mod:`ralu_runtime.adapters.wan`).
 """
 from __future__ import annotations
 

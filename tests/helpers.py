@@ -1,0 +1,67 @@
+"""Shared test helpers: a snapshot of everything ralu could change on a user's pipeline, and its comparison.
+
+``snapshot(pipe)`` records, for every ``torch.nn.Module`` component of a diffusers pipeline (transformer(s), VAE,
+text encoders): each submodule's type, identity, training flag, compiled state, forward (pre-)hooks and public attribute names; each
+parameter's identity and version counter; every state-dict value (cloned); the attention processors' types and
+identities. Also the pipeline's attribute names, the scheduler's config and the global torch RNG state.
+``assert_same(before, after)`` fails naming what changed.
+"""
+from __future__ import annotations
+
+import torch
+
+_SIMPLE = (int, float, str, bool, type(None), tuple)
+
+
+def _module_snapshot(mod: torch.nn.Module) -> dict:
+    snap = {
+        "modules": [(n, type(m), id(m), m.training, m._compiled_call_impl is not None,
+                     [id(h) for h in m._forward_hooks.values()], [id(h) for h in m._forward_pre_hooks.values()],
+                     getattr(m, "_diffusers_hook", None) is not None,
+                     sorted(k for k in vars(m) if not k.startswith("_"))) for n, m in mod.named_modules()],
+        "params": [(n, id(p), p._version) for n, p in mod.named_parameters()],
+        "values": {n: t.detach().clone() for n, t in mod.state_dict().items()},
+    }
+    if hasattr(mod, "attn_processors"):
+        snap["processors"] = {k: (type(v), id(v)) for k, v in mod.attn_processors.items()}
+    return snap
+
+
+def _attrs(obj) -> dict:
+    """``{name: (identity, value where it is a plain value)}`` of an object's attributes."""
+    return {k: (id(v), v if isinstance(v, _SIMPLE) else None) for k, v in vars(obj).items()}
+
+
+def snapshot(pipe, *, extra: dict | None = None) -> dict:
+    """Everything ralu could change on ``pipe`` (see the module docstring). ``extra``: ``{name: object}`` whose
+    attributes are compared too (by identity, and by value where they are plain values), e.g. a guider or a RoPE
+    embedder that keeps tables."""
+    snap = {"pipe_attrs": sorted(vars(pipe)), "rng": torch.get_rng_state()}
+    scheduler = getattr(pipe, "scheduler", None)
+    if scheduler is not None:
+        snap["scheduler"] = dict(scheduler.config)
+    for name, comp in pipe.components.items():
+        if isinstance(comp, torch.nn.Module):
+            snap[name] = _module_snapshot(comp)
+    for name, obj in (extra or {}).items():
+        snap[f"extra:{name}"] = _attrs(obj)
+    return snap
+
+
+def assert_same(a: dict, b: dict) -> None:
+    """Fail, naming the component and what changed, unless snapshots ``a`` and ``b`` are equal."""
+    assert a.keys() == b.keys(), f"components added or removed: {sorted(set(a) ^ set(b))}"
+    assert torch.equal(a["rng"], b["rng"]), "the global torch RNG was advanced"
+    for comp in a:
+        if comp == "rng":
+            continue
+        if not isinstance(a[comp], dict) or comp in ("scheduler",) or comp.startswith("extra:"):
+            assert a[comp] == b[comp], f"{comp} changed"
+            continue
+        for key in a[comp]:
+            if key == "values":
+                assert a[comp][key].keys() == b[comp][key].keys(), f"{comp}: parameters added or removed"
+                for n in a[comp][key]:
+                    assert torch.equal(a[comp][key][n], b[comp][key][n]), f"{comp}.{n} changed"
+            else:
+                assert a[comp][key] == b[comp][key], f"{comp}: {key} changed"
