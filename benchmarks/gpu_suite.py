@@ -283,7 +283,8 @@ def latency_families_cmds(ctx: Ctx):
 def precision_cmds(ctx: Ctx):
     if ctx.dry:  # the script's paths (bf16 and fp8 rows, fidelity, claims) at the least cost; --quick runs all rows
         return [([PY, "benchmarks/precision.py", "--quick", "--rows", "baseline-eager-bf16,ralu-7x-eager-fp8",
-                  "--steps", "2", "--warmup", "0", "--out", str(ctx.work), "--tag", "precision_flux_dry_cpu"], {})]
+                  "--steps", "2", "--warmup", "0", "--fp8-kernel", "emulated", "--out", str(ctx.work), "--tag",
+                  "precision_flux_dry_cpu"], {})]  # emulated: torch's CPU _scaled_mm is slower still
     # torch._scaled_mm (row-wise) unless a torchao wheel was carried and installed ("auto" then takes torchao)
     return [([PY, "benchmarks/precision.py", "--out", str(ctx.work)], _fresh_triton_cache(ctx, "precision"))]
 
@@ -640,7 +641,7 @@ def claims(work: Path, results: dict[str, Result], dry: bool) -> list[dict]:
         r = fby.get(f"ralu-{preset}-compiled")
         v = r.get("speedup_vs_baseline-compiled") if r else None
         add(f"{fam} full size: ralu-{preset}-compiled vs default-step compiled",
-            f"{_fmt(v, 'x')}{PARTIAL if part else ''}" if v else "not run", "record (FLOP ratio in README)", None,
+            f"{_fmt(v, 'x')}{PARTIAL if part else ''}" if v else "not run", "record (FLOP ratio: docs/families.md)", None,
             f"latency_{fam}_full_*.json")
 
     out.extend(video_claims(work, dry))

@@ -100,7 +100,7 @@ class CallPlan:
     region_source: str = "decode"
     progress: bool = True
     integration: str = "own"  # "follow": the baseline steps with the pipeline's scheduler (scheduler_integration)
-    edit: Any = None  # img2img / inpainting request (ralu_runtime.editing.EditSpec), None for text-to-image
+    edit: Any = None  # img2img request (ralu_runtime.editing.EditSpec), None for text-to-image
 
     @property
     def backend(self) -> str | None:
@@ -554,9 +554,9 @@ def prepare(pipe, prompt: str | list[str] | None = None, *, height: int | None =
 
     edit = check_edit(adapter, image=image, strength=strength, mask_image=mask_image, height=height, width=width,
                       batch=batch, num_inference_steps=num_inference_steps)
-    if edit is not None and integration == "follow":
-        raise ValueError(f"image= needs the pipeline's FlowMatchEulerDiscreteScheduler (or a RALU preset); its "
-                         f"{type(adapter.pipe.scheduler).__name__} would be followed, which cannot start mid-schedule")
+    if edit is not None and integration != "own":
+        raise ValueError(f"image= (img2img / inpainting) runs with the pipeline's Euler flow scheduler only; this "
+                         f"pipeline has {type(adapter.pipe.scheduler).__name__}")
     steps = edit.steps if edit is not None else (num_inference_steps if num_inference_steps is not None
                                                  else adapter.default_steps)
     default_guidance = adapter.default_guidance if edit is None else edit.guidance  # the editing pipeline's

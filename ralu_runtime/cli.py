@@ -71,7 +71,8 @@ def build_parser() -> argparse.ArgumentParser:
                         f"{', '.join(f.label for f in FAMILIES.values() if f.pipelines)}; the family is read from its "
                         "model_index.json; nothing is downloaded), or a built-in random model: "
                         f"{', '.join(TINY_MODELS)} (default tiny-flux)")
-    g.add_argument("--prompt", metavar="TEXT", default="a photograph of a red fox in the snow")
+    g.add_argument("--prompt", metavar="TEXT", default="a photograph of a red fox in the snow",
+                   help="the text prompt (default: a red fox in the snow)")
     g.add_argument("--height", metavar="PX", type=int, default=None,
                    help=f"pixels, a multiple of {COARSE_BLOCK_PX} (default {TINY_SIZE} for tiny models, "
                         "else the pipeline's: 1024 for images, 480 x 832 for video)")
@@ -80,17 +81,21 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"video models: frames, 1 + a multiple of the VAE's time factor (default {CPU_FRAMES} for tiny "
                         "models, else the pipeline's); written as an animated WebP/PNG/GIF")
     g.add_argument("--regions", choices=("clip", "frame"), default=None,
-                   help="video models: regions chosen per latent frame (frame, default) or the same in every frame (clip)")
+                   help="video models: regions chosen per latent frame (frame, default) or the same in every frame "
+                        "(clip)")
     g.add_argument("--speedup", metavar="PRESET", type=_speedup, default="default",
                    help=f"preset name ({PRESET_HELP}), 'default' (the family's fastest), or 'none' for the "
                         "ordinary full-resolution sampler")
     g.add_argument("--steps", metavar="N", type=int, default=None, help="baseline steps (with --speedup none only)")
     g.add_argument("--guidance", metavar="SCALE", type=float, default=None,
                    help="guidance scale (default: the model's)")
-    g.add_argument("--seed", metavar="N", type=int, default=0)
-    g.add_argument("--noise", choices=("reference", "exact"), default="reference")
-    g.add_argument("--solver", choices=SOLVER_NAMES, default="euler")
-    g.add_argument("--edge-detector", choices=("opencv", "gpu"), default="opencv")
+    g.add_argument("--seed", metavar="N", type=int, default=0, help="random seed: same seed, same image (default 0)")
+    g.add_argument("--noise", choices=("reference", "exact"), default="reference",
+                   help="transition noise: the reference implementation's (default) or exact marginal variance")
+    g.add_argument("--solver", choices=SOLVER_NAMES, default="euler",
+                   help="ODE solver within the stages (default euler, as the paper)")
+    g.add_argument("--edge-detector", choices=("opencv", "gpu"), default="opencv",
+                   help="Canny for the region choice: OpenCV on the CPU (default) or ralu's on-device one")
     g.add_argument("--region-source", choices=("decode", "latent"), default="decode",
                    help="regions from Canny on the VAE-decoded stage-1 preview (decode, default) or from the latents' "
                         "gradients (latent: no preview decode, cheaper for video VAEs)")
@@ -571,21 +576,12 @@ def _is_loopback(host: str) -> bool:
 
 def _listen_or_fail(host: str, port: int):
     """A socket listening on host:port, before any model loads; UsageError (one line) when that is not possible."""
-    import socket
+    from .serving.http import bind_socket
 
     try:
-        family, kind, proto, _, addr = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
-        sock = socket.socket(family, kind, proto)
-        try:
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            sock.bind(addr)
-            sock.listen(128)
-        except OSError:
-            sock.close()
-            raise
+        return bind_socket(host, port)
     except OSError as exc:   # the port is taken, the address is not this machine's, ...
         raise UsageError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
-    return sock
 
 
 def cmd_serve(args) -> int:
@@ -878,7 +874,7 @@ def _csrc_status(torch) -> tuple[bool, str]:
             return False, (f"not built: torch {torch.__version__} is a CPU build (the extension is compiled at "
                            "install time with a CUDA build of torch and nvcc)")
         return False, ("not built: reinstall with `pip install -e .` where nvcc is found "
-                       "(README, 'Building the CUDA ops')")
+                       "(docs/kernels.md, 'Building the CUDA ops')")
     try:
         module = importlib.import_module("ralu_kernels._C")
     except Exception as exc:  # noqa: BLE001 - built for another torch, missing libraries, ...

@@ -25,7 +25,7 @@ from tqdm.auto import tqdm
 from .adapters.base import Conditioning, DiTAdapter, TokenGrid, scheduler_copies
 from .layout import TokenLayout, grid_positions
 from .schedule import RaluSchedule
-from .solvers import SOLVERS, make_solver
+from .solvers import SOLVERS, make_solver  # noqa: F401 (SOLVERS re-exported to api)
 
 NOISE_VARIANTS = ("reference", "exact")
 REGION_MODES = ("frame", "clip")  # video: regions chosen per latent frame, or the same spatial blocks in every frame
@@ -217,7 +217,7 @@ def sample_baseline(adapter: DiTAdapter, cond: Conditioning, noise: torch.Tensor
     ``(B, C, F, h, w)`` (video: the token grid is the frames stacked vertically, see :class:`TokenGrid`).
     ``follow_scheduler``: step with the pipeline's scheduler (a configured copy) instead of ``solver``
     (:func:`scheduler_integration` decides). ``start``: steps of the schedule skipped (img2img: ``noise`` is then
-    the noised source at that step; not with ``follow_scheduler``)."""
+    the noised source at that step; with the Euler flow scheduler only)."""
     clock = _Clock(noise.device)
     h, w = noise.shape[-2:]
     frames = latent_frames(noise)
@@ -227,11 +227,11 @@ def sample_baseline(adapter: DiTAdapter, cond: Conditioning, noise: torch.Tensor
     b = x.shape[0]
     grid = TokenGrid(grid_positions(*fine_hw, device=x.device).expand(b, -1, -1), fine_hw, None, raster=True,
                      frames=frames)
-    if start and follow_scheduler:
-        raise ValueError("a baseline that follows the pipeline's scheduler cannot skip steps (img2img needs "
-                         "FlowMatchEulerDiscreteScheduler)")
     with scheduler_copies() as copies:
         timesteps, sigmas = adapter.baseline_schedule(num_steps, x.shape[1])
+    if start and follow_scheduler and copies:
+        raise ValueError(f"img2img / inpainting (start step {start}) runs with the Euler flow scheduler only; the "
+                         f"pipeline has {type(copies[-1]).__name__}")
     timesteps, sigmas = timesteps[start:], sigmas[start:]
     with clock("baseline", steps=len(timesteps), tokens=x.shape[1]):
         if follow_scheduler and copies:

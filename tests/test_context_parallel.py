@@ -165,7 +165,7 @@ def _flux_worker():
     except ValueError as exc:
         out["world_mismatch"] = str(exc)
     # a transformer set up by diffusers' own enable_parallelism is run under its config (its groups, not its hooks);
-    # on a CPU diffusers' set-up divides by torch.accelerator.device_count() == 0, hence the patch (see README)
+    # on a CPU diffusers' set-up divides by torch.accelerator.device_count() == 0, hence the patch (docs/parallelism.md)
     from diffusers import ContextParallelConfig
 
     pipe2 = build_tiny("tiny-flux")

@@ -393,12 +393,12 @@ def test_get_one_model(open_server):
 
 
 # ------------------------------------------------------------------------------------------- 12. the command
-def test_every_serve_option_has_a_help_line():
+def test_every_option_of_every_command_has_a_help_line():
     parser = cli.build_parser()
     sub = next(a for a in parser._actions if a.__class__.__name__ == "_SubParsersAction")
-    serve = sub.choices["serve"]
-    missing = [a.option_strings for a in serve._actions if a.option_strings and not (a.help and a.help.strip())]
-    assert not missing, f"ralu serve options without a help line: {missing}"
+    missing = [(name, a.option_strings) for name, command in sub.choices.items() for a in command._actions
+               if a.option_strings and not (a.help and a.help.strip())]
+    assert not missing, f"options without a help line: {missing}"
 
 
 def test_port_in_use_is_reported_before_the_model_loads(monkeypatch, capsys):

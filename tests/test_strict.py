@@ -48,16 +48,6 @@ def test_engine_mixed_sizes_on_stateful_vaes_equal_generate_alone(family):
 
 
 # ------------------------------------------------------------------------------------------------ item 7
-@pytest.fixture(scope="module")
-def flux():
-    return build_tiny("tiny-flux")
-
-
-@pytest.fixture(scope="module")
-def sd3():
-    return build_tiny("tiny-sd3")
-
-
 def _small(**kw):
     return dict(height=64, width=64, seed=1, progress=False, **kw)
 
@@ -67,48 +57,49 @@ def _small(**kw):
     (A, "decode", "decode of the region-choice preview"),
     (A, "latent", "decode of the final latents"),
 ])
-def test_non_finite_decode_raises_naming_the_decode(flux, speedup, region_source, match):
+def test_non_finite_decode_raises_naming_the_decode(flux_pipe, speedup, region_source, match):
     """Issue 22 item 7: a NaN in the VAE decoder returned NaN images with no error."""
     from tiny_inputs import flux_embeds
 
-    handle = flux.vae.decoder.register_forward_hook(lambda mod, args, out: out * float("nan"))
+    handle = flux_pipe.vae.decoder.register_forward_hook(lambda mod, args, out: out * float("nan"))
     try:
         kw = dict(num_inference_steps=2) if speedup is None else {}
         with pytest.raises(FloatingPointError, match=match):
-            generate(flux, speedup=speedup, region_source=region_source, output_type="pt", **kw,
+            generate(flux_pipe, speedup=speedup, region_source=region_source, output_type="pt", **kw,
                      **_small(**flux_embeds(1)))
     finally:
         handle.remove()
-    out = generate(flux, speedup=A, output_type="pt", **_small(**flux_embeds(1)))
+    out = generate(flux_pipe, speedup=A, output_type="pt", **_small(**flux_embeds(1)))
     assert torch.isfinite(out.images).all()
 
 
 # ------------------------------------------------------------------------------------------------ item 8
-def test_lossless_dtype_cast_equals_the_model_dtype(sd3):
+def test_lossless_dtype_cast_equals_the_model_dtype(sd3_pipe):
     """Issue 22 item 8: fp16 / bf16 embeddings on an fp32 pipeline failed inside the transformer."""
     from tiny_inputs import sd3_embeds
 
     emb = {k: v.to(torch.float16).to(torch.float32) for k, v in sd3_embeds(1).items()}  # exactly fp16 values
-    ref = generate(sd3, speedup=A, output_type="latent", **_small(**emb))
+    ref = generate(sd3_pipe, speedup=A, output_type="latent", **_small(**emb))
     for dtype in (torch.float16, torch.bfloat16):
         low = {k: v.to(dtype) for k, v in emb.items()}
         if dtype == torch.bfloat16:
-            ref = generate(sd3, speedup=A, output_type="latent", **_small(**{k: v.float() for k, v in low.items()}))
-        out = generate(sd3, speedup=A, output_type="latent", **_small(**low))
+            ref = generate(sd3_pipe, speedup=A, output_type="latent",
+                           **_small(**{k: v.float() for k, v in low.items()}))
+        out = generate(sd3_pipe, speedup=A, output_type="latent", **_small(**low))
         assert torch.equal(out.images, ref.images)
 
 
 @pytest.mark.parametrize("name", ["prompt_embeds", "pooled_prompt_embeds", "negative_prompt_embeds"])
-def test_lossy_dtype_is_refused_naming_the_argument(sd3, name):
+def test_lossy_dtype_is_refused_naming_the_argument(sd3_pipe, name):
     from tiny_inputs import sd3_embeds
 
     emb = sd3_embeds(1)
     emb[name] = emb[name].double()
     with pytest.raises(TypeError, match=f"{name} has dtype torch.float64 but the model runs in torch.float32"):
-        generate(sd3, speedup=A, **_small(**emb))
+        generate(sd3_pipe, speedup=A, **_small(**emb))
 
 
-def test_meta_embeddings_and_meta_pipeline_are_refused(sd3):
+def test_meta_embeddings_and_meta_pipeline_are_refused(sd3_pipe):
     from tiny_inputs import sd3_embeds
 
     from ralu_runtime.tiny import build_tiny_sd3_pipeline
@@ -116,7 +107,7 @@ def test_meta_embeddings_and_meta_pipeline_are_refused(sd3):
     emb = sd3_embeds(1)
     emb["negative_prompt_embeds"] = torch.empty_like(emb["negative_prompt_embeds"], device="meta")
     with pytest.raises(ValueError, match="negative_prompt_embeds is on the meta device"):
-        generate(sd3, speedup=A, **_small(**emb))
+        generate(sd3_pipe, speedup=A, **_small(**emb))
     meta = build_tiny_sd3_pipeline(device="meta")
     with pytest.raises(ValueError, match="transformer is on the meta device"):
         generate(meta, speedup=A, **_small(**sd3_embeds(1)))
@@ -174,7 +165,7 @@ def _with_scheduler(pipe, sched):
     return type(pipe)(**{**pipe.components, "scheduler": sched})
 
 
-def _sd3_schedulers(sd3):
+def _sd3_schedulers(sd3_pipe):
     from diffusers import DPMSolverMultistepScheduler, FlowMatchHeunDiscreteScheduler, UniPCMultistepScheduler
 
     flow = dict(num_train_timesteps=1000, prediction_type="flow_prediction", use_flow_sigmas=True, flow_shift=3.0)
@@ -184,11 +175,11 @@ def _sd3_schedulers(sd3):
 
 @pytest.mark.parametrize("kind", ["heun", "dpm", "unipc"])
 @torch.no_grad()
-def test_baseline_follows_a_deterministic_scheduler_as_the_pipeline(sd3, kind):
+def test_baseline_follows_a_deterministic_scheduler_as_the_pipeline(sd3_pipe, kind):
     """Issue 22 item 6: speedup=None ran Euler on Heun's / DPM-Solver's / UniPC's sigmas (0.228 max diff on SD3)."""
     from tiny_inputs import sd3_embeds
 
-    pipe = _with_scheduler(sd3, _sd3_schedulers(sd3)[kind])
+    pipe = _with_scheduler(sd3_pipe, _sd3_schedulers(sd3_pipe)[kind])
     emb = sd3_embeds(1)
     ref = pipe(**emb, height=64, width=96, num_inference_steps=4, guidance_scale=5.0,
                generator=torch.Generator().manual_seed(3), output_type="latent").images
@@ -197,10 +188,10 @@ def test_baseline_follows_a_deterministic_scheduler_as_the_pipeline(sd3, kind):
     torch.testing.assert_close(ours, ref, rtol=1e-5, atol=1e-5)
 
 
-def test_ralu_with_another_scheduler_says_which_solver_runs(sd3, caplog):
+def test_ralu_with_another_scheduler_says_which_solver_runs(sd3_pipe, caplog):
     from tiny_inputs import sd3_embeds
 
-    pipe = _with_scheduler(sd3, _sd3_schedulers(sd3)["heun"])
+    pipe = _with_scheduler(sd3_pipe, _sd3_schedulers(sd3_pipe)["heun"])
     with caplog.at_level("WARNING", logger="ralu"):
         generate(pipe, speedup=A, solver="ab2", output_type="latent", **_small(**sd3_embeds(1)))
     assert "'ab2' solver" in caplog.text and "FlowMatchHeunDiscreteScheduler.step" in caplog.text
@@ -210,19 +201,19 @@ def test_ralu_with_another_scheduler_says_which_solver_runs(sd3, caplog):
 
 
 @pytest.mark.parametrize("speedup", [None, A])
-def test_stochastic_and_non_flow_schedulers_are_refused(flux, speedup):
+def test_stochastic_and_non_flow_schedulers_are_refused(flux_pipe, speedup):
     from diffusers import EulerAncestralDiscreteScheduler, EulerDiscreteScheduler, FlowMatchEulerDiscreteScheduler
     from tiny_inputs import flux_embeds
 
     from ralu_runtime import prepare
 
-    cases = [(FlowMatchEulerDiscreteScheduler.from_config(flux.scheduler.config, stochastic_sampling=True),
+    cases = [(FlowMatchEulerDiscreteScheduler.from_config(flux_pipe.scheduler.config, stochastic_sampling=True),
               "FlowMatchEulerDiscreteScheduler is stochastic \\(stochastic_sampling=True\\)"),
              (EulerAncestralDiscreteScheduler(), "EulerAncestralDiscreteScheduler is stochastic"),
              (EulerDiscreteScheduler(), "EulerDiscreteScheduler is not a flow-matching scheduler")]
     for sched, match in cases:
         with pytest.raises(ValueError, match=match):
-            prepare(_with_scheduler(flux, sched), speedup=speedup, **_small(**flux_embeds(1)))
+            prepare(_with_scheduler(flux_pipe, sched), speedup=speedup, **_small(**flux_embeds(1)))
 
 
 @torch.no_grad()
@@ -245,32 +236,32 @@ def _no_model_calls(pipe):
     return calls, hooks
 
 
-def test_work_is_bounded_before_any_work(flux):
+def test_work_is_bounded_before_any_work(flux_pipe):
     """Issue 22 item 4: 1000 images per prompt at 1024^2, 2 x 4096 images and n=10 at 4096^2 were all accepted."""
     from tiny_inputs import flux_embeds
 
     from ralu_runtime import prepare
     from ralu_runtime.limits import DEFAULT_MAX_IMAGES, Limits
 
-    calls, hooks = _no_model_calls(flux)
+    calls, hooks = _no_model_calls(flux_pipe)
     try:
         with pytest.raises(ValueError, match=f"makes 1000 images .* max_images={DEFAULT_MAX_IMAGES}"):
-            prepare(flux, height=1024, width=1024, num_images_per_prompt=1000, **flux_embeds(1))
+            prepare(flux_pipe, height=1024, width=1024, num_images_per_prompt=1000, **flux_embeds(1))
         with pytest.raises(ValueError, match="makes 8192 images"):
-            prepare(flux, ["a", "b"], height=1024, width=1024, num_images_per_prompt=4096)
+            prepare(flux_pipe, ["a", "b"], height=1024, width=1024, num_images_per_prompt=4096)
         with pytest.raises(ValueError, match="max_token_steps=16777216"):
-            prepare(flux, height=4096, width=4096, speedup=None, num_images_per_prompt=10, **flux_embeds(1))
+            prepare(flux_pipe, height=4096, width=4096, speedup=None, num_images_per_prompt=10, **flux_embeds(1))
         with pytest.raises(ValueError, match="RALU steps \\(2, 3, 5\\)"):
-            prepare(flux, height=4096, width=4096, speedup="7x", num_images_per_prompt=64, **flux_embeds(1))
+            prepare(flux_pipe, height=4096, width=4096, speedup="7x", num_images_per_prompt=64, **flux_embeds(1))
         # raised for one call (a Limits or a dict), nothing runs in prepare
-        plan = prepare(flux, height=1024, width=1024, num_images_per_prompt=1000, **flux_embeds(1),
+        plan = prepare(flux_pipe, height=1024, width=1024, num_images_per_prompt=1000, **flux_embeds(1),
                        limits=Limits(max_images=1000, max_token_steps=2**40))
         assert plan.batch == 1000
         with pytest.raises(ValueError, match="max_token_steps"):
-            prepare(flux, height=1024, width=1024, num_images_per_prompt=1000, limits={"max_images": 1000},
+            prepare(flux_pipe, height=1024, width=1024, num_images_per_prompt=1000, limits={"max_images": 1000},
                     **flux_embeds(1))
         with pytest.raises(ValueError, match="unknown field"):
-            prepare(flux, limits={"images": 3}, **flux_embeds(1))
+            prepare(flux_pipe, limits={"images": 3}, **flux_embeds(1))
         with pytest.raises(ValueError, match="max_images=0 is not allowed"):
             Limits(max_images=0)
     finally:
@@ -279,7 +270,7 @@ def test_work_is_bounded_before_any_work(flux):
     assert not calls
 
 
-def test_process_wide_limits_and_the_engine_config(flux):
+def test_process_wide_limits_and_the_engine_config(flux_pipe):
     from tiny_inputs import flux_embeds
 
     from ralu_runtime import limits, prepare
@@ -288,11 +279,11 @@ def test_process_wide_limits_and_the_engine_config(flux):
     try:
         limits.set_limits(max_images=2)
         with pytest.raises(ValueError, match="makes 3 images .* max_images=2"):
-            prepare(flux, num_images_per_prompt=3, height=64, width=64, **flux_embeds(1))
-        with Engine(flux, EngineConfig(max_images=4)) as eng:  # the engine's own bound wins
+            prepare(flux_pipe, num_images_per_prompt=3, height=64, width=64, **flux_embeds(1))
+        with Engine(flux_pipe, EngineConfig(max_images=4)) as eng:  # the engine's own bound wins
             assert eng.config.limits().max_images == 4
         limits.set_limits(max_images=old.max_images)
-        with Engine(flux, EngineConfig(max_images=2, max_token_steps=10**6)) as eng:
+        with Engine(flux_pipe, EngineConfig(max_images=2, max_token_steps=10**6)) as eng:
             with pytest.raises(ValueError, match="makes 3 images"):
                 eng.submit(num_images_per_prompt=3, height=64, width=64, **flux_embeds(1))
             with pytest.raises(ValueError, match="limits: belong to the engine"):
@@ -304,7 +295,7 @@ def test_process_wide_limits_and_the_engine_config(flux):
 
 
 @pytest.mark.parametrize("n_requests", [1, 2])
-def test_cancelled_request_stops_within_one_block(flux, n_requests):
+def test_cancelled_request_stops_within_one_block(flux_pipe, n_requests):
     """Issue 22 item 4: a cancelled request finished its running model call (every block) before stopping."""
     from tiny_inputs import flux_embeds
 
@@ -321,10 +312,10 @@ def test_cancelled_request_stops_within_one_block(flux, n_requests):
         if handles and all(h._cancel for h in handles):
             after.append(mod)
 
-    hooks = [flux.transformer.transformer_blocks[0].register_forward_pre_hook(cancel)]
-    hooks += [b.register_forward_pre_hook(record) for b in flux.transformer.single_transformer_blocks]
+    hooks = [flux_pipe.transformer.transformer_blocks[0].register_forward_pre_hook(cancel)]
+    hooks += [b.register_forward_pre_hook(record) for b in flux_pipe.transformer.single_transformer_blocks]
     try:
-        with Engine(flux, EngineConfig(gather_timeout_s=0.2)) as eng:
+        with Engine(flux_pipe, EngineConfig(gather_timeout_s=0.2)) as eng:
             for i in range(n_requests):
                 handles.append(eng.submit(height=64, width=64, speedup=A, seed=i, **flux_embeds(1)))
             for h in handles:

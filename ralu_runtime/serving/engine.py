@@ -53,7 +53,7 @@ __all__ = ["Engine", "EngineConfig", "RequestHandle", "EngineBusy", "EngineClose
            "RequestCancelled", "DEFAULT_TOKEN_BUDGET"]
 
 DEFAULT_TOKEN_BUDGET = 16384
-"""Tokens per packed model call by default (see README "Serving" for the measurement that chose it)."""
+"""Tokens per packed model call by default (docs/serving.md, "Token budget": how it was chosen, what is owed)."""
 
 # generate() arguments a request may not set: they belong to the engine (its pipeline, backend, thread pool)
 ENGINE_OWNED = ("backend", "compile_options", "torch_dtype", "device", "progress", "parallel", "precision", "limits")
