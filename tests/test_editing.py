@@ -436,3 +436,14 @@ def test_flux_schnell_img2img_equals_diffusers_and_runs_its_preset():
     out = generate(pipe, **flux_embeds(), image=_img(), strength=1.0, height=H, width=W, seed=0,
                    output_type="latent", progress=False)  # the family's default preset: 4step
     assert out.schedule.name == "flux-schnell/4step" and torch.isfinite(out.images).all()
+
+
+def test_edit_with_a_followed_scheduler_is_refused(sd3_pipe):
+    """A baseline that follows another flow scheduler (issue 22) cannot start mid-schedule: refused before any work."""
+    from diffusers import FlowMatchHeunDiscreteScheduler, StableDiffusion3Img2ImgPipeline
+
+    comps = dict(sd3_pipe.components, scheduler=FlowMatchHeunDiscreteScheduler(num_train_timesteps=1000, shift=3.0))
+    pipe = StableDiffusion3Img2ImgPipeline(**comps)
+    with pytest.raises(ValueError, match="FlowMatchHeunDiscreteScheduler"):
+        generate(pipe, **sd3_embeds(), image=_img(), strength=0.5, height=H, width=W, speedup=None,
+                 num_inference_steps=4, progress=False)
