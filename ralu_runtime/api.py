@@ -378,9 +378,12 @@ def _cast_embeds(adapter: DiTAdapter, embeds: dict) -> dict:
 def _check_work(adapter: DiTAdapter, bounds, batch: int, height: int, width: int, num_frames, steps: int,
                 schedule) -> None:
     """ValueError when the call's images or latent tokens x model calls exceed ``bounds``
-    (:class:`ralu_runtime.limits.Limits`), before any work."""
+    (:class:`ralu_runtime.limits.Limits`), before any work (adapters with ``bounded_work = False``, the analytic
+    oracles, are not bounded)."""
     from .limits import token_steps
 
+    if not adapter.bounded_work:
+        return
     if batch > bounds.max_images:
         raise ValueError(f"this call makes {batch} images (prompts x num_images_per_prompt); the limit is "
                          f"max_images={bounds.max_images}: split the call, or raise it with limits={{'max_images': N}} "

@@ -512,6 +512,9 @@ class DiTAdapter(ABC):
         ``impl``: how to execute the model (compiled block callables, fused weights); None = plain eager."""
 
     packs: bool = False   # True when the family implements a real packed call
+    # The work limits of ralu_runtime.limits apply (False for analytic stand-ins whose model call is closed-form math
+    # on a few tensors, e.g. the Gaussian oracles, which draw hundreds of samples per call)
+    bounded_work: bool = True
 
     def packed_velocity(self, calls: Sequence[VelocityCall], impl: ModelImpl | None = None, *,
                         execution=None) -> list[torch.Tensor]:

@@ -175,6 +175,7 @@ class GaussianOracle(DiTAdapter):
     default_steps = 50
     default_guidance = 0.0
     base_shift = 3.0
+    bounded_work = False  # closed-form velocities: hundreds of samples per call are the point
 
     def __init__(self, size=16, channels: int = 16, *, variant: str = "stationary", k0: float | None = None,
                  exponent: float = 1.5, mean_amplitude: float = 0.0, vae_gain: float = 0.5,
