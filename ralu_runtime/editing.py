@@ -131,14 +131,8 @@ def check_edit(adapter, *, image, strength, mask_image, height: int, width: int,
     if isinstance(image, torch.Tensor) and image.ndim in (3, 4) and image.shape[-3] != 3:
         raise ValueError(f"image has shape {tuple(image.shape)}: give RGB pixels (3, H, W) or (n, 3, H, W) "
                          "(latents are not taken)")
-    try:
-        pixels = pipe.image_processor.preprocess(image, height=height, width=width)
-    except (TypeError, ValueError, AttributeError, OSError) as e:
-        raise TypeError(f"image={type(image).__name__}: the pipeline's image processor cannot read it ({e}); give a "
-                        "PIL image, a numpy array (H, W, 3), an RGB tensor, or a list of them") from None
-    pixels = pixels.to("cpu", torch.float32)
-    if pixels.ndim != 4 or pixels.shape[1] != 3 or tuple(pixels.shape[-2:]) != (height, width):
-        raise ValueError(f"image preprocessed to shape {tuple(pixels.shape)}; expected (n, 3, {height}, {width})")
+    pixels = _preprocess(pipe.image_processor, image, "image", "image processor", 3, height, width,
+                         "give a PIL image, a numpy array (H, W, 3), an RGB tensor, or a list of them")
     if not bool(torch.isfinite(pixels).all()):
         raise ValueError("image contains NaN or Inf values")
     n = pixels.shape[0]
@@ -148,6 +142,23 @@ def check_edit(adapter, *, image, strength, mask_image, height: int, width: int,
     mask = _check_mask(pipe, mask_image, height, width, batch) if inpaint else None
     return EditSpec("inpaint" if inpaint else "img2img", pixels, strength, steps,
                     float(_call_default(cls, "guidance_scale")), mask)
+
+
+def _preprocess(proc, value, name: str, proc_name: str, channels: int, height: int, width: int,
+                hint: str) -> torch.Tensor:
+    """``proc.preprocess(value)`` (a diffusers image processor) as ``(n, channels, height, width)`` float32 on the CPU;
+    TypeError naming argument ``name`` for what the processor cannot read (``hint``: what to give instead),
+    ValueError for another shape."""
+    try:
+        out = proc.preprocess(value, height=height, width=width)
+    except (TypeError, ValueError, AttributeError, OSError) as e:
+        raise TypeError(f"{name}={type(value).__name__}: the pipeline's {proc_name} cannot read it ({e}); "
+                        f"{hint}") from None
+    out = out.to("cpu", torch.float32)
+    if out.ndim != 4 or out.shape[1] != channels or tuple(out.shape[-2:]) != (height, width):
+        raise ValueError(f"{name} preprocessed to shape {tuple(out.shape)}; expected (n, {channels}, {height}, "
+                         f"{width})")
+    return out
 
 
 def _check_mask(pipe, mask_image, height: int, width: int, batch: int) -> torch.Tensor:
@@ -161,14 +172,8 @@ def _check_mask(pipe, mask_image, height: int, width: int, batch: int) -> torch.
         proc = VaeImageProcessor(vae_scale_factor=pipe.vae_scale_factor * 2,
                                  vae_latent_channels=pipe.vae.config.latent_channels, do_normalize=False,
                                  do_binarize=True, do_convert_grayscale=True)
-    try:
-        mask = proc.preprocess(mask_image, height=height, width=width)
-    except (TypeError, ValueError, AttributeError, OSError) as e:
-        raise TypeError(f"mask_image={type(mask_image).__name__}: the pipeline's mask processor cannot read it ({e}); "
-                        "give a PIL image, a numpy array or a tensor (white = repaint)") from None
-    mask = mask.to("cpu", torch.float32)
-    if mask.ndim != 4 or mask.shape[1] != 1 or tuple(mask.shape[-2:]) != (height, width):
-        raise ValueError(f"mask_image preprocessed to shape {tuple(mask.shape)}; expected (n, 1, {height}, {width})")
+    mask = _preprocess(proc, mask_image, "mask_image", "mask processor", 1, height, width,
+                       "give a PIL image, a numpy array or a tensor (white = repaint)")
     if not bool((mask > 0.5).flatten(1).any(1).all()):
         raise ValueError("mask_image has no pixel to repaint (every mask needs white pixels: white = repaint)")
     if batch % mask.shape[0]:
@@ -313,9 +318,9 @@ def _blend(mask: torch.Tensor, source: Callable, sigmas: torch.Tensor) -> Callab
 def _inpaint_baseline(adapter, cond, noise, latents, mask, plan, t0: int, velocity):
     """FluxInpaintPipeline's loop: the remaining steps from the noised source, blended after every step."""
     from .adapters.base import TokenGrid
-    from .sampler import SamplerResult, _Clock, check_finite, run_stage
+    from .sampler import SamplerResult, Clock, check_finite, run_stage
 
-    clock = _Clock(noise.device)
+    clock = Clock(noise.device)
     b, c = noise.shape[:2]
     n, z = adapter.pack(noise), adapter.pack(latents)
     m = adapter.pack(mask.expand(-1, c, -1, -1).contiguous())
@@ -433,11 +438,11 @@ def sample_ralu_edit(adapter, cond, noise: torch.Tensor, latents: torch.Tensor, 
     the start of a stage entered through a transition. Returns a :class:`ralu_runtime.sampler.SamplerResult` (final
     fine raster tokens; the layout when stage 2 ran)."""
     from .adapters.base import TokenGrid
-    from .sampler import SamplerResult, _Clock, apply_transition, check_finite, draw_seeds, run_stage, select_regions
+    from .sampler import SamplerResult, Clock, apply_transition, check_finite, draw_seeds, run_stage, stage2_layout
 
     plan = edit_stages(schedule, sigma_start)
     sigma = float(sigma_start)
-    clock = _Clock(noise.device)
+    clock = Clock(noise.device)
     b, ch = noise.shape[:2]
     latent_hw = noise.shape[-2:]
     p = adapter.patch_size
@@ -482,13 +487,9 @@ def sample_ralu_edit(adapter, cond, noise: torch.Tensor, latents: torch.Tensor, 
                              desc="RALU edit stage 1/3", after_step=after, **stage)
         check_finite(x, "RALU stage 1")
         with clock("edges", tokens=k):
-            if 0 < k < m:
-                sel = select_regions(adapter, x, v, float(sig[-1]), latent_hw, k, generators, edge_map=edge_map,
-                                     edge_detector=edge_detector, decode=decode, region_source=region_source,
-                                     boost=boost)
-            else:
-                sel = torch.arange(m, device=x.device).expand(b, m)[:, :k]
-            layout = TokenLayout(coarse_hw, sel.to(x.device))
+            layout = stage2_layout(adapter, x, v, float(sig[-1]), latent_hw, coarse_hw, k, m, generators,
+                                   edge_map=edge_map, edge_detector=edge_detector, decode=decode,
+                                   region_source=region_source, boost=boost)
         with clock("transition12", tokens=layout.stage_lengths[1]):
             x, pos = apply_transition(x, pos, layout.transition_12(), schedule.boundary(0),
                                       draw_seeds(generators, x.device), noise=noise_variant, impl=transition_impl)

@@ -56,7 +56,7 @@ class SamplerResult:
     records: list[StageRecord] = field(default_factory=list)
 
 
-class _Clock:
+class Clock:
     """Times named pieces; synchronises CUDA at piece boundaries only (never inside a stage)."""
 
     def __init__(self, device: torch.device):
@@ -218,7 +218,7 @@ def sample_baseline(adapter: DiTAdapter, cond: Conditioning, noise: torch.Tensor
     ``follow_scheduler``: step with the pipeline's scheduler (a configured copy) instead of ``solver``
     (:func:`scheduler_integration` decides). ``start``: steps of the schedule skipped (img2img: ``noise`` is then
     the noised source at that step; with the Euler flow scheduler only)."""
-    clock = _Clock(noise.device)
+    clock = Clock(noise.device)
     h, w = noise.shape[-2:]
     frames = latent_frames(noise)
     p = adapter.patch_size
@@ -242,6 +242,18 @@ def sample_baseline(adapter: DiTAdapter, cond: Conditioning, noise: torch.Tensor
                              progress=progress, velocity=velocity)
     check_finite(x, "the baseline sampler")
     return SamplerResult(x, None, clock.records)
+
+
+def stage2_layout(adapter: DiTAdapter, x: torch.Tensor, v: torch.Tensor, sigma_end: float, latent_hw, coarse_hw,
+                  k: int, m: int, generators, **select) -> TokenLayout:
+    """The token layout of stages 2 and 3 after stage 1 (``x``, ``v``: its last state and velocity, ``(B, m, C)``):
+    the ``k`` of ``m`` coarse tokens upsampled first, chosen by :func:`select_regions` (``select``: its keyword
+    arguments); with ``k`` 0 or ``m`` there is no choice to make (the first ``k``)."""
+    if 0 < k < m:
+        sel = select_regions(adapter, x, v, sigma_end, latent_hw, k, generators, **select)
+    else:
+        sel = torch.arange(m, device=x.device).expand(x.shape[0], m)[:, :k]
+    return TokenLayout(coarse_hw, sel.to(x.device))
 
 
 def draw_seeds(generators: list[torch.Generator], device) -> torch.Tensor:
@@ -319,7 +331,7 @@ def sample_ralu(adapter: DiTAdapter, cond: Conditioning, noise: torch.Tensor, sc
         raise ValueError(f"region_mode={region_mode!r} is not allowed; choose one of {REGION_MODES}")
     if region_source not in REGION_SOURCES:
         raise ValueError(f"region_source={region_source!r} is not allowed; choose one of {REGION_SOURCES}")
-    clock = _Clock(noise.device)
+    clock = Clock(noise.device)
     b = noise.shape[0]
     latent_hw = noise.shape[-2:]
     frames = latent_frames(noise)
@@ -340,13 +352,9 @@ def sample_ralu(adapter: DiTAdapter, cond: Conditioning, noise: torch.Tensor, sc
 
     # region choice
     with clock("edges", tokens=k):
-        if 0 < k < m:
-            sel = select_regions(adapter, x, v, float(sig[-1]), latent_hw, k, generators,
-                                 edge_map=edge_map, edge_detector=edge_detector, decode=decode, frames=frames,
-                                 region_mode=region_mode, region_source=region_source)
-        else:
-            sel = torch.arange(m, device=x.device).expand(b, m)[:, :k]
-        layout = TokenLayout(coarse_hw, sel.to(x.device))
+        layout = stage2_layout(adapter, x, v, float(sig[-1]), latent_hw, coarse_hw, k, m, generators,
+                               edge_map=edge_map, edge_detector=edge_detector, decode=decode, frames=frames,
+                               region_mode=region_mode, region_source=region_source)
 
     # transition 1 -> 2
     with clock("transition12", tokens=layout.stage_lengths[1]):

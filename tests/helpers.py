@@ -1,12 +1,15 @@
 """Shared test helpers: a snapshot of everything ralu could change on a user's pipeline, and its comparison.
 
 ``snapshot(pipe)`` records, for every ``torch.nn.Module`` component of a diffusers pipeline (transformer(s), VAE,
-text encoders): each submodule's type, identity, training flag, compiled state, forward (pre-)hooks and public attribute names; each
-parameter's identity and version counter; every state-dict value (cloned); the attention processors' types and
-identities. Also the pipeline's attribute names, the scheduler's config and the global torch RNG state.
-``assert_same(before, after)`` fails naming what changed.
+text encoders): each submodule's type, identity, training flag, compiled state, forward (pre-)hooks and public
+attribute names; each parameter's identity and version counter; every state-dict value (cloned); the attention
+processors' types and identities. Also the pipeline's attribute names, the scheduler's config and the global torch RNG state.
+``assert_same(before, after)`` fails naming what changed. ``running_server`` runs the HTTP app over a tiny engine
+for the serving tests.
 """
 from __future__ import annotations
+
+import contextlib
 
 import torch
 
@@ -65,3 +68,26 @@ def assert_same(a: dict, b: dict) -> None:
                     assert torch.equal(a[comp][key][n], b[comp][key][n]), f"{comp}.{n} changed"
             else:
                 assert a[comp][key] == b[comp][key], f"{comp}: {key} changed"
+
+
+SERVE_DEFAULTS = dict(height=64, width=64, max_sequence_length=77)  # a served tiny engine's defaults (small: CPU time)
+
+
+@contextlib.contextmanager
+def running_server(pipe, config=None, *, grace_s: float, stop_s: float, limits=None, **app_kwargs):
+    """``ralu serve``'s app on 127.0.0.1:<free port> over a fresh engine of ``pipe`` (``config``: its
+    EngineConfig, default a 50 ms gather timeout; :data:`SERVE_DEFAULTS`); yields ``(server, engine)`` and stops both
+    on exit, failing when the server thread has not ended within ``stop_s`` seconds."""
+    from ralu_runtime.serving import Engine, EngineConfig
+    from ralu_runtime.serving.http import Server, create_app
+
+    engine = Engine(pipe, config or EngineConfig(gather_timeout_s=0.05), **SERVE_DEFAULTS)
+    server = None
+    try:
+        server = Server(create_app(engine, model_name="tiny-flux", **app_kwargs), "127.0.0.1", 0, grace_s=grace_s,
+                        limits=limits).start(timeout=60)
+        yield server, engine
+    finally:
+        stopped = server.stop(timeout=stop_s) if server is not None else True
+        engine.shutdown(drain=False, timeout=30)
+        assert stopped, "the server thread did not end"

@@ -6,7 +6,7 @@ out-of-range numbers, lone surrogates, deep JSON), OpenAI's output_format and th
 
 Servers listen on 127.0.0.1 at a free port over the tiny random FLUX; every HTTP call and every wait is bounded."""
 import base64
-import contextlib
+import functools
 import io
 import json
 import logging
@@ -29,9 +29,10 @@ from ralu_runtime.serving.protocol import DEFAULT_REQUEST_TIMEOUT_S, parse_reque
 from ralu_runtime.tiny import build_tiny
 from openai_checks import assert_error
 from serve_process import serve_command
+from helpers import SERVE_DEFAULTS, running_server
 
 T = 60                                     # seconds: every HTTP call's timeout
-DEFAULTS = dict(height=64, width=64, max_sequence_length=77)
+DEFAULTS = SERVE_DEFAULTS
 KEY_A, KEY_B = "k" * 16 + "-first-key", "second-key-0123456789"
 CHEAP = {"prompt": "a fox", "speedup": "none", "steps": 1, "seed": 1}
 
@@ -41,19 +42,7 @@ def pipe():
     return build_tiny("tiny-flux")
 
 
-@contextlib.contextmanager
-def running(pipe, limits=None, **app_kwargs):
-    """A server on 127.0.0.1:<free port> over a fresh engine; stopped (bounded) on exit."""
-    engine = Engine(pipe, EngineConfig(gather_timeout_s=0.05), **DEFAULTS)
-    server = None
-    try:
-        server = Server(create_app(engine, model_name="tiny-flux", **app_kwargs), "127.0.0.1", 0, grace_s=10,
-                        limits=limits).start(timeout=60)
-        yield server, engine
-    finally:
-        stopped = server.stop(timeout=60) if server is not None else True
-        engine.shutdown(drain=False, timeout=30)
-        assert stopped, "the server thread did not end"
+running = functools.partial(running_server, grace_s=10.0, stop_s=60.0)  # (server, engine) over a tiny engine
 
 
 @pytest.fixture(scope="module")

@@ -2,7 +2,7 @@
 fixtures) over a tiny random FLUX: img2img and inpainting equal ``generate`` alone (also packed with a generation
 request), the official ``openai`` client's ``images.edit`` works unchanged, and every bad upload gets a 400 (413
 over the upload limit) in the OpenAI shape with no engine work."""
-import contextlib
+import functools
 import io
 
 import httpx
@@ -15,9 +15,10 @@ from ralu_runtime.serving import Engine, EngineConfig
 from ralu_runtime.serving.http import EDITS_PATH, GENERATIONS_PATH, Server, create_app
 from ralu_runtime.tiny import build_tiny
 from openai_checks import assert_error, pngs
+from helpers import SERVE_DEFAULTS, running_server
 
 T = 120
-DEFAULTS = dict(height=64, width=64, max_sequence_length=77)
+DEFAULTS = SERVE_DEFAULTS
 KEY = "edits-test-key-0123456789"
 
 
@@ -26,19 +27,7 @@ def pipe():
     return build_tiny("tiny-flux")
 
 
-@contextlib.contextmanager
-def running(pipe, config=None, **app_kwargs):
-    """A server on 127.0.0.1:<free port> over a fresh engine; stopped (bounded) on exit."""
-    engine = Engine(pipe, config or EngineConfig(gather_timeout_s=0.05), **DEFAULTS)
-    server = None
-    try:
-        server = Server(create_app(engine, model_name="tiny-flux", **app_kwargs), "127.0.0.1", 0,
-                        grace_s=5).start(timeout=60)
-        yield server, engine
-    finally:
-        stopped = server.stop(timeout=35) if server is not None else True
-        engine.shutdown(drain=False, timeout=30)
-        assert stopped, "the server thread did not end"
+running = functools.partial(running_server, grace_s=5.0, stop_s=35.0)  # (server, engine) over a tiny engine
 
 
 @pytest.fixture(scope="module")
@@ -108,9 +97,19 @@ def test_inpaint_with_alpha_and_grey_masks_equal_generate(served, pipe):
 
 
 def test_edit_packed_with_a_generation_equals_each_alone(pipe):
+    """Both requests reach the engine together (a barrier on its submit), so the edit's VAE encode overlaps the
+    generation's first call and the gather window (2 s) packs them: not a race against the machine's load."""
+    import threading
     from concurrent.futures import ThreadPoolExecutor
 
-    with running(pipe, EngineConfig(gather_timeout_s=0.5)) as (server, engine):
+    with running(pipe, EngineConfig(gather_timeout_s=2.0)) as (server, engine):
+        both, submit = threading.Barrier(2, timeout=60), engine.submit
+
+        def submit_together(*a, **kw):
+            both.wait()
+            return submit(*a, **kw)
+
+        engine.submit = submit_together  # the test's own engine: the server looks it up per request
         gen = {"prompt": "a castle", "seed": 5, "speedup": "none", "steps": 3}
         with ThreadPoolExecutor(2) as pool:
             e = pool.submit(edit, server)

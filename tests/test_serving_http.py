@@ -4,6 +4,7 @@ concurrent requests with mixed sizes and presets give the PNGs generate gives al
 errors, a full queue (503), a deadline (504), a client that hangs up (its engine request is cancelled), /health,
 /metrics, the graceful stop (the running request finishes, new ones get 503), and the ``ralu serve`` command."""
 import contextlib
+import functools
 import json
 import signal
 import socket
@@ -20,14 +21,15 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from ralu_runtime import generate
 from ralu_runtime.adapters import get_adapter
-from ralu_runtime.serving import Engine, EngineConfig
-from ralu_runtime.serving.http import GENERATIONS_PATH, Server, create_app
+from ralu_runtime.serving import EngineConfig
+from ralu_runtime.serving.http import GENERATIONS_PATH
 from ralu_runtime.tiny import build_tiny
 from openai_checks import assert_error, pngs
 from serve_process import serve_command
+from helpers import SERVE_DEFAULTS, running_server
 
 T = 120                                   # seconds: every HTTP call's timeout
-DEFAULTS = dict(height=64, width=64, max_sequence_length=77)   # the served engine's defaults (small: CPU time)
+DEFAULTS = SERVE_DEFAULTS
 
 
 @pytest.fixture(scope="module")
@@ -35,19 +37,7 @@ def pipe():
     return build_tiny("tiny-flux")
 
 
-@contextlib.contextmanager
-def running(pipe, config=None, grace_s=30.0, **app_kwargs):
-    """A server on 127.0.0.1:<free port> over a fresh engine; stopped (bounded) on exit."""
-    engine = Engine(pipe, config or EngineConfig(gather_timeout_s=0.05), **DEFAULTS)
-    server = None
-    try:
-        server = Server(create_app(engine, model_name="tiny-flux", **app_kwargs), "127.0.0.1", 0,
-                        grace_s=grace_s).start(timeout=60)
-        yield server, engine
-    finally:
-        stopped = server.stop(timeout=grace_s + 30) if server is not None else True
-        engine.shutdown(drain=False, timeout=30)
-        assert stopped, "the server thread did not end"
+running = functools.partial(running_server, grace_s=30.0, stop_s=60.0)  # (server, engine) over a tiny engine
 
 
 @pytest.fixture(scope="module")

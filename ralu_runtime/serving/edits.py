@@ -25,7 +25,7 @@ from starlette.datastructures import Headers, UploadFile
 from starlette.formparsers import MultiPartException, MultiPartParser
 
 from ..editing import EDIT_FAMILIES
-from .protocol import EDITS_PATH, REQUEST_FIELDS, ApiError, ClientGone, parse_request
+from .protocol import EDITS_PATH, REQUEST_FIELDS, ApiError, parse_request, read_bytes
 
 __all__ = ["EDITS_PATH", "EDIT_FIELDS", "MAX_UPLOAD_BYTES", "MAX_UPLOAD_PIXELS", "MAX_INPUT_IMAGES",
            "IMAGE_FORMATS", "RGB_MODES", "check_family", "read_raw", "parse_form", "parse_edit", "decode_image",
@@ -51,24 +51,8 @@ def check_family(adapter) -> None:
 
 
 async def read_raw(request, max_bytes: int) -> bytes:
-    """The request body's bytes; 413 over ``max_bytes`` (by Content-Length or while streaming)."""
-    from starlette.requests import ClientDisconnect
-
-    length = request.headers.get("content-length")
-    if length is not None and length.isdigit() and int(length) > max_bytes:
-        raise ApiError(413, f"request body of {int(length)} bytes is over the upload limit of {max_bytes}",
-                       code="request_too_large")
-    chunks, size = [], 0
-    try:
-        async for chunk in request.stream():
-            size += len(chunk)
-            if size > max_bytes:
-                raise ApiError(413, f"request body is over the upload limit of {max_bytes} bytes",
-                               code="request_too_large")
-            chunks.append(chunk)
-    except ClientDisconnect:
-        raise ClientGone(f"client hung up after {size} bytes of its upload") from None
-    return b"".join(chunks)
+    """The upload's bytes; 413 over ``max_bytes`` (by Content-Length or while streaming)."""
+    return await read_bytes(request, max_bytes, limit="upload limit", what="upload")
 
 
 async def parse_form(headers, raw: bytes) -> tuple[dict, dict]:

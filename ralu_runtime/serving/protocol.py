@@ -39,8 +39,8 @@ __all__ = ["GENERATIONS_PATH", "EDITS_PATH", "MAX_BODY_BYTES", "MAX_IMAGES", "RE
            "RANGES", "DEFAULT_REQUEST_TIMEOUT_S", "AccessPolicy", "ApiError", "ClientGone", "CountResponses",
            "Encoding", "EngineCollector", "Guard", "encode_images", "error_response", "generation_body",
            "install_error_handlers", "is_loopback", "model_body", "models_body", "one_line", "parse_api_keys",
-           "parse_request", "png_b64", "read_body", "result_error", "retry_after_s", "shutting_down_health",
-           "submit_error", "unavailable"]
+           "parse_request", "png_b64", "read_body", "read_bytes", "result_error", "retry_after_s",
+           "shutting_down_health", "submit_error", "unavailable"]
 
 logger = logging.getLogger("ralu.serve")
 
@@ -318,25 +318,32 @@ def _no_constant(name: str):
     raise ValueError(f"{name} is not a JSON number")
 
 
-async def read_body(request: Request, max_body_bytes: int):
-    """The request's JSON body; 413 over ``max_body_bytes`` (by Content-Length or while streaming), 400 when it is
-    not JSON (also NaN / Infinity and nesting too deep to parse); :class:`ClientGone` when the client hangs up."""
+async def read_bytes(request: Request, max_bytes: int, *, limit: str = "limit", what: str = "request body") -> bytes:
+    """The request's body bytes; 413 over ``max_bytes`` (by Content-Length or while streaming; ``limit`` names it
+    in the message), :class:`ClientGone` when the client hangs up (``what`` names the body in that line)."""
     length = request.headers.get("content-length")
-    if length is not None and length.isdigit() and int(length) > max_body_bytes:
-        raise ApiError(413, f"request body of {int(length)} bytes is over the limit of {max_body_bytes}",
+    if length is not None and length.isdigit() and int(length) > max_bytes:
+        raise ApiError(413, f"request body of {int(length)} bytes is over the {limit} of {max_bytes}",
                        code="request_too_large")
     chunks, size = [], 0
     try:
         async for chunk in request.stream():
             size += len(chunk)
-            if size > max_body_bytes:
-                raise ApiError(413, f"request body is over the limit of {max_body_bytes} bytes",
+            if size > max_bytes:
+                raise ApiError(413, f"request body is over the {limit} of {max_bytes} bytes",
                                code="request_too_large")
             chunks.append(chunk)
     except ClientDisconnect:
-        raise ClientGone(f"client hung up after {size} bytes of its request body") from None
+        raise ClientGone(f"client hung up after {size} bytes of its {what}") from None
+    return b"".join(chunks)
+
+
+async def read_body(request: Request, max_body_bytes: int):
+    """The request's JSON body; 413 over ``max_body_bytes`` (by Content-Length or while streaming), 400 when it is
+    not JSON (also NaN / Infinity and nesting too deep to parse); :class:`ClientGone` when the client hangs up."""
+    raw = await read_bytes(request, max_body_bytes)
     try:
-        return json.loads(b"".join(chunks), parse_constant=_no_constant)
+        return json.loads(raw, parse_constant=_no_constant)
     except RecursionError:
         raise ApiError(400, "the request body is not valid JSON: nested too deeply", code="invalid_json") from None
     except (ValueError, UnicodeDecodeError) as exc:
