@@ -188,7 +188,8 @@ def ctest_cmds(ctx: Ctx):
 def gpu_tests_cmds(ctx: Ctx):
     # with pytest-xdist (on the GPU image), a test that crashes its process (a segfault in an extension)
     # is reported as failed and the others still run; without it one crash ends the whole step
-    workers = ["-n", "2"] if importlib.util.find_spec("xdist") is not None else []
+    # (a dry run skips every test: one process collects them in half the time of two workers)
+    workers = ["-n", "2"] if importlib.util.find_spec("xdist") is not None and not ctx.dry else []
     argv = [PY, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-m", "gpu", *workers, *GPU_TEST_FILES,
             f"--junitxml={ctx.work / 'gpu_tests.xml'}"]
     return [(argv, {} if ctx.dry else {"RALU_TEST_GPU": "1"})]
@@ -220,8 +221,9 @@ def latency_flux_cmds(ctx: Ctx):
     env = _fresh_triton_cache(ctx, "flux")
     if ctx.dry:
         rows = "baseline-eager,ralu-7x-eager" + (",ralu-7x-compiled" if ctx.dry_compile else "")
-        return [(_latency(ctx, "--model", "flux", "--size", "small", "--resolution", "256", "--steps", "4", "--rows",
-                          rows, "--reps", "1", "--warmup", "1", "--tag", "latency_flux_dry_cpu",
+        return [(_latency(ctx, "--model", "flux", "--size", "small", "--resolution", "128", "--steps", "4", "--rows",
+                          rows, "--reps", "1", "--warmup", "1" if ctx.dry_compile else "0",
+                          "--tag", "latency_flux_dry_cpu",
                           "--save-artifacts", str(_bundle(ctx))), env)]
     rows = ("baseline-eager,ralu-7x-eager,ralu-4x-eager,"
             "ralu-7x-compiled,ralu-4x-compiled,ralu-5x-compiled,baseline-compiled")
@@ -233,7 +235,7 @@ def warm_start_cmds(ctx: Ctx):
     if not _bundle(ctx).exists():
         return "no compile bundle from latency_flux (no compiled row ran)"
     env = _fresh_triton_cache(ctx, "warm")
-    size = ["--size", "small", "--resolution", "256"] if ctx.dry else ["--size", "full"]
+    size = ["--size", "small", "--resolution", "128"] if ctx.dry else ["--size", "full"]
     return [(_latency(ctx, "--model", "flux", *size, "--rows", "ralu-7x-compiled", "--reps", "1", "--warmup", "1",
                       "--load-artifacts", str(_bundle(ctx)), "--tag", f"latency_flux_warm_start_{ctx.slug}"), env)]
 
@@ -241,7 +243,7 @@ def warm_start_cmds(ctx: Ctx):
 def latency_sd3_cmds(ctx: Ctx):
     env = _fresh_triton_cache(ctx, "sd3")
     if ctx.dry:
-        return [(_latency(ctx, "--model", "sd3", "--size", "small", "--resolution", "256", "--steps", "4", "--rows",
+        return [(_latency(ctx, "--model", "sd3", "--size", "small", "--resolution", "128", "--steps", "4", "--rows",
                           "baseline-eager,ralu-3x-eager", "--reps", "1", "--warmup", "0",
                           "--tag", "latency_sd3_dry_cpu"), env)]
     return [(_latency(ctx, "--model", "sd3", "--size", "full", "--steps", "28", "--rows",
@@ -251,7 +253,7 @@ def latency_sd3_cmds(ctx: Ctx):
 def stacking_cmds(ctx: Ctx):
     env = _fresh_triton_cache(ctx, "stacking")
     if ctx.dry:
-        return [(_latency(ctx, "--model", "flux", "--size", "small", "--resolution", "256", "--rows", "ralu-5x-eager",
+        return [(_latency(ctx, "--model", "flux", "--size", "small", "--resolution", "128", "--rows", "ralu-5x-eager",
                           "--cache", "taylorseer:3", "--reps", "1", "--warmup", "0",
                           "--tag", "latency_flux_taylorseer3_dry_cpu"), env)]
     bundle = ["--load-artifacts", str(_bundle(ctx))] if _bundle(ctx).exists() else []

@@ -437,30 +437,19 @@ class TestReplicas:
 
 # ------------------------------------------------------------------------------------------- the command
 @pytest.mark.slow
-def test_ralu_serve_ray_command_serves_and_stops_on_sigterm(cluster):
+def test_ralu_serve_ray_command_serves_then_drains_for_its_grace_on_sigterm(cluster):
+    """``ralu serve --ray`` answers a request; then SIGTERM with a request running longer than ``--grace``:
+    /health and new requests get 503 with Retry-After at once, the running request gets 503 with Retry-After when
+    the grace ends (not a plain 500 at Ray's 20 s), the command exits 0 and the application is deleted. (One
+    command for both: a Serve deployment costs about 30 s of CPU here.)"""
     args = ["--ray", "--ray-address", cluster.gcs_address, "--replicas", "1", "--port", str(cluster.port),
-            "--device", "cpu", "--max-active", "2", "--log-level", "warning"]
+            "--device", "cpu", "--max-active", "2", "--log-level", "warning", "--grace", "3"]
     with serve_command(args, start_timeout=240) as (url, proc, seen):
         assert url == cluster.url and "1 Ray Serve replica(s)" in "".join(seen)
         r = httpx.post(url + GENERATIONS, json={"prompt": "a fox", "size": "64x64", "speedup": "none", "steps": 2,
                                                 "seed": 0}, timeout=T)
         assert pngs(r)[0].shape == (64, 64, 3)
         assert httpx.get(url + "/health", timeout=T).json()["replicas"] == 1
-        proc.send_signal(signal.SIGTERM)
-        assert proc.wait(timeout=120) == 0
-    assert "ralu serve: stopped" in "".join(seen)
-    from ralu_runtime.serving.ray import replica_status
-
-    assert replica_status() == {}       # the application was deleted
-
-
-@pytest.mark.slow
-def test_ralu_serve_ray_drains_for_its_grace_then_answers_503(cluster):
-    """SIGTERM with a request running longer than ``--grace``: /health and new requests get 503 with Retry-After
-    at once, the running request gets 503 with Retry-After when the grace ends (not a plain 500 at Ray's 20 s)."""
-    args = ["--ray", "--ray-address", cluster.gcs_address, "--replicas", "1", "--port", str(cluster.port),
-            "--device", "cpu", "--max-active", "2", "--log-level", "warning", "--grace", "3"]
-    with serve_command(args, start_timeout=240) as (url, proc, seen):
         slow = {"prompt": "a fox", "size": "256x256", "speedup": "none", "steps": 1000, "seed": 0}
         with ThreadPoolExecutor(1) as pool:
             running = pool.submit(post, url, slow)
@@ -477,6 +466,10 @@ def test_ralu_serve_ray_drains_for_its_grace_then_answers_503(cluster):
             cut = running.result(T)
             cut_after = time.monotonic() - signalled
         assert proc.wait(timeout=120) == 0
+    assert "ralu serve: stopped" in "".join(seen)
+    from ralu_runtime.serving.ray import replica_status
+
+    assert replica_status() == {}       # the application was deleted
     assert_error(cut, 503, code="unavailable")
     assert "retry-after" in cut.headers
     assert 2.0 <= cut_after < 15.0, cut_after
