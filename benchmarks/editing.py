@@ -1,11 +1,15 @@
-"""What img2img costs with RALU at each strength: model calls per stage and transformer TFLOPs, 1024^2.
+"""What editing costs with RALU: model calls per stage and transformer TFLOPs per workflow at 1024^2.
 
-No model runs: the stages come from the schedule (:func:`ralu_runtime.editing.edit_stages` at the start sigma the
-editing pipeline's own schedule gives for the strength), the per-call FLOPs at each token count from
-``benchmarks/results/flops.json`` (torch FlopCounterMode on the full-size FLUX.1-dev / SD3-medium shaped models,
-``benchmarks/flops.py``). The baseline is the editing pipeline's default sampler (FluxImg2ImgPipeline 28 steps,
-StableDiffusion3Img2ImgPipeline 50) over its remaining steps. VAE encode (both) and RALU's half-resolution preview
-decode (only when stage 1 runs) are not counted.
+No model runs. Workflows: img2img at strength 0.3 / 0.6 / 0.9, inpainting at the pipelines' default strength 0.6
+and at 1.0 (the blend is elementwise: inpainting makes the same model calls as img2img at the same strength). The
+stages come from the schedule (:func:`ralu_runtime.editing.edit_stages` at the start sigma the editing pipeline's own
+schedule gives for the strength); the baseline is the editing pipeline's default sampler (FluxImg2ImgPipeline /
+FluxInpaintPipeline 28 steps, StableDiffusion3Img2ImgPipeline / StableDiffusion3InpaintPipeline 50) over its
+remaining steps. Per-call FLOPs are analytic (:func:`call_tflops`: every matmul of the MMDiT at the call's image and
+text tokens, CFG doubling the batch where the release runs it) for the published configs: FLUX.1-dev (512 text
+tokens), SD3 Medium, SD3.5 Large and SD3.5 Medium (333 text tokens, CFG); they reproduce torch FlopCounterMode's counts
+of the full-size models in ``benchmarks/results/flops.json`` (``benchmarks/flops.py``) within 0.1 %. VAE encode (both)
+and RALU's half-resolution preview decode (only when stage 1 runs) are not counted.
 
 ``--cpu``: also time it on the CPU with the family's "small" benchmark model (random weights, float32, its CPU
 size; ``benchmarks/families.py``'s models): whole ``generate`` calls with an image (encode, sampling, decode),
@@ -19,6 +23,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -29,11 +34,72 @@ from benchmarks._common import write_json  # noqa: E402
 from ralu_runtime.editing import edit_cost, edit_stages, start_index  # noqa: E402
 from ralu_runtime.schedule import get_preset  # noqa: E402
 
-STRENGTHS = (0.3, 0.6, 0.9)
+STRENGTHS = (0.3, 0.6, 0.9)  # img2img
+INPAINT_STRENGTHS = (0.6, 1.0)  # inpainting: the pipelines' default, and a full repaint
 TOKENS = 4096  # 1024^2: 128^2 latents, 2x2 patches
 # family -> (flops.json model, editing pipeline's default steps, scheduler (shift, dynamic mu at 4096 tokens), presets)
 MODELS = {"flux": ("flux", 28, (3.0, 1.15), ("4x", "5x", "7x")),
           "sd3": ("sd3", 50, (3.0, None), ("2x", "3x"))}
+
+
+@dataclass(frozen=True)
+class Arch:
+    """An MMDiT's shape for analytic FLOPs: ``hidden`` width, ``joint`` two-stream blocks (FLUX double / SD3 joint),
+    ``single`` one-stream blocks (FLUX), ``dual`` joint blocks with a second image self-attention (SD3.5 Medium),
+    ``pre_only_last``: the last joint block keeps no text output (SD3), ``patch_in`` / ``patch_out``: values per
+    token in / out (channels x 2 x 2), ``text_in``: T5 width, ``text_len``: text tokens, ``cfg``: batch 2 per image,
+    ``pooled``: pooled-text width (SD3) or 0, ``guidance``: FLUX's guidance embedding."""
+
+    label: str
+    family: str
+    hidden: int
+    joint: int
+    single: int = 0
+    dual: int = 0
+    pre_only_last: bool = False
+    patch_in: int = 64
+    patch_out: int = 64
+    text_in: int = 4096
+    text_len: int = 512
+    cfg: bool = False
+    pooled: int = 768
+    guidance: bool = False
+
+
+# the published transformer configs (ralu_runtime.tiny's "full" builders)
+ARCHS = {"flux": Arch("FLUX.1-dev", "flux", 3072, 19, single=38, guidance=True),
+         "sd3": Arch("SD3 Medium", "sd3", 1536, 24, pre_only_last=True, text_len=333, cfg=True, pooled=2048),
+         "sd35-large": Arch("SD3.5 Large", "sd3", 2432, 38, pre_only_last=True, text_len=333, cfg=True, pooled=2048),
+         "sd35-medium": Arch("SD3.5 Medium", "sd3", 1536, 24, dual=13, pre_only_last=True, text_len=333, cfg=True,
+                             pooled=2048)}
+
+
+def call_tflops(arch: Arch, image_tokens: int) -> float:
+    """TFLOPs (2 per multiply-add) of one transformer call for one image at ``image_tokens`` image tokens: the patch,
+    text, time and pooled embeddings, every block's projections, MLPs (ratio 4), attention (Q K^T and A V over image +
+    text tokens) and adaptive-norm modulations, the output norm and projection; x2 with CFG."""
+    d, li, lt = arch.hidden, int(image_tokens), arch.text_len
+    lj = li + lt
+    mm = lambda rows, n_in, n_out: 2.0 * rows * n_in * n_out  # noqa: E731
+    f = mm(li, arch.patch_in, d) + mm(lt, arch.text_in, d)                    # patch / context embedders
+    f += mm(1, 256, d) + mm(1, d, d)                                          # timestep MLP
+    f += mm(1, arch.pooled, d) + mm(1, d, d)                                  # pooled text MLP
+    if arch.guidance:
+        f += mm(1, 256, d) + mm(1, d, d)
+    for i in range(arch.joint):
+        text_out = not (arch.pre_only_last and i == arch.joint - 1)
+        dual = i < arch.dual
+        f += mm(1, d, 9 * d if dual else 6 * d) + mm(1, d, 6 * d if text_out else 2 * d)  # modulations
+        f += mm(li, d, 3 * d) + mm(lt, d, 3 * d) + 4.0 * lj * lj * d          # q k v, attention
+        f += mm(li, d, d) + mm(li, d, 4 * d) + mm(li, 4 * d, d)               # image out, MLP
+        if text_out:
+            f += mm(lt, d, d) + mm(lt, d, 4 * d) + mm(lt, 4 * d, d)
+        if dual:                                                              # second image self-attention
+            f += mm(li, d, 3 * d) + 4.0 * li * li * d + mm(li, d, d)
+    for _ in range(arch.single):
+        f += mm(1, d, 3 * d) + mm(lj, d, 7 * d) + 4.0 * lj * lj * d + mm(lj, 5 * d, d)
+    f += mm(1, d, 2 * d) + mm(li, d, arch.patch_out)                          # output norm and projection
+    return f * (2 if arch.cfg else 1) / 1e12
 
 
 def start_sigma(steps: int, strength: float, shift: float, mu: float | None) -> float:
@@ -53,30 +119,47 @@ def start_sigma(steps: int, strength: float, shift: float, mu: float | None) -> 
 
 def per_call(flops: dict, model: str, tokens: int) -> float:
     """TFLOPs of one model call at ``tokens`` image tokens, from flops.json."""
-    res = next(r for r in flops["results"] if r["model"] == model)["per_call_tflops"]
+    hit = [r for r in flops["results"] if r["model"] == model]
+    if not hit:
+        raise KeyError(f"{model}: not in flops.json")
+    res = hit[0]["per_call_tflops"]
     for key, v in res.items():
         if int(key.split()[0]) == tokens:
             return float(v)
     raise KeyError(f"{model}: no per-call FLOPs at {tokens} tokens in flops.json")
 
 
-def table(flops: dict) -> list[dict]:
+def table(flops: dict | None = None) -> list[dict]:
+    """One row per (model, workflow, strength, run): the baseline (the editing pipeline's default sampler) and each
+    of the family's presets, with the model calls per stage and the analytic TFLOPs (:func:`call_tflops`; ``flops``,
+    flops.json, adds the FlopCounterMode count where it has the model at every token count used)."""
     rows = []
-    for family, (model, steps, (shift, mu), presets) in MODELS.items():
-        full = per_call(flops, model, TOKENS)
-        for strength in STRENGTHS:
+    workflows = [("img2img", st) for st in STRENGTHS] + [("inpaint", st) for st in INPAINT_STRENGTHS]
+    for key, arch in ARCHS.items():
+        _, steps, (shift, mu), presets = MODELS[arch.family]
+        tf = lambda tok: call_tflops(arch, tok)  # noqa: E731
+
+        def counted(calls):
+            try:
+                return sum(n * per_call(flops, key, tok) for n, tok in calls if n) if flops else None
+            except KeyError:
+                return None
+        for workflow, strength in workflows:
             sigma = start_sigma(steps, strength, shift, mu)
             base_steps = steps - start_index(steps, strength)
-            base = base_steps * full
-            rows.append({"family": family, "run": f"baseline {steps} steps", "strength": strength, "sigma": sigma,
-                         "entry_stage": None, "calls": [0, 0, base_steps], "tflops": base, "ratio": 1.0})
+            base = base_steps * tf(TOKENS)
+            common = {"model": key, "label": arch.label, "family": arch.family, "workflow": workflow,
+                      "strength": strength, "sigma": sigma}
+            rows.append({**common, "run": f"baseline {steps} steps", "entry_stage": None,
+                         "calls": [0, 0, base_steps], "tflops": base, "ratio": 1.0,
+                         "tflops_counted": counted([(base_steps, TOKENS)])})
             for name in presets:
-                sched = get_preset(family, name)
+                sched = get_preset(arch.family, name)
                 cost = edit_cost(sched, sigma, TOKENS)
-                tf = sum(n * per_call(flops, model, tok) for n, tok in cost if n)
-                rows.append({"family": family, "run": f"ralu {name}", "strength": strength, "sigma": sigma,
-                             "entry_stage": edit_stages(sched, sigma).entry + 1, "calls": [n for n, _ in cost],
-                             "tflops": tf, "ratio": base / tf})
+                total = sum(n * tf(tok) for n, tok in cost if n)
+                rows.append({**common, "run": f"ralu {name}", "entry_stage": edit_stages(sched, sigma).entry + 1,
+                             "calls": [n for n, _ in cost], "tokens": [tok for _, tok in cost], "tflops": total,
+                             "ratio": base / total, "tflops_counted": counted(cost)})
     return rows
 
 
@@ -134,13 +217,16 @@ def main(argv=None):
     args = ap.parse_args(argv)
     flops = json.loads((Path(__file__).parent / "results" / "flops.json").read_text())
     rows = table(flops)
-    print("| model | run | strength | sigma* | entry | calls (s1, s2, s3) | TFLOPs | vs baseline |")
-    print("|---|---|---|---|---|---|---|---|")
+    print("| model | workflow | strength | run | sigma* | entry | calls (s1, s2, s3) | TFLOPs | vs baseline |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         entry = "-" if r["entry_stage"] is None else r["entry_stage"]
-        print(f"| {r['family']} | {r['run']} | {r['strength']} | {r['sigma']:.3f} | {entry} | "
+        print(f"| {r['label']} | {r['workflow']} | {r['strength']} | {r['run']} | {r['sigma']:.3f} | {entry} | "
               f"{', '.join(map(str, r['calls']))} | {r['tflops']:.0f} | {r['ratio']:.2f}x |")
-    write_json(args.out, "editing_flops", {"tokens": TOKENS, "rows": rows, "notes": __doc__})
+    write_json(args.out, "editing_flops", {"tokens": TOKENS, "archs": {k: vars(a) for k, a in ARCHS.items()},
+                                           "per_call_tflops": {k: {t: call_tflops(a, t) for t in (1024, TOKENS)}
+                                                               for k, a in ARCHS.items()},
+                                           "rows": rows, "notes": __doc__})
     if args.cpu:
         cpu = [r for fam in args.cpu_family for r in cpu_table(fam, args.reps)]
         print("| model | size | strength | run | calls | whole call s | vs baseline | model stages s | vs baseline |")

@@ -476,7 +476,7 @@ def prepare(pipe, prompt: str | list[str] | None = None, *, height: int | None =
             prompt_embeds_mask=None, negative_prompt_embeds_mask=None, num_frames: int | None = None,
             region_mode: str | None = None, region_source: str = "decode", parallel=None,
             precision: str | None = None, limits=None, image=None, strength: float | None = None,
-            mask_image=None) -> CallPlan:
+            mask_image=None, control_image=None) -> CallPlan:
     """Check every argument of a :func:`generate` call (the same arguments) and resolve it into a
     :class:`CallPlan`, before any work: no text encoding, no noise, no model call, no backend install (a model
     folder given as ``pipe`` is loaded). Raises what ``generate`` raises for bad arguments (ValueError / TypeError
@@ -526,6 +526,9 @@ def prepare(pipe, prompt: str | list[str] | None = None, *, height: int | None =
         raise ValueError("torch_dtype and device apply when pipe is a model folder; move a loaded pipeline yourself "
                          "(pipe.to(device, dtype)): ralu does not change the pipeline it is given")
     adapter = get_adapter(pipe)
+    from .refusals import check_edit_request
+
+    check_edit_request(adapter, image=image, mask_image=mask_image, control_image=control_image)
     adapter.check_supported()
     _check_model_device(adapter)
     if options is not None and options.precision == "fp8":
@@ -714,7 +717,7 @@ def generate(pipe, prompt: str | list[str] | None = None, *, height: int | None 
              prompt_embeds_mask=None, negative_prompt_embeds_mask=None, num_frames: int | None = None,
              region_mode: str | None = None, region_source: str = "decode", parallel=None,
              precision: str | None = None, limits=None, image=None, strength: float | None = None,
-             mask_image=None) -> RaluOutput:
+             mask_image=None, control_image=None) -> RaluOutput:
     """Generate images (or videos) with RALU (``speedup`` preset or schedule) or the ordinary sampler
     (``speedup=None``): ``run(prepare(pipe, prompt, ...))`` with the same arguments.
 
@@ -773,7 +776,9 @@ def generate(pipe, prompt: str | list[str] | None = None, *, height: int | None 
     ``FluxImg2ImgPipeline`` / ``StableDiffusion3Img2ImgPipeline``, a RALU preset skips the stages that end before
     that start (:mod:`ralu_runtime.editing`, docs/editing.md). ``mask_image`` (inpainting, FLUX.1 and SD3; white =
     repaint): ``speedup=None`` equals ``FluxInpaintPipeline`` / ``StableDiffusion3InpaintPipeline``; RALU upsamples
-    the masked regions first.
+    the masked regions first. Editing ralu does not run (other families' editing pipelines, ``image=`` on a family
+    without editing, ``control_image=`` on a pipeline that takes none) is refused before any work with the reason
+    (:mod:`ralu_runtime.refusals`).
     """
     arguments = dict(locals())  # exactly the parameters above (nothing else is defined yet)
     return run(prepare(**arguments))

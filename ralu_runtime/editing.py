@@ -50,6 +50,7 @@ EDIT_FAMILIES = ("flux", "flux-schnell", "sd3")  # adapter families that take im
 INPAINT_FAMILIES = ("flux", "flux-schnell", "sd3")  # ... and mask_image= (inpainting)
 _IMG2IMG_CLASS = {"flux": "FluxImg2ImgPipeline", "flux-schnell": "FluxImg2ImgPipeline",
                   "sd3": "StableDiffusion3Img2ImgPipeline"}
+INPAINT_REGION_CHOICES = ("mask-first", "edge-only")  # sample_ralu_edit(region_choice=...): see mask_boost
 _INPAINT_CLASS = {"flux": "FluxInpaintPipeline", "flux-schnell": "FluxInpaintPipeline",
                   "sd3": "StableDiffusion3InpaintPipeline"}
 
@@ -428,18 +429,22 @@ def sample_ralu_edit(adapter, cond, noise: torch.Tensor, latents: torch.Tensor, 
                      edge_map: str = "unit", edge_detector: str = "opencv", transition_impl: str = "auto",
                      solver: str = "euler", progress: bool = True, velocity: Callable | None = None,
                      decode: Callable | None = None, region_source: str = "decode",
-                     mask: torch.Tensor | None = None) -> Any:
+                     mask: torch.Tensor | None = None, region_choice: str = "mask-first") -> Any:
     """RALU img2img / inpainting: the stages of :func:`edit_stages` from the clean latents ``latents``
     ``(B, C, h, w)`` and the full-resolution ``noise`` (same shape) at ``sigma_start``.
 
     ``mask`` ``(B, 1, h, w)`` (inpainting, 1 = repaint): the regions upsampled first are the masked tokens dilated by
     a block (:func:`mask_boost`), then the edges; in every stage the kept part follows the pipeline's blend with the
     source re-noised at the stage's token set (2x2 mean for coarse tokens, max-pooled mask), after every step and at
-    the start of a stage entered through a transition. Returns a :class:`ralu_runtime.sampler.SamplerResult` (final
+    the start of a stage entered through a transition. ``region_choice``: "mask-first" (default, the above) or
+    "edge-only" (the mask is ignored for the region choice, the blend is unchanged: same tokens, same FLOPs; for
+    measuring, ``benchmarks/inpaint_oracle.py``). Returns a :class:`ralu_runtime.sampler.SamplerResult` (final
     fine raster tokens; the layout when stage 2 ran)."""
     from .adapters.base import TokenGrid
     from .sampler import SamplerResult, Clock, apply_transition, check_finite, draw_seeds, run_stage, stage2_layout
 
+    if region_choice not in INPAINT_REGION_CHOICES:
+        raise ValueError(f"region_choice={region_choice!r} is not allowed; choose one of {INPAINT_REGION_CHOICES}")
     plan = edit_stages(schedule, sigma_start)
     sigma = float(sigma_start)
     clock = Clock(noise.device)
@@ -455,7 +460,7 @@ def sample_ralu_edit(adapter, cond, noise: torch.Tensor, latents: torch.Tensor, 
     x = pos = None
     boost = None
     if mask is not None:
-        boost = mask_boost(adapter, mask)
+        boost = mask_boost(adapter, mask) if region_choice == "mask-first" else None
         pack_mask = lambda t: adapter.pack(t.expand(-1, ch, -1, -1).contiguous())  # noqa: E731
         fine_m, coarse_m = pack_mask(mask), pack_mask(F.max_pool2d(mask, 2))
         fine_src = lambda s: adapter.pack(_fine(latents, noise, s))  # noqa: E731

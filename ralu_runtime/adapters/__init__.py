@@ -43,6 +43,9 @@ def get_adapter(pipe) -> DiTAdapter:
         return pipe
     name = adapter_class_name(pipe)
     if name is None:
+        from ..refusals import check_refused_pipeline
+
+        check_refused_pipeline(pipe)  # a known pipeline ralu does not run: the reason and what works instead
         raise ValueError(f"unsupported model class {type(pipe).__name__!r}: ralu supports {sorted(ADAPTERS)} and "
                          "their subclasses (or pass a ralu_runtime.adapters.DiTAdapter)")
     with _LOCK:
