@@ -294,10 +294,14 @@ def run_edit(adapter, cond, noise: torch.Tensor, latents: torch.Tensor, plan, ge
             return sample_baseline(adapter, cond, noised(latents, noise, sigma), plan.steps, solver=plan.solver,
                                    progress=plan.progress, velocity=velocity, start=t0)
         return _inpaint_baseline(adapter, cond, noise, latents, mask, plan, t0, velocity)
+    from .channel_cond import region_mask
+
+    regions = region_mask(getattr(plan, "channels", None), noise.shape[0], noise.shape[-2:], noise.device)
     return sample_ralu_edit(adapter, cond, noise, latents, spec, plan.schedule, float(sigma), generators,
                             noise_variant=plan.noise, edge_map=plan.edge_map, edge_detector=plan.edge_detector,
                             transition_impl=plan.transition_impl, solver=plan.solver, progress=plan.progress,
-                            velocity=velocity, decode=decode, region_source=plan.region_source, mask=mask)
+                            velocity=velocity, decode=decode, region_source=plan.region_source, mask=mask,
+                            region_mask=regions)
 
 
 def mask_latents(spec: EditSpec, batch: int, latent_hw, dtype: torch.dtype, device=None) -> torch.Tensor:
@@ -428,14 +432,15 @@ def sample_ralu_edit(adapter, cond, noise: torch.Tensor, latents: torch.Tensor, 
                      edge_map: str = "unit", edge_detector: str = "opencv", transition_impl: str = "auto",
                      solver: str = "euler", progress: bool = True, velocity: Callable | None = None,
                      decode: Callable | None = None, region_source: str = "decode",
-                     mask: torch.Tensor | None = None) -> Any:
+                     mask: torch.Tensor | None = None, region_mask: torch.Tensor | None = None) -> Any:
     """RALU img2img / inpainting: the stages of :func:`edit_stages` from the clean latents ``latents``
     ``(B, C, h, w)`` and the full-resolution ``noise`` (same shape) at ``sigma_start``.
 
     ``mask`` ``(B, 1, h, w)`` (inpainting, 1 = repaint): the regions upsampled first are the masked tokens dilated by
     a block (:func:`mask_boost`), then the edges; in every stage the kept part follows the pipeline's blend with the
     source re-noised at the stage's token set (2x2 mean for coarse tokens, max-pooled mask), after every step and at
-    the start of a stage entered through a transition. Returns a :class:`ralu_runtime.sampler.SamplerResult` (final
+    the start of a stage entered through a transition. ``region_mask`` ``(B, 1, h, w)`` (FLUX.1 Fill, whose model
+    inpaints by itself): the mask-first region choice only, no blend. Returns a :class:`ralu_runtime.sampler.SamplerResult` (final
     fine raster tokens; the layout when stage 2 ran)."""
     from .adapters.base import TokenGrid
     from .sampler import SamplerResult, Clock, apply_transition, check_finite, draw_seeds, run_stage, stage2_layout
@@ -454,8 +459,9 @@ def sample_ralu_edit(adapter, cond, noise: torch.Tensor, latents: torch.Tensor, 
     layout = None
     x = pos = None
     boost = None
+    if mask is not None or region_mask is not None:
+        boost = mask_boost(adapter, mask if mask is not None else region_mask)
     if mask is not None:
-        boost = mask_boost(adapter, mask)
         pack_mask = lambda t: adapter.pack(t.expand(-1, ch, -1, -1).contiguous())  # noqa: E731
         fine_m, coarse_m = pack_mask(mask), pack_mask(F.max_pool2d(mask, 2))
         fine_src = lambda s: adapter.pack(_fine(latents, noise, s))  # noqa: E731
