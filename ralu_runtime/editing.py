@@ -116,8 +116,9 @@ def check_edit(adapter, *, image, strength, mask_image, height: int, width: int,
         raise ValueError(f"{type(pipe).__name__} is an inpainting pipeline: give mask_image= (white = repaint)")
     if inpaint and pipe.transformer.config.in_channels != pipe.vae.config.latent_channels * (
             1 if adapter.family == "sd3" else 4):  # FLUX.1 packs 2x2 latent pixels into the transformer's input
-        raise ValueError("inpainting models that take the mask and masked image as extra input channels (FLUX.1 Fill, "
-                         "33-channel SD3 inpainting) are not supported; ralu runs the pipelines' blending inpainting")
+        raise ValueError("inpainting models that take the mask and masked image as extra input channels do not run "
+                         "as blending inpainting: run FLUX.1 Fill as FluxFillPipeline(**pipe.components); 33-channel "
+                         "SD3 inpainting is not supported")
     cls = (_INPAINT_CLASS if inpaint else _IMG2IMG_CLASS)[adapter.family]
     if strength is None:
         strength = _call_default(cls, "strength")

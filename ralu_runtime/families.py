@@ -239,7 +239,9 @@ FAMILIES: Mapping[str, Family] = MappingProxyType({f.name: f for f in _FAMILY_LI
 
 
 def family_for_pipeline(class_name: str) -> Family | None:
-    """The family whose adapter runs pipelines of class ``class_name`` (the base family of a variant), or None."""
+    """The family whose adapter runs pipelines of class ``class_name`` (the base family of a variant; for an editing
+    pipeline of :data:`EDIT_PIPELINES`, its text-to-image pipeline's family), or None."""
+    class_name = EDIT_PIPELINES.get(class_name, (class_name,))[0]
     for fam in _FAMILY_LIST:
         if class_name in fam.pipelines:
             return fam
