@@ -349,3 +349,21 @@ def test_packed_velocity_concatenates_each_calls_conditioning(fill):
                              attach(cond, ChannelCond(torch.zeros(1, 24, 320), torch.zeros(1, 6, 320), fine_hw,
                                                       coarse_hw)))
     assert not torch.allclose(plain, packed[0], atol=1e-4)
+
+
+@pytest.mark.slow
+def test_served_fill_edit_equals_generate(fill):
+    """POST /v1/images/edits on a served FLUX.1 Fill model (a RALU preset, the engine's packed model calls) equals
+    generate alone."""
+    import functools
+
+    from helpers import running_server
+    from openai_checks import pngs
+    from test_serving_edits import alone, assert_close, edit, grey_mask, png, source
+
+    running = functools.partial(running_server, grace_s=5.0, stop_s=35.0)
+    with running(fill) as (server, _):
+        r = edit(server, {"strength": None, "steps": None, "speedup": "4x"},
+                 [("image", ("in.png", png(source()), "image/png")), ("mask", ("m.png", png(grey_mask()), "image/png"))])
+        got = pngs(r)
+    assert_close(got, alone(fill, source(), speedup="4x", mask_image=grey_mask()))
