@@ -367,3 +367,52 @@ def test_served_fill_edit_equals_generate(fill):
                  [("image", ("in.png", png(source()), "image/png")), ("mask", ("m.png", png(grey_mask()), "image/png"))])
         got = pngs(r)
     assert_close(got, alone(fill, source(), speedup="4x", mask_image=grey_mask()))
+
+
+@torch.no_grad()
+def test_compiled_runners_flatten_the_conditioning_as_a_tensor_input(fill):
+    """The compile backends key their graphs / exports by the flattened call: the conditioning must be a tensor input
+    (a new image reuses the graph), and the flattened call must give the same velocity."""
+    from ralu_runtime.channel_cond import attach
+    from ralu_runtime.compile.flatten import flatten, unflatten
+
+    adapter = get_adapter(fill)
+    cond = adapter.encode_prompt(None, guidance_scale=30.0, **flux_embeds())
+    fine_hw, coarse_hw = (4, 6), (2, 3)
+    layout = TokenLayout(coarse_hw, torch.tensor([[1, 4]]))
+    grid = TokenGrid(_mixed_index(layout)[1], coarse_hw, layout.stage2_fine_mask())
+    tokens, t = torch.randn(1, 12, 64, generator=_gen(0)), torch.tensor(500.0)
+    specs = []
+    for seed in (1, 2):
+        g = _gen(seed)
+        cc = ChannelCond(torch.randn(1, 24, 320, generator=g), torch.randn(1, 6, 320, generator=g), fine_hw, coarse_hw)
+        c = attach(cond, cc)
+        tensors, names, spec = flatten(tokens, grid, t, c)
+        assert "cond_channels" in names and torch.equal(tensors[names.index("cond_channels")], cc.tokens(grid))
+        specs.append(spec)
+        torch.testing.assert_close(adapter.velocity(*unflatten(tensors, spec)), adapter.velocity(tokens, grid, t, c),
+                                   rtol=0, atol=0)
+    assert specs[0] == specs[1] and hash(specs[0]) == hash(specs[1])
+
+
+@torch.no_grad()
+def test_onnx_backend_takes_the_conditioning_as_an_input(monkeypatch):
+    """backend="onnx" (an exported graph per call signature): a second control image reuses the exports and still
+    gives its own result (the conditioning is a graph input, not a baked constant)."""
+    ort = pytest.importorskip("onnxruntime")
+    pytest.importorskip("onnx")
+    from ralu_runtime.tiny.flux_fill import build_tiny_flux_control_pipeline
+
+    runs = []
+    real_run = ort.InferenceSession.run
+    monkeypatch.setattr(ort.InferenceSession, "run", lambda self, *a, **k: runs.append(1) or real_run(self, *a, **k))
+    pipe = build_tiny_flux_control_pipeline(seed=0)
+    kw = dict(height=H, width=W, speedup="7x", seed=3, output_type="latent", progress=False, **flux_embeds())
+    refs = [generate(pipe, control_image=_pil(s), **kw).images for s in (0, 1)]
+    assert not torch.allclose(refs[0], refs[1], atol=1e-3)
+    for s in (0, 1):
+        out = generate(pipe, control_image=_pil(s), backend="onnx", **kw).images
+        torch.testing.assert_close(out, refs[s], rtol=1e-4, atol=1e-4)
+        if s == 0:
+            builds = len(get_adapter(pipe).runner.builds)
+    assert len(get_adapter(pipe).runner.builds) == builds and len(runs) == 2 * 10  # 7x: 2 + 3 + 5 calls per run

@@ -218,12 +218,14 @@ class FluxAdapter(DiTAdapter):
     @staticmethod
     def _with_channels(tokens, grid, cond):
         """``tokens (B, L, C)`` with the call's channel conditioning (FLUX.1 Fill / control:
-        :class:`ralu_runtime.channel_cond.ChannelCond` in ``cond.data["channels"]``) of the same token set concatenated
-        on the channel axis, as the pipelines feed ``x_embedder``; ``tokens`` as given without one."""
+        :class:`ralu_runtime.channel_cond.ChannelCond` in ``cond.data["channels"]``, or its tensor for this token set
+        from a compiled runner's flattened call) of the same token set concatenated on the channel axis, as the
+        pipelines feed ``x_embedder``; ``tokens`` as given without one."""
         extra = cond.data.get("channels")
         if extra is None:
             return tokens
-        return torch.cat([tokens, extra.tokens(grid).to(tokens.dtype)], dim=-1)
+        extra = extra if torch.is_tensor(extra) else extra.tokens(grid)
+        return torch.cat([tokens, extra.to(tokens.dtype)], dim=-1)
 
     @staticmethod
     def _ids(positions: torch.Tensor, text_len: int):
