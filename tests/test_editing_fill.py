@@ -416,3 +416,14 @@ def test_onnx_backend_takes_the_conditioning_as_an_input(monkeypatch):
         if s == 0:
             builds = len(get_adapter(pipe).runner.builds)
     assert len(get_adapter(pipe).runner.builds) == builds and len(runs) == 2 * 10  # 7x: 2 + 3 + 5 calls per run
+
+
+@torch.no_grad()
+def test_control_images_repeat_per_prompt_as_the_pipeline(control):
+    """Two prompts, two images per prompt, one control image per prompt, one generator: the pipeline's
+    prompt-major repeat ([c0, c0, c1, c1]) and its single encode + noise draw."""
+    kw = dict(prompt=["a cat", "a dog"], max_sequence_length=32, control_image=[_pil(0), _pil(1)],
+              num_images_per_prompt=2, num_inference_steps=2)  # (diffusers 0.42.1 does not repeat given pooled embeds)
+    ours = _ours(control, generator=_gen(6), **kw)
+    torch.testing.assert_close(ours, _ref(control, generator=_gen(6), **kw), rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(ours[1], ours[2], atol=1e-3)
