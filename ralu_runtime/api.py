@@ -101,6 +101,7 @@ class CallPlan:
     progress: bool = True
     integration: str = "own"  # "follow": the baseline steps with the pipeline's scheduler (scheduler_integration)
     edit: Any = None  # img2img request (ralu_runtime.editing.EditSpec), None for text-to-image
+    channels: Any = None  # FLUX.1 Fill / control conditioning (ralu_runtime.channel_cond.ChannelSpec), or None
 
     @property
     def backend(self) -> str | None:
@@ -556,23 +557,35 @@ def prepare(pipe, prompt: str | list[str] | None = None, *, height: int | None =
                                                              cast["negative_pooled_prompt_embeds"])
     schedule = resolve_schedule(speedup, adapter, height, width)
     integration = scheduler_integration(adapter, schedule is not None, solver)
+    from .channel_cond import check_channels, default_guidance, default_steps
     from .editing import check_edit
 
-    edit = check_edit(adapter, image=image, strength=strength, mask_image=mask_image, height=height, width=width,
-                      batch=batch, num_inference_steps=num_inference_steps)
+    edit, channels = check_channels(adapter, image=image, mask_image=mask_image, control_image=control_image,
+                                    strength=strength, height=height, width=width, batch=batch,
+                                    num_images_per_prompt=num_images_per_prompt,
+                                    num_inference_steps=num_inference_steps)
+    if channels is None:
+        edit = check_edit(adapter, image=image, strength=strength, mask_image=mask_image, height=height, width=width,
+                          batch=batch, num_inference_steps=num_inference_steps)
     if edit is not None and integration != "own":
         raise ValueError(f"image= (img2img / inpainting) runs with the pipeline's Euler flow scheduler only; this "
                          f"pipeline has {type(adapter.pipe.scheduler).__name__}")
     steps = edit.steps if edit is not None else (num_inference_steps if num_inference_steps is not None
                                                  else adapter.default_steps)
-    default_guidance = adapter.default_guidance if edit is None else edit.guidance  # the editing pipeline's
-    guidance = default_guidance if guidance_scale is None else float(guidance_scale)
+    if channels is not None and edit is None:  # control: FluxControlPipeline's defaults
+        steps = default_steps(channels) if num_inference_steps is None else num_inference_steps
+    default = adapter.default_guidance if edit is None else edit.guidance  # the editing pipeline's
+    default = default_guidance(channels) if channels is not None else default
+    guidance = default if guidance_scale is None else float(guidance_scale)
     _check_work(adapter, bounds, batch, height, width, num_frames, int(steps), schedule)
     from .parallel import resolve_parallel
 
     plan = resolve_parallel(parallel, adapter, backend=backend)
     if edit is not None and plan is not None:
         raise ValueError("image= (img2img) does not run with context parallelism yet; drop parallel=")
+    if channels is not None and plan is not None:
+        raise ValueError(f"{type(adapter.pipe).__name__} (conditioning channels) does not run with context "
+                         "parallelism yet; drop parallel=")
     return CallPlan(
         adapter, height, width, batch, schedule, int(steps), guidance, num_frames, region_mode, cache, options, plan,
         prompt=prompt, negative_prompt=negative_prompt, prompt_embeds=prompt_embeds,
@@ -582,7 +595,7 @@ def prepare(pipe, prompt: str | list[str] | None = None, *, height: int | None =
         max_sequence_length=max_sequence_length, generator=generator, seed=seed, output_type=output_type,
         return_masks=return_masks, noise=noise, edge_map=edge_map, edge_detector=edge_detector, solver=solver,
         transition_impl=transition_impl, region_source=region_source, progress=progress, integration=integration,
-        edit=edit)
+        edit=edit, channels=channels)
 
 
 ModelCallHook = Callable[[DiTAdapter, Callable], Callable]
@@ -671,7 +684,13 @@ def run(plan: CallPlan, *, model_call: ModelCallHook | None = None,
         from .editing import encode_images, run_edit
 
         source = encode_images(adapter, plan.edit, noise_gen, batch, dtype)
+    if plan.channels is not None:  # FLUX.1 Fill / control: encoded before (control) or after (Fill) the noise
+        from .channel_cond import attach, build_channel_cond
+    if plan.channels is not None and not plan.channels.after_noise:
+        cond = attach(cond, build_channel_cond(adapter, plan.channels, noise_gen, batch, dtype))
     noise_latents = adapter.prepare_noise(batch, plan.height, plan.width, noise_gen, dtype, **video)
+    if plan.channels is not None and plan.channels.after_noise:
+        cond = attach(cond, build_channel_cond(adapter, plan.channels, noise_gen, batch, dtype))
 
     with _call_state(plan.cache, sp) as state:
         if plan.edit is not None:
@@ -776,9 +795,11 @@ def generate(pipe, prompt: str | list[str] | None = None, *, height: int | None 
     ``FluxImg2ImgPipeline`` / ``StableDiffusion3Img2ImgPipeline``, a RALU preset skips the stages that end before
     that start (:mod:`ralu_runtime.editing`, docs/editing.md). ``mask_image`` (inpainting, FLUX.1 and SD3; white =
     repaint): ``speedup=None`` equals ``FluxInpaintPipeline`` / ``StableDiffusion3InpaintPipeline``; RALU upsamples
-    the masked regions first. Editing ralu does not run (other families' editing pipelines, ``image=`` on a family
-    without editing, ``control_image=`` on a pipeline that takes none) is refused before any work with the reason
-    (:mod:`ralu_runtime.refusals`).
+    the masked regions first. With a ``FluxFillPipeline`` (``image`` + ``mask_image``) or a ``FluxControlPipeline``
+    (``control_image``: a Canny / depth map) the conditioning latents are concatenated to every stage's tokens on the
+    channel axis (:mod:`ralu_runtime.channel_cond`); ``speedup=None`` equals those pipelines. Editing ralu does not
+    run (other families' editing pipelines, ``image=`` on a family without editing, ``control_image=`` on a pipeline
+    that takes none) is refused before any work with the reason (:mod:`ralu_runtime.refusals`).
     """
     arguments = dict(locals())  # exactly the parameters above (nothing else is defined yet)
     return run(prepare(**arguments))

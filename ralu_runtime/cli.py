@@ -126,10 +126,15 @@ def build_parser() -> argparse.ArgumentParser:
                    description="Generate one image with RALU and print per-stage steps, tokens and seconds. "
                                "Arguments are checked before the model is loaded.")
     e = sub.add_parser("edit", parents=[common, image_args], help="edit an image (img2img, inpainting) with RALU",
-                       description="img2img (--image, --strength) and inpainting (--mask) on FLUX.1 and SD3: "
+                       description="img2img (--image, --strength) and inpainting (--mask) on FLUX.1 and SD3, FLUX.1 "
+                                   "Fill (--image, --mask) and FLUX.1 control (--control-image): "
                                    "the image is resized to --height x --width; per-stage timings are printed. "
                                    "Arguments and files are checked before the model is loaded.")
-    e.add_argument("--image", metavar="PATH", required=True, help="the image to edit (any format Pillow reads)")
+    e.add_argument("--image", metavar="PATH", default=None,
+                   help="the image to edit (any format Pillow reads); required except with --control-image")
+    e.add_argument("--control-image", metavar="PATH", default=None,
+                   help="FLUX.1 control models (FluxControlPipeline, e.g. tiny-flux-control): the Canny / depth map "
+                        "the image follows, resized to --height x --width (no --image)")
     e.add_argument("--mask", metavar="PATH", default=None,
                    help="inpainting mask: white = repaint, black = keep; resized like the image")
     e.add_argument("--strength", metavar="S", type=float, default=None,
@@ -792,6 +797,20 @@ def check_edit(args) -> tuple[GeneratePlan, dict]:
         raise UsageError(f"ralu edit runs FLUX.1 and SD3 models; {args.model} is {plan.family}")
     if args.strength is not None and not (math.isfinite(args.strength) and 0 < args.strength <= 1):
         raise UsageError(f"--strength {args.strength} is not allowed: need 0 < S <= 1")
+    if args.control_image is not None:  # FluxControlPipeline: text-to-image with a control image
+        given = [f for f, v in (("--image", args.image), ("--mask", args.mask), ("--strength", args.strength))
+                 if v is not None]
+        if given:
+            raise UsageError(f"--control-image runs FLUX.1 control models; {', '.join(given)} do not apply")
+        if args.model in TINY_MODELS and args.model != "tiny-flux-control":
+            raise UsageError(f"--control-image needs a FLUX.1 control model (tiny-flux-control); {args.model} is not")
+        return plan, {"control_image": _read_image("--control-image", args.control_image, "RGB")}
+    if args.image is None:
+        raise UsageError("give --image (img2img, inpainting, FLUX.1 Fill) or --control-image (FLUX.1 control)")
+    if args.model == "tiny-flux-control":
+        raise UsageError("tiny-flux-control is a FLUX.1 control model: give --control-image (no --image)")
+    if args.model == "tiny-flux-fill" and args.mask is None:
+        raise UsageError("tiny-flux-fill is a FLUX.1 Fill model: give --mask (white = repaint) with --image")
     edit = {"image": _read_image("--image", args.image, "RGB"), "strength": args.strength}
     if args.mask is not None:
         mask = _read_image("--mask", args.mask, "L")

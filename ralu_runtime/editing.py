@@ -117,8 +117,9 @@ def check_edit(adapter, *, image, strength, mask_image, height: int, width: int,
         raise ValueError(f"{type(pipe).__name__} is an inpainting pipeline: give mask_image= (white = repaint)")
     if inpaint and pipe.transformer.config.in_channels != pipe.vae.config.latent_channels * (
             1 if adapter.family == "sd3" else 4):  # FLUX.1 packs 2x2 latent pixels into the transformer's input
-        raise ValueError("inpainting models that take the mask and masked image as extra input channels (FLUX.1 Fill, "
-                         "33-channel SD3 inpainting) are not supported; ralu runs the pipelines' blending inpainting")
+        raise ValueError("inpainting models that take the mask and masked image as extra input channels do not run "
+                         "as blending inpainting: run FLUX.1 Fill as FluxFillPipeline(**pipe.components); 33-channel "
+                         "SD3 inpainting is not supported")
     cls = (_INPAINT_CLASS if inpaint else _IMG2IMG_CLASS)[adapter.family]
     if strength is None:
         strength = _call_default(cls, "strength")
@@ -295,10 +296,14 @@ def run_edit(adapter, cond, noise: torch.Tensor, latents: torch.Tensor, plan, ge
             return sample_baseline(adapter, cond, noised(latents, noise, sigma), plan.steps, solver=plan.solver,
                                    progress=plan.progress, velocity=velocity, start=t0)
         return _inpaint_baseline(adapter, cond, noise, latents, mask, plan, t0, velocity)
+    from .channel_cond import region_mask
+
+    regions = region_mask(getattr(plan, "channels", None), noise.shape[0], noise.shape[-2:], noise.device)
     return sample_ralu_edit(adapter, cond, noise, latents, spec, plan.schedule, float(sigma), generators,
                             noise_variant=plan.noise, edge_map=plan.edge_map, edge_detector=plan.edge_detector,
                             transition_impl=plan.transition_impl, solver=plan.solver, progress=plan.progress,
-                            velocity=velocity, decode=decode, region_source=plan.region_source, mask=mask)
+                            velocity=velocity, decode=decode, region_source=plan.region_source, mask=mask,
+                            region_mask=regions)
 
 
 def mask_latents(spec: EditSpec, batch: int, latent_hw, dtype: torch.dtype, device=None) -> torch.Tensor:
@@ -429,16 +434,18 @@ def sample_ralu_edit(adapter, cond, noise: torch.Tensor, latents: torch.Tensor, 
                      edge_map: str = "unit", edge_detector: str = "opencv", transition_impl: str = "auto",
                      solver: str = "euler", progress: bool = True, velocity: Callable | None = None,
                      decode: Callable | None = None, region_source: str = "decode",
-                     mask: torch.Tensor | None = None, region_choice: str = "mask-first") -> Any:
+                     mask: torch.Tensor | None = None, region_mask: torch.Tensor | None = None,
+                     region_choice: str = "mask-first") -> Any:
     """RALU img2img / inpainting: the stages of :func:`edit_stages` from the clean latents ``latents``
     ``(B, C, h, w)`` and the full-resolution ``noise`` (same shape) at ``sigma_start``.
 
     ``mask`` ``(B, 1, h, w)`` (inpainting, 1 = repaint): the regions upsampled first are the masked tokens dilated by
     a block (:func:`mask_boost`), then the edges; in every stage the kept part follows the pipeline's blend with the
     source re-noised at the stage's token set (2x2 mean for coarse tokens, max-pooled mask), after every step and at
-    the start of a stage entered through a transition. ``region_choice``: "mask-first" (default, the above) or
-    "edge-only" (the mask is ignored for the region choice, the blend is unchanged: same tokens, same FLOPs; for
-    measuring, ``benchmarks/inpaint_oracle.py``). Returns a :class:`ralu_runtime.sampler.SamplerResult` (final
+    the start of a stage entered through a transition. ``region_mask`` ``(B, 1, h, w)`` (FLUX.1 Fill, whose model
+    inpaints by itself): the mask-first region choice only, no blend. ``region_choice``: "mask-first" (default, the
+    above) or "edge-only" (the mask is ignored for the region choice, the blend is unchanged: same tokens, same
+    FLOPs; for measuring, ``benchmarks/inpaint_oracle.py``). Returns a :class:`ralu_runtime.sampler.SamplerResult` (final
     fine raster tokens; the layout when stage 2 ran)."""
     from .adapters.base import TokenGrid
     from .sampler import SamplerResult, Clock, apply_transition, check_finite, draw_seeds, run_stage, stage2_layout
@@ -459,8 +466,9 @@ def sample_ralu_edit(adapter, cond, noise: torch.Tensor, latents: torch.Tensor, 
     layout = None
     x = pos = None
     boost = None
+    if (mask is not None or region_mask is not None) and region_choice == "mask-first":
+        boost = mask_boost(adapter, mask if mask is not None else region_mask)
     if mask is not None:
-        boost = mask_boost(adapter, mask) if region_choice == "mask-first" else None
         pack_mask = lambda t: adapter.pack(t.expand(-1, ch, -1, -1).contiguous())  # noqa: E731
         fine_m, coarse_m = pack_mask(mask), pack_mask(F.max_pool2d(mask, 2))
         fine_src = lambda s: adapter.pack(_fine(latents, noise, s))  # noqa: E731

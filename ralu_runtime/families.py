@@ -239,7 +239,9 @@ FAMILIES: Mapping[str, Family] = MappingProxyType({f.name: f for f in _FAMILY_LI
 
 
 def family_for_pipeline(class_name: str) -> Family | None:
-    """The family whose adapter runs pipelines of class ``class_name`` (the base family of a variant), or None."""
+    """The family whose adapter runs pipelines of class ``class_name`` (the base family of a variant; for an editing
+    pipeline of :data:`EDIT_PIPELINES`, its text-to-image pipeline's family), or None."""
+    class_name = EDIT_PIPELINES.get(class_name, (class_name,))[0]
     for fam in _FAMILY_LIST:
         if class_name in fam.pipelines:
             return fam
@@ -253,6 +255,8 @@ EDIT_PIPELINES: Mapping[str, tuple[str, str]] = MappingProxyType({
     "StableDiffusion3Img2ImgPipeline": ("StableDiffusion3Pipeline", "img2img"),
     "FluxInpaintPipeline": ("FluxPipeline", "inpaint"),
     "StableDiffusion3InpaintPipeline": ("StableDiffusion3Pipeline", "inpaint"),
+    "FluxFillPipeline": ("FluxPipeline", "fill"),  # conditioning channels: ralu_runtime.channel_cond
+    "FluxControlPipeline": ("FluxPipeline", "control"),
 })
 
 
@@ -431,6 +435,8 @@ class TinyModel:
 
 _TINY_LIST = (
     TinyModel("tiny-flux", "flux", "ralu_runtime.tiny:build_tiny_flux_pipeline"),
+    TinyModel("tiny-flux-fill", "flux", "ralu_runtime.tiny.flux_fill:build_tiny_flux_fill_pipeline"),
+    TinyModel("tiny-flux-control", "flux", "ralu_runtime.tiny.flux_fill:build_tiny_flux_control_pipeline"),
     TinyModel("tiny-sd3", "sd3", "ralu_runtime.tiny:build_tiny_sd3_pipeline", max_side_px=1536),  # 96-cell table
     TinyModel("tiny-sd35", "sd3", "ralu_runtime.tiny.sd35:build_tiny_sd35_pipeline", {"variant": "large"},
               max_side_px=1536),

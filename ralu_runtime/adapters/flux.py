@@ -183,7 +183,8 @@ class FluxAdapter(DiTAdapter):
         text_lens = per_image([c.cond.data["embeds"].shape[1] for c in calls])
         image_lens = per_image([c.tokens.shape[1] for c in calls])
 
-        tokens = torch.cat([c.tokens.reshape(-1, c.tokens.shape[-1]) for c in calls])
+        tokens = torch.cat([self._with_channels(c.tokens, c.grid, c.cond).reshape(-1, tr.config.in_channels)
+                            for c in calls])
         positions = torch.cat([c.grid.positions.reshape(-1, 2) for c in calls])
         embeds = torch.cat([c.cond.data["embeds"].reshape(-1, c.cond.data["embeds"].shape[-1]) for c in calls])
         t = torch.cat([c.timestep.reshape(()).expand(b).to(dtype) / 1000 for c, b in zip(calls, counts)])
@@ -213,6 +214,18 @@ class FluxAdapter(DiTAdapter):
 
         out = execution.run(("flux", guided, kind, backend), forward, tensors)
         return split_calls(out[:, :n_img], calls)
+
+    @staticmethod
+    def _with_channels(tokens, grid, cond):
+        """``tokens (B, L, C)`` with the call's channel conditioning (FLUX.1 Fill / control:
+        :class:`ralu_runtime.channel_cond.ChannelCond` in ``cond.data["channels"]``, or its tensor for this token set
+        from a compiled runner's flattened call) of the same token set concatenated on the channel axis, as the
+        pipelines feed ``x_embedder``; ``tokens`` as given without one."""
+        extra = cond.data.get("channels")
+        if extra is None:
+            return tokens
+        extra = extra if torch.is_tensor(extra) else extra.tokens(grid)
+        return torch.cat([tokens, extra.to(tokens.dtype)], dim=-1)
 
     @staticmethod
     def _ids(positions: torch.Tensor, text_len: int):
@@ -302,7 +315,8 @@ class FluxAdapter(DiTAdapter):
 
     @property
     def latent_channels(self) -> int:
-        return self.transformer.config.in_channels // 4
+        cfg = self.transformer.config  # FLUX.1 Fill / control take conditioning channels beyond the output's
+        return (cfg.out_channels or cfg.in_channels) // 4
 
     def encode_prompt(self, prompt, negative_prompt=None, *, prompt_embeds=None, pooled_prompt_embeds=None,
                       negative_prompt_embeds=None, negative_pooled_prompt_embeds=None, num_images_per_prompt=1,
@@ -337,6 +351,7 @@ class FluxAdapter(DiTAdapter):
         """One request's velocity ``(B, L, C)``; sharded across ranks when the running ``generate`` call has a
         sharding plan (context parallelism: every rank returns the whole velocity)."""
         embeds, pooled, guidance = cond.data["embeds"], cond.data["pooled"], cond.data["guidance"]
+        tokens = self._with_channels(tokens, grid, cond)
         b = tokens.shape[0]
         t = timestep.expand(b).to(tokens.dtype) / 1000
         txt_ids, img_ids = self._ids(grid.positions, embeds.shape[1])

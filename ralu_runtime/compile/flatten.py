@@ -35,6 +35,10 @@ def flatten(tokens, grid: TokenGrid, timestep, cond: Conditioning):
             keys.append((k, "tensor", None))
             tensors.append(v)
             names.append(f"cond_{k}")
+        elif callable(getattr(v, "tokens", None)):  # per-token conditioning (FLUX.1 Fill / control: ChannelCond):
+            keys.append((k, "tensor", None))         # this call's token set's tensor, an input like the tokens
+            tensors.append(v.tokens(grid))
+            names.append(f"cond_{k}")
         elif v is None:
             keys.append((k, "none", None))
         else:
