@@ -138,6 +138,7 @@ def check_edit_request(adapter, *, image=None, mask_image=None, control_image=No
                     None)
         if kind is None or "control" not in kind:
             raise UnsupportedPipelineError(
-                f"{cls}: control_image= given, but this pipeline takes no control image (control images with "
-                f"ControlNets or FLUX.1 Control img2img / inpainting are not supported by ralu yet); "
+                f"{cls}: control_image= given, but this pipeline takes no control image: control_image= goes with "
+                f"a FluxControlPipeline (FLUX.1 Canny / Depth; ControlNets and FLUX.1 Control img2img / inpainting "
+                f"are not supported by ralu yet); "
                 f"{supported_editing()}")
