@@ -128,10 +128,15 @@ def build_parser() -> argparse.ArgumentParser:
     e = sub.add_parser("edit", parents=[common, image_args], help="edit an image (img2img, inpainting) with RALU",
                        description="img2img (--image, --strength) and inpainting (--mask) on FLUX.1 and SD3: "
                                    "the image is resized to --height x --width; per-stage timings are printed. "
+                                   "FLUX.1 Kontext (tiny-flux-kontext or a FluxKontextPipeline folder): the image is "
+                                   "the reference, the output --height x --width (no --strength, no --mask). "
                                    "Arguments and files are checked before the model is loaded.")
     e.add_argument("--image", metavar="PATH", required=True, help="the image to edit (any format Pillow reads)")
     e.add_argument("--mask", metavar="PATH", default=None,
                    help="inpainting mask: white = repaint, black = keep; resized like the image")
+    e.add_argument("--keep-reference-size", action="store_true",
+                   help="FLUX.1 Kontext: keep the reference image's own size (rounded down to multiples of 16 "
+                        "pixels) instead of resizing it to the preferred Kontext resolution of its aspect ratio")
     e.add_argument("--strength", metavar="S", type=float, default=None,
                    help="0 < S <= 1: how much of the schedule is re-run from the noised image (default: the "
                         "pipeline's 0.6)")
@@ -259,6 +264,8 @@ def _model_family(model: str) -> tuple[str, tuple[int, int], int | None]:
         raise UsageError(f"--model {model!r} is not a diffusers pipeline folder (no model_index.json)")
     cls = _read_json(index).get("_class_name")
     fam = family_for_pipeline(cls) if isinstance(cls, str) else None
+    if fam is None and cls == "FluxKontextPipeline":  # FLUX.1 Kontext runs on the FLUX.1 adapter
+        fam = FAMILIES["flux"]
     if fam is None:
         raise UsageError(f"--model {model!r} holds a {cls!r} pipeline; ralu supports {', '.join(PIPELINE_FAMILIES)}")
     cfg = _read_json(folder / "transformer" / "config.json", missing_ok=True)
@@ -784,6 +791,14 @@ def _read_image(flag: str, path: str, mode: str):
         raise UsageError(f"{flag} {path!r} is not an image Pillow can read ({_one_line(exc)})") from None
 
 
+def _is_kontext_model(model: str) -> bool:
+    """``--model`` is a FLUX.1 Kontext pipeline (tiny-flux-kontext, or a folder whose model_index.json says so)."""
+    if model in _TINY:
+        return bool(_TINY[model].kwargs.get("kontext", False))
+    index = Path(model).expanduser() / "model_index.json"
+    return index.is_file() and _read_json(index).get("_class_name") == "FluxKontextPipeline"
+
+
 def check_edit(args) -> tuple[GeneratePlan, dict]:
     """Check every ``ralu edit`` argument (those of generate, the files, --strength), before any model is built or
     loaded; returns the plan and the editing arguments of ``generate`` (PIL images, strength)."""
@@ -792,6 +807,15 @@ def check_edit(args) -> tuple[GeneratePlan, dict]:
         raise UsageError(f"ralu edit runs FLUX.1 and SD3 models; {args.model} is {plan.family}")
     if args.strength is not None and not (math.isfinite(args.strength) and 0 < args.strength <= 1):
         raise UsageError(f"--strength {args.strength} is not allowed: need 0 < S <= 1")
+    if _is_kontext_model(args.model):  # the reference is conditioning: no strength, no mask; --height x --width
+        for flag, value in (("--strength", args.strength), ("--mask", args.mask)):  # is the output size
+            if value is not None:
+                raise UsageError(f"{flag} does not apply to FLUX.1 Kontext ({args.model}): it generates from noise "
+                                 "with the image as a reference, not by noising it, and takes no mask")
+        return plan, {"image": _read_image("--image", args.image, "RGB"), "max_area": plan.height * plan.width,
+                      "auto_resize": not args.keep_reference_size}
+    if args.keep_reference_size:
+        raise UsageError("--keep-reference-size applies to FLUX.1 Kontext models only")
     edit = {"image": _read_image("--image", args.image, "RGB"), "strength": args.strength}
     if args.mask is not None:
         mask = _read_image("--mask", args.mask, "L")

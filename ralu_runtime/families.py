@@ -253,6 +253,7 @@ EDIT_PIPELINES: Mapping[str, tuple[str, str]] = MappingProxyType({
     "StableDiffusion3Img2ImgPipeline": ("StableDiffusion3Pipeline", "img2img"),
     "FluxInpaintPipeline": ("FluxPipeline", "inpaint"),
     "StableDiffusion3InpaintPipeline": ("StableDiffusion3Pipeline", "inpaint"),
+    "FluxKontextPipeline": ("FluxPipeline", "kontext"),  # reference tokens, no noising: ralu_runtime.kontext
 })
 
 
@@ -431,6 +432,7 @@ class TinyModel:
 
 _TINY_LIST = (
     TinyModel("tiny-flux", "flux", "ralu_runtime.tiny:build_tiny_flux_pipeline"),
+    TinyModel("tiny-flux-kontext", "flux", "ralu_runtime.tiny:build_tiny_flux_pipeline", {"kontext": True}),
     TinyModel("tiny-sd3", "sd3", "ralu_runtime.tiny:build_tiny_sd3_pipeline", max_side_px=1536),  # 96-cell table
     TinyModel("tiny-sd35", "sd3", "ralu_runtime.tiny.sd35:build_tiny_sd35_pipeline", {"variant": "large"},
               max_side_px=1536),
