@@ -834,6 +834,8 @@ def cmd_generate(args, edit_plan: tuple | None = None) -> int:
     """``ralu generate``: check the arguments, build or load the model, (warm up), generate, write, report.
     ``edit_plan``: ``ralu edit``'s checked plan and editing arguments."""
     plan, edit = edit_plan if edit_plan is not None else (check_generate(args), {})
+    if edit_plan is None and _is_kontext_model(args.model):  # FLUX.1 Kontext without a reference: --height x
+        edit = {"max_area": plan.height * plan.width}       # --width is the output size here too
     from .serving.logs import quiet_library_logs
 
     quiet_library_logs(log_prompts=True)  # before the libraries load: no torchvision notice (the prompt is the user's)

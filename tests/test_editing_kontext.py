@@ -259,3 +259,41 @@ def test_tiny_flux_kontext_is_a_kontext_pipeline():
     assert TINY_MODELS["tiny-flux-kontext"].family == "flux"
     pipe = build_tiny("tiny-flux-kontext")
     assert type(pipe).__name__ == "FluxKontextPipeline" and get_adapter(pipe).family == "flux"
+
+
+# ------------------------------------------------------------------------------------------ POST /v1/images/edits
+@pytest.mark.slow
+def test_images_edits_serves_a_kontext_pipeline(kontext):
+    """The served request's size is the output size (the engine sets max_area = height x width); the result equals
+    generate alone; strength and mask are refused with a 400."""
+    import functools
+    import io
+
+    import httpx
+    from PIL import Image
+
+    from helpers import SERVE_DEFAULTS, running_server
+    from ralu_runtime.serving.http import EDITS_PATH
+
+    src = Image.fromarray((np.random.default_rng(0).random((RH, RW, 3)) * 255).astype(np.uint8))
+    buf = io.BytesIO()
+    src.save(buf, format="PNG")
+    files = [("image", ("in.png", buf.getvalue(), "image/png"))]
+    base = {"prompt": "make it blue", "seed": "3", "steps": "2", "speedup": "none", "size": "96x64"}
+    with functools.partial(running_server, grace_s=5.0, stop_s=35.0)(kontext) as (server, _engine):
+        r = httpx.post(server.url + EDITS_PATH, data=base, files=files, timeout=300)
+        assert r.status_code == 200, r.text
+        import base64
+
+        got = np.asarray(Image.open(io.BytesIO(base64.b64decode(r.json()["data"][0]["b64_json"]))).convert("RGB"))
+        for extra, needle in (({"strength": "0.5"}, "strength"), ):
+            bad = httpx.post(server.url + EDITS_PATH, data={**base, **extra}, files=files, timeout=60)
+            assert bad.status_code == 400 and needle in bad.text
+        bad = httpx.post(server.url + EDITS_PATH, data=base, timeout=60,
+                         files=files + [("mask", ("m.png", buf.getvalue(), "image/png"))])
+        assert bad.status_code == 400 and "mask_image" in bad.text
+    want = generate(kontext, "make it blue", image=src.convert("RGB"), seed=3, num_inference_steps=2, speedup=None,
+                    height=64, width=96, max_area=64 * 96, output_type="pil", progress=False,
+                    max_sequence_length=SERVE_DEFAULTS["max_sequence_length"]).images[0]
+    assert got.shape == (64, 96, 3)
+    assert np.abs(got.astype(np.int16) - np.asarray(want).astype(np.int16)).max() <= 1
