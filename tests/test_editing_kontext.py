@@ -85,7 +85,6 @@ def test_kontext_output_size_and_auto_resize_follow_the_pipeline(kontext):
     torch.testing.assert_close(_ours(kontext, auto_resize=None, generator=_gen(3), **kw), ref, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.slow
 @torch.no_grad()
 def test_kontext_batch_equals_single_runs_and_diffusers(kontext):
     e = flux_embeds(2)
@@ -150,7 +149,6 @@ def test_kontext_ralu_keeps_the_reference_ids_in_every_stage(kontext, speedup):
     assert counts == {n_gen // 4, n_gen // 4 + 3 * k, n_gen}  # coarse, mixed, fine: only the generated tokens change
 
 
-@pytest.mark.slow
 @torch.no_grad()
 def test_kontext_ralu_is_deterministic_and_leaves_the_pipeline_as_found(kontext):
     kw = dict(**flux_embeds(), image=_ref(), speedup="7x")
@@ -262,7 +260,6 @@ def test_tiny_flux_kontext_is_a_kontext_pipeline():
 
 
 # ------------------------------------------------------------------------------------------ POST /v1/images/edits
-@pytest.mark.slow
 def test_images_edits_serves_a_kontext_pipeline(kontext):
     """The served request's size is the output size (the engine sets max_area = height x width); the result equals
     generate alone; strength and mask are refused with a 400."""
