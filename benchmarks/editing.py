@@ -163,6 +163,58 @@ def table(flops: dict | None = None) -> list[dict]:
     return rows
 
 
+KONTEXT_STEPS = 28  # FluxKontextPipeline's default num_inference_steps
+KONTEXT_REF_TOKENS = 4096  # a 1024^2 reference (the preferred Kontext resolution of a square image)
+
+
+def kontext_table() -> list[dict]:
+    """FLUX.1 Kontext at 1024^2 with a 1024^2 reference: transformer TFLOPs per image of the pipeline's 28-step
+    baseline and each FLUX.1 preset, counted by FlopCounterMode on the full-size FLUX.1-dev shaped model (meta
+    tensors, 512 text tokens) calling ``FluxAdapter.velocity`` with the 4096 reference tokens appended to every
+    call (generated tokens: stage 1 1024, stage 2 1024 + 3k, stage 3 4096); the same runs without a reference
+    (text-to-image) beside them. Reference encode and decodes not counted."""
+    import torch
+
+    from benchmarks.flops import velocity_flops
+    from ralu_runtime.adapters import Conditioning, get_adapter
+    from ralu_runtime.families import MODELS as PUBLISHED
+    from ralu_runtime.kontext import reference_ids
+
+    spec = PUBLISHED["flux"]
+    pipe = spec.build("full", device="meta", dtype=torch.bfloat16)
+    adapter = get_adapter(pipe)
+    emb = spec.random_embeds(pipe, 1, spec.text_len, device="meta", dtype=torch.bfloat16)
+    plain = adapter.encode_prompt(None, None, **emb, guidance_scale=adapter.default_guidance)
+    side = int(KONTEXT_REF_TOKENS ** 0.5)
+    ref = {"ref_tokens": torch.empty(1, KONTEXT_REF_TOKENS, adapter.token_channels, device="meta",
+                                     dtype=torch.bfloat16),
+           "ref_ids": reference_ids(side, side, 1).to("meta")}
+    conds = {"kontext": Conditioning(1, {**plain.data, **ref}), "text-to-image": plain}
+    m = TOKENS // 4
+    fine, coarse = (64, 64), (32, 32)
+    calls: dict = {}
+
+    def per_call(kind, tokens, hw, mixed):
+        key = (kind, tokens, mixed)
+        if key not in calls:
+            calls[key] = velocity_flops(adapter, conds[kind], tokens, 1, hw, mixed)[0] / 1e12
+        return calls[key]
+
+    rows = []
+    for kind in conds:
+        base = KONTEXT_STEPS * per_call(kind, TOKENS, fine, False)
+        rows.append({"model": kind, "run": f"baseline {KONTEXT_STEPS} steps", "calls": [0, 0, KONTEXT_STEPS],
+                     "tflops": base, "ratio": 1.0})
+        for name in MODELS["flux"][3]:
+            sched = get_preset("flux", name)
+            k = int(m * sched.ratio)
+            stages = [(m, coarse, False), (m + 3 * k, coarse, True), (TOKENS, fine, False)]
+            tf = sum(n * per_call(kind, tok, hw, mx) for (tok, hw, mx), n in zip(stages, sched.steps))
+            rows.append({"model": kind, "run": f"ralu {name}", "calls": list(sched.steps), "tflops": tf,
+                         "ratio": base / tf})
+    return rows
+
+
 MODEL_STAGES = ("baseline", "stage1", "stage2", "stage3")
 
 
@@ -227,6 +279,14 @@ def main(argv=None):
                                            "per_call_tflops": {k: {t: call_tflops(a, t) for t in (1024, TOKENS)}
                                                                for k, a in ARCHS.items()},
                                            "rows": rows, "notes": __doc__})
+    kontext = kontext_table()
+    print("| FLUX.1 Kontext 1024^2 | run | calls (s1, s2, s3) | TFLOPs | vs baseline |")
+    print("|---|---|---|---|---|")
+    for r in kontext:
+        print(f"| {r['model']} | {r['run']} | {', '.join(map(str, r['calls']))} | {r['tflops']:.0f} | "
+              f"{r['ratio']:.2f}x |")
+    write_json(args.out, "editing_kontext_flops", {"tokens": TOKENS, "reference_tokens": KONTEXT_REF_TOKENS,
+                                                   "rows": kontext, "notes": kontext_table.__doc__})
     if args.cpu:
         cpu = [r for fam in args.cpu_family for r in cpu_table(fam, args.reps)]
         print("| model | size | strength | run | calls | whole call s | vs baseline | model stages s | vs baseline |")

@@ -102,6 +102,7 @@ class CallPlan:
     integration: str = "own"  # "follow": the baseline steps with the pipeline's scheduler (scheduler_integration)
     edit: Any = None  # img2img request (ralu_runtime.editing.EditSpec), None for text-to-image
     channels: Any = None  # FLUX.1 Fill / control conditioning (ralu_runtime.channel_cond.ChannelSpec), or None
+    reference: Any = None  # FLUX.1 Kontext reference (ralu_runtime.kontext.KontextSpec), None without one
 
     @property
     def backend(self) -> str | None:
@@ -477,7 +478,8 @@ def prepare(pipe, prompt: str | list[str] | None = None, *, height: int | None =
             prompt_embeds_mask=None, negative_prompt_embeds_mask=None, num_frames: int | None = None,
             region_mode: str | None = None, region_source: str = "decode", parallel=None,
             precision: str | None = None, limits=None, image=None, strength: float | None = None,
-            mask_image=None, control_image=None) -> CallPlan:
+            mask_image=None, control_image=None, max_area: int | None = None,
+            auto_resize: bool | None = None) -> CallPlan:
     """Check every argument of a :func:`generate` call (the same arguments) and resolve it into a
     :class:`CallPlan`, before any work: no text encoding, no noise, no model call, no backend install (a model
     folder given as ``pipe`` is loaded). Raises what ``generate`` raises for bad arguments (ValueError / TypeError
@@ -541,6 +543,19 @@ def prepare(pipe, prompt: str | list[str] | None = None, *, height: int | None =
     num_frames, region_mode = _check_video(adapter, num_frames, region_mode)
     if speedup is not None and not isinstance(speedup, (str, RaluSchedule)):
         resolve_schedule(speedup, adapter)  # raises the ValueError naming what is allowed
+    from .kontext import is_kontext, kontext_default, kontext_size
+
+    kontext = is_kontext(adapter.pipe)
+    if kontext:  # the pipeline's own output size: the aspect ratio of height x width at max_area pixels
+        asked = (height, width)
+        height, width = kontext_size(adapter.pipe, height, width, max_area)
+        if (height, width) != asked and (height % adapter.coarse_block_px or width % adapter.coarse_block_px):
+            raise ValueError(f"FluxKontextPipeline makes {height}x{width} pixels for height={asked[0]}, width="
+                             f"{asked[1]}, max_area={max_area}; RALU needs multiples of {adapter.coarse_block_px}: "
+                             "choose height, width and max_area (e.g. max_area=height*width) that give them")
+    elif max_area is not None or auto_resize is not None:
+        raise ValueError("max_area= and auto_resize= are FluxKontextPipeline's arguments; this pipeline is "
+                         f"{type(adapter.pipe).__name__}")
     height, width, batch = _validate(
         adapter, prompt=prompt, prompt_embeds=prompt_embeds, pooled_prompt_embeds=pooled_prompt_embeds,
         negative_prompt=negative_prompt, negative_prompt_embeds=negative_prompt_embeds,
@@ -560,13 +575,23 @@ def prepare(pipe, prompt: str | list[str] | None = None, *, height: int | None =
     from .channel_cond import check_channels, default_guidance, default_steps
     from .editing import check_edit
 
-    edit, channels = check_channels(adapter, image=image, mask_image=mask_image, control_image=control_image,
-                                    strength=strength, height=height, width=width, batch=batch,
-                                    num_images_per_prompt=num_images_per_prompt,
-                                    num_inference_steps=num_inference_steps)
-    if channels is None:
-        edit = check_edit(adapter, image=image, strength=strength, mask_image=mask_image, height=height, width=width,
-                          batch=batch, num_inference_steps=num_inference_steps)
+    edit = reference = channels = None
+    if kontext:
+        from .kontext import check_kontext
+
+        reference = check_kontext(adapter.pipe, image=image, strength=strength, mask_image=mask_image, batch=batch,
+                                  auto_resize=auto_resize)
+        num_inference_steps = (kontext_default("num_inference_steps") if num_inference_steps is None
+                               else num_inference_steps)
+        guidance_scale = kontext_default("guidance_scale") if guidance_scale is None else guidance_scale
+    else:
+        edit, channels = check_channels(adapter, image=image, mask_image=mask_image, control_image=control_image,
+                                        strength=strength, height=height, width=width, batch=batch,
+                                        num_images_per_prompt=num_images_per_prompt,
+                                        num_inference_steps=num_inference_steps)
+        if channels is None:
+            edit = check_edit(adapter, image=image, strength=strength, mask_image=mask_image, height=height,
+                              width=width, batch=batch, num_inference_steps=num_inference_steps)
     if edit is not None and integration != "own":
         raise ValueError(f"image= (img2img / inpainting) runs with the pipeline's Euler flow scheduler only; this "
                          f"pipeline has {type(adapter.pipe.scheduler).__name__}")
@@ -581,8 +606,8 @@ def prepare(pipe, prompt: str | list[str] | None = None, *, height: int | None =
     from .parallel import resolve_parallel
 
     plan = resolve_parallel(parallel, adapter, backend=backend)
-    if edit is not None and plan is not None:
-        raise ValueError("image= (img2img) does not run with context parallelism yet; drop parallel=")
+    if (edit is not None or reference is not None) and plan is not None:
+        raise ValueError("image= (img2img, Kontext) does not run with context parallelism yet; drop parallel=")
     if channels is not None and plan is not None:
         raise ValueError(f"{type(adapter.pipe).__name__} (conditioning channels) does not run with context "
                          "parallelism yet; drop parallel=")
@@ -595,7 +620,7 @@ def prepare(pipe, prompt: str | list[str] | None = None, *, height: int | None =
         max_sequence_length=max_sequence_length, generator=generator, seed=seed, output_type=output_type,
         return_masks=return_masks, noise=noise, edge_map=edge_map, edge_detector=edge_detector, solver=solver,
         transition_impl=transition_impl, region_source=region_source, progress=progress, integration=integration,
-        edit=edit, channels=channels)
+        edit=edit, channels=channels, reference=reference)
 
 
 ModelCallHook = Callable[[DiTAdapter, Callable], Callable]
@@ -680,6 +705,10 @@ def run(plan: CallPlan, *, model_call: ModelCallHook | None = None,
     noise_gen, per_image = _generators(generator, seed, batch)
     dtype = cond.data["embeds"].dtype if "embeds" in cond.data else adapter.dtype
     video = dict(num_frames=plan.num_frames) if adapter.is_video else {}
+    if plan.reference is not None:  # Kontext: the reference tokens ride in cond (the posterior's mode: no draw)
+        from .kontext import add_reference
+
+        cond = add_reference(adapter, cond, plan.reference, noise_gen, dtype)
     if plan.edit is not None:  # the source is encoded before the noise is drawn (the pipelines' order of draws)
         from .editing import encode_images, run_edit
 
@@ -736,7 +765,8 @@ def generate(pipe, prompt: str | list[str] | None = None, *, height: int | None 
              prompt_embeds_mask=None, negative_prompt_embeds_mask=None, num_frames: int | None = None,
              region_mode: str | None = None, region_source: str = "decode", parallel=None,
              precision: str | None = None, limits=None, image=None, strength: float | None = None,
-             mask_image=None, control_image=None) -> RaluOutput:
+             mask_image=None, control_image=None, max_area: int | None = None,
+             auto_resize: bool | None = None) -> RaluOutput:
     """Generate images (or videos) with RALU (``speedup`` preset or schedule) or the ordinary sampler
     (``speedup=None``): ``run(prepare(pipe, prompt, ...))`` with the same arguments.
 
@@ -800,6 +830,12 @@ def generate(pipe, prompt: str | list[str] | None = None, *, height: int | None 
     channel axis (:mod:`ralu_runtime.channel_cond`); ``speedup=None`` equals those pipelines. Editing ralu does not
     run (other families' editing pipelines, ``image=`` on a family without editing, ``control_image=`` on a pipeline
     that takes none) is refused before any work with the reason (:mod:`ralu_runtime.refusals`).
+
+    ``pipe`` a ``FluxKontextPipeline`` (FLUX.1 Kontext): ``image`` is the reference, appended as conditioning tokens
+    at full resolution through every stage; the output size is the pipeline's (the aspect ratio of ``height`` x
+    ``width`` at ``max_area`` pixels, default 1024**2); ``auto_resize`` (default True) resizes the reference to the
+    preferred Kontext resolution of its aspect ratio; ``strength`` and ``mask_image`` are refused
+    (:mod:`ralu_runtime.kontext`, docs/editing.md).
     """
     arguments = dict(locals())  # exactly the parameters above (nothing else is defined yet)
     return run(prepare(**arguments))

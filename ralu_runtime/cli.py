@@ -129,6 +129,8 @@ def build_parser() -> argparse.ArgumentParser:
                        description="img2img (--image, --strength) and inpainting (--mask) on FLUX.1 and SD3, FLUX.1 "
                                    "Fill (--image, --mask) and FLUX.1 control (--control-image): "
                                    "the image is resized to --height x --width; per-stage timings are printed. "
+                                   "FLUX.1 Kontext (tiny-flux-kontext or a FluxKontextPipeline folder): the image is "
+                                   "the reference, the output --height x --width (no --strength, no --mask). "
                                    "Arguments and files are checked before the model is loaded.")
     e.add_argument("--image", metavar="PATH", default=None,
                    help="the image to edit (any format Pillow reads); required except with --control-image")
@@ -137,6 +139,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "the image follows, resized to --height x --width (no --image)")
     e.add_argument("--mask", metavar="PATH", default=None,
                    help="inpainting mask: white = repaint, black = keep; resized like the image")
+    e.add_argument("--keep-reference-size", action="store_true",
+                   help="FLUX.1 Kontext: keep the reference image's own size (rounded down to multiples of 16 "
+                        "pixels) instead of resizing it to the preferred Kontext resolution of its aspect ratio")
     e.add_argument("--strength", metavar="S", type=float, default=None,
                    help="0 < S <= 1: how much of the schedule is re-run from the noised image (default: the "
                         "pipeline's 0.6)")
@@ -264,6 +269,8 @@ def _model_family(model: str) -> tuple[str, tuple[int, int], int | None]:
         raise UsageError(f"--model {model!r} is not a diffusers pipeline folder (no model_index.json)")
     cls = _read_json(index).get("_class_name")
     fam = family_for_pipeline(cls) if isinstance(cls, str) else None
+    if fam is None and cls == "FluxKontextPipeline":  # FLUX.1 Kontext runs on the FLUX.1 adapter
+        fam = FAMILIES["flux"]
     if fam is None:
         raise UsageError(f"--model {model!r} holds a {cls!r} pipeline; ralu supports {', '.join(PIPELINE_FAMILIES)}")
     cfg = _read_json(folder / "transformer" / "config.json", missing_ok=True)
@@ -789,6 +796,14 @@ def _read_image(flag: str, path: str, mode: str):
         raise UsageError(f"{flag} {path!r} is not an image Pillow can read ({_one_line(exc)})") from None
 
 
+def _is_kontext_model(model: str) -> bool:
+    """``--model`` is a FLUX.1 Kontext pipeline (tiny-flux-kontext, or a folder whose model_index.json says so)."""
+    if model in _TINY:
+        return bool(_TINY[model].kwargs.get("kontext", False))
+    index = Path(model).expanduser() / "model_index.json"
+    return index.is_file() and _read_json(index).get("_class_name") == "FluxKontextPipeline"
+
+
 def check_edit(args) -> tuple[GeneratePlan, dict]:
     """Check every ``ralu edit`` argument (those of generate, the files, --strength), before any model is built or
     loaded; returns the plan and the editing arguments of ``generate`` (PIL images, strength)."""
@@ -807,6 +822,15 @@ def check_edit(args) -> tuple[GeneratePlan, dict]:
         return plan, {"control_image": _read_image("--control-image", args.control_image, "RGB")}
     if args.image is None:
         raise UsageError("give --image (img2img, inpainting, FLUX.1 Fill) or --control-image (FLUX.1 control)")
+    if _is_kontext_model(args.model):  # the reference is conditioning: no strength, no mask; --height x --width
+        for flag, value in (("--strength", args.strength), ("--mask", args.mask)):  # is the output size
+            if value is not None:
+                raise UsageError(f"{flag} does not apply to FLUX.1 Kontext ({args.model}): it generates from noise "
+                                 "with the image as a reference, not by noising it, and takes no mask")
+        return plan, {"image": _read_image("--image", args.image, "RGB"), "max_area": plan.height * plan.width,
+                      "auto_resize": not args.keep_reference_size}
+    if args.keep_reference_size:
+        raise UsageError("--keep-reference-size applies to FLUX.1 Kontext models only")
     if args.model == "tiny-flux-control":
         raise UsageError("tiny-flux-control is a FLUX.1 control model: give --control-image (no --image)")
     if args.model == "tiny-flux-fill" and args.mask is None:
@@ -829,6 +853,8 @@ def cmd_generate(args, edit_plan: tuple | None = None) -> int:
     """``ralu generate``: check the arguments, build or load the model, (warm up), generate, write, report.
     ``edit_plan``: ``ralu edit``'s checked plan and editing arguments."""
     plan, edit = edit_plan if edit_plan is not None else (check_generate(args), {})
+    if edit_plan is None and _is_kontext_model(args.model):  # FLUX.1 Kontext without a reference: --height x
+        edit = {"max_area": plan.height * plan.width}       # --width is the output size here too
     from .serving.logs import quiet_library_logs
 
     quiet_library_logs(log_prompts=True)  # before the libraries load: no torchvision notice (the prompt is the user's)

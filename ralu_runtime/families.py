@@ -257,6 +257,7 @@ EDIT_PIPELINES: Mapping[str, tuple[str, str]] = MappingProxyType({
     "StableDiffusion3InpaintPipeline": ("StableDiffusion3Pipeline", "inpaint"),
     "FluxFillPipeline": ("FluxPipeline", "fill"),  # conditioning channels: ralu_runtime.channel_cond
     "FluxControlPipeline": ("FluxPipeline", "control"),
+    "FluxKontextPipeline": ("FluxPipeline", "kontext"),  # reference tokens, no noising: ralu_runtime.kontext
 })
 
 
@@ -437,6 +438,7 @@ _TINY_LIST = (
     TinyModel("tiny-flux", "flux", "ralu_runtime.tiny:build_tiny_flux_pipeline"),
     TinyModel("tiny-flux-fill", "flux", "ralu_runtime.tiny.flux_fill:build_tiny_flux_fill_pipeline"),
     TinyModel("tiny-flux-control", "flux", "ralu_runtime.tiny.flux_fill:build_tiny_flux_control_pipeline"),
+    TinyModel("tiny-flux-kontext", "flux", "ralu_runtime.tiny:build_tiny_flux_pipeline", {"kontext": True}),
     TinyModel("tiny-sd3", "sd3", "ralu_runtime.tiny:build_tiny_sd3_pipeline", max_side_px=1536),  # 96-cell table
     TinyModel("tiny-sd35", "sd3", "ralu_runtime.tiny.sd35:build_tiny_sd35_pipeline", {"variant": "large"},
               max_side_px=1536),

@@ -337,8 +337,8 @@ def test_tiny_models_agree_with_their_adapters():
         adapter = get_adapter(pipe)
         assert (adapter.family, adapter.max_size() or 4096) == (family, cap), name
         assert adapter.coarse_block_px == cli.COARSE_BLOCK_PX, name
-        fam = family_for_pipeline(type(pipe).__name__)  # editing pipelines (FLUX.1 Fill, control): their base's
-        assert fam is not None and fam.name in (family, FAMILIES[family].variant_of), name
+        fam = family_for_pipeline(type(pipe).__name__)  # editing pipelines (FLUX.1 Fill, control, Kontext): their
+        assert fam is not None and fam.name in (family, FAMILIES[family].variant_of), name  # base's family
     with pytest.raises(ValueError, match="unknown tiny model"):
         build_tiny("tiny-sdxl")
 

@@ -162,11 +162,13 @@ class FluxAdapter(DiTAdapter):
 
         Falls back to one :meth:`velocity` per call (correct, unpacked) when ``impl`` is neither None / EAGER nor a
         packing impl, when the calling ``generate`` has a feature cache, or when a block or an AdaLN module the
-        packed call decomposes carries torch forward (pre-)hooks or diffusers hooks.
+        packed call decomposes carries torch forward (pre-)hooks or diffusers hooks, or when a call carries FLUX.1
+        Kontext reference tokens (``cond.data["ref_tokens"]``: not packed yet).
         """
         calls = check_velocity_calls(calls)
         execution = execution or PackedExecution(self, impl)
-        if not can_pack(execution.impl, self._bypassed_by_packing()):
+        if not can_pack(execution.impl, self._bypassed_by_packing()) or any(
+                c.cond.data.get("ref_tokens") is not None for c in calls):  # Kontext references: one call each
             return [execution.velocity(c) for c in calls]
         return self._packed_call(calls, execution)
 
@@ -349,17 +351,26 @@ class FluxAdapter(DiTAdapter):
 
     def velocity(self, tokens, grid, timestep, cond, impl: ModelImpl | None = None):
         """One request's velocity ``(B, L, C)``; sharded across ranks when the running ``generate`` call has a
-        sharding plan (context parallelism: every rank returns the whole velocity)."""
+        sharding plan (context parallelism: every rank returns the whole velocity). FLUX.1 Kontext: ``cond.data``'s
+        ``ref_tokens`` ``(B, Lr, C)`` and ``ref_ids`` ``(B, Lr, 3)`` (:mod:`ralu_runtime.kontext`) are appended after
+        the tokens and their ids, and only the first ``L`` rows of the output are returned."""
         embeds, pooled, guidance = cond.data["embeds"], cond.data["pooled"], cond.data["guidance"]
-        tokens = self._with_channels(tokens, grid, cond)
-        b = tokens.shape[0]
+        tokens = self._with_channels(tokens, grid, cond)  # FLUX.1 Fill / control: conditioning channels
+        b, n = tokens.shape[:2]
         t = timestep.expand(b).to(tokens.dtype) / 1000
         txt_ids, img_ids = self._ids(grid.positions, embeds.shape[1])
         plan = current_sharding()
+        ref = cond.data.get("ref_tokens")
+        if ref is not None:  # FLUX.1 Kontext: reference tokens appended with their own ids (ralu_runtime.kontext)
+            if plan is not None:
+                raise ValueError("FLUX.1 Kontext reference tokens do not run with context parallelism")
+            tokens = torch.cat([tokens, ref.to(tokens.dtype)], dim=1)
+            img_ids = torch.cat([img_ids, cond.data["ref_ids"].to(img_ids.dtype)], dim=1)
         ex = DENSE if plan is None else Sharded(plan, (embeds.shape[1], tokens.shape[1]))
         out = self._forward(ex, ex.local(tokens, IMAGE), ex.local(embeds, TEXT), ex.local(txt_ids, TEXT),
                             ex.local(img_ids, IMAGE), t, guidance, pooled, impl or EAGER, timestep)
-        return ex.whole(out, IMAGE)
+        out = ex.whole(out, IMAGE)
+        return out if ref is None else out[:, :n]  # the generated tokens' velocity only
 
     def baseline_schedule(self, num_steps, image_seq_len):
         from diffusers.pipelines.flux.pipeline_flux import calculate_shift, retrieve_timesteps

@@ -295,6 +295,7 @@ class Engine:
         :class:`EngineBusy` when the queue is full and :class:`EngineClosed` after :meth:`shutdown`.
         """
         from ..api import prepare
+        from ..kontext import is_kontext
 
         owned = sorted(set(kwargs) & set(ENGINE_OWNED))
         if owned:
@@ -303,6 +304,8 @@ class Engine:
                                        or not deadline_s > 0):
             raise ValueError(f"deadline_s={deadline_s!r}: use seconds > 0, or None")
         call = {**self.defaults, **kwargs, "prompt": prompt, "progress": False}
+        if "max_area" not in call and call.get("height") and call.get("width") and is_kontext(self.pipe):
+            call["max_area"] = call["height"] * call["width"]  # FLUX.1 Kontext: the request's size is the output's
         plan = prepare(self.pipe, **call, limits=self.config.limits())
         tokens = self._max_tokens(plan)
         req = RequestHandle(next(self._ids), call, tokens,

@@ -98,9 +98,11 @@ def tiny_vae(latent_channels: int, shift_factor: float | None):
 
 
 def build_tiny_flux_pipeline(seed: int = 0, *, guidance_embeds: bool = True, latent_channels: int = 16,
-                             num_layers: int = 1, num_single_layers: int = 2, device="cpu", dtype=torch.float32):
-    """A FluxPipeline with a 1+2-block transformer (hidden 32), tiny VAE (factor 8), tiny CLIP and T5."""
-    from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
+                             num_layers: int = 1, num_single_layers: int = 2, device="cpu", dtype=torch.float32,
+                             kontext: bool = False):
+    """A FluxPipeline with a 1+2-block transformer (hidden 32), tiny VAE (factor 8), tiny CLIP and T5;
+    ``kontext``: the same components in a ``FluxKontextPipeline`` (FLUX.1 Kontext: reference-image editing)."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, FluxKontextPipeline, FluxPipeline, FluxTransformer2DModel
 
     torch.manual_seed(seed)
     transformer = FluxTransformer2DModel(
@@ -112,7 +114,7 @@ def build_tiny_flux_pipeline(seed: int = 0, *, guidance_embeds: bool = True, lat
         num_train_timesteps=1000, shift=3.0 if guidance_embeds else 1.0, use_dynamic_shifting=guidance_embeds,
         base_shift=0.5, max_shift=1.15, base_image_seq_len=256, max_image_seq_len=4096,
     )
-    pipe = FluxPipeline(
+    pipe = (FluxKontextPipeline if kontext else FluxPipeline)(
         scheduler=scheduler, vae=tiny_vae(latent_channels, 0.1159), text_encoder=tiny_clip(False),
         tokenizer=byte_tokenizer(77), text_encoder_2=tiny_t5(), tokenizer_2=byte_tokenizer(512),
         transformer=transformer,
