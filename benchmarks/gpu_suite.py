@@ -39,6 +39,8 @@ step                   exp. s  what
 ``latency_video_720p``   ~500  (optional, its own call: ``--only build,latency_video_720p --budget 560``) Wan 2.1 14B
                                704x1280 81 frames and HunyuanVideo 1.5 704x1280 121 frames: RALU 7x vs 50 steps
 ``latency_sd3``           100  (optional) SD3-medium shape: 28-step eager and compiled, RALU 2x/3x compiled
+``latency_kontext``      ~300  (optional) FLUX.1 Kontext-dev shape, 1024^2 output and reference: RALU 7x / 4x
+                               compiled vs the pipeline's 28-step default compiled (``latency.py --kontext``)
 ``stacking``               50  (optional) RALU 5x + TaylorSeer (W = 3) compiled, FLUX.1-dev shape
 ``gpu_tests``              60  (optional) ``pytest -m gpu`` on the kernel, csrc, attention and compile tests (Triton
                                vs CUDA bitwise, MUFU tolerances, CUDA graphs)
@@ -250,6 +252,18 @@ def latency_sd3_cmds(ctx: Ctx):
                       "baseline-eager,ralu-3x-compiled,ralu-2x-compiled,baseline-compiled", "--reps", "3"), env)]
 
 
+def latency_kontext_cmds(ctx: Ctx):
+    """FLUX.1 Kontext-dev shape (FLUX.1-dev's transformer, a 1024^2 reference appended in every call): RALU 7x / 4x
+    compiled vs the pipeline's default 28-step sampler compiled (issue 23)."""
+    env = _fresh_triton_cache(ctx, "kontext")
+    if ctx.dry:
+        return [(_latency(ctx, "--model", "flux", "--kontext", "--size", "small", "--resolution", "128", "--steps", "2",
+                          "--rows", "baseline-eager,ralu-7x-eager", "--reps", "1", "--warmup", "0",
+                          "--tag", "latency_flux_kontext_dry_cpu"), env)]
+    return [(_latency(ctx, "--model", "flux", "--kontext", "--size", "full", "--rows",
+                      "baseline-compiled,ralu-7x-compiled,ralu-4x-compiled", "--reps", "3"), env)]
+
+
 def stacking_cmds(ctx: Ctx):
     env = _fresh_triton_cache(ctx, "stacking")
     if ctx.dry:
@@ -358,14 +372,17 @@ STEPS = [
     Step("latency_video_720p", "latency.py Wan 2.1 14B 720p and HunyuanVideo 1.5 720p at full size", 540,
          latency_video_720p_cmds, optional=True, min_s=450, expected_s=500),
     Step("latency_sd3", "latency.py SD3-medium shape", 240, latency_sd3_cmds, optional=True, min_s=90, expected_s=100),
+    Step("latency_kontext", "latency.py --kontext FLUX.1 Kontext-dev shape, 1024^2 reference", 420,
+         latency_kontext_cmds, optional=True, min_s=200, expected_s=300),
     Step("stacking", "latency.py RALU 5x + TaylorSeer", 180, stacking_cmds, optional=True, min_s=60, expected_s=50),
     Step("gpu_tests", "pytest -m gpu", 240, gpu_tests_cmds, optional=True, min_s=70, expected_s=60),
     Step("transition", "bench_transition.py", 150, transition_cmds, optional=True, min_s=35, expected_s=25),
     Step("transition_tune", "tune_transition.py", 150, tune_cmds, optional=True, min_s=80, expected_s=70),
     Step("attention", "bench_attention.py", 120, attention_cmds, optional=True, min_s=25, expected_s=17),
 ]
-ESTIMATED = {"latency_families", "serving", "latency_video", "latency_video_720p", "precision"}  # expected_s never measured
+ESTIMATED = {"latency_families", "serving", "latency_video", "latency_video_720p", "precision", "latency_kontext"}  # expected_s never measured
 TIMING_STEPS = {"transition", "transition_tune", "attention", "latency_flux", "warm_start", "latency_sd3", "stacking",
+                "latency_kontext",
                 "latency_families", "latency_video", "latency_video_720p", "serving", "precision"}
 
 
@@ -636,6 +653,15 @@ def claims(work: Path, results: dict[str, Result], dry: bool) -> list[dict]:
         add(f"SD3-medium shape 1024^2: {row} vs 28-step compiled",
             f"{_fmt(v, 'x')}{PARTIAL if part else ''}" if v else "not run", f">= {goal:g}x",
             None if v is None else v >= goal, "latency_sd3_full_*.json")
+
+    kj, part = _latency_json(work, "latency_flux_kontext_full_nvidia*.json", "latency_flux_kontext_dry_cpu.json")
+    kby = {r["row"]: r for r in (kj["rows"] if kj else [])}
+    for row, flops in (("ralu-7x-compiled", 3.51), ("ralu-4x-compiled", 2.00)):
+        r = kby.get(row)
+        v = r.get("speedup_vs_baseline-compiled") if r else None
+        add(f"FLUX.1 Kontext-dev shape 1024^2, 1024^2 reference: {row} vs 28-step compiled",
+            f"{_fmt(v, 'x')}{PARTIAL if part else ''}" if v else "not run",
+            f"record (FLOP ratio {flops:.2f}x: docs/editing.md)", None, "latency_flux_kontext_full_*.json")
 
     for fam, preset in FAMILY_ROWS.items():
         fj, part = _latency_json(work, f"latency_{fam}_full_nvidia*.json")

@@ -93,6 +93,8 @@ def parse_row(name: str) -> tuple[str | None, str]:
     raise ValueError(f"row {name!r}: use baseline-eager|baseline-compiled|ralu-<preset>-eager|ralu-<preset>-compiled")
 
 
+KONTEXT_STEPS = 28  # FluxKontextPipeline's default num_inference_steps
+
 # ---------------------------------------------------------------------------------------------- running
 def _sync(device):
     if device.type == "cuda":
@@ -116,9 +118,26 @@ def run_once(pipe, emb, args, speedup, seed, shape=None):
                    num_inference_steps=args.steps if speedup is None else None, seed=seed, output_type="pt",
                    guidance_scale=getattr(args, "guidance", None),
                    progress=False, edge_detector=args.edge_detector, transition_impl=args.transition,
-                   cache=args.cache if speedup is not None else None)
+                   cache=args.cache if speedup is not None else None, **_edit_kwargs(args, h, w))
     _sync(device)
     return time.perf_counter() - t0, dict(out.timings)
+
+
+def _edit_kwargs(args, h: int, w: int) -> dict:
+    """``--kontext``: the reference image (``args.reference``) and ``max_area = h * w`` (the output is ``h`` x ``w``,
+    the reference kept at its own size: no auto-resize), else nothing."""
+    if getattr(args, "reference", None) is None:
+        return {}
+    return {"image": args.reference, "max_area": h * w, "auto_resize": False}
+
+
+def kontext_reference(resolution: int, seed: int = 0):
+    """A random ``resolution``² RGB reference image (PIL; FLUX.1 Kontext's ``image=``), the same for a seed."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    return Image.fromarray(rng.integers(0, 256, (resolution, resolution, 3), dtype=np.uint8), "RGB")
 
 
 def compile_options(args) -> dict:
@@ -357,6 +376,9 @@ def main(argv=None) -> int:
     ap.add_argument("--load-artifacts", default=None, metavar="FILE",
                     help="before the rows, load a bundle written by --save-artifacts (warm start in a new process)")
     ap.add_argument("--cache", default=None, help="temporal cache for the RALU rows, e.g. taylorseer:3 (stacking)")
+    ap.add_argument("--kontext", action="store_true",
+                    help="FLUX.1 Kontext: the model's pipeline as a FluxKontextPipeline with a random reference image "
+                         "of --resolution² (its tokens appended at full resolution in every call); default 28 steps")
     ap.add_argument("--profile", action="store_true", help="write a torch profiler chrome trace for --profile-rows")
     ap.add_argument("--cprofile", action="store_true", help="print a cProfile (host side) of one call of --profile-rows")
     ap.add_argument("--no-compile-vae", action="store_true", help="compiled rows: keep the VAE decoder eager")
@@ -374,7 +396,9 @@ def main(argv=None) -> int:
     args.frames = None
     if model.frames is not None:  # video: the release's frames at full size, CPU_FRAMES on a CPU
         args.frames = model.frames if args.size == "full" else CPU_FRAMES
-    args.steps = args.steps or model.steps
+    if args.kontext and model.family not in ("flux", "flux-schnell"):
+        ap.error(f"--kontext runs a FLUX.1 model (FLUX.1 Kontext-dev has FLUX.1-dev's transformer); not {args.model}")
+    args.steps = args.steps or (KONTEXT_STEPS if args.kontext else model.steps)
     args.guidance = model.guidance
     args.edge_detector = args.edge_detector or ("gpu" if device.type == "cuda" else "opencv")
     dtype = getattr(torch, args.dtype) if args.dtype else (torch.bfloat16 if device.type == "cuda" else torch.float32)
@@ -392,7 +416,7 @@ def main(argv=None) -> int:
     rows = [r for r in rows if r.endswith("eager")] + [r for r in rows if r.endswith("compiled")]  # eager first
     args.profile_rows = args.profile_rows.split(",") if args.profile_rows else [r for r in rows if r.startswith("ralu")
                                                                                  and r.endswith("compiled")]
-    args.tag = args.tag or f"latency_{args.model}_{args.size}_{device_slug() if device.type == 'cuda' else 'cpu'}"
+    args.tag = args.tag or f"latency_{args.model}{'_kontext' if args.kontext else ''}_{args.size}_{device_slug() if device.type == 'cuda' else 'cpu'}"
     Path(args.out).mkdir(parents=True, exist_ok=True)
     tmp = tempfile.TemporaryDirectory(prefix="ralu-inductor-")
     cache_dir = enable_persistent_cache(args.cache_dir or tmp.name)
@@ -410,6 +434,12 @@ def main(argv=None) -> int:
 
     t0 = time.perf_counter()
     pipe = build_pipeline(args.model, args.size, device=device, dtype=dtype)
+    args.reference = None
+    if args.kontext:  # FLUX.1 Kontext-dev: FLUX.1-dev's transformer (guidance-distilled, same config) and VAE
+        from diffusers import FluxKontextPipeline
+
+        pipe = FluxKontextPipeline(**pipe.components)
+        args.reference = kontext_reference(args.resolution)
     build_s = time.perf_counter() - t0
     n_params = sum(p.numel() for p in pipe.transformer.parameters())
     text_len = model.text_len if args.size == "full" else model.cpu_text_len
@@ -464,6 +494,7 @@ def main(argv=None) -> int:
                                                 "edge_detector", "max_autotune", "static_shapes", "no_compile_vae")},
         "model_build_s": build_s, "bench_wall_s": bench_s, "rows": results, "start_times": start, "dynamo": compile_stats(),
         "cache": args.cache, "artifacts": artifacts or None,
+        "kontext": {"reference_px": [args.resolution, args.resolution], "auto_resize": False} if args.kontext else None,
         "notes": "end to end per image: cached prompt embeddings, all stages, edge selection, transitions, VAE decode; "
                  "compile_s = first call - steady mean" + (
                      f"; baseline rows ran {args.steps} steps, scaled_* fields and speedups extrapolate them to "

@@ -165,6 +165,22 @@ def test_kontext_ralu_is_deterministic_and_leaves_the_pipeline_as_found(kontext)
 
 
 @torch.no_grad()
+def test_kontext_ralu_traced_equals_eager_and_a_second_call_adds_no_graph(kontext):
+    """The compile path (``backend="inductor"`` at the dynamo level: the graphs traced, run by dynamo's eager
+    backend) carries the reference tokens as inputs: equal to eager, and a second reference adds no graph."""
+    from ralu_runtime.compile import compile_stats
+
+    kw = dict(**flux_embeds(), image=_ref(), speedup="4x", seed=3)
+    traced = dict(backend="inductor", compile_options={"dynamo_backend": "eager"})
+    eager = _ours(kontext, **kw)
+    torch.testing.assert_close(_ours(kontext, **kw, **traced), eager, rtol=1e-5, atol=1e-5)
+    graphs = compile_stats()["unique_graphs"]
+    other = _ours(kontext, **{**kw, "image": _ref(seed=9)}, **traced)
+    assert compile_stats()["unique_graphs"] == graphs
+    torch.testing.assert_close(other, _ours(kontext, **{**kw, "image": _ref(seed=9)}), rtol=1e-5, atol=1e-5)
+
+
+@torch.no_grad()
 def test_kontext_packed_velocity_runs_each_reference_call_alone(kontext):
     """The packed call (serving engine) falls back to one velocity per call for Kontext calls: equal results."""
     from ralu_runtime.adapters import TokenGrid
