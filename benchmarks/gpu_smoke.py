@@ -32,7 +32,9 @@ Other jobs: ``serving`` (the engine, FLUX.1-dev shape: four mixed requests (size
 CUDA graphs per bucket, each equal to ``generate`` alone; a second mix adds no dynamo graph) and ``kernels`` (the
 transition kernel, Triton and the CUDA op ``ralu_kernels._C`` against the torch reference and each other at FLUX and
 video lengths (Wan 480p x 81 frames: 32 760 tokens); varlen attention at 32 760 + 12 480 + 7 800 tokens against
-per-segment SDPA; ``copy_same_bytes`` as bench_transition.py runs it).
+per-segment SDPA; ``copy_same_bytes`` as bench_transition.py runs it) and ``editing`` (``benchmarks/smoke_editing.py``,
+FLUX.1-dev shape: img2img, inpainting, Kontext, Fill and control against their diffusers pipelines, RALU eager, and
+compiled with CUDA graphs equal to eager: the conditioning channels and the reference tokens as graph inputs).
 
 Tolerance (relative L2 error ``||a - b|| / ||b||`` of the latents): **bf16: 5e-2**; fp32 (the CPU dry run): 1e-4.
 Why 5e-2: bf16 rounds to 8 significant bits (unit roundoff 2^-8 = 3.9e-3); two bf16 evaluations of the same model
@@ -169,6 +171,10 @@ def jobs() -> list[Job]:
                    dry_s=DRY_SECONDS["serving"]))
     out.append(Job("kernels", "transition kernels, varlen attention, copy", list(KERNEL_CHECKS), "-",
                    dry_s=DRY_SECONDS["kernels"]))
+    from benchmarks.smoke_editing import EDIT_CHECKS
+
+    out.append(Job("editing", "editing: img2img, inpainting, Kontext, Fill, control (FLUX.1-dev shape)",
+                   list(EDIT_CHECKS), "inductor", dry_s=DRY_SECONDS["editing"]))
     return out
 
 
@@ -176,7 +182,7 @@ def jobs() -> list[Job]:
 DRY_SECONDS = {"flux-dev": 20.0, "flux-schnell": 18.0, "sd3-medium": 22.0, "sd35-large": 20.0, "sd35-medium": 25.0,
                "flux2-dev": 20.0, "flux2-klein": 16.0, "qwen-image": 25.0, "z-image": 25.0, "z-image-turbo": 20.0,
                "chroma": 22.0, "wan21": 25.0, "wan22": 30.0, "hunyuan-video15": 35.0, "serving": 30.0,
-               "kernels": 25.0}
+               "kernels": 25.0, "editing": 30.0}
 
 
 # ================================================================================================ worker side
@@ -741,6 +747,10 @@ def worker_main(args) -> int:
             serving_job(ctx, rec)
         elif job == "kernels":
             kernels_job(ctx, rec)
+        elif job == "editing":
+            from benchmarks.smoke_editing import editing_job
+
+            editing_job(ctx, rec)
         else:
             family_job(job, ctx, rec)
         rec.emit(event="done", job=job, t=time.time())

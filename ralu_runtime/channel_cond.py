@@ -66,6 +66,23 @@ def _extra_channels(pipe) -> int:
     return int(cfg.in_channels) - int(cfg.out_channels or cfg.in_channels)
 
 
+def _control_pixels(pipe, control_image, height: int, width: int) -> torch.Tensor:
+    """The control image as FluxControlPipeline's ``prepare_image`` takes it: ``(n, 3, height, width)`` float32 on the
+    CPU. A tensor is taken as it is (already in the VAE's [-1, 1], of the output size: diffusers neither resizes nor
+    rescales it); anything else goes through the image processor (resize, [0, 1] -> [-1, 1])."""
+    if isinstance(control_image, torch.Tensor):
+        if control_image.ndim != 4 or control_image.shape[1] != 3 or tuple(control_image.shape[-2:]) != (height, width):
+            raise ValueError(f"control_image tensor of shape {tuple(control_image.shape)}: FluxControlPipeline takes a "
+                             f"tensor as it is, so it must be (n, 3, {height}, {width}) pixels in [-1, 1] (no resize, "
+                             "no rescale); give a PIL image or a numpy array to have it resized and rescaled")
+        return control_image.detach().to("cpu", torch.float32)
+    from .editing import _preprocess
+
+    return _preprocess(pipe.image_processor, control_image, "control_image", "image processor", 3, height, width,
+                       "give a PIL image, a numpy array (H, W, 3), an (n, 3, H, W) tensor in [-1, 1], or a list of "
+                       "images")
+
+
 def check_channels(adapter, *, image, mask_image, control_image, strength, height: int, width: int, batch: int,
                    num_images_per_prompt: int, num_inference_steps):
     """Check a ``generate`` call on a Fill / control pipeline (before any model work).
@@ -102,8 +119,7 @@ def check_channels(adapter, *, image, mask_image, control_image, strength, heigh
                                  "give control_image=")
         if control_image is None:
             raise ValueError("FluxControlPipeline needs control_image= (a Canny or depth map of the target size)")
-        pixels = _preprocess(pipe.image_processor, control_image, "control_image", "image processor", 3, height,
-                             width, "give a PIL image, a numpy array (H, W, 3), an RGB tensor, or a list of them")
+        pixels = _control_pixels(pipe, control_image, height, width)
         if not bool(torch.isfinite(pixels).all()):
             raise ValueError("control_image contains NaN or Inf values")
         n, prompts = pixels.shape[0], batch // num_images_per_prompt

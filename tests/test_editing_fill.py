@@ -97,6 +97,19 @@ def test_control_baseline_equals_diffusers_with_a_text_prompt_and_batched(contro
 
 
 @torch.no_grad()
+def test_control_tensor_is_taken_as_it_is_like_the_pipeline(control):
+    """FluxControlPipeline takes a tensor control image as it is (pixels in [-1, 1] of the output size: no resize, no
+    [0, 1] -> [-1, 1]); ralu too (found by the GPU smoke step's dry run, which gave a [0, 1] tensor); another shape is
+    refused, naming it."""
+    pixels = _img(seed=8) * 2 - 1
+    kw = dict(**flux_embeds(), control_image=pixels, num_inference_steps=3)
+    torch.testing.assert_close(_ours(control, generator=_gen(4), **kw), _ref(control, generator=_gen(4), **kw),
+                               rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match=r"control_image tensor of shape \(1, 3, 32, 32\)"):
+        _ours(control, **{**kw, "control_image": _img(h=32, w=32)})
+
+
+@torch.no_grad()
 def test_control_defaults_are_the_pipelines(control):
     from ralu_runtime import prepare
 
