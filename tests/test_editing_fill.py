@@ -408,6 +408,7 @@ def test_compiled_runners_flatten_the_conditioning_as_a_tensor_input(fill):
     assert specs[0] == specs[1] and hash(specs[0]) == hash(specs[1])
 
 
+@pytest.mark.slow
 @torch.no_grad()
 def test_onnx_backend_takes_the_conditioning_as_an_input(monkeypatch):
     """backend="onnx" (an exported graph per call signature): a second control image reuses the exports and still

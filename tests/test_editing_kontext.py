@@ -164,6 +164,7 @@ def test_kontext_ralu_is_deterministic_and_leaves_the_pipeline_as_found(kontext)
     assert (other - a).abs().max() > 1e-4
 
 
+@pytest.mark.slow
 @torch.no_grad()
 def test_kontext_ralu_traced_equals_eager_and_a_second_call_adds_no_graph(kontext):
     """The compile path (``backend="inductor"`` at the dynamo level: the graphs traced, run by dynamo's eager
