@@ -257,6 +257,12 @@ EDIT_PIPELINES: Mapping[str, tuple[str, str]] = MappingProxyType({
     "StableDiffusion3InpaintPipeline": ("StableDiffusion3Pipeline", "inpaint"),
     "FluxFillPipeline": ("FluxPipeline", "fill"),  # conditioning channels: ralu_runtime.channel_cond
     "FluxControlPipeline": ("FluxPipeline", "control"),
+    "ChromaImg2ImgPipeline": ("ChromaPipeline", "img2img"),
+    "ChromaInpaintPipeline": ("ChromaPipeline", "inpaint"),
+    "ZImageImg2ImgPipeline": ("ZImagePipeline", "img2img"),
+    "ZImageInpaintPipeline": ("ZImagePipeline", "inpaint"),
+    "QwenImageImg2ImgPipeline": ("QwenImagePipeline", "img2img"),
+    "QwenImageInpaintPipeline": ("QwenImagePipeline", "inpaint"),
 })
 
 

@@ -262,9 +262,9 @@ def test_image_on_a_family_without_editing_is_refused():
     from ralu_runtime.editing import check_edit
 
     class _Other:  # what check_edit reads of an adapter of another family
-        family, is_video, pipe = "qwen-image", False, object()
+        family, is_video, pipe = "flux2", False, object()
 
-    with pytest.raises(ValueError, match="FLUX.1 and SD3"):
+    with pytest.raises(ValueError, match="flux2 takes no image"):
         check_edit(_Other(), image=_img(), strength=0.5, mask_image=None, height=H, width=W, batch=1,
                    num_inference_steps=None)
 
