@@ -388,7 +388,7 @@ def test_ralu_edit_inpaints_an_image_file(tmp_path, capsys):
     (["--image", "{tmp}/text.png"], "not an image Pillow can read"),
     (["--image", "{tmp}/in.png", "--strength", "0"], "--strength 0.0"),
     (["--image", "{tmp}/in.png", "--mask", "{tmp}/black.png"], "nothing to repaint"),
-    (["--image", "{tmp}/in.png", "--model", "tiny-qwen-image"], "FLUX.1 and SD3"),
+    (["--image", "{tmp}/in.png", "--model", "tiny-wan"], "ralu edit runs FLUX.1, SD3"),
 ])
 def test_ralu_edit_refuses_bad_files_before_loading(tmp_path, monkeypatch, capsys, extra, needle):
     from ralu_runtime import cli

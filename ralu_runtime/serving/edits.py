@@ -24,7 +24,9 @@ from PIL import Image, ImageOps
 from starlette.datastructures import Headers, UploadFile
 from starlette.formparsers import MultiPartException, MultiPartParser
 
-from ..editing import EDIT_FAMILIES
+# the families whose edits the server takes (FLUX.1 and SD3): ralu_runtime.editing.EDIT_FAMILIES also has Chroma,
+# Z-Image and Qwen-Image, whose edits run through generate but are not yet checked through the serving engine
+EDIT_FAMILIES = ("flux", "flux-schnell", "sd3")
 from .protocol import EDITS_PATH, REQUEST_FIELDS, ApiError, parse_request, read_bytes
 
 __all__ = ["EDITS_PATH", "EDIT_FIELDS", "MAX_UPLOAD_BYTES", "MAX_UPLOAD_PIXELS", "MAX_INPUT_IMAGES",
