@@ -77,7 +77,8 @@ def _embeds(family, b=1, seed=0, mask_dtype=torch.float32):
     ``(b, T, 32)`` and, for Chroma / Qwen-Image, ``(b, T)`` masks (Chroma's with masked padding tokens)."""
     g = _gen(seed)
     nt = 8 if family == "chroma" else 6  # ChromaInpaintPipeline needs negatives of the prompts' shape
-    emb = {"prompt_embeds": torch.randn(b, 8, 32, generator=g), "negative_prompt_embeds": torch.randn(b, nt, 32, generator=g)}
+    emb = {"prompt_embeds": torch.randn(b, 8, 32, generator=g),
+           "negative_prompt_embeds": torch.randn(b, nt, 32, generator=g)}
     if family == "chroma":
         emb["prompt_embeds_mask"] = (torch.arange(8) < 6).expand(b, 8).to(mask_dtype)
         emb["negative_prompt_embeds_mask"] = (torch.arange(8) < 3).expand(b, 8).to(mask_dtype)
