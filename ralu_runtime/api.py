@@ -583,11 +583,13 @@ def prepare(pipe, prompt: str | list[str] | None = None, *, height: int | None =
     plan = resolve_parallel(parallel, adapter, backend=backend)
     if edit is not None and plan is not None:
         raise ValueError("image= (img2img) does not run with context parallelism yet; drop parallel=")
-    if edit is not None:  # the text masks as the editing pipeline reads them (Chroma: float, never bool)
-        from .editing import edit_text_mask
+    if edit is not None:  # the text masks as the editing pipeline reads them (Chroma: float, never bool), its
+        from .editing import edit_text_mask  # default text length (ChromaInpaintPipeline: 256, not 512)
 
         prompt_embeds_mask = edit_text_mask(adapter, prompt_embeds_mask)
         negative_prompt_embeds_mask = edit_text_mask(adapter, negative_prompt_embeds_mask)
+        if max_sequence_length is None:
+            max_sequence_length = edit.max_sequence_length
     if channels is not None and plan is not None:
         raise ValueError(f"{type(adapter.pipe).__name__} (conditioning channels) does not run with context "
                          "parallelism yet; drop parallel=")

@@ -123,7 +123,8 @@ def start_index(steps: int, strength: float) -> int:
 class EditSpec:
     """A checked img2img / inpainting request: ``pixels`` ``(n, 3, H, W)`` float32 in [-1, 1] (CPU), ``strength``
     in (0, 1], ``steps``: the schedule length whose tail gives the start sigma (the baseline's steps), ``guidance``:
-    the editing pipeline's default guidance (used when the call gives none), ``mask``: inpainting's binarised mask."""
+    the editing pipeline's default guidance (used when the call gives none), ``mask``: inpainting's binarised mask,
+    ``max_sequence_length``: the editing pipeline's default text length (used when the call gives none)."""
 
     kind: str
     pixels: torch.Tensor
@@ -131,6 +132,7 @@ class EditSpec:
     steps: int
     guidance: float
     mask: torch.Tensor | None = None  # inpainting: (n_mask, 1, H, W) float32 in {0, 1}, 1 = repaint
+    max_sequence_length: int | None = None  # the editing pipeline's default text length (None: it has none)
 
 
 def check_edit(adapter, *, image, strength, mask_image, height: int, width: int, batch: int,
@@ -185,8 +187,11 @@ def check_edit(adapter, *, image, strength, mask_image, height: int, width: int,
         raise ValueError(f"got {n} images for a batch of {batch} (prompts x num_images_per_prompt): the number of "
                          "images must divide the batch (they are tiled over it, as the diffusers pipelines do)")
     mask = _check_mask(pipe, mask_image, height, width, batch) if inpaint else None
+    import diffusers
+
+    msl = inspect.signature(getattr(diffusers, cls).__call__).parameters.get("max_sequence_length")
     return EditSpec("inpaint" if inpaint else "img2img", pixels, strength, steps,
-                    float(_call_default(cls, fam.guidance)), mask)
+                    float(_call_default(cls, fam.guidance)), mask, None if msl is None else msl.default)
 
 
 def _preprocess(proc, value, name: str, proc_name: str, channels: int, height: int, width: int,

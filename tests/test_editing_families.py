@@ -133,6 +133,18 @@ def test_baseline_equals_diffusers(pipes, family, kind):
     torch.testing.assert_close(_ours(p["t2i"], generator=_gen(1), **emb, **kw), ours, rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("family", FAMS)
+@torch.no_grad()
+def test_text_prompts_equal_diffusers(pipes, family):
+    """Text prompts through the tiny text encoders, the editing pipeline's default text length (ChromaInpaintPipeline
+    pads to 256 tokens, the others to 512) and default guidance."""
+    p = pipes(family)
+    kw = dict(prompt="a red fox", negative_prompt="blurry", image=_img(), mask_image=_mask(), strength=0.6,
+              num_inference_steps=3)
+    ref = _ref(family, p["ref_inpaint"], {}, generator=_gen(1), **kw)
+    torch.testing.assert_close(_ours(p["inpaint"], generator=_gen(1), **kw), ref, **TOL)
+
+
 @torch.no_grad()
 def test_chroma_bool_text_masks_act_as_the_editing_pipelines_float_masks(pipes):
     """ChromaImg2ImgPipeline casts the joint attention mask to the latents' dtype (a soft 0/1 mask), unlike
