@@ -273,9 +273,10 @@ def start_sigma(adapter, spec: EditSpec, image_seq_len: int) -> tuple[int, torch
 
 
 def noised(latents: torch.Tensor, noise: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
-    """diffusers' ``scale_noise``: ``sigma noise + (1 - sigma) latents`` in ``latents``' dtype, cast to noise's."""
+    """diffusers' ``scale_noise``: ``sigma noise + (1 - sigma) latents`` in ``latents``' dtype (noise cast to it, as
+    the scheduler computes in the sample's dtype), cast to noise's."""
     s = sigma.to(latents.device, latents.dtype)
-    return (s * noise + (1.0 - s) * latents).to(noise.dtype)
+    return (s * noise.to(latents.dtype) + (1.0 - s) * latents).to(noise.dtype)
 
 
 # --------------------------------------------------------------------------------------------- stage mapping

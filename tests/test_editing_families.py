@@ -133,6 +133,26 @@ def test_baseline_equals_diffusers(pipes, family, kind):
     torch.testing.assert_close(_ours(p["t2i"], generator=_gen(1), **emb, **kw), ours, rtol=0, atol=0)
 
 
+@torch.no_grad()
+def test_z_image_bf16_equals_diffusers():
+    """bf16: ZImageImg2ImgPipeline / ZImageInpaintPipeline draw the noise in the prompt embeddings' dtype and noise
+    the source in it (ZImagePipeline draws float32 noise, which ralu's adapter draws: the same values before rounding);
+    the latents then run in float32. Bitwise on the CPU."""
+    import diffusers
+
+    from ralu_runtime.tiny.z_image import build_tiny_z_image_pipeline
+
+    t2i = build_tiny_z_image_pipeline(seed=0, dtype=torch.bfloat16)
+    emb = {k: v.to(torch.bfloat16) for k, v in _embeds("z-image").items()}
+    for cls, extra in ((diffusers.ZImageImg2ImgPipeline, {}),
+                       (diffusers.ZImageInpaintPipeline, {"mask_image": _mask()})):
+        pipe = cls(**t2i.components)
+        pipe.set_progress_bar_config(disable=True)
+        kw = dict(image=_img(), strength=0.6, num_inference_steps=3, **extra)
+        ref = _ref("z-image", pipe, emb, generator=_gen(1), **kw)
+        torch.testing.assert_close(_ours(pipe, generator=_gen(1), **emb, **kw), ref, rtol=0, atol=0)
+
+
 @pytest.mark.parametrize("family", FAMS)
 @torch.no_grad()
 def test_text_prompts_equal_diffusers(pipes, family):
