@@ -243,11 +243,19 @@ def test_ralu_presets_run_deterministically_and_keep_the_source(pipes, family):
 @pytest.mark.parametrize("family", FAMS)
 @torch.no_grad()
 def test_ralu_enters_the_stage_the_strength_reaches(pipes, family):
-    """A low strength skips the early stages (only the last one runs)."""
-    out = generate(pipes(family)["img2img"], **_embeds(family), image=_img(), strength=0.2, height=H, width=W,
-                   seed=1, output_type="latent", progress=False)
-    assert [r.name for r in out.records if r.name.startswith("stage")] == ["stage3"]
-    assert torch.isfinite(out.images).all()
+    """The default preset at the editing pipelines' default steps: a low strength runs the last stage only, a
+    higher one enters stage 2 (regions chosen from the source image, for inpainting the masked ones first)."""
+    p = pipes(family)
+    for strength, stages, kind in ((0.2, ["stage3"], "img2img"), ({"z-image": 0.85}.get(family, 0.8),
+                                                                     ["stage2", "stage3"], "inpaint")):
+        out = generate(p[kind], **_embeds(family), image=_img(), mask_image=_mask() if kind == "inpaint" else None,
+                       strength=strength, height=H, width=W, seed=1, output_type="latent", progress=False,
+                       return_masks=True)
+        assert [r.name for r in out.records if r.name.startswith("stage")] == stages
+        assert torch.isfinite(out.images).all()
+        assert (out.masks is None) == (stages == ["stage3"])  # stage 2 ran: the coarse-token mask (2 x 3 grid)
+        if out.masks is not None:
+            assert out.masks.shape == (1, 2, 3)
 
 
 # ------------------------------------------------------------------------------------------ refusals
