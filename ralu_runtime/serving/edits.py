@@ -24,9 +24,7 @@ from PIL import Image, ImageOps
 from starlette.datastructures import Headers, UploadFile
 from starlette.formparsers import MultiPartException, MultiPartParser
 
-# the families whose edits the server takes (FLUX.1 and SD3): ralu_runtime.editing.EDIT_FAMILIES also has Chroma,
-# Z-Image and Qwen-Image, whose edits run through generate but are not yet checked through the serving engine
-EDIT_FAMILIES = ("flux", "flux-schnell", "sd3")
+from ..editing import EDIT_FAMILIES
 from .protocol import EDITS_PATH, REQUEST_FIELDS, ApiError, parse_request, read_bytes
 
 __all__ = ["EDITS_PATH", "EDIT_FIELDS", "MAX_UPLOAD_BYTES", "MAX_UPLOAD_PIXELS", "MAX_INPUT_IMAGES",
@@ -49,7 +47,7 @@ def check_family(adapter) -> None:
     """400 naming the supported families when the served model cannot edit."""
     if adapter.family not in EDIT_FAMILIES:
         raise ApiError(400, f"the served model ({adapter.family}) takes no image: /v1/images/edits works with "
-                            f"FLUX.1 and SD3 models ({', '.join(EDIT_FAMILIES)}) only", code="unsupported_model")
+                            f"the models of the families {', '.join(EDIT_FAMILIES)} only", code="unsupported_model")
 
 
 async def read_raw(request, max_bytes: int) -> bytes:
