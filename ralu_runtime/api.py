@@ -583,8 +583,8 @@ def prepare(pipe, prompt: str | list[str] | None = None, *, height: int | None =
     plan = resolve_parallel(parallel, adapter, backend=backend)
     if edit is not None and plan is not None:
         raise ValueError("image= (img2img) does not run with context parallelism yet; drop parallel=")
-    if edit is not None:  # the text masks as the editing pipeline reads them (Chroma: float, never bool), its
-        from .editing import edit_text_mask  # default text length (ChromaInpaintPipeline: 256, not 512)
+    if edit is not None:  # text masks and the default text length as the editing pipeline has them
+        from .editing import edit_text_mask  # (Chroma: float masks, never bool; ChromaInpaintPipeline: 256 tokens)
 
         prompt_embeds_mask = edit_text_mask(adapter, prompt_embeds_mask)
         negative_prompt_embeds_mask = edit_text_mask(adapter, negative_prompt_embeds_mask)
