@@ -36,6 +36,7 @@ import inspect
 import math
 import numbers
 from dataclasses import dataclass
+from types import MappingProxyType
 from typing import Any, Callable
 
 import numpy as np
@@ -45,7 +46,6 @@ import torch.nn.functional as F
 from .families import EDIT_PIPELINES
 from .layout import TokenLayout, grid_positions
 from .schedule import RaluSchedule
-
 
 
 @dataclass(frozen=True)
@@ -69,7 +69,7 @@ class EditFamily:
 
 
 _FLUX_EDIT = EditFamily("FluxImg2ImgPipeline", "FluxInpaintPipeline", 4)
-EDIT_FAMILY_TABLE = {  # adapter family -> its editing pipelines (img2img and inpainting)
+EDIT_FAMILY_TABLE = MappingProxyType({  # adapter family -> its editing pipelines (img2img and inpainting)
     "flux": _FLUX_EDIT,
     "flux-schnell": _FLUX_EDIT,
     "sd3": EditFamily("StableDiffusion3Img2ImgPipeline", "StableDiffusion3InpaintPipeline", 1),
@@ -77,7 +77,7 @@ EDIT_FAMILY_TABLE = {  # adapter family -> its editing pipelines (img2img and in
     "z-image": EditFamily("ZImageImg2ImgPipeline", "ZImageInpaintPipeline", 1),
     "qwen-image": EditFamily("QwenImageImg2ImgPipeline", "QwenImageInpaintPipeline", 4, guidance="true_cfg_scale",
                              frames=True),
-}
+})
 EDIT_FAMILIES = tuple(EDIT_FAMILY_TABLE)  # adapter families that take image= (img2img)
 INPAINT_FAMILIES = EDIT_FAMILIES  # ... and mask_image= (inpainting)
 INPAINT_REGION_CHOICES = ("mask-first", "edge-only")  # sample_ralu_edit(region_choice=...): see mask_boost
