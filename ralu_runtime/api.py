@@ -608,6 +608,13 @@ def prepare(pipe, prompt: str | list[str] | None = None, *, height: int | None =
     plan = resolve_parallel(parallel, adapter, backend=backend)
     if (edit is not None or reference is not None) and plan is not None:
         raise ValueError("image= (img2img, Kontext) does not run with context parallelism yet; drop parallel=")
+    if edit is not None:  # text masks and the default text length as the editing pipeline has them
+        from .editing import edit_text_mask  # (Chroma: float masks, never bool; ChromaInpaintPipeline: 256 tokens)
+
+        prompt_embeds_mask = edit_text_mask(adapter, prompt_embeds_mask)
+        negative_prompt_embeds_mask = edit_text_mask(adapter, negative_prompt_embeds_mask)
+        if max_sequence_length is None:
+            max_sequence_length = edit.max_sequence_length
     if channels is not None and plan is not None:
         raise ValueError(f"{type(adapter.pipe).__name__} (conditioning channels) does not run with context "
                          "parallelism yet; drop parallel=")
@@ -820,11 +827,12 @@ def generate(pipe, prompt: str | list[str] | None = None, *, height: int | None 
     torchrun and call ``generate`` with the same arguments on every rank; see :mod:`ralu_runtime.parallel`). None: a
     transformer set up with diffusers' ``enable_parallelism`` runs under that config, any other unsharded.
 
-    ``image`` / ``strength`` (img2img, FLUX.1 and SD3; ``pipe`` an img2img pipeline or its text-to-image pipeline):
-    start from the image noised to the pipeline's sigma for ``strength`` (default 0.6); ``speedup=None`` equals
-    ``FluxImg2ImgPipeline`` / ``StableDiffusion3Img2ImgPipeline``, a RALU preset skips the stages that end before
-    that start (:mod:`ralu_runtime.editing`, docs/editing.md). ``mask_image`` (inpainting, FLUX.1 and SD3; white =
-    repaint): ``speedup=None`` equals ``FluxInpaintPipeline`` / ``StableDiffusion3InpaintPipeline``; RALU upsamples
+    ``image`` / ``strength`` (img2img: FLUX.1, SD3, Chroma, Z-Image, Qwen-Image; ``pipe`` an img2img pipeline or its
+    text-to-image pipeline): start from the image noised to the pipeline's sigma for ``strength`` (default the
+    pipeline's); ``speedup=None`` equals the family's img2img pipeline (``FluxImg2ImgPipeline``, ...), a RALU preset
+    skips the stages that end before that start (:mod:`ralu_runtime.editing`, docs/editing.md). ``mask_image``
+    (inpainting, the same families; white = repaint): ``speedup=None`` equals the family's inpainting pipeline
+    (``FluxInpaintPipeline``, ...); RALU upsamples
     the masked regions first. With a ``FluxFillPipeline`` (``image`` + ``mask_image``) or a ``FluxControlPipeline``
     (``control_image``: a Canny / depth map) the conditioning latents are concatenated to every stage's tokens on the
     channel axis (:mod:`ralu_runtime.channel_cond`); ``speedup=None`` equals those pipelines. Editing ralu does not

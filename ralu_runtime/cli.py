@@ -126,7 +126,8 @@ def build_parser() -> argparse.ArgumentParser:
                    description="Generate one image with RALU and print per-stage steps, tokens and seconds. "
                                "Arguments are checked before the model is loaded.")
     e = sub.add_parser("edit", parents=[common, image_args], help="edit an image (img2img, inpainting) with RALU",
-                       description="img2img (--image, --strength) and inpainting (--mask) on FLUX.1 and SD3, FLUX.1 "
+                       description="img2img (--image, --strength) and inpainting (--mask) on FLUX.1, SD3, Chroma, "
+                                   "Z-Image and Qwen-Image, FLUX.1 "
                                    "Fill (--image, --mask) and FLUX.1 control (--control-image): "
                                    "the image is resized to --height x --width; per-stage timings are printed. "
                                    "FLUX.1 Kontext (tiny-flux-kontext or a FluxKontextPipeline folder): the image is "
@@ -779,7 +780,7 @@ def _speedup_line(plan: GeneratePlan, out) -> str:
     return f"speedup: {name} ({origin}): steps {sched.steps}, ends {sched.ends}, r={sched.ratio}"
 
 
-EDIT_FAMILIES = ("flux", "flux-schnell", "sd3")  # as ralu_runtime.editing (img2img and inpainting)
+EDIT_FAMILIES = ("flux", "flux-schnell", "sd3", "chroma", "z-image", "qwen-image")  # as ralu_runtime.editing
 
 
 def _read_image(flag: str, path: str, mode: str):
@@ -809,7 +810,8 @@ def check_edit(args) -> tuple[GeneratePlan, dict]:
     loaded; returns the plan and the editing arguments of ``generate`` (PIL images, strength)."""
     plan = check_generate(args)
     if plan.family not in EDIT_FAMILIES:
-        raise UsageError(f"ralu edit runs FLUX.1 and SD3 models; {args.model} is {plan.family}")
+        raise UsageError(f"ralu edit runs FLUX.1, SD3, Chroma, Z-Image and Qwen-Image models; {args.model} is "
+                         f"{plan.family}")
     if args.strength is not None and not (math.isfinite(args.strength) and 0 < args.strength <= 1):
         raise UsageError(f"--strength {args.strength} is not allowed: need 0 < S <= 1")
     if args.control_image is not None:  # FluxControlPipeline: text-to-image with a control image

@@ -1,5 +1,5 @@
-"""Editing with RALU: img2img (``image=``, ``strength=``) and inpainting (``mask_image=``) for FLUX.1 and SD3
-(design: ``docs/editing.md``).
+"""Editing with RALU: img2img (``image=``, ``strength=``) and inpainting (``mask_image=``) for FLUX.1, SD3, Chroma,
+Z-Image and Qwen-Image (design: ``docs/editing.md``; what differs per family: :data:`EDIT_FAMILY_TABLE`).
 
 What a call does, in the diffusers pipelines' order (so ``speedup=None`` reproduces ``FluxImg2ImgPipeline`` and
 ``StableDiffusion3Img2ImgPipeline``):
@@ -36,6 +36,7 @@ import inspect
 import math
 import numbers
 from dataclasses import dataclass
+from types import MappingProxyType
 from typing import Any, Callable
 
 import numpy as np
@@ -46,13 +47,55 @@ from .families import EDIT_PIPELINES
 from .layout import TokenLayout, grid_positions
 from .schedule import RaluSchedule
 
-EDIT_FAMILIES = ("flux", "flux-schnell", "sd3")  # adapter families that take image= (img2img)
-INPAINT_FAMILIES = ("flux", "flux-schnell", "sd3")  # ... and mask_image= (inpainting)
-_IMG2IMG_CLASS = {"flux": "FluxImg2ImgPipeline", "flux-schnell": "FluxImg2ImgPipeline",
-                  "sd3": "StableDiffusion3Img2ImgPipeline"}
+
+@dataclass(frozen=True)
+class EditFamily:
+    """What differs between the editing pipelines of one adapter family (everything else is shared): the diffusers
+    img2img / inpainting classes (their defaults of ``strength``, ``num_inference_steps`` and guidance are read from
+    their ``__call__``), ``pack``: transformer input channels per VAE latent channel of a blending model (4 where
+    2x2 latent pixels are packed into a token before the transformer, 1 where the model patchifies itself),
+    ``guidance``: the ``__call__`` argument ``generate``'s ``guidance_scale`` stands for, ``frames``: the VAE is a
+    video VAE taking ``(B, 3, 1, H, W)`` with per-channel ``latents_mean`` / ``latents_std`` normalisation
+    (Qwen-Image) instead of ``(z - shift_factor) * scaling_factor``, ``float_text_mask``: the pipelines cast the joint
+    text + image attention mask to the latents' dtype, so a bool text mask acts as a float 0/1 one (an additive bias,
+    not a hard mask: ChromaImg2ImgPipeline / ChromaInpaintPipeline, unlike ChromaPipeline)."""
+
+    img2img: str
+    inpaint: str
+    pack: int
+    guidance: str = "guidance_scale"
+    frames: bool = False
+    float_text_mask: bool = False
+
+
+_FLUX_EDIT = EditFamily("FluxImg2ImgPipeline", "FluxInpaintPipeline", 4)
+EDIT_FAMILY_TABLE = MappingProxyType({  # adapter family -> its editing pipelines (img2img and inpainting)
+    "flux": _FLUX_EDIT,
+    "flux-schnell": _FLUX_EDIT,
+    "sd3": EditFamily("StableDiffusion3Img2ImgPipeline", "StableDiffusion3InpaintPipeline", 1),
+    "chroma": EditFamily("ChromaImg2ImgPipeline", "ChromaInpaintPipeline", 4, float_text_mask=True),
+    "z-image": EditFamily("ZImageImg2ImgPipeline", "ZImageInpaintPipeline", 1),
+    "qwen-image": EditFamily("QwenImageImg2ImgPipeline", "QwenImageInpaintPipeline", 4, guidance="true_cfg_scale",
+                             frames=True),
+})
+EDIT_FAMILIES = tuple(EDIT_FAMILY_TABLE)  # adapter families that take image= (img2img)
+INPAINT_FAMILIES = EDIT_FAMILIES  # ... and mask_image= (inpainting)
 INPAINT_REGION_CHOICES = ("mask-first", "edge-only")  # sample_ralu_edit(region_choice=...): see mask_boost
-_INPAINT_CLASS = {"flux": "FluxInpaintPipeline", "flux-schnell": "FluxInpaintPipeline",
-                  "sd3": "StableDiffusion3InpaintPipeline"}
+
+
+def _vae_channels(vae) -> int:
+    """The VAE's latent channels (``latent_channels``, or ``z_dim`` for Qwen-Image's video VAE)."""
+    cfg = vae.config
+    return int(cfg.get("latent_channels", None) or cfg["z_dim"])
+
+
+def edit_text_mask(adapter, mask):
+    """A given ``(B, T)`` text-token mask as the family's editing pipelines read it: float32 where they cast a bool
+    mask (:attr:`EditFamily.float_text_mask`), else (and None) unchanged."""
+    fam = EDIT_FAMILY_TABLE.get(adapter.family)
+    if mask is not None and fam is not None and fam.float_text_mask and mask.dtype == torch.bool:
+        return mask.to(torch.float32)
+    return mask
 
 
 def edit_kind(pipe) -> str | None:
@@ -80,7 +123,8 @@ def start_index(steps: int, strength: float) -> int:
 class EditSpec:
     """A checked img2img / inpainting request: ``pixels`` ``(n, 3, H, W)`` float32 in [-1, 1] (CPU), ``strength``
     in (0, 1], ``steps``: the schedule length whose tail gives the start sigma (the baseline's steps), ``guidance``:
-    the editing pipeline's default guidance (used when the call gives none), ``mask``: inpainting's binarised mask."""
+    the editing pipeline's default guidance (used when the call gives none), ``mask``: inpainting's binarised mask,
+    ``max_sequence_length``: the editing pipeline's default text length (used when the call gives none)."""
 
     kind: str
     pixels: torch.Tensor
@@ -88,6 +132,7 @@ class EditSpec:
     steps: int
     guidance: float
     mask: torch.Tensor | None = None  # inpainting: (n_mask, 1, H, W) float32 in {0, 1}, 1 = repaint
+    max_sequence_length: int | None = None  # the editing pipeline's default text length (None: it has none)
 
 
 def check_edit(adapter, *, image, strength, mask_image, height: int, width: int, batch: int,
@@ -95,7 +140,7 @@ def check_edit(adapter, *, image, strength, mask_image, height: int, width: int,
     """Check the editing arguments of a ``generate`` call (before any model work); None without ``image``.
 
     Raises ValueError / TypeError with the reason for what is not supported: an editing pipeline without
-    ``image``, ``strength`` / ``mask_image`` without ``image``, a family other than FLUX.1 / SD3, an inpainting
+    ``image``, ``strength`` / ``mask_image`` without ``image``, a family not in :data:`EDIT_FAMILY_TABLE`, an inpainting
     pipeline without ``mask_image``, a model with mask input channels (Fill), strength outside (0, 1] (any
     strength > 0 leaves at least one step: ``int(N - N s) <= N - 1``), an image or mask the pipeline's processors
     cannot read, a mask with nothing to repaint, image or mask counts that do not divide the batch."""
@@ -110,17 +155,17 @@ def check_edit(adapter, *, image, strength, mask_image, height: int, width: int,
                 raise ValueError(f"{name}= goes with image= (img2img); got {name} without an image")
         return None
     if adapter.family not in EDIT_FAMILIES or adapter.is_video or pipe is None:
-        raise ValueError(f"image= (img2img) is supported for FLUX.1 and SD3 pipelines only; {adapter.family} "
-                         "takes no image (issue 23 lists the editing pipelines still to come)")
+        raise ValueError(f"image= (img2img) is supported for the families {', '.join(EDIT_FAMILIES)} only; "
+                         f"{adapter.family} takes no image (issue 23 lists the editing pipelines still to come)")
+    fam = EDIT_FAMILY_TABLE[adapter.family]
     inpaint = kind == "inpaint" or mask_image is not None
     if inpaint and mask_image is None:
         raise ValueError(f"{type(pipe).__name__} is an inpainting pipeline: give mask_image= (white = repaint)")
-    if inpaint and pipe.transformer.config.in_channels != pipe.vae.config.latent_channels * (
-            1 if adapter.family == "sd3" else 4):  # FLUX.1 packs 2x2 latent pixels into the transformer's input
+    if inpaint and pipe.transformer.config.in_channels != _vae_channels(pipe.vae) * fam.pack:
         raise ValueError("inpainting models that take the mask and masked image as extra input channels do not run "
                          "as blending inpainting: run FLUX.1 Fill as FluxFillPipeline(**pipe.components); 33-channel "
                          "SD3 inpainting is not supported")
-    cls = (_INPAINT_CLASS if inpaint else _IMG2IMG_CLASS)[adapter.family]
+    cls = fam.inpaint if inpaint else fam.img2img
     if strength is None:
         strength = _call_default(cls, "strength")
     if isinstance(strength, bool) or not isinstance(strength, numbers.Real) or not math.isfinite(strength):
@@ -142,8 +187,11 @@ def check_edit(adapter, *, image, strength, mask_image, height: int, width: int,
         raise ValueError(f"got {n} images for a batch of {batch} (prompts x num_images_per_prompt): the number of "
                          "images must divide the batch (they are tiled over it, as the diffusers pipelines do)")
     mask = _check_mask(pipe, mask_image, height, width, batch) if inpaint else None
+    import diffusers
+
+    msl = inspect.signature(getattr(diffusers, cls).__call__).parameters.get("max_sequence_length")
     return EditSpec("inpaint" if inpaint else "img2img", pixels, strength, steps,
-                    float(_call_default(cls, "guidance_scale")), mask)
+                    float(_call_default(cls, fam.guidance)), mask, None if msl is None else msl.default)
 
 
 def _preprocess(proc, value, name: str, proc_name: str, channels: int, height: int, width: int,
@@ -172,7 +220,7 @@ def _check_mask(pipe, mask_image, height: int, width: int, batch: int) -> torch.
         from diffusers.image_processor import VaeImageProcessor
 
         proc = VaeImageProcessor(vae_scale_factor=pipe.vae_scale_factor * 2,
-                                 vae_latent_channels=pipe.vae.config.latent_channels, do_normalize=False,
+                                 vae_latent_channels=_vae_channels(pipe.vae), do_normalize=False,
                                  do_binarize=True, do_convert_grayscale=True)
     mask = _preprocess(proc, mask_image, "mask_image", "mask processor", 1, height, width,
                        "give a PIL image, a numpy array or a tensor (white = repaint)")
@@ -185,18 +233,20 @@ def _check_mask(pipe, mask_image, height: int, width: int, batch: int) -> torch.
 
 # --------------------------------------------------------------------------------------------- encoding
 def encode_images(adapter, spec: EditSpec, generator, batch: int, dtype: torch.dtype) -> torch.Tensor:
-    """VAE-encode the source: ``(batch, C, h, w)`` normalised latents in the VAE's output dtype.
+    """VAE-encode the source: ``(batch, C, h, w)`` normalised latents in the VAE's output dtype (a video VAE's frame
+    axis removed).
 
     ``generator``: one generator (one encode of the ``n`` images, tiled to ``batch``: the pipelines' way) or a list
     of ``batch`` (image ``i % n`` encoded with generator ``i``: each image of a batch equals its single run; with
     ``n == batch`` this is the pipelines' way, with fewer images FluxImg2ImgPipeline would draw all from
     generator 0 and SD3's pipeline fails)."""
     vae = adapter.pipe.vae
+    frames = EDIT_FAMILY_TABLE[adapter.family].frames
     pixels = spec.pixels.to(adapter.device, dtype)
     n = pixels.shape[0]
 
     def sample(x, gen):
-        out = vae.encode(x)
+        out = vae.encode(x[:, :, None] if frames else x)  # a video VAE: one frame (B, 3, 1, H, W)
         dist = getattr(out, "latent_dist", None)
         return dist.sample(gen) if dist is not None else out.latents
 
@@ -206,6 +256,11 @@ def encode_images(adapter, spec: EditSpec, generator, batch: int, dtype: torch.d
         z = sample(pixels, generator)
         if z.shape[0] < batch:
             z = torch.cat([z] * (batch // z.shape[0]))
+    if frames:  # Qwen-Image: per-channel (z - latents_mean) / latents_std, in z's dtype, then the frame axis off
+        shape = (1, z.shape[1], 1, 1, 1)
+        mean = torch.tensor(vae.config.latents_mean).view(shape).to(z.device, z.dtype)
+        inv_std = 1.0 / torch.tensor(vae.config.latents_std).view(shape).to(z.device, z.dtype)
+        return ((z - mean) * inv_std)[:, :, 0]
     shift = getattr(vae.config, "shift_factor", None) or 0.0
     return (z - shift) * vae.config.scaling_factor
 
@@ -218,9 +273,10 @@ def start_sigma(adapter, spec: EditSpec, image_seq_len: int) -> tuple[int, torch
 
 
 def noised(latents: torch.Tensor, noise: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
-    """diffusers' ``scale_noise``: ``sigma noise + (1 - sigma) latents`` in ``latents``' dtype, cast to noise's."""
+    """diffusers' ``scale_noise``: ``sigma noise + (1 - sigma) latents`` in ``latents``' dtype (noise cast to it, as
+    the scheduler computes in the sample's dtype), cast to noise's."""
     s = sigma.to(latents.device, latents.dtype)
-    return (s * noise + (1.0 - s) * latents).to(noise.dtype)
+    return (s * noise.to(latents.dtype) + (1.0 - s) * latents).to(noise.dtype)
 
 
 # --------------------------------------------------------------------------------------------- stage mapping

@@ -258,6 +258,12 @@ EDIT_PIPELINES: Mapping[str, tuple[str, str]] = MappingProxyType({
     "FluxFillPipeline": ("FluxPipeline", "fill"),  # conditioning channels: ralu_runtime.channel_cond
     "FluxControlPipeline": ("FluxPipeline", "control"),
     "FluxKontextPipeline": ("FluxPipeline", "kontext"),  # reference tokens, no noising: ralu_runtime.kontext
+    "ChromaImg2ImgPipeline": ("ChromaPipeline", "img2img"),
+    "ChromaInpaintPipeline": ("ChromaPipeline", "inpaint"),
+    "ZImageImg2ImgPipeline": ("ZImagePipeline", "img2img"),
+    "ZImageInpaintPipeline": ("ZImagePipeline", "inpaint"),
+    "QwenImageImg2ImgPipeline": ("QwenImagePipeline", "img2img"),
+    "QwenImageInpaintPipeline": ("QwenImagePipeline", "inpaint"),
 })
 
 

@@ -53,8 +53,6 @@ REFUSED_PIPELINES: Mapping[str, str] = MappingProxyType({
     "QwenImageEditPipeline": f"reference-image editing with Qwen-Image-Edit {_NOT_YET}",
     "QwenImageEditPlusPipeline": f"multi-reference editing with Qwen-Image-Edit-Plus {_NOT_YET}",
     "QwenImageEditInpaintPipeline": f"inpainting with Qwen-Image-Edit {_NOT_YET}",
-    "QwenImageImg2ImgPipeline": f"img2img with Qwen-Image {_NOT_YET}",
-    "QwenImageInpaintPipeline": f"inpainting with Qwen-Image {_NOT_YET}",
     "QwenImageControlNetPipeline": f"Qwen-Image {_CONTROLNET}",
     "QwenImageControlNetInpaintPipeline": f"Qwen-Image {_CONTROLNET} (with inpainting)",
     "QwenImageLayeredPipeline": f"layer decomposition with Qwen-Image-Layered {_NOT_YET}",
@@ -64,14 +62,9 @@ REFUSED_PIPELINES: Mapping[str, str] = MappingProxyType({
     "StableDiffusion3PAGPipeline": f"perturbed-attention guidance (PAG) {_NOT_YET} (StableDiffusion3Pipeline runs)",
     "StableDiffusion3PAGImg2ImgPipeline": f"img2img with perturbed-attention guidance (PAG) {_NOT_YET}",
     # Z-Image
-    "ZImageImg2ImgPipeline": f"img2img with Z-Image {_NOT_YET}",
-    "ZImageInpaintPipeline": f"inpainting with Z-Image {_NOT_YET}",
     "ZImageControlNetPipeline": f"Z-Image {_CONTROLNET}",
     "ZImageControlNetInpaintPipeline": f"Z-Image {_CONTROLNET} (with inpainting)",
     "ZImageOmniPipeline": f"Z-Image-Omni (reference-image conditioning) {_NOT_YET}",
-    # Chroma
-    "ChromaImg2ImgPipeline": f"img2img with Chroma {_NOT_YET}",
-    "ChromaInpaintPipeline": f"inpainting with Chroma {_NOT_YET}",
     # Wan
     "WanImageToVideoPipeline": f"image-to-video with Wan {_NOT_YET}",
     "WanVideoToVideoPipeline": f"video-to-video with Wan {_NOT_YET}",
@@ -87,9 +80,6 @@ FAMILY_EDIT_REFUSALS: Mapping[str, str] = MappingProxyType({
     "flux2": f"reference-image editing with FLUX.2 (image= on Flux2Pipeline / Flux2KleinPipeline: the reference "
              f"images' tokens joined to the sequence) {_NOT_YET}",
     "flux2-klein": f"reference-image editing with FLUX.2-klein (image=) {_NOT_YET}",
-    "qwen-image": f"img2img / inpainting with Qwen-Image {_NOT_YET}",
-    "z-image": f"img2img / inpainting with Z-Image {_NOT_YET}",
-    "chroma": f"img2img / inpainting with Chroma {_NOT_YET}",
     "wan": f"image- or video-conditioned generation with Wan {_NOT_YET}",
     "hunyuan-video-1.5": f"image-conditioned generation with HunyuanVideo 1.5 {_NOT_YET}",
 })

@@ -8,6 +8,7 @@ import torch
 
 from ralu_runtime import generate
 from ralu_runtime.adapters import ADAPTERS, get_adapter
+from ralu_runtime.editing import EDIT_FAMILIES
 from ralu_runtime.families import EDIT_PIPELINES, FAMILIES
 from ralu_runtime.refusals import (FAMILY_EDIT_REFUSALS, REFUSED_PIPELINES, UnsupportedPipelineError,
                                    check_refused_pipeline, supported_editing)
@@ -92,7 +93,8 @@ def test_the_table_names_real_classes_not_run_by_ralu():
     assert not set(REFUSED_PIPELINES) & set(EDIT_PIPELINES)
     assert not set(REFUSED_PIPELINES) & set(ADAPTERS)
     assert set(FAMILY_EDIT_REFUSALS) <= set(FAMILIES)
-    assert not set(FAMILY_EDIT_REFUSALS) & {"flux", "flux-schnell", "sd3"}  # the families that edit
+    assert not set(FAMILY_EDIT_REFUSALS) & set(EDIT_FAMILIES)  # the families that edit
+    assert {"chroma", "z-image", "qwen-image"} <= set(EDIT_FAMILIES)
     for reason in (*REFUSED_PIPELINES.values(), *FAMILY_EDIT_REFUSALS.values()):
         assert reason and "  " not in reason
 

@@ -262,9 +262,9 @@ def test_image_on_a_family_without_editing_is_refused():
     from ralu_runtime.editing import check_edit
 
     class _Other:  # what check_edit reads of an adapter of another family
-        family, is_video, pipe = "qwen-image", False, object()
+        family, is_video, pipe = "flux2", False, object()
 
-    with pytest.raises(ValueError, match="FLUX.1 and SD3"):
+    with pytest.raises(ValueError, match="flux2 takes no image"):
         check_edit(_Other(), image=_img(), strength=0.5, mask_image=None, height=H, width=W, batch=1,
                    num_inference_steps=None)
 
@@ -388,7 +388,7 @@ def test_ralu_edit_inpaints_an_image_file(tmp_path, capsys):
     (["--image", "{tmp}/text.png"], "not an image Pillow can read"),
     (["--image", "{tmp}/in.png", "--strength", "0"], "--strength 0.0"),
     (["--image", "{tmp}/in.png", "--mask", "{tmp}/black.png"], "nothing to repaint"),
-    (["--image", "{tmp}/in.png", "--model", "tiny-qwen-image"], "FLUX.1 and SD3"),
+    (["--image", "{tmp}/in.png", "--model", "tiny-wan"], "ralu edit runs FLUX.1, SD3"),
 ])
 def test_ralu_edit_refuses_bad_files_before_loading(tmp_path, monkeypatch, capsys, extra, needle):
     from ralu_runtime import cli

@@ -268,12 +268,12 @@ def test_body_types_and_access(pipe):
 
 
 def test_model_without_editing_is_refused():
-    pipe = build_tiny("tiny-z-image")
+    pipe = build_tiny("tiny-flux2-klein")
     engine = Engine(pipe, EngineConfig(), **DEFAULTS)
     try:
-        with Server(create_app(engine, model_name="z"), "127.0.0.1", 0, grace_s=5) as server:
+        with Server(create_app(engine, model_name="k"), "127.0.0.1", 0, grace_s=5) as server:
             err = assert_error(edit(server), 400, code="unsupported_model")
-            assert "FLUX.1 and SD3" in err["message"]
+            assert "(flux2-klein) takes no image" in err["message"] and "sd3, chroma" in err["message"]
             assert engine.metrics()["model_calls"] == 0
     finally:
         engine.shutdown(drain=False, timeout=30)

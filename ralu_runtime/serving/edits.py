@@ -47,7 +47,7 @@ def check_family(adapter) -> None:
     """400 naming the supported families when the served model cannot edit."""
     if adapter.family not in EDIT_FAMILIES:
         raise ApiError(400, f"the served model ({adapter.family}) takes no image: /v1/images/edits works with "
-                            f"FLUX.1 and SD3 models ({', '.join(EDIT_FAMILIES)}) only", code="unsupported_model")
+                            f"the models of the families {', '.join(EDIT_FAMILIES)} only", code="unsupported_model")
 
 
 async def read_raw(request, max_bytes: int) -> bytes:
