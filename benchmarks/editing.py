@@ -259,6 +259,83 @@ def cpu_table(family: str, reps: int) -> list[dict]:
     return out
 
 
+WORKFLOW_PRESETS = ("4x", "7x")
+
+
+def cpu_workflows(reps: int, size: int | None = None) -> list[dict]:
+    """CPU medians (s) of FLUX.1 inpainting (strength 1.0), Kontext, Fill and control with FLUX.1-dev's small
+    benchmark model (Fill / control: the same shape with 384 / 128 input channels): each pipeline's default sampler
+    (``speedup=None``: inpainting and Kontext 28 steps, Fill 50, control 28) vs RALU 4x / 7x, whole calls, rounds
+    interleaved, one warm-up call each. ``size``: pixels per side (default the model's CPU size)."""
+    import statistics
+    import time
+
+    import torch
+
+    from benchmarks.families import setup_family
+    from benchmarks.smoke_editing import _inputs, build_edit_pipelines, edit_kwargs
+    from ralu_runtime import generate
+    from ralu_runtime.families import MODELS as PUBLISHED
+
+    model = PUBLISHED["flux"]
+    base, _adapter, emb, _presets, _steps, guidance = setup_family(model, "small", "cpu", torch.float32, 1, 32)
+    h, w = (size, size) if size else model.cpu_size
+    pipes = build_edit_pipelines(base, "cpu", torch.float32)
+    image, mask = _inputs(h, w)
+    out = []
+    for wf in ("inpaint", "kontext", "fill", "control"):
+        kw = dict(**emb, **edit_kwargs(wf, image, mask, h, w, strength=1.0), height=h, width=w, output_type="pt",
+                  progress=False)
+        runs = [("baseline", None)] + [(p, p) for p in WORKFLOW_PRESETS]
+        times = {n: [] for n, _ in runs}
+        calls = {}
+        for name, speedup in runs:
+            generate(pipes[wf], **kw, speedup=speedup, seed=0)
+        for rep in range(reps):
+            for name, speedup in runs:
+                t0 = time.perf_counter()
+                res = generate(pipes[wf], **kw, speedup=speedup, seed=rep)
+                times[name].append(time.perf_counter() - t0)
+                calls[name] = [r.steps for r in res.records if r.name in MODEL_STAGES]
+        base_s = statistics.median(times["baseline"])
+        for name, _ in runs:
+            med = statistics.median(times[name])
+            out.append({"workflow": wf, "size": [h, w], "run": name, "calls": calls[name], "median_s": med,
+                        "times_s": times[name], "ratio": base_s / med})
+    return out
+
+
+def plot(out_dir, rows: list[dict], kontext: list[dict], workflows: list[dict] | None):
+    """``editing.png``: FLOP ratios vs each editing pipeline's default sampler (FLUX.1-dev and SD3.5 Large at 1024²,
+    per workflow / strength and preset, Kontext with a 1024² reference), and the CPU ratios of ``--cpu``'s workflows."""
+    from benchmarks._common import pyplot, save_figure
+
+    plt = pyplot()
+    if plt is None:
+        return None
+    fig, axes = plt.subplots(1, 2 if workflows else 1, figsize=(13 if workflows else 8, 4.5), squeeze=False)
+    ax = axes[0][0]
+    bars = [(f"{r['label'].split(' ')[0]} {r['workflow']} {r['strength']} {r['run'].split(' ')[-1]}", r["ratio"])
+            for r in rows if r["run"].startswith("ralu") and r["model"] in ("flux", "sd35-large")]
+    names = {"kontext": "Kontext", "text-to-image": "FLUX.1 t2i"}
+    bars += [(f"{names.get(r['model'], r['model'])} {r['run'].split(' ')[-1]}", r["ratio"]) for r in kontext
+             if r["run"].startswith("ralu")]
+    ax.bar(range(len(bars)), [v for _, v in bars])
+    ax.set_xticks(range(len(bars)))
+    ax.set_xticklabels([n for n, _ in bars], rotation=60, ha="right", fontsize=6)
+    ax.set_ylabel("FLOP ratio vs the pipeline's default sampler")
+    ax.set_title("editing at 1024^2: transformer FLOPs saved")
+    if workflows:
+        ax = axes[0][1]
+        wb = [(f"{r['workflow']} {r['run']}", r["ratio"]) for r in workflows if r["run"] != "baseline"]
+        ax.bar(range(len(wb)), [v for _, v in wb], color="tab:orange")
+        ax.set_xticks(range(len(wb)))
+        ax.set_xticklabels([n for n, _ in wb], rotation=45, ha="right", fontsize=8)
+        ax.set_ylabel("CPU time ratio (whole call, small model)")
+        ax.set_title("FLUX.1 editing workflows on the CPU")
+    return save_figure(fig, out_dir, "editing")
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default=str(Path(__file__).parent / "results"))
@@ -266,6 +343,9 @@ def main(argv=None):
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--cpu-family", nargs="+", choices=tuple(MODELS), default=list(MODELS),
                     help="families timed with --cpu (default: all)")
+    ap.add_argument("--cpu-size", type=int, default=None,
+                    help="--cpu: pixels per side of the FLUX.1 workflows (inpaint, Kontext, Fill, control; default "
+                         "the small model's CPU size)")
     args = ap.parse_args(argv)
     flops = json.loads((Path(__file__).parent / "results" / "flops.json").read_text())
     rows = table(flops)
@@ -295,7 +375,15 @@ def main(argv=None):
             print(f"| {r['family']} | {r['size'][0]}x{r['size'][1]} | {r['strength']} | {r['run']} | "
                   f"{', '.join(map(str, r['calls']))} | {r['median_s']:.3f} | {r['ratio']:.2f}x | "
                   f"{r['model_median_s']:.3f} | {r['model_ratio']:.2f}x |")
-        write_json(args.out, "editing_cpu", {"rows": cpu, "notes": __doc__})
+        workflows = cpu_workflows(args.reps, args.cpu_size)
+        print("| FLUX.1 workflow (CPU) | size | run | calls | whole call s | vs baseline |")
+        print("|---|---|---|---|---|---|")
+        for r in workflows:
+            print(f"| {r['workflow']} | {r['size'][0]}x{r['size'][1]} | {r['run']} | "
+                  f"{', '.join(map(str, r['calls']))} | {r['median_s']:.3f} | {r['ratio']:.2f}x |")
+        write_json(args.out, "editing_cpu", {"rows": cpu, "workflows": workflows, "notes": __doc__,
+                                             "workflows_notes": cpu_workflows.__doc__})
+    plot(args.out, rows, kontext, workflows if args.cpu else None)
 
 
 if __name__ == "__main__":

@@ -99,3 +99,17 @@ def test_inpaint_oracle_benchmark_runs_at_toy_size(tmp_path):
     assert all(r["coverage"] == 1 for r in first.values())  # the dilated mask fits the budget or fills it
     assert any(r["coverage"] < 1 for r in rows if r["choice"] == "edge-only")
     assert {s["choice"] for s in payload["summary"]} == {"mask-first", "edge-only"}
+
+
+def test_editing_plot_writes_a_png_with_the_flop_and_cpu_panels(tmp_path):
+    """benchmarks/editing.py's PNG: the FLOP ratios of every workflow row and, with --cpu, the workflows' CPU
+    ratios (rows shaped as cpu_workflows returns them)."""
+    pytest.importorskip("matplotlib")
+    flops = json.loads((Path(be.__file__).parent / "results" / "flops.json").read_text())
+    rows = be.table(flops)
+    kontext = [{"model": "kontext", "run": "ralu 7x", "ratio": 3.5}, {"model": "kontext", "run": "baseline 28 steps",
+                                                                    "ratio": 1.0}]
+    workflows = [{"workflow": "fill", "run": "baseline", "ratio": 1.0}, {"workflow": "fill", "run": "7x", "ratio": 4.8}]
+    path = be.plot(tmp_path, rows, kontext, workflows)
+    assert path is not None and path.exists() and path.stat().st_size > 10_000
+    assert be.plot(tmp_path, rows, kontext, None).exists()
