@@ -485,6 +485,18 @@ def _effective(r: dict) -> float:
     return r.get("scaled_mean_s", r["mean_s"])
 
 
+def _compiled_speedups(work: Path, *patterns: str):
+    """``(speedup(row), partial)``: a latency JSON's ``speedup_vs_baseline-compiled`` per row (None where the row or
+    the file is missing) and whether it came from a ``*_partial.json``."""
+    found, part = _latency_json(work, *patterns)
+    by = {r["row"]: r for r in (found["rows"] if found else [])}
+
+    def speedup(row: str):
+        r = by.get(row)
+        return r.get("speedup_vs_baseline-compiled") if r else None
+    return speedup, part
+
+
 def _latency_json(work: Path, *patterns: str) -> tuple[dict | None, bool]:
     """A latency.py result ``(data, partial)``: the final JSON of the first pattern that matches; else the
     ``<tag>_partial.json`` latency.py rewrites after every row (a step cut off by its limit before the final JSON,
@@ -645,20 +657,17 @@ def claims(work: Path, results: dict[str, Result], dry: bool) -> list[dict]:
         f"{_fmt(cold, ' s')} -> {_fmt(warm, ' s')}", "warm < cold", None if not (cold and warm) else warm < cold,
         "latency_flux_*.json")
 
-    sd3, part = _latency_json(work, "latency_sd3_full_nvidia*.json", "latency_sd3_dry_cpu.json")
-    sby = {r["row"]: r for r in (sd3["rows"] if sd3 else [])}
+    speedup, part = _compiled_speedups(work, "latency_sd3_full_nvidia*.json", "latency_sd3_dry_cpu.json")
     for row, goal in (("ralu-3x-compiled", 3.0), ("ralu-2x-compiled", 2.0)):
-        r = sby.get(row)
-        v = r.get("speedup_vs_baseline-compiled") if r else None
+        v = speedup(row)
         add(f"SD3-medium shape 1024^2: {row} vs 28-step compiled",
             f"{_fmt(v, 'x')}{PARTIAL if part else ''}" if v else "not run", f">= {goal:g}x",
             None if v is None else v >= goal, "latency_sd3_full_*.json")
 
-    kj, part = _latency_json(work, "latency_flux_kontext_full_nvidia*.json", "latency_flux_kontext_dry_cpu.json")
-    kby = {r["row"]: r for r in (kj["rows"] if kj else [])}
+    speedup, part = _compiled_speedups(work, "latency_flux_kontext_full_nvidia*.json",
+                                       "latency_flux_kontext_dry_cpu.json")
     for row, flops in (("ralu-7x-compiled", 3.51), ("ralu-4x-compiled", 2.00)):
-        r = kby.get(row)
-        v = r.get("speedup_vs_baseline-compiled") if r else None
+        v = speedup(row)
         add(f"FLUX.1 Kontext-dev shape 1024^2, 1024^2 reference: {row} vs 28-step compiled",
             f"{_fmt(v, 'x')}{PARTIAL if part else ''}" if v else "not run",
             f"record (FLOP ratio {flops:.2f}x: docs/editing.md)", None, "latency_flux_kontext_full_*.json")
