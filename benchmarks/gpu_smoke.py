@@ -152,7 +152,7 @@ KERNEL_CHECKS = [("startup", 12.0), ("transition_triton", 6.0), ("transition_cud
                  ("copy_same_bytes", 2.0)]
 
 
-# the harness's own test jobs (tests/test_gpu_suite.py): run only when named in --only
+# the harness's own test jobs (tests/test_gpu_smoke.py): run only when named in --only
 SELFTEST_JOBS = [Job("selftest-results", "harness: ok, failed, error, skipped", [("ok", 1.0), ("failed", 1.0),
                                                                                  ("error", 1.0), ("skipped", 1.0)]),
                  Job("selftest-hang", "harness: a check past its limit",
