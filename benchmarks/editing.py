@@ -273,7 +273,7 @@ def cpu_workflows(reps: int, size: int | None = None) -> list[dict]:
     import torch
 
     from benchmarks.families import setup_family
-    from benchmarks.smoke_editing import _inputs, build_edit_pipelines, edit_kwargs
+    from benchmarks.smoke_editing import build_edit_pipelines, edit_inputs, edit_kwargs
     from ralu_runtime import generate
     from ralu_runtime.families import MODELS as PUBLISHED
 
@@ -281,7 +281,7 @@ def cpu_workflows(reps: int, size: int | None = None) -> list[dict]:
     base, _adapter, emb, _presets, _steps, guidance = setup_family(model, "small", "cpu", torch.float32, 1, 32)
     h, w = (size, size) if size else model.cpu_size
     pipes = build_edit_pipelines(base, "cpu", torch.float32)
-    image, mask = _inputs(h, w)
+    image, mask = edit_inputs(h, w)
     out = []
     for wf in ("inpaint", "kontext", "fill", "control"):
         kw = dict(**emb, **edit_kwargs(wf, image, mask, h, w, strength=1.0), height=h, width=w, output_type="pt",

@@ -472,6 +472,85 @@ def family_job(key: str, ctx: Ctx, rec: Recorder) -> None:
             run_check(rec, "text_masks_graphs", text_masks, tol=ctx.tol, needs=("ralu_eager", "compiled_baseline"))
 
 
+def editing_job(ctx: Ctx, rec: Recorder) -> None:
+    """The ``editing`` job: checks and order in ``benchmarks/smoke_editing.py``'s docstring."""
+    import torch
+
+    from benchmarks import smoke_families as SF
+    from benchmarks.smoke_editing import WORKFLOWS, build_edit_pipelines, edit_inputs, edit_kwargs, pipeline_latents
+    from ralu_runtime import generate
+    from ralu_runtime.compile import compile_stats
+
+    fam = SF.FAMILIES["flux-dev"]
+    dev, dt = ctx.device, ctx.dtype
+    size = SF.sizes(fam, ctx.dry)
+    h, w = size["height"], size["width"]
+    steps = PARITY_STEPS  # 4: strength 0.6 keeps 2 steps
+    level = _level(ctx, "editing", fam.level)
+    backend, opts = compile_backend(level, False, ctx.cuda)
+    edge = {"edge_detector": "gpu"}
+    lat = dict(height=h, width=w, guidance_scale=fam.guidance, output_type="latent", progress=False)
+    st: dict = {}
+
+    def build(c):
+        st["base"] = SF.build(fam, "dry" if ctx.dry else "smoke", dev, dt)
+        st["pipes"] = build_edit_pipelines(st["base"], dev, dt)
+        st["emb"] = SF.embeds(fam, st["base"], 1, ctx.dry, dev, dt, seed=0)
+        st["image"], st["mask"] = edit_inputs(h, w)
+        c.info.update(size=[h, w], dtype=ctx.dtype_name(), level=level, compile_options=opts,
+                      in_channels={k: int(p.transformer.config.in_channels) for k, p in st["pipes"].items()})
+
+    def parity(workflow):
+        def body(c):
+            pipe = st["pipes"][workflow]
+            kw = edit_kwargs(workflow, st["image"], st["mask"], h, w)
+            ref = pipeline_latents(pipe, workflow, st["emb"], kw, steps=steps, guidance=fam.guidance, seed=7, h=h,
+                                   w=w)
+            out = generate(pipe, **st["emb"], **kw, speedup=None, num_inference_steps=steps,
+                           generator=torch.Generator().manual_seed(7), **lat).images
+            c.compare(out, ref, "latents")
+        return body
+
+    def ralu_kwargs(workflow):
+        return edit_kwargs(workflow, st["image"], st["mask"], h, w, strength=0.9)
+
+    def ralu_eager(c):
+        st["pinned"], st["refs"] = {}, {}
+        for wf in WORKFLOWS:
+            pipe = st["pipes"][wf]
+            out = generate(pipe, **st["emb"], **ralu_kwargs(wf), speedup="7x", seed=11, **lat, **edge)
+            c.expect(_finite(out.images), f"{wf}: RALU 7x latents are not finite")
+            sched = dataclasses.replace(out.schedule, ratio=1.0, name=f"{out.schedule.name} (ratio 1)")
+            st["pinned"][wf] = sched
+            st["refs"][wf] = generate(pipe, **st["emb"], **ralu_kwargs(wf), speedup=sched, seed=13, **lat,
+                                      **edge).images
+        c.info["schedule"] = {"steps": list(st["pinned"]["kontext"].steps)}
+
+    def compiled(c):
+        compiled_kw = dict(backend=backend, compile_options=opts)
+        for wf in WORKFLOWS:
+            pipe = st["pipes"][wf]
+            out = generate(pipe, **st["emb"], **ralu_kwargs(wf), speedup=st["pinned"][wf], seed=13, **lat, **edge,
+                           **compiled_kw).images
+            c.compare(out, st["refs"][wf], wf)
+        g0 = compile_stats()["unique_graphs"]
+        other = torch.flip(st["image"], dims=[-1])
+        kw = {**ralu_kwargs("kontext"), "image": other}
+        out = generate(st["pipes"]["kontext"], **st["emb"], **kw, speedup=st["pinned"]["kontext"], seed=13, **lat,
+                       **edge, **compiled_kw).images
+        c.expect(_finite(out), "second Kontext reference: latents not finite")
+        graphs = compile_stats()["unique_graphs"] - g0
+        c.info["second_reference_new_graphs"] = graphs
+        c.expect(graphs == 0, f"{graphs} new dynamo graph(s) for a second Kontext reference")
+
+    with torch.no_grad():
+        run_check(rec, "build", build, needs=())
+        for wf in WORKFLOWS:
+            run_check(rec, f"{wf}_parity", parity(wf), tol=ctx.tol)
+        run_check(rec, "ralu_eager", ralu_eager)
+        run_check(rec, "compiled_ralu", compiled, tol=ctx.tol, needs=("ralu_eager",))
+
+
 def serving_job(ctx: Ctx, rec: Recorder) -> None:
     import torch
 
@@ -740,6 +819,7 @@ def worker_main(args) -> int:
     ctx.dtype = getattr(torch, args.dtype) if args.dtype else (torch.float32 if ctx.device.type == "cpu"
                                                                else torch.bfloat16)
     for job in args.worker.split(","):
+        torch._dynamo.reset()  # a dry run's group runs several jobs in one process: each traces its own graphs
         rec = Recorder(Path(args.jsonl), job)
         rec.emit(event="worker", job=job, pid=os.getpid(), device=str(ctx.device), dtype=ctx.dtype_name(),
                  t=time.time(), torch=torch.__version__)
@@ -748,8 +828,6 @@ def worker_main(args) -> int:
         elif job == "kernels":
             kernels_job(ctx, rec)
         elif job == "editing":
-            from benchmarks.smoke_editing import editing_job
-
             editing_job(ctx, rec)
         else:
             family_job(job, ctx, rec)

@@ -315,3 +315,28 @@ def test_benchmark_factoring_and_summary():
                                                       latents=torch.full((1, 4), 1e-3))]}])
     assert rows[1]["speedup"] == 1.6 and rows[1]["efficiency"] == 0.8 and rows[1]["model_speedup"] == 2.0
     assert rows[1]["max_abs_diff_vs_w1"] == pytest.approx(1e-3) and "latents" not in rows[1]
+
+
+# ------------------------------------------------------------------------------------------------ the launcher
+def _teardown_crash_worker(when: str):
+    """Rank 1 dies by SIGABRT: in its work ("work"), or in the process group's teardown ("teardown", as gloo once
+    did in CI: "terminate called without an active exception")."""
+    import torch.distributed as dist
+
+    rank = dist.get_rank()
+    if rank == 1 and when == "work":
+        os.abort()
+    if rank == 1 and when == "teardown":
+        dist.destroy_process_group = os.abort  # _entry calls it after the final barrier
+    return rank * 10
+
+
+def test_a_crash_in_the_teardown_keeps_the_results_and_one_in_the_work_raises():
+    import torch.multiprocessing as mp
+
+    from ralu_runtime.parallel.launch import run_gloo
+
+    with pytest.warns(RuntimeWarning, match="died after the work was done"):
+        assert run_gloo(WORKER + "_teardown_crash_worker", 2, kwargs={"when": "teardown"}, timeout=120) == [0, 10]
+    with pytest.raises(mp.ProcessExitedException, match="SIGABRT"):
+        run_gloo(WORKER + "_teardown_crash_worker", 2, kwargs={"when": "work"}, timeout=120)
