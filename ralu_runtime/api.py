@@ -608,6 +608,9 @@ def prepare(pipe, prompt: str | list[str] | None = None, *, height: int | None =
     plan = resolve_parallel(parallel, adapter, backend=backend)
     if (edit is not None or reference is not None) and plan is not None:
         raise ValueError("image= (img2img, Kontext) does not run with context parallelism yet; drop parallel=")
+    if channels is not None and plan is not None:
+        raise ValueError(f"{type(adapter.pipe).__name__} (conditioning channels) does not run with context "
+                         "parallelism yet; drop parallel=")
     if edit is not None:  # text masks and the default text length as the editing pipeline has them
         from .editing import edit_text_mask  # (Chroma: float masks, never bool; ChromaInpaintPipeline: 256 tokens)
 
@@ -615,9 +618,6 @@ def prepare(pipe, prompt: str | list[str] | None = None, *, height: int | None =
         negative_prompt_embeds_mask = edit_text_mask(adapter, negative_prompt_embeds_mask)
         if max_sequence_length is None:
             max_sequence_length = edit.max_sequence_length
-    if channels is not None and plan is not None:
-        raise ValueError(f"{type(adapter.pipe).__name__} (conditioning channels) does not run with context "
-                         "parallelism yet; drop parallel=")
     return CallPlan(
         adapter, height, width, batch, schedule, int(steps), guidance, num_frames, region_mode, cache, options, plan,
         prompt=prompt, negative_prompt=negative_prompt, prompt_embeds=prompt_embeds,
