@@ -340,3 +340,21 @@ def test_a_crash_in_the_teardown_keeps_the_results_and_one_in_the_work_raises():
         assert run_gloo(WORKER + "_teardown_crash_worker", 2, kwargs={"when": "teardown"}, timeout=120) == [0, 10]
     with pytest.raises(mp.ProcessExitedException, match="SIGABRT"):
         run_gloo(WORKER + "_teardown_crash_worker", 2, kwargs={"when": "work"}, timeout=120)
+
+
+def test_workers_take_the_callers_environment_at_the_call_and_spawn_still_works(monkeypatch):
+    """The fork server starts once per process with the environment of that moment; each worker must still see the
+    environment of its own call. ``start_method="spawn"`` (fresh interpreters) gives the same results, and another
+    start method is refused before any process starts."""
+    from ralu_runtime.parallel.launch import run_gloo
+
+    run_gloo("os:getenv", 2, kwargs={"key": "HOME"}, timeout=120)                 # the fork server is up now
+    monkeypatch.setenv("RALU_LAUNCH_MARK", "first")
+    assert run_gloo("os:getenv", 2, kwargs={"key": "RALU_LAUNCH_MARK"}, timeout=120) == ["first", "first"]
+    monkeypatch.setenv("RALU_LAUNCH_MARK", "second")
+    assert run_gloo("os:getenv", 2, kwargs={"key": "RALU_LAUNCH_MARK"}, timeout=120) == ["second", "second"]
+    monkeypatch.delenv("RALU_LAUNCH_MARK")
+    assert run_gloo("os:getenv", 2, kwargs={"key": "RALU_LAUNCH_MARK"}, timeout=120) == [None, None]
+    assert run_gloo("os:getenv", 2, kwargs={"key": "RANK"}, timeout=120, start_method="spawn") == ["0", "1"]
+    with pytest.raises(ValueError, match="start_method='fork' is not supported"):
+        run_gloo("os:getenv", 2, kwargs={"key": "RANK"}, start_method="fork")

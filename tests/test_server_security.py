@@ -442,7 +442,8 @@ def test_serve_command_logs_no_prompt_and_answers_503_until_exit():
                       b"Content-Type: application/json\r\nContent-Length: 5000\r\n\r\n{\"prompt\": \"a")
             time.sleep(0.5)
         # a request that outlasts the grace period, then SIGTERM
-        slow = {**CHEAP, "size": "256x256", "steps": 1000}
+        # outlasts --grace 3: 10-20 s here (256x256 ran out within 3 s once)
+        slow = {**CHEAP, "size": "512x512", "steps": 1000}
         results = {}
         t = threading.Thread(target=lambda: results.setdefault(
             "slow", httpx.post(url + GENERATIONS_PATH, json=slow, timeout=T)))

@@ -266,7 +266,8 @@ def test_serve_ray_on_its_own_ray_instance_answers_503_not_404_until_exit(monkey
     args = ["--ray", "--replicas", "1", "--port", "0", "--device", "cpu", "--grace", "3", "--log-level", "warning"]
     with serve_command(args, start_timeout=300) as (url, proc, seen):
         results = {}
-        slow = {"prompt": "a fox", "size": "256x256", "speedup": "none", "steps": 1000, "seed": 0}
+        # outlasts --grace 3: 10-20 s here (256x256 ran out within 3 s once)
+        slow = {"prompt": "a fox", "size": "512x512", "speedup": "none", "steps": 1000, "seed": 0}
         t = threading.Thread(target=lambda: results.setdefault(
             "slow", httpx.post(url + GENERATIONS_PATH, json=slow, timeout=T)))
         t.start()
@@ -450,7 +451,8 @@ def test_ralu_serve_ray_command_serves_then_drains_for_its_grace_on_sigterm(clus
                                                 "seed": 0}, timeout=T)
         assert pngs(r)[0].shape == (64, 64, 3)
         assert httpx.get(url + "/health", timeout=T).json()["replicas"] == 1
-        slow = {"prompt": "a fox", "size": "256x256", "speedup": "none", "steps": 1000, "seed": 0}
+        # outlasts --grace 3: 10-20 s here (256x256 ran out within 3 s once)
+        slow = {"prompt": "a fox", "size": "512x512", "speedup": "none", "steps": 1000, "seed": 0}
         with ThreadPoolExecutor(1) as pool:
             running = pool.submit(post, url, slow)
             wait_for(lambda: httpx.get(url + "/health", timeout=T).json().get("active") == 1, timeout=60,
