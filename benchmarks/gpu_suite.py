@@ -108,6 +108,7 @@ class Ctx:
     t0: float = field(default_factory=time.monotonic)
     smoke: bool = False
     only: frozenset = frozenset()
+    preloaded: object = None  # benchmarks.preloaded.Preloaded: a dry run's python steps forked from it, else None
 
     def remaining(self) -> float:
         return self.budget_s - (time.monotonic() - self.t0)
@@ -422,8 +423,10 @@ def run_commands(ctx: Ctx, step: Step, cmds: list, limit: float, console: Consol
             if left <= 1:
                 res.status, res.note = "timeout", f"limit {limit:.0f} s reached before {argv[1] if len(argv) > 1 else argv[0]}"
                 break
-            proc = subprocess.Popen(argv, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                    text=True, errors="replace", start_new_session=True)
+            proc = None if ctx.preloaded is None else ctx.preloaded.popen(argv, env, ROOT, extra)
+            if proc is None:
+                proc = subprocess.Popen(argv, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                        text=True, errors="replace", start_new_session=True)
 
             def pump(p=proc):
                 for line in p.stdout:
@@ -873,6 +876,10 @@ def main(argv=None) -> int:
     ap.add_argument("--dry-run", action="store_true", help="CPU, toy sizes: checks every step's wiring")
     ap.add_argument("--dry-run-compile", action="store_true",
                     help="dry run with a compiled RALU row (inductor on the CPU: minutes) and the warm-start step")
+    ap.add_argument("--fresh-processes", action="store_true",
+                    help="dry run: start every python step as a fresh interpreter (default: forked from one that "
+                         "preloaded torch, diffusers and ralu, benchmarks/preloaded.py; a GPU run always starts "
+                         "fresh ones)")
     ap.add_argument("--smoke", action="store_true",
                     help="run the smoke step (benchmarks/gpu_smoke.py) right after the build, then the timed steps "
                          "the budget leaves room for")
@@ -903,6 +910,10 @@ def main(argv=None) -> int:
     ctx = Ctx(dry=dry, dry_compile=args.dry_run_compile, work=work, out=out, slug=slug,
               budget_s=args.budget or (1800.0 if dry else 480.0), smoke=args.smoke,
               only=frozenset(args.only.split(",")) if args.only else frozenset())
+    if dry and not args.fresh_processes:
+        from benchmarks.preloaded import Preloaded
+
+        ctx.preloaded = Preloaded()
     console = Console(out / "suite.log")
     console(f"gpu_suite: device {slug}, {'DRY RUN (toy sizes, CPU)' if dry else 'GPU run'}, budget {ctx.budget_s:.0f} s,"
             f" work {work}, out {out}{', smoke step first' if args.smoke else ''}")

@@ -5,11 +5,12 @@ text encoders): each submodule's type, identity, training flag, compiled state, 
 attribute names; each parameter's identity and version counter; every state-dict value (cloned); the attention
 processors' types and identities. Also the pipeline's attribute names, the scheduler's config and the global torch RNG state.
 ``assert_same(before, after)`` fails naming what changed. ``running_server`` runs the HTTP app over a tiny engine
-for the serving tests.
+for the serving tests. ``dry_run_env()`` is the environment of a GPU-suite dry run started by a test.
 """
 from __future__ import annotations
 
 import contextlib
+import os
 
 import torch
 
@@ -91,3 +92,13 @@ def running_server(pipe, config=None, *, grace_s: float, stop_s: float, limits=N
         stopped = server.stop(timeout=stop_s) if server is not None else True
         engine.shutdown(drain=False, timeout=30)
         assert stopped, "the server thread did not end"
+
+
+def dry_run_env() -> dict:
+    """The environment for ``python -m benchmarks.gpu_suite --dry-run`` in a subprocess: the test session's, without
+    ``OUT`` / ``TRITON_INTERPRET`` / ``RALU_TEST_GPU`` (the suite sets what each step needs), and with this worker's
+    torch thread count as ``OMP_NUM_THREADS`` (under pytest-xdist one thread per worker: two workers on two cores
+    each running two threads doubled the dry runs' time)."""
+    env = {k: v for k, v in os.environ.items() if k not in ("OUT", "TRITON_INTERPRET", "RALU_TEST_GPU")}
+    env["OMP_NUM_THREADS"] = str(torch.get_num_threads())
+    return env

@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from benchmarks import gpu_suite as S
+from helpers import dry_run_env
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -25,7 +26,7 @@ def test_smoke_dry_run_through_the_suite(tmp_path):
     from benchmarks import gpu_smoke as G
 
     out, work = tmp_path / "out", tmp_path / "work"
-    env = {k: v for k, v in os.environ.items() if k not in ("OUT", "TRITON_INTERPRET", "RALU_TEST_GPU")}
+    env = dry_run_env()
     proc = subprocess.run([sys.executable, "-m", "benchmarks.gpu_suite", "--dry-run", "--smoke", "--only",
                            "build,smoke", "--out", str(out), "--work", str(work)], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=900)
