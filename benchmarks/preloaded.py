@@ -21,9 +21,11 @@ import os
 import subprocess
 import sys
 
-#: imported once by the fork server (a module that fails to import is skipped by multiprocessing)
-PRELOAD = ("torch", "diffusers.models.transformers", "diffusers.models.autoencoders", "transformers",
-           "ralu_runtime.api", "ralu_runtime.tiny")
+from ralu_runtime.parallel.launch import PRELOAD as WORKER_PRELOAD
+
+#: imported once by the fork server (a module that fails to import is skipped by multiprocessing): what the
+#: multi-rank launcher preloads, and the text encoders and tiny models the benchmarks build
+PRELOAD = (*WORKER_PRELOAD, "transformers", "ralu_runtime.tiny")
 
 #: variables a command may set and still be forked: read when used, not when torch / triton / diffusers are imported
 READ_AT_USE = frozenset({"PYTHONUNBUFFERED", "TRITON_CACHE_DIR", "TORCHINDUCTOR_CACHE_DIR"})

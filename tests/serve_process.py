@@ -1,5 +1,6 @@
 """``ralu serve`` as a subprocess for the command tests of the HTTP and Ray Serve modules: started, its URL read
-from its output, killed on the way out if it is still running."""
+from its output, killed on the way out if it is still running. ``OUTLASTS_GRACE``: request fields of a generation that
+outlasts ``--grace 3`` on the tiny model (the drain tests' running request)."""
 import contextlib
 import os
 import queue
@@ -7,6 +8,9 @@ import subprocess
 import sys
 import threading
 import time
+
+#: 1000 steps at 512x512 take 10-20 s on the 2-core CPU; at 256x256 the request once finished within the 3 s grace
+OUTLASTS_GRACE = {"size": "512x512", "steps": 1000}
 
 
 def _read_lines(stream, lines: queue.Queue):

@@ -28,7 +28,7 @@ from ralu_runtime.serving.logs import REDACTED, quiet_library_logs
 from ralu_runtime.serving.protocol import DEFAULT_REQUEST_TIMEOUT_S, parse_request
 from ralu_runtime.tiny import build_tiny
 from openai_checks import assert_error
-from serve_process import serve_command
+from serve_process import OUTLASTS_GRACE, serve_command
 from helpers import SERVE_DEFAULTS, running_server
 
 T = 60                                     # seconds: every HTTP call's timeout
@@ -442,8 +442,7 @@ def test_serve_command_logs_no_prompt_and_answers_503_until_exit():
                       b"Content-Type: application/json\r\nContent-Length: 5000\r\n\r\n{\"prompt\": \"a")
             time.sleep(0.5)
         # a request that outlasts the grace period, then SIGTERM
-        # outlasts --grace 3: 10-20 s here (256x256 ran out within 3 s once)
-        slow = {**CHEAP, "size": "512x512", "steps": 1000}
+        slow = {**CHEAP, **OUTLASTS_GRACE}
         results = {}
         t = threading.Thread(target=lambda: results.setdefault(
             "slow", httpx.post(url + GENERATIONS_PATH, json=slow, timeout=T)))

@@ -36,7 +36,7 @@ import pytest
 
 from ralu_runtime import cli, generate
 from openai_checks import assert_error, pngs
-from serve_process import serve_command
+from serve_process import OUTLASTS_GRACE, serve_command
 
 T = 120                                    # seconds: every HTTP call's timeout
 DEFAULTS = dict(height=64, width=64, max_sequence_length=77)   # the replicas' defaults (small: CPU time)
@@ -266,8 +266,7 @@ def test_serve_ray_on_its_own_ray_instance_answers_503_not_404_until_exit(monkey
     args = ["--ray", "--replicas", "1", "--port", "0", "--device", "cpu", "--grace", "3", "--log-level", "warning"]
     with serve_command(args, start_timeout=300) as (url, proc, seen):
         results = {}
-        # outlasts --grace 3: 10-20 s here (256x256 ran out within 3 s once)
-        slow = {"prompt": "a fox", "size": "512x512", "speedup": "none", "steps": 1000, "seed": 0}
+        slow = {"prompt": "a fox", "speedup": "none", "seed": 0, **OUTLASTS_GRACE}
         t = threading.Thread(target=lambda: results.setdefault(
             "slow", httpx.post(url + GENERATIONS_PATH, json=slow, timeout=T)))
         t.start()
@@ -451,8 +450,7 @@ def test_ralu_serve_ray_command_serves_then_drains_for_its_grace_on_sigterm(clus
                                                 "seed": 0}, timeout=T)
         assert pngs(r)[0].shape == (64, 64, 3)
         assert httpx.get(url + "/health", timeout=T).json()["replicas"] == 1
-        # outlasts --grace 3: 10-20 s here (256x256 ran out within 3 s once)
-        slow = {"prompt": "a fox", "size": "512x512", "speedup": "none", "steps": 1000, "seed": 0}
+        slow = {"prompt": "a fox", "speedup": "none", "seed": 0, **OUTLASTS_GRACE}
         with ThreadPoolExecutor(1) as pool:
             running = pool.submit(post, url, slow)
             wait_for(lambda: httpx.get(url + "/health", timeout=T).json().get("active") == 1, timeout=60,

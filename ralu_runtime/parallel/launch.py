@@ -83,12 +83,10 @@ def run_local(target, world_size: int = 2, *, backend: str = "gloo", kwargs: dic
     (``torch.multiprocessing.ProcessRaisedException`` with its traceback)."""
     if start_method not in START_METHODS:
         raise ValueError(f"start_method={start_method!r} is not supported: use one of {START_METHODS}")
-    import multiprocessing
-
     import torch.multiprocessing as mp
 
     if start_method == "forkserver":
-        multiprocessing.get_context("forkserver").set_forkserver_preload(list(PRELOAD))
+        mp.get_context("forkserver").set_forkserver_preload(list(PRELOAD))
     port = free_port()
     with tempfile.TemporaryDirectory(prefix="ralu-workers-") as folder:
         ctx = mp.start_processes(_entry, args=(target, world_size, port, kwargs or {}, folder, threads, timeout,
