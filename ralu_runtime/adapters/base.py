@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from ..execution.call import (EAGER, CallState, ModelImpl, call_scope, current_cache,  # noqa: F401 (re-exported)
-                              current_call, current_interrupt, current_sharding)
+                              current_call, current_interrupt, current_sharding, not_a_view)
 
 
 _SCHEDULER_COPIES: contextvars.ContextVar[list | None] = contextvars.ContextVar("ralu_scheduler_copies", default=None)
@@ -148,6 +148,12 @@ class SplitBlocks:
         return self.rest(self.first()[1])
 
 
+def _without_views(state):
+    if isinstance(state, (tuple, list)):
+        return type(state)(_without_views(s) for s in state)
+    return not_a_view(state) if isinstance(state, torch.Tensor) else state
+
+
 class BlockStack(SplitBlocks):
     """A family's block stack in an execution mode, for :meth:`DiTAdapter.run_stack`.
 
@@ -158,7 +164,10 @@ class BlockStack(SplitBlocks):
 
     Inside an :func:`~ralu_runtime.execution.call.interrupt_scope` (the serving engine's requests) the stack runs
     one block at a time with the scope's check before each block, so a cancelled or expired request stops within
-    one block."""
+    one block.
+
+    ``state0``'s tensors (nested in tuples and lists) enter the first block as tensors that are not views
+    (:func:`~ralu_runtime.execution.call.not_a_view`): every block of a kind then shares one compiled graph."""
 
     def __init__(self, run, n: int, state0, image, ex, stream: int):
         check = current_interrupt()
@@ -171,7 +180,8 @@ class BlockStack(SplitBlocks):
                     state = whole(state, i, i + 1)
                 return state
 
-        self.run, self.n, self.state0, self.image, self.ex, self.stream = run, n, state0, image, ex, stream
+        self.run, self.n, self.image, self.ex, self.stream = run, n, image, ex, stream
+        self.state0 = _without_views(state0)
         super().__init__(self._first, self._rest)
 
     def local(self):

@@ -49,6 +49,7 @@ import numpy as np
 import torch
 
 from ..families import FAMILIES
+from ..execution.call import not_a_view, static_dims
 from ..execution.modes import DENSE, JOINT, Dense, Mode
 from ..execution.packing import (HostSegments, Packed, PackedExecution, PackedSegments, can_pack, pad_rows,
                                  split_calls, static_attention)
@@ -292,8 +293,8 @@ class ChromaAdapter(DiTAdapter):
             if i < nd:
                 e, h = state
                 blk, extra = doubles[i]
-                temb = torch.cat((mod[:, img_off + 6 * i: img_off + 6 * i + 6],
-                                  mod[:, txt_off + 6 * i: txt_off + 6 * i + 6]), dim=1)
+                temb = static_dims(torch.cat((mod[:, img_off + 6 * i: img_off + 6 * i + 6],
+                                              mod[:, txt_off + 6 * i: txt_off + 6 * i + 6]), dim=1), 1, 2)
                 args = (blk, h, e, temb, rope, ex, *extra)
                 if blk._forward_hooks or blk._forward_pre_hooks:
                     return call_with_hooks(blk, double, args, dict(
@@ -301,10 +302,9 @@ class ChromaAdapter(DiTAdapter):
                         attention_mask=mask))
                 return double(*args)
             if i == nd:  # the joined sequence enters the single blocks (not a view: every block gets one graph)
-                state = ex.join(*state)
-                state = state if ex.per_request else state.clone()
+                state = not_a_view(ex.join(*state))
             blk, extra = singles[i - nd]
-            temb = mod[:, 3 * (i - nd): 3 * (i - nd) + 3]
+            temb = static_dims(mod[:, 3 * (i - nd): 3 * (i - nd) + 3], 1, 2)
             args = (blk, state, temb, rope, ex, *extra)
             if blk._forward_hooks or blk._forward_pre_hooks:
                 return call_with_hooks(blk, single, args, dict(hidden_states=state, temb=temb, image_rotary_emb=rope,
@@ -461,8 +461,6 @@ class ChromaAdapter(DiTAdapter):
         hidden = tr.x_embedder(tokens[None])
         mod = self.modulation(t.to(hidden.dtype) * 1000)
         enc = tr.context_embedder(texts[None])
-        hidden = hidden.clone() if hidden._base is not None else hidden  # views: a compiled block guards their base
-        enc = enc.clone() if enc._base is not None else enc
         ids = _image_ids(positions[None])
         rope = self._rope(ex, ids.new_zeros(1, texts.shape[0], 3), ids)
         return self._forward([(ChromaModulation(ex), hidden, enc, mod, rope, None)], impl)

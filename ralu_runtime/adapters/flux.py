@@ -28,6 +28,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from ..execution.call import not_a_view
 from ..execution.modes import DENSE, JOINT, Mode
 from ..execution.packing import (HostSegments, Packed, PackedExecution, PackedSegments, can_pack, pad_rows,
                                  split_calls, static_attention)
@@ -252,9 +253,6 @@ class FluxAdapter(DiTAdapter):
         else:
             temb = tr.time_text_embed(t, guidance.to(hidden.dtype) * 1000, pooled)
         enc = tr.context_embedder(embeds)
-        if not ex.per_request:  # views (Linear on 3-D input): a compiled packed block would guard their base
-            hidden = hidden.clone() if hidden._base is not None else hidden
-            enc = enc.clone() if enc._base is not None else enc
         ids = ex.join(txt_ids, img_ids)
         cos, sin = tr.pos_embed(ids.reshape(-1, 3))
         rope = (cos.view(*ids.shape[:2], -1), sin.view(*ids.shape[:2], -1))  # per token always: one graph
@@ -279,8 +277,7 @@ class FluxAdapter(DiTAdapter):
                     continue
                 blk, extra = singles[i - nd]
                 if x is None:  # the single-stream blocks run on the joined sequence
-                    x = ex.join(e, h)
-                    x = x if ex.per_request else x.clone()  # not a view: every single block gets one graph
+                    x = not_a_view(ex.join(e, h))  # not a view: every single block gets one graph
                 args = (blk, x, temb, rope, ex, *extra)
                 if blk._forward_hooks or blk._forward_pre_hooks:  # hooks see diffusers' (text, image) interface
                     e2, h2 = ex.split(x, text_len)

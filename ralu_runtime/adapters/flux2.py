@@ -51,6 +51,7 @@ import numpy as np
 import torch
 
 from ..families import FAMILIES
+from ..execution.call import not_a_view, static_dims
 from ..execution.modes import DENSE, JOINT, Mode
 from ..execution.packing import (HostSegments, Packed, PackedExecution, PackedSegments, can_pack, pad_rows,
                                  split_calls, static_attention)
@@ -314,14 +315,12 @@ class Flux2Adapter(DiTAdapter):
         t = t.to(x.dtype) * 1000                               # the transformer's .to(hidden dtype) * 1000
         g = None if guidance is None else guidance.to(x.dtype) * 1000
         temb = tr.time_guidance_embed(t, g)
-        mod_img = tr.double_stream_modulation_img(temb)        # (n_images, 6 D), shared by all double blocks
-        mod_txt = tr.double_stream_modulation_txt(temb)
-        mod_single = tr.single_stream_modulation(temb)         # (n_images, 3 D), shared by all single blocks
+        # (n_images, 6 D) / (n_images, 3 D), shared by all double / single blocks; 6 D / 3 D static when compiled
+        mod_img = static_dims(tr.double_stream_modulation_img(temb), -1)
+        mod_txt = static_dims(tr.double_stream_modulation_txt(temb), -1)
+        mod_single = static_dims(tr.single_stream_modulation(temb), -1)
         enc = tr.context_embedder(embeds)
         hidden = tr.x_embedder(x)
-        if not ex.per_request:  # views (Linear on 3-D input): a compiled packed block would guard their base
-            enc = enc.clone() if enc._base is not None else enc
-            hidden = hidden.clone() if hidden._base is not None else hidden
         ids = ex.join(txt_ids, img_ids)
         cos, sin = tr.pos_embed(ids.reshape(-1, 4))
         rope = (cos.view(*ids.shape[:2], -1), sin.view(*ids.shape[:2], -1))  # per token always: one graph
@@ -348,8 +347,7 @@ class Flux2Adapter(DiTAdapter):
                         e, h = double(*args)
                     continue
                 if x is None:  # the single-stream blocks run on the joined sequence
-                    x = ex.join(e, h)
-                    x = x if ex.per_request else x.clone()  # not a view: every single block gets one graph
+                    x = not_a_view(ex.join(e, h))  # not a view: every single block gets one graph
                 blk = singles[i - nd]
                 args = (blk, x, mod_single, rope, ex)
                 if blk._forward_hooks or blk._forward_pre_hooks:

@@ -22,6 +22,8 @@ import weakref
 
 import torch
 
+from ..execution.call import static_dims
+
 
 def _plain_linear(m) -> bool:
     return type(m) is torch.nn.Linear and not m._forward_hooks and not m._forward_pre_hooks
@@ -69,6 +71,9 @@ class _Entry:
                     self.bias.copy_(b)
             else:
                 self.weight, self.bias = w, b
+                for t in (w, b):  # never symbolic sizes in a compiled block
+                    if t is not None:
+                        static_dims(t)
         self.state = state
 
 

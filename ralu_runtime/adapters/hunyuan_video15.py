@@ -394,9 +394,6 @@ class HunyuanVideo15Adapter(DoubleStreamAdapter):
         (enc,) = text
         temb = tr.time_embed(per_image[0])
         hidden = self.embed_tokens(tokens)
-        if not ex.per_request:  # views: a compiled packed block would guard their base
-            hidden = hidden.clone() if hidden._base is not None else hidden
-            enc = enc.clone() if enc._base is not None else enc
         block_fn = impl.block(ex.block_name("hunyuan_video15_block"), hv15_block)
         blocks = [(blk, ()) for blk in tr.transformer_blocks]
 

@@ -302,9 +302,6 @@ class QwenImageAdapter(DoubleStreamAdapter):
         hidden = tr.img_in(tokens)
         temb = tr.time_text_embed(per_image[0].to(hidden.dtype), hidden)
         enc = tr.txt_in(tr.txt_norm(embeds))
-        if not ex.per_request:  # views (Linear on 3-D input): a compiled packed block would guard their base
-            hidden = hidden.clone() if hidden._base is not None else hidden
-            enc = enc.clone() if enc._base is not None else enc
         rope = (ex.join(cos_t, cos_i), ex.join(sin_t, sin_i))
         block_fn = impl.block(ex.block_name("qwen_image_block"), qwen_image_block)
         blocks = [(blk, (impl.fused(blk.attn, QKV), impl.fused(blk.attn, ADDED_QKV))) for blk in tr.transformer_blocks]

@@ -394,10 +394,6 @@ class SD3Adapter(DiTAdapter):
         tr = self.transformer
         temb = tr.time_text_embed(t, pooled)
         enc = tr.context_embedder(embeds)
-        if enc._base is not None:  # a view (Linear on 3-D input): dynamo guards a view input's base, so block 0
-            enc = enc.clone()      # would get a graph of its own; every block of a kind shares one graph this way
-        if hidden._base is not None:
-            hidden = hidden.clone()
 
         blocks = [blk for i, blk in enumerate(tr.transformer_blocks) if i not in skip]
         modules = isinstance(ex, Dense)  # one request: the blocks as modules (see the module docstring)

@@ -72,6 +72,7 @@ from __future__ import annotations
 import torch
 
 from ..families import FAMILIES, MODELS
+from ..execution.call import not_a_view, static_dims
 from ..execution.modes import DENSE, Mode
 from ..execution.packing import (HostSegments, Packed, PackedExecution, PackedSegments, can_pack, pad_rows,
                                  split_calls, static_attention)
@@ -529,11 +530,10 @@ class WanAdapter(DiTAdapter):
         layout."""
         temb, proj, enc, _ = tr.condition_embedder(t, embeds, None)
         proj = proj.unflatten(1, (6, -1))
-        if not ex.per_request:  # views (Linear on 3-D input): a compiled packed block would guard their base
-            hidden = hidden.clone() if hidden._base is not None else hidden
-            enc = enc.clone() if enc._base is not None else enc
+        enc = not_a_view(enc)  # every block's argument (the stack's state, hidden, is made one by BlockStack)
         block_fn = impl.block(ex.block_name("wan_block"), wan_block)
         blocks = list(tr.blocks)
+        rope = tuple(static_dims(r, -2, -1) for r in rope)  # (..., 1, head_dim): static when compiled
 
         def run(h, start, stop):
             for blk in blocks[start:stop]:

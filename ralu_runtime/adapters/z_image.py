@@ -372,7 +372,6 @@ class ZImageAdapter(DiTAdapter):
 
         # unified sequence [image + pads ; caption + pads], main layers (through the call's feature cache)
         unified = ex.join(hidden, cap)
-        unified = unified if ex.per_request else unified.clone()  # not a view: every block gets one graph
         rope = (ex.join(img_rope[0], cap_rope[0]), ex.join(img_rope[1], cap_rope[1]))
         layers, img_rows = list(tr.layers), hidden.shape[1]
 

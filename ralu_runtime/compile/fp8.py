@@ -155,6 +155,9 @@ def fp8_matmul(x: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor, kernel
     both scales. Returns ``(..., N)`` in ``x.dtype``. ``kernel``: ``"scaled_mm"`` (``torch._scaled_mm``; CUDA
     writes bfloat16, cast to ``x.dtype``) or ``"emulated"`` (fp32 dequantized product)."""
     lead = x.shape[:-1]
+    # K is a model dimension: checking it here also makes it static in a compiled block (the fake _scaled_mm does not
+    # tie x's K to the weight's, and a symbolic K would reach the AdaLN inputs and their kernels)
+    torch._check(x.shape[-1] == w_q.shape[1])
     x2 = x.reshape(-1, x.shape[-1])
     x_q, x_scale = quantize_rows(x2)
     if kernel == "emulated":

@@ -45,6 +45,35 @@ class ModelImpl:
 EAGER = ModelImpl()
 
 
+def not_a_view(t: torch.Tensor | None) -> torch.Tensor | None:
+    """``t`` itself when it is not a view (or None); else the same values in a tensor that is not a view: an alias of
+    the same storage when autograd is off (``detach``: no copy), a copy when it records.
+
+    Dynamo guards a view argument's base, so a compiled block function whose first call gets a view (a Linear's
+    output on 3-D input: the embedded tokens) would compile a second graph for the blocks that follow, whose inputs
+    are not views. :class:`~ralu_runtime.adapters.base.BlockStack` passes its first state through this."""
+    if t is None or t._base is None:
+        return t
+    return t.clone() if torch.is_grad_enabled() else t.detach()
+
+
+def static_dims(t: torch.Tensor, *dims: int) -> torch.Tensor:
+    """Mark dimensions ``dims`` of ``t`` (negative counts from the end; none given: all) as static sizes for the
+    compiled block functions, and return ``t``.
+
+    Block functions are compiled with ``dynamic=True`` so that one graph serves every token count; under it dynamo
+    gives *every* dimension of a plain tensor argument a symbolic size. The model's parameters are exempt, but a
+    tensor that ralu computes or owns is not: fused q/k/v rows, a modulation vector ``(B, 6 D)``, a rotary table's
+    head dimension. A symbolic model dimension spreads to the head count and the feature sizes of every kernel around
+    it (index arithmetic with run-time divisions, no specialisation), so the sizes that never change with the tokens
+    are marked static where these tensors are made. Token and batch dimensions stay symbolic."""
+    import torch._dynamo
+
+    n = t.dim()
+    torch._dynamo.mark_static(t, [d % n for d in dims] if dims else None)
+    return t
+
+
 @dataclass
 class CallState:
     """One ``generate`` call's state: ``cache`` (its temporal feature cache or None), ``sharding`` (its context
@@ -107,4 +136,4 @@ def current_interrupt() -> Callable[[], None] | None:
 
 
 __all__ = ["CallState", "EAGER", "ModelImpl", "call_scope", "current_cache", "current_call", "current_interrupt",
-           "current_sharding", "interrupt_scope"]
+           "current_sharding", "interrupt_scope", "not_a_view", "static_dims"]
