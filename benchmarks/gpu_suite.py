@@ -234,6 +234,16 @@ def latency_flux_cmds(ctx: Ctx):
                       "--save-artifacts", str(_bundle(ctx))), env)]
 
 
+def static_dims_cmds(ctx: Ctx):
+    """The compiled FLUX.1 model call with the model's dimensions static (now) vs symbolic (before the fix), A/B in one
+    process at full width and reduced depth (4 + 8 blocks): the suspected cause of the 2026-12-04 regression."""
+    cmd = [PY, "benchmarks/static_dims.py", "--out", str(ctx.work)]
+    if ctx.dry:
+        return [(cmd + ["--size", "small", "--resolution", "128", "--inner", "eager", "--reps", "1", "--rounds", "1",
+                        "--name", "static_dims_dry_cpu"], {})]
+    return [(cmd + ["--size", "full"], _fresh_triton_cache(ctx, "static_dims"))]
+
+
 def warm_start_cmds(ctx: Ctx):
     if not _bundle(ctx).exists():
         return "no compile bundle from latency_flux (no compiled row ran)"
@@ -360,6 +370,8 @@ STEPS = [
     Step("smoke", "every GPU path at reduced depth, full width (benchmarks/gpu_smoke.py)", SMOKE_LIMIT_S, smoke_cmds,
          expected_s=240),
     Step("latency_flux", "latency.py FLUX.1-dev shape", 330, latency_flux_cmds, expected_s=240),
+    Step("static_dims", "static_dims.py FLUX.1-dev width, 4+8 blocks: static vs symbolic model dims", 300,
+         static_dims_cmds, optional=True, min_s=150, expected_s=150),
     Step("precision", "precision.py FLUX.1-dev shape: bf16 vs fp8 (50-step, RALU 7x/4x), fidelity", 420,
          precision_cmds, optional=True, min_s=360, expected_s=360),
     Step("warm_start", "latency.py warm start, new process", 150, warm_start_cmds, optional=True, min_s=60,
@@ -381,9 +393,10 @@ STEPS = [
     Step("transition_tune", "tune_transition.py", 150, tune_cmds, optional=True, min_s=80, expected_s=70),
     Step("attention", "bench_attention.py", 120, attention_cmds, optional=True, min_s=25, expected_s=17),
 ]
-ESTIMATED = {"latency_families", "serving", "latency_video", "latency_video_720p", "precision", "latency_kontext"}  # expected_s never measured
+ESTIMATED = {"latency_families", "serving", "latency_video", "latency_video_720p", "precision", "latency_kontext",
+             "static_dims"}  # expected_s never measured
 TIMING_STEPS = {"transition", "transition_tune", "attention", "latency_flux", "warm_start", "latency_sd3", "stacking",
-                "latency_kontext",
+                "latency_kontext", "static_dims",
                 "latency_families", "latency_video", "latency_video_720p", "serving", "precision"}
 
 
@@ -659,6 +672,19 @@ def claims(work: Path, results: dict[str, Result], dry: bool) -> list[dict]:
     add("RALU 7x compiled, first call: cold (fresh caches) -> warm (new process, saved bundle)",
         f"{_fmt(cold, ' s')} -> {_fmt(warm, ' s')}", "warm < cold", None if not (cold and warm) else warm < cold,
         "latency_flux_*.json")
+
+    sd = _json(work, "static_dims_nvidia*.json") or _json(work, "static_dims_dry_cpu.json")
+    if sd:
+        st, sy = (_row(sd["rows"], variant=v) for v in ("static", "symbolic"))
+        add("compiled FLUX.1 model call (4+8 blocks, 1024^2): symbolic model dims / static (the fix)",
+            f"{sd['ratio_symbolic_over_static']:.3f}x ({st['mean_ms']:.2f} vs {sy['mean_ms']:.2f} ms)",
+            "record (> 1: the fix gains)", None, "static_dims_*.json")
+        add("compiled FLUX.1 blocks: symbolic feature dimensions in the graphs (static variant)",
+            f"{st['symbolic_feature_dims']} (symbolic variant: {sy['symbolic_feature_dims']})", "0",
+            st["symbolic_feature_dims"] == 0, "static_dims_*.json")
+    else:
+        add("compiled FLUX.1 model call (4+8 blocks, 1024^2): symbolic model dims / static (the fix)", "not run",
+            "record (> 1: the fix gains)", None, "static_dims_*.json")
 
     speedup, part = _compiled_speedups(work, "latency_sd3_full_nvidia*.json", "latency_sd3_dry_cpu.json")
     for row, goal in (("ralu-3x-compiled", 3.0), ("ralu-2x-compiled", 2.0)):

@@ -41,7 +41,7 @@ def test_dry_run_runs_every_step(tmp_path):
                  "gpu_suite/latency_flux_dry_cpu.json", "gpu_suite/tune_transition_dry_cpu.json",
                  "gpu_suite/gpu_tests.xml", "gpu_suite/logs/latency_video.log", "gpu_suite/latency_wan-480p_dry_cpu.json",
                  "gpu_suite/latency_hunyuan-video15_dry_cpu.json", "gpu_suite/serving_dry_cpu.json",
-                 "gpu_suite/latency_flux_kontext_dry_cpu.json"):
+                 "gpu_suite/latency_flux_kontext_dry_cpu.json", "gpu_suite/static_dims_dry_cpu.json"):
         assert name in names, name
     # the video steps: a baseline run with 2 steps and scaled to 50, a RALU row, warm-up calls at a small size
     video = json.loads((work / "latency_wan-480p_dry_cpu.json").read_text())
@@ -53,6 +53,12 @@ def test_dry_run_runs_every_step(tmp_path):
         base["scaled_mean_s"] / ralu["mean_s"])
     assert not measured["Wan 2.1 14B 480x832, 81 frames: ralu-7x-eager vs 50-step eager"].startswith("not run")
     assert not measured["serving: packed engine throughput vs sequential generate at load 4.0"].startswith("not run")
+    # the static-vs-symbolic A/B: the static variant's graphs hold no symbolic model dimension, the symbolic one's do
+    dims = json.loads((work / "static_dims_dry_cpu.json").read_text())
+    static, symbolic = (next(r for r in dims["rows"] if r["variant"] == v) for v in ("static", "symbolic"))
+    assert static["symbolic_feature_dims"] == 0 < symbolic["symbolic_feature_dims"]
+    assert not measured["compiled FLUX.1 model call (4+8 blocks, 1024^2): symbolic model dims / static (the fix)"
+                        ].startswith("not run")
     kontext = json.loads((work / "latency_flux_kontext_dry_cpu.json").read_text())
     assert kontext["kontext"]["reference_px"] == [128, 128] and kontext["baseline_steps"] == 2
     log = (out / "suite.log").read_text()

@@ -1,0 +1,178 @@
+"""Compiled FLUX.1 model call with the model's dimensions static (ralu now) vs symbolic (ralu before the fix), A/B
+in one process.
+
+Block functions compile with ``dynamic=True``. Before the fix, ralu's fused q/k/v weights entered the compiled block
+as plain tensors with symbolic sizes, so the head count of every kernel around attention was symbolic too
+(``(rows // 3) // head_dim``); :func:`ralu_runtime.execution.call.static_dims` now marks them static. The
+``symbolic`` variant undoes exactly that (every module's ``static_dims`` replaced by a no-op for the variant's
+compile); everything else is the same code.
+
+Each variant has its own pipeline (same seed, same weights) and compiled functions: the inductor backend (recording
+every graph's symbolic feature dimensions, :mod:`ralu_runtime.compile.graph_check`), fused q/k/v, ralu's CUDA graphs
+on CUDA. Timed: the runner's model call on a full-resolution raster (RALU's stage 3 and the baseline's call) after
+warm-up; the variants' timed calls alternate over ``--rounds`` rounds so that machine drift hits both.
+
+Writes ``static_dims_<device>.json`` / ``.png``: per variant the mean model-call time, its graphs' symbolic feature
+dimensions, and the ratio symbolic / static.
+
+    python benchmarks/static_dims.py --size small --resolution 256           # CPU (small FLUX-shaped model)
+    python benchmarks/static_dims.py --size full --double 4 --single 8       # GPU: full width, reduced depth
+    python benchmarks/static_dims.py --size small --resolution 128 --inner eager --reps 1 --rounds 1   # dry run
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import statistics
+import sys
+import time
+from pathlib import Path
+from unittest import mock
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks._common import bar_plot, device_slug, print_table, time_fn, write_json  # noqa: E402
+from ralu_runtime.adapters import TokenGrid, get_adapter  # noqa: E402
+from ralu_runtime.compile import compile_adapter, uncompile_adapter  # noqa: E402
+from ralu_runtime.compile.graph_check import RecordingBackend  # noqa: E402
+from ralu_runtime.execution import call as call_module  # noqa: E402
+from ralu_runtime.layout import grid_positions  # noqa: E402
+from ralu_runtime.tiny import building  # noqa: E402
+from ralu_runtime.tiny.flux import FULL, SCHEDULER, SMALL, sd_vae  # noqa: E402
+
+VARIANTS = ("static", "symbolic")
+
+
+def build(size: str, double: int | None, single: int | None, device, dtype):
+    """A FluxPipeline of the FLUX.1-dev shape (``full``) or the small FLUX-shaped model, with ``double`` / ``single``
+    blocks (None: the shape's own), random weights, no text encoders."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
+
+    cfg = dict(FULL if size == "full" else SMALL)
+    if double is not None:
+        cfg["num_layers"] = double
+    if single is not None:
+        cfg["num_single_layers"] = single
+    torch.manual_seed(0)
+    with building(device, dtype):
+        tr = FluxTransformer2DModel(**cfg).eval()
+        pipe = FluxPipeline(scheduler=FlowMatchEulerDiscreteScheduler(**SCHEDULER), vae=sd_vae("small", (1.0, 0.0)),
+                            text_encoder=None, tokenizer=None, text_encoder_2=None, tokenizer_2=None, transformer=tr)
+    return pipe
+
+
+@contextlib.contextmanager
+def symbolic_model_dims():
+    """``static_dims`` a no-op in every ralu module that imported it (ralu before the fix)."""
+    mods = [m for name, m in list(sys.modules.items())
+            if name.startswith("ralu_runtime") and getattr(m, "static_dims", None) is call_module.static_dims]
+    with contextlib.ExitStack() as stack:
+        for m in mods:
+            stack.enter_context(mock.patch.object(m, "static_dims", lambda t, *dims: t))
+        yield
+
+
+def model_call(pipe, resolution: int, text_len: int, device, dtype):
+    """The runner's call on a full-resolution raster grid: returns a zero-argument callable."""
+    adapter = get_adapter(pipe)
+    cfg = pipe.transformer.config
+    g = torch.Generator().manual_seed(0)
+    cond = adapter.encode_prompt(None, prompt_embeds=torch.randn(1, text_len, cfg.joint_attention_dim, generator=g)
+                                 .to(device, dtype), pooled_prompt_embeds=torch.randn(1, cfg.pooled_projection_dim,
+                                                                                      generator=g).to(device, dtype),
+                                 guidance_scale=3.5)
+    side = resolution // (adapter.vae_scale_factor * adapter.patch_size)
+    pos = grid_positions(side, side).to(device)[None]
+    grid = TokenGrid(pos, (side, side), None, raster=True)
+    x = torch.randn(1, side * side, adapter.token_channels, generator=g).to(device, dtype)
+    t = torch.tensor(500.0, device=device)
+
+    def run():
+        with torch.no_grad():
+            return adapter.runner(x, grid, t, cond)
+    return run
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--size", choices=("small", "full"), default="full" if torch.cuda.is_available() else "small")
+    ap.add_argument("--double", type=int, default=None, 
+                    help="double-stream blocks (default: 4 full, the shape's small)")
+    ap.add_argument("--single", type=int, default=None, 
+                    help="single-stream blocks (default: 8 full, the shape's small)")
+    ap.add_argument("--resolution", type=int, default=None, help="pixels per side (default 1024 GPU, 256 CPU)")
+    ap.add_argument("--text-len", type=int, default=512)
+    ap.add_argument("--reps", type=int, default=None, help="timed calls per variant and round (default 20 GPU, 5 CPU)")
+    ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--out", default="benchmarks/results")
+    ap.add_argument("--name", default=None, help="output name (default static_dims_<device>)")
+    ap.add_argument("--inner", choices=("inductor", "eager"), default="inductor",
+                    help="what runs the recorded graphs: inductor (the timing), or eager (a dry run: graphs only)")
+    args = ap.parse_args(argv)
+    cuda = args.device == "cuda"
+    dtype = torch.bfloat16 if cuda else torch.float32
+    if args.size == "full":
+        args.double = 4 if args.double is None else args.double
+        args.single = 8 if args.single is None else args.single
+    resolution = args.resolution or (1024 if cuda else 256)
+    reps = args.reps or (20 if cuda else 5)
+    if resolution % 16:
+        raise SystemExit(f"--resolution {resolution}: must be a multiple of 16 (FLUX: 8x VAE, 2x2 patches)")
+    if args.rounds < 1 or reps < 1:
+        raise SystemExit("--rounds and --reps must be >= 1")
+
+    runs: dict[str, dict] = {}
+    build_s = []
+    # one pipeline each (same seed, same weights) and its own compiled functions; one dynamo reset for both (the
+    # compiled code hangs on the block functions' code objects: a reset between the variants would drop the first
+    # one's graphs, and the static marks' guards keep the two variants' graphs apart)
+    torch._dynamo.reset()
+    for v in VARIANTS:
+        t0 = time.perf_counter()
+        pipe = build(args.size, args.double, args.single, args.device, dtype)
+        build_s.append(time.perf_counter() - t0)
+        rec = RecordingBackend(args.inner)
+        with symbolic_model_dims() if v == "symbolic" else contextlib.nullcontext():
+            compile_adapter(pipe, "inductor", dynamo_backend=rec, fused_qkv=True, compile_vae=False)
+            run = model_call(pipe, resolution, args.text_len, args.device, dtype)
+            t0 = time.perf_counter()
+            run()
+            if cuda:
+                torch.cuda.synchronize()
+            first_s = time.perf_counter() - t0
+        runs[v] = {"pipe": pipe, "run": run, "rec": rec, "first_call_s": first_s, "ms": []}
+    for _ in range(args.rounds):  # alternately: drift of the machine hits both
+        for v in VARIANTS:
+            runs[v]["ms"].append(time_fn(runs[v]["run"], warmup=2, reps=reps, device=args.device)["mean_ms"])
+    for v in VARIANTS:
+        uncompile_adapter(runs[v]["pipe"])
+
+    rows = []
+    for v in VARIANTS:
+        ms = runs[v]["ms"]
+        rows.append({"variant": v, "mean_ms": statistics.fmean(ms), "round_ms": [round(m, 3) for m in ms],
+                     "first_call_s": round(runs[v]["first_call_s"], 2), "graphs": runs[v]["rec"].graphs,
+                     "symbolic_feature_dims": len(runs[v]["rec"].bad), "examples": runs[v]["rec"].bad[:4]})
+    ratio = rows[1]["mean_ms"] / rows[0]["mean_ms"]
+    print_table(rows, ["variant", "mean_ms", "round_ms", "first_call_s", "graphs", "symbolic_feature_dims"])
+    print(f"symbolic / static model-call time: {ratio:.3f}")
+    cfg = runs["static"]["pipe"].transformer.config
+    name = args.name or f"static_dims_{device_slug()}"
+    tokens = (resolution // 16) ** 2
+    write_json(args.out, name, {
+        "model": "flux", "size": args.size, "double_blocks": cfg.num_layers, "single_blocks": cfg.num_single_layers,
+        "hidden": cfg.num_attention_heads * cfg.attention_head_dim, "dtype": str(dtype), "resolution": resolution,
+        "image_tokens": tokens, "text_len": args.text_len, "reps": reps, "rounds": args.rounds, "inner": args.inner,
+        "model_build_s": [round(b, 2) for b in build_s], "rows": rows, "ratio_symbolic_over_static": ratio,
+        "notes": "one model call (the runner: compiled blocks, fused q/k/v, CUDA graphs on CUDA) on a full-resolution "
+                 "raster; 'symbolic' = static_dims disabled during its compile (ralu before the fix)"})
+    bar_plot(args.out, name, [r["variant"] for r in rows], [r["mean_ms"] for r in rows], "ms per model call",
+             f"FLUX {args.size} ({cfg.num_layers}+{cfg.num_single_layers} blocks), {tokens} tokens, {args.device}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
