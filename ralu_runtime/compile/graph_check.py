@@ -38,9 +38,9 @@ def symbolic_feature_dims(gm: torch.fx.GraphModule) -> list[str]:
 
 
 class RecordingBackend:
-    """A dynamo backend (``CompileOptions.dynamo_backend``) that records :func:`symbolic_feature_dims` of every graph
-    in :attr:`bad` and counts graphs in :attr:`graphs`, then hands the graph to ``inner`` (``"eager"``: run it as
-    traced; ``"inductor"``: compile it as ``backend="inductor"`` would, default mode)."""
+    """A dynamo backend (``CompileOptions.dynamo_backend``) that hands each graph to ``inner`` (``"eager"``: run it
+    as traced; ``"inductor"``: compile it as ``backend="inductor"`` would, default mode), counts the graphs compiled
+    in :attr:`graphs` and records their :func:`symbolic_feature_dims` in :attr:`bad`."""
 
     def __init__(self, inner: str = "eager"):
         if inner not in ("eager", "inductor"):
@@ -50,13 +50,18 @@ class RecordingBackend:
         self.bad: list[str] = []
 
     def __call__(self, gm: torch.fx.GraphModule, example_inputs) -> Callable:
-        self.graphs += 1
-        self.bad += symbolic_feature_dims(gm)
+        bad = symbolic_feature_dims(gm)
         if self.inner == "eager":
-            return gm.forward
-        from torch._inductor.compile_fx import compile_fx
+            fn = gm.forward
+        else:
+            from torch._inductor.compile_fx import compile_fx
 
-        return compile_fx(gm, example_inputs)
+            # may raise dynamo's restart (a Python float made a tensor): dynamo then traces again and calls us again,
+            # so a graph counts only once its compile returned
+            fn = compile_fx(gm, example_inputs)
+        self.graphs += 1
+        self.bad += bad
+        return fn
 
 
 __all__ = ["RecordingBackend", "symbolic_feature_dims"]
