@@ -38,6 +38,10 @@ step                   exp. s  what
                                baseline, measured with 4 steps and scaled (``latency.py --scale-baseline-to``)
 ``latency_video_720p``   ~500  (optional, its own call: ``--only build,latency_video_720p --budget 560``) Wan 2.1 14B
                                704x1280 81 frames and HunyuanVideo 1.5 704x1280 121 frames: RALU 7x vs 50 steps
+``static_dims``          ~150  (optional) ``benchmarks/static_dims.py``: the compiled FLUX.1 model call (full width,
+                               4 + 8 blocks, 1024^2) with static vs symbolic model dims, A/B in one process (the
+                               2026-12-04 regression's suspected cause; fits what is left after latency_flux when
+                               precision does not)
 ``latency_sd3``           100  (optional) SD3-medium shape: 28-step eager and compiled, RALU 2x/3x compiled
 ``latency_kontext``      ~300  (optional) FLUX.1 Kontext-dev shape, 1024^2 output and reference: RALU 7x / 4x
                                compiled vs the pipeline's 28-step default compiled (``latency.py --kontext``)
@@ -370,8 +374,6 @@ STEPS = [
     Step("smoke", "every GPU path at reduced depth, full width (benchmarks/gpu_smoke.py)", SMOKE_LIMIT_S, smoke_cmds,
          expected_s=240),
     Step("latency_flux", "latency.py FLUX.1-dev shape", 330, latency_flux_cmds, expected_s=240),
-    Step("static_dims", "static_dims.py FLUX.1-dev width, 4+8 blocks: static vs symbolic model dims", 300,
-         static_dims_cmds, optional=True, min_s=150, expected_s=150),
     Step("precision", "precision.py FLUX.1-dev shape: bf16 vs fp8 (50-step, RALU 7x/4x), fidelity", 420,
          precision_cmds, optional=True, min_s=360, expected_s=360),
     Step("warm_start", "latency.py warm start, new process", 150, warm_start_cmds, optional=True, min_s=60,
@@ -384,6 +386,8 @@ STEPS = [
          optional=True, min_s=300, expected_s=250),
     Step("latency_video_720p", "latency.py Wan 2.1 14B 720p and HunyuanVideo 1.5 720p at full size", 540,
          latency_video_720p_cmds, optional=True, min_s=450, expected_s=500),
+    Step("static_dims", "static_dims.py FLUX.1-dev width, 4+8 blocks: static vs symbolic model dims", 300,
+         static_dims_cmds, optional=True, min_s=150, expected_s=150),
     Step("latency_sd3", "latency.py SD3-medium shape", 240, latency_sd3_cmds, optional=True, min_s=90, expected_s=100),
     Step("latency_kontext", "latency.py --kontext FLUX.1 Kontext-dev shape, 1024^2 reference", 420,
          latency_kontext_cmds, optional=True, min_s=200, expected_s=300),
