@@ -234,7 +234,10 @@ def latency_flux_cmds(ctx: Ctx):
                           "--save-artifacts", str(_bundle(ctx))), env)]
     rows = ("baseline-eager,ralu-7x-eager,ralu-4x-eager,"
             "ralu-7x-compiled,ralu-4x-compiled,ralu-5x-compiled,baseline-compiled")
+    # one more RALU 7x compiled call under cProfile (~2 s): where the host time outside the stages goes (it grew
+    # from 11 to 25 ms per call between 2026-11-29 and 2026-12-04)
     return [(_latency(ctx, "--model", "flux", "--size", "full", "--rows", rows, "--reps", "3",
+                      "--cprofile", "--profile-rows", "ralu-7x-compiled",
                       "--save-artifacts", str(_bundle(ctx))), env)]
 
 

@@ -223,6 +223,8 @@ def finish_row(pipe, emb, args, state: dict) -> dict:
         prof.runcall(run_once, pipe, emb, args, preset, 0)
         print(f"cProfile of one call [{row}] (cumulative, top 30):")
         pstats.Stats(prof).sort_stats("cumulative").print_stats(30)
+        print(f"cProfile of one call [{row}] (own time, top 20):")  # host work outside the stages shows here
+        pstats.Stats(prof).sort_stats("tottime").print_stats(20)
     totals = state["totals"]
     mean = statistics.fmean(totals)
     builds = runner.builds[state["n_builds"]:]

@@ -179,6 +179,8 @@ def test_smoke_step_wiring(tmp_path):
     ctx = S.Ctx(dry=False, dry_compile=False, work=tmp_path / "w", out=tmp_path / "o", slug="nvidia-h200",
                 budget_s=330)
     assert "--smoke" in S.smoke_cmds(ctx)  # not selected: a reason, no command
+    (argv, _), = S.latency_flux_cmds(ctx)  # one more RALU 7x compiled call under cProfile: the host time
+    assert argv[argv.index("--profile-rows") + 1] == "ralu-7x-compiled" and "--cprofile" in argv
     ctx.smoke = True
     (argv, env), = S.smoke_cmds(ctx)
     assert argv[1:3] == ["-m", "benchmarks.gpu_smoke"] and "--dry-run" not in argv
