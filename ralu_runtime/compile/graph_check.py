@@ -39,25 +39,31 @@ def symbolic_feature_dims(gm: torch.fx.GraphModule) -> list[str]:
 
 class RecordingBackend:
     """A dynamo backend (``CompileOptions.dynamo_backend``) that hands each graph to ``inner`` (``"eager"``: run it
-    as traced; ``"inductor"``: compile it as ``backend="inductor"`` would, default mode), counts the graphs compiled
-    in :attr:`graphs` and records their :func:`symbolic_feature_dims` in :attr:`bad`."""
+    as traced; ``"aot_eager"``: through AOTAutograd's passes, no codegen; ``"inductor"``: compile it as
+    ``backend="inductor"`` would, default mode), counts the graphs compiled in :attr:`graphs` and the calls in
+    :attr:`attempts` (more attempts than graphs: dynamo restarted a trace), and records their
+    :func:`symbolic_feature_dims` in :attr:`bad`."""
 
     def __init__(self, inner: str = "eager"):
-        if inner not in ("eager", "inductor"):
-            raise ValueError(f"inner={inner!r}: use 'eager' or 'inductor'")
+        if inner not in ("eager", "aot_eager", "inductor"):
+            raise ValueError(f"inner={inner!r}: use 'eager', 'aot_eager' or 'inductor'")
         self.inner = inner
         self.graphs = 0
+        self.attempts = 0
         self.bad: list[str] = []
 
     def __call__(self, gm: torch.fx.GraphModule, example_inputs) -> Callable:
+        self.attempts += 1
         bad = symbolic_feature_dims(gm)
         if self.inner == "eager":
             fn = gm.forward
         else:
-            from torch._inductor.compile_fx import compile_fx
-
-            # may raise dynamo's restart (a Python float made a tensor): dynamo then traces again and calls us again,
-            # so a graph counts only once its compile returned
+            # aot_eager / inductor may raise dynamo's restart (a Python float to specialise or make a tensor): dynamo
+            # then traces the frame again and calls us again, so a graph counts only once its compile returned
+            if self.inner == "aot_eager":
+                from torch._dynamo.backends.debugging import aot_eager as compile_fx
+            else:
+                from torch._inductor.compile_fx import compile_fx
             fn = compile_fx(gm, example_inputs)
         self.graphs += 1
         self.bad += bad

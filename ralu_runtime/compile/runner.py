@@ -351,6 +351,10 @@ def _dynamo_settings() -> contextlib.ExitStack:
     stack.enter_context(fxcfg.patch(use_duck_shape=False))
     # static mode: one graph per stage shape and block kind, more than the default limit of 8
     stack.enter_context(dcfg.patch(recompile_limit=max(dcfg.recompile_limit, 64)))
+    # the block modules are arguments, so their float attributes (norm eps, dropout p) would become symbolic floats
+    # that a later pass specialises by restarting the trace: one extra trace per block kind at a cold compile. No
+    # float that changes between calls enters a block function (timesteps and scales are tensors)
+    stack.enter_context(dcfg.patch(specialize_float=True))
     return stack
 
 
