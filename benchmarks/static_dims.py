@@ -39,28 +39,9 @@ from ralu_runtime.compile import compile_adapter, uncompile_adapter  # noqa: E40
 from ralu_runtime.compile.graph_check import RecordingBackend  # noqa: E402
 from ralu_runtime.execution import call as call_module  # noqa: E402
 from ralu_runtime.layout import grid_positions  # noqa: E402
-from ralu_runtime.tiny import building  # noqa: E402
-from ralu_runtime.tiny.flux import FULL, SCHEDULER, SMALL, sd_vae  # noqa: E402
+from ralu_runtime.tiny.flux import build_flux_pipeline, random_embeds  # noqa: E402
 
 VARIANTS = ("static", "symbolic")
-
-
-def build(size: str, double: int | None, single: int | None, device, dtype):
-    """A FluxPipeline of the FLUX.1-dev shape (``full``) or the small FLUX-shaped model, with ``double`` / ``single``
-    blocks (None: the shape's own), random weights, no text encoders."""
-    from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
-
-    cfg = dict(FULL if size == "full" else SMALL)
-    if double is not None:
-        cfg["num_layers"] = double
-    if single is not None:
-        cfg["num_single_layers"] = single
-    torch.manual_seed(0)
-    with building(device, dtype):
-        tr = FluxTransformer2DModel(**cfg).eval()
-        pipe = FluxPipeline(scheduler=FlowMatchEulerDiscreteScheduler(**SCHEDULER), vae=sd_vae("small", (1.0, 0.0)),
-                            text_encoder=None, tokenizer=None, text_encoder_2=None, tokenizer_2=None, transformer=tr)
-    return pipe
 
 
 @contextlib.contextmanager
@@ -77,11 +58,8 @@ def symbolic_model_dims():
 def model_call(pipe, resolution: int, text_len: int, device, dtype):
     """The runner's call on a full-resolution raster grid: returns a zero-argument callable."""
     adapter = get_adapter(pipe)
-    cfg = pipe.transformer.config
     g = torch.Generator().manual_seed(0)
-    cond = adapter.encode_prompt(None, prompt_embeds=torch.randn(1, text_len, cfg.joint_attention_dim, generator=g)
-                                 .to(device, dtype), pooled_prompt_embeds=torch.randn(1, cfg.pooled_projection_dim,
-                                                                                      generator=g).to(device, dtype),
+    cond = adapter.encode_prompt(None, **random_embeds(pipe, 1, text_len, device=device, dtype=dtype),
                                  guidance_scale=3.5)
     side = resolution // (adapter.vae_scale_factor * adapter.patch_size)
     pos = grid_positions(side, side).to(device)[None]
@@ -132,7 +110,8 @@ def main(argv=None) -> int:
     torch._dynamo.reset()
     for v in VARIANTS:
         t0 = time.perf_counter()
-        pipe = build(args.size, args.double, args.single, args.device, dtype)
+        depth = {k: v for k, v in (("num_layers", args.double), ("num_single_layers", args.single)) if v is not None}
+        pipe = build_flux_pipeline(args.size, device=args.device, dtype=dtype, **depth)  # same seed: same weights
         build_s.append(time.perf_counter() - t0)
         rec = RecordingBackend(args.inner)
         with symbolic_model_dims() if v == "symbolic" else contextlib.nullcontext():

@@ -61,10 +61,10 @@ class RecordingBackend:
             # aot_eager / inductor may raise dynamo's restart (a Python float to specialise or make a tensor): dynamo
             # then traces the frame again and calls us again, so a graph counts only once its compile returned
             if self.inner == "aot_eager":
-                from torch._dynamo.backends.debugging import aot_eager as compile_fx
+                from torch._dynamo.backends.debugging import aot_eager as inner
             else:
-                from torch._inductor.compile_fx import compile_fx
-            fn = compile_fx(gm, example_inputs)
+                from torch._inductor.compile_fx import compile_fx as inner
+            fn = inner(gm, example_inputs)
         self.graphs += 1
         self.bad += bad
         return fn

@@ -38,10 +38,11 @@ def sd_vae(size: str, scaling: tuple[float, float]):
                          **(VAE_FULL if size == "full" else VAE_SMALL)).eval()
 
 
-def build_flux_pipeline(size: str, *, device="cpu", dtype=torch.float32, seed: int = 0):
+def build_flux_pipeline(size: str, *, device="cpu", dtype=torch.float32, seed: int = 0, **transformer_overrides):
     """A ``FluxPipeline`` with random weights of shape ``size`` ("small" or "full") and no text encoders, built in
     ``dtype`` on ``device`` directly (``"meta"``: no memory, for FLOP counting). Seeded: the same ``seed`` gives the
-    same weights in every process."""
+    same weights in every process. ``transformer_overrides``: transformer config keys replacing the shape's (e.g.
+    ``num_layers=4, num_single_layers=8``: full width at reduced depth)."""
     from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
 
     if size not in SIZES:
@@ -49,7 +50,7 @@ def build_flux_pipeline(size: str, *, device="cpu", dtype=torch.float32, seed: i
     torch.manual_seed(seed)
     with building(device, dtype):  # in the target dtype directly: no float32 copy of 12 B parameters
         vae = sd_vae(size, VAE_SCALING)
-        tr = FluxTransformer2DModel(**(FULL if size == "full" else SMALL)).eval()
+        tr = FluxTransformer2DModel(**{**(FULL if size == "full" else SMALL), **transformer_overrides}).eval()
         pipe = FluxPipeline(scheduler=FlowMatchEulerDiscreteScheduler(**SCHEDULER), vae=vae, text_encoder=None,
                             tokenizer=None, text_encoder_2=None, tokenizer_2=None, transformer=tr)
     pipe.set_progress_bar_config(disable=True)
