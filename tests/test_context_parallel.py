@@ -14,15 +14,9 @@ import pytest
 import torch
 
 from tiny_inputs import flux_embeds
+from mode_helpers import ATOL, OneRank, parallel_config
 
-ATOL = 1e-5
 WORKER = f"{__name__}:"
-
-
-def _cfg(**kw):
-    from diffusers import ContextParallelConfig
-
-    return ContextParallelConfig(**kw)
 
 
 # ------------------------------------------------------------------------------------------- in one process
@@ -33,27 +27,6 @@ def test_split_sizes_and_ranges():
     assert split_sizes(24, 5) == [5, 5, 5, 5, 4]
     assert [len(c) for c in torch.arange(27).tensor_split(4)] == split_sizes(27, 4)
     assert shard_range(27, 4, 3) == (21, 27)
-
-
-class _OneRank:
-    """What :class:`ralu_runtime.execution.sharding.Sharded` reads from a plan, for one rank without a group."""
-
-    world, index = 1, 0
-
-    @staticmethod
-    def attention_spec():
-        from ralu_runtime.execution.sharding import spec
-
-        return spec()
-
-    @staticmethod
-    def gather_rows(x, sizes):
-        assert list(sizes) == [x.shape[1]]
-        return x
-
-    @staticmethod
-    def call_module(module, x):
-        return module(x)
 
 
 @pytest.mark.parametrize("cache", [None, "taylorseer:2"])
@@ -76,7 +49,7 @@ def test_one_rank_sharded_velocity_equals_the_unsharded_bitwise(flux_pipe, cache
     t = torch.tensor(500.0)
     outs = []
     with torch.no_grad():
-        for sharding in (None, _OneRank()):
+        for sharding in (None, OneRank()):
             with call_scope(make_cache(cache) if cache else None, sharding=sharding):
                 outs.append(adapter.velocity(tokens, grid, t, cond))
     assert torch.equal(outs[0], outs[1])
@@ -95,18 +68,18 @@ def test_bad_configs_are_refused_before_any_work(flux_pipe, sd3_pipe):
         shards = False
 
     with pytest.raises(ValueError, match="not implemented for sd3 \\(Unsharded\\)"):
-        generate(Unsharded(sd3_pipe), **sd3_embeds(), parallel=_cfg(ulysses_degree=2), **kw)
+        generate(Unsharded(sd3_pipe), **sd3_embeds(), parallel=parallel_config(ulysses_degree=2), **kw)
     with pytest.raises(ValueError, match="backend='onnx'"):
-        generate(flux_pipe, **flux_embeds(), parallel=_cfg(ulysses_degree=2), backend="onnx", **kw)
+        generate(flux_pipe, **flux_embeds(), parallel=parallel_config(ulysses_degree=2), backend="onnx", **kw)
     import dataclasses
 
     plan = dataclasses.replace(prepare(flux_pipe, **flux_embeds(), **kw), parallel=object())  # as if one resolved
     with pytest.raises(ValueError, match="serving engine"):
         run(plan, model_call=lambda adapter, velocity: velocity)
     with pytest.raises(ValueError, match="not initialised"):
-        prepare(flux_pipe, **flux_embeds(), parallel=_cfg(ring_degree=2), **kw)
+        prepare(flux_pipe, **flux_embeds(), parallel=parallel_config(ring_degree=2), **kw)
     with pytest.raises(ValueError, match="not initialised"):  # no model was run: the check comes first
-        generate(flux_pipe, **flux_embeds(), parallel=_cfg(ring_degree=2), **kw)
+        generate(flux_pipe, **flux_embeds(), parallel=parallel_config(ring_degree=2), **kw)
 
 
 # ------------------------------------------------------------------------------------- 2 gloo processes
@@ -133,34 +106,34 @@ def _flux_worker():
 
     # 128 x 128, 7x: stage 1 16 tokens, stage 2 19 (odd), stage 3 64; joint with 8 text tokens: 24, 27, 72 rows
     ralu7 = dict(height=128, width=128, speedup="7x", seed=3)
-    both("ulysses", ralu7, {}, _cfg(ulysses_degree=2))
-    both("ring", ralu7, {}, _cfg(ring_degree=2, ring_anything=True))
-    both("fused_qkv", ralu7, dict(backend="eager", compile_options={"fused_qkv": True}), _cfg(ulysses_degree=2))
+    both("ulysses", ralu7, {}, parallel_config(ulysses_degree=2))
+    both("ring", ralu7, {}, parallel_config(ring_degree=2, ring_anything=True))
+    both("fused_qkv", ralu7, dict(backend="eager", compile_options={"fused_qkv": True}), parallel_config(ulysses_degree=2))
     both("taylorseer", dict(height=128, width=128, speedup="4x", seed=4, cache="taylorseer:2"), {},
-         _cfg(ulysses_degree=2, ulysses_anything=True))
-    both("fbcache", dict(height=128, width=128, speedup="4x", seed=5, cache="fbcache:0.5"), {}, _cfg(ring_degree=2))
+         parallel_config(ulysses_degree=2, ulysses_anything=True))
+    both("fbcache", dict(height=128, width=128, speedup="4x", seed=5, cache="fbcache:0.5"), {}, parallel_config(ring_degree=2))
     both("baseline", dict(height=64, width=96, speedup=None, num_inference_steps=3, seed=6), {},
-         _cfg(ulysses_degree=2))
+         parallel_config(ulysses_degree=2))
     both("batch2", dict(height=64, width=128, speedup="7x", seed=7, num_images_per_prompt=2), {},
-         _cfg(ulysses_degree=2))
+         parallel_config(ulysses_degree=2))
     # images: every rank returns rank 0's decode
     ref = generate(pipe, **emb, height=128, width=128, speedup="7x", seed=3, output_type="pt", progress=False)
     par = generate(pipe, **emb, height=128, width=128, speedup="7x", seed=3, output_type="pt", progress=False,
-                   parallel=_cfg(ulysses_degree=2))
+                   parallel=parallel_config(ulysses_degree=2))
     out["images"] = dict(ref=ref.images, par=par.images)
     # no seed: rank 0 draws it for all
     torch.manual_seed(100 + rank)
     out["no_seed"] = generate(pipe, **emb, height=64, width=64, output_type="latent", progress=False,
-                              parallel=_cfg(ulysses_degree=2)).images
+                              parallel=parallel_config(ulysses_degree=2)).images
     # different seeds on the ranks: detected at the first model call, on every rank
     try:
         generate(pipe, **emb, height=64, width=64, seed=rank, output_type="latent", progress=False,
-                 parallel=_cfg(ulysses_degree=2))
+                 parallel=parallel_config(ulysses_degree=2))
         out["diverged"] = "no error"
     except RanksDivergedError as exc:
         out["diverged"] = str(exc)
     try:
-        generate(pipe, **emb, height=64, width=64, seed=0, progress=False, parallel=_cfg(ulysses_degree=4))
+        generate(pipe, **emb, height=64, width=64, seed=0, progress=False, parallel=parallel_config(ulysses_degree=4))
         out["world_mismatch"] = "no error"
     except ValueError as exc:
         out["world_mismatch"] = str(exc)
@@ -173,7 +146,7 @@ def _flux_worker():
         pipe2.transformer.enable_parallelism(config=ContextParallelConfig(ulysses_degree=2, ulysses_anything=True))
     out["adopted"] = generate(pipe2, **emb, **base, **ralu7).images
     try:
-        generate(pipe2, **emb, **base, **ralu7, parallel=_cfg(ring_degree=2))
+        generate(pipe2, **emb, **base, **ralu7, parallel=parallel_config(ring_degree=2))
         out["adopted_mismatch"] = "no error"
     except ValueError as exc:
         out["adopted_mismatch"] = str(exc)
@@ -237,7 +210,7 @@ def _attention_worker():
     out = {}
     for name, u, r, cfg_mesh in (("u4", 4, 1, None), ("r4", 1, 4, None), ("u2r2", 2, 2, None),
                                  ("mesh", 2, 2, mesh)):
-        cfg = _cfg(ulysses_degree=u, ring_degree=r, mesh=cfg_mesh)
+        cfg = parallel_config(ulysses_degree=u, ring_degree=r, mesh=cfg_mesh)
         plan = SequenceParallel(cfg, ulysses=u, ring=r, device="cpu").setup()
         a, z = shard_range(27, 4, plan.index)
         local = sequence_attention(q[:, a:z], k[:, a:z], v[:, a:z], 27, plan.attention_spec())
@@ -267,9 +240,9 @@ def _inductor_worker():
     kw = dict(**flux_embeds(), height=128, width=128, speedup="7x", seed=3, output_type="latent", progress=False)
     ref = generate(pipe, **kw)  # eager references first: a later call without backend= keeps the installed one
     ts_ref = generate(pipe, **kw, cache="taylorseer:2")
-    par = generate(pipe, **kw, backend="inductor", parallel=_cfg(ulysses_degree=2))
+    par = generate(pipe, **kw, backend="inductor", parallel=parallel_config(ulysses_degree=2))
     graphs = compile_stats()["unique_graphs"]
-    ts = generate(pipe, **kw, backend="inductor", parallel=_cfg(ulysses_degree=2), cache="taylorseer:2")
+    ts = generate(pipe, **kw, backend="inductor", parallel=parallel_config(ulysses_degree=2), cache="taylorseer:2")
     return dict(diff=(par.images - ref.images).abs().max().item(), par=par.images,
                 ts_diff=(ts.images - ts_ref.images).abs().max().item(),
                 new_graphs=compile_stats()["unique_graphs"] - graphs)

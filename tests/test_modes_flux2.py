@@ -23,13 +23,10 @@ import torch
 
 from ralu_runtime.adapters import TokenGrid, VelocityCall, get_adapter
 from ralu_runtime.adapters.base import call_scope
-from ralu_runtime.execution.packing import PackedExecution
 from ralu_runtime.tiny.flux2 import build_tiny_flux2_pipeline
-from test_context_parallel import _OneRank
-from test_packed_compile import _CountVelocity, _grid, _rel_diff
+from mode_helpers import (REL_TOL, CountCalls, OneRank, PaddedLayout, pad_by, parallel_config, per_call, rel_diff,
+                          stage_grid, assert_ranks_match)
 
-REL_TOL = 1e-5
-ATOL = 1e-5
 WORKER = f"{__name__}:_gloo_worker"
 VARIANTS = {"dev": {}, "klein-base": {"klein": True}}
 
@@ -52,32 +49,10 @@ def _calls(adapter, specs, seed: int) -> list[VelocityCall]:
     g = torch.Generator().manual_seed(seed)
     out = []
     for hw, b, mixed, t, guidance, text_len, neg_len in specs:
-        grid = _grid(hw, b, mixed)
+        grid = stage_grid(hw, b, mixed)
         x = torch.randn(b, grid.positions.shape[1], adapter.token_channels, generator=g)
         out.append(VelocityCall(x, grid, torch.tensor(t), _cond(adapter, b, text_len, neg_len, guidance, g)))
     return out
-
-
-class _Buckets(PackedExecution):
-    """Eager packed calls on the static layout with every packed size padded as a CUDA-graph bucket pads it (5 more
-    tokens per stream, 2 more segments); ``noise``: random padding rows in the inputs (``kinds``: which count each
-    flat input's rows follow: "image", "text" or "segments")."""
-
-    def __init__(self, adapter, kinds, noise: bool):
-        super().__init__(adapter)
-        self.static_layout, self.kinds, self.noise, self.real = True, kinds, noise, {}
-
-    def pad(self, kind, n):
-        self.real[kind] = n - 1 if kind == "segments" else n  # the layout adds the padding segment itself
-        return n + (2 if kind == "segments" else 5)
-
-    def run(self, key, forward, tensors):
-        tensors = list(tensors)
-        for i, kind in enumerate(self.kinds if self.noise else ()):
-            t, n = tensors[i].clone(), self.real[kind]
-            t[n:] = torch.rand(t[n:].shape) > 0.5 if t.dtype == torch.bool else torch.randn(t[n:].shape) * 3
-            tensors[i] = t
-        return forward(*tensors)
 
 
 # stage 1 (coarse raster), stage 2 (mixed), stage 3 (fine raster) and another size; klein base: CFG with negatives of
@@ -101,11 +76,11 @@ def test_one_rank_sharded_velocity_equals_dense_bitwise(pipes, variant, neg_len,
     adapter = get_adapter(pipes[variant])
     g = torch.Generator().manual_seed(0)
     tokens = torch.randn(2, 12, 128, generator=g)
-    grid = TokenGrid(_grid((3, 4), 2, 0).positions + 0.5 * torch.rand(2, 12, 2, generator=g), (3, 4))
+    grid = TokenGrid(stage_grid((3, 4), 2, 0).positions + 0.5 * torch.rand(2, 12, 2, generator=g), (3, 4))
     cond = _cond(adapter, 2, 6, neg_len, 3.5, g)
     assert cond.data["cfg"] == (variant == "klein-base")
     outs = []
-    for sharding in (None, _OneRank()):
+    for sharding in (None, OneRank()):
         with call_scope(make_cache(cache) if cache else None, sharding=sharding) as state:
             outs.append([adapter.velocity(tokens, grid, torch.tensor(t), cond) for t in (900.0, 700.0, 500.0)])
             if cache:
@@ -124,33 +99,33 @@ def test_packed_equals_per_call_velocity(pipes, variant):
     if variant == "klein-base":
         cfg = [c.cond.data["cfg"] for c in calls]
         assert cfg == [True, False, True, True] and calls[3].cond.data["neg_embeds"].shape[1] == 9
-    ref = [adapter.velocity(c.tokens, c.grid, c.timestep, c.cond) for c in calls]
-    with _CountVelocity(adapter) as count:
+    ref = per_call(adapter, calls)
+    with CountCalls(adapter) as count:
         out = adapter.packed_velocity(calls)
     assert count.n == 0, "the packed path fell back to per-call velocity"
     assert [o.shape for o in out] == [r.shape for r in ref]
-    assert _rel_diff(out, ref) <= REL_TOL, f"{variant}: {_rel_diff(out, ref):.3g}"
+    assert rel_diff(out, ref) <= REL_TOL, f"{variant}: {rel_diff(out, ref):.3g}"
     # a call's result does not depend on its neighbours
     other = _calls(adapter, MIX_1, seed=1)
     again = adapter.packed_velocity([other[0], calls[1], other[2], calls[3]])
-    assert _rel_diff([again[1], again[3]], [ref[1], ref[3]]) <= REL_TOL
+    assert rel_diff([again[1], again[3]], [ref[1], ref[3]]) <= REL_TOL
 
 
 @torch.no_grad()
 def test_packed_falls_back_for_hooks_and_caches(pipes):
     adapter = get_adapter(pipes["dev"])
     calls = _calls(adapter, MIX_2, seed=2)
-    ref = [adapter.velocity(c.tokens, c.grid, c.timestep, c.cond) for c in calls]
+    ref = per_call(adapter, calls)
     seen = []
     handle = adapter.transformer.single_transformer_blocks[1].register_forward_hook(lambda *a: seen.append(1))
     try:
-        with _CountVelocity(adapter) as count:
+        with CountCalls(adapter) as count:
             out = adapter.packed_velocity(calls)
     finally:
         handle.remove()
     assert count.n == 2 and len(seen) == 2  # unpacked, and the hook ran in each call
     assert all(torch.equal(o, r) for o, r in zip(out, ref))
-    with call_scope(lambda blocks, hidden, timestep: blocks()), _CountVelocity(adapter) as count:
+    with call_scope(lambda blocks, hidden, timestep: blocks()), CountCalls(adapter) as count:
         adapter.packed_velocity(calls)
     assert count.n == 2
 
@@ -164,10 +139,10 @@ def test_bucket_padding_changes_nothing(pipes, variant):
     calls = _calls(adapter, MIX_3, seed=4)
     ref = adapter.packed_velocity(calls)
     kinds = ["image", "image", "text", "text", "segments"] + ["segments"] * (variant == "dev")  # (+ guidance)
-    out = adapter.packed_velocity(calls, execution=_Buckets(adapter, kinds, noise=False))
-    assert _rel_diff(out, ref) <= REL_TOL
-    noisy = adapter.packed_velocity(calls, execution=_Buckets(adapter, kinds, noise=True))
-    assert _rel_diff(noisy, out) <= 1e-6
+    out = adapter.packed_velocity(calls, execution=PaddedLayout(adapter, pad_by(5, 2)))
+    assert rel_diff(out, ref) <= REL_TOL
+    noisy = adapter.packed_velocity(calls, execution=PaddedLayout(adapter, pad_by(5, 2), kinds))
+    assert rel_diff(noisy, out) <= 1e-6
 
 
 # ------------------------------------------------------------------------------------------------ inductor
@@ -185,10 +160,10 @@ def test_inductor_packed_equals_eager_packed_and_a_new_mix_compiles_nothing():
         for i, mix in enumerate((MIX_1, MIX_2, MIX_3)):
             calls = _calls(adapter, mix, seed=10 + i)
             ref = adapter.packed_velocity(calls)  # eager packed
-            with _CountVelocity(adapter) as count:
+            with CountCalls(adapter) as count:
                 out = runner.packed(calls)
             assert count.n == 0
-            assert _rel_diff(out, ref) <= REL_TOL, f"mix {i + 1}: {_rel_diff(out, ref):.3g}"
+            assert rel_diff(out, ref) <= REL_TOL, f"mix {i + 1}: {rel_diff(out, ref):.3g}"
             counts.append(compile_stats()["unique_graphs"])
         assert counts[2] == counts[1], f"the third mix recompiled: unique graphs after each mix {counts}"
         assert runner.impl.compiled_blocks == ["flux2_double_packed", "flux2_single_packed"]
@@ -197,12 +172,6 @@ def test_inductor_packed_equals_eager_packed_and_a_new_mix_compiles_nothing():
 
 
 # ------------------------------------------------------------------------------------------------ gloo ranks
-def _cfg(**kw):
-    from diffusers import ContextParallelConfig
-
-    return ContextParallelConfig(**kw)
-
-
 def _gloo_worker():
     """Every generate case of this rank count, sharded and in one process; returns latents, masks, cache stats."""
     import torch.distributed as dist
@@ -217,16 +186,16 @@ def _gloo_worker():
     cfg_same = random_embeds(base, 1, 12, seed=2, cfg=True)
     cfg_other = dict(cfg_same, negative_prompt_embeds=torch.randn(1, 7, 96, generator=torch.Generator().manual_seed(3)))
     ralu7 = dict(height=128, width=128, speedup="7x", seed=3)  # stage 2: 19 image tokens, 31 rows with the text
-    cases = {2: [("ulysses", dev, emb, ralu7, _cfg(ulysses_degree=2)),
+    cases = {2: [("ulysses", dev, emb, ralu7, parallel_config(ulysses_degree=2)),
                  ("ring_batch2", dev, emb, dict(height=64, width=128, speedup="7x", seed=4, num_images_per_prompt=2),
-                  _cfg(ring_degree=2)),
+                  parallel_config(ring_degree=2)),
                  ("cfg_one_pass_taylorseer", base, cfg_same, dict(height=64, width=96, speedup="4x", seed=5,
-                                                                   cache="taylorseer:2"), _cfg(ulysses_degree=2)),
+                                                                   cache="taylorseer:2"), parallel_config(ulysses_degree=2)),
                  ("cfg_two_passes", base, cfg_other, dict(height=64, width=96, speedup=None, num_inference_steps=3,
-                                                          seed=6), _cfg(ring_degree=2))],
-             4: [("ulysses2_ring2", dev, emb, ralu7, _cfg(ulysses_degree=2, ring_degree=2)),
+                                                          seed=6), parallel_config(ring_degree=2))],
+             4: [("ulysses2_ring2", dev, emb, ralu7, parallel_config(ulysses_degree=2, ring_degree=2)),
                  ("cfg_ulysses4", base, cfg_other, dict(height=96, width=128, speedup=small, seed=7),
-                  _cfg(ulysses_degree=4, ulysses_anything=True))]}[world]
+                  parallel_config(ulysses_degree=4, ulysses_anything=True))]}[world]
     out = {}
     for name, pipe, e, kw, parallel in cases:
         base_kw = dict(output_type="latent", progress=False, return_masks=True, transition_impl="torch")
@@ -240,15 +209,7 @@ def _gloo_worker():
 
 def _check_ranks(results):
     for case in results[0]:
-        r0 = results[0][case]
-        for r in results:
-            assert torch.equal(r[case]["par"], r0["par"]), f"{case}: ranks differ"
-            if r0["ref_masks"] is not None:
-                assert torch.equal(r[case]["par_masks"], r0["ref_masks"])
-            assert r[case]["par_stats"] == r0["ref_stats"]
-        diff = (r0["par"] - r0["ref"]).abs().max().item()
-        print(f"{case}: max |sharded - one process| = {diff:.3g}")
-        assert diff <= ATOL, f"{case}: max |sharded - one process| = {diff:.3g}"
+        assert_ranks_match([r[case] for r in results], case)
 
 
 @pytest.fixture(scope="module")

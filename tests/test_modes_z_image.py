@@ -26,13 +26,10 @@ import torch
 
 from ralu_runtime.adapters import TokenGrid, VelocityCall, get_adapter
 from ralu_runtime.adapters.base import call_scope
-from ralu_runtime.execution.packing import PackedExecution
 from ralu_runtime.tiny.z_image import build_tiny_z_image_pipeline
-from test_context_parallel import _OneRank
-from test_packed_compile import _CountVelocity, _grid, _rel_diff
+from mode_helpers import (REL_TOL, CountCalls, OneRank, PaddedLayout, pad_by, parallel_config, per_call, rel_diff,
+                          stage_grid, assert_ranks_match)
 
-REL_TOL = 1e-5
-ATOL = 1e-5
 WORKER = f"{__name__}:_gloo_worker"
 
 
@@ -59,32 +56,10 @@ def _calls(adapter, specs, seed: int) -> list[VelocityCall]:
     out = []
     for hw, mixed, t, guidance, lens, neg_lens in specs:
         b = len(lens)
-        grid = _grid(hw, b, mixed)
+        grid = stage_grid(hw, b, mixed)
         x = torch.randn(b, grid.positions.shape[1], adapter.token_channels, generator=g)
         out.append(VelocityCall(x, grid, torch.tensor(t), _cond(adapter, lens, neg_lens, guidance, g)))
     return out
-
-
-class _Buckets(PackedExecution):
-    """Eager packed calls on the static layout with every packed size padded as a CUDA-graph bucket pads it (5 more
-    tokens per stream, 2 more segments); ``noise``: random padding rows in the inputs (``kinds``: which count each
-    flat input's rows follow: "image", "text" or "segments")."""
-
-    def __init__(self, adapter, kinds, noise: bool):
-        super().__init__(adapter)
-        self.static_layout, self.kinds, self.noise, self.real = True, kinds, noise, {}
-
-    def pad(self, kind, n):
-        self.real[kind] = n - 1 if kind == "segments" else n  # the layout adds the padding segment itself
-        return n + (2 if kind == "segments" else 5)
-
-    def run(self, key, forward, tensors):
-        tensors = list(tensors)
-        for i, kind in enumerate(self.kinds if self.noise else ()):
-            t, n = tensors[i].clone(), self.real[kind]
-            t[n:] = torch.rand(t[n:].shape) > 0.5 if t.dtype == torch.bool else torch.randn(t[n:].shape) * 3
-            tensors[i] = t
-        return forward(*tensors)
 
 
 # stage 1 (coarse raster), stage 2 (mixed), stage 3 (fine raster), another size; captions padded to 32 / 64 / 96
@@ -115,7 +90,7 @@ def test_one_rank_sharded_velocity_equals_dense_bitwise(pipe, cache):
     head = adapter.transformer.all_final_layer["2-1"]
     handle = head.register_forward_pre_hook(lambda m, args: rows.append(args[0].shape[1]))
     try:
-        for sharding in (None, _OneRank()):
+        for sharding in (None, OneRank()):
             with call_scope(make_cache(cache) if cache else None, sharding=sharding) as state:
                 outs.append([adapter.velocity(tokens, grid, torch.tensor(t), cond) for t in (900.0, 700.0, 500.0)])
                 if cache:
@@ -134,16 +109,16 @@ def test_packed_equals_per_call_velocity(pipe):
     assert adapter.packs and adapter.shards
     calls = _calls(adapter, MIX_1, seed=0)
     assert calls[1].cond.data["cap_tc"] == (32, 96, 64, 32)  # masked in its unpacked call
-    ref = [adapter.velocity(c.tokens, c.grid, c.timestep, c.cond) for c in calls]
-    with _CountVelocity(adapter) as count:
+    ref = per_call(adapter, calls)
+    with CountCalls(adapter) as count:
         out = adapter.packed_velocity(calls)
     assert count.n == 0, "the packed path fell back to per-call velocity"
     assert [o.shape for o in out] == [r.shape for r in ref] and all(o.dtype == torch.float32 for o in out)
-    assert _rel_diff(out, ref) <= REL_TOL, f"{_rel_diff(out, ref):.3g}"
+    assert rel_diff(out, ref) <= REL_TOL, f"{rel_diff(out, ref):.3g}"
     # a call's result does not depend on its neighbours
     other = _calls(adapter, MIX_1, seed=1)
     again = adapter.packed_velocity([other[0], calls[1], other[2], calls[3]])
-    assert _rel_diff([again[1], again[3]], [ref[1], ref[3]]) <= REL_TOL
+    assert rel_diff([again[1], again[3]], [ref[1], ref[3]]) <= REL_TOL
 
 
 @torch.no_grad()
@@ -156,11 +131,11 @@ def test_packed_cfg_truncation_and_normalization_per_call(pipe):
     try:
         adapter.cfg_truncation, adapter.cfg_normalization = 0.5, 1.0
         assert [adapter._guided(c.cond, (1000 - c.timestep) / 1000) for c in calls] == [True, False, False]
-        ref = [adapter.velocity(c.tokens, c.grid, c.timestep, c.cond) for c in calls]
+        ref = per_call(adapter, calls)
         out = adapter.packed_velocity(calls)
     finally:
         adapter.cfg_truncation, adapter.cfg_normalization = 1.0, False
-    assert _rel_diff(out, ref) <= REL_TOL
+    assert rel_diff(out, ref) <= REL_TOL
     plain = adapter.packed_velocity(calls)
     assert (plain[0] - out[0]).abs().max() > 1e-4 and (plain[1] - out[1]).abs().max() > 1e-4
 
@@ -169,17 +144,17 @@ def test_packed_cfg_truncation_and_normalization_per_call(pipe):
 def test_packed_falls_back_for_hooks_and_caches(pipe):
     adapter = get_adapter(pipe)
     calls = _calls(adapter, MIX_2, seed=2)
-    ref = [adapter.velocity(c.tokens, c.grid, c.timestep, c.cond) for c in calls]
+    ref = per_call(adapter, calls)
     seen = []
     handle = adapter.transformer.all_final_layer["2-1"].register_forward_pre_hook(lambda *a: seen.append(1))
     try:
-        with _CountVelocity(adapter) as count:
+        with CountCalls(adapter) as count:
             out = adapter.packed_velocity(calls)
     finally:
         handle.remove()
     assert count.n == 2 and len(seen) == 2  # unpacked, and the hook ran in each call
     assert all(torch.equal(o, r) for o, r in zip(out, ref))
-    with call_scope(lambda blocks, hidden, timestep: blocks()), _CountVelocity(adapter) as count:
+    with call_scope(lambda blocks, hidden, timestep: blocks()), CountCalls(adapter) as count:
         adapter.packed_velocity(calls)
     assert count.n == 2
 
@@ -192,10 +167,10 @@ def test_bucket_padding_changes_nothing(pipe):
     calls = _calls(adapter, MIX_3, seed=4)
     ref = adapter.packed_velocity(calls)
     kinds = ["image"] * 4 + ["text"] * 4 + ["segments"]
-    out = adapter.packed_velocity(calls, execution=_Buckets(adapter, kinds, noise=False))
-    assert _rel_diff(out, ref) <= REL_TOL
-    noisy = adapter.packed_velocity(calls, execution=_Buckets(adapter, kinds, noise=True))
-    assert _rel_diff(noisy, out) <= 1e-6
+    out = adapter.packed_velocity(calls, execution=PaddedLayout(adapter, pad_by(5, 2)))
+    assert rel_diff(out, ref) <= REL_TOL
+    noisy = adapter.packed_velocity(calls, execution=PaddedLayout(adapter, pad_by(5, 2), kinds))
+    assert rel_diff(noisy, out) <= 1e-6
 
 
 # ------------------------------------------------------------------------------------------------ inductor
@@ -213,10 +188,10 @@ def test_inductor_packed_equals_eager_packed_and_a_new_mix_compiles_nothing():
         for i, mix in enumerate((MIX_1, MIX_2, MIX_3)):
             calls = _calls(adapter, mix, seed=10 + i)
             ref = adapter.packed_velocity(calls)  # eager packed
-            with _CountVelocity(adapter) as count:
+            with CountCalls(adapter) as count:
                 out = runner.packed(calls)
             assert count.n == 0
-            assert _rel_diff(out, ref) <= REL_TOL, f"mix {i + 1}: {_rel_diff(out, ref):.3g}"
+            assert rel_diff(out, ref) <= REL_TOL, f"mix {i + 1}: {rel_diff(out, ref):.3g}"
             counts.append(compile_stats()["unique_graphs"])
         assert counts[2] == counts[1], f"the third mix recompiled: unique graphs after each mix {counts}"
         assert runner.impl.compiled_blocks == ["z_image_block_packed"]
@@ -225,12 +200,6 @@ def test_inductor_packed_equals_eager_packed_and_a_new_mix_compiles_nothing():
 
 
 # ------------------------------------------------------------------------------------------------ gloo ranks
-def _cfg(**kw):
-    from diffusers import ContextParallelConfig
-
-    return ContextParallelConfig(**kw)
-
-
 def _gloo_worker():
     """Every generate case of this rank count, sharded and in one process; returns latents, masks, cache stats."""
     import torch.distributed as dist
@@ -248,15 +217,15 @@ def _gloo_worker():
     masked = dict(prompt_embeds=pe, prompt_embeds_mask=mask, negative_prompt_embeds=torch.randn(2, 8, 32, generator=g))
     single = dict(prompt_embeds=torch.randn(1, 70, 32, generator=g), guidance_scale=0.0)
     ralu = dict(height=96, width=128, speedup=sched)  # stage 2: 21 image tokens (11 pads), odd
-    cases = {2: [("masked_cfg_ulysses", masked, ralu, _cfg(ulysses_degree=2)),
-                 ("turbo_ring", single, dict(height=64, width=96, speedup="4step"), _cfg(ring_degree=2)),
+    cases = {2: [("masked_cfg_ulysses", masked, ralu, parallel_config(ulysses_degree=2)),
+                 ("turbo_ring", single, dict(height=64, width=96, speedup="4step"), parallel_config(ring_degree=2)),
                  ("masked_taylorseer", masked, dict(height=64, width=64, speedup="4x", cache="taylorseer:2"),
-                  _cfg(ulysses_degree=2)),
+                  parallel_config(ulysses_degree=2)),
                  ("fbcache_baseline", single, dict(height=64, width=96, speedup=None, num_inference_steps=4,
-                                                   cache="fbcache:100"), _cfg(ring_degree=2))],
-             4: [("masked_cfg_ulysses2_ring2", masked, ralu, _cfg(ulysses_degree=2, ring_degree=2)),
+                                                   cache="fbcache:100"), parallel_config(ring_degree=2))],
+             4: [("masked_cfg_ulysses2_ring2", masked, ralu, parallel_config(ulysses_degree=2, ring_degree=2)),
                  ("masked_fbcache_ulysses4", masked, dict(height=64, width=96, speedup="4x", cache="fbcache:100"),
-                  _cfg(ulysses_degree=4, ulysses_anything=True))]}[world]
+                  parallel_config(ulysses_degree=4, ulysses_anything=True))]}[world]
     out = {}
     for name, emb, kw, parallel in cases:
         base = dict(output_type="latent", progress=False, return_masks=True, transition_impl="torch", seed=5)
@@ -270,15 +239,7 @@ def _gloo_worker():
 
 def _check_ranks(results):
     for case in results[0]:
-        r0 = results[0][case]
-        for r in results:
-            assert torch.equal(r[case]["par"], r0["par"]), f"{case}: ranks differ"
-            if r0["ref_masks"] is not None:
-                assert torch.equal(r[case]["par_masks"], r0["ref_masks"])
-            assert r[case]["par_stats"] == r0["ref_stats"]
-        diff = (r0["par"] - r0["ref"]).abs().max().item()
-        print(f"{case}: max |sharded - one process| = {diff:.3g}")
-        assert diff <= ATOL, f"{case}: max |sharded - one process| = {diff:.3g}"
+        assert_ranks_match([r[case] for r in results], case)
 
 
 @pytest.fixture(scope="module")

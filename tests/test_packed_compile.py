@@ -22,16 +22,15 @@ import pytest
 import torch
 
 from ralu_runtime import RaluSchedule, generate
-from ralu_runtime.adapters import TokenGrid, VelocityCall, get_adapter
-from ralu_runtime.execution.packing import PackedExecution, PackedSegments
+from ralu_runtime.adapters import VelocityCall, get_adapter
+from ralu_runtime.execution.packing import PackedSegments
 from ralu_runtime.compile import compile_stats, ensure_backend
 from ralu_runtime.compile.packed import PackedBuckets
-from ralu_runtime.layout import grid_positions
 from ralu_runtime.tiny import build_tiny
 from tiny_inputs import flux_embeds
 from helpers import assert_same, snapshot
+from mode_helpers import REL_TOL, CountCalls, PaddedLayout, rel_diff, stage_grid
 
-REL_TOL = 1e-5
 TOL = dict(rtol=1e-4, atol=1e-4)
 GPU = pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs per bucket need a CUDA device")
 
@@ -48,25 +47,12 @@ def _cond(adapter, b, text_len, guidance, g, device="cpu", dtype=torch.float32):
     return adapter.encode_prompt(None, **kw, guidance_scale=guidance)
 
 
-def _grid(hw, b, mixed: int, device="cpu") -> TokenGrid:
-    """A raster grid, or (``mixed`` > 0) a stage-2-like set: the first ``mixed`` coarse tokens replaced by their 4
-    children at +{0, 0.5}^2, fractional positions and a fine mask."""
-    coarse = grid_positions(*hw)
-    if not mixed:
-        return TokenGrid(coarse.expand(b, -1, -1).contiguous().to(device), hw, None, raster=True)
-    kids = [coarse[i] + torch.tensor(d) for i in range(mixed) for d in ((0, 0), (0, .5), (.5, 0), (.5, .5))]
-    pos = torch.cat([torch.stack(kids), coarse[mixed:]])
-    mask = torch.zeros(pos.shape[0], dtype=torch.bool)
-    mask[:4 * mixed] = True
-    return TokenGrid(pos.expand(b, -1, -1).contiguous().to(device), hw, mask.expand(b, -1).contiguous().to(device))
-
-
 def _calls(adapter, specs, seed, device="cpu", dtype=torch.float32):
     """specs: (grid hw, batch, mixed parents, timestep, guidance, text length) per call."""
     g = torch.Generator().manual_seed(seed)
     out = []
     for hw, b, mixed, t, guidance, text_len in specs:
-        grid = _grid(hw, b, mixed, device)
+        grid = stage_grid(hw, b, mixed, device=device)
         x = torch.randn(b, grid.positions.shape[1], adapter.token_channels, generator=g).to(device, dtype)
         out.append(VelocityCall(x, grid, torch.tensor(t, device=device),
                                 _cond(adapter, b, text_len, guidance, g, device, dtype)))
@@ -79,27 +65,6 @@ MIX_1 = [((3, 4), 1, 0, 950.0, 4.0, 8), ((3, 4), 2, 3, 600.0, 1.5, 5), ((6, 8), 
 MIX_2 = [((4, 4), 1, 2, 700.0, 3.0, 8), ((8, 8), 1, 0, 100.0, 5.0, 8)]
 MIX_3 = [((2, 3), 3, 0, 990.0, 2.0, 3), ((4, 6), 1, 5, 500.0, 4.5, 9), ((6, 6), 2, 0, 300.0, 6.0, 7),
          ((3, 3), 1, 1, 800.0, 1.2, 12), ((4, 8), 1, 0, 20.0, 3.5, 6)]
-
-
-def _rel_diff(out, ref) -> float:
-    return max((o.float() - r.float()).abs().max().item() / r.float().abs().max().item() for o, r in zip(out, ref))
-
-
-class _CountVelocity:
-    """Counts the adapter's unpacked velocity calls (instance attribute: the class is untouched)."""
-
-    def __init__(self, adapter):
-        self.adapter, self.n, self.orig = adapter, 0, adapter.velocity
-
-    def __enter__(self):
-        def counted(*a, **kw):
-            self.n += 1
-            return self.orig(*a, **kw)
-        self.adapter.velocity = counted
-        return self
-
-    def __exit__(self, *exc):
-        del self.adapter.velocity
 
 
 # ---- engine requests (same number of model calls each, so every step can pack them all) ---------------------------
@@ -152,11 +117,11 @@ def test_inductor_packed_equals_eager_packed_and_a_new_mix_does_not_recompile(fa
     for i, mix in enumerate((MIX_1, MIX_2, MIX_3)):
         calls = _calls(adapter, mix, seed=i)
         ref = adapter.packed_velocity(calls)               # eager packed (no impl)
-        with _CountVelocity(adapter) as count:
+        with CountCalls(adapter) as count:
             out = runner.packed(calls)
         assert count.n == 0, "the compiled packed call fell back to per-call velocity"
         assert [o.shape for o in out] == [r.shape for r in ref]
-        diff = _rel_diff(out, ref)
+        diff = rel_diff(out, ref)
         assert diff <= REL_TOL, f"{family} mix {i + 1}: max abs diff / output scale {diff:.3g}"
         counts.append(compile_stats()["unique_graphs"])
     assert counts[2] == counts[1], f"the third mix recompiled: unique graphs after each mix {counts}"
@@ -175,35 +140,18 @@ def test_compiled_packed_call_with_padding_equals_the_unpadded_one(flux):
         adapter.packed_velocity(_calls(adapter, mix, seed=i), impl)
     graphs = compile_stats()["unique_graphs"]
 
-    class Padded(PackedExecution):
-        def __init__(self, buckets, noise: bool):
-            super().__init__(adapter, impl)
-            self.static_layout, self.buckets, self.noise, self.sizes = True, buckets, noise, []
-            self.gen = torch.Generator().manual_seed(0)  # not the global RNG: the module's snapshot checks it
-
-        def pad(self, kind, n):
-            self.sizes.append((kind, n, self.buckets.size(kind, n)))
-            return self.sizes[-1][2]
-
-        def run(self, key, forward, tensors):
-            if self.noise:  # fill the padding rows of the token, position and text inputs with random values
-                n_img, n_txt = self.sizes[0][1], self.sizes[1][1]
-                tensors = list(tensors)
-                for i, n in ((0, n_img), (1, n_img), (2, n_txt)):
-                    tensors[i] = tensors[i].clone()
-                    rows = tensors[i][n:]
-                    tensors[i][n:] = torch.randn(rows.shape, dtype=rows.dtype, generator=self.gen) * 3
-            return forward(*tensors)
-
     calls = _calls(adapter, MIX_3, seed=7)
     plain = adapter.packed_velocity(calls, impl)                      # compiled, no padding
     buckets = PackedBuckets(min_tokens=32, growth=1.25, align=16)
-    padded = Padded(buckets, noise=False)
+    padded = PaddedLayout(adapter, buckets.size, impl=impl)
     out = adapter.packed_velocity(calls, execution=padded)
     kinds = {k: (n, b) for k, n, b in padded.sizes}
     assert all(b > n for n, b in kinds.values()), f"the test should pad every dimension: {padded.sizes}"
-    assert _rel_diff(out, plain) <= REL_TOL
-    noisy = adapter.packed_velocity(calls, execution=Padded(buckets, noise=True))
+    assert rel_diff(out, plain) <= REL_TOL
+    # random values in the padding rows of the token, position and text inputs (a seeded generator, not the global
+    # RNG: the module's snapshot checks it)
+    noisy = adapter.packed_velocity(calls, execution=PaddedLayout(adapter, buckets.size, ("image", "image", "text"),
+                                                                  impl=impl))
     for o, r in zip(noisy, out):
         torch.testing.assert_close(o, r, atol=1e-6, rtol=0)
     assert compile_stats()["unique_graphs"] == graphs, "padded sizes recompiled"
@@ -279,16 +227,16 @@ def test_eager_backend_packs_with_fused_projections_and_exported_backends_do_not
         assert runner.packs and runner.applied["fused_qkv"] and not runner.impl.compiles_blocks
         adapter = get_adapter(pipe)
         calls = _calls(adapter, MIX_2, seed=3)
-        with torch.no_grad(), _CountVelocity(adapter) as count:
+        with torch.no_grad(), CountCalls(adapter) as count:
             out = runner.packed(calls)                     # the packed call with ralu's fused q/k/v weights
             ref = adapter.packed_velocity(calls)
-        assert count.n == 0 and _rel_diff(out, ref) <= REL_TOL
+        assert count.n == 0 and rel_diff(out, ref) <= REL_TOL
         assert runner.impl.fused_store.nbytes() > 0        # the packed blocks asked for them
         runner.impl.packed_calls = False                   # as for onnx / tensorrt: one runner call per request
         assert not runner.packs
-        with torch.no_grad(), _CountVelocity(adapter) as count:
+        with torch.no_grad(), CountCalls(adapter) as count:
             out = runner.packed(calls)
-        assert count.n == len(calls) and _rel_diff(out, ref) <= REL_TOL
+        assert count.n == len(calls) and rel_diff(out, ref) <= REL_TOL
     finally:
         uncompile_adapter(pipe)
 
@@ -313,16 +261,16 @@ def test_gpu_cuda_graphs_per_bucket(dtype):
             calls = _calls(adapter, mix, seed=i, device="cuda", dtype=dtype)
             ref = adapter.packed_velocity(calls)
             out = runner.packed(calls)
-            assert _rel_diff(out, ref) <= tol, f"mix {i + 1}: {_rel_diff(out, ref):.3g}"
+            assert rel_diff(out, ref) <= tol, f"mix {i + 1}: {rel_diff(out, ref):.3g}"
             again = runner.packed(calls)  # replay
-            assert _rel_diff(again, out) == 0.0
+            assert rel_diff(again, out) == 0.0
             captures.append(sum(b.kind == "cuda_graph_packed" for b in runner.builds))
         graphs = compile_stats()["unique_graphs"]
         # MIX_1[:2] and another mix of the same buckets: no new capture, no compile
         calls = _calls(adapter, [((3, 4), 2, 3, 500.0, 2.0, 5), ((3, 4), 1, 0, 900.0, 3.0, 8)], seed=9,
                        device="cuda", dtype=dtype)
         out = runner.packed(calls)
-        assert _rel_diff(out, adapter.packed_velocity(calls)) <= tol
+        assert rel_diff(out, adapter.packed_velocity(calls)) <= tol
         assert sum(b.kind == "cuda_graph_packed" for b in runner.builds) == captures[-1]
         assert compile_stats()["unique_graphs"] == graphs
     finally:

@@ -14,8 +14,8 @@ import torch
 from ralu_runtime.adapters import DiTAdapter, ModelImpl, TokenGrid, VelocityCall, call_scope
 from ralu_runtime.layout import TokenLayout, grid_positions
 from helpers import assert_same, snapshot
+from mode_helpers import REL_TOL, CountCalls, rel_diff
 
-REL_TOL = 1e-5  # max |packed - unpacked| / max |unpacked|, fp32
 
 FAMILIES = ("flux", "flux-schnell", "sd3", "sd35-large", "sd35-medium")
 
@@ -107,28 +107,6 @@ def _unpacked(adapter, calls, impl=None):
     return [adapter.velocity(c.tokens, c.grid, c.timestep, c.cond, impl) for c in calls]
 
 
-def _rel_diff(out, ref) -> float:
-    return max((o.float() - r.float()).abs().max().item() / r.float().abs().max().item() for o, r in zip(out, ref))
-
-
-class _CountVelocity:
-    """Counts the adapter's unpacked velocity calls (instance attribute: the class is untouched)."""
-
-    def __init__(self, adapter):
-        self.adapter, self.n = adapter, 0
-        self.orig = adapter.velocity
-
-    def __enter__(self):
-        def counted(*a, **kw):
-            self.n += 1
-            return self.orig(*a, **kw)
-        self.adapter.velocity = counted
-        return self
-
-    def __exit__(self, *exc):
-        del self.adapter.velocity
-
-
 # ---- equality -------------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("family", FAMILIES)
 @torch.no_grad()
@@ -137,12 +115,12 @@ def test_packed_equals_per_call_velocity(adapters, family):
     assert adapter.packs
     calls = _calls(adapter)
     ref = _unpacked(adapter, calls)
-    with _CountVelocity(adapter) as count:
+    with CountCalls(adapter) as count:
         out = adapter.packed_velocity(calls)
     assert count.n == 0, "the packed path fell back to per-call velocity"
     assert [o.shape for o in out] == [r.shape for r in ref]
     assert all(o.dtype == r.dtype for o, r in zip(out, ref))
-    assert _rel_diff(out, ref) <= REL_TOL, f"{family}: max abs diff / output scale = {_rel_diff(out, ref):.3g}"
+    assert rel_diff(out, ref) <= REL_TOL, f"{family}: max abs diff / output scale = {rel_diff(out, ref):.3g}"
     # the calls are independent: a different neighbour does not change a call's result
     other = _calls(adapter, seed=1)
     again = adapter.packed_velocity([calls[0], other[1], other[2], calls[3]])
@@ -158,7 +136,7 @@ def test_single_call_and_order_independence(adapters, family):
     ref = _unpacked(adapter, calls)
     for i in (0, 1):  # one call alone: raster and mixed grid
         (one,) = adapter.packed_velocity([calls[i]])
-        assert _rel_diff([one], [ref[i]]) <= REL_TOL
+        assert rel_diff([one], [ref[i]]) <= REL_TOL
     perm = [2, 0, 3, 1]
     out = adapter.packed_velocity(calls)
     permuted = adapter.packed_velocity([calls[i] for i in perm])
@@ -177,7 +155,7 @@ def test_packed_call_backpropagates_like_the_unpacked_one(adapters, family):
         out = adapter.packed_velocity(cs) if run == "packed" else _unpacked(adapter, cs)
         sum((o ** 2).sum() for o in out).backward()
         grads.append([t.grad for t in toks])
-    assert _rel_diff(grads[0], grads[1]) <= 1e-4
+    assert rel_diff(grads[0], grads[1]) <= 1e-4
 
 
 # ---- the user's model -----------------------------------------------------------------------------------------------
@@ -200,14 +178,14 @@ def test_forward_hook_on_a_block_falls_back_to_per_call_velocity(adapters, famil
     seen = []
     handle = adapter.transformer.transformer_blocks[0].register_forward_hook(lambda m, a, o: seen.append(1))
     try:
-        with _CountVelocity(adapter) as count:
+        with CountCalls(adapter) as count:
             out = adapter.packed_velocity(calls)
     finally:
         handle.remove()
     assert count.n == 3 and len(seen) == 3  # one unpacked call each, and the hook ran in every one
     for o, r in zip(out, ref):
         torch.testing.assert_close(o, r, atol=0, rtol=0)
-    with _CountVelocity(adapter) as count:  # hook removed: packed again
+    with CountCalls(adapter) as count:  # hook removed: packed again
         adapter.packed_velocity(calls)
     assert count.n == 0
 
@@ -220,7 +198,7 @@ def test_hook_on_a_decomposed_norm_falls_back(adapters):
     handle = adapter.transformer.single_transformer_blocks[0].norm.register_forward_pre_hook(
         lambda m, a: seen.append(1))
     try:
-        with _CountVelocity(adapter) as count:
+        with CountCalls(adapter) as count:
             adapter.packed_velocity(calls)
     finally:
         handle.remove()
@@ -239,7 +217,7 @@ def test_feature_cache_and_compiled_impl_fall_back(adapters, family):
         used.append(1)
         return blocks_fn()
 
-    with call_scope(cache), _CountVelocity(adapter) as count:
+    with call_scope(cache), CountCalls(adapter) as count:
         out = adapter.packed_velocity(calls)
     assert count.n == 2 and len(used) >= 2
     for o, r in zip(out, ref):
@@ -248,7 +226,7 @@ def test_feature_cache_and_compiled_impl_fall_back(adapters, family):
     class Impl(ModelImpl):
         pass
 
-    with _CountVelocity(adapter) as count:
+    with CountCalls(adapter) as count:
         out = adapter.packed_velocity(calls, Impl())
     assert count.n == 2
     for o, r in zip(out, ref):
@@ -268,12 +246,12 @@ def test_sd3_custom_processor_falls_back(adapters):
 
     attn.set_processor(MyJointProcessor())
     try:
-        with _CountVelocity(adapter) as count:
+        with CountCalls(adapter) as count:
             adapter.packed_velocity(calls)
         assert count.n == 2
     finally:
         attn.set_processor(JointAttnProcessor2_0())
-    with _CountVelocity(adapter) as count:
+    with CountCalls(adapter) as count:
         adapter.packed_velocity(calls)
     assert count.n == 0
 
@@ -290,10 +268,10 @@ def test_sd35_skip_layer_guidance_call_in_its_window_runs_unpacked(adapters):
     assert calls[1].cond.data["slg"] is None                                                      # no CFG: none
     assert not slg.active(calls[2].timestep, calls[2].cond.data["slg_shift"])                     # t = 200: outside
     ref = _unpacked(adapter, calls)
-    with _CountVelocity(adapter) as count:
+    with CountCalls(adapter) as count:
         out = adapter.packed_velocity(calls)
     assert count.n == 1  # only the call inside its window
-    assert _rel_diff(out, ref) <= REL_TOL
+    assert rel_diff(out, ref) <= REL_TOL
 
 
 # ---- interface and input checks -------------------------------------------------------------------------------------
@@ -303,7 +281,7 @@ def test_interface_flags_and_default_loop(adapters):
     assert DiTAdapter.packs is False and flux.FluxAdapter.packs and sd3.SD3Adapter.packs
     adapter = _adapter(adapters, "flux")
     calls = _calls(adapter, seed=10)[:2]
-    with torch.no_grad(), _CountVelocity(adapter) as count:
+    with torch.no_grad(), CountCalls(adapter) as count:
         out = DiTAdapter.packed_velocity(adapter, calls)  # the base class: one velocity per call
     assert count.n == 2 and len(out) == 2
 
@@ -356,11 +334,11 @@ def test_gpu_packed_equals_per_call_velocity(family):
     fp32 = _build(family, device="cuda")
     calls = _calls(fp32, device="cuda")
     ref = _unpacked(fp32, calls)
-    assert _rel_diff(fp32.packed_velocity(calls), ref) <= REL_TOL  # fp32: the sdpa path
+    assert rel_diff(fp32.packed_velocity(calls), ref) <= REL_TOL  # fp32: the sdpa path
     bf16 = _build(family, device="cuda", dtype=torch.bfloat16)
     calls = _calls(bf16, device="cuda", dtype=torch.bfloat16)
     ref = _unpacked(bf16, calls)
     for backend in ["auto", *available_backends("cuda", torch.bfloat16)]:
         bf16.packed_attention_backend = backend
-        diff = _rel_diff(bf16.packed_velocity(calls), ref)
+        diff = rel_diff(bf16.packed_velocity(calls), ref)
         assert diff <= 3e-2, f"{family} bf16 backend={backend}: max abs diff / scale {diff:.3g}"

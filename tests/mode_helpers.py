@@ -1,0 +1,172 @@
+"""Shared pieces of the execution-mode tests (``tests/test_modes_*.py``, ``test_packed_*.py``,
+``test_context_parallel.py``): each family's file keeps what is its own (pipeline, prompt conditioning, call
+mixes, rank cases) and takes the mode plumbing from here.
+
+* :func:`stage_grid`: a raster token grid, or a stage-2 set with some coarse tokens replaced by their 4 children.
+* :func:`per_call`, :func:`rel_diff`: the per-request reference of a packed call and the error measure of the
+  packed tests (max abs diff / max abs reference, per output, the worst one).
+* :class:`CountCalls`: counts calls of an adapter method (to prove a packed call did not fall back per call).
+* :class:`OneRank`: a one-rank sharding plan without a process group (Sharded must equal Dense bitwise).
+* :class:`PaddedLayout`: eager packed calls on the static layout (what compiled / CUDA-graph calls get), padded as
+  a bucket pads them, with random contents in the padding rows if asked.
+* :func:`parallel_config`, :func:`assert_ranks_match`: the gloo tests' ContextParallelConfig and their check of a
+  case (bitwise across ranks, within ATOL of one process).
+"""
+from __future__ import annotations
+
+from typing import Callable, Sequence
+
+import torch
+
+from ralu_runtime.adapters import TokenGrid
+from ralu_runtime.execution.packing import PackedExecution
+from ralu_runtime.layout import grid_positions
+
+REL_TOL = 1e-5   # packed vs per call, fp32: max abs diff / output scale
+ATOL = 1e-5      # sharded vs one process, fp32 latents of scale ~1
+CHILDREN = ((0, 0), (0, .5), (.5, 0), (.5, .5))  # a coarse token's 4 children, in units of the coarse grid
+
+
+def stage_grid(hw, b: int, mixed: int = 0, *, frames: int | None = None, device="cpu") -> TokenGrid:
+    """The raster grid of ``hw`` tokens (``frames`` > 1: a tall grid of ``frames`` frames of ``hw`` each), or
+    (``mixed`` > 0) a stage-2 set: the first ``mixed`` coarse tokens replaced by their 4 children at
+    +{0, 0.5}^2 (fine mask set), the same for each of the ``b`` images."""
+    rows = hw[0] * (frames or 1)
+    coarse = grid_positions(rows, hw[1])
+    video = {} if frames is None else {"frames": frames}
+    if not mixed:
+        return TokenGrid(coarse.expand(b, -1, -1).contiguous().to(device), (rows, hw[1]), None, raster=True,
+                         **video)
+    kids = [coarse[i] + torch.tensor(d) for i in range(mixed) for d in CHILDREN]
+    pos = torch.cat([torch.stack(kids), coarse[mixed:]])
+    fine = torch.zeros(pos.shape[0], dtype=torch.bool)
+    fine[:4 * mixed] = True
+    return TokenGrid(pos.expand(b, -1, -1).contiguous().to(device), (rows, hw[1]),
+                     fine.expand(b, -1).contiguous().to(device), **video)
+
+
+def per_call(adapter, calls) -> list[torch.Tensor]:
+    """The velocity of each :class:`~ralu_runtime.adapters.VelocityCall` alone (the packed call's reference)."""
+    return [adapter.velocity(c.tokens, c.grid, c.timestep, c.cond) for c in calls]
+
+
+def rel_diff(out: Sequence[torch.Tensor], ref: Sequence[torch.Tensor]) -> float:
+    """max over pairs of ``max |o - r| / max |r|`` (in float32)."""
+    return max((o.float() - r.float()).abs().max().item() / r.float().abs().max().item() for o, r in zip(out, ref))
+
+
+class CountCalls:
+    """Counts calls of ``adapter.<name>`` (default: the unpacked ``velocity``) inside the ``with`` block, through an
+    instance attribute wrapping the method (removed on exit: the class is untouched). ``args``: each call's
+    positional arguments; ``n``: how many."""
+
+    def __init__(self, adapter, name: str = "velocity"):
+        self.adapter, self.name, self.args = adapter, name, []
+
+    @property
+    def n(self) -> int:
+        return len(self.args)
+
+    def __enter__(self):
+        orig = getattr(self.adapter, self.name)
+
+        def counted(*a, **kw):
+            self.args.append(a)
+            return orig(*a, **kw)
+        setattr(self.adapter, self.name, counted)
+        return self
+
+    def __exit__(self, *exc):
+        delattr(self.adapter, self.name)
+
+
+class OneRank:
+    """What :class:`ralu_runtime.execution.sharding.Sharded` reads from a plan, for one rank without a group."""
+
+    world, index = 1, 0
+
+    @staticmethod
+    def attention_spec():
+        from ralu_runtime.execution.sharding import spec
+
+        return spec()
+
+    @staticmethod
+    def gather_rows(x, sizes):
+        assert list(sizes) == [x.shape[1]]
+        return x
+
+    @staticmethod
+    def call_module(module, x):
+        return module(x)
+
+
+def pad_by(tokens: int, segments: int) -> Callable[[str, int], int]:
+    """A padding rule: ``tokens`` more rows per stream ("image", "text"), ``segments`` more segments."""
+    return lambda kind, n: n + (segments if kind == "segments" else tokens)
+
+
+def pad_to_multiples(kind: str, n: int) -> int:
+    """A padding rule: segments up to a multiple of 8, tokens past the next multiple of 16 (16 more at least)."""
+    return -(-n // 8) * 8 if kind == "segments" else -(-n // 16) * 16 + 16
+
+
+class PaddedLayout(PackedExecution):
+    """Eager packed calls on the static layout (device tensors only, as compiled / captured packed calls use it),
+    every packed size padded by ``pad(kind, n) -> size`` (kind "image", "text" or "segments"; for "segments"
+    ``n`` counts the padding segment the layout adds itself).
+
+    ``noise``: per leading flat input of the forward, the kind whose real row count it follows; those inputs get
+    random rows past their real count (float: normal x 3; bool: coin flips), drawn from a generator seeded
+    ``seed``. A correct packed call ignores them. ``sizes`` records ``(kind, n, padded)``, ``keys`` each run's key.
+    """
+
+    def __init__(self, adapter, pad: Callable[[str, int], int], noise: Sequence[str] = (), seed: int = 0,
+                 impl=None):
+        super().__init__(adapter, impl)
+        self.static_layout, self.pad_rule, self.noise = True, pad, tuple(noise)
+        self.g = torch.Generator().manual_seed(seed)
+        self.real, self.sizes, self.keys = {}, [], []
+
+    def pad(self, kind, n):
+        self.real[kind] = n - 1 if kind == "segments" else n
+        size = self.pad_rule(kind, n)
+        self.sizes.append((kind, n, size))
+        return size
+
+    def run(self, key, forward, tensors):
+        self.keys.append(key)
+        tensors = list(tensors)
+        for i, kind in enumerate(self.noise):
+            t, n = tensors[i].clone(), self.real[kind]
+            assert t.shape[0] > n, f"input {i} ({kind}) has no padding rows to fill"
+            shape = t[n:].shape
+            t[n:] = (torch.rand(shape, generator=self.g) > 0.5 if t.dtype == torch.bool
+                     else torch.randn(shape, generator=self.g) * 3)
+            tensors[i] = t
+        return forward(*tensors)
+
+
+def parallel_config(**kw):
+    """diffusers' ``ContextParallelConfig(**kw)`` (imported when a rank case is built)."""
+    from diffusers import ContextParallelConfig
+
+    return ContextParallelConfig(**kw)
+
+
+def assert_ranks_match(ranks: Sequence[dict], label: str, atol: float = ATOL) -> float:
+    """One case of a gloo test, ``ranks[r]`` as rank ``r`` returned it: ``par`` (the sharded run) equal on every
+    rank bitwise and within ``atol`` (max abs) of rank 0's ``ref`` (the same call in one process); where given,
+    ``par_masks`` equal to ``ref_masks`` and ``par_stats`` (a feature cache's counts) to ``ref_stats``. Returns
+    the difference (printed: shown with ``pytest -s``)."""
+    r0 = ranks[0]
+    for r, res in enumerate(ranks):
+        assert torch.equal(res["par"], r0["par"]), f"{label}: rank {r} differs from rank 0"
+        if r0.get("ref_masks") is not None:
+            assert torch.equal(res["par_masks"], r0["ref_masks"]), f"{label}: rank {r}'s masks differ"
+        if "ref_stats" in r0:
+            assert res["par_stats"] == r0["ref_stats"], f"{label}: rank {r}: {res['par_stats']} != {r0['ref_stats']}"
+    diff = (r0["par"] - r0["ref"]).abs().max().item()
+    print(f"{label}: max |sharded - one process| = {diff:.3g}")
+    assert diff <= atol, f"{label}: max |sharded - one process| = {diff:.3g} > {atol}"
+    return diff
