@@ -108,10 +108,12 @@ def _flux_worker():
     ralu7 = dict(height=128, width=128, speedup="7x", seed=3)
     both("ulysses", ralu7, {}, parallel_config(ulysses_degree=2))
     both("ring", ralu7, {}, parallel_config(ring_degree=2, ring_anything=True))
-    both("fused_qkv", ralu7, dict(backend="eager", compile_options={"fused_qkv": True}), parallel_config(ulysses_degree=2))
+    both("fused_qkv", ralu7, dict(backend="eager", compile_options={"fused_qkv": True}),
+         parallel_config(ulysses_degree=2))
     both("taylorseer", dict(height=128, width=128, speedup="4x", seed=4, cache="taylorseer:2"), {},
          parallel_config(ulysses_degree=2, ulysses_anything=True))
-    both("fbcache", dict(height=128, width=128, speedup="4x", seed=5, cache="fbcache:0.5"), {}, parallel_config(ring_degree=2))
+    both("fbcache", dict(height=128, width=128, speedup="4x", seed=5, cache="fbcache:0.5"), {},
+         parallel_config(ring_degree=2))
     both("baseline", dict(height=64, width=96, speedup=None, num_inference_steps=3, seed=6), {},
          parallel_config(ulysses_degree=2))
     both("batch2", dict(height=64, width=128, speedup="7x", seed=7, num_images_per_prompt=2), {},

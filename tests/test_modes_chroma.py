@@ -24,14 +24,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from ralu_runtime.adapters import TokenGrid, VelocityCall
+from ralu_runtime.adapters import VelocityCall
 from ralu_runtime.execution.call import call_scope
-from ralu_runtime.execution.packing import PackedExecution
-from ralu_runtime.layout import grid_positions
-from test_context_parallel import _OneRank
+from mode_helpers import (REL_TOL, CountCalls, OneRank, PaddedLayout, assert_ranks_match, pad_by, parallel_config,
+                          per_call, rel_diff, stage_grid)
 
-REL_TOL = 1e-5
-ATOL = 1e-5
 BF16_TOL = 6e-2  # bf16 packed vs per call, relative (SD3 measured on a CPU: up to 3.5e-2 with MIX's CFG scales)
 WORKER = f"{__name__}:"
 TEXT_DIM = 32
@@ -65,19 +62,6 @@ def _embeds(b: int, t: int, seed: int, mask: str = "float", neg_t: int | None = 
     return out
 
 
-def _grid(hw, b, mixed: int, device="cpu") -> TokenGrid:
-    """A raster grid, or (``mixed`` > 0) a stage-2 set: the first ``mixed`` coarse tokens replaced by their 4
-    children at +{0, 0.5}^2, a fine mask."""
-    coarse = grid_positions(*hw)
-    if not mixed:
-        return TokenGrid(coarse.expand(b, -1, -1).contiguous().to(device), hw, None, raster=True)
-    kids = [coarse[i] + torch.tensor(d) for i in range(mixed) for d in ((0, 0), (0, .5), (.5, 0), (.5, .5))]
-    pos = torch.cat([torch.stack(kids), coarse[mixed:]])
-    fine = torch.zeros(pos.shape[0], dtype=torch.bool)
-    fine[:4 * mixed] = True
-    return TokenGrid(pos.expand(b, -1, -1).contiguous().to(device), hw, fine.expand(b, -1).contiguous().to(device))
-
-
 # (grid hw, batch, mixed parents, timestep, guidance, text length, mask kind, negative length)
 MIX = [((3, 4), 1, 0, 950.0, 5.0, 8, "float", None), ((3, 4), 2, 3, 600.0, 4.0, 6, "bool", None),
        ((4, 4), 2, 0, 300.0, 3.0, 7, "float", 5), ((2, 3), 1, 0, 100.0, 1.0, 5, "none", None),
@@ -90,38 +74,13 @@ def _calls(adapter, specs, seed: int, device="cpu", dtype=torch.float32) -> list
     g = torch.Generator().manual_seed(seed)
     out = []
     for k, (hw, b, mixed, t, guidance, text_len, mask, neg_t) in enumerate(specs):
-        grid = _grid(hw, b, mixed, device)
+        grid = stage_grid(hw, b, mixed, device=device)
         x = torch.randn(b, grid.positions.shape[1], adapter.token_channels, generator=g).to(device, dtype)
         emb = {n: v.to(dtype) if v.is_floating_point() else v
                for n, v in _embeds(b, text_len, seed * 100 + k, mask, neg_t).items()}
         cond = adapter.encode_prompt(None, None, **emb, guidance_scale=guidance)
         out.append(VelocityCall(x, grid, torch.tensor(t, device=device), cond))
     return out
-
-
-def _per_call(adapter, calls):
-    return [adapter.velocity(c.tokens, c.grid, c.timestep, c.cond) for c in calls]
-
-
-def _rel_diff(out, ref) -> float:
-    return max((o.float() - r.float()).abs().max().item() / r.float().abs().max().item() for o, r in zip(out, ref))
-
-
-class _CountVelocity:
-    """Counts the adapter's per-call velocity calls (an instance attribute: the class is untouched)."""
-
-    def __init__(self, adapter):
-        self.adapter, self.n, self.orig = adapter, 0, adapter.velocity
-
-    def __enter__(self):
-        def counted(*a, **kw):
-            self.n += 1
-            return self.orig(*a, **kw)
-        self.adapter.velocity = counted
-        return self
-
-    def __exit__(self, *exc):
-        del self.adapter.velocity
 
 
 # ------------------------------------------------------------------------------------------------ one rank
@@ -131,7 +90,7 @@ def test_one_rank_sharded_velocity_equals_dense_bitwise(adapter):
     assert calls[2].cond.data["neg_embeds"] is not None  # two text groups
     for i, c in enumerate(calls):
         outs = []
-        for sharding in (None, _OneRank()):
+        for sharding in (None, OneRank()):
             with call_scope(None, sharding=sharding):
                 outs.append(adapter.velocity(c.tokens, c.grid, c.timestep, c.cond))
         assert torch.equal(outs[0], outs[1]), f"call {i}: max diff {(outs[0] - outs[1]).abs().max():.3g}"
@@ -144,7 +103,7 @@ def test_one_rank_sharded_with_a_feature_cache_equals_dense_bitwise(adapter, spe
 
     c = _calls(adapter, [spec], seed=2)[0]
     outs = []
-    for sharding in (None, _OneRank()):
+    for sharding in (None, OneRank()):
         cache = make_cache("taylorseer:2")
         with call_scope(cache, sharding=sharding):
             outs.append([adapter.velocity(c.tokens, c.grid, torch.tensor(t), c.cond) for t in (900., 800., 700., 600.)])
@@ -153,36 +112,25 @@ def test_one_rank_sharded_with_a_feature_cache_equals_dense_bitwise(adapter, spe
 
 
 # ------------------------------------------------------------------------------------------------ packed
-class _Static(PackedExecution):
-    """Eager execution on the static layout (what compiled / CUDA-graph calls get), padded like a bucket."""
-
-    def __init__(self, adapter, extra: int):
-        super().__init__(adapter)
-        self.static_layout, self.extra = True, extra
-
-    def pad(self, kind, n):
-        return n + (1 if kind == "segments" else self.extra)
-
-
 @torch.no_grad()
 def test_packed_equals_per_call_host_and_static_layouts(adapter):
     calls = _calls(adapter, MIX, seed=3)
-    ref = _per_call(adapter, calls)
-    with _CountVelocity(adapter) as count:
+    ref = per_call(adapter, calls)
+    with CountCalls(adapter) as count:
         host = adapter.packed_velocity(calls)
-        static = adapter.packed_velocity(calls, execution=_Static(adapter, extra=5))
+        static = adapter.packed_velocity(calls, execution=PaddedLayout(adapter, pad_by(5, 1)))
         unmasked = adapter.packed_velocity([c for c in calls if c.cond.data["mask"] is None or
                                             c.cond.data["mask"].dtype == torch.bool])  # varlen attention
     assert count.n == 0, "the packed path fell back to per-call velocity"
     assert [o.shape for o in host] == [r.shape for r in ref]
-    assert _rel_diff(host, ref) <= REL_TOL, f"host layout: {_rel_diff(host, ref):.3g}"
-    assert _rel_diff(static, ref) <= REL_TOL, f"static layout: {_rel_diff(static, ref):.3g}"
-    assert _rel_diff(unmasked, [ref[1], ref[3]]) <= REL_TOL
+    assert rel_diff(host, ref) <= REL_TOL, f"host layout: {rel_diff(host, ref):.3g}"
+    assert rel_diff(static, ref) <= REL_TOL, f"static layout: {rel_diff(static, ref):.3g}"
+    assert rel_diff(unmasked, [ref[1], ref[3]]) <= REL_TOL
     # one call alone, and in another order
     (one,) = adapter.packed_velocity([calls[2]])
-    assert _rel_diff([one], [ref[2]]) <= REL_TOL
+    assert rel_diff([one], [ref[2]]) <= REL_TOL
     perm = adapter.packed_velocity(calls[::-1])[::-1]
-    assert _rel_diff(perm, ref) <= REL_TOL
+    assert rel_diff(perm, ref) <= REL_TOL
 
 
 @torch.no_grad()
@@ -202,8 +150,8 @@ def test_packed_float_mask_is_a_bias_and_bool_mask_drops_padding(adapter):
     split = Conditioning(1, dict(data, embeds=valid[1][None], mask=None, neg_embeds=valid[0][None], neg_mask=None))
     dropped = VelocityCall(c.tokens, c.grid, c.timestep, split)
     a, b = adapter.packed_velocity([as_bool, dropped])
-    assert _rel_diff([a], [b]) <= REL_TOL
-    assert _rel_diff([a], _per_call(adapter, [as_bool])) <= REL_TOL
+    assert rel_diff([a], [b]) <= REL_TOL
+    assert rel_diff([a], per_call(adapter, [as_bool])) <= REL_TOL
 
 
 @pytest.mark.gpu
@@ -218,17 +166,17 @@ def test_gpu_packed_equals_per_call():
 
     fp32 = ChromaAdapter(build_tiny_chroma_pipeline(seed=0, device="cuda"))
     calls = _calls(fp32, MIX, seed=20, device="cuda")
-    assert _rel_diff(fp32.packed_velocity(calls), _per_call(fp32, calls)) <= REL_TOL
+    assert rel_diff(fp32.packed_velocity(calls), per_call(fp32, calls)) <= REL_TOL
     bf16 = ChromaAdapter(build_tiny_chroma_pipeline(seed=0, device="cuda", dtype=torch.bfloat16))
     calls = _calls(bf16, MIX, seed=20, device="cuda", dtype=torch.bfloat16)
     hard = [c for c in calls if c.cond.data["mask"] is None or c.cond.data["mask"].dtype == torch.bool]
-    ref, ref_hard = _per_call(bf16, calls), _per_call(bf16, hard)
+    ref, ref_hard = per_call(bf16, calls), per_call(bf16, hard)
     for backend in ["auto", *available_backends("cuda", torch.bfloat16)]:
         bf16.packed_attention_backend = backend
         for name, cs, r in (("all", calls, ref), ("unmasked", hard, ref_hard)):
             for static in (False, True):
-                out = bf16.packed_velocity(cs, execution=_Static(bf16, extra=5) if static else None)
-                diff = _rel_diff(out, r)
+                out = bf16.packed_velocity(cs, execution=PaddedLayout(bf16, pad_by(5, 1)) if static else None)
+                diff = rel_diff(out, r)
                 print(f"chroma bf16 {backend} {name} static={static}: {diff:.3g}")
                 assert diff <= BF16_TOL, f"bf16 backend={backend} {name} static={static}: {diff:.3g}"
 
@@ -249,10 +197,10 @@ def test_inductor_packed_equals_eager_packed_and_a_new_mix_compiles_nothing():
         for i, mix in enumerate((MIX, MIX_2)):
             calls = _calls(adapter, mix, seed=10 + i)
             ref = adapter.packed_velocity(calls)  # eager packed
-            with _CountVelocity(adapter) as count:
+            with CountCalls(adapter) as count:
                 out = runner.packed(calls)
             assert count.n == 0
-            assert _rel_diff(out, ref) <= REL_TOL, f"mix {i + 1}: {_rel_diff(out, ref):.3g}"
+            assert rel_diff(out, ref) <= REL_TOL, f"mix {i + 1}: {rel_diff(out, ref):.3g}"
             graphs.append(compile_stats()["unique_graphs"])
         assert graphs[1] == graphs[0], f"the second mix recompiled: {graphs}"
         assert [n for n in runner.impl.compiled_blocks if n.endswith("_packed")] == \
@@ -262,12 +210,6 @@ def test_inductor_packed_equals_eager_packed_and_a_new_mix_compiles_nothing():
 
 
 # ------------------------------------------------------------------------------------------------ gloo ranks
-def _cfg(**kw):
-    from diffusers import ContextParallelConfig
-
-    return ContextParallelConfig(**kw)
-
-
 def _worker(world: int):
     """Every case for ``world`` ranks: generate sharded and in one process (on every rank), plain tensors back."""
     from ralu_runtime import generate
@@ -296,14 +238,15 @@ def _worker(world: int):
     # 96 x 128, 3x: 12 / 21 / 48 image tokens; 6 text tokens: joint sequences of 18, 27 (odd), 54 rows
     ralu = dict(height=96, width=128, speedup="3x", seed=4)
     if world == 2:
-        both("float_ulysses", _embeds(1, 6, 1), ralu, _cfg(ulysses_degree=2))
-        both("two_groups_ring", _embeds(2, 6, 2, neg_t=4), ralu, _cfg(ring_degree=2))
-        both("bool_cache", _embeds(1, 6, 3, mask="bool"), dict(ralu, cache="taylorseer:2"), _cfg(ulysses_degree=2))
+        both("float_ulysses", _embeds(1, 6, 1), ralu, parallel_config(ulysses_degree=2))
+        both("two_groups_ring", _embeds(2, 6, 2, neg_t=4), ralu, parallel_config(ring_degree=2))
+        both("bool_cache", _embeds(1, 6, 3, mask="bool"), dict(ralu, cache="taylorseer:2"),
+             parallel_config(ulysses_degree=2))
     else:  # 18 joint rows at stage 1 over 4 ranks (5, 5, 4, 4): rank 0 holds text rows only
-        both("float_ulysses4", _embeds(1, 6, 1), ralu, _cfg(ulysses_degree=4))
-        both("two_groups_2x2", _embeds(2, 6, 2, neg_t=4), ralu, _cfg(ulysses_degree=2, ring_degree=2))
-        both("bool_ring4", _embeds(1, 6, 3, mask="bool"), dict(height=64, width=64, speedup=None,
-                                                                num_inference_steps=3, seed=5), _cfg(ring_degree=4))
+        both("float_ulysses4", _embeds(1, 6, 1), ralu, parallel_config(ulysses_degree=4))
+        both("two_groups_2x2", _embeds(2, 6, 2, neg_t=4), ralu, parallel_config(ulysses_degree=2, ring_degree=2))
+        both("bool_ring4", _embeds(1, 6, 3, mask="bool"),
+             dict(height=64, width=64, speedup=None, num_inference_steps=3, seed=5), parallel_config(ring_degree=4))
     return out
 
 
@@ -315,14 +258,9 @@ def two_ranks():
 
 
 def _check(ranks, case):
-    ref = ranks[0][case]["ref"]
+    assert_ranks_match([r[case] for r in ranks], case)
     for r in ranks:
-        assert torch.equal(r[case]["par"], ranks[0][case]["par"]), f"{case}: ranks differ"
-        assert torch.equal(r[case]["ref"], ref)
-        diff = (r[case]["par"] - ref).abs().max().item()
-        print(f"{case}: max |sharded - one process| = {diff:.3g}")  # shown with pytest -s (the docstring's numbers)
-        assert diff <= ATOL, f"{case}: max |sharded - one process| = {diff:.3g}"
-        assert r[case]["par_stats"] == r[case]["ref_stats"]
+        assert torch.equal(r[case]["ref"], ranks[0][case]["ref"])  # the one-process run: the same on every rank
         assert r[case]["sharded_calls"] > 0
     return ranks[0][case]
 

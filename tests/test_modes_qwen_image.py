@@ -22,15 +22,13 @@ from __future__ import annotations
 import pytest
 import torch
 
-from ralu_runtime.adapters import TokenGrid, VelocityCall
+from ralu_runtime.adapters import VelocityCall
 from ralu_runtime.adapters.qwen_image import QwenImageAdapter
 from ralu_runtime.execution.call import call_scope
-from ralu_runtime.execution.packing import PackedExecution
-from ralu_runtime.layout import grid_positions
 from ralu_runtime.tiny.qwen_image import TEXT_DIM, build_tiny_qwen_image_pipeline
+from mode_helpers import (REL_TOL, CountCalls, OneRank, PaddedLayout, assert_ranks_match, pad_to_multiples, per_call,
+                          rel_diff, stage_grid)
 
-REL_TOL = 1e-5   # packed vs per call, fp32: max abs diff / output scale
-ATOL = 1e-5      # sharded vs one process, fp32 latents of scale ~1
 WORKER = f"{__name__}:"
 
 
@@ -40,19 +38,6 @@ def adapter():
 
 
 # ---- inputs ----------------------------------------------------------------------------------------------------
-def _grid(hw, b, mixed: int) -> TokenGrid:
-    """Raster ``hw`` grid, or (``mixed`` > 0) a stage-2 set: the first ``mixed`` coarse tokens replaced by their 4
-    children at +{0, 0.5}^2 (fine mask set), per image."""
-    coarse = grid_positions(*hw)
-    if not mixed:
-        return TokenGrid(coarse.expand(b, -1, -1).contiguous(), hw, None, raster=True)
-    kids = [coarse[i] + torch.tensor(d) for i in range(mixed) for d in ((0, 0), (0, .5), (.5, 0), (.5, .5))]
-    pos = torch.cat([torch.stack(kids), coarse[mixed:]])
-    fine = torch.zeros(pos.shape[0], dtype=torch.bool)
-    fine[:4 * mixed] = True
-    return TokenGrid(pos.expand(b, -1, -1).contiguous(), hw, fine.expand(b, -1).contiguous())
-
-
 def _cond(adapter, b, text_len, mask, guidance, g):
     """``mask``: None (no mask), "pad" (the last 3 tokens of image 0 masked), "hole" (token 1 of every image
     masked); with ``guidance`` > 1 a shorter negative prompt with its own mask (true CFG)."""
@@ -75,7 +60,7 @@ def _calls(adapter, specs, seed):
     g = torch.Generator().manual_seed(seed)
     out = []
     for hw, b, mixed, t, guidance, text_len, mask in specs:
-        grid = _grid(hw, b, mixed)
+        grid = stage_grid(hw, b, mixed)
         x = torch.randn(b, grid.positions.shape[1], adapter.token_channels, generator=g)
         out.append(VelocityCall(x, grid, torch.tensor(t), _cond(adapter, b, text_len, mask, guidance, g)))
     return out
@@ -88,52 +73,6 @@ MIX_3 = [((2, 3), 3, 0, 990.0, 1.0, 3, None), ((4, 6), 1, 5, 500.0, 4.5, 9, "hol
          ((6, 6), 2, 0, 300.0, 6.0, 7, "pad"), ((3, 3), 1, 1, 800.0, 1.2, 12, None)]
 
 
-def _per_call(adapter, calls):
-    return [adapter.velocity(c.tokens, c.grid, c.timestep, c.cond) for c in calls]
-
-
-def _rel_diff(out, ref) -> float:
-    return max((o - r).abs().max().item() / r.abs().max().item() for o, r in zip(out, ref))
-
-
-class _CountVelocity:
-    """Counts the adapter's unpacked velocity calls (instance attribute: the class is untouched)."""
-
-    def __init__(self, adapter):
-        self.adapter, self.n, self.orig = adapter, 0, adapter.velocity
-
-    def __enter__(self):
-        def counted(*a, **kw):
-            self.n += 1
-            return self.orig(*a, **kw)
-        self.adapter.velocity = counted
-        return self
-
-    def __exit__(self, *exc):
-        del self.adapter.velocity
-
-
-class _OneRank:
-    """What :class:`ralu_runtime.execution.sharding.Sharded` reads from a plan, for one rank without a group."""
-
-    world, index = 1, 0
-
-    @staticmethod
-    def attention_spec():
-        from ralu_runtime.execution.sharding import spec
-
-        return spec()
-
-    @staticmethod
-    def gather_rows(x, sizes):
-        assert list(sizes) == [x.shape[1]]
-        return x
-
-    @staticmethod
-    def call_module(module, x):
-        return module(x)
-
-
 # ---- one request: Dense and one-rank Sharded ---------------------------------------------------------------------
 @pytest.mark.parametrize("cache", [None, "taylorseer:2"])
 @torch.no_grad()
@@ -142,7 +81,7 @@ def test_one_rank_sharded_equals_dense_bitwise(adapter, cache):
 
     for call in _calls(adapter, [((3, 4), 2, 3, 600.0, 4.0, 8, "pad"), ((3, 4), 2, 0, 500.0, 1.0, 7, "hole")], 0):
         outs = []
-        for sharding in (None, _OneRank()):
+        for sharding in (None, OneRank()):
             with call_scope(make_cache(cache) if cache else None, sharding=sharding):
                 outs.append([adapter.velocity(call.tokens, call.grid, torch.tensor(t), call.cond)
                              for t in (900.0, 800.0, 700.0)])
@@ -154,68 +93,43 @@ def test_one_rank_sharded_equals_dense_bitwise(adapter, cache):
 def test_packed_equals_per_call(adapter):
     calls = _calls(adapter, MIX_1, 1)
     assert calls[1].cond.data["mask"] is not None and calls[0].cond.data["cfg"] and not calls[1].cond.data["cfg"]
-    ref = _per_call(adapter, calls)
-    with _CountVelocity(adapter) as count:
+    ref = per_call(adapter, calls)
+    with CountCalls(adapter) as count:
         out = adapter.packed_velocity(calls)
     assert count.n == 0, "the packed path fell back to per-call velocity"
     assert [o.shape for o in out] == [r.shape for r in ref]
-    assert _rel_diff(out, ref) <= REL_TOL, f"max abs diff / output scale {_rel_diff(out, ref):.3g}"
+    assert rel_diff(out, ref) <= REL_TOL, f"max abs diff / output scale {rel_diff(out, ref):.3g}"
     # order and neighbours change nothing
     perm = [2, 0, 3, 1]
     again = adapter.packed_velocity([calls[i] for i in perm])
     for j, i in enumerate(perm):
         torch.testing.assert_close(again[j], out[i], atol=REL_TOL, rtol=0)
     (one,) = adapter.packed_velocity([calls[3]])
-    assert _rel_diff([one], [ref[3]]) <= REL_TOL
-
-
-class _Padded(PackedExecution):
-    """The static layout (device tensors only, as compiled / captured packed calls use it) without a compiler:
-    lengths padded past multiples of 16 tokens and 8 segments, random padding contents in the padded rows of the
-    flat tensors, in the order of :data:`GROUPS` (image stream, text stream, per-image tensors)."""
-
-    GROUPS = (("image", 3), ("text", 3), ("segments", 1))
-
-    def __init__(self, adapter, seed):
-        super().__init__(adapter)
-        self.static_layout, self.g, self.real = True, torch.Generator().manual_seed(seed), {}
-
-    def pad(self, kind, n):
-        self.real[kind] = n - 1 if kind == "segments" else n  # segments: n counts the padding segment
-        return -(-n // 8) * 8 if kind == "segments" else -(-n // 16) * 16 + 16
-
-    def run(self, key, forward, tensors):
-        noisy, i = list(tensors), 0
-        for kind, count in self.GROUPS:
-            for _ in range(count):
-                t = noisy[i] = tensors[i].clone()
-                n = self.real[kind]
-                assert t.shape[0] > n
-                t[n:] = torch.randn(t[n:].shape, generator=self.g)
-                i += 1
-        return forward(*noisy)
+    assert rel_diff([one], [ref[3]]) <= REL_TOL
 
 
 @torch.no_grad()
 def test_static_layout_with_padding_equals_the_host_layout(adapter):
     calls = _calls(adapter, MIX_3, 2)
     ref = adapter.packed_velocity(calls)
-    execution = _Padded(adapter, 0)
+    # lengths padded past multiples of 16 tokens and 8 segments, random contents in the padding rows of the flat
+    # inputs (image stream, text stream, per-image tensors)
+    execution = PaddedLayout(adapter, pad_to_multiples, ("image",) * 3 + ("text",) * 3 + ("segments",))
     out = adapter.packed_velocity(calls, execution=execution)
     assert set(execution.real) == {"image", "text", "segments"}
-    assert _rel_diff(out, ref) <= REL_TOL
-    assert _rel_diff(out, _per_call(adapter, calls)) <= REL_TOL
+    assert rel_diff(out, ref) <= REL_TOL
+    assert rel_diff(out, per_call(adapter, calls)) <= REL_TOL
 
 
 @torch.no_grad()
 def test_hooks_and_feature_cache_fall_back_to_per_call(adapter):
     calls = _calls(adapter, MIX_2, 3)
-    ref = _per_call(adapter, calls)
+    ref = per_call(adapter, calls)
     for module in (adapter.transformer.transformer_blocks[1], adapter.transformer.norm_out):
         seen = []
         handle = module.register_forward_pre_hook(lambda m, a: seen.append(1))
         try:
-            with _CountVelocity(adapter) as count:
+            with CountCalls(adapter) as count:
                 out = adapter.packed_velocity(calls)
         finally:
             handle.remove()
@@ -225,7 +139,7 @@ def test_hooks_and_feature_cache_fall_back_to_per_call(adapter):
     def cache(blocks_fn, hidden, timestep):  # a pass-through feature cache
         return blocks_fn()
 
-    with call_scope(cache), _CountVelocity(adapter) as count:
+    with call_scope(cache), CountCalls(adapter) as count:
         out = adapter.packed_velocity(calls)
     assert count.n == 2 and all(torch.equal(o, r) for o, r in zip(out, ref))
 
@@ -248,10 +162,10 @@ def test_inductor_packed_equals_eager_packed_and_a_new_mix_does_not_recompile():
         for i, mix in enumerate((MIX_1, MIX_2, MIX_3)):
             calls = _calls(adapter, mix, 10 + i)
             ref = adapter.packed_velocity(calls)               # eager packed (no impl)
-            with _CountVelocity(adapter) as count:
+            with CountCalls(adapter) as count:
                 out = runner.packed(calls)
             assert count.n == 0, "the compiled packed call fell back to per-call velocity"
-            assert _rel_diff(out, ref) <= REL_TOL, f"mix {i + 1}: {_rel_diff(out, ref):.3g}"
+            assert rel_diff(out, ref) <= REL_TOL, f"mix {i + 1}: {rel_diff(out, ref):.3g}"
             graphs.append(compile_stats()["unique_graphs"])
         assert graphs[2] == graphs[1], f"the third mix recompiled: unique graphs after each mix {graphs}"
         assert [n for n in runner.impl.compiled_blocks if n.endswith("_packed")] == ["qwen_image_block_packed"]
@@ -320,9 +234,7 @@ def _worker(configs):
 
 def _check_ranks(results, names):
     for name, ref in [(n, "ref") for n in names] + [("short", "short_ref")]:
-        assert all(torch.equal(r[name], results[0][name]) for r in results)          # bitwise across ranks
-        diff = (results[0][name] - results[0][ref]).abs().max().item()
-        assert diff <= ATOL, f"{name}: max |sharded - one process| = {diff:.3g}"
+        assert_ranks_match([{"par": r[name], "ref": r[ref]} for r in results], name)
     assert results[0]["tokens"]["stage2"] == 15  # 8 text + 15 image tokens: an odd joined sequence
 
 

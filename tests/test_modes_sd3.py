@@ -26,12 +26,9 @@ import torch
 
 from ralu_runtime.adapters import TokenGrid, VelocityCall
 from ralu_runtime.execution.call import call_scope
-from ralu_runtime.execution.packing import PackedExecution
-from ralu_runtime.layout import grid_positions
-from test_context_parallel import _OneRank
+from mode_helpers import (REL_TOL, CountCalls, OneRank, PaddedLayout, assert_ranks_match, pad_by, parallel_config,
+                          per_call, rel_diff, stage_grid)
 
-REL_TOL = 1e-5
-ATOL = 1e-5
 BF16_TOL = 6e-2  # bf16 packed vs per call, relative (measured on a CPU: up to 3.5e-2 with MIX's CFG scales)
 WORKER = f"{__name__}:"
 TEXT = 7  # text tokens of the gloo cases: odd joint sequences
@@ -62,19 +59,6 @@ def _cond(adapter, b, text_len, guidance, g, device="cpu", dtype=torch.float32):
     return adapter.encode_prompt(None, None, **kw, guidance_scale=guidance)
 
 
-def _grid(hw, b, mixed: int, device="cpu") -> TokenGrid:
-    """A raster grid, or (``mixed`` > 0) a stage-2 set: the first ``mixed`` coarse tokens replaced by their 4
-    children at +{0, 0.5}^2, a fine mask."""
-    coarse = grid_positions(*hw)
-    if not mixed:
-        return TokenGrid(coarse.expand(b, -1, -1).contiguous().to(device), hw, None, raster=True)
-    kids = [coarse[i] + torch.tensor(d) for i in range(mixed) for d in ((0, 0), (0, .5), (.5, 0), (.5, .5))]
-    pos = torch.cat([torch.stack(kids), coarse[mixed:]])
-    mask = torch.zeros(pos.shape[0], dtype=torch.bool)
-    mask[:4 * mixed] = True
-    return TokenGrid(pos.expand(b, -1, -1).contiguous().to(device), hw, mask.expand(b, -1).contiguous().to(device))
-
-
 # (grid hw, batch, mixed parents, timestep, guidance, text length): stages 1 / 2 / 3, CFG on and off
 MIX = [((3, 4), 1, 0, 950.0, 4.0, 8), ((3, 4), 2, 3, 600.0, 1.0, 5), ((6, 8), 2, 0, 200.0, 7.0, 11),
        ((4, 6), 1, 5, 40.0, 2.5, 3)]
@@ -85,36 +69,11 @@ def _calls(adapter, specs, seed, device="cpu", dtype=torch.float32):
     g = torch.Generator().manual_seed(seed)
     out = []
     for hw, b, mixed, t, guidance, text_len in specs:
-        grid = _grid(hw, b, mixed, device)
+        grid = stage_grid(hw, b, mixed, device=device)
         x = torch.randn(b, grid.positions.shape[1], adapter.token_channels, generator=g).to(device, dtype)
         out.append(VelocityCall(x, grid, torch.tensor(t, device=device),
                                 _cond(adapter, b, text_len, guidance, g, device, dtype)))
     return out
-
-
-def _per_call(adapter, calls):
-    return [adapter.velocity(c.tokens, c.grid, c.timestep, c.cond) for c in calls]
-
-
-def _rel_diff(out, ref) -> float:
-    return max((o.float() - r.float()).abs().max().item() / r.float().abs().max().item() for o, r in zip(out, ref))
-
-
-class _CountVelocity:
-    """Counts the adapter's per-call velocity calls (an instance attribute: the class is untouched)."""
-
-    def __init__(self, adapter):
-        self.adapter, self.n, self.orig = adapter, 0, adapter.velocity
-
-    def __enter__(self):
-        def counted(*a, **kw):
-            self.n += 1
-            return self.orig(*a, **kw)
-        self.adapter.velocity = counted
-        return self
-
-    def __exit__(self, *exc):
-        del self.adapter.velocity
 
 
 # ------------------------------------------------------------------------------------------------ one rank
@@ -127,7 +86,7 @@ def test_one_rank_sharded_velocity_equals_dense_bitwise(adapters, variant):
 
     adapter = adapters[variant]
     g = torch.Generator().manual_seed(1)
-    grid = TokenGrid(grid_positions(3, 4).expand(2, -1, -1) + 0.5 * torch.rand(2, 12, 2, generator=g), (3, 4))
+    grid = TokenGrid(stage_grid((3, 4), 2).positions + 0.5 * torch.rand(2, 12, 2, generator=g), (3, 4))
     tokens = torch.randn(2, 12, adapter.token_channels, generator=g)
     adapter.skip_layer_guidance = SkipLayerGuidance(layers=(1,), scale=2.0, stop=0.5)
     try:
@@ -136,7 +95,7 @@ def test_one_rank_sharded_velocity_equals_dense_bitwise(adapters, variant):
         adapter.skip_layer_guidance = None
     for t in (900.0, 300.0):  # p = 0.25: inside the window; p = 0.87: outside
         outs = []
-        for sharding in (None, _OneRank()):
+        for sharding in (None, OneRank()):
             with call_scope(None, sharding=sharding):
                 outs.append(adapter.velocity(tokens, grid, torch.tensor(t), cond))
         assert torch.equal(outs[0], outs[1]), f"{variant} t={t}: max diff {(outs[0] - outs[1]).abs().max():.3g}"
@@ -149,7 +108,7 @@ def test_one_rank_sharded_with_a_feature_cache_equals_dense_bitwise(adapters):
     adapter = adapters["medium"]
     c = _calls(adapter, MIX[1:2], seed=2)[0]  # stage 2, batch 2
     outs = []
-    for sharding in (None, _OneRank()):
+    for sharding in (None, OneRank()):
         cache = make_cache("taylorseer:2")
         with call_scope(cache, sharding=sharding):
             outs.append([adapter.velocity(c.tokens, c.grid, torch.tensor(t), c.cond) for t in (900., 800., 700., 600.)])
@@ -169,37 +128,26 @@ def test_sharded_calls_refuse_a_custom_processor(adapters):
     attn = adapter.transformer.transformer_blocks[1].attn
     attn.set_processor(Mine())
     try:
-        with call_scope(None, sharding=_OneRank()), pytest.raises(ValueError, match=r"transformer_blocks.1.attn: Mine"):
+        with call_scope(None, sharding=OneRank()), pytest.raises(ValueError, match=r"transformer_blocks.1.attn: Mine"):
             adapter.velocity(call.tokens, call.grid, call.timestep, call.cond)
     finally:
         attn.set_processor(JointAttnProcessor2_0())
 
 
 # ------------------------------------------------------------------------------------------------ packed
-class _Static(PackedExecution):
-    """Eager execution on the static layout (what compiled / CUDA-graph calls get), padded like a bucket."""
-
-    def __init__(self, adapter, extra: int):
-        super().__init__(adapter)
-        self.static_layout, self.extra = True, extra
-
-    def pad(self, kind, n):
-        return n + (1 if kind == "segments" else self.extra)
-
-
 @pytest.mark.parametrize("variant", VARIANTS)
 @torch.no_grad()
 def test_packed_equals_per_call_host_and_static_layouts(adapters, variant):
     adapter = adapters[variant]
     calls = _calls(adapter, MIX, seed=4)
-    ref = _per_call(adapter, calls)
-    with _CountVelocity(adapter) as count:
+    ref = per_call(adapter, calls)
+    with CountCalls(adapter) as count:
         host = adapter.packed_velocity(calls)
-        static = adapter.packed_velocity(calls, execution=_Static(adapter, extra=5))
+        static = adapter.packed_velocity(calls, execution=PaddedLayout(adapter, pad_by(5, 1)))
     assert count.n == 0, "the packed path fell back to per-call velocity"
     assert [o.shape for o in host] == [r.shape for r in ref]
-    assert _rel_diff(host, ref) <= REL_TOL, f"{variant} host layout: {_rel_diff(host, ref):.3g}"
-    assert _rel_diff(static, ref) <= REL_TOL, f"{variant} static layout: {_rel_diff(static, ref):.3g}"
+    assert rel_diff(host, ref) <= REL_TOL, f"{variant} host layout: {rel_diff(host, ref):.3g}"
+    assert rel_diff(static, ref) <= REL_TOL, f"{variant} static layout: {rel_diff(static, ref):.3g}"
 
 
 @torch.no_grad()
@@ -212,11 +160,11 @@ def test_packed_skip_layer_guidance_packs_outside_its_window_only(adapters):
         calls = _calls(adapter, MIX, seed=5)  # CFG calls at t = 950 (inside), 200 and 40 (outside)
     finally:
         adapter.skip_layer_guidance = None
-    ref = _per_call(adapter, calls)
-    with _CountVelocity(adapter) as count:
+    ref = per_call(adapter, calls)
+    with CountCalls(adapter) as count:
         out = adapter.packed_velocity(calls)
     assert count.n == 1
-    assert _rel_diff(out, ref) <= REL_TOL
+    assert rel_diff(out, ref) <= REL_TOL
 
 
 @pytest.mark.gpu
@@ -238,17 +186,17 @@ def test_gpu_packed_equals_per_call(variant):
 
     fp32 = build(torch.float32)
     calls = _calls(fp32, MIX, seed=20, device="cuda")
-    assert _rel_diff(fp32.packed_velocity(calls), _per_call(fp32, calls)) <= REL_TOL
+    assert rel_diff(fp32.packed_velocity(calls), per_call(fp32, calls)) <= REL_TOL
     bf16 = build(torch.bfloat16)
     calls = _calls(bf16, MIX, seed=20, device="cuda", dtype=torch.bfloat16)
-    ref = _per_call(bf16, calls)
+    ref = per_call(bf16, calls)
     for backend in ["auto", *available_backends("cuda", torch.bfloat16)]:
         bf16.packed_attention_backend = backend
-        diff = _rel_diff(bf16.packed_velocity(calls), ref)
+        diff = rel_diff(bf16.packed_velocity(calls), ref)
         print(f"{variant} bf16 {backend}: {diff:.3g}")
         assert diff <= BF16_TOL, f"{variant} bf16 backend={backend}: {diff:.3g}"
     bf16.packed_attention_backend = "auto"
-    diff = _rel_diff(bf16.packed_velocity(calls, execution=_Static(bf16, extra=5)), ref)
+    diff = rel_diff(bf16.packed_velocity(calls, execution=PaddedLayout(bf16, pad_by(5, 1))), ref)
     print(f"{variant} bf16 static: {diff:.3g}")
     assert diff <= BF16_TOL
 
@@ -269,10 +217,10 @@ def test_inductor_packed_equals_eager_packed_and_a_new_mix_compiles_nothing():
         for i, mix in enumerate((MIX, MIX_2)):
             calls = _calls(adapter, mix, seed=10 + i)
             ref = adapter.packed_velocity(calls)  # eager packed
-            with _CountVelocity(adapter) as count:
+            with CountCalls(adapter) as count:
                 out = runner.packed(calls)
             assert count.n == 0
-            assert _rel_diff(out, ref) <= REL_TOL, f"mix {i + 1}: {_rel_diff(out, ref):.3g}"
+            assert rel_diff(out, ref) <= REL_TOL, f"mix {i + 1}: {rel_diff(out, ref):.3g}"
             graphs.append(compile_stats()["unique_graphs"])
         assert graphs[1] == graphs[0], f"the second mix recompiled: {graphs}"
         assert [n for n in runner.impl.compiled_blocks if n.endswith("_packed")] == ["sd3_joint_packed"]
@@ -281,12 +229,6 @@ def test_inductor_packed_equals_eager_packed_and_a_new_mix_compiles_nothing():
 
 
 # ------------------------------------------------------------------------------------------------ gloo ranks
-def _cfg(**kw):
-    from diffusers import ContextParallelConfig
-
-    return ContextParallelConfig(**kw)
-
-
 def _worker(world: int):
     """Every case for ``world`` ranks: generate sharded and in one process (on every rank), plain tensors back."""
     from ralu_runtime import generate
@@ -321,15 +263,15 @@ def _worker(world: int):
     # 19, 25, 55 rows: odd), CFG batch 2, skip-layer guidance in stage 1's window
     ralu = dict(height=96, width=128, speedup="3x", seed=4, guidance_scale=4.0)
     if world == 2:
-        both("medium_ulysses", medium, dict(ralu), _cfg(ulysses_degree=2))
-        both("medium_ring", medium, dict(ralu, batch=2), _cfg(ring_degree=2))
+        both("medium_ulysses", medium, dict(ralu), parallel_config(ulysses_degree=2))
+        both("medium_ring", medium, dict(ralu, batch=2), parallel_config(ring_degree=2))
         both("sd3_cache", sd3, dict(height=64, width=96, speedup="3x", seed=5, cache="taylorseer:2"),
-             _cfg(ulysses_degree=2))
+             parallel_config(ulysses_degree=2))
     else:  # 19 joint rows at stage 1 over 4 ranks (5, 5, 5, 4): the last rank holds text rows only
-        both("medium_ulysses4", medium, dict(ralu), _cfg(ulysses_degree=4))
-        both("medium_2x2", medium, dict(ralu, batch=2), _cfg(ulysses_degree=2, ring_degree=2))
+        both("medium_ulysses4", medium, dict(ralu), parallel_config(ulysses_degree=4))
+        both("medium_2x2", medium, dict(ralu, batch=2), parallel_config(ulysses_degree=2, ring_degree=2))
         both("sd3_baseline", sd3, dict(height=64, width=64, speedup=None, num_inference_steps=3, seed=6),
-             _cfg(ring_degree=4))
+             parallel_config(ring_degree=4))
     return out
 
 
@@ -341,14 +283,9 @@ def two_ranks():
 
 
 def _check(ranks, case):
-    ref = ranks[0][case]["ref"]
+    assert_ranks_match([r[case] for r in ranks], case)
     for r in ranks:
-        assert torch.equal(r[case]["par"], ranks[0][case]["par"]), f"{case}: ranks differ"
-        assert torch.equal(r[case]["ref"], ref)
-        diff = (r[case]["par"] - ref).abs().max().item()
-        print(f"{case}: max |sharded - one process| = {diff:.3g}")  # shown with pytest -s (the docstring's numbers)
-        assert diff <= ATOL, f"{case}: max |sharded - one process| = {diff:.3g}"
-        assert r[case]["par_stats"] == r[case]["ref_stats"]
+        assert torch.equal(r[case]["ref"], ranks[0][case]["ref"])  # the one-process run: the same on every rank
         assert r[case]["sharded_calls"] > 0
     return ranks[0][case]
 
