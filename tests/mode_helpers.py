@@ -6,6 +6,8 @@ mixes, rank cases) and takes the mode plumbing from here.
 * :func:`per_call`, :func:`rel_diff`: the per-request reference of a packed call and the error measure of the
   packed tests (max abs diff / max abs reference, per output, the worst one).
 * :class:`CountCalls`: counts calls of an adapter method (to prove a packed call did not fall back per call).
+* :func:`assert_packs`, :func:`assert_falls_back_per_call`: a packed call without per-call fallback equal to its
+  reference; hooks and feature caches that make it fall back.
 * :class:`OneRank`: a one-rank sharding plan without a process group (Sharded must equal Dense bitwise).
 * :class:`PaddedLayout`: eager packed calls on the static layout (what compiled / CUDA-graph calls get), padded as
   a bucket pads them, with random contents in the padding rows if asked.
@@ -99,6 +101,47 @@ class OneRank:
     @staticmethod
     def call_module(module, x):
         return module(x)
+
+
+def assert_packs(adapter, calls, ref: Sequence[torch.Tensor] | None = None, *, packed: Callable | None = None,
+                 tol: float = REL_TOL, label: str = "packed") -> list[torch.Tensor]:
+    """``packed(calls)`` (default ``adapter.packed_velocity``) runs as packed calls (no per-call ``adapter.velocity``)
+    and equals ``ref`` (default :func:`per_call`): same shapes, :func:`rel_diff` within ``tol``. Returns its outputs."""
+    ref = per_call(adapter, calls) if ref is None else ref
+    with CountCalls(adapter) as count:
+        out = (packed or adapter.packed_velocity)(calls)
+    assert count.n == 0, f"{label}: fell back to per-call velocity ({count.n} calls)"
+    assert [o.shape for o in out] == [r.shape for r in ref], label
+    diff = rel_diff(out, ref)
+    assert diff <= tol, f"{label}: max abs diff / output scale {diff:.3g} > {tol}"
+    return out
+
+
+def _pass_through_cache(blocks_fn, hidden, timestep):
+    """A feature cache that always runs the blocks."""
+    return blocks_fn()
+
+
+def assert_falls_back_per_call(adapter, calls, hooked: Sequence[torch.nn.Module]) -> None:
+    """A forward pre-hook on each module of ``hooked`` (one at a time, every module one that each call runs) and a
+    feature cache make ``adapter.packed_velocity`` run one per-call velocity per call: the hook runs in each, and
+    the results equal the per-call ones bitwise."""
+    from ralu_runtime.execution.call import call_scope
+
+    ref = per_call(adapter, calls)
+    for module in hooked:
+        seen = []
+        handle = module.register_forward_pre_hook(lambda m, a: seen.append(1))
+        try:
+            with CountCalls(adapter) as count:
+                out = adapter.packed_velocity(calls)
+        finally:
+            handle.remove()
+        assert count.n == len(calls) and len(seen) == len(calls), (type(module).__name__, count.n, len(seen))
+        assert all(torch.equal(o, r) for o, r in zip(out, ref))
+    with call_scope(_pass_through_cache), CountCalls(adapter) as count:
+        out = adapter.packed_velocity(calls)
+    assert count.n == len(calls) and all(torch.equal(o, r) for o, r in zip(out, ref))
 
 
 def pad_by(tokens: int, segments: int) -> Callable[[str, int], int]:

@@ -24,8 +24,8 @@ import torch
 from ralu_runtime.adapters import TokenGrid, VelocityCall, get_adapter
 from ralu_runtime.adapters.base import call_scope
 from ralu_runtime.tiny.flux2 import build_tiny_flux2_pipeline
-from mode_helpers import (REL_TOL, CountCalls, OneRank, PaddedLayout, pad_by, parallel_config, per_call, rel_diff,
-                          stage_grid, assert_ranks_match)
+from mode_helpers import (REL_TOL, OneRank, PaddedLayout, assert_falls_back_per_call, assert_packs,
+                          assert_ranks_match, pad_by, parallel_config, per_call, rel_diff, stage_grid)
 
 WORKER = f"{__name__}:_gloo_worker"
 VARIANTS = {"dev": {}, "klein-base": {"klein": True}}
@@ -100,11 +100,7 @@ def test_packed_equals_per_call_velocity(pipes, variant):
         cfg = [c.cond.data["cfg"] for c in calls]
         assert cfg == [True, False, True, True] and calls[3].cond.data["neg_embeds"].shape[1] == 9
     ref = per_call(adapter, calls)
-    with CountCalls(adapter) as count:
-        out = adapter.packed_velocity(calls)
-    assert count.n == 0, "the packed path fell back to per-call velocity"
-    assert [o.shape for o in out] == [r.shape for r in ref]
-    assert rel_diff(out, ref) <= REL_TOL, f"{variant}: {rel_diff(out, ref):.3g}"
+    assert_packs(adapter, calls, ref, label=variant)
     # a call's result does not depend on its neighbours
     other = _calls(adapter, MIX_1, seed=1)
     again = adapter.packed_velocity([other[0], calls[1], other[2], calls[3]])
@@ -115,19 +111,7 @@ def test_packed_equals_per_call_velocity(pipes, variant):
 def test_packed_falls_back_for_hooks_and_caches(pipes):
     adapter = get_adapter(pipes["dev"])
     calls = _calls(adapter, MIX_2, seed=2)
-    ref = per_call(adapter, calls)
-    seen = []
-    handle = adapter.transformer.single_transformer_blocks[1].register_forward_hook(lambda *a: seen.append(1))
-    try:
-        with CountCalls(adapter) as count:
-            out = adapter.packed_velocity(calls)
-    finally:
-        handle.remove()
-    assert count.n == 2 and len(seen) == 2  # unpacked, and the hook ran in each call
-    assert all(torch.equal(o, r) for o, r in zip(out, ref))
-    with call_scope(lambda blocks, hidden, timestep: blocks()), CountCalls(adapter) as count:
-        adapter.packed_velocity(calls)
-    assert count.n == 2
+    assert_falls_back_per_call(adapter, calls, [adapter.transformer.single_transformer_blocks[1]])
 
 
 @pytest.mark.parametrize("variant", sorted(VARIANTS))
@@ -160,10 +144,7 @@ def test_inductor_packed_equals_eager_packed_and_a_new_mix_compiles_nothing():
         for i, mix in enumerate((MIX_1, MIX_2, MIX_3)):
             calls = _calls(adapter, mix, seed=10 + i)
             ref = adapter.packed_velocity(calls)  # eager packed
-            with CountCalls(adapter) as count:
-                out = runner.packed(calls)
-            assert count.n == 0
-            assert rel_diff(out, ref) <= REL_TOL, f"mix {i + 1}: {rel_diff(out, ref):.3g}"
+            assert_packs(adapter, calls, ref, packed=runner.packed, label=f"mix {i + 1}")
             counts.append(compile_stats()["unique_graphs"])
         assert counts[2] == counts[1], f"the third mix recompiled: unique graphs after each mix {counts}"
         assert runner.impl.compiled_blocks == ["flux2_double_packed", "flux2_single_packed"]

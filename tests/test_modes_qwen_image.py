@@ -26,8 +26,8 @@ from ralu_runtime.adapters import VelocityCall
 from ralu_runtime.adapters.qwen_image import QwenImageAdapter
 from ralu_runtime.execution.call import call_scope
 from ralu_runtime.tiny.qwen_image import TEXT_DIM, build_tiny_qwen_image_pipeline
-from mode_helpers import (REL_TOL, CountCalls, OneRank, PaddedLayout, assert_ranks_match, pad_to_multiples, per_call,
-                          rel_diff, stage_grid)
+from mode_helpers import (REL_TOL, OneRank, PaddedLayout, assert_falls_back_per_call, assert_packs, assert_ranks_match,
+                          pad_to_multiples, per_call, rel_diff, stage_grid)
 
 WORKER = f"{__name__}:"
 
@@ -94,11 +94,7 @@ def test_packed_equals_per_call(adapter):
     calls = _calls(adapter, MIX_1, 1)
     assert calls[1].cond.data["mask"] is not None and calls[0].cond.data["cfg"] and not calls[1].cond.data["cfg"]
     ref = per_call(adapter, calls)
-    with CountCalls(adapter) as count:
-        out = adapter.packed_velocity(calls)
-    assert count.n == 0, "the packed path fell back to per-call velocity"
-    assert [o.shape for o in out] == [r.shape for r in ref]
-    assert rel_diff(out, ref) <= REL_TOL, f"max abs diff / output scale {rel_diff(out, ref):.3g}"
+    out = assert_packs(adapter, calls, ref)
     # order and neighbours change nothing
     perm = [2, 0, 3, 1]
     again = adapter.packed_velocity([calls[i] for i in perm])
@@ -123,25 +119,8 @@ def test_static_layout_with_padding_equals_the_host_layout(adapter):
 
 @torch.no_grad()
 def test_hooks_and_feature_cache_fall_back_to_per_call(adapter):
-    calls = _calls(adapter, MIX_2, 3)
-    ref = per_call(adapter, calls)
-    for module in (adapter.transformer.transformer_blocks[1], adapter.transformer.norm_out):
-        seen = []
-        handle = module.register_forward_pre_hook(lambda m, a: seen.append(1))
-        try:
-            with CountCalls(adapter) as count:
-                out = adapter.packed_velocity(calls)
-        finally:
-            handle.remove()
-        assert count.n == 2 and len(seen) == 2
-        assert all(torch.equal(o, r) for o, r in zip(out, ref))
-
-    def cache(blocks_fn, hidden, timestep):  # a pass-through feature cache
-        return blocks_fn()
-
-    with call_scope(cache), CountCalls(adapter) as count:
-        out = adapter.packed_velocity(calls)
-    assert count.n == 2 and all(torch.equal(o, r) for o, r in zip(out, ref))
+    tr = adapter.transformer
+    assert_falls_back_per_call(adapter, _calls(adapter, MIX_2, 3), [tr.transformer_blocks[1], tr.norm_out])
 
 
 def test_flags():
@@ -162,10 +141,7 @@ def test_inductor_packed_equals_eager_packed_and_a_new_mix_does_not_recompile():
         for i, mix in enumerate((MIX_1, MIX_2, MIX_3)):
             calls = _calls(adapter, mix, 10 + i)
             ref = adapter.packed_velocity(calls)               # eager packed (no impl)
-            with CountCalls(adapter) as count:
-                out = runner.packed(calls)
-            assert count.n == 0, "the compiled packed call fell back to per-call velocity"
-            assert rel_diff(out, ref) <= REL_TOL, f"mix {i + 1}: {rel_diff(out, ref):.3g}"
+            assert_packs(adapter, calls, ref, packed=runner.packed, label=f"mix {i + 1}")
             graphs.append(compile_stats()["unique_graphs"])
         assert graphs[2] == graphs[1], f"the third mix recompiled: unique graphs after each mix {graphs}"
         assert [n for n in runner.impl.compiled_blocks if n.endswith("_packed")] == ["qwen_image_block_packed"]

@@ -27,8 +27,8 @@ import torch
 from ralu_runtime.adapters import TokenGrid, VelocityCall, get_adapter
 from ralu_runtime.adapters.base import call_scope
 from ralu_runtime.tiny.z_image import build_tiny_z_image_pipeline
-from mode_helpers import (REL_TOL, CountCalls, OneRank, PaddedLayout, pad_by, parallel_config, per_call, rel_diff,
-                          stage_grid, assert_ranks_match)
+from mode_helpers import (REL_TOL, OneRank, PaddedLayout, assert_falls_back_per_call, assert_packs,
+                          assert_ranks_match, pad_by, parallel_config, per_call, rel_diff, stage_grid)
 
 WORKER = f"{__name__}:_gloo_worker"
 
@@ -110,11 +110,8 @@ def test_packed_equals_per_call_velocity(pipe):
     calls = _calls(adapter, MIX_1, seed=0)
     assert calls[1].cond.data["cap_tc"] == (32, 96, 64, 32)  # masked in its unpacked call
     ref = per_call(adapter, calls)
-    with CountCalls(adapter) as count:
-        out = adapter.packed_velocity(calls)
-    assert count.n == 0, "the packed path fell back to per-call velocity"
-    assert [o.shape for o in out] == [r.shape for r in ref] and all(o.dtype == torch.float32 for o in out)
-    assert rel_diff(out, ref) <= REL_TOL, f"{rel_diff(out, ref):.3g}"
+    out = assert_packs(adapter, calls, ref)
+    assert all(o.dtype == torch.float32 for o in out)
     # a call's result does not depend on its neighbours
     other = _calls(adapter, MIX_1, seed=1)
     again = adapter.packed_velocity([other[0], calls[1], other[2], calls[3]])
@@ -144,19 +141,7 @@ def test_packed_cfg_truncation_and_normalization_per_call(pipe):
 def test_packed_falls_back_for_hooks_and_caches(pipe):
     adapter = get_adapter(pipe)
     calls = _calls(adapter, MIX_2, seed=2)
-    ref = per_call(adapter, calls)
-    seen = []
-    handle = adapter.transformer.all_final_layer["2-1"].register_forward_pre_hook(lambda *a: seen.append(1))
-    try:
-        with CountCalls(adapter) as count:
-            out = adapter.packed_velocity(calls)
-    finally:
-        handle.remove()
-    assert count.n == 2 and len(seen) == 2  # unpacked, and the hook ran in each call
-    assert all(torch.equal(o, r) for o, r in zip(out, ref))
-    with call_scope(lambda blocks, hidden, timestep: blocks()), CountCalls(adapter) as count:
-        adapter.packed_velocity(calls)
-    assert count.n == 2
+    assert_falls_back_per_call(adapter, calls, [adapter.transformer.all_final_layer["2-1"]])
 
 
 @torch.no_grad()
@@ -188,10 +173,7 @@ def test_inductor_packed_equals_eager_packed_and_a_new_mix_compiles_nothing():
         for i, mix in enumerate((MIX_1, MIX_2, MIX_3)):
             calls = _calls(adapter, mix, seed=10 + i)
             ref = adapter.packed_velocity(calls)  # eager packed
-            with CountCalls(adapter) as count:
-                out = runner.packed(calls)
-            assert count.n == 0
-            assert rel_diff(out, ref) <= REL_TOL, f"mix {i + 1}: {rel_diff(out, ref):.3g}"
+            assert_packs(adapter, calls, ref, packed=runner.packed, label=f"mix {i + 1}")
             counts.append(compile_stats()["unique_graphs"])
         assert counts[2] == counts[1], f"the third mix recompiled: unique graphs after each mix {counts}"
         assert runner.impl.compiled_blocks == ["z_image_block_packed"]
