@@ -25,6 +25,8 @@ guards a view argument's base, so block 0 used to compile a graph of its own and
 (FLUX.1's double blocks, Qwen-Image, HunyuanVideo 1.5: a cold compile traced the kind twice). The block stack now
 hands its first state over as non-views (an alias under no_grad): after a whole RALU call (three stages, two token
 counts) each family has exactly one graph per block kind, counted on models with several blocks of each kind.
+Likewise the joined sequence entering FLUX's single blocks (a view in the packed layout): packed FLUX compiles two
+graphs, not three.
 """
 from __future__ import annotations
 
@@ -132,6 +134,10 @@ def test_packed_flux_blocks_have_static_model_dims():
         uncompile_adapter(pipe)
     assert compiled == ["flux_double_packed", "flux_single_packed"]
     assert not rec.bad, f"symbolic feature dimensions in packed blocks: {rec.bad[:6]}"
+    # the packed join of text and image (a view of the gathered rows) enters the single blocks as a non-view: both
+    # single blocks share one graph (a view would give the first its own)
+    assert len(pipe.transformer.single_transformer_blocks) >= 2
+    assert rec.graphs == 2, f"{rec.graphs} graphs for the 2 packed block kinds"
 
 
 # models with several blocks of each kind; graphs after a whole RALU call (the block kinds: FLUX.1 double and single,

@@ -199,6 +199,37 @@ class BlockStack(SplitBlocks):
         return self.ex.whole(self.local(), self.stream)
 
 
+def double_then_single_stack(ex, n_double: int, n_single: int, double_step: Callable, single_step: Callable,
+                             text: torch.Tensor, image: torch.Tensor, stream: int) -> BlockStack:
+    """The :class:`BlockStack` of a FLUX-style transformer (FLUX.1, FLUX.2) in mode ``ex``: ``n_double``
+    double-stream blocks on ``(text, image)``, then ``n_single`` single-stream blocks on the joined sequence
+    ``ex.join(text, image)``.
+
+    ``double_step(i, text, image) -> (text, image)`` runs double block ``i``; ``single_step(j, joined) -> joined``
+    runs single block ``j``. Hidden states are ``(B, T, D)`` text and ``(B, L, D)`` image rows in ``ex``'s layout.
+    The joined sequence enters the first single block as a tensor that is not a view
+    (:func:`~ralu_runtime.execution.call.not_a_view`), so every single block shares one compiled graph. ``stream``:
+    the image stream's index for ``ex.whole``."""
+    text_len = text.shape[1]
+
+    def run(state, start, stop):  # blocks [start, stop) on (text, image, joined-or-None)
+        e, h, x = state
+        for i in range(start, stop):
+            if i < n_double:
+                e, h = double_step(i, e, h)
+                continue
+            if x is None:
+                x = not_a_view(ex.join(e, h))
+            x = single_step(i - n_double, x)
+        return e, h, x
+
+    def image_rows(state):
+        e, h, x = state
+        return h if x is None else ex.split(x, text_len)[1]
+
+    return BlockStack(run, n_double + n_single, (text, image, None), image_rows, ex, stream)
+
+
 @dataclass
 class Conditioning:
     """Encoded prompts of a batch of ``batch`` images; ``data`` is adapter-specific."""

@@ -28,13 +28,12 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from ..execution.call import not_a_view
 from ..execution.modes import DENSE, JOINT, Mode
 from ..execution.packing import (HostSegments, Packed, PackedExecution, PackedSegments, can_pack, pad_rows,
                                  split_calls, static_attention)
 from ..execution.sharding import Sharded
-from .base import (EAGER, BlockStack, Conditioning, DiTAdapter, ModelImpl, TokenGrid, VelocityCall, call_with_hooks,
-                   check_blocks, check_velocity_calls, current_sharding, named_blocks)
+from .base import (EAGER, Conditioning, DiTAdapter, ModelImpl, TokenGrid, VelocityCall, call_with_hooks, check_blocks,
+                   check_velocity_calls, current_sharding, double_then_single_stack, named_blocks)
 from .common import ADDED_QKV, QKV, apply_rope, projections
 
 from ..families import FAMILIES
@@ -261,39 +260,28 @@ class FluxAdapter(DiTAdapter):
         single = impl.block(ex.block_name("flux_single"), flux_single_block)
         doubles = [(blk, (impl.fused(blk.attn, QKV), impl.fused(blk.attn, ADDED_QKV))) for blk in tr.transformer_blocks]
         singles = [(blk, (impl.fused(blk.attn, QKV),)) for blk in tr.single_transformer_blocks]
-        nd, text_len = len(doubles), enc.shape[1]
+        text_len = enc.shape[1]
 
-        def run(state, start, stop):  # blocks [start, stop) on (text, image, joined-or-None)
-            e, h, x = state
-            for i in range(start, stop):
-                if i < nd:
-                    blk, extra = doubles[i]
-                    args = (blk, h, e, temb, rope, ex, *extra)
-                    if blk._forward_hooks or blk._forward_pre_hooks:
-                        e, h = call_with_hooks(blk, double, args, dict(hidden_states=h, encoder_hidden_states=e,
-                                                                       temb=temb, image_rotary_emb=rope))
-                    else:
-                        e, h = double(*args)
-                    continue
-                blk, extra = singles[i - nd]
-                if x is None:  # the single-stream blocks run on the joined sequence
-                    x = not_a_view(ex.join(e, h))  # not a view: every single block gets one graph
-                args = (blk, x, temb, rope, ex, *extra)
-                if blk._forward_hooks or blk._forward_pre_hooks:  # hooks see diffusers' (text, image) interface
-                    e2, h2 = ex.split(x, text_len)
-                    e2, h2 = call_with_hooks(blk, lambda *a: ex.split(single(*a), text_len), args,
-                                             dict(hidden_states=h2, encoder_hidden_states=e2, temb=temb,
-                                                  image_rotary_emb=rope))
-                    x = ex.join(e2, h2)
-                else:
-                    x = single(*args)
-            return e, h, x
+        def double_step(i, e, h):
+            blk, extra = doubles[i]
+            args = (blk, h, e, temb, rope, ex, *extra)
+            if blk._forward_hooks or blk._forward_pre_hooks:
+                return call_with_hooks(blk, double, args, dict(hidden_states=h, encoder_hidden_states=e, temb=temb,
+                                                               image_rotary_emb=rope))
+            return double(*args)
 
-        def image(state):
-            e, h, x = state
-            return h if x is None else ex.split(x, text_len)[1]
+        def single_step(j, x):
+            blk, extra = singles[j]
+            args = (blk, x, temb, rope, ex, *extra)
+            if blk._forward_hooks or blk._forward_pre_hooks:  # hooks see diffusers' (text, image) interface
+                e2, h2 = ex.split(x, text_len)
+                e2, h2 = call_with_hooks(blk, lambda *a: ex.split(single(*a), text_len), args,
+                                         dict(hidden_states=h2, encoder_hidden_states=e2, temb=temb,
+                                              image_rotary_emb=rope))
+                return ex.join(e2, h2)
+            return single(*args)
 
-        stack = BlockStack(run, nd + len(singles), (enc, hidden, None), image, ex, IMAGE)
+        stack = double_then_single_stack(ex, len(doubles), len(singles), double_step, single_step, enc, hidden, IMAGE)
         hidden = self.run_stack(stack, hidden, timestep)
         return ex.call(tr.proj_out, ex.ada_norm(tr.norm_out, hidden, temb, IMAGE))
 

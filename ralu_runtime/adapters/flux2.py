@@ -51,13 +51,13 @@ import numpy as np
 import torch
 
 from ..families import FAMILIES
-from ..execution.call import not_a_view, static_dims
+from ..execution.call import static_dims
 from ..execution.modes import DENSE, JOINT, Mode
 from ..execution.packing import (HostSegments, Packed, PackedExecution, PackedSegments, can_pack, pad_rows,
                                  split_calls, static_attention)
 from ..execution.sharding import Sharded
-from .base import (EAGER, BlockStack, Conditioning, DiTAdapter, ModelImpl, TokenGrid, VelocityCall, call_with_hooks,
-                   check_blocks, check_velocity_calls, current_cache, current_sharding, named_blocks,
+from .base import (EAGER, Conditioning, DiTAdapter, ModelImpl, TokenGrid, VelocityCall, call_with_hooks, check_blocks,
+                   check_velocity_calls, current_cache, current_sharding, double_then_single_stack, named_blocks,
                    scheduler_base_shift)
 from .common import ADDED_QKV, QKV, apply_rope
 from .flux import flux_attention
@@ -331,37 +331,25 @@ class Flux2Adapter(DiTAdapter):
                           _user_fused(blk.attn, "to_added_qkv") or impl.fused(blk.attn, ADDED_QKV)))
                    for blk in tr.transformer_blocks]
         singles = list(tr.single_transformer_blocks)
-        nd, text_len = len(doubles), enc.shape[1]
 
-        def run(state, start, stop):  # blocks [start, stop) on (text, image, joined-or-None)
-            e, h, x = state
-            for i in range(start, stop):
-                if i < nd:
-                    blk, projections = doubles[i]
-                    args = (blk, h, e, mod_img, mod_txt, rope, ex, *projections)
-                    if blk._forward_hooks or blk._forward_pre_hooks:
-                        e, h = call_with_hooks(blk, double, args, dict(
-                            hidden_states=h, encoder_hidden_states=e, temb_mod_img=mod_img, temb_mod_txt=mod_txt,
-                            image_rotary_emb=rope))
-                    else:
-                        e, h = double(*args)
-                    continue
-                if x is None:  # the single-stream blocks run on the joined sequence
-                    x = not_a_view(ex.join(e, h))  # not a view: every single block gets one graph
-                blk = singles[i - nd]
-                args = (blk, x, mod_single, rope, ex)
-                if blk._forward_hooks or blk._forward_pre_hooks:
-                    x = call_with_hooks(blk, single, args, dict(hidden_states=x, encoder_hidden_states=None,
-                                                                temb_mod=mod_single, image_rotary_emb=rope))
-                else:
-                    x = single(*args)
-            return e, h, x
+        def double_step(i, e, h):
+            blk, projections = doubles[i]
+            args = (blk, h, e, mod_img, mod_txt, rope, ex, *projections)
+            if blk._forward_hooks or blk._forward_pre_hooks:
+                return call_with_hooks(blk, double, args, dict(
+                    hidden_states=h, encoder_hidden_states=e, temb_mod_img=mod_img, temb_mod_txt=mod_txt,
+                    image_rotary_emb=rope))
+            return double(*args)
 
-        def image(state):
-            e, h, x = state
-            return h if x is None else ex.split(x, text_len)[1]
+        def single_step(j, x):
+            blk = singles[j]
+            args = (blk, x, mod_single, rope, ex)
+            if blk._forward_hooks or blk._forward_pre_hooks:  # the joined sequence, as diffusers' FLUX.2 passes it
+                return call_with_hooks(blk, single, args, dict(hidden_states=x, encoder_hidden_states=None,
+                                                               temb_mod=mod_single, image_rotary_emb=rope))
+            return single(*args)
 
-        stack = BlockStack(run, nd + len(singles), (enc, hidden, None), image, ex, IMAGE)
+        stack = double_then_single_stack(ex, len(doubles), len(singles), double_step, single_step, enc, hidden, IMAGE)
         hidden = self.run_stack(stack, hidden, timestep)
         return ex.call(tr.proj_out, ex.ada_norm(tr.norm_out, hidden, temb, IMAGE))
 
