@@ -34,7 +34,11 @@ transition kernel, Triton and the CUDA op ``ralu_kernels._C`` against the torch 
 video lengths (Wan 480p x 81 frames: 32 760 tokens); varlen attention at 32 760 + 12 480 + 7 800 tokens against
 per-segment SDPA; ``copy_same_bytes`` as bench_transition.py runs it) and ``editing`` (``benchmarks/smoke_editing.py``,
 FLUX.1-dev shape: img2img, inpainting, Kontext, Fill and control against their diffusers pipelines, RALU eager, and
-compiled with CUDA graphs equal to eager: the conditioning channels and the reference tokens as graph inputs).
+compiled with CUDA graphs equal to eager: the conditioning channels and the reference tokens as graph inputs) and
+``precision`` (FLUX.1-dev shape: ``precision="fp8"`` with ralu's ``torch._scaled_mm`` kernel and with torchao's
+where importable, against bf16 within the fp8 tolerance; fp8 compiled with inductor and CUDA graphs against eager
+fp8, no recompile, the user's parameters as found; ``attn_backend="measure"``: backends timed per attention shape,
+one chosen per stage signature, latents equal to bf16's; see :func:`precision_job`).
 
 Tolerance (relative L2 error ``||a - b|| / ||b||`` of the latents): **bf16: 5e-2**; fp32 (the CPU dry run): 1e-4.
 Why 5e-2: bf16 rounds to 8 significant bits (unit roundoff 2^-8 = 3.9e-3); two bf16 evaluations of the same model
@@ -78,9 +82,9 @@ benchmarks/results/gpu_suite_nvidia-h200_2026-12-04.log); the block functions' p
 sharing 16 cores gives 60 s for FLUX.1-dev, and the others scale by their CPU cold-compile time relative to FLUX.1's
 (``--measure-compile`` on the dry-size models, 2-core CPU: FLUX.1 102 s, FLUX.2 121, Qwen-Image 105, Z-Image 76,
 Wan 99, HunyuanVideo 1.5 131, Chroma 183, SD3.5 Medium 216; dynamo tracing alone 15-40 s there, ~20 s expected on
-the GPU machine). Process start and build ~20 s, eager checks a few seconds each. The sum is ~1490 s of job time;
-8 workers, longest job first, finish in ~210 s if the estimates hold; every check has a hard limit of 2.5x its
-expected seconds + 30 s.
+the GPU machine). Process start and build ~20 s, eager checks a few seconds each. The sum is ~1810 s of job time;
+8 workers, the kernel checks first and then the longest job first, finish in ~270 s if the estimates hold (the
+``precision`` job adds ~30 s of that); every check has a hard limit of 2.5x its expected seconds + 30 s.
 
 Output (``--out``, and ``--mirror``): ``smoke_<device>.json`` (rewritten after every finished check: a run cut off
 still returns what finished; each row: path, job, result, seconds, error, tol, expected_s, note, info), the log
@@ -122,6 +126,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 TOL = {"bfloat16": 5e-2, "float32": 1e-4}
+FP8_TOL = {"bfloat16": 0.1, "float32": 0.05}  # fp8 linears against the model's dtype (see precision_job)
 KERNEL_TOL = {"transition": {"bfloat16": 2e-3, "float32": 1e-4}, "attention": {"bfloat16": 2e-2, "float32": 1e-5}}
 PARITY_STEPS = 4
 DRY_PARITY_STEPS = 3
@@ -150,6 +155,8 @@ FAMILY_CHECKS = ("build", "parity_diffusers", "ralu_eager", "compiled_baseline",
 SERVING_CHECKS = [("build", 20.0), ("references", 6.0), ("engine_packed_graphs", 75.0), ("second_mix", 8.0)]
 KERNEL_CHECKS = [("startup", 12.0), ("transition_triton", 6.0), ("transition_cuda_op", 3.0), ("varlen_attention", 4.0),
                  ("copy_same_bytes", 2.0)]
+PRECISION_CHECKS = [("build", 20.0), ("references", 8.0), ("fp8_eager", 10.0), ("fp8_torchao", 10.0),
+                    ("fp8_compiled", 80.0), ("fp8_no_recompile", 5.0), ("attn_measure", 30.0)]
 
 
 # the harness's own test jobs (tests/test_gpu_smoke.py): run only when named in --only
@@ -171,6 +178,8 @@ def jobs() -> list[Job]:
                    dry_s=DRY_SECONDS["serving"]))
     out.append(Job("kernels", "transition kernels, varlen attention, copy", list(KERNEL_CHECKS), "-",
                    dry_s=DRY_SECONDS["kernels"]))
+    out.append(Job("precision", "fp8 linears and the measured attention backend, FLUX.1-dev shape",
+                   list(PRECISION_CHECKS), "inductor", dry_s=DRY_SECONDS["precision"]))
     from benchmarks.smoke_editing import EDIT_CHECKS
 
     out.append(Job("editing", "editing: img2img, inpainting, Kontext, Fill, control (FLUX.1-dev shape)",
@@ -182,7 +191,7 @@ def jobs() -> list[Job]:
 DRY_SECONDS = {"flux-dev": 20.0, "flux-schnell": 18.0, "sd3-medium": 22.0, "sd35-large": 20.0, "sd35-medium": 25.0,
                "flux2-dev": 20.0, "flux2-klein": 16.0, "qwen-image": 25.0, "z-image": 25.0, "z-image-turbo": 20.0,
                "chroma": 22.0, "wan21": 25.0, "wan22": 30.0, "hunyuan-video15": 35.0, "serving": 30.0,
-               "kernels": 25.0, "editing": 30.0}
+               "kernels": 25.0, "editing": 30.0, "precision": 30.0}
 
 
 # ================================================================================================ worker side
@@ -317,7 +326,7 @@ def _regions_agree(a, b) -> tuple[int, int]:
 
 
 LEVELS = ("inductor", "dynamo", "eager")
-DRY_TRACED = ("flux-dev", "serving")  # the dry run's jobs at the dynamo level (the others: eager, see _level)
+DRY_TRACED = ("flux-dev", "serving", "precision")  # the dry run's jobs at the dynamo level (the others: eager, see _level)
 
 
 def compile_backend(level: str, fam_compile_vae: bool, cuda: bool) -> tuple[str, dict]:
@@ -769,6 +778,153 @@ def kernels_job(ctx: Ctx, rec: Recorder) -> None:
         run_check(rec, "copy_same_bytes", copy, needs=("startup",))
 
 
+def _param_state(module) -> list:
+    """Identity, storage, version and dtype of every parameter of ``module`` (what ralu must leave as found)."""
+    return [(n, id(p), p.data_ptr(), p._version, p.dtype) for n, p in module.named_parameters()]
+
+
+def precision_job(ctx: Ctx, rec: Recorder) -> None:
+    """The ``precision`` job (FLUX.1-dev shape, as the flux-dev job builds it): ``precision="fp8"`` and
+    ``attn_backend="measure"`` on the GPU. Every comparison runs RALU 7x with every coarse token upsampled at e_1
+    (ratio 1: no region choice that could differ), the same seed.
+
+    ``references``        the model's dtype (bf16), eager runner: the reference latents; the parameters' state
+    ``fp8_eager``         fp8 linears with ralu's ``torch._scaled_mm`` kernel (a dry run: the fp32 emulation), eager:
+                          within FP8_TOL of the reference; block Linears quantized (the runner's report)
+    ``fp8_torchao``       the same with torchao's kernel where torchao is importable (else skipped): within FP8_TOL
+                          of the reference and of the scaled_mm run
+    ``fp8_compiled``      fp8 with the kernel ``auto`` picks, compiled at the job's level (inductor on the GPU) with
+                          CUDA graphs: within the dtype's tolerance of the eager run of that kernel
+    ``fp8_no_recompile``  a second compiled fp8 call (another seed): no new dynamo graph, no new capture; the user's
+                          parameters as found (identity, storage, version)
+    ``attn_measure``      ``attn_backend="measure"`` (dynamo level, CUDA graphs): the backends timed on the call's
+                          attention shapes, one chosen per stage signature (reported), latents within the dtype's
+                          tolerance of the reference on the measuring call and on the next
+
+    FP8_TOL (relative L2 of the latents): bf16 0.1, fp32 0.05. Measured on the CPU (tests/test_fp8.py, tiny random
+    FLUX, 3 stages): 0.27 % (fp32) and 0.48 % (bf16) on the final latents, 0.4-0.8 % per model call; e4m3 keeps 3
+    mantissa bits (unit roundoff 2^-4), per-row and per-token scales keep the products' errors at about that per
+    call. The bound leaves room for full width and bf16 (5e-2 alone) and still fails a wrong scale, a transposed or
+    stale weight or a missing bias (O(1) errors).
+    """
+    import torch
+
+    from benchmarks import smoke_families as SF
+    from ralu_runtime import generate
+    from ralu_runtime.adapters import get_adapter
+    from ralu_runtime.compile import attention_report, compile_stats, uncompile_adapter
+    from ralu_runtime.compile.fp8 import resolve_kernel
+
+    fam = SF.FAMILIES["flux-dev"]
+    dev, dt = ctx.device, ctx.dtype
+    st: dict = {}
+    size = SF.sizes(fam, ctx.dry)
+    lat = dict(size, guidance_scale=fam.guidance, output_type="latent", progress=False, edge_detector="gpu")
+    level = _level(ctx, "precision", "inductor")
+    backend, opts = compile_backend(level, False, ctx.cuda)
+    fp8_tol = FP8_TOL[ctx.dtype_name()]
+    eager_kernel = "scaled_mm" if ctx.cuda else "emulated"       # the CPU's _scaled_mm is slower than the emulation
+    compiled_kernel = resolve_kernel("auto", dev) if ctx.cuda else "emulated"
+
+    def fp8(kernel, **extra):
+        return dict(precision="fp8", compile_options={"fp8_kernel": kernel, **extra})
+
+    def build(c: Check):
+        st["pipe"] = SF.build(fam, "dry" if ctx.dry else "smoke", dev, dt)
+        st["emb"] = SF.embeds(fam, st["pipe"], 1, ctx.dry, dev, dt, seed=0)
+        c.info.update(size=size, dtype=ctx.dtype_name(), level=level, compile_options=opts,
+                      kernels={"eager": eager_kernel, "compiled": compiled_kernel})
+
+    def references(c: Check):
+        pipe, emb = st["pipe"], st["emb"]
+        sched = generate(pipe, **emb, speedup="7x", seed=0, **lat).schedule
+        st["pinned"] = dataclasses.replace(sched, ratio=1.0, name=f"{sched.name} (ratio 1)")
+        st["ref"] = generate(pipe, **emb, speedup=st["pinned"], seed=13, **lat).images
+        c.expect(_finite(st["ref"]), "reference latents are not finite")
+        st["params"] = _param_state(pipe.transformer)
+        c.info["schedule_steps"] = list(st["pinned"].steps)
+
+    def run_fp8(kernel, backend_, seed=13, **extra):
+        return generate(st["pipe"], **st["emb"], speedup=st["pinned"], seed=seed, **lat, backend=backend_,
+                        **fp8(kernel, **extra)).images
+
+    def fp8_eager(c: Check):
+        out = run_fp8(eager_kernel, "eager", cuda_graphs=ctx.cuda)
+        report = get_adapter(st["pipe"]).runner.report()
+        c.compare(out, st["ref"], f"fp8 {eager_kernel} vs {ctx.dtype_name()}")
+        c.expect(report["fp8_layers"] > 0, "no Linear was quantized")
+        c.info.update(kernel=eager_kernel, fp8_layers=report["fp8_layers"], fp8_mib=report["fp8_mib"])
+        st[("fp8", eager_kernel)] = out
+
+    def fp8_torchao(c: Check):
+        if not ctx.cuda:
+            raise Skip("torchao's fp8 kernel runs on CUDA only")
+        try:
+            resolve_kernel("torchao", dev)
+        except ImportError as exc:
+            raise Skip(f"torchao not importable ({exc}); carry its wheel (docs/gpu.md)") from exc
+        out = run_fp8("torchao", "eager", cuda_graphs=True)
+        c.compare(out, st["ref"], f"fp8 torchao vs {ctx.dtype_name()}")
+        if ("fp8", "scaled_mm") in st:
+            c.compare(out, st[("fp8", "scaled_mm")], "torchao vs scaled_mm")
+        c.info["fp8_layers"] = get_adapter(st["pipe"]).runner.report()["fp8_layers"]
+        st[("fp8", "torchao")] = out
+
+    def fp8_compiled(c: Check):
+        ref = st.get(("fp8", compiled_kernel))
+        if ref is None:
+            raise Skip(f"no eager fp8 run of the {compiled_kernel} kernel to compare with")
+        g0 = compile_stats()["unique_graphs"]
+        t0 = time.perf_counter()
+        out = run_fp8(compiled_kernel, backend, **opts)
+        runner = get_adapter(st["pipe"]).runner
+        st["runner"] = runner
+        c.compare(out, ref, f"compiled vs eager fp8 ({compiled_kernel})")
+        c.info.update(kernel=compiled_kernel, first_call_s=round(time.perf_counter() - t0, 2),
+                      graphs=compile_stats()["unique_graphs"] - g0, builds=len(runner.builds),
+                      applied={k: runner.applied.get(k) for k in ("precision", "cuda_graphs", "fused_qkv")})
+        c.expect(runner.applied.get("precision") == "fp8", f"precision {runner.applied.get('precision')}")
+        c.expect(runner.applied["cuda_graphs"] == ctx.cuda, f"CUDA graphs {runner.applied['cuda_graphs']}")
+
+    def fp8_no_recompile(c: Check):
+        runner = st["runner"]
+        g0, b0 = compile_stats()["unique_graphs"], len(runner.builds)
+        out = run_fp8(compiled_kernel, backend, seed=17, **opts)
+        c.expect(_finite(out), "latents are not finite")
+        graphs, captures = compile_stats()["unique_graphs"] - g0, len(runner.builds) - b0
+        c.info.update(new_graphs=graphs, new_captures=captures)
+        c.expect(graphs == 0, f"{graphs} new dynamo graph(s) on a second fp8 call")
+        c.expect(captures == 0, f"{captures} new CUDA-graph capture(s) on a second fp8 call")
+        c.expect(_param_state(st["pipe"].transformer) == st["params"], "the user's parameters changed")
+
+    def attn_measure(c: Check):
+        uncompile_adapter(st["pipe"])
+        m_backend, m_opts = compile_backend("eager" if level == "eager" else "dynamo", False, ctx.cuda)
+        m_opts = {**m_opts, "attn_backend": "measure"}
+        kw = dict(speedup=st["pinned"], seed=13, **lat, backend=m_backend, compile_options=m_opts)
+        first = generate(st["pipe"], **st["emb"], **kw).images
+        again = generate(st["pipe"], **st["emb"], **kw).images
+        c.compare(first, st["ref"], "measuring call")
+        c.compare(again, st["ref"], "next call")
+        choices = get_adapter(st["pipe"]).runner.attention_choices()
+        c.expect(bool(choices), "no attention choice recorded")
+        c.expect(all(ch["backend"] != "auto" for ch in choices), "a signature fell back to 'auto' (nothing ran)")
+        c.info.update(choices=[{"backend": ch["backend"], "tokens_shape": ch.get("tokens_shape"),
+                                "total_ms": ch.get("total_ms")} for ch in choices],
+                      measured=[{"shape": r["describe"], "ms": r["ms"], "best": r["best"],
+                                 "skipped": sorted(r["skipped"])} for r in attention_report(dev)])
+        uncompile_adapter(st["pipe"])
+
+    with torch.no_grad():
+        run_check(rec, "build", build, needs=())
+        run_check(rec, "references", references)
+        run_check(rec, "fp8_eager", fp8_eager, tol=fp8_tol, needs=("references",))
+        run_check(rec, "fp8_torchao", fp8_torchao, tol=fp8_tol, needs=("references",))
+        run_check(rec, "fp8_compiled", fp8_compiled, tol=ctx.tol, needs=("references",))
+        run_check(rec, "fp8_no_recompile", fp8_no_recompile, needs=("fp8_compiled",))
+        run_check(rec, "attn_measure", attn_measure, tol=ctx.tol, needs=("references",))
+
+
 def selftest_job(job: str, rec: Recorder) -> None:
     """The harness's own checks (no torch): every result kind, a hang, a crash."""
     def fail(c):
@@ -829,6 +985,8 @@ def worker_main(args) -> int:
             kernels_job(ctx, rec)
         elif job == "editing":
             editing_job(ctx, rec)
+        elif job == "precision":
+            precision_job(ctx, rec)
         else:
             family_job(job, ctx, rec)
         rec.emit(event="done", job=job, t=time.time())

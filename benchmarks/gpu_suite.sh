@@ -2,7 +2,7 @@
 # GPU verification suite (see benchmarks/gpu_suite.py for the steps). On the GPU machine:
 #
 #   bash benchmarks/gpu_suite.sh [--smoke] [--budget 480] [--only a,b] [--skip a,b]
-#   RALU_COMMIT=<sha> bash benchmarks/gpu_suite.sh --smoke --only build,smoke --budget 300   # the smoke step (~4.7 min)
+#   RALU_COMMIT=<sha> bash benchmarks/gpu_suite.sh --smoke --only build,smoke --budget 330   # the smoke step (~5 min)
 #   bash benchmarks/gpu_suite.sh --only build,latency_video --budget 530   # full-size Wan 480p video, own call
 #
 # RALU_COMMIT: the commit measured, recorded in smoke_<device>.json where the copy has no .git.

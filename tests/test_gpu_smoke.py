@@ -41,7 +41,8 @@ def test_smoke_dry_run_through_the_suite(tmp_path):
     expected = {f"{j.name}/{c}" for j in G.jobs() for c, _ in j.checks}
     assert set(rows) == expected
     bad = {p: (r["result"], r["note"]) for p, r in rows.items() if r["result"] != "ok"}
-    assert bad == {"kernels/transition_cuda_op": ("skipped", "CPU: the CUDA op needs a GPU")}, bad
+    assert bad == {"kernels/transition_cuda_op": ("skipped", "CPU: the CUDA op needs a GPU"),
+                   "precision/fp8_torchao": ("skipped", "torchao's fp8 kernel runs on CUDA only")}, bad
     for path in ("flux-dev/parity_diffusers", "chroma/text_masks_graphs", "serving/engine_packed_graphs",
                  "kernels/transition_triton", "kernels/varlen_attention"):
         assert rows[path]["error"] is not None and rows[path]["error"] <= rows[path]["tol"], rows[path]
@@ -59,7 +60,12 @@ def test_smoke_dry_run_through_the_suite(tmp_path):
     assert any(n.startswith("gpu_suite/logs/smoke/") for n in names)
     claims = {c["claim"]: c for c in summary["claims"]}
     top = next(c for name, c in claims.items() if name.startswith("smoke: every GPU path"))
-    assert top["measured"].startswith(f"{len(expected) - 1} ok, 1 skipped"), top
+    assert top["measured"].startswith(f"{len(expected) - 2} ok, 2 skipped"), top
+    # fp8 really ran (the emulation on the CPU), compiled (traced) fp8 and the measured attention backend too
+    assert 0 < rows["precision/fp8_eager"]["error"] <= rows["precision/fp8_eager"]["tol"]
+    assert rows["precision/fp8_eager"]["info"]["fp8_layers"] > 0
+    assert rows["precision/fp8_compiled"]["info"]["graphs"] > 0
+    assert rows["precision/attn_measure"]["info"]["choices"]
     assert claims["smoke hunyuan-video15"]["measured"].startswith("8/8 ok")
 
 
