@@ -11,8 +11,9 @@ mixes, rank cases) and takes the mode plumbing from here.
 * :class:`OneRank`: a one-rank sharding plan without a process group (Sharded must equal Dense bitwise).
 * :class:`PaddedLayout`: eager packed calls on the static layout (what compiled / CUDA-graph calls get), padded as
   a bucket pads them, with random contents in the padding rows if asked.
-* :func:`parallel_config`, :func:`assert_ranks_match`: the gloo tests' ContextParallelConfig and their check of a
-  case (bitwise across ranks, within ATOL of one process).
+* :func:`parallel_config`, :func:`sharded_case`, :func:`assert_ranks_match`, :func:`assert_cases_match`: the gloo
+  tests' ContextParallelConfig, one case run on a rank, and the check of a case (bitwise across ranks, within ATOL of
+  one process).
 """
 from __future__ import annotations
 
@@ -195,6 +196,25 @@ def parallel_config(**kw):
     from diffusers import ContextParallelConfig
 
     return ContextParallelConfig(**kw)
+
+
+def sharded_case(pipe, parallel, par_kwargs: dict | None = None, **kwargs) -> dict:
+    """One case of a gloo worker (on each rank): ``generate(pipe, **kwargs)`` in this process (the reference) and
+    ``generate(pipe, **kwargs, **par_kwargs, parallel=parallel)``; their latents (``ref``, ``par``), masks (None
+    without ``return_masks``), feature-cache stats and the sharded run's ``(stage, tokens)`` records, as
+    :func:`assert_ranks_match` reads them."""
+    from ralu_runtime import generate
+
+    ref = generate(pipe, **kwargs)
+    par = generate(pipe, **kwargs, **(par_kwargs or {}), parallel=parallel)
+    return dict(ref=ref.images, par=par.images, ref_masks=ref.masks, par_masks=par.masks, ref_stats=ref.cache_stats,
+                par_stats=par.cache_stats, tokens=[(r.name, r.tokens) for r in par.records])
+
+
+def assert_cases_match(results: Sequence[dict]) -> None:
+    """:func:`assert_ranks_match` for every case of a gloo run (``results[r][case]``, rank 0's cases)."""
+    for case in results[0]:
+        assert_ranks_match([r[case] for r in results], case)
 
 
 def assert_ranks_match(ranks: Sequence[dict], label: str, atol: float = ATOL) -> float:

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from tiny_inputs import flux_embeds
-from mode_helpers import ATOL, OneRank, parallel_config
+from mode_helpers import ATOL, OneRank, parallel_config, sharded_case
 
 WORKER = f"{__name__}:"
 
@@ -98,11 +98,7 @@ def _flux_worker():
     out = {}
 
     def both(name, ref_kw, par_kw, cfg):
-        ref = generate(pipe, **emb, **base, **ref_kw)
-        par = generate(pipe, **emb, **base, **ref_kw, **par_kw, parallel=cfg)
-        out[name] = dict(ref=ref.images, par=par.images, ref_masks=ref.masks, par_masks=par.masks,
-                         ref_stats=ref.cache_stats, par_stats=par.cache_stats,
-                         tokens=[(r.name, r.tokens) for r in par.records])
+        out[name] = sharded_case(pipe, cfg, par_kw, **emb, **base, **ref_kw)
 
     # 128 x 128, 7x: stage 1 16 tokens, stage 2 19 (odd), stage 3 64; joint with 8 text tokens: 24, 27, 72 rows
     ralu7 = dict(height=128, width=128, speedup="7x", seed=3)

@@ -24,8 +24,8 @@ import torch
 from ralu_runtime.adapters import TokenGrid, VelocityCall, get_adapter
 from ralu_runtime.adapters.base import call_scope
 from ralu_runtime.tiny.flux2 import build_tiny_flux2_pipeline
-from mode_helpers import (REL_TOL, OneRank, PaddedLayout, assert_falls_back_per_call, assert_packs,
-                          assert_ranks_match, pad_by, parallel_config, per_call, rel_diff, stage_grid)
+from mode_helpers import (REL_TOL, OneRank, PaddedLayout, assert_cases_match, assert_falls_back_per_call, assert_packs,
+                          pad_by, parallel_config, per_call, rel_diff, sharded_case, stage_grid)
 
 WORKER = f"{__name__}:_gloo_worker"
 VARIANTS = {"dev": {}, "klein-base": {"klein": True}}
@@ -157,7 +157,7 @@ def _gloo_worker():
     """Every generate case of this rank count, sharded and in one process; returns latents, masks, cache stats."""
     import torch.distributed as dist
 
-    from ralu_runtime import RaluSchedule, generate
+    from ralu_runtime import RaluSchedule
     from ralu_runtime.tiny.flux2 import random_embeds
 
     world = dist.get_world_size()
@@ -178,20 +178,8 @@ def _gloo_worker():
              4: [("ulysses2_ring2", dev, emb, ralu7, parallel_config(ulysses_degree=2, ring_degree=2)),
                  ("cfg_ulysses4", base, cfg_other, dict(height=96, width=128, speedup=small, seed=7),
                   parallel_config(ulysses_degree=4, ulysses_anything=True))]}[world]
-    out = {}
-    for name, pipe, e, kw, parallel in cases:
-        base_kw = dict(output_type="latent", progress=False, return_masks=True, transition_impl="torch")
-        ref = generate(pipe, **e, **kw, **base_kw)
-        par = generate(pipe, **e, **kw, **base_kw, parallel=parallel)
-        out[name] = dict(ref=ref.images, par=par.images, ref_masks=ref.masks, par_masks=par.masks,
-                         ref_stats=ref.cache_stats, par_stats=par.cache_stats,
-                         tokens=[(r.name, r.tokens) for r in par.records])
-    return out
-
-
-def _check_ranks(results):
-    for case in results[0]:
-        assert_ranks_match([r[case] for r in results], case)
+    base = dict(output_type="latent", progress=False, return_masks=True, transition_impl="torch")
+    return {name: sharded_case(pipe, parallel, **e, **kw, **base) for name, pipe, e, kw, parallel in cases}
 
 
 @pytest.fixture(scope="module")
@@ -203,7 +191,7 @@ def two_ranks():
 
 @pytest.mark.slow
 def test_two_gloo_ranks_equal_one_process(two_ranks):
-    _check_ranks(two_ranks)
+    assert_cases_match(two_ranks)
     res = two_ranks[0]
     assert dict(res["ulysses"]["tokens"])["stage2"] == 19   # 12 text + 19 image rows: 16 / 15
     assert res["cfg_one_pass_taylorseer"]["par_stats"]["cached"] > 0
@@ -214,4 +202,4 @@ def test_two_gloo_ranks_equal_one_process(two_ranks):
 def test_four_gloo_ranks_equal_one_process():
     from ralu_runtime.parallel.launch import run_gloo
 
-    _check_ranks(run_gloo(WORKER, 4, timeout=500))
+    assert_cases_match(run_gloo(WORKER, 4, timeout=500))

@@ -27,7 +27,7 @@ import torch
 from ralu_runtime.adapters import TokenGrid, VelocityCall
 from ralu_runtime.execution.call import call_scope
 from mode_helpers import (REL_TOL, CountCalls, OneRank, PaddedLayout, assert_packs, assert_ranks_match, pad_by,
-                          parallel_config, per_call, rel_diff, stage_grid)
+                          parallel_config, per_call, rel_diff, sharded_case, stage_grid)
 
 BF16_TOL = 6e-2  # bf16 packed vs per call, relative (measured on a CPU: up to 3.5e-2 with MIX's CFG scales)
 WORKER = f"{__name__}:"
@@ -228,7 +228,6 @@ def test_inductor_packed_equals_eager_packed_and_a_new_mix_compiles_nothing():
 # ------------------------------------------------------------------------------------------------ gloo ranks
 def _worker(world: int):
     """Every case for ``world`` ranks: generate sharded and in one process (on every rank), plain tensors back."""
-    from ralu_runtime import generate
     from ralu_runtime.execution import sharding
     from ralu_runtime.adapters import get_adapter
     from ralu_runtime.adapters.sd3 import SkipLayerGuidance
@@ -250,11 +249,8 @@ def _worker(world: int):
 
     def both(name, pipe, kw, cfg):
         emb = random_embeds(pipe, kw.pop("batch", 1), TEXT, seed=3)
-        ref = generate(pipe, **emb, **base, **kw)
-        before = calls[0]
-        par = generate(pipe, **emb, **base, **kw, parallel=cfg)
-        out[name] = dict(ref=ref.images, par=par.images, ref_stats=ref.cache_stats, par_stats=par.cache_stats,
-                         tokens=[(r.name, r.tokens) for r in par.records], sharded_calls=calls[0] - before)
+        before = calls[0]  # the reference runs unsharded: only the sharded run's calls count
+        out[name] = dict(sharded_case(pipe, cfg, **emb, **base, **kw), sharded_calls=calls[0] - before)
 
     # SD3.5 Medium, 96 x 128, 3x: stage 1 12 image tokens, stage 2 18, stage 3 48; 7 text tokens (joint sequences of
     # 19, 25, 55 rows: odd), CFG batch 2, skip-layer guidance in stage 1's window

@@ -27,8 +27,8 @@ import torch
 from ralu_runtime.adapters import TokenGrid, VelocityCall, get_adapter
 from ralu_runtime.adapters.base import call_scope
 from ralu_runtime.tiny.z_image import build_tiny_z_image_pipeline
-from mode_helpers import (REL_TOL, OneRank, PaddedLayout, assert_falls_back_per_call, assert_packs,
-                          assert_ranks_match, pad_by, parallel_config, per_call, rel_diff, stage_grid)
+from mode_helpers import (REL_TOL, OneRank, PaddedLayout, assert_cases_match, assert_falls_back_per_call, assert_packs,
+                          pad_by, parallel_config, per_call, rel_diff, sharded_case, stage_grid)
 
 WORKER = f"{__name__}:_gloo_worker"
 
@@ -186,7 +186,7 @@ def _gloo_worker():
     """Every generate case of this rank count, sharded and in one process; returns latents, masks, cache stats."""
     import torch.distributed as dist
 
-    from ralu_runtime import RaluSchedule, generate
+    from ralu_runtime import RaluSchedule
 
     world = dist.get_world_size()
     pipe = build_tiny_z_image_pipeline(seed=0)
@@ -208,20 +208,8 @@ def _gloo_worker():
              4: [("masked_cfg_ulysses2_ring2", masked, ralu, parallel_config(ulysses_degree=2, ring_degree=2)),
                  ("masked_fbcache_ulysses4", masked, dict(height=64, width=96, speedup="4x", cache="fbcache:100"),
                   parallel_config(ulysses_degree=4, ulysses_anything=True))]}[world]
-    out = {}
-    for name, emb, kw, parallel in cases:
-        base = dict(output_type="latent", progress=False, return_masks=True, transition_impl="torch", seed=5)
-        ref = generate(pipe, **emb, **kw, **base)
-        par = generate(pipe, **emb, **kw, **base, parallel=parallel)
-        out[name] = dict(ref=ref.images, par=par.images, ref_masks=ref.masks, par_masks=par.masks,
-                         ref_stats=ref.cache_stats, par_stats=par.cache_stats,
-                         tokens=[(r.name, r.tokens) for r in par.records])
-    return out
-
-
-def _check_ranks(results):
-    for case in results[0]:
-        assert_ranks_match([r[case] for r in results], case)
+    base = dict(output_type="latent", progress=False, return_masks=True, transition_impl="torch", seed=5)
+    return {name: sharded_case(pipe, parallel, **emb, **kw, **base) for name, emb, kw, parallel in cases}
 
 
 @pytest.fixture(scope="module")
@@ -233,7 +221,7 @@ def two_ranks():
 
 @pytest.mark.slow
 def test_two_gloo_ranks_equal_one_process(two_ranks):
-    _check_ranks(two_ranks)
+    assert_cases_match(two_ranks)
     res = two_ranks[0]
     assert dict(res["masked_cfg_ulysses"]["tokens"])["stage2"] == 21
     assert res["masked_taylorseer"]["par_stats"]["cached"] > 0
@@ -245,4 +233,4 @@ def test_two_gloo_ranks_equal_one_process(two_ranks):
 def test_four_gloo_ranks_equal_one_process():
     from ralu_runtime.parallel.launch import run_gloo
 
-    _check_ranks(run_gloo(WORKER, 4, timeout=500))
+    assert_cases_match(run_gloo(WORKER, 4, timeout=500))
