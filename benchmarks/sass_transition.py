@@ -30,7 +30,8 @@ from ralu_kernels import transition as T  # noqa: E402
 _INSTR = re.compile(r"^\s+/\*([0-9a-f]{4,6})\*/\s+(.*?);")
 
 
-def _compile(arch: int, block_g: int, block_k: int, num_warps: int):
+def _compile(arch: int, block_g: int, block_k: int, num_warps: int, variant: str = "kernel",
+             maxnreg: int | None = None):
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
@@ -40,15 +41,18 @@ def _compile(arch: int, block_g: int, block_k: int, num_warps: int):
            "C": "i32", "num_up": "i32", "up_programs": "i32", "a": "fp32", "b": "fp32", "alpha": "fp32",
            "noise_std": "fp32", "pos_scale": "fp32", "child_step": "fp32", "BLOCK_G": "constexpr",
            "BLOCK_K": "constexpr", "BLOCK_C": "constexpr", "BLOCK_C4": "constexpr", "OUT_BF16": "constexpr",
-           "FAST": "constexpr"}
+           "FAST": "constexpr", "NOISE": "constexpr", "DIRECT": "constexpr", "TL_PHILOX": "constexpr"}
     names = list(sig)
     # what the JIT specialises at run time for 16-byte aligned pointers and C = 64
     aligned = ["x_ptr", "pos_ptr", "src_ptr", "group_ptr", "order_ptr", "seeds_ptr", "out_ptr", "pos_out_ptr", "C"]
     attrs = {(names.index(n),): [["tt.divisibility", 16]] for n in aligned}
-    const = dict(BLOCK_G=block_g, BLOCK_K=block_k, BLOCK_C=64, BLOCK_C4=16, OUT_BF16=True, FAST=True)
+    noise, direct, tl_philox = T.ABLATIONS[variant]  # "kernel": what the runtime launches
+    const = dict(BLOCK_G=block_g, BLOCK_K=block_k, BLOCK_C=64, BLOCK_C4=16, OUT_BF16=True, FAST=True, NOISE=noise,
+                 DIRECT=direct, TL_PHILOX=tl_philox)
     src = ASTSource(fn=T._stage_transition_kernel, signature=sig, attrs=attrs, constexprs=const)
-    return triton.compile(src, target=GPUTarget("cuda", arch, 32),
-                          options=dict(num_warps=num_warps, num_stages=1, enable_fp_fusion=False))
+    return triton.compile(src, target=GPUTarget("cuda", arch, 32),  # the launcher's options for the built-in tiles
+                          options=dict(num_warps=num_warps, num_stages=1, enable_fp_fusion=False,
+                                       maxnreg=maxnreg))
 
 
 def _cuobjdump() -> Path:
@@ -103,7 +107,8 @@ def main() -> None:
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for label, (bg, bk) in (("small", T._SMALL_TILES), ("large", T._LARGE_TILES)):
-            kern = _compile(args.arch, bg, bk, T._NUM_WARPS)
+            kern = _compile(args.arch, bg, bk, T._NUM_WARPS,
+                            maxnreg=T._MAX_REGISTERS if label == "large" else None)  # as the launcher does
             info = _analyse(kern.asm["cubin"], Path(tmp))
             per_thread = {"up": bg * 64 * 4 / threads, "kept": bk * 64 / threads}  # output elements
             for part in ("up", "kept"):
@@ -137,8 +142,27 @@ def main() -> None:
                  assumptions=f"{args.sms} SMs x 4 warp-instructions/cycle x {args.clock_ghz} GHz, "
                              f"{args.hbm_tbps} TB/s; real kernels reach less of both")
     print("model:", {k: (round(v, 2) if isinstance(v, float) else v) for k, v in model.items()})
+
+    # the timing ablations of transition_ablation (benchmarks/transition_ablation.py), large tiles: what each part of
+    # the work costs in instructions (the GPU times them; a static count is a hint, not a time)
+    ablations = []
+    with tempfile.TemporaryDirectory() as tmp:
+        bg, bk = T._LARGE_TILES
+        for variant in T.ABLATIONS:
+            info = _analyse(_compile(args.arch, bg, bk, T._NUM_WARPS, variant, T._MAX_REGISTERS).asm["cubin"],
+                            Path(tmp))
+            per_thread = {"up": bg * 64 * 4 / threads, "kept": bk * 64 / threads}
+            instr = sum(info[p]["instructions"] / per_thread[p] * n * 64
+                        for p, n in (("up", 4 * num_up), ("kept", kept)))
+            ablations.append(dict(variant=variant, up_instr_per_elem=info["up"]["instructions"] / per_thread["up"],
+                                  kept_instr_per_elem=info["kept"]["instructions"] / per_thread["kept"],
+                                  mufu_per_elem=info["up"]["mufu"] / per_thread["up"], registers=info["registers"],
+                                  issue_bound_us=instr / 32 / issue_rate * 1e6))
+    print("timing ablations (large tiles; issue-bound time of the bandwidth case):")
+    print_table(ablations, ["variant", "up_instr_per_elem", "kept_instr_per_elem", "mufu_per_elem", "registers",
+                            "issue_bound_us"])
     name = f"transition_sass_sm{args.arch}"
-    write_json(args.out, name, {"rows": rows, "model": model, "triton": triton.__version__,
+    write_json(args.out, name, {"rows": rows, "model": model, "ablations": ablations, "triton": triton.__version__,
                                 "notes": "static SASS of the compiled-GPU kernel variant, analysed without a GPU; "
                                          "instr_per_elem = SASS instructions per thread / output elements per thread"})
     bar_plot(args.out, name, [f"{r['tiles']}:{r['part']}" for r in rows], [r["instr_per_elem"] for r in rows],

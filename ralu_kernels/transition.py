@@ -291,6 +291,10 @@ _LARGE_TILES = (16, 64)   # (BLOCK_G, BLOCK_K) for C = 64; scaled by 64 / BLOCK_
 _SMALL_TILES = (4, 16)
 _MIN_PROGRAMS_FOR_LARGE = 264  # two waves of 132 SMs (H100)
 _NUM_WARPS = 4
+# Register cap of the built-in large tiles (ptxas .maxnreg): 64 keeps 8 programs of 4 warps per SM. The 64-bit Philox
+# products (_philox4x32_10) let ptxas use up to 80 registers for the large tiles (Triton 3.6 and 3.9, sm_90), which
+# would leave 6 programs per SM; capped at 64 they compile without spills (static SASS, no GPU run yet).
+_MAX_REGISTERS = 64
 
 
 def _tiles(num_up: int, kept: int, batch: int, block_c: int, block_c4: int) -> Tuple[int, int, int, int]:
@@ -323,9 +327,38 @@ if HAS_TRITON:
             return r * tl.cos(th), r * tl.sin(th)
 
     @triton.jit
-    def _normal4(seed, off, FAST: tl.constexpr):
-        """Four N(0, 1) float32 from one Philox4x32-10 call at int32 counter ``off`` (= tl.randn4x's)."""
-        w0, w1, w2, w3 = tl.randint4x(seed, off)
+    def _philox4x32_10(seed, off):
+        """``tl.randint4x(seed, off)`` for an int32 counter ``off`` (>= 0), bit for bit: Philox4x32-10 on the
+        counter ``(off, 0, 0, 0)`` with the key ``(seed & 0xffffffff, seed >> 32)``. Each round's two 32 x 32-bit
+        products are taken as one 64-bit product (``mul.wide.u32``: high and low word from one IMAD.WIDE) where
+        Triton's own computes the high word (``umulhi``) and the low word apart: fewer instructions, the same bits."""
+        seed = seed.to(tl.uint64)
+        k0 = (seed & 0xFFFFFFFF).to(tl.uint32)
+        k1 = (seed >> 32).to(tl.uint32)
+        c0 = off.to(tl.uint32)
+        zero = c0 * 0
+        c1 = zero
+        c2 = zero
+        c3 = zero
+        for _ in tl.static_range(10):
+            p0 = c2.to(tl.uint64) * 0xCD9E8D57  # PHILOX_ROUND_B
+            p1 = c0.to(tl.uint64) * 0xD2511F53  # PHILOX_ROUND_A
+            c0 = (p0 >> 32).to(tl.uint32) ^ c1 ^ k0
+            c2 = (p1 >> 32).to(tl.uint32) ^ c3 ^ k1
+            c1 = p0.to(tl.uint32)
+            c3 = p1.to(tl.uint32)
+            k0 = tl.add(k0, 0x9E3779B9, sanitize_overflow=False)  # PHILOX_KEY_A
+            k1 = tl.add(k1, 0xBB67AE85, sanitize_overflow=False)  # PHILOX_KEY_B
+        return c0, c1, c2, c3
+
+    @triton.jit
+    def _normal4(seed, off, FAST: tl.constexpr, TL_PHILOX: tl.constexpr = False):
+        """Four N(0, 1) float32 from one Philox4x32-10 call at int32 counter ``off`` (= tl.randn4x's).
+        ``TL_PHILOX``: Triton's own ``tl.randint4x`` (the same bits; a timing ablation)."""
+        if TL_PHILOX:
+            w0, w1, w2, w3 = tl.randint4x(seed, off)
+        else:
+            w0, w1, w2, w3 = _philox4x32_10(seed, off)
         n0, n1 = _box_muller(tl.random.uint_to_uniform_float(w0), tl.random.uint_to_uniform_float(w1), FAST)
         n2, n3 = _box_muller(tl.random.uint_to_uniform_float(w2), tl.random.uint_to_uniform_float(w3), FAST)
         return n0, n1, n2, n3
@@ -344,18 +377,28 @@ if HAS_TRITON:
     @triton.jit
     def _upsampled_groups(x_ptr, pos_ptr, src_ptr, group_ptr, order_ptr, out_ptr, pos_out_ptr, seed, img, pid,
                           src_len, dst_len, C, num_up, a, b, alpha, pos_scale, child_step,
-                          BLOCK_G: tl.constexpr, BLOCK_C: tl.constexpr, OUT_BF16: tl.constexpr, FAST: tl.constexpr):
-        """BLOCK_G upsampled groups x all C channels: one normal4 per (group, channel), 4 output rows."""
+                          BLOCK_G: tl.constexpr, BLOCK_C: tl.constexpr, OUT_BF16: tl.constexpr, FAST: tl.constexpr,
+                          NOISE: tl.constexpr, DIRECT: tl.constexpr, TL_PHILOX: tl.constexpr):
+        """BLOCK_G upsampled groups x all C channels: one normal4 per (group, channel), 4 output rows.
+        ``NOISE=False`` / ``DIRECT=True``: timing ablations only (wrong output, see :func:`transition_ablation`)."""
         img_rows = img * dst_len  # first output row of this image (int64)
         gi = pid * BLOCK_G + tl.arange(0, BLOCK_G)
         gmask = gi < num_up
         work = img_rows + 4 * gi.to(tl.int64)
-        r0 = img_rows + tl.load(order_ptr + work, mask=gmask, other=0)
-        r1 = img_rows + tl.load(order_ptr + work + 1, mask=gmask, other=0)
-        r2 = img_rows + tl.load(order_ptr + work + 2, mask=gmask, other=0)
-        r3 = img_rows + tl.load(order_ptr + work + 3, mask=gmask, other=0)
-        p = tl.load(src_ptr + r0, mask=gmask, other=0)
-        g = tl.load(group_ptr + r0, mask=gmask, other=0)
+        if DIRECT:  # rows, source and counter from the work index: no dependent loads of the maps
+            r0 = work
+            r1 = work + 1
+            r2 = work + 2
+            r3 = work + 3
+            p = gi % src_len
+            g = gi
+        else:
+            r0 = img_rows + tl.load(order_ptr + work, mask=gmask, other=0)
+            r1 = img_rows + tl.load(order_ptr + work + 1, mask=gmask, other=0)
+            r2 = img_rows + tl.load(order_ptr + work + 2, mask=gmask, other=0)
+            r3 = img_rows + tl.load(order_ptr + work + 3, mask=gmask, other=0)
+            p = tl.load(src_ptr + r0, mask=gmask, other=0)
+            g = tl.load(group_ptr + r0, mask=gmask, other=0)
         src_row = img * src_len + p.to(tl.int64)
         py = tl.load(pos_ptr + src_row * 2, mask=gmask, other=0.0)
         px = tl.load(pos_ptr + src_row * 2 + 1, mask=gmask, other=0.0)
@@ -374,7 +417,13 @@ if HAS_TRITON:
         cols = ch[None, :]
         m = gmask[:, None] & (ch < C)[None, :]
         xv = tl.load(x_ptr + src_row[:, None] * C + cols, mask=m, other=0.0).to(tl.float32)
-        u0, u1, u2, u3 = _normal4(seed, g[:, None] * C + cols, FAST)  # int32 counter (G*C < 2^31)
+        if NOISE:
+            u0, u1, u2, u3 = _normal4(seed, g[:, None] * C + cols, FAST, TL_PHILOX)  # int32 counter (G*C < 2^31)
+        else:
+            u0 = tl.zeros((BLOCK_G, BLOCK_C), tl.float32)
+            u1 = u0
+            u2 = u0
+            u3 = u0
         s = ((u0 + u1) + u2) + u3
         tl.store(out_ptr + r0[:, None] * C + cols, _to_out(tl.fma(xv, a, b * tl.fma(s, alpha, u0)), out_ptr, OUT_BF16, FAST),
                  mask=m)
@@ -388,14 +437,21 @@ if HAS_TRITON:
     @triton.jit
     def _kept_tokens(x_ptr, pos_ptr, src_ptr, group_ptr, order_ptr, out_ptr, pos_out_ptr, seed, img, pid,
                      src_len, dst_len, C, num_up, a, b, noise_std, pos_scale,
-                     BLOCK_K: tl.constexpr, BLOCK_C4: tl.constexpr, OUT_BF16: tl.constexpr, FAST: tl.constexpr):
-        """BLOCK_K kept tokens x C channels: one normal4 per (token, aligned quad of channels)."""
+                     BLOCK_K: tl.constexpr, BLOCK_C4: tl.constexpr, OUT_BF16: tl.constexpr, FAST: tl.constexpr,
+                     NOISE: tl.constexpr, DIRECT: tl.constexpr, TL_PHILOX: tl.constexpr):
+        """BLOCK_K kept tokens x C channels: one normal4 per (token, aligned quad of channels).
+        ``NOISE=False`` / ``DIRECT=True``: timing ablations only (wrong output, see :func:`transition_ablation`)."""
         img_rows = img * dst_len
         ki = pid * BLOCK_K + tl.arange(0, BLOCK_K)
         kmask = ki < dst_len - 4 * num_up
-        row = img_rows + tl.load(order_ptr + img_rows + 4 * num_up + ki, mask=kmask, other=0)
-        p = tl.load(src_ptr + row, mask=kmask, other=0)
-        g = tl.load(group_ptr + row, mask=kmask, other=0)
+        if DIRECT:  # row, source and counter from the work index: no dependent loads of the maps
+            row = img_rows + 4 * num_up + ki
+            p = (4 * num_up + ki) % src_len
+            g = num_up + ki
+        else:
+            row = img_rows + tl.load(order_ptr + img_rows + 4 * num_up + ki, mask=kmask, other=0)
+            p = tl.load(src_ptr + row, mask=kmask, other=0)
+            g = tl.load(group_ptr + row, mask=kmask, other=0)
         src_row = img * src_len + p.to(tl.int64)
         py = tl.load(pos_ptr + src_row * 2, mask=kmask, other=0.0)
         px = tl.load(pos_ptr + src_row * 2 + 1, mask=kmask, other=0.0)
@@ -403,9 +459,12 @@ if HAS_TRITON:
         tl.store(pos_out_ptr + row * 2 + 1, pos_scale * px, mask=kmask)
 
         c4 = tl.arange(0, BLOCK_C4)
-        n0, n1, n2, n3 = _normal4(seed, g[:, None] * C + 4 * c4[None, :], FAST)  # (BLOCK_K, BLOCK_C4)
-        n = tl.join(tl.join(n0, n2), tl.join(n1, n3))  # [k, c4, i, j] = n_(2i + j): channel 4 c4 + 2i + j
-        n = tl.reshape(n, (BLOCK_K, 4 * BLOCK_C4))
+        if NOISE:
+            n0, n1, n2, n3 = _normal4(seed, g[:, None] * C + 4 * c4[None, :], FAST, TL_PHILOX)  # (BLOCK_K, BLOCK_C4)
+            n = tl.join(tl.join(n0, n2), tl.join(n1, n3))  # [k, c4, i, j] = n_(2i + j): channel 4 c4 + 2i + j
+            n = tl.reshape(n, (BLOCK_K, 4 * BLOCK_C4))
+        else:
+            n = tl.zeros((BLOCK_K, 4 * BLOCK_C4), tl.float32)
         ch = tl.arange(0, 4 * BLOCK_C4)
         m = kmask[:, None] & (ch < C)[None, :]
         xv = tl.load(x_ptr + src_row[:, None] * C + ch[None, :], mask=m, other=0.0).to(tl.float32)
@@ -418,20 +477,22 @@ if HAS_TRITON:
         src_len, dst_len, C, num_up, up_programs,
         a, b, alpha, noise_std, pos_scale, child_step,
         BLOCK_G: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_C4: tl.constexpr,
-        OUT_BF16: tl.constexpr, FAST: tl.constexpr,
+        OUT_BF16: tl.constexpr, FAST: tl.constexpr, NOISE: tl.constexpr = True, DIRECT: tl.constexpr = False,
+        TL_PHILOX: tl.constexpr = False,
     ):
-        """Grid (up_programs + kept programs, B): upsampled groups first, then kept tokens."""
+        """Grid (up_programs + kept programs, B): upsampled groups first, then kept tokens. ``NOISE`` / ``DIRECT`` /
+        ``TL_PHILOX``: True / False / False except in :func:`transition_ablation`."""
         pid = tl.program_id(0)
         img = tl.program_id(1).to(tl.int64)
         seed = tl.load(seeds_ptr + img)
         if pid < up_programs:
             _upsampled_groups(x_ptr, pos_ptr, src_ptr, group_ptr, order_ptr, out_ptr, pos_out_ptr, seed, img, pid,
                               src_len, dst_len, C, num_up, a, b, alpha, pos_scale, child_step,
-                              BLOCK_G, BLOCK_C, OUT_BF16, FAST)
+                              BLOCK_G, BLOCK_C, OUT_BF16, FAST, NOISE, DIRECT, TL_PHILOX)
         else:
             _kept_tokens(x_ptr, pos_ptr, src_ptr, group_ptr, order_ptr, out_ptr, pos_out_ptr, seed, img,
                          pid - up_programs, src_len, dst_len, C, num_up, a, b, noise_std, pos_scale,
-                         BLOCK_K, BLOCK_C4, OUT_BF16, FAST)
+                         BLOCK_K, BLOCK_C4, OUT_BF16, FAST, NOISE, DIRECT, TL_PHILOX)
 
 
 def _triton_usable(device: torch.device) -> bool:
@@ -483,6 +544,16 @@ def stage_transition_triton(
         exact_noise=exact_noise, out=out, pos_out=pos_out, order=order, num_up=num_up, check_values=check_values)
     if done:
         return out, pos_out
+    _launch_triton(x, pos, src_index, group, seeds, out, pos_out, order, num_up, a=a, b=b, c=c, pos_scale=pos_scale,
+                   child_step=child_step, exact_noise=exact_noise, tiles=tiles)
+    return out, pos_out
+
+
+def _launch_triton(x, pos, src_index, group, seeds, out, pos_out, order, num_up: int, *, a, b, c, pos_scale,
+                   child_step, exact_noise, tiles, noise: bool = True, direct: bool = False,
+                   tl_philox: bool = False) -> None:
+    """One launch of the kernel into ``out`` / ``pos_out`` (checked arguments, the work order given).
+    ``noise`` / ``direct`` / ``tl_philox``: the timing ablations of :func:`transition_ablation`."""
     bsz, src_len, channels = x.shape
     dst_len = src_index.shape[1]
     block_c = triton.next_power_of_2(channels)
@@ -498,6 +569,8 @@ def stage_transition_triton(
     if grid[0] > 2**31 - 1 or bsz > 65535:
         raise ValueError(f"too many tokens for one launch: B={bsz}, Ld={dst_len}")
     fast = x.device.type == "cuda" and libdevice is not None
+    large = block_g * block_c >= _LARGE_TILES[0] * 64  # the large tiles (the cap binds there only)
+    limits = {"maxnreg": _MAX_REGISTERS} if tiles is None and large and x.device.type == "cuda" else {}
     _stage_transition_kernel[grid](
         x.contiguous(), pos.contiguous(), src_index.contiguous(), group.contiguous(), order,
         seeds.contiguous(), out, pos_out,
@@ -505,9 +578,43 @@ def stage_transition_triton(
         float(a), float(b), correlated_noise_alpha(c), _noise_std(c, exact_noise), float(pos_scale),
         float(child_step),
         BLOCK_G=block_g, BLOCK_K=block_k, BLOCK_C=block_c, BLOCK_C4=block_c4, OUT_BF16=out.dtype == torch.bfloat16,
-        FAST=fast, num_warps=num_warps, num_stages=1, enable_fp_fusion=False,
+        FAST=fast, NOISE=bool(noise), DIRECT=bool(direct), TL_PHILOX=bool(tl_philox), num_warps=num_warps,
+        num_stages=1, enable_fp_fusion=False,
+        **limits,
     )
-    return out, pos_out
+
+
+ABLATIONS = {  # variant -> (noise, direct, tl_philox)
+    "kernel": (True, False, False), "tl_philox": (True, False, True), "no_noise": (False, False, False),
+    "direct": (True, True, False), "direct_no_noise": (False, True, False)}
+
+
+def transition_ablation(variant: str, x, pos, src_index, group, child, seeds, *, a, b, c, pos_scale=1.0,
+                        child_step=0.5, order, num_up, out, pos_out, tiles=None) -> None:
+    """A timing ablation of the Triton kernel (``benchmarks/transition_ablation.py``), writing into ``out`` /
+    ``pos_out``:
+
+    * ``"kernel"``: the kernel as :func:`stage_transition_triton` launches it;
+    * ``"tl_philox"``: the same with Triton's own ``tl.randint4x`` (the same bits: the output is correct) instead of
+      :func:`_philox4x32_10`'s 64-bit products: the kernel before 2026-12-06;
+    * ``"no_noise"``: no Philox / Box-Muller (zero noise): what the noise costs;
+    * ``"direct"``: output rows, source rows and noise counters taken from the work index instead of loaded through
+      ``order`` -> ``src_index`` / ``group`` (a chain of dependent loads): what the indirection costs;
+    * ``"direct_no_noise"``: both: the gather / scatter of the bytes alone.
+
+    Same grid, tiles, bytes of x, positions and output as the kernel. Never used by the runtime. Only
+    ``"kernel"`` and ``"tl_philox"`` compute the transition; the others write wrong values on purpose."""
+    if variant not in ABLATIONS:
+        raise ValueError(f"variant={variant!r}: one of {sorted(ABLATIONS)}")
+    if not HAS_TRITON:
+        raise RuntimeError("transition_ablation needs the triton package (pip install triton)")
+    if not _triton_usable(x.device):
+        raise RuntimeError(f"transition_ablation needs CUDA tensors, or TRITON_INTERPRET=1 on a CPU (x is on "
+                           f"{x.device})")
+    noise, direct, tl_philox = ABLATIONS[variant]
+    _launch_triton(x, pos, src_index, group, seeds, out, pos_out, order, int(num_up), a=a, b=b, c=c,
+                   pos_scale=pos_scale, child_step=child_step, exact_noise=False, tiles=tiles, noise=noise,
+                   direct=direct, tl_philox=tl_philox)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -41,7 +41,8 @@ def test_dry_run_runs_every_step(tmp_path):
                  "gpu_suite/latency_flux_dry_cpu.json", "gpu_suite/tune_transition_dry_cpu.json",
                  "gpu_suite/gpu_tests.xml", "gpu_suite/logs/latency_video.log", "gpu_suite/latency_wan-480p_dry_cpu.json",
                  "gpu_suite/latency_hunyuan-video15_dry_cpu.json", "gpu_suite/serving_dry_cpu.json",
-                 "gpu_suite/latency_flux_kontext_dry_cpu.json", "gpu_suite/static_dims_dry_cpu.json"):
+                 "gpu_suite/latency_flux_kontext_dry_cpu.json", "gpu_suite/static_dims_dry_cpu.json",
+                 "gpu_suite/transition_ablation_dry_cpu.json"):
         assert name in names, name
     # the video steps: a baseline run with 2 steps and scaled to 50, a RALU row, warm-up calls at a small size
     video = json.loads((work / "latency_wan-480p_dry_cpu.json").read_text())
@@ -92,9 +93,14 @@ def test_claims_met_and_not_met(tmp_path):
     _junit(work, {"test_gpu_op_matches_reference_and_triton[a]": "passed",
                   "test_gpu_triton_matches_reference_and_csrc[b]": "passed", "test_other": "skipped"})
     _write(work, "transition_nvidia-h200.json", {"rows": [
-        {"shape": "bw_2to3_L65536", "impl": "triton", "pct_hbm": 75.0, "graph_us": 3.9},
+        {"shape": "bw_2to3_L65536", "impl": "triton", "pct_hbm": 75.0, "graph_us": 3.9, "pct_of_copy": 90.0},
+        {"shape": "1to2_r0.1", "impl": "triton", "graph_us": 1.9, "pct_of_copy": 61.8},
         {"shape": "bw_2to3_L65536", "impl": "cuda", "pct_hbm": 40.0, "graph_us": 7.1},
         {"shape": "2to3_r0.3", "impl": "triton", "graph_us": 2.5}]})
+    _write(work, "transition_ablation_nvidia-h200.json", {"rows": [
+        {"shape": "bw_2to3_L65536", "variant": "kernel", "us": 8.1}, {"shape": "bw_2to3_L65536", "variant": "copy",
+                                                                      "us": 5.0},
+        {"shape": "2to3_r0.3", "variant": "kernel", "us": 2.2}]})
     _write(work, "latency_flux_full_nvidia-h200.json", {"rows": [
         {"row": "baseline-eager", "kind": "eager", "mean_s": 9.0, "recompiles_after_warmup": 0},
         {"row": "baseline-compiled", "kind": "compiled", "mean_s": 6.5, "recompiles_after_warmup": 0,
@@ -112,6 +118,9 @@ def test_claims_met_and_not_met(tmp_path):
     assert c["Triton = CUDA op bitwise (group-major transition)"]["met"] == "yes"
     assert c["transition 65536 tokens x 64 ch bf16, triton: % of HBM peak"]["met"] == "yes"
     assert c["transition 65536 tokens x 64 ch bf16, cuda: % of HBM peak"]["met"] == "NO"
+    assert c["transition 65536 x 64 ablations: device time per call"]["measured"] == "kernel 8.10 us, copy 5.00 us"
+    copy = c["transition (triton) vs a device copy of the same bytes, every shape"]
+    assert copy["met"] == "NO" and copy["measured"] == "bw_2to3_L65536 90.0 %, 1to2_r0.1 61.8 %", copy
     assert c["FLUX.1-dev shape 1024^2: ralu-7x-compiled vs 50-step eager"]["met"] == "yes"
     assert c["FLUX.1-dev shape 1024^2: ralu-7x-compiled vs 50-step compiled"]["met"] == "yes"
     assert c["FLUX.1-dev shape 1024^2: ralu-4x-compiled vs 50-step compiled"]["met"] == "NO"

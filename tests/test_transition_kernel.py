@@ -48,6 +48,20 @@ if T.HAS_TRITON:
         tl.store(w_ptr + 3 * N + i, w3.to(tl.int64) & 0xFFFFFFFF)
 
 
+    @triton.jit
+    def _philox_wide_probe_kernel(off_ptr, seed_ptr, w_ptr, N: tl.constexpr):
+        """ralu's Philox (64-bit products) next to Triton's, on an int32 counter and a seed loaded as int64 (as the
+        transition kernel has them)."""
+        i = tl.arange(0, N)
+        off = tl.load(off_ptr + i)
+        seed = tl.load(seed_ptr)
+        a0, a1, a2, a3 = T._philox4x32_10(seed, off)
+        b0, b1, b2, b3 = tl.randint4x(seed, off)
+        for k, (x, y) in enumerate(((a0, b0), (a1, b1), (a2, b2), (a3, b3))):
+            tl.store(w_ptr + k * N + i, x.to(tl.int64) & 0xFFFFFFFF)
+            tl.store(w_ptr + (4 + k) * N + i, y.to(tl.int64) & 0xFFFFFFFF)
+
+
 def _triton_philox(seed, off: torch.Tensor):
     n = off.numel()
     normals = torch.empty(4 * n, dtype=torch.float32, device=off.device)
@@ -115,6 +129,22 @@ def test_philox_randn4x_bitwise_equals_triton(seed, offset_dtype):
         alt = philox.randn4x(seed, off, offset_bits=bits, math=m)
         for k in range(4):
             torch.testing.assert_close(alt[k], ours_n[k], atol=2e-6, rtol=2e-6)
+
+
+@pytest.mark.skipif(not (T.HAS_TRITON and INTERPRETED), reason="needs the Triton interpreter")
+@pytest.mark.parametrize("seed", [0, 1, 12345, 2**32 + 7, 2**40 + 2**33 + 5, 2**63 - 1, -5, -(2**63)])
+def test_kernel_philox_with_64bit_products_equals_triton_randint4x(seed):
+    """The kernel's Philox4x32-10 (each round's products as one 64-bit product) gives tl.randint4x's words."""
+    g = torch.Generator().manual_seed(abs(seed) % 997)
+    n = 512
+    off = torch.randint(0, 2**31 - 1, (n,), generator=g, dtype=torch.int64)
+    off[:3] = torch.tensor([0, 1, 2**31 - 1])
+    words = torch.empty(8 * n, dtype=torch.int64)
+    _philox_wide_probe_kernel[(1,)](off.to(torch.int32), torch.tensor([seed], dtype=torch.int64), words, N=n)
+    words = words.view(8, n)
+    for k in range(4):
+        assert torch.equal(words[k], words[4 + k]), f"word {k} differs"
+    assert words[:4].unique().numel() > 4 * n * 0.99  # really random words, not a constant both agree on
 
 
 def test_philox_tensor_seed_broadcasts():
@@ -565,6 +595,12 @@ def test_compiled_sass_draws_one_normal4_per_4_outputs(tmp_path):
         assert r["mufu_per_elem"] == 2.0, r  # lg2, sqrt, sin, cos per Box-Muller pair: 8 per normal4
         assert r["local_bytes"] == 0, r
         assert r["instr_per_elem"] < 80, r  # the token-major kernel needed ~276
+        assert r["registers"] <= T._MAX_REGISTERS, r  # 8 programs of 4 warps per SM
+    # the 64-bit Philox products take fewer instructions than Triton's umulhi + mul (Triton 3.6 and 3.9: 6-9 %)
+    abl = {r["variant"]: r for r in json.loads((tmp_path / "transition_sass_sm90.json").read_text())["ablations"]}
+    for part in ("up_instr_per_elem", "kept_instr_per_elem"):
+        assert abl["kernel"][part] < abl["tl_philox"][part], (part, abl)
+        assert abl["no_noise"][part] < abl["kernel"][part] / 2, (part, abl)  # the noise is most of the work
 
 
 # ---------------------------------------------------------------------------------------------
@@ -588,3 +624,30 @@ def test_triton_rejects_tiles_that_are_not_powers_of_two(tiles):
     with pytest.raises(ValueError, match="power of two"):
         T.stage_transition_triton(x, maps["pos"], maps["src_index"], maps["group"], maps["child"], seeds, a=0.3,
                                   b=0.8, c=0.02, order=maps["order"], num_up=maps["num_up"], tiles=tiles)
+
+
+# ---------------------------------------------------------------------------------------------
+# timing ablations (benchmarks/transition_ablation.py): what they compute
+# ---------------------------------------------------------------------------------------------
+@needs_interpreter
+@pytest.mark.parametrize("kind", ["1to2", "2to3"])
+def test_transition_ablations(kind):
+    """``kernel`` and ``tl_philox`` (Triton's own Philox) are the transition, bitwise; ``no_noise`` is the transition
+    with b = 0; ``direct`` and ``direct_no_noise`` (maps not read) write finite values of the same shapes."""
+    x, maps, seeds = _case(kind, 2, 4, 6, 0.4, 64, torch.bfloat16, 3, shuffle=True)
+    kw = dict(a=0.3, b=0.8, c=1 / 6.3**2, pos_scale=maps["pos_scale"], order=maps["order"], num_up=maps["num_up"])
+    args = (x, maps["pos"], maps["src_index"], maps["group"], maps["child"], seeds)
+    ref, ref_pos = T.stage_transition_triton(*args, **kw)
+    zero, _ = T.stage_transition_triton(*args, **dict(kw, b=0.0))
+    outs = {}
+    for variant in T.ABLATIONS:
+        out, pos = torch.full_like(ref, float("nan")), torch.full_like(ref_pos, float("nan"))
+        T.transition_ablation(variant, *args, **kw, out=out, pos_out=pos)
+        assert torch.isfinite(out.float()).all() and torch.isfinite(pos).all(), variant
+        outs[variant] = (out, pos)
+    for variant in ("kernel", "tl_philox"):
+        assert torch.equal(outs[variant][0], ref) and torch.equal(outs[variant][1], ref_pos), variant
+    assert torch.equal(outs["no_noise"][0], zero) and torch.equal(outs["no_noise"][1], ref_pos)
+    assert not torch.equal(outs["direct"][0], ref)  # wrong on purpose (rows from the work index)
+    with pytest.raises(ValueError, match="variant='fast'"):
+        T.transition_ablation("fast", *args, **kw, out=outs["kernel"][0], pos_out=outs["kernel"][1])
