@@ -1005,6 +1005,11 @@ def collect_info() -> dict:
     from .compile import fp8_support, measure_attention_backends
 
     fp8_ok, fp8_why = fp8_support(dev)
+    fp8_kernel = torchao = None
+    if fp8_ok:
+        from .compile.fp8 import resolve_kernel, torchao_version
+
+        fp8_kernel, torchao = resolve_kernel("auto", dev), torchao_version()
     measured = measure_attention_backends(dev)  # FLUX.1-dev's joint attention on CUDA, a tiny shape on a CPU
     usable = available_backends(dev)
     unavailable = {b: _backend_unavailable(b, dev) for b in BACKENDS if b not in usable}
@@ -1022,7 +1027,7 @@ def collect_info() -> dict:
         "cuda_extension": {"loaded": csrc_ok, "why": csrc_why,
                            "built": importlib.util.find_spec("ralu_kernels._C") is not None},
         "compile_backends": {"available": usable, "unavailable": unavailable},
-        "fp8": {"supported": fp8_ok, "why": fp8_why},
+        "fp8": {"supported": fp8_ok, "why": fp8_why, "auto_kernel": fp8_kernel, "torchao": torchao},
         "attention_measured": [{"shape": m["describe"], "ms": m["ms"], "best": m["best"], "skipped": m["skipped"]}
                                for m in measured],
         "paths": {"cache_dir": str(root), "cache_dir_exists": root.is_dir(),
@@ -1059,6 +1064,9 @@ def format_info(info: dict) -> str:
         rows.append(("  not available", f"{name}: {why}"))
     f = info["fp8"]
     rows.append(("precision fp8", f"{'yes' if f['supported'] else 'no'}: {f['why']}"))
+    if f["supported"]:
+        ao = f"torchao {f['torchao']}" if f["torchao"] else "torchao not installed"
+        rows.append(("  fp8 kernel (auto)", f"{f['auto_kernel']} ({ao})"))
     for m in info["attention_measured"]:
         times = ", ".join(f"{k} {v:.3g} ms" for k, v in sorted(m["ms"].items(), key=lambda kv: kv[1]))
         rows.append(("attention (measured)", f"{m['shape']}: {m['best']} fastest ({times})"

@@ -295,7 +295,7 @@ def test_info_table():
     assert res.returncode == 0, res.stderr
     for field in ("python", "ralu", "torch", "CUDA build", "diffusers", "transformers", "triton", "onnxruntime",
                   "opencv", "device", "transition (auto)", "varlen attention", "CUDA extension", "compile backends",
-                  "cache folder", "artifact key"):
+                  "precision fp8", "cache folder", "artifact key"):
         assert any(line.startswith(field) for line in res.stdout.splitlines()), field
 
 
@@ -322,6 +322,15 @@ def test_info_json(tmp_path, monkeypatch, capsys):
     assert all(info["compile_backends"]["unavailable"].values())
     assert info["paths"]["cache_dir"] == str(cache) and info["paths"]["artifact_key"] == str(cache / "artifact.key")
     assert not cache.exists()  # info only looks
+    import importlib.util
+
+    from ralu_runtime.compile.fp8 import resolve_kernel
+
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    fp8 = info["fp8"]
+    if fp8["supported"]:  # the kernel precision="fp8" takes by default, and whether torchao is there
+        assert fp8["auto_kernel"] == resolve_kernel("auto", dev)
+        assert (fp8["torchao"] is None) == (importlib.util.find_spec("torchao") is None)
 
 
 # ------------------------------------------------------------------------------------------- every family

@@ -108,6 +108,18 @@ def torchao_config():
     return Float8DynamicActivationFloat8WeightConfig(granularity=PerRow(), set_inductor_config=False)
 
 
+def torchao_version() -> str | None:
+    """The installed torchao's version (from its metadata, without importing it), or None."""
+    if not _torchao_importable():
+        return None
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("torchao")
+    except PackageNotFoundError:
+        return "unknown version"
+
+
 def _torchao_importable() -> bool:
     import importlib.util
 
