@@ -41,14 +41,15 @@ def _compile(arch: int, block_g: int, block_k: int, num_warps: int, variant: str
            "C": "i32", "num_up": "i32", "up_programs": "i32", "a": "fp32", "b": "fp32", "alpha": "fp32",
            "noise_std": "fp32", "pos_scale": "fp32", "child_step": "fp32", "BLOCK_G": "constexpr",
            "BLOCK_K": "constexpr", "BLOCK_C": "constexpr", "BLOCK_C4": "constexpr", "OUT_BF16": "constexpr",
-           "FAST": "constexpr", "NOISE": "constexpr", "DIRECT": "constexpr", "TL_PHILOX": "constexpr"}
+           "FAST": "constexpr", "NOISE": "constexpr", "DIRECT": "constexpr", "TL_PHILOX": "constexpr",
+           "WORK_MAPS": "constexpr"}
     names = list(sig)
     # what the JIT specialises at run time for 16-byte aligned pointers and C = 64
     aligned = ["x_ptr", "pos_ptr", "src_ptr", "group_ptr", "order_ptr", "seeds_ptr", "out_ptr", "pos_out_ptr", "C"]
     attrs = {(names.index(n),): [["tt.divisibility", 16]] for n in aligned}
-    noise, direct, tl_philox = T.ABLATIONS[variant]  # "kernel": what the runtime launches
+    noise, direct, tl_philox, work_maps = T.ABLATIONS[variant]  # "kernel": what the runtime launches
     const = dict(BLOCK_G=block_g, BLOCK_K=block_k, BLOCK_C=64, BLOCK_C4=16, OUT_BF16=True, FAST=True, NOISE=noise,
-                 DIRECT=direct, TL_PHILOX=tl_philox)
+                 DIRECT=direct, TL_PHILOX=tl_philox, WORK_MAPS=work_maps)
     src = ASTSource(fn=T._stage_transition_kernel, signature=sig, attrs=attrs, constexprs=const)
     return triton.compile(src, target=GPUTarget("cuda", arch, 32),  # the launcher's options for the built-in tiles
                           options=dict(num_warps=num_warps, num_stages=1, enable_fp_fusion=False,

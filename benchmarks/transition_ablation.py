@@ -5,6 +5,8 @@ Variants (:func:`ralu_kernels.transition.transition_ablation`, same grid, tiles 
 
 * ``kernel``: the kernel as the runtime launches it (Philox with 64-bit products, 64-register cap on large tiles);
 * ``tl_philox``: the same with Triton's own ``tl.randint4x`` (the same output bits): the kernel before 2026-12-06;
+* ``work_maps``: ``src_index`` / ``group`` given in work order (permuted once, outside the timing): a work item's
+  source row and Philox counter load together with its output row, one dependent load fewer (the same output);
 * ``no_noise``: no Philox / Box-Muller: what the noise costs;
 * ``direct``: output rows, source rows and noise counters from the work index, not loaded through ``order`` ->
   ``src_index`` / ``group`` (a chain of dependent loads before the noise can start): what the indirection costs;
@@ -13,11 +15,12 @@ Variants (:func:`ralu_kernels.transition.transition_ablation`, same grid, tiles 
 
 Device time per call from CUDA graphs of 50 calls (as ``bench_transition.py``); ``pct_of_copy`` = copy time / time.
 Reading: ``kernel - no_noise`` is the noise's cost, ``kernel - direct`` the dependent loads'; if ``direct`` is near the
-copy while ``kernel`` is not, the remedy is to start the noise before the maps arrive (prefetch, or counters that
-need no load), not fewer instructions. Static SASS counts of the same variants: ``benchmarks/sass_transition.py``.
+copy while ``kernel`` is not, the remedy is to start the noise before the maps arrive (maps in work order, as
+``work_maps`` measures, or a prefetch), not fewer instructions. Static SASS counts of the same variants: ``benchmarks/sass_transition.py``.
 
 On a CPU (no timing: the Triton interpreter) ``--dry-run`` runs every variant once at a toy size and checks what
-they compute (``kernel`` and ``tl_philox`` equal to ``stage_transition_triton``; ``no_noise`` to it with b = 0).
+they compute (``kernel``, ``tl_philox`` and ``work_maps`` equal to ``stage_transition_triton``; ``no_noise`` to it with
+b = 0).
 
     python benchmarks/transition_ablation.py                 # GPU: the FLUX 1024^2 shapes and the bandwidth case
     TRITON_INTERPRET=1 python benchmarks/transition_ablation.py --dry-run
@@ -54,13 +57,14 @@ def _case(kind: str, side: int, ratio: float, z: float, e: float, device, dtype,
     args = (x, maps["pos"], maps["src_index"], maps["group"], maps["child"], seeds)
     out = torch.empty(1, dst_len, CHANNELS, device=device, dtype=dtype)
     pos_out = torch.empty(1, dst_len, 2, device=device)
-    return dict(maps=maps, args=args, kw=kw, out=out, pos_out=pos_out, dst_len=dst_len,
+    work = T.work_order_maps(maps["src_index"], maps["group"], maps["order"])  # once, outside the timing
+    return dict(maps=maps, args=args, kw=kw, out=out, pos_out=pos_out, dst_len=dst_len, work_maps=work,
                 bytes=bytes_moved(1, dst_len, maps["num_up"], CHANNELS, out.element_size()))
 
 
 def _variant_call(case: dict, variant: str):
     return lambda: T.transition_ablation(variant, *case["args"], **case["kw"], out=case["out"],
-                                         pos_out=case["pos_out"])
+                                         pos_out=case["pos_out"], work_maps=case["work_maps"])
 
 
 def dry_run(dtype) -> list[dict]:
@@ -73,7 +77,7 @@ def dry_run(dtype) -> list[dict]:
         zero, _ = T.stage_transition_triton(*case["args"], **dict(case["kw"], b=0.0))
         for variant in T.ABLATIONS:
             _variant_call(case, variant)()
-            expect = {"kernel": ref, "tl_philox": ref, "no_noise": zero}.get(variant)
+            expect = {"kernel": ref, "tl_philox": ref, "work_maps": ref, "no_noise": zero}.get(variant)
             ok = bool(torch.isfinite(case["out"].float()).all()) and (
                 expect is None or torch.equal(case["out"], expect))
             rows.append(dict(shape=name, variant=variant, Ld=case["dst_len"], us=None, pct_of_copy=None,
@@ -125,7 +129,8 @@ def main(argv=None) -> int:
         print_table(rows, ["shape", "variant", "Ld", "us", "pct_of_copy", "vs_kernel", "GBps"])
     write_json(args.out, name, {"device": device, "dtype": args.dtype, "channels": CHANNELS, "rows": rows,
                                 "notes": "device time per call from CUDA graphs of 50 calls; pct_of_copy = copy / "
-                                         "time; only 'kernel', 'tl_philox' and 'cuda_op' compute the transition"})
+                                         "time; only 'kernel', 'tl_philox', 'work_maps' and 'cuda_op' compute the "
+                                         "transition"})
     timed = [r for r in rows if r.get("us") is not None]
     if timed:
         bar_plot(args.out, name, [f"{r['shape']}:{r['variant']}" for r in timed], [r["us"] for r in timed],

@@ -378,7 +378,8 @@ if HAS_TRITON:
     def _upsampled_groups(x_ptr, pos_ptr, src_ptr, group_ptr, order_ptr, out_ptr, pos_out_ptr, seed, img, pid,
                           src_len, dst_len, C, num_up, a, b, alpha, pos_scale, child_step,
                           BLOCK_G: tl.constexpr, BLOCK_C: tl.constexpr, OUT_BF16: tl.constexpr, FAST: tl.constexpr,
-                          NOISE: tl.constexpr, DIRECT: tl.constexpr, TL_PHILOX: tl.constexpr):
+                          NOISE: tl.constexpr, DIRECT: tl.constexpr, TL_PHILOX: tl.constexpr,
+                          WORK_MAPS: tl.constexpr):
         """BLOCK_G upsampled groups x all C channels: one normal4 per (group, channel), 4 output rows.
         ``NOISE=False`` / ``DIRECT=True``: timing ablations only (wrong output, see :func:`transition_ablation`)."""
         img_rows = img * dst_len  # first output row of this image (int64)
@@ -397,8 +398,12 @@ if HAS_TRITON:
             r1 = img_rows + tl.load(order_ptr + work + 1, mask=gmask, other=0)
             r2 = img_rows + tl.load(order_ptr + work + 2, mask=gmask, other=0)
             r3 = img_rows + tl.load(order_ptr + work + 3, mask=gmask, other=0)
-            p = tl.load(src_ptr + r0, mask=gmask, other=0)
-            g = tl.load(group_ptr + r0, mask=gmask, other=0)
+            if WORK_MAPS:  # src_index / group given in work order: loaded with order, not after it
+                p = tl.load(src_ptr + work, mask=gmask, other=0)
+                g = tl.load(group_ptr + work, mask=gmask, other=0)
+            else:
+                p = tl.load(src_ptr + r0, mask=gmask, other=0)
+                g = tl.load(group_ptr + r0, mask=gmask, other=0)
         src_row = img * src_len + p.to(tl.int64)
         py = tl.load(pos_ptr + src_row * 2, mask=gmask, other=0.0)
         px = tl.load(pos_ptr + src_row * 2 + 1, mask=gmask, other=0.0)
@@ -438,7 +443,7 @@ if HAS_TRITON:
     def _kept_tokens(x_ptr, pos_ptr, src_ptr, group_ptr, order_ptr, out_ptr, pos_out_ptr, seed, img, pid,
                      src_len, dst_len, C, num_up, a, b, noise_std, pos_scale,
                      BLOCK_K: tl.constexpr, BLOCK_C4: tl.constexpr, OUT_BF16: tl.constexpr, FAST: tl.constexpr,
-                     NOISE: tl.constexpr, DIRECT: tl.constexpr, TL_PHILOX: tl.constexpr):
+                     NOISE: tl.constexpr, DIRECT: tl.constexpr, TL_PHILOX: tl.constexpr, WORK_MAPS: tl.constexpr):
         """BLOCK_K kept tokens x C channels: one normal4 per (token, aligned quad of channels).
         ``NOISE=False`` / ``DIRECT=True``: timing ablations only (wrong output, see :func:`transition_ablation`)."""
         img_rows = img * dst_len
@@ -450,8 +455,12 @@ if HAS_TRITON:
             g = num_up + ki
         else:
             row = img_rows + tl.load(order_ptr + img_rows + 4 * num_up + ki, mask=kmask, other=0)
-            p = tl.load(src_ptr + row, mask=kmask, other=0)
-            g = tl.load(group_ptr + row, mask=kmask, other=0)
+            if WORK_MAPS:  # src_index / group given in work order: loaded with order, not after it
+                p = tl.load(src_ptr + img_rows + 4 * num_up + ki, mask=kmask, other=0)
+                g = tl.load(group_ptr + img_rows + 4 * num_up + ki, mask=kmask, other=0)
+            else:
+                p = tl.load(src_ptr + row, mask=kmask, other=0)
+                g = tl.load(group_ptr + row, mask=kmask, other=0)
         src_row = img * src_len + p.to(tl.int64)
         py = tl.load(pos_ptr + src_row * 2, mask=kmask, other=0.0)
         px = tl.load(pos_ptr + src_row * 2 + 1, mask=kmask, other=0.0)
@@ -478,21 +487,21 @@ if HAS_TRITON:
         a, b, alpha, noise_std, pos_scale, child_step,
         BLOCK_G: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_C4: tl.constexpr,
         OUT_BF16: tl.constexpr, FAST: tl.constexpr, NOISE: tl.constexpr = True, DIRECT: tl.constexpr = False,
-        TL_PHILOX: tl.constexpr = False,
+        TL_PHILOX: tl.constexpr = False, WORK_MAPS: tl.constexpr = False,
     ):
         """Grid (up_programs + kept programs, B): upsampled groups first, then kept tokens. ``NOISE`` / ``DIRECT`` /
-        ``TL_PHILOX``: True / False / False except in :func:`transition_ablation`."""
+        ``TL_PHILOX`` / ``WORK_MAPS``: True / False / False / False except in :func:`transition_ablation`."""
         pid = tl.program_id(0)
         img = tl.program_id(1).to(tl.int64)
         seed = tl.load(seeds_ptr + img)
         if pid < up_programs:
             _upsampled_groups(x_ptr, pos_ptr, src_ptr, group_ptr, order_ptr, out_ptr, pos_out_ptr, seed, img, pid,
                               src_len, dst_len, C, num_up, a, b, alpha, pos_scale, child_step,
-                              BLOCK_G, BLOCK_C, OUT_BF16, FAST, NOISE, DIRECT, TL_PHILOX)
+                              BLOCK_G, BLOCK_C, OUT_BF16, FAST, NOISE, DIRECT, TL_PHILOX, WORK_MAPS)
         else:
             _kept_tokens(x_ptr, pos_ptr, src_ptr, group_ptr, order_ptr, out_ptr, pos_out_ptr, seed, img,
                          pid - up_programs, src_len, dst_len, C, num_up, a, b, noise_std, pos_scale,
-                         BLOCK_K, BLOCK_C4, OUT_BF16, FAST, NOISE, DIRECT, TL_PHILOX)
+                         BLOCK_K, BLOCK_C4, OUT_BF16, FAST, NOISE, DIRECT, TL_PHILOX, WORK_MAPS)
 
 
 def _triton_usable(device: torch.device) -> bool:
@@ -551,9 +560,10 @@ def stage_transition_triton(
 
 def _launch_triton(x, pos, src_index, group, seeds, out, pos_out, order, num_up: int, *, a, b, c, pos_scale,
                    child_step, exact_noise, tiles, noise: bool = True, direct: bool = False,
-                   tl_philox: bool = False) -> None:
+                   tl_philox: bool = False, work_maps: bool = False) -> None:
     """One launch of the kernel into ``out`` / ``pos_out`` (checked arguments, the work order given).
-    ``noise`` / ``direct`` / ``tl_philox``: the timing ablations of :func:`transition_ablation`."""
+    ``noise`` / ``direct`` / ``tl_philox`` / ``work_maps``: the timing ablations of :func:`transition_ablation`
+    (``work_maps``: ``src_index`` and ``group`` are given in work order, see :func:`work_order_maps`)."""
     bsz, src_len, channels = x.shape
     dst_len = src_index.shape[1]
     block_c = triton.next_power_of_2(channels)
@@ -578,32 +588,45 @@ def _launch_triton(x, pos, src_index, group, seeds, out, pos_out, order, num_up:
         float(a), float(b), correlated_noise_alpha(c), _noise_std(c, exact_noise), float(pos_scale),
         float(child_step),
         BLOCK_G=block_g, BLOCK_K=block_k, BLOCK_C=block_c, BLOCK_C4=block_c4, OUT_BF16=out.dtype == torch.bfloat16,
-        FAST=fast, NOISE=bool(noise), DIRECT=bool(direct), TL_PHILOX=bool(tl_philox), num_warps=num_warps,
+        FAST=fast, NOISE=bool(noise), DIRECT=bool(direct), TL_PHILOX=bool(tl_philox), WORK_MAPS=bool(work_maps),
+        num_warps=num_warps,
         num_stages=1, enable_fp_fusion=False,
         **limits,
     )
 
 
-ABLATIONS = {  # variant -> (noise, direct, tl_philox)
-    "kernel": (True, False, False), "tl_philox": (True, False, True), "no_noise": (False, False, False),
-    "direct": (True, True, False), "direct_no_noise": (False, True, False)}
+ABLATIONS = {  # variant -> (noise, direct, tl_philox, work_maps)
+    "kernel": (True, False, False, False), "tl_philox": (True, False, True, False),
+    "work_maps": (True, False, False, True), "no_noise": (False, False, False, False),
+    "direct": (True, True, False, False), "direct_no_noise": (False, True, False, False)}
+
+
+def work_order_maps(src_index: torch.Tensor, group: torch.Tensor, order: torch.Tensor):
+    """``(src_index, group)`` (B, Ld) int32 permuted into the kernel's work order ``order`` (B, Ld): entry ``k`` of
+    each is the map of output row ``order[k]``. With them the kernel loads a work item's source row and Philox
+    counter together with its output row instead of after it."""
+    idx = order.long()
+    return (torch.gather(src_index, 1, idx).to(torch.int32).contiguous(),
+            torch.gather(group, 1, idx).to(torch.int32).contiguous())
 
 
 def transition_ablation(variant: str, x, pos, src_index, group, child, seeds, *, a, b, c, pos_scale=1.0,
-                        child_step=0.5, order, num_up, out, pos_out, tiles=None) -> None:
+                        child_step=0.5, order, num_up, out, pos_out, tiles=None, work_maps=None) -> None:
     """A timing ablation of the Triton kernel (``benchmarks/transition_ablation.py``), writing into ``out`` /
     ``pos_out``:
 
     * ``"kernel"``: the kernel as :func:`stage_transition_triton` launches it;
     * ``"tl_philox"``: the same with Triton's own ``tl.randint4x`` (the same bits: the output is correct) instead of
       :func:`_philox4x32_10`'s 64-bit products: the kernel before 2026-12-06;
+    * ``"work_maps"``: ``src_index`` / ``group`` in work order (:func:`work_order_maps`, given as ``work_maps`` or
+      computed here): one dependent load fewer before the noise and the x rows can start (the output is correct);
     * ``"no_noise"``: no Philox / Box-Muller (zero noise): what the noise costs;
     * ``"direct"``: output rows, source rows and noise counters taken from the work index instead of loaded through
       ``order`` -> ``src_index`` / ``group`` (a chain of dependent loads): what the indirection costs;
     * ``"direct_no_noise"``: both: the gather / scatter of the bytes alone.
 
-    Same grid, tiles, bytes of x, positions and output as the kernel. Never used by the runtime. Only
-    ``"kernel"`` and ``"tl_philox"`` compute the transition; the others write wrong values on purpose."""
+    Same grid, tiles, bytes of x, positions and output as the kernel. Never used by the runtime. ``"kernel"``,
+    ``"tl_philox"`` and ``"work_maps"`` compute the transition; the others write wrong values on purpose."""
     if variant not in ABLATIONS:
         raise ValueError(f"variant={variant!r}: one of {sorted(ABLATIONS)}")
     if not HAS_TRITON:
@@ -611,10 +634,12 @@ def transition_ablation(variant: str, x, pos, src_index, group, child, seeds, *,
     if not _triton_usable(x.device):
         raise RuntimeError(f"transition_ablation needs CUDA tensors, or TRITON_INTERPRET=1 on a CPU (x is on "
                            f"{x.device})")
-    noise, direct, tl_philox = ABLATIONS[variant]
+    noise, direct, tl_philox, by_work = ABLATIONS[variant]
+    if by_work:
+        src_index, group = work_maps if work_maps is not None else work_order_maps(src_index, group, order)
     _launch_triton(x, pos, src_index, group, seeds, out, pos_out, order, int(num_up), a=a, b=b, c=c,
                    pos_scale=pos_scale, child_step=child_step, exact_noise=False, tiles=tiles, noise=noise,
-                   direct=direct, tl_philox=tl_philox)
+                   direct=direct, tl_philox=tl_philox, work_maps=by_work)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -632,7 +632,8 @@ def test_triton_rejects_tiles_that_are_not_powers_of_two(tiles):
 @needs_interpreter
 @pytest.mark.parametrize("kind", ["1to2", "2to3"])
 def test_transition_ablations(kind):
-    """``kernel`` and ``tl_philox`` (Triton's own Philox) are the transition, bitwise; ``no_noise`` is the transition
+    """``kernel``, ``tl_philox`` (Triton's own Philox) and ``work_maps`` (maps in work order) are the transition,
+    bitwise; ``no_noise`` is the transition
     with b = 0; ``direct`` and ``direct_no_noise`` (maps not read) write finite values of the same shapes."""
     x, maps, seeds = _case(kind, 2, 4, 6, 0.4, 64, torch.bfloat16, 3, shuffle=True)
     kw = dict(a=0.3, b=0.8, c=1 / 6.3**2, pos_scale=maps["pos_scale"], order=maps["order"], num_up=maps["num_up"])
@@ -645,7 +646,7 @@ def test_transition_ablations(kind):
         T.transition_ablation(variant, *args, **kw, out=out, pos_out=pos)
         assert torch.isfinite(out.float()).all() and torch.isfinite(pos).all(), variant
         outs[variant] = (out, pos)
-    for variant in ("kernel", "tl_philox"):
+    for variant in ("kernel", "tl_philox", "work_maps"):
         assert torch.equal(outs[variant][0], ref) and torch.equal(outs[variant][1], ref_pos), variant
     assert torch.equal(outs["no_noise"][0], zero) and torch.equal(outs["no_noise"][1], ref_pos)
     assert not torch.equal(outs["direct"][0], ref)  # wrong on purpose (rows from the work index)
