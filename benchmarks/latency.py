@@ -170,11 +170,44 @@ def prepare_row(pipe, emb, args, row: str) -> dict:
     return state
 
 
+class GcPauses:
+    """Python garbage-collection pauses inside a ``with`` block (``gc.callbacks``): ``{generation: [ms, ...]}``.
+    A full (generation-2) collection over the objects compiling created can take 0.1-0.3 s (2-core CPU); one that
+    lands in a timed call shows here instead of being read as model or host time."""
+
+    def __init__(self):
+        self.by_gen: dict[int, list[float]] = {}
+        self._t0 = 0.0
+
+    def _cb(self, phase, info):
+        if phase == "start":
+            self._t0 = time.perf_counter()
+        else:
+            self.by_gen.setdefault(int(info["generation"]), []).append((time.perf_counter() - self._t0) * 1e3)
+
+    def __enter__(self):
+        import gc
+
+        gc.callbacks.append(self._cb)
+        return self
+
+    def __exit__(self, *exc):
+        import gc
+
+        gc.callbacks.remove(self._cb)
+
+    def total_ms(self) -> float:
+        return sum(sum(v) for v in self.by_gen.values())
+
+
 def timed_rep(pipe, emb, args, state: dict, i: int) -> None:
     from ralu_runtime.compile import ensure_backend
 
     ensure_backend(pipe, state["backend"], **state["opts"])  # no-op unless rows of two kinds interleave
-    sec, timings = run_once(pipe, emb, args, state["preset"], seed=i)
+    with GcPauses() as gcp:
+        sec, timings = run_once(pipe, emb, args, state["preset"], seed=i)
+    state.setdefault("gc_ms", []).append(round(gcp.total_ms(), 3))
+    state.setdefault("gc_full", []).append(len(gcp.by_gen.get(2, [])))
     state["totals"].append(sec)
     for k, v in timings.items():
         state["stages"].setdefault(k, []).append(v)
@@ -248,6 +281,8 @@ def finish_row(pipe, emb, args, state: dict) -> dict:
         "recompiles_after_warmup": graphs_end - state["graphs_warm"],
         "cuda_graph_captures": len(builds), "capture_s": sum(b.seconds for b in builds),
         "fused_qkv": runner.applied.get("fused_qkv"),
+        # Python GC pauses in each timed call (ms, all generations) and the full collections among them
+        "gc_pause_ms": state.get("gc_ms", []), "gc_full_collections": state.get("gc_full", []),
         **scaled,
     }
 
@@ -280,9 +315,11 @@ def bench_rows(pipe, emb, args, rows: list[str]) -> list[dict]:
             st = "  ".join(f"{k}={v * 1e3:.0f}ms" for k, v in res["stages_s"].items())
             sc = (f" ({res['measured_steps']} steps; scaled to {res['scaled_to_steps']}: {res['scaled_mean_s']:.3f} s)"
                   if "scaled_mean_s" in res else "")
+            gcs = (f"; gc {max(res['gc_pause_ms']):.1f} ms max per call, {sum(res['gc_full_collections'])} full"
+                   if res.get("gc_pause_ms") else "")
             print(f"[{res['row']}] {res['mean_s']:.3f} s +- {res['stdev_s']:.3f} (n={res['reps']}){sc}; compile "
                   f"{res['compile_s']:.1f} s; graphs {res['graphs_compiled_in_warmup']} "
-                  f"(+{res['recompiles_after_warmup']} after warm-up); {st}", flush=True)
+                  f"(+{res['recompiles_after_warmup']} after warm-up); {st}{gcs}", flush=True)
         results.extend(finished)
     return results
 

@@ -453,7 +453,14 @@ def test_serve_with_a_backend_warms_up_before_listening(monkeypatch, capsys):
     def fake_serve(engine, host, port, **kw):
         seen.update(defaults=dict(engine.defaults), ok=engine.metrics()["requests"]["ok"], host=host)
 
+    import ralu_runtime.warmup as W
+
+    settled = []
     monkeypatch.setattr(http, "serve", fake_serve)
+    # the server's process freezes its heap after warm-up (not this test process: recorded instead)
+    monkeypatch.setattr(W, "settle_heap", lambda freeze=False: settled.append((freeze, seen.get("ok"))) or 0.25)
     assert cli.main(["serve", "--backend", "eager", "--device", "cpu", "--speedup", "4x", "--port", "0"]) == 0
     assert seen["defaults"]["backend"] == "eager" and seen["ok"] == 1 and seen["host"] == "127.0.0.1"
-    assert "backend eager: warmed up" in capsys.readouterr().out
+    assert settled == [(True, None)]  # after the warm-up request, before the server started
+    out = capsys.readouterr().out
+    assert "backend eager: warmed up" in out and "heap settled (gc.collect + gc.freeze) in 0.25 s" in out

@@ -235,6 +235,17 @@ def test_warmup_reports_compile_time_per_stage():
     g = compile_stats()["unique_graphs"]
     generate(pipe, **flux_embeds(1), height=64, width=64, **BASE)
     assert compile_stats()["unique_graphs"] == g
+    assert rep["gc_s"] > 0  # the garbage compiling left was collected (settle_heap), outside the requests
+
+
+def test_settle_heap_collects_and_freezes_only_when_asked(monkeypatch):
+    import ralu_runtime.warmup as W
+
+    calls = []
+    monkeypatch.setattr(W.gc, "collect", lambda *a: calls.append("collect") or 0)
+    monkeypatch.setattr(W.gc, "freeze", lambda: calls.append("freeze"))
+    assert W.settle_heap() >= 0 and calls == ["collect"]
+    assert W.settle_heap(freeze=True) >= 0 and calls == ["collect", "collect", "freeze"]
 
 
 @pytest.mark.gpu

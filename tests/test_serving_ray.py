@@ -545,12 +545,17 @@ def test_replica_start_up_warms_up_through_its_engine_and_refuses_unsigned_artif
 
     spec = ReplicaSpec(model="tiny-flux", defaults=DEFAULTS, warmup=[{"speedup": "7x"}, {"speedup": None,
                                                                                         "num_inference_steps": 2}])
+    import gc
+
     engine, info = start_engine(spec, "r0")
     try:
         m = engine.metrics()
         assert m["requests"]["ok"] == 4 and m["model_calls"] > 0
         assert info["warmup"]["requests"] == 4 and info["device"] == "cpu" and info["artifacts"] is None
+        # the replica's process settles its heap after warm-up: collected, and frozen (permanent generation)
+        assert info["warmup"]["gc_s"] > 0 and gc.get_freeze_count() > 0
     finally:
+        gc.unfreeze()  # this test runs the replica's start-up in the test process: give the objects back
         engine.shutdown(drain=False, timeout=30)
     bundle = tmp_path / "bundle.bin"
     bundle.write_bytes(b"not a bundle")

@@ -386,8 +386,11 @@ def start_engine(spec: ReplicaSpec, name: str = "local"):
                        for i in range(spec.warmup_requests)]
             for h in handles:
                 h.result(spec.warmup_timeout_s)
+        from ..warmup import settle_heap
+
         warm = {"shapes": shapes, "requests": spec.warmup_requests * len(shapes),
-                "seconds": time.perf_counter() - t2, "graphs_compiled": compile_stats()["unique_graphs"] - graphs0}
+                "seconds": time.perf_counter() - t2, "graphs_compiled": compile_stats()["unique_graphs"] - graphs0,
+                "gc_s": settle_heap(freeze=True)}  # the replica's own process: no full collection mid-request
     except BaseException:
         engine.shutdown(drain=False, timeout=10)
         raise
