@@ -172,8 +172,8 @@ def prepare_row(pipe, emb, args, row: str) -> dict:
 
 class GcPauses:
     """Python garbage-collection pauses inside a ``with`` block (``gc.callbacks``): ``{generation: [ms, ...]}``.
-    A full (generation-2) collection over the objects compiling created can take 0.1-0.3 s (2-core CPU); one that
-    lands in a timed call shows here instead of being read as model or host time."""
+    A full (generation-2) collection over the objects compiling created took ~0.3 s on a 2-core CPU (small FLUX);
+    one that lands in a timed call shows here instead of being read as model or host time."""
 
     def __init__(self):
         self.by_gen: dict[int, list[float]] = {}

@@ -20,8 +20,9 @@ def settle_heap(freeze: bool = False) -> float:
 
     Compiling (dynamo, inductor, CUDA-graph capture) creates hundreds of thousands of Python objects; after a
     warm-up they make a full (generation-2) collection due soon, and it then pauses whichever request happens to
-    trigger it (measured on a 2-core CPU: 311 ms, once in the first 16 RALU calls of a small FLUX after a dynamo
-    warm-up; none after one ``gc.collect()``). Collecting once after warm-up moves that pause out of the traffic.
+    trigger it (2-core CPU, small FLUX, 16 or 40 RALU calls after a dynamo warm-up: one collection of 294-311 ms in 3
+    of 6 runs; none in 5 runs after one ``gc.collect()``). Collecting once after warm-up moves that pause out of the
+    traffic.
     ``freeze=True`` (for a server's own process: ``ralu serve``, Ray replicas) also moves every object alive now to
     the permanent generation, so later collections never scan the model, the compiled code and the libraries again
     (process-wide, and those objects are never freed: not for a library to do in a user's process)."""
