@@ -672,6 +672,7 @@ def run(plan: CallPlan, *, model_call: ModelCallHook | None = None,
         ensure_backend(adapter, opts.backend, **{f.name: getattr(opts, f.name) for f in fields(opts)
                                                  if f.name != "backend"})
     runner = adapter.runner
+    compiled_before = _compiled_so_far(runner)
     if runner is not None:
         runner.begin_call()
     impl = runner.impl if runner is not None else None
@@ -749,6 +750,7 @@ def run(plan: CallPlan, *, model_call: ModelCallHook | None = None,
     if masks is not None and noise_latents.ndim == 5:  # tall grid -> (B, F, hc, wc)
         masks = masks.view(masks.shape[0], noise_latents.shape[2], -1, masks.shape[-1])
     if plan.output_type == "latent":
+        _settle_after_compiling(runner, compiled_before)
         return RaluOutput(latents, masks, timings, result.records, schedule, cache_stats)
     t0 = time.perf_counter()
     images = (final_decode(decode) if final_decode is not None else decode)(latents)
@@ -756,8 +758,27 @@ def run(plan: CallPlan, *, model_call: ModelCallHook | None = None,
     if images.device.type == "cuda":
         torch.cuda.synchronize()
     timings["vae_decode"] = time.perf_counter() - t0
+    _settle_after_compiling(runner, compiled_before)
     return RaluOutput(adapter.postprocess(images, plan.output_type), masks, timings, result.records, schedule,
                       cache_stats)
+
+
+def _compiled_so_far(runner) -> tuple[int, int]:
+    """(dynamo graphs compiled in this process, graphs ``runner`` built): what a call that compiles increases."""
+    if runner is None:
+        return (0, 0)
+    from .compile import compile_stats
+
+    return compile_stats()["unique_graphs"], len(runner.builds)
+
+
+def _settle_after_compiling(runner, before: tuple[int, int]) -> None:
+    """A call that compiled or captured something ends with a full garbage collection (:mod:`ralu_runtime.heap`):
+    the compiler's garbage would otherwise make one due in a later call. Outside the call's stage timings."""
+    if runner is not None and _compiled_so_far(runner) != before:
+        from .heap import settle_heap
+
+        settle_heap()
 
 
 def generate(pipe, prompt: str | list[str] | None = None, *, height: int | None = None, width: int | None = None,

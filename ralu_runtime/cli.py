@@ -643,7 +643,7 @@ def cmd_serve(args) -> int:
             t0 = time.perf_counter()
             engine.generate("ralu warm-up", seed=0, output_type="pil")
             print(f"backend {args.backend}: warmed up in {time.perf_counter() - t0:.2f} s", flush=True)
-        from .warmup import settle_heap
+        from .heap import settle_heap
 
         # this process is the server's: collect what loading and compiling left, and freeze the rest, so that no
         # full garbage collection of the model's and the compiler's objects pauses a request

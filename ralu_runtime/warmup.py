@@ -1,11 +1,9 @@
-"""Build every compiled graph a ``generate`` call needs, ahead of traffic: :func:`warmup`; and :func:`settle_heap`,
-which collects the garbage compiling left so that it does not pause the first requests.
+"""Build every compiled graph a ``generate`` call needs, ahead of traffic: :func:`warmup`.
 
 Lives apart from :mod:`ralu_runtime.compile` (which knows nothing of ``generate``): this module calls both.
 """
 from __future__ import annotations
 
-import gc
 import time
 
 import torch
@@ -13,24 +11,7 @@ import torch
 from .adapters import get_adapter
 from .api import generate
 from .compile import StageRunner, compile_stats, ensure_backend
-
-
-def settle_heap(freeze: bool = False) -> float:
-    """A full garbage collection (``gc.collect()``), and with ``freeze`` ``gc.freeze()``: seconds taken.
-
-    Compiling (dynamo, inductor, CUDA-graph capture) creates hundreds of thousands of Python objects; after a
-    warm-up they make a full (generation-2) collection due soon, and it then pauses whichever request happens to
-    trigger it (2-core CPU, small FLUX, 16 or 40 RALU calls after a dynamo warm-up: one collection of 294-311 ms in 3
-    of 6 runs; none in 5 runs after one ``gc.collect()``). Collecting once after warm-up moves that pause out of the
-    traffic.
-    ``freeze=True`` (for a server's own process: ``ralu serve``, Ray replicas) also moves every object alive now to
-    the permanent generation, so later collections never scan the model, the compiled code and the libraries again
-    (process-wide, and those objects are never freed: not for a library to do in a user's process)."""
-    t0 = time.perf_counter()
-    gc.collect()
-    if freeze:
-        gc.freeze()
-    return time.perf_counter() - t0
+from .heap import settle_heap  # noqa: F401 (re-exported: ralu_runtime.warmup.settle_heap)
 
 
 def warmup(pipe, height: int = 1024, width: int = 1024, speedup="default", batch: int = 1, *,

@@ -453,7 +453,7 @@ def test_serve_with_a_backend_warms_up_before_listening(monkeypatch, capsys):
     def fake_serve(engine, host, port, **kw):
         seen.update(defaults=dict(engine.defaults), ok=engine.metrics()["requests"]["ok"], host=host)
 
-    import ralu_runtime.warmup as W
+    import ralu_runtime.heap as W
 
     settled = []
     monkeypatch.setattr(http, "serve", fake_serve)

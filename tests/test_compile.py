@@ -239,13 +239,33 @@ def test_warmup_reports_compile_time_per_stage():
 
 
 def test_settle_heap_collects_and_freezes_only_when_asked(monkeypatch):
-    import ralu_runtime.warmup as W
+    import ralu_runtime.heap as H
 
     calls = []
-    monkeypatch.setattr(W.gc, "collect", lambda *a: calls.append("collect") or 0)
-    monkeypatch.setattr(W.gc, "freeze", lambda: calls.append("freeze"))
-    assert W.settle_heap() >= 0 and calls == ["collect"]
-    assert W.settle_heap(freeze=True) >= 0 and calls == ["collect", "collect", "freeze"]
+    monkeypatch.setattr(H.gc, "collect", lambda *a: calls.append("collect") or 0)
+    monkeypatch.setattr(H.gc, "freeze", lambda: calls.append("freeze"))
+    assert H.settle_heap() >= 0 and calls == ["collect"]
+    assert H.settle_heap(freeze=True) >= 0 and calls == ["collect", "collect", "freeze"]
+
+
+@torch.no_grad()
+def test_a_call_that_compiles_ends_with_a_garbage_collection(monkeypatch):
+    """generate collects once at the end of a call that compiled (not in its timings), not in calls that did not."""
+    import ralu_runtime.heap as H
+
+    torch._dynamo.reset()  # an earlier test may have compiled these block functions: compile them again here
+    pipe = _fresh_flux()
+    calls = []
+    real = H.settle_heap
+    monkeypatch.setattr(H, "settle_heap", lambda *a, **k: calls.append(1) or real(*a, **k))
+    kw = dict(**flux_embeds(1), height=64, width=64, **BASE)
+    generate(pipe, **kw)  # eager: nothing built
+    assert calls == []
+    generate(pipe, **kw, backend="inductor", compile_options={"dynamo_backend": "eager"})  # compiles
+    assert calls == [1]
+    generate(pipe, **kw, backend="inductor", compile_options={"dynamo_backend": "eager"})  # warm: nothing new
+    assert calls == [1]
+    uncompile_adapter(pipe)
 
 
 @pytest.mark.gpu

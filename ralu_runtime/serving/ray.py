@@ -386,7 +386,7 @@ def start_engine(spec: ReplicaSpec, name: str = "local"):
                        for i in range(spec.warmup_requests)]
             for h in handles:
                 h.result(spec.warmup_timeout_s)
-        from ..warmup import settle_heap
+        from ..heap import settle_heap
 
         warm = {"shapes": shapes, "requests": spec.warmup_requests * len(shapes),
                 "seconds": time.perf_counter() - t2, "graphs_compiled": compile_stats()["unique_graphs"] - graphs0,
