@@ -291,8 +291,8 @@ _LARGE_TILES = (16, 64)   # (BLOCK_G, BLOCK_K) for C = 64; scaled by 64 / BLOCK_
 _SMALL_TILES = (4, 16)
 _MIN_PROGRAMS_FOR_LARGE = 264  # two waves of 132 SMs (H100)
 _NUM_WARPS = 4
-# Register cap of the built-in large tiles (ptxas .maxnreg): 64 keeps 8 programs of 4 warps per SM. The 64-bit Philox
-# products (_philox4x32_10) let ptxas use up to 80 registers for the large tiles (Triton 3.6 and 3.9, sm_90), which
+# Register cap of the built-in large tiles at C = 64 (ptxas .maxnreg): 64 keeps 8 programs of 4 warps per SM. The
+# 64-bit Philox products (_philox4x32_10) let ptxas use up to 80 registers there (Triton 3.6 and 3.9, sm_90), which
 # would leave 6 programs per SM; capped at 64 they compile without spills (static SASS, no GPU run yet).
 _MAX_REGISTERS = 64
 
@@ -579,8 +579,10 @@ def _launch_triton(x, pos, src_index, group, seeds, out, pos_out, order, num_up:
     if grid[0] > 2**31 - 1 or bsz > 65535:
         raise ValueError(f"too many tokens for one launch: B={bsz}, Ld={dst_len}")
     fast = x.device.type == "cuda" and libdevice is not None
-    large = block_g * block_c >= _LARGE_TILES[0] * 64  # the large tiles (the cap binds there only)
-    limits = {"maxnreg": _MAX_REGISTERS} if tiles is None and large and x.device.type == "cuda" else {}
+    # the register cap where it was analysed (the built-in large tiles at C = 64, the runtime's case): elsewhere
+    # ptxas chooses as before
+    capped = tiles is None and block_c == 64 and block_g == _LARGE_TILES[0] and x.device.type == "cuda"
+    limits = {"maxnreg": _MAX_REGISTERS} if capped else {}
     _stage_transition_kernel[grid](
         x.contiguous(), pos.contiguous(), src_index.contiguous(), group.contiguous(), order,
         seeds.contiguous(), out, pos_out,
