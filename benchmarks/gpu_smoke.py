@@ -127,6 +127,9 @@ if str(ROOT) not in sys.path:
 
 TOL = {"bfloat16": 5e-2, "float32": 1e-4}
 FP8_TOL = {"bfloat16": 0.1, "float32": 0.05}  # fp8 linears against the model's dtype (see precision_job)
+# fp8 compiled against fp8 eager: inductor fuses the quantization, so an activation on an e4m3 rounding boundary can
+# round to its neighbour; measured 2.2e-4 on the CPU (fp32, the emulated kernel, real inductor: --dry-run-compile)
+FP8_COMPILED_TOL = {"bfloat16": 5e-2, "float32": 1e-3}
 KERNEL_TOL = {"transition": {"bfloat16": 2e-3, "float32": 1e-4}, "attention": {"bfloat16": 2e-2, "float32": 1e-5}}
 PARITY_STEPS = 4
 DRY_PARITY_STEPS = 3
@@ -794,7 +797,7 @@ def precision_job(ctx: Ctx, rec: Recorder) -> None:
     ``fp8_torchao``       the same with torchao's kernel where torchao is importable (else skipped): within FP8_TOL
                           of the reference and of the scaled_mm run
     ``fp8_compiled``      fp8 with the kernel ``auto`` picks, compiled at the job's level (inductor on the GPU) with
-                          CUDA graphs: within the dtype's tolerance of the eager run of that kernel
+                          CUDA graphs: within FP8_COMPILED_TOL of the eager run of that kernel (bf16 5e-2, fp32 1e-3)
     ``fp8_no_recompile``  a second compiled fp8 call (another seed): no new dynamo graph, no new capture; the user's
                           parameters as found (identity, storage, version)
     ``attn_measure``      ``attn_backend="measure"`` (dynamo level, CUDA graphs): the backends timed on the call's
@@ -920,7 +923,7 @@ def precision_job(ctx: Ctx, rec: Recorder) -> None:
         run_check(rec, "references", references)
         run_check(rec, "fp8_eager", fp8_eager, tol=fp8_tol, needs=("references",))
         run_check(rec, "fp8_torchao", fp8_torchao, tol=fp8_tol, needs=("references",))
-        run_check(rec, "fp8_compiled", fp8_compiled, tol=ctx.tol, needs=("references",))
+        run_check(rec, "fp8_compiled", fp8_compiled, tol=FP8_COMPILED_TOL[ctx.dtype_name()], needs=("references",))
         run_check(rec, "fp8_no_recompile", fp8_no_recompile, needs=("fp8_compiled",))
         run_check(rec, "attn_measure", attn_measure, tol=ctx.tol, needs=("references",))
 
