@@ -3,9 +3,9 @@
 Compiling (dynamo, inductor, CUDA-graph capture) creates hundreds of thousands of Python objects. Afterwards a full
 (generation-2) garbage collection is due soon, and it pauses whichever call triggers it: measured on a 2-core CPU
 (small FLUX, RALU 7x, 16 or 40 calls after a dynamo warm-up), one collection of 294-311 ms in 3 of 6 runs; none in
-5 runs after one ``gc.collect()``. ``generate`` collects at the end of a call that compiled something,
-:func:`ralu_runtime.warmup.warmup` after warming up, and ``ralu serve`` / Ray replicas (processes of ralu's own)
-also freeze the heap after warm-up.
+5 runs after one ``gc.collect()``. ``generate`` collects at the end of a call that compiled something (so a
+:func:`ralu_runtime.warmup.warmup` does too), and ``ralu serve`` / Ray replicas (processes of ralu's own) also
+freeze the heap after warm-up.
 """
 from __future__ import annotations
 

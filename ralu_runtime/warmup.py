@@ -11,19 +11,18 @@ import torch
 from .adapters import get_adapter
 from .api import generate
 from .compile import StageRunner, compile_stats, ensure_backend
-from .heap import settle_heap  # noqa: F401 (re-exported: ralu_runtime.warmup.settle_heap)
 
 
 def warmup(pipe, height: int = 1024, width: int = 1024, speedup="default", batch: int = 1, *,
-           backend: str | None = None, text_len: int | None = None, runs: int = 2, collect_garbage: bool = True,
+           backend: str | None = None, text_len: int | None = None, runs: int = 2,
            **generate_kwargs) -> dict:
     """Build every compiled graph a ``generate(pipe, height, width, speedup, batch)`` call needs, ahead of
     traffic, with zero prompt embeddings of ``text_len`` tokens (default: the adapter's ``default_text_len``, the
     length its pipeline pads prompts to: 512 for FLUX, 77 + 256 for SD3). ``backend``: install that backend first (options in ``generate_kwargs``'s
     ``compile_options``). Returns ``{"first_s", "warm_s", "compile_s", "stages": {name: {first_s, warm_s,
-    compile_s}}, "builds": [...], "graphs_compiled": n, "gc_s"}``: wall seconds of the first (compiling) run and of a
-    second one, per stage, the graphs torch._dynamo compiled, and the final garbage collection's seconds
-    (``collect_garbage``, default on: :func:`settle_heap` without freezing; 0.0 when off)."""
+    compile_s}}, "builds": [...], "graphs_compiled": n}``: wall seconds of the first (compiling) run and of a
+    second one, per stage, and the graphs torch._dynamo compiled. The compiling run, like any ``generate`` call that
+    compiled, ends with a full garbage collection (:mod:`ralu_runtime.heap`)."""
     adapter = get_adapter(pipe)
     opts = generate_kwargs.pop("compile_options", None) or {}
     if backend is not None:
@@ -44,7 +43,5 @@ def warmup(pipe, height: int = 1024, width: int = 1024, speedup="default", batch
     stages = {name: {"first_s": sec, "warm_s": warm[1].get(name, float("nan")),
                      "compile_s": max(0.0, sec - warm[1].get(name, 0.0))} for name, sec in first[1].items()}
     builds = runner.builds[n_builds:] if isinstance(runner, StageRunner) else []
-    gc_s = settle_heap() if collect_garbage else 0.0
     return {"first_s": first[0], "warm_s": warm[0], "compile_s": max(0.0, first[0] - warm[0]), "stages": stages,
-            "builds": [b.__dict__ for b in builds], "graphs_compiled": compile_stats()["unique_graphs"] - before,
-            "gc_s": gc_s}
+            "builds": [b.__dict__ for b in builds], "graphs_compiled": compile_stats()["unique_graphs"] - before}
