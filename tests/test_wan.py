@@ -101,8 +101,11 @@ def test_text_prompts_and_decoded_video_equal_diffusers(pipes):
     ref = pipe(prompt="a cat", generator=_gens(3), **kw).frames
     ours = generate(pipe, "a cat", generator=_gens(3), speedup=None, progress=False, **kw).images
     assert ours.shape == ref.shape == (1, 5, H, W, 3)
-    # [0, 1] pixels: the batched CFG pass's ~1e-7 latent differences, amplified by the random VAE
-    assert abs(ours - ref).max() < 1e-4
+    # [0, 1] pixels: the batched CFG pass's ~1e-6 latent differences (6e-7 relative), amplified by the random VAE:
+    # measured max 1.0e-4, mean 4e-7 (transformers 5.25). The bound is a quarter of one 8-bit level (1/255); a wrong
+    # de-normalisation or postprocessing step differs by 1e-2 and more
+    diff = abs(ours - ref)
+    assert diff.max() < 1e-3 and diff.mean() < 1e-5
 
 
 @torch.no_grad()
