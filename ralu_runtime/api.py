@@ -390,9 +390,8 @@ def _check_work(adapter: DiTAdapter, bounds, batch: int, height: int, width: int
         raise ValueError(f"this call makes {batch} images (prompts x num_images_per_prompt); the limit is "
                          f"max_images={bounds.max_images}: split the call, or raise it with limits={{'max_images': N}} "
                          "or ralu_runtime.limits.set_limits(max_images=N)")
-    cell = adapter.patch_size * adapter.vae_scale_factor
     frames = 1 if num_frames is None else 1 + (num_frames - 1) // adapter.temporal_factor
-    tokens = frames * (height // cell) * (width // cell)
+    tokens = adapter.fine_tokens(height, width, frames)
     work = token_steps(batch, tokens, steps, schedule)
     if work > bounds.max_token_steps:
         calls = f"{steps} steps" if schedule is None else f"RALU steps {tuple(schedule.steps)}"

@@ -230,6 +230,27 @@ def double_then_single_stack(ex, n_double: int, n_single: int, double_step: Call
     return BlockStack(run, n_double + n_single, (text, image, None), image_rows, ex, stream)
 
 
+def side_by_side(stacks: Sequence[BlockStack], rows, stream: int) -> BlockStack:
+    """Block stacks of one depth, one per model batch of a call (Chroma's CFG halves when their text lengths or
+    masks differ), run as one :class:`BlockStack`: block ``i`` of every stack in turn, then block ``i + 1``. Its
+    state is the list of the stacks' states, its image the list of their image rows (each in its own mode); ``rows``
+    is what a feature cache sees as the call's mode: ``whole(parts, stream)`` / ``local(x, stream)`` over such lists.
+    """
+    n = stacks[0].n
+    if any(s.n != n for s in stacks):
+        raise ValueError(f"side_by_side: stacks of different depths {[s.n for s in stacks]}")
+
+    def run(states, start, stop):
+        for i in range(start, stop):
+            states = [s.run(state, i, i + 1) for s, state in zip(stacks, states)]
+        return states
+
+    def image(states):
+        return [s.image(state) for s, state in zip(stacks, states)]
+
+    return BlockStack(run, n, [s.state0 for s in stacks], image, rows, stream)
+
+
 @dataclass
 class Conditioning:
     """Encoded prompts of a batch of ``batch`` images; ``data`` is adapter-specific."""
@@ -510,6 +531,12 @@ class DiTAdapter(ABC):
 
     def latent_hw(self, height: int, width: int) -> tuple[int, int]:
         return height // self.vae_scale_factor, width // self.vae_scale_factor
+
+    def fine_tokens(self, height: int, width: int, latent_frames: int = 1) -> int:
+        """Tokens at full resolution of a ``height x width`` (pixels) image, or of a video of ``latent_frames``
+        latent frames: the sequence length the pipelines' timestep shift is computed from."""
+        h, w = self.latent_hw(height, width)
+        return latent_frames * (h // self.patch_size) * (w // self.patch_size)
 
     # ---- tokens --------------------------------------------------------------------------------------
     def pack(self, latents: torch.Tensor) -> torch.Tensor:

@@ -49,13 +49,14 @@ import numpy as np
 import torch
 
 from ..families import FAMILIES
-from ..execution.call import not_a_view, static_dims
+from ..execution.call import static_dims
 from ..execution.modes import DENSE, JOINT, Dense, Mode
 from ..execution.packing import (HostSegments, Packed, PackedExecution, PackedSegments, can_pack, pad_rows,
                                  split_calls, static_attention)
 from ..execution.sharding import Sharded
-from .base import (EAGER, BlockStack, Conditioning, DiTAdapter, ModelImpl, VelocityCall, call_with_hooks, check_blocks,
-                   check_velocity_calls, current_sharding, named_blocks, scheduler_base_shift)
+from .base import (EAGER, Conditioning, DiTAdapter, ModelImpl, VelocityCall, call_with_hooks, check_blocks,
+                   check_velocity_calls, current_sharding, double_then_single_stack, named_blocks,
+                   scheduler_base_shift, side_by_side)
 from .common import ADDED_QKV, QKV
 from .flux import IMAGE, TEXT, FluxAdapter, flux_double_block, flux_single_block
 
@@ -170,8 +171,7 @@ class ChromaAdapter(DiTAdapter):
 
     def preset_base_shift(self, height: int, width: int) -> float:
         """h_ori = exp(mu) of the pipeline's dynamic shifting at the fine image token count of ``height x width``."""
-        cell = self.vae_scale_factor * self.patch_size
-        return scheduler_base_shift(self.pipe.scheduler.config, (height // cell) * (width // cell))
+        return scheduler_base_shift(self.pipe.scheduler.config, self.fine_tokens(height, width))
 
     @property
     def patch_size(self) -> int:
@@ -288,10 +288,10 @@ class ChromaAdapter(DiTAdapter):
         nd, ns = len(doubles), len(singles)
         img_off, txt_off = 3 * ns, 3 * ns + 6 * nd
 
-        def step(group, state, i):  # block i on a group's state: (text, image) in the double blocks, then joined
-            ex, _h, _e, mod, rope, mask = group
-            if i < nd:
-                e, h = state
+        def group_stack(group):  # one group's blocks: its own mode, text length, modulation rows, rotary table and mask
+            ex, hidden, enc, mod, rope, mask = group
+
+            def double_step(i, e, h):
                 blk, extra = doubles[i]
                 temb = static_dims(torch.cat((mod[:, img_off + 6 * i: img_off + 6 * i + 6],
                                               mod[:, txt_off + 6 * i: txt_off + 6 * i + 6]), dim=1), 1, 2)
@@ -301,26 +301,20 @@ class ChromaAdapter(DiTAdapter):
                         hidden_states=h, encoder_hidden_states=e, temb=temb, image_rotary_emb=rope,
                         attention_mask=mask))
                 return double(*args)
-            if i == nd:  # the joined sequence enters the single blocks (not a view: every block gets one graph)
-                state = not_a_view(ex.join(*state))
-            blk, extra = singles[i - nd]
-            temb = static_dims(mod[:, 3 * (i - nd): 3 * (i - nd) + 3], 1, 2)
-            args = (blk, state, temb, rope, ex, *extra)
-            if blk._forward_hooks or blk._forward_pre_hooks:
-                return call_with_hooks(blk, single, args, dict(hidden_states=state, temb=temb, image_rotary_emb=rope,
-                                                               attention_mask=mask))
-            return single(*args)
 
-        def run(states, start, stop):
-            for i in range(start, stop):
-                states = [step(g, s, i) for g, s in zip(groups, states)]
-            return states
+            def single_step(j, x):
+                blk, extra = singles[j]
+                temb = static_dims(mod[:, 3 * j: 3 * j + 3], 1, 2)
+                args = (blk, x, temb, rope, ex, *extra)
+                if blk._forward_hooks or blk._forward_pre_hooks:
+                    return call_with_hooks(blk, single, args, dict(hidden_states=x, temb=temb, image_rotary_emb=rope,
+                                                                   attention_mask=mask))
+                return single(*args)
 
-        def image(states):  # every group's image hidden states (its mode's rows)
-            return [s[1] if isinstance(s, tuple) else g[0].split(s, g[2].shape[1])[1] for g, s in zip(groups, states)]
+            return double_then_single_stack(ex, nd, ns, double_step, single_step, enc, hidden, IMAGE)
 
         rows = _Groups([g[0] for g in groups], [g[1].shape[0] for g in groups])
-        stack = BlockStack(run, nd + ns, [(g[2], g[1]) for g in groups], image, rows, IMAGE)
+        stack = side_by_side([group_stack(g) for g in groups], rows, IMAGE)
         hidden = rows.whole(self.run_stack(stack, [g[1] for g in groups], timestep), IMAGE)
         mod = groups[0][3] if len(groups) == 1 else torch.cat([g[3] for g in groups])
         return ex0.call(tr.proj_out, ex0.ada_norm(tr.norm_out, hidden, mod[:, -2:], IMAGE))

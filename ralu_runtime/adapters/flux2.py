@@ -207,8 +207,7 @@ class Flux2Adapter(DiTAdapter):
     def preset_base_shift(self, height: int, width: int) -> float:
         """exp(mu) of the pipeline's own ``compute_empirical_mu`` at the fine token count of ``height`` x ``width``
         and the default step count (50, or 4 for step-distilled klein)."""
-        blk = self.patch_size * self.vae_scale_factor
-        seq_len = (int(height) // blk) * (int(width) // blk)
+        seq_len = self.fine_tokens(int(height), int(width))
         return scheduler_base_shift(self.pipe.scheduler.config, seq_len,
                                     mu=compute_empirical_mu(seq_len, self.default_steps))
 

@@ -208,9 +208,8 @@ class HunyuanVideo15Adapter(DoubleStreamAdapter):
     def preset_base_shift(self, height: int, width: int) -> float:
         """The scheduler's static shift (the pipeline passes plain linspace sigmas; 9.0 for the 720p t2v model, 5.0
         for 480p); with dynamic shifting the scheduler's mu line at the fine token count of the default frames."""
-        h, w = self.latent_hw(height, width)
-        f = (self.default_frames - 1) // self.temporal_factor + 1
-        return scheduler_base_shift(self.pipe.scheduler.config, f * (h // self.patch_size) * (w // self.patch_size))
+        frames = (self.default_frames - 1) // self.temporal_factor + 1
+        return scheduler_base_shift(self.pipe.scheduler.config, self.fine_tokens(height, width, frames))
 
     # ---- tokens --------------------------------------------------------------------------------------------
     def pack(self, latents: torch.Tensor) -> torch.Tensor:

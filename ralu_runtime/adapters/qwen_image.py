@@ -186,8 +186,7 @@ class QwenImageAdapter(DoubleStreamAdapter):
     def preset_base_shift(self, height: int, width: int) -> float:
         """exp(mu) of the pipeline's scheduler at the fine token count of ``height x width`` (the pipeline's mu is
         diffusers' calculate_shift line on the scheduler config; Qwen-Image: 0.5 at 256 tokens, 0.9 at 8192)."""
-        h, w = self.latent_hw(height, width)
-        return scheduler_base_shift(self.pipe.scheduler.config, (h // self.patch_size) * (w // self.patch_size))
+        return scheduler_base_shift(self.pipe.scheduler.config, self.fine_tokens(height, width))
 
     # ---- prompts -----------------------------------------------------------------------------------------
     def _embed(self, prompt, embeds, mask, n, max_len):

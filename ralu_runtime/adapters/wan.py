@@ -315,9 +315,8 @@ class WanAdapter(DiTAdapter):
         cfg = self.pipe.scheduler.config
         if cfg.get("use_flow_sigmas", False):
             return float(cfg.get("flow_shift", 1.0))
-        h, w = self.latent_hw(height, width)
         frames = (self.default_frames - 1) // self.temporal_factor + 1
-        return scheduler_base_shift(cfg, frames * (h // self.patch_size) * (w // self.patch_size))
+        return scheduler_base_shift(cfg, self.fine_tokens(height, width, frames))
 
     # ---- tokens --------------------------------------------------------------------------------------
     def pack(self, latents: torch.Tensor) -> torch.Tensor:

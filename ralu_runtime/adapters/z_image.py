@@ -190,8 +190,7 @@ class ZImageAdapter(DiTAdapter):
     def preset_base_shift(self, height: int, width: int) -> float:
         """h_ori from the pipeline's scheduler at the image's fine token count (the pipeline's own ``mu`` formula is
         diffusers' ``calculate_shift``; the published config has no dynamic shifting: 3.0)."""
-        p = self.patch_size * self.vae_scale_factor
-        return scheduler_base_shift(self.pipe.scheduler.config, (height // p) * (width // p))
+        return scheduler_base_shift(self.pipe.scheduler.config, self.fine_tokens(height, width))
 
     @property
     def patch_size(self) -> int:
