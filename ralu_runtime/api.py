@@ -724,7 +724,8 @@ def run(plan: CallPlan, *, model_call: ModelCallHook | None = None,
         from .channel_cond import attach, build_channel_cond
     if plan.channels is not None and not plan.channels.after_noise:
         cond = attach(cond, build_channel_cond(adapter, plan.channels, noise_gen, batch, dtype))
-    noise_latents = adapter.prepare_noise(batch, plan.height, plan.width, noise_gen, dtype, **video)
+    draw = adapter.prepare_noise if plan.edit is None else adapter.prepare_edit_noise
+    noise_latents = draw(batch, plan.height, plan.width, noise_gen, dtype, **video)
     if plan.channels is not None and plan.channels.after_noise:
         cond = attach(cond, build_channel_cond(adapter, plan.channels, noise_gen, batch, dtype))
 

@@ -572,6 +572,11 @@ class DiTAdapter(ABC):
         h, w = self.latent_hw(height, width)
         return randn_tensor((batch, self.latent_channels, h, w), generator=generators, device=self.device, dtype=dtype)
 
+    def prepare_edit_noise(self, batch: int, height: int, width: int, generators, dtype) -> torch.Tensor:
+        """The full-resolution noise of an edit (img2img, inpainting), drawn like the family's editing pipelines:
+        :meth:`prepare_noise` unless they draw differently from the text-to-image pipeline."""
+        return self.prepare_noise(batch, height, width, generators, dtype)
+
     @abstractmethod
     def velocity(self, tokens: torch.Tensor, grid: TokenGrid, timestep: torch.Tensor, cond: Conditioning,
                  impl: ModelImpl | None = None) -> torch.Tensor:
