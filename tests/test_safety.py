@@ -243,31 +243,77 @@ def test_adapter_table_does_not_keep_pipelines_alive():
     assert ref() is None
 
 
-def test_compile_settings_apply_to_the_calling_thread_only():
-    """The dynamo/fx switches a compiled call needs are per thread (torch keeps config in context variables):
-    another thread, e.g. the user's own torch.compile, never sees them, and they are back after the call."""
+def _compile_config():
     import torch._dynamo.config as dcfg
     import torch.fx.experimental._config as fxcfg
 
-    from ralu_runtime.compile.runner import _dynamo_settings
+    return fxcfg.use_duck_shape, dcfg.recompile_limit, dcfg.specialize_float
 
-    before = (fxcfg.use_duck_shape, dcfg.recompile_limit)
-    entered, release, seen = threading.Event(), threading.Event(), []
+
+def test_config_probe_matches_how_torch_keeps_config():
+    """config_is_per_thread: True exactly where torch's config module holds values in context variables (torch
+    2.13), False where a patch is global (torch 2.11); the probe leaves the config as it found it."""
+    import torch.utils._config_module as cm
+
+    from ralu_runtime.compile.scoped import config_is_per_thread
+
+    before = _compile_config()
+    config_is_per_thread.cache_clear()
+    assert config_is_per_thread() == ("ContextVar" in vars(cm))
+    assert _compile_config() == before
+
+
+def _in_thread(entered, release, seen):
+    from ralu_runtime.compile.scoped import dynamo_settings
 
     def call():
-        with _dynamo_settings():
-            seen.append((fxcfg.use_duck_shape, dcfg.recompile_limit))
+        with dynamo_settings():
+            seen.append(_compile_config())
             entered.set()
             release.wait(10)
 
     t = threading.Thread(target=call)
     t.start()
-    entered.wait(10)
-    assert (fxcfg.use_duck_shape, dcfg.recompile_limit) == before  # this thread is not affected
+    assert entered.wait(10)
+    return t
+
+
+def test_compile_settings_apply_to_the_calling_thread_only():
+    """Where torch keeps config per thread, the dynamo/fx switches a compiled call needs are the calling thread's:
+    another thread, e.g. the user's own torch.compile, never sees them, and they are back after the call."""
+    from ralu_runtime.compile.scoped import config_is_per_thread
+
+    if not config_is_per_thread():
+        pytest.skip(f"torch {torch.__version__} keeps dynamo config process-wide (the shared path's test runs)")
+    before = _compile_config()
+    entered, release, seen = threading.Event(), threading.Event(), []
+    t = _in_thread(entered, release, seen)
+    assert _compile_config() == before  # this thread is not affected
     release.set()
     t.join()
-    assert seen and seen[0][0] is False and seen[0][1] >= 64
-    assert (fxcfg.use_duck_shape, dcfg.recompile_limit) == before
+    assert seen and seen[0][0] is False and seen[0][1] >= 64 and seen[0][2] is True
+    assert _compile_config() == before
+
+
+def test_global_compile_settings_held_until_the_last_overlapping_call_ends():
+    """Where torch's config is process-wide (torch 2.11), overlapping compiled calls in two threads share one
+    patch: the first call's end does not restore the values under the second call, the last call's end restores
+    what the user had."""
+    from ralu_runtime.compile.scoped import config_is_per_thread
+
+    if config_is_per_thread():
+        pytest.skip(f"torch {torch.__version__} keeps dynamo config per thread (the per-thread test runs)")
+    before = _compile_config()
+    first, second = (threading.Event(), threading.Event(), []), (threading.Event(), threading.Event(), [])
+    t1 = _in_thread(*first)
+    t2 = _in_thread(*second)
+    first[1].set()  # the first call ends while the second still runs
+    t1.join()
+    assert _compile_config() == second[2][0] == first[2][0]
+    assert first[2][0][:1] == (False,) and first[2][0][1] >= 64
+    second[1].set()
+    t2.join()
+    assert _compile_config() == before
 
 
 def test_sdpa_switches_held_while_any_call_runs_and_restored_after_the_last():

@@ -18,6 +18,7 @@ from .fp8 import Fp8Shadows, check_fp8_device, resolve_kernel
 from .impl import BackendImpl, attention_tag
 from .options import BACKENDS, BuildRecord, CompileOptions, make_options
 from .packed import PackedBuckets, PackedState, RunnerExecution
+from .scoped import dynamo_settings
 from .sdpa import SdpaRecorder, choose_backend, sdpa_context
 
 _PRECISION_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
@@ -194,7 +195,7 @@ class StageRunner:
         stack = contextlib.ExitStack()
         stack.enter_context(sdpa_context(attn or self.options.attn_backend, self.device))
         if self.impl.compile_kwargs is not None:
-            stack.enter_context(_dynamo_settings())
+            stack.enter_context(dynamo_settings())
         return stack
 
     def uninstall(self) -> None:
@@ -338,24 +339,6 @@ class StageRunner:
         if self.flavour == "ort-trt" and providers is None:
             providers = ["TensorrtExecutionProvider", "CUDAExecutionProvider"]
         return OrtStage(path, self.device, providers, backend=self.options.backend), out_like
-
-
-def _dynamo_settings() -> contextlib.ExitStack:
-    """The dynamo/fx switches a compiled call needs. torch keeps config values per thread (context variables), so
-    these apply to the calling thread's compiles only and are put back when the call ends."""
-    import torch._dynamo.config as dcfg
-    import torch.fx.experimental._config as fxcfg
-
-    stack = contextlib.ExitStack()
-    # duck sizing would tie a token count to an equal model dimension (e.g. 16 tokens, head_dim 16)
-    stack.enter_context(fxcfg.patch(use_duck_shape=False))
-    # static mode: one graph per stage shape and block kind, more than the default limit of 8
-    stack.enter_context(dcfg.patch(recompile_limit=max(dcfg.recompile_limit, 64)))
-    # the block modules are arguments, so their float attributes (norm eps, dropout p) would become symbolic floats
-    # that a later pass specialises by restarting the trace: one extra trace per block kind at a cold compile. No
-    # float that changes between calls enters a block function (timesteps and scales are tensors)
-    stack.enter_context(dcfg.patch(specialize_float=True))
-    return stack
 
 
 def compile_adapter(pipe_or_adapter, backend: str = "inductor", **options) -> StageRunner:
