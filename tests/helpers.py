@@ -10,6 +10,7 @@ for the serving tests. ``dry_run_env()`` is the environment of a GPU-suite dry r
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 
 import torch
@@ -102,3 +103,38 @@ def dry_run_env() -> dict:
     env = {k: v for k, v in os.environ.items() if k not in ("OUT", "TRITON_INTERPRET", "RALU_TEST_GPU")}
     env["OMP_NUM_THREADS"] = str(torch.get_num_threads())
     return env
+
+
+# ---------------------------------------------------------------------------------------------- Triton interpreter
+@functools.lru_cache(maxsize=None)
+def interpreter_fma_rounds_once() -> bool:
+    """Whether Triton's interpreter evaluates ``tl.fma`` with one rounding, as the GPU does (Triton 3.9 does;
+    Triton 3.6's interpreter computes ``x * y + z`` in float32, two roundings). Probed with a one-element kernel
+    where the two differ: ``fma(1 + 2^-12, 1 + 2^-12, -(1 + 2^-11)) = 2^-24``, twice rounded 0."""
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def _fma(x_ptr, z_ptr, out_ptr):
+        x = tl.load(x_ptr)
+        tl.store(out_ptr, tl.fma(x, x, tl.load(z_ptr)))
+
+    x = torch.tensor([1.0 + 2.0**-12])
+    z = torch.tensor([-(1.0 + 2.0**-11)])
+    out = torch.zeros(1)
+    _fma[(1,)](x, z, out)
+    return out.item() == 2.0**-24
+
+
+def assert_kernel_matches_reference(out: torch.Tensor, ref: torch.Tensor) -> None:
+    """A Triton kernel's output (under the interpreter) against its torch reference: bitwise, the reference
+    evaluating the kernel's float32 expression with exact fused multiply-adds. Where the interpreter rounds
+    ``tl.fma`` twice (:func:`interpreter_fma_rounds_once`), within two units in the last place of ``out``'s dtype
+    (of the largest reference value near zero): a GPU compiles a real fma, where the bits are checked."""
+    assert out.dtype == ref.dtype and out.shape == ref.shape
+    if interpreter_fma_rounds_once():
+        assert torch.equal(out, ref), f"max diff {(out.float() - ref.float()).abs().max()}"
+        return
+    eps = torch.finfo(out.dtype).eps
+    scale = ref.float().abs().max().item()
+    torch.testing.assert_close(out.float(), ref.float(), rtol=2 * eps, atol=2 * eps * scale)

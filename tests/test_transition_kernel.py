@@ -15,6 +15,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from ralu_kernels import philox
+from helpers import assert_kernel_matches_reference
 from ralu_kernels import transition as T
 from ralu_kernels.transition import (
     correlated_noise_alpha,
@@ -194,9 +195,8 @@ def test_triton_kernel_matches_reference(kind, batch, h, w, ratio, channels, dty
     kw = dict(a=1.0 / (6.317 * 0.7 + 0.3), b=0.61, c=c, exact_noise=exact)
     out_t, pos_t = _run("triton", x, maps, seeds, **kw)
     out_r, pos_r = _run("torch", x, maps, seeds, **kw)
-    assert out_t.dtype == dtype and out_t.shape == out_r.shape
-    # bitwise (the reference evaluates the kernel's float32 expression with the interpreter's math)
-    assert torch.equal(out_t, out_r), f"max diff {(out_t.float() - out_r.float()).abs().max()}"
+    assert out_t.dtype == dtype
+    assert_kernel_matches_reference(out_t, out_r)  # bitwise (the reference evaluates the kernel's float32 expression)
     assert torch.equal(pos_t, pos_r)
 
 
@@ -212,7 +212,8 @@ def test_triton_large_tiles_and_computed_order(kind, monkeypatch):
     assert T._tiles(maps["num_up"], 10, 1, 64, 16)[:2] == T._LARGE_TILES
     out_l, pos_l = _run("triton", x, maps, seeds, **kw)
     for o, p in ((out_s, pos_s), (out_l, pos_l)):
-        assert torch.equal(o, out_r) and torch.equal(p, pos_r)
+        assert_kernel_matches_reference(o, out_r)
+        assert torch.equal(p, pos_r)
 
 
 @needs_interpreter
@@ -225,7 +226,8 @@ def test_triton_kernel_preallocated_outputs_and_dtype_change():
     r1 = _run("triton", x, maps, seeds, out=out, pos_out=pos_out, **kw)
     assert r1[0] is out and r1[1] is pos_out
     ref, ref_pos = _run("torch", x, maps, seeds, out=torch.empty_like(out), **kw)
-    assert torch.equal(out, ref) and torch.equal(pos_out, ref_pos)
+    assert_kernel_matches_reference(out, ref)
+    assert torch.equal(pos_out, ref_pos)
 
 
 def test_positions_and_copies_1to2():
