@@ -554,11 +554,7 @@ class ZImageAdapter(DiTAdapter):
         """``ZImageImg2ImgPipeline`` / ``ZImageInpaintPipeline``: the noise is drawn in the prompt embeddings' dtype
         ``dtype`` (the latents then run in float32), returned as float32. Not a rounded float32 draw: torch's CPU
         ``randn`` in bfloat16 draws other values than in float32 in some releases (2.11: sizes of 16 and more)."""
-        from diffusers.utils.torch_utils import randn_tensor
-
-        h, w = self.latent_hw(height, width)
-        return randn_tensor((batch, self.latent_channels, h, w), generator=generators, device=self.device,
-                            dtype=dtype).float()
+        return DiTAdapter.prepare_noise(self, batch, height, width, generators, dtype).float()
 
     def baseline_schedule(self, num_steps, image_seq_len):
         from diffusers.pipelines.z_image.pipeline_z_image import (calculate_shift, get_default_z_image_sigmas,
