@@ -437,9 +437,10 @@ class DiTAdapter(ABC):
         """Latent pixels per token side."""
 
     @property
-    @abstractmethod
     def vae_scale_factor(self) -> int:
-        """Image pixels per latent pixel."""
+        """Image pixels per latent pixel: the pipeline's own ``vae_scale_factor`` (video pipelines: override with
+        their spatial factor)."""
+        return int(self.pipe.vae_scale_factor)
 
     @property
     @abstractmethod

@@ -297,10 +297,6 @@ class FluxAdapter(DiTAdapter):
         return 2
 
     @property
-    def vae_scale_factor(self) -> int:
-        return self.pipe.vae_scale_factor
-
-    @property
     def latent_channels(self) -> int:
         cfg = self.transformer.config  # FLUX.1 Fill / control take conditioning channels beyond the output's
         return (cfg.out_channels or cfg.in_channels) // 4

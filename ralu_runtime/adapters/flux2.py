@@ -217,10 +217,6 @@ class Flux2Adapter(DiTAdapter):
         return 2
 
     @property
-    def vae_scale_factor(self) -> int:
-        return self.pipe.vae_scale_factor
-
-    @property
     def latent_channels(self) -> int:
         return self.transformer.config.in_channels // 4
 

@@ -176,10 +176,6 @@ class QwenImageAdapter(DoubleStreamAdapter):
         return int(self.transformer.config.patch_size)
 
     @property
-    def vae_scale_factor(self) -> int:
-        return self.pipe.vae_scale_factor
-
-    @property
     def latent_channels(self) -> int:
         return self.transformer.config.in_channels // 4
 

@@ -298,10 +298,6 @@ class SD3Adapter(DiTAdapter):
         return self.transformer.config.patch_size
 
     @property
-    def vae_scale_factor(self) -> int:
-        return self.pipe.vae_scale_factor
-
-    @property
     def latent_channels(self) -> int:
         return self.transformer.config.in_channels
 

@@ -197,10 +197,6 @@ class ZImageAdapter(DiTAdapter):
         return 2
 
     @property
-    def vae_scale_factor(self) -> int:
-        return self.pipe.vae_scale_factor
-
-    @property
     def latent_channels(self) -> int:
         return int(self.transformer.config.in_channels)
 
