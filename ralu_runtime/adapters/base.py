@@ -337,6 +337,16 @@ def scheduler_base_shift(config, image_seq_len: int, mu: float | None = None) ->
     return float(np.exp(mu)) if get("time_shift_type", "exponential") == "exponential" else float(mu)
 
 
+def pipeline_mu(calculate_shift, config, image_seq_len: int, *, max_shift: float = 1.15) -> float:
+    """``mu`` of a pipeline's dynamic shifting at ``image_seq_len`` tokens: the pipeline module's own
+    ``calculate_shift`` on the scheduler ``config``'s line, with the pipeline's defaults for missing keys (256 / 4096
+    tokens, shifts 0.5 / ``max_shift``: 1.15, SD3's pipelines 1.16). Calling the pipeline's function keeps its float
+    evaluation order, so the sigmas equal the pipeline's bitwise."""
+    get = config.get
+    return calculate_shift(image_seq_len, get("base_image_seq_len", 256), get("max_image_seq_len", 4096),
+                           get("base_shift", 0.5), get("max_shift", max_shift))
+
+
 class DiTAdapter(ABC):
     """Base class of model adapters.
 

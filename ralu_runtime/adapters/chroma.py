@@ -56,7 +56,7 @@ from ..execution.packing import (HostSegments, Packed, PackedExecution, PackedSe
 from ..execution.sharding import Sharded
 from .base import (EAGER, Conditioning, DiTAdapter, ModelImpl, VelocityCall, call_with_hooks, check_blocks,
                    check_velocity_calls, current_sharding, double_then_single_stack, named_blocks,
-                   scheduler_base_shift, side_by_side)
+                   pipeline_mu, scheduler_base_shift, side_by_side)
 from .common import ADDED_QKV, QKV
 from .flux import IMAGE, TEXT, FluxAdapter, flux_double_block, flux_single_block
 
@@ -472,7 +472,6 @@ class ChromaAdapter(DiTAdapter):
         sched = self.scheduler_copy()
         cfg = sched.config
         sigmas = np.linspace(1.0, 1 / num_steps, num_steps)
-        mu = calculate_shift(image_seq_len, cfg.get("base_image_seq_len", 256), cfg.get("max_image_seq_len", 4096),
-                             cfg.get("base_shift", 0.5), cfg.get("max_shift", 1.15))
+        mu = pipeline_mu(calculate_shift, cfg, image_seq_len)
         timesteps, _ = retrieve_timesteps(sched, num_steps, self.device, sigmas=sigmas, mu=mu)
         return timesteps, sched.sigmas.to(self.device)

@@ -33,7 +33,7 @@ from ..execution.packing import (HostSegments, Packed, PackedExecution, PackedSe
                                  split_calls, static_attention)
 from ..execution.sharding import Sharded
 from .base import (EAGER, Conditioning, DiTAdapter, ModelImpl, TokenGrid, VelocityCall, call_with_hooks, check_blocks,
-                   check_velocity_calls, current_sharding, double_then_single_stack, named_blocks)
+                   check_velocity_calls, current_sharding, double_then_single_stack, named_blocks, pipeline_mu)
 from .common import ADDED_QKV, QKV, apply_rope, projections
 
 from ..families import FAMILIES
@@ -361,7 +361,6 @@ class FluxAdapter(DiTAdapter):
         sigmas = np.linspace(1.0, 1 / num_steps, num_steps)
         if getattr(cfg, "use_flow_sigmas", False):
             sigmas = None
-        mu = calculate_shift(image_seq_len, cfg.get("base_image_seq_len", 256), cfg.get("max_image_seq_len", 4096),
-                             cfg.get("base_shift", 0.5), cfg.get("max_shift", 1.15))
+        mu = pipeline_mu(calculate_shift, cfg, image_seq_len)
         timesteps, _ = retrieve_timesteps(sched, num_steps, self.device, sigmas=sigmas, mu=mu)
         return timesteps, sched.sigmas.to(self.device)

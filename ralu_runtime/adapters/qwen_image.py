@@ -49,8 +49,8 @@ import torch
 
 from ..families import FAMILIES
 from ..execution.modes import DENSE, Mode
-from .base import (EAGER, Conditioning, ModelImpl, TokenGrid, check_blocks, named_blocks, scheduler_base_shift,
-                   vae_lock)
+from .base import (EAGER, Conditioning, ModelImpl, TokenGrid, check_blocks, named_blocks, pipeline_mu,
+                   scheduler_base_shift, vae_lock)
 from .common import ADDED_QKV, QKV, projections
 from .double_stream import DoubleStreamAdapter, StreamInputs
 
@@ -331,8 +331,7 @@ class QwenImageAdapter(DoubleStreamAdapter):
         sched = self.scheduler_copy()
         cfg = sched.config
         sigmas = np.linspace(1.0, 1 / num_steps, num_steps)
-        mu = calculate_shift(image_seq_len, cfg.get("base_image_seq_len", 256), cfg.get("max_image_seq_len", 4096),
-                             cfg.get("base_shift", 0.5), cfg.get("max_shift", 1.15))
+        mu = pipeline_mu(calculate_shift, cfg, image_seq_len)
         timesteps, _ = retrieve_timesteps(sched, num_steps, self.device, sigmas=sigmas, mu=mu)
         if not bool(torch.isfinite(sched.sigmas).all()):
             # e.g. one step with shift_terminal (Qwen-Image's 0.02): diffusers' stretch divides by 1 - sigma_last = 0

@@ -59,7 +59,7 @@ from ..execution.packing import (HostSegments, Packed, PackedExecution, PackedSe
                                  split_calls, static_attention)
 from ..execution.sharding import Sharded
 from .base import (EAGER, BlockStack, Conditioning, DiTAdapter, ModelImpl, TokenGrid, VelocityCall, call_with_hooks,
-                   check_velocity_calls, current_sharding)
+                   check_velocity_calls, current_sharding, pipeline_mu)
 from .common import ADDED_QKV, QKV, projections
 
 IMAGE, TEXT = 0, 1  # SD3's streams, in the order of its joint sequence [image ; text]
@@ -597,8 +597,6 @@ class SD3Adapter(DiTAdapter):
         sched = self.scheduler_copy()
         kwargs = {}
         if sched.config.get("use_dynamic_shifting", None):
-            kwargs["mu"] = calculate_shift(image_seq_len, sched.config.get("base_image_seq_len", 256),
-                                           sched.config.get("max_image_seq_len", 4096),
-                                           sched.config.get("base_shift", 0.5), sched.config.get("max_shift", 1.16))
+            kwargs["mu"] = pipeline_mu(calculate_shift, sched.config, image_seq_len, max_shift=1.16)
         timesteps, _ = retrieve_timesteps(sched, num_steps, self.device, **kwargs)
         return timesteps, sched.sigmas.to(self.device)

@@ -57,7 +57,8 @@ from ..execution.packing import (HostSegments, Packed, PackedExecution, PackedSe
                                  static_attention)
 from ..execution.sharding import Sharded
 from .base import (EAGER, BlockStack, Conditioning, DiTAdapter, ModelImpl, TokenGrid, VelocityCall, call_with_hooks,
-                   check_blocks, check_velocity_calls, current_sharding, scheduler_base_shift)
+                   check_blocks, check_velocity_calls, current_sharding, pipeline_mu,
+                   scheduler_base_shift)
 from .common import QKV, projections
 
 IMAGE, TEXT = 0, 1  # Z-Image's streams, in the order of its unified sequence [image + pads ; caption + pads]
@@ -558,8 +559,7 @@ class ZImageAdapter(DiTAdapter):
 
         sched = self.scheduler_copy()
         cfg = sched.config
-        mu = calculate_shift(image_seq_len, cfg.get("base_image_seq_len", 256), cfg.get("max_image_seq_len", 4096),
-                             cfg.get("base_shift", 0.5), cfg.get("max_shift", 1.15))
+        mu = pipeline_mu(calculate_shift, cfg, image_seq_len)
         timesteps, _ = retrieve_timesteps(sched, num_steps, self.device, sigmas=get_default_z_image_sigmas(num_steps),
                                           mu=mu)
         return timesteps, sched.sigmas.to(self.device)
