@@ -37,6 +37,29 @@ def building(device, dtype):
         torch.set_default_dtype(prev)
 
 
+def text_embeds(batch: int, text_len: int, dim: int, *, seed: int, device, dtype, cfg: bool,
+                mask: torch.Tensor | None = None) -> dict:
+    """Random prompt embeddings as ``generate`` keyword arguments: ``prompt_embeds (batch, text_len, dim)`` in
+    ``dtype`` on ``device``, then ``negative_prompt_embeds`` when ``cfg``, drawn in that order from one CPU generator
+    seeded with ``seed`` (deterministic per seed on any device; ``device="meta"``: shapes only, nothing drawn).
+    ``mask`` ``(batch, text_len)`` (any dtype): added as ``prompt_embeds_mask`` (and a copy as the negative's)."""
+    g = torch.Generator("cpu").manual_seed(seed)
+
+    def draw():
+        if torch.device(device).type == "meta":
+            return torch.empty(batch, text_len, dim, device="meta", dtype=dtype)
+        return torch.randn(batch, text_len, dim, generator=g).to(device=device, dtype=dtype)
+
+    out = {"prompt_embeds": draw()}
+    if mask is not None:
+        out["prompt_embeds_mask"] = mask.to(device)
+    if cfg:
+        out["negative_prompt_embeds"] = draw()
+        if mask is not None:
+            out["negative_prompt_embeds_mask"] = mask.clone().to(device)
+    return out
+
+
 def byte_to_unicode() -> dict[int, str]:
     """GPT-2's byte -> printable character map (the symbols of ``tokenizers``' ByteLevel pre-tokenizer).
 

@@ -14,7 +14,8 @@ from __future__ import annotations
 
 import torch
 
-from . import building
+from . import building, text_embeds
+from .flux import VAE_SCALING, sd_vae  # Chroma uses FLUX.1's VAE unchanged
 
 
 # Chroma1-HD transformer/config.json (ChromaTransformer2DModel; also diffusers' defaults)
@@ -24,9 +25,6 @@ CHROMA_FULL = dict(patch_size=1, in_channels=64, out_channels=None, num_layers=1
 CHROMA_SMALL = dict(CHROMA_FULL, num_layers=2, num_single_layers=4, attention_head_dim=64, num_attention_heads=4,
                     joint_attention_dim=256, axes_dims_rope=(8, 28, 28), approximator_hidden_dim=512,
                     approximator_layers=2)
-# FLUX.1's VAE (Chroma uses it unchanged): 16 latent channels, scaling 0.3611, shift 0.1159, no quant convs
-VAE_FULL = dict(block_out_channels=(128, 256, 512, 512), layers_per_block=2, norm_num_groups=32)
-VAE_SMALL = dict(block_out_channels=(8, 16, 32, 32), layers_per_block=1, norm_num_groups=8)
 
 
 def chroma_scheduler():
@@ -63,16 +61,13 @@ def build_chroma_pipeline(size: str, *, device="cpu", dtype=torch.float32, seed:
     """A ChromaPipeline with random weights of shape ``size``: "small" (hidden 256, 2 + 4 blocks, small VAE) or
     "full" (Chroma1-HD: 19 + 38 blocks, 24 heads x 128, FLUX.1's VAE); no text encoder. Built in ``dtype`` on
     ``device`` directly (``"meta"``: no memory, for FLOP counting)."""
-    from diffusers import AutoencoderKL, ChromaPipeline, ChromaTransformer2DModel
+    from diffusers import ChromaPipeline, ChromaTransformer2DModel
 
     if size not in ("small", "full"):
         raise ValueError(f"size={size!r} is not allowed; choose 'small' or 'full'")
     torch.manual_seed(seed)
     with building(device, dtype):
-        vae = AutoencoderKL(in_channels=3, out_channels=3, latent_channels=16,
-                            down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
-                            scaling_factor=0.3611, shift_factor=0.1159, use_quant_conv=False,
-                            use_post_quant_conv=False, **(VAE_FULL if size == "full" else VAE_SMALL)).eval()
+        vae = sd_vae(size, VAE_SCALING)
         tr = ChromaTransformer2DModel(**(CHROMA_FULL if size == "full" else CHROMA_SMALL)).eval()
         pipe = ChromaPipeline(scheduler=chroma_scheduler(), vae=vae, text_encoder=None, tokenizer=None,
                               transformer=tr)
@@ -86,13 +81,7 @@ def random_embeds(pipe, batch: int, text_len: int, *, seed: int = 0, device="cpu
     ``prompt_embeds_mask`` ``(batch, text_len)`` in ``dtype`` like the pipeline's own T5 mask (the first half of
     the tokens valid: a prompt plus its one unmasked padding token; the rest padding); with ``cfg`` the negative
     pair too. Chroma always runs with a text mask, so benchmarks should too."""
-    dim = pipe.transformer.config.joint_attention_dim
-    g = torch.Generator("cpu").manual_seed(seed)
     valid = max(1, text_len // 2)
     mask = (torch.arange(text_len) < valid).to(dtype).expand(batch, -1).contiguous()
-    out = {"prompt_embeds": torch.randn(batch, text_len, dim, generator=g).to(device=device, dtype=dtype),
-           "prompt_embeds_mask": mask.to(device)}
-    if cfg:
-        out["negative_prompt_embeds"] = torch.randn(batch, text_len, dim, generator=g).to(device=device, dtype=dtype)
-        out["negative_prompt_embeds_mask"] = mask.clone().to(device)
-    return out
+    return text_embeds(batch, text_len, pipe.transformer.config.joint_attention_dim, seed=seed, device=device,
+                       dtype=dtype, cfg=cfg, mask=mask)

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import torch
 
-from . import building
+from . import building, text_embeds
 
 
 # FLUX.2-dev transformer/config.json (also diffusers' Flux2Transformer2DModel defaults): 6144 hidden, 8 + 48 blocks,
@@ -178,9 +178,5 @@ def random_embeds(pipe, batch: int, text_len: int, *, seed: int = 0, device="cpu
                   cfg: bool = False) -> dict:
     """``generate`` keyword arguments: ``prompt_embeds`` ``(batch, text_len, joint_attention_dim)`` (FLUX.2 takes
     no pooled embedding and no text mask); with ``cfg`` (undistilled klein) ``negative_prompt_embeds`` too."""
-    dim = pipe.transformer.config.joint_attention_dim
-    g = torch.Generator("cpu").manual_seed(seed)
-    out = {"prompt_embeds": torch.randn(batch, text_len, dim, generator=g).to(device=device, dtype=dtype)}
-    if cfg:
-        out["negative_prompt_embeds"] = torch.randn(batch, text_len, dim, generator=g).to(device=device, dtype=dtype)
-    return out
+    return text_embeds(batch, text_len, pipe.transformer.config.joint_attention_dim, seed=seed, device=device,
+                       dtype=dtype, cfg=cfg)

@@ -22,7 +22,7 @@ import re
 
 import torch
 
-from . import building
+from . import building, text_embeds
 
 # the pipeline's own default for the 720p model (target_size 960, 16:9 bucket) is 720 x 1280; 720 px is not a multiple
 # of RALU's 32-px coarse block (VAE factor 16 x patch 1 x 2), 704 is the nearest below
@@ -166,16 +166,5 @@ def random_embeds(pipe, batch: int, text_len: int, *, seed: int = 0, device="cpu
     ``prompt_embeds_mask`` (int64), plus the negative pair when ``cfg``. No glyph (byT5) embeddings: generate cannot
     pass them; the adapter uses the pipeline's encoding of a prompt without quoted text (all byT5 tokens masked).
     Deterministic per ``seed`` (drawn on the CPU; on ``device="meta"`` only shapes)."""
-    dim = int(pipe.transformer.config.text_embed_dim)
-    g = torch.Generator().manual_seed(seed)
-
-    def draw():
-        if torch.device(device).type == "meta":
-            return torch.empty(batch, text_len, dim, device="meta", dtype=dtype)
-        return torch.randn(batch, text_len, dim, generator=g).to(device=device, dtype=dtype)
-
-    out = {"prompt_embeds": draw(), "prompt_embeds_mask": torch.ones(batch, text_len, dtype=torch.long, device=device)}
-    if cfg:
-        out["negative_prompt_embeds"] = draw()
-        out["negative_prompt_embeds_mask"] = torch.ones(batch, text_len, dtype=torch.long, device=device)
-    return out
+    return text_embeds(batch, text_len, int(pipe.transformer.config.text_embed_dim), seed=seed, device=device, dtype=dtype, cfg=cfg,
+                       mask=torch.ones(batch, text_len, dtype=torch.long))

@@ -20,7 +20,7 @@ import re
 
 import torch
 
-from . import building, byte_to_unicode
+from . import building, byte_to_unicode, text_embeds
 
 # Qwen-Image's native square size is 1328 px, which is not a multiple of RALU's 32-px coarse block (VAE factor 8
 # x patch 2 x 2); 1344 is the nearest multiple (84 x 84 fine tokens)
@@ -142,16 +142,5 @@ def random_embeds(pipe, batch: int, text_len: int, *, seed: int = 0, device="cpu
     ``prompt_embeds_mask (batch, text_len)`` (int64, as the pipeline's encoder makes), plus the negative pair when
     ``cfg`` (true CFG runs only with a negative prompt). Deterministic per ``seed`` (drawn on the CPU; on
     ``device="meta"`` only shapes)."""
-    dim = int(pipe.transformer.config.joint_attention_dim)
-    g = torch.Generator().manual_seed(seed)
-
-    def draw():
-        if torch.device(device).type == "meta":
-            return torch.empty(batch, text_len, dim, device="meta", dtype=dtype)
-        return torch.randn(batch, text_len, dim, generator=g).to(device=device, dtype=dtype)
-
-    out = {"prompt_embeds": draw(), "prompt_embeds_mask": torch.ones(batch, text_len, dtype=torch.long, device=device)}
-    if cfg:
-        out["negative_prompt_embeds"] = draw()
-        out["negative_prompt_embeds_mask"] = torch.ones(batch, text_len, dtype=torch.long, device=device)
-    return out
+    return text_embeds(batch, text_len, int(pipe.transformer.config.joint_attention_dim), seed=seed, device=device, dtype=dtype, cfg=cfg,
+                       mask=torch.ones(batch, text_len, dtype=torch.long))

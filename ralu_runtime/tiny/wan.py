@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import torch
 
-from . import building
+from . import building, text_embeds
 
 TEXT_LEN = 512            # the tiny tokenizer's length: the pipeline pads UMT5 states to max_sequence_length 512
 FLOW_SHIFT = 3.0          # published UniPC flow_shift of Wan 2.1 T2V (its 480p setting; 5.0 at 720p)
@@ -134,9 +134,4 @@ def random_embeds(pipe, batch: int, text_len: int, *, seed: int = 0, device="cpu
     and no text mask: the pipeline zero-pads UMT5 states to 512 tokens); with ``cfg`` ``negative_prompt_embeds`` too
     (needed for CFG when the pipeline has no text encoder to encode the empty negative prompt)."""
     tr = pipe.transformer if pipe.transformer is not None else pipe.transformer_2
-    dim = tr.config.text_dim
-    g = torch.Generator("cpu").manual_seed(seed)
-    out = {"prompt_embeds": torch.randn(batch, text_len, dim, generator=g).to(device=device, dtype=dtype)}
-    if cfg:
-        out["negative_prompt_embeds"] = torch.randn(batch, text_len, dim, generator=g).to(device=device, dtype=dtype)
-    return out
+    return text_embeds(batch, text_len, tr.config.text_dim, seed=seed, device=device, dtype=dtype, cfg=cfg)

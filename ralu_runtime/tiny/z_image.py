@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import torch
 
-from . import TEXT_DIM, VOCAB, building, byte_tokenizer, tiny_vae
+from . import TEXT_DIM, VOCAB, building, byte_tokenizer, text_embeds, tiny_vae
+from .flux import VAE_SCALING, sd_vae  # Z-Image decodes with the FLUX.1 VAE
 
 
 # Z-Image(-Turbo) scheduler_config.json (HF model repos Tongyi-MAI/Z-Image(-Turbo)): shift 3, no dynamic shifting.
@@ -22,9 +23,6 @@ TRANSFORMER_FULL = dict(all_patch_size=(2,), all_f_patch_size=(1,), in_channels=
                         rope_theta=256.0, t_scale=1000.0, axes_dims=(32, 48, 48), axes_lens=(1536, 512, 512))
 TRANSFORMER_SMALL = dict(TRANSFORMER_FULL, dim=256, n_layers=4, n_refiner_layers=1, n_heads=4, n_kv_heads=4,
                          cap_feat_dim=256, axes_dims=(16, 24, 24))
-# the FLUX.1 VAE (Z-Image decodes with it): scaling 0.3611, shift 0.1159
-VAE_FULL = dict(block_out_channels=(128, 256, 512, 512), layers_per_block=2, norm_num_groups=32)
-VAE_SMALL = dict(block_out_channels=(8, 16, 32, 32), layers_per_block=1, norm_num_groups=8)
 
 # Qwen3's chat template reduced to what ZImagePipeline uses (one user turn, generation prompt, enable_thinking);
 # with enable_thinking=False Qwen3 appends an empty think block, with True (what ZImagePipeline passes) nothing.
@@ -83,16 +81,13 @@ def build_tiny_z_image_pipeline(seed: int = 0, *, device="cpu", dtype=torch.floa
 def build_z_image_pipeline(size: str, *, device="cpu", dtype=torch.float32, seed: int = 0):
     """A ``ZImagePipeline`` with random weights of shape ``size`` ("small" or "full") and no text encoder.
     ``device="meta"`` builds it without memory (FLOP counting)."""
-    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, ZImagePipeline, ZImageTransformer2DModel
+    from diffusers import FlowMatchEulerDiscreteScheduler, ZImagePipeline, ZImageTransformer2DModel
 
     if size not in ("small", "full"):
         raise ValueError(f"size={size!r} is not allowed; choose 'small' or 'full'")
     torch.manual_seed(seed)
     with building(device, dtype):
-        vae = AutoencoderKL(in_channels=3, out_channels=3, latent_channels=16,
-                            down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
-                            scaling_factor=0.3611, shift_factor=0.1159, use_quant_conv=False,
-                            use_post_quant_conv=False, **(VAE_FULL if size == "full" else VAE_SMALL)).eval()
+        vae = sd_vae(size, VAE_SCALING)
         tr = ZImageTransformer2DModel(**(TRANSFORMER_FULL if size == "full" else TRANSFORMER_SMALL)).eval()
         pipe = ZImagePipeline(scheduler=FlowMatchEulerDiscreteScheduler(**SCHEDULER_CONFIG), vae=vae,
                               text_encoder=None, tokenizer=None, transformer=tr)
@@ -107,12 +102,6 @@ def random_embeds(pipe, batch: int, text_len: int, *, seed: int = 0, device="cpu
     ``cfg=True`` adds ``negative_prompt_embeds`` (Z-Image's default guidance 5.0 runs classifier-free guidance);
     ``cfg=False`` adds ``guidance_scale=0.0`` (no CFG, as Z-Image-Turbo runs), since with embeddings and guidance
     the pipeline needs negative embeddings."""
-    dim = pipe.transformer.config.cap_feat_dim
-    g = torch.Generator("cpu").manual_seed(seed)
-    r = lambda: torch.randn(batch, text_len, dim, generator=g).to(device=device, dtype=dtype)  # noqa: E731
-    emb = {"prompt_embeds": r()}
-    if cfg:
-        emb["negative_prompt_embeds"] = r()
-    else:
-        emb["guidance_scale"] = 0.0
-    return emb
+    emb = text_embeds(batch, text_len, pipe.transformer.config.cap_feat_dim, seed=seed, device=device, dtype=dtype,
+                      cfg=cfg)
+    return emb if cfg else {**emb, "guidance_scale": 0.0}
