@@ -187,6 +187,29 @@ def test_step_timeout_kills_the_process_group(tmp_path):
     assert res.status == "failed" and res.rc == 3
 
 
+def test_independent_step_runs_every_command_and_names_each_failure(tmp_path):
+    """A failing command ends an ordinary step; in an ``independent`` one (each family's latency in its own process)
+    the rest still run, and the note names each failure by its ``--tag``."""
+    ctx = S.Ctx(dry=True, dry_compile=False, work=tmp_path, out=tmp_path, slug="cpu", budget_s=60)
+    (tmp_path / "logs").mkdir()
+
+    def exit_with(code, tag):
+        return [sys.executable, "-c", f"print('{tag}'); raise SystemExit({code})", "--tag", tag], {}
+
+    cmds = [exit_with(1, "fam_a"), exit_with(0, "fam_b"), exit_with(2, "fam_c"), exit_with(0, "fam_d")]
+    res = S.run_commands(ctx, S.Step("families", "each family", 60, lambda c: [], independent=True), cmds, limit=60,
+                         console=None)
+    assert res.status == "failed" and res.rc == 1, res
+    assert res.note == "2 of 4 commands failed: exit 1: fam_a; exit 2: fam_c", res.note
+    assert (tmp_path / "logs" / "families.log").read_text().count("\nfam_") == 4  # every command ran
+    res = S.run_commands(ctx, S.Step("ordered", "stops at a failure", 60, lambda c: []), cmds, limit=60, console=None)
+    assert res.status == "failed" and res.rc == 1 and "fam_b" not in (tmp_path / "logs" / "ordered.log").read_text()
+    ok = S.run_commands(ctx, S.Step("fine", "all ok", 60, lambda c: [], independent=True),
+                        [exit_with(0, "x"), exit_with(0, "y")], limit=60, console=None)
+    assert ok.status == "ok" and ok.rc == 0 and ok.note == ""
+    assert {s.name for s in S.STEPS if s.independent} == {"latency_families", "latency_video_720p"}
+
+
 # ------------------------------------------------------------------------------------------------ partial results
 def test_claims_fall_back_to_the_partial_json_of_a_step_cut_off(tmp_path):
     """2026-12-04: latency_flux hit its limit while saving the compile bundle after every row was timed; its final JSON
