@@ -7,6 +7,6 @@ adapters' per-call state where a packing check reads it). Submodules: :mod:`.mod
 :mod:`.packing` (packed layouts, padding, the packed mode), :mod:`.sharding` (shard sizes, the exact sharded
 attention op, row gathers, the sharded mode).
 """
-from .modes import DENSE, JOINT, Dense, Mode
+from .modes import DENSE, JOINT, Dense, Mode, PerRequest
 
-__all__ = ["DENSE", "Dense", "JOINT", "Mode"]
+__all__ = ["DENSE", "Dense", "JOINT", "Mode", "PerRequest"]

@@ -7,7 +7,8 @@ text a separate cross-attention stream). A stream is addressed by its index in t
 
 * :class:`Dense` -- one request, batch ``B``: streams ``(B, L_s, D)``, the joined sequence their concatenation on
   dim 1, attention diffusers' ``dispatch_attention_fn`` (the processor's backend), per-image vectors ``(B, D)``
-  broadcast over the tokens, diffusers' AdaLN modules called as modules (their hooks run).
+  broadcast over the tokens, diffusers' AdaLN modules called as modules (their hooks run). That layout is
+  :class:`PerRequest`'s, which Sharded shares.
 * :class:`ralu_runtime.execution.packing.Packed` -- many requests in one call: every image one attention segment,
   streams ``(1, N_s, D)`` holding all images' tokens one after another, the joined sequence segment-major,
   attention varlen within segments, per-image vectors ``(n_images, D)`` gathered to their tokens.
@@ -103,7 +104,25 @@ def pair_mask_4d(query_rows: torch.Tensor, key_rows: torch.Tensor) -> torch.Tens
     return key_rows[:, None, None, :] * query_rows[:, None, :, None]
 
 
-class Dense(Mode):
+class PerRequest(Mode):
+    """The layout of the per-request modes (:class:`Dense`, and :class:`~ralu_runtime.execution.sharding.Sharded` on
+    its rows): the request's batch as the leading dim, its streams joined along dim 1, per-image conditioning
+    broadcast over the tokens, diffusers' AdaLN modules applied as they are."""
+
+    def tok(self, v, stream):
+        return v.unsqueeze(1)
+
+    def join(self, *streams):
+        return torch.cat(streams, dim=1)
+
+    def split(self, x, first_len):
+        return x[:, :first_len], x[:, first_len:]
+
+    def ada_norm(self, norm, x, emb, stream):
+        return call_ada_norm(norm, x, emb)
+
+
+class Dense(PerRequest):
     """One request, batch ``B`` (see the module docstring). ``attn_mask``: the mask of attention over the joined
     sequence (:data:`JOINT`), in the form the family's diffusers processor hands to ``dispatch_attention_fn`` (e.g.
     ``(B, 1, 1, S)`` bool from a text padding mask), or None. ``pair_mask``: instead, a per-token ``(B, S)`` mask of
@@ -120,15 +139,6 @@ class Dense(Mode):
         self.pair_mask = pair_mask
         self.stream_masks = stream_masks or {}
 
-    def tok(self, v, stream):
-        return v.unsqueeze(1)
-
-    def join(self, *streams):
-        return torch.cat(streams, dim=1)
-
-    def split(self, x, first_len):
-        return x[:, :first_len], x[:, first_len:]
-
     def attend(self, q, k, v, *, stream=JOINT, backend=None, parallel_config=None, scale=None):
         from diffusers.models.attention_dispatch import dispatch_attention_fn
 
@@ -143,10 +153,7 @@ class Dense(Mode):
 
         return dispatch_attention_fn(q, k, v, attn_mask=None, scale=scale, backend=backend)
 
-    def ada_norm(self, norm, x, emb, stream):
-        return call_ada_norm(norm, x, emb)
-
 
 DENSE = Dense()
 
-__all__ = ["DENSE", "Dense", "JOINT", "Mode", "call_ada_norm", "pair_mask_4d"]
+__all__ = ["DENSE", "Dense", "JOINT", "Mode", "PerRequest", "call_ada_norm", "pair_mask_4d"]

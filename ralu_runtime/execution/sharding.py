@@ -35,7 +35,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .modes import DENSE, JOINT, Mode, call_ada_norm, pair_mask_4d
+from .modes import DENSE, JOINT, PerRequest, pair_mask_4d
 
 
 def split_sizes(total: int, parts: int) -> list[int]:
@@ -244,7 +244,7 @@ def sequence_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sizes,
 
 
 # ------------------------------------------------------------------------------------------------ the mode
-class Sharded(Mode):
+class Sharded(PerRequest):
     """One request's model call on this rank's rows of its joined sequence (see the module docstring).
 
     ``plan``: the call's sharding (``world``, ``index``, ``attention_spec(backend)``, ``gather_rows(x, sizes)``,
@@ -288,16 +288,6 @@ class Sharded(Mode):
         self.stream_key_masks = stream_key_masks or {}
         self._spec = plan.attention_spec()
 
-    # per-request layout, this rank's rows
-    def tok(self, v, stream):
-        return v.unsqueeze(1)
-
-    def join(self, *streams):
-        return torch.cat(streams, dim=1)
-
-    def split(self, x, first_len):
-        return x[:, :first_len], x[:, first_len:]
-
     def local(self, x: torch.Tensor, stream: int) -> torch.Tensor:
         """This rank's rows (dim 1) of stream ``stream`` of a whole-call tensor."""
         a, z = self.ranges[stream]
@@ -318,9 +308,6 @@ class Sharded(Mode):
     def cross_attend(self, q, k, v, *, q_stream, kv_stream, backend=None, scale=None):
         # the key stream is not sharded: every rank holds all of it
         return DENSE.cross_attend(q, k, v, q_stream=q_stream, kv_stream=kv_stream, backend=backend, scale=scale)
-
-    def ada_norm(self, norm, x, emb, stream):
-        return call_ada_norm(norm, x, emb)
 
     def call(self, module, x):
         """``module(x)`` without a diffusers context-parallel gather hook (ralu gathers itself)."""
