@@ -4,6 +4,7 @@ Every relative link (and image) points to a file of the repository, and a ``#anc
 the README opens with its two commands, the demo and the test command, and the test command is the one ``.ci/run``
 runs. Plain file reads and regular expressions: no network, no model, no torch.
 """
+import ast
 import re
 import shlex
 from pathlib import Path
@@ -119,13 +120,53 @@ def test_test_command_is_what_ci_runs():
     assert len(steps) == 3
 
 
+def _setup_requirements() -> tuple[list[str], dict]:
+    """``INSTALL_REQUIRES`` and ``EXTRAS`` of setup.py, read by running its top-level list assignments only."""
+    tree = ast.parse((ROOT / "setup.py").read_text(encoding="utf-8"))
+    names = {"INSTALL_REQUIRES", "SERVE", "RAY", "EXTRAS"}
+    body = [n for n in tree.body if isinstance(n, ast.Assign) and {getattr(t, "id", "") for t in n.targets} & names]
+    ns: dict = {}
+    exec(compile(ast.Module(body=body, type_ignores=[]), "setup.py", "exec"), ns)  # literals only
+    return ns["INSTALL_REQUIRES"], ns["EXTRAS"]
+
+
+def test_constraints_pin_every_requirement_within_setup_py():
+    """constraints.txt (used by both commands) pins one exact version of each package, torch excepted (the commands
+    pin it), and every requirement of the package and of its [test] extra is pinned to a version it allows."""
+    from packaging.requirements import Requirement
+    from packaging.utils import canonicalize_name
+
+    pins = {}
+    for line in (ROOT / "constraints.txt").read_text(encoding="utf-8").splitlines():
+        if line.strip() and not line.startswith("#"):
+            m = re.fullmatch(r"([A-Za-z0-9][A-Za-z0-9._-]*)==([^\s;]+)", line.strip())
+            assert m, f"constraints.txt: {line!r} is not name==version"
+            name = canonicalize_name(m.group(1))
+            assert name not in pins, f"constraints.txt pins {name} twice"
+            pins[name] = m.group(2)
+    assert "torch" not in pins, "torch is pinned by the commands themselves (torch==2.13.0), not in constraints.txt"
+    install, extras = _setup_requirements()
+    unpinned, outside = [], []
+    for spec in install + extras["test"]:
+        req = Requirement(spec)
+        name = canonicalize_name(req.name)
+        if name == "torch" or (req.marker is not None and not req.marker.evaluate()):
+            continue
+        if name not in pins:
+            unpinned.append(spec)
+        elif not req.specifier.contains(pins[name], prereleases=True):
+            outside.append(f"{spec} (pinned {pins[name]})")
+    assert not unpinned, f"requirements with no pin in constraints.txt: {unpinned}"
+    assert not outside, f"pins that setup.py does not allow: {outside}"
+
+
 def test_demo_command_installs_the_same_torch_and_runs_ralu_generate():
     py, pip_args, _ = ci_run()
     demo = bash_blocks(README.read_text(encoding="utf-8"))[0]
     steps = [shlex.split(s) for s in demo.split("&&")]
     assert steps[0] == [py, "-m", "venv", ".venv"]
     torch_pin = [a for a in pip_args if a.startswith("torch==")]
-    assert steps[1] == [".venv/bin/pip", "install", *torch_pin, "-e", "."]
+    assert steps[1] == [".venv/bin/pip", "install", *torch_pin, "-e", ".", "-c", "constraints.txt"]
     assert steps[2][:2] == [".venv/bin/ralu", "generate"]
     setup = (ROOT / "setup.py").read_text(encoding="utf-8")
     assert re.search(r"""["']ralu\s*=\s*ralu_runtime\.cli:main["']""", setup), "the ralu console script"
