@@ -954,6 +954,27 @@ def device_slug() -> str:
     return "".join(ch if ch.isalnum() else "-" for ch in name.lower()).strip("-") or "cpu"
 
 
+PINNED = {"diffusers": "0.42.1"}  # what setup.py pins and the GPU image lacks (carried as a wheel: docs/gpu.md)
+
+
+def missing_packages(pinned: dict[str, str] | None = None) -> list[str]:
+    """What this Python lacks of ``pinned`` (``{distribution: exact version}``), read from package metadata (nothing
+    imported), one line each; empty when all is there. Checked before any step, so that a run without the carried
+    wheels stops in a second instead of failing every model step after the build."""
+    from importlib import metadata
+
+    out = []
+    for dist, want in (PINNED if pinned is None else pinned).items():
+        try:
+            have = metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            out.append(f"{dist} is not installed (ralu pins {want})")
+            continue
+        if have != want:
+            out.append(f"{dist} {have} is installed, ralu pins {want}")
+    return out
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--dry-run", action="store_true", help="CPU, toy sizes: checks every step's wiring")
@@ -983,6 +1004,11 @@ def main(argv=None) -> int:
     slug = "cpu" if dry else device_slug()
     if not dry and slug == "cpu":
         print("gpu_suite: no NVIDIA GPU found (nvidia-smi); use --dry-run on a CPU", file=sys.stderr)
+        return 2
+    missing = missing_packages()
+    if missing:
+        print(f"gpu_suite: {'; '.join(missing)}: carry the wheels in .whl/ (docs/gpu.md) and start it with "
+              "benchmarks/gpu_suite.sh, which installs them", file=sys.stderr)
         return 2
     out = Path(args.out or os.environ.get("OUT") or ROOT / "out" / "gpu_suite")
     work = Path(args.work) if args.work else Path(tempfile.gettempdir()) / "ralu-gpu-suite-work"

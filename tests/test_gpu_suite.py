@@ -187,6 +187,21 @@ def test_step_timeout_kills_the_process_group(tmp_path):
     assert res.status == "failed" and res.rc == 3
 
 
+def test_missing_or_other_pinned_packages_are_named_before_any_step(monkeypatch, capsys):
+    from importlib import metadata
+
+    assert S.missing_packages() == []  # this environment installs ralu's pins
+    have = metadata.version("diffusers")
+    assert S.missing_packages({"diffusers": "0.0.1"}) == [f"diffusers {have} is installed, ralu pins 0.0.1"]
+    assert S.missing_packages({"no-such-dist-ralu": "1.0"}) == ["no-such-dist-ralu is not installed (ralu pins 1.0)"]
+    # a GPU run without the carried wheels stops at once, naming the fix
+    monkeypatch.setattr(S, "device_slug", lambda: "nvidia-h100-80gb-hbm3")
+    monkeypatch.setattr(S, "PINNED", {"no-such-dist-ralu": "1.0"})
+    assert S.main(["--only", "build"]) == 2
+    err = capsys.readouterr().err
+    assert "no-such-dist-ralu is not installed" in err and ".whl/" in err and "docs/gpu.md" in err
+
+
 def test_independent_step_runs_every_command_and_names_each_failure(tmp_path):
     """A failing command ends an ordinary step; in an ``independent`` one (each family's latency in its own process)
     the rest still run, and the note names each failure by its ``--tag``."""
