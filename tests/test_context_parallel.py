@@ -329,3 +329,36 @@ def test_workers_take_the_callers_environment_at_the_call_and_spawn_still_works(
     assert run_gloo("os:getenv", 2, kwargs={"key": "RANK"}, timeout=120, start_method="spawn") == ["0", "1"]
     with pytest.raises(ValueError, match="start_method='fork' is not supported"):
         run_gloo("os:getenv", 2, kwargs={"key": "RANK"}, start_method="fork")
+
+
+@pytest.mark.slow
+def test_the_torchrun_example_on_the_cpu_gives_the_one_process_image(tmp_path):
+    """docs/parallelism.md's command with no weights and no GPU (torchrun, 2 gloo ranks, the tiny FLUX, on 127.0.0.1):
+    rank 0's PNG is the image one process makes with the same arguments, 8-bit rounding aside (at most one level, in
+    a handful of pixels)."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    import numpy as np
+    from PIL import Image
+
+    import ralu_runtime
+    from ralu_runtime.parallel.launch import free_port
+    from ralu_runtime.tiny import build_tiny
+
+    root = Path(__file__).resolve().parents[1]
+    out = tmp_path / "tiny.png"
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(root), os.environ.get("PYTHONPATH")]))}
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-addr",
+                           "127.0.0.1", "--master-port", str(free_port()),
+                           str(root / "examples" / "context_parallel_torchrun.py"), "--tiny", "--out", str(out)],
+                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "2 ranks (ulysses 2 x ring 1)" in proc.stdout
+    ref = ralu_runtime.generate(build_tiny("tiny-flux"), "a red fox in fresh snow, golden hour", height=256,
+                                width=256, seed=0, speedup="default", progress=False).images[0]
+    got = np.asarray(Image.open(out).convert("RGB"), dtype=np.int16)
+    diff = np.abs(got - np.asarray(ref, dtype=np.int16))
+    assert got.shape == (256, 256, 3) and got.std() > 10  # an image, not a blank
+    assert diff.max() <= 1 and (diff > 0).mean() < 1e-3, (diff.max(), (diff > 0).mean())
