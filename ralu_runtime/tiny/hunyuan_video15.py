@@ -166,5 +166,5 @@ def random_embeds(pipe, batch: int, text_len: int, *, seed: int = 0, device="cpu
     ``prompt_embeds_mask`` (int64), plus the negative pair when ``cfg``. No glyph (byT5) embeddings: generate cannot
     pass them; the adapter uses the pipeline's encoding of a prompt without quoted text (all byT5 tokens masked).
     Deterministic per ``seed`` (drawn on the CPU; on ``device="meta"`` only shapes)."""
-    return text_embeds(batch, text_len, int(pipe.transformer.config.text_embed_dim), seed=seed, device=device, dtype=dtype, cfg=cfg,
-                       mask=torch.ones(batch, text_len, dtype=torch.long))
+    return text_embeds(batch, text_len, int(pipe.transformer.config.text_embed_dim), seed=seed, device=device,
+                       dtype=dtype, cfg=cfg, mask=torch.ones(batch, text_len, dtype=torch.long))

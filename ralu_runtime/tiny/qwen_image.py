@@ -142,5 +142,5 @@ def random_embeds(pipe, batch: int, text_len: int, *, seed: int = 0, device="cpu
     ``prompt_embeds_mask (batch, text_len)`` (int64, as the pipeline's encoder makes), plus the negative pair when
     ``cfg`` (true CFG runs only with a negative prompt). Deterministic per ``seed`` (drawn on the CPU; on
     ``device="meta"`` only shapes)."""
-    return text_embeds(batch, text_len, int(pipe.transformer.config.joint_attention_dim), seed=seed, device=device, dtype=dtype, cfg=cfg,
-                       mask=torch.ones(batch, text_len, dtype=torch.long))
+    return text_embeds(batch, text_len, int(pipe.transformer.config.joint_attention_dim), seed=seed, device=device,
+                       dtype=dtype, cfg=cfg, mask=torch.ones(batch, text_len, dtype=torch.long))
