@@ -190,6 +190,11 @@ def test_step_timeout_kills_the_process_group(tmp_path):
 def test_missing_or_other_pinned_packages_are_named_before_any_step(monkeypatch, capsys):
     from importlib import metadata
 
+    from test_docs import _setup_requirements
+
+    # the suite's pins are setup.py's own (one source would need setup.py parsed on the GPU machine: kept in step here)
+    install, _ = _setup_requirements()
+    assert all(f"{dist}=={version}" in install for dist, version in S.PINNED.items()), (S.PINNED, install)
     assert S.missing_packages() == []  # this environment installs ralu's pins
     have = metadata.version("diffusers")
     assert S.missing_packages({"diffusers": "0.0.1"}) == [f"diffusers {have} is installed, ralu pins 0.0.1"]
