@@ -954,7 +954,7 @@ def device_slug() -> str:
     return "".join(ch if ch.isalnum() else "-" for ch in name.lower()).strip("-") or "cpu"
 
 
-PINNED = {"diffusers": "0.42.1"}  # setup.py's pin (a test keeps them equal); the GPU image lacks it (a wheel: docs/gpu.md)
+PINNED = {"diffusers": "0.42.1"}  # setup.py's pin (a test keeps them equal), carried as a wheel: docs/gpu.md
 
 
 def missing_packages(pinned: dict[str, str] | None = None) -> list[str]:
