@@ -36,14 +36,13 @@ import torch
 from .adapters import DiTAdapter, call_scope, get_adapter
 from .sampler import (NOISE_VARIANTS, REGION_MODES, REGION_SOURCES, SOLVERS, StageRecord, check_finite_decode,
                       sample_baseline, sample_ralu, scheduler_integration)
+from .limits import MAX_SEED, MAX_SEQUENCE_LENGTH, MAX_STEPS
 from .schedule import RaluSchedule, get_preset
 
 OUTPUT_TYPES = ("pil", "np", "pt", "latent")
 EDGE_MAPS = ("unit", "clip")
 EDGE_DETECTORS = ("opencv", "gpu")
 TRANSITION_IMPLS = ("auto", "cuda", "triton", "torch")
-MAX_STEPS = 1000
-MAX_SEQUENCE_LENGTH = 512
 
 
 @dataclass(frozen=True)
@@ -330,7 +329,7 @@ def _validate(adapter: DiTAdapter, *, prompt, prompt_embeds, pooled_prompt_embed
     if seed is not None:
         if generator is not None:
             raise ValueError("pass either generator or seed, not both")
-        _check_int("seed", seed, 0, 2**63 - 1)
+        _check_int("seed", seed, 0, MAX_SEED)
     if max_sequence_length is not None:
         _check_int("max_sequence_length", max_sequence_length, 1, MAX_SEQUENCE_LENGTH)
     if num_inference_steps is not None:
@@ -533,10 +532,10 @@ def prepare(pipe, prompt: str | list[str] | None = None, *, height: int | None =
     check_edit_request(adapter, image=image, mask_image=mask_image, control_image=control_image)
     adapter.check_supported()
     _check_model_device(adapter)
-    if options is not None and options.precision == "fp8":
-        from .compile import check_fp8_device
+    if options is not None:
+        from .compile.runner import resolve_precision
 
-        check_fp8_device(adapter.device)  # RuntimeError naming the device and its compute capability
+        resolve_precision(options, adapter.dtype, adapter.device)  # a dtype that is not the model's; fp8 support
     if default_cache:
         cache = adapter.feature_cache
     num_frames, region_mode = _check_video(adapter, num_frames, region_mode)
@@ -598,6 +597,8 @@ def prepare(pipe, prompt: str | list[str] | None = None, *, height: int | None =
                                                  else adapter.default_steps)
     if channels is not None and edit is None:  # control: FluxControlPipeline's defaults
         steps = default_steps(channels) if num_inference_steps is None else num_inference_steps
+    if schedule is None or edit is not None:  # the pipeline's own schedule runs (edits: then truncated)
+        adapter.check_baseline_steps(int(steps))
     default = adapter.default_guidance if edit is None else edit.guidance  # the editing pipeline's
     default = default_guidance(channels) if channels is not None else default
     guidance = default if guidance_scale is None else float(guidance_scale)

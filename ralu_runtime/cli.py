@@ -21,6 +21,7 @@ from pathlib import Path
 
 from .families import CPU_FRAMES, FAMILIES, TINY_SIZE, TINY_TEXT_LEN, family_for_pipeline
 from .families import TINY_MODELS as _TINY
+from .limits import MAX_SEED, MAX_SEQUENCE_LENGTH, MAX_STEPS
 from .versions import installed_version
 
 EXIT_FAILURE, EXIT_USAGE = 1, 2
@@ -37,7 +38,6 @@ SOLVER_NAMES = ("euler", "ab2", "dpmpp2m")
 BACKEND_NAMES = ("eager", "inductor", "onnx", "tensorrt")
 COMPILED_BACKENDS = ("inductor", "onnx", "tensorrt")
 PRESET_HELP = "; ".join(f"{fam.label}: {', '.join(fam.presets)}" for fam in FAMILIES.values())
-MAX_STEPS, MAX_SEQUENCE_LENGTH = 1000, 512
 COMMON_EXTENSIONS = ".png, .jpg, .jpeg, .webp, .bmp, .tiff"
 
 
@@ -442,7 +442,7 @@ def check_generate(args) -> GeneratePlan:
         _check_int("--steps", args.steps, 1, MAX_STEPS)
     if args.guidance is not None and not math.isfinite(args.guidance):
         raise UsageError(f"--guidance {args.guidance} is not allowed: need a finite number")
-    _check_int("--seed", args.seed, 0, 2**63 - 1)
+    _check_int("--seed", args.seed, 0, MAX_SEED)
     _check_int("--max-sequence-length", args.max_sequence_length, 1, MAX_SEQUENCE_LENGTH)
     out = _check_output("--out", args.out, video)
     mask_out = None

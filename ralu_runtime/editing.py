@@ -198,7 +198,12 @@ def _preprocess(proc, value, name: str, proc_name: str, channels: int, height: i
                 hint: str) -> torch.Tensor:
     """``proc.preprocess(value)`` (a diffusers image processor) as ``(n, channels, height, width)`` float32 on the CPU;
     TypeError naming argument ``name`` for what the processor cannot read (``hint``: what to give instead),
-    ValueError for another shape."""
+    ValueError for another shape, or for an empty image (a processor would resize it into a blank one)."""
+    for i, item in enumerate(value if isinstance(value, (list, tuple)) else [value]):
+        dims = item.size if hasattr(item, "getbbox") else getattr(item, "shape", None)  # PIL: (W, H); arrays: shape
+        if dims is not None and 0 in tuple(dims):
+            where = f"{name}[{i}]" if isinstance(value, (list, tuple)) else name
+            raise ValueError(f"{where} is empty (size {tuple(dims)}): give an image with pixels")
     try:
         out = proc.preprocess(value, height=height, width=width)
     except (TypeError, ValueError, AttributeError, OSError) as e:

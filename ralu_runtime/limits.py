@@ -20,11 +20,15 @@ import dataclasses
 import threading
 from dataclasses import dataclass
 
-__all__ = ["DEFAULT_MAX_IMAGES", "DEFAULT_MAX_TOKEN_STEPS", "LIMITS", "Limits", "resolve_limits", "set_limits",
-           "token_steps"]
+__all__ = ["DEFAULT_MAX_IMAGES", "DEFAULT_MAX_TOKEN_STEPS", "LIMITS", "Limits", "MAX_SEED", "MAX_SEQUENCE_LENGTH",
+           "MAX_STEPS", "resolve_limits", "set_limits", "token_steps"]
 
 DEFAULT_MAX_IMAGES = 64
 DEFAULT_MAX_TOKEN_STEPS = 2**24
+# The ranges of single arguments, shared by generate, the CLI and the server (this module imports no torch):
+MAX_STEPS = 1000                 # num_inference_steps / --steps / "steps": 1..MAX_STEPS
+MAX_SEQUENCE_LENGTH = 512        # text tokens: 1..MAX_SEQUENCE_LENGTH
+MAX_SEED = 2**63 - 1             # seeds: 0..MAX_SEED (a CPU torch.Generator's seed as a non-negative int64)
 
 
 @dataclass(frozen=True)

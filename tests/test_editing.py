@@ -255,6 +255,12 @@ def test_unsupported_edit_requests_are_refused(flux_pipe, flux_i2i, flux_inpaint
     _refuses(flux_i2i, "must divide the batch", image=_img(3), num_images_per_prompt=2)
     _refuses(flux_i2i, "RGB pixels", image=torch.zeros(1, 16, 8, 12))
     _refuses(flux_i2i, "image processor cannot read", image="not an image")
+    from PIL import Image
+
+    _refuses(flux_i2i, r"image is empty \(size \(0, 0\)\)", image=Image.new("RGB", (0, 0)))
+    _refuses(flux_i2i, r"image\[1\] is empty", image=[_img(), np.zeros((0, 64, 3), np.uint8)],
+             num_images_per_prompt=2)
+    _refuses(flux_i2i, "mask_image is empty", mask_image=Image.new("L", (64, 0)))
     _refuses(flux_i2i, "multiple of 32", height=H + 8)
 
 

@@ -160,6 +160,23 @@ def test_option_values_checked():
         ensure_backend(pipe, "eager", precision="fp8", fp8_kernel="torchao")  # CUDA only (or not installed)
 
 
+def test_prepare_refuses_a_precision_the_model_cannot_run_before_any_work():
+    """``prepare`` (and so ``generate``) checks precision against the model's dtype and device up front: no backend
+    is installed and the model is not called."""
+    from ralu_runtime import prepare
+
+    pipe = build_tiny_flux_pipeline(seed=0)
+    calls = []
+    pipe.transformer.register_forward_pre_hook(lambda *a: calls.append(1))
+    emb = flux_embeds(1)
+    with pytest.raises(ValueError, match="precision='fp16' but the model is torch.float32"):
+        prepare(pipe, **emb, height=64, width=64, precision="fp16", progress=False)
+    with pytest.raises(ValueError, match="fp8_kernel='torchao' runs on CUDA only"):
+        prepare(pipe, **emb, height=64, width=64, precision="fp8", compile_options={"fp8_kernel": "torchao"})
+    assert get_adapter(pipe).runner is None and calls == []
+    prepare(pipe, **emb, height=64, width=64, precision="fp32")  # the model's own dtype
+
+
 # ------------------------------------------------------------------------------------------------ whole model
 def _record_calls(pipe, emb, **kw):
     """The model calls of one generate: ``[(tokens, grid, timestep, cond)]`` as the sampler made them."""

@@ -268,10 +268,16 @@ def test_refusals_come_before_any_work(monkeypatch):
 
 
 def test_one_step_is_refused_with_a_reason(pipe):
-    """Qwen-Image's shift_terminal stretch divides by zero for one step (diffusers' own pipeline returns NaN)."""
-    with pytest.raises(ValueError, match="shift_terminal"):
-        generate(pipe, **_embeds(1), height=64, width=64, speedup=None, num_inference_steps=1, seed=0,
-                 output_type="latent", progress=False)
+    """Qwen-Image's shift_terminal stretch divides by zero for one step (diffusers' own pipeline returns NaN):
+    ``prepare`` refuses it, for text-to-image and for img2img (whose schedule is the pipeline's, truncated)."""
+    from ralu_runtime import prepare
+
+    with pytest.raises(ValueError, match="num_inference_steps=1 is not allowed.*shift_terminal=0.02"):
+        prepare(pipe, **_embeds(1), height=64, width=64, speedup=None, num_inference_steps=1, seed=0)
+    with pytest.raises(ValueError, match="num_inference_steps=1 is not allowed.*shift_terminal"):
+        prepare(pipe, **_embeds(1), height=64, width=64, image=torch.rand(1, 3, 64, 64), strength=1.0, speedup=None,
+                num_inference_steps=1)
+    prepare(pipe, **_embeds(1), height=64, width=64, speedup=None, num_inference_steps=2, seed=0)
 
 
 def test_random_embeds_shapes():

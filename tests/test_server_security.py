@@ -320,6 +320,7 @@ def test_overflowing_and_non_unicode_inputs_are_400s_and_counted(open_server):
         (b"[" * 100_000 + b"]" * 100_000, None, "invalid_json"),
         (b'{"prompt": ' + b"[" * 500 + b"]" * 500 + b"}", "prompt", "invalid_type"),
         (json.dumps({**CHEAP, "seed": 2**70}).encode(), "seed", "invalid_value"),
+        (json.dumps({**CHEAP, "seed": 2**63}).encode(), "seed", "invalid_value"),  # generate's range, up front
         (json.dumps({**CHEAP, "steps": 10**6}).encode(), "steps", "invalid_value"),
         (json.dumps({**CHEAP, "timeout": 1e300}).encode(), "timeout", "invalid_value"),
         (json.dumps({**CHEAP, "output_compression": 101}).encode(), "output_compression", "invalid_value"),

@@ -620,6 +620,16 @@ class DiTAdapter(ABC):
         """The diffusers pipeline's own ``(timesteps (N,), sigmas (N+1,))`` float32 for a full-resolution run,
         configured on a copy from :meth:`scheduler_copy` (never on the pipeline's own scheduler)."""
 
+    def check_baseline_steps(self, num_steps: int) -> None:
+        """ValueError, before any work, for a step count the pipeline's scheduler cannot make a schedule of: one
+        step with ``shift_terminal`` set (Qwen-Image's 0.02) divides by ``1 - sigma_last = 0`` in diffusers'
+        stretch to the terminal value."""
+        terminal = getattr(self.pipe.scheduler, "config", {}).get("shift_terminal")
+        if terminal and num_steps < 2:
+            raise ValueError(f"num_inference_steps={num_steps} is not allowed for {type(self.pipe).__name__}: its "
+                             f"scheduler stretches the schedule to shift_terminal={terminal}, which needs at least "
+                             "2 steps")
+
     def scheduler_copy(self):
         """A deep copy of the pipeline's scheduler, for :meth:`baseline_schedule` to configure (the pipeline's own is
         never changed); recorded for :func:`scheduler_copies`, so a baseline can follow that copy's ``step``."""

@@ -23,6 +23,21 @@ from .sdpa import SdpaRecorder, choose_backend, sdpa_context
 
 _PRECISION_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
+
+def resolve_precision(options: CompileOptions, dtype: torch.dtype, device) -> tuple[str, str | None]:
+    """``(precision, fp8 kernel or None)`` that ``options`` give a model of ``dtype`` on ``device``: precision is
+    "fp8" or the model's own dtype ("bfloat16", ...). Raises before any work: ValueError when ``options.precision``
+    names a dtype that is not the model's, RuntimeError when fp8 cannot run on ``device``, ValueError / ImportError
+    when the fp8 kernel named cannot (``generate``'s ``prepare`` calls this too, so a call fails up front)."""
+    if options.precision in _PRECISION_DTYPES and _PRECISION_DTYPES[options.precision] != dtype:
+        raise ValueError(f"precision={options.precision!r} but the model is {dtype}: ralu runs the model in its own "
+                         "dtype (load or move it in the dtype you want) or in fp8 (precision='fp8'); "
+                         "precision='auto' is the model's own")
+    if options.precision != "fp8":
+        return str(dtype).replace("torch.", ""), None
+    check_fp8_device(device)  # RuntimeError naming the device and its compute capability
+    return "fp8", resolve_kernel(options.fp8_kernel, device)
+
 _INSTALL_LOCK = threading.Lock()
 
 
@@ -158,19 +173,9 @@ class StageRunner:
                         "attn_backend": options.attn_backend}
 
     def _precision(self, options: CompileOptions):
-        """``(precision, fp8 kernel or None, Fp8Shadows or None)`` for ``options``; raises before any work when the
-        model's dtype is not the one named, or fp8 cannot run on the model's device."""
-        dtype = self.adapter.dtype
-        if options.precision in _PRECISION_DTYPES:
-            if _PRECISION_DTYPES[options.precision] != dtype:
-                raise ValueError(f"precision={options.precision!r} but the model is {dtype}: ralu runs the model in "
-                                 "its own dtype (load or move it in the dtype you want) or in fp8 "
-                                 "(precision='fp8'); precision='auto' is the model's own")
-        if options.precision != "fp8":
-            return str(dtype).replace("torch.", ""), None, None
-        check_fp8_device(self.device)  # RuntimeError naming the device and its compute capability
-        kernel = resolve_kernel(options.fp8_kernel, self.device)
-        return "fp8", kernel, Fp8Shadows(kernel)
+        """``(precision, fp8 kernel or None, Fp8Shadows or None)`` for ``options`` (see :func:`resolve_precision`)."""
+        precision, kernel = resolve_precision(options, self.adapter.dtype, self.device)
+        return precision, kernel, (Fp8Shadows(kernel) if kernel is not None else None)
 
     # ---- per generate call
     def begin_call(self) -> None:

@@ -32,6 +32,7 @@ except ImportError as _exc:  # pragma: no cover - exercised in a subprocess by t
     raise ImportError(f"the ralu HTTP server needs {_exc.name or 'fastapi and prometheus_client'}, which is not "
                       "installed: pip install -e '.[serve]' (fastapi, uvicorn, prometheus_client)") from _exc
 
+from ..limits import MAX_SEED, MAX_STEPS
 from .access import AccessPolicy, is_loopback, parse_api_keys
 from .engine import DeadlineExceeded, EngineBusy, EngineClosed, RequestCancelled
 
@@ -66,7 +67,7 @@ REQUEST_FIELDS = {
 # OpenAI fields accepted and ignored: they have no meaning for these models (documented in docs/serving.md)
 IGNORED_FIELDS = ("quality", "style", "background", "moderation")
 # numeric fields: (lowest, highest) allowed, both included (n: up to the server's max_images)
-RANGES = {"n": (1, MAX_IMAGES), "seed": (0, 2**64 - 1), "steps": (1, 1000), "guidance_scale": (0.0, 100.0),
+RANGES = {"n": (1, MAX_IMAGES), "seed": (0, MAX_SEED), "steps": (1, MAX_STEPS), "guidance_scale": (0.0, 100.0),
           "timeout": (0.001, 7 * 86400.0), "output_compression": (0, 100), "strength": (0.0, 1.0)}
 OUTPUT_FORMATS = {"png": "PNG", "jpeg": "JPEG", "webp": "WEBP"}
 # generate()'s (and the engine's) argument names in error messages -> the request field they come from
