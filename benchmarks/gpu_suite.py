@@ -13,7 +13,7 @@ step                   exp. s  what
 ``ctest``                  12  the standalone CMake build of ``csrc/`` and its ctest (device Philox vs host
                                reference, extreme-uniform probe); in the background, joined before the first
                                timing step
-``smoke``                ~270  (with ``--smoke``, or named in ``--only``) ``benchmarks/gpu_smoke.py``: every GPU path
+``smoke``                ~240  (with ``--smoke``, or named in ``--only``) ``benchmarks/gpu_smoke.py``: every GPU path
                                at reduced depth, full width, bf16, real resolution, as parallel jobs: each family's
                                ``speedup=None`` vs its diffusers pipeline, RALU eager, compiled with CUDA graphs vs
                                eager without recompiles, text masks under CUDA graphs; the serving engine's packed
@@ -391,7 +391,7 @@ STEPS = [
     Step("build", "CUDA extension ralu_kernels._C (sm_90) builds and loads", 240, build_cmds, expected_s=30),
     Step("ctest", "csrc CMake build + ctest", 300, ctest_cmds, background=True, expected_s=12),
     Step("smoke", "every GPU path at reduced depth, full width (benchmarks/gpu_smoke.py)", SMOKE_LIMIT_S, smoke_cmds,
-         expected_s=270),
+         expected_s=240),
     Step("latency_flux", "latency.py FLUX.1-dev shape", 330, latency_flux_cmds, expected_s=240),
     Step("precision", "precision.py FLUX.1-dev shape: bf16 vs fp8 (50-step, RALU 7x/4x), fidelity", 420,
          precision_cmds, optional=True, min_s=360, expected_s=360),

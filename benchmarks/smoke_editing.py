@@ -13,15 +13,20 @@ Checks, in order (each a row of the smoke table; tolerance: the smoke step's, re
   ``FluxControlPipeline``, same generator, same prompt embeddings;
 * ``ralu_eager``: each workflow with RALU 7x, finite; the eager references of the next check (the preset's schedule
   with ratio 1: every coarse block upsampled at once, so no near-tie of the edge counts decides the tokens);
-* ``compiled_ralu``: the same calls with the smoke step's compile level (inductor + CUDA graphs on the GPU: the
-  conditioning channels and the reference tokens are graph inputs) equal to eager, and a second Kontext reference
-  adds no dynamo graph.
+* ``compiled_ralu``: the same calls at the job's compile level (:data:`EDIT_LEVEL`: dynamo + CUDA graphs on the
+  GPU, the conditioning channels and the reference tokens graph inputs) equal to eager, and a second Kontext
+  reference adds no dynamo graph.
 """
 from __future__ import annotations
 
 
+# The job's compile level: dynamo (CUDA graphs of every stage call, guards and recompiles, no codegen). The editing
+# workflows run FLUX.1's own block functions, whose inductor codegen the flux-dev job compiles at this shape; what is
+# new here (conditioning channels, reference tokens, a truncated schedule) lives in the graphs and their inputs.
+# Dynamo tracing of the five workflows and their captures: ~30 s expected, against ~90 s for a cold inductor compile.
+EDIT_LEVEL = "dynamo"
 EDIT_CHECKS = [("build", 25.0), ("img2img_parity", 5.0), ("inpaint_parity", 5.0), ("kontext_parity", 8.0),
-               ("fill_parity", 6.0), ("control_parity", 6.0), ("ralu_eager", 12.0), ("compiled_ralu", 90.0)]
+               ("fill_parity", 6.0), ("control_parity", 6.0), ("ralu_eager", 12.0), ("compiled_ralu", 30.0)]
 WORKFLOWS = ("img2img", "inpaint", "kontext", "fill", "control")
 STRENGTH = {"img2img": 0.6, "inpaint": 0.9}  # parity; the RALU runs use 0.9 (an early entry stage) for both
 
