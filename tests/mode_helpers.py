@@ -118,6 +118,29 @@ def assert_packs(adapter, calls, ref: Sequence[torch.Tensor] | None = None, *, p
     return out
 
 
+def assert_order_free(adapter, calls, out: Sequence[torch.Tensor], ref: Sequence[torch.Tensor], alone: int) -> None:
+    """A packed call's outputs ``out`` (of four ``calls``) do not depend on the order of the calls or on their
+    neighbours: permuted calls give the same outputs permuted, and call ``alone`` packed by itself gives ``ref``."""
+    perm = [2, 0, 3, 1]
+    again = adapter.packed_velocity([calls[i] for i in perm])
+    for j, i in enumerate(perm):
+        torch.testing.assert_close(again[j], out[i], atol=REL_TOL, rtol=0)
+    (one,) = adapter.packed_velocity([calls[alone]])
+    assert rel_diff([one], [ref[alone]]) <= REL_TOL
+
+
+def assert_padded_layout_equals_host(adapter, calls, streams: Sequence[str]) -> None:
+    """The packed call with a static layout (:class:`PaddedLayout`: lengths padded past multiples of 16 tokens and 8
+    segments, random contents in the padding rows of the flat inputs ``streams``) equals the host layout's and the
+    per-call outputs."""
+    ref = adapter.packed_velocity(calls)
+    execution = PaddedLayout(adapter, pad_to_multiples, tuple(streams))
+    out = adapter.packed_velocity(calls, execution=execution)
+    assert set(execution.real) == {"image", "text", "segments"}
+    assert rel_diff(out, ref) <= REL_TOL
+    assert rel_diff(out, per_call(adapter, calls)) <= REL_TOL
+
+
 def _pass_through_cache(blocks_fn, hidden, timestep):
     """A feature cache that always runs the blocks."""
     return blocks_fn()

@@ -624,7 +624,8 @@ class DiTAdapter(ABC):
         """ValueError, before any work, for a step count the pipeline's scheduler cannot make a schedule of: one
         step with ``shift_terminal`` set (Qwen-Image's 0.02) divides by ``1 - sigma_last = 0`` in diffusers'
         stretch to the terminal value."""
-        terminal = getattr(self.pipe.scheduler, "config", {}).get("shift_terminal")
+        config = getattr(getattr(self.pipe, "scheduler", None), "config", None) or {}  # (oracles: no pipeline)
+        terminal = config.get("shift_terminal")
         if terminal and num_steps < 2:
             raise ValueError(f"num_inference_steps={num_steps} is not allowed for {type(self.pipe).__name__}: its "
                              f"scheduler stretches the schedule to shift_terminal={terminal}, which needs at least "
