@@ -256,3 +256,14 @@ def assert_ranks_match(ranks: Sequence[dict], label: str, atol: float = ATOL) ->
     print(f"{label}: max |sharded - one process| = {diff:.3g}")
     assert diff <= atol, f"{label}: max |sharded - one process| = {diff:.3g} > {atol}"
     return diff
+
+
+def assert_case_on_ranks(ranks: Sequence[dict], case: str) -> dict:
+    """Case ``case`` of a gloo test whose ranks returned ``{case: result}``: :func:`assert_ranks_match`, the
+    one-process reference the same on every rank, and every rank ran sharded calls. Returns rank 0's result."""
+    per_rank = [r[case] for r in ranks]
+    assert_ranks_match(per_rank, case)
+    for res in per_rank:
+        assert torch.equal(res["ref"], per_rank[0]["ref"])  # the one-process run: the same on every rank
+        assert res["sharded_calls"] > 0
+    return per_rank[0]

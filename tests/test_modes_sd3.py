@@ -26,7 +26,7 @@ import torch
 
 from ralu_runtime.adapters import TokenGrid, VelocityCall
 from ralu_runtime.execution.call import call_scope
-from mode_helpers import (REL_TOL, CountCalls, OneRank, PaddedLayout, assert_packs, assert_ranks_match, pad_by,
+from mode_helpers import (REL_TOL, CountCalls, OneRank, PaddedLayout, assert_case_on_ranks, assert_packs, pad_by,
                           parallel_config, per_call, rel_diff, sharded_case, stage_grid)
 
 BF16_TOL = 6e-2  # bf16 packed vs per call, relative (measured on a CPU: up to 3.5e-2 with MIX's CFG scales)
@@ -275,18 +275,10 @@ def two_ranks():
     return run_gloo(WORKER + "_worker", 2, kwargs=dict(world=2), timeout=600)
 
 
-def _check(ranks, case):
-    assert_ranks_match([r[case] for r in ranks], case)
-    for r in ranks:
-        assert torch.equal(r[case]["ref"], ranks[0][case]["ref"])  # the one-process run: the same on every rank
-        assert r[case]["sharded_calls"] > 0
-    return ranks[0][case]
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize("case", ["medium_ulysses", "medium_ring", "sd3_cache"])
 def test_two_ranks_equal_one_process(two_ranks, case):
-    res = _check(two_ranks, case)
+    res = assert_case_on_ranks(two_ranks, case)
     if case == "medium_ulysses":
         assert (dict(res["tokens"])["stage2"] + TEXT) % 2 == 1  # an odd joint sequence over 2 ranks
     if case == "sd3_cache":
@@ -299,4 +291,4 @@ def test_four_ranks_equal_one_process():
 
     ranks = run_gloo(WORKER + "_worker", 4, kwargs=dict(world=4), timeout=900)
     for case in ("medium_ulysses4", "medium_2x2", "sd3_baseline"):
-        _check(ranks, case)
+        assert_case_on_ranks(ranks, case)
