@@ -194,16 +194,23 @@ def check_edit(adapter, *, image, strength, mask_image, height: int, width: int,
                     float(_call_default(cls, fam.guidance)), mask, None if msl is None else msl.default)
 
 
-def _preprocess(proc, value, name: str, proc_name: str, channels: int, height: int, width: int,
-                hint: str) -> torch.Tensor:
-    """``proc.preprocess(value)`` (a diffusers image processor) as ``(n, channels, height, width)`` float32 on the CPU;
-    TypeError naming argument ``name`` for what the processor cannot read (``hint``: what to give instead),
-    ValueError for another shape, or for an empty image (a processor would resize it into a blank one)."""
+def check_not_empty(value, name: str) -> None:
+    """ValueError naming argument ``name`` (and the list index) for an image without pixels: a PIL image of size 0 or
+    an array / tensor with a zero dimension (an image processor would resize it into a blank image, or divide by its
+    size)."""
     for i, item in enumerate(value if isinstance(value, (list, tuple)) else [value]):
         dims = item.size if hasattr(item, "getbbox") else getattr(item, "shape", None)  # PIL: (W, H); arrays: shape
         if dims is not None and 0 in tuple(dims):
             where = f"{name}[{i}]" if isinstance(value, (list, tuple)) else name
             raise ValueError(f"{where} is empty (size {tuple(dims)}): give an image with pixels")
+
+
+def _preprocess(proc, value, name: str, proc_name: str, channels: int, height: int, width: int,
+                hint: str) -> torch.Tensor:
+    """``proc.preprocess(value)`` (a diffusers image processor) as ``(n, channels, height, width)`` float32 on the CPU;
+    TypeError naming argument ``name`` for what the processor cannot read (``hint``: what to give instead),
+    ValueError for another shape, or for an empty image (:func:`check_not_empty`)."""
+    check_not_empty(value, name)
     try:
         out = proc.preprocess(value, height=height, width=width)
     except (TypeError, ValueError, AttributeError, OSError) as e:

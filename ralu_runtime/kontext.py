@@ -102,6 +102,9 @@ def check_kontext(pipe, *, image, strength, mask_image, batch: int, auto_resize)
                          "(latents are not taken)")
     if isinstance(image, (list, tuple)) and len(image) == 0:
         raise ValueError("image is an empty list: give one reference image or a list of them")
+    from .editing import check_not_empty
+
+    check_not_empty(image, "image")
     from diffusers.pipelines.flux.pipeline_flux_kontext import PREFERRED_KONTEXT_RESOLUTIONS
 
     proc, m = pipe.image_processor, _multiple(pipe)
