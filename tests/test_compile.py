@@ -334,3 +334,26 @@ def test_compiled_vae_decoder_gives_the_same_images_and_is_undone():
     assert get_adapter(pipe).runner is None and runner.impl._vae is None  # released with the runner
     assert torch.equal(generate(pipe, **flux_embeds(1), **kw).images, ref)
     assert not StageRunner(get_adapter(pipe), CompileOptions(backend="eager")).applied["compile_vae"]  # off on CPU
+
+
+@pytest.mark.gpu
+@torch.no_grad()
+def test_cuda_graphs_follow_lora_scale_disable_and_fuse():
+    """A captured CUDA graph replays the LoRA layers with the Python state they had at capture (scale, enabled,
+    merged): the runner recaptures when that state changes (model_state), so each change reaches RALU as it reaches
+    a pipeline ralu never touched."""
+    pytest.importorskip("peft")
+    pipe, ref = _fresh_flux().to("cuda"), _fresh_flux().to("cuda")
+    for p in (pipe, ref):
+        p.load_lora_weights(lora_state_dict(p.transformer, 4, 7, scale=1.0), adapter_name="style")
+    runner = compile_adapter(pipe, "eager", cuda_graphs=True)
+    emb = {k: v.cuda() for k, v in flux_embeds(1).items()}
+    run = lambda p: generate(p, **emb, height=64, width=64, **BASE).images  # noqa: E731
+    full = run(pipe)
+    assert runner.builds  # captured
+    for change in (lambda p: p.set_adapters(["style"], [0.25]), lambda p: p.disable_lora(),
+                   lambda p: p.enable_lora(), lambda p: p.fuse_lora(lora_scale=0.5)):
+        for p in (pipe, ref):
+            change(p)
+        torch.testing.assert_close(run(pipe), run(ref), **TOL)
+    assert (run(pipe) - full).abs().max() > 1e-3

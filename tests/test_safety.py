@@ -91,6 +91,81 @@ def test_weight_change_after_a_call_takes_effect_in_every_backend():
         torch.testing.assert_close(second, _ralu(ref_pipe, emb), **TOL)
 
 
+@pytest.mark.parametrize("backend", [b if b == "eager" else pytest.param(b, marks=pytest.mark.slow)  # compile/export
+                                     for b in sorted(BACKENDS)])
+@torch.no_grad()
+def test_lora_scale_disable_and_fuse_reach_every_backend(backend):
+    """``set_adapters`` weights, ``disable_lora`` / ``enable_lora`` and ``fuse_lora`` change no tensor object (fuse:
+    in place) but what the LoRA layers compute: each backend follows them, as a pipeline ralu never touched does.
+    (The onnx backend replayed its exported graph with the old scale until 2026-12-07; CUDA graphs read the same
+    state: tests/test_compile.py's gpu test.)"""
+    if backend == "onnx" and not _have("onnxruntime"):
+        pytest.skip("onnxruntime not installed")
+    pytest.importorskip("peft")
+    emb = flux_embeds(1)
+    pipe, ref = build_tiny_flux_pipeline(seed=0), build_tiny_flux_pipeline(seed=0)
+    for p in (pipe, ref):
+        p.load_lora_weights(lora_state_dict(p.transformer, 4, 7, scale=1.0), adapter_name="style")
+    full = _ralu(pipe, emb, **BACKENDS[backend])
+    for change in (lambda p: p.set_adapters(["style"], [0.25]), lambda p: p.disable_lora(),
+                   lambda p: p.enable_lora(), lambda p: p.fuse_lora(lora_scale=0.5)):
+        for p in (pipe, ref):
+            change(p)
+        out = _ralu(pipe, emb, **BACKENDS[backend])
+        torch.testing.assert_close(out, _ralu(ref, emb), **TOL)
+    assert (out - full).abs().max() > 1e-3  # the changes changed the result
+
+
+def test_model_state_sees_adapter_state_train_mode_and_tensors():
+    """:func:`model_state` (what the runner checks before each call) changes with every kind of change a built
+    graph or a weight copy depends on, and only then."""
+    pytest.importorskip("peft")
+    from ralu_runtime.compile import model_fingerprint, model_state
+
+    pipe = build_tiny_flux_pipeline(seed=0)
+    tr = pipe.transformer
+    pipe.load_lora_weights(lora_state_dict(tr, 4, 7), adapter_name="style")
+    ident, vers = model_state(tr)
+    assert model_state(tr) == (ident, vers)  # nothing changed
+    assert model_fingerprint(tr, versions=False) == tuple(ident)
+    changes = [lambda: pipe.set_adapters(["style"], [0.5]), lambda: pipe.disable_lora(), lambda: pipe.enable_lora(),
+               lambda: tr.train(), lambda: tr.eval(),
+               lambda: tr.transformer_blocks[0].norm1.register_forward_hook(lambda *a: None),
+               lambda: setattr(tr.proj_out, "weight", torch.nn.Parameter(tr.proj_out.weight.detach().clone()))]
+    for i, change in enumerate(changes):
+        change()
+        now = model_state(tr)
+        assert now[0] != ident, f"change {i} not seen"
+        ident, vers = now
+    with torch.no_grad():
+        tr.proj_out.weight.mul_(2)  # in place: the identity holds (a CUDA graph reads the storage), versions move
+    now = model_state(tr)
+    assert now[0] == ident and now[1] != vers
+
+
+@torch.no_grad()
+def test_an_unchanged_model_costs_one_walk_and_no_refresh(monkeypatch):
+    """With weight copies to keep (fused q/k/v forced on, CPU), each call checks the model once; the copies are
+    refreshed only when it changed, and then follow it."""
+    pipe, ref = build_tiny_flux_pipeline(seed=0), build_tiny_flux_pipeline(seed=0)
+    emb = flux_embeds(1)
+    opts = BACKENDS["eager"]
+    first = _ralu(pipe, emb, **opts)  # makes the copies
+    runner = get_adapter(pipe).runner
+    assert runner.impl.has_copies()
+    assert torch.equal(_ralu(pipe, emb, **opts), first)  # the first check of the model with copies: one refresh
+    refreshes = []
+    real = runner.impl.refresh
+    monkeypatch.setattr(runner.impl, "refresh", lambda: refreshes.append(1) or real())
+    assert torch.equal(_ralu(pipe, emb, **opts), first)
+    assert refreshes == []  # the model is as the last call left it
+    for p in (pipe, ref):
+        p.transformer.transformer_blocks[0].attn.to_q.weight.mul_(0.5)
+    changed = _ralu(pipe, emb, **opts)
+    assert refreshes == [1] and (changed - first).abs().max() > 1e-3
+    torch.testing.assert_close(changed, _ralu(ref, emb), **TOL)
+
+
 def _have(mod: str) -> bool:
     import importlib.util
 

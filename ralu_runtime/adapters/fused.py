@@ -110,6 +110,9 @@ class FusedProjections:
         with self._lock:
             self._entries.clear()
 
+    def __len__(self) -> int:
+        return len(self._entries)
+
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for e in self._entries.values() for t in (e.weight, e.bias)
                    if t is not None)

@@ -54,12 +54,12 @@ from .fp8 import Fp8Linear, Fp8Shadows, check_fp8_device, fp8_support
 from .options import ATTN_BACKENDS, BACKENDS, FP8_KERNELS, PRECISIONS, BuildRecord, CompileOptions
 from .packed import PackedBuckets
 from .runner import (StageRunner, available_backends, compile_adapter, compile_stats, ensure_backend,
-                     model_fingerprint, uncompile_adapter)
+                     model_fingerprint, model_state, uncompile_adapter)
 from .sdpa import attention_report, measure_attention_backends, sdpa_context
 
 __all__ = ["ATTN_BACKENDS", "ArtifactError", "BACKENDS", "BuildRecord", "CompileOptions", "FP8_KERNELS", "Fp8Linear",
            "Fp8Shadows", "PRECISIONS", "PackedBuckets", "StageRunner",
            "attention_report", "available_backends", "check_fp8_device", "compile_adapter", "compile_stats",
            "enable_persistent_cache", "ensure_backend", "fp8_support", "load_compile_artifacts",
-           "measure_attention_backends", "model_fingerprint", "save_compile_artifacts", "sdpa_context",
+           "measure_attention_backends", "model_fingerprint", "model_state", "save_compile_artifacts", "sdpa_context",
            "uncompile_adapter", "verify_compile_artifacts"]

@@ -419,6 +419,9 @@ class Fp8Shadows:
         with self._lock:
             self._entries.clear()
 
+    def __len__(self) -> int:
+        return len(self._entries)
+
     def layers(self) -> list[Fp8Linear]:
         return [f for e in self._entries.values() for f in e.layers]
 

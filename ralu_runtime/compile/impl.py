@@ -140,6 +140,12 @@ class BackendImpl(ModelImpl):
     def compiled_blocks(self) -> list[str]:
         return sorted(self._compiled)
 
+    def has_copies(self) -> bool:
+        """Whether ralu holds copies of the model's weights (fused q/k/v, fp8 shadows) that :meth:`refresh` keeps
+        up to date."""
+        return bool(self.fused_store is not None and len(self.fused_store)) or bool(self.fp8 is not None
+                                                                                     and len(self.fp8))
+
     def refresh(self) -> bool:
         """Before each ``generate`` call: bring the fused copies and fp8 shadows up to date with the live weights.
         Returns True when a tensor that a captured CUDA graph may read was replaced (the runner drops its graphs)."""
