@@ -97,7 +97,7 @@ def test_weight_change_after_a_call_takes_effect_in_every_backend():
 def test_lora_scale_disable_and_fuse_reach_every_backend(backend):
     """``set_adapters`` weights, ``disable_lora`` / ``enable_lora`` and ``fuse_lora`` change no tensor object (fuse:
     in place) but what the LoRA layers compute: each backend follows them, as a pipeline ralu never touched does.
-    (The onnx backend replayed its exported graph with the old scale until 2026-12-07; CUDA graphs read the same
+    (The onnx backend replayed its exported graph with the old scale until 2026-12-06; CUDA graphs read the same
     state: tests/test_compile.py's gpu test.)"""
     if backend == "onnx" and not _have("onnxruntime"):
         pytest.skip("onnxruntime not installed")
