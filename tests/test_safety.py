@@ -107,8 +107,11 @@ def test_lora_scale_disable_and_fuse_reach_every_backend(backend):
     for p in (pipe, ref):
         p.load_lora_weights(lora_state_dict(p.transformer, 4, 7, scale=1.0), adapter_name="style")
     full = _ralu(pipe, emb, **BACKENDS[backend])
-    for change in (lambda p: p.set_adapters(["style"], [0.25]), lambda p: p.disable_lora(),
-                   lambda p: p.enable_lora(), lambda p: p.fuse_lora(lora_scale=0.5)):
+    changes = [lambda p: p.set_adapters(["style"], [0.25]), lambda p: p.disable_lora(), lambda p: p.enable_lora(),
+               lambda p: p.fuse_lora(lora_scale=0.5)]
+    # every change re-exports (onnx) or re-traces (inductor) each stage: the compiled rows take the first two (one
+    # check, test_model_state_sees_adapter_state_train_mode_and_tensors, sees all four)
+    for change in changes if backend == "eager" else changes[:2]:
         for p in (pipe, ref):
             change(p)
         out = _ralu(pipe, emb, **BACKENDS[backend])
