@@ -411,3 +411,22 @@ def test_lora_loaded_after_generate_takes_effect():
     ref = pipe(**emb, generator=_gens(1)[0], num_inference_steps=2, **KW).frames
     ours = generate(pipe, **emb, seed=1, speedup=None, num_inference_steps=2, progress=False, **KW).images
     torch.testing.assert_close(ours, ref, **TOL)
+
+
+@torch.no_grad()
+def test_weight_copies_follow_both_experts():
+    """ralu's fp8 copies of Wan 2.2's two experts follow in-place changes to either (the check before each call
+    walks every module a model call runs, DiTAdapter.model_modules; it once walked ``pipe.transformer`` only)."""
+    pipe, ref = (build_tiny_wan_pipeline(seed=0, two_experts=True) for _ in range(2))
+    assert [id(m) for m in get_adapter(pipe).model_modules()] == [id(pipe.transformer), id(pipe.transformer_2)]
+    emb = _emb(pipe, 1)
+    kw = dict(KW, speedup=None, num_inference_steps=4, seed=3, progress=False, precision="fp8")
+    first = generate(pipe, **emb, **kw).images
+    assert torch.equal(generate(pipe, **emb, **kw).images, first)
+    for name in ("transformer_2", "transformer"):
+        for p in (pipe, ref):
+            getattr(p, name).blocks[0].ffn.net[0].proj.weight.mul_(3.0)
+        out = generate(pipe, **emb, **kw).images
+        assert (out - first).abs().max() > 1e-3, name
+        torch.testing.assert_close(out, generate(ref, **emb, **kw).images, **TOL)
+        first = out

@@ -399,6 +399,13 @@ class DiTAdapter(ABC):
             return ()
         return (getattr(self.pipe, "transformer", None), getattr(self.pipe, "vae", None))
 
+    def model_modules(self) -> list[torch.nn.Module]:
+        """The modules a model call runs (the transformer; Wan 2.2: both experts): what compiled and captured
+        artifacts and ralu's weight copies are checked against before each call (:func:`ralu_runtime.compile.
+        model_state`)."""
+        model = getattr(self.pipe, "transformer", None) if self.pipe is not None else None
+        return [] if model is None else [model]
+
     def components(self) -> tuple:
         """The components this adapter was built for; when :meth:`read_components` differs (e.g.
         ``pipe.transformer = other``), :func:`ralu_runtime.adapters.get_adapter` builds a new adapter."""

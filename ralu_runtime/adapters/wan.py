@@ -230,6 +230,9 @@ class WanAdapter(DiTAdapter):
             out.append(("transformer_2", self.transformer_2))
         return out
 
+    def model_modules(self) -> list[torch.nn.Module]:
+        return [tr for _, tr in self.experts() if tr is not None]
+
     def check_supported(self) -> None:
         if self.transformer is None:
             raise ValueError("this WanPipeline has no `transformer`: ralu needs it (the high-noise expert, or the only "

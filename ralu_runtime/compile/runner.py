@@ -250,8 +250,16 @@ class StageRunner:
             self._seen = state
 
     def _model_state(self) -> tuple[list, list]:
-        model = getattr(self.adapter.pipe, "transformer", None)
-        return ([], []) if model is None else model_state(model)
+        """:func:`model_state` of every module a model call runs (:meth:`DiTAdapter.model_modules`)."""
+        modules = self.adapter.model_modules()
+        if len(modules) == 1:
+            return model_state(modules[0])
+        ident, vers = [], []
+        for m in modules:
+            i, v = model_state(m)
+            ident += i
+            vers += v
+        return ident, vers
 
     def _fingerprint_of(self, state: tuple[list, list]):
         """What a built graph depends on: the identity; for exported graphs (weights as constants) the versions too."""
