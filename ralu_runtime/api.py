@@ -533,8 +533,9 @@ def prepare(pipe, prompt: str | list[str] | None = None, *, height: int | None =
     adapter.check_supported()
     _check_model_device(adapter)
     if options is not None:
-        from .compile.runner import resolve_precision
+        from .compile.runner import check_backend_for, resolve_precision
 
+        check_backend_for(options, adapter)  # a backend the family cannot run
         resolve_precision(options, adapter.dtype, adapter.device)  # a dtype that is not the model's; fp8 support
     if default_cache:
         cache = adapter.feature_cache

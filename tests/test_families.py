@@ -170,3 +170,29 @@ def test_contract_batch_of_two_equals_two_single_runs(any_family):
         single = {k: (v[i:i + 1] if v is not None else None) for k, v in emb.items()}
         one = generate(pipe, **single, generator=torch.Generator().manual_seed(s), **kw).images
         torch.testing.assert_close(both[i:i + 1], one, **TOL)
+
+
+@pytest.mark.slow
+@torch.no_grad()
+def test_contract_onnx_backend_equals_eager_or_is_refused_up_front(any_family):
+    """``backend="onnx"`` (exported model calls run by onnxruntime on the CPU) equals the eager backend for every
+    family that exports, RALU's default preset included; a family whose model call torch cannot export (Wan:
+    ``DiTAdapter.onnx_refusal``) is refused by ``prepare``, before any work, naming the family."""
+    pytest.importorskip("onnxruntime")
+    from ralu_runtime import prepare
+
+    name, pipe, embeds, size = any_family
+    emb = embeds(1, 1)
+    kw = dict(size, speedup="default", seed=3, output_type="latent", progress=False)
+    refusal = get_adapter(pipe).onnx_refusal
+    if refusal is not None:
+        with pytest.raises(ValueError, match=f"backend='onnx' is not available for {get_adapter(pipe).family}"):
+            prepare(pipe, **emb, **kw, backend="onnx")
+        assert get_adapter(pipe).runner is None
+        return
+    ref = generate(pipe, **emb, **kw).images
+    out = generate(pipe, **emb, **kw, backend="onnx").images
+    torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4)
+    from ralu_runtime.compile import uncompile_adapter
+
+    uncompile_adapter(pipe)

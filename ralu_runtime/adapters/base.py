@@ -369,6 +369,7 @@ class DiTAdapter(ABC):
     default_frames: int | None = None        # video: the pipeline's default num_frames
     temporal_factor: int = 1                 # video: VAE temporal compression (num_frames = 1 + k * factor)
     fuses_projections: bool = False          # velocity asks ModelImpl.fused for q/k/v weights (ralu-owned fusion)
+    onnx_refusal: str | None = None          # why backend="onnx" cannot export this family's model call (None: it can)
 
     def __init__(self, pipe, *, weak: bool = False):
         # weak: hold the pipeline by weak reference (the adapter table in ralu_runtime.adapters is keyed by the

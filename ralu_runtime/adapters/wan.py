@@ -198,6 +198,10 @@ class WanAdapter(DiTAdapter):
     default_frames = FAMILIES["wan"].default_frames
     temporal_factor = FAMILIES["wan"].temporal_factor
     default_max_sequence_length = 512          # WanPipeline.__call__'s default
+    # torch 2.13's TorchScript-based ONNX exporter fails on the model call (an internal "Expand input shape" assert at
+    # the rotary embedding's strided writes; written as a stack instead, the exporter segfaults): refused up front
+    onnx_refusal = ("torch's ONNX exporter cannot export Wan's model call (an internal shape-inference assert in "
+                    "torch.onnx.export); use backend='inductor' or 'eager'")
 
     def __init__(self, pipe, *, weak: bool = False):
         super().__init__(pipe, weak=weak)

@@ -24,6 +24,14 @@ from .sdpa import SdpaRecorder, choose_backend, sdpa_context
 _PRECISION_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
+def check_backend_for(options: CompileOptions, adapter) -> None:
+    """ValueError, before any work, for a backend the adapter's family cannot run (``onnx`` where the family's
+    model call does not export: :attr:`DiTAdapter.onnx_refusal`)."""
+    refusal = getattr(adapter, "onnx_refusal", None)
+    if options.backend == "onnx" and refusal:
+        raise ValueError(f"backend='onnx' is not available for {adapter.family}: {refusal}")
+
+
 def resolve_precision(options: CompileOptions, dtype: torch.dtype, device) -> tuple[str, str | None]:
     """``(precision, fp8 kernel or None)`` that ``options`` give a model of ``dtype`` on ``device``: precision is
     "fp8" or the model's own dtype ("bfloat16", ...). Raises before any work: ValueError when ``options.precision``
@@ -161,6 +169,7 @@ class StageRunner:
     def __init__(self, adapter: DiTAdapter, options: CompileOptions):
         from .tensorrt import tensorrt_flavour, torch_tensorrt_compile_kwargs
 
+        check_backend_for(options, adapter)
         self.adapter = adapter
         self.options = options
         self.device = adapter.device
