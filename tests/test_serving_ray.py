@@ -286,7 +286,11 @@ def test_serve_ray_on_its_own_ray_instance_answers_503_not_404_until_exit(monkey
             time.sleep(0.1)
         assert proc.wait(timeout=60) == 0
         t.join(T)
-    assert statuses.count(503) > 3 and set(statuses) <= {503, "refused"}, statuses
+    # the signal reaches the server's handler within a moment (on a loaded 2-core machine a first /health may still
+    # see 200); from the first answer that is not 200 on: 503 until the connection is refused, never 404 or 200
+    drained = statuses[next((i for i, st in enumerate(statuses) if st != 200), len(statuses)):]
+    assert len(statuses) - len(drained) <= 10, statuses  # at most ~1 s of 200s after SIGTERM
+    assert drained.count(503) > 3 and set(drained) <= {503, "refused"}, statuses
     assert_error(results["slow"], 503, code="unavailable")
     assert "retry-after" in results["slow"].headers
 
