@@ -110,7 +110,9 @@ def check_kontext(pipe, *, image, strength, mask_image, batch: int, auto_resize)
     proc, m = pipe.image_processor, _multiple(pipe)
     try:
         first = image[0] if isinstance(image, list) else image
-        ih, iw = proc.get_default_height_width(first)
+        ih, iw = proc.get_default_height_width(first)  # rounded down to the VAE's multiple: 0 for a tiny image
+        if ih <= 0 or iw <= 0:
+            raise ValueError(f"the reference image is smaller than {m}x{m} pixels (one token) on a side")
         if auto_resize:
             _, iw, ih = min((abs(iw / ih - w / h), w, h) for w, h in PREFERRED_KONTEXT_RESOLUTIONS)
         iw, ih = iw // m * m, ih // m * m

@@ -214,6 +214,8 @@ def test_kontext_packed_velocity_runs_each_reference_call_alone(kontext):
     (dict(max_area=0), ValueError, "max_area=0"),
     (dict(max_area=48 * 72), ValueError, "RALU needs multiples of 32"),
     (dict(image=_ref(h=8, w=8)), ValueError, "one token"),
+    (dict(image=_ref(h=8, w=8), auto_resize=True), ValueError, "one token"),     # was a ZeroDivisionError
+    (dict(image=_ref(h=1, w=300), auto_resize=True), ValueError, "one token"),
     (dict(image=_ref(h=0, w=8), auto_resize=True), ValueError, r"image is empty \(size \(1, 3, 0, 8\)\)"),
     (dict(image=[_ref()[0], torch.zeros(3, 8, 0)]), ValueError, r"image\[1\] is empty"),
 ])
