@@ -36,7 +36,7 @@ import torch
 from .adapters import DiTAdapter, call_scope, get_adapter
 from .sampler import (NOISE_VARIANTS, REGION_MODES, REGION_SOURCES, SOLVERS, StageRecord, check_finite_decode,
                       sample_baseline, sample_ralu, scheduler_integration)
-from .limits import MAX_SEED, MAX_SEQUENCE_LENGTH, MAX_STEPS
+from .limits import MAX_GUIDANCE_SCALE, MAX_SEED, MAX_SEQUENCE_LENGTH, MAX_STEPS
 from .schedule import RaluSchedule, get_preset
 
 OUTPUT_TYPES = ("pil", "np", "pt", "latent")
@@ -323,8 +323,9 @@ def _validate(adapter: DiTAdapter, *, prompt, prompt_embeds, pooled_prompt_embed
     _check_int("num_images_per_prompt", num_images_per_prompt, 1, 4096)
     batch = n_prompts * num_images_per_prompt
     if guidance_scale is not None and (not isinstance(guidance_scale, numbers.Real) or isinstance(guidance_scale, bool)
-                                       or not math.isfinite(guidance_scale)):
-        raise ValueError(f"guidance_scale={guidance_scale!r} is not allowed: need a finite number")
+                                       or not 0.0 <= guidance_scale <= MAX_GUIDANCE_SCALE):
+        raise ValueError(f"guidance_scale={guidance_scale!r} is not allowed: need a number in "
+                         f"[0, {MAX_GUIDANCE_SCALE:g}] (ralu_runtime.limits.MAX_GUIDANCE_SCALE)")
     _check_generator(generator, batch)
     if seed is not None:
         if generator is not None:

@@ -21,7 +21,7 @@ from pathlib import Path
 
 from .families import CPU_FRAMES, FAMILIES, TINY_SIZE, TINY_TEXT_LEN, family_for_pipeline
 from .families import TINY_MODELS as _TINY
-from .limits import MAX_SEED, MAX_SEQUENCE_LENGTH, MAX_STEPS
+from .limits import MAX_GUIDANCE_SCALE, MAX_SEED, MAX_SEQUENCE_LENGTH, MAX_STEPS
 from .versions import installed_version
 
 EXIT_FAILURE, EXIT_USAGE = 1, 2
@@ -440,8 +440,9 @@ def check_generate(args) -> GeneratePlan:
             raise UsageError(f"--steps {args.steps} applies to --speedup none only (a RALU preset fixes its own "
                              "steps)")
         _check_int("--steps", args.steps, 1, MAX_STEPS)
-    if args.guidance is not None and not math.isfinite(args.guidance):
-        raise UsageError(f"--guidance {args.guidance} is not allowed: need a finite number")
+    if args.guidance is not None and not 0.0 <= args.guidance <= MAX_GUIDANCE_SCALE:
+        raise UsageError(f"--guidance {args.guidance} is not allowed: need a number in "
+                         f"[0, {MAX_GUIDANCE_SCALE:g}]")
     _check_int("--seed", args.seed, 0, MAX_SEED)
     _check_int("--max-sequence-length", args.max_sequence_length, 1, MAX_SEQUENCE_LENGTH)
     out = _check_output("--out", args.out, video)

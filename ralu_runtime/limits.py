@@ -20,8 +20,8 @@ import dataclasses
 import threading
 from dataclasses import dataclass
 
-__all__ = ["DEFAULT_MAX_IMAGES", "DEFAULT_MAX_TOKEN_STEPS", "LIMITS", "Limits", "MAX_SEED", "MAX_SEQUENCE_LENGTH",
-           "MAX_STEPS", "resolve_limits", "set_limits", "token_steps"]
+__all__ = ["DEFAULT_MAX_IMAGES", "DEFAULT_MAX_TOKEN_STEPS", "LIMITS", "Limits", "MAX_GUIDANCE_SCALE", "MAX_SEED",
+           "MAX_SEQUENCE_LENGTH", "MAX_STEPS", "resolve_limits", "set_limits", "token_steps"]
 
 DEFAULT_MAX_IMAGES = 64
 DEFAULT_MAX_TOKEN_STEPS = 2**24
@@ -29,6 +29,8 @@ DEFAULT_MAX_TOKEN_STEPS = 2**24
 MAX_STEPS = 1000                 # num_inference_steps / --steps / "steps": 1..MAX_STEPS
 MAX_SEQUENCE_LENGTH = 512        # text tokens: 1..MAX_SEQUENCE_LENGTH
 MAX_SEED = 2**63 - 1             # seeds: 0..MAX_SEED (a CPU torch.Generator's seed as a non-negative int64)
+MAX_GUIDANCE_SCALE = 100.0       # guidance_scale / --guidance / "guidance_scale": 0..MAX_GUIDANCE_SCALE (the
+                                 # published models use 1..10; far beyond, a model's output is saturated noise)
 
 
 @dataclass(frozen=True)

@@ -106,6 +106,7 @@ BAD = [
     (["--mask-out", "missing/m.png"], "missing"),
     (["--device", "tpu"], "'tpu'"),
     (["--guidance", "inf"], "--guidance inf"),
+    (["--guidance", "-1"], "--guidance -1.0 is not allowed: need a number in [0, 100]"),
     (["--max-sequence-length", "0"], "--max-sequence-length 0"),
     (["--seed", "-1"], "--seed -1"),
 ]

@@ -68,6 +68,9 @@ BAD = [
     (dict(guidance_scale=float("nan")), ValueError, "guidance_scale=nan"),
     (dict(guidance_scale=math.inf), ValueError, "guidance_scale=inf"),
     (dict(guidance_scale="3"), ValueError, "guidance_scale='3'"),
+    # 1e39 was a late RuntimeError (float32 overflow after the text encoding)
+    (dict(guidance_scale=1e39), ValueError, "guidance_scale=1e+39 is not allowed: need a number in [0, 100]"),
+    (dict(guidance_scale=-5), ValueError, "guidance_scale=-5 is not allowed: need a number in [0, 100]"),
     (dict(edge_detector="sobel"), ValueError, "edge_detector='sobel'"),
     (dict(transition_impl="cuda2"), ValueError, "transition_impl='cuda2'"),
     (dict(generator=5, seed=None), TypeError, "generator=5"),
