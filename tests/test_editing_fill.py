@@ -441,3 +441,42 @@ def test_control_images_repeat_per_prompt_as_the_pipeline(control):
     ours = _ours(control, generator=_gen(6), **kw)
     torch.testing.assert_close(ours, _ref(control, generator=_gen(6), **kw), rtol=1e-5, atol=1e-5)
     assert not torch.allclose(ours[1], ours[2], atol=1e-3)
+
+
+# ------------------------------------------------------------------------------------------ POST /v1/images/edits
+def test_images_edits_serves_a_control_pipeline(control):
+    """A served FluxControlPipeline: the edits endpoint's upload is the control image (the result equals generate
+    with control_image= alone); a mask is 400; a generation request, which has no image, is 400 naming the edits
+    endpoint (it was every request's "give control_image=", with no way to send one)."""
+    import base64
+    import functools
+    import io
+
+    import httpx
+
+    from helpers import SERVE_DEFAULTS, running_server
+    from openai_checks import assert_error
+    from ralu_runtime.serving.http import EDITS_PATH, GENERATIONS_PATH
+
+    buf = io.BytesIO()
+    _pil(2).save(buf, format="PNG")
+    files = [("image", ("canny.png", buf.getvalue(), "image/png"))]
+    base = {"prompt": "a cat", "seed": "3", "steps": "2", "speedup": "none", "size": f"{W}x{H}"}
+    with functools.partial(running_server, grace_s=5.0, stop_s=35.0)(control) as (server, engine):
+        r = httpx.post(server.url + EDITS_PATH, data=base, files=files, timeout=300)
+        assert r.status_code == 200, r.text
+        got = np.asarray(Image.open(io.BytesIO(base64.b64decode(r.json()["data"][0]["b64_json"]))).convert("RGB"))
+        calls = engine.metrics()["model_calls"]
+        err = assert_error(httpx.post(server.url + EDITS_PATH, data=base, timeout=60,
+                                      files=files + [("mask", ("m.png", buf.getvalue(), "image/png"))]),
+                           400, param="mask", code="invalid_mask")
+        assert "FluxControlPipeline" in err["message"]
+        err = assert_error(httpx.post(server.url + GENERATIONS_PATH, json={"prompt": "a cat"}, timeout=60),
+                           400, param="image", code="missing_required_parameter")
+        assert EDITS_PATH in err["message"]
+        assert engine.metrics()["model_calls"] == calls
+    want = generate(control, "a cat", control_image=_pil(2), seed=3, num_inference_steps=2, speedup=None, height=H,
+                    width=W, output_type="pil", progress=False,
+                    max_sequence_length=SERVE_DEFAULTS["max_sequence_length"]).images[0]
+    assert got.shape == (H, W, 3)
+    assert np.abs(got.astype(np.int16) - np.asarray(want).astype(np.int16)).max() <= 1

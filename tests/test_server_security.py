@@ -99,7 +99,7 @@ def test_api_keys_are_required_everywhere_but_health(keyed):
 
 def test_host_header_must_name_this_server(keyed, open_server):
     server, _ = keyed
-    for host in ("evil.example", "evil.example:8000", "127.0.0.1.evil.example"):
+    for host in ("evil.example", "evil.example:8000", "127.0.0.1.evil.example", "[::1]evil.example", "[::1]:x"):
         r = httpx.get(server.url + "/v1/models", headers={**auth(KEY_A), "host": host}, timeout=T)
         assert_error(r, 421, code="host_not_allowed")
         assert "--allowed-host" in r.json()["error"]["message"]
@@ -140,11 +140,12 @@ def test_web_pages_get_no_cors_and_cannot_post(open_server, keyed):
     # configured: the allowed origin gets CORS headers and a preflight answer, others still nothing
     k, _ = keyed
     app = {"origin": "https://app.example"}
-    pre = httpx.options(k.url + GENERATIONS_PATH, headers={**app, "access-control-request-method": "POST"},
-                        timeout=T)
-    assert pre.status_code == 204 and pre.headers["access-control-allow-origin"] == "https://app.example"
-    assert "authorization" in pre.headers["access-control-allow-headers"]
-    r = httpx.get(k.url + "/v1/models", headers={**app, **auth(KEY_A)}, timeout=T)
+    with httpx.Client(timeout=T) as browser:   # one keep-alive connection, as a browser's preflight and request
+        pre = browser.options(k.url + GENERATIONS_PATH, headers={**app, "access-control-request-method": "POST"})
+        assert pre.status_code == 204 and pre.headers["access-control-allow-origin"] == "https://app.example"
+        assert "authorization" in pre.headers["access-control-allow-headers"]
+        assert pre.content == b"" and "content-length" not in pre.headers   # a 204 has no body (it had "null")
+        r = browser.get(k.url + "/v1/models", headers={**app, **auth(KEY_A)})   # the same connection still works
     assert r.status_code == 200 and r.headers["access-control-allow-origin"] == "https://app.example"
     r = httpx.get(k.url + "/v1/models", headers={**page, **auth(KEY_A)}, timeout=T)
     assert "access-control-allow-origin" not in r.headers

@@ -232,10 +232,36 @@ def test_bad_upload_is_refused_with_no_engine_work(served, case):
     assert after["queue_depth"] == 0 and after["active"] == 0
 
 
+def _form(fields: dict, files: list) -> tuple[bytes, dict]:
+    """A multipart body and its headers, as httpx writes them."""
+    req = httpx.Request("POST", "http://127.0.0.1/", data=fields, files=files)
+    return req.read(), {"content-type": req.headers["content-type"]}
+
+
+@pytest.mark.parametrize("cut", ["closing_boundary", "inside_last_part"])
+def test_form_cut_short_is_refused_not_run_without_its_last_part(served, cut):
+    """A body whose closing ``--BOUNDARY--`` is missing (sent with a matching Content-Length) is 400 ``invalid_form``;
+    the multipart parser alone would drop the unfinished last part (here the mask: an img2img would run)."""
+    server, engine = served
+    body, headers = _form({"prompt": "a red fox", "seed": "3", "steps": "2", "speedup": "none"},
+                          [_img(png(source())), _mask(grey_mask())])
+    end = body.rindex(b"--" + headers["content-type"].split("boundary=")[1].encode() + b"--")
+    cut_body = body[:end] if cut == "closing_boundary" else body[:end - 40]
+    before = engine.metrics()
+    r = httpx.post(server.url + EDITS_PATH, content=cut_body, headers=headers, timeout=T)
+    assert_error(r, 400, code="invalid_form")
+    assert "closing boundary" in r.json()["error"]["message"]
+    assert engine.metrics()["requests"] == before["requests"]
+    r = httpx.post(server.url + EDITS_PATH, content=body, headers=headers, timeout=T)   # the whole form runs
+    assert r.status_code == 200, r.text
+
+
 @pytest.mark.parametrize("fields,param,code", [
     ({"bogus": "1"}, "bogus", "unknown_parameter"),
     ({"stream": "true"}, "stream", "unknown_parameter"),
     ({"n": "two"}, "n", "invalid_type"),
+    ({"n": "\u0662"}, "n", "invalid_type"),           # ARABIC-INDIC DIGIT TWO: ASCII digits only
+    ({"seed": "\uff13"}, "seed", "invalid_type"),      # FULLWIDTH DIGIT THREE
     ({"strength": "nan"}, "strength", "invalid_type"),
     ({"strength": "1.5"}, "strength", "invalid_value"),
     ({"strength": "0"}, "strength", "invalid_value"),

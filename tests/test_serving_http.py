@@ -165,6 +165,8 @@ def test_the_seed_drawn_for_a_request_reproduces_it(served):
     ({"prompt": "a fox", "size": "100x100"}, 400, "size", "invalid_value"),
     ({"prompt": "a fox", "size": "large"}, 400, "size", "invalid_value"),
     ({"prompt": "a fox", "size": "64x8192"}, 400, "size", "invalid_value"),
+    ({"prompt": "a fox", "size": "\u0666\u0664x\u0666\u0664"}, 400, "size", "invalid_value"),  # non-ASCII digits
+    ({"prompt": "a fox", "size": "64x64\n"}, 400, "size", "invalid_value"),
     ({"prompt": "a fox", "response_format": "url"}, 400, "response_format", "invalid_value"),
     ({"prompt": "a fox", "n": "2"}, 400, "n", "invalid_type"),
     ({"prompt": "a fox", "n": 0}, 400, "n", "invalid_value"),
@@ -221,6 +223,10 @@ def test_health_and_models(served):
     r = httpx.get(server.url + "/health", timeout=T)
     assert r.status_code == 200
     assert r.json() == {"status": "ok", "model": "tiny-flux", "queue_depth": 0, "active": 0}
+    with httpx.Client(timeout=T) as probe:                  # a load balancer's HEAD probe, then a GET on its connection
+        head = probe.head(server.url + "/health")
+        assert head.status_code == 200 and head.content == b""
+        assert probe.get(server.url + "/health").status_code == 200
     models = httpx.get(server.url + "/v1/models", timeout=T).json()
     assert [m["id"] for m in models["data"]] == ["tiny-flux"]
 
@@ -272,6 +278,26 @@ def test_deadline_is_504(small, pipe):
         r = post(server, {"prompt": "a fox", "speedup": "7x", "seed": 4, "timeout": 0.5})
     assert_error(r, 504, "timeout", "deadline_exceeded")
     assert engine.metrics()["requests"]["deadline"] == before + 1
+
+
+def test_deadline_is_504_while_the_engine_is_inside_one_long_step(small, pipe):
+    """A step the engine cannot interrupt (here a model call held by the gate; in the wild a VAE encode of a large
+    upload) runs past the deadline: the answer is 504 at the deadline plus the grace, not when the step ends; the
+    engine drops the request at its next check."""
+    from ralu_runtime.serving.http import DEADLINE_GRACE_S
+
+    server, engine = small
+    before = engine.metrics()["requests"]["deadline"]
+    with slow_model(pipe) as gate:
+        t0 = time.monotonic()
+        r = post(server, {"prompt": "a fox", "speedup": "7x", "seed": 4, "timeout": 0.5})
+        waited = time.monotonic() - t0
+        assert not gate.is_set()                     # the model call was still held when the answer came
+    assert_error(r, 504, "timeout", "deadline_exceeded")
+    assert 0.5 + DEADLINE_GRACE_S - 0.05 <= waited < 0.5 + DEADLINE_GRACE_S + 20, waited
+    wait_for(lambda: engine.metrics()["requests"]["deadline"] == before + 1, timeout=30,
+             what="the engine to drop the late request")
+    wait_for(lambda: engine.metrics()["active"] == 0, what="the engine to be idle")
 
 
 def test_client_hanging_up_cancels_its_request(small, pipe):

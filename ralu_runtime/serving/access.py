@@ -76,8 +76,11 @@ def parse_api_keys(*sources) -> tuple[str, ...]:
 def _host_name(value: str) -> str:
     """The name of a ``Host`` header value, without its port, lower case, without a trailing dot."""
     value = value.strip().lower()
-    if value.startswith("["):
-        return value[1:value.find("]")] if "]" in value else value
+    if value.startswith("["):  # "[v6]" or "[v6]:port"; anything else after "]" is no host name we answer to
+        end = value.find("]")
+        rest = value[end + 1:] if end > 0 else "x"
+        return value[1:end] if rest == "" or (rest[:1] == ":" and rest[1:].isdigit() and rest[1:].isascii()) \
+            else value
     if value.count(":") == 1:
         value = value.split(":", 1)[0]
     return value.rstrip(".")

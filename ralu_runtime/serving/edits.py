@@ -22,14 +22,14 @@ import re
 
 from PIL import Image, ImageOps
 from starlette.datastructures import Headers, UploadFile
-from starlette.formparsers import MultiPartException, MultiPartParser
+from starlette.formparsers import MultiPartException, MultiPartParser, parse_options_header
 
 from ..editing import EDIT_FAMILIES
 from .protocol import EDITS_PATH, REQUEST_FIELDS, ApiError, parse_request, read_bytes
 
 __all__ = ["EDITS_PATH", "EDIT_FIELDS", "MAX_UPLOAD_BYTES", "MAX_UPLOAD_PIXELS", "MAX_INPUT_IMAGES",
            "IMAGE_FORMATS", "RGB_MODES", "check_family", "read_raw", "parse_form", "parse_edit", "decode_image",
-           "image_rgb", "mask_of"]
+           "image_rgb", "mask_of", "is_control"]
 
 MAX_UPLOAD_BYTES = 16 << 20          # a whole edit request (images, mask and fields)
 MAX_UPLOAD_PIXELS = 4096 * 4096      # per uploaded image, checked from its header before it is decoded
@@ -40,7 +40,16 @@ _ALPHA_MODES = ("RGBA", "LA", "PA")
 # the edit form's fields: the generation fields, ralu's strength, OpenAI's input_fidelity (accepted, ignored)
 EDIT_FIELDS = {**REQUEST_FIELDS, "strength": ("number", "strength"), "input_fidelity": ("string", None)}
 _FILE_FIELDS = ("image", "image[]", "mask")
-_INT = re.compile(r"\s*[+-]?\d{1,30}\s*")
+_INT = re.compile(r"[ \t]*[+-]?[0-9]{1,30}[ \t]*", re.ASCII)
+
+
+def is_control(adapter) -> bool:
+    """Whether the served pipeline is a ``FluxControlPipeline`` (every request needs a control image: the edits
+    endpoint's upload; a generation request has none)."""
+    from ..channel_cond import channel_kind
+
+    pipe = getattr(adapter, "pipe", None)
+    return pipe is not None and channel_kind(pipe) == "control"
 
 
 def check_family(adapter) -> None:
@@ -68,6 +77,13 @@ async def parse_form(headers, raw: bytes) -> tuple[dict, dict]:
         yield raw
         yield b""
 
+    # the parser takes a body that ends early (no closing delimiter) and drops its unfinished last part: a form
+    # cut short in transit (e.g. without its mask) must not run as a different request
+    _, options = parse_options_header(headers.get("content-type", ""))
+    boundary = options.get(b"boundary", b"")
+    if boundary and b"--" + boundary + b"--" not in raw:
+        raise ApiError(400, "the request body is not a complete multipart form: its closing boundary "
+                            "(--BOUNDARY--) is missing, so the body was cut short", code="invalid_form")
     parser = MultiPartParser(Headers(raw=list(headers.raw)), stream(), max_files=8, max_fields=64,
                              max_part_size=256 * 1024)
     try:
@@ -174,9 +190,10 @@ def mask_of(img: Image.Image, size: tuple[int, int]) -> Image.Image:
 
 
 def parse_edit(fields: dict, files: dict, *, model_name: str, max_images: int, default_deadline_s,
-               max_pixels: int = MAX_UPLOAD_PIXELS):
+               max_pixels: int = MAX_UPLOAD_PIXELS, control: bool = False):
     """Form fields and files -> ``(generate kwargs, deadline_s, seed, Encoding)`` with ``image`` / ``mask_image``;
-    every upload and field checked (400 / 404 as :func:`parse_request`)."""
+    every upload and field checked (400 / 404 as :func:`parse_request`). ``control``: the served pipeline is a
+    ``FluxControlPipeline``: the upload is its ``control_image`` (a Canny or depth map); a mask is refused."""
     images = files.get("image", [])
     if not images:
         raise ApiError(400, "missing required field: image (a file upload)", param="image",
@@ -192,6 +209,12 @@ def parse_edit(fields: dict, files: dict, *, model_name: str, max_images: int, d
     kwargs, deadline, seed, encoding = parse_request(body, model_name=model_name, max_images=max_images,
                                                      default_deadline_s=default_deadline_s, fields=EDIT_FIELDS)
     source = decode_image(images[0], "image", max_pixels)
+    if control:
+        if "mask" in files:
+            raise ApiError(400, "the served model (FluxControlPipeline) takes no mask: send the control image "
+                                "(Canny or depth map) as image", param="mask", code="invalid_mask")
+        kwargs["control_image"] = image_rgb(source)
+        return kwargs, deadline, seed, encoding
     if "mask" in files:
         kwargs["mask_image"] = mask_of(decode_image(files["mask"][0], "mask", max_pixels), source.size)
     kwargs["image"] = image_rgb(source)

@@ -67,9 +67,11 @@ except ImportError as _exc:  # pragma: no cover - exercised in a subprocess by t
     raise ImportError(f"the ralu HTTP server needs {_exc.name or 'fastapi, uvicorn and prometheus_client'}, which is "
                       "not installed: pip install -e '.[serve]' (fastapi, uvicorn, prometheus_client)") from _exc
 
-from .edits import EDITS_PATH, MAX_UPLOAD_BYTES, MAX_UPLOAD_PIXELS, check_family, parse_edit, parse_form, read_raw
+from .edits import (EDITS_PATH, MAX_UPLOAD_BYTES, MAX_UPLOAD_PIXELS, check_family, is_control, parse_edit,
+                    parse_form, read_raw)
+from .engine import DeadlineExceeded
 from .logs import quiet_library_logs
-from .protocol import (DEFAULT_REQUEST_TIMEOUT_S, GENERATIONS_PATH, MAX_BODY_BYTES, MAX_IMAGES, AccessPolicy,
+from .protocol import (DEFAULT_REQUEST_TIMEOUT_S, GENERATIONS_PATH, MAX_BODY_BYTES, MAX_IMAGES, AccessPolicy, ApiError,
                        CountResponses, EngineCollector, Guard, encode_images, generation_body, install_error_handlers,
                        is_loopback, model_or_404, models_body, parse_request, read_body, result_error, retry_after_s,
                        shutting_down_health, submit_error, unavailable)
@@ -89,9 +91,16 @@ async def _client_gone(request: Request) -> None:
         pass
 
 
-async def _finished_or_client_gone(handle, request: Request) -> bool:
-    """Wait until the engine request ``handle`` finishes (True) or its client disconnects first (False), without
-    polling: the engine's done callback wakes this coroutine from the engine's thread."""
+# Past a request's deadline the engine answers 504 itself at its next check (before a model call, a decode); when
+# it is inside one long step (a VAE encode of a large image...), the HTTP answer waits this much more, then
+# answers 504 without it (the engine drops the request at its next check).
+DEADLINE_GRACE_S = 1.0
+
+
+async def _finished_or_client_gone(handle, request: Request, deadline_s: float | None = None) -> str:
+    """Wait until the engine request ``handle`` finishes ("done"), its client disconnects first ("gone"), or
+    ``deadline_s`` seconds (from now) plus :data:`DEADLINE_GRACE_S` pass ("late"), without polling: the engine's
+    done callback wakes this coroutine from the engine's thread."""
     loop = asyncio.get_running_loop()
     done = loop.create_future()
 
@@ -103,11 +112,14 @@ async def _finished_or_client_gone(handle, request: Request) -> bool:
 
     handle.add_done_callback(wake)
     gone = asyncio.ensure_future(_client_gone(request))
+    timeout = None if deadline_s is None else deadline_s + DEADLINE_GRACE_S
     try:
-        await asyncio.wait({done, gone}, return_when=asyncio.FIRST_COMPLETED)
+        await asyncio.wait({done, gone}, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
     finally:
         gone.cancel()
-    return done.done()
+    if done.done():
+        return "done"
+    return "gone" if gone.done() and not gone.cancelled() else "late"
 
 
 def create_app(engine, *, model_name: str, max_body_bytes: int = MAX_BODY_BYTES,
@@ -177,11 +189,14 @@ def create_app(engine, *, model_name: str, max_body_bytes: int = MAX_BODY_BYTES,
             if err is None:
                 raise
             raise err from None
-        if not await _finished_or_client_gone(handle, request):
+        waited = await _finished_or_client_gone(handle, request, deadline)
+        if waited == "gone":
             handle.cancel()
             logger.info("client left: request %s cancelled", handle.id)
             return Response(status_code=499)   # nginx's "client closed request": nobody reads it
         try:
+            if waited == "late":  # the engine is inside one long step: answer now, it drops the request later
+                raise DeadlineExceeded(f"request {handle.id} passed its deadline")
             out = handle.result(0)
         except Exception as exc:  # noqa: BLE001 - one line for the client, the traceback in the log
             err = result_error(exc, deadline, retry_after)
@@ -192,9 +207,15 @@ def create_app(engine, *, model_name: str, max_body_bytes: int = MAX_BODY_BYTES,
         schedule = out.schedule.name if out.schedule is not None else None
         return generation_body(data, out.timings, schedule, seed, encoding.format)
 
+    control = is_control(engine.adapter)
+
     @app.post(GENERATIONS_PATH)
     async def generations(request: Request):
         body = await read_body(request, max_body_bytes)
+        if control:
+            raise ApiError(400, f"the served model ({type(engine.adapter.pipe).__name__}) needs a control image "
+                                f"(Canny or depth map) with every request: POST it to {EDITS_PATH} as image",
+                           param="image", code="missing_required_parameter")
         parsed = parse_request(body, model_name=model_name, max_images=max_images,
                                default_deadline_s=default_deadline_s)
         return await answer(request, *parsed)
@@ -205,10 +226,11 @@ def create_app(engine, *, model_name: str, max_body_bytes: int = MAX_BODY_BYTES,
         raw = await read_raw(request, max_upload_bytes)
         fields, files = await parse_form(request.headers, raw)
         parsed = await run_in_threadpool(parse_edit, fields, files, model_name=model_name, max_images=max_images,
-                                         default_deadline_s=default_deadline_s, max_pixels=max_upload_pixels)
+                                         default_deadline_s=default_deadline_s, max_pixels=max_upload_pixels,
+                                         control=control)
         return await answer(request, *parsed)
 
-    @app.get("/health")
+    @app.api_route("/health", methods=["GET", "HEAD"])  # HEAD: load balancers probing without a body
     async def health():
         m = engine.metrics()
         body = {"status": "ok", "model": model_name, "queue_depth": m["queue_depth"], "active": m["active"]}

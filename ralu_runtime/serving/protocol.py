@@ -24,7 +24,7 @@ from dataclasses import dataclass
 
 try:
     from fastapi import Request
-    from fastapi.responses import JSONResponse
+    from fastapi.responses import JSONResponse, Response
     from starlette.requests import ClientDisconnect
     from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
     from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -32,7 +32,7 @@ except ImportError as _exc:  # pragma: no cover - exercised in a subprocess by t
     raise ImportError(f"the ralu HTTP server needs {_exc.name or 'fastapi and prometheus_client'}, which is not "
                       "installed: pip install -e '.[serve]' (fastapi, uvicorn, prometheus_client)") from _exc
 
-from ..limits import MAX_SEED, MAX_STEPS
+from ..limits import MAX_GUIDANCE_SCALE, MAX_SEED, MAX_STEPS
 from .access import AccessPolicy, is_loopback, parse_api_keys
 from .engine import DeadlineExceeded, EngineBusy, EngineClosed, RequestCancelled
 
@@ -67,8 +67,9 @@ REQUEST_FIELDS = {
 # OpenAI fields accepted and ignored: they have no meaning for these models (documented in docs/serving.md)
 IGNORED_FIELDS = ("quality", "style", "background", "moderation")
 # numeric fields: (lowest, highest) allowed, both included (n: up to the server's max_images)
-RANGES = {"n": (1, MAX_IMAGES), "seed": (0, MAX_SEED), "steps": (1, MAX_STEPS), "guidance_scale": (0.0, 100.0),
-          "timeout": (0.001, 7 * 86400.0), "output_compression": (0, 100), "strength": (0.0, 1.0)}
+RANGES = {"n": (1, MAX_IMAGES), "seed": (0, MAX_SEED), "steps": (1, MAX_STEPS),
+          "guidance_scale": (0.0, MAX_GUIDANCE_SCALE), "timeout": (0.001, 7 * 86400.0), "output_compression": (0, 100),
+          "strength": (0.0, 1.0)}
 OUTPUT_FORMATS = {"png": "PNG", "jpeg": "JPEG", "webp": "WEBP"}
 # generate()'s (and the engine's) argument names in error messages -> the request field they come from
 _PARAM_OF = {gen: name for name, (_, gen) in REQUEST_FIELDS.items() if gen} | {
@@ -151,7 +152,7 @@ def _parse_size(size: str) -> tuple[int, int] | None:
     """"WIDTHxHEIGHT" -> (height, width); "auto" -> None (the model's default)."""
     if size == "auto":
         return None
-    m = re.fullmatch(r"\s*(\d{1,6})\s*[xX]\s*(\d{1,6})\s*", size)
+    m = re.fullmatch(r" *([0-9]{1,6}) *[xX] *([0-9]{1,6}) *", size)  # ASCII digits and spaces only
     if m is None:
         raise ApiError(400, f"size={size!r} is not allowed: use 'WIDTHxHEIGHT' in pixels (e.g. '1024x1024') or "
                             "'auto'", param="size", code="invalid_value")
@@ -197,8 +198,8 @@ def parse_request(body: dict, *, model_name: str, max_images: int, default_deadl
             _check_range(name, value, lo, hi)
     fmt = fields.get("response_format", "b64_json")
     if fmt != "b64_json":
-        why = (" ralu serve returns images inline and hosts no files to link to" if fmt == "url" else "")
-        raise ApiError(400, f"response_format={_shown(fmt)} is not supported:{why}; use 'b64_json'",
+        why = (": ralu serve returns images inline and hosts no files to link to" if fmt.lower() == "url" else "")
+        raise ApiError(400, f"response_format={_shown(fmt)} is not supported{why}; use 'b64_json'",
                        param="response_format", code="invalid_value")
     out_fmt = fields.get("output_format", "png").lower()
     if out_fmt not in OUTPUT_FORMATS:
@@ -481,7 +482,7 @@ class Guard:
         extra = ({"Access-Control-Allow-Origin": origin, "Vary": "Origin"} if cors else {})
         if cors and method == "OPTIONS" and "access-control-request-method" in headers \
                 and self.policy.host_ok(headers.get("host")):
-            response = JSONResponse(None, status_code=204, headers={
+            response = Response(status_code=204, headers={  # no body: a 204 with one breaks the connection
                 **extra, "Access-Control-Allow-Methods": "GET, POST",
                 "Access-Control-Allow-Headers": "authorization, content-type", "Access-Control-Max-Age": "600"})
             return await response(scope, receive, send)

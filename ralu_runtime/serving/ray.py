@@ -677,7 +677,7 @@ def build_ingress_app(ingress: RaluIngress):
         raise protocol.ApiError(404, f"{protocol.EDITS_PATH} is not served by the Ray Serve ingress yet: run ralu "
                                      "serve without --ray for image edits (docs/serving.md)", code="not_found")
 
-    @app.get("/health")
+    @app.api_route("/health", methods=["GET", "HEAD"])  # HEAD: load balancers probing without a body
     async def health():
         if ingress.closing:
             return protocol.shutting_down_health({"model": opts.model_name}, retry_after())
