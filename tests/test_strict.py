@@ -13,7 +13,10 @@ from ralu_runtime.tiny import build_tiny
 
 A = RaluSchedule(steps=(2, 2, 2), ends=(0.3, 0.5, 1.0), shifts=(3.0, 3.0, 3.0), z=4.0, ratio=0.3)
 B = RaluSchedule(steps=(1, 2, 1), ends=(0.4, 0.6, 1.0), shifts=(3.0, 2.0, 3.0), z=3.0, ratio=0.5)
-TOL = dict(rtol=1e-4, atol=1e-4)
+# pixels in [0, 1]: the engine's batched decode and a lone one differ by float summation order (a loaded CI run saw
+# 1.7e-4 on one pixel of 61440 in Wan's causal VAE); a broken decode (the wrong request's latents, mixed sizes in
+# one cache) differs by far more than a quarter of a PNG level
+TOL = dict(rtol=1e-3, atol=1e-3)
 
 # the families whose VAE keeps state on its modules between calls (causal 3-D VAEs): tiny model, embeddings module,
 # mixed sizes (pixels) and frames
