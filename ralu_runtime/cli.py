@@ -614,16 +614,9 @@ def cmd_serve(args) -> int:
         return _serve_ray(args, plan)
     from .serving import http   # ImportError naming the missing package (fastapi, uvicorn, prometheus_client)
     from .serving import Engine, EngineConfig
-    from .serving.logs import quiet_library_logs
+    from .serving.logs import quiet_library_logs, server_log
 
-    import logging
-
-    log = logging.getLogger("ralu")   # the server's own lines (stopping, failed requests), as uvicorn prints its
-    if not log.handlers:
-        handler = logging.StreamHandler()
-        handler.setFormatter(logging.Formatter("%(levelname)-9s %(message)s"))
-        log.addHandler(handler)
-    log.setLevel(args.log_level.upper())
+    server_log(args.log_level)
     quiet_library_logs(args.log_prompts)    # before the model's libraries load: they warn on import
     sock = _listen_or_fail(args.host, args.port)    # a taken port is reported now, not after the model loads
     try:
@@ -677,15 +670,9 @@ def _serve_ray(args, plan: ServePlan) -> int:
     """``ralu serve --ray``: deploy the replicas and the HTTP ingress on Ray Serve; serve until SIGINT / SIGTERM,
     then delete the application (replicas finish their requests for up to --grace seconds)."""
     from .serving import ray as ray_serving   # ImportError naming the [ray] extra
+    from .serving.logs import server_log
 
-    import logging
-
-    log = logging.getLogger("ralu")
-    if not log.handlers:
-        handler = logging.StreamHandler()
-        handler.setFormatter(logging.Formatter("%(levelname)-9s %(message)s"))
-        log.addHandler(handler)
-    log.setLevel(args.log_level.upper())
+    server_log(args.log_level)
     model = plan.model if plan.model in TINY_MODELS else os.path.abspath(plan.model)   # replicas' cwd differs
     spec = ray_serving.ReplicaSpec(model=model, device=plan.device, dtype=plan.dtype, defaults=plan.defaults,
                                    max_active=args.max_active, max_queue=args.max_queue,

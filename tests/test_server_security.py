@@ -12,6 +12,7 @@ import json
 import logging
 import signal
 import socket
+import sys
 import threading
 import time
 
@@ -475,3 +476,28 @@ def test_serve_command_logs_no_prompt_and_answers_503_until_exit():
     assert "truncated" in out                                 # the redacted notice: the warning did fire
     assert "torchvision" not in out
     assert out.count("hung up") == 1 and "Traceback" not in out, out
+
+
+def test_server_log_writes_to_the_stderr_of_the_moment(monkeypatch):
+    """``ralu serve``'s log handler follows ``sys.stderr``: a server started in-process where stderr was replaced
+    (a test's capture), whose stream was closed since, logged "--- Logging error ---" on every later line."""
+    from ralu_runtime.serving.logs import server_log
+
+    log = logging.getLogger("ralu")
+    saved = (log.handlers[:], log.level)
+    log.handlers.clear()
+    errors = []
+    monkeypatch.setattr(logging.Handler, "handleError", lambda self, record: errors.append(record))
+    try:
+        first = io.StringIO()
+        monkeypatch.setattr(sys, "stderr", first)
+        server_log("info").info("one")
+        assert server_log("warning") is log and len(log.handlers) == 1 and log.level == logging.WARNING
+        first.close()
+        second = io.StringIO()
+        monkeypatch.setattr(sys, "stderr", second)
+        log.warning("two")
+        assert second.getvalue() == "WARNING   two\n" and not errors
+    finally:
+        log.handlers[:] = saved[0]
+        log.setLevel(saved[1])

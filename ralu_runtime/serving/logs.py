@@ -9,8 +9,9 @@ with a line without the text and drops the second. Imports nothing heavy.
 from __future__ import annotations
 
 import logging
+import sys
 
-__all__ = ["quiet_library_logs", "RedactPrompts"]
+__all__ = ["quiet_library_logs", "RedactPrompts", "server_log"]
 
 LIBRARIES = ("diffusers", "transformers")
 _PROMPT_MARKERS = ("was truncated because", "truncated because")
@@ -64,3 +65,31 @@ def quiet_library_logs(log_prompts: bool = False) -> None:
     for target in targets:
         if _FILTER not in target.filters:
             target.addFilter(_FILTER)
+
+
+class _CurrentStderr(logging.StreamHandler):
+    """A handler on whatever ``sys.stderr`` is when a record is emitted (a StreamHandler keeps the stream it was made
+    with: a server started where stderr was replaced, e.g. captured by a test, wrote to a closed stream later)."""
+
+    def __init__(self):
+        super().__init__(sys.stderr)
+
+    @property
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, _value):  # StreamHandler.__init__ sets it; the property always answers sys.stderr
+        pass
+
+
+def server_log(level: str) -> logging.Logger:
+    """The ``ralu`` logger of a server process (``ralu serve``: its stopping and failed-request lines, as uvicorn
+    prints its own), at ``level``, with one handler to the current stderr."""
+    log = logging.getLogger("ralu")
+    if not log.handlers:
+        handler = _CurrentStderr()
+        handler.setFormatter(logging.Formatter("%(levelname)-9s %(message)s"))
+        log.addHandler(handler)
+    log.setLevel(level.upper())
+    return log
