@@ -256,6 +256,23 @@ def test_form_cut_short_is_refused_not_run_without_its_last_part(served, cut):
     assert r.status_code == 200, r.text
 
 
+def test_form_text_that_is_not_utf8_is_refused(served):
+    """A text field with bytes that are not UTF-8 is 400 ``invalid_form`` (the parser decoded them as latin-1 and ran
+    the request with that prompt); valid UTF-8 beyond ASCII is taken."""
+    server, engine = served
+    body, headers = _form({"prompt": "PROMPT_HERE", "seed": "3", "steps": "2", "speedup": "none"},
+                          [_img(png(source()))])
+    before = engine.metrics()
+    r = httpx.post(server.url + EDITS_PATH, content=body.replace(b"PROMPT_HERE", b"a fox \xff\xfe"), headers=headers,
+                   timeout=T)
+    err = assert_error(r, 400, code="invalid_form")
+    assert "'prompt' is not valid utf-8 text" in err["message"]
+    assert engine.metrics()["requests"] == before["requests"]
+    ok = httpx.post(server.url + EDITS_PATH, content=body.replace(b"PROMPT_HERE", "a fox, caf\u00e9".encode()),
+                    headers=headers, timeout=T)
+    assert ok.status_code == 200, ok.text
+
+
 @pytest.mark.parametrize("fields,param,code", [
     ({"bogus": "1"}, "bogus", "unknown_parameter"),
     ({"stream": "true"}, "stream", "unknown_parameter"),

@@ -64,6 +64,21 @@ async def read_raw(request, max_bytes: int) -> bytes:
     return await read_bytes(request, max_bytes, limit="upload limit", what="upload")
 
 
+class _StrictTextParser(MultiPartParser):
+    """Starlette's multipart parser, except that a text field that is not valid text in the form's charset (UTF-8
+    unless the Content-Type names another) is an error, not decoded as latin-1 (JSON bodies refuse such text too)."""
+
+    def on_part_end(self) -> None:
+        part = self._current_part
+        if part.file is None:
+            try:
+                bytes(part.data).decode(self._charset or "utf-8")
+            except (UnicodeDecodeError, LookupError):
+                raise MultiPartException(f"the text field {part.field_name[:60]!r} is not valid "
+                                         f"{self._charset or 'utf-8'} text") from None
+        super().on_part_end()
+
+
 async def parse_form(headers, raw: bytes) -> tuple[dict, dict]:
     """A multipart body -> ``(text fields, files)``: ``{name: str}`` and ``{name: [bytes, ...]}`` ("image[]" is
     "image"); 400 for a malformed body, a repeated text field, text where a file belongs or a file elsewhere."""
@@ -84,7 +99,7 @@ async def parse_form(headers, raw: bytes) -> tuple[dict, dict]:
     if boundary and b"--" + boundary + b"--" not in raw:
         raise ApiError(400, "the request body is not a complete multipart form: its closing boundary "
                             "(--BOUNDARY--) is missing, so the body was cut short", code="invalid_form")
-    parser = MultiPartParser(Headers(raw=list(headers.raw)), stream(), max_files=8, max_fields=64,
+    parser = _StrictTextParser(Headers(raw=list(headers.raw)), stream(), max_files=8, max_fields=64,
                              max_part_size=256 * 1024)
     try:
         form = await parser.parse()
