@@ -302,6 +302,9 @@ def test_body_types_and_access(pipe):
         r = httpx.post(server.url + GENERATIONS_PATH, data={"prompt": "x"}, files=[_img(png(source()))],
                        headers=auth, timeout=T)
         assert_error(r, 415, code="unsupported_media_type")       # ... and generations JSON only
+        r = httpx.post(server.url + EDITS_PATH + "/", data={"prompt": "x"}, files=[_img(png(source()))],
+                       headers=auth, timeout=T)
+        assert r.status_code == 307 and r.headers["location"].endswith(EDITS_PATH)   # was 415 "send application/json"
         r = edit(server, headers={**auth, "Host": "evil.example"})
         assert r.status_code == 421
         r = edit(server, headers={**auth, "Origin": "https://evil.example"})

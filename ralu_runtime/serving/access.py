@@ -156,7 +156,7 @@ class AccessPolicy:
                             "'Authorization: Bearer KEY'", code="invalid_api_key",
                             headers={"WWW-Authenticate": 'Bearer realm="ralu"'})
         if method in _BODY_METHODS:
-            allowed = BODY_TYPES.get(path, ("application/json",))
+            allowed = BODY_TYPES.get(path.rstrip("/") or "/", ("application/json",))  # "/edits/" as "/edits"
             got = _media_type(headers.get("content-type", ""))
             if got not in allowed:
                 return Refusal(415, f"Content-Type {got or 'none'!r} is not accepted here: send "
