@@ -120,6 +120,21 @@ def test_preset_shift_is_the_schedulers_shift(adapter):
     assert adapter.default_hw() == (h // 32 * 32, w // 32 * 32) and adapter.default_size == 64  # tiny target 64
 
 
+def test_default_guidance_is_the_guiders_at_each_call():
+    """The pipeline reads its guider's guidance_scale on every call: a guider changed or replaced after a ralu call
+    sets the next call's default (it was read once, when the adapter was built)."""
+    from ralu_runtime import prepare
+
+    pipe = build_tiny_hunyuan_video15_pipeline(seed=0)
+    kw = dict(height=H, width=W, num_frames=5, speedup=None, num_inference_steps=2, **_embeds(1, cfg=True))
+    assert prepare(pipe, **kw).guidance == 6.0
+    pipe.guider = pipe.guider.new(guidance_scale=2.0)
+    assert prepare(pipe, **kw).guidance == 2.0
+    pipe.guider.guidance_scale = 3.5
+    assert prepare(pipe, **kw).guidance == 3.5 and get_adapter(pipe).default_guidance == 3.5
+    assert prepare(pipe, guidance_scale=5.0, **kw).guidance == 5.0
+
+
 # --------------------------------------------------------------------------------------------- positions
 def _tall(frames, h, w, b=1):
     return grid_positions(frames * h, w)[None].expand(b, -1, -1)

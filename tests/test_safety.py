@@ -190,6 +190,49 @@ def test_swapped_transformer_is_used():
 
 
 @torch.no_grad()
+def test_a_component_swap_keeps_the_users_settings_and_backend():
+    """``pipe.vae = other`` makes get_adapter build a new adapter for the pipeline: the skip-layer guidance, the
+    default cache and the installed backend (fp8 here) set on the old one stay with the pipeline (they were dropped:
+    the next call ran without them, silently), and the result equals a pipeline built in the new state."""
+    from ralu_runtime.adapters.sd3 import SkipLayerGuidance
+
+    slg = SkipLayerGuidance(layers=(1,), start=0.0, stop=0.99)
+
+    def configured(pipe):
+        get_adapter(pipe).skip_layer_guidance = slg
+        set_cache(pipe, "taylorseer:2")
+        compile_adapter(pipe, "eager", precision="fp8")
+        return pipe
+
+    emb = sd3_embeds(1)
+    kw = dict(height=64, width=64, speedup=SCHED, seed=3, output_type="latent", progress=False)
+    pipe = configured(build_tiny_sd3_pipeline(seed=0))
+    old = get_adapter(pipe)
+    generate(pipe, **emb, **kw)
+    pipe.vae = build_tiny_sd3_pipeline(seed=4).vae
+    new = get_adapter(pipe)
+    assert new is not old and new.skip_layer_guidance == slg and new.feature_cache is old.feature_cache
+    assert new.runner is not None and new.runner is not old.runner and new.runner.options == old.runner.options
+    assert new.runner.adapter is new and old.runner is not None         # a call running on the old one finishes
+    after = generate(pipe, **emb, **kw).images
+    fresh = build_tiny_sd3_pipeline(seed=0)
+    fresh.vae = pipe.vae
+    torch.testing.assert_close(after, generate(configured(fresh), **emb, **kw).images, **TOL)
+    plain = build_tiny_sd3_pipeline(seed=0)   # without the settings the result differs: the test can see them lost
+    plain.vae = pipe.vae
+    assert (generate(plain, **emb, **kw).images - after).abs().max() > 1e-3
+
+
+def test_wan22_guidance_scale_2_follows_a_component_swap():
+    from ralu_runtime.tiny import build_tiny
+
+    pipe = build_tiny("tiny-wan22")
+    get_adapter(pipe).guidance_scale_2 = 1.5
+    pipe.vae = build_tiny("tiny-wan22", seed=3).vae
+    assert get_adapter(pipe).guidance_scale_2 == 1.5
+
+
+@torch.no_grad()
 def test_generate_leaves_sd3_as_found():
     pipe = build_tiny_sd3_pipeline(seed=0)
     emb = sd3_embeds(1)

@@ -186,3 +186,27 @@ def test_final_decodes_are_batched_and_equal_single_decodes(flux):
     for s, out in zip((1, 2, 3), outs):
         ref = generate(flux, seed=s, progress=False, **kw).images
         torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+
+
+def test_a_transformer_swap_reaches_the_next_requests_packed_or_not():
+    """``pipe.transformer = other`` while an engine serves the pipeline: requests submitted after it run the new
+    transformer, in packed calls too (the engine packed every call on the adapter it was built with, so the new
+    requests silently ran the old model), and their final decodes are batched apart from the old requests'."""
+    pipe, other = build_tiny("tiny-flux"), build_tiny("tiny-flux", seed=3)
+    reqs = [(dict(height=64, width=64, speedup=A, **flux_embeds(1, seed=1)), 7),
+            (dict(height=64, width=64, speedup=A, **flux_embeds(1, seed=2)), 8)]
+    with Engine(pipe, EngineConfig(gather_timeout_s=0.5)) as eng:
+        before = [h.result(timeout=300).images for h in [eng.submit(seed=s, output_type="latent", **kw)
+                                                          for kw, s in reqs]]
+        old = eng.adapter
+        pipe.transformer = other.transformer
+        assert eng.adapter is not old and eng.adapter.transformer is other.transformer
+        packed_before = eng.metrics()["packed_calls"]
+        after = [h.result(timeout=300).images for h in [eng.submit(seed=s, output_type="latent", **kw)
+                                                         for kw, s in reqs]]
+        assert eng.metrics()["packed_calls"] > packed_before          # the new requests were packed together
+    fresh = build_tiny("tiny-flux")
+    fresh.transformer = other.transformer
+    for (kw, seed), got, was in zip(reqs, after, before):
+        torch.testing.assert_close(got, _alone(fresh, kw, seed).images, **TOL)
+        assert (got - was).abs().max() > 1e-2

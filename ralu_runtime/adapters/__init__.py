@@ -56,6 +56,8 @@ def get_adapter(pipe) -> DiTAdapter:
         if cached is not None and _same(cached.components(), cached.read_components()):
             return cached
         adapter = load_object(ADAPTERS[name])(pipe, weak=True)
+        if cached is not None:  # a component was replaced: the user's settings and backend stay with the pipeline
+            adapter.take_settings(cached)
         try:
             _TABLE[pipe] = adapter
         except TypeError:  # pragma: no cover

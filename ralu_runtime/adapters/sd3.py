@@ -238,6 +238,8 @@ class SD3Adapter(DiTAdapter):
     supports_negative_prompt = True
     default_text_len = FAMILIES["sd3"].default_text_len  # CLIP tokens then T5 tokens
 
+    user_settings = DiTAdapter.user_settings + ("skip_layer_guidance",)
+
     def __init__(self, pipe, *, weak: bool = False):
         super().__init__(pipe, weak=weak)
         self.transformer = pipe.transformer

@@ -203,6 +203,8 @@ class WanAdapter(DiTAdapter):
     onnx_refusal = ("torch's ONNX exporter cannot export Wan's model call (an internal shape-inference assert in "
                     "torch.onnx.export); use backend='inductor' or 'eager'")
 
+    user_settings = DiTAdapter.user_settings + ("guidance_scale_2",)
+
     def __init__(self, pipe, *, weak: bool = False):
         super().__init__(pipe, weak=weak)
         self.transformer = pipe.transformer

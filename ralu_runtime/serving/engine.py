@@ -221,6 +221,7 @@ class _Call:
     req: RequestHandle
     args: tuple                     # (tokens, grid, timestep, cond)
     fn: Callable                    # the request's own (unpacked) model call
+    adapter: Any                    # the adapter the request was prepared with (its packed call's model)
     ctx: contextvars.Context        # the request thread's context (its feature cache, expert choice, ...)
     packable: bool
     tokens: int
@@ -265,8 +266,7 @@ class Engine:
         if bad:
             raise ValueError(f"{', '.join(bad)}: set on the pipeline before building the engine")
         self.pipe = pipe
-        self.adapter = get_adapter(pipe)
-        self.adapter.check_supported()
+        get_adapter(pipe).check_supported()
         self.defaults = dict(defaults)
         self._lock = threading.Condition()
         self._queue: deque[RequestHandle] = deque()
@@ -287,6 +287,14 @@ class Engine:
         self._scheduler.start()
 
     # ------------------------------------------------------------------------------------------ public
+    @property
+    def adapter(self):
+        """The pipeline's adapter now (a component replaced on the pipeline gives a new one: later requests run it;
+        a request already submitted keeps the one it was prepared with)."""
+        from ..adapters import get_adapter
+
+        return get_adapter(self.pipe)
+
     def submit(self, prompt=None, *, deadline_s: float | None = None, **kwargs) -> RequestHandle:
         """Queue one ``generate(pipe, prompt, **kwargs)`` request; returns its :class:`RequestHandle`.
 
@@ -409,7 +417,7 @@ class Engine:
                 req._check()
                 packable = (engine.config.packed and (plain or runner) and getattr(adapter, "packs", False)
                             and current_cache() is None)
-                return engine._wait_for(_Call(req, (tokens, grid, timestep, cond), velocity,
+                return engine._wait_for(_Call(req, (tokens, grid, timestep, cond), velocity, adapter,
                                               contextvars.copy_context(), packable, call_tokens(tokens, cond)))
 
             return model_call
@@ -423,8 +431,8 @@ class Engine:
         def hook(decode):
             def final_decode(latents):
                 req._check()
-                return engine._wait_for(_Call(req, (latents,), decode, contextvars.copy_context(), False, 0,
-                                              kind="decode"))
+                return engine._wait_for(_Call(req, (latents,), decode, req.plan.adapter, contextvars.copy_context(),
+                                              False, 0, kind="decode"))
 
             return final_decode
 
@@ -518,11 +526,12 @@ class Engine:
             self._execute(calls)
 
     def _decode(self, calls: list[_Call]) -> None:
-        """Final VAE decodes, batched per latent shape (one decode call per group; results split per request)."""
+        """Final VAE decodes, batched per latent shape and adapter (one decode call per group, with the first
+        request's decode; results split per request)."""
         groups: dict[tuple, list[_Call]] = {}
         for c in calls:
             x = c.args[0]
-            groups.setdefault((tuple(x.shape[1:]), x.dtype, str(x.device)), []).append(c)
+            groups.setdefault((tuple(x.shape[1:]), x.dtype, str(x.device), id(c.adapter)), []).append(c)
         with torch.no_grad():
             for group in groups.values():
                 if len(group) > 1:
@@ -552,7 +561,8 @@ class Engine:
                 return
         t0 = time.perf_counter()
         packed = [c for c in calls if c.packable]
-        packed = [c for c in packed if c.fn == packed[0].fn]  # one packed call: all plain, or all the same runner
+        # one packed call: all plain on one adapter (the same bound velocity), or all the same runner
+        packed = [c for c in packed if c.fn == packed[0].fn and c.adapter is packed[0].adapter]
         if len(packed) < 2:
             packed = []
         ids = {id(c) for c in packed}
@@ -565,7 +575,7 @@ class Engine:
                 reqs = [c.req for c in packed]
                 # the packed call stops within one block once every request in it is cancelled or expired
                 with torch.no_grad(), interrupt_scope(lambda: _all_stopped(reqs)):  # as generate: no grad
-                    outs = runner(vcalls) if runner is not None else self.adapter.packed_velocity(vcalls)
+                    outs = runner(vcalls) if runner is not None else packed[0].adapter.packed_velocity(vcalls)
                 for c, v in zip(packed, outs):
                     c.result = v
         except BaseException as e:  # noqa: BLE001 - every request of the packed call gets the error
