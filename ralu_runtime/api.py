@@ -571,6 +571,10 @@ def prepare(pipe, prompt: str | list[str] | None = None, *, height: int | None =
     negative_prompt_embeds, negative_pooled_prompt_embeds = (cast["negative_prompt_embeds"],
                                                              cast["negative_pooled_prompt_embeds"])
     schedule = resolve_schedule(speedup, adapter, height, width)
+    if schedule is not None and adapter.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        raise ValueError(f"speedup={getattr(speedup, 'name', speedup)!r}: RALU's stage transitions run float32, "
+                         f"bfloat16 or float16 models; this one is {adapter.dtype} (speedup=None runs it, or move "
+                         "the pipeline to one of those dtypes)")
     integration = scheduler_integration(adapter, schedule is not None, solver)
     from .channel_cond import check_channels, default_guidance, default_steps
     from .editing import check_edit
@@ -601,6 +605,8 @@ def prepare(pipe, prompt: str | list[str] | None = None, *, height: int | None =
         steps = default_steps(channels) if num_inference_steps is None else num_inference_steps
     if schedule is None or edit is not None:  # the pipeline's own schedule runs (edits: then truncated)
         adapter.check_baseline_steps(int(steps))
+    if schedule is None and integration == "follow":
+        _check_followed_scheduler(adapter, int(steps), height, width)
     default = adapter.default_guidance if edit is None else edit.guidance  # the editing pipeline's
     default = default_guidance(channels) if channels is not None else default
     guidance = default if guidance_scale is None else float(guidance_scale)
@@ -630,6 +636,20 @@ def prepare(pipe, prompt: str | list[str] | None = None, *, height: int | None =
         return_masks=return_masks, noise=noise, edge_map=edge_map, edge_detector=edge_detector, solver=solver,
         transition_impl=transition_impl, region_source=region_source, progress=progress, integration=integration,
         edit=edit, channels=channels, reference=reference)
+
+
+def _check_followed_scheduler(adapter: DiTAdapter, steps: int, height: int, width: int) -> None:
+    """A baseline that follows the pipeline's own (non-Euler) scheduler: set its timesteps now, on the copy the
+    baseline uses, so that a scheduler the pipeline cannot drive either (FlowMatchHeun takes no custom sigmas, which
+    FluxPipeline passes) is refused before any work, not after the text encoding."""
+    side = adapter.patch_size * adapter.vae_scale_factor
+    try:
+        adapter.baseline_schedule(steps, max(1, (height // side) * (width // side)))
+    except (ValueError, TypeError) as e:
+        name = type(adapter.pipe.scheduler).__name__
+        raise ValueError(f"the pipeline's {name} cannot run the {adapter.family} baseline schedule (diffusers' "
+                         f"pipeline fails the same way): {e}; use FlowMatchEulerDiscreteScheduler, or a RALU preset "
+                         "(ralu's solver on its own schedule)") from None
 
 
 ModelCallHook = Callable[[DiTAdapter, Callable], Callable]

@@ -467,3 +467,14 @@ def test_sdpa_switches_held_while_any_call_runs_and_restored_after_the_last():
         t.join()
         assert state["v"] == "ralu"  # the first call left, this one still runs
     assert state["v"] == "user" and not shared.active
+
+
+def test_runner_report_names_the_models_dtype_now():
+    """``ralu info`` / ``runner.report()`` said "float32" after ``pipe.to(torch.float64)`` (the calls themselves
+    followed the cast)."""
+    pipe = build_tiny_flux_pipeline(seed=0)
+    runner = compile_adapter(pipe, "eager")
+    assert runner.report()["precision"] == "float32"
+    pipe.to(torch.float64)
+    assert runner.report()["precision"] == "float64"
+    uncompile_adapter(pipe)

@@ -203,6 +203,40 @@ def test_ralu_with_another_scheduler_says_which_solver_runs(sd3_pipe, caplog):
         generate(pipe, speedup=None, solver="ab2", **_small(**sd3_embeds(1)))
 
 
+def test_a_scheduler_the_flux_pipeline_cannot_drive_is_refused_up_front(flux_pipe):
+    """FluxPipeline passes custom sigmas, which FlowMatchHeun's set_timesteps does not take: diffusers' pipeline
+    fails; ralu's baseline failed the same way after the text encoding, now prepare refuses it. A RALU preset runs
+    (ralu's solver on its own schedule)."""
+    from diffusers import FlowMatchHeunDiscreteScheduler
+    from tiny_inputs import flux_embeds
+
+    from ralu_runtime import prepare
+
+    pipe = _with_scheduler(flux_pipe, FlowMatchHeunDiscreteScheduler(num_train_timesteps=1000, shift=3.0))
+    with pytest.raises(ValueError, match="does not support custom sigmas"):
+        pipe(**flux_embeds(1), height=64, width=64, num_inference_steps=2, output_type="latent")
+    with pytest.raises(ValueError, match="FlowMatchHeunDiscreteScheduler cannot run the flux baseline schedule .*"
+                                         "custom sigmas"):
+        prepare(pipe, speedup=None, num_inference_steps=4, **_small(**flux_embeds(1)))
+    prepare(pipe, speedup=A, **_small(**flux_embeds(1)))
+
+
+def test_ralu_on_a_float64_model_is_refused_up_front():
+    """The stage transitions take float32 / bfloat16 / float16 latents: a float64 pipeline with a RALU preset failed
+    at the first transition (after two model calls); the baseline runs it."""
+    from tiny_inputs import flux_embeds
+
+    from ralu_runtime import prepare
+
+    pipe = build_tiny("tiny-flux").to(torch.float64)
+    emb = {k: v.double() for k, v in flux_embeds(1).items()}
+    with pytest.raises(ValueError, match=r"speedup='4x': RALU's stage transitions run float32, bfloat16 or float16 "
+                                         r"models; this one is torch.float64 \(speedup=None runs it"):
+        prepare(pipe, speedup="4x", **_small(**emb))
+    out = generate(pipe, speedup=None, num_inference_steps=2, output_type="latent", **_small(**emb)).images
+    assert out.dtype == torch.float64
+
+
 @pytest.mark.parametrize("speedup", [None, A])
 def test_stochastic_and_non_flow_schedulers_are_refused(flux_pipe, speedup):
     from diffusers import EulerAncestralDiscreteScheduler, EulerDiscreteScheduler, FlowMatchEulerDiscreteScheduler

@@ -345,10 +345,11 @@ class StageRunner:
         return out
 
     def report(self) -> dict:
-        """What this runner applies: :attr:`applied`, the fp8 copies (layers, MiB) and the measured attention
-        choices."""
+        """What this runner applies: :attr:`applied` (its precision: "fp8" or the model's dtype now, which follows a
+        ``pipe.to(dtype)`` after the install), the fp8 copies (layers, MiB) and the measured attention choices."""
         fp8 = self.impl.fp8
-        return {**self.applied,
+        precision = self.precision if fp8 is not None else str(self.adapter.dtype).replace("torch.", "")
+        return {**self.applied, "precision": precision,
                 "fp8_layers": 0 if fp8 is None else len(fp8.layers()),
                 "fp8_mib": 0.0 if fp8 is None else round(fp8.nbytes() / 2**20, 3),
                 "attention": self.attention_choices()}
