@@ -607,7 +607,7 @@ def prepare(pipe, prompt: str | list[str] | None = None, *, height: int | None =
         adapter.check_baseline_steps(int(steps))
     if schedule is None and integration == "follow":
         _check_followed_scheduler(adapter, int(steps), height, width)
-    default = adapter.default_guidance if edit is None else edit.guidance  # the editing pipeline's
+    default = adapter.guidance_default() if edit is None else edit.guidance  # the editing pipeline's
     default = default_guidance(channels) if channels is not None else default
     guidance = default if guidance_scale is None else float(guidance_scale)
     _check_work(adapter, bounds, batch, height, width, num_frames, int(steps), schedule)

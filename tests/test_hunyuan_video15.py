@@ -131,7 +131,7 @@ def test_default_guidance_is_the_guiders_at_each_call():
     pipe.guider = pipe.guider.new(guidance_scale=2.0)
     assert prepare(pipe, **kw).guidance == 2.0
     pipe.guider.guidance_scale = 3.5
-    assert prepare(pipe, **kw).guidance == 3.5 and get_adapter(pipe).default_guidance == 3.5
+    assert prepare(pipe, **kw).guidance == 3.5 and get_adapter(pipe).guidance_default() == 3.5
     assert prepare(pipe, guidance_scale=5.0, **kw).guidance == 5.0
 
 

@@ -412,21 +412,24 @@ class DiTAdapter(ABC):
         ``pipe.transformer = other``), :func:`ralu_runtime.adapters.get_adapter` builds a new adapter."""
         return self._components
 
+    def guidance_default(self) -> float:
+        """The guidance scale of a call that gives none: :attr:`default_guidance` (adapters whose pipeline keeps it
+        elsewhere read it there at each call)."""
+        return self.default_guidance
+
     # what a user sets on an adapter (set_cache, SD3.5's skip_layer_guidance, Wan 2.2's guidance_scale_2): kept when
     # a replaced component makes get_adapter build a new adapter for the same pipeline (take_settings)
     user_settings: tuple[str, ...] = ("feature_cache",)
 
     def take_settings(self, old: "DiTAdapter") -> None:
         """Carry ``old``'s :attr:`user_settings` and its installed backend (the same options, built anew for the
-        new components: :func:`ralu_runtime.compile.runner.move_runner`) over to this adapter, which replaces it
+        new components: the runner's ``install_copy_on``) over to this adapter, which replaces it
         for the same pipeline (``pipe.transformer = other``...). ``old`` is left as it is: a call already running
         on it finishes there."""
         for name in self.user_settings:
             setattr(self, name, getattr(old, name))
         if old.runner is not None:
-            from ..compile.runner import move_runner
-
-            move_runner(old, self)
+            old.runner.install_copy_on(self)
 
     def check_supported(self) -> None:
         """Raise ValueError when the model is in a state this adapter cannot run faithfully (before any work)."""

@@ -127,6 +127,7 @@ class HunyuanVideo15Adapter(DoubleStreamAdapter):
     family = "hunyuan-video-1.5"  # defaults: ralu_runtime.families
     default_preset = FAMILIES["hunyuan-video-1.5"].default_preset
     default_steps = FAMILIES["hunyuan-video-1.5"].default_steps
+    default_guidance = FAMILIES["hunyuan-video-1.5"].default_guidance  # without a guider (guidance_default)
     default_text_len = FAMILIES["hunyuan-video-1.5"].default_text_len  # Qwen embeddings padded to tokenizer_max_length
     supports_negative_prompt = True
     takes_prompt_mask = True
@@ -140,15 +141,14 @@ class HunyuanVideo15Adapter(DoubleStreamAdapter):
         self.transformer = pipe.transformer
         self.temporal_factor = int(getattr(pipe, "vae_scale_factor_temporal", 4))
 
-    @property
-    def default_guidance(self) -> float:
+    def guidance_default(self) -> float:
         """The pipeline's guider's ``guidance_scale`` as it is now (the pipeline reads it on every call; a guider
-        replaced or changed after an earlier call counts), else the family's published 6.0."""
+        replaced or changed after an earlier call counts), else :attr:`default_guidance` (the published 6.0)."""
         pipe = self.pipe
         guider = getattr(pipe, "guider", None) if pipe is not None else None
         if guider is not None and hasattr(guider, "guidance_scale"):
             return float(guider.guidance_scale)
-        return FAMILIES["hunyuan-video-1.5"].default_guidance
+        return self.default_guidance
 
     # ---- checks and geometry -------------------------------------------------------------------------------
     def check_supported(self) -> None:

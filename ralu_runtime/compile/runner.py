@@ -344,6 +344,17 @@ class StageRunner:
                         "shapes": details["shapes"]})
         return out
 
+    def install_copy_on(self, adapter: DiTAdapter) -> "StageRunner":
+        """Install on ``adapter`` (rebuilt for the same pipeline after a component was replaced:
+        :meth:`DiTAdapter.take_settings`) a runner with this one's backend and options; it builds its artifacts anew
+        for the new components on its first calls. This runner stays on its adapter (a call running there finishes;
+        it is freed with it)."""
+        with _INSTALL_LOCK:
+            runner = StageRunner(adapter, self.options)
+            adapter.runner = runner
+            adapter._ralu_runner_key = self.adapter.__dict__.get("_ralu_runner_key")
+        return runner
+
     def report(self) -> dict:
         """What this runner applies: :attr:`applied` (its precision: "fp8" or the model's dtype now, which follows a
         ``pipe.to(dtype)`` after the install), the fp8 copies (layers, MiB) and the measured attention choices."""
@@ -448,18 +459,6 @@ def compile_adapter(pipe_or_adapter, backend: str = "inductor", **options) -> St
     return runner
 
 
-def move_runner(old: DiTAdapter, new: DiTAdapter) -> None:
-    """Install on ``new`` (an adapter rebuilt for the same pipeline after a component was replaced) a runner with
-    ``old``'s backend and options; it builds its artifacts anew for the new components on its first calls. ``old``
-    keeps its runner (a call running on it finishes there; it is freed with ``old``)."""
-    with _INSTALL_LOCK:
-        runner = old.runner
-        if runner is None:
-            return
-        new.runner = StageRunner(new, runner.options)
-        new._ralu_runner_key = old.__dict__.get("_ralu_runner_key")
-
-
 def uncompile_adapter(pipe_or_adapter) -> None:
     """Remove the installed runner and free what it built: calls run the plain eager model again."""
     adapter = _adapter_of(pipe_or_adapter)
@@ -485,4 +484,4 @@ def ensure_backend(pipe_or_adapter, backend: str, **options) -> StageRunner:
 
 
 __all__ = ["StageRunner", "available_backends", "compile_adapter", "compile_stats", "ensure_backend",
-           "model_fingerprint", "model_state", "move_runner", "uncompile_adapter"]
+           "model_fingerprint", "model_state", "uncompile_adapter"]
