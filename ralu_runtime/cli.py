@@ -342,6 +342,9 @@ def _check_output(flag: str, path: str, video: bool = False) -> str:
     target = Path(path).expanduser()
     if target.is_dir():
         raise UsageError(f"{flag} {path!r} is a folder; give an image file name")
+    if target.exists() and not target.is_file():  # a FIFO, socket or device: opening it would block or stream
+        raise UsageError(f"{flag} {path!r} exists and is not a regular file (a pipe, socket or device); give an "
+                         "image file name")
     folder = target.absolute().parent
     if not folder.is_dir():
         raise UsageError(f"{flag} {path!r}: folder {str(folder)!r} does not exist")
@@ -465,6 +468,10 @@ def check_generate(args) -> GeneratePlan:
         why = _backend_unavailable(args.backend, device)
         if why:
             raise UsageError(f"--backend {args.backend!r} is not available here: {why}")
+    named = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}.get(args.precision)
+    if named is not None and named != dtype:
+        raise UsageError(f"--precision {args.precision} but the model runs in {dtype} (--dtype): ralu runs a model in "
+                         f"its own dtype or in fp8; give --dtype {named} (or --precision auto / fp8)")
     if args.precision == "fp8":
         from .compile import fp8_support
 
@@ -635,7 +642,7 @@ def cmd_serve(args) -> int:
     try:
         if args.backend is not None:   # install and build the backend before the server answers (fast first calls)
             t0 = time.perf_counter()
-            engine.generate("ralu warm-up", seed=0, output_type="pil")
+            engine.generate("ralu warm-up", seed=0, output_type="pil", **_warmup_images(args.model))
             print(f"backend {args.backend}: warmed up in {time.perf_counter() - t0:.2f} s", flush=True)
         from .heap import settle_heap
 
@@ -664,6 +671,18 @@ def cmd_serve(args) -> int:
         engine.shutdown(drain=False, timeout=10)
     print("ralu serve: stopped", flush=True)
     return 0
+
+
+def _warmup_images(model: str) -> dict:
+    """The images a warm-up request of a FLUX.1 Fill / control model needs (grey; a mask that repaints everything),
+    resized by the pipeline to the call's size; nothing for other models."""
+    kind = _channel_model(model)
+    if kind is None:
+        return {}
+    from PIL import Image
+
+    grey = Image.new("RGB", (64, 64), (128, 128, 128))
+    return {"control_image": grey} if kind == "control" else {"image": grey, "mask_image": Image.new("L", (64, 64), 255)}
 
 
 def _serve_ray(args, plan: ServePlan) -> int:
@@ -770,7 +789,11 @@ def _speedup_line(plan: GeneratePlan, out) -> str:
         return f"speedup: none (baseline, {steps} steps at full resolution)"
     name = (sched.name or "custom").split("/")[-1]
     origin = f"{plan.family} default" if plan.speedup == "default" else f"{plan.family} preset"
-    return f"speedup: {name} ({origin}): steps {sched.steps}, ends {sched.ends}, r={sched.ratio}"
+    line = f"speedup: {name} ({origin}): steps {sched.steps}, ends {sched.ends}, r={sched.ratio}"
+    ran = [f"{r.name}: {r.steps} steps" for r in out.records if r.steps]
+    if sum(r.steps for r in out.records) != sum(sched.steps):  # an edit (strength < 1) runs the schedule's tail
+        line += f"; this edit ran {', '.join(ran) or 'no step'} (its strength skips the rest)"
+    return line
 
 
 EDIT_FAMILIES = ("flux", "flux-schnell", "sd3", "chroma", "z-image", "qwen-image")  # as ralu_runtime.editing
@@ -788,6 +811,21 @@ def _read_image(flag: str, path: str, mode: str):
             return img.convert(mode)
     except (OSError, ValueError, Image.DecompressionBombError) as exc:
         raise UsageError(f"{flag} {path!r} is not an image Pillow can read ({_one_line(exc)})") from None
+
+
+_CHANNEL_PIPELINES = {"FluxFillPipeline": "fill", "FluxControlPipeline": "control"}
+_CHANNEL_TINY = {"tiny-flux-fill": "fill", "tiny-flux-control": "control"}
+_CHANNEL_USE = {"fill": "it repaints the masked part of an image: ralu edit --image IMG --mask MASK",
+                "control": "it follows a control image (Canny / depth map): ralu edit --control-image IMG"}
+
+
+def _channel_model(model: str) -> str | None:
+    """"fill" / "control" when ``--model`` is a FLUX.1 Fill / control pipeline (tiny-flux-fill, tiny-flux-control,
+    or a folder whose model_index.json names the class), else None: read without loading anything."""
+    if model in _TINY:
+        return _CHANNEL_TINY.get(model)
+    index = Path(model).expanduser() / "model_index.json"
+    return _CHANNEL_PIPELINES.get(_read_json(index).get("_class_name")) if index.is_file() else None
 
 
 def _is_kontext_model(model: str) -> bool:
@@ -848,6 +886,10 @@ def cmd_generate(args, edit_plan: tuple | None = None) -> int:
     """``ralu generate``: check the arguments, build or load the model, (warm up), generate, write, report.
     ``edit_plan``: ``ralu edit``'s checked plan and editing arguments."""
     plan, edit = edit_plan if edit_plan is not None else (check_generate(args), {})
+    kind = _channel_model(args.model) if edit_plan is None else None
+    if kind is not None:
+        raise UsageError(f"--model {args.model} is a FLUX.1 {kind} model, which ralu generate cannot run without an "
+                         f"image: {_CHANNEL_USE[kind]}")
     if edit_plan is None and _is_kontext_model(args.model):  # FLUX.1 Kontext without a reference: --height x
         edit = {"max_area": plan.height * plan.width}       # --width is the output size here too
     from .serving.logs import quiet_library_logs
@@ -878,7 +920,11 @@ def cmd_generate(args, edit_plan: tuple | None = None) -> int:
                    progress=not args.no_progress, backend=args.backend, precision=args.precision)
     image = (np.clip(np.asarray(out.images[0]), 0, 1) * 255).round().astype(np.uint8)  # (H, W, 3) or (T, H, W, 3)
     items = [(image, plan.out)]
-    if plan.mask_out is not None:
+    no_regions = plan.mask_out is not None and out.masks is None
+    if no_regions:  # an edit whose strength starts it in the last (full-resolution) stage chose no regions
+        print(f"--mask-out {plan.mask_out}: not written: this call chose no regions (an edit that starts at full "
+              "resolution, in the last stage; a higher --strength starts it earlier)")
+    if plan.mask_out is not None and not no_regions:
         from .edges import overlay_mask
 
         mask = out.masks[0].cpu().numpy()

@@ -101,12 +101,16 @@ BAD = [
     (["--out", "x.xyz"], "'.xyz'"),
     (["--out", "noext"], "no file extension"),
     (["--out", "dir.png"], "is a folder"),
+    (["--out", "fifo.png"], "exists and is not a regular file"),      # opening a FIFO blocked for good
     (["--speedup", "none", "--mask-out", "m.png"], "--mask-out"),
     (["--mask-out", "ralu.png"], "same file"),
     (["--mask-out", "missing/m.png"], "missing"),
     (["--device", "tpu"], "'tpu'"),
     (["--guidance", "inf"], "--guidance inf"),
     (["--guidance", "-1"], "--guidance -1.0 is not allowed: need a number in [0, 100]"),
+    (["--precision", "fp16"], "--precision fp16 but the model runs in float32 (--dtype)"),   # was after the build
+    (["--model", "tiny-flux-fill"], "tiny-flux-fill is a FLUX.1 fill model, which ralu generate cannot run"),
+    (["--model", "tiny-flux-control"], "ralu edit --control-image IMG"),
     (["--max-sequence-length", "0"], "--max-sequence-length 0"),
     (["--seed", "-1"], "--seed -1"),
 ]
@@ -117,6 +121,7 @@ def workdir(tmp_path, monkeypatch):
     """An empty current folder with two model-like folders; building or loading a model there fails the test."""
     (tmp_path / "empty").mkdir()
     (tmp_path / "dir.png").mkdir()
+    os.mkfifo(tmp_path / "fifo.png")
     (tmp_path / "sdxl").mkdir()
     (tmp_path / "sdxl" / "model_index.json").write_text('{"_class_name": "StableDiffusionXLPipeline"}')
     monkeypatch.chdir(tmp_path)

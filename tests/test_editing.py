@@ -389,6 +389,24 @@ def test_ralu_edit_inpaints_an_image_file(tmp_path, capsys):
     assert Image.open(out).size == (96, 64) and Image.open(regions).size == (96, 64)
 
 
+@torch.no_grad()
+def test_ralu_edit_that_starts_in_the_last_stage_writes_its_image_and_says_why_no_regions(tmp_path, capsys):
+    """strength 0.5 with 4x starts in stage 3 (full resolution, no regions): --mask-out read out.masks[0] of None
+    after the whole edit and lost the image; now the image is written, the mask file is not, and the speedup line
+    says which steps ran."""
+    from PIL import Image
+
+    from ralu_runtime import cli
+
+    out, regions = tmp_path / "out.png", tmp_path / "regions.png"
+    assert cli.main(["edit", "--image", _png(tmp_path / "in.png"), "--strength", "0.5", "--height", "64", "--width",
+                     "96", "--speedup", "4x", "--out", str(out), "--mask-out", str(regions), "--no-progress"]) == 0
+    text = capsys.readouterr().out
+    assert f"wrote {out}" in text and Image.open(out).size == (96, 64) and not regions.exists()
+    assert f"--mask-out {regions}: not written: this call chose no regions" in text
+    assert "this edit ran stage3" in text and "stage1" not in text.split("this edit ran")[1].split("\n")[0]
+
+
 @pytest.mark.parametrize("extra,needle", [
     (["--image", "{tmp}/missing.png"], "no such file"),
     (["--image", "{tmp}/text.png"], "not an image Pillow can read"),

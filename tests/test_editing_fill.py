@@ -480,3 +480,33 @@ def test_images_edits_serves_a_control_pipeline(control):
                     max_sequence_length=SERVE_DEFAULTS["max_sequence_length"]).images[0]
     assert got.shape == (H, W, 3)
     assert np.abs(got.astype(np.int16) - np.asarray(want).astype(np.int16)).max() <= 1
+
+
+@pytest.mark.parametrize("name", ["tiny-flux-fill", "tiny-flux-control"])
+@torch.no_grad()
+def test_serve_warm_up_inputs_run_fill_and_control_models(name, fill, control):
+    """``ralu serve --backend ...`` warms up with one request before it answers: for Fill / control models that
+    request needs images (it had none: the server never started)."""
+    from ralu_runtime import cli
+
+    pipe = fill if name.endswith("fill") else control
+    out = generate(pipe, "ralu warm-up", height=H, width=W, speedup=None, num_inference_steps=1, seed=0,
+                   output_type="latent", progress=False, **cli._warmup_images(name))
+    assert torch.isfinite(out.images).all()
+    assert cli._warmup_images("tiny-flux") == {}
+
+
+def test_images_generations_on_a_fill_model_names_the_edits_endpoint(fill):
+    import functools
+
+    import httpx
+
+    from helpers import running_server
+    from openai_checks import assert_error
+    from ralu_runtime.serving.http import EDITS_PATH, GENERATIONS_PATH
+
+    with functools.partial(running_server, grace_s=5.0, stop_s=35.0)(fill) as (server, engine):
+        err = assert_error(httpx.post(server.url + GENERATIONS_PATH, json={"prompt": "a cat"}, timeout=60),
+                           400, param="image", code="missing_required_parameter")
+        assert "an image and a mask" in err["message"] and EDITS_PATH in err["message"]
+        assert engine.metrics()["model_calls"] == 0

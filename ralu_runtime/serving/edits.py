@@ -29,7 +29,7 @@ from .protocol import EDITS_PATH, REQUEST_FIELDS, ApiError, parse_request, read_
 
 __all__ = ["EDITS_PATH", "EDIT_FIELDS", "MAX_UPLOAD_BYTES", "MAX_UPLOAD_PIXELS", "MAX_INPUT_IMAGES",
            "IMAGE_FORMATS", "RGB_MODES", "check_family", "read_raw", "parse_form", "parse_edit", "decode_image",
-           "image_rgb", "mask_of", "is_control"]
+           "image_rgb", "mask_of", "channel_model"]
 
 MAX_UPLOAD_BYTES = 16 << 20          # a whole edit request (images, mask and fields)
 MAX_UPLOAD_PIXELS = 4096 * 4096      # per uploaded image, checked from its header before it is decoded
@@ -43,13 +43,13 @@ _FILE_FIELDS = ("image", "image[]", "mask")
 _INT = re.compile(r"[ \t]*[+-]?[0-9]{1,30}[ \t]*", re.ASCII)
 
 
-def is_control(adapter) -> bool:
-    """Whether the served pipeline is a ``FluxControlPipeline`` (every request needs a control image: the edits
-    endpoint's upload; a generation request has none)."""
+def channel_model(adapter) -> str | None:
+    """"control" / "fill" when the served pipeline is a ``FluxControlPipeline`` / ``FluxFillPipeline``: every
+    request needs an upload (the control image; the image and its mask), so only the edits endpoint serves it."""
     from ..channel_cond import channel_kind
 
     pipe = getattr(adapter, "pipe", None)
-    return pipe is not None and channel_kind(pipe) == "control"
+    return None if pipe is None else channel_kind(pipe)
 
 
 def check_family(adapter) -> None:

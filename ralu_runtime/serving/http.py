@@ -67,7 +67,7 @@ except ImportError as _exc:  # pragma: no cover - exercised in a subprocess by t
     raise ImportError(f"the ralu HTTP server needs {_exc.name or 'fastapi, uvicorn and prometheus_client'}, which is "
                       "not installed: pip install -e '.[serve]' (fastapi, uvicorn, prometheus_client)") from _exc
 
-from .edits import (EDITS_PATH, MAX_UPLOAD_BYTES, MAX_UPLOAD_PIXELS, check_family, is_control, parse_edit,
+from .edits import (EDITS_PATH, MAX_UPLOAD_BYTES, MAX_UPLOAD_PIXELS, channel_model, check_family, parse_edit,
                     parse_form, read_raw)
 from .engine import DeadlineExceeded
 from .logs import quiet_library_logs
@@ -207,14 +207,16 @@ def create_app(engine, *, model_name: str, max_body_bytes: int = MAX_BODY_BYTES,
         schedule = out.schedule.name if out.schedule is not None else None
         return generation_body(data, out.timings, schedule, seed, encoding.format)
 
-    control = is_control(engine.adapter)
+    upload = {"control": "a control image (Canny or depth map) with every request: POST it to "
+                         f"{EDITS_PATH} as image",
+              "fill": f"an image and a mask with every request: POST them to {EDITS_PATH} as image and mask"}
 
     @app.post(GENERATIONS_PATH)
     async def generations(request: Request):
         body = await read_body(request, max_body_bytes)
-        if control:
-            raise ApiError(400, f"the served model ({type(engine.adapter.pipe).__name__}) needs a control image "
-                                f"(Canny or depth map) with every request: POST it to {EDITS_PATH} as image",
+        kind = channel_model(engine.adapter)
+        if kind is not None:
+            raise ApiError(400, f"the served model ({type(engine.adapter.pipe).__name__}) needs {upload[kind]}",
                            param="image", code="missing_required_parameter")
         parsed = parse_request(body, model_name=model_name, max_images=max_images,
                                default_deadline_s=default_deadline_s)
@@ -227,7 +229,7 @@ def create_app(engine, *, model_name: str, max_body_bytes: int = MAX_BODY_BYTES,
         fields, files = await parse_form(request.headers, raw)
         parsed = await run_in_threadpool(parse_edit, fields, files, model_name=model_name, max_images=max_images,
                                          default_deadline_s=default_deadline_s, max_pixels=max_upload_pixels,
-                                         control=control)
+                                         control=channel_model(engine.adapter) == "control")
         return await answer(request, *parsed)
 
     @app.api_route("/health", methods=["GET", "HEAD"])  # HEAD: load balancers probing without a body
