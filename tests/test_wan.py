@@ -145,6 +145,13 @@ def test_pack_noise_and_schedules_equal_the_pipeline(pipes):
     assert ua.preset_base_shift(480, 832) == 3.0 == adapter.preset_base_shift(480, 832)
     with pytest.raises(ValueError, match="1 \\+ a multiple of 4"):
         adapter.prepare_noise(1, H, W, _gens(1), torch.float32, num_frames=8)
+    # more latent frames than the RoPE table: refused by prepare (it was raised when the noise was drawn)
+    from ralu_runtime import prepare
+
+    cap = adapter.max_latent_frames()
+    with pytest.raises(ValueError, match=f"gives {cap + 1} latent frames; the model's position tables cover {cap}"):
+        prepare(adapter.pipe, "a fox", height=H, width=W, num_frames=1 + cap * 4)
+    assert prepare(adapter.pipe, "a fox", height=H, width=W, num_frames=1 + (cap - 1) * 4).num_frames
 
 
 def test_defaults(pipes):

@@ -412,6 +412,10 @@ class DiTAdapter(ABC):
         ``pipe.transformer = other``), :func:`ralu_runtime.adapters.get_adapter` builds a new adapter."""
         return self._components
 
+    def max_latent_frames(self) -> int | None:
+        """Video: the most latent frames the model's position tables cover (None: no fixed limit known)."""
+        return None
+
     def guidance_default(self) -> float:
         """The guidance scale of a call that gives none: :attr:`default_guidance` (adapters whose pipeline keeps it
         elsewhere read it there at each call)."""

@@ -354,6 +354,10 @@ class WanAdapter(DiTAdapter):
         """Latent frames of a ``num_frames`` video (the pipeline's ``(num_frames - 1) // 4 + 1``)."""
         return (int(num_frames) - 1) // self.temporal_factor + 1
 
+    def max_latent_frames(self) -> int:
+        """The transformer's RoPE table length (``rope_max_seq_len``) in latent frames."""
+        return int(self.transformer.config.rope_max_seq_len)
+
     def prepare_noise(self, batch, height, width, generators, dtype, num_frames=None):
         """``(B, C, F, h, w)`` drawn exactly as ``WanPipeline.prepare_latents`` draws it (float32, same shape and
         generator use), then cast to ``dtype``."""
@@ -364,7 +368,7 @@ class WanAdapter(DiTAdapter):
             raise ValueError(f"num_frames={num_frames} is not allowed: Wan needs 1 + a multiple of "
                              f"{self.temporal_factor} frames")
         f = self.latent_frames(num_frames)
-        cap = int(self.transformer.config.rope_max_seq_len)
+        cap = self.max_latent_frames()
         if f > cap:
             raise ValueError(f"num_frames={num_frames} gives {f} latent frames; the model's RoPE covers {cap}")
         h, w = self.latent_hw(height, width)
