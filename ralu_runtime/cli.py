@@ -555,6 +555,14 @@ def check_serve(args) -> ServePlan:
             raise UsageError(f"{flag} {value} is not allowed: need seconds {'> 0' if lo is None else '>= 0'}")
     _check_int("--max-connections", args.max_connections, 1, 1 << 20)
     api_keys = _serve_api_keys(args)
+    from .serving.access import check_access_names
+
+    for flag, names in (("--allowed-host", {"allowed_hosts": args.allowed_host or ()}),
+                        ("--cors-origin", {"cors_origins": args.cors_origin or ()})):
+        try:
+            check_access_names(**names)
+        except ValueError as exc:
+            raise UsageError(f"{flag}: {exc}") from None
     if not api_keys and not args.insecure and not _is_loopback(args.host):
         raise UsageError(f"--host {args.host} is reachable from other machines and no API key is set: anyone who "
                          "reaches the port could use the server. Set $RALU_API_KEY (or --api-key-file / --api-key), "

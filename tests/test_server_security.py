@@ -183,7 +183,22 @@ def test_cli_refuses_a_public_address_without_a_key_before_loading(monkeypatch, 
     assert len(err) == 1 and "--insecure" in err[0] and "RALU_API_KEY" in err[0]
     assert cli.main(["serve", "--api-key", "short", "--device", "cpu"]) == 2
     assert "at least 16" in capsys.readouterr().err
+    # names no request could ever match (they were taken, and matched nothing)
+    assert cli.main(["serve", "--device", "cpu", "--cors-origin", "app.example.com"]) == 2
+    assert "--cors-origin: CORS origin 'app.example.com' is not an origin" in capsys.readouterr().err
+    assert cli.main(["serve", "--device", "cpu", "--allowed-host", "http://api.example.com"]) == 2
+    assert "--allowed-host: allowed host 'http://api.example.com' is not a host name" in capsys.readouterr().err
     assert not loaded
+
+
+def test_access_policy_refuses_names_that_never_match():
+    for kw in ({"cors_origins": ("app.example.com",)}, {"cors_origins": ("https://app.example.com/path",)},
+               {"allowed_hosts": ("https://api.example.com",)}, {"allowed_hosts": ("api.example.com/v1",)}):
+        with pytest.raises(ValueError, match="is not a"):
+            AccessPolicy(**kw)
+    ok = AccessPolicy(allowed_hosts=("api.example.com", "api.example.com:8000", "[::1]:80", "*"),
+                      cors_origins=("https://app.example.com/", "http://localhost:3000", "*"))
+    assert ok.origin_ok("https://app.example.com") and ok.host_ok("api.example.com:8000")
 
 
 def test_cli_reads_keys_from_env_file_and_flags(monkeypatch, tmp_path):

@@ -11,7 +11,7 @@ import re
 import socket
 from dataclasses import dataclass, field
 
-__all__ = ["AccessPolicy", "Refusal", "BODY_TYPES", "LOOPBACK_NAMES", "MIN_API_KEY_CHARS", "is_loopback",
+__all__ = ["AccessPolicy", "Refusal", "BODY_TYPES", "check_access_names", "LOOPBACK_NAMES", "MIN_API_KEY_CHARS", "is_loopback",
            "parse_api_keys"]
 
 MIN_API_KEY_CHARS = 16
@@ -86,6 +86,25 @@ def _host_name(value: str) -> str:
     return value.rstrip(".")
 
 
+_ORIGIN = re.compile(r"https?://[^\s/?#@]+", re.ASCII)        # what a browser sends: scheme://host[:port]
+_HOST = re.compile(r"[^\s/?#@]+", re.ASCII)                   # a Host header's name (and port), no scheme or path
+
+
+def check_access_names(allowed_hosts=(), cors_origins=()) -> None:
+    """ValueError for an allowed host or a CORS origin that no request could ever match (``https://x`` as a host,
+    ``x.com`` as an origin): they were taken and silently matched nothing."""
+    for host in allowed_hosts:
+        h = host.strip()
+        if h and h != "*" and ("://" in h or not _HOST.fullmatch(h)):
+            raise ValueError(f"allowed host {host!r} is not a host name: give the name clients put in the Host "
+                             "header, e.g. api.example.com or api.example.com:8000 (no scheme, no path), or '*'")
+    for origin in cors_origins:
+        o = origin.strip().rstrip("/")
+        if o and o != "*" and not _ORIGIN.fullmatch(o):
+            raise ValueError(f"CORS origin {origin!r} is not an origin: give what a browser sends as Origin, "
+                             "scheme://host[:port], e.g. https://app.example.com, or '*'")
+
+
 def _media_type(value: str) -> str:
     return value.split(";", 1)[0].strip().lower()
 
@@ -104,6 +123,7 @@ class AccessPolicy:
 
     def __post_init__(self):
         self.api_keys = parse_api_keys(self.api_keys)
+        check_access_names(self.allowed_hosts, self.cors_origins)
         self.allowed_hosts = {_host_name(h) for h in self.allowed_hosts if h.strip()} | set(LOOPBACK_NAMES)
         self.cors_origins = tuple(o.strip().rstrip("/").lower() for o in self.cors_origins if o.strip())
         self._key_bytes = [k.encode("ascii") for k in self.api_keys]
