@@ -821,6 +821,7 @@ def _read_image(flag: str, path: str, mode: str):
         raise UsageError(f"{flag} {path!r} is not an image Pillow can read ({_one_line(exc)})") from None
 
 
+FLUX_TOKEN_PX = 16  # pixels per FLUX.1 token side: VAE factor 8 x patch 2
 _CHANNEL_PIPELINES = {"FluxFillPipeline": "fill", "FluxControlPipeline": "control"}
 _CHANNEL_TINY = {"tiny-flux-fill": "fill", "tiny-flux-control": "control"}
 _CHANNEL_USE = {"fill": "it repaints the masked part of an image: ralu edit --image IMG --mask MASK",
@@ -868,7 +869,11 @@ def check_edit(args) -> tuple[GeneratePlan, dict]:
             if value is not None:
                 raise UsageError(f"{flag} does not apply to FLUX.1 Kontext ({args.model}): it generates from noise "
                                  "with the image as a reference, not by noising it, and takes no mask")
-        return plan, {"image": _read_image("--image", args.image, "RGB"), "max_area": plan.height * plan.width,
+        reference = _read_image("--image", args.image, "RGB")
+        if min(reference.size) < FLUX_TOKEN_PX:
+            raise UsageError(f"--image {args.image!r} is {reference.size[0]}x{reference.size[1]} pixels: a FLUX.1 "
+                             f"Kontext reference needs at least {FLUX_TOKEN_PX} pixels (one token) on each side")
+        return plan, {"image": reference, "max_area": plan.height * plan.width,
                       "auto_resize": not args.keep_reference_size}
     if args.keep_reference_size:
         raise UsageError("--keep-reference-size applies to FLUX.1 Kontext models only")
@@ -945,7 +950,8 @@ def cmd_generate(args, edit_plan: tuple | None = None) -> int:
 
     print(f"model: {plan.model} ({plan.family}, {plan.device}, {plan.dtype}), loaded in {load_s:.2f} s")
     print(_speedup_line(plan, out))
-    frames = f", {plan.num_frames} frames, regions {plan.regions or 'frame'}" if plan.num_frames else ""
+    frames = (f", {plan.num_frames} frames" + (f", regions {plan.regions or 'frame'}" if out.schedule else "")
+              if plan.num_frames else "")  # a baseline chooses no regions
     print(f"size: {plan.width}x{plan.height} (width x height){frames}, seed {args.seed}, solver {args.solver}, "
           f"backend {args.backend or 'eager'}" + (f", precision {args.precision}" if args.precision else "")
           + (f", cache {args.cache}" if args.cache else ""))

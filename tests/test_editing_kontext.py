@@ -256,6 +256,7 @@ def test_ralu_edit_runs_tiny_flux_kontext(tmp_path, capsys):
 @pytest.mark.parametrize("extra,needle", [
     (["--strength", "0.5"], "--strength does not apply to FLUX.1 Kontext"),
     (["--mask", "{tmp}/in.png"], "--mask does not apply to FLUX.1 Kontext"),
+    (["--image", "{tmp}/thin.png"], "is 4000x8 pixels: a FLUX.1 Kontext reference needs at least 16"),  # was late
 ])
 def test_ralu_edit_kontext_refuses_strength_and_mask_before_loading(tmp_path, monkeypatch, capsys, extra, needle):
     from ralu_runtime import cli
@@ -265,6 +266,7 @@ def test_ralu_edit_kontext_refuses_strength_and_mask_before_loading(tmp_path, mo
 
     monkeypatch.setattr(cli, "_load", no_load)
     image = _png(tmp_path / "in.png")
+    _png(tmp_path / "thin.png", size=(4000, 8))
     args = [a.replace("{tmp}", str(tmp_path)) for a in extra]
     assert cli.main(["edit", "--model", "tiny-flux-kontext", "--image", image, "--no-progress", "--out",
                      str(tmp_path / "o.png"), *args]) == 2
