@@ -21,6 +21,7 @@ Guarantees (tested in ``tests/test_safety.py``):
 from __future__ import annotations
 
 import contextlib
+import logging
 import math
 import numbers
 import os
@@ -614,6 +615,9 @@ def prepare(pipe, prompt: str | list[str] | None = None, *, height: int | None =
     default = adapter.guidance_default() if edit is None else edit.guidance  # the editing pipeline's
     default = default_guidance(channels) if channels is not None else default
     guidance = default if guidance_scale is None else float(guidance_scale)
+    ignored = adapter.guidance_ignored() if guidance_scale is not None and guidance > 1 else None
+    if ignored:
+        logging.getLogger("ralu").warning("guidance_scale=%s is ignored: %s", guidance_scale, ignored)
     _check_work(adapter, bounds, batch, height, width, num_frames, int(steps), schedule)
     from .parallel import resolve_parallel
 

@@ -121,6 +121,21 @@ def test_defaults_and_preset_shift(pipes):
     assert dev.embed_dims() == (96, None) and dev.coarse_block_px == 32
 
 
+def test_guidance_given_to_a_distilled_klein_is_said_to_be_ignored(pipes, caplog):
+    """As Flux2KleinPipeline warns: step-distilled klein runs no guidance, so a guidance_scale above 1 changes
+    nothing; prepare says so (it was silent). klein base uses it: no warning."""
+    from ralu_runtime import prepare
+
+    kw = dict(height=64, width=64, **random_embeds(pipes["klein"], 1, 12, seed=0))
+    with caplog.at_level("WARNING", logger="ralu"):
+        prepare(pipes["klein"], guidance_scale=5.0, **kw)
+        prepare(pipes["klein"], **kw)
+        prepare(pipes["klein-base"], guidance_scale=5.0, height=64, width=64,
+                **random_embeds(pipes["klein-base"], 1, 12, seed=0))
+    lines = [r.getMessage() for r in caplog.records if r.name == "ralu"]
+    assert lines == ["guidance_scale=5.0 is ignored: a step-distilled FLUX.2-klein runs no guidance"]
+
+
 # ------------------------------------------------------------------------------------------ positions
 def _cond(adapter, b, t=6, seed=0):
     g = torch.Generator().manual_seed(seed)

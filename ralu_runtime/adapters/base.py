@@ -412,6 +412,11 @@ class DiTAdapter(ABC):
         ``pipe.transformer = other``), :func:`ralu_runtime.adapters.get_adapter` builds a new adapter."""
         return self._components
 
+    def guidance_ignored(self) -> str | None:
+        """Why this model runs no guidance whatever ``guidance_scale`` says (None: it uses it); ``prepare`` logs a
+        warning when a call gives one above 1, as the model's diffusers pipeline does."""
+        return None
+
     def max_latent_frames(self) -> int | None:
         """Video: the most latent frames the model's position tables cover (None: no fixed limit known)."""
         return None

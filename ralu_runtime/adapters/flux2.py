@@ -242,6 +242,9 @@ class Flux2Adapter(DiTAdapter):
                                                     max_sequence_length=max_sequence_length)
         return embeds
 
+    def guidance_ignored(self) -> str | None:
+        return "a step-distilled FLUX.2-klein runs no guidance" if self.distilled else None
+
     def encode_prompt(self, prompt, negative_prompt=None, *, prompt_embeds=None, pooled_prompt_embeds=None,
                       negative_prompt_embeds=None, negative_pooled_prompt_embeds=None, num_images_per_prompt=1,
                       guidance_scale, max_sequence_length=None, prompt_embeds_mask=None,
