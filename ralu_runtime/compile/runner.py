@@ -348,11 +348,11 @@ class StageRunner:
         """Install on ``adapter`` (rebuilt for the same pipeline after a component was replaced:
         :meth:`DiTAdapter.take_settings`) a runner with this one's backend and options; it builds its artifacts anew
         for the new components on its first calls. This runner stays on its adapter (a call running there finishes;
-        it is freed with it)."""
-        with _INSTALL_LOCK:
-            runner = StageRunner(adapter, self.options)
-            adapter.runner = runner
-            adapter._ralu_runner_key = self.adapter.__dict__.get("_ralu_runner_key")
+        it is freed with it). No install lock: ``adapter`` is not published yet (get_adapter calls this under its
+        own lock, which compile_adapter never holds with the install lock)."""
+        runner = StageRunner(adapter, self.options)
+        adapter.runner = runner
+        adapter._ralu_runner_key = self.adapter.__dict__.get("_ralu_runner_key")
         return runner
 
     def report(self) -> dict:
