@@ -31,6 +31,7 @@ TINY_MODELS = {name: (t.family, t.max_side_px) for name, t in _TINY.items()}
 # diffusers pipeline class -> its (base) family
 PIPELINE_FAMILIES = {cls: fam.name for fam in FAMILIES.values() for cls in fam.pipelines}
 VIDEO_EXTENSIONS = (".webp", ".png", ".apng", ".gif")  # animated images Pillow writes
+TOKEN_PX = 16  # pixels per latent token side in every family: VAE 8 x patch 2 (HunyuanVideo 1.5: VAE 16 x patch 1)
 COARSE_BLOCK_PX = 32                  # VAE factor 8 x patch 2 x 2 (RALU's coarse stage), FLUX and SD3
 # Names owned by modules that import torch, repeated here so that --help needs no torch (tests/test_cli.py
 # checks they agree with ralu_runtime.solvers.SOLVERS and ralu_runtime.compile.BACKENDS).
@@ -681,6 +682,29 @@ def cmd_serve(args) -> int:
     return 0
 
 
+def _check_work(plan: GeneratePlan, steps: int | None) -> None:
+    """The work bound ``generate`` checks (latent tokens x model calls, :mod:`ralu_runtime.limits`), before the model
+    loads: every family has one latent token per 16 x 16 pixels (VAE 8 x patch 2, or VAE 16 x patch 1) per latent
+    frame, and its presets' steps and ratio are in the registry."""
+    from types import SimpleNamespace
+
+    from .limits import LIMITS, token_steps
+
+    fam = FAMILIES[plan.family]
+    frames = 1 if plan.num_frames is None else 1 + (plan.num_frames - 1) // fam.temporal_factor
+    tokens = frames * (plan.height // TOKEN_PX) * (plan.width // TOKEN_PX)
+    if plan.speedup is None:
+        runs = steps or fam.default_steps
+        work, calls = token_steps(1, tokens, runs), f"{runs} steps"
+    else:
+        stage_steps, _, ratio, _ = fam.presets[fam.default_preset if plan.speedup == "default" else plan.speedup]
+        work = token_steps(1, tokens, 0, SimpleNamespace(steps=tuple(stage_steps), ratio=ratio))
+        calls = f"RALU steps {tuple(stage_steps)}"
+    if work > LIMITS.max_token_steps:
+        raise UsageError(f"this run's work is {work} latent tokens x model calls ({tokens} tokens, {calls}); the limit "
+                         f"is max_token_steps={LIMITS.max_token_steps}: use fewer steps or pixels")
+
+
 def _warmup_images(model: str) -> dict:
     """The images a warm-up request of a FLUX.1 Fill / control model needs (grey; a mask that repaints everything),
     resized by the pipeline to the call's size; nothing for other models."""
@@ -821,7 +845,6 @@ def _read_image(flag: str, path: str, mode: str):
         raise UsageError(f"{flag} {path!r} is not an image Pillow can read ({_one_line(exc)})") from None
 
 
-FLUX_TOKEN_PX = 16  # pixels per FLUX.1 token side: VAE factor 8 x patch 2
 _CHANNEL_PIPELINES = {"FluxFillPipeline": "fill", "FluxControlPipeline": "control"}
 _CHANNEL_TINY = {"tiny-flux-fill": "fill", "tiny-flux-control": "control"}
 _CHANNEL_USE = {"fill": "it repaints the masked part of an image: ralu edit --image IMG --mask MASK",
@@ -870,9 +893,9 @@ def check_edit(args) -> tuple[GeneratePlan, dict]:
                 raise UsageError(f"{flag} does not apply to FLUX.1 Kontext ({args.model}): it generates from noise "
                                  "with the image as a reference, not by noising it, and takes no mask")
         reference = _read_image("--image", args.image, "RGB")
-        if min(reference.size) < FLUX_TOKEN_PX:
+        if min(reference.size) < TOKEN_PX:
             raise UsageError(f"--image {args.image!r} is {reference.size[0]}x{reference.size[1]} pixels: a FLUX.1 "
-                             f"Kontext reference needs at least {FLUX_TOKEN_PX} pixels (one token) on each side")
+                             f"Kontext reference needs at least {TOKEN_PX} pixels (one token) on each side")
         return plan, {"image": reference, "max_area": plan.height * plan.width,
                       "auto_resize": not args.keep_reference_size}
     if args.keep_reference_size:
@@ -899,6 +922,8 @@ def cmd_generate(args, edit_plan: tuple | None = None) -> int:
     """``ralu generate``: check the arguments, build or load the model, (warm up), generate, write, report.
     ``edit_plan``: ``ralu edit``'s checked plan and editing arguments."""
     plan, edit = edit_plan if edit_plan is not None else (check_generate(args), {})
+    if edit_plan is None:
+        _check_work(plan, args.steps)
     kind = _channel_model(args.model) if edit_plan is None else None
     if kind is not None:
         raise UsageError(f"--model {args.model} is a FLUX.1 {kind} model, which ralu generate cannot run without an "

@@ -111,6 +111,9 @@ BAD = [
     (["--precision", "fp16"], "--precision fp16 but the model runs in float32 (--dtype)"),   # was after the build
     (["--model", "tiny-flux-fill"], "tiny-flux-fill is a FLUX.1 fill model, which ralu generate cannot run"),
     (["--model", "tiny-flux-control"], "ralu edit --control-image IMG"),
+    (["--height", "4096", "--width", "4096", "--speedup", "none", "--steps", "1000"],     # was after the build
+     "this run's work is 65536000 latent tokens x model calls (65536 tokens, 1000 steps); the limit is "
+     "max_token_steps=16777216"),
     (["--max-sequence-length", "0"], "--max-sequence-length 0"),
     (["--seed", "-1"], "--seed -1"),
 ]
@@ -470,3 +473,23 @@ def test_serve_with_a_backend_warms_up_before_listening(monkeypatch, capsys):
     assert settled == [(True, None)]  # after the warm-up request, before the server started
     out = capsys.readouterr().out
     assert "backend eager: warmed up" in out and "heap settled (gc.collect + gc.freeze) in 0.25 s" in out
+
+
+def test_the_cli_work_estimate_counts_tokens_as_the_adapters_do():
+    """``ralu generate`` checks the work bound before loading with one latent token per 16 x 16 pixels per latent
+    frame: what every family's adapter counts (a different count would refuse runs generate takes, or let through
+    runs it refuses after the load)."""
+    from ralu_runtime.adapters import get_adapter
+    from ralu_runtime.families import FAMILIES, TINY_MODELS
+    from ralu_runtime.tiny import build_tiny
+
+    seen = set()
+    for name, tiny in TINY_MODELS.items():
+        if tiny.family in seen:
+            continue
+        seen.add(tiny.family)
+        pipe = build_tiny(name)
+        adapter = get_adapter(pipe)
+        frames = 3 if adapter.is_video else 1
+        assert adapter.temporal_factor == FAMILIES[tiny.family].temporal_factor, name
+        assert adapter.fine_tokens(96, 160, frames) == frames * (96 // cli.TOKEN_PX) * (160 // cli.TOKEN_PX)
