@@ -209,3 +209,111 @@ def test_bundles_others_can_write_are_refused_even_when_trusted(crafted, tmp_pat
     finally:
         part.chmod(part.stat().st_mode & ~0o022)
     assert not target.exists()
+
+
+# ------------------------------------------------------------------------------- what a shared machine can plant
+ROOT_ONLY = pytest.mark.skipif(not hasattr(os, "geteuid") or os.geteuid() != 0,
+                               reason="needs root to chown to another user")
+
+
+def test_a_symlink_planted_in_the_cache_folder_is_refused(tmp_path, monkeypatch):
+    """A folder that was open (0777) may hold what another user planted: a symlink to their own folder survived
+    the chmod to 0700 and the compile wrote (and later read) cache entries there."""
+    from ralu_runtime.compile import enable_persistent_cache
+
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "before"))
+    folder, elsewhere = tmp_path / "cache", tmp_path / "elsewhere"
+    folder.mkdir()
+    elsewhere.mkdir()
+    (folder / "fxgraph").symlink_to(elsewhere)
+    with pytest.raises(ArtifactError, match="fxgraph is a symbolic link inside a folder whose contents ralu loads"):
+        enable_persistent_cache(folder)
+    (folder / "fxgraph").unlink()
+    (folder / "fxgraph").mkdir()
+    (folder / "fxgraph" / "entry").write_bytes(b"x")
+    (folder / "fxgraph" / "entry").chmod(0o666)
+    with pytest.raises(ArtifactError, match="entry is writable by other users"):
+        enable_persistent_cache(folder)
+    (folder / "fxgraph" / "entry").chmod(0o644)
+    assert enable_persistent_cache(folder) == folder
+
+
+@ROOT_ONLY
+def test_entries_of_another_user_and_open_folders_above_are_refused(tmp_path, monkeypatch):
+    from ralu_runtime.compile import enable_persistent_cache
+
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "before"))
+    folder = tmp_path / "cache"
+    (folder / "fxgraph").mkdir(parents=True)
+    os.chown(folder / "fxgraph", 12345, 12345)
+    with pytest.raises(ArtifactError, match="fxgraph belongs to uid 12345"):
+        enable_persistent_cache(folder)
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    shared.chmod(0o777)                         # others may rename what is below it (no sticky bit)
+    with pytest.raises(ArtifactError, match="the folder above it, .*shared, is writable by other users"):
+        enable_persistent_cache(shared / "cache")
+    shared.chmod(0o1777)                        # /tmp's way: the sticky bit keeps others' hands off our entries
+    assert enable_persistent_cache(shared / "cache2") == shared / "cache2"
+
+
+@ROOT_ONLY
+def test_a_bundle_loads_only_into_an_inductor_cache_of_this_user(crafted, tmp_path, monkeypatch):
+    """torch's default cache folder is created by whoever comes first: a verified bundle went into one another
+    user prepared, and the next compile read their entries."""
+    bundle, target, key = crafted
+    data = bundle.read_bytes()
+    bundle.with_name(bundle.name + ".manifest.json").write_text(json.dumps(_manifest(data, bytes.fromhex(
+        key.read_text()))))
+    theirs = tmp_path / "inductor"
+    theirs.mkdir(mode=0o777)
+    os.chown(theirs, 12345, 12345)
+    with pytest.raises(ArtifactError, match="belongs to uid 12345"):
+        load_compile_artifacts(bundle, key=key)
+    assert not target.exists()
+
+
+@ROOT_ONLY
+def test_trusted_bundles_of_another_user_are_refused(crafted):
+    bundle, target, _key = crafted
+    os.chown(bundle, 12345, 12345)
+    with pytest.raises(ArtifactError, match="bundle: .* belongs to uid 12345"):
+        load_compile_artifacts(bundle, trust=True)
+    assert not target.exists()
+
+
+def test_a_renamed_bundle_a_swapped_key_link_and_odd_paths_are_refused(crafted, tmp_path):
+    from ralu_runtime.compile.artifacts import _key
+
+    bundle, target, key = crafted
+    data = bundle.read_bytes()
+    other = tmp_path / "other-model.bin"                     # a signed bundle saved under another name
+    other.write_bytes(data)
+    other.with_name(other.name + ".manifest.json").write_text(json.dumps(_manifest(data, bytes.fromhex(
+        key.read_text()))))
+    with pytest.raises(ArtifactError, match="signed for the file 'bundle.bin', not 'other-model.bin'"):
+        load_compile_artifacts(other, key=key)
+    link = tmp_path / "key-link"                             # a key reached through a symlink (swappable)
+    link.symlink_to(key)
+    with pytest.raises(ArtifactError, match="cannot be opened as a plain file"):
+        _key(link)
+    with pytest.raises(ValueError, match="neither an existing key file nor a hex string"):
+        _key(str(tmp_path / "missing.key"))
+    with pytest.raises(ArtifactError, match="not a regular file"):
+        load_compile_artifacts(tmp_path, key=key)
+    fifo = tmp_path / "fifo.bin"
+    os.mkfifo(fifo)
+    with pytest.raises(ArtifactError, match="not a regular file"):   # reading it would block for good
+        load_compile_artifacts(fifo, key=key)
+    assert not target.exists()
+
+
+def test_onnx_dir_with_something_planted_is_refused(tmp_path):
+    """Exported graphs are loaded back by path: a link planted in onnx_dir would let its owner swap the graph."""
+    from ralu_runtime.compile.artifacts import _private_dir
+
+    folder = tmp_path / "onnx"
+    folder.mkdir()
+    (folder / "stage0_L16_B1").symlink_to(tmp_path)
+    with pytest.raises(ArtifactError, match="symbolic link"):
+        _private_dir(folder)

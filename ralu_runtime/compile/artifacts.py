@@ -21,7 +21,11 @@ So:
   vouch for yourself), a bundle without manifest, with a wrong digest or size, a manifest not signed with the key,
   or other torch / ralu / CUDA versions or another device;
 * :func:`enable_persistent_cache` makes the cache folder private (mode 0700) only when it belongs to this user; a
-  folder of another user is refused with the reason, never chmod-ed.
+  folder of another user is refused with the reason, never chmod-ed; so are a folder holding a symlink or an entry
+  that is not this user's or that others can write, and a folder under a parent others can write without the
+  sticky bit. The same checks cover inductor's cache folder before a bundle is loaded into it, and ``onnx_dir``;
+* the key file is opened once without following symlinks, and checked and read from that open file; a bundle must
+  be a regular file whose signed manifest names it (not a bundle renamed over another).
 """
 from __future__ import annotations
 
@@ -31,6 +35,7 @@ import json
 import os
 import platform
 import secrets
+import stat
 import time
 from pathlib import Path
 
@@ -58,16 +63,53 @@ def _owner_problem(path: Path, st: os.stat_result) -> str | None:
     return None
 
 
-def _private_dir(path: Path) -> Path:
-    """Create ``path`` (mode 0700) or make this user's existing folder 0700; a folder of another user is refused
-    (ArtifactError) and left as it is."""
+def _check_ancestors(path: Path) -> None:
+    """ArtifactError when a folder above ``path`` lets other users rename or replace what is below it: writable by
+    group or others without the sticky bit (``/tmp`` has it). (Folders above that belong to another user are taken:
+    a container's bind mounts are owned by a host user.)"""
+    if not hasattr(os, "geteuid"):  # pragma: no cover - Windows
+        return
+    for parent in path.absolute().parents:
+        st = parent.stat()
+        if st.st_mode & 0o022 and not st.st_mode & stat.S_ISVTX:
+            raise ArtifactError(f"{path}: the folder above it, {parent}, is writable by other users (mode "
+                                f"{st.st_mode & 0o777:04o}, no sticky bit), who can replace what is below it")
+
+
+def _check_contents(path: Path) -> None:
+    """ArtifactError for anything in the folder ``path`` (at any depth) that is a symlink, belongs to another user
+    or is writable by group or others: planted there while the folder was open, it would be read as code."""
+    for root, dirs, files in os.walk(path, followlinks=False):
+        for name in dirs + files:
+            entry = Path(root) / name
+            st = entry.lstat()
+            if stat.S_ISLNK(st.st_mode):
+                raise ArtifactError(f"{entry} is a symbolic link inside a folder whose contents ralu loads as code "
+                                    f"(it points to {os.readlink(entry)!r}); remove it or use a fresh folder")
+            problem = _owner_problem(entry, st)
+            if problem is not None or st.st_mode & 0o022:
+                why = problem or f"{entry} is writable by other users (mode {st.st_mode & 0o777:04o})"
+                raise ArtifactError(f"{why}, inside a folder whose contents ralu loads as code; remove it or use a "
+                                    "fresh folder")
+
+
+def _private_dir(path: Path, *, contents: bool = True) -> Path:
+    """Create ``path`` (mode 0700) or make this user's existing folder 0700; a folder of another user, a folder
+    above it that others can write (:func:`_check_ancestors`) or, with ``contents``, anything inside that is not
+    this user's own plain file or folder (:func:`_check_contents`) is refused (ArtifactError) and left as it is."""
+    _check_ancestors(path)
     path.mkdir(parents=True, exist_ok=True, mode=0o700)
-    problem = _owner_problem(path, path.stat())
+    st = path.lstat()
+    if stat.S_ISLNK(st.st_mode):
+        raise ArtifactError(f"{path} is a symbolic link; give ralu the real folder (its contents are loaded as code)")
+    problem = _owner_problem(path, st)
     if problem is not None:
         raise ArtifactError(f"{problem}: ralu loads its contents as code and will not change the mode of a folder it "
                             "does not own; use a folder of your own (cache_dir= or RALU_CACHE_DIR)")
-    if path.stat().st_mode & 0o077:
+    if st.st_mode & 0o077:
         os.chmod(path, 0o700)
+    if contents:
+        _check_contents(path)
     return path
 
 
@@ -83,10 +125,10 @@ def _check_not_writable_by_others(path: Path, what: str) -> None:
                             "go-w) or keep bundles in a folder of your own")
 
 
-def _check_key_file(path: Path) -> None:
-    """ArtifactError unless the key file ``path`` is a regular file of this user without group / other bits."""
-    st = path.stat()
-    if not path.is_file():
+def _check_key_file(path: Path, st: os.stat_result) -> None:
+    """ArtifactError unless the key file ``path`` (``st``: the open file's status) is a regular file of this user
+    without group / other bits."""
+    if not stat.S_ISREG(st.st_mode):
         raise ArtifactError(f"artifact key file {path} is not a regular file")
     problem = _owner_problem(path, st)
     if problem is not None:
@@ -130,23 +172,32 @@ def _key(key) -> bytes:
             raise ValueError(f"key: {len(key)} bytes; use at least {MIN_KEY_BYTES} random bytes "
                              "(e.g. secrets.token_bytes(32))")
         return key
-    if isinstance(key, str) and not os.path.exists(key):
+    if isinstance(key, str) and not os.path.lexists(key):
         try:
             raw = bytes.fromhex(key)
         except ValueError:
-            raise ValueError("key: bytes, a hex string or a key file path") from None
+            raise ValueError(f"key={key[:80]!r} is neither an existing key file nor a hex string: give bytes, a hex "
+                             "string or the path of a key file") from None
         return _key(raw)
     path = Path(key or os.environ.get("RALU_ARTIFACT_KEY_FILE") or default_cache_root() / "artifact.key")
     if not path.exists():
         if key is not None or os.environ.get("RALU_ARTIFACT_KEY_FILE"):
             raise ArtifactError(f"artifact key file {path} does not exist")
-        _private_dir(path.parent)
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        _private_dir(path.parent, contents=False)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0), 0o600)
         with os.fdopen(fd, "w") as f:
             f.write(secrets.token_hex(MIN_KEY_BYTES))
-    _check_key_file(path)
+    # open once, without following a symlink, and check and read that same open file (no swap in between)
     try:
-        data = bytes.fromhex(path.read_text().strip())
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0))
+    except OSError as exc:
+        raise ArtifactError(f"artifact key file {path} cannot be opened as a plain file ({exc.strerror or exc}; a "
+                            "symbolic link is refused)") from None
+    with os.fdopen(fd, "rb") as f:
+        _check_key_file(path, os.fstat(f.fileno()))
+        text = f.read(4096)
+    try:
+        data = bytes.fromhex(text.decode("ascii").strip())
     except ValueError:
         raise ArtifactError(f"artifact key file {path} does not hold a hex key") from None
     if len(data) < MIN_KEY_BYTES:
@@ -204,6 +255,9 @@ def verify_compile_artifacts(path: str | os.PathLike, *, key=None, data: bytes |
         raise ArtifactError(f"{mpath}: unreadable manifest ({exc})") from None
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
         raise ArtifactError(f"{mpath}: not a {FORMAT} manifest")
+    if manifest.get("file") != path.name:  # signed: a bundle copied or renamed over another is not that one
+        raise ArtifactError(f"{path}: its manifest was signed for the file {manifest.get('file')!r}, not "
+                            f"{path.name!r} (a bundle renamed or copied over another); save it under its own name")
     expected = hmac.new(_key(key), _signed_fields(manifest), hashlib.sha256).hexdigest()
     if not hmac.compare_digest(str(manifest.get("hmac_sha256", "")), expected):
         raise ArtifactError(f"{mpath}: signature does not match this artifact key (written by another key, or "
@@ -226,11 +280,25 @@ def load_compile_artifacts(path: str | os.PathLike, *, key=None, trust: bool = F
     p = Path(path)
     if not p.exists():
         return False
-    for what, q in (("bundle", p), ("manifest", _manifest_path(p)), ("bundle folder", p.resolve().parent)):
+    if not p.is_file():
+        raise ArtifactError(f"{p} is not a regular file (a folder, pipe or device); give the bundle's file")
+    places = [("bundle", p), ("manifest", _manifest_path(p)), ("bundle folder", p.absolute().parent),
+              ("bundle folder", p.resolve().parent)]
+    for what, q in places:
         if q.exists():
             _check_not_writable_by_others(q, what)
+            problem = _owner_problem(q, q.stat()) if trust else None  # verified: the signed digest decides
+            if problem is not None:
+                raise ArtifactError(f"{what}: {problem}; its owner can change it, and trust=True skips the "
+                                    "signature: keep bundles you vouch for in a folder of your own")
+    _check_ancestors(p.resolve())
     data = p.read_bytes()
     if not trust:
         verify_compile_artifacts(p, key=key, data=data)
+    # the bundle's entries go into inductor's cache folder, which the next compile reads as code: it must be
+    # this user's and private too (torch's default, $TMPDIR/torchinductor_$USER, is created by whoever comes first)
+    from torch._inductor.runtime.cache_dir_utils import cache_dir
+
+    _private_dir(Path(cache_dir()))
     torch.compiler.load_cache_artifacts(data)
     return True

@@ -424,6 +424,10 @@ class StageRunner:
 
         if self.options.onnx_dir is None and self._tmp is None:
             self._tmp = tempfile.TemporaryDirectory(prefix="ralu-onnx-")
+        if self.options.onnx_dir is not None:  # graphs are written, then loaded back by path: a folder of this
+            from .artifacts import _private_dir  # user's, private, with nothing planted in it (ArtifactError)
+
+            _private_dir(Path(self.options.onnx_dir))
         folder = Path(self.options.onnx_dir or self._tmp.name) / f"stage{index}_L{tensors[0].shape[1]}_B{tensors[0].shape[0]}"
         folder.mkdir(parents=True, exist_ok=True)
 
