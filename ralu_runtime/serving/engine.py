@@ -290,7 +290,8 @@ class Engine:
     @property
     def adapter(self):
         """The pipeline's adapter now (a component replaced on the pipeline gives a new one: later requests run it;
-        a request already submitted keeps the one it was prepared with)."""
+        a request already submitted keeps the one it was prepared with, hence its transformer; the VAE is read from
+        the pipeline at each decode)."""
         from ..adapters import get_adapter
 
         return get_adapter(self.pipe)
