@@ -19,7 +19,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .families import CPU_FRAMES, FAMILIES, TINY_SIZE, TINY_TEXT_LEN, family_for_pipeline
+from .families import CPU_FRAMES, EDIT_PIPELINES, FAMILIES, TINY_SIZE, TINY_TEXT_LEN, family_for_pipeline
 from .families import TINY_MODELS as _TINY
 from .limits import MAX_GUIDANCE_SCALE, MAX_SEED, MAX_SEQUENCE_LENGTH, MAX_STEPS
 from .versions import installed_version
@@ -845,7 +845,6 @@ def _read_image(flag: str, path: str, mode: str):
         raise UsageError(f"{flag} {path!r} is not an image Pillow can read ({_one_line(exc)})") from None
 
 
-_CHANNEL_PIPELINES = {"FluxFillPipeline": "fill", "FluxControlPipeline": "control"}
 _CHANNEL_TINY = {"tiny-flux-fill": "fill", "tiny-flux-control": "control"}
 _CHANNEL_USE = {"fill": "it repaints the masked part of an image: ralu edit --image IMG --mask MASK",
                 "control": "it follows a control image (Canny / depth map): ralu edit --control-image IMG"}
@@ -857,7 +856,10 @@ def _channel_model(model: str) -> str | None:
     if model in _TINY:
         return _CHANNEL_TINY.get(model)
     index = Path(model).expanduser() / "model_index.json"
-    return _CHANNEL_PIPELINES.get(_read_json(index).get("_class_name")) if index.is_file() else None
+    if not index.is_file():
+        return None
+    kind = EDIT_PIPELINES.get(_read_json(index).get("_class_name"), (None, None))[1]  # the registry's edit kinds
+    return kind if kind in _CHANNEL_USE else None
 
 
 def _is_kontext_model(model: str) -> bool:
@@ -882,7 +884,7 @@ def check_edit(args) -> tuple[GeneratePlan, dict]:
                  if v is not None]
         if given:
             raise UsageError(f"--control-image runs FLUX.1 control models; {', '.join(given)} do not apply")
-        if args.model in TINY_MODELS and args.model != "tiny-flux-control":
+        if args.model in TINY_MODELS and _channel_model(args.model) != "control":
             raise UsageError(f"--control-image needs a FLUX.1 control model (tiny-flux-control); {args.model} is not")
         return plan, {"control_image": _read_image("--control-image", args.control_image, "RGB")}
     if args.image is None:
@@ -900,10 +902,11 @@ def check_edit(args) -> tuple[GeneratePlan, dict]:
                       "auto_resize": not args.keep_reference_size}
     if args.keep_reference_size:
         raise UsageError("--keep-reference-size applies to FLUX.1 Kontext models only")
-    if args.model == "tiny-flux-control":
-        raise UsageError("tiny-flux-control is a FLUX.1 control model: give --control-image (no --image)")
-    if args.model == "tiny-flux-fill" and args.mask is None:
-        raise UsageError("tiny-flux-fill is a FLUX.1 Fill model: give --mask (white = repaint) with --image")
+    kind = _channel_model(args.model)
+    if kind == "control":
+        raise UsageError(f"{args.model} is a FLUX.1 control model: give --control-image (no --image)")
+    if kind == "fill" and args.mask is None:
+        raise UsageError(f"{args.model} is a FLUX.1 Fill model: give --mask (white = repaint) with --image")
     edit = {"image": _read_image("--image", args.image, "RGB"), "strength": args.strength}
     if args.mask is not None:
         mask = _read_image("--mask", args.mask, "L")
@@ -922,14 +925,14 @@ def cmd_generate(args, edit_plan: tuple | None = None) -> int:
     """``ralu generate``: check the arguments, build or load the model, (warm up), generate, write, report.
     ``edit_plan``: ``ralu edit``'s checked plan and editing arguments."""
     plan, edit = edit_plan if edit_plan is not None else (check_generate(args), {})
-    if edit_plan is None:
+    if edit_plan is None:  # ralu generate: no image
         _check_work(plan, args.steps)
-    kind = _channel_model(args.model) if edit_plan is None else None
-    if kind is not None:
-        raise UsageError(f"--model {args.model} is a FLUX.1 {kind} model, which ralu generate cannot run without an "
-                         f"image: {_CHANNEL_USE[kind]}")
-    if edit_plan is None and _is_kontext_model(args.model):  # FLUX.1 Kontext without a reference: --height x
-        edit = {"max_area": plan.height * plan.width}       # --width is the output size here too
+        kind = _channel_model(args.model)
+        if kind is not None:
+            raise UsageError(f"--model {args.model} is a FLUX.1 {kind} model, which ralu generate cannot run without "
+                             f"an image: {_CHANNEL_USE[kind]}")
+        if _is_kontext_model(args.model):  # FLUX.1 Kontext without a reference: --height x --width is the output
+            edit = {"max_area": plan.height * plan.width}  # size here too
     from .serving.logs import quiet_library_logs
 
     quiet_library_logs(log_prompts=True)  # before the libraries load: no torchvision notice (the prompt is the user's)
@@ -958,11 +961,10 @@ def cmd_generate(args, edit_plan: tuple | None = None) -> int:
                    progress=not args.no_progress, backend=args.backend, precision=args.precision)
     image = (np.clip(np.asarray(out.images[0]), 0, 1) * 255).round().astype(np.uint8)  # (H, W, 3) or (T, H, W, 3)
     items = [(image, plan.out)]
-    no_regions = plan.mask_out is not None and out.masks is None
-    if no_regions:  # an edit whose strength starts it in the last (full-resolution) stage chose no regions
+    if plan.mask_out is not None and out.masks is None:  # an edit whose strength starts it in the last stage
         print(f"--mask-out {plan.mask_out}: not written: this call chose no regions (an edit that starts at full "
               "resolution, in the last stage; a higher --strength starts it earlier)")
-    if plan.mask_out is not None and not no_regions:
+    elif plan.mask_out is not None:
         from .edges import overlay_mask
 
         mask = out.masks[0].cpu().numpy()
