@@ -11,8 +11,8 @@ import re
 import socket
 from dataclasses import dataclass, field
 
-__all__ = ["AccessPolicy", "Refusal", "BODY_TYPES", "check_access_names", "LOOPBACK_NAMES", "MIN_API_KEY_CHARS", "is_loopback",
-           "parse_api_keys"]
+__all__ = ["AccessPolicy", "Refusal", "BODY_TYPES", "check_access_names", "LOOPBACK_NAMES", "MIN_API_KEY_CHARS",
+           "is_loopback", "parse_api_keys"]
 
 MIN_API_KEY_CHARS = 16
 
@@ -73,14 +73,15 @@ def parse_api_keys(*sources) -> tuple[str, ...]:
     return tuple(keys)
 
 
+_BRACKETED = re.compile(r"\[([^\]]*)\](?::[0-9]+)?", re.ASCII)   # an IPv6 Host: "[v6]" or "[v6]:port"
+
+
 def _host_name(value: str) -> str:
     """The name of a ``Host`` header value, without its port, lower case, without a trailing dot."""
     value = value.strip().lower()
     if value.startswith("["):  # "[v6]" or "[v6]:port"; anything else after "]" is no host name we answer to
-        end = value.find("]")
-        rest = value[end + 1:] if end > 0 else "x"
-        return value[1:end] if rest == "" or (rest[:1] == ":" and rest[1:].isdigit() and rest[1:].isascii()) \
-            else value
+        m = _BRACKETED.fullmatch(value)
+        return m.group(1) if m else value
     if value.count(":") == 1:
         value = value.split(":", 1)[0]
     return value.rstrip(".")

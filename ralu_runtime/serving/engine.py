@@ -527,12 +527,11 @@ class Engine:
             self._execute(calls)
 
     def _decode(self, calls: list[_Call]) -> None:
-        """Final VAE decodes, batched per latent shape and adapter (one decode call per group, with the first
-        request's decode; results split per request)."""
+        """Final VAE decodes, batched per latent shape (one decode call per group; results split per request)."""
         groups: dict[tuple, list[_Call]] = {}
         for c in calls:
             x = c.args[0]
-            groups.setdefault((tuple(x.shape[1:]), x.dtype, str(x.device), id(c.adapter)), []).append(c)
+            groups.setdefault((tuple(x.shape[1:]), x.dtype, str(x.device)), []).append(c)
         with torch.no_grad():
             for group in groups.values():
                 if len(group) > 1:
@@ -562,8 +561,8 @@ class Engine:
                 return
         t0 = time.perf_counter()
         packed = [c for c in calls if c.packable]
-        # one packed call: all plain on one adapter (the same bound velocity), or all the same runner
-        packed = [c for c in packed if c.fn == packed[0].fn and c.adapter is packed[0].adapter]
+        # one packed call: all plain on one adapter (equal bound velocities share it), or all the same runner
+        packed = [c for c in packed if c.fn == packed[0].fn]
         if len(packed) < 2:
             packed = []
         ids = {id(c) for c in packed}

@@ -71,8 +71,8 @@ from .edits import (EDITS_PATH, MAX_UPLOAD_BYTES, MAX_UPLOAD_PIXELS, channel_mod
                     parse_form, read_raw)
 from .engine import DeadlineExceeded
 from .logs import quiet_library_logs
-from .protocol import (DEFAULT_REQUEST_TIMEOUT_S, GENERATIONS_PATH, MAX_BODY_BYTES, MAX_IMAGES, AccessPolicy, ApiError,
-                       CountResponses, EngineCollector, Guard, encode_images, generation_body, install_error_handlers,
+from .protocol import (DEFAULT_REQUEST_TIMEOUT_S, GENERATIONS_PATH, MAX_BODY_BYTES, MAX_IMAGES, AccessPolicy,
+                       ApiError, CountResponses, EngineCollector, Guard, encode_images, generation_body, install_error_handlers,
                        is_loopback, model_or_404, models_body, parse_request, read_body, result_error, retry_after_s,
                        shutting_down_health, submit_error, unavailable)
 
@@ -213,11 +213,12 @@ def create_app(engine, *, model_name: str, max_body_bytes: int = MAX_BODY_BYTES,
 
     @app.post(GENERATIONS_PATH)
     async def generations(request: Request):
-        body = await read_body(request, max_body_bytes)
-        kind = channel_model(engine.adapter)
-        if kind is not None:
-            raise ApiError(400, f"the served model ({type(engine.adapter.pipe).__name__}) needs {upload[kind]}",
+        adapter = engine.adapter
+        kind = channel_model(adapter)
+        if kind is not None:  # refused before the body is read: no JSON request can carry what it needs
+            raise ApiError(400, f"the served model ({type(adapter.pipe).__name__}) needs {upload[kind]}",
                            param="image", code="missing_required_parameter")
+        body = await read_body(request, max_body_bytes)
         parsed = parse_request(body, model_name=model_name, max_images=max_images,
                                default_deadline_s=default_deadline_s)
         return await answer(request, *parsed)
