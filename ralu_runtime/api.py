@@ -419,10 +419,10 @@ def _check_video(adapter: DiTAdapter, num_frames, region_mode) -> tuple[int | No
     if (num_frames - 1) % f:
         raise ValueError(f"num_frames={num_frames} is not allowed: {adapter.family} needs 1 + a multiple of {f} "
                          f"frames (e.g. {1 + (num_frames - 1) // f * f} or {1 + ((num_frames - 1) // f + 1) * f})")
-    cap = adapter.max_latent_frames()
-    if cap is not None and (num_frames - 1) // f + 1 > cap:
-        raise ValueError(f"num_frames={num_frames} gives {(num_frames - 1) // f + 1} latent frames; the model's "
-                         f"position tables cover {cap} (at most {1 + (cap - 1) * f} frames)")
+    latent, cap = (num_frames - 1) // f + 1, adapter.max_latent_frames()
+    if cap is not None and latent > cap:
+        raise ValueError(f"num_frames={num_frames} gives {latent} latent frames; the model's position tables cover "
+                         f"{cap} (at most {1 + (cap - 1) * f} frames)")
     return int(num_frames), region_mode
 
 

@@ -282,9 +282,10 @@ def load_compile_artifacts(path: str | os.PathLike, *, key=None, trust: bool = F
         return False
     if not p.is_file():
         raise ArtifactError(f"{p} is not a regular file (a folder, pipe or device); give the bundle's file")
-    places = [("bundle", p), ("manifest", _manifest_path(p)), ("bundle folder", p.absolute().parent),
-              ("bundle folder", p.resolve().parent)]
-    for what, q in places:
+    # the folder holding the link and the one holding the file (one entry when they are the same)
+    places = {p: "bundle", _manifest_path(p): "manifest", p.absolute().parent: "bundle folder",
+              p.resolve().parent: "bundle folder"}
+    for q, what in places.items():
         if q.exists():
             _check_not_writable_by_others(q, what)
             problem = _owner_problem(q, q.stat()) if trust else None  # verified: the signed digest decides
