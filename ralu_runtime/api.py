@@ -618,6 +618,10 @@ def prepare(pipe, prompt: str | list[str] | None = None, *, height: int | None =
     ignored = adapter.guidance_ignored() if guidance_scale is not None and guidance > 1 else None
     if ignored:
         logging.getLogger("ralu").warning("guidance_scale=%s is ignored: %s", guidance_scale, ignored)
+    if (negative_prompt is not None or negative_prompt_embeds is not None) and not adapter.runs_cfg(guidance, True):
+        logging.getLogger("ralu").warning(
+            "the negative prompt is ignored: at guidance_scale=%g %s runs no classifier-free guidance (as its "
+            "diffusers pipeline); raise guidance_scale to use it", guidance, adapter.family)
     _check_work(adapter, bounds, batch, height, width, num_frames, int(steps), schedule)
     from .parallel import resolve_parallel
 

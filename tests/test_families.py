@@ -197,3 +197,57 @@ def test_contract_onnx_backend_equals_eager_or_is_refused_up_front(any_family):
     from ralu_runtime.compile import uncompile_adapter
 
     uncompile_adapter(pipe)
+
+
+@pytest.mark.parametrize("guidance", [0.0, 0.5, 1.0, 1.5, 4.0])
+def test_contract_cfg_rule_is_the_pipelines(any_family, guidance):
+    """adapter.runs_cfg (which encode_prompt, prepare's ignored-negative warning and the serving engine's token
+    count all use) decides as the model's diffusers pipeline: its ``do_classifier_free_guidance`` property, the
+    guider (HunyuanVideo 1.5), true CFG with a negative prompt (Qwen-Image), none (FLUX.1, FLUX.2 dev)."""
+    name, pipe, _embeds, _size = any_family
+    adapter = get_adapter(pipe)
+    for negative in (False, True):
+        if name == "tiny-hunyuan-video15":
+            old = pipe.guider.guidance_scale
+            pipe.guider.guidance_scale = guidance
+            try:
+                want = pipe.guider._is_cfg_enabled()
+                got = adapter.runs_cfg(guidance, negative)
+            finally:
+                pipe.guider.guidance_scale = old
+        elif name == "tiny-qwen-image":  # QwenImagePipeline: do_true_cfg = true_cfg_scale > 1 and has_neg_prompt
+            want, got = guidance > 1 and negative, adapter.runs_cfg(guidance, negative)
+        elif hasattr(type(pipe), "do_classifier_free_guidance"):
+            had = pipe.__dict__.get("_guidance_scale", None)
+            pipe._guidance_scale = guidance
+            try:
+                want = bool(pipe.do_classifier_free_guidance)
+            finally:
+                if had is None:
+                    del pipe._guidance_scale
+                else:
+                    pipe._guidance_scale = had
+            got = adapter.runs_cfg(guidance, negative)
+        else:
+            want, got = False, adapter.runs_cfg(guidance, negative)
+        assert got == want, (name, guidance, negative)
+
+
+def test_a_negative_prompt_without_guidance_is_said_to_be_ignored(caplog):
+    """A negative prompt changes nothing where the family runs no CFG at that scale (SD3 at guidance 1; Qwen-Image
+    runs true CFG above 1 only): prepare says so instead of dropping it silently; where it counts, no warning."""
+    from ralu_runtime import prepare
+    from ralu_runtime.tiny import build_tiny
+    from ralu_runtime.tiny.qwen_image import random_embeds as qwen_embeds
+    from ralu_runtime.tiny.sd3 import random_embeds as sd3_embeds
+
+    sd3, qwen = build_tiny("tiny-sd3", seed=0), build_tiny("tiny-qwen-image", seed=0)
+    with caplog.at_level("WARNING", logger="ralu"):
+        prepare(sd3, guidance_scale=1.0, **SIZE, **sd3_embeds(sd3, 1, 8, seed=1, cfg=True))
+        prepare(sd3, guidance_scale=4.0, **SIZE, **sd3_embeds(sd3, 1, 8, seed=1, cfg=True))
+        prepare(sd3, guidance_scale=1.0, **SIZE, **sd3_embeds(sd3, 1, 8, seed=1, cfg=False))
+        prepare(qwen, guidance_scale=1.0, **SIZE, **qwen_embeds(qwen, 1, 8, seed=1, cfg=True))
+        prepare(qwen, guidance_scale=4.0, **SIZE, **qwen_embeds(qwen, 1, 8, seed=1, cfg=True))
+    lines = [r.getMessage() for r in caplog.records if r.name == "ralu"]
+    assert lines == [f"the negative prompt is ignored: at guidance_scale=1 {fam} runs no classifier-free guidance "
+                     "(as its diffusers pipeline); raise guidance_scale to use it" for fam in ("sd3", "qwen-image")]

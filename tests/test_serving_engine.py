@@ -153,6 +153,25 @@ def test_token_budget_bounds_every_multi_request_call(flux):
     assert m["batch_requests"]["counts"][0] == m["batch_requests"]["count"] == m["model_calls"] == 6
 
 
+def test_request_tokens_count_cfg_rows_only_where_the_family_runs_cfg():
+    """A request's budgeted tokens double only where its call runs CFG (adapter.runs_cfg): Qwen-Image runs true CFG
+    with a negative prompt only, Z-Image at any guidance above 0; each request's count is its largest model call's."""
+    from ralu_runtime.tiny.qwen_image import random_embeds as qwen_embeds
+    from ralu_runtime.tiny.z_image import random_embeds as z_embeds
+
+    size = dict(height=64, width=96, speedup=None, num_inference_steps=2)   # 4 x 6 image tokens
+    for name, embeds, cases in (("tiny-qwen-image", qwen_embeds, ((4.0, False, 24), (4.0, True, 48), (1.0, True, 24))),
+                                ("tiny-z-image", z_embeds, ((0.5, True, 48), (0.0, True, 24)))):
+        pipe = build_tiny(name)
+        with Engine(pipe, EngineConfig(gather_timeout_s=0.01), output_type="latent") as eng:
+            for guidance, cfg, want in cases:  # one at a time: each model call is this request's alone
+                before = eng.metrics()["batch_tokens"]["sum"]
+                h = eng.submit(seed=0, guidance_scale=guidance, **size, **embeds(pipe, 1, 8, seed=1, cfg=cfg))
+                h.result(timeout=300)
+                ran = eng.metrics()["batch_tokens"]["sum"] - before   # the tokens its 2 model calls processed
+                assert (h.tokens, ran) == (want, 2 * want), (name, guidance, cfg)
+
+
 def test_engine_leaves_the_pipeline_as_found(flux):
     before = {k: v.clone() for k, v in flux.transformer.state_dict().items()}
     procs = dict(flux.transformer.attn_processors)

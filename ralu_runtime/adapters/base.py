@@ -417,6 +417,13 @@ class DiTAdapter(ABC):
         warning when a call gives one above 1, as the model's diffusers pipeline does."""
         return None
 
+    def runs_cfg(self, guidance_scale: float, negative: bool) -> bool:
+        """Whether a call with this ``guidance_scale`` (and ``negative``: a negative prompt or its embeddings given)
+        runs classifier-free guidance, i.e. two velocity rows per image and a negative prompt that counts; the rule
+        of the model's diffusers pipeline (here: ``guidance_scale > 1`` on a family with negative prompts).
+        ``encode_prompt`` decides with it, ``prepare`` warns with it and the serving engine sizes work with it."""
+        return self.supports_negative_prompt and guidance_scale > 1
+
     def max_latent_frames(self) -> int | None:
         """Video: the most latent frames the model's position tables cover (None: no fixed limit known)."""
         return None

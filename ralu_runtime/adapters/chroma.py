@@ -202,7 +202,7 @@ class ChromaAdapter(DiTAdapter):
         match, else as two passes."""
         if pooled_prompt_embeds is not None or negative_pooled_prompt_embeds is not None:
             raise ValueError("Chroma takes no pooled text embedding")
-        cfg = guidance_scale > 1
+        cfg = self.runs_cfg(guidance_scale, negative_prompt is not None or negative_prompt_embeds is not None)
         n = num_images_per_prompt
         msl = max_sequence_length or 512
         dev = self.device

@@ -261,7 +261,7 @@ class Flux2Adapter(DiTAdapter):
         msl = max_sequence_length or 512
         embeds = self._encode(prompt, prompt_embeds, num_images_per_prompt, msl)
         b = embeds.shape[0]
-        cfg = self.supports_negative_prompt and guidance_scale > 1
+        cfg = self.runs_cfg(guidance_scale, negative)
         neg = None
         if cfg:
             if negative_prompt_embeds is not None:

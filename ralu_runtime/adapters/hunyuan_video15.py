@@ -150,6 +150,12 @@ class HunyuanVideo15Adapter(DoubleStreamAdapter):
             return float(guider.guidance_scale)
         return self.default_guidance
 
+    def runs_cfg(self, guidance_scale: float, negative: bool) -> bool:
+        """As the guider decides: off when it is disabled or the scale is 1 (0 in the original formulation)."""
+        guider = self.pipe.guider
+        orig = bool(getattr(guider, "use_original_formulation", False))
+        return bool(getattr(guider, "_enabled", True)) and not math.isclose(guidance_scale, 0.0 if orig else 1.0)
+
     # ---- checks and geometry -------------------------------------------------------------------------------
     def check_supported(self) -> None:
         tr = self.transformer
@@ -277,7 +283,7 @@ class HunyuanVideo15Adapter(DoubleStreamAdapter):
                            prompt_embeds_mask_2, n)
         guider = self.pipe.guider
         orig = bool(getattr(guider, "use_original_formulation", False))
-        cfg = bool(getattr(guider, "_enabled", True)) and not math.isclose(guidance_scale, 0.0 if orig else 1.0)
+        cfg = self.runs_cfg(guidance_scale, negative_prompt is not None or negative_prompt_embeds is not None)
         rows = [pos]
         if cfg:
             if negative_prompt is not None:

@@ -149,6 +149,11 @@ class QwenImageAdapter(DoubleStreamAdapter):
     max_side_px = FAMILIES["qwen-image"].max_side_px  # 65536 fine tokens; Qwen-Image is trained up to about 1.8 MP
     default_max_sequence_length = 512  # QwenImagePipeline.__call__'s default
 
+    def runs_cfg(self, guidance_scale: float, negative: bool) -> bool:
+        """QwenImagePipeline's true CFG: ``guidance_scale > 1`` (its ``true_cfg_scale``) and a negative prompt given;
+        without one it runs a single pass."""
+        return guidance_scale > 1 and negative
+
     def __init__(self, pipe, *, weak: bool = False):
         super().__init__(pipe, weak=weak)
         self.transformer = pipe.transformer
@@ -212,7 +217,7 @@ class QwenImageAdapter(DoubleStreamAdapter):
         n = num_images_per_prompt
         pe, pm = self._embed(prompt, prompt_embeds, prompt_embeds_mask, n, max_len)
         b = pe.shape[0]
-        cfg = guidance_scale > 1 and (negative_prompt is not None or negative_prompt_embeds is not None)
+        cfg = self.runs_cfg(guidance_scale, negative_prompt is not None or negative_prompt_embeds is not None)
         if not cfg:
             return Conditioning(b, {"embeds": pe, "mask": pm, "cfg": False, "guidance_scale": float(guidance_scale)})
         if negative_prompt is not None:

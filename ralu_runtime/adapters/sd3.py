@@ -311,7 +311,7 @@ class SD3Adapter(DiTAdapter):
         (``slg``: a :class:`SkipLayerGuidance` or None; ``slg_shift``: the scheduler's shift)."""
         if prompt_embeds is not None and pooled_prompt_embeds is None:
             raise ValueError("SD3 needs pooled_prompt_embeds together with prompt_embeds")
-        cfg = guidance_scale > 1
+        cfg = self.runs_cfg(guidance_scale, negative_prompt is not None or negative_prompt_embeds is not None)
         if prompt_embeds is not None and num_images_per_prompt > 1:
             # diffusers repeats encoded text per image but returns given embeddings as they are: repeat them here
             # (prompt-major, like its own repeat), so num_images_per_prompt means the same for both

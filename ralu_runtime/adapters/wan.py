@@ -389,7 +389,7 @@ class WanAdapter(DiTAdapter):
             raise ValueError("Wan takes no pooled text embedding")
         if prompt_embeds_mask is not None or negative_prompt_embeds_mask is not None:
             raise ValueError("Wan takes no text-token mask")
-        cfg = guidance_scale > 1.0
+        cfg = self.runs_cfg(guidance_scale, negative_prompt is not None or negative_prompt_embeds is not None)
         n = num_images_per_prompt
         max_len = max_sequence_length or self.default_max_sequence_length
         if prompt_embeds is not None and n > 1:

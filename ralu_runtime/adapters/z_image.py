@@ -161,6 +161,10 @@ class ZImageAdapter(DiTAdapter):
     cfg_truncation: float | None = 1.0   # ZImagePipeline.__call__ defaults (not generate arguments)
     cfg_normalization: float | bool = False
 
+    def runs_cfg(self, guidance_scale: float, negative: bool) -> bool:
+        """ZImagePipeline's rule: guidance at any ``guidance_scale > 0`` (the negative prompt defaults to empty)."""
+        return guidance_scale > 0
+
     def __init__(self, pipe, *, weak: bool = False):
         super().__init__(pipe, weak=weak)
         self.transformer = pipe.transformer
@@ -216,7 +220,7 @@ class ZImageAdapter(DiTAdapter):
         ``guidance_scale``."""
         if pooled_prompt_embeds is not None or negative_pooled_prompt_embeds is not None:
             raise ValueError("Z-Image takes no pooled text embedding")
-        cfg = guidance_scale > 0  # ZImagePipeline.do_classifier_free_guidance
+        cfg = self.runs_cfg(guidance_scale, negative_prompt is not None or negative_prompt_embeds is not None)
         if prompt_embeds is not None:
             pos = self._embeds_list(prompt_embeds, prompt_embeds_mask)
             neg = []

@@ -394,7 +394,8 @@ class Engine:
         frames = 1
         if plan.num_frames is not None:
             frames = 1 + (plan.num_frames - 1) // a.temporal_factor
-        cfg = 2 if getattr(a, "supports_negative_prompt", False) and plan.guidance > 1 else 1
+        negative = plan.negative_prompt is not None or plan.negative_prompt_embeds is not None
+        cfg = 2 if a.runs_cfg(plan.guidance, negative) else 1
         return plan.batch * frames * (plan.height // (p * f)) * (plan.width // (p * f)) * cfg
 
     def _cancelled(self, req: RequestHandle) -> None:
