@@ -91,13 +91,13 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--guidance", metavar="SCALE", type=float, default=None,
                    help="guidance scale (default: the model's)")
     g.add_argument("--seed", metavar="N", type=int, default=0, help="random seed: same seed, same image (default 0)")
-    g.add_argument("--noise", choices=("reference", "exact"), default="reference",
+    g.add_argument("--noise", choices=("reference", "exact"), default=None,
                    help="transition noise: the reference implementation's (default) or exact marginal variance")
     g.add_argument("--solver", choices=SOLVER_NAMES, default="euler",
                    help="ODE solver within the stages (default euler, as the paper)")
-    g.add_argument("--edge-detector", choices=("opencv", "gpu"), default="opencv",
+    g.add_argument("--edge-detector", choices=("opencv", "gpu"), default=None,
                    help="Canny for the region choice: OpenCV on the CPU (default) or ralu's on-device one")
-    g.add_argument("--region-source", choices=("decode", "latent"), default="decode",
+    g.add_argument("--region-source", choices=("decode", "latent"), default=None,
                    help="regions from Canny on the VAE-decoded stage-1 preview (decode, default) or from the latents' "
                         "gradients (latent: no preview decode, cheaper for video VAEs)")
     g.add_argument("--device", metavar="DEVICE", default=None,
@@ -382,6 +382,8 @@ def _check_device(device: str | None, dtype: str | None) -> tuple[str, str]:
             raise UsageError(f"--device {name!r}: only {torch.cuda.device_count()} CUDA device(s) are visible")
     elif dev.type != "cpu":
         raise UsageError(f"--device {name!r} is not supported: use cpu, cuda or cuda:N")
+    elif dev.index not in (None, 0):  # torch takes cpu:N but runs every index on the one CPU device
+        raise UsageError(f"--device {name!r}: there is one CPU device; use cpu")
     return name, dtype or ("bfloat16" if dev.type == "cuda" else "float32")
 
 
@@ -451,9 +453,13 @@ def check_generate(args) -> GeneratePlan:
     _check_int("--max-sequence-length", args.max_sequence_length, 1, MAX_SEQUENCE_LENGTH)
     out = _check_output("--out", args.out, video)
     mask_out = None
+    if args.speedup is None:  # flags of RALU's transitions and region choice: nothing to apply them to
+        for flag, value in (("--mask-out", args.mask_out), ("--noise", args.noise),
+                            ("--edge-detector", args.edge_detector), ("--region-source", args.region_source),
+                            ("--regions", args.regions)):
+            if value is not None:
+                raise UsageError(f"{flag} needs a RALU run: --speedup none upsamples no regions")
     if args.mask_out is not None:
-        if args.speedup is None:
-            raise UsageError("--mask-out needs a RALU run: --speedup none upsamples no regions")
         mask_out = _check_output("--mask-out", args.mask_out, video)
         if os.path.abspath(mask_out) == os.path.abspath(out):
             raise UsageError(f"--mask-out {args.mask_out!r} is the same file as --out")
@@ -874,6 +880,12 @@ def check_edit(args) -> tuple[GeneratePlan, dict]:
     """Check every ``ralu edit`` argument (those of generate, the files, --strength), before any model is built or
     loaded; returns the plan and the editing arguments of ``generate`` (PIL images, strength)."""
     plan = check_generate(args)
+    for flag, path in (("--image", args.image), ("--mask", args.mask), ("--control-image", args.control_image)):
+        for out_flag, out in (("--out", plan.out), ("--mask-out", plan.mask_out)):
+            if path is not None and out is not None and os.path.exists(path) and os.path.exists(out) \
+                    and os.path.samefile(path, out):
+                raise UsageError(f"{out_flag} {out!r} is the {flag} file: the edit would overwrite its own input; "
+                                 "give another output name")
     if plan.family not in EDIT_FAMILIES:
         raise UsageError(f"ralu edit runs FLUX.1, SD3, Chroma, Z-Image and Qwen-Image models; {args.model} is "
                          f"{plan.family}")
@@ -944,8 +956,9 @@ def cmd_generate(args, edit_plan: tuple | None = None) -> int:
     pipe = _load(plan)
     load_s = time.perf_counter() - t0
     kwargs = dict(height=plan.height, width=plan.width, speedup=plan.speedup, num_inference_steps=args.steps,
-                  guidance_scale=args.guidance, noise=args.noise, solver=args.solver,
-                  edge_detector=args.edge_detector, cache=args.cache, region_source=args.region_source)
+                  guidance_scale=args.guidance, noise=args.noise or "reference", solver=args.solver,
+                  edge_detector=args.edge_detector or "opencv", cache=args.cache,
+                  region_source=args.region_source or "decode")
     if plan.num_frames is not None:
         kwargs.update(num_frames=plan.num_frames, region_mode=plan.regions)
     compile_s = None

@@ -106,6 +106,11 @@ BAD = [
     (["--mask-out", "ralu.png"], "same file"),
     (["--mask-out", "missing/m.png"], "missing"),
     (["--device", "tpu"], "'tpu'"),
+    (["--device", "cpu:1"], "--device 'cpu:1': there is one CPU device; use cpu"),
+    (["--speedup", "none", "--edge-detector", "gpu"], "--edge-detector needs a RALU run"),   # were ignored
+    (["--speedup", "none", "--noise", "exact"], "--noise needs a RALU run"),
+    (["--speedup", "none", "--region-source", "latent"], "--region-source needs a RALU run"),
+    (["--model", "tiny-wan", "--speedup", "none", "--regions", "clip"], "--regions needs a RALU run"),
     (["--guidance", "inf"], "--guidance inf"),
     (["--guidance", "-1"], "--guidance -1.0 is not allowed: need a number in [0, 100]"),
     (["--precision", "fp16"], "--precision fp16 but the model runs in float32 (--dtype)"),   # was after the build
@@ -422,6 +427,7 @@ SERVE_BAD = [
     (["--max-upload-pixels", "0"], "--max-upload-pixels 0"),
     (["--host", " "], "--host"),
     (["--device", "tpu"], "'tpu'"),
+    (["--device", "cpu:2"], "there is one CPU device"),
     (["--model", "no/such/folder"], "model folder not found"),
 ]
 
@@ -493,3 +499,23 @@ def test_the_cli_work_estimate_counts_tokens_as_the_adapters_do():
         frames = 3 if adapter.is_video else 1
         assert adapter.temporal_factor == FAMILIES[tiny.family].temporal_factor, name
         assert adapter.fine_tokens(96, 160, frames) == frames * (96 // cli.TOKEN_PX) * (160 // cli.TOKEN_PX)
+
+
+@pytest.mark.parametrize("out_args,flag", [(["--out", "{tmp}/in.png"], "--out"),
+                                           (["--out", "o.png", "--mask-out", "{tmp}/./mask.png"], "--mask-out"),
+                                           (["--out", "{tmp}/link.png"], "--out")])
+def test_edit_refuses_to_write_over_its_own_input(workdir, capsys, out_args, flag):
+    """``ralu edit --out`` naming the --image (or --mask) file, by any path or link, was written over: the input
+    was lost. Refused before loading, the input left as it was."""
+    from PIL import Image
+
+    Image.new("RGB", (64, 64), (10, 200, 30)).save(workdir / "in.png")
+    Image.new("L", (64, 64), 255).save(workdir / "mask.png")
+    (workdir / "link.png").symlink_to(workdir / "in.png")
+    before = (workdir / "in.png").read_bytes(), (workdir / "mask.png").read_bytes()
+    args = [a.replace("{tmp}", str(workdir)) for a in out_args]
+    assert cli.main(["edit", "--no-progress", "--image", str(workdir / "in.png"), "--mask", str(workdir / "mask.png"),
+                     "--strength", "1.0", "--height", "64", "--width", "64", *args]) == 2
+    line = error_line(capsys.readouterr().err)
+    assert f"{flag} " in line and "would overwrite its own input" in line
+    assert ((workdir / "in.png").read_bytes(), (workdir / "mask.png").read_bytes()) == before
