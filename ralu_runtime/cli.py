@@ -311,6 +311,9 @@ def _check_int(flag: str, value, lo: int, hi: int) -> None:
         raise UsageError(f"{flag} {value} is not allowed: need an integer in [{lo}, {hi}]")
 
 
+ICON_FORMATS = ("ICO", "ICNS")  # Pillow writes these resampled to icon sizes: the file would not be the image
+
+
 def _image_format(path: str) -> str:
     """Pillow's format name for ``path``'s extension (UsageError when Pillow cannot write it)."""
     import io
@@ -322,6 +325,9 @@ def _image_format(path: str) -> str:
     if fmt is None or fmt not in Image.SAVE:
         what = f"unknown image extension {ext!r}" if ext else "no file extension"
         raise UsageError(f"{what}: use {COMMON_EXTENSIONS} (or another extension Pillow can write)")
+    if fmt in ICON_FORMATS:
+        raise UsageError(f"{ext!r} writes an icon ({fmt}): Pillow resamples the image to fixed icon sizes (at most "
+                         f"256 px, or a 1024 px square), not the image ralu made; use {COMMON_EXTENSIONS}")
     try:
         Image.new("RGB", (1, 1)).save(io.BytesIO(), format=fmt)
     except Exception as exc:  # noqa: BLE001 - e.g. a plugin without its codec

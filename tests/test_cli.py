@@ -100,6 +100,8 @@ BAD = [
     (["--out", "missing/x.png"], "missing"),
     (["--out", "x.xyz"], "'.xyz'"),
     (["--out", "noext"], "no file extension"),
+    (["--out", "x.ico"], "'.ico' writes an icon (ICO)"),     # was written downscaled to 256 px
+    (["--out", "x.icns"], "'.icns' writes an icon (ICNS)"),  # was written stretched to a 1024 px square
     (["--out", "dir.png"], "is a folder"),
     (["--out", "fifo.png"], "exists and is not a regular file"),      # opening a FIFO blocked for good
     (["--speedup", "none", "--mask-out", "m.png"], "--mask-out"),
