@@ -74,6 +74,9 @@ def build_parser() -> argparse.ArgumentParser:
                         f"{', '.join(TINY_MODELS)} (default tiny-flux)")
     g.add_argument("--prompt", metavar="TEXT", default="a photograph of a red fox in the snow",
                    help="the text prompt (default: a red fox in the snow)")
+    g.add_argument("--negative-prompt", metavar="TEXT", default=None,
+                   help="what to steer away from, for models with classifier-free guidance (SD3, FLUX.2 klein base, "
+                        "Qwen-Image, Z-Image, Chroma, Wan, HunyuanVideo 1.5); used where the guidance scale runs it")
     g.add_argument("--height", metavar="PX", type=int, default=None,
                    help=f"pixels, a multiple of {COARSE_BLOCK_PX} (default {TINY_SIZE} for tiny models, "
                         "else the pipeline's: 1024 for images, 480 x 832 for video)")
@@ -294,6 +297,20 @@ def _model_family(model: str) -> tuple[str, tuple[int, int], int | None]:
     return fam.name, fam.default_hw, cap
 
 
+# families whose pipelines run classifier-free guidance with a negative prompt (FLUX.2: klein base only)
+CFG_FAMILIES = ("sd3", "qwen-image", "z-image", "chroma", "wan", "hunyuan-video-1.5")
+
+
+def _takes_negative_prompt(model: str, family: str) -> bool:
+    """Whether ``--model`` takes a negative prompt (its adapter's ``supports_negative_prompt``), read without
+    loading it: a CFG family, or a FLUX.2 klein base folder (``Flux2KleinPipeline``, not step-distilled)."""
+    if family in CFG_FAMILIES:
+        return True
+    if family != "flux2" or model in _TINY:  # tiny-flux2 is a FLUX.2-dev: a guidance embedding
+        return False
+    return _read_json(Path(model).expanduser() / "model_index.json").get("_class_name") == "Flux2KleinPipeline"
+
+
 def _read_json(path: Path, missing_ok: bool = False) -> dict:
     if missing_ok and not path.is_file():
         return {}
@@ -452,6 +469,10 @@ def check_generate(args) -> GeneratePlan:
             raise UsageError(f"--steps {args.steps} applies to --speedup none only (a RALU preset fixes its own "
                              "steps)")
         _check_int("--steps", args.steps, 1, MAX_STEPS)
+    if args.negative_prompt is not None and not _takes_negative_prompt(args.model, family):
+        raise UsageError(f"--negative-prompt: {args.model} ({family}) runs no classifier-free guidance (a guidance "
+                         f"embedding or a step-distilled model); families that take one: {', '.join(CFG_FAMILIES)} "
+                         "and FLUX.2 klein base")
     if args.guidance is not None and not 0.0 <= args.guidance <= MAX_GUIDANCE_SCALE:
         raise UsageError(f"--guidance {args.guidance} is not allowed: need a number in "
                          f"[0, {MAX_GUIDANCE_SCALE:g}]")
@@ -976,6 +997,7 @@ def cmd_generate(args, edit_plan: tuple | None = None) -> int:
                compile_options={"precision": args.precision} if args.precision else None)
         compile_s = time.perf_counter() - t0
     out = generate(pipe, args.prompt, **kwargs, **edit, seed=args.seed, output_type="np",
+                   negative_prompt=args.negative_prompt,
                    return_masks=plan.mask_out is not None, max_sequence_length=plan.max_sequence_length,
                    progress=not args.no_progress, backend=args.backend, precision=args.precision)
     image = (np.clip(np.asarray(out.images[0]), 0, 1) * 255).round().astype(np.uint8)  # (H, W, 3) or (T, H, W, 3)

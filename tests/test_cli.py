@@ -5,6 +5,7 @@ import os
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 import ralu_runtime
@@ -108,6 +109,8 @@ BAD = [
     (["--mask-out", "ralu.png"], "same file"),
     (["--mask-out", "missing/m.png"], "missing"),
     (["--device", "tpu"], "'tpu'"),
+    (["--negative-prompt", "blurry"], "--negative-prompt: tiny-flux (flux) runs no classifier-free guidance"),
+    (["--model", "tiny-flux2-klein", "--negative-prompt", "x"], "tiny-flux2-klein (flux2-klein) runs no"),
     (["--device", "cpu:1"], "--device 'cpu:1': there is one CPU device; use cpu"),
     (["--speedup", "none", "--edge-detector", "gpu"], "--edge-detector needs a RALU run"),   # were ignored
     (["--speedup", "none", "--noise", "exact"], "--noise needs a RALU run"),
@@ -246,6 +249,27 @@ def test_generate_prints_resolved_preset_and_writes_both(tmp_path, capsys):
     assert Image.open(out).size == (96, 64) and Image.open(out).format == "JPEG"
     assert Image.open(mask).size == (96, 64) and Image.open(mask).format == "WEBP"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["img.jpg", "mask.webp"]
+
+
+def test_negative_prompt_steers_where_cfg_runs_and_is_said_ignored_where_not(tmp_path, capsys, caplog):
+    """--negative-prompt reaches generate: SD3 at its CFG guidance writes another image than without it; at
+    --guidance 1 (no CFG, as StableDiffusion3Pipeline) the same image as without, and a warning says it was ignored."""
+    from PIL import Image
+
+    def run(name, *extra):
+        out = tmp_path / f"{name}.png"
+        assert cli.main(["generate", "--model", "tiny-sd3", "--height", "64", "--width", "64", "--speedup", "none",
+                         "--steps", "2", "--no-progress", "--out", str(out), *extra]) == 0
+        return np.asarray(Image.open(out))
+
+    plain, negative = run("plain"), run("neg", "--negative-prompt", "blurry, low quality")
+    assert np.abs(plain.astype(int) - negative.astype(int)).max() > 0
+    with caplog.at_level("WARNING", logger="ralu"):
+        g1, g1_negative = run("g1", "--guidance", "1"), run("g1neg", "--guidance", "1", "--negative-prompt", "blurry")
+    assert np.array_equal(g1, g1_negative)
+    assert [r.getMessage() for r in caplog.records if r.name == "ralu"] == [
+        "the negative prompt is ignored: at guidance_scale=1 sd3 runs no classifier-free guidance (as its diffusers "
+        "pipeline); raise guidance_scale to use it"]
 
 
 def test_compiled_backend_has_a_compile_row(tmp_path, monkeypatch, capsys):
