@@ -994,6 +994,7 @@ def cmd_generate(args, edit_plan: tuple | None = None) -> int:
 
         t0 = time.perf_counter()
         warmup(pipe, backend=args.backend, text_len=plan.text_len, runs=1, **kwargs,
+               negative_prompt=args.negative_prompt is not None,
                compile_options={"precision": args.precision} if args.precision else None)
         compile_s = time.perf_counter() - t0
     out = generate(pipe, args.prompt, **kwargs, **edit, seed=args.seed, output_type="np",

@@ -14,14 +14,16 @@ from .compile import StageRunner, compile_stats, ensure_backend
 
 
 def warmup(pipe, height: int = 1024, width: int = 1024, speedup="default", batch: int = 1, *,
-           backend: str | None = None, text_len: int | None = None, runs: int = 2,
+           backend: str | None = None, text_len: int | None = None, runs: int = 2, negative_prompt: bool = False,
            **generate_kwargs) -> dict:
     """Build every compiled graph a ``generate(pipe, height, width, speedup, batch)`` call needs, ahead of
     traffic, with zero prompt embeddings of ``text_len`` tokens (default: the adapter's ``default_text_len``, the
     length its pipeline pads prompts to: 512 for FLUX, 77 + 256 for SD3). ``backend``: install that backend first (options in ``generate_kwargs``'s
     ``compile_options``). Returns ``{"first_s", "warm_s", "compile_s", "stages": {name: {first_s, warm_s,
     compile_s}}, "builds": [...], "graphs_compiled": n}``: wall seconds of the first (compiling) run and of a
-    second one, per stage, and the graphs torch._dynamo compiled. The compiling run, like any ``generate`` call that
+    second one, per stage, and the graphs torch._dynamo compiled. ``negative_prompt``: whether the calls to warm up
+    for give a negative prompt; the warm-up runs classifier-free guidance where such a call would
+    (``adapter.runs_cfg``: SD3 at guidance above 1 with or without one, Qwen-Image only with one). The compiling run, like any ``generate`` call that
     compiled, ends with a full garbage collection (:mod:`ralu_runtime.heap`)."""
     adapter = get_adapter(pipe)
     opts = generate_kwargs.pop("compile_options", None) or {}
@@ -29,7 +31,9 @@ def warmup(pipe, height: int = 1024, width: int = 1024, speedup="default", batch
         ensure_backend(adapter, backend, **opts)
     runner = adapter.runner
     n_builds = len(runner.builds) if isinstance(runner, StageRunner) else 0
-    emb = adapter.dummy_embeds(batch, text_len)
+    guidance = generate_kwargs.get("guidance_scale")
+    guidance = adapter.guidance_default() if guidance is None else float(guidance)
+    emb = adapter.dummy_embeds(batch, text_len, negative=adapter.runs_cfg(guidance, bool(negative_prompt)))
     before = compile_stats()["unique_graphs"]
     runs_out = []
     for i in range(max(1, runs)):

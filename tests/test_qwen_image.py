@@ -217,6 +217,24 @@ def test_inductor_matches_eager_without_new_graphs():
                                               output_type="latent", progress=False).images, rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.slow
+@torch.no_grad()
+def test_warmup_builds_the_graphs_of_calls_with_and_without_a_negative_prompt():
+    """Qwen-Image runs true CFG only with a negative prompt: a warm-up always ran CFG (negative dummy embeddings),
+    so the first call without one, the common case, compiled a new graph. warmup(negative_prompt=...) warms the
+    path that call takes."""
+    from ralu_runtime.compile import compile_stats
+    from ralu_runtime.warmup import warmup
+
+    p = build_tiny_qwen_image_pipeline(seed=3)
+    kw = dict(height=64, width=64, seed=1, output_type="latent", progress=False)
+    for negative in (False, True):
+        warmup(p, 64, 64, backend="inductor", text_len=8, runs=1, negative_prompt=negative)
+        graphs = compile_stats()["unique_graphs"]
+        generate(p, **random_embeds(p, 1, 8, seed=1, cfg=negative), **kw)
+        assert compile_stats()["unique_graphs"] == graphs, f"negative_prompt={negative}: the call compiled anew"
+
+
 # ------------------------------------------------------------------------------------- safety and refusals
 def _plain(p, emb):
     return p(**emb, height=64, width=96, num_inference_steps=2, generator=_gens(4), output_type="latent").images

@@ -542,10 +542,12 @@ class DiTAdapter(ABC):
         None means the model takes no pooled embedding (``pooled_prompt_embeds`` must then not be given)."""
         return None
 
-    def dummy_embeds(self, batch: int, text_len: int | None = None, *, device=None, dtype=None) -> dict:
+    def dummy_embeds(self, batch: int, text_len: int | None = None, *, device=None, dtype=None,
+                     negative: bool | None = None) -> dict:
         """Zero prompt embeddings (``generate`` keyword arguments) of ``text_len`` tokens (default
         :attr:`default_text_len`) for ``batch`` prompts: the pooled ones where the model takes them, the negative ones
-        where it does classifier-free guidance. For warm-ups and benchmarks, where the values do not matter."""
+        where it does classifier-free guidance (``negative``: give them or not; None: where the family takes
+        them). For warm-ups and benchmarks, where the values do not matter."""
         dims = self.embed_dims()
         if dims is None:
             raise NotImplementedError(f"{type(self).__name__} does not state its embedding sizes (embed_dims)")
@@ -555,7 +557,7 @@ class DiTAdapter(ABC):
         out = {"prompt_embeds": torch.zeros(batch, n, joint, **z)}
         if pooled is not None:
             out["pooled_prompt_embeds"] = torch.zeros(batch, pooled, **z)
-        if self.supports_negative_prompt:
+        if self.supports_negative_prompt if negative is None else negative:
             out["negative_prompt_embeds"] = torch.zeros(batch, n, joint, **z)
             if pooled is not None:
                 out["negative_pooled_prompt_embeds"] = torch.zeros(batch, pooled, **z)

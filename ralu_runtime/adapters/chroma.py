@@ -160,11 +160,14 @@ class ChromaAdapter(DiTAdapter):
     def embed_dims(self) -> tuple[int, None]:
         return int(self.transformer.config.joint_attention_dim), None
 
-    def dummy_embeds(self, batch: int, text_len: int | None = None, *, device=None, dtype=None) -> dict:
+    def dummy_embeds(self, batch: int, text_len: int | None = None, *, device=None, dtype=None,
+                     negative: bool | None = None) -> dict:
         """The base's zero embeddings plus all-ones text masks in the embeddings' dtype: prompts always come with a
         mask (float, like the pipeline's own T5 mask), so a warm-up compiles the graphs real calls use."""
-        out = super().dummy_embeds(batch, text_len, device=device, dtype=dtype)
+        out = super().dummy_embeds(batch, text_len, device=device, dtype=dtype, negative=negative)
         for key in ("prompt_embeds", "negative_prompt_embeds"):
+            if key not in out:
+                continue
             e = out[key]
             out[key + "_mask"] = torch.ones(e.shape[:2], device=e.device, dtype=e.dtype)
         return out
