@@ -6,8 +6,9 @@ Two limits (:class:`Limits`), both with a default that a caller raises on purpos
 * ``max_token_steps``: latent tokens x model calls summed over the call, for all its images: a baseline makes
   ``steps`` calls on the full token grid, a RALU schedule ``N1`` calls on a quarter of it, ``N2`` on the quarter
   plus the upsampled regions and ``N3`` on the full grid; video tokens count every latent frame (default
-  ``2**24 = 16 777 216``: e.g. 4 images at 4096 x 4096 with FLUX.1 and 28 steps, or 16 at 1024 x 1024 with 50
-  steps; classifier-free guidance's doubled batch and the text tokens are not counted).
+  ``2**24 = 16 777 216``: e.g. at most 9 FLUX.1 images at 4096 x 4096 with 28 steps (65 536 tokens each), while at
+  1024 x 1024 with 50 steps ``max_images`` binds first; classifier-free guidance's doubled batch and the text tokens
+  are not counted).
 
 The process-wide defaults are :data:`LIMITS`; :func:`set_limits` changes them (e.g. for a server's flags), and
 ``generate(..., limits=Limits(...))`` / ``limits={"max_images": 256}`` sets them for one call; the serving engine
