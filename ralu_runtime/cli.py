@@ -149,11 +149,13 @@ def build_parser() -> argparse.ArgumentParser:
                         "pixels) instead of resizing it to the preferred Kontext resolution of its aspect ratio")
     e.add_argument("--strength", metavar="S", type=float, default=None,
                    help="0 < S <= 1: how much of the schedule is re-run from the noised image (default: the "
-                        "pipeline's 0.6)")
+                        "editing pipeline's own: 0.6 for most, 0.9 for Chroma img2img, 1.0 for Z-Image inpainting "
+                        "and FLUX.1 Fill)")
     s = sub.add_parser("serve", parents=[common], help="serve an OpenAI-compatible images API (HTTP) over the "
                                                         "continuous-batching engine",
                        description="Serve POST /v1/images/generations (OpenAI images API; JSON, PNG as b64_json), "
-                                   "POST /v1/images/edits (multipart uploads; FLUX.1 and SD3 models), "
+                                   "POST /v1/images/edits (multipart uploads; FLUX.1, SD3, Chroma, Z-Image and "
+                                   "Qwen-Image models, FLUX.1 Fill, control and Kontext), "
                                    "GET /health and GET /metrics (Prometheus) over ralu's serving engine until "
                                    "SIGINT/SIGTERM: then new requests get 503 while running and queued ones finish "
                                    "(--grace seconds). Needs the [serve] extra: pip install -e '.[serve]'.")

@@ -82,6 +82,27 @@ def test_help_names_match_the_registries(flux_pipe, sd3_pipe):
         assert adapter.coarse_block_px == cli.COARSE_BLOCK_PX
 
 
+def test_edit_and_serve_help_name_every_editing_family_and_default_strength():
+    """ralu edit's and ralu serve's descriptions name each family that edits (ralu_runtime.editing), and the
+    --strength help names each editing pipeline's own default strength (the CLI passes none: generate takes it)."""
+    import inspect
+
+    import diffusers
+    from ralu_runtime.editing import EDIT_FAMILIES, EDIT_FAMILY_TABLE
+
+    label = {"flux": "FLUX.1", "flux-schnell": "FLUX.1", "sd3": "SD3", "chroma": "Chroma", "z-image": "Z-Image",
+             "qwen-image": "Qwen-Image"}
+    sub = next(a for a in cli.build_parser()._actions if a.dest == "command").choices
+    for command in ("edit", "serve"):
+        text = " ".join(sub[command].description.split())
+        missing = [f for f in EDIT_FAMILIES if label[f] not in text]
+        assert not missing, f"ralu {command} --help does not name {missing}: {text}"
+    strength = " ".join(next(a for a in sub["edit"]._actions if a.dest == "strength").help.split())
+    classes = {c for row in EDIT_FAMILY_TABLE.values() for c in (row.img2img, row.inpaint)} | {"FluxFillPipeline"}
+    defaults = {inspect.signature(getattr(diffusers, c).__call__).parameters["strength"].default for c in classes}
+    assert all(f"{d:g}" in strength.replace("1.0", "1") for d in defaults), (defaults, strength)
+
+
 # ------------------------------------------------------------------------------------------- bad arguments
 BAD = [
     (["--height", "70"], "--height 70"),
