@@ -2,9 +2,12 @@
 
 Every relative link (and image) points to a file of the repository, and a ``#anchor`` to a heading of that file;
 the README opens with its two commands, the demo and the test command, and the test command is the one ``.ci/run``
-runs. Plain file reads and regular expressions: no network, no model, no torch.
+runs; docs/layout.md's map names every source file; every ``--flag`` the pages give ``ralu <command>`` or a
+benchmark / example script is one that command declares. Plain file reads, regular expressions and the CLI's
+torch-free parser: no network, no model, no torch.
 """
 import ast
+import itertools
 import re
 import shlex
 from pathlib import Path
@@ -174,3 +177,70 @@ def test_demo_command_installs_the_same_torch_and_runs_ralu_generate():
 
     args = cli.build_parser().parse_args(steps[2][1:])
     assert args.command == "generate" and args.model == "tiny-flux" and args.speedup == "default"
+
+
+# ------------------------------------------------------------------------------------------- code map and flags
+def test_layout_names_every_source_file():
+    """docs/layout.md's map names every module of the packages, the CUDA sources and the benchmark scripts."""
+    block = re.search(r"^```\n(ralu_runtime/.*?)^```", (ROOT / "docs" / "layout.md").read_text(encoding="utf-8"),
+                      re.S | re.M).group(1)
+    named = set(re.findall(r"[\w.]+\.(?:py|sh|cu|cuh|h|cpp)\b", block))
+    files = [*(ROOT / "ralu_runtime").rglob("*.py"), *(ROOT / "ralu_kernels").glob("*.py"),
+             *(ROOT / "benchmarks").glob("*.py"), *(ROOT / "benchmarks").glob("*.sh"), *(ROOT / "csrc").glob("*.*")]
+    missing = sorted(str(f.relative_to(ROOT)) for f in files if f.name != "__init__.py" and f.name not in named)
+    assert not missing, f"docs/layout.md does not name {missing}"
+
+
+def _doc_segments(path: Path):
+    """(line number, text) of each code span, and of each line of a fenced block with its indented continuation
+    lines joined to it: where a command and its flags are written."""
+    text = path.read_text(encoding="utf-8")
+    for m in FENCE.finditer(text):
+        first = text.count("\n", 0, m.start()) + 1
+        lines = m.group(0).splitlines()[1:-1]
+        for i, line in enumerate(lines):
+            if line[:1].isspace() and i:
+                continue
+            more = list(itertools.takewhile(lambda s: s[:1].isspace(), lines[i + 1:]))
+            yield first + 1 + i, " ".join([line, *more])
+    for n, line in enumerate(FENCE.sub(lambda m: "\n" * m.group(0).count("\n"), text).splitlines(), 1):
+        for span in re.findall(r"`([^`\n]+)`", line):
+            yield n, span
+
+
+COMMAND = re.compile(r"\bralu (generate|edit|serve|info)\b|python3? -m benchmarks\.(\w+)|"
+                     r"\b(?:benchmarks/|examples/)?(\w+)\.(?:py|sh)\b")
+FLAG = re.compile(r"(?<![\w-])--[a-z][a-z0-9-]*")
+
+
+def _script_flags(name: str) -> set[str] | None:
+    """The --flags a benchmark or example script declares (read from its source: no import, no torch)."""
+    for path in (ROOT / "benchmarks" / f"{name}.py", ROOT / "examples" / f"{name}.py"):
+        if path.is_file():
+            return set(re.findall(r"""add_argument\(\s*["'](--[a-z][a-z0-9-]*)""", path.read_text(encoding="utf-8")))
+    return None
+
+
+def test_every_flag_the_docs_give_a_command_exists():
+    """A `--flag` written after `ralu <command>` is one of that command's options (its argparse parser), and one
+    written after a benchmark or example script (`benchmarks/latency.py`, `python -m benchmarks.gpu_suite`,
+    `gpu_suite.sh`) is declared by that script."""
+    from ralu_runtime import cli  # imports no torch (tests/test_cli.py)
+
+    parser = cli.build_parser()
+    commands = next(a for a in parser._actions if a.dest == "command").choices
+    known = {name: {o for a in p._actions for o in a.option_strings} for name, p in commands.items()}
+    bad, checked = [], 0
+    for page in PAGES:
+        for line, seg in _doc_segments(page):
+            found = list(COMMAND.finditer(seg))
+            for k, m in enumerate(found):
+                tail = seg[m.end():found[k + 1].start() if k + 1 < len(found) else len(seg)]
+                flags = FLAG.findall(tail)
+                allowed = known[m.group(1)] if m.group(1) else _script_flags(m.group(2) or m.group(3))
+                if allowed is None or not flags:
+                    continue
+                checked += len(flags)
+                bad += [f"{page.relative_to(ROOT)}:{line}: {m.group(0)} {f}" for f in flags if f not in allowed]
+    assert checked > 50, checked
+    assert not bad, "flags the commands do not have:\n" + "\n".join(bad)
