@@ -334,6 +334,10 @@ def _validate(adapter: DiTAdapter, *, prompt, prompt_embeds, pooled_prompt_embed
         _check_int("seed", seed, 0, MAX_SEED)
     if max_sequence_length is not None:
         _check_int("max_sequence_length", max_sequence_length, 1, MAX_SEQUENCE_LENGTH)
+        if not adapter.takes_max_sequence_length:
+            raise ValueError(f"max_sequence_length={max_sequence_length} does not apply to "
+                             f"{type(adapter.pipe).__name__}: its pipeline takes no max_sequence_length (prompts are "
+                             "padded to its tokenizers' lengths); leave it out")
     if num_inference_steps is not None:
         if schedule is not None:
             raise ValueError("num_inference_steps applies to speedup=None only; a RALU schedule fixes its own steps")

@@ -518,6 +518,11 @@ def check_generate(args) -> GeneratePlan:
             raise UsageError(f"--precision fp8: {why}")
     msl = args.max_sequence_length or (_TINY[args.model].max_sequence_length if args.model in _TINY else None)
     text_len = None if msl is None else (77 + msl if family == "sd3" else msl)  # SD3: CLIP 77 + T5 tokens
+    if family == "hunyuan-video-1.5":  # its pipeline takes no max_sequence_length (the tokenizers' lengths)
+        if args.max_sequence_length is not None:
+            raise UsageError(f"--max-sequence-length does not apply to {args.model} ({family}): its pipeline pads "
+                             "prompts to its tokenizers' lengths")
+        msl = None
     return GeneratePlan(args.model, family, height, width, args.speedup, device, dtype, msl, text_len, out,
                         mask_out, num_frames, args.regions if video else None)
 

@@ -146,6 +146,7 @@ BAD = [
      "this run's work is 65536000 latent tokens x model calls (65536 tokens, 1000 steps); the limit is "
      "max_token_steps=16777216"),
     (["--max-sequence-length", "0"], "--max-sequence-length 0"),
+    (["--model", "tiny-hunyuan-video15", "--max-sequence-length", "64"], "--max-sequence-length does not apply"),
     (["--seed", "-1"], "--seed -1"),
 ]
 

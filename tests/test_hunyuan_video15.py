@@ -285,6 +285,8 @@ def test_pipeline_left_as_found_and_refusals(monkeypatch):
     p.guider._stop = 1.0
     with pytest.raises(ValueError, match="num_frames"):
         generate(p, **emb, height=H, width=W, num_frames=6, progress=False)
+    with pytest.raises(ValueError, match="max_sequence_length=64 does not apply to HunyuanVideo15Pipeline"):
+        generate(p, "a cat", height=H, width=W, num_frames=5, max_sequence_length=64, progress=False)  # was ignored
     assert not calls
 
 

@@ -365,6 +365,7 @@ class DiTAdapter(ABC):
     max_side_px: int | None = None           # largest height / width in pixels (None: no fixed limit known)
     supports_negative_prompt: bool = False   # classifier-free guidance with negative prompts
     takes_prompt_mask: bool = False          # encode_prompt accepts prompt_embeds_mask (B, T) with prompt_embeds
+    takes_max_sequence_length: bool = True   # the pipeline's text length is generate's max_sequence_length
     is_video: bool = False                   # latents (B, C, F, h, w); generate takes num_frames
     default_frames: int | None = None        # video: the pipeline's default num_frames
     temporal_factor: int = 1                 # video: VAE temporal compression (num_frames = 1 + k * factor)

@@ -130,6 +130,7 @@ class HunyuanVideo15Adapter(DoubleStreamAdapter):
     default_guidance = FAMILIES["hunyuan-video-1.5"].default_guidance  # without a guider (guidance_default)
     default_text_len = FAMILIES["hunyuan-video-1.5"].default_text_len  # Qwen embeddings padded to tokenizer_max_length
     supports_negative_prompt = True
+    takes_max_sequence_length = False  # HunyuanVideo15Pipeline pads to tokenizer_max_length (Qwen) and 256 (byT5)
     takes_prompt_mask = True
     is_video = True
     default_frames = FAMILIES["hunyuan-video-1.5"].default_frames
