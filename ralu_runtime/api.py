@@ -180,9 +180,17 @@ def _is_int(v) -> bool:
     return isinstance(v, numbers.Integral) and not isinstance(v, bool)
 
 
+def _shown(value) -> str:
+    """``repr`` of a scalar; a tensor, array or other object by its type (an error line must not print a tensor)."""
+    if value is None or isinstance(value, (str, bool, int, float)):
+        return repr(value)
+    shape = getattr(value, "shape", None)
+    return f"<{type(value).__name__}{'' if shape is None else ' of shape ' + str(tuple(shape))}>"
+
+
 def _check_choice(name: str, value, allowed) -> None:
     if not isinstance(value, str) or value not in allowed:
-        raise ValueError(f"{name}={value!r} is not allowed; choose one of {tuple(allowed)}")
+        raise ValueError(f"{name}={_shown(value)} is not allowed; choose one of {tuple(allowed)}")
 
 
 def _check_int(name: str, value, lo: int, hi: int | None = None) -> None:

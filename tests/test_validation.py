@@ -72,6 +72,8 @@ BAD = [
     (dict(guidance_scale=1e39), ValueError, "guidance_scale=1e+39 is not allowed: need a number in [0, 100]"),
     (dict(guidance_scale=-5), ValueError, "guidance_scale=-5 is not allowed: need a number in [0, 100]"),
     (dict(edge_detector="sobel"), ValueError, "edge_detector='sobel'"),
+    # a tensor given where a name goes was printed whole in the error line
+    (dict(edge_map=torch.zeros(1, 64, 64)), ValueError, "edge_map=<Tensor of shape (1, 64, 64)> is not allowed"),
     (dict(transition_impl="cuda2"), ValueError, "transition_impl='cuda2'"),
     (dict(generator=5, seed=None), TypeError, "generator=5"),
     (dict(generator=[torch.Generator(), None], seed=None), TypeError, "generator[1]=None"),
