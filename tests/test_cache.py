@@ -227,3 +227,16 @@ def test_schnell_presets_end_to_end(schnell_pipe):
     cached = run(schnell_pipe, "4step", cache="taylorseer:2:1:1")
     assert [s["pattern"] for s in cached.cache_stats["stages"]] == ["F", "F", "FC"]
     assert math.isfinite(float(cached.images.abs().max()))
+
+
+def test_guidance_given_to_schnell_is_said_to_be_ignored(schnell_pipe, flux_pipe, caplog):
+    """FLUX.1-schnell has no guidance embedding: a guidance_scale changes nothing (FluxPipeline drops it silently);
+    prepare says so. FLUX.1-dev uses it: no warning."""
+    from ralu_runtime import prepare
+
+    with caplog.at_level("WARNING", logger="ralu"):
+        prepare(schnell_pipe, guidance_scale=3.5, **SIZE, **flux_embeds())
+        prepare(schnell_pipe, guidance_scale=0.0, **SIZE, **flux_embeds())
+        prepare(flux_pipe, guidance_scale=3.5, **SIZE, **flux_embeds())
+    assert [r.getMessage() for r in caplog.records if r.name == "ralu"] == [
+        "guidance_scale=3.5 is ignored: FLUX.1-schnell's transformer has no guidance embedding (guidance_embeds=False)"]

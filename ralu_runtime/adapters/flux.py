@@ -125,6 +125,11 @@ class FluxAdapter(DiTAdapter):
             self.family, self.default_preset = schnell.name, schnell.default_preset
             self.default_steps, self.base_shift = schnell.default_steps, schnell.base_shift
 
+    def guidance_ignored(self) -> str | None:
+        if not getattr(self.transformer.config, "guidance_embeds", True):
+            return "FLUX.1-schnell's transformer has no guidance embedding (guidance_embeds=False)"
+        return None
+
     def check_supported(self) -> None:
         check_blocks(named_blocks(self.transformer, "transformer_blocks", "single_transformer_blocks"),
                      ("FluxAttnProcessor",), "FLUX")
