@@ -133,7 +133,8 @@ def test_shutdown_without_drain_rejects_the_queue(flux):
 @pytest.mark.parametrize("kw,match", [
     (dict(height=100), "height"), (dict(speedup="9x"), "9x"), (dict(backend="eager"), "belong to the engine"),
     (dict(parallel="ulysses"), "belong to the engine"),
-    (dict(deadline_s=-1), "deadline_s"), (dict(region_source="pixels"), "region_source")])
+    (dict(deadline_s=-1), "deadline_s"), (dict(region_source="pixels"), "region_source"),
+    (dict(speedup=None, region_source="latent"), "region_source='latent' applies to RALU runs")])  # was ignored
 def test_bad_requests_refused_at_submission(flux, kw, match):
     with Engine(flux, output_type="latent") as eng:
         with pytest.raises(ValueError, match=match):

@@ -313,6 +313,9 @@ class Engine:
                                        or not deadline_s > 0):
             raise ValueError(f"deadline_s={deadline_s!r}: use seconds > 0, or None")
         call = {**self.defaults, **kwargs, "prompt": prompt, "progress": False}
+        if "speedup" in call and call["speedup"] is None and "region_source" in kwargs:
+            raise ValueError(f"region_source={kwargs['region_source']!r} applies to RALU runs; this request runs "
+                             "speedup=None (the ordinary sampler chooses no regions)")
         if "max_area" not in call and call.get("height") and call.get("width") and is_kontext(self.pipe):
             call["max_area"] = call["height"] * call["width"]  # FLUX.1 Kontext: the request's size is the output's
         plan = prepare(self.pipe, **call, limits=self.config.limits())
