@@ -557,6 +557,7 @@ def prepare(pipe, prompt: str | list[str] | None = None, *, height: int | None =
         resolve_precision(options, adapter.dtype, adapter.device)  # a dtype that is not the model's; fp8 support
     if default_cache:
         cache = adapter.feature_cache
+    region_mode_given = region_mode is not None
     num_frames, region_mode = _check_video(adapter, num_frames, region_mode)
     if speedup is not None and not isinstance(speedup, (str, RaluSchedule)):
         resolve_schedule(speedup, adapter)  # raises the ValueError naming what is allowed
@@ -588,6 +589,8 @@ def prepare(pipe, prompt: str | list[str] | None = None, *, height: int | None =
     negative_prompt_embeds, negative_pooled_prompt_embeds = (cast["negative_prompt_embeds"],
                                                              cast["negative_pooled_prompt_embeds"])
     schedule = resolve_schedule(speedup, adapter, height, width)
+    if schedule is None and region_mode_given:
+        raise ValueError(f"region_mode={region_mode!r} applies to RALU runs; speedup=None chooses no regions")
     if schedule is not None and adapter.dtype not in (torch.float32, torch.bfloat16, torch.float16):
         raise ValueError(f"speedup={getattr(speedup, 'name', speedup)!r}: RALU's stage transitions run float32, "
                          f"bfloat16 or float16 models; this one is {adapter.dtype} (speedup=None runs it, or move "

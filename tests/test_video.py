@@ -103,11 +103,12 @@ def test_clip_regions_are_the_same_in_every_frame(pair):
     (dict(num_frames=6), "1 \\+ a multiple of 4"),
     (dict(num_frames=0), "num_frames=0"),
     (dict(region_mode="pixel"), "region_mode='pixel'"),
+    (dict(region_mode="clip", speedup=None), "region_mode='clip' applies to RALU runs"),   # was ignored
 ])
 def test_video_arguments_checked(pair, kw, text):
     _pipe, video = pair
     with pytest.raises(ValueError, match=text):
-        generate(video, **flux_embeds(1), height=H, width=W, speedup=SCHED, **KW, **kw)
+        generate(video, **flux_embeds(1), height=H, width=W, **{"speedup": SCHED, **KW, **kw})
 
 
 def test_image_families_refuse_video_arguments(pair):
