@@ -574,6 +574,10 @@ def prepare(pipe, prompt: str | list[str] | None = None, *, height: int | None =
     elif max_area is not None or auto_resize is not None:
         raise ValueError("max_area= and auto_resize= are FluxKontextPipeline's arguments; this pipeline is "
                          f"{type(adapter.pipe).__name__}")
+    else:  # Z-Image's editing pipelines: height / width default to the image's size
+        from .editing import edit_size
+
+        height, width = edit_size(adapter, image, height, width)
     height, width, batch = _validate(
         adapter, prompt=prompt, prompt_embeds=prompt_embeds, pooled_prompt_embeds=pooled_prompt_embeds,
         negative_prompt=negative_prompt, negative_prompt_embeds=negative_prompt_embeds,

@@ -58,7 +58,9 @@ class EditFamily:
     video VAE taking ``(B, 3, 1, H, W)`` with per-channel ``latents_mean`` / ``latents_std`` normalisation
     (Qwen-Image) instead of ``(z - shift_factor) * scaling_factor``, ``float_text_mask``: the pipelines cast the joint
     text + image attention mask to the latents' dtype, so a bool text mask acts as a float 0/1 one (an additive bias,
-    not a hard mask: ChromaImg2ImgPipeline / ChromaInpaintPipeline, unlike ChromaPipeline)."""
+    not a hard mask: ChromaImg2ImgPipeline / ChromaInpaintPipeline, unlike ChromaPipeline), ``size_from_image``:
+    ``height`` / ``width`` default to the image's own size (ZImageImg2ImgPipeline / ZImageInpaintPipeline preprocess
+    the image without a size), not to the pipeline's default size (:func:`edit_size`)."""
 
     img2img: str
     inpaint: str
@@ -66,6 +68,7 @@ class EditFamily:
     guidance: str = "guidance_scale"
     frames: bool = False
     float_text_mask: bool = False
+    size_from_image: bool = False
 
 
 _FLUX_EDIT = EditFamily("FluxImg2ImgPipeline", "FluxInpaintPipeline", 4)
@@ -74,7 +77,7 @@ EDIT_FAMILY_TABLE = MappingProxyType({  # adapter family -> its editing pipeline
     "flux-schnell": _FLUX_EDIT,
     "sd3": EditFamily("StableDiffusion3Img2ImgPipeline", "StableDiffusion3InpaintPipeline", 1),
     "chroma": EditFamily("ChromaImg2ImgPipeline", "ChromaInpaintPipeline", 4, float_text_mask=True),
-    "z-image": EditFamily("ZImageImg2ImgPipeline", "ZImageInpaintPipeline", 1),
+    "z-image": EditFamily("ZImageImg2ImgPipeline", "ZImageInpaintPipeline", 1, size_from_image=True),
     "qwen-image": EditFamily("QwenImageImg2ImgPipeline", "QwenImageInpaintPipeline", 4, guidance="true_cfg_scale",
                              frames=True),
 })
@@ -96,6 +99,29 @@ def edit_text_mask(adapter, mask):
     if mask is not None and fam is not None and fam.float_text_mask and mask.dtype == torch.bool:
         return mask.to(torch.float32)
     return mask
+
+
+def edit_size(adapter, image, height, width):
+    """``(height, width)`` of an edit: unchanged, except for a family whose editing pipelines default them to the
+    image's size (:attr:`EditFamily.size_from_image`: the first image's size rounded down to the VAE factor, read
+    from the image processor's output as those pipelines read it). ValueError naming that size when RALU cannot
+    take it (not a multiple of the coarse block). An image the processor cannot read is left to :func:`check_edit`."""
+    fam = EDIT_FAMILY_TABLE.get(adapter.family)
+    pipe = getattr(adapter, "pipe", None)
+    if image is None or fam is None or not fam.size_from_image or pipe is None or None not in (height, width):
+        return height, width
+    try:
+        h, w = (int(v) for v in pipe.image_processor.preprocess(image).shape[-2:])
+    except (TypeError, ValueError, AttributeError, OSError, IndexError, RuntimeError, NotImplementedError):
+        return height, width
+    height, width = (h if height is None else height), (w if width is None else width)
+    blk = adapter.coarse_block_px
+    if height % blk or width % blk:
+        f = pipe.image_processor.config.vae_scale_factor
+        raise ValueError(f"the image is {h}x{w} pixels (height x width, rounded down to multiples of {f}), the size "
+                         f"{fam.img2img} / {fam.inpaint} edit at when height / width are not given; RALU needs "
+                         f"multiples of {blk}: pass height= and width= (the image is resized to them)")
+    return height, width
 
 
 def edit_kind(pipe) -> str | None:

@@ -133,6 +133,28 @@ def test_baseline_equals_diffusers(pipes, family, kind):
     torch.testing.assert_close(_ours(p["t2i"], generator=_gen(1), **emb, **kw), ours, rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("kind", ["img2img", "inpaint"])
+@torch.no_grad()
+def test_z_image_edits_at_the_image_size_without_height_and_width(pipes, kind):
+    """ZImageImg2ImgPipeline / ZImageInpaintPipeline preprocess the image at its own size and default height / width
+    to it (not to a default size as FLUX.1's): without height / width ralu edits at the image's size too. An image
+    whose size RALU cannot take is refused naming it, before any model call."""
+    p = pipes("z-image")
+    emb = _embeds("z-image")
+    kw = dict(image=_img(), strength=0.6, num_inference_steps=3)
+    if kind == "inpaint":
+        kw["mask_image"] = _mask()
+    ref = p[f"ref_{kind}"](output_type="latent", generator=_gen(1), **_pipeline_embeds("z-image", emb), **kw).images
+    ours = generate(p[kind], output_type="latent", progress=False, speedup=None, generator=_gen(1), **emb,
+                    **kw).images
+    assert ours.shape == ref.shape == (1, 16, 8, 12)
+    torch.testing.assert_close(ours, ref, **TOL)
+    bad = {**kw, "image": torch.rand(1, 3, 88, 96), "num_inference_steps": None}  # read as 80 x 96: not RALU's 32
+    with pytest.raises(ValueError, match=r"the image is 80x96 pixels \(height x width, rounded down to multiples "
+                                         r"of 16\)"):
+        generate(p[kind], progress=False, **emb, **bad)
+
+
 @torch.no_grad()
 def test_z_image_bf16_equals_diffusers():
     """bf16: ZImageImg2ImgPipeline / ZImageInpaintPipeline draw the noise in the prompt embeddings' dtype and noise
