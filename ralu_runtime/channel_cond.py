@@ -75,7 +75,11 @@ def _control_pixels(pipe, control_image, height: int, width: int) -> torch.Tenso
             raise ValueError(f"control_image tensor of shape {tuple(control_image.shape)}: FluxControlPipeline takes a "
                              f"tensor as it is, so it must be (n, 3, {height}, {width}) pixels in [-1, 1] (no resize, "
                              "no rescale); give a PIL image or a numpy array to have it resized and rescaled")
-        return control_image.detach().to("cpu", torch.float32)
+        from .editing import check_pixel_range
+
+        pixels = control_image.detach().to("cpu", torch.float32)
+        check_pixel_range(pixels, "control_image")
+        return pixels
     from .editing import _preprocess
 
     return _preprocess(pipe.image_processor, control_image, "control_image", "image processor", 3, height, width,

@@ -246,7 +246,20 @@ def _preprocess(proc, value, name: str, proc_name: str, channels: int, height: i
     if out.ndim != 4 or out.shape[1] != channels or tuple(out.shape[-2:]) != (height, width):
         raise ValueError(f"{name} preprocessed to shape {tuple(out.shape)}; expected (n, {channels}, {height}, "
                          f"{width})")
+    if channels == 3:
+        check_pixel_range(out, name)
     return out
+
+
+def check_pixel_range(pixels: torch.Tensor, name: str) -> None:
+    """ValueError naming argument ``name`` when preprocessed ``pixels`` leave [-1, 1] (NaN is left to the callers'
+    finiteness check): the image processors map numpy / tensor pixels in [0, 1] to [-1, 1] (a tensor already in
+    [-1, 1] is kept), so 8-bit values (0..255) would be VAE-encoded as garbage, without an error."""
+    hi = float(pixels.abs().amax()) if pixels.numel() else 0.0
+    if hi > 1.0 + 1e-3:
+        raise ValueError(f"{name} has pixel values of magnitude up to {hi:g} after preprocessing (the image processor "
+                         "maps [0, 1] to [-1, 1]): give numpy arrays and tensors as floats in [0, 1] (8-bit values "
+                         "0..255: divide by 255, or give a PIL image)")
 
 
 def _check_mask(pipe, mask_image, height: int, width: int, batch: int) -> torch.Tensor:

@@ -132,6 +132,9 @@ def check_kontext(pipe, *, image, strength, mask_image, batch: int, auto_resize)
         raise ValueError(f"image preprocessed to shape {tuple(pixels.shape)}; expected (n, 3, {ih}, {iw})")
     if not bool(torch.isfinite(pixels).all()):
         raise ValueError("image contains NaN or Inf values")
+    from .editing import check_pixel_range
+
+    check_pixel_range(pixels, "image")
     if batch % pixels.shape[0]:
         raise ValueError(f"got {pixels.shape[0]} images for a batch of {batch} (prompts x num_images_per_prompt): the "
                          "number of reference images must divide the batch (they are tiled over it, as "

@@ -264,6 +264,30 @@ def test_unsupported_edit_requests_are_refused(flux_pipe, flux_i2i, flux_inpaint
     _refuses(flux_i2i, "multiple of 32", height=H + 8)
 
 
+def test_8bit_pixel_arrays_are_refused_before_any_model_call(flux_pipe, flux_i2i, flux_inpaint):
+    """The image processors map float pixels in [0, 1] to [-1, 1]; an 8-bit array or tensor (np.asarray of a PIL
+    image) came out in [-1, 509] and was encoded as garbage without an error (diffusers' pipelines too)."""
+    from diffusers import FluxKontextPipeline
+
+    calls = []
+    hook = flux_pipe.vae.register_forward_pre_hook(lambda *a: calls.append(1))
+    try:
+        u8 = (np.random.default_rng(0).random((H, W, 3)) * 255).astype(np.uint8)
+        for pipe, kw in ((flux_i2i, {}), (flux_inpaint, {"mask_image": _mask()}), (flux_i2i, {"strength": 1.0})):
+            _refuses(pipe, "image has pixel values of magnitude up to 50[0-9]", image=u8, **kw)
+        _refuses(flux_i2i, "image has pixel values", image=torch.from_numpy(u8).permute(2, 0, 1))
+        kontext = FluxKontextPipeline(**flux_pipe.components)
+        with pytest.raises(ValueError, match="image has pixel values of magnitude up to 50[0-9]"):
+            generate(kontext, **flux_embeds(), image=u8[None], max_area=H * W, height=H, width=W, progress=False)
+    finally:
+        hook.remove()
+    assert not calls
+    # float pixels in [0, 1] (and tensors already in [-1, 1], as diffusers takes them) still run
+    for img in (u8 / 255.0, _img() * 2 - 1):
+        generate(flux_i2i, **flux_embeds(), image=img, height=H, width=W, speedup=None, num_inference_steps=2,
+                 output_type="latent", progress=False)
+
+
 def test_image_on_a_family_without_editing_is_refused():
     from ralu_runtime.editing import check_edit
 

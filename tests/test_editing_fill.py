@@ -254,6 +254,7 @@ def test_fill_upsamples_the_masked_regions_first(fill):
     (dict(image="I", mask_image="M", control_image="I"), "control_image= goes with a FluxControlPipeline"),
     (dict(image="I", mask_image="Z"), "no pixel to repaint"),
     (dict(image="I", mask_image="M", num_images_per_prompt=3, image_n=2), "must divide the batch"),
+    (dict(image=np.full((H, W, 3), 255, np.uint8), mask_image="M"), "image has pixel values of magnitude up to 509"),
 ])
 def test_fill_refusals(fill, kw, needle):
     kw = dict(kw)
@@ -270,9 +271,11 @@ def test_fill_refusals(fill, kw, needle):
     (dict(control_image="C", strength=0.5), "strength= is not taken"),
     (dict(control_image=[_pil(0), _pil(1), _pil(2)]), "3 control images for 1 prompt"),
     (dict(control_image="text"), "control_image=str"),
+    (dict(control_image=np.full((H, W, 3), 200, np.uint8)), "control_image has pixel values of magnitude up to 399"),
+    (dict(control_image=torch.full((1, 3, H, W), 200.0)), "control_image has pixel values of magnitude up to 200"),
 ])
 def test_control_refusals(control, kw, needle):
-    kw = {k: (_pil() if v == "C" else v) for k, v in kw.items()}
+    kw = {k: (_pil() if isinstance(v, str) and v == "C" else v) for k, v in kw.items()}
     with pytest.raises((ValueError, TypeError), match=needle):
         generate(control, height=H, width=W, progress=False, **flux_embeds(), **kw)
 
