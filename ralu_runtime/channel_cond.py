@@ -95,7 +95,7 @@ def check_channels(adapter, *, image, mask_image, control_image, strength, heigh
     guidance defaulting to FluxFillPipeline's 1.0, 50, 30.0) and its :class:`ChannelSpec`; for control ``(None,
     spec)`` (text-to-image; defaults 28 steps, guidance 3.5); ``(None, None)`` for other pipelines without
     ``control_image``. ValueError / TypeError naming the argument otherwise."""
-    from .editing import EditSpec, _call_default, _check_mask, _preprocess
+    from .editing import EditSpec, _call_default, _check_mask, _preprocess, check_steps_left
 
     pipe = getattr(adapter, "pipe", None)
     kind = channel_kind(pipe) if pipe is not None else None
@@ -144,6 +144,7 @@ def check_channels(adapter, *, image, mask_image, control_image, strength, heigh
     if not 0.0 < float(strength) <= 1.0:
         raise ValueError(f"strength={strength!r} is not allowed: need 0 < strength <= 1 (FluxFillPipeline's default "
                          "is 1.0: start from pure noise)")
+    check_steps_left(float(strength), steps)
     if isinstance(image, torch.Tensor) and image.ndim in (3, 4) and image.shape[-3] != 3:
         raise ValueError(f"image has shape {tuple(image.shape)}: give RGB pixels (3, H, W) or (n, 3, H, W)")
     pixels = _preprocess(pipe.image_processor, image, "image", "image processor", 3, height, width,

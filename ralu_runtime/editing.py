@@ -145,6 +145,14 @@ def start_index(steps: int, strength: float) -> int:
     return int(max(steps - min(steps * strength, steps), 0))
 
 
+def check_steps_left(strength: float, steps: int) -> None:
+    """ValueError naming ``strength`` when it leaves none of the ``steps`` (:func:`start_index` drops all of them when
+    ``steps * strength`` vanishes next to ``steps``, e.g. strength 1e-17; diffusers' pipelines raise then too)."""
+    if start_index(steps, strength) >= steps:
+        raise ValueError(f"strength={strength!r} leaves none of the {steps} steps (the pipeline drops int({steps} - "
+                         f"{steps} * strength) = {steps} of them): use a larger strength (1/{steps} runs one step)")
+
+
 @dataclass(frozen=True)
 class EditSpec:
     """A checked img2img / inpainting request: ``pixels`` ``(n, 3, H, W)`` float32 in [-1, 1] (CPU), ``strength``
@@ -167,8 +175,8 @@ def check_edit(adapter, *, image, strength, mask_image, height: int, width: int,
 
     Raises ValueError / TypeError with the reason for what is not supported: an editing pipeline without
     ``image``, ``strength`` / ``mask_image`` without ``image``, a family not in :data:`EDIT_FAMILY_TABLE`, an inpainting
-    pipeline without ``mask_image``, a model with mask input channels (Fill), strength outside (0, 1] (any
-    strength > 0 leaves at least one step: ``int(N - N s) <= N - 1``), an image or mask the pipeline's processors
+    pipeline without ``mask_image``, a model with mask input channels (Fill), strength outside (0, 1] or so small
+    that ``int(N - N s)`` drops all ``N`` steps (:func:`check_steps_left`), an image or mask the pipeline's processors
     cannot read, a mask with nothing to repaint, image or mask counts that do not divide the batch."""
     pipe = getattr(adapter, "pipe", None)
     kind = edit_kind(pipe) if pipe is not None else None
@@ -201,6 +209,7 @@ def check_edit(adapter, *, image, strength, mask_image, height: int, width: int,
         raise ValueError(f"strength={strength!r} is not allowed: need 0 < strength <= 1 (the fraction of the "
                          "schedule re-run from the noised image; 0 would leave the image as it is)")
     steps = int(_call_default(cls, "num_inference_steps") if num_inference_steps is None else num_inference_steps)
+    check_steps_left(strength, steps)
     if isinstance(image, torch.Tensor) and image.ndim in (3, 4) and image.shape[-3] != 3:
         raise ValueError(f"image has shape {tuple(image.shape)}: give RGB pixels (3, H, W) or (n, 3, H, W) "
                          "(latents are not taken)")

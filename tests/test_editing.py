@@ -229,9 +229,13 @@ def _refuses(pipe, match, **kw):
 
 
 @pytest.mark.parametrize("strength,match", [(0.0, "0 < strength"), (1.5, "0 < strength"), (-0.1, "0 < strength"),
-                                            (float("nan"), "number"), ("0.5", "number"), (True, "number")])
+                                            (float("nan"), "number"), ("0.5", "number"), (True, "number"),
+                                            (1e-17, r"strength=1e-17 leaves none of the 28 steps")])
 def test_bad_strength_is_refused(flux_i2i, strength, match):
     _refuses(flux_i2i, match, strength=strength)
+    # a strength that leaves no step: the baseline ran none (returned the source), RALU failed after the encode
+    if isinstance(strength, float) and 0 < strength < 1:
+        _refuses(flux_i2i, match.replace("28", "4"), strength=strength, speedup=None, num_inference_steps=4)
 
 
 def test_unsupported_edit_requests_are_refused(flux_pipe, flux_i2i, flux_inpaint):

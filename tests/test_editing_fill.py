@@ -251,6 +251,7 @@ def test_fill_upsamples_the_masked_regions_first(fill):
 @pytest.mark.parametrize("kw,needle", [
     (dict(image="I"), "needs image= and mask_image="),
     (dict(image="I", mask_image="M", strength=0.0), "strength=0.0"),
+    (dict(image="I", mask_image="M", strength=1e-17), "strength=1e-17 leaves none of the 50 steps"),
     (dict(image="I", mask_image="M", control_image="I"), "control_image= goes with a FluxControlPipeline"),
     (dict(image="I", mask_image="Z"), "no pixel to repaint"),
     (dict(image="I", mask_image="M", num_images_per_prompt=3, image_n=2), "must divide the batch"),
