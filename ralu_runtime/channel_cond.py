@@ -148,7 +148,7 @@ def check_channels(adapter, *, image, mask_image, control_image, strength, heigh
     if isinstance(image, torch.Tensor) and image.ndim in (3, 4) and image.shape[-3] != 3:
         raise ValueError(f"image has shape {tuple(image.shape)}: give RGB pixels (3, H, W) or (n, 3, H, W)")
     pixels = _preprocess(pipe.image_processor, image, "image", "image processor", 3, height, width,
-                         "give a PIL image, a numpy array (H, W, 3), an RGB tensor, or a list of them")
+                         "give a PIL image, a numpy array (H, W, 3), a float RGB tensor, or a list of them")
     if not bool(torch.isfinite(pixels).all()):
         raise ValueError("image contains NaN or Inf values")
     if batch % pixels.shape[0]:

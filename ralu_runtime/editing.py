@@ -214,7 +214,7 @@ def check_edit(adapter, *, image, strength, mask_image, height: int, width: int,
         raise ValueError(f"image has shape {tuple(image.shape)}: give RGB pixels (3, H, W) or (n, 3, H, W) "
                          "(latents are not taken)")
     pixels = _preprocess(pipe.image_processor, image, "image", "image processor", 3, height, width,
-                         "give a PIL image, a numpy array (H, W, 3), an RGB tensor, or a list of them")
+                         "give a PIL image, a numpy array (H, W, 3), a float RGB tensor, or a list of them")
     if not bool(torch.isfinite(pixels).all()):
         raise ValueError("image contains NaN or Inf values")
     n = pixels.shape[0]
@@ -248,9 +248,8 @@ def _preprocess(proc, value, name: str, proc_name: str, channels: int, height: i
     check_not_empty(value, name)
     try:
         out = proc.preprocess(value, height=height, width=width)
-    except (TypeError, ValueError, AttributeError, OSError) as e:
-        raise TypeError(f"{name}={type(value).__name__}: the pipeline's {proc_name} cannot read it ({e}); "
-                        f"{hint}") from None
+    except (TypeError, ValueError, AttributeError, OSError, RuntimeError, NotImplementedError) as e:
+        raise TypeError(f"{name}={_kind(value)}: the pipeline's {proc_name} cannot read it ({e}); {hint}") from None
     out = out.to("cpu", torch.float32)
     if out.ndim != 4 or out.shape[1] != channels or tuple(out.shape[-2:]) != (height, width):
         raise ValueError(f"{name} preprocessed to shape {tuple(out.shape)}; expected (n, {channels}, {height}, "
@@ -271,6 +270,13 @@ def check_pixel_range(pixels: torch.Tensor, name: str) -> None:
                          "0..255: divide by 255, or give a PIL image)")
 
 
+def _kind(value) -> str:
+    """``value``'s type for an error message, with the dtype of a tensor or array (torch's resize takes no bool or
+    integer tensors)."""
+    dtype = getattr(value, "dtype", None)
+    return type(value).__name__ + (f" of dtype {dtype}" if dtype is not None else "")
+
+
 def _check_mask(pipe, mask_image, height: int, width: int, batch: int) -> torch.Tensor:
     """The inpainting mask as FluxInpaintPipeline reads it: grey, resized to ``height`` x ``width``, binarised at
     0.5 (white = repaint): ``(n, 1, H, W)`` float32 on the CPU. ValueError for a mask with no pixel to repaint or a
@@ -283,7 +289,7 @@ def _check_mask(pipe, mask_image, height: int, width: int, batch: int) -> torch.
                                  vae_latent_channels=_vae_channels(pipe.vae), do_normalize=False,
                                  do_binarize=True, do_convert_grayscale=True)
     mask = _preprocess(proc, mask_image, "mask_image", "mask processor", 1, height, width,
-                       "give a PIL image, a numpy array or a tensor (white = repaint)")
+                       "give a PIL image, a numpy array or a float tensor (white = repaint)")
     if not bool((mask > 0.5).flatten(1).any(1).all()):
         raise ValueError("mask_image has no pixel to repaint (every mask needs white pixels: white = repaint)")
     if batch % mask.shape[0]:

@@ -102,7 +102,7 @@ def check_kontext(pipe, *, image, strength, mask_image, batch: int, auto_resize)
                          "(latents are not taken)")
     if isinstance(image, (list, tuple)) and len(image) == 0:
         raise ValueError("image is an empty list: give one reference image or a list of them")
-    from .editing import check_not_empty
+    from .editing import _kind, check_not_empty
 
     check_not_empty(image, "image")
     from diffusers.pipelines.flux.pipeline_flux_kontext import PREFERRED_KONTEXT_RESOLUTIONS
@@ -122,11 +122,11 @@ def check_kontext(pipe, *, image, strength, mask_image, batch: int, auto_resize)
     except ValueError as e:
         if "one token" in str(e):
             raise
-        raise TypeError(f"image={type(image).__name__}: the pipeline's image processor cannot read it ({e}); give a "
-                        "PIL image, a numpy array (H, W, 3), an RGB tensor, or a list of them") from None
-    except (TypeError, AttributeError, OSError, IndexError) as e:
-        raise TypeError(f"image={type(image).__name__}: the pipeline's image processor cannot read it ({e}); give a "
-                        "PIL image, a numpy array (H, W, 3), an RGB tensor, or a list of them") from None
+        raise TypeError(f"image={_kind(image)}: the pipeline's image processor cannot read it ({e}); give a "
+                        "PIL image, a numpy array (H, W, 3), a float RGB tensor, or a list of them") from None
+    except (TypeError, AttributeError, OSError, IndexError, RuntimeError, NotImplementedError) as e:
+        raise TypeError(f"image={_kind(image)}: the pipeline's image processor cannot read it ({e}); give a "
+                        "PIL image, a numpy array (H, W, 3), a float RGB tensor, or a list of them") from None
     pixels = pixels.to("cpu", torch.float32)
     if pixels.ndim != 4 or pixels.shape[1] != 3:
         raise ValueError(f"image preprocessed to shape {tuple(pixels.shape)}; expected (n, 3, {ih}, {iw})")

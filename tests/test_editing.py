@@ -292,6 +292,25 @@ def test_8bit_pixel_arrays_are_refused_before_any_model_call(flux_pipe, flux_i2i
                  output_type="latent", progress=False)
 
 
+def test_tensors_the_processors_cannot_resize_are_a_type_error_naming_the_argument(flux_pipe, flux_inpaint):
+    """torch's resize takes no bool or integer tensors and stacking differently sized images fails: these were torch's
+    NotImplementedError / RuntimeError, naming no argument; now a TypeError naming it and its dtype."""
+    from diffusers import FluxKontextPipeline
+
+    with pytest.raises(TypeError, match=r"mask_image=Tensor of dtype torch.bool: the pipeline's mask processor"):
+        generate(flux_inpaint, **flux_embeds(), image=_img(), mask_image=_mask() > 0.5, height=H, width=W,
+                 progress=False)
+    with pytest.raises(TypeError, match=r"image=Tensor of dtype torch.int64: the pipeline's image processor"):
+        generate(flux_inpaint, **flux_embeds(), image=(_img() > 0.5).long(), mask_image=_mask(), height=H, width=W,
+                 progress=False)
+    with pytest.raises(TypeError, match=r"image=list: the pipeline's image processor cannot read it \(stack"):
+        generate(flux_inpaint, **flux_embeds(), image=[_img()[0], torch.rand(3, 32, 32)], mask_image=_mask(),
+                 num_images_per_prompt=2, height=H, width=W, progress=False)
+    kontext = FluxKontextPipeline(**flux_pipe.components)
+    with pytest.raises(TypeError, match=r"image=Tensor of dtype torch.bool: the pipeline's image processor"):
+        generate(kontext, **flux_embeds(), image=_img() > 0.5, max_area=H * W, height=H, width=W, progress=False)
+
+
 def test_image_on_a_family_without_editing_is_refused():
     from ralu_runtime.editing import check_edit
 
