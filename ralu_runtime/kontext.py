@@ -29,6 +29,7 @@ import inspect
 import numbers
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 KONTEXT_CLASS = "FluxKontextPipeline"
@@ -108,6 +109,12 @@ def check_kontext(pipe, *, image, strength, mask_image, batch: int, auto_resize)
     from diffusers.pipelines.flux.pipeline_flux_kontext import PREFERRED_KONTEXT_RESOLUTIONS
 
     proc, m = pipe.image_processor, _multiple(pipe)
+    # one image without a batch axis, numpy (H, W, 3) or a tensor (3, H, W): the processor's size reading and resize
+    # take batched arrays only (they read (H, W, 3) as a batch of H grey images); a view with the axis added
+    if isinstance(image, np.ndarray) and image.ndim == 3 and image.shape[-1] == 3:
+        image = image[None]
+    elif isinstance(image, torch.Tensor) and image.ndim == 3:
+        image = image[None]
     try:
         first = image[0] if isinstance(image, list) else image
         ih, iw = proc.get_default_height_width(first)  # rounded down to the VAE's multiple: 0 for a tiny image

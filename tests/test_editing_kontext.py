@@ -57,6 +57,21 @@ def test_kontext_equals_diffusers_with_embeddings(kontext):
 
 
 @torch.no_grad()
+def test_one_reference_without_a_batch_axis_equals_the_batched_one(kontext):
+    """A numpy (H, W, 3) reference was refused as "smaller than 16x16" and a (3, H, W) tensor with "tuple index out
+    of range" (the processor reads batched arrays only), though the error hint offers both: each equals its batched
+    form, and the user's array is left as given."""
+    ref = _ref()
+    arr = ref[0].permute(1, 2, 0).numpy().copy()
+    kw = dict(**flux_embeds(), num_inference_steps=2, seed=1)
+    want = _ours(kontext, image=ref, **kw)
+    for image in (ref[0], arr):
+        before = image.copy() if isinstance(image, np.ndarray) else image.clone()
+        torch.testing.assert_close(_ours(kontext, image=image, **kw), want, rtol=0, atol=0)
+        assert image.shape == before.shape and (image == before).all()
+
+
+@torch.no_grad()
 def test_kontext_equals_diffusers_with_text_and_defaults(kontext):
     """A text prompt, the pipeline's default guidance (3.5), a PIL reference of another size; the default steps
     are the pipeline's 28 and the reference is auto-resized by default."""
