@@ -958,6 +958,13 @@ def check_edit(args) -> tuple[GeneratePlan, dict]:
         mask = _read_image("--mask", args.mask, "L")
         if not mask.getextrema()[1] >= 128:
             raise UsageError(f"--mask {args.mask!r} has no white pixel: nothing to repaint (white = repaint)")
+        from PIL import Image
+
+        # the pipelines' mask processor: resized to the output size (Lanczos), then binarised at 0.5
+        if not mask.resize((plan.width, plan.height), Image.Resampling.LANCZOS).getextrema()[1] >= 128:
+            raise UsageError(f"--mask {args.mask!r}: its white area vanishes when the mask is resized to "
+                             f"{plan.width}x{plan.height} (--width x --height) as the pipeline does: nothing left to "
+                             "repaint; widen the white area or edit at a larger size")
         edit["mask_image"] = mask
     return plan, edit
 

@@ -291,7 +291,9 @@ def _check_mask(pipe, mask_image, height: int, width: int, batch: int) -> torch.
     mask = _preprocess(proc, mask_image, "mask_image", "mask processor", 1, height, width,
                        "give a PIL image, a numpy array or a float tensor (white = repaint)")
     if not bool((mask > 0.5).flatten(1).any(1).all()):
-        raise ValueError("mask_image has no pixel to repaint (every mask needs white pixels: white = repaint)")
+        raise ValueError(f"mask_image has no pixel to repaint at {width}x{height} (width x height; every mask needs "
+                         "white pixels: white = repaint; a small white area can vanish when the mask is resized to "
+                         "the output size)")
     if batch % mask.shape[0]:
         raise ValueError(f"got {mask.shape[0]} masks for a batch of {batch}: the number of masks must divide it")
     return mask

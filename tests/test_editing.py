@@ -459,9 +459,14 @@ def test_ralu_edit_that_starts_in_the_last_stage_writes_its_image_and_says_why_n
     (["--image", "{tmp}/text.png"], "not an image Pillow can read"),
     (["--image", "{tmp}/in.png", "--strength", "0"], "--strength 0.0"),
     (["--image", "{tmp}/in.png", "--mask", "{tmp}/black.png"], "nothing to repaint"),
+    # one white pixel in a 256² mask is gone at 64²: the pipeline refused it only after the model was loaded
+    (["--image", "{tmp}/in.png", "--mask", "{tmp}/dot.png", "--strength", "1", "--height", "64", "--width", "64"],
+     "its white area vanishes when the mask is resized to 64x64"),
     (["--image", "{tmp}/in.png", "--model", "tiny-wan"], "ralu edit runs FLUX.1, SD3"),
 ])
 def test_ralu_edit_refuses_bad_files_before_loading(tmp_path, monkeypatch, capsys, extra, needle):
+    from PIL import Image
+
     from ralu_runtime import cli
 
     def no_load(plan):
@@ -470,6 +475,9 @@ def test_ralu_edit_refuses_bad_files_before_loading(tmp_path, monkeypatch, capsy
     monkeypatch.setattr(cli, "_load", no_load)
     _png(tmp_path / "in.png")
     _png(tmp_path / "black.png", mode="L", value=0)
+    dot = Image.new("L", (256, 256), 0)
+    dot.putpixel((100, 100), 255)
+    dot.save(tmp_path / "dot.png")
     (tmp_path / "text.png").write_text("not a png")
     args = [a.replace("{tmp}", str(tmp_path)) for a in extra]
     assert cli.main(["edit", "--no-progress", "--out", str(tmp_path / "o.png"), *args]) == 2
@@ -518,3 +526,28 @@ def test_edit_with_a_followed_scheduler_is_refused(sd3_pipe):
     with pytest.raises(ValueError, match="FlowMatchHeunDiscreteScheduler"):
         generate(pipe, **sd3_embeds(), image=_img(), strength=0.5, height=H, width=W, speedup=None,
                  num_inference_steps=4, progress=False)
+
+
+def test_ralu_edits_mask_check_agrees_with_the_pipelines_mask_processor(flux_inpaint):
+    """ralu edit's early check (Lanczos resize to the output size, binarised at 0.5) refuses exactly the small
+    masks the pipeline's mask processor leaves empty: white squares of 1..6 px at grey 128..255 in a 256² mask,
+    edited at 64²."""
+    from PIL import Image
+
+    from ralu_runtime.editing import _check_mask
+
+    seen = set()
+    for side in (1, 2, 3, 4, 6):
+        for grey in (128, 200, 255):
+            m = Image.new("L", (256, 256), 0)
+            m.paste(grey, (100, 100, 100 + side, 100 + side))
+            cli_keeps = m.resize((64, 64), Image.Resampling.LANCZOS).getextrema()[1] >= 128
+            try:
+                _check_mask(flux_inpaint, m, 64, 64, 1)
+                pipeline_keeps = True
+            except ValueError as e:
+                assert "no pixel to repaint at 64x64" in str(e)
+                pipeline_keeps = False
+            assert cli_keeps == pipeline_keeps, (side, grey)
+            seen.add(cli_keeps)
+    assert seen == {True, False}  # the grid holds masks that vanish and masks that stay
