@@ -691,7 +691,8 @@ def cmd_serve(args) -> int:
     try:
         if args.backend is not None:   # install and build the backend before the server answers (fast first calls)
             t0 = time.perf_counter()
-            engine.generate("ralu warm-up", seed=0, output_type="pil", **_warmup_images(args.model))
+            for extra in engine.warmup_variants():   # Qwen-Image: with and without a negative prompt
+                engine.generate("ralu warm-up", seed=0, output_type="pil", **_warmup_images(args.model), **extra)
             print(f"backend {args.backend}: warmed up in {time.perf_counter() - t0:.2f} s", flush=True)
         from .heap import settle_heap
 

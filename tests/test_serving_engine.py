@@ -230,3 +230,14 @@ def test_a_transformer_swap_reaches_the_next_requests_packed_or_not():
     for (kw, seed), got, was in zip(reqs, after, before):
         torch.testing.assert_close(got, _alone(fresh, kw, seed).images, **TOL)
         assert (got - was).abs().max() > 1e-2
+
+
+def test_warmup_variants_cover_the_calls_a_request_can_take():
+    """Qwen-Image runs true CFG only with a negative prompt: the server's warm-up makes one request of each kind
+    (the first request with a negative prompt compiled anew otherwise); SD3 runs CFG either way, FLUX.1 never."""
+    for name, want in (("tiny-qwen-image", [{}, {"negative_prompt": "ralu warm-up"}]), ("tiny-sd3", [{}]),
+                       ("tiny-flux", [{}])):
+        with Engine(build_tiny(name), output_type="latent") as eng:
+            assert eng.warmup_variants() == want, name
+    with Engine(build_tiny("tiny-qwen-image"), output_type="latent", guidance_scale=1.0) as eng:
+        assert eng.warmup_variants() == [{}]   # no CFG at all at guidance 1

@@ -296,6 +296,18 @@ class Engine:
 
         return get_adapter(self.pipe)
 
+    def warmup_variants(self) -> list[dict]:
+        """Extra ``generate`` arguments of the warm-up requests that build every graph a request at the engine's
+        defaults can take: ``[{}]``, plus a request with a negative prompt where one changes the model call (a
+        family that runs CFG only with a negative prompt, Qwen-Image: ``adapter.runs_cfg``)."""
+        adapter = self.adapter
+        guidance = self.defaults.get("guidance_scale")
+        guidance = adapter.guidance_default() if guidance is None else float(guidance)
+        variants = [{}]
+        if adapter.supports_negative_prompt and adapter.runs_cfg(guidance, True) != adapter.runs_cfg(guidance, False):
+            variants.append({"negative_prompt": "ralu warm-up"})
+        return variants
+
     def submit(self, prompt=None, *, deadline_s: float | None = None, **kwargs) -> RequestHandle:
         """Queue one ``generate(pipe, prompt, **kwargs)`` request; returns its :class:`RequestHandle`.
 

@@ -86,8 +86,8 @@ class ReplicaSpec:
     warm-up). ``compile_artifacts``: a bundle written by ``save_compile_artifacts`` to load first (verified
     against ``artifact_key``, default the node's ``RALU_ARTIFACT_KEY_FILE`` or ``~/.cache/ralu/artifact.key``;
     a missing file is logged and skipped); ``persistent_cache``: True or a folder for inductor's on-disk cache.
-    ``warmup``: ``generate`` arguments per warm-up shape (None: one shape, the defaults; ``[]``: no warm-up), each
-    run ``warmup_requests`` times at once through the engine. ``cpus``: CPUs per replica on CPU-only clusters.
+    ``warmup``: ``generate`` arguments per warm-up shape (None: the defaults, :meth:`Engine.warmup_variants`;
+    ``[]``: no warm-up), each run ``warmup_requests`` times at once through the engine. ``cpus``: CPUs per replica on CPU-only clusters.
     ``log_prompts``: let the libraries' warnings quote prompts (default: redacted)."""
 
     model: Any = "tiny-flux"
@@ -380,7 +380,7 @@ def start_engine(spec: ReplicaSpec, name: str = "local"):
     try:
         graphs0 = compile_stats()["unique_graphs"]
         t2 = time.perf_counter()
-        shapes = [{}] if spec.warmup is None else [dict(w) for w in spec.warmup]
+        shapes = engine.warmup_variants() if spec.warmup is None else [dict(w) for w in spec.warmup]
         for shape in shapes:
             handles = [engine.submit("ralu warm-up", seed=i, output_type="pil", **shape)
                        for i in range(spec.warmup_requests)]
