@@ -299,14 +299,11 @@ def _model_family(model: str) -> tuple[str, tuple[int, int], int | None]:
     return fam.name, fam.default_hw, cap
 
 
-# families whose pipelines run classifier-free guidance with a negative prompt (FLUX.2: klein base only)
-CFG_FAMILIES = ("sd3", "qwen-image", "z-image", "chroma", "wan", "hunyuan-video-1.5")
-
-
 def _takes_negative_prompt(model: str, family: str) -> bool:
     """Whether ``--model`` takes a negative prompt (its adapter's ``supports_negative_prompt``), read without
-    loading it: a CFG family, or a FLUX.2 klein base folder (``Flux2KleinPipeline``, not step-distilled)."""
-    if family in CFG_FAMILIES:
+    loading it: a family with negative prompts (``Family.negative_prompt``), or a FLUX.2 klein base folder
+    (``Flux2KleinPipeline``, not step-distilled)."""
+    if FAMILIES[family].negative_prompt:
         return True
     if family != "flux2" or model in _TINY:  # tiny-flux2 is a FLUX.2-dev: a guidance embedding
         return False
@@ -473,8 +470,8 @@ def check_generate(args) -> GeneratePlan:
         _check_int("--steps", args.steps, 1, MAX_STEPS)
     if args.negative_prompt is not None and not _takes_negative_prompt(args.model, family):
         raise UsageError(f"--negative-prompt: {args.model} ({family}) runs no classifier-free guidance (a guidance "
-                         f"embedding or a step-distilled model); families that take one: {', '.join(CFG_FAMILIES)} "
-                         "and FLUX.2 klein base")
+                         f"embedding or a step-distilled model); families that take one: "
+                         f"{', '.join(f.name for f in FAMILIES.values() if f.negative_prompt)} and FLUX.2 klein base")
     if args.guidance is not None and not 0.0 <= args.guidance <= MAX_GUIDANCE_SCALE:
         raise UsageError(f"--guidance {args.guidance} is not allowed: need a number in "
                          f"[0, {MAX_GUIDANCE_SCALE:g}]")

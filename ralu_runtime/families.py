@@ -101,6 +101,7 @@ class Family:
     default_frames: int | None = None
     temporal_factor: int = 1
     variant_of: str | None = None  # the family whose pipeline class this variant shares
+    negative_prompt: bool = False  # classifier-free guidance with negative prompts (FLUX.2: klein base only, by class)
 
     def __post_init__(self):
         if self.default_preset not in self.presets:
@@ -151,6 +152,7 @@ _FAMILY_LIST = (
         presets=_presets(_4step=(*FEW_STEP, 1.0))),
     Family(
         "sd3", "SD3/SD3.5", ("StableDiffusion3Pipeline",), "ralu_runtime.adapters.sd3:SD3Adapter",
+        negative_prompt=True,
         default_steps=28,        # pipeline default (StableDiffusion3Pipeline); SD3 Medium's model card
         default_guidance=7.0,    # pipeline default; SD3 Medium's model card
         default_preset="3x",
@@ -178,6 +180,7 @@ _FAMILY_LIST = (
         presets=_presets(_4step=_own(FEW_STEP), _3step=_own(THREE_STEP))),
     Family(
         "qwen-image", "Qwen-Image", ("QwenImagePipeline",), "ralu_runtime.adapters.qwen_image:QwenImageAdapter",
+        negative_prompt=True,
         default_steps=50,        # pipeline default
         default_guidance=4.0,    # pipeline default true_cfg_scale (generate's guidance_scale is it)
         default_preset="7x",
@@ -188,6 +191,7 @@ _FAMILY_LIST = (
         presets=_presets(_4x=_own(FLUX1_4X), _7x=_own(FLUX1_7X))),
     Family(
         "z-image", "Z-Image / Z-Image-Turbo", ("ZImagePipeline",), "ralu_runtime.adapters.z_image:ZImageAdapter",
+        negative_prompt=True,
         default_steps=50,        # pipeline default (Z-Image; Z-Image-Turbo: MODELS["z-image-turbo"])
         default_guidance=5.0,    # pipeline default
         default_preset="7x",
@@ -198,6 +202,7 @@ _FAMILY_LIST = (
                          _3step=_own(THREE_STEP))),
     Family(
         "chroma", "Chroma", ("ChromaPipeline",), "ralu_runtime.adapters.chroma:ChromaAdapter",
+        negative_prompt=True,
         default_steps=35,        # pipeline default
         default_guidance=5.0,    # pipeline default (true CFG)
         default_preset="5x",
@@ -208,6 +213,7 @@ _FAMILY_LIST = (
         presets=_presets(_3x=((4, 5, 7), (0.3, 0.45, 1.0), 0.3, None), _5x=((2, 3, 5), (0.2, 0.3, 1.0), 0.1, None))),
     Family(
         "wan", "Wan", ("WanPipeline",), "ralu_runtime.adapters.wan:WanAdapter",
+        negative_prompt=True,
         default_steps=50,        # pipeline default (Wan 2.2 T2V A14B: MODELS["wan22-a14b"], applied by the adapter)
         default_guidance=5.0,    # pipeline default; Wan 2.1's model card
         default_preset="7x",
@@ -222,6 +228,7 @@ _FAMILY_LIST = (
     Family(
         "hunyuan-video-1.5", "HunyuanVideo 1.5", ("HunyuanVideo15Pipeline",),
         "ralu_runtime.adapters.hunyuan_video15:HunyuanVideo15Adapter",
+        negative_prompt=True,
         default_steps=50,        # pipeline default; the release's 50 steps (RALU_DESIGN 7)
         default_guidance=6.0,    # the published guider config (ClassifierFreeGuidance 6.0); the adapter reads the
                                  # pipeline's guider

@@ -138,3 +138,19 @@ def test_committed_flop_tables_use_the_published_settings(name, key, steps, base
     assert runs[0]["run"] == "baseline" and runs[0]["steps"] == steps == MODELS[key].steps
     assert all(r["base_shift"] == base_shift for r in runs[1:])
     assert [r["run"] for r in runs[1:]] == list(MODELS[key].preset_names)
+
+
+def test_negative_prompt_flag_is_the_adapters():
+    """Family.negative_prompt (what ralu generate --negative-prompt checks without loading a model) equals every
+    built-in tiny model's adapter.supports_negative_prompt (FLUX.2: the tiny model is a FLUX.2-dev, no CFG)."""
+    from ralu_runtime.adapters import get_adapter
+    from ralu_runtime.families import FAMILIES, TINY_MODELS
+    from ralu_runtime.tiny import build_tiny
+
+    seen = set()
+    for name, tiny in TINY_MODELS.items():
+        if tiny.family in seen:
+            continue
+        seen.add(tiny.family)
+        assert get_adapter(build_tiny(name)).supports_negative_prompt == FAMILIES[tiny.family].negative_prompt, name
+    assert {"sd3", "flux", "flux2", "flux2-klein", "wan", "hunyuan-video-1.5"} <= seen
