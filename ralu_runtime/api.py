@@ -21,6 +21,7 @@ Guarantees (tested in ``tests/test_safety.py``):
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import logging
 import math
 import numbers
@@ -739,7 +740,7 @@ def run(plan: CallPlan, *, model_call: ModelCallHook | None = None,
     generator, seed = plan.generator, plan.seed
     sp = plan.parallel
     if sp is not None:  # every rank runs this call; rank 0's decodes and seed are shared (ralu_runtime.parallel)
-        sp.setup()
+        sp.setup(_rank_settings(plan))
         velocity, decode = sp.wrap_velocity(velocity), sp.wrap_decode(decode)
         if generator is None and seed is None:
             seed = sp.shared_seed()
@@ -815,6 +816,21 @@ def run(plan: CallPlan, *, model_call: ModelCallHook | None = None,
     _settle_after_compiling(runner, compiled_before)
     return RaluOutput(adapter.postprocess(images, plan.output_type), masks, timings, result.records, schedule,
                       cache_stats)
+
+
+def _rank_settings(plan: CallPlan) -> dict:
+    """The call's settings that every rank of a context-parallel call must share (compared before any collective,
+    :meth:`~ralu_runtime.parallel.SequenceParallel.agree`): the seed and generator states, the sizes, the schedule,
+    guidance and sampler options, the feature cache. The tensors are compared at each stage's first model call."""
+    gens = plan.generator if isinstance(plan.generator, (list, tuple)) else [plan.generator]
+    states = [None if g is None else hashlib.sha256(g.get_state().numpy().tobytes()).hexdigest() for g in gens]
+    cache = plan.cache
+    cache = type(cache).__qualname__ if type(cache).__repr__ is object.__repr__ else repr(cache)
+    return dict(seed=plan.seed, generator=states, height=plan.height, width=plan.width, batch=plan.batch,
+                num_frames=plan.num_frames, speedup=plan.schedule, steps=plan.steps, guidance_scale=plan.guidance,
+                cache=cache, noise=plan.noise, solver=plan.solver, region_mode=plan.region_mode,
+                region_source=plan.region_source, edge_map=plan.edge_map, edge_detector=plan.edge_detector,
+                transition_impl=plan.transition_impl, integration=plan.integration, output_type=plan.output_type)
 
 
 def _compiled_so_far(runner) -> tuple[int, int]:

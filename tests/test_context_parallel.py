@@ -123,9 +123,10 @@ def _flux_worker():
     torch.manual_seed(100 + rank)
     out["no_seed"] = generate(pipe, **emb, height=64, width=64, output_type="latent", progress=False,
                               parallel=parallel_config(ulysses_degree=2)).images
-    # different seeds on the ranks: detected at the first model call, on every rank
+    # different prompt embeddings on the ranks: detected at the first model call, on every rank (different
+    # seeds are refused before that: test_ranks_with_different_arguments_are_refused_before_any_collective)
     try:
-        generate(pipe, **emb, height=64, width=64, seed=rank, output_type="latent", progress=False,
+        generate(pipe, **flux_embeds(seed=rank), height=64, width=64, seed=0, output_type="latent", progress=False,
                  parallel=parallel_config(ulysses_degree=2))
         out["diverged"] = "no error"
     except RanksDivergedError as exc:
@@ -188,6 +189,52 @@ def test_two_ranks_images_seed_and_divergence(two_ranks):
         assert "set up by enable_parallelism" in r["adopted_mismatch"]
     assert torch.equal(a["adopted"], b["adopted"])
     assert (a["adopted"] - a["ulysses"]["ref"]).abs().max().item() <= ATOL
+
+
+def _disagree_worker():
+    """Ranks that call generate with different arguments: each case's error message (or "no error")."""
+    import torch.distributed as dist
+
+    from ralu_runtime import generate
+    from ralu_runtime.parallel import RanksDivergedError
+    from ralu_runtime.tiny import build_tiny
+    from tiny_inputs import sd3_embeds
+
+    rank = dist.get_rank()
+    flux, sd3 = build_tiny("tiny-flux"), build_tiny("tiny-sd3")
+    kw = dict(height=64, width=64, output_type="latent", progress=False)
+    u2 = parallel_config(ulysses_degree=2)
+    cases = {  # each would have run different collectives (a hang) or mixed the ranks' results
+        "seed": lambda: generate(flux, **flux_embeds(), **kw, seed=None if rank == 0 else 0, parallel=u2),
+        "degrees": lambda: generate(flux, **flux_embeds(), **kw, seed=0,
+                                    parallel=u2 if rank == 0 else parallel_config(ring_degree=2)),
+        "cache": lambda: generate(flux, **flux_embeds(), **kw, seed=0, speedup="4x", parallel=u2,
+                                  cache="taylorseer:2" if rank == 0 else None),
+        "guidance": lambda: generate(sd3, **sd3_embeds(), **kw, seed=0, speedup=None, num_inference_steps=2,
+                                     guidance_scale=2.0 + rank, parallel=u2),
+    }
+    out = {}
+    for name, call in cases.items():
+        try:
+            call()
+            out[name] = "no error"
+        except RanksDivergedError as exc:
+            out[name] = str(exc)
+    return out
+
+
+def test_ranks_with_different_arguments_are_refused_before_any_collective():
+    """A seed on one rank only, other degrees, another cache or guidance scale: RanksDivergedError on every rank,
+    naming the argument, before the first collective that depends on it (was: a hang, or for SD3's guidance scale
+    silently mixed latents)."""
+    from ralu_runtime.parallel.launch import run_gloo
+
+    res = run_gloo(WORKER + "_disagree_worker", 2, timeout=150)
+    for r in res:
+        assert "ranks [1] call generate with other arguments than rank 0: seed (this rank: seed=" in r["seed"]
+        assert "rank 0: ulysses_degree, ring_degree (this rank: ulysses_degree=" in r["degrees"]
+        assert "rank 0: cache (" in r["cache"]
+        assert "rank 0: guidance_scale (this rank: guidance_scale=" in r["guidance"]
 
 
 # ------------------------------------------------------------------------------- 4 gloo processes: 2 x 2

@@ -12,12 +12,16 @@ of identical bytes is identical. Two places where identical inputs are not enoug
   result is broadcast, so an autotuned convolution (``cudnn.benchmark``) that differs between processes cannot make
   the ranks choose different regions.
 
-And it is verified: at the first model call of every stage, each rank fingerprints the call's inputs (tokens, token
-positions, timestep, text conditioning; the bits, not a float sum) and the fingerprints are compared across ranks. A
-difference raises :class:`RanksDivergedError` on every rank at once (no hang, no silent mix of two images).
+And it is verified: before any other collective, the ranks compare the degrees and the call's settings (seed,
+generator states, sizes, schedule, guidance scale, feature cache, sampler options; :meth:`SequenceParallel.agree`),
+so ranks that would run different collectives or combine different results are refused by name; and at the first
+model call of every stage, each rank fingerprints the call's inputs (tokens, token positions, timestep, text
+conditioning; the bits, not a float sum) and the fingerprints are compared across ranks. A difference
+raises :class:`RanksDivergedError` on every rank at once (no hang, no silent mix of two images).
 """
 from __future__ import annotations
 
+import hashlib
 import threading
 
 import torch
@@ -65,6 +69,11 @@ def _mesh_groups(mesh):
     return flat.get_group(), mesh["ring"].get_group(), mesh["ulysses"].get_group()
 
 
+def _digest(value) -> int:
+    """A signed 64-bit hash of ``repr(value)`` (the same in every process)."""
+    return int.from_bytes(hashlib.sha256(repr(value).encode()).digest()[:8], "little", signed=True)
+
+
 class SequenceParallel:
     """One ``generate`` call's context parallelism: ``ulysses`` x ``ring`` ranks, each holding a contiguous shard of
     every model call's joint sequence (:mod:`ralu_runtime.execution.sharding`).
@@ -88,13 +97,17 @@ class SequenceParallel:
         return f"SequenceParallel(ulysses={self.ulysses}, ring={self.ring}, source={self.source!r})"
 
     # ---- groups
-    def setup(self) -> "SequenceParallel":
+    def setup(self, settings: dict | None = None) -> "SequenceParallel":
+        """Resolve the process groups, after comparing the degrees and ``settings`` (:meth:`agree`) across ranks."""
         cfg = self.config
+        groups = None
         if getattr(cfg, "_flattened_mesh", None) is not None:  # set up by diffusers (enable_parallelism)
             groups = (cfg._flattened_mesh.get_group(), cfg._ring_mesh.get_group(), cfg._ulysses_mesh.get_group())
         elif getattr(cfg, "mesh", None) is not None:
             groups = _mesh_groups(cfg.mesh)
-        else:
+        # before the first collective that depends on them (ralu's own groups, the shared seed, the model calls)
+        self.agree(dist.group.WORLD if groups is None else groups[0], settings)
+        if groups is None:
             groups = _world_groups(self.ring, self.ulysses)
         self.flat, self.ring_group, self.ulysses_group = groups
         self.index = dist.get_rank(self.flat)
@@ -110,6 +123,26 @@ class SequenceParallel:
         backend is added per call from the processor's choice: ``AttentionSpec.with_backend``)."""
         return spec(self.ulysses_group.group_name if self.ulysses > 1 else "",
                     self.ring_group.group_name if self.ring > 1 else "", self.ulysses, self.ring, "")
+
+    def agree(self, group, settings: dict | None = None) -> None:
+        """Compare the degrees and the call's ``settings`` (name -> value, compared by ``repr``) across the ranks
+        of ``group``; :class:`RanksDivergedError` on every rank naming what differs. Ranks that disagree on these
+        would run different collectives (a hang) or combine different results (a silent mix)."""
+        items = [("ulysses_degree", self.ulysses), ("ring_degree", self.ring)] + list((settings or {}).items())
+        codes = torch.tensor([_digest(v) for _, v in items], dtype=torch.int64, device=self.device)
+        n = len(items)
+        sizes = all_gather_flat(torch.tensor([n], device=self.device), group).view(-1).tolist()
+        if len(set(sizes)) > 1:
+            raise RanksDivergedError(f"the ranks compare different numbers of settings ({sizes}): every rank must "
+                                     "run the same version of ralu")
+        codes = all_gather_flat(codes, group)
+        bad = [i for i in range(n) if not bool((codes[:, i] == codes[0, i]).all())]
+        if bad:
+            ranks = [r for r in range(codes.shape[0]) if not torch.equal(codes[r], codes[0])]
+            mine = ", ".join(f"{items[i][0]}={items[i][1]!r}" for i in bad)
+            raise RanksDivergedError(f"ranks {ranks} call generate with other arguments than rank 0: "
+                                     f"{', '.join(items[i][0] for i in bad)} (this rank: {mine}); every rank must "
+                                     "call generate with the same arguments")
 
     # ---- collectives
     def gather_rows(self, x: torch.Tensor, sizes: list[int]) -> torch.Tensor:
