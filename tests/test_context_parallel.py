@@ -82,6 +82,27 @@ def test_bad_configs_are_refused_before_any_work(flux_pipe, sd3_pipe):
         generate(flux_pipe, **flux_embeds(), parallel=parallel_config(ring_degree=2), **kw)
 
 
+def test_a_model_that_cannot_run_sharded_is_refused_before_any_work(sd3_pipe):
+    """SD3 with another attention processor than JointAttnProcessor2_0 cannot run sharded: refused by prepare, before
+    the process-group check (was: a ValueError at the first model call, after the groups and the text encoding)."""
+    from diffusers.models.attention_processor import JointAttnProcessor2_0
+
+    from ralu_runtime import prepare
+    from tiny_inputs import sd3_embeds
+
+    class Custom(JointAttnProcessor2_0):
+        pass
+
+    procs = sd3_pipe.transformer.attn_processors
+    sd3_pipe.transformer.set_attn_processor(Custom())
+    try:
+        with pytest.raises(ValueError, match="another processor: transformer_blocks.0.attn: Custom"):
+            prepare(sd3_pipe, **sd3_embeds(), height=64, width=64, output_type="latent", progress=False,
+                    parallel=parallel_config(ulysses_degree=2))
+    finally:
+        sd3_pipe.transformer.set_attn_processor(procs)
+
+
 # ------------------------------------------------------------------------------------- 2 gloo processes
 def _flux_worker():
     """Every case of the eager 2-rank test; returns plain tensors / strings for the parent to compare."""

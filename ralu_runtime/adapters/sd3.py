@@ -477,8 +477,8 @@ class SD3Adapter(DiTAdapter):
         """ValueError unless ralu's block function can run this model sharded: diffusers' ``JointAttnProcessor2_0``
         on every attention, and no diffusers hook registry or torch hook on a block's attention modules or a diffusers
         hook registry on a block (the sharded call runs their layers itself and would bypass them; torch hooks on a
-        block itself run, see :func:`~ralu_runtime.adapters.base.call_with_hooks`). Checked at every sharded call,
-        on every rank alike."""
+        block itself run, see :func:`~ralu_runtime.adapters.base.call_with_hooks`). Checked by ``prepare`` (before any
+        work) and at every sharded call, on every rank alike."""
         bad = self._custom_processors()
         if bad:
             raise ValueError(f"context parallelism runs SD3's attention as ralu's copy of diffusers' "

@@ -23,7 +23,8 @@ Supported: every family (FLUX.1, SD3/SD3.5, FLUX.2, Qwen-Image, Z-Image, Chroma,
 and ``backend="inductor"`` (the attention is one custom op inside the compiled block graphs), feature caches
 (``cache="taylorseer:..."``, ``"fbcache:..."``), any ulysses x ring factorisation, token counts and head counts
 that do not divide. Refused before any work: the onnx / tensorrt backends, the serving engine's batched calls,
-diffusers tensor parallelism, configs that do not match the process group.
+diffusers tensor parallelism, configs that do not match the process group, a model whose sharded call cannot run
+(``adapter.check_shardable``: SD3 with another attention processor or hooks on its blocks).
 """
 from __future__ import annotations
 
@@ -80,6 +81,9 @@ def resolve_parallel(parallel, adapter, *, backend: str | None = None):
         raise ValueError(f"{where}: context parallelism is not implemented for "
                          f"{getattr(adapter, 'family', type(adapter).__name__)} ({type(adapter).__name__}); run it "
                          "unsharded (no parallel=)")
+    check = getattr(adapter, "check_shardable", None)
+    if check is not None:  # what this model's sharded call cannot run (SD3: custom attention processors, hooks)
+        check()
     if backend is None and getattr(adapter, "runner", None) is not None:
         backend = adapter.runner.options.backend
     if backend in EXPORTED_BACKENDS:
