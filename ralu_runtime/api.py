@@ -651,6 +651,8 @@ def prepare(pipe, prompt: str | list[str] | None = None, *, height: int | None =
     if channels is not None and plan is not None:
         raise ValueError(f"{type(adapter.pipe).__name__} (conditioning channels) does not run with context "
                          "parallelism yet; drop parallel=")
+    if plan is not None:
+        _check_shard_rows(adapter, plan, height, width, num_frames, schedule)
     if edit is not None:  # text masks and the default text length as the editing pipeline has them
         from .editing import edit_text_mask  # (Chroma: float masks, never bool; ChromaInpaintPipeline: 256 tokens)
 
@@ -668,6 +670,21 @@ def prepare(pipe, prompt: str | list[str] | None = None, *, height: int | None =
         return_masks=return_masks, noise=noise, edge_map=edge_map, edge_detector=edge_detector, solver=solver,
         transition_impl=transition_impl, region_source=region_source, progress=progress, integration=integration,
         edit=edit, channels=channels, reference=reference)
+
+
+def _check_shard_rows(adapter: DiTAdapter, sp, height: int, width: int, num_frames, schedule) -> None:
+    """ValueError when a model call of a sharded sequence that holds image tokens only (``adapter.sharded_text`` is
+    False: Wan) has fewer rows than ranks; the other families shard ``[text ; image]``."""
+    if getattr(adapter, "sharded_text", True):
+        return
+    frames = 1 if num_frames is None else 1 + (num_frames - 1) // adapter.temporal_factor
+    tokens = adapter.fine_tokens(height, width, frames)
+    least = tokens if schedule is None else tokens // 4  # RALU's stage 1: a quarter of the tokens
+    if least < sp.world:
+        stage = "" if schedule is None else " in RALU's first stage (a quarter of the tokens)"
+        raise ValueError(f"parallel=: {height}x{width} pixels x {frames} latent frame(s) make {least} image tokens"
+                         f"{stage}, fewer than the {sp.world} ranks ({adapter.family} shards the image tokens only); "
+                         "every rank needs at least one: use a larger size or more frames, or fewer ranks")
 
 
 def _check_followed_scheduler(adapter: DiTAdapter, steps: int, height: int, width: int) -> None:

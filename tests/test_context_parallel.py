@@ -258,6 +258,34 @@ def test_ranks_with_different_arguments_are_refused_before_any_collective():
         assert "rank 0: guidance_scale (this rank: guidance_scale=" in r["guidance"]
 
 
+def _wan_rows_worker():
+    """prepare(parallel=...) of a tiny Wan whose RALU stage 1 has 1 image token (Wan shards the image tokens only)
+    and of one with 4: the error message, or "no error"."""
+    from ralu_runtime import prepare
+    from ralu_runtime.tiny.wan import build_tiny_wan_pipeline
+
+    pipe = build_tiny_wan_pipeline(seed=0)
+    out = {}
+    for name, hw in (("small", 32), ("ok", 64)):
+        try:
+            prepare(pipe, "a cat", height=hw, width=hw, num_frames=1, seed=0, output_type="latent", progress=False,
+                    parallel=parallel_config(ulysses_degree=2))
+            out[name] = "no error"
+        except ValueError as exc:
+            out[name] = str(exc)
+    return out
+
+
+def test_wan_with_fewer_image_tokens_than_ranks_is_refused_by_prepare():
+    """Wan at 32x32, one frame: RALU's stage 1 has 1 image token for 2 ranks; refused by prepare (was: a ValueError
+    at the first model call, after the groups and the text encoding)."""
+    from ralu_runtime.parallel.launch import run_gloo
+
+    for r in run_gloo(WORKER + "_wan_rows_worker", 2, timeout=150):
+        assert "make 1 image tokens in RALU's first stage" in r["small"] and "fewer than the 2 ranks" in r["small"]
+        assert r["ok"] == "no error"
+
+
 # ------------------------------------------------------------------------------- 4 gloo processes: 2 x 2
 def _attention_worker():
     """``sequence_attention`` for ulysses x ring = 4 x 1, 1 x 4, 2 x 2 (groups of ralu's own and from a device

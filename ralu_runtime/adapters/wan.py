@@ -613,6 +613,7 @@ class WanAdapter(DiTAdapter):
     # ---- packed calls ----------------------------------------------------------------------------------------
     packs = True
     shards = True
+    sharded_text = False  # the sharded sequence is the image tokens only (every rank cross-attends the whole text)
     packed_attention_backend = "auto"  # varlen_attention backend of packed_velocity ("auto", "sdpa", ...)
 
     def _bypassed_by_packing(self) -> list:

@@ -24,7 +24,8 @@ and ``backend="inductor"`` (the attention is one custom op inside the compiled b
 (``cache="taylorseer:..."``, ``"fbcache:..."``), any ulysses x ring factorisation, token counts and head counts
 that do not divide. Refused before any work: the onnx / tensorrt backends, the serving engine's batched calls,
 diffusers tensor parallelism, configs that do not match the process group, a model whose sharded call cannot run
-(``adapter.check_shardable``: SD3 with another attention processor or hooks on its blocks).
+(``adapter.check_shardable``: SD3 with another attention processor or hooks on its blocks), a Wan size whose smallest
+model call has fewer image tokens than ranks (Wan shards the image tokens only).
 """
 from __future__ import annotations
 
