@@ -76,6 +76,10 @@ def test_bad_configs_are_refused_before_any_work(flux_pipe, sd3_pipe):
     plan = dataclasses.replace(prepare(flux_pipe, **flux_embeds(), **kw), parallel=object())  # as if one resolved
     with pytest.raises(ValueError, match="serving engine"):
         run(plan, model_call=lambda adapter, velocity: velocity)
+    with pytest.raises(ValueError, match="ulysses_degree=1.5 is not allowed: give an int >= 1"):  # was: run as 1
+        prepare(flux_pipe, **flux_embeds(), parallel=parallel_config(ulysses_degree=1.5, ring_degree=2), **kw)
+    with pytest.raises(ValueError, match="ulysses_degree=2.5 is not allowed"):  # was: run as 2
+        prepare(flux_pipe, **flux_embeds(), parallel=parallel_config(ulysses_degree=2.5), **kw)
     with pytest.raises(ValueError, match="not initialised"):
         prepare(flux_pipe, **flux_embeds(), parallel=parallel_config(ring_degree=2), **kw)
     with pytest.raises(ValueError, match="not initialised"):  # no model was run: the check comes first

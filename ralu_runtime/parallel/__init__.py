@@ -29,6 +29,8 @@ model call has fewer image tokens than ranks (Wan shards the image tokens only).
 """
 from __future__ import annotations
 
+import numbers
+
 from ..execution.sharding import AttentionSpec, sequence_attention, shard_range, split_sizes
 from .plan import RanksDivergedError, SequenceParallel
 
@@ -78,6 +80,11 @@ def resolve_parallel(parallel, adapter, *, backend: str | None = None):
                          "same degrees, or none (the model's config is then used)")
     cfg = model_cfg if model_cfg is not None else parallel
     where = "parallel=" if model_cfg is None else "the transformer's context-parallel config"
+    for name in ("ulysses_degree", "ring_degree"):
+        value = getattr(cfg, name)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1):
+            raise ValueError(f"{where}: {name}={value!r} is not allowed: give an int >= 1 (ulysses_degree x "
+                             "ring_degree ranks)")
     if not _shards(adapter):
         raise ValueError(f"{where}: context parallelism is not implemented for "
                          f"{getattr(adapter, 'family', type(adapter).__name__)} ({type(adapter).__name__}); run it "
