@@ -280,6 +280,9 @@ def make_cache(spec) -> FeatureCache | None:
     """
     if spec is None or isinstance(spec, FeatureCache):
         return spec
+    if isinstance(spec, type):  # a class is callable and has a (unbound) reset: it would fail at the first call
+        raise ValueError(f"cache={spec.__name__} is a class, not a cache object: pass an instance, e.g. "
+                         f"{spec.__name__}(...), or a spec string such as 'taylorseer:3'")
     if not isinstance(spec, str):
         if callable(spec) and hasattr(spec, "reset"):
             return spec  # a user cache with the same protocol

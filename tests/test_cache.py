@@ -240,3 +240,17 @@ def test_guidance_given_to_schnell_is_said_to_be_ignored(schnell_pipe, flux_pipe
         prepare(flux_pipe, guidance_scale=3.5, **SIZE, **flux_embeds())
     assert [r.getMessage() for r in caplog.records if r.name == "ralu"] == [
         "guidance_scale=3.5 is ignored: FLUX.1-schnell's transformer has no guidance embedding (guidance_embeds=False)"]
+
+
+@pytest.mark.parametrize("cls", [TaylorSeerCache, FirstBlockCache])
+def test_cache_class_instead_of_object_is_refused_early(flux_pipe, cls):
+    """A cache class (not an instance) is refused by make_cache / prepare / set_cache, naming cache=."""
+    from ralu_runtime import prepare
+
+    with pytest.raises(ValueError, match=f"cache={cls.__name__} is a class"):
+        make_cache(cls)
+    with pytest.raises(ValueError, match="cache=.* is a class"):
+        prepare(flux_pipe, **flux_embeds(), **SIZE, speedup=SCHED, seed=3, output_type="latent", cache=cls)
+    with pytest.raises(ValueError, match="is a class"):
+        set_cache(flux_pipe, cls)
+    assert get_adapter(flux_pipe).feature_cache is None
