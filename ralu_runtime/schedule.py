@@ -123,6 +123,20 @@ def _check_len3(name: str, value) -> tuple:
     return value
 
 
+def _reals(name: str, whole, values) -> tuple[float, ...]:
+    """``values`` as floats; ValueError naming ``name`` (and ``whole``, the value given) for a non-number (a string,
+    a bool, None, ...) instead of float()'s own message or a silent conversion of "4" / True."""
+    out = []
+    for v in values:
+        if isinstance(v, (str, bytes, bool, np.bool_)):
+            raise ValueError(f"{name}={whole!r} is not allowed: give numbers, not {type(v).__name__}")
+        try:
+            out.append(float(v))
+        except (TypeError, ValueError):
+            raise ValueError(f"{name}={whole!r} is not allowed: {v!r} is not a number") from None
+    return tuple(out)
+
+
 MAX_STAGE_STEPS = 1000        # per stage
 SHIFT_RANGE = (1e-3, 1e3)     # time shifts h_k (and the model's h_ori); NT-Matching's own bounds are [0.5, 10]
 MAX_Z = 1e4                   # Z = 1/sqrt(c); NT-Matching's own bounds are [2, 100]
@@ -151,7 +165,8 @@ class RaluSchedule:
         for n in steps:
             if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or not 1 <= n <= MAX_STAGE_STEPS:
                 raise ValueError(f"steps={steps!r} is not allowed: every N_k must be an int in [1, {MAX_STAGE_STEPS}]")
-        ends = tuple(float(e) for e in _check_len3("ends", self.ends))
+        ends = _check_len3("ends", self.ends)
+        ends = _reals("ends", ends, ends)
         if ends[2] != 1.0:
             raise ValueError(f"ends={ends!r} is not allowed: the last end e_3 must be exactly 1.0 (data)")
         if not 0.0 < ends[0] < ends[1] < ends[2]:
@@ -159,11 +174,13 @@ class RaluSchedule:
         if ends[0] < MIN_GAP or ends[1] > 1.0 - MIN_GAP or ends[1] - ends[0] < MIN_GAP:
             raise ValueError(f"ends={ends!r} is not allowed: e_1 >= {MIN_GAP}, e_2 <= 1 - {MIN_GAP} and e_2 - e_1 >= "
                              f"{MIN_GAP} (closer stage ends leave no time for a stage)")
-        shifts = tuple(float(h) for h in _check_len3("shifts", self.shifts))
+        shifts = _check_len3("shifts", self.shifts)
+        shifts = _reals("shifts", shifts, shifts)
         if not all(math.isfinite(h) and SHIFT_RANGE[0] <= h <= SHIFT_RANGE[1] for h in shifts):
             raise ValueError(f"shifts={shifts!r} is not allowed: every shift h_k must be in [{SHIFT_RANGE[0]}, "
                              f"{SHIFT_RANGE[1]}]")
-        z, ratio, base = float(self.z), float(self.ratio), float(self.base_shift)
+        (z,), (ratio,), (base,) = (_reals(n, v, (v,)) for n, v in (("z", self.z), ("ratio", self.ratio),
+                                                                    ("base_shift", self.base_shift)))
         if not (math.isfinite(z) and 2.0 <= z <= MAX_Z):
             raise ValueError(f"z={self.z!r} is not allowed: need 2 <= Z <= {MAX_Z:g} (c = 1/Z^2 <= 1/4 for the "
                              "correlated noise)")
@@ -333,6 +350,8 @@ def get_preset(family: str, name: str, base_shift: float | None = None) -> RaluS
                          f"{', '.join(PRESET_SPECS[family])}")
     if preset_base_shift(family, name) is not None:
         return _solved_preset(family, name)
+    if base_shift is not None:
+        (base_shift,) = _reals("base_shift", base_shift, (base_shift,))
     if base_shift is not None and not (math.isfinite(base_shift) and SHIFT_RANGE[0] <= base_shift <= SHIFT_RANGE[1]):
         raise ValueError(f"base_shift={base_shift!r} is not allowed: must be in [{SHIFT_RANGE[0]}, {SHIFT_RANGE[1]}]")
     return _solved_preset(family, name, None if base_shift is None else round(float(base_shift), SHIFT_DECIMALS))

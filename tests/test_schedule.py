@@ -241,3 +241,19 @@ def test_scheduler_base_shift_matches_diffusers_sigmas():
             sched.set_timesteps(sigmas=s)
         ours = h * s / (1 + (h - 1) * s)
         np.testing.assert_allclose(sched.sigmas[:-1].numpy(), ours, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("field, value", [
+    ("ends", ("a", 0.45, 1.0)), ("ends", (0.3, None, 1.0)), ("shifts", "abc"), ("shifts", (5.0, "2.5", 2.2)),
+    ("z", None), ("z", "6.3"), ("ratio", True), ("ratio", "0.3"), ("base_shift", None), ("base_shift", "3"),
+])
+def test_non_numbers_are_refused_naming_the_field(field, value):
+    """Strings, bools and None in the float fields: a ValueError naming the field, not float()'s own error and not
+    a silent conversion ("6.3" -> 6.3, True -> 1.0)."""
+    base = dict(steps=(5, 6, 7), ends=(0.3, 0.45, 1.0), shifts=(5.0, 2.5, 2.2), z=6.3, ratio=0.3)
+    with pytest.raises(ValueError, match=f"^{field}="):
+        RaluSchedule(**{**base, field: value})
+    with pytest.raises(ValueError, match="^base_shift="):
+        get_preset("qwen-image", "7x", "2.3")
+    ok = RaluSchedule(**{**base, "ends": np.array([0.3, 0.45, 1.0]), "z": np.float32(6.0), "ratio": 1})
+    assert ok.ends == (0.3, 0.45, 1.0) and ok.z == 6.0 and ok.ratio == 1.0
