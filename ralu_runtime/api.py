@@ -596,6 +596,9 @@ def prepare(pipe, prompt: str | list[str] | None = None, *, height: int | None =
     schedule = resolve_schedule(speedup, adapter, height, width)
     if schedule is None and region_mode_given:
         raise ValueError(f"region_mode={region_mode!r} applies to RALU runs; speedup=None chooses no regions")
+    if schedule is None and noise != "reference":  # the default cannot be told from a given "reference"
+        raise ValueError(f"noise={noise!r} applies to RALU runs (the noise of its stage transitions); speedup=None "
+                         "makes no transitions: leave noise at its default, or give a RALU speedup")
     if schedule is not None and adapter.dtype not in (torch.float32, torch.bfloat16, torch.float16):
         raise ValueError(f"speedup={getattr(speedup, 'name', speedup)!r}: RALU's stage transitions run float32, "
                          f"bfloat16 or float16 models; this one is {adapter.dtype} (speedup=None runs it, or move "

@@ -196,3 +196,17 @@ def test_generate_and_prepare_take_the_same_arguments():
     g, p = inspect.signature(generate).parameters, inspect.signature(prepare).parameters
     assert list(g) == list(p)
     assert all(g[n].default == p[n].default and g[n].kind == p[n].kind for n in g)
+
+
+def test_noise_variant_with_the_baseline_is_refused():
+    """noise='exact' shapes RALU's transition noise only: with speedup=None it was silently ignored (the CLI refuses
+    --noise there); now a ValueError naming it, before any model call."""
+    from ralu_runtime import prepare
+    from ralu_runtime.tiny import build_tiny
+
+    pipe = build_tiny("tiny-flux")
+    kw = dict(height=64, width=64, seed=0, output_type="latent", progress=False)
+    with pytest.raises(ValueError, match="noise='exact' applies to RALU runs"):
+        prepare(pipe, **flux_embeds(), speedup=None, num_inference_steps=2, noise="exact", **kw)
+    prepare(pipe, **flux_embeds(), speedup=None, num_inference_steps=2, noise="reference", **kw)
+    prepare(pipe, **flux_embeds(), speedup="7x", noise="exact", **kw)
