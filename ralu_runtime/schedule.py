@@ -234,8 +234,12 @@ class RaluSchedule:
         return _nt_distance(self.steps, self.ends, self.base_shift, self.shifts, self.z)
 
     def with_ratio(self, r: float) -> RaluSchedule:
-        """Copy with another upsampling ratio (shifts and Z do not depend on r)."""
-        return dataclasses.replace(self, ratio=r)
+        """Copy with another upsampling ratio (shifts and Z do not depend on r); a named preset's copy is named
+        with its ratio (``"flux/7x (r=0.5)"``), so reports do not show the preset's name for another schedule."""
+        out = dataclasses.replace(self, ratio=r)
+        if self.name is not None and out.ratio != self.ratio:
+            out = dataclasses.replace(out, name=f"{self.name.split(' (r=')[0]} (r={out.ratio:g})")
+        return out
 
 
 def shift_bounds(base_shift: float) -> tuple[float, float]:

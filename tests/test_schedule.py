@@ -136,6 +136,9 @@ def test_solver_validates_and_with_ratio():
     s = get_preset("flux", "7x")
     s2 = s.with_ratio(0.5)
     assert s2.ratio == 0.5 and s2.shifts == s.shifts and s.ratio == 0.1
+    # another ratio is another schedule: reports (CLI, server responses) must not call it the preset
+    assert (s.name, s2.name, s2.with_ratio(0.3).name, s.with_ratio(0.1).name) == (
+        "flux/7x", "flux/7x (r=0.5)", "flux/7x (r=0.3)", "flux/7x")
     with pytest.raises(ValueError, match="ratio"):
         s.with_ratio(2.0)
 
