@@ -360,3 +360,19 @@ def test_cuda_graphs_follow_lora_scale_disable_and_fuse():
             change(p)
         torch.testing.assert_close(run(pipe), run(ref), **TOL)
     assert (run(pipe) - full).abs().max() > 1e-3
+
+
+def test_onnx_refuses_a_bfloat16_model_before_any_work(monkeypatch):
+    """onnxruntime runs no bfloat16 model (CPU: no kernels; its inputs go through numpy): refused by prepare and
+    compile_adapter, naming the dtype, before an export (which used to fail only after exporting)."""
+    from ralu_runtime.compile import onnx as onnx_mod
+    from ralu_runtime.tiny import build_tiny_flux_pipeline
+
+    pipe = build_tiny_flux_pipeline(seed=0, dtype=torch.bfloat16)
+    emb = {k: v.bfloat16() for k, v in flux_embeds(1).items()}
+    monkeypatch.setattr(onnx_mod, "export_onnx", lambda *a, **k: pytest.fail("exported before refusing"))
+    with pytest.raises(ValueError, match=r"backend='onnx'.*bfloat16.*float16 or float32"):
+        generate(pipe, **emb, height=64, width=64, backend="onnx", **BASE)
+    with pytest.raises(ValueError, match=r"backend='onnx'.*bfloat16"):
+        compile_adapter(pipe, "onnx")
+    assert get_adapter(pipe).runner is None

@@ -26,10 +26,15 @@ _PRECISION_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torc
 
 def check_backend_for(options: CompileOptions, adapter) -> None:
     """ValueError, before any work, for a backend the adapter's family cannot run (``onnx`` where the family's
-    model call does not export: :attr:`DiTAdapter.onnx_refusal`)."""
+    model call does not export: :attr:`DiTAdapter.onnx_refusal`; ``onnx`` for a bfloat16 model, which
+    onnxruntime cannot run: no bfloat16 kernels on its CPU provider, no bfloat16 numpy type for its inputs)."""
     refusal = getattr(adapter, "onnx_refusal", None)
     if options.backend == "onnx" and refusal:
         raise ValueError(f"backend='onnx' is not available for {adapter.family}: {refusal}")
+    if options.backend == "onnx" and getattr(adapter, "dtype", None) == torch.bfloat16:
+        raise ValueError("backend='onnx' cannot run a torch.bfloat16 model (onnxruntime has no bfloat16 kernels "
+                         "or input type); move the pipeline to float16 or float32, or use backend='eager' or "
+                         "'inductor'")
 
 
 def resolve_precision(options: CompileOptions, dtype: torch.dtype, device) -> tuple[str, str | None]:
