@@ -150,3 +150,24 @@ def test_gpu_measured_backend_under_inductor_and_cuda_graphs():
     builds = len(runner.builds)
     _ralu(pipe, emb)
     assert len(runner.builds) == builds  # second call: replays
+
+
+@torch.no_grad()
+def test_attn_backend_without_a_kernel_on_the_device_is_refused_before_any_work(monkeypatch):
+    """cudnn / efficient have no CPU kernel: refused by prepare and compile_adapter naming the value and what runs,
+    not by torch's "No viable backend" at the first model call; flash and math run on the CPU."""
+    pipe = build_tiny_flux_pipeline(seed=0)
+    emb = flux_embeds(1)
+    adapter = get_adapter(pipe)
+    monkeypatch.setattr(type(adapter), "encode_prompt", lambda *a, **k: pytest.fail("encoded before refusing"))
+    for name in ("cudnn", "efficient"):
+        with pytest.raises(ValueError, match=rf"attn_backend='{name}'.*cpu.*'math'"):
+            generate(pipe, **emb, height=64, width=64, speedup=None, num_inference_steps=1, output_type="latent",
+                     progress=False, backend="eager", compile_options={"attn_backend": name})
+        with pytest.raises(ValueError, match=rf"attn_backend='{name}'"):
+            compile_adapter(pipe, "eager", attn_backend=name)
+    assert adapter.runner is None
+    monkeypatch.undo()
+    for name in ("flash", "math"):
+        generate(pipe, **emb, height=64, width=64, speedup=None, num_inference_steps=1, output_type="latent",
+                 progress=False, backend="eager", compile_options={"attn_backend": name})

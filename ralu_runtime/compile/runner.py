@@ -19,7 +19,7 @@ from .impl import BackendImpl, attention_tag
 from .options import BACKENDS, BuildRecord, CompileOptions, make_options
 from .packed import PackedBuckets, PackedState, RunnerExecution
 from .scoped import dynamo_settings
-from .sdpa import SdpaRecorder, choose_backend, sdpa_context
+from .sdpa import SDPA_SINGLE, SdpaRecorder, check_attn_backend, choose_backend, sdpa_context
 
 _PRECISION_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
@@ -27,10 +27,13 @@ _PRECISION_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torc
 def check_backend_for(options: CompileOptions, adapter) -> None:
     """ValueError, before any work, for a backend the adapter's family cannot run (``onnx`` where the family's
     model call does not export: :attr:`DiTAdapter.onnx_refusal`; ``onnx`` for a bfloat16 model, which
-    onnxruntime cannot run: no bfloat16 kernels on its CPU provider, no bfloat16 numpy type for its inputs)."""
+    onnxruntime cannot run: no bfloat16 kernels on its CPU provider, no bfloat16 numpy type for its inputs), and for
+    an ``attn_backend`` with no attention kernel on the model's device (:func:`.sdpa.check_attn_backend`)."""
     refusal = getattr(adapter, "onnx_refusal", None)
     if options.backend == "onnx" and refusal:
         raise ValueError(f"backend='onnx' is not available for {adapter.family}: {refusal}")
+    if options.attn_backend in SDPA_SINGLE and isinstance(getattr(adapter, "dtype", None), torch.dtype):
+        check_attn_backend(options.attn_backend, adapter.device, adapter.dtype)  # e.g. cudnn on a CPU
     if options.backend == "onnx" and getattr(adapter, "dtype", None) == torch.bfloat16:
         raise ValueError("backend='onnx' cannot run a torch.bfloat16 model (onnxruntime has no bfloat16 kernels "
                          "or input type); move the pipeline to float16 or float32, or use backend='eager' or "

@@ -86,6 +86,38 @@ def sdpa_context(name: str, device: torch.device | str):
         yield
 
 
+_RUNS_HERE: dict[tuple, bool] = {}
+
+
+def check_attn_backend(name: str, device: torch.device | str, dtype: torch.dtype) -> None:
+    """ValueError, before any work, when ``attn_backend=name`` (one of cudnn / flash / efficient / math) has no SDPA
+    kernel on a non-CUDA ``device`` for ``dtype`` (e.g. cudnn or efficient on a CPU), naming the policies that do.
+    Probed once per (device type, backend, dtype) on a tiny attention. On CUDA the shapes decide: not checked."""
+    dev = torch.device(device)
+    if name not in SDPA_SINGLE or dev.type == "cuda":
+        return
+    runs = {b: _runs_here(b, dev, dtype) for b in SDPA_SINGLE}
+    if not runs[name]:
+        ok = ["auto", "default"] + [b for b in SDPA_SINGLE if runs[b]] + ["measure"]
+        raise ValueError(f"attn_backend={name!r} has no attention kernel on {dev.type} for {dtype} (torch's "
+                         f"{name} SDPA backend runs on CUDA); choose one of {tuple(ok)}")
+
+
+def _runs_here(name: str, device: torch.device, dtype: torch.dtype) -> bool:
+    key = (device.type, name, dtype)
+    if key not in _RUNS_HERE:
+        from torch.nn.attention import sdpa_kernel
+
+        q = torch.zeros(1, 1, 8, 16, device=device, dtype=dtype)
+        try:
+            with torch.no_grad(), sdpa_kernel([_sdp_backend(name)]):
+                torch.nn.functional.scaled_dot_product_attention(q, q, q)
+            _RUNS_HERE[key] = True
+        except RuntimeError:
+            _RUNS_HERE[key] = False
+    return _RUNS_HERE[key]
+
+
 # ------------------------------------------------------------------------------------------------ shapes
 def _pow2(n: int) -> int:
     return 1 << max(0, int(n) - 1).bit_length()
@@ -323,5 +355,5 @@ def clear_measurements() -> None:
 
 
 __all__ = ["AttnShape", "MEASURED_BACKENDS", "SdpaRecorder", "attention_report", "candidate_backends",
-           "choose_backend", "clear_measurements", "default_shapes", "measure_attention_backends", "measure_shape",
+           "check_attn_backend", "choose_backend", "clear_measurements", "default_shapes", "measure_attention_backends", "measure_shape",
            "sdpa_context", "shape_of"]
