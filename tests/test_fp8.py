@@ -151,6 +151,10 @@ def test_option_values_checked():
         CompileOptions(backend="onnx", precision="fp8")
     with pytest.raises(ValueError, match="fp8_kernel"):
         CompileOptions(fp8_kernel="cublas")
+    # a kernel without precision='fp8' would be silently ignored (the model ran in its own dtype): refused
+    with pytest.raises(ValueError, match=r"fp8_kernel='emulated' applies with precision='fp8' only.*'auto'"):
+        CompileOptions(fp8_kernel="emulated")
+    CompileOptions(precision="fp8", fp8_kernel="emulated")
     pipe = build_tiny_flux_pipeline(seed=0)
     with pytest.raises(ValueError, match="precision='bf16' but the model is torch.float32"):
         ensure_backend(pipe, "eager", precision="bf16")
@@ -376,3 +380,13 @@ def test_gpu_compiled_fp8_under_cuda_graphs_follows_weight_changes_and_lora():
     lora = _ralu(pipe, emb)
     assert (lora - changed).abs().max() > 1e-3
     assert len(runner.builds) > builds  # the model's layers changed: graphs captured anew
+
+
+def test_fp8_kernel_without_fp8_precision_is_refused_before_any_work():
+    """``compile_options={"fp8_kernel": ...}`` without ``precision="fp8"`` used to run the model in its own dtype,
+    the kernel ignored; ``generate`` now refuses it up front, naming the value."""
+    pipe = build_tiny_flux_pipeline(seed=0)
+    with pytest.raises(ValueError, match=r"fp8_kernel='emulated' applies with precision='fp8' only"):
+        generate(pipe, **flux_embeds(1), height=64, width=64, speedup=None, num_inference_steps=1,
+                 output_type="latent", progress=False, backend="eager", compile_options={"fp8_kernel": "emulated"})
+    assert get_adapter(pipe).runner is None

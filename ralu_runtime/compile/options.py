@@ -38,6 +38,9 @@ class CompileOptions:
             raise ValueError(f"precision={self.precision!r} is not allowed; choose one of {PRECISIONS}")
         if self.fp8_kernel not in FP8_KERNELS:
             raise ValueError(f"fp8_kernel={self.fp8_kernel!r} is not allowed; choose one of {FP8_KERNELS}")
+        if self.fp8_kernel != "auto" and self.precision != "fp8":  # would be ignored: say so
+            raise ValueError(f"fp8_kernel={self.fp8_kernel!r} applies with precision='fp8' only, not with "
+                             f"precision={self.precision!r}: add precision='fp8' or leave fp8_kernel='auto'")
         if self.precision == "fp8" and self.backend not in ("eager", "inductor"):
             raise ValueError(f"precision='fp8' runs with backend='eager' or 'inductor', not {self.backend!r} (an "
                              "exported graph cannot hold ralu's fp8 layers)")
