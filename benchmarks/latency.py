@@ -140,14 +140,22 @@ def kontext_reference(resolution: int, seed: int = 0):
     return Image.fromarray(rng.integers(0, 256, (resolution, resolution, 3), dtype=np.uint8), "RGB")
 
 
-def compile_options(args) -> dict:
-    return {"cuda_graphs": None if not args.no_cuda_graphs else False, "fused_qkv": not args.no_fused_qkv,
+def _fused_qkv(args, pipe) -> bool | None:
+    """``fused_qkv`` for the pipeline: on unless --no-fused-qkv, where the family has fused projections (None
+    elsewhere: ralu refuses fused_qkv=True for a family without them)."""
+    from ralu_runtime.adapters import get_adapter
+
+    return (not args.no_fused_qkv) if get_adapter(pipe).fuses_projections else None
+
+
+def compile_options(args, pipe) -> dict:
+    return {"cuda_graphs": None if not args.no_cuda_graphs else False, "fused_qkv": _fused_qkv(args, pipe),
             "attn_backend": args.attn_backend, "mode": "max-autotune" if args.max_autotune else "default",
             "dynamic": not args.static_shapes, "compile_vae": not args.no_compile_vae}
 
 
-def eager_options(args) -> dict:
-    return {"cuda_graphs": False, "fused_qkv": not args.no_fused_qkv, "attn_backend": args.attn_backend}
+def eager_options(args, pipe) -> dict:
+    return {"cuda_graphs": False, "fused_qkv": _fused_qkv(args, pipe), "attn_backend": args.attn_backend}
 
 
 def prepare_row(pipe, emb, args, row: str) -> dict:
@@ -155,7 +163,8 @@ def prepare_row(pipe, emb, args, row: str) -> dict:
     from ralu_runtime.compile import compile_stats, ensure_backend
 
     preset, kind = parse_row(row)
-    backend, opts = ("inductor", compile_options(args)) if kind == "compiled" else ("eager", eager_options(args))
+    backend, opts = (("inductor", compile_options(args, pipe)) if kind == "compiled"
+                     else ("eager", eager_options(args, pipe)))
     runner = ensure_backend(pipe, backend, **opts)
     state = {"row": row, "preset": preset, "kind": kind, "backend": backend, "opts": opts, "runner": runner,
              "n_builds": len(runner.builds), "graphs0": compile_stats()["unique_graphs"], "totals": [], "stages": {}}
@@ -334,7 +343,7 @@ def start_times(pipe, emb, args, row: str, cache_file: Path) -> dict:
     uncompile_adapter(pipe)
     torch._dynamo.reset()
     loaded = load_compile_artifacts(cache_file)
-    compile_adapter(pipe, "inductor", **compile_options(args))
+    compile_adapter(pipe, "inductor", **compile_options(args, pipe))
     warm_first, _ = run_once(pipe, emb, args, preset, seed=7)
     steady, _ = run_once(pipe, emb, args, preset, seed=8)
     return {"row": row, "cache_bundle_bytes": nbytes, "bundle_loaded": loaded, "warm_start_first_call_s": warm_first,

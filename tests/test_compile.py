@@ -7,6 +7,7 @@ further token count / resolution / RALU stage reuses them (0 recompiles); the fi
 batch 1 adds one graph per kind (size-1 dimensions are specialised), after which no batch size recompiles.
 """
 import importlib.util
+import re
 import threading
 
 import pytest
@@ -16,6 +17,7 @@ from ralu_runtime import generate
 from ralu_runtime.adapters import TokenGrid, get_adapter
 from ralu_runtime.compile import (BACKENDS, CompileOptions, StageRunner, compile_adapter, compile_stats, ensure_backend,
                                   save_compile_artifacts, uncompile_adapter)
+from ralu_runtime.compile.options import make_options
 from ralu_runtime.warmup import warmup
 from ralu_runtime.layout import grid_positions
 from tiny_inputs import flux_embeds, lora_state_dict, sd3_embeds
@@ -311,8 +313,11 @@ def test_fused_qkv_fast_default_matches_unfused(family):
     pipe = _fresh_flux() if family == "flux" else build_tiny_sd3_pipeline(seed=0)
     emb = flux_embeds(1) if family == "flux" else sd3_embeds(1)
     ref = generate(pipe, **emb, height=64, width=64, **BASE).images
-    runner = compile_adapter(pipe, "eager", fused_qkv=True, attn_backend="math")
-    assert runner.applied["fused_qkv"] == (family == "flux")  # SD3 runs its own attention modules: not fused
+    if family == "sd3":  # SD3 runs its own attention modules: nothing to fuse, and asking for it is refused
+        with pytest.raises(ValueError, match="fused_qkv=True: sd3's model call has no fused"):
+            compile_adapter(pipe, "eager", fused_qkv=True, attn_backend="math")
+    runner = compile_adapter(pipe, "eager", fused_qkv=True if family == "flux" else None, attn_backend="math")
+    assert runner.applied["fused_qkv"] == (family == "flux")
     torch.testing.assert_close(generate(pipe, **emb, height=64, width=64, **BASE).images, ref, **TOL)
     # the fusion is ralu's own: the user's attention layers are untouched
     assert not any(getattr(m, "fused_projections", False) or hasattr(m, "to_qkv") for m in pipe.transformer.modules())
@@ -376,3 +381,54 @@ def test_onnx_refuses_a_bfloat16_model_before_any_work(monkeypatch):
     with pytest.raises(ValueError, match=r"backend='onnx'.*bfloat16"):
         compile_adapter(pipe, "onnx")
     assert get_adapter(pipe).runner is None
+
+
+@pytest.mark.parametrize("backend,options,unused", [
+    ("eager", {"mode": "max-autotune"}, "mode='max-autotune'"),
+    ("onnx", {"dynamic": False}, "dynamic=False"),
+    ("eager", {"dynamo_backend": "eager"}, "dynamo_backend='eager'"),
+    ("inductor", {"dynamo_backend": "eager", "mode": "max-autotune"}, "dynamo_backend='eager' replaces inductor"),
+    ("inductor", {"opset": 17}, "opset=17"),
+    ("eager", {"providers": ["CPUExecutionProvider"]}, "providers=['CPUExecutionProvider']"),
+    ("onnx", {"cuda_graphs": True}, "cuda_graphs=True"),
+    ("onnx", {"attn_backend": "measure"}, "attn_backend='measure'"),
+    ("tensorrt", {"attn_backend": "measure"}, "attn_backend='measure'"),
+    ("eager", {"precision": "fp8", "fused_qkv": True}, "fused_qkv=True"),
+])
+def test_options_a_backend_would_ignore_are_refused(backend, options, unused):
+    """An option the chosen backend does not use was dropped without a word (onnx ran without the CUDA graphs asked
+    for, eager without the mode): each is refused naming it and where it applies."""
+    with pytest.raises(ValueError, match=f"backend='{backend}' would ignore .*{re.escape(unused)}"):
+        make_options(backend, options)
+
+
+@pytest.mark.parametrize("backend,options", [
+    ("eager", {"compile_vae": True, "dynamo_backend": "eager"}),  # the VAE's torch.compile backend
+    ("onnx", {"onnx_dir": "graphs", "opset": 17, "providers": ["CPUExecutionProvider"], "cuda_graphs": False}),
+    ("tensorrt", {"onnx_dir": "graphs", "cuda_graphs": True}),   # flavour-dependent: checked when it is known
+    ("inductor", {"mode": "max-autotune", "dynamic": False, "attn_backend": "measure"}),
+    ("eager", {"precision": "fp8", "fused_qkv": False}),
+])
+def test_options_a_backend_uses_are_accepted(backend, options):
+    assert make_options(backend, options).unused() == []
+
+
+@pytest.mark.parametrize("flavour,options,unused", [
+    ("torch_tensorrt", {"onnx_dir": "graphs"}, "onnx_dir='graphs'"),
+    ("torch_tensorrt", {"opset": 17}, "opset=17"),
+    ("tensorrt", {"cuda_graphs": True}, "cuda_graphs=True"),
+    ("tensorrt", {"providers": ["TensorrtExecutionProvider"]}, "providers="),
+    ("ort-trt", {"cuda_graphs": True}, "cuda_graphs=True"),
+])
+def test_tensorrt_flavour_refuses_what_it_would_ignore(monkeypatch, flavour, options, unused):
+    """Which of onnx_dir / opset / providers / cuda_graphs apply depends on the TensorRT flavour installed; the
+    runner checks them once it is known, before the device check (so this runs on a CPU)."""
+    import ralu_runtime.compile.tensorrt as T
+    from ralu_runtime.compile.options import check_flavour_options
+
+    with pytest.raises(ValueError, match=f"backend='tensorrt' \\({flavour}\\) would ignore {re.escape(unused)}"):
+        check_flavour_options(make_options("tensorrt", options), flavour)
+    monkeypatch.setattr(T, "tensorrt_flavour", lambda: flavour)
+    with pytest.raises(ValueError, match=re.escape(unused)):
+        compile_adapter(_fresh_flux(), "tensorrt", **options)
+    check_flavour_options(make_options("tensorrt", {"opset": 17} if flavour != "torch_tensorrt" else {}), flavour)

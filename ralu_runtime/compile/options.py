@@ -52,8 +52,44 @@ class CompileOptions:
                 raise TypeError(f"{name}={v!r}: use True, False or None (automatic)")
         if not isinstance(self.dynamic, bool):
             raise TypeError(f"dynamic={self.dynamic!r}: use True or False")
-        if not isinstance(self.opset, int) or not 14 <= self.opset <= 23:
+        if not isinstance(self.opset, int) or isinstance(self.opset, bool) or not 14 <= self.opset <= 23:
             raise ValueError(f"opset={self.opset!r}: use an ONNX opset between 14 and 23")
+        unused = self.unused()
+        if unused:
+            raise ValueError(f"backend={self.backend!r} would ignore " + "; ".join(unused) + ": drop them or choose "
+                             "the backend they configure")
+
+    def unused(self) -> list[str]:
+        """The options given (not at their defaults) that ``self.backend`` would not use, each with where it
+        applies; empty when every option given is used. Device-independent (the TensorRT flavour's own are checked
+        when it is known: :func:`check_flavour_options`)."""
+        out = []
+        if self.backend != "inductor":
+            if self.mode != "default":
+                out.append(f"mode={self.mode!r} (torch.compile's mode: backend='inductor')")
+            if not self.dynamic:
+                out.append("dynamic=False (symbolic shapes of torch.compile: backend='inductor')")
+            if self.dynamo_backend is not None and self.compile_vae is not True:
+                out.append(f"dynamo_backend={self.dynamo_backend!r} (torch.compile's backend: backend='inductor', "
+                           "or compile_vae=True)")
+        elif self.dynamo_backend is not None and self.mode != "default":
+            out.append(f"mode={self.mode!r} (inductor's mode; dynamo_backend={self.dynamo_backend!r} replaces "
+                       "inductor)")
+        if self.backend in ("eager", "inductor"):
+            for name, given in (("onnx_dir", self.onnx_dir is not None), ("providers", self.providers is not None),
+                                ("opset", self.opset != 18)):
+                if given:
+                    out.append(f"{name}={getattr(self, name)!r} (exported graphs: backend='onnx' or 'tensorrt')")
+        else:
+            if self.attn_backend == "measure":
+                out.append("attn_backend='measure' (times attention backends per shape: backend='eager' or "
+                           "'inductor'; an exported graph holds its own attention)")
+        if self.backend == "onnx" and self.cuda_graphs:
+            out.append("cuda_graphs=True (onnxruntime sessions run without ralu's CUDA graphs: backend='eager', "
+                       "'inductor' or 'tensorrt' via torch_tensorrt)")
+        if self.precision == "fp8" and self.fused_qkv:
+            out.append("fused_qkv=True (precision='fp8' runs ralu's fp8 q/k/v layers, not fused weights)")
+        return out
 
     def key(self):
         return tuple(sorted((k, repr(v)) for k, v in self.__dict__.items()))
@@ -68,6 +104,26 @@ def make_options(backend: str, options: dict | None = None) -> CompileOptions:
     if unknown:
         raise TypeError(f"compile options {sorted(unknown)} are not known; allowed: {sorted(fields)}")
     return CompileOptions(backend=backend, **options)
+
+
+def check_flavour_options(options: CompileOptions, flavour: str) -> None:
+    """ValueError naming the options given that ``backend='tensorrt'`` would ignore with the TensorRT ``flavour``
+    found (:func:`.tensorrt.tensorrt_flavour`: "torch_tensorrt" compiles with torch.compile, no ONNX file;
+    "tensorrt" builds an engine from an ONNX file, no onnxruntime; "ort-trt" runs onnxruntime's TensorRT
+    provider). CUDA graphs are ralu's with torch_tensorrt only."""
+    unused = []
+    if flavour == "torch_tensorrt":
+        for name, given in (("onnx_dir", options.onnx_dir is not None), ("opset", options.opset != 18),
+                            ("providers", options.providers is not None)):
+            if given:
+                unused.append(f"{name}={getattr(options, name)!r} (torch_tensorrt exports no ONNX graph)")
+    else:
+        if options.cuda_graphs:
+            unused.append(f"cuda_graphs=True (ralu's CUDA graphs run with torch_tensorrt; this is {flavour})")
+        if flavour == "tensorrt" and options.providers is not None:
+            unused.append(f"providers={options.providers!r} (onnxruntime's; this TensorRT engine runs without it)")
+    if unused:
+        raise ValueError(f"backend='tensorrt' ({flavour}) would ignore " + "; ".join(unused) + ": drop them")
 
 
 @dataclass

@@ -16,7 +16,7 @@ from .cuda_graphs import GraphPool
 from .flatten import flatten, signature, unflatten
 from .fp8 import Fp8Shadows, check_fp8_device, resolve_kernel
 from .impl import BackendImpl, attention_tag
-from .options import BACKENDS, BuildRecord, CompileOptions, make_options
+from .options import BACKENDS, BuildRecord, CompileOptions, check_flavour_options, make_options
 from .packed import PackedBuckets, PackedState, RunnerExecution
 from .scoped import dynamo_settings
 from .sdpa import SDPA_SINGLE, SdpaRecorder, check_attn_backend, choose_backend, sdpa_context
@@ -28,12 +28,16 @@ def check_backend_for(options: CompileOptions, adapter) -> None:
     """ValueError, before any work, for a backend the adapter's family cannot run (``onnx`` where the family's
     model call does not export: :attr:`DiTAdapter.onnx_refusal`; ``onnx`` for a bfloat16 model, which
     onnxruntime cannot run: no bfloat16 kernels on its CPU provider, no bfloat16 numpy type for its inputs), and for
-    an ``attn_backend`` with no attention kernel on the model's device (:func:`.sdpa.check_attn_backend`)."""
+    an ``attn_backend`` with no attention kernel on the model's device (:func:`.sdpa.check_attn_backend`), and for
+    ``fused_qkv=True`` where the family fuses no projections (it would be ignored)."""
     refusal = getattr(adapter, "onnx_refusal", None)
     if options.backend == "onnx" and refusal:
         raise ValueError(f"backend='onnx' is not available for {adapter.family}: {refusal}")
     if options.attn_backend in SDPA_SINGLE and isinstance(getattr(adapter, "dtype", None), torch.dtype):
         check_attn_backend(options.attn_backend, adapter.device, adapter.dtype)  # e.g. cudnn on a CPU
+    if options.fused_qkv and not getattr(adapter, "fuses_projections", True):
+        raise ValueError(f"fused_qkv=True: {adapter.family}'s model call has no fused q/k/v projections for ralu to "
+                         "run; leave fused_qkv at None")
     if options.backend == "onnx" and getattr(adapter, "dtype", None) == torch.bfloat16:
         raise ValueError("backend='onnx' cannot run a torch.bfloat16 model (onnxruntime has no bfloat16 kernels "
                          "or input type); move the pipeline to float16 or float32, or use backend='eager' or "
@@ -198,6 +202,7 @@ class StageRunner:
             raise ValueError("cuda_graphs=True needs a CUDA device")
         if options.backend == "tensorrt":
             self.flavour = tensorrt_flavour()  # ImportError naming what to install
+            check_flavour_options(options, self.flavour)
             if not cuda:
                 raise RuntimeError("backend='tensorrt' needs a CUDA device; the model is on "
                                    f"{self.device}. Use backend='inductor' or 'onnx' on a CPU.")
