@@ -646,6 +646,7 @@ def prepare(pipe, prompt: str | list[str] | None = None, *, height: int | None =
             "the negative prompt is ignored: at guidance_scale=%g %s runs no classifier-free guidance (as its "
             "diffusers pipeline); raise guidance_scale to use it", guidance, adapter.family)
     _check_work(adapter, bounds, batch, height, width, num_frames, int(steps), schedule)
+    _warn_idle_cache(cache, schedule.steps if schedule is not None else (int(steps),), edit is not None)
     from .parallel import resolve_parallel
 
     plan = resolve_parallel(parallel, adapter, backend=backend)
@@ -673,6 +674,19 @@ def prepare(pipe, prompt: str | list[str] | None = None, *, height: int | None =
         return_masks=return_masks, noise=noise, edge_map=edge_map, edge_detector=edge_detector, solver=solver,
         transition_impl=transition_impl, region_source=region_source, progress=progress, integration=integration,
         edit=edit, channels=channels, reference=reference)
+
+
+def _warn_idle_cache(cache, stage_steps: tuple[int, ...], edit: bool) -> None:
+    """A warning when a cache with a fixed plan of full / cached steps (TaylorSeer's) would run every step of
+    every stage in full (a warm-up as long as each stage, or an interval of 1): the call costs what an uncached
+    one does, which the user asked the cache to avoid. Edits run a truncated plan: not checked."""
+    plan = getattr(cache, "plan", None)
+    if plan is None or edit or any("C" in plan(n) for n in stage_steps):
+        return
+    logging.getLogger("ralu").warning(
+        "cache=%r caches no step: its plan runs every step of stages of %s steps in full (warm-up %s, interval "
+        "%s); lower warmup / raise interval, or drop the cache", cache, "/".join(map(str, stage_steps)),
+        getattr(cache, "warmup", "?"), getattr(cache, "interval", "?"))
 
 
 def _check_shard_rows(adapter: DiTAdapter, sp, height: int, width: int, num_frames, schedule) -> None:

@@ -232,9 +232,11 @@ class FirstBlockCache(FeatureCache):
 
     def __init__(self, threshold: float = 0.1, *, max_cached: int | None = None, on_shape_change: str = "raise"):
         super().__init__(on_shape_change=on_shape_change)
-        if not (isinstance(threshold, (int, float)) and math.isfinite(threshold) and threshold >= 0):
+        if isinstance(threshold, bool) or not (isinstance(threshold, (int, float)) and math.isfinite(threshold)
+                                                and threshold >= 0):
             raise ValueError(f"threshold={threshold!r} is not allowed: need a finite number >= 0")
-        if max_cached is not None and (not isinstance(max_cached, int) or max_cached < 0):
+        if max_cached is not None and (isinstance(max_cached, bool) or not isinstance(max_cached, int)
+                                       or max_cached < 0):
             raise ValueError(f"max_cached={max_cached!r} is not allowed: need None or an int >= 0")
         self.threshold, self.max_cached = float(threshold), max_cached
         self.last_diff: float | None = None

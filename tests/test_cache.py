@@ -254,3 +254,29 @@ def test_cache_class_instead_of_object_is_refused_early(flux_pipe, cls):
     with pytest.raises(ValueError, match="is a class"):
         set_cache(flux_pipe, cls)
     assert get_adapter(flux_pipe).feature_cache is None
+
+
+@pytest.mark.parametrize("bad", [dict(threshold=True), dict(threshold=False), dict(max_cached=True)])
+def test_fbcache_refuses_booleans(bad):
+    """FirstBlockCache(True) was threshold 1.0 (skip nearly every step) and max_cached=True one step: refused."""
+    with pytest.raises(ValueError, match=f"{next(iter(bad))}={next(iter(bad.values()))!r} is not allowed"):
+        FirstBlockCache(**bad)
+
+
+def test_a_taylorseer_plan_that_caches_nothing_is_said(flux_pipe, caplog):
+    """A warm-up as long as every stage (SCHED's stages have 2 / 3 / 4 steps) runs every step in full: the call
+    costs an uncached one's. prepare warns; a plan that caches a step somewhere does not."""
+    from ralu_runtime import prepare
+
+    with caplog.at_level("WARNING", logger="ralu"):
+        prepare(flux_pipe, **flux_embeds(), **SIZE, speedup=SCHED, cache=TaylorSeerCache(2, warmup=4))
+        prepare(flux_pipe, **flux_embeds(), **SIZE, speedup=None, num_inference_steps=8,
+                cache=TaylorSeerCache(2, warmup=8))
+        prepare(flux_pipe, **flux_embeds(), **SIZE, speedup=SCHED, cache=TaylorSeerCache(2, warmup=3))  # 4: "FFFC"
+        prepare(flux_pipe, **flux_embeds(), **SIZE, speedup=SCHED, cache=FirstBlockCache(0.1))  # no fixed plan
+    said = [r.getMessage() for r in caplog.records if r.name == "ralu"]
+    assert len(said) == 2, said
+    assert "caches no step" in said[0] and "stages of 2/3/4 steps" in said[0] and "warm-up 4" in said[0]
+    assert "stages of 8 steps" in said[1]
+    out = run(flux_pipe, SCHED, cache=TaylorSeerCache(2, warmup=4))
+    assert out.cache_stats["cached"] == 0  # what the warning says
