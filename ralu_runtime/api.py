@@ -522,16 +522,17 @@ def prepare(pipe, prompt: str | list[str] | None = None, *, height: int | None =
             raise ValueError(f"precision={precision!r} and compile_options['precision']="
                              f"{compile_options['precision']!r} disagree: give one")
         compile_options = {**(compile_options or {}), "precision": precision}
-        backend = "eager" if backend is None else backend
-    if compile_options and backend is None:
+    keep_backend = precision is not None and backend is None  # the installed backend (eager if none) re-dressed
+    if compile_options and backend is None and not keep_backend:
         raise ValueError("compile_options need backend= (the backend they configure)")
     options = None
-    if backend is not None:
+    if backend is not None or keep_backend:
         from .compile import BACKENDS
         from .compile.options import make_options
 
-        _check_choice("backend", backend, BACKENDS)
-        options = make_options(backend, compile_options)  # unknown fields and bad values fail here, before any work
+        if backend is not None:
+            _check_choice("backend", backend, BACKENDS)
+        options = make_options(backend or "eager", compile_options)  # unknown fields, bad values: here, before work
     from .limits import resolve_limits
 
     bounds = resolve_limits(limits)
@@ -551,6 +552,9 @@ def prepare(pipe, prompt: str | list[str] | None = None, *, height: int | None =
     check_edit_request(adapter, image=image, mask_image=mask_image, control_image=control_image)
     adapter.check_supported()
     _check_model_device(adapter)
+    if keep_backend and adapter.runner is not None:
+        options = _installed_with(adapter.runner.options, compile_options)
+        backend = options.backend
     if options is not None:
         from .compile.runner import check_backend_for, resolve_precision
 
@@ -674,6 +678,22 @@ def prepare(pipe, prompt: str | list[str] | None = None, *, height: int | None =
         return_masks=return_masks, noise=noise, edge_map=edge_map, edge_detector=edge_detector, solver=solver,
         transition_impl=transition_impl, region_source=region_source, progress=progress, integration=integration,
         edit=edit, channels=channels, reference=reference)
+
+
+def _installed_with(installed, overrides: dict):
+    """The installed runner's :class:`CompileOptions` with ``overrides`` (``precision=`` given without
+    ``backend=``: the backend the user installed keeps running, in the precision asked for). A precision change
+    resets what belongs to the old one (``fp8_kernel``; ``fused_qkv=True``, which fp8 does not run)."""
+    from dataclasses import fields
+
+    from .compile.options import make_options
+
+    base = {f.name: getattr(installed, f.name) for f in fields(installed) if f.name != "backend"}
+    if overrides.get("precision", base["precision"]) != base["precision"]:
+        base["fp8_kernel"] = "auto"
+        if overrides["precision"] == "fp8" and base["fused_qkv"]:
+            base["fused_qkv"] = None
+    return make_options(installed.backend, {**base, **overrides})
 
 
 def _warn_idle_cache(cache, stage_steps: tuple[int, ...], edit: bool) -> None:
@@ -927,7 +947,8 @@ def generate(pipe, prompt: str | list[str] | None = None, *, height: int | None 
     per-token activation scales) on ralu's own quantized copies (the model is left as it is; a LoRA loaded later is
     followed); it needs a GPU of compute capability >= 8.9 (the CPU runs it for tests) and refuses others before any
     work. "auto" / "bf16" / "fp16" / "fp32": the model's own dtype. Sets ``compile_options["precision"]`` (see
-    :mod:`ralu_runtime.compile.fp8`); with ``backend=None`` the eager backend is installed.
+    :mod:`ralu_runtime.compile.fp8`); with ``backend=None`` the installed backend keeps running (its options, this
+    precision), the eager one when none is installed.
     Embeddings in another dtype than the transformer's are cast where every value is kept (float16 / bfloat16 on a
     float32 model) and refused otherwise (TypeError naming the argument: float32 on a bfloat16 model, float64 on a
     float32 one); embeddings or a pipeline on the meta device are refused (ValueError).

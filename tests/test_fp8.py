@@ -390,3 +390,29 @@ def test_fp8_kernel_without_fp8_precision_is_refused_before_any_work():
         generate(pipe, **flux_embeds(1), height=64, width=64, speedup=None, num_inference_steps=1,
                  output_type="latent", progress=False, backend="eager", compile_options={"fp8_kernel": "emulated"})
     assert get_adapter(pipe).runner is None
+
+
+def test_precision_without_backend_keeps_the_installed_backend():
+    """``precision=`` without ``backend=`` re-dresses the runner the user installed (its backend and options, the
+    precision asked for) instead of replacing a compiled runner by an eager one; with none installed it is eager.
+    The installed fp8 kernel and fused q/k/v belong to the old precision and are reset."""
+    from ralu_runtime import prepare
+
+    pipe = build_tiny_flux_pipeline(seed=0)
+    emb = flux_embeds(1)
+    kw = dict(height=64, width=64, progress=False)
+    assert prepare(pipe, **emb, **kw, precision="fp8").compile.backend == "eager"  # nothing installed
+    installed = compile_adapter(pipe, "inductor", dynamo_backend="eager", fused_qkv=True, compile_vae=False)
+    same = prepare(pipe, **emb, **kw, precision="auto").compile
+    assert same.key() == installed.options.key()  # the installed runner is kept as it is
+    fp8 = prepare(pipe, **emb, **kw, precision="fp8", compile_options={"fp8_kernel": "emulated"}).compile
+    assert (fp8.backend, fp8.dynamo_backend, fp8.compile_vae, fp8.precision, fp8.fp8_kernel, fp8.fused_qkv) == (
+        "inductor", "eager", False, "fp8", "emulated", None)
+    out = generate(pipe, **emb, **kw, speedup=SCHED, seed=3, output_type="latent", precision="fp8",
+                   compile_options={"fp8_kernel": "emulated"})
+    runner = get_adapter(pipe).runner
+    assert runner is not installed and runner.options.backend == "inductor" and runner.applied["compiled_blocks"]
+    assert runner.applied["precision"] == "fp8" and torch.isfinite(out.images).all()
+    back = prepare(pipe, **emb, **kw, precision="fp32").compile  # from fp8 back: its fp8_kernel is dropped
+    assert (back.backend, back.precision, back.fp8_kernel) == ("inductor", "fp32", "auto")
+    uncompile_adapter(pipe)
