@@ -1,74 +1,21 @@
-"""The GPU smoke step (benchmarks/gpu_smoke.py): its CPU dry run through the suite, the harness's outcomes, its
-report and its wiring into gpu_suite. (Its own file: the dry run is long, and xdist runs a file on one worker.)"""
+"""The GPU smoke step (benchmarks/gpu_smoke.py): the harness's outcomes, its report and its wiring into gpu_suite.
+Its CPU dry run through the suite is in test_gpu_suite.py (one dry run of the whole suite with --smoke serves both)."""
 from __future__ import annotations
 
 import json
 import os
 import subprocess
 import sys
-import tarfile
 from pathlib import Path
 
 import pytest
 
 from benchmarks import gpu_suite as S
-from helpers import dry_run_env
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 # ------------------------------------------------------------------------------------------------ the smoke step
-@pytest.mark.slow
-def test_smoke_dry_run_through_the_suite(tmp_path):
-    """``--dry-run --smoke --only build,smoke``: the smoke step's every job on the CPU through the same builders and
-    checks as on the GPU (dry-size models, fp32); its JSON and log in the output folder and in results.tar.gz, one
-    claim line for the step and one per job."""
-    from benchmarks import gpu_smoke as G
-
-    out, work = tmp_path / "out", tmp_path / "work"
-    env = dry_run_env()
-    proc = subprocess.run([sys.executable, "-m", "benchmarks.gpu_suite", "--dry-run", "--smoke", "--only",
-                           "build,smoke", "--out", str(out), "--work", str(work)], cwd=ROOT, env=env,
-                          capture_output=True, text=True, timeout=900)
-    assert proc.returncode == 0, proc.stdout[-6000:] + proc.stderr[-3000:]
-    summary = json.loads((out / "summary.json").read_text())
-    status = {s["name"]: s["status"] for s in summary["steps"]}
-    assert status["build"] == status["smoke"] == "ok", status
-    report = json.loads((out / "smoke_cpu.json").read_text())
-    assert report["final"] and report["dry_run"] and report["dtype"] == "float32"
-    assert report["commit"] != "unknown" and report["commit_source"] in ("git", "RALU_COMMIT")
-    rows = {r["path"]: r for r in report["rows"]}
-    expected = {f"{j.name}/{c}" for j in G.jobs() for c, _ in j.checks}
-    assert set(rows) == expected
-    bad = {p: (r["result"], r["note"]) for p, r in rows.items() if r["result"] != "ok"}
-    assert bad == {"kernels/transition_cuda_op": ("skipped", "CPU: the CUDA op needs a GPU"),
-                   "precision/fp8_torchao": ("skipped", "torchao's fp8 kernel runs on CUDA only")}, bad
-    for path in ("flux-dev/parity_diffusers", "chroma/text_masks_graphs", "serving/engine_packed_graphs",
-                 "kernels/transition_triton", "kernels/varlen_attention"):
-        assert rows[path]["error"] is not None and rows[path]["error"] <= rows[path]["tol"], rows[path]
-    # the GPU run's models, built on the meta device: published widths, 2 blocks of each kind
-    shape = rows["flux-dev/build"]["info"]["smoke_shape"]
-    assert (shape["num_attention_heads"], shape["attention_head_dim"], shape["joint_attention_dim"]) == (24, 128, 4096)
-    assert (shape["num_layers"], shape["num_single_layers"]) == (2, 2)
-    assert rows["wan22/build"]["info"]["smoke_shape"]["experts"] == 2
-    assert rows["serving/engine_packed_graphs"]["info"]["packed_calls"] > 0
-    assert rows["flux-dev/compiled_baseline"]["info"]["graphs"] > 0  # the dry run traces FLUX.1-dev with dynamo
-    assert (out / "smoke_cpu.log").read_text().count("path") >= 1
-    with tarfile.open(out / "results.tar.gz") as tf:
-        names = set(tf.getnames())
-    assert "gpu_suite/smoke_cpu.json" in names and "gpu_suite/logs/smoke.log" in names
-    assert any(n.startswith("gpu_suite/logs/smoke/") for n in names)
-    claims = {c["claim"]: c for c in summary["claims"]}
-    top = next(c for name, c in claims.items() if name.startswith("smoke: every GPU path"))
-    assert top["measured"].startswith(f"{len(expected) - 2} ok, 2 skipped"), top
-    # fp8 really ran (the emulation on the CPU), compiled (traced) fp8 and the measured attention backend too
-    assert 0 < rows["precision/fp8_eager"]["error"] <= rows["precision/fp8_eager"]["tol"]
-    assert rows["precision/fp8_eager"]["info"]["fp8_layers"] > 0
-    assert rows["precision/fp8_compiled"]["info"]["graphs"] > 0
-    assert rows["precision/attn_measure"]["info"]["choices"]
-    assert claims["smoke hunyuan-video15"]["measured"].startswith("8/8 ok")
-
-
 @pytest.mark.slow
 def test_smoke_harness_records_every_outcome(tmp_path):
     """The orchestrator's own checks (no model): ok / failed (tolerance) / error / skipped rows, a check past its limit

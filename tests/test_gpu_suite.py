@@ -15,23 +15,32 @@ from helpers import dry_run_env
 ROOT = Path(__file__).resolve().parents[1]
 
 
+@pytest.fixture(scope="module")
+def dry_run(tmp_path_factory):
+    """``(out, work)`` of one CPU dry run of the whole suite with ``--smoke`` (every step, the smoke step's every
+    job after the build), shared by the tests below: two dry runs (the suite's, then ``--only build,smoke``) cost
+    ~40 s more on a 2-core CPU."""
+    base = tmp_path_factory.mktemp("gpu_suite")
+    out, work = base / "out", base / "work"
+    proc = subprocess.run([sys.executable, "-m", "benchmarks.gpu_suite", "--dry-run", "--smoke", "--out", str(out),
+                           "--work", str(work)], cwd=ROOT, env=dry_run_env(), capture_output=True, text=True,
+                          timeout=900)
+    assert proc.returncode == 0, proc.stdout[-6000:] + proc.stderr[-4000:]
+    return out, work
+
+
 @pytest.mark.slow
-def test_dry_run_runs_every_step(tmp_path):
-    out, work = tmp_path / "out", tmp_path / "work"
-    env = dry_run_env()
-    proc = subprocess.run([sys.executable, "-m", "benchmarks.gpu_suite", "--dry-run", "--out", str(out),
-                           "--work", str(work)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
-    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+def test_dry_run_runs_every_step(dry_run):
+    out, work = dry_run
     summary = json.loads((out / "summary.json").read_text())
     assert summary["dry_run"] and summary["final"]
     status = {s["name"]: s["status"] for s in summary["steps"]}
     assert set(status) == {s.name for s in S.STEPS}
-    # without a compiled row there is no compile bundle, so the warm start cannot run; the smoke step runs with
-    # --smoke only (its own dry-run test below)
-    expected_skips = {"warm_start", "smoke"}
-    assert {n for n, st in status.items() if st != "ok"} == expected_skips, status
+    # without a compiled row there is no compile bundle, so the warm start cannot run
+    assert {n for n, st in status.items() if st != "ok"} == {"warm_start"}, status
     assert "ctest" in status
-    assert len(summary["claims"]) >= 15 and all(c["met"] == "dry run" for c in summary["claims"])
+    steps = [c for c in summary["claims"] if not c["claim"].startswith("smoke")]
+    assert len(steps) >= 15 and all(c["met"] == "dry run" for c in steps)
     measured = {c["claim"]: c["measured"] for c in summary["claims"]}
     assert measured["transition output independent of tiling (bitwise)"].startswith("0 mismatches")
     assert "not run" not in measured["varlen attention vs padded masked SDPA (mixed FLUX stage lengths)"]
@@ -64,6 +73,53 @@ def test_dry_run_runs_every_step(tmp_path):
     assert kontext["kontext"]["reference_px"] == [128, 128] and kontext["baseline_steps"] == 2
     log = (out / "suite.log").read_text()
     assert "summary (one line per claim)" in log
+
+
+# ------------------------------------------------------------------------------------------------ the smoke step
+@pytest.mark.slow
+def test_smoke_dry_run_through_the_suite(dry_run):
+    """``--dry-run --smoke``: the smoke step's every job on the CPU through the same builders and checks as on the
+    GPU (dry-size models, fp32); its JSON and log in the output folder and in results.tar.gz, one claim line for the
+    step and one per job."""
+    from benchmarks import gpu_smoke as G
+
+    out, _work = dry_run
+    summary = json.loads((out / "summary.json").read_text())
+    status = {s["name"]: s["status"] for s in summary["steps"]}
+    assert status["build"] == status["smoke"] == "ok", status
+    report = json.loads((out / "smoke_cpu.json").read_text())
+    assert report["final"] and report["dry_run"] and report["dtype"] == "float32"
+    assert report["commit"] != "unknown" and report["commit_source"] in ("git", "RALU_COMMIT")
+    rows = {r["path"]: r for r in report["rows"]}
+    expected = {f"{j.name}/{c}" for j in G.jobs() for c, _ in j.checks}
+    assert set(rows) == expected
+    bad = {p: (r["result"], r["note"]) for p, r in rows.items() if r["result"] != "ok"}
+    assert bad == {"kernels/transition_cuda_op": ("skipped", "CPU: the CUDA op needs a GPU"),
+                   "precision/fp8_torchao": ("skipped", "torchao's fp8 kernel runs on CUDA only")}, bad
+    for path in ("flux-dev/parity_diffusers", "chroma/text_masks_graphs", "serving/engine_packed_graphs",
+                 "kernels/transition_triton", "kernels/varlen_attention"):
+        assert rows[path]["error"] is not None and rows[path]["error"] <= rows[path]["tol"], rows[path]
+    # the GPU run's models, built on the meta device: published widths, 2 blocks of each kind
+    shape = rows["flux-dev/build"]["info"]["smoke_shape"]
+    assert (shape["num_attention_heads"], shape["attention_head_dim"], shape["joint_attention_dim"]) == (24, 128, 4096)
+    assert (shape["num_layers"], shape["num_single_layers"]) == (2, 2)
+    assert rows["wan22/build"]["info"]["smoke_shape"]["experts"] == 2
+    assert rows["serving/engine_packed_graphs"]["info"]["packed_calls"] > 0
+    assert rows["flux-dev/compiled_baseline"]["info"]["graphs"] > 0  # the dry run traces FLUX.1-dev with dynamo
+    assert (out / "smoke_cpu.log").read_text().count("path") >= 1
+    with tarfile.open(out / "results.tar.gz") as tf:
+        names = set(tf.getnames())
+    assert "gpu_suite/smoke_cpu.json" in names and "gpu_suite/logs/smoke.log" in names
+    assert any(n.startswith("gpu_suite/logs/smoke/") for n in names)
+    claims = {c["claim"]: c for c in summary["claims"]}
+    top = next(c for name, c in claims.items() if name.startswith("smoke: every GPU path"))
+    assert top["measured"].startswith(f"{len(expected) - 2} ok, 2 skipped"), top
+    # fp8 really ran (the emulation on the CPU), compiled (traced) fp8 and the measured attention backend too
+    assert 0 < rows["precision/fp8_eager"]["error"] <= rows["precision/fp8_eager"]["tol"]
+    assert rows["precision/fp8_eager"]["info"]["fp8_layers"] > 0
+    assert rows["precision/fp8_compiled"]["info"]["graphs"] > 0
+    assert rows["precision/attn_measure"]["info"]["choices"]
+    assert claims["smoke hunyuan-video15"]["measured"].startswith("8/8 ok")
 
 
 def test_unknown_step_is_refused(tmp_path):
