@@ -937,7 +937,12 @@ def generate(pipe, prompt: str | list[str] | None = None, *, height: int | None 
     ``noise``: "reference" (N(0, I) for tokens not upsampled at a boundary) or "exact" (N(0, (1 - c) I)).
     ``edge_map``: "unit" maps the decoded [-1, 1] image by (x + 1) / 2; "clip" is the reference
     implementation's grey mapping (see :mod:`ralu_runtime.edges`). ``edge_detector``: "opencv" (CPU Canny) or
-    "gpu" (on-device Canny). ``cache``: temporal feature cache for this call (see :mod:`ralu_runtime.cache`):
+    "gpu" (on-device Canny). ``edge_map`` / ``edge_detector`` / ``region_source`` / ``transition_impl`` /
+    ``return_masks`` are about RALU's regions and transitions: ``speedup=None`` accepts them and has none, so that
+    one set of arguments serves a baseline and a RALU call side by side (``noise="exact"`` and ``region_mode``,
+    which change what a RALU call computes, are refused there; the CLI refuses its flags for them with --speedup
+    none, the server its region_source).
+    ``cache``: temporal feature cache for this call (see :mod:`ralu_runtime.cache`):
     "taylorseer:W[:order]", "fbcache:threshold" (a fresh cache for this call), a cache object, or "none"; None
     uses what :func:`ralu_runtime.cache.set_cache` set as the default (nothing by default). The cache is reset at
     every stage; its step counts land in ``cache_stats``. ``backend``: "eager", "inductor", "onnx" or "tensorrt"
