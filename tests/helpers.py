@@ -1,9 +1,10 @@
 """Shared test helpers: a snapshot of everything ralu could change on a user's pipeline, and its comparison.
 
 ``snapshot(pipe)`` records, for every ``torch.nn.Module`` component of a diffusers pipeline (transformer(s), VAE,
-text encoders): each submodule's type, identity, training flag, compiled state, forward (pre-)hooks and public
-attribute names; each parameter's identity and version counter; every state-dict value (cloned); the attention
-processors' types and identities. Also the pipeline's attribute names, the scheduler's config and the global torch RNG state.
+text encoders): each submodule's type, identity, training flag, compiled state, forward (pre-)hooks, diffusers hooks
+and public attribute names; each parameter's identity and version counter; every state-dict value (cloned); the
+attention processors' types and identities. Also the pipeline's attribute names, the scheduler's config and the global
+torch RNG state.
 ``assert_same(before, after)`` fails naming what changed. ``running_server`` runs the HTTP app over a tiny engine
 for the serving tests. ``dry_run_env()`` is the environment of a GPU-suite dry run started by a test.
 """
@@ -18,11 +19,18 @@ import torch
 _SIMPLE = (int, float, str, bool, type(None), tuple)
 
 
+def _diffusers_hooks(mod: torch.nn.Module) -> list | None:
+    """``[(name, identity)]`` of the hooks in a module's diffusers hook registry (``enable_parallelism``'s
+    context-parallel split / gather hooks, caches, group offloading), None without a registry."""
+    registry = getattr(mod, "_diffusers_hook", None)
+    return None if registry is None else [(name, id(hook)) for name, hook in registry.hooks.items()]
+
+
 def _module_snapshot(mod: torch.nn.Module) -> dict:
     snap = {
         "modules": [(n, type(m), id(m), m.training, m._compiled_call_impl is not None,
                      [id(h) for h in m._forward_hooks.values()], [id(h) for h in m._forward_pre_hooks.values()],
-                     getattr(m, "_diffusers_hook", None) is not None,
+                     _diffusers_hooks(m),
                      sorted(k for k in vars(m) if not k.startswith("_"))) for n, m in mod.named_modules()],
         "params": [(n, id(p), p._version) for n, p in mod.named_parameters()],
         "values": {n: t.detach().clone() for n, t in mod.state_dict().items()},

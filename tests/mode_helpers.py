@@ -14,6 +14,8 @@ mixes, rank cases) and takes the mode plumbing from here.
 * :func:`parallel_config`, :func:`sharded_case`, :func:`assert_ranks_match`, :func:`assert_cases_match`: the gloo
   tests' ContextParallelConfig, one case run on a rank, and the check of a case (bitwise across ranks, within ATOL of
   one process).
+* :func:`left_as_found`: a rank's check that the user's pipeline is as it was (the snapshot of tests/helpers.py), as
+  a string a gloo worker returns.
 """
 from __future__ import annotations
 
@@ -219,6 +221,19 @@ def parallel_config(**kw):
     from diffusers import ContextParallelConfig
 
     return ContextParallelConfig(**kw)
+
+
+def left_as_found(before: dict, pipe, extra: dict | None = None) -> str:
+    """"" when ``snapshot(pipe, extra=extra)`` equals ``before`` (tests/helpers.py), else what changed: what a gloo
+    worker returns for the parent to assert on (an AssertionError on one rank would leave the others waiting at their
+    next collective)."""
+    from helpers import assert_same, snapshot
+
+    try:
+        assert_same(before, snapshot(pipe, extra=extra))
+    except AssertionError as exc:
+        return str(exc) or "changed"
+    return ""
 
 
 def sharded_case(pipe, parallel, par_kwargs: dict | None = None, **kwargs) -> dict:

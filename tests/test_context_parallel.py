@@ -3,9 +3,10 @@
 
 Tolerance (float32): max |parallel - single process| <= 1e-5 on latents of scale ~1 (measured: 4.8e-7 to 7.2e-7; the
 attention sums the same keys in the same order, the rest is the same per-token arithmetic on fewer rows). Across
-ranks the results are bitwise equal (the velocity is all-gathered; decodes are rank 0's). The eager cases run in one
-spawn of 2 processes (~1 min on 2 cores, most of it importing diffusers in each process); the inductor case is
-``slow`` (~3 min: two cold CPU compiles at once).
+ranks the results are bitwise equal (the velocity is all-gathered; decodes are rank 0's), and each rank's pipeline is
+left as found (also one set up by diffusers' ``enable_parallelism``). The eager cases run in one spawn of 2 processes
+(~1 min on 2 cores, most of it importing diffusers in each process); the inductor case is ``slow`` (~3 min: two cold
+CPU compiles at once).
 """
 import os
 from unittest import mock
@@ -14,7 +15,7 @@ import pytest
 import torch
 
 from tiny_inputs import flux_embeds
-from mode_helpers import ATOL, OneRank, parallel_config, sharded_case
+from mode_helpers import ATOL, OneRank, left_as_found, parallel_config, sharded_case
 
 WORKER = f"{__name__}:"
 
@@ -115,10 +116,12 @@ def _flux_worker():
     from ralu_runtime import generate
     from ralu_runtime.parallel import RanksDivergedError
     from ralu_runtime.tiny import build_tiny
+    from helpers import snapshot
 
     rank = dist.get_rank()
     pipe = build_tiny("tiny-flux")
     emb = flux_embeds()
+    found = snapshot(pipe, extra={"transformer": pipe.transformer})  # its private attributes (_parallel_config) too
     base = dict(output_type="latent", progress=False, return_masks=True)
     out = {}
 
@@ -144,10 +147,6 @@ def _flux_worker():
     par = generate(pipe, **emb, height=128, width=128, speedup="7x", seed=3, output_type="pt", progress=False,
                    parallel=parallel_config(ulysses_degree=2))
     out["images"] = dict(ref=ref.images, par=par.images)
-    # no seed: rank 0 draws it for all
-    torch.manual_seed(100 + rank)
-    out["no_seed"] = generate(pipe, **emb, height=64, width=64, output_type="latent", progress=False,
-                              parallel=parallel_config(ulysses_degree=2)).images
     # different prompt embeddings on the ranks: detected at the first model call, on every rank (different
     # seeds are refused before that: test_ranks_with_different_arguments_are_refused_before_any_collective)
     try:
@@ -161,6 +160,11 @@ def _flux_worker():
         out["world_mismatch"] = "no error"
     except ValueError as exc:
         out["world_mismatch"] = str(exc)
+    out["left_as_found"] = left_as_found(found, pipe, {"transformer": pipe.transformer})  # the refused calls too
+    # no seed: rank 0 draws it for all (from its global RNG: after the snapshot's check)
+    torch.manual_seed(100 + rank)
+    out["no_seed"] = generate(pipe, **emb, height=64, width=64, output_type="latent", progress=False,
+                              parallel=parallel_config(ulysses_degree=2)).images
     # a transformer set up by diffusers' own enable_parallelism is run under its config (its groups, not its hooks);
     # on a CPU diffusers' set-up divides by torch.accelerator.device_count() == 0, hence the patch (docs/parallelism.md)
     from diffusers import ContextParallelConfig
@@ -168,12 +172,17 @@ def _flux_worker():
     pipe2 = build_tiny("tiny-flux")
     with mock.patch("torch.accelerator.device_count", lambda: 1):
         pipe2.transformer.enable_parallelism(config=ContextParallelConfig(ulysses_degree=2, ulysses_anything=True))
+    model_config = pipe2.transformer._parallel_config
+    set_up = {"transformer": pipe2.transformer, "parallel_config": model_config,
+              "context_parallel_config": model_config.context_parallel_config}
+    found = snapshot(pipe2, extra=set_up)  # with diffusers' split / gather hooks
     out["adopted"] = generate(pipe2, **emb, **base, **ralu7).images
     try:
         generate(pipe2, **emb, **base, **ralu7, parallel=parallel_config(ring_degree=2))
         out["adopted_mismatch"] = "no error"
     except ValueError as exc:
         out["adopted_mismatch"] = str(exc)
+    out["adopted_left_as_found"] = left_as_found(found, pipe2, set_up)
     return out
 
 
@@ -214,6 +223,15 @@ def test_two_ranks_images_seed_and_divergence(two_ranks):
         assert "set up by enable_parallelism" in r["adopted_mismatch"]
     assert torch.equal(a["adopted"], b["adopted"])
     assert (a["adopted"] - a["ulysses"]["ref"]).abs().max().item() <= ATOL
+
+
+def test_two_ranks_leave_the_pipelines_as_found(two_ranks):
+    """On each rank, the pipeline after the sharded calls (ulysses, ring, fused q/k/v, feature caches, decoded images,
+    refused calls), and the one whose transformer was set up by diffusers' enable_parallelism after ralu ran under its
+    config: as found (tests/helpers.py's snapshot, with the transformer's private attributes, its parallel configs and
+    diffusers' split / gather hooks)."""
+    for r in two_ranks:
+        assert (r["left_as_found"], r["adopted_left_as_found"]) == ("", "")
 
 
 def _disagree_worker():

@@ -16,8 +16,8 @@ blocks 0-1), CPU, fp32.
   arithmetic there; 1.2e-6 and 1.7e-6 with ulysses 4 and 2 x 2; a count of the cross-rank attention calls shows
   that every case ran sharded) and are bitwise equal across ranks, for RALU runs
   with odd joint sequences, CFG, skip-layer guidance, a feature cache, and 4 ranks where a rank holds text rows only
-  (no image row for SD3.5 Medium's image-only attention). SD3 has no text mask. One ``run_gloo`` spawn per rank
-  count.
+  (no image row for SD3.5 Medium's image-only attention); each rank's pipelines are left as found. SD3 has no text
+  mask. One ``run_gloo`` spawn per rank count.
 """
 from __future__ import annotations
 
@@ -26,8 +26,8 @@ import torch
 
 from ralu_runtime.adapters import TokenGrid, VelocityCall
 from ralu_runtime.execution.call import call_scope
-from mode_helpers import (REL_TOL, CountCalls, OneRank, PaddedLayout, assert_case_on_ranks, assert_packs, pad_by,
-                          parallel_config, per_call, rel_diff, sharded_case, stage_grid)
+from mode_helpers import (REL_TOL, CountCalls, OneRank, PaddedLayout, assert_case_on_ranks, assert_packs,
+                          left_as_found, pad_by, parallel_config, per_call, rel_diff, sharded_case, stage_grid)
 
 BF16_TOL = 6e-2  # bf16 packed vs per call, relative (measured on a CPU: up to 3.5e-2 with MIX's CFG scales)
 WORKER = f"{__name__}:"
@@ -227,14 +227,18 @@ def test_inductor_packed_equals_eager_packed_and_a_new_mix_compiles_nothing():
 
 # ------------------------------------------------------------------------------------------------ gloo ranks
 def _worker(world: int):
-    """Every case for ``world`` ranks: generate sharded and in one process (on every rank), plain tensors back."""
+    """Every case for ``world`` ranks: generate sharded and in one process (on every rank), plain tensors back;
+    ``left_as_found``: per pipeline, what the calls changed on it ("": nothing)."""
     from ralu_runtime.execution import sharding
     from ralu_runtime.adapters import get_adapter
     from ralu_runtime.adapters.sd3 import SkipLayerGuidance
     from ralu_runtime.tiny.sd35 import random_embeds
+    from helpers import snapshot
 
     medium, sd3 = _pipe("medium", seed=0), _pipe("sd3", seed=1)
     get_adapter(medium).skip_layer_guidance = SkipLayerGuidance(layers=(1,), scale=2.0, stop=0.4)
+    pipes = {"medium": medium, "sd3": sd3}
+    found = {name: snapshot(p, extra={"transformer": p.transformer}) for name, p in pipes.items()}
     base = dict(output_type="latent", progress=False)
     out = {}
 
@@ -265,6 +269,8 @@ def _worker(world: int):
         both("medium_2x2", medium, dict(ralu, batch=2), parallel_config(ulysses_degree=2, ring_degree=2))
         both("sd3_baseline", sd3, dict(height=64, width=64, speedup=None, num_inference_steps=3, seed=6),
              parallel_config(ring_degree=4))
+    out["left_as_found"] = {name: left_as_found(found[name], p, {"transformer": p.transformer})
+                            for name, p in pipes.items()}
     return out
 
 
@@ -285,6 +291,14 @@ def test_two_ranks_equal_one_process(two_ranks, case):
         assert res["par_stats"]["cached"] > 0
 
 
+@pytest.mark.slow
+def test_two_ranks_leave_the_pipelines_as_found(two_ranks):
+    """Each rank's SD3 and SD3.5 Medium pipelines after sharded and one-process calls (CFG, skip-layer guidance, a
+    feature cache): as found (tests/helpers.py's snapshot, with the transformer's private attributes)."""
+    for r in two_ranks:
+        assert r["left_as_found"] == {"medium": "", "sd3": ""}
+
+
 @pytest.mark.slow  # one spawn of 4 processes: ~1-2 min on 2 cores
 def test_four_ranks_equal_one_process():
     from ralu_runtime.parallel.launch import run_gloo
@@ -292,3 +306,5 @@ def test_four_ranks_equal_one_process():
     ranks = run_gloo(WORKER + "_worker", 4, kwargs=dict(world=4), timeout=900)
     for case in ("medium_ulysses4", "medium_2x2", "sd3_baseline"):
         assert_case_on_ranks(ranks, case)
+    for r in ranks:
+        assert r["left_as_found"] == {"medium": "", "sd3": ""}
