@@ -92,11 +92,15 @@ def test_presets_use_the_models_own_shift(family):
 
 
 def test_warmup_with_dummy_embeddings(family):
+    """warmup's dummy-embedding run reports its stages and leaves the pipeline as found."""
     from ralu_runtime.warmup import warmup
+    from helpers import assert_same, snapshot
 
     _name, pipe, _emb = family
+    before = snapshot(pipe, extra={"transformer": pipe.transformer})
     report = warmup(pipe, **SIZE, runs=1, text_len=8)
     assert report["first_s"] > 0 and "stage1" in report["stages"]
+    assert_same(before, snapshot(pipe, extra={"transformer": pipe.transformer}))
 
 
 @pytest.mark.parametrize("bad,text", [

@@ -12,6 +12,7 @@ from ralu_runtime.adapters import get_adapter
 from ralu_runtime.serving import (DeadlineExceeded, Engine, EngineBusy, EngineClosed, EngineConfig,
                                   RequestCancelled)
 from ralu_runtime.tiny import build_tiny
+from helpers import assert_same, snapshot
 from tiny_inputs import flux_embeds, sd3_embeds
 
 A = RaluSchedule(steps=(2, 2, 2), ends=(0.3, 0.5, 1.0), shifts=(3.0, 3.0, 3.0), z=4.0, ratio=0.3)
@@ -173,14 +174,29 @@ def test_request_tokens_count_cfg_rows_only_where_the_family_runs_cfg():
                 assert (h.tokens, ran) == (want, 2 * want), (name, guidance, cfg)
 
 
-def test_engine_leaves_the_pipeline_as_found(flux):
-    before = {k: v.clone() for k, v in flux.transformer.state_dict().items()}
-    procs = dict(flux.transformer.attn_processors)
-    with Engine(flux, output_type="latent") as eng:
-        eng.generate(seed=0, height=64, width=64, speedup=A, timeout=300, **flux_embeds(1))
-    assert dict(flux.transformer.attn_processors) == procs
-    after = flux.transformer.state_dict()
-    assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
+def test_engine_leaves_the_pipeline_as_found():
+    """An engine on the eager backend with fused q/k/v serving its warm-up requests (warmup_variants) and then mixed
+    requests in packed calls (presets, sizes, a baseline, a feature cache, batched final decodes), one cancelled at
+    shutdown: the pipeline as found (tests/helpers.py's snapshot, with the transformer's private attributes)."""
+    pipe = build_tiny("tiny-flux")  # its own: the backend installed here stays on it (later calls keep it)
+    before = snapshot(pipe, extra={"transformer": pipe.transformer})
+    eng = Engine(pipe, EngineConfig(gather_timeout_s=0.2), output_type="latent", backend="eager",
+                 compile_options={"fused_qkv": True})
+    try:
+        for extra in eng.warmup_variants():
+            eng.generate(seed=0, height=64, width=64, timeout=300, **flux_embeds(1), **extra)
+        kws = [dict(height=64, width=64, speedup=A, **flux_embeds(1, seed=1)),
+               dict(height=64, width=96, speedup=B, **flux_embeds(2, seed=2)),
+               dict(height=96, width=64, speedup=None, num_inference_steps=2, **flux_embeds(1, seed=3)),
+               dict(height=64, width=64, speedup=A, cache="taylorseer:2", output_type="pt", **flux_embeds(1)),
+               dict(height=64, width=96, speedup=B, output_type="pt", **flux_embeds(1, seed=4))]
+        for h in [eng.submit(seed=s, **kw) for s, kw in enumerate(kws)]:
+            h.result(timeout=300)
+        assert eng.metrics()["packed_calls"] > 0
+        eng.submit(seed=9, height=128, width=128, speedup=A, **flux_embeds(1))
+    finally:
+        eng.shutdown(drain=False, timeout=60)
+    assert_same(before, snapshot(pipe, extra={"transformer": pipe.transformer}))
 
 
 def test_done_callbacks_and_closing_flag(flux):
