@@ -246,6 +246,32 @@ def test_generate_leaves_sd3_as_found():
     assert_same(before, snapshot(pipe))
 
 
+@pytest.mark.slow  # a dynamo trace per stage and one of the VAE decode
+@torch.no_grad()
+def test_backend_switches_leave_the_pipeline_as_found():
+    """eager with fused q/k/v -> inductor (dynamo's eager backend) with a compiled VAE decode -> fp8 on that
+    runner (precision= alone) -> eager fp8 -> uncompile_adapter: after each step's generate call the pipeline is as
+    found (with the transformer's and the VAE's private attributes), and a plain pipe() after the last equals one
+    before the first."""
+    pipe = build_tiny_flux_pipeline(seed=0)
+    emb = flux_embeds(1)
+    before_plain = _plain(pipe, emb)
+    extra = {"transformer": pipe.transformer, "vae": pipe.vae}
+    before = snapshot(pipe, extra=extra)
+    fp8 = {"fp8_kernel": "emulated"}
+    steps = [dict(backend="eager", compile_options={"fused_qkv": True}),
+             dict(backend="inductor", compile_options={"dynamo_backend": "eager", "compile_vae": True}),
+             dict(precision="fp8", compile_options=fp8),
+             dict(backend="eager", precision="fp8", compile_options=fp8)]
+    for step in steps:
+        generate(pipe, **emb, height=64, width=64, speedup=SCHED, seed=3, output_type="pt", progress=False, **step)
+        assert_same(before, snapshot(pipe, extra=extra))
+    assert get_adapter(pipe).runner.applied["precision"] == "fp8"
+    uncompile_adapter(pipe)
+    assert_same(before, snapshot(pipe, extra=extra))
+    assert torch.equal(_plain(pipe, emb), before_plain), "plain pipe() changed after the backend switches"
+
+
 @torch.no_grad()
 def test_compiled_runner_follows_lora_hotswap_and_uncompile_restores_plain_calls():
     """What the inductor backend compiles are ralu's own functions: the user's blocks never get a compiled call."""
