@@ -144,6 +144,23 @@ def test_bad_requests_refused_at_submission(flux, kw, match):
     assert m["model_calls"] == 0 and m["queue_depth"] == 0
 
 
+def test_a_default_generator_is_refused_and_a_default_seed_gives_way_to_the_requests():
+    """Same seed, same image through the engine: a generator among the engine's defaults was shared by every request
+    (two identical requests gave two images, each depending on how many requests had drawn from it before, and a
+    request with its own seed failed: 'pass either generator or seed'); it is refused. A default seed applies to
+    requests that give neither, and gives way to a request's own seed or generator."""
+    pipe = build_tiny("tiny-flux")
+    with pytest.raises(ValueError, match="generator"):
+        Engine(pipe, generator=torch.Generator().manual_seed(0))
+    kw = dict(height=64, width=64, speedup=A, **flux_embeds(1))
+    with Engine(pipe, output_type="latent", seed=5) as eng:
+        outs = [eng.generate(timeout=300, **kw), eng.generate(timeout=300, seed=6, **kw),
+                eng.generate(timeout=300, generator=torch.Generator().manual_seed(7), **kw),
+                eng.generate(timeout=300, **kw)]
+    for out, seed in zip(outs, (5, 6, 7, 5)):
+        assert torch.equal(out.images, _alone(pipe, kw, seed).images), seed
+
+
 def test_token_budget_bounds_every_multi_request_call(flux):
     kw = dict(height=128, width=128, speedup=None, num_inference_steps=2, **flux_embeds(1))   # 64 tokens a call
     with Engine(flux, EngineConfig(token_budget=100, gather_timeout_s=0.05), output_type="latent") as eng:

@@ -255,7 +255,8 @@ class Engine:
     """Continuous batching of :func:`ralu_runtime.generate` requests on one pipeline (see the module docstring).
 
     ``Engine(pipe, config, **defaults)``: ``defaults`` are ``generate`` keyword arguments applied to every
-    request unless it sets them. Use as a context manager, or call :meth:`shutdown`.
+    request unless it sets them (a default ``seed`` gives way to a request's own seed or generator; a default
+    ``generator`` is refused: every request would draw from it). Use as a context manager, or call :meth:`shutdown`.
     """
 
     def __init__(self, pipe, config: EngineConfig | None = None, **defaults):
@@ -265,6 +266,10 @@ class Engine:
         bad = sorted(set(defaults) & set(ENGINE_OWNED) - {"backend", "compile_options", "precision"})
         if bad:
             raise ValueError(f"{', '.join(bad)}: set on the pipeline before building the engine")
+        if defaults.get("generator") is not None:  # one generator drawn from by every request: same seed, other image
+            raise ValueError("generator: a default generator would be shared by every request (each request's image "
+                             "would depend on the requests before it); give a default seed=, or a generator per "
+                             "request")
         self.pipe = pipe
         get_adapter(pipe).check_supported()
         self.defaults = dict(defaults)
@@ -324,7 +329,10 @@ class Engine:
         if deadline_s is not None and (isinstance(deadline_s, bool) or not isinstance(deadline_s, (int, float))
                                        or not deadline_s > 0):
             raise ValueError(f"deadline_s={deadline_s!r}: use seconds > 0, or None")
-        call = {**self.defaults, **kwargs, "prompt": prompt, "progress": False}
+        defaults = self.defaults
+        if kwargs.get("seed") is not None or kwargs.get("generator") is not None:
+            defaults = {k: v for k, v in defaults.items() if k != "seed"}  # the request's own seed or generator
+        call = {**defaults, **kwargs, "prompt": prompt, "progress": False}
         if "speedup" in call and call["speedup"] is None and "region_source" in kwargs:
             raise ValueError(f"region_source={kwargs['region_source']!r} applies to RALU runs; this request runs "
                              "speedup=None (the ordinary sampler chooses no regions)")
