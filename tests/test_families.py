@@ -177,6 +177,27 @@ def test_contract_batch_of_two_equals_two_single_runs(any_family):
         torch.testing.assert_close(both[i:i + 1], one, **TOL)
 
 
+@torch.no_grad()
+def test_contract_same_seed_same_result_whatever_ran_before(any_family):
+    """Same seed, same image: on a pipeline that first ran other calls (another size and frame count, the baseline,
+    no guidance, a feature cache, exact noise with latent regions, a batch of two with per-image generators) a call
+    equals the same call on a freshly built pipeline, latents and regions bitwise; ``seed=s`` is
+    ``generator=torch.Generator().manual_seed(s)``."""
+    from ralu_runtime.tiny import build_tiny
+
+    name, pipe, embeds, size = any_family
+    emb = embeds(1, 1)
+    kw = dict(size, speedup="default", output_type="latent", progress=False, return_masks=True)
+    for extra in (dict(height=96, width=64, **({"num_frames": 5} if name in VIDEO else {})),
+                  dict(speedup=None, num_inference_steps=2, return_masks=False), dict(guidance_scale=1.0),
+                  dict(cache="fbcache:0.1"), dict(noise="exact", region_source="latent")):
+        generate(pipe, **emb, **{**kw, **extra}, seed=1)
+    generate(pipe, **embeds(2, 2), generator=[torch.Generator().manual_seed(s) for s in (1, 2)], **kw)
+    got = generate(pipe, **emb, seed=3, **kw)
+    fresh = generate(build_tiny(name, seed=0), **emb, generator=torch.Generator().manual_seed(3), **kw)
+    assert torch.equal(got.images, fresh.images) and torch.equal(got.masks, fresh.masks)
+
+
 @pytest.mark.slow
 @torch.no_grad()
 def test_contract_onnx_backend_equals_eager_or_is_refused_up_front(any_family):
