@@ -932,8 +932,10 @@ def generate(pipe, prompt: str | list[str] | None = None, *, height: int | None 
     not both. The same prompt rule for every family: ``prompt`` a string or a non-empty list (or tuple, taken as a
     list) of strings; ``negative_prompt`` None, one string (used for every prompt) or a list with one per prompt. ``height`` / ``width``: pixels, multiples of the model's coarse block (32 for FLUX and SD3), at most
     the model's limit (FLUX 4096, SD3 its position table); default 1024. ``generator``: a torch.Generator or one per
-    image (a batch of two with generators [g1, g2] equals two single runs with g1 and g2: the same noise and regions,
-    latents within float rounding); ``seed=s`` is ``generator=torch.Generator().manual_seed(s)``. ``num_inference_steps`` applies to the baseline only (RALU's steps come from its schedule).
+    image (a batch of two with generators [g1, g2] equals two single runs with g1 and g2: the same noise, latents
+    within float rounding, regions the same unless edge scores tie within it); ``seed=s`` is
+    ``generator=torch.Generator().manual_seed(s)``. ``num_inference_steps`` applies to the baseline only (RALU's
+    steps come from its schedule).
     ``noise``: "reference" (N(0, I) for tokens not upsampled at a boundary) or "exact" (N(0, (1 - c) I)).
     ``edge_map``: "unit" maps the decoded [-1, 1] image by (x + 1) / 2; "clip" is the reference
     implementation's grey mapping (see :mod:`ralu_runtime.edges`). ``edge_detector``: "opencv" (CPU Canny) or
