@@ -274,3 +274,34 @@ def test_warmup_variants_cover_the_calls_a_request_can_take():
             assert eng.warmup_variants() == want, name
     with Engine(build_tiny("tiny-qwen-image"), output_type="latent", guidance_scale=1.0) as eng:
         assert eng.warmup_variants() == [{}]   # no CFG at all at guidance 1
+
+
+_EXIT_SCRIPT = """
+import atexit, sys, time
+seen = {}
+atexit.register(lambda: print("statuses", seen["h"].status, seen["q"].status, flush=True))  # runs after ralu's
+from ralu_runtime.serving import Engine, EngineConfig
+from ralu_runtime.tiny import build_tiny
+from ralu_runtime.tiny.flux import random_embeds
+pipe = build_tiny("tiny-flux")
+eng = Engine(pipe, EngineConfig(max_active=1), output_type="latent")
+seen["h"] = eng.submit(seed=0, height=256, width=256, speedup=None, num_inference_steps=50,
+                       **random_embeds(pipe, 1, 8))
+seen["q"] = eng.submit(seed=1, height=64, width=64, **random_embeds(pipe, 1, 8))
+while eng.metrics()["model_calls"] < 2:
+    time.sleep(0.01)
+print("exiting", flush=True)  # no shutdown: the request is inside its model calls
+"""
+
+
+def test_an_engine_left_running_at_exit_is_shut_down_not_aborted():
+    """A script that ends while an engine runs a request (no shutdown, no context manager): the interpreter exit
+    cancels the running request and rejects the queued one, and the process exits 0 (its daemon threads inside torch
+    ops aborted it: 'terminate called without an active exception', rc 134, 2 of 3 runs before)."""
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, "-c", _EXIT_SCRIPT], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "exiting" in proc.stdout and "statuses cancelled failed" in proc.stdout, proc.stdout
+    assert "2 unfinished request(s) rejected or cancelled" in proc.stderr

@@ -32,14 +32,20 @@ at submission with :func:`ralu_runtime.prepare` (the same checks as ``generate``
 deadlines (:class:`DeadlineExceeded`) and cancellation (:class:`RequestCancelled`) take effect while queued and
 before the request's next transformer block (a packed call stops once every request in it is stopped). The work
 of a request is bounded at submission (``EngineConfig.max_images`` / ``max_token_steps``,
-:mod:`ralu_runtime.limits`). :meth:`Engine.shutdown` finishes (``drain=True``) or rejects queued work.
+:mod:`ralu_runtime.limits`). :meth:`Engine.shutdown` finishes (``drain=True``) or rejects queued work. An engine
+still running at interpreter exit is shut down then (queued requests rejected, running ones cancelled at their next
+model call, up to ``EXIT_TIMEOUT_S``): its threads are daemons, and one left inside a torch op while the interpreter
+finalizes aborted the process ("terminate called without an active exception").
 """
 from __future__ import annotations
 
+import atexit
 import contextvars
 import itertools
+import logging
 import threading
 import time
+import weakref
 from collections import deque
 from dataclasses import dataclass, field
 from typing import Any, Callable
@@ -54,6 +60,9 @@ __all__ = ["Engine", "EngineConfig", "RequestHandle", "EngineBusy", "EngineClose
 
 DEFAULT_TOKEN_BUDGET = 16384
 """Tokens per packed model call by default (docs/serving.md, "Token budget": how it was chosen, what is owed)."""
+
+EXIT_TIMEOUT_S = 60.0
+"""Seconds an engine still running at interpreter exit is given to stop (the step it is in cannot be interrupted)."""
 
 # generate() arguments a request may not set: they belong to the engine (its pipeline, backend, thread pool)
 ENGINE_OWNED = ("backend", "compile_options", "torch_dtype", "device", "progress", "parallel", "precision", "limits")
@@ -288,8 +297,10 @@ class Engine:
         self._batch_tokens = Histogram(TOKEN_BUCKETS)
         self._batch_requests = Histogram(tuple(range(1, 33)))
         self._decode_batches = Histogram(tuple(range(1, 33)))
+        self._workers: set[threading.Thread] = set()  # request threads not yet finished (joined at exit)
         self._scheduler = threading.Thread(target=self._run, name="ralu-engine", daemon=True)
         self._scheduler.start()
+        _LIVE.add(self)
 
     # ------------------------------------------------------------------------------------------ public
     @property
@@ -489,6 +500,7 @@ class Engine:
             outcome, error = "error", e
         with self._lock:
             self._active.discard(req)
+            self._workers.discard(threading.current_thread())
             self._outcomes[outcome] += 1
             self._request_latency.observe(time.monotonic() - req.submitted)
             self._lock.notify_all()
@@ -505,7 +517,9 @@ class Engine:
                 continue
             req.status = "running"
             self._active.add(req)
-            threading.Thread(target=self._work, args=(req,), name=f"ralu-request-{req.id}", daemon=True).start()
+            worker = threading.Thread(target=self._work, args=(req,), name=f"ralu-request-{req.id}", daemon=True)
+            self._workers.add(worker)
+            worker.start()
 
     def _ready(self) -> bool:
         if not self._waiting:
@@ -628,3 +642,25 @@ class Engine:
             self._batch_requests.observe(len(calls))
         for c in calls:
             c.done.set()
+
+
+_LIVE: weakref.WeakSet[Engine] = weakref.WeakSet()  # engines whose scheduler may still run (a running one is held by
+# its own thread; a finished one is dropped)
+
+
+def _stop_engines_at_exit() -> None:
+    """At interpreter exit: shut every engine still running down without draining (queued requests rejected, running
+    ones cancelled at their next model call) and wait for its threads, EXIT_TIMEOUT_S in all."""
+    deadline = time.monotonic() + EXIT_TIMEOUT_S
+    for eng in [e for e in list(_LIVE) if not e.closed]:
+        with eng._lock:
+            left = len(eng._queue) + len(eng._active)
+        if left:
+            logging.getLogger("ralu.serving").warning(
+                "interpreter exit: shutting an engine down, %d unfinished request(s) rejected or cancelled", left)
+        eng.shutdown(drain=False, timeout=max(0.0, deadline - time.monotonic()))
+        for thread in [eng._scheduler, *list(eng._workers)]:
+            thread.join(max(0.0, deadline - time.monotonic()))
+
+
+atexit.register(_stop_engines_at_exit)
