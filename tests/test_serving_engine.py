@@ -305,3 +305,62 @@ def test_an_engine_left_running_at_exit_is_shut_down_not_aborted():
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "exiting" in proc.stdout and "statuses cancelled failed" in proc.stdout, proc.stdout
     assert "2 unfinished request(s) rejected or cancelled" in proc.stderr
+
+
+def _two_then_one(eng, **kw):
+    """Two requests in lockstep (their final decodes batched), then one more: the outcomes, as names or "ok"."""
+    def outcome(h):
+        try:
+            h.result(timeout=60)
+            return "ok"
+        except BaseException as e:  # noqa: BLE001
+            return type(e).__name__
+    first = [eng.submit(seed=s, height=64, width=64, speedup=A, **flux_embeds(1, seed=s), **kw) for s in (1, 2)]
+    first = [outcome(h) for h in first]
+    return first, outcome(eng.submit(seed=3, height=64, width=64, speedup=A, **flux_embeds(1, seed=3), **kw))
+
+
+def test_an_interrupted_batched_decode_fails_its_requests_and_the_engine_serves_on():
+    """A KeyboardInterrupt from the VAE in a batched final decode fails the requests of that batch (was: it ended the
+    engine's scheduler thread, and every request then waited forever); the next request is served."""
+    pipe = build_tiny("tiny-flux")
+    vae, seen = pipe.vae, []
+    decode = vae.decode
+
+    def interrupted_once(latents, *a, **kw):
+        if latents.shape[0] >= 2 and not seen:  # the batched final decode (previews decode one request each)
+            seen.append(latents.shape[0])
+            raise KeyboardInterrupt("decode interrupted")
+        return decode(latents, *a, **kw)
+
+    vae.decode = interrupted_once
+    try:
+        with Engine(pipe, EngineConfig(gather_timeout_s=2.0), output_type="pt") as eng:  # the decodes gathered
+            assert _two_then_one(eng) == (["KeyboardInterrupt", "KeyboardInterrupt"], "ok")
+            assert eng.metrics()["requests"]["error"] == 2
+    finally:
+        del vae.decode
+    assert seen == [2]
+
+
+def test_a_failure_at_the_end_of_a_step_fails_its_calls_and_the_engine_serves_on(flux):
+    """An error raised by the scheduler's own step code (here its metrics; on a GPU, an asynchronous CUDA error at the
+    step's synchronize) fails the request of that step (was: the scheduler thread died and every request hung); the
+    next request is served."""
+    with Engine(flux, EngineConfig(gather_timeout_s=0.5), output_type="latent") as eng:
+        observe, raised = eng._step_latency.observe, []
+
+        def fail_once(v):
+            if not raised:
+                raised.append(v)
+                raise RuntimeError("CUDA error: an illegal memory access was encountered (simulated)")
+            observe(v)
+
+        eng._step_latency.observe = fail_once
+        h = eng.submit(seed=1, height=64, width=64, speedup=A, **flux_embeds(1))
+        with pytest.raises(RuntimeError, match="illegal memory access"):
+            h.result(timeout=60)
+        eng.generate(seed=2, height=64, width=64, speedup=A, timeout=60, **flux_embeds(1))
+        assert eng.metrics()["requests"]["error"] == 1
+    assert raised
+

@@ -562,7 +562,13 @@ class Engine:
                         return
                     self._lock.wait(self.config.gather_timeout_s if self._waiting else 0.05)
                 calls = self._take()
-            self._execute(calls)
+            try:
+                self._execute(calls)
+            except BaseException as e:  # noqa: BLE001 - the scheduler thread must outlive any step's failure
+                for c in calls:  # (an asynchronous CUDA error surfacing at the step's synchronize, ...): every
+                    if not c.done.is_set():  # call of the step not yet answered gets the error; its request fails
+                        c.error = e
+                        c.done.set()
 
     def _decode(self, calls: list[_Call]) -> None:
         """Final VAE decodes, batched per latent shape (one decode call per group; results split per request)."""
@@ -580,6 +586,10 @@ class Engine:
                         continue
                     except Exception:  # noqa: BLE001 - e.g. out of memory for the batch: decode one by one
                         pass
+                    except BaseException as e:  # noqa: BLE001 - interrupted (KeyboardInterrupt, ...): every
+                        for c in group:  # request of the batch fails with it, as its own decode would
+                            c.error = e
+                        continue
                 for c in group:
                     try:
                         c.result = c.ctx.run(c.fn, *c.args)
