@@ -364,3 +364,26 @@ def test_a_failure_at_the_end_of_a_step_fails_its_calls_and_the_engine_serves_on
         assert eng.metrics()["requests"]["error"] == 1
     assert raised
 
+
+def test_a_failed_packed_call_runs_each_request_on_its_own():
+    """A packed model call that raises (out of memory for the pack, simulated) is run again per request, each request
+    then equal to generate alone (was: every request of the pack failed with the pack's error)."""
+    pipe = build_tiny("tiny-flux")
+    adapter, failed = get_adapter(pipe), []
+
+    def out_of_memory(calls):
+        failed.append(len(calls))
+        raise RuntimeError("CUDA out of memory (simulated)")
+
+    adapter.packed_velocity = out_of_memory
+    try:
+        with Engine(pipe, EngineConfig(gather_timeout_s=0.5), output_type="latent") as eng:
+            kws = [dict(seed=s, height=64, width=64 + 32 * s, speedup=A, **flux_embeds(1, seed=s)) for s in (1, 2)]
+            outs = [h.result(timeout=60).images for h in [eng.submit(**kw) for kw in kws]]
+            assert eng.metrics()["packed_calls"] == 0
+    finally:
+        del adapter.packed_velocity
+    assert failed and min(failed) >= 2
+    for kw, out in zip(kws, outs):
+        torch.testing.assert_close(out, _alone(pipe, {k: v for k, v in kw.items() if k != "seed"}, kw["seed"]).images,
+                                   **TOL)

@@ -626,8 +626,12 @@ class Engine:
                     outs = runner(vcalls) if runner is not None else packed[0].adapter.packed_velocity(vcalls)
                 for c, v in zip(packed, outs):
                     c.result = v
-        except BaseException as e:  # noqa: BLE001 - every request of the packed call gets the error
-            for c in packed:
+        except BaseException as e:  # noqa: BLE001
+            if isinstance(e, Exception) and not isinstance(e, (RequestCancelled, DeadlineExceeded)):
+                # e.g. out of memory for the packed call, or one request's input: each call runs on its own below,
+                # so only a request whose own call raises fails (as its generate alone would)
+                packed, ids = [], set()
+            for c in packed:  # interrupted: every request of the packed call gets the error
                 c.error = e
                 if isinstance(e, (RequestCancelled, DeadlineExceeded)):
                     try:
