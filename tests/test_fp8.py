@@ -270,6 +270,30 @@ def test_lora_loaded_after_install_is_quantized_and_followed():
     torch.testing.assert_close(_ralu(pipe, emb, backend="eager", compile_options=FP8), first, atol=1e-6, rtol=1e-6)
 
 
+
+@torch.no_grad()
+def test_a_forward_patched_for_a_failed_call_is_not_kept_after_it_is_removed():
+    """A user's forward override on a module holding quantized layers (a block's norm1, patched to raise) lasts as
+    long as the user keeps it: removed after the failed call, the next fp8 call runs the model's own forward, bitwise
+    equal to a fresh pipeline's, and the pipeline is as found (was: the fp8 shadow had copied the override into its
+    copy of norm1 and kept raising)."""
+    pipe, fresh = build_tiny_flux_pipeline(seed=0), build_tiny_flux_pipeline(seed=0)
+    emb = flux_embeds(1)
+    before = snapshot(pipe, extra={"transformer": pipe.transformer})
+    norm = pipe.transformer.transformer_blocks[0].norm1
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("the user's layer failed")
+
+    norm.forward = broken
+    try:
+        with pytest.raises(RuntimeError, match="the user's layer failed"):
+            _ralu(pipe, emb, backend="eager", compile_options=FP8)
+    finally:
+        del norm.forward
+    assert_same(before, snapshot(pipe, extra={"transformer": pipe.transformer}))
+    assert torch.equal(_ralu(pipe, emb), _ralu(fresh, emb, backend="eager", compile_options=FP8))
+
 @torch.no_grad()
 def test_weight_changed_in_place_is_requantized_into_the_same_storage():
     pipe, ref_pipe = build_tiny_flux_pipeline(seed=0), build_tiny_flux_pipeline(seed=0)

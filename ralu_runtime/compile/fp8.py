@@ -332,14 +332,16 @@ class Fp8Linear(torch.nn.Module):
 
 # ------------------------------------------------------------------------------------------------ block shadows
 def _structure(block: torch.nn.Module) -> tuple:
-    """Identity of a block's module tree as the shadow depends on it: module objects, types, hook counts and which
-    layers are quantized."""
+    """Identity of a block's module tree as the shadow depends on it: module objects, types, hook counts, which
+    layers are quantized, and what a shallow copy takes by value from a module's instance dictionary that a user
+    may set and remove: a ``forward`` set on the instance, the train/eval flag."""
     out = []
     stack = [block]
     while stack:
         m = stack.pop()
         out.append((id(m), type(m), len(m._forward_hooks) + len(m._forward_pre_hooks),
-                    _eligible(m) if isinstance(m, torch.nn.Linear) or _is_peft_lora(m) else None))
+                    _eligible(m) if isinstance(m, torch.nn.Linear) or _is_peft_lora(m) else None,
+                    id(m.__dict__.get("forward")), m.training))
         stack.extend(c for c in m._modules.values() if c is not None)
     return tuple(out)
 

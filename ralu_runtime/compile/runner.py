@@ -120,7 +120,8 @@ def _tuner_state(m) -> tuple:
 def model_state(module: torch.nn.Module) -> tuple[list, list]:
     """``(identity, versions)`` of a model, in one walk of ``_modules`` (no qualified names).
 
-    ``identity``: every module's type, object, hook count and train/eval flag, a peft adapter layer's adapter state
+    ``identity``: every module's type, object, hook count, train/eval flag and instance-level ``forward`` override
+    (None without one), a peft adapter layer's adapter state
     (:func:`_tuner_state`), every parameter and buffer's object and storage address; ``versions``: their in-place
     modification counters. Equal identities: a captured CUDA graph (which reads the tensors' storage when replayed)
     is still valid; equal versions as well: an exported graph (which holds the weights as constants) and ralu's own
@@ -137,7 +138,8 @@ def model_state(module: torch.nn.Module) -> tuple[list, list]:
         if m is None:  # a submodule set to None
             continue
         cls = m.__class__
-        add((cls, id(m), len(m._forward_hooks) + len(m._forward_pre_hooks), m.training))
+        add((cls, id(m), len(m._forward_hooks) + len(m._forward_pre_hooks), m.training,
+             id(m.__dict__.get("forward"))))  # a forward set on the instance (fp8 shadows copy instance attributes)
         is_tuner = tuner.get(cls)
         if is_tuner is None:
             is_tuner = _is_tuner_layer(cls)
