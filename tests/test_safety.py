@@ -504,3 +504,67 @@ def test_runner_report_names_the_models_dtype_now():
     pipe.to(torch.float64)
     assert runner.report()["precision"] == "float64"
     uncompile_adapter(pipe)
+
+
+# ------------------------------------------------------------------------------------------------ failed calls
+class _UsersError(Exception):
+    pass
+
+
+def _fail_at(obj, attr: str, n: int, error):
+    """Set ``obj.<attr>`` (a method) on the instance to one that raises ``error`` at its ``n``-th call; returns the
+    undo (deletes the instance attribute)."""
+    orig, calls = getattr(obj, attr), []
+
+    def failing(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == n:
+            raise error("failed part-way")
+        return orig(*args, **kwargs)
+
+    setattr(obj, attr, failing)
+    return lambda: delattr(obj, attr)
+
+
+FAIL_CASES = {  # RALU 2/2/2 steps: model calls 1-2 are stage 1, 3 the first after a transition, 6 the last
+    "stage1": ({}, "norm", 1, _UsersError),
+    "after-transition": ({}, "norm", 3, _UsersError),
+    "last-call": ({}, "norm", 6, _UsersError),
+    "interrupt": ({}, "norm", 4, KeyboardInterrupt),
+    "preview-decode": (dict(output_type="pt"), "decode", 1, _UsersError),
+    "final-decode": (dict(output_type="pt"), "decode", 2, _UsersError),
+    "fused-qkv": (BACKENDS["eager"], "norm", 3, _UsersError),
+    "taylorseer": (dict(cache="taylorseer:2:1"), "norm", 4, _UsersError),
+    "fbcache": (dict(cache="fbcache:0.1"), "norm", 5, _UsersError),
+    "fp8": (dict(precision="fp8", compile_options={"fp8_kernel": "emulated"}), "norm", 3, _UsersError),
+    "fp8-decode": (dict(precision="fp8", compile_options={"fp8_kernel": "emulated"}, output_type="pt"), "decode", 2,
+                   _UsersError),
+    "inpaint": (dict(image=torch.rand(1, 3, 64, 96, generator=torch.Generator().manual_seed(5)),
+                     mask_image=torch.zeros(1, 1, 64, 96).index_fill_(2, torch.arange(8, 40), 1.0), strength=0.8),
+                "norm", 3, _UsersError),
+}
+
+
+@pytest.mark.parametrize("case", sorted(FAIL_CASES))
+@torch.no_grad()
+def test_a_call_failing_part_way_leaves_the_pipeline_as_found(case):
+    """A generate call that fails part-way (a layer of the user's model raising at a given model call, a
+    KeyboardInterrupt, the VAE raising at the region-choice preview or the final decode; eager with fused q/k/v, a
+    feature cache, fp8, inpainting) raises the user's own exception, leaves the pipeline (full snapshot with the
+    transformer's private attributes, the global RNG) and torch's default dtype as found, and the next call is
+    bitwise the same call on a fresh pipeline."""
+    kw, where, n, error = FAIL_CASES[case]
+    kw = dict(dict(height=64, width=96, speedup=SCHED, seed=3, output_type="latent", progress=False), **kw)
+    pipe, fresh = build_tiny_flux_pipeline(seed=0), build_tiny_flux_pipeline(seed=0)
+    emb, dtype = flux_embeds(1), torch.get_default_dtype()
+    before = snapshot(pipe, extra={"transformer": pipe.transformer})
+    target = pipe.transformer.transformer_blocks[0].norm1 if where == "norm" else pipe.vae
+    undo = _fail_at(target, "forward" if where == "norm" else "decode", n, error)
+    try:
+        with pytest.raises(error, match="failed part-way"):
+            generate(pipe, **emb, **kw)
+    finally:
+        undo()
+    assert_same(before, snapshot(pipe, extra={"transformer": pipe.transformer}))
+    assert torch.get_default_dtype() == dtype
+    assert torch.equal(generate(pipe, **emb, **kw).images, generate(fresh, **emb, **kw).images)
