@@ -387,3 +387,31 @@ def test_a_failed_packed_call_runs_each_request_on_its_own():
     for kw, out in zip(kws, outs):
         torch.testing.assert_close(out, _alone(pipe, {k: v for k, v in kw.items() if k != "seed"}, kw["seed"]).images,
                                    **TOL)
+
+
+def test_a_request_failing_in_the_model_fails_alone_and_leaves_the_pipeline_as_found():
+    """A layer of the user's model raising in one request's model call: that request fails with the user's error, the
+    next request equals generate alone on a fresh pipeline bitwise, and the pipeline is as found (full snapshot)."""
+    pipe, fresh = build_tiny("tiny-flux"), build_tiny("tiny-flux")
+    before = snapshot(pipe, extra={"transformer": pipe.transformer})
+    norm = pipe.transformer.transformer_blocks[0].norm1
+
+    def broken(*args, **kwargs):
+        raise ValueError("the user's layer failed")
+
+    kw = dict(height=64, width=96, speedup=A, **flux_embeds(1, seed=4))
+    try:
+        with Engine(pipe, EngineConfig(packed=False, gather_timeout_s=0.05), output_type="latent", backend="eager",
+                    compile_options={"fused_qkv": True}) as eng:
+            norm.forward = broken
+            try:
+                with pytest.raises(ValueError, match="the user's layer failed"):
+                    eng.generate(seed=3, timeout=60, **kw)
+            finally:
+                del norm.forward
+            out = eng.generate(seed=3, timeout=60, **kw).images
+    finally:
+        assert_same(before, snapshot(pipe, extra={"transformer": pipe.transformer}))
+    ref = generate(fresh, seed=3, output_type="latent", progress=False, backend="eager",
+                   compile_options={"fused_qkv": True}, **kw).images
+    assert torch.equal(out, ref)
