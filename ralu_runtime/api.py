@@ -551,6 +551,7 @@ def prepare(pipe, prompt: str | list[str] | None = None, *, height: int | None =
 
     check_edit_request(adapter, image=image, mask_image=mask_image, control_image=control_image)
     adapter.check_supported()
+    adapter.check_forwards()
     _check_model_device(adapter)
     if keep_backend and adapter.runner is not None:
         options = _installed_with(adapter.runner.options, compile_options)

@@ -326,6 +326,34 @@ def test_fused_qkv_fast_default_matches_unfused(family):
 
 
 @torch.no_grad()
+def test_fused_qkv_leaves_a_projection_with_a_forward_of_its_own_unfused():
+    """A forward the user set on a q projection after the fused copies were built: the next call runs that
+    attention's projections as modules (the user's forward runs once per model call; no fused copy of them), the
+    other attentions stay fused; removed again, the call equals the first."""
+    import types
+
+    pipe = _fresh_flux()
+    kw = dict(BASE, height=64, width=64)
+    runner = compile_adapter(pipe, "eager", fused_qkv=True, attn_backend="math")
+    ref = generate(pipe, **flux_embeds(1), **kw).images
+    fused = runner.impl.fused_store.nbytes()
+    to_q = pipe.transformer.transformer_blocks[0].attn.to_q
+    ran = []
+
+    def mine(self, x):
+        ran.append(1)
+        return torch.nn.Linear.forward(self, x)
+
+    to_q.forward = types.MethodType(mine, to_q)
+    try:
+        torch.testing.assert_close(generate(pipe, **flux_embeds(1), **kw).images, ref, **TOL)
+        assert ran and runner.impl.fused_store.nbytes() < fused
+    finally:
+        del to_q.forward
+    assert torch.equal(generate(pipe, **flux_embeds(1), **kw).images, ref)
+
+
+@torch.no_grad()
 def test_compiled_vae_decoder_gives_the_same_images_and_is_undone():
     """compile_vae=True compiles the VAE decoder (default on CUDA with inductor); images equal the eager ones and
     uncompiling restores the eager decoder. dynamo's "eager" backend keeps this test to seconds on a CPU."""

@@ -277,3 +277,59 @@ def test_a_negative_prompt_without_guidance_is_said_to_be_ignored(caplog):
     lines = [r.getMessage() for r in caplog.records if r.name == "ralu"]
     assert lines == [f"the negative prompt is ignored: at guidance_scale=1 {fam} runs no classifier-free guidance "
                      "(as its diffusers pipeline); raise guidance_scale to use it" for fam in ("sd3", "qwen-image")]
+
+
+@torch.no_grad()
+def test_contract_a_forward_ralu_would_bypass_is_refused(any_family):
+    """A forward the user put on what ralu runs itself is refused before any model call, naming the module: one set
+    on the transformer's instance, an accelerate offload hook, a block's class forward patched (SD3's one-request
+    calls run each block as a module: its patched forward runs instead, as in diffusers). Removed again, the call
+    runs and equals one before."""
+    import types
+
+    from accelerate import cpu_offload_with_hook
+
+    name, pipe, embeds, size = any_family
+    emb = embeds(1, 1)
+    kw = dict(size, speedup="default", seed=2, output_type="latent", progress=False)
+    want = generate(pipe, **emb, **kw).images
+    tr = pipe.transformer
+    calls = []
+
+    def boom(self, *args, **kwargs):
+        calls.append(type(self).__name__)
+        raise AssertionError("the patched forward ran")
+
+    tr.forward = types.MethodType(boom, tr)
+    try:
+        with pytest.raises(ValueError, match=r"^transformer runs a forward set on the instance; ralu runs"):
+            generate(pipe, **emb, **kw)
+    finally:
+        del tr.forward
+    _model, hook = cpu_offload_with_hook(tr, execution_device="cpu")
+    try:
+        with pytest.raises(ValueError, match=r"^transformer runs an accelerate hook \(enable_model_cpu_offload"):
+            generate(pipe, **emb, **kw)
+    finally:
+        hook.remove()  # leaves the transformer's own forward bound on the instance: not an override
+    block_lists = [(k, c) for k, c in tr.named_children() if isinstance(c, torch.nn.ModuleList) and len(c)]
+    kind, blocks = block_lists[0]
+    cls = type(blocks[0])
+    own = cls.forward
+    passed = []
+
+    def wrapped(self, *args, **kwargs):  # a pass-through patch, as a stacked acceleration might install
+        passed.append(1)
+        return own(self, *args, **kwargs)
+
+    cls.forward = wrapped
+    try:
+        if get_adapter(pipe).runs_block_modules:
+            assert torch.equal(generate(pipe, **emb, **kw).images, want) and passed
+        else:
+            with pytest.raises(ValueError, match=rf"^transformer\.{kind}\.0 runs {cls.__name__}\.forward from "):
+                generate(pipe, **emb, **kw)
+    finally:
+        cls.forward = own
+    assert not calls
+    assert torch.equal(generate(pipe, **emb, **kw).images, want)

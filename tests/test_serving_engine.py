@@ -415,3 +415,35 @@ def test_a_request_failing_in_the_model_fails_alone_and_leaves_the_pipeline_as_f
     ref = generate(fresh, seed=3, output_type="latent", progress=False, backend="eager",
                    compile_options={"fused_qkv": True}, **kw).images
     assert torch.equal(out, ref)
+
+
+def test_a_forward_set_on_a_module_the_packed_call_decomposes_runs_unpacked():
+    """A pass-through forward set on a block's AdaLN module (which the one-request call runs as a module and the packed
+    call decomposes into its layers): the packed call falls back to one call per request, the user's forward runs in
+    each model call as in generate alone, and each result equals generate alone (was: packed, the forward silently
+    skipped)."""
+    import types
+
+    pipe = build_tiny("tiny-flux")
+    norm = pipe.transformer.transformer_blocks[0].norm1
+    ran = []
+
+    def mine(self, *args, **kwargs):
+        ran.append(1)
+        return type(self).forward(self, *args, **kwargs)
+
+    norm.forward = types.MethodType(mine, norm)
+    try:
+        with Engine(pipe, EngineConfig(gather_timeout_s=0.5), output_type="latent") as eng:
+            kws = [dict(seed=s, height=64, width=64 + 32 * s, speedup=A, **flux_embeds(1, seed=s)) for s in (1, 2)]
+            outs = [h.result(timeout=60).images for h in [eng.submit(**kw) for kw in kws]]
+            m = eng.metrics()
+        assert m["batch_requests"]["count"] > m["batch_requests"]["counts"][0]  # steps that had both requests
+        served = len(ran)
+        assert served > 0
+        for kw, out in zip(kws, outs):
+            alone = _alone(pipe, {k: v for k, v in kw.items() if k != "seed"}, kw["seed"]).images
+            torch.testing.assert_close(out, alone, **TOL)
+        assert len(ran) == 2 * served  # the same model calls again, one forward per call
+    finally:
+        del norm.forward

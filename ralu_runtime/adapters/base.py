@@ -24,6 +24,7 @@ import torch
 
 from ..execution.call import (EAGER, CallState, ModelImpl, call_scope, current_cache,  # noqa: F401 (re-exported)
                               current_call, current_interrupt, current_sharding, not_a_view)
+from ..execution.packing import forward_override
 
 
 _SCHEDULER_COPIES: contextvars.ContextVar[list | None] = contextvars.ContextVar("ralu_scheduler_copies", default=None)
@@ -371,6 +372,7 @@ class DiTAdapter(ABC):
     temporal_factor: int = 1                 # video: VAE temporal compression (num_frames = 1 + k * factor)
     fuses_projections: bool = False          # velocity asks ModelImpl.fused for q/k/v weights (ralu-owned fusion)
     onnx_refusal: str | None = None          # why backend="onnx" cannot export this family's model call (None: it can)
+    runs_block_modules: bool = False         # one-request calls call the blocks as modules (their forward runs)
 
     def __init__(self, pipe, *, weak: bool = False):
         # weak: hold the pipeline by weak reference (the adapter table in ralu_runtime.adapters is keyed by the
@@ -450,6 +452,29 @@ class DiTAdapter(ABC):
 
     def check_supported(self) -> None:
         """Raise ValueError when the model is in a state this adapter cannot run faithfully (before any work)."""
+
+    def check_forwards(self) -> None:
+        """ValueError (before any work) when a model call would bypass a ``forward`` the user put in place: ralu
+        never calls the transformer's own ``forward`` (it runs its embeddings, blocks and output layers itself), nor
+        a block's unless :attr:`runs_block_modules`; blocks are the members of the transformer's ``ModuleList``
+        children. What counts: :func:`~ralu_runtime.execution.packing.forward_override` (an instance forward, an
+        accelerate offload hook, a class forward from outside diffusers). Packed and sharded calls, which decompose
+        more modules, fall back to per-call execution or refuse on their own checks."""
+        pipe = self.pipe
+        names = {id(v): k for k, v in vars(pipe).items() if isinstance(v, torch.nn.Module)} if pipe is not None else {}
+        for model in self.model_modules():
+            name = names.get(id(model), "transformer")
+            mods = [(name, model)]
+            if not self.runs_block_modules:
+                mods += [(f"{name}.{kind}.{i}", blk) for kind, child in model.named_children()
+                         if isinstance(child, torch.nn.ModuleList) for i, blk in enumerate(child)]
+            for where, mod in mods:
+                what = forward_override(mod)
+                if what is not None:
+                    raise ValueError(f"{where} runs {what}; ralu runs the {self.family or 'model'} transformer's "
+                                     "layers itself and would bypass it. Restore the module's own forward (or move "
+                                     "an offloaded model to its device: pipe.to('cuda')) to use ralu; for temporal "
+                                     "caching use generate(cache=...)")
 
     # ---- temporal-cache hooks ----------------------------------------------------------------------------
     def begin_stage(self) -> None:

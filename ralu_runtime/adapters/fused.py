@@ -23,10 +23,13 @@ import weakref
 import torch
 
 from ..execution.call import static_dims
+from ..execution.packing import has_hooks
 
 
 def _plain_linear(m) -> bool:
-    return type(m) is torch.nn.Linear and not m._forward_hooks and not m._forward_pre_hooks
+    """A ``torch.nn.Linear`` whose own forward runs: no hooks, no registry, no forward of its own (a fused copy would
+    bypass them)."""
+    return type(m) is torch.nn.Linear and not has_hooks(m)
 
 
 def _state(layers) -> tuple:

@@ -55,8 +55,8 @@ import torch
 
 from ..families import FAMILIES
 from ..execution.modes import DENSE, Dense, Mode
-from ..execution.packing import (HostSegments, Packed, PackedExecution, PackedSegments, can_pack, has_hooks, pad_rows,
-                                 split_calls, static_attention)
+from ..execution.packing import (HostSegments, Packed, PackedExecution, PackedSegments, can_pack, forward_override,
+                                 has_hooks, pad_rows, split_calls, static_attention)
 from ..execution.sharding import Sharded
 from .base import (EAGER, BlockStack, Conditioning, DiTAdapter, ModelImpl, TokenGrid, VelocityCall, call_with_hooks,
                    check_velocity_calls, current_sharding, pipeline_mu)
@@ -230,6 +230,7 @@ class SD3Adapter(DiTAdapter):
     """
 
     family = "sd3"  # defaults: ralu_runtime.families
+    runs_block_modules = True  # one-request calls run each JointTransformerBlock as the module it is
     default_preset = FAMILIES["sd3"].default_preset
     default_steps = FAMILIES["sd3"].default_steps
     default_guidance = FAMILIES["sd3"].default_guidance
@@ -488,8 +489,9 @@ class SD3Adapter(DiTAdapter):
         for i, blk in enumerate(self.transformer.transformer_blocks):
             registry = getattr(blk, "_diffusers_hook", None)
             attns = [a for a in (blk.attn, getattr(blk, "attn2", None)) if a is not None]
-            if getattr(registry, "hooks", None) or any(has_hooks(a) for a in attns):
-                raise ValueError(f"transformer_blocks.{i} carries diffusers hooks or hooks on its attention modules; "
+            if getattr(registry, "hooks", None) or forward_override(blk) or any(has_hooks(a) for a in attns):
+                raise ValueError(f"transformer_blocks.{i} carries diffusers hooks, a forward of its own "
+                                 f"({forward_override(blk) or 'none'}) or hooks on its attention modules; "
                                  "context parallelism runs SD3's blocks' layers itself and would bypass them: remove "
                                  "them (e.g. leaf-level group offloading instead of block-level) or run unsharded")
 

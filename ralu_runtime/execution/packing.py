@@ -39,10 +39,31 @@ def pad_rows(x: torch.Tensor | None, n: int) -> torch.Tensor | None:
     return torch.cat([x, x.new_zeros(n, *x.shape[1:])])
 
 
+def forward_override(module: torch.nn.Module) -> str | None:
+    """What replaces ``module``'s own diffusers ``forward``, in words, or None: a ``forward`` set on the instance
+    (an accelerate hook: enable_model_cpu_offload, enable_sequential_cpu_offload, a device_map), or a class
+    ``forward`` defined outside diffusers and torch (a patched class, a subclass's own). Code that runs a module's layers itself would
+    bypass it. A diffusers hook registry's forward is not counted (its hooks are checked by name), nor the bound
+    method of the module's own class ``forward`` that a removed registry hook leaves on the instance."""
+    own = type(module).forward
+    inst = vars(module).get("forward")
+    if inst is not None and not (getattr(inst, "__func__", None) is own and getattr(inst, "__self__", None) is module):
+        if hasattr(module, "_hf_hook"):
+            return "an accelerate hook (enable_model_cpu_offload, enable_sequential_cpu_offload or a device_map)"
+        if getattr(module, "_diffusers_hook", None) is None:
+            return "a forward set on the instance"
+    where = getattr(own, "__module__", None) or ""
+    if not where.startswith(("diffusers.", "torch.")):
+        return f"{type(module).__name__}.forward from {where or 'outside diffusers'}"
+    return None
+
+
 def has_hooks(module: torch.nn.Module) -> bool:
-    """True when ``module`` carries torch forward (pre-)hooks or a diffusers hook registry with hooks."""
+    """True when ``module`` carries torch forward (pre-)hooks, a diffusers hook registry with hooks, or a forward of
+    its own (:func:`forward_override`)."""
     registry = getattr(module, "_diffusers_hook", None)
-    return bool(module._forward_hooks or module._forward_pre_hooks or getattr(registry, "hooks", None))
+    return bool(module._forward_hooks or module._forward_pre_hooks or getattr(registry, "hooks", None)
+                or forward_override(module))
 
 
 def can_pack(impl, bypassed) -> bool:

@@ -280,7 +280,9 @@ class Engine:
                              "would depend on the requests before it); give a default seed=, or a generator per "
                              "request")
         self.pipe = pipe
-        get_adapter(pipe).check_supported()
+        adapter = get_adapter(pipe)
+        adapter.check_supported()
+        adapter.check_forwards()
         self.defaults = dict(defaults)
         self._lock = threading.Condition()
         self._queue: deque[RequestHandle] = deque()
