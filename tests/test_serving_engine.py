@@ -1,6 +1,7 @@
 """The serving engine (ralu_runtime.serving.engine) on tiny random FLUX / SD3 pipelines, CPU: every request's output
 equals generate alone whatever else was in the batch (mixed presets, resolutions, stages, seeds, cancellations),
 admission limits, deadlines, cancellation, shutdown, bad input refused at submission."""
+import re
 import threading
 import time
 
@@ -447,3 +448,16 @@ def test_a_forward_set_on_a_module_the_packed_call_decomposes_runs_unpacked():
         assert len(ran) == 2 * served  # the same model calls again, one forward per call
     finally:
         del norm.forward
+
+
+@pytest.mark.parametrize("field,value,text", [
+    ("max_active", 0, "max_active=0: use an int >= 1"), ("max_active", True, "max_active=True"),
+    ("max_queue", -1, "max_queue=-1"), ("max_queue", 2.0, "max_queue=2.0"),
+    ("token_budget", 0, "token_budget=0"), ("token_budget", True, "token_budget=True"),
+    ("gather_timeout_s", -0.1, "gather_timeout_s=-0.1"), ("gather_timeout_s", float("nan"), "gather_timeout_s=nan"),
+    ("gather_timeout_s", True, "gather_timeout_s=True"), ("gather_timeout_s", 11, "gather_timeout_s=11"),
+    ("packed", "no", "packed='no': use True or False"), ("packed", 0, "packed=0"),
+])
+def test_engine_config_refuses_bad_fields_naming_them(field, value, text):
+    with pytest.raises(ValueError, match=re.escape(text)):
+        EngineConfig(**{field: value})

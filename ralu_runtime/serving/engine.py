@@ -110,8 +110,11 @@ class EngineConfig:
             self.token_budget = DEFAULT_TOKEN_BUDGET
         if isinstance(self.token_budget, bool) or not isinstance(self.token_budget, int) or self.token_budget < 1:
             raise ValueError(f"token_budget={self.token_budget!r}: use a positive int (tokens per model call)")
-        if not isinstance(self.gather_timeout_s, (int, float)) or not 0 <= self.gather_timeout_s <= 10:
+        if (isinstance(self.gather_timeout_s, bool) or not isinstance(self.gather_timeout_s, (int, float))
+                or not 0 <= self.gather_timeout_s <= 10):
             raise ValueError(f"gather_timeout_s={self.gather_timeout_s!r}: use seconds in [0, 10]")
+        if not isinstance(self.packed, bool):  # "no" would pack
+            raise ValueError(f"packed={self.packed!r}: use True or False")
         self.limits()  # bad max_images / max_token_steps fail here
 
     def limits(self):
