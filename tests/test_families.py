@@ -333,3 +333,85 @@ def test_contract_a_forward_ralu_would_bypass_is_refused(any_family):
         cls.forward = own
     assert not calls
     assert torch.equal(generate(pipe, **emb, **kw).images, want)
+
+
+def _diffusers_caches():
+    import diffusers.hooks as H
+
+    step = dict(spatial_attention_block_skip_range=2, spatial_attention_timestep_skip_range=(-1, 1001),
+                current_timestep_callback=lambda: 500)
+    return {"PyramidAttentionBroadcast": lambda: H.PyramidAttentionBroadcastConfig(**step),
+            "FasterCache": lambda: H.FasterCacheConfig(**step, attention_weight_callback=lambda _: 0.5,
+                                                       is_guidance_distilled=True),
+            "TaylorSeerCache": H.TaylorSeerCacheConfig, "TextKVCache": H.TextKVCacheConfig,
+            "FirstBlockCache": lambda: H.FirstBlockCacheConfig(threshold=0.2)}
+
+
+@pytest.mark.parametrize("config", ["PyramidAttentionBroadcast", "FasterCache", "TaylorSeerCache", "TextKVCache",
+                                    "FirstBlockCache"])
+@torch.no_grad()
+def test_contract_diffusers_enable_cache_is_refused_up_front(any_family, config):
+    """``transformer.enable_cache(...)`` puts stateful diffusers hooks on the transformer, its blocks or their
+    attention modules, which ralu does not run through (was: PyramidAttentionBroadcast, FasterCache, TaylorSeerCache
+    and TextKVCache silently ignored on FLUX.1 / FLUX.2 / Qwen-Image / Chroma / HunyuanVideo 1.5): refused before any
+    model call, naming the hook; the pipeline left as found."""
+    from helpers import assert_same, snapshot
+    from ralu_runtime.tiny import build_tiny
+
+    name, _pipe, embeds, size = any_family
+    pipe = build_tiny(name, seed=0)
+    if not hasattr(pipe.transformer, "enable_cache"):
+        pytest.skip(f"{type(pipe.transformer).__name__} has no enable_cache")
+    try:
+        pipe.transformer.enable_cache(_diffusers_caches()[config]())
+    except ValueError as e:  # diffusers' own refusal (a block class its cache does not know)
+        pytest.skip(str(e))
+    if not any(getattr(m, "_diffusers_hook", None) is not None and m._diffusers_hook.hooks
+               for m in pipe.transformer.modules()):
+        pytest.skip("diffusers attached no hook to this model (a no-op in diffusers too)")
+    before = snapshot(pipe)
+    with pytest.raises(ValueError, match=r"carries diffusers hooks .*disable_cache\(\)"):
+        generate(pipe, **embeds(1, 1), **size, speedup="default", seed=2, output_type="latent", progress=False)
+    assert_same(before, snapshot(pipe))
+
+
+@torch.no_grad()
+def test_contract_torch_compiled_transformer_is_refused_naming_torch_compile(any_family):
+    """``pipe.transformer = torch.compile(pipe.transformer)`` (an OptimizedModule, whose compiled forward ralu would
+    never run) is refused before any model call, naming torch.compile and ralu's own backend (was: "a forward set on
+    the instance")."""
+    name, pipe, embeds, size = any_family
+    own = pipe.transformer
+    pipe.transformer = torch.compile(own)
+    try:
+        with pytest.raises(ValueError, match=r"^transformer is a torch.compile'd module .*backend='inductor'"):
+            generate(pipe, **embeds(1, 1), **size, speedup="default", seed=2, output_type="latent", progress=False)
+    finally:
+        pipe.transformer = own
+
+
+@torch.no_grad()
+def test_contract_numerically_neutral_diffusers_setups_run_and_match(any_family):
+    """diffusers' ``set_attention_backend`` (native, _native_math) and leaf-level group offloading onto the CPU run
+    under ralu with the result of the plain model (float rounding), the pipeline left as found; Wan's leaf-level
+    offloading puts a hook on each block (its own parameters), which ralu reads directly: refused, naming the block."""
+    from helpers import assert_same, snapshot
+    from ralu_runtime.tiny import build_tiny
+
+    name, pipe, embeds, size = any_family
+    emb = embeds(1, 1)
+    kw = dict(size, speedup="default", seed=2, output_type="latent", progress=False)
+    want = generate(pipe, **emb, **kw).images
+    setups = {"native": lambda t: t.set_attention_backend("native"),
+              "_native_math": lambda t: t.set_attention_backend("_native_math"),
+              "leaf offload": lambda t: t.enable_group_offload(torch.device("cpu"), offload_type="leaf_level")}
+    for what, setup in setups.items():
+        other = build_tiny(name, seed=0)
+        setup(other.transformer)
+        before = snapshot(other)
+        if what == "leaf offload" and name in ("tiny-wan", "tiny-wan22"):
+            with pytest.raises(ValueError, match=r"^transformer\.blocks\.0 carries diffusers hooks \(group_offloading"):
+                generate(other, **emb, **kw)
+        else:
+            torch.testing.assert_close(generate(other, **emb, **kw).images, want, rtol=1e-5, atol=1e-5, msg=what)
+        assert_same(before, snapshot(other))

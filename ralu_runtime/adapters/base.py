@@ -26,6 +26,11 @@ from ..execution.call import (EAGER, CallState, ModelImpl, call_scope, current_c
                               current_call, current_interrupt, current_sharding, not_a_view)
 from ..execution.packing import forward_override
 
+# diffusers hook registry entries that act per module call and keep no state across calls: ralu runs the modules
+# that carry them as modules (a family refuses those on modules it decomposes), so they take effect as usual.
+STATELESS_HOOK_PREFIXES = ("group_offloading", "lazy_prefetch_group_offloading", "layerwise_casting",
+                           "peft_autocast_disable")
+
 
 _SCHEDULER_COPIES: contextvars.ContextVar[list | None] = contextvars.ContextVar("ralu_scheduler_copies", default=None)
 
@@ -468,6 +473,11 @@ class DiTAdapter(ABC):
             if not self.runs_block_modules:
                 mods += [(f"{name}.{kind}.{i}", blk) for kind, child in model.named_children()
                          if isinstance(child, torch.nn.ModuleList) for i, blk in enumerate(child)]
+            if isinstance(model, torch._dynamo.eval_frame.OptimizedModule):
+                raise ValueError(f"{name} is a torch.compile'd module (OptimizedModule); ralu runs the "
+                                 f"{self.family or 'model'} transformer's layers itself, so its compiled forward "
+                                 f"would never run. Give ralu the model itself (pipe.{name} = pipe.{name}._orig_mod) "
+                                 "and compile through ralu: generate(backend='inductor')")
             for where, mod in mods:
                 what = forward_override(mod)
                 if what is not None:
@@ -475,6 +485,18 @@ class DiTAdapter(ABC):
                                      "layers itself and would bypass it. Restore the module's own forward (or move "
                                      "an offloaded model to its device: pipe.to('cuda')) to use ralu; for temporal "
                                      "caching use generate(cache=...)")
+            for where, mod in model.named_modules(prefix=name):
+                registry = vars(mod).get("_diffusers_hook")
+                hooks = [str(h) for h in (getattr(registry, "hooks", None) or {})
+                         if not str(h).startswith(STATELESS_HOOK_PREFIXES)]
+                if hooks:
+                    raise ValueError(f"{where} carries diffusers hooks ({', '.join(hooks)}: e.g. "
+                                     f"{name}.enable_cache(...) with a PyramidAttentionBroadcast / FasterCache / "
+                                     "TaylorSeerCache / TextKVCache / FirstBlockCache / MagCache / SeaCache config, or "
+                                     "apply_layer_skip); their state follows diffusers' own denoising loop and "
+                                     "forwards, which ralu does not run, so they would be bypassed. Remove them "
+                                     f"(pipe.{name}.disable_cache(), HookRegistry.remove_hook) and use "
+                                     "generate(cache=...) for temporal caching")
 
     # ---- temporal-cache hooks ----------------------------------------------------------------------------
     def begin_stage(self) -> None:

@@ -64,9 +64,7 @@ from .common import ADDED_QKV, QKV, projections
 
 IMAGE, TEXT = 0, 1  # SD3's streams, in the order of its joint sequence [image ; text]
 
-# diffusers hooks whose effect is per module call (no state across a transformer forward): allowed on the model
-STATELESS_HOOK_PREFIXES = ("group_offloading", "lazy_prefetch_group_offloading", "layerwise_casting",
-                           "peft_autocast_disable")
+from .base import STATELESS_HOOK_PREFIXES  # noqa: E402  (hooks allowed on the model)
 
 # the attention processor sd3_attention reproduces (packed and sharded calls need it on every attention)
 JOINT_PROCESSORS = ("JointAttnProcessor2_0",)

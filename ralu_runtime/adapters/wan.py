@@ -84,9 +84,7 @@ from .base import (EAGER, BlockStack, Conditioning, DiTAdapter, ModelImpl, Token
 IMAGE, TEXT = 0, 1  # Wan's streams: the video tokens (self-attention, sharded) and the text (cross-attention keys)
 _EXPERT_KEY = "wan.last_expert"  # CallState.adapter: the expert of the call's last model call (cache resets)
 ROPE_THETA = 10000.0  # WanRotaryPosEmbed's theta (WanTransformer3DModel passes none: the default)
-# diffusers hooks whose effect is per module call (no state across a transformer forward): allowed on the model
-STATELESS_HOOK_PREFIXES = ("group_offloading", "lazy_prefetch_group_offloading", "layerwise_casting",
-                           "peft_autocast_disable")
+from .base import STATELESS_HOOK_PREFIXES  # noqa: E402  (hooks allowed on the model)
 
 def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """diffusers' ``WanAttnProcessor`` rotary embedding (same operations): ``x (B, S, H, Dh)``, ``cos`` / ``sin``
