@@ -58,13 +58,12 @@ from ..execution.modes import DENSE, Dense, Mode
 from ..execution.packing import (HostSegments, Packed, PackedExecution, PackedSegments, can_pack, forward_override,
                                  has_hooks, pad_rows, split_calls, static_attention)
 from ..execution.sharding import Sharded
-from .base import (EAGER, BlockStack, Conditioning, DiTAdapter, ModelImpl, TokenGrid, VelocityCall, call_with_hooks,
-                   check_velocity_calls, current_sharding, pipeline_mu)
+from .base import (EAGER, STATELESS_HOOK_PREFIXES, BlockStack, Conditioning, DiTAdapter, ModelImpl, TokenGrid,
+                   VelocityCall, call_with_hooks, check_velocity_calls, current_sharding, pipeline_mu)
 from .common import ADDED_QKV, QKV, projections
 
 IMAGE, TEXT = 0, 1  # SD3's streams, in the order of its joint sequence [image ; text]
 
-from .base import STATELESS_HOOK_PREFIXES  # noqa: E402  (hooks allowed on the model)
 
 # the attention processor sd3_attention reproduces (packed and sharded calls need it on every attention)
 JOINT_PROCESSORS = ("JointAttnProcessor2_0",)

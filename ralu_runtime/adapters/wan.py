@@ -77,14 +77,13 @@ from ..execution.modes import DENSE, Mode
 from ..execution.packing import (HostSegments, Packed, PackedExecution, PackedSegments, can_pack, pad_rows,
                                  split_calls, static_attention)
 from ..execution.sharding import Sharded
-from .base import (EAGER, BlockStack, Conditioning, DiTAdapter, ModelImpl, TokenGrid, VelocityCall, call_with_hooks,
-                   check_blocks, check_velocity_calls, current_cache, current_call, current_sharding,
-                   scheduler_base_shift, vae_lock)
+from .base import (EAGER, STATELESS_HOOK_PREFIXES, BlockStack, Conditioning, DiTAdapter, ModelImpl, TokenGrid,
+                   VelocityCall, call_with_hooks, check_blocks, check_velocity_calls, current_cache, current_call,
+                   current_sharding, scheduler_base_shift, vae_lock)
 
 IMAGE, TEXT = 0, 1  # Wan's streams: the video tokens (self-attention, sharded) and the text (cross-attention keys)
 _EXPERT_KEY = "wan.last_expert"  # CallState.adapter: the expert of the call's last model call (cache resets)
 ROPE_THETA = 10000.0  # WanRotaryPosEmbed's theta (WanTransformer3DModel passes none: the default)
-from .base import STATELESS_HOOK_PREFIXES  # noqa: E402  (hooks allowed on the model)
 
 def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """diffusers' ``WanAttnProcessor`` rotary embedding (same operations): ``x (B, S, H, Dh)``, ``cos`` / ``sin``
