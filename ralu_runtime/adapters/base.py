@@ -30,6 +30,9 @@ from ..execution.packing import forward_override
 # that carry them as modules (a family refuses those on modules it decomposes), so they take effect as usual.
 STATELESS_HOOK_PREFIXES = ("group_offloading", "lazy_prefetch_group_offloading", "layerwise_casting",
                            "peft_autocast_disable")
+# the split / gather hooks of diffusers' enable_parallelism: ralu runs such a model under its config with its own
+# sharding (docs/parallelism.md), never through them (ralu_runtime.parallel.plan.call_module skips the gather)
+CONTEXT_PARALLEL_HOOK_PREFIXES = ("cp_input---", "cp_output---")
 
 
 _SCHEDULER_COPIES: contextvars.ContextVar[list | None] = contextvars.ContextVar("ralu_scheduler_copies", default=None)
@@ -378,6 +381,7 @@ class DiTAdapter(ABC):
     fuses_projections: bool = False          # velocity asks ModelImpl.fused for q/k/v weights (ralu-owned fusion)
     onnx_refusal: str | None = None          # why backend="onnx" cannot export this family's model call (None: it can)
     runs_block_modules: bool = False         # one-request calls call the blocks as modules (their forward runs)
+    runs_layerwise_casting: bool = False     # diffusers' enable_layerwise_casting verified to run (no family yet)
 
     def __init__(self, pipe, *, weak: bool = False):
         # weak: hold the pipeline by weak reference (the adapter table in ralu_runtime.adapters is keyed by the
@@ -487,8 +491,15 @@ class DiTAdapter(ABC):
                                      "caching use generate(cache=...)")
             for where, mod in model.named_modules(prefix=name):
                 registry = vars(mod).get("_diffusers_hook")
+                if not self.runs_layerwise_casting and any(str(h).startswith("layerwise_casting")
+                                                           for h in (getattr(registry, "hooks", None) or {})):
+                    raise ValueError(f"{where} carries diffusers' layerwise casting ({name}.enable_layerwise_casting"
+                                     f"): ralu takes the {name}'s storage dtype for the dtype it computes in (FLUX.1, "
+                                     "FLUX.2, Qwen-Image and Chroma then fail with mixed dtypes; no family's result "
+                                     "has been checked against diffusers'), so it is not supported yet. Load the "
+                                     f"{name} in the dtype it computes in (e.g. torch_dtype=torch.bfloat16)")
                 hooks = [str(h) for h in (getattr(registry, "hooks", None) or {})
-                         if not str(h).startswith(STATELESS_HOOK_PREFIXES)]
+                         if not str(h).startswith(STATELESS_HOOK_PREFIXES + CONTEXT_PARALLEL_HOOK_PREFIXES)]
                 if hooks:
                     raise ValueError(f"{where} carries diffusers hooks ({', '.join(hooks)}: e.g. "
                                      f"{name}.enable_cache(...) with a PyramidAttentionBroadcast / FasterCache / "
