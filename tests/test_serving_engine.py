@@ -336,7 +336,7 @@ def test_an_interrupted_batched_decode_fails_its_requests_and_the_engine_serves_
 
     vae.decode = interrupted_once
     try:
-        with Engine(pipe, EngineConfig(gather_timeout_s=10.0), output_type="pt") as eng:  # decodes gathered, also on a loaded host
+        with Engine(pipe, EngineConfig(gather_timeout_s=10.0), output_type="pt") as eng:  # decodes batched when loaded
             assert _two_then_one(eng) == (["KeyboardInterrupt", "KeyboardInterrupt"], "ok")
             assert eng.metrics()["requests"]["error"] == 2
     finally:
