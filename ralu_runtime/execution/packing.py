@@ -42,9 +42,10 @@ def pad_rows(x: torch.Tensor | None, n: int) -> torch.Tensor | None:
 def forward_override(module: torch.nn.Module) -> str | None:
     """What replaces ``module``'s own diffusers ``forward``, in words, or None: a ``forward`` set on the instance
     (an accelerate hook: enable_model_cpu_offload, enable_sequential_cpu_offload, a device_map), or a class
-    ``forward`` defined outside diffusers and torch (a patched class, a subclass's own). Code that runs a module's layers itself would
-    bypass it. A diffusers hook registry's forward is not counted (its hooks are checked by name), nor the bound
-    method of the module's own class ``forward`` that a removed registry hook leaves on the instance."""
+    ``forward`` defined outside diffusers and torch (a patched class, a subclass's own). Code that runs a module's
+    layers itself would bypass it. A diffusers hook registry's forward is not counted (its hooks are checked by
+    name), nor the bound method of the module's own class ``forward`` that a removed registry hook leaves on the
+    instance."""
     own = type(module).forward
     inst = vars(module).get("forward")
     if inst is not None and not (getattr(inst, "__func__", None) is own and getattr(inst, "__self__", None) is module):
