@@ -130,7 +130,14 @@ def check_blocks(blocks, allowed: tuple[str, ...], model: str, *, attn: str = "a
                              f"supports only diffusers' {' / '.join(allowed)} (no IP-Adapter or custom processors): "
                              f"restore it with pipe.transformer.set_attn_processor({allowed[0]}())")
         hooks = getattr(block, "_diffusers_hook", None)
-        if hooks is not None and getattr(hooks, "hooks", None):
+        names = [str(h) for h in (getattr(hooks, "hooks", None) or {})]
+        if names and all(h.startswith(("group_offloading", "lazy_prefetch_group_offloading")) for h in names):
+            raise ValueError(f"{name} carries diffusers' group offloading hooks ({', '.join(names)}): block-level "
+                             "offloading, or leaf-level on a block that holds parameters of its own (Wan's "
+                             f"scale_shift_table); ralu runs the {model} blocks' layers itself and reads those "
+                             "parameters directly, so they would stay offloaded. Use offloading without a hook on "
+                             "the blocks, or keep the transformer on its device")
+        if names:
             raise ValueError(f"{name} carries diffusers hooks ({', '.join(map(str, hooks.hooks))}: e.g. enable_cache "
                              f"or block-level group offloading); ralu runs the {model} blocks' layers itself and "
                              "would bypass them. Remove them (pipe.transformer.disable_cache(), leaf-level or no "
