@@ -434,3 +434,28 @@ def test_contract_layerwise_casting_is_refused_up_front(any_family):
         generate(other, **embeds(1, 1), **size, speedup="default", seed=2, output_type="latent", progress=False)
     handle.remove()
     assert not ran
+
+
+@torch.no_grad()
+def test_contract_blocks_compiled_in_place_are_said_to_go_unused(any_family, caplog):
+    """compile_repeated_blocks() (module.compile() on each block, no trace until called): ralu's call gives the
+    plain result and warns once per adapter that the compiled blocks are never used, where ralu runs the blocks'
+    layers itself (SD3 runs its blocks as modules: no warning, and it has no repeated blocks to compile)."""
+    from ralu_runtime.tiny import build_tiny
+
+    name, _pipe, embeds, size = any_family
+    other = build_tiny(name, seed=0)
+    tr = other.transformer
+    if not getattr(tr, "_repeated_blocks", None):
+        pytest.skip(f"{type(tr).__name__} declares no repeated blocks")
+    kw = dict(size, speedup="default", seed=2, output_type="latent", progress=False)
+    want = generate(other, **embeds(1, 1), **kw).images
+    tr.compile_repeated_blocks()
+    with caplog.at_level("WARNING", logger="ralu"):
+        got = generate(other, **embeds(1, 1), **kw).images
+        generate(other, **embeds(1, 1), **kw)
+    said = [r.getMessage() for r in caplog.records if "compiled in place" in r.getMessage()]
+    runs_blocks = get_adapter(other).runs_block_modules
+    assert len(said) == (0 if runs_blocks else 1), said
+    assert not said or "generate(backend='inductor')" in said[0]
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)

@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import copy
+import logging
 import threading
 import weakref
 from abc import ABC, abstractmethod
@@ -489,6 +490,15 @@ class DiTAdapter(ABC):
                                  f"{self.family or 'model'} transformer's layers itself, so its compiled forward "
                                  f"would never run. Give ralu the model itself (pipe.{name} = pipe.{name}._orig_mod) "
                                  "and compile through ralu: generate(backend='inductor')")
+            compiled = [where for where, mod in mods if mod._compiled_call_impl is not None]
+            if compiled and not getattr(self, "_warned_compiled", False):
+                self._warned_compiled = True  # once per adapter (a serving engine calls this per request)
+                logging.getLogger("ralu").warning(
+                    "%s %s compiled in place (module.compile() / compile_repeated_blocks()); ralu runs the %s "
+                    "transformer's layers itself, so that compiled code is never used (results are unchanged): "
+                    "compile through ralu instead, generate(backend='inductor')", ", ".join(compiled[:3])
+                    + (f" and {len(compiled) - 3} more" if len(compiled) > 3 else ""),
+                    "is" if len(compiled) == 1 else "are", self.family or "model")
             for where, mod in mods:
                 what = forward_override(mod)
                 if what is not None:
