@@ -316,7 +316,8 @@ def _two_then_one(eng, **kw):
             return "ok"
         except BaseException as e:  # noqa: BLE001
             return type(e).__name__
-    first = [eng.submit(seed=s, height=64, width=64, speedup=A, **flux_embeds(1, seed=s), **kw) for s in (1, 2)]
+    with eng._lock:  # both queued before the scheduler admits either: every step, the final decode included, has both
+        first = [eng.submit(seed=s, height=64, width=64, speedup=A, **flux_embeds(1, seed=s), **kw) for s in (1, 2)]
     first = [outcome(h) for h in first]
     return first, outcome(eng.submit(seed=3, height=64, width=64, speedup=A, **flux_embeds(1, seed=3), **kw))
 
