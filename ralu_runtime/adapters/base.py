@@ -130,8 +130,7 @@ def check_blocks(blocks, allowed: tuple[str, ...], model: str, *, attn: str = "a
             raise ValueError(f"{name}.{attn} has attention processor {proc}; ralu runs {model} attention itself and "
                              f"supports only diffusers' {' / '.join(allowed)} (no IP-Adapter or custom processors): "
                              f"restore it with pipe.transformer.set_attn_processor({allowed[0]}())")
-        hooks = getattr(block, "_diffusers_hook", None)
-        names = [str(h) for h in (getattr(hooks, "hooks", None) or {})]
+        names = [str(h) for h in (getattr(getattr(block, "_diffusers_hook", None), "hooks", None) or {})]
         if names and all(h.startswith(("group_offloading", "lazy_prefetch_group_offloading")) for h in names):
             raise ValueError(f"{name} carries diffusers' group offloading hooks ({', '.join(names)}): block-level "
                              "offloading, or leaf-level on a block that holds parameters of its own (Wan's "
@@ -139,7 +138,7 @@ def check_blocks(blocks, allowed: tuple[str, ...], model: str, *, attn: str = "a
                              "parameters directly, so they would stay offloaded. Use offloading without a hook on "
                              "the blocks, or keep the transformer on its device")
         if names:
-            raise ValueError(f"{name} carries diffusers hooks ({', '.join(map(str, hooks.hooks))}: e.g. enable_cache "
+            raise ValueError(f"{name} carries diffusers hooks ({', '.join(names)}: e.g. enable_cache "
                              f"or block-level group offloading); ralu runs the {model} blocks' layers itself and "
                              "would bypass them. Remove them (pipe.transformer.disable_cache(), leaf-level or no "
                              "offloading) and use generate(cache=...) for temporal caching")
@@ -507,16 +506,15 @@ class DiTAdapter(ABC):
                                      "an offloaded model to its device: pipe.to('cuda')) to use ralu; for temporal "
                                      "caching use generate(cache=...)")
             for where, mod in model.named_modules(prefix=name):
-                registry = vars(mod).get("_diffusers_hook")
-                if not self.runs_layerwise_casting and any(str(h).startswith("layerwise_casting")
-                                                           for h in (getattr(registry, "hooks", None) or {})):
+                registered = [str(h) for h in (getattr(vars(mod).get("_diffusers_hook"), "hooks", None) or {})]
+                if not self.runs_layerwise_casting and any(h.startswith("layerwise_casting") for h in registered):
                     raise ValueError(f"{where} carries diffusers' layerwise casting ({name}.enable_layerwise_casting"
                                      f"): ralu takes the {name}'s storage dtype for the dtype it computes in (FLUX.1, "
                                      "FLUX.2, Qwen-Image and Chroma then fail with mixed dtypes; no family's result "
                                      "has been checked against diffusers'), so it is not supported yet. Load the "
                                      f"{name} in the dtype it computes in (e.g. torch_dtype=torch.bfloat16)")
-                hooks = [str(h) for h in (getattr(registry, "hooks", None) or {})
-                         if not str(h).startswith(STATELESS_HOOK_PREFIXES + CONTEXT_PARALLEL_HOOK_PREFIXES)]
+                hooks = [h for h in registered
+                         if not h.startswith(STATELESS_HOOK_PREFIXES + CONTEXT_PARALLEL_HOOK_PREFIXES)]
                 if hooks:
                     raise ValueError(f"{where} carries diffusers hooks ({', '.join(hooks)}: e.g. "
                                      f"{name}.enable_cache(...) with a PyramidAttentionBroadcast / FasterCache / "

@@ -486,9 +486,10 @@ class SD3Adapter(DiTAdapter):
         for i, blk in enumerate(self.transformer.transformer_blocks):
             registry = getattr(blk, "_diffusers_hook", None)
             attns = [a for a in (blk.attn, getattr(blk, "attn2", None)) if a is not None]
-            if getattr(registry, "hooks", None) or forward_override(blk) or any(has_hooks(a) for a in attns):
+            own = forward_override(blk)
+            if getattr(registry, "hooks", None) or own or any(has_hooks(a) for a in attns):
                 raise ValueError(f"transformer_blocks.{i} carries diffusers hooks, a forward of its own "
-                                 f"({forward_override(blk) or 'none'}) or hooks on its attention modules; "
+                                 f"({own or 'none'}) or hooks on its attention modules; "
                                  "context parallelism runs SD3's blocks' layers itself and would bypass them: remove "
                                  "them (e.g. leaf-level group offloading instead of block-level) or run unsharded")
 
