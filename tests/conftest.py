@@ -43,6 +43,36 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip_gpu)
 
 
+def _diffusers_attention_backend():
+    """diffusers' process-wide active attention backend: its name, or None where diffusers' dispatch is not imported
+    yet (the default then, the environment's DIFFUSERS_ATTN_BACKEND or native)."""
+    import sys
+
+    dispatch = sys.modules.get("diffusers.models.attention_dispatch")
+    return None if dispatch is None else str(getattr(dispatch._AttentionBackendRegistry._active_backend, "value",
+                                                     dispatch._AttentionBackendRegistry._active_backend))
+
+
+@pytest.fixture(autouse=True)
+def _process_wide_attention_backend_left_as_found():
+    """A test that leaves diffusers' active attention backend changed (a model's ``set_attention_backend()`` sets it
+    for the whole process) errors here, and the backend is restored: later tests in the same worker would otherwise
+    run other attention kernels (an SD3 bitwise test failed CI at c46087a so, in another file's worker)."""
+    before = _diffusers_attention_backend()
+    yield
+    after = _diffusers_attention_backend()
+    if after is None:
+        return
+    if before is None:
+        before = os.environ.get("DIFFUSERS_ATTN_BACKEND", "native")
+    if after != before:
+        from diffusers.models.attention_dispatch import AttentionBackendName, _AttentionBackendRegistry
+
+        _AttentionBackendRegistry.set_active_backend(AttentionBackendName(before))
+        pytest.fail(f"the test left diffusers' process-wide attention backend at {after!r} (was {before!r}): "
+                    "restore it (a model's set_attention_backend() sets it for every model)")
+
+
 @pytest.fixture(scope="module")
 def flux_pipe():
     """A tiny random FLUX pipeline (seed 0), one per test module."""

@@ -84,6 +84,19 @@ SERVE_DEFAULTS = dict(height=64, width=64, max_sequence_length=77)  # a served t
 
 
 @contextlib.contextmanager
+def diffusers_active_backend_restored():
+    """diffusers' process-wide active attention backend put back on exit (a model's ``set_attention_backend()`` sets
+    it for every model in the process; conftest fails a test that leaves it changed)."""
+    from diffusers.models.attention_dispatch import _AttentionBackendRegistry
+
+    before = _AttentionBackendRegistry._active_backend
+    try:
+        yield
+    finally:
+        _AttentionBackendRegistry.set_active_backend(before)
+
+
+@contextlib.contextmanager
 def running_server(pipe, config=None, *, grace_s: float, stop_s: float, limits=None, **app_kwargs):
     """``ralu serve``'s app on 127.0.0.1:<free port> over a fresh engine of ``pipe`` (``config``: its
     EngineConfig, default a 50 ms gather timeout; :data:`SERVE_DEFAULTS`); yields ``(server, engine)`` and stops both

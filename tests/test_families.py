@@ -395,7 +395,7 @@ def test_contract_numerically_neutral_diffusers_setups_run_and_match(any_family)
     """diffusers' ``set_attention_backend`` (native, _native_math) and leaf-level group offloading onto the CPU run
     under ralu with the result of the plain model (float rounding), the pipeline left as found; Wan's leaf-level
     offloading puts a hook on each block (its own parameters), which ralu reads directly: refused, naming the block."""
-    from helpers import assert_same, snapshot
+    from helpers import assert_same, diffusers_active_backend_restored, snapshot
     from ralu_runtime.tiny import build_tiny
 
     name, pipe, embeds, size = any_family
@@ -407,7 +407,8 @@ def test_contract_numerically_neutral_diffusers_setups_run_and_match(any_family)
               "leaf offload": lambda t: t.enable_group_offload(torch.device("cpu"), offload_type="leaf_level")}
     for what, setup in setups.items():
         other = build_tiny(name, seed=0)
-        setup(other.transformer)
+        with diffusers_active_backend_restored():  # set_attention_backend() sets it for the whole process too
+            setup(other.transformer)
         before = snapshot(other)
         if what == "leaf offload" and name in ("tiny-wan", "tiny-wan22"):
             with pytest.raises(ValueError, match=r"^transformer\.blocks\.0 carries diffusers' group offloading hooks "

@@ -102,6 +102,23 @@ def test_one_rank_sharded_velocity_equals_dense_bitwise(adapters, variant):
 
 
 @torch.no_grad()
+def test_one_rank_sharded_ignores_diffusers_active_attention_backend(adapters):
+    """diffusers' SD3 processor calls torch's SDPA whatever backend diffusers has active (another model's
+    ``set_attention_backend("_native_math")`` makes it the process-wide default): the sharded call does the same, so
+    it still equals the module call bitwise (it followed the active backend: 2.9e-6 apart, failed CI at c46087a)."""
+    from diffusers.models.attention_dispatch import attention_backend
+
+    adapter = adapters["medium"]  # joint attention and MMDiT-X's image-only attention
+    c = _calls(adapter, MIX[:1], seed=4)[0]
+    with attention_backend("_native_math"):
+        outs = []
+        for sharding in (None, OneRank()):
+            with call_scope(None, sharding=sharding):
+                outs.append(adapter.velocity(c.tokens, c.grid, c.timestep, c.cond))
+    assert torch.equal(outs[0], outs[1]), f"max diff {(outs[0] - outs[1]).abs().max():.3g}"
+
+
+@torch.no_grad()
 def test_one_rank_sharded_with_a_feature_cache_equals_dense_bitwise(adapters):
     from ralu_runtime.cache import make_cache
 

@@ -67,6 +67,10 @@ IMAGE, TEXT = 0, 1  # SD3's streams, in the order of its joint sequence [image ;
 
 # the attention processor sd3_attention reproduces (packed and sharded calls need it on every attention)
 JOINT_PROCESSORS = ("JointAttnProcessor2_0",)
+# JointAttnProcessor2_0 calls torch's SDPA itself, whatever attention backend diffusers has active (a model's
+# set_attention_backend() makes its backend the process-wide default): sd3_attention names diffusers' "native"
+# backend (torch's SDPA) so that it does the same
+NATIVE = "native"
 
 
 def sd3_block_call(block, hidden_states, encoder_hidden_states, temb, ex: Mode = DENSE):
@@ -102,7 +106,7 @@ def sd3_attention(attn, hidden_states, encoder_hidden_states, ex: Mode = DENSE):
     if attn.norm_k is not None:
         key = attn.norm_k(key)
     if encoder_hidden_states is None:
-        out = ex.attend(query, key, value, stream=IMAGE)
+        out = ex.attend(query, key, value, stream=IMAGE, backend=NATIVE)
         return attn.to_out[1](attn.to_out[0](out.flatten(2, 3).to(query.dtype)))
     eq, ek, ev = (p.unflatten(-1, (attn.heads, head_dim)) for p in projections(attn, encoder_hidden_states,
                                                                                ADDED_QKV, None))
@@ -110,7 +114,7 @@ def sd3_attention(attn, hidden_states, encoder_hidden_states, ex: Mode = DENSE):
         eq = attn.norm_added_q(eq)
     if attn.norm_added_k is not None:
         ek = attn.norm_added_k(ek)
-    out = ex.attend(ex.join(query, eq), ex.join(key, ek), ex.join(value, ev))
+    out = ex.attend(ex.join(query, eq), ex.join(key, ek), ex.join(value, ev), backend=NATIVE)
     out, enc = ex.split(out.flatten(2, 3).to(query.dtype), hidden_states.shape[1])
     enc = None if attn.context_pre_only else attn.to_add_out(enc)
     return attn.to_out[1](attn.to_out[0](out)), enc
