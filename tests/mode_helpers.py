@@ -120,6 +120,21 @@ def assert_packs(adapter, calls, ref: Sequence[torch.Tensor] | None = None, *, p
     return out
 
 
+def assert_engine_packs(pipe, reqs) -> None:
+    """The serving engine runs ``reqs`` (``[(generate keyword arguments, seed)]``, submitted together) with packed
+    model calls, and each result equals ``generate`` alone (latents, atol = rtol = 1e-4 as
+    tests/test_serving_engine.py)."""
+    from ralu_runtime import generate
+    from ralu_runtime.serving import Engine, EngineConfig
+
+    refs = [generate(pipe, **kw, seed=seed, output_type="latent", progress=False).images for kw, seed in reqs]
+    with Engine(pipe, EngineConfig(gather_timeout_s=0.5), output_type="latent") as eng:
+        outs = [h.result(timeout=300).images for h in [eng.submit(seed=seed, **kw) for kw, seed in reqs]]
+        assert eng.metrics()["packed_calls"] > 0
+    for out, ref in zip(outs, refs):
+        torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4)
+
+
 def assert_order_free(adapter, calls, out: Sequence[torch.Tensor], ref: Sequence[torch.Tensor], alone: int) -> None:
     """A packed call's outputs ``out`` (of four ``calls``) do not depend on the order of the calls or on their
     neighbours: permuted calls give the same outputs permuted, and call ``alone`` packed by itself gives ``ref``."""

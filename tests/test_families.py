@@ -420,24 +420,6 @@ def test_contract_numerically_neutral_diffusers_setups_run_and_match(any_family)
 
 
 @torch.no_grad()
-def test_contract_layerwise_casting_is_refused_up_front(any_family):
-    """diffusers' enable_layerwise_casting (bf16 storage, fp32 compute) is refused before any model call, naming the
-    module and what to do (FLUX.1, FLUX.2, Qwen-Image and Chroma failed late with mixed dtypes; no family's result was
-    checked against diffusers')."""
-    from ralu_runtime.tiny import build_tiny
-
-    name, _pipe, embeds, size = any_family
-    other = build_tiny(name, seed=0)
-    other.transformer.enable_layerwise_casting(storage_dtype=torch.bfloat16, compute_dtype=torch.float32)
-    ran = []
-    handle = other.transformer.register_forward_pre_hook(lambda *a: ran.append(1))
-    with pytest.raises(ValueError, match=r"carries diffusers' layerwise casting \(transformer\.enable_layerwise_cast"):
-        generate(other, **embeds(1, 1), **size, speedup="default", seed=2, output_type="latent", progress=False)
-    handle.remove()
-    assert not ran
-
-
-@torch.no_grad()
 def test_contract_blocks_compiled_in_place_are_said_to_go_unused(any_family, caplog):
     """compile_repeated_blocks() (module.compile() on each block, no trace until called): ralu's call gives the
     plain result and warns once per adapter that the compiled blocks are never used, where ralu runs the blocks'

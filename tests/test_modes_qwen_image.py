@@ -26,7 +26,7 @@ from ralu_runtime.adapters import VelocityCall
 from ralu_runtime.adapters.qwen_image import QwenImageAdapter
 from ralu_runtime.execution.call import call_scope
 from ralu_runtime.tiny.qwen_image import TEXT_DIM, build_tiny_qwen_image_pipeline
-from mode_helpers import (OneRank, assert_falls_back_per_call, assert_order_free, assert_packs,
+from mode_helpers import (OneRank, assert_engine_packs, assert_falls_back_per_call, assert_order_free, assert_packs,
                           assert_padded_layout_equals_host, assert_ranks_match, per_call, stage_grid)
 
 WORKER = f"{__name__}:"
@@ -140,19 +140,11 @@ def test_serving_engine_packs_and_each_request_equals_generate_alone():
     """The serving engine's batched step runs the two requests' model calls as packed calls (different sizes, CFG
     on and off, masked text); each result equals ``generate`` alone (atol = rtol = 1e-4 on latents, as
     tests/test_serving_engine.py)."""
-    from ralu_runtime import generate
-    from ralu_runtime.serving import Engine, EngineConfig
-
     pipe = build_tiny_qwen_image_pipeline(seed=4)
     reqs = [(dict(height=96, width=128, speedup="7x", guidance_scale=4.0, **_embeds()), 11),
             (dict(height=64, width=64, speedup="7x", guidance_scale=1.0,
                   prompt_embeds=_embeds()["prompt_embeds"][:1, :5]), 12)]
-    refs = [generate(pipe, **kw, seed=seed, output_type="latent", progress=False).images for kw, seed in reqs]
-    with Engine(pipe, EngineConfig(gather_timeout_s=0.5), output_type="latent") as eng:
-        outs = [h.result(timeout=300).images for h in [eng.submit(seed=seed, **kw) for kw, seed in reqs]]
-        assert eng.metrics()["packed_calls"] > 0
-    for out, ref in zip(outs, refs):
-        torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4)
+    assert_engine_packs(pipe, reqs)
 
 
 # ---- gloo ranks -------------------------------------------------------------------------------------------------

@@ -363,6 +363,23 @@ def pipeline_mu(calculate_shift, config, image_seq_len: int, *, max_shift: float
                            get("base_shift", 0.5), get("max_shift", max_shift))
 
 
+def layerwise_casting(module: torch.nn.Module):
+    """diffusers' layerwise-casting hook on ``module`` itself (``enable_layerwise_casting``: ``storage_dtype``,
+    ``compute_dtype``), or None."""
+    registry = vars(module).get("_diffusers_hook")
+    return None if registry is None else registry.hooks.get("layerwise_casting")
+
+
+def compute_dtype(model: torch.nn.Module) -> torch.dtype | None:
+    """The dtype ``model`` computes in, from its first parameter: that parameter's dtype, or the compute dtype of
+    diffusers' layerwise casting where that stores it in another (a float8 / bfloat16 storage dtype). None for a
+    model without parameters. A shortcut for diffusers' ``model.dtype``, which walks every module."""
+    for name, p in model.named_parameters():
+        cast = layerwise_casting(model.get_submodule(name.rpartition(".")[0]))
+        return cast.compute_dtype if cast is not None else p.dtype
+    return None
+
+
 class DiTAdapter(ABC):
     """Base class of model adapters.
 
@@ -388,7 +405,6 @@ class DiTAdapter(ABC):
     fuses_projections: bool = False          # velocity asks ModelImpl.fused for q/k/v weights (ralu-owned fusion)
     onnx_refusal: str | None = None          # why backend="onnx" cannot export this family's model call (None: it can)
     runs_block_modules: bool = False         # one-request calls call the blocks as modules (their forward runs)
-    runs_layerwise_casting: bool = False     # diffusers' enable_layerwise_casting verified to run (no family yet)
 
     def __init__(self, pipe, *, weak: bool = False):
         # weak: hold the pipeline by weak reference (the adapter table in ralu_runtime.adapters is keyed by the
@@ -475,9 +491,12 @@ class DiTAdapter(ABC):
         a block's unless :attr:`runs_block_modules`; blocks are the members of the transformer's ``ModuleList``
         children. What counts: :func:`~ralu_runtime.execution.packing.forward_override` (an instance forward, an
         accelerate offload hook, a class forward from outside diffusers). Packed and sharded calls, which decompose
-        more modules, fall back to per-call execution or refuse on their own checks."""
+        more modules, fall back to per-call execution or refuse on their own checks. diffusers' layerwise casting
+        runs (its hooks sit on leaf layers, which ralu calls as modules), unless the installed backend traces the
+        model (:meth:`check_layerwise_casting`)."""
         pipe = self.pipe
         names = {id(v): k for k, v in vars(pipe).items() if isinstance(v, torch.nn.Module)} if pipe is not None else {}
+        cast_at = None
         for model in self.model_modules():
             name = names.get(id(model), "transformer")
             mods = [(name, model)]
@@ -507,12 +526,8 @@ class DiTAdapter(ABC):
                                      "caching use generate(cache=...)")
             for where, mod in model.named_modules(prefix=name):
                 registered = [str(h) for h in (getattr(vars(mod).get("_diffusers_hook"), "hooks", None) or {})]
-                if not self.runs_layerwise_casting and any(h.startswith("layerwise_casting") for h in registered):
-                    raise ValueError(f"{where} carries diffusers' layerwise casting ({name}.enable_layerwise_casting"
-                                     f"): ralu takes the {name}'s storage dtype for the dtype it computes in (FLUX.1, "
-                                     "FLUX.2, Qwen-Image and Chroma then fail with mixed dtypes; no family's result "
-                                     "has been checked against diffusers'), so it is not supported yet. Load the "
-                                     f"{name} in the dtype it computes in (e.g. torch_dtype=torch.bfloat16)")
+                if "layerwise_casting" in registered:
+                    cast_at = cast_at or where
                 hooks = [h for h in registered
                          if not h.startswith(STATELESS_HOOK_PREFIXES + CONTEXT_PARALLEL_HOOK_PREFIXES)]
                 if hooks:
@@ -523,6 +538,52 @@ class DiTAdapter(ABC):
                                      "forwards, which ralu does not run, so they would be bypassed. Remove them "
                                      f"(pipe.{name}.disable_cache(), HookRegistry.remove_hook) and use "
                                      "generate(cache=...) for temporal caching")
+        applied = getattr(self.runner, "applied", None) or {}
+        if applied and (cast_at is not None or applied.get("compile_vae")):
+            backend = self.runner.options.backend
+            self.check_layerwise_casting(
+                f"backend={backend!r}" if backend in ("onnx", "tensorrt") or applied.get("compiled_blocks") else
+                "cuda_graphs=True" if applied.get("cuda_graphs") else None,
+                "compile_vae" if applied.get("compile_vae") else None, cast_at=cast_at,
+                fp8=applied.get("precision") == "fp8")
+
+    def check_layerwise_casting(self, model_traced_by: str | None, vae_traced_by: str | None = None, *,
+                                cast_at: str | None = None, fp8: bool = False) -> None:
+        """ValueError when diffusers' layerwise casting (``enable_layerwise_casting``: hooks that cast each layer's
+        weights to the compute dtype around its forward) sits on a model that ralu would trace: the transformer under
+        ``model_traced_by`` (e.g. "backend='inductor'", "cuda_graphs=True"; None: eager), the VAE under
+        ``vae_traced_by`` ("compile_vae" or None). torch.compile cannot trace those hooks (they build Parameters), nor
+        can export or CUDA-graph capture replay them. Eager calls run them as diffusers does. ``cast_at``: the first
+        cast module of the transformer if already known. ``fp8``: precision="fp8" is asked for, which quantizes
+        weights stored in float32 / bfloat16 / float16 only: refused where the casting stores a layer's weights in a
+        float8 dtype (that layer would run in the compute dtype, not in fp8)."""
+        if fp8:
+            stored = next(((f"transformer.{n}", hook.storage_dtype) for m in self.model_modules()
+                           for n, mod in m.named_modules() if (hook := layerwise_casting(mod)) is not None
+                           and hook.storage_dtype.itemsize == 1), None)
+            if stored is not None:
+                raise ValueError(f"precision='fp8' with {stored[0]} stored in {stored[1]} by diffusers' layerwise "
+                                 "casting: ralu's fp8 quantizes weights stored in float32 / bfloat16 / float16, so "
+                                 "such layers would run in the compute dtype, not in fp8. Use one of the two: "
+                                 "precision='fp8' on a model without float8 storage, or the layerwise casting alone")
+        if model_traced_by is not None:
+            if cast_at is None:
+                cast_at = next((f"transformer.{n}" if n else "transformer" for m in self.model_modules()
+                                for n, mod in m.named_modules() if layerwise_casting(mod) is not None), None)
+            if cast_at is not None:
+                raise ValueError(f"{cast_at} carries diffusers' layerwise casting (enable_layerwise_casting), which "
+                                 f"{model_traced_by} cannot run: its hooks cast the weights while the model runs "
+                                 "(torch.compile cannot trace them; export and CUDA graphs cannot replay them). Use "
+                                 "backend='eager' without cuda_graphs, or load the model in the dtype it computes "
+                                 "in (precision='fp8' quantizes it for you)")
+        vae = getattr(self.pipe, "vae", None) if self.pipe is not None else None
+        if vae_traced_by is not None and isinstance(vae, torch.nn.Module):
+            where = next((f"vae.{n}" if n else "vae" for n, mod in vae.named_modules()
+                          if layerwise_casting(mod) is not None), None)
+            if where is not None:
+                raise ValueError(f"{where} carries diffusers' layerwise casting (enable_layerwise_casting), which "
+                                 f"{vae_traced_by}=True cannot compile (torch.compile cannot trace its hooks); "
+                                 "leave compile_vae off")
 
     # ---- temporal-cache hooks ----------------------------------------------------------------------------
     def begin_stage(self) -> None:
@@ -598,8 +659,11 @@ class DiTAdapter(ABC):
 
     @property
     def dtype(self) -> torch.dtype:
-        p = self._first_parameter()
-        return p.dtype if p is not None and p.is_floating_point() else self.pipe.transformer.dtype
+        """The dtype the transformer computes in: its first parameter's, or, where diffusers' layerwise casting
+        stores that parameter in another dtype (``enable_layerwise_casting``), the casting's compute dtype."""
+        tr = self.pipe.transformer
+        dtype = compute_dtype(tr) if getattr(tr, "_diffusers_hook", None) is None else None
+        return dtype if dtype is not None and dtype.is_floating_point else tr.dtype
 
     def default_hw(self) -> tuple[int, int]:
         """``(height, width)`` in pixels when generate gets neither (default: :attr:`default_size` square; video
@@ -763,7 +827,7 @@ class DiTAdapter(ABC):
         """Latents ``(B, C, h, w)`` -> images ``(B, 3, 8h, 8w)`` float in about [-1, 1]."""
         vae = self.pipe.vae
         latents = latents / vae.config.scaling_factor + (getattr(vae.config, "shift_factor", None) or 0.0)
-        latents = latents.to(next(vae.parameters()).dtype)
+        latents = latents.to(compute_dtype(vae))
         fn = (impl or EAGER).vae_decode(vae)
         return fn(latents) if fn is not None else vae.decode(latents, return_dict=False)[0]
 

@@ -57,8 +57,8 @@ from ..execution.packing import (HostSegments, Packed, PackedExecution, PackedSe
                                  split_calls, static_attention)
 from ..execution.sharding import Sharded
 from .base import (EAGER, Conditioning, DiTAdapter, ModelImpl, TokenGrid, VelocityCall, call_with_hooks, check_blocks,
-                   check_velocity_calls, current_cache, current_sharding, double_then_single_stack, named_blocks,
-                   scheduler_base_shift)
+                   check_velocity_calls, compute_dtype, current_cache, current_sharding, double_then_single_stack,
+                   named_blocks, scheduler_base_shift)
 from .common import ADDED_QKV, QKV, apply_rope
 from .flux import flux_attention
 
@@ -513,7 +513,6 @@ class Flux2Adapter(DiTAdapter):
 
     def decode(self, latents, impl: ModelImpl | None = None):
         vae = self.pipe.vae
-        p = next(vae.parameters())
-        z = self.denormalize(latents).to(p.device, p.dtype)
+        z = self.denormalize(latents).to(next(vae.parameters()).device, compute_dtype(vae))
         fn = (impl or EAGER).vae_decode(vae)
         return fn(z) if fn is not None else vae.decode(z, return_dict=False)[0]

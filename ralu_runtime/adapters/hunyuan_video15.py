@@ -56,7 +56,7 @@ import torch
 
 from ..families import FAMILIES
 from ..execution.modes import DENSE, Mode
-from .base import EAGER, Conditioning, ModelImpl, TokenGrid, scheduler_base_shift, vae_lock
+from .base import EAGER, Conditioning, ModelImpl, TokenGrid, compute_dtype, scheduler_base_shift, vae_lock
 from .double_stream import DoubleStreamAdapter, StreamInputs
 
 IMAGE, TEXT = 0, 1  # HunyuanVideo 1.5's streams, in the order of its joint sequence [image ; text]
@@ -466,7 +466,7 @@ class HunyuanVideo15Adapter(DoubleStreamAdapter):
         ``vae.enable_slicing()``, which decodes one at a time too), one decode at a time per VAE
         (:func:`~ralu_runtime.adapters.base.vae_lock`: a causal 3-D VAE, never run from two threads at once)."""
         vae = self.pipe.vae
-        z = latents.to(next(vae.parameters()).dtype) / vae.config.scaling_factor
+        z = latents.to(compute_dtype(vae)) / vae.config.scaling_factor
         fn = (impl or EAGER).vae_decode(vae)
         if fn is None:
             def fn(x):

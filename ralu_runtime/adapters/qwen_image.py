@@ -49,7 +49,7 @@ import torch
 
 from ..families import FAMILIES
 from ..execution.modes import DENSE, Mode
-from .base import (EAGER, Conditioning, ModelImpl, TokenGrid, check_blocks, named_blocks, pipeline_mu,
+from .base import (EAGER, Conditioning, ModelImpl, TokenGrid, check_blocks, compute_dtype, named_blocks, pipeline_mu,
                    scheduler_base_shift, vae_lock)
 from .common import ADDED_QKV, QKV, projections
 from .double_stream import DoubleStreamAdapter, StreamInputs
@@ -348,7 +348,7 @@ class QwenImageAdapter(DoubleStreamAdapter):
         """Latents ``(B, 16, h, w)`` -> images ``(B, 3, 8h, 8w)``: the pipeline's per-channel denormalisation
         (``latents / (1 / latents_std) + latents_mean``, in the VAE's dtype) and a one-frame VAE decode."""
         vae = self.pipe.vae
-        dtype = next(vae.parameters()).dtype
+        dtype = compute_dtype(vae)
         z = latents.unsqueeze(2).to(dtype)
         shape = (1, vae.config.z_dim, 1, 1, 1)
         mean = torch.tensor(vae.config.latents_mean).view(shape).to(z.device, dtype)

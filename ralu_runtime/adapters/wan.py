@@ -78,8 +78,8 @@ from ..execution.packing import (HostSegments, Packed, PackedExecution, PackedSe
                                  split_calls, static_attention)
 from ..execution.sharding import Sharded
 from .base import (EAGER, STATELESS_HOOK_PREFIXES, BlockStack, Conditioning, DiTAdapter, ModelImpl, TokenGrid,
-                   VelocityCall, call_with_hooks, check_blocks, check_velocity_calls, current_cache, current_call,
-                   current_sharding, scheduler_base_shift, vae_lock)
+                   VelocityCall, call_with_hooks, check_blocks, check_velocity_calls, compute_dtype, current_cache,
+                   current_call, current_sharding, scheduler_base_shift, vae_lock)
 
 IMAGE, TEXT = 0, 1  # Wan's streams: the video tokens (self-attention, sharded) and the text (cross-attention keys)
 _EXPERT_KEY = "wan.last_expert"  # CallState.adapter: the expert of the call's last model call (cache resets)
@@ -731,8 +731,7 @@ class WanAdapter(DiTAdapter):
         de-normalisation (``latents / (1 / latents_std) + latents_mean`` in the VAE's dtype) and ``vae.decode``
         (eager, one call at a time per VAE: its frame loop keeps state on the module)."""
         vae = self.pipe.vae
-        param = next(vae.parameters())
-        z = latents.to(param.device, param.dtype)
+        z = latents.to(next(vae.parameters()).device, compute_dtype(vae))
         shape = (1, vae.config.z_dim, 1, 1, 1)
         mean = torch.tensor(vae.config.latents_mean).view(shape).to(z.device, z.dtype)
         std = 1.0 / torch.tensor(vae.config.latents_std).view(shape).to(z.device, z.dtype)

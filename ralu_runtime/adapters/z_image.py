@@ -57,7 +57,7 @@ from ..execution.packing import (HostSegments, Packed, PackedExecution, PackedSe
                                  static_attention)
 from ..execution.sharding import Sharded
 from .base import (EAGER, BlockStack, Conditioning, DiTAdapter, ModelImpl, TokenGrid, VelocityCall, call_with_hooks,
-                   check_blocks, check_velocity_calls, current_sharding, pipeline_mu,
+                   check_blocks, check_velocity_calls, compute_dtype, current_sharding, pipeline_mu,
                    scheduler_base_shift)
 from .common import QKV, projections
 
@@ -571,7 +571,7 @@ class ZImageAdapter(DiTAdapter):
     def decode(self, latents, impl: ModelImpl | None = None):
         """The pipeline's decode: cast to the VAE dtype, then ``z / scaling_factor + shift_factor``."""
         vae = self.pipe.vae
-        latents = latents.to(next(vae.parameters()).dtype)
+        latents = latents.to(compute_dtype(vae))
         latents = latents / vae.config.scaling_factor + (getattr(vae.config, "shift_factor", None) or 0.0)
         fn = (impl or EAGER).vae_decode(vae)
         return fn(latents) if fn is not None else vae.decode(latents, return_dict=False)[0]

@@ -28,8 +28,10 @@ def check_backend_for(options: CompileOptions, adapter) -> None:
     """ValueError, before any work, for a backend the adapter's family cannot run (``onnx`` where the family's
     model call does not export: :attr:`DiTAdapter.onnx_refusal`; ``onnx`` for a bfloat16 model, which
     onnxruntime cannot run: no bfloat16 kernels on its CPU provider, no bfloat16 numpy type for its inputs), and for
-    an ``attn_backend`` with no attention kernel on the model's device (:func:`.sdpa.check_attn_backend`), and for
-    ``fused_qkv=True`` where the family fuses no projections (it would be ignored)."""
+    an ``attn_backend`` with no attention kernel on the model's device (:func:`.sdpa.check_attn_backend`), for
+    ``fused_qkv=True`` where the family fuses no projections (it would be ignored), and for a traced backend, CUDA
+    graphs, a compiled VAE or fp8 on float8 storage under diffusers' layerwise casting
+    (:meth:`DiTAdapter.check_layerwise_casting`)."""
     refusal = getattr(adapter, "onnx_refusal", None)
     if options.backend == "onnx" and refusal:
         raise ValueError(f"backend='onnx' is not available for {adapter.family}: {refusal}")
@@ -38,6 +40,14 @@ def check_backend_for(options: CompileOptions, adapter) -> None:
     if options.fused_qkv and not getattr(adapter, "fuses_projections", True):
         raise ValueError(f"fused_qkv=True: {adapter.family}'s model call has no fused q/k/v projections for ralu to "
                          "run; leave fused_qkv at None")
+    if hasattr(adapter, "check_layerwise_casting"):  # diffusers' enable_layerwise_casting: eager calls only
+        cuda = getattr(getattr(adapter, "device", None), "type", None) == "cuda"
+        graphs = options.cuda_graphs if options.cuda_graphs is not None else (
+            cuda and options.backend in ("inductor", "tensorrt"))
+        vae = options.compile_vae if options.compile_vae is not None else cuda and options.backend == "inductor"
+        adapter.check_layerwise_casting(f"backend={options.backend!r}" if options.backend != "eager" else
+                                        "cuda_graphs=True" if graphs else None, "compile_vae" if vae else None,
+                                        fp8=options.precision == "fp8")
     if options.backend == "onnx" and getattr(adapter, "dtype", None) == torch.bfloat16:
         raise ValueError("backend='onnx' cannot run a torch.bfloat16 model (onnxruntime has no bfloat16 kernels "
                          "or input type); move the pipeline to float16 or float32, or use backend='eager' or "
