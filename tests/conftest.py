@@ -73,6 +73,35 @@ def _process_wide_attention_backend_left_as_found():
                     "restore it (a model's set_attention_backend() sets it for every model)")
 
 
+# torch's process-wide settings that change which kernels run or what they compute: (read, restore) per setting
+_TORCH_SETTINGS = {
+    "default dtype": (torch.get_default_dtype, torch.set_default_dtype),
+    "grad mode": (torch.is_grad_enabled, torch.set_grad_enabled),
+    "threads": (torch.get_num_threads, torch.set_num_threads),
+    "deterministic algorithms": (torch.are_deterministic_algorithms_enabled, torch.use_deterministic_algorithms),
+    "float32 matmul precision": (torch.get_float32_matmul_precision, torch.set_float32_matmul_precision),
+    "flash SDPA": (torch.backends.cuda.flash_sdp_enabled, torch.backends.cuda.enable_flash_sdp),
+    "efficient SDPA": (torch.backends.cuda.mem_efficient_sdp_enabled, torch.backends.cuda.enable_mem_efficient_sdp),
+    "math SDPA": (torch.backends.cuda.math_sdp_enabled, torch.backends.cuda.enable_math_sdp),
+    "cuDNN SDPA": (torch.backends.cuda.cudnn_sdp_enabled, torch.backends.cuda.enable_cudnn_sdp),
+}
+
+
+@pytest.fixture(autouse=True)
+def _torch_settings_left_as_found():
+    """A test that leaves one of torch's process-wide settings changed (:data:`_TORCH_SETTINGS`) errors here, and
+    the setting is restored, so that no later test in the same worker runs under it."""
+    before = {name: get() for name, (get, _set) in _TORCH_SETTINGS.items()}
+    yield
+    changed = []
+    for name, (get, put) in _TORCH_SETTINGS.items():
+        if get() != before[name]:
+            changed.append(f"{name} {get()!r} (was {before[name]!r})")
+            put(before[name])
+    if changed:
+        pytest.fail("the test left torch's process-wide settings changed: " + "; ".join(changed))
+
+
 @pytest.fixture(scope="module")
 def flux_pipe():
     """A tiny random FLUX pipeline (seed 0), one per test module."""
