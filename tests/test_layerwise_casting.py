@@ -173,3 +173,14 @@ def test_traced_backends_are_refused_up_front():
             h.remove()
     assert not calls
     generate(pipe, **embeds, **args)  # eager: runs
+
+
+@torch.no_grad()
+def test_refusals_name_the_expert_that_is_cast():
+    """Wan 2.2's second expert cast alone: the refusal names transformer_2's module."""
+    pipe, embeds, size = _case("tiny-wan22")
+    pipe.transformer_2.enable_layerwise_casting(storage_dtype=torch.float8_e4m3fn, compute_dtype=COMPUTE)
+    with pytest.raises(ValueError, match=r"^transformer_2\.\S+ carries diffusers' layerwise casting"):
+        generate(pipe, **embeds, **size, seed=1, output_type="latent", progress=False, backend="inductor")
+    with pytest.raises(ValueError, match=r"^precision='fp8' with transformer_2\.\S+ stored in torch\.float8_e4m3fn"):
+        generate(pipe, **embeds, **size, seed=1, output_type="latent", progress=False, precision="fp8")

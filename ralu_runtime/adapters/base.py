@@ -557,10 +557,12 @@ class DiTAdapter(ABC):
         cast module of the transformer if already known. ``fp8``: precision="fp8" is asked for, which quantizes
         weights stored in float32 / bfloat16 / float16 only: refused where the casting stores a layer's weights in a
         float8 dtype (that layer would run in the compute dtype, not in fp8)."""
+        names = {id(v): k for k, v in vars(self.pipe).items()} if self.pipe is not None else {}
+        models = [(names.get(id(m), "transformer"), m) for m in self.model_modules()]
         if fp8:
-            stored = next(((f"transformer.{n}", hook.storage_dtype) for m in self.model_modules()
-                           for n, mod in m.named_modules() if (hook := layerwise_casting(mod)) is not None
-                           and hook.storage_dtype.itemsize == 1), None)
+            stored = next(((where, hook.storage_dtype) for name, m in models
+                           for where, mod in m.named_modules(prefix=name)
+                           if (hook := layerwise_casting(mod)) is not None and hook.storage_dtype.itemsize == 1), None)
             if stored is not None:
                 raise ValueError(f"precision='fp8' with {stored[0]} stored in {stored[1]} by diffusers' layerwise "
                                  "casting: ralu's fp8 quantizes weights stored in float32 / bfloat16 / float16, so "
@@ -568,8 +570,8 @@ class DiTAdapter(ABC):
                                  "precision='fp8' on a model without float8 storage, or the layerwise casting alone")
         if model_traced_by is not None:
             if cast_at is None:
-                cast_at = next((f"transformer.{n}" if n else "transformer" for m in self.model_modules()
-                                for n, mod in m.named_modules() if layerwise_casting(mod) is not None), None)
+                cast_at = next((where for name, m in models for where, mod in m.named_modules(prefix=name)
+                                if layerwise_casting(mod) is not None), None)
             if cast_at is not None:
                 raise ValueError(f"{cast_at} carries diffusers' layerwise casting (enable_layerwise_casting), which "
                                  f"{model_traced_by} cannot run: its hooks cast the weights while the model runs "
