@@ -38,7 +38,8 @@ compiled with CUDA graphs equal to eager: the conditioning channels and the refe
 ``precision`` (FLUX.1-dev shape: ``precision="fp8"`` with ralu's ``torch._scaled_mm`` kernel and with torchao's
 where importable, against bf16 within the fp8 tolerance; fp8 compiled with inductor and CUDA graphs against eager
 fp8, no recompile, the user's parameters as found; ``attn_backend="measure"``: backends timed per attention shape,
-one chosen per stage signature, latents equal to bf16's; see :func:`precision_job`).
+one chosen per stage signature, latents equal to bf16's; diffusers' layerwise casting with float8 storage, eager,
+equal to the model with rounded weights; see :func:`precision_job`).
 
 Tolerance (relative L2 error ``||a - b|| / ||b||`` of the latents): **bf16: 5e-2**; fp32 (the CPU dry run): 1e-4.
 Why 5e-2: bf16 rounds to 8 significant bits (unit roundoff 2^-8 = 3.9e-3); two bf16 evaluations of the same model
@@ -82,9 +83,9 @@ benchmarks/results/gpu_suite_nvidia-h200_2026-12-04.log); the block functions' p
 sharing 16 cores gives 60 s for FLUX.1-dev, and the others scale by their CPU cold-compile time relative to FLUX.1's
 (``--measure-compile`` on the dry-size models, 2-core CPU: FLUX.1 102 s, FLUX.2 121, Qwen-Image 105, Z-Image 76,
 Wan 99, HunyuanVideo 1.5 131, Chroma 183, SD3.5 Medium 216; dynamo tracing alone 15-40 s there, ~20 s expected on
-the GPU machine). Process start and build ~20 s, eager checks a few seconds each. The sum is ~1750 s of job time;
+the GPU machine). Process start and build ~20 s, eager checks a few seconds each. The sum is ~1770 s of job time;
 8 workers, the kernel checks and FLUX.1-dev first and the rest in the order :func:`gpu_order` packs, finish in
-~238 s if the estimates hold (``--list`` prints both sums); every check has a hard limit of 2.5x its expected
+~240 s if the estimates hold (``--list`` prints both sums); every check has a hard limit of 2.5x its expected
 seconds + 30 s.
 
 Output (``--out``, and ``--mirror``): ``smoke_<device>.json`` (rewritten after every finished check: a run cut off
@@ -162,7 +163,8 @@ SERVING_CHECKS = [("build", 20.0), ("references", 6.0), ("engine_packed_graphs",
 KERNEL_CHECKS = [("startup", 12.0), ("transition_triton", 6.0), ("transition_cuda_op", 3.0), ("varlen_attention", 4.0),
                  ("copy_same_bytes", 2.0)]
 PRECISION_CHECKS = [("build", 20.0), ("references", 8.0), ("fp8_eager", 10.0), ("fp8_torchao", 10.0),
-                    ("fp8_compiled", 80.0), ("fp8_no_recompile", 5.0), ("attn_measure", 30.0)]
+                    ("fp8_compiled", 80.0), ("fp8_no_recompile", 5.0), ("attn_measure", 30.0),
+                    ("layerwise_fp8_storage", 25.0)]
 
 
 # the harness's own test jobs (tests/test_gpu_smoke.py): run only when named in --only
@@ -807,6 +809,11 @@ def precision_job(ctx: Ctx, rec: Recorder) -> None:
     ``attn_measure``      ``attn_backend="measure"`` (dynamo level, CUDA graphs): the backends timed on the call's
                           attention shapes, one chosen per stage signature (reported), latents within the dtype's
                           tolerance of the reference on the measuring call and on the next
+    ``layerwise_fp8_storage`` diffusers' ``enable_layerwise_casting`` (float8_e4m3fn storage, the model's dtype to
+                          compute), eager: equal (the dtype's tolerance) to a second build of the model (same seed)
+                          whose cast layers hold the weights rounded to float8, fewer weight bytes; backend="inductor"
+                          on the cast model refused (ValueError) before any model call. Runs last: it casts the job's
+                          model
 
     FP8_TOL (relative L2 of the latents): bf16 0.1, fp32 0.05. Measured on the CPU (tests/test_fp8.py, tiny random
     FLUX, 3 stages): 0.27 % (fp32) and 0.48 % (bf16) on the final latents, 0.4-0.8 % per model call; e4m3 keeps 3
@@ -922,6 +929,35 @@ def precision_job(ctx: Ctx, rec: Recorder) -> None:
                                  "skipped": sorted(r["skipped"])} for r in attention_report(dev)])
         uncompile_adapter(st["pipe"])
 
+    def layerwise_fp8_storage(c: Check):
+        tr = st["pipe"].transformer
+        plain_bytes = sum(p.numel() * p.element_size() for p in tr.parameters())
+        other = SF.build(fam, "dry" if ctx.dry else "smoke", dev, dt)  # same seed: the weights of st["pipe"]
+        tr.enable_layerwise_casting(storage_dtype=torch.float8_e4m3fn, compute_dtype=dt)
+        cast = {n for n, m in tr.named_modules() if "layerwise_casting" in
+                (getattr(vars(m).get("_diffusers_hook"), "hooks", None) or {})}
+        for name, mod in other.transformer.named_modules():  # the plain model with the cast layers' weights rounded
+            if name in cast:
+                for p in mod.parameters(recurse=False):
+                    p.copy_(p.to(torch.float8_e4m3fn).to(p.dtype))
+        cast_bytes = sum(p.numel() * p.element_size() for p in tr.parameters())
+        kw = dict(speedup=st["pinned"], seed=13, **lat, backend="eager")
+        out = generate(st["pipe"], **st["emb"], **kw).images
+        rounded = generate(other, **st["emb"], **kw).images
+        del other
+        try:
+            generate(st["pipe"], **st["emb"], **{**kw, "backend": "inductor"})
+            refused = False
+        except ValueError:
+            refused = True
+        c.compare(out, rounded, "cast vs rounded weights")
+        c.expect(cast_bytes < plain_bytes, f"weight bytes {cast_bytes} vs {plain_bytes}")
+        c.expect(refused, "backend='inductor' on a layerwise-cast model was not refused")
+        c.info.update(cast_layers=len(cast), weight_gib={"plain": round(plain_bytes / 2**30, 3),
+                                                         "cast": round(cast_bytes / 2**30, 3)},
+                      rel_l2_vs_reference=float((out.double() - st["ref"].double()).norm()
+                                                / st["ref"].double().norm()))
+
     with torch.no_grad():
         run_check(rec, "build", build, needs=())
         run_check(rec, "references", references)
@@ -930,6 +966,7 @@ def precision_job(ctx: Ctx, rec: Recorder) -> None:
         run_check(rec, "fp8_compiled", fp8_compiled, tol=FP8_COMPILED_TOL[ctx.dtype_name()], needs=("references",))
         run_check(rec, "fp8_no_recompile", fp8_no_recompile, needs=("fp8_compiled",))
         run_check(rec, "attn_measure", attn_measure, tol=ctx.tol, needs=("references",))
+        run_check(rec, "layerwise_fp8_storage", layerwise_fp8_storage, tol=ctx.tol, needs=("references",))
 
 
 def selftest_job(job: str, rec: Recorder) -> None:

@@ -265,6 +265,16 @@ def static_dims_cmds(ctx: Ctx):
     return [(cmd + ["--size", "full"], _fresh_triton_cache(ctx, "static_dims"))]
 
 
+def layerwise_cmds(ctx: Ctx):
+    """diffusers' layerwise casting (float8_e4m3fn storage, bf16 compute) against the plain bf16 model: ralu's eager
+    FLUX.1 model call at full width and reduced depth (4 + 8 blocks), A/B in one process; weight bytes, peak memory."""
+    cmd = [PY, "benchmarks/layerwise_casting.py", "--out", str(ctx.work)]
+    if ctx.dry:
+        return [(cmd + ["--size", "small", "--resolution", "128", "--reps", "1", "--rounds", "1",
+                        "--name", "layerwise_casting_dry_cpu"], {})]
+    return [(cmd + ["--size", "full"], {})]
+
+
 def warm_start_cmds(ctx: Ctx):
     if not _bundle(ctx).exists():
         return "no compile bundle from latency_flux (no compiled row ran)"
@@ -411,6 +421,8 @@ STEPS = [
     Step("latency_kontext", "latency.py --kontext FLUX.1 Kontext-dev shape, 1024^2 reference", 420,
          latency_kontext_cmds, optional=True, min_s=200, expected_s=300),
     Step("stacking", "latency.py RALU 5x + TaylorSeer", 180, stacking_cmds, optional=True, min_s=60, expected_s=50),
+    Step("layerwise", "layerwise_casting.py FLUX.1 width, 4+8 blocks: fp8-stored layers vs plain bf16, eager", 180,
+         layerwise_cmds, optional=True, min_s=60, expected_s=60),
     Step("gpu_tests", "pytest -m gpu", 240, gpu_tests_cmds, optional=True, min_s=70, expected_s=60),
     Step("transition", "bench_transition.py", 150, transition_cmds, optional=True, min_s=35, expected_s=25),
     Step("transition_ablation", "transition_ablation.py: the kernel without noise / without dependent loads vs a "
@@ -419,9 +431,9 @@ STEPS = [
     Step("attention", "bench_attention.py", 120, attention_cmds, optional=True, min_s=25, expected_s=17),
 ]
 ESTIMATED = {"latency_families", "serving", "latency_video", "latency_video_720p", "precision", "latency_kontext",
-             "static_dims", "transition_ablation"}  # expected_s never measured
+             "static_dims", "transition_ablation", "layerwise"}  # expected_s never measured
 TIMING_STEPS = {"transition", "transition_ablation", "transition_tune", "attention", "latency_flux", "warm_start", "latency_sd3", "stacking",
-                "latency_kontext", "static_dims",
+                "latency_kontext", "static_dims", "layerwise",
                 "latency_families", "latency_video", "latency_video_720p", "serving", "precision"}
 
 
@@ -742,6 +754,16 @@ def claims(work: Path, results: dict[str, Result], dry: bool) -> list[dict]:
     else:
         add("compiled FLUX.1 model call (4+8 blocks, 1024^2): symbolic model dims / static (the fix)", "not run",
             "record (> 1: the fix gains)", None, "static_dims_*.json")
+
+    lw = _json(work, "layerwise_casting_nvidia*.json") or _json(work, "layerwise_casting_dry_cpu.json")
+    claim = "FLUX.1 eager model call (4+8 blocks, 1024^2), layerwise casting (fp8 storage) / plain bf16"
+    if lw:
+        plain, cast = (_row(lw["rows"], variant=v) for v in ("plain", "cast"))
+        add(claim, f"{lw['ratio_time_cast_over_plain']:.3f}x time ({cast['mean_ms']:.2f} vs {plain['mean_ms']:.2f} "
+            f"ms), {lw['ratio_weight_bytes_cast_over_plain']:.3f}x weight bytes, rel diff {cast['rel_diff']:.2g}",
+            "record", None, "layerwise_casting_*.json")
+    else:
+        add(claim, "not run", "record", None, "layerwise_casting_*.json")
 
     speedup, part = _compiled_speedups(work, "latency_sd3_full_nvidia*.json", "latency_sd3_dry_cpu.json")
     for row, goal in (("ralu-3x-compiled", 3.0), ("ralu-2x-compiled", 2.0)):

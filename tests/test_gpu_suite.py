@@ -51,7 +51,7 @@ def test_dry_run_runs_every_step(dry_run):
                  "gpu_suite/gpu_tests.xml", "gpu_suite/logs/latency_video.log", "gpu_suite/latency_wan-480p_dry_cpu.json",
                  "gpu_suite/latency_hunyuan-video15_dry_cpu.json", "gpu_suite/serving_dry_cpu.json",
                  "gpu_suite/latency_flux_kontext_dry_cpu.json", "gpu_suite/static_dims_dry_cpu.json",
-                 "gpu_suite/transition_ablation_dry_cpu.json"):
+                 "gpu_suite/transition_ablation_dry_cpu.json", "gpu_suite/layerwise_casting_dry_cpu.json"):
         assert name in names, name
     # the video steps: a baseline run with 2 steps and scaled to 50, a RALU row, warm-up calls at a small size
     video = json.loads((work / "latency_wan-480p_dry_cpu.json").read_text())
@@ -68,6 +68,12 @@ def test_dry_run_runs_every_step(dry_run):
     static, symbolic = (next(r for r in dims["rows"] if r["variant"] == v) for v in ("static", "symbolic"))
     assert static["symbolic_feature_dims"] == 0 < symbolic["symbolic_feature_dims"]
     assert not measured["compiled FLUX.1 model call (4+8 blocks, 1024^2): symbolic model dims / static (the fix)"
+                        ].startswith("not run")
+    # the layerwise-casting A/B: the cast model stores fewer weight bytes and computes near the plain one
+    lw = json.loads((work / "layerwise_casting_dry_cpu.json").read_text())
+    assert lw["storage_dtype"] == "torch.bfloat16" and 0.5 < lw["ratio_weight_bytes_cast_over_plain"] < 1
+    assert 0 < next(r for r in lw["rows"] if r["variant"] == "cast")["rel_diff"] < 0.05
+    assert not measured["FLUX.1 eager model call (4+8 blocks, 1024^2), layerwise casting (fp8 storage) / plain bf16"
                         ].startswith("not run")
     kontext = json.loads((work / "latency_flux_kontext_dry_cpu.json").read_text())
     assert kontext["kontext"]["reference_px"] == [128, 128] and kontext["baseline_steps"] == 2
