@@ -72,6 +72,24 @@ def time_fn(fn: Callable[[], object], *, warmup: int = 3, reps: int = 10, device
     }
 
 
+def raster_call_inputs(pipe, resolution: int, text_len: int, device, dtype) -> tuple:
+    """``(adapter, tokens, grid, timestep, cond)`` of one model call of a FLUX-like pipeline on a full-resolution
+    raster grid (``resolution`` pixels per side, ``text_len`` random text tokens, guidance 3.5, timestep 500); seeded:
+    pipelines built with the same seed get the same inputs."""
+    from ralu_runtime.adapters import TokenGrid, get_adapter
+    from ralu_runtime.layout import grid_positions
+    from ralu_runtime.tiny.flux import random_embeds
+
+    adapter = get_adapter(pipe)
+    g = torch.Generator().manual_seed(0)
+    cond = adapter.encode_prompt(None, **random_embeds(pipe, 1, text_len, device=device, dtype=dtype),
+                                 guidance_scale=3.5)
+    side = resolution // (adapter.vae_scale_factor * adapter.patch_size)
+    grid = TokenGrid(grid_positions(side, side).to(device)[None], (side, side), None, raster=True)
+    x = torch.randn(1, side * side, adapter.token_channels, generator=g).to(device, dtype)
+    return adapter, x, grid, torch.tensor(500.0, device=device), cond
+
+
 def print_table(rows: Sequence[dict], columns: Sequence[str]) -> None:
     """Print rows as a fixed-width text table with the given columns."""
     def fmt(v):

@@ -32,10 +32,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks._common import bar_plot, device_slug, print_table, time_fn, write_json  # noqa: E402
-from ralu_runtime.adapters import TokenGrid, get_adapter  # noqa: E402
-from ralu_runtime.layout import grid_positions  # noqa: E402
-from ralu_runtime.tiny.flux import build_flux_pipeline, random_embeds  # noqa: E402
+from benchmarks._common import (bar_plot, device_slug, print_table, raster_call_inputs, time_fn,  # noqa: E402
+                                write_json)
+from ralu_runtime.tiny.flux import build_flux_pipeline  # noqa: E402
 
 VARIANTS = ("plain", "cast")
 STORAGE = {"float8_e4m3fn": torch.float8_e4m3fn, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -48,14 +47,7 @@ def weight_bytes(model: torch.nn.Module) -> int:
 def model_call(pipe, resolution: int, text_len: int, device, dtype):
     """ralu's eager model call on a full-resolution raster grid (same inputs for every pipeline built with the same
     seed): returns a zero-argument callable giving the velocity."""
-    adapter = get_adapter(pipe)
-    g = torch.Generator().manual_seed(0)
-    cond = adapter.encode_prompt(None, **random_embeds(pipe, 1, text_len, device=device, dtype=dtype),
-                                 guidance_scale=3.5)
-    side = resolution // (adapter.vae_scale_factor * adapter.patch_size)
-    grid = TokenGrid(grid_positions(side, side).to(device)[None], (side, side), None, raster=True)
-    x = torch.randn(1, side * side, adapter.token_channels, generator=g).to(device, dtype)
-    t = torch.tensor(500.0, device=device)
+    adapter, x, grid, t, cond = raster_call_inputs(pipe, resolution, text_len, device, dtype)
 
     def run():
         with torch.no_grad():

@@ -33,13 +33,12 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks._common import bar_plot, device_slug, print_table, time_fn, write_json  # noqa: E402
-from ralu_runtime.adapters import TokenGrid, get_adapter  # noqa: E402
+from benchmarks._common import (bar_plot, device_slug, print_table, raster_call_inputs, time_fn,  # noqa: E402
+                                write_json)
 from ralu_runtime.compile import compile_adapter, uncompile_adapter  # noqa: E402
 from ralu_runtime.compile.graph_check import RecordingBackend  # noqa: E402
 from ralu_runtime.execution import call as call_module  # noqa: E402
-from ralu_runtime.layout import grid_positions  # noqa: E402
-from ralu_runtime.tiny.flux import build_flux_pipeline, random_embeds  # noqa: E402
+from ralu_runtime.tiny.flux import build_flux_pipeline  # noqa: E402
 
 VARIANTS = ("static", "symbolic")
 
@@ -57,15 +56,7 @@ def symbolic_model_dims():
 
 def model_call(pipe, resolution: int, text_len: int, device, dtype):
     """The runner's call on a full-resolution raster grid: returns a zero-argument callable."""
-    adapter = get_adapter(pipe)
-    g = torch.Generator().manual_seed(0)
-    cond = adapter.encode_prompt(None, **random_embeds(pipe, 1, text_len, device=device, dtype=dtype),
-                                 guidance_scale=3.5)
-    side = resolution // (adapter.vae_scale_factor * adapter.patch_size)
-    pos = grid_positions(side, side).to(device)[None]
-    grid = TokenGrid(pos, (side, side), None, raster=True)
-    x = torch.randn(1, side * side, adapter.token_channels, generator=g).to(device, dtype)
-    t = torch.tensor(500.0, device=device)
+    adapter, x, grid, t, cond = raster_call_inputs(pipe, resolution, text_len, device, dtype)
 
     def run():
         with torch.no_grad():
