@@ -90,6 +90,18 @@ def raster_call_inputs(pipe, resolution: int, text_len: int, device, dtype) -> t
     return adapter, x, grid, torch.tensor(500.0, device=device), cond
 
 
+def raster_model_call(pipe, resolution: int, text_len: int, device, dtype, *, runner: bool) -> Callable:
+    """A zero-argument callable running one model call on :func:`raster_call_inputs`: the installed compile runner's
+    (``runner=True``) or ralu's eager ``adapter.velocity``; returns the velocity."""
+    adapter, x, grid, t, cond = raster_call_inputs(pipe, resolution, text_len, device, dtype)
+    fn = adapter.runner if runner else adapter.velocity
+
+    def run():
+        with torch.no_grad():
+            return fn(x, grid, t, cond)
+    return run
+
+
 def print_table(rows: Sequence[dict], columns: Sequence[str]) -> None:
     """Print rows as a fixed-width text table with the given columns."""
     def fmt(v):

@@ -32,7 +32,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks._common import (bar_plot, device_slug, print_table, raster_call_inputs, time_fn,  # noqa: E402
+from benchmarks._common import (bar_plot, device_slug, print_table, raster_model_call, time_fn,  # noqa: E402
                                 write_json)
 from ralu_runtime.tiny.flux import build_flux_pipeline  # noqa: E402
 
@@ -42,17 +42,6 @@ STORAGE = {"float8_e4m3fn": torch.float8_e4m3fn, "bfloat16": torch.bfloat16, "fl
 
 def weight_bytes(model: torch.nn.Module) -> int:
     return sum(p.numel() * p.element_size() for p in model.parameters())
-
-
-def model_call(pipe, resolution: int, text_len: int, device, dtype):
-    """ralu's eager model call on a full-resolution raster grid (same inputs for every pipeline built with the same
-    seed): returns a zero-argument callable giving the velocity."""
-    adapter, x, grid, t, cond = raster_call_inputs(pipe, resolution, text_len, device, dtype)
-
-    def run():
-        with torch.no_grad():
-            return adapter.velocity(x, grid, t, cond)
-    return run
 
 
 def main(argv=None) -> int:
@@ -96,7 +85,7 @@ def main(argv=None) -> int:
         if v == "cast":
             pipe.transformer.enable_layerwise_casting(storage_dtype=storage, compute_dtype=dtype)
         build_s = time.perf_counter() - t0
-        run = model_call(pipe, resolution, args.text_len, args.device, dtype)
+        run = raster_model_call(pipe, resolution, args.text_len, args.device, dtype, runner=False)
         if cuda:
             torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats()

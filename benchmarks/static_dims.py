@@ -33,7 +33,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks._common import (bar_plot, device_slug, print_table, raster_call_inputs, time_fn,  # noqa: E402
+from benchmarks._common import (bar_plot, device_slug, print_table, raster_model_call, time_fn,  # noqa: E402
                                 write_json)
 from ralu_runtime.compile import compile_adapter, uncompile_adapter  # noqa: E402
 from ralu_runtime.compile.graph_check import RecordingBackend  # noqa: E402
@@ -52,16 +52,6 @@ def symbolic_model_dims():
         for m in mods:
             stack.enter_context(mock.patch.object(m, "static_dims", lambda t, *dims: t))
         yield
-
-
-def model_call(pipe, resolution: int, text_len: int, device, dtype):
-    """The runner's call on a full-resolution raster grid: returns a zero-argument callable."""
-    adapter, x, grid, t, cond = raster_call_inputs(pipe, resolution, text_len, device, dtype)
-
-    def run():
-        with torch.no_grad():
-            return adapter.runner(x, grid, t, cond)
-    return run
 
 
 def main(argv=None) -> int:
@@ -107,7 +97,7 @@ def main(argv=None) -> int:
         rec = RecordingBackend(args.inner)
         with symbolic_model_dims() if v == "symbolic" else contextlib.nullcontext():
             compile_adapter(pipe, "inductor", dynamo_backend=rec, fused_qkv=True, compile_vae=False)
-            run = model_call(pipe, resolution, args.text_len, args.device, dtype)
+            run = raster_model_call(pipe, resolution, args.text_len, args.device, dtype, runner=True)
             t0 = time.perf_counter()
             run()
             if cuda:
