@@ -483,25 +483,17 @@ def _call_state(cache, sharding):
 # ---------------------------------------------------------------------------------------------- generate
 
 
-def prepare(pipe, prompt: str | list[str] | None = None, *, height: int | None = None, width: int | None = None,
-            speedup: str | RaluSchedule | None = "default", num_inference_steps: int | None = None,
-            guidance_scale: float | None = None, negative_prompt=None, prompt_embeds=None,
-            pooled_prompt_embeds=None, negative_prompt_embeds=None, negative_pooled_prompt_embeds=None,
-            num_images_per_prompt: int = 1, generator=None, seed: int | None = None, output_type: str = "pil",
-            return_masks: bool = False, cache=None, noise: str = "reference", edge_map: str = "unit",
-            edge_detector: str = "opencv", solver: str = "euler", transition_impl: str = "auto",
-            max_sequence_length: int | None = None, progress: bool = True, torch_dtype=None,
-            device=None, backend: str | None = None, compile_options: dict | None = None,
-            prompt_embeds_mask=None, negative_prompt_embeds_mask=None, num_frames: int | None = None,
-            region_mode: str | None = None, region_source: str = "decode", parallel=None,
-            precision: str | None = None, limits=None, image=None, strength: float | None = None,
-            mask_image=None, control_image=None, max_area: int | None = None,
-            auto_resize: bool | None = None) -> CallPlan:
-    """Check every argument of a :func:`generate` call (the same arguments) and resolve it into a
-    :class:`CallPlan`, before any work: no text encoding, no noise, no model call, no backend install (a model
-    folder given as ``pipe`` is loaded). Raises what ``generate`` raises for bad arguments (ValueError / TypeError
-    naming the argument, the value and what is allowed). ``run(prepare(...))`` is ``generate(...)``."""
-    # ---- model-independent arguments
+def check_call_options(*, output_type: str = "pil", noise: str = "reference", edge_map: str = "unit",
+                       edge_detector: str = "opencv", solver: str = "euler", transition_impl: str = "auto",
+                       region_source: str = "decode", return_masks: bool = False, progress: bool = True,
+                       compile_options: dict | None = None, precision: str | None = None, backend: str | None = None,
+                       limits=None, cache=None) -> tuple:
+    """The checks of :func:`prepare` that need no model (choices, flags, the backend and its options, limits, the
+    cache spec), with its defaults; ValueError / TypeError as ``prepare``. Also run by the serving ``Engine`` on its
+    default arguments when it is built. Returns ``(options or None, keep_backend, compile_options, bounds, cache,
+    default_cache)``: the parsed backend options (None: no backend asked for), whether ``precision`` alone re-dresses
+    the installed backend, the compile options with ``precision`` folded in, the resolved limits, the parsed cache
+    and whether the pipeline's default cache applies."""
     for name, value, allowed in (("output_type", output_type, OUTPUT_TYPES), ("noise", noise, NOISE_VARIANTS),
                                  ("edge_map", edge_map, EDGE_MAPS), ("edge_detector", edge_detector, EDGE_DETECTORS),
                                  ("solver", solver, tuple(SOLVERS)), ("transition_impl", transition_impl,
@@ -541,6 +533,32 @@ def prepare(pipe, prompt: str | list[str] | None = None, *, height: int | None =
         from .cache import make_cache
 
         cache = make_cache(cache)  # parsed once, before any work: a bad spec raises ValueError here
+    return options, keep_backend, compile_options, bounds, cache, default_cache
+
+
+def prepare(pipe, prompt: str | list[str] | None = None, *, height: int | None = None, width: int | None = None,
+            speedup: str | RaluSchedule | None = "default", num_inference_steps: int | None = None,
+            guidance_scale: float | None = None, negative_prompt=None, prompt_embeds=None,
+            pooled_prompt_embeds=None, negative_prompt_embeds=None, negative_pooled_prompt_embeds=None,
+            num_images_per_prompt: int = 1, generator=None, seed: int | None = None, output_type: str = "pil",
+            return_masks: bool = False, cache=None, noise: str = "reference", edge_map: str = "unit",
+            edge_detector: str = "opencv", solver: str = "euler", transition_impl: str = "auto",
+            max_sequence_length: int | None = None, progress: bool = True, torch_dtype=None,
+            device=None, backend: str | None = None, compile_options: dict | None = None,
+            prompt_embeds_mask=None, negative_prompt_embeds_mask=None, num_frames: int | None = None,
+            region_mode: str | None = None, region_source: str = "decode", parallel=None,
+            precision: str | None = None, limits=None, image=None, strength: float | None = None,
+            mask_image=None, control_image=None, max_area: int | None = None,
+            auto_resize: bool | None = None) -> CallPlan:
+    """Check every argument of a :func:`generate` call (the same arguments) and resolve it into a
+    :class:`CallPlan`, before any work: no text encoding, no noise, no model call, no backend install (a model
+    folder given as ``pipe`` is loaded). Raises what ``generate`` raises for bad arguments (ValueError / TypeError
+    naming the argument, the value and what is allowed). ``run(prepare(...))`` is ``generate(...)``."""
+    # ---- model-independent arguments
+    options, keep_backend, compile_options, bounds, cache, default_cache = check_call_options(
+        output_type=output_type, noise=noise, edge_map=edge_map, edge_detector=edge_detector, solver=solver,
+        transition_impl=transition_impl, region_source=region_source, return_masks=return_masks, progress=progress,
+        compile_options=compile_options, precision=precision, backend=backend, limits=limits, cache=cache)
     if isinstance(pipe, (str, os.PathLike)):
         pipe = load_pipeline(pipe, torch_dtype=torch_dtype, device=device)
     elif torch_dtype is not None or device is not None:

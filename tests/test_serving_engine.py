@@ -145,6 +145,25 @@ def test_bad_requests_refused_at_submission(flux, kw, match):
     assert m["model_calls"] == 0 and m["queue_depth"] == 0
 
 
+@pytest.mark.parametrize("defaults, error, match", [
+    (dict(bogus=1), TypeError, r"^Engine default arguments: got an unexpected keyword argument 'bogus'"),
+    (dict(backend="nonsense"), ValueError, r"^backend='nonsense' is not allowed"),
+    (dict(backend="eager", compile_options={"bogus": 1}), TypeError, r"^compile options \['bogus'\] are not known"),
+    (dict(precision="fp9"), ValueError, r"^precision='fp9' is not allowed"),
+    (dict(output_type="jpg"), ValueError, r"^output_type='jpg' is not allowed"),
+    (dict(solver="rk4"), ValueError, r"^solver='rk4' is not allowed"),
+    (dict(cache="nope"), ValueError, r"^cache='nope' is not allowed"),
+    (dict(return_masks="yes"), TypeError, r"^return_masks='yes': use True or False"),
+])
+def test_bad_defaults_refused_when_the_engine_is_built(flux, defaults, error, match):
+    """Default arguments that every request would fail on are refused by the constructor (they were accepted, and
+    each request then failed at submission): no scheduler thread is started."""
+    threads = set(threading.enumerate())
+    with pytest.raises(error, match=match):
+        Engine(flux, **defaults)
+    assert not [t for t in set(threading.enumerate()) - threads if t.name == "ralu-engine"]
+
+
 def test_a_default_generator_is_refused_and_a_default_seed_gives_way_to_the_requests():
     """Same seed, same image through the engine: a generator among the engine's defaults was shared by every request
     (two identical requests gave two images, each depending on how many requests had drawn from it before, and a

@@ -68,6 +68,23 @@ EXIT_TIMEOUT_S = 60.0
 ENGINE_OWNED = ("backend", "compile_options", "torch_dtype", "device", "progress", "parallel", "precision", "limits")
 
 
+def _check_defaults(defaults: dict) -> None:
+    """TypeError / ValueError, when the engine is built, for default ``generate`` arguments that every request would
+    fail on: a name ``generate`` does not take, and what ``ralu_runtime.api.check_call_options`` checks without a
+    model (output_type, noise, solver, ..., backend, compile_options, precision, cache). Arguments that need the model
+    or the request (sizes, seed, guidance, speedup) are checked with each request."""
+    import inspect
+
+    from ..api import check_call_options, prepare
+
+    try:
+        inspect.signature(prepare).bind_partial(None, **defaults)
+    except TypeError as exc:
+        raise TypeError(f"Engine default arguments: {exc} (they are generate's arguments)") from None
+    names = inspect.signature(check_call_options).parameters
+    check_call_options(**{k: v for k, v in defaults.items() if k in names})
+
+
 class EngineBusy(RuntimeError):
     """The queue is full: retry later (HTTP 503)."""
 
@@ -282,6 +299,7 @@ class Engine:
             raise ValueError("generator: a default generator would be shared by every request (each request's image "
                              "would depend on the requests before it); give a default seed=, or a generator per "
                              "request")
+        _check_defaults(defaults)
         self.pipe = pipe
         adapter = get_adapter(pipe)
         adapter.check_supported()
