@@ -494,11 +494,8 @@ class DiTAdapter(ABC):
         more modules, fall back to per-call execution or refuse on their own checks. diffusers' layerwise casting
         runs (its hooks sit on leaf layers, which ralu calls as modules), unless the installed backend traces the
         model (:meth:`check_layerwise_casting`)."""
-        pipe = self.pipe
-        names = {id(v): k for k, v in vars(pipe).items() if isinstance(v, torch.nn.Module)} if pipe is not None else {}
-        cast_at = None
-        for model in self.model_modules():
-            name = names.get(id(model), "transformer")
+        cast_at = stored = None  # the first layerwise-cast module; the first one stored in a float8 dtype
+        for name, model in self.named_model_modules():
             mods = [(name, model)]
             if not self.runs_block_modules:
                 mods += [(f"{name}.{kind}.{i}", blk) for kind, child in model.named_children()
@@ -526,8 +523,11 @@ class DiTAdapter(ABC):
                                      "caching use generate(cache=...)")
             for where, mod in model.named_modules(prefix=name):
                 registered = [str(h) for h in (getattr(vars(mod).get("_diffusers_hook"), "hooks", None) or {})]
-                if "layerwise_casting" in registered:
+                cast = layerwise_casting(mod)
+                if cast is not None:
                     cast_at = cast_at or where
+                    if stored is None and cast.storage_dtype.itemsize == 1:
+                        stored = (where, cast.storage_dtype)
                 hooks = [h for h in registered
                          if not h.startswith(STATELESS_HOOK_PREFIXES + CONTEXT_PARALLEL_HOOK_PREFIXES)]
                 if hooks:
@@ -544,34 +544,47 @@ class DiTAdapter(ABC):
             self.check_layerwise_casting(
                 f"backend={backend!r}" if backend in ("onnx", "tensorrt") or applied.get("compiled_blocks") else
                 "cuda_graphs=True" if applied.get("cuda_graphs") else None,
-                "compile_vae" if applied.get("compile_vae") else None, cast_at=cast_at,
-                fp8=applied.get("precision") == "fp8")
+                "compile_vae" if applied.get("compile_vae") else None, fp8=applied.get("precision") == "fp8",
+                found=(cast_at, stored))
+
+    def named_model_modules(self) -> list[tuple[str, torch.nn.Module]]:
+        """``(pipeline attribute name, module)`` of each of :meth:`model_modules` ("transformer" for one the
+        pipeline does not hold by name)."""
+        names = {id(v): k for k, v in vars(self.pipe).items()} if self.pipe is not None else {}
+        return [(names.get(id(m), "transformer"), m) for m in self.model_modules()]
+
+    def layerwise_cast_modules(self) -> tuple[str | None, tuple[str, torch.dtype] | None]:
+        """``(first module with diffusers' layerwise casting, (first one stored in a float8 dtype, that dtype))`` in
+        :meth:`model_modules`, each None where there is none: one walk over every module."""
+        cast_at = stored = None
+        for name, model in self.named_model_modules():
+            for where, mod in model.named_modules(prefix=name):
+                cast = layerwise_casting(mod)
+                if cast is not None:
+                    cast_at = cast_at or where
+                    if stored is None and cast.storage_dtype.itemsize == 1:
+                        stored = (where, cast.storage_dtype)
+        return cast_at, stored
 
     def check_layerwise_casting(self, model_traced_by: str | None, vae_traced_by: str | None = None, *,
-                                cast_at: str | None = None, fp8: bool = False) -> None:
+                                fp8: bool = False, found: tuple | None = None) -> None:
         """ValueError when diffusers' layerwise casting (``enable_layerwise_casting``: hooks that cast each layer's
         weights to the compute dtype around its forward) sits on a model that ralu would trace: the transformer under
         ``model_traced_by`` (e.g. "backend='inductor'", "cuda_graphs=True"; None: eager), the VAE under
         ``vae_traced_by`` ("compile_vae" or None). torch.compile cannot trace those hooks (they build Parameters), nor
-        can export or CUDA-graph capture replay them. Eager calls run them as diffusers does. ``cast_at``: the first
-        cast module of the transformer if already known. ``fp8``: precision="fp8" is asked for, which quantizes
-        weights stored in float32 / bfloat16 / float16 only: refused where the casting stores a layer's weights in a
-        float8 dtype (that layer would run in the compute dtype, not in fp8)."""
-        names = {id(v): k for k, v in vars(self.pipe).items()} if self.pipe is not None else {}
-        models = [(names.get(id(m), "transformer"), m) for m in self.model_modules()]
-        if fp8:
-            stored = next(((where, hook.storage_dtype) for name, m in models
-                           for where, mod in m.named_modules(prefix=name)
-                           if (hook := layerwise_casting(mod)) is not None and hook.storage_dtype.itemsize == 1), None)
-            if stored is not None:
-                raise ValueError(f"precision='fp8' with {stored[0]} stored in {stored[1]} by diffusers' layerwise "
-                                 "casting: ralu's fp8 quantizes weights stored in float32 / bfloat16 / float16, so "
-                                 "such layers would run in the compute dtype, not in fp8. Use one of the two: "
-                                 "precision='fp8' on a model without float8 storage, or the layerwise casting alone")
+        can export or CUDA-graph capture replay them. Eager calls run them as diffusers does. ``fp8``: precision="fp8"
+        is asked for, which quantizes weights stored in float32 / bfloat16 / float16 only: refused where the casting
+        stores a layer's weights in a float8 dtype (that layer would run in the compute dtype, not in fp8).
+        ``found``: :meth:`layerwise_cast_modules` if the caller has it already (walked here otherwise, when needed)."""
+        if found is None and (fp8 or model_traced_by is not None):
+            found = self.layerwise_cast_modules()
+        cast_at, stored = found or (None, None)
+        if fp8 and stored is not None:
+            raise ValueError(f"precision='fp8' with {stored[0]} stored in {stored[1]} by diffusers' layerwise "
+                             "casting: ralu's fp8 quantizes weights stored in float32 / bfloat16 / float16, so "
+                             "such layers would run in the compute dtype, not in fp8. Use one of the two: "
+                             "precision='fp8' on a model without float8 storage, or the layerwise casting alone")
         if model_traced_by is not None:
-            if cast_at is None:
-                cast_at = next((where for name, m in models for where, mod in m.named_modules(prefix=name)
-                                if layerwise_casting(mod) is not None), None)
             if cast_at is not None:
                 raise ValueError(f"{cast_at} carries diffusers' layerwise casting (enable_layerwise_casting), which "
                                  f"{model_traced_by} cannot run: its hooks cast the weights while the model runs "

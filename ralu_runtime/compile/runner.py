@@ -42,16 +42,28 @@ def check_backend_for(options: CompileOptions, adapter) -> None:
                          "run; leave fused_qkv at None")
     if hasattr(adapter, "check_layerwise_casting"):  # diffusers' enable_layerwise_casting: eager calls only
         cuda = getattr(getattr(adapter, "device", None), "type", None) == "cuda"
-        graphs = options.cuda_graphs if options.cuda_graphs is not None else (
-            cuda and options.backend in ("inductor", "tensorrt"))
-        vae = options.compile_vae if options.compile_vae is not None else cuda and options.backend == "inductor"
         adapter.check_layerwise_casting(f"backend={options.backend!r}" if options.backend != "eager" else
-                                        "cuda_graphs=True" if graphs else None, "compile_vae" if vae else None,
+                                        "cuda_graphs=True" if cuda_graphs_on(options, cuda) else None,
+                                        "compile_vae" if compile_vae_on(options, cuda) else None,
                                         fp8=options.precision == "fp8")
     if options.backend == "onnx" and getattr(adapter, "dtype", None) == torch.bfloat16:
         raise ValueError("backend='onnx' cannot run a torch.bfloat16 model (onnxruntime has no bfloat16 kernels "
                          "or input type); move the pipeline to float16 or float32, or use backend='eager' or "
                          "'inductor'")
+
+
+def cuda_graphs_on(options: CompileOptions, cuda: bool) -> bool:
+    """Whether ``options`` capture CUDA graphs on a model on a CUDA device (``cuda``) or not: ``cuda_graphs``, by
+    default on for inductor and TensorRT on CUDA; never for onnx (TensorRT flavours without them aside:
+    :class:`StageRunner`)."""
+    default = cuda and options.backend in ("inductor", "tensorrt")
+    on = default if options.cuda_graphs is None else bool(options.cuda_graphs)
+    return on and options.backend in ("eager", "inductor", "tensorrt")
+
+
+def compile_vae_on(options: CompileOptions, cuda: bool) -> bool:
+    """Whether ``options`` compile the VAE decode: ``compile_vae``, by default on for inductor on CUDA."""
+    return (options.backend == "inductor" and cuda) if options.compile_vae is None else bool(options.compile_vae)
 
 
 def resolve_precision(options: CompileOptions, dtype: torch.dtype, device) -> tuple[str, str | None]:
@@ -208,9 +220,7 @@ class StageRunner:
         self._tmp = None
         self.flavour = None
         cuda = self.device.type == "cuda"
-        default_graphs = cuda and options.backend in ("inductor", "tensorrt")
-        self.cuda_graphs = (default_graphs if options.cuda_graphs is None else bool(options.cuda_graphs)) and \
-            options.backend in ("eager", "inductor", "tensorrt")
+        self.cuda_graphs = cuda_graphs_on(options, cuda)
         if self.cuda_graphs and not cuda:
             raise ValueError("cuda_graphs=True needs a CUDA device")
         if options.backend == "tensorrt":
@@ -241,7 +251,7 @@ class StageRunner:
                     compile_kwargs["mode"] = mode
         elif self.flavour == "torch_tensorrt":
             compile_kwargs = torch_tensorrt_compile_kwargs(adapter.dtype)
-        compile_vae = (options.backend == "inductor" and cuda) if options.compile_vae is None else options.compile_vae
+        compile_vae = compile_vae_on(options, cuda)
         vae_kwargs = dict(backend=options.dynamo_backend or "inductor", dynamic=False) if compile_vae else None
         packed_calls = options.backend in ("eager", "inductor")  # exported graphs have a fixed structure
         self.impl = BackendImpl(compile_kwargs, fused=fused, compile_vae=vae_kwargs, packed_calls=packed_calls,
