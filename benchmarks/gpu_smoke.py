@@ -164,7 +164,7 @@ KERNEL_CHECKS = [("startup", 12.0), ("transition_triton", 6.0), ("transition_cud
                  ("copy_same_bytes", 2.0)]
 PRECISION_CHECKS = [("build", 20.0), ("references", 8.0), ("fp8_eager", 10.0), ("fp8_torchao", 10.0),
                     ("fp8_compiled", 80.0), ("fp8_no_recompile", 5.0), ("attn_measure", 30.0),
-                    ("layerwise_fp8_storage", 25.0)]
+                    ("model_cpu_offload", 20.0), ("layerwise_fp8_storage", 25.0)]
 
 
 # the harness's own test jobs (tests/test_gpu_smoke.py): run only when named in --only
@@ -809,6 +809,11 @@ def precision_job(ctx: Ctx, rec: Recorder) -> None:
     ``attn_measure``      ``attn_backend="measure"`` (dynamo level, CUDA graphs): the backends timed on the call's
                           attention shapes, one chosen per stage signature (reported), latents within the dtype's
                           tolerance of the reference on the measuring call and on the next
+    ``model_cpu_offload`` diffusers' ``enable_model_cpu_offload`` on the job's pipeline, RALU 7x (its region choice:
+                          the preview decode), eager: equal (the dtype's tolerance) to the same call on the pipeline
+                          on the device; the transformer on the device while the call ran, every model back on the
+                          CPU after it; peak device memory of the two calls reported; backend="inductor" refused.
+                          Then the hooks are removed and the pipeline moved back
     ``layerwise_fp8_storage`` diffusers' ``enable_layerwise_casting`` (float8_e4m3fn storage, the model's dtype to
                           compute), eager: equal (the dtype's tolerance) to a second build of the model (same seed)
                           whose cast layers hold the weights rounded to float8, fewer weight bytes; backend="inductor"
@@ -856,6 +861,7 @@ def precision_job(ctx: Ctx, rec: Recorder) -> None:
         st["ref"] = generate(pipe, **emb, speedup=st["pinned"], seed=13, **lat).images
         c.expect(_finite(st["ref"]), "reference latents are not finite")
         st["params"] = _param_state(pipe.transformer)
+        st["sched"] = sched
         c.info["schedule_steps"] = list(st["pinned"].steps)
 
     def run_fp8(kernel, backend_, seed=13, **extra):
@@ -929,6 +935,47 @@ def precision_job(ctx: Ctx, rec: Recorder) -> None:
                                  "skipped": sorted(r["skipped"])} for r in attention_report(dev)])
         uncompile_adapter(st["pipe"])
 
+    def model_cpu_offload(c: Check):
+        pipe = st["pipe"]
+        kw = dict(speedup=st["sched"], seed=13, **lat, backend="eager")
+        seen = []
+
+        def peak(fn):
+            if ctx.cuda:
+                torch.cuda.synchronize()
+                torch.cuda.reset_peak_memory_stats()
+            out = fn()
+            return out, (round(torch.cuda.max_memory_allocated() / 2**30, 3) if ctx.cuda else None)
+
+        resident, resident_gib = peak(lambda: generate(pipe, **st["emb"], **kw).images)
+        pipe.enable_model_cpu_offload(device=dev)
+        adapter = get_adapter(pipe)
+        own = adapter.velocity
+
+        def velocity(tokens, grid, timestep, cond, impl=None):  # where the weights are at each model call
+            seen.append(next(pipe.transformer.parameters()).device.type)
+            return own(tokens, grid, timestep, cond, impl)
+
+        adapter.velocity = velocity
+        try:
+            out, offload_gib = peak(lambda: generate(pipe, **st["emb"], **kw).images)
+            try:
+                generate(pipe, **st["emb"], **{**kw, "backend": "inductor"})
+                refused = False
+            except ValueError:
+                refused = True
+            after = {n: next(m.parameters()).device.type for n, m in pipe.components.items()
+                     if isinstance(m, torch.nn.Module) and next(m.parameters(), None) is not None}
+        finally:
+            del adapter.velocity
+            pipe.remove_all_hooks()
+            pipe.to(dev)
+        c.compare(out, resident, "offloaded vs on the device")
+        c.expect(bool(seen) and set(seen) == {dev.type}, f"the transformer's weights were on {sorted(set(seen))}")
+        c.expect(set(after.values()) == {"cpu"}, f"after the call: {after}")
+        c.expect(refused, "backend='inductor' on an offloaded pipeline was not refused")
+        c.info.update(model_calls=len(seen), peak_gib={"resident": resident_gib, "offloaded": offload_gib})
+
     def layerwise_fp8_storage(c: Check):
         tr = st["pipe"].transformer
         plain_bytes = sum(p.numel() * p.element_size() for p in tr.parameters())
@@ -966,6 +1013,7 @@ def precision_job(ctx: Ctx, rec: Recorder) -> None:
         run_check(rec, "fp8_compiled", fp8_compiled, tol=FP8_COMPILED_TOL[ctx.dtype_name()], needs=("references",))
         run_check(rec, "fp8_no_recompile", fp8_no_recompile, needs=("fp8_compiled",))
         run_check(rec, "attn_measure", attn_measure, tol=ctx.tol, needs=("references",))
+        run_check(rec, "model_cpu_offload", model_cpu_offload, tol=ctx.tol, needs=("references",))
         run_check(rec, "layerwise_fp8_storage", layerwise_fp8_storage, tol=ctx.tol, needs=("references",))
 
 

@@ -38,6 +38,7 @@ import torch
 from .adapters import DiTAdapter, call_scope, get_adapter
 from .sampler import (NOISE_VARIANTS, REGION_MODES, REGION_SOURCES, SOLVERS, StageRecord, check_finite_decode,
                       sample_baseline, sample_ralu, scheduler_integration)
+from .offload import check_offload, free_models, keeping_models, offloaded_components, onloading
 from .limits import MAX_GUIDANCE_SCALE, MAX_SEED, MAX_SEQUENCE_LENGTH, MAX_STEPS
 from .schedule import RaluSchedule, get_preset
 
@@ -679,6 +680,7 @@ def prepare(pipe, prompt: str | list[str] | None = None, *, height: int | None =
         raise ValueError(f"{type(adapter.pipe).__name__} (conditioning channels) does not run with context "
                          "parallelism yet; drop parallel=")
     if plan is not None:
+        check_offload(adapter, parallel=True)
         _check_shard_rows(adapter, plan, height, width, num_frames, schedule)
     if edit is not None:  # text masks and the default text length as the editing pipeline has them
         from .editing import edit_text_mask  # (Chroma: float masks, never bool; ChromaInpaintPipeline: 256 tokens)
@@ -788,6 +790,21 @@ def run(plan: CallPlan, *, model_call: ModelCallHook | None = None,
         raise ValueError("context parallelism cannot run with a model_call hook such as the serving engine's (its "
                          "batched model calls pack several requests into one call); run generate directly on every "
                          "rank")
+    pipe = plan.adapter.pipe
+    if model_call is None and pipe is not None and offloaded_components(pipe):
+        # enable_model_cpu_offload: one call at a time (its hooks move models), every model offloaded at the end
+        with _lock_for(pipe):
+            try:
+                return _run(plan, model_call, final_decode, offloaded=True)
+            finally:
+                free_models(pipe)
+    return _run(plan, model_call, final_decode)
+
+
+def _run(plan: CallPlan, model_call: ModelCallHook | None, final_decode: FinalDecodeHook | None, *,
+         offloaded: bool = False) -> RaluOutput:
+    """:func:`run` after its checks. ``offloaded``: the pipeline's models are offloaded by diffusers' model offload
+    (:mod:`ralu_runtime.offload`): each model call first onloads its model; the preview decode keeps it there."""
     adapter, schedule = plan.adapter, plan.schedule
     # ---- the call's own state: backend runner, feature cache, generators
     if plan.compile is not None:
@@ -806,9 +823,18 @@ def run(plan: CallPlan, *, model_call: ModelCallHook | None = None,
     velocity = runner if runner is not None else adapter.velocity
     if model_call is not None:
         velocity = model_call(adapter, velocity)
+    if offloaded:
+        velocity = onloading(adapter, velocity)
 
     def decode(latents):
         return adapter.decode(latents, impl=impl)
+
+    preview_decode = decode
+    if offloaded:  # the region-choice decode inside the run leaves the transformer where it is
+
+        def preview_decode(latents):
+            with keeping_models(getattr(adapter.pipe, "vae", None)):
+                return decode(latents)
 
     generator, seed = plan.generator, plan.seed
     sp = plan.parallel
@@ -859,7 +885,8 @@ def run(plan: CallPlan, *, model_call: ModelCallHook | None = None,
 
     with _call_state(plan.cache, sp) as state:
         if plan.edit is not None:
-            result = run_edit(adapter, cond, noise_latents, source, plan, per_image, velocity=velocity, decode=decode)
+            result = run_edit(adapter, cond, noise_latents, source, plan, per_image, velocity=velocity,
+                                decode=preview_decode)
         elif schedule is None:
             result = sample_baseline(adapter, cond, noise_latents, plan.steps, solver=plan.solver,
                                      progress=plan.progress, velocity=velocity,
@@ -869,7 +896,7 @@ def run(plan: CallPlan, *, model_call: ModelCallHook | None = None,
                                  edge_map=plan.edge_map, edge_detector=plan.edge_detector,
                                  transition_impl=plan.transition_impl, region_mode=plan.region_mode,
                                  region_source=plan.region_source, solver=plan.solver, progress=plan.progress,
-                                 velocity=velocity, decode=decode)
+                                 velocity=velocity, decode=preview_decode)
         cache_stats = state.cache.stats() if hasattr(state.cache, "stats") else None
     for rec in result.records:
         timings[rec.name] = rec.seconds

@@ -282,12 +282,12 @@ def test_a_negative_prompt_without_guidance_is_said_to_be_ignored(caplog):
 @torch.no_grad()
 def test_contract_a_forward_ralu_would_bypass_is_refused(any_family):
     """A forward the user put on what ralu runs itself is refused before any model call, naming the module: one set
-    on the transformer's instance, an accelerate offload hook, a block's class forward patched (SD3's one-request
+    on the transformer's instance, an accelerate hook of sequential offload, a block's class forward patched (SD3's one-request
     calls run each block as a module: its patched forward runs instead, as in diffusers). Removed again, the call
     runs and equals one before."""
     import types
 
-    from accelerate import cpu_offload_with_hook
+    from accelerate.hooks import AlignDevicesHook, add_hook_to_module, remove_hook_from_module
 
     name, pipe, embeds, size = any_family
     emb = embeds(1, 1)
@@ -306,12 +306,12 @@ def test_contract_a_forward_ralu_would_bypass_is_refused(any_family):
             generate(pipe, **emb, **kw)
     finally:
         del tr.forward
-    _model, hook = cpu_offload_with_hook(tr, execution_device="cpu")
+    add_hook_to_module(tr, AlignDevicesHook(execution_device="cpu"))  # what sequential offload puts on a model
     try:
-        with pytest.raises(ValueError, match=r"^transformer runs an accelerate hook \(enable_model_cpu_offload"):
+        with pytest.raises(ValueError, match=r"^transformer runs an accelerate hook \(enable_sequential_cpu_off"):
             generate(pipe, **emb, **kw)
     finally:
-        hook.remove()  # leaves the transformer's own forward bound on the instance: not an override
+        remove_hook_from_module(tr)  # leaves the transformer's own forward bound on the instance: not an override
     block_lists = [(k, c) for k, c in tr.named_children() if isinstance(c, torch.nn.ModuleList) and len(c)]
     kind, blocks = block_lists[0]
     cls = type(blocks[0])

@@ -26,6 +26,7 @@ import torch
 from ..execution.call import (EAGER, CallState, ModelImpl, call_scope, current_cache,  # noqa: F401 (re-exported)
                               current_call, current_interrupt, current_sharding, not_a_view)
 from ..execution.packing import forward_override
+from ..offload import check_offload, execution_device, offload_hook, onload
 
 # diffusers hook registry entries that act per module call and keep no state across calls: ralu runs the modules
 # that carry them as modules (a family refuses those on modules it decomposes), so they take effect as usual.
@@ -493,7 +494,9 @@ class DiTAdapter(ABC):
         accelerate offload hook, a class forward from outside diffusers). Packed and sharded calls, which decompose
         more modules, fall back to per-call execution or refuse on their own checks. diffusers' layerwise casting
         runs (its hooks sit on leaf layers, which ralu calls as modules), unless the installed backend traces the
-        model (:meth:`check_layerwise_casting`)."""
+        model (:meth:`check_layerwise_casting`); so does diffusers' model offload (an accelerate ``CpuOffload`` hook
+        on a model module: ralu does its work, :mod:`ralu_runtime.offload`) with an eager backend
+        (:func:`~ralu_runtime.offload.check_offload`)."""
         cast_at = stored = None  # the first layerwise-cast module; the first one stored in a float8 dtype
         for name, model in self.named_model_modules():
             mods = [(name, model)]
@@ -515,12 +518,15 @@ class DiTAdapter(ABC):
                     + (f" and {len(compiled) - 3} more" if len(compiled) > 3 else ""),
                     "is" if len(compiled) == 1 else "are", self.family or "model")
             for where, mod in mods:
+                if mod is model and offload_hook(model) is not None:
+                    continue  # enable_model_cpu_offload: ralu does its hook's work (ralu_runtime.offload)
                 what = forward_override(mod)
                 if what is not None:
                     raise ValueError(f"{where} runs {what}; ralu runs the {self.family or 'model'} transformer's "
-                                     "layers itself and would bypass it. Restore the module's own forward (or move "
-                                     "an offloaded model to its device: pipe.to('cuda')) to use ralu; for temporal "
-                                     "caching use generate(cache=...)")
+                                     "layers itself and would bypass it. Restore the module's own forward to use "
+                                     "ralu (to offload, use pipe.enable_model_cpu_offload(), which ralu runs, or "
+                                     "move the pipeline to its device); for temporal caching use "
+                                     "generate(cache=...)")
             for where, mod in model.named_modules(prefix=name):
                 registered = [str(h) for h in (getattr(vars(mod).get("_diffusers_hook"), "hooks", None) or {})]
                 cast = layerwise_casting(mod)
@@ -539,6 +545,10 @@ class DiTAdapter(ABC):
                                      f"(pipe.{name}.disable_cache(), HookRegistry.remove_hook) and use "
                                      "generate(cache=...) for temporal caching")
         applied = getattr(self.runner, "applied", None) or {}
+        if applied:
+            check_offload(self, backend=self.runner.options.backend, cuda_graphs=bool(applied.get("cuda_graphs")),
+                          compile_vae=bool(applied.get("compile_vae")), fused_qkv=bool(applied.get("fused_qkv")),
+                          fp8=applied.get("precision") == "fp8")
         if applied and (cast_at is not None or applied.get("compile_vae")):
             backend = self.runner.options.backend
             self.check_layerwise_casting(
@@ -546,6 +556,13 @@ class DiTAdapter(ABC):
                 "cuda_graphs=True" if applied.get("cuda_graphs") else None,
                 "compile_vae" if applied.get("compile_vae") else None, fp8=applied.get("precision") == "fp8",
                 found=(cast_at, stored))
+
+    def onload_models(self, timestep, cond) -> None:
+        """Before a model call at ``timestep``: move the model(s) it runs to their device where diffusers' model
+        offload keeps them on the CPU (:func:`ralu_runtime.offload.onload`; nothing without offload). Every one of
+        :meth:`model_modules`; a family with one model per timestep (Wan 2.2's experts) onloads that one."""
+        for model in self.model_modules():
+            onload(model)
 
     def named_model_modules(self) -> list[tuple[str, torch.nn.Module]]:
         """``(pipeline attribute name, module)`` of each of :meth:`model_modules` ("transformer" for one the
@@ -669,8 +686,15 @@ class DiTAdapter(ABC):
 
     @property
     def device(self) -> torch.device:
+        """The device the transformer runs on: its first parameter's, or the execution device of diffusers' model
+        offload hook (``enable_model_cpu_offload``: the weights wait on the CPU between calls)."""
+        tr = self.pipe.transformer
+        if tr is not None and "_hf_hook" in vars(tr):
+            dev = execution_device(tr)
+            if dev is not None:
+                return dev
         p = self._first_parameter()
-        return p.device if p is not None else self.pipe.transformer.device
+        return p.device if p is not None else tr.device
 
     @property
     def dtype(self) -> torch.dtype:

@@ -56,6 +56,7 @@ from ..execution.modes import DENSE, JOINT, Mode
 from ..execution.packing import (HostSegments, Packed, PackedExecution, PackedSegments, can_pack, pad_rows,
                                  split_calls, static_attention)
 from ..execution.sharding import Sharded
+from ..offload import module_device
 from .base import (EAGER, Conditioning, DiTAdapter, ModelImpl, TokenGrid, VelocityCall, call_with_hooks, check_blocks,
                    check_velocity_calls, compute_dtype, current_cache, current_sharding, double_then_single_stack,
                    named_blocks, scheduler_base_shift)
@@ -513,6 +514,6 @@ class Flux2Adapter(DiTAdapter):
 
     def decode(self, latents, impl: ModelImpl | None = None):
         vae = self.pipe.vae
-        z = self.denormalize(latents).to(next(vae.parameters()).device, compute_dtype(vae))
+        z = self.denormalize(latents).to(module_device(vae), compute_dtype(vae))
         fn = (impl or EAGER).vae_decode(vae)
         return fn(z) if fn is not None else vae.decode(z, return_dict=False)[0]

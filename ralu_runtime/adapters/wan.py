@@ -77,6 +77,7 @@ from ..execution.modes import DENSE, Mode
 from ..execution.packing import (HostSegments, Packed, PackedExecution, PackedSegments, can_pack, pad_rows,
                                  split_calls, static_attention)
 from ..execution.sharding import Sharded
+from ..offload import module_device, onload
 from .base import (EAGER, STATELESS_HOOK_PREFIXES, BlockStack, Conditioning, DiTAdapter, ModelImpl, TokenGrid,
                    VelocityCall, call_with_hooks, check_blocks, check_velocity_calls, compute_dtype, current_cache,
                    current_call, current_sharding, scheduler_base_shift, vae_lock)
@@ -582,6 +583,11 @@ class WanAdapter(DiTAdapter):
             return self.transformer, data["guidance_scale"]
         return self.transformer_2, data["guidance_scale_2"]
 
+    def onload_models(self, timestep, cond) -> None:
+        """The expert that runs at ``timestep`` only (Wan 2.2: moving ``transformer_2`` in offloads ``transformer``,
+        the model before it in the pipeline's offload order, as its forward does)."""
+        onload(self._expert(self.expert_index(timestep, cond), cond.data)[0])
+
     def velocity(self, tokens, grid, timestep, cond, impl: ModelImpl | None = None):
         """One request's velocity ``(B, L, C p p)`` (CFG combined); sharded across ranks when the running ``generate``
         call has a sharding plan (context parallelism: every rank returns the whole velocity)."""
@@ -731,7 +737,7 @@ class WanAdapter(DiTAdapter):
         de-normalisation (``latents / (1 / latents_std) + latents_mean`` in the VAE's dtype) and ``vae.decode``
         (eager, one call at a time per VAE: its frame loop keeps state on the module)."""
         vae = self.pipe.vae
-        z = latents.to(next(vae.parameters()).device, compute_dtype(vae))
+        z = latents.to(module_device(vae), compute_dtype(vae))
         shape = (1, vae.config.z_dim, 1, 1, 1)
         mean = torch.tensor(vae.config.latents_mean).view(shape).to(z.device, z.dtype)
         std = 1.0 / torch.tensor(vae.config.latents_std).view(shape).to(z.device, z.dtype)

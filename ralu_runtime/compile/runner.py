@@ -12,6 +12,7 @@ import torch
 
 from ..adapters.base import Conditioning, DiTAdapter, TokenGrid, VelocityCall, check_velocity_calls, current_cache
 from ..execution.call import current_sharding
+from ..offload import check_offload, offload_hook
 from .cuda_graphs import GraphPool
 from .flatten import flatten, signature, unflatten
 from .fp8 import Fp8Shadows, check_fp8_device, resolve_kernel
@@ -31,7 +32,8 @@ def check_backend_for(options: CompileOptions, adapter) -> None:
     an ``attn_backend`` with no attention kernel on the model's device (:func:`.sdpa.check_attn_backend`), for
     ``fused_qkv=True`` where the family fuses no projections (it would be ignored), and for a traced backend, CUDA
     graphs, a compiled VAE or fp8 on float8 storage under diffusers' layerwise casting
-    (:meth:`DiTAdapter.check_layerwise_casting`)."""
+    (:meth:`DiTAdapter.check_layerwise_casting`), and for anything but eager calls on a model under diffusers'
+    model offload (:func:`~ralu_runtime.offload.check_offload`)."""
     refusal = getattr(adapter, "onnx_refusal", None)
     if options.backend == "onnx" and refusal:
         raise ValueError(f"backend='onnx' is not available for {adapter.family}: {refusal}")
@@ -46,6 +48,11 @@ def check_backend_for(options: CompileOptions, adapter) -> None:
                                         "cuda_graphs=True" if cuda_graphs_on(options, cuda) else None,
                                         "compile_vae" if compile_vae_on(options, cuda) else None,
                                         fp8=options.precision == "fp8")
+    if hasattr(adapter, "named_model_modules"):  # diffusers' enable_model_cpu_offload: eager calls only
+        cuda = getattr(getattr(adapter, "device", None), "type", None) == "cuda"
+        check_offload(adapter, backend=options.backend, cuda_graphs=cuda_graphs_on(options, cuda),
+                      compile_vae=compile_vae_on(options, cuda), fused_qkv=bool(options.fused_qkv),
+                      fp8=options.precision == "fp8")
     if options.backend == "onnx" and getattr(adapter, "dtype", None) == torch.bfloat16:
         raise ValueError("backend='onnx' cannot run a torch.bfloat16 model (onnxruntime has no bfloat16 kernels "
                          "or input type); move the pipeline to float16 or float32, or use backend='eager' or "
@@ -239,7 +246,9 @@ class StageRunner:
                 raise ImportError("backend='onnx' needs onnx and onnxruntime (pip install 'ralu[onnx]', i.e. onnx "
                                   "onnxruntime; onnxruntime-gpu for CUDA)") from exc
         self.precision, self.fp8_kernel, fp8 = self._precision(options)
-        fused = (cuda if options.fused_qkv is None else options.fused_qkv) and adapter.fuses_projections \
+        # None: on CUDA, unless diffusers' model offload moves the weights (the fused copies would stay put)
+        default_fused = cuda and not any(offload_hook(m) is not None for m in adapter.model_modules())
+        fused = (default_fused if options.fused_qkv is None else options.fused_qkv) and adapter.fuses_projections \
             and fp8 is None  # under fp8 the shadows' fp8 q/k/v layers run (BackendImpl.fused returns None)
         compile_kwargs = None
         if options.backend == "inductor":

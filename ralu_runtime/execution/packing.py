@@ -41,7 +41,7 @@ def pad_rows(x: torch.Tensor | None, n: int) -> torch.Tensor | None:
 
 def forward_override(module: torch.nn.Module) -> str | None:
     """What replaces ``module``'s own diffusers ``forward``, in words, or None: a ``forward`` set on the instance
-    (an accelerate hook: enable_model_cpu_offload, enable_sequential_cpu_offload, a device_map), or a class
+    (an accelerate hook: enable_sequential_cpu_offload, a device_map, a model offload hook), or a class
     ``forward`` defined outside diffusers and torch (a patched class, a subclass's own). Code that runs a module's
     layers itself would bypass it. A diffusers hook registry's forward is not counted (its hooks are checked by
     name), nor the bound method of the module's own class ``forward`` that a removed registry hook leaves on the
@@ -50,7 +50,9 @@ def forward_override(module: torch.nn.Module) -> str | None:
     inst = vars(module).get("forward")
     if inst is not None and not (getattr(inst, "__func__", None) is own and getattr(inst, "__self__", None) is module):
         if hasattr(module, "_hf_hook"):
-            return "an accelerate hook (enable_model_cpu_offload, enable_sequential_cpu_offload or a device_map)"
+            if type(module._hf_hook).__name__ == "CpuOffload":  # a model's own is run by ralu_runtime.offload
+                return "an accelerate model offload hook (enable_model_cpu_offload) on a part of the model"
+            return "an accelerate hook (enable_sequential_cpu_offload or a device_map)"
         if getattr(module, "_diffusers_hook", None) is None:
             return "a forward set on the instance"
     where = getattr(own, "__module__", None) or ""

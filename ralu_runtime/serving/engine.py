@@ -54,6 +54,7 @@ import torch
 
 from ..adapters.base import current_cache
 from ..execution.call import interrupt_scope
+from ..offload import check_offload
 
 __all__ = ["Engine", "EngineConfig", "RequestHandle", "EngineBusy", "EngineClosed", "DeadlineExceeded",
            "RequestCancelled", "DEFAULT_TOKEN_BUDGET"]
@@ -304,6 +305,7 @@ class Engine:
         adapter = get_adapter(pipe)
         adapter.check_supported()
         adapter.check_forwards()
+        check_offload(adapter, engine=True)
         self.defaults = dict(defaults)
         self._lock = threading.Condition()
         self._queue: deque[RequestHandle] = deque()
@@ -373,6 +375,7 @@ class Engine:
         if "max_area" not in call and call.get("height") and call.get("width") and is_kontext(self.pipe):
             call["max_area"] = call["height"] * call["width"]  # FLUX.1 Kontext: the request's size is the output's
         plan = prepare(self.pipe, **call, limits=self.config.limits())
+        check_offload(plan.adapter, engine=True)  # enable_model_cpu_offload called since the engine was built
         tokens = self._max_tokens(plan)
         req = RequestHandle(next(self._ids), call, tokens,
                             None if deadline_s is None else time.monotonic() + deadline_s, plan)
