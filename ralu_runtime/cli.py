@@ -122,6 +122,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="per-stage compilation backend (default: plain eager); a compiled one (inductor, onnx, "
                         "tensorrt) is built by a warm-up run first, timed as its own row. onnx needs the "
                         "[onnx] extra: pip install -e '.[onnx]'")
+    g.add_argument("--cpu-offload", action="store_true",
+                   help="keep the models on the CPU and move each to the GPU while it runs (diffusers' "
+                        "enable_model_cpu_offload): less GPU memory, slower; eager only (no compiled --backend, no "
+                        "--precision fp8); needs a GPU --device")
     g.add_argument("--precision", choices=("auto", "bf16", "fp16", "fp32", "fp8"), default=None,
                    help="fp8: the transformer blocks' linear layers in fp8 (e4m3) on ralu's own quantized copies "
                         "(GPU of compute capability >= 8.9; eager or inductor backend, eager when --backend is not "
@@ -258,6 +262,7 @@ class GeneratePlan:
     mask_out: str | None
     num_frames: int | None = None   # video models only
     regions: str | None = None      # video models only
+    cpu_offload: bool = False       # diffusers' enable_model_cpu_offload on the loaded pipeline
 
 
 def _model_family(model: str) -> tuple[str, tuple[int, int], int | None]:
@@ -490,6 +495,16 @@ def check_generate(args) -> GeneratePlan:
         if os.path.abspath(mask_out) == os.path.abspath(out):
             raise UsageError(f"--mask-out {args.mask_out!r} is the same file as --out")
     device, dtype = _check_device(args.device, args.dtype)
+    if args.cpu_offload:
+        if args.backend not in (None, "eager"):
+            raise UsageError(f"--cpu-offload runs eagerly: --backend {args.backend} holds the weights where they were "
+                             "when it was built; leave --backend out (or eager)")
+        if args.precision == "fp8":
+            raise UsageError("--cpu-offload with --precision fp8: ralu's fp8 weight copies would stay on the GPU; "
+                             "use one of the two")
+        if not device.startswith("cuda"):
+            raise UsageError(f"--cpu-offload moves models between the CPU and a GPU; --device {device} has none to "
+                             "move them to (leave --cpu-offload out)")
     if args.cache is not None:
         from .cache import make_cache
 
@@ -521,7 +536,7 @@ def check_generate(args) -> GeneratePlan:
                              "prompts to its tokenizers' lengths")
         msl = None
     return GeneratePlan(args.model, family, height, width, args.speedup, device, dtype, msl, text_len, out,
-                        mask_out, num_frames, args.regions if video else None)
+                        mask_out, num_frames, args.regions if video else None, cpu_offload=args.cpu_offload)
 
 
 @dataclass
@@ -799,13 +814,19 @@ def _load(plan: GeneratePlan | ServePlan):
     import torch
 
     dtype = getattr(torch, plan.dtype)
+    offload = getattr(plan, "cpu_offload", False)  # --cpu-offload: loaded on the CPU, each model moved in to run
+    device = "cpu" if offload else plan.device
     if plan.model in TINY_MODELS:
         from .tiny import build_tiny
 
-        return build_tiny(plan.model, device=plan.device, dtype=dtype)
-    from .api import load_pipeline
+        pipe = build_tiny(plan.model, device=device, dtype=dtype)
+    else:
+        from .api import load_pipeline
 
-    return load_pipeline(plan.model, torch_dtype=dtype, device=plan.device)
+        pipe = load_pipeline(plan.model, torch_dtype=dtype, device=None if offload else device, reuse=not offload)
+    if offload:
+        pipe.enable_model_cpu_offload(device=plan.device)
+    return pipe
 
 
 VIDEO_FPS = 16  # frames per second of written clips (Wan's and HunyuanVideo's native rates are 16 and 24)

@@ -148,6 +148,8 @@ BAD = [
     (["--max-sequence-length", "0"], "--max-sequence-length 0"),
     (["--model", "tiny-hunyuan-video15", "--max-sequence-length", "64"], "--max-sequence-length does not apply"),
     (["--seed", "-1"], "--seed -1"),
+    (["--cpu-offload", "--backend", "inductor"], "--cpu-offload runs eagerly: --backend inductor holds the weights"),
+    (["--cpu-offload", "--precision", "fp8"], "--cpu-offload with --precision fp8: ralu's fp8 weight copies"),
 ]
 
 
@@ -194,6 +196,22 @@ def test_unavailable_backend_and_device_are_rejected(workdir, capsys):
     if not torch.cuda.is_available():
         assert cli.main(["generate", "--device", "cuda"]) == 2
         assert "--device 'cuda'" in error_line(capsys.readouterr().err)
+
+
+def test_cpu_offload_needs_a_gpu_device_and_loads_offloaded(workdir, capsys, monkeypatch):
+    """``--cpu-offload``: refused for a CPU device before anything loads; ``_load`` (here on a CPU, which only the
+    check stops) builds the pipeline on the CPU with diffusers' model offload hooks to the plan's device."""
+    import dataclasses
+
+    from ralu_runtime.offload import offloaded_components
+
+    assert cli.main(["generate", "--cpu-offload", "--device", "cpu"]) == 2
+    assert "--cpu-offload moves models between the CPU and a GPU; --device cpu" in error_line(capsys.readouterr().err)
+    monkeypatch.undo()  # the real _load
+    plan = cli.check_generate(cli.build_parser().parse_args(["generate", "--device", "cpu"]))
+    assert not plan.cpu_offload
+    pipe = cli._load(dataclasses.replace(plan, cpu_offload=True))
+    assert set(offloaded_components(pipe)) >= {"transformer", "vae", "text_encoder"}
 
 
 @pytest.mark.parametrize("args,needle", [
