@@ -154,6 +154,14 @@ def test_bad_requests_refused_at_submission(flux, kw, match):
     (dict(solver="rk4"), ValueError, r"^solver='rk4' is not allowed"),
     (dict(cache="nope"), ValueError, r"^cache='nope' is not allowed"),
     (dict(return_masks="yes"), TypeError, r"^return_masks='yes': use True or False"),
+    # those that need the model (checked with prepare and one-token zero embeddings)
+    (dict(height=100), ValueError, r"^Engine default arguments: height=100 is not allowed: RALU needs a positive"),
+    (dict(speedup="9x"), ValueError, r"^Engine default arguments: unknown preset '9x' for family 'flux'"),
+    (dict(seed=-1), ValueError, r"^Engine default arguments: seed=-1 is not allowed"),
+    (dict(guidance_scale=1e9), ValueError, r"^Engine default arguments: guidance_scale=1000000000.0 is not allowed"),
+    (dict(num_frames=5), ValueError, r"^Engine default arguments: num_frames=5 is not allowed: flux makes images"),
+    (dict(height=4096, width=4096, speedup=None, num_inference_steps=1000), ValueError,
+     r"^Engine default arguments: .*ralu_runtime.limits"),
 ])
 def test_bad_defaults_refused_when_the_engine_is_built(flux, defaults, error, match):
     """Default arguments that every request would fail on are refused by the constructor (they were accepted, and
@@ -162,6 +170,18 @@ def test_bad_defaults_refused_when_the_engine_is_built(flux, defaults, error, ma
     with pytest.raises(error, match=match):
         Engine(flux, **defaults)
     assert not [t for t in set(threading.enumerate()) - threads if t.name == "ralu-engine"]
+
+
+def test_model_defaults_of_an_editing_pipeline_are_checked_with_each_request():
+    """An editing pipeline needs an image from every request, so its defaults cannot be checked alone when the engine
+    is built: a good default is accepted there (and used), a bad one fails each request that uses it."""
+    from ralu_runtime.tiny.flux_fill import build_tiny_flux_fill_pipeline
+
+    pipe = build_tiny_flux_fill_pipeline()
+    with Engine(pipe, output_type="latent", height=100, width=64) as eng:
+        with pytest.raises(ValueError, match="height=100 is not allowed"):
+            eng.submit(seed=0, image=torch.zeros(1, 3, 100, 64), mask_image=torch.ones(1, 1, 100, 64),
+                       **flux_embeds(1))
 
 
 def test_a_default_generator_is_refused_and_a_default_seed_gives_way_to_the_requests():

@@ -72,8 +72,8 @@ ENGINE_OWNED = ("backend", "compile_options", "torch_dtype", "device", "progress
 def _check_defaults(defaults: dict) -> None:
     """TypeError / ValueError, when the engine is built, for default ``generate`` arguments that every request would
     fail on: a name ``generate`` does not take, and what ``ralu_runtime.api.check_call_options`` checks without a
-    model (output_type, noise, solver, ..., backend, compile_options, precision, cache). Arguments that need the model
-    or the request (sizes, seed, guidance, speedup) are checked with each request."""
+    model (output_type, noise, solver, ..., backend, compile_options, precision, cache). Those that need the model
+    (sizes, seed, guidance, speedup) follow in :func:`_check_model_defaults`."""
     import inspect
 
     from ..api import check_call_options, prepare
@@ -84,6 +84,41 @@ def _check_defaults(defaults: dict) -> None:
         raise TypeError(f"Engine default arguments: {exc} (they are generate's arguments)") from None
     names = inspect.signature(check_call_options).parameters
     check_call_options(**{k: v for k, v in defaults.items() if k in names})
+
+
+# default arguments a request takes as they are and whose checks need the model (sizes against its block size,
+# presets of its family, steps, guidance and seed ranges, frames, the work bound): checked when the engine is built
+MODEL_DEFAULTS = ("height", "width", "speedup", "num_inference_steps", "guidance_scale", "seed", "num_frames",
+                  "region_mode", "max_sequence_length", "num_images_per_prompt", "noise", "region_source", "solver",
+                  "edge_map", "edge_detector", "transition_impl")
+
+
+def _check_model_defaults(pipe, adapter, defaults: dict, limits) -> None:
+    """TypeError / ValueError, when the engine is built, for default arguments of :data:`MODEL_DEFAULTS` that every
+    request using them would fail on (height not a multiple of the model's block, a preset the family lacks, a seed
+    out of range, a work bound exceeded, ...): ``prepare`` with them and one-token zero prompt embeddings. Not
+    raised when the pipeline needs more than a prompt from every request (an editing pipeline's image): those
+    defaults are then checked with each request."""
+    from ..api import prepare
+    from ..kontext import is_kontext
+
+    given = {k: v for k, v in defaults.items() if k in MODEL_DEFAULTS}
+    if not given:
+        return
+    if given.get("height") and given.get("width") and is_kontext(pipe):  # as submit sets it
+        given["max_area"] = given["height"] * given["width"]
+    try:
+        embeds = adapter.dummy_embeds(1, 1)
+    except NotImplementedError:  # a family that does not state its embedding sizes: checked per request
+        return
+    try:
+        prepare(pipe, **embeds, **given, progress=False, limits=limits)
+    except (TypeError, ValueError) as exc:
+        try:
+            prepare(pipe, **embeds, progress=False, limits=limits)
+        except (TypeError, ValueError):
+            return  # every request must bring more than a prompt (an image): its defaults are checked with it
+        raise type(exc)(f"Engine default arguments: {exc}") from None
 
 
 class EngineBusy(RuntimeError):
@@ -306,6 +341,7 @@ class Engine:
         adapter.check_supported()
         adapter.check_forwards()
         check_offload(adapter, engine=True)
+        _check_model_defaults(pipe, adapter, defaults, self.config.limits())
         self.defaults = dict(defaults)
         self._lock = threading.Condition()
         self._queue: deque[RequestHandle] = deque()
