@@ -9,7 +9,8 @@ weight bytes); CPU: float32 compute, bfloat16 storage. Random weights (no downlo
 (default 4 double + 8 single blocks on a GPU, as ``static_dims.py``).
 
 Timed: ralu's eager model call (``adapter.velocity``, the path every RALU stage takes) on a full-resolution raster
-after warm-up; the two variants alternate over ``--rounds`` rounds so that machine drift hits both. Also recorded:
+after warm-up (``--compiled``: also both under ``backend="inductor"`` without CUDA graphs, where the cast model's
+blocks run ralu's cast shadows); the two variants alternate over ``--rounds`` rounds so that machine drift hits both. Also recorded:
 the transformer's weight bytes per variant, the peak CUDA memory of one call, and the relative difference of the
 cast model's output from the plain one's (the storage rounding: what the memory costs in fidelity, on random
 weights).
@@ -37,6 +38,7 @@ from benchmarks._common import (bar_plot, device_slug, print_table, raster_model
 from ralu_runtime.tiny.flux import build_flux_pipeline  # noqa: E402
 
 VARIANTS = ("plain", "cast")
+COMPILED_VARIANTS = ("plain_inductor", "cast_inductor")  # --compiled: ralu's inductor backend, no CUDA graphs
 STORAGE = {"float8_e4m3fn": torch.float8_e4m3fn, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -58,6 +60,12 @@ def main(argv=None) -> int:
                     help="storage dtype of the cast layers (default float8_e4m3fn on a GPU, bfloat16 on a CPU)")
     ap.add_argument("--reps", type=int, default=None, help="timed calls per variant and round (default 10 GPU, 3 CPU)")
     ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--compiled", action="store_true",
+                    help="also both variants under backend='inductor' without CUDA graphs (the cast model's blocks "
+                         "run ralu's cast shadows): each compiles first (about a minute per variant on a GPU)")
+    ap.add_argument("--dynamo-backend", default=None,
+                    help="with --compiled: torch.compile's backend instead of inductor (eager: dynamo's tracing "
+                         "alone, for a quick dry run)")
     ap.add_argument("--device", default="cuda" if cuda_here else "cpu")
     ap.add_argument("--out", default="benchmarks/results")
     ap.add_argument("--name", default=None, help="output name (default layerwise_casting_<device>)")
@@ -79,13 +87,25 @@ def main(argv=None) -> int:
 
     depth = {k: v for k, v in (("num_layers", args.double), ("num_single_layers", args.single)) if v is not None}
     runs: dict[str, dict] = {}
-    for v in VARIANTS:  # one pipeline each, same seed: same weights before the casting rounds them
+    variants = VARIANTS + (COMPILED_VARIANTS if args.compiled else ())
+    for v in variants:  # one pipeline each, same seed: same weights before the casting rounds them
         t0 = time.perf_counter()
         pipe = build_flux_pipeline(args.size, device=args.device, dtype=dtype, **depth)
-        if v == "cast":
+        if v.startswith("cast"):
             pipe.transformer.enable_layerwise_casting(storage_dtype=storage, compute_dtype=dtype)
+        compiled = v.endswith("_inductor")
+        if compiled:
+            from ralu_runtime.adapters import get_adapter
+            from ralu_runtime.compile import ensure_backend
+
+            ensure_backend(get_adapter(pipe), "inductor", cuda_graphs=False, compile_vae=False,
+                           dynamo_backend=args.dynamo_backend)
         build_s = time.perf_counter() - t0
-        run = raster_model_call(pipe, resolution, args.text_len, args.device, dtype, runner=False)
+        run = raster_model_call(pipe, resolution, args.text_len, args.device, dtype, runner=compiled)
+        if compiled:
+            t0 = time.perf_counter()
+            run()  # the compile, outside the peak-memory measurement
+            build_s += time.perf_counter() - t0
         if cuda:
             torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats()
@@ -95,12 +115,12 @@ def main(argv=None) -> int:
         runs[v] = {"pipe": pipe, "run": run, "out": out.float(), "build_s": build_s, "ms": [],
                    "weight_bytes": weight_bytes(pipe.transformer), "call_peak_bytes": peak}
     for _ in range(args.rounds):  # alternately: drift of the machine hits both
-        for v in VARIANTS:
+        for v in variants:
             runs[v]["ms"].append(time_fn(runs[v]["run"], warmup=1, reps=reps, device=args.device)["mean_ms"])
 
     ref = runs["plain"]["out"]
     rows = []
-    for v in VARIANTS:
+    for v in variants:
         r = runs[v]
         rows.append({"variant": v, "mean_ms": statistics.fmean(r["ms"]), "round_ms": [round(m, 3) for m in r["ms"]],
                      "weight_GiB": r["weight_bytes"] / 2**30,
@@ -111,6 +131,12 @@ def main(argv=None) -> int:
     memory_ratio = runs["cast"]["weight_bytes"] / runs["plain"]["weight_bytes"]
     print_table(rows, ["variant", "mean_ms", "round_ms", "weight_GiB", "call_peak_GiB", "rel_diff", "build_s"])
     print(f"cast / plain: model-call time {time_ratio:.3f}, transformer weight bytes {memory_ratio:.3f}")
+    compiled_ratios = {}
+    if args.compiled:
+        ms = {r["variant"]: r["mean_ms"] for r in rows}
+        compiled_ratios = {"ratio_time_cast_inductor_over_plain_inductor": ms["cast_inductor"] / ms["plain_inductor"],
+                           "ratio_time_cast_inductor_over_cast": ms["cast_inductor"] / ms["cast"]}
+        print("compiled: " + ", ".join(f"{k.removeprefix('ratio_time_')} {v:.3f}" for k, v in compiled_ratios.items()))
     cfg = runs["plain"]["pipe"].transformer.config
     name = args.name or f"layerwise_casting_{device_slug()}"
     tokens = (resolution // 16) ** 2
@@ -118,11 +144,13 @@ def main(argv=None) -> int:
         "model": "flux", "size": args.size, "double_blocks": cfg.num_layers, "single_blocks": cfg.num_single_layers,
         "hidden": cfg.num_attention_heads * cfg.attention_head_dim, "compute_dtype": str(dtype),
         "storage_dtype": str(storage), "resolution": resolution, "image_tokens": tokens, "text_len": args.text_len,
-        "reps": reps, "rounds": args.rounds, "rows": rows, "ratio_time_cast_over_plain": time_ratio,
-        "ratio_weight_bytes_cast_over_plain": memory_ratio,
+        "reps": reps, "rounds": args.rounds, "dynamo_backend": args.dynamo_backend if args.compiled else None,
+        "rows": rows, "ratio_time_cast_over_plain": time_ratio,
+        "ratio_weight_bytes_cast_over_plain": memory_ratio, **compiled_ratios,
         "notes": "ralu's eager model call (adapter.velocity) on a full-resolution raster; 'cast' = diffusers' "
-                 "enable_layerwise_casting with its default exceptions; rel_diff = max |v - v_plain| / max |v_plain| "
-                 "(random weights)"})
+                 "enable_layerwise_casting with its default exceptions; '*_inductor' = the installed "
+                 "backend='inductor' runner without CUDA graphs (build_s includes its compile); rel_diff = "
+                 "max |v - v_plain| / max |v_plain| (random weights)"})
     bar_plot(args.out, name, [r["variant"] for r in rows], [r["mean_ms"] for r in rows], "ms per model call",
              f"FLUX {args.size} ({cfg.num_layers}+{cfg.num_single_layers} blocks), {tokens} tokens, {args.device}, "
              f"storage {str(storage).replace('torch.', '')}")

@@ -75,6 +75,13 @@ def test_dry_run_runs_every_step(dry_run):
     assert 0 < next(r for r in lw["rows"] if r["variant"] == "cast")["rel_diff"] < 0.05
     assert not measured["FLUX.1 eager model call (4+8 blocks, 1024^2), layerwise casting (fp8 storage) / plain bf16"
                         ].startswith("not run")
+    # and both compiled (dynamo traced, its eager backend, in the dry run): the cast model's blocks ran cast shadows
+    assert lw["dynamo_backend"] == "eager"
+    assert {r["variant"] for r in lw["rows"]} == {"plain", "cast", "plain_inductor", "cast_inductor"}
+    assert next(r for r in lw["rows"] if r["variant"] == "cast_inductor")["rel_diff"] == pytest.approx(
+        next(r for r in lw["rows"] if r["variant"] == "cast")["rel_diff"], rel=1e-3)
+    assert not measured["FLUX.1 compiled model call (inductor, no CUDA graphs), layerwise casting (fp8 storage) / "
+                        "plain bf16"].startswith("not run")
     kontext = json.loads((work / "latency_flux_kontext_dry_cpu.json").read_text())
     assert kontext["kontext"]["reference_px"] == [128, 128] and kontext["baseline_steps"] == 2
     log = (out / "suite.log").read_text()

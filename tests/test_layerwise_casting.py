@@ -8,9 +8,13 @@ compute dtype), which is what the hooks compute with. ralu runs the layers as mo
   found (weights still stored in bfloat16, hooks in place);
 * the serving engine packs two requests of a cast model and each equals its ``generate`` call (float rounding);
 * one-rank sharded calls equal the module calls bitwise (SD3.5 Medium);
-* a backend that traces the model (``inductor``; ``compile_vae``), and ``precision="fp8"`` on float8 storage (those
-  layers would not run in fp8), are refused before any model call, naming the module, whether asked for in the call
-  or installed before the casting was enabled (generate and the engine).
+* ``backend="inductor"`` runs the blocks' cast Linear layers as traceable ``CastLinear`` modules (cast shadows) and
+  equals the eager call (bitwise with dynamo's eager backend; real inductor code: float rounding), also when the
+  casting is enabled after the backend was installed;
+* a backend that exports or captures the model (``onnx``, CUDA graphs; ``compile_vae``), ``precision="fp8"`` on
+  float8 storage (those layers would not run in fp8) or with a compiled backend, and a cast layer inside a block that
+  is not a Linear under a compiled backend, are refused before any model call, naming the module, whether asked for
+  in the call or installed before the casting was enabled (generate and the engine).
 """
 from __future__ import annotations
 
@@ -127,11 +131,96 @@ def test_one_rank_sharded_call_of_a_cast_model_equals_the_module_call():
         assert torch.equal(outs[0], outs[1])
 
 
+COMPILED = ["tiny-flux", "tiny-sd3", "tiny-flux2", "tiny-qwen-image", "tiny-wan22", "tiny-hunyuan-video15"]
+
+
+@pytest.mark.parametrize("name", COMPILED)
 @torch.no_grad()
-def test_traced_backends_are_refused_up_front():
-    """backend='inductor' or compile_vae=True on a cast transformer / VAE, precision='fp8' on float8 storage:
-    ValueError naming the module before any model call; a runner installed before the casting was enabled is refused
-    by generate and the engine."""
+def test_compiled_blocks_run_cast_shadows_and_equal_the_eager_call(name):
+    """backend='inductor' (dynamo traced with its eager backend here: the tracing is what the casting hooks broke)
+    on a cast model: the blocks run their cast shadows (CastLinear in place of each cast Linear) and the result equals
+    the eager call's bitwise; a second call traces nothing new; the model is left as found (weights stored in the
+    storage dtype, hooks in place)."""
+    from ralu_runtime.adapters import get_adapter
+    from ralu_runtime.compile import compile_stats
+    from ralu_runtime.compile.cast_layers import CastLinear
+
+    pipe, embeds, size = _case(name)
+    models = get_adapter(pipe).model_modules()
+    for m in models:
+        m.enable_layerwise_casting(storage_dtype=STORAGE, compute_dtype=COMPUTE)
+    layers = [_cast_layers(m) for m in models]
+    kw = dict(size, seed=2, output_type="latent", progress=False)
+    want = generate(pipe, **embeds, **kw).images
+    opts = dict(backend="inductor", compile_options={"dynamo_backend": "eager"})
+    got = generate(pipe, **embeds, **kw, **opts).images
+    assert torch.equal(got, want)
+    runner = get_adapter(pipe).runner
+    shadows = runner.impl.cast
+    assert shadows.active and len(shadows) > 0
+    block = next(b for kind, c in models[0].named_children() if isinstance(c, torch.nn.ModuleList) for b in c)
+    assert any(isinstance(m, CastLinear) for m in shadows.shadow(block).modules())
+    g0 = compile_stats()["unique_graphs"]
+    assert torch.equal(generate(pipe, **embeds, **kw, **opts).images, want)
+    assert compile_stats()["unique_graphs"] == g0
+    assert [_cast_layers(m) for m in models] == layers
+    assert all(p.dtype == STORAGE for m in models for n, mod in m.named_modules() if n in _cast_layers(m)
+               for p in mod.parameters(recurse=False))
+
+
+@pytest.mark.parametrize("name", ["tiny-flux", "tiny-wan"])
+@torch.no_grad()
+def test_serving_engine_packs_a_cast_model_with_compiled_blocks(name):
+    """The serving engine on a cast model with backend='inductor' (dynamo traced, its eager backend): packed calls run
+    the compiled packed block functions on the cast shadows, and each request equals its eager generate call."""
+    from ralu_runtime.adapters import get_adapter
+    from ralu_runtime.serving import Engine, EngineConfig
+
+    pipe, embeds, size = _case(name, seed=4)
+    pipe.transformer.enable_layerwise_casting(storage_dtype=STORAGE, compute_dtype=COMPUTE)
+    reqs = [(dict(size, **embeds), 11), (dict(size, height=64, width=64, **embeds), 12)]
+    refs = [generate(pipe, **kw, seed=seed, output_type="latent", progress=False).images for kw, seed in reqs]
+    with Engine(pipe, EngineConfig(gather_timeout_s=0.5), output_type="latent", backend="inductor",
+                compile_options={"dynamo_backend": "eager"}) as eng:
+        outs = [h.result(timeout=300).images for h in [eng.submit(seed=seed, **kw) for kw, seed in reqs]]
+        assert eng.metrics()["packed_calls"] > 0
+    runner = get_adapter(pipe).runner
+    assert runner.impl.cast.active and any(n.endswith("_packed") for n in runner.impl.compiled_blocks)
+    for out, ref in zip(outs, refs):
+        torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.slow
+@torch.no_grad()
+def test_inductor_compiles_a_cast_model_and_follows_casting_enabled_later():
+    """Real inductor code on the CPU (one family): installed while the model is plain, then the casting is enabled:
+    the next call runs the cast shadows (float rounding of inductor's fusions: within 1e-5 of the eager cast call);
+    float8 storage runs too."""
+    from ralu_runtime.adapters import get_adapter
+    from ralu_runtime.compile import compile_adapter
+
+    pipe, embeds, size = _case("tiny-flux")
+    kw = dict(size, seed=2, output_type="latent", progress=False)
+    compile_adapter(pipe, backend="inductor")
+    plain = generate(pipe, **embeds, **kw).images
+    assert not get_adapter(pipe).runner.impl.cast.active
+    pipe.transformer.enable_layerwise_casting(storage_dtype=torch.float8_e4m3fn, compute_dtype=COMPUTE)
+    got = generate(pipe, **embeds, **kw).images
+    assert get_adapter(pipe).runner.impl.cast.active
+    from ralu_runtime.compile import uncompile_adapter
+
+    uncompile_adapter(pipe)
+    want = generate(pipe, **embeds, **kw).images
+    assert (got - want).abs().max() <= 1e-5 * want.abs().max()
+    assert not torch.equal(want, plain)  # float8 storage changed the result: the cast layers did run
+
+
+@torch.no_grad()
+def test_what_a_cast_model_cannot_run_is_refused_up_front():
+    """Exported or captured backends (onnx, CUDA graphs), compile_vae=True on a cast VAE, precision='fp8' on float8
+    storage or with a compiled backend, and a cast layer inside a block that is not a Linear under a compiled backend:
+    ValueError naming the module before any model call; an onnx runner installed before the casting was enabled is
+    refused by generate and the engine."""
     from ralu_runtime.compile import compile_adapter, uncompile_adapter
     from ralu_runtime.serving import Engine
 
@@ -141,17 +230,23 @@ def test_traced_backends_are_refused_up_front():
     handle = pipe.transformer.register_forward_pre_hook(lambda *a: calls.append(1))
     blocks = [b.register_forward_pre_hook(lambda *a: calls.append(1)) for b in pipe.transformer.transformer_blocks]
     try:
-        compile_adapter(pipe, backend="inductor")  # installed while the model is plain: allowed
+        compile_adapter(pipe, backend="onnx")  # installed while the model is plain: allowed
         pipe.transformer.enable_layerwise_casting(storage_dtype=STORAGE, compute_dtype=COMPUTE)
         installed = r"^transformer\.\S+ carries diffusers' layerwise casting \(enable_layerwise_casting\), which " \
-                    r"backend='inductor' cannot run"
+                    r"backend='onnx' cannot run"
         with pytest.raises(ValueError, match=installed):
             generate(pipe, **embeds, **args)
         with pytest.raises(ValueError, match=installed):
             Engine(pipe)
         uncompile_adapter(pipe)
         with pytest.raises(ValueError, match=installed):
-            generate(pipe, **embeds, **args, backend="inductor")
+            generate(pipe, **embeds, **args, backend="onnx")
+        with pytest.raises(ValueError, match=r"^transformer\.\S+ carries diffusers' layerwise casting .*, which "
+                                             r"cuda_graphs=True cannot run"):
+            generate(pipe, **embeds, **args, backend="eager", compile_options={"cuda_graphs": True})
+        with pytest.raises(ValueError, match=r"^transformer\.\S+ carries diffusers' layerwise casting: "
+                                             r"precision='fp8' with a compiled backend"):
+            generate(pipe, **embeds, **args, backend="inductor", precision="fp8")
         pipe.vae.enable_layerwise_casting(storage_dtype=STORAGE, compute_dtype=COMPUTE)
         with pytest.raises(ValueError, match=r"^vae\.\S+ carries diffusers' layerwise casting .* compile_vae=True "
                                              r"cannot compile"):
@@ -167,6 +262,12 @@ def test_traced_backends_are_refused_up_front():
             generate(plain, **embeds, **args, precision="fp8")
             plain.transformer.enable_layerwise_casting(storage_dtype=torch.float8_e4m3fn, compute_dtype=COMPUTE)
             Engine(plain)
+        conv, _, _ = _case("tiny-flux")  # a cast layer of another kind inside a block (none of diffusers' has one)
+        conv.transformer.transformer_blocks[0].extra = torch.nn.Conv1d(4, 4, 1)
+        conv.transformer.enable_layerwise_casting(storage_dtype=STORAGE, compute_dtype=COMPUTE)
+        with pytest.raises(ValueError, match=r"^transformer\.transformer_blocks\.0\.extra \(Conv1d\) carries "
+                                             r"diffusers' layerwise casting inside a block; a compiled backend"):
+            generate(conv, **embeds, **args, backend="inductor")
     finally:
         handle.remove()
         for h in blocks:
@@ -181,6 +282,7 @@ def test_refusals_name_the_expert_that_is_cast():
     pipe, embeds, size = _case("tiny-wan22")
     pipe.transformer_2.enable_layerwise_casting(storage_dtype=torch.float8_e4m3fn, compute_dtype=COMPUTE)
     with pytest.raises(ValueError, match=r"^transformer_2\.\S+ carries diffusers' layerwise casting"):
-        generate(pipe, **embeds, **size, seed=1, output_type="latent", progress=False, backend="inductor")
+        generate(pipe, **embeds, **size, seed=1, output_type="latent", progress=False, backend="eager",
+                 compile_options={"cuda_graphs": True})
     with pytest.raises(ValueError, match=r"^precision='fp8' with transformer_2\.\S+ stored in torch\.float8_e4m3fn"):
         generate(pipe, **embeds, **size, seed=1, output_type="latent", progress=False, precision="fp8")

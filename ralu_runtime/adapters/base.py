@@ -552,10 +552,12 @@ class DiTAdapter(ABC):
         if applied and (cast_at is not None or applied.get("compile_vae")):
             backend = self.runner.options.backend
             self.check_layerwise_casting(
-                f"backend={backend!r}" if backend in ("onnx", "tensorrt") or applied.get("compiled_blocks") else
+                f"backend={backend!r}" if backend in ("onnx", "tensorrt") else
                 "cuda_graphs=True" if applied.get("cuda_graphs") else None,
                 "compile_vae" if applied.get("compile_vae") else None, fp8=applied.get("precision") == "fp8",
-                found=(cast_at, stored))
+                compiled_blocks=bool(applied.get("compiled_blocks")), found=(cast_at, stored))
+        if hasattr(self.runner, "note_layerwise_casting"):  # compiled blocks run cast shadows while it is present
+            self.runner.note_layerwise_casting(cast_at is not None)
 
     def onload_models(self, timestep, cond) -> None:
         """Before a model call at ``timestep``: move the model(s) it runs to their device where diffusers' model
@@ -584,16 +586,20 @@ class DiTAdapter(ABC):
         return cast_at, stored
 
     def check_layerwise_casting(self, model_traced_by: str | None, vae_traced_by: str | None = None, *,
-                                fp8: bool = False, found: tuple | None = None) -> None:
+                                fp8: bool = False, compiled_blocks: bool = False, found: tuple | None = None) -> None:
         """ValueError when diffusers' layerwise casting (``enable_layerwise_casting``: hooks that cast each layer's
-        weights to the compute dtype around its forward) sits on a model that ralu would trace: the transformer under
-        ``model_traced_by`` (e.g. "backend='inductor'", "cuda_graphs=True"; None: eager), the VAE under
-        ``vae_traced_by`` ("compile_vae" or None). torch.compile cannot trace those hooks (they build Parameters), nor
-        can export or CUDA-graph capture replay them. Eager calls run them as diffusers does. ``fp8``: precision="fp8"
-        is asked for, which quantizes weights stored in float32 / bfloat16 / float16 only: refused where the casting
+        weights to the compute dtype around its forward) sits on a model that ralu would trace in a way it cannot
+        run: the transformer under ``model_traced_by`` (e.g. "backend='onnx'", "cuda_graphs=True"; None: neither
+        exported nor captured), the VAE under ``vae_traced_by`` ("compile_vae" or None). torch.compile cannot trace
+        those hooks (they build Parameters), nor can export or CUDA-graph capture replay them. ``compiled_blocks``:
+        the blocks are compiled (``backend="inductor"``), which runs their cast Linear layers as
+        :class:`~ralu_runtime.compile.cast_layers.CastLinear` (traceable): refused where a block holds a cast layer of
+        another kind, or with ``fp8``. Eager calls run the hooks as diffusers does. ``fp8``: precision="fp8" is
+        asked for, which quantizes weights stored in float32 / bfloat16 / float16 only: refused where the casting
         stores a layer's weights in a float8 dtype (that layer would run in the compute dtype, not in fp8).
-        ``found``: :meth:`layerwise_cast_modules` if the caller has it already (walked here otherwise, when needed)."""
-        if found is None and (fp8 or model_traced_by is not None):
+        ``found``: :meth:`layerwise_cast_modules` if the caller has it already (walked here otherwise, when
+        needed)."""
+        if found is None and (fp8 or model_traced_by is not None or compiled_blocks):
             found = self.layerwise_cast_modules()
         cast_at, stored = found or (None, None)
         if fp8 and stored is not None:
@@ -601,13 +607,27 @@ class DiTAdapter(ABC):
                              "casting: ralu's fp8 quantizes weights stored in float32 / bfloat16 / float16, so "
                              "such layers would run in the compute dtype, not in fp8. Use one of the two: "
                              "precision='fp8' on a model without float8 storage, or the layerwise casting alone")
-        if model_traced_by is not None:
-            if cast_at is not None:
-                raise ValueError(f"{cast_at} carries diffusers' layerwise casting (enable_layerwise_casting), which "
-                                 f"{model_traced_by} cannot run: its hooks cast the weights while the model runs "
-                                 "(torch.compile cannot trace them; export and CUDA graphs cannot replay them). Use "
-                                 "backend='eager' without cuda_graphs, or load the model in the dtype it computes "
-                                 "in (precision='fp8' quantizes it for you)")
+        if model_traced_by is not None and cast_at is not None:
+            raise ValueError(f"{cast_at} carries diffusers' layerwise casting (enable_layerwise_casting), which "
+                             f"{model_traced_by} cannot run: its hooks cast the weights while the model runs "
+                             "(export and CUDA graphs cannot replay them). Use backend='eager', or "
+                             "backend='inductor' with compile_options={'cuda_graphs': False}, or load the model in "
+                             "the dtype it computes in (precision='fp8' quantizes it for you)")
+        if compiled_blocks and cast_at is not None:
+            if fp8:
+                raise ValueError(f"{cast_at} carries diffusers' layerwise casting: precision='fp8' with a compiled "
+                                 "backend does not run on a cast model; use one of the two, or backend='eager'")
+            for name, model in self.named_model_modules():
+                for kind, child in model.named_children():
+                    if not isinstance(child, torch.nn.ModuleList):
+                        continue
+                    for where, mod in child.named_modules(prefix=f"{name}.{kind}"):
+                        if layerwise_casting(mod) is not None and type(mod) is not torch.nn.Linear:
+                            raise ValueError(
+                                f"{where} ({type(mod).__name__}) carries diffusers' layerwise casting inside a "
+                                "block; a compiled backend runs the blocks' cast torch.nn.Linear layers only. Leave "
+                                "it uncast (enable_layerwise_casting's skip_modules_pattern, whose default skips "
+                                "norms) or use backend='eager'")
         vae = getattr(self.pipe, "vae", None) if self.pipe is not None else None
         if vae_traced_by is not None and isinstance(vae, torch.nn.Module):
             where = next((f"vae.{n}" if n else "vae" for n, mod in vae.named_modules()

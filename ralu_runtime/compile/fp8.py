@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import threading
 import weakref
+from typing import Any, Callable
 
 import torch
 
@@ -331,32 +332,34 @@ class Fp8Linear(torch.nn.Module):
 
 
 # ------------------------------------------------------------------------------------------------ block shadows
-def _structure(block: torch.nn.Module) -> tuple:
-    """Identity of a block's module tree as the shadow depends on it: module objects, types, hook counts, which
-    layers are quantized, and what a shallow copy takes by value from a module's instance dictionary that a user
-    may set and remove: a ``forward`` set on the instance, the train/eval flag."""
+def _fp8_state(m: torch.nn.Module):
+    """What of a module decides its fp8 shadow: whether a Linear / LoRA layer is quantized."""
+    return _eligible(m) if isinstance(m, torch.nn.Linear) or _is_peft_lora(m) else None
+
+
+def tree_structure(block: torch.nn.Module, state: Callable[[torch.nn.Module], Any]) -> tuple:
+    """Identity of a block's module tree as a shadow depends on it: module objects, types, hook counts, ``state``
+    of each module (what the shadow's replacement rule reads), and what a shallow copy takes by value from a
+    module's instance dictionary that a user may set and remove: a ``forward`` set on the instance, the train/eval
+    flag."""
     out = []
     stack = [block]
     while stack:
         m = stack.pop()
-        out.append((id(m), type(m), len(m._forward_hooks) + len(m._forward_pre_hooks),
-                    _eligible(m) if isinstance(m, torch.nn.Linear) or _is_peft_lora(m) else None,
+        out.append((id(m), type(m), len(m._forward_hooks) + len(m._forward_pre_hooks), state(m),
                     id(m.__dict__.get("forward")), m.training))
         stack.extend(c for c in m._modules.values() if c is not None)
     return tuple(out)
 
 
-def _shadow(m: torch.nn.Module, kernel: str, layers: list) -> torch.nn.Module:
-    """The shadow of ``m``: an :class:`Fp8Linear` for an eligible layer, ``m`` itself when nothing below it is
-    replaced, else a shallow copy of ``m`` (same class and attributes, shared parameters, buffers and hooks) with
-    its own child dictionary."""
-    if (isinstance(m, torch.nn.Linear) or _is_peft_lora(m)) and _eligible(m):
-        f = Fp8Linear(m, kernel)
-        layers.append(f)
-        return f
-    if _is_peft_lora(m):
-        return m  # kept as the user's layer (high precision, its LoRA path as peft runs it)
-    children = {k: (None if c is None else _shadow(c, kernel, layers)) for k, c in m._modules.items()}
+def shadow_tree(m: torch.nn.Module, replace: Callable[[torch.nn.Module], torch.nn.Module | None]) -> torch.nn.Module:
+    """The shadow of ``m``: ``replace(m)`` where it gives a module (a replacement, or ``m`` itself to keep it and
+    what is below it as they are), else ``m`` itself when nothing below it is replaced, else a shallow copy of ``m``
+    (same class and attributes, shared parameters, buffers and hooks) with its own child dictionary."""
+    r = replace(m)
+    if r is not None:
+        return r
+    children = {k: (None if c is None else shadow_tree(c, replace)) for k, c in m._modules.items()}
     if all(children[k] is c for k, c in m._modules.items()):
         return m
     copy = m.__class__.__new__(m.__class__)
@@ -368,9 +371,17 @@ def _shadow(m: torch.nn.Module, kernel: str, layers: list) -> torch.nn.Module:
 class _Entry:
     def __init__(self, block, kernel):
         self.block_ref = weakref.ref(block)
-        self.structure = _structure(block)
+        self.structure = tree_structure(block, _fp8_state)
         self.layers: list[Fp8Linear] = []
-        self.shadow = _shadow(block, kernel, self.layers)
+
+        def replace(m):
+            if (isinstance(m, torch.nn.Linear) or _is_peft_lora(m)) and _eligible(m):
+                f = Fp8Linear(m, kernel)
+                self.layers.append(f)
+                return f
+            return m if _is_peft_lora(m) else None  # a LoRA layer fp8 cannot take: the user's (high precision)
+
+        self.shadow = shadow_tree(block, replace)
 
 
 class Fp8Shadows:
@@ -409,7 +420,7 @@ class Fp8Shadows:
                 if block is None:
                     del self._entries[key]
                     continue
-                if _structure(block) != entry.structure:
+                if tree_structure(block, _fp8_state) != entry.structure:
                     self._entries[key] = _Entry(block, self.kernel)
                     replaced = True
                     continue

@@ -13,6 +13,8 @@ fp8 (``precision="fp8"``, :mod:`.fp8`): every block callable is handed out wrapp
 *shadow* of the user's block (shared non-Linear submodules, Linear layers replaced by :class:`~.fp8.Fp8Linear` with
 quantized copies) instead of the block itself; :meth:`BackendImpl.fused` then returns None (the shadows' fp8 q, k and
 v layers run as three fp8 products: the fused-weight path of the block functions takes a plain weight tensor).
+diffusers' layerwise casting under a compiled backend (:mod:`.cast_layers`): compiled block callables receive the
+block's *cast shadow* (cast Linear layers as :class:`~.cast_layers.CastLinear`) while the model carries casting.
 
 Attention backend measured per shape (``attn_backend="measure"``, :mod:`.sdpa`): the runner sets the call's chosen
 backend (:func:`attention_tag`); compiled block functions are kept per (block kind, backend), since the SDPA kernel
@@ -35,6 +37,7 @@ import torch
 
 from ..adapters.base import ModelImpl
 from ..adapters.fused import FusedProjections
+from .cast_layers import CastShadows
 from .fp8 import Fp8Shadows
 
 _ATTN_TAG: contextvars.ContextVar[str | None] = contextvars.ContextVar("ralu_attn_tag", default=None)
@@ -62,9 +65,10 @@ class BackendImpl(ModelImpl):
     PACKED_SUFFIX = "_packed"  # block names of packed calls: compiled with dynamic=True
 
     def __init__(self, compile_kwargs: dict | None = None, *, fused: bool = False, compile_vae: dict | None = None,
-                 packed_calls: bool = False, fp8: Fp8Shadows | None = None):
+                 packed_calls: bool = False, fp8: Fp8Shadows | None = None, cast: CastShadows | None = None):
         self.compile_kwargs = compile_kwargs
         self.fp8 = fp8
+        self.cast = cast if fp8 is None else None
         self.packed_calls = packed_calls
         self.compile_vae = compile_vae
         self.fused_store = FusedProjections() if fused and fp8 is None else None
@@ -76,14 +80,14 @@ class BackendImpl(ModelImpl):
 
     def block(self, name: str, fn: Callable) -> Callable:
         run = self._compiled_block(name, fn)
-        if self.fp8 is None:
+        shadows = self.fp8 if self.fp8 is not None else self.cast if run is not fn else None
+        if shadows is None:
             return run
         key = (name if run is fn else self._key(name), id(run))
         wrapped = self._shadowed.get(key)
         if wrapped is None:
-            shadows = self.fp8
 
-            def wrapped(block, *args, **kwargs):  # the block's fp8 shadow in place of the user's block
+            def wrapped(block, *args, **kwargs):  # the block's fp8 / cast shadow in place of the user's block
                 return run(shadows.shadow(block), *args, **kwargs)
 
             with self._lock:
@@ -161,5 +165,7 @@ class BackendImpl(ModelImpl):
             self._vae = self._vae_fn = None
         if self.fused_store is not None:
             self.fused_store.clear()
+        if self.cast is not None:
+            self.cast.clear()
         if self.fp8 is not None:
             self.fp8.clear()

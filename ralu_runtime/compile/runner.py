@@ -13,6 +13,7 @@ import torch
 from ..adapters.base import Conditioning, DiTAdapter, TokenGrid, VelocityCall, check_velocity_calls, current_cache
 from ..execution.call import current_sharding
 from ..offload import check_offload, offload_hook
+from .cast_layers import CastShadows
 from .cuda_graphs import GraphPool
 from .flatten import flatten, signature, unflatten
 from .fp8 import Fp8Shadows, check_fp8_device, resolve_kernel
@@ -42,12 +43,12 @@ def check_backend_for(options: CompileOptions, adapter) -> None:
     if options.fused_qkv and not getattr(adapter, "fuses_projections", True):
         raise ValueError(f"fused_qkv=True: {adapter.family}'s model call has no fused q/k/v projections for ralu to "
                          "run; leave fused_qkv at None")
-    if hasattr(adapter, "check_layerwise_casting"):  # diffusers' enable_layerwise_casting: eager calls only
+    if hasattr(adapter, "check_layerwise_casting"):  # diffusers' enable_layerwise_casting: not exported/captured
         cuda = getattr(getattr(adapter, "device", None), "type", None) == "cuda"
-        adapter.check_layerwise_casting(f"backend={options.backend!r}" if options.backend != "eager" else
-                                        "cuda_graphs=True" if cuda_graphs_on(options, cuda) else None,
+        adapter.check_layerwise_casting(f"backend={options.backend!r}" if options.backend in ("onnx", "tensorrt")
+                                        else "cuda_graphs=True" if cuda_graphs_on(options, cuda) else None,
                                         "compile_vae" if compile_vae_on(options, cuda) else None,
-                                        fp8=options.precision == "fp8")
+                                        fp8=options.precision == "fp8", compiled_blocks=options.backend == "inductor")
     if hasattr(adapter, "named_model_modules"):  # diffusers' enable_model_cpu_offload: eager calls only
         cuda = getattr(getattr(adapter, "device", None), "type", None) == "cuda"
         check_offload(adapter, backend=options.backend, cuda_graphs=cuda_graphs_on(options, cuda),
@@ -263,8 +264,12 @@ class StageRunner:
         compile_vae = compile_vae_on(options, cuda)
         vae_kwargs = dict(backend=options.dynamo_backend or "inductor", dynamic=False) if compile_vae else None
         packed_calls = options.backend in ("eager", "inductor")  # exported graphs have a fixed structure
+        cast = None  # diffusers' layerwise casting under compiled blocks: cast shadows (compile/cast_layers.py)
+        if options.backend == "inductor" and fp8 is None:
+            cast_at = adapter.layerwise_cast_modules()[0] if hasattr(adapter, "layerwise_cast_modules") else None
+            cast = CastShadows(active=cast_at is not None)
         self.impl = BackendImpl(compile_kwargs, fused=fused, compile_vae=vae_kwargs, packed_calls=packed_calls,
-                                fp8=fp8)
+                                fp8=fp8, cast=cast)
         self.measure_attention = options.attn_backend == "measure" and options.backend in ("eager", "inductor")
         self._attn: dict[Any, tuple[str, dict]] = {}  # input signature -> (measured choice, details)
         self.packed_buckets = PackedBuckets()  # CUDA-graph buckets of packed calls (replaceable)
@@ -281,6 +286,12 @@ class StageRunner:
         return precision, kernel, (Fp8Shadows(kernel) if kernel is not None else None)
 
     # ---- per generate call
+    def note_layerwise_casting(self, present: bool) -> None:
+        """Whether the model carries diffusers' layerwise casting (:meth:`DiTAdapter.check_forwards` walks it at every
+        call): while it does, compiled blocks run their cast shadows (:mod:`.cast_layers`)."""
+        if self.impl.cast is not None:
+            self.impl.cast.active = present
+
     def begin_call(self) -> None:
         """Before each ``generate`` call: drop what was built from layers or tensors the model no longer has
         (CUDA graphs; for exported graphs also weights changed in place, which they hold as constants), and
@@ -288,6 +299,8 @@ class StageRunner:
         (:func:`model_state`) when something is built or copied; nothing more when the model is as the last call
         left it (the serving case); nothing at all while nothing is built or copied (eager, CPU)."""
         with self._call_lock:
+            if self.impl.cast is not None and self.impl.cast.active:
+                self.impl.cast.refresh()  # a block whose layers or casting changed gets a new shadow
             if self._fingerprint is None and not self.impl.has_copies():
                 self._seen = None
                 return
