@@ -277,6 +277,16 @@ def layerwise_cmds(ctx: Ctx):
     return [(cmd + ["--size", "full"], {})]
 
 
+def offload_cmds(ctx: Ctx):
+    """diffusers' enable_model_cpu_offload under ralu: RALU 7x generate on a FLUX.1 pipeline at full width and reduced
+    depth (4 + 8 blocks), offloaded against resident, A/B in one process; time and peak device memory."""
+    cmd = [PY, "benchmarks/offload.py", "--out", str(ctx.work)]
+    if ctx.dry:
+        return [(cmd + ["--size", "small", "--resolution", "128", "--rounds", "1", "--text-len", "16",
+                        "--name", "offload_dry_cpu"], {})]
+    return [(cmd + ["--size", "full"], {})]
+
+
 def warm_start_cmds(ctx: Ctx):
     if not _bundle(ctx).exists():
         return "no compile bundle from latency_flux (no compiled row ran)"
@@ -425,6 +435,8 @@ STEPS = [
     Step("stacking", "latency.py RALU 5x + TaylorSeer", 180, stacking_cmds, optional=True, min_s=60, expected_s=50),
     Step("layerwise", "layerwise_casting.py FLUX.1 width, 4+8 blocks: fp8-stored layers vs plain bf16, eager and "
          "inductor without CUDA graphs", 300, layerwise_cmds, optional=True, min_s=180, expected_s=180),
+    Step("offload", "offload.py FLUX.1 width, 4+8 blocks, 1024^2: RALU 7x generate under enable_model_cpu_offload "
+         "vs resident", 180, offload_cmds, optional=True, min_s=60, expected_s=60),
     Step("gpu_tests", "pytest -m gpu", 240, gpu_tests_cmds, optional=True, min_s=70, expected_s=60),
     Step("transition", "bench_transition.py", 150, transition_cmds, optional=True, min_s=35, expected_s=25),
     Step("transition_ablation", "transition_ablation.py: the kernel without noise / without dependent loads vs a "
@@ -433,9 +445,9 @@ STEPS = [
     Step("attention", "bench_attention.py", 120, attention_cmds, optional=True, min_s=25, expected_s=17),
 ]
 ESTIMATED = {"latency_families", "serving", "latency_video", "latency_video_720p", "precision", "latency_kontext",
-             "static_dims", "transition_ablation", "layerwise"}  # expected_s never measured
+             "static_dims", "transition_ablation", "layerwise", "offload"}  # expected_s never measured
 TIMING_STEPS = {"transition", "transition_ablation", "transition_tune", "attention", "latency_flux", "warm_start", "latency_sd3", "stacking",
-                "latency_kontext", "static_dims", "layerwise",
+                "latency_kontext", "static_dims", "layerwise", "offload",
                 "latency_families", "latency_video", "latency_video_720p", "serving", "precision"}
 
 
@@ -774,6 +786,18 @@ def claims(work: Path, results: dict[str, Result], dry: bool) -> list[dict]:
             f"diff {cc['rel_diff']:.2g}", "record", None, "layerwise_casting_*.json")
     else:
         add(compiled_claim, "not run", "record", None, "layerwise_casting_*.json")
+
+    off = _json(work, "offload_nvidia*.json") or _json(work, "offload_dry_cpu.json")
+    claim = "FLUX.1 RALU 7x generate (4+8 blocks, 1024^2), enable_model_cpu_offload / resident"
+    if off:
+        res, offl = (_row(off["rows"], variant=v) for v in ("resident", "offloaded"))
+        mem = off["ratio_peak_memory_offloaded_over_resident"]
+        add(claim, f"{off['ratio_time_offloaded_over_resident']:.3f}x time ({offl['mean_s']:.3f} vs "
+            f"{res['mean_s']:.3f} s), " + (f"{mem:.3f}x peak memory" if mem is not None else "no device memory")
+            + f", max abs diff {offl['max_abs_diff']:.2g}, transformer on {offl['transformer_after_call']} after",
+            "record", None, "offload_*.json")
+    else:
+        add(claim, "not run", "record", None, "offload_*.json")
 
     speedup, part = _compiled_speedups(work, "latency_sd3_full_nvidia*.json", "latency_sd3_dry_cpu.json")
     for row, goal in (("ralu-3x-compiled", 3.0), ("ralu-2x-compiled", 2.0)):

@@ -51,7 +51,8 @@ def test_dry_run_runs_every_step(dry_run):
                  "gpu_suite/gpu_tests.xml", "gpu_suite/logs/latency_video.log", "gpu_suite/latency_wan-480p_dry_cpu.json",
                  "gpu_suite/latency_hunyuan-video15_dry_cpu.json", "gpu_suite/serving_dry_cpu.json",
                  "gpu_suite/latency_flux_kontext_dry_cpu.json", "gpu_suite/static_dims_dry_cpu.json",
-                 "gpu_suite/transition_ablation_dry_cpu.json", "gpu_suite/layerwise_casting_dry_cpu.json"):
+                 "gpu_suite/transition_ablation_dry_cpu.json", "gpu_suite/layerwise_casting_dry_cpu.json",
+                 "gpu_suite/offload_dry_cpu.json"):
         assert name in names, name
     # the video steps: a baseline run with 2 steps and scaled to 50, a RALU row, warm-up calls at a small size
     video = json.loads((work / "latency_wan-480p_dry_cpu.json").read_text())
@@ -82,6 +83,12 @@ def test_dry_run_runs_every_step(dry_run):
         next(r for r in lw["rows"] if r["variant"] == "cast")["rel_diff"], rel=1e-3)
     assert not measured["FLUX.1 compiled model call (inductor, no CUDA graphs), layerwise casting (fp8 storage) / "
                         "plain bf16"].startswith("not run")
+    # model CPU offload: the offloaded generate equals the resident one and leaves the transformer on the CPU
+    off = json.loads((work / "offload_dry_cpu.json").read_text())
+    rows = {r["variant"]: r for r in off["rows"]}
+    assert rows["offloaded"]["max_abs_diff"] == 0 and rows["offloaded"]["transformer_after_call"] == "cpu"
+    assert not measured["FLUX.1 RALU 7x generate (4+8 blocks, 1024^2), enable_model_cpu_offload / resident"
+                        ].startswith("not run")
     kontext = json.loads((work / "latency_flux_kontext_dry_cpu.json").read_text())
     assert kontext["kontext"]["reference_px"] == [128, 128] and kontext["baseline_steps"] == 2
     log = (out / "suite.log").read_text()

@@ -209,3 +209,21 @@ def test_an_offload_hook_on_a_block_is_still_refused():
             generate(pipe, **emb, **size, seed=0, progress=False)
     finally:
         hook.remove()
+
+
+@pytest.mark.parametrize("name", ["tiny-flux", "tiny-wan22"])
+@torch.no_grad()
+def test_offload_and_layerwise_casting_together(name):
+    """Both of diffusers' memory savers at once (the usual way to fit a large model on a small GPU): the offloaded
+    cast pipeline gives the cast pipeline's result bitwise, and the weights stay in their storage dtype."""
+    pipe, emb, size = _case(name)
+    for model in get_adapter(pipe).model_modules():
+        model.enable_layerwise_casting(storage_dtype=torch.bfloat16, compute_dtype=torch.float32)
+    kw = dict(size, seed=4, output_type="latent", progress=False)
+    want = generate(pipe, **emb, **kw).images
+    pipe.enable_model_cpu_offload(device="cpu")
+    events = _record(pipe)
+    assert torch.equal(generate(pipe, **emb, **kw).images, want)
+    assert any(n.startswith("transformer") for n, _ in events)
+    assert pipe.transformer.proj_out.weight.dtype == torch.float32  # an uncast layer (diffusers' skip pattern)
+    assert any(p.dtype == torch.bfloat16 for p in pipe.transformer.parameters())
