@@ -4,7 +4,7 @@
 (float8_e4m3fn, bfloat16, ...) and puts a hook on the layer that converts its parameters to the compute dtype before
 its forward and back after. The hook builds new Parameters while the model runs, which torch.compile cannot trace.
 Under a compiled backend ralu therefore runs each block through a *cast shadow* (the mechanism of fp8's block
-shadows, :func:`.fp8.shadow_tree`): a shallow copy of the user's block (same classes; every other submodule,
+shadows, :mod:`.shadows`): a shallow copy of the user's block (same classes; every other submodule,
 parameter, buffer, processor and hook shared) whose cast Linear layers are :class:`CastLinear` modules. A
 :class:`CastLinear` reads the user's layer's stored parameters and converts them inside the traced graph,
 ``F.linear(x, W.to(compute), b.to(compute))``: the values the hook computes with, so the result equals the eager
@@ -18,14 +18,13 @@ graphs (a capture would replay the addresses of the hooks' temporaries outside t
 """
 from __future__ import annotations
 
-import threading
 import weakref
 
 import torch
 import torch.nn.functional as F
 
 from ..adapters.base import layerwise_casting
-from .fp8 import shadow_tree, tree_structure
+from .shadows import BlockShadows, shadow_tree, tree_structure
 
 
 class CastLinear(torch.nn.Module):
@@ -71,46 +70,26 @@ class _Entry:
         self.shadow = shadow_tree(block, _replace)
 
 
-class CastShadows:
+class CastShadows(BlockShadows):
     """ralu's cast shadows of the user's blocks, keyed by block object. ``active``: whether the model carries
     layerwise casting (set by the runner from :meth:`~ralu_runtime.adapters.DiTAdapter.check_forwards`' walk at
     every call, and when it is built); inactive, :meth:`shadow` gives each block itself."""
 
     def __init__(self, active: bool = False):
+        super().__init__()
         self.active = active
-        self._entries: dict[int, _Entry] = {}
-        self._lock = threading.Lock()
+
+    def _entry(self, block) -> _Entry:
+        return _Entry(block)
 
     def shadow(self, block):
         """The cast shadow of ``block`` (the block itself where nothing in it is cast, or while inactive)."""
-        if not self.active or not isinstance(block, torch.nn.Module):
-            return block
-        entry = self._entries.get(id(block))
-        if entry is None or entry.block_ref() is not block:
-            with self._lock:
-                entry = self._entries.get(id(block))
-                if entry is None or entry.block_ref() is not block:
-                    entry = _Entry(block)
-                    self._entries[id(block)] = entry
-        return entry.shadow
+        return super().shadow(block) if self.active else block
 
     def refresh(self) -> None:
         """Rebuild the shadows of blocks whose module tree or casting changed (once per ``generate`` call while
         active); forget blocks that are gone."""
-        with self._lock:
-            for key, entry in list(self._entries.items()):
-                block = entry.block_ref()
-                if block is None:
-                    del self._entries[key]
-                elif tree_structure(block, cast_state) != entry.structure:
-                    self._entries[key] = _Entry(block)
-
-    def clear(self) -> None:
-        with self._lock:
-            self._entries.clear()
-
-    def __len__(self) -> int:
-        return len(self._entries)
+        self._rebuild_changed(cast_state)
 
 
 __all__ = ["CastLinear", "CastShadows", "cast_state"]

@@ -30,13 +30,12 @@ else ``emulated``).
 """
 from __future__ import annotations
 
-import threading
 import weakref
-from typing import Any, Callable
 
 import torch
 
 from .options import FP8_KERNELS
+from .shadows import BlockShadows, shadow_tree, tree_structure
 
 E4M3 = torch.float8_e4m3fn
 E4M3_MAX = float(torch.finfo(torch.float8_e4m3fn).max)  # 448.0
@@ -337,37 +336,6 @@ def _fp8_state(m: torch.nn.Module):
     return _eligible(m) if isinstance(m, torch.nn.Linear) or _is_peft_lora(m) else None
 
 
-def tree_structure(block: torch.nn.Module, state: Callable[[torch.nn.Module], Any]) -> tuple:
-    """Identity of a block's module tree as a shadow depends on it: module objects, types, hook counts, ``state``
-    of each module (what the shadow's replacement rule reads), and what a shallow copy takes by value from a
-    module's instance dictionary that a user may set and remove: a ``forward`` set on the instance, the train/eval
-    flag."""
-    out = []
-    stack = [block]
-    while stack:
-        m = stack.pop()
-        out.append((id(m), type(m), len(m._forward_hooks) + len(m._forward_pre_hooks), state(m),
-                    id(m.__dict__.get("forward")), m.training))
-        stack.extend(c for c in m._modules.values() if c is not None)
-    return tuple(out)
-
-
-def shadow_tree(m: torch.nn.Module, replace: Callable[[torch.nn.Module], torch.nn.Module | None]) -> torch.nn.Module:
-    """The shadow of ``m``: ``replace(m)`` where it gives a module (a replacement, or ``m`` itself to keep it and
-    what is below it as they are), else ``m`` itself when nothing below it is replaced, else a shallow copy of ``m``
-    (same class and attributes, shared parameters, buffers and hooks) with its own child dictionary."""
-    r = replace(m)
-    if r is not None:
-        return r
-    children = {k: (None if c is None else shadow_tree(c, replace)) for k, c in m._modules.items()}
-    if all(children[k] is c for k, c in m._modules.items()):
-        return m
-    copy = m.__class__.__new__(m.__class__)
-    copy.__dict__.update(m.__dict__)
-    copy.__dict__["_modules"] = children
-    return copy
-
-
 class _Entry:
     def __init__(self, block, kernel):
         self.block_ref = weakref.ref(block)
@@ -384,29 +352,18 @@ class _Entry:
         self.shadow = shadow_tree(block, replace)
 
 
-class Fp8Shadows:
-    """ralu's fp8 shadows of the user's blocks (see the module docstring), keyed by block object; ``kernel``: a
-    resolved kernel name (:func:`resolve_kernel`)."""
+class Fp8Shadows(BlockShadows):
+    """ralu's fp8 shadows of the user's blocks (see the module docstring), keyed by block object, built and quantized
+    on first use; ``kernel``: a resolved kernel name (:func:`resolve_kernel`)."""
 
     def __init__(self, kernel: str):
         if kernel not in ("torchao", "scaled_mm", "emulated"):
             raise ValueError(f"kernel={kernel!r}: give a resolved kernel (torchao, scaled_mm or emulated)")
+        super().__init__()
         self.kernel = kernel
-        self._entries: dict[int, _Entry] = {}
-        self._lock = threading.Lock()
 
-    def shadow(self, block):
-        """The shadow of ``block`` (built and quantized on first use); anything that is not a module: itself."""
-        if not isinstance(block, torch.nn.Module):
-            return block
-        entry = self._entries.get(id(block))
-        if entry is None or entry.block_ref() is not block:
-            with self._lock:
-                entry = self._entries.get(id(block))
-                if entry is None or entry.block_ref() is not block:
-                    entry = _Entry(block, self.kernel)
-                    self._entries[id(block)] = entry
-        return entry.shadow
+    def _entry(self, block) -> _Entry:
+        return _Entry(block, self.kernel)
 
     def refresh(self) -> bool:
         """Bring every shadow up to date with the live model (once per ``generate`` call): a block whose module
@@ -414,26 +371,13 @@ class Fp8Shadows:
         effective weight changed is re-quantized in place. Returns True when a tensor that a captured CUDA graph
         may read was replaced (the caller drops its graphs)."""
         replaced = False
-        with self._lock:
-            for key, entry in list(self._entries.items()):
-                block = entry.block_ref()
-                if block is None:
-                    del self._entries[key]
-                    continue
-                if tree_structure(block, _fp8_state) != entry.structure:
-                    self._entries[key] = _Entry(block, self.kernel)
-                    replaced = True
-                    continue
-                for layer in entry.layers:
-                    replaced |= layer.sync()
+        for entry in self._rebuild_changed(_fp8_state):
+            if entry is None:
+                replaced = True
+                continue
+            for layer in entry.layers:
+                replaced |= layer.sync()
         return replaced
-
-    def clear(self) -> None:
-        with self._lock:
-            self._entries.clear()
-
-    def __len__(self) -> int:
-        return len(self._entries)
 
     def layers(self) -> list[Fp8Linear]:
         return [f for e in self._entries.values() for f in e.layers]
