@@ -126,6 +126,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="keep the models on the CPU and move each to the GPU while it runs (diffusers' "
                         "enable_model_cpu_offload): less GPU memory, slower; eager only (no compiled --backend, no "
                         "--precision fp8); needs a GPU --device")
+    g.add_argument("--storage-dtype", choices=("float8_e4m3fn", "bfloat16", "float16"), default=None,
+                   help="keep the transformer's Linear / Conv weights in this dtype and cast each layer to --dtype as "
+                        "it runs (diffusers' enable_layerwise_casting): less memory (float8_e4m3fn: about half of "
+                        "bf16), weights rounded; eager or --backend inductor on a CPU (no CUDA graphs)")
     g.add_argument("--precision", choices=("auto", "bf16", "fp16", "fp32", "fp8"), default=None,
                    help="fp8: the transformer blocks' linear layers in fp8 (e4m3) on ralu's own quantized copies "
                         "(GPU of compute capability >= 8.9; eager or inductor backend, eager when --backend is not "
@@ -263,6 +267,7 @@ class GeneratePlan:
     num_frames: int | None = None   # video models only
     regions: str | None = None      # video models only
     cpu_offload: bool = False       # diffusers' enable_model_cpu_offload on the loaded pipeline
+    storage_dtype: str | None = None  # diffusers' enable_layerwise_casting of the transformer(s) to this dtype
 
 
 def _model_family(model: str) -> tuple[str, tuple[int, int], int | None]:
@@ -495,6 +500,20 @@ def check_generate(args) -> GeneratePlan:
         if os.path.abspath(mask_out) == os.path.abspath(out):
             raise UsageError(f"--mask-out {args.mask_out!r} is the same file as --out")
     device, dtype = _check_device(args.device, args.dtype)
+    if args.storage_dtype is not None:
+        import torch
+
+        if getattr(torch, args.storage_dtype).itemsize >= getattr(torch, dtype).itemsize:
+            raise UsageError(f"--storage-dtype {args.storage_dtype} is not narrower than the model's --dtype {dtype}: "
+                             "it would save nothing; give a narrower one (e.g. float8_e4m3fn) or leave it out")
+        if args.backend in ("onnx", "tensorrt") or (args.backend == "inductor" and device.startswith("cuda")):
+            raise UsageError(f"--storage-dtype with --backend {args.backend}"
+                             + (" on a GPU (CUDA graphs, on by default there, cannot replay the casting)"
+                                if args.backend == "inductor" else " (an exported model cannot run the casting)")
+                             + ": leave --backend out (eager)")
+        if args.precision == "fp8":
+            raise UsageError("--storage-dtype with --precision fp8: use one of the two (fp8 quantizes the weights "
+                             "itself)")
     if args.cpu_offload:
         if args.backend not in (None, "eager"):
             raise UsageError(f"--cpu-offload runs eagerly: --backend {args.backend} holds the weights where they were "
@@ -536,7 +555,8 @@ def check_generate(args) -> GeneratePlan:
                              "prompts to its tokenizers' lengths")
         msl = None
     return GeneratePlan(args.model, family, height, width, args.speedup, device, dtype, msl, text_len, out,
-                        mask_out, num_frames, args.regions if video else None, cpu_offload=args.cpu_offload)
+                        mask_out, num_frames, args.regions if video else None, cpu_offload=args.cpu_offload,
+                        storage_dtype=args.storage_dtype)
 
 
 @dataclass
@@ -824,6 +844,12 @@ def _load(plan: GeneratePlan | ServePlan):
         from .api import load_pipeline
 
         pipe = load_pipeline(plan.model, torch_dtype=dtype, device=None if offload else device, reuse=not offload)
+    storage = getattr(plan, "storage_dtype", None)  # --storage-dtype: diffusers' layerwise casting
+    if storage is not None:
+        from .adapters import get_adapter
+
+        for model in get_adapter(pipe).model_modules():
+            model.enable_layerwise_casting(storage_dtype=getattr(torch, storage), compute_dtype=dtype)
     if offload:
         pipe.enable_model_cpu_offload(device=plan.device)
     return pipe

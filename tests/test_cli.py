@@ -150,6 +150,10 @@ BAD = [
     (["--seed", "-1"], "--seed -1"),
     (["--cpu-offload", "--backend", "inductor"], "--cpu-offload runs eagerly: --backend inductor holds the weights"),
     (["--cpu-offload", "--precision", "fp8"], "--cpu-offload with --precision fp8: ralu's fp8 weight copies"),
+    (["--storage-dtype", "bfloat16", "--dtype", "bfloat16"], "--storage-dtype bfloat16 is not narrower than the "
+                                                             "model's --dtype bfloat16"),
+    (["--storage-dtype", "bfloat16", "--backend", "onnx"], "--storage-dtype with --backend onnx (an exported model"),
+    (["--storage-dtype", "float8_e4m3fn", "--precision", "fp8"], "--storage-dtype with --precision fp8: use one"),
 ]
 
 
@@ -276,6 +280,27 @@ def test_mask_write_failure_leaves_no_image(tmp_path, monkeypatch, capsys):
 
 
 # ------------------------------------------------------------------------------------------- generate
+def test_storage_dtype_casts_the_transformer_and_writes_the_image(tmp_path):
+    """``--storage-dtype bfloat16`` (float32 model on the CPU): the loaded transformer carries diffusers' layerwise
+    casting to that storage, and the image is written."""
+    import dataclasses
+
+    import torch
+
+    from ralu_runtime.adapters.base import layerwise_casting
+
+    plan = cli.check_generate(cli.build_parser().parse_args(["generate", "--storage-dtype", "bfloat16"]))
+    assert plan.storage_dtype == "bfloat16"
+    pipe = cli._load(plan)
+    hooks = [layerwise_casting(m) for m in pipe.transformer.modules() if layerwise_casting(m) is not None]
+    assert hooks and {(h.storage_dtype, h.compute_dtype) for h in hooks} == {(torch.bfloat16, torch.float32)}
+    assert cli._load(dataclasses.replace(plan, storage_dtype=None)) is not None
+    out = tmp_path / "cast.png"
+    assert cli.main(["generate", "--height", "64", "--width", "64", "--storage-dtype", "bfloat16", "--out", str(out),
+                     "--no-progress"]) == 0
+    assert out.stat().st_size > 0
+
+
 def test_generate_prints_resolved_preset_and_writes_both(tmp_path, capsys):
     from PIL import Image
 
