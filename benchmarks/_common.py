@@ -72,6 +72,36 @@ def time_fn(fn: Callable[[], object], *, warmup: int = 3, reps: int = 10, device
     }
 
 
+def add_flux_shape_args(ap, cuda: bool) -> None:
+    """The FLUX.1 model-shape arguments of the A/B benchmarks: ``--size`` (default "full" where ``cuda``: FLUX.1-dev
+    width), ``--double`` / ``--single`` (blocks; see :func:`flux_shape`), ``--resolution`` (pixels per side) and
+    ``--text-len`` (prompt tokens)."""
+    ap.add_argument("--size", choices=("small", "full"), default="full" if cuda else "small")
+    ap.add_argument("--double", type=int, default=None,
+                    help="double-stream blocks (default: 4 full, the shape's small)")
+    ap.add_argument("--single", type=int, default=None,
+                    help="single-stream blocks (default: 8 full, the shape's small)")
+    ap.add_argument("--resolution", type=int, default=None, help="pixels per side (default 1024 GPU, 256 CPU)")
+    ap.add_argument("--text-len", type=int, default=512)
+
+
+def flux_shape(args, cuda: bool, *, multiple: int = 16,
+               why: str = "FLUX: 8x VAE, 2x2 patches") -> tuple[dict, int]:
+    """``(transformer config overrides for build_flux_pipeline, resolution in pixels)`` from
+    :func:`add_flux_shape_args`' arguments: at full size 4 double + 8 single blocks unless given (full width at
+    reduced depth), the resolution 1024 on CUDA (``cuda``) and 256 on a CPU unless given. SystemExit for a resolution
+    that is not a positive multiple of ``multiple`` (``why``: the reason, in the message)."""
+    double, single = args.double, args.single
+    if args.size == "full":
+        double = 4 if double is None else double
+        single = 8 if single is None else single
+    resolution = args.resolution or (1024 if cuda else 256)
+    if resolution <= 0 or resolution % multiple:
+        raise SystemExit(f"--resolution {resolution}: must be a positive multiple of {multiple} ({why})")
+    depth = {k: v for k, v in (("num_layers", double), ("num_single_layers", single)) if v is not None}
+    return depth, resolution
+
+
 def raster_call_inputs(pipe, resolution: int, text_len: int, device, dtype) -> tuple:
     """``(adapter, tokens, grid, timestep, cond)`` of one model call of a FLUX-like pipeline on a full-resolution
     raster grid (``resolution`` pixels per side, ``text_len`` random text tokens, guidance 3.5, timestep 500); seeded:

@@ -33,8 +33,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks._common import (bar_plot, device_slug, print_table, raster_model_call, time_fn,  # noqa: E402
-                                write_json)
+from benchmarks._common import (add_flux_shape_args, bar_plot, device_slug, flux_shape, print_table,  # noqa: E402
+                                raster_model_call, time_fn, write_json)
 from ralu_runtime.tiny.flux import build_flux_pipeline  # noqa: E402
 
 VARIANTS = ("plain", "cast")
@@ -49,13 +49,7 @@ def weight_bytes(model: torch.nn.Module) -> int:
 def main(argv=None) -> int:
     cuda_here = torch.cuda.is_available()
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--size", choices=("small", "full"), default="full" if cuda_here else "small")
-    ap.add_argument("--double", type=int, default=None,
-                    help="double-stream blocks (default: 4 full, the shape's small)")
-    ap.add_argument("--single", type=int, default=None,
-                    help="single-stream blocks (default: 8 full, the shape's small)")
-    ap.add_argument("--resolution", type=int, default=None, help="pixels per side (default 1024 GPU, 256 CPU)")
-    ap.add_argument("--text-len", type=int, default=512)
+    add_flux_shape_args(ap, cuda_here)
     ap.add_argument("--storage", choices=tuple(STORAGE), default=None,
                     help="storage dtype of the cast layers (default float8_e4m3fn on a GPU, bfloat16 on a CPU)")
     ap.add_argument("--reps", type=int, default=None, help="timed calls per variant and round (default 10 GPU, 3 CPU)")
@@ -75,17 +69,11 @@ def main(argv=None) -> int:
     storage = STORAGE[args.storage or ("float8_e4m3fn" if cuda else "bfloat16")]
     if storage.itemsize >= dtype.itemsize:
         raise SystemExit(f"--storage {storage}: must be narrower than the compute dtype {dtype}")
-    if args.size == "full":
-        args.double = 4 if args.double is None else args.double
-        args.single = 8 if args.single is None else args.single
-    resolution = args.resolution or (1024 if cuda else 256)
+    depth, resolution = flux_shape(args, cuda)
     reps = args.reps or (10 if cuda else 3)
-    if resolution % 16:
-        raise SystemExit(f"--resolution {resolution}: must be a multiple of 16 (FLUX: 8x VAE, 2x2 patches)")
     if args.rounds < 1 or reps < 1:
         raise SystemExit("--rounds and --reps must be >= 1")
 
-    depth = {k: v for k, v in (("num_layers", args.double), ("num_single_layers", args.single)) if v is not None}
     runs: dict[str, dict] = {}
     variants = VARIANTS + (COMPILED_VARIANTS if args.compiled else ())
     for v in variants:  # one pipeline each, same seed: same weights before the casting rounds them

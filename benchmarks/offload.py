@@ -26,7 +26,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks._common import bar_plot, device_slug, print_table, write_json  # noqa: E402
+from benchmarks._common import (add_flux_shape_args, bar_plot, device_slug, flux_shape, print_table,  # noqa: E402
+                                write_json)
 from ralu_runtime import generate  # noqa: E402
 from ralu_runtime.tiny.flux import build_flux_pipeline, random_embeds  # noqa: E402
 
@@ -36,12 +37,8 @@ VARIANTS = ("resident", "offloaded")
 def main(argv=None) -> int:
     cuda_here = torch.cuda.is_available()
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--size", choices=("small", "full"), default="full" if cuda_here else "small")
-    ap.add_argument("--double", type=int, default=None, help="double-stream blocks (default: 4 full, the shape's small)")
-    ap.add_argument("--single", type=int, default=None, help="single-stream blocks (default: 8 full, the shape's small)")
-    ap.add_argument("--resolution", type=int, default=None, help="pixels per side (default 1024 GPU, 256 CPU)")
+    add_flux_shape_args(ap, cuda_here)
     ap.add_argument("--speedup", default="7x", help="RALU preset (default 7x)")
-    ap.add_argument("--text-len", type=int, default=512)
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--device", default="cuda" if cuda_here else "cpu")
     ap.add_argument("--out", default="benchmarks/results")
@@ -49,16 +46,10 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     cuda = args.device.startswith("cuda")
     dtype = torch.bfloat16 if cuda else torch.float32
-    if args.size == "full":
-        args.double = 4 if args.double is None else args.double
-        args.single = 8 if args.single is None else args.single
-    resolution = args.resolution or (1024 if cuda else 256)
-    if resolution % 32 or resolution <= 0:
-        raise SystemExit(f"--resolution {resolution}: must be a positive multiple of 32 (RALU's coarse blocks)")
+    depth, resolution = flux_shape(args, cuda, multiple=32, why="RALU's coarse blocks")
     if args.rounds < 1:
         raise SystemExit("--rounds must be >= 1")
 
-    depth = {k: v for k, v in (("num_layers", args.double), ("num_single_layers", args.single)) if v is not None}
     pipe = build_flux_pipeline(args.size, device=args.device, dtype=dtype, **depth)
     embeds = random_embeds(pipe, 1, args.text_len, device=args.device, dtype=dtype)
     kw = dict(height=resolution, width=resolution, speedup=args.speedup, seed=0, output_type="pt", progress=False)

@@ -33,8 +33,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks._common import (bar_plot, device_slug, print_table, raster_model_call, time_fn,  # noqa: E402
-                                write_json)
+from benchmarks._common import (add_flux_shape_args, bar_plot, device_slug, flux_shape, print_table,  # noqa: E402
+                                raster_model_call, time_fn, write_json)
 from ralu_runtime.compile import compile_adapter, uncompile_adapter  # noqa: E402
 from ralu_runtime.compile.graph_check import RecordingBackend  # noqa: E402
 from ralu_runtime.execution import call as call_module  # noqa: E402
@@ -56,13 +56,7 @@ def symbolic_model_dims():
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--size", choices=("small", "full"), default="full" if torch.cuda.is_available() else "small")
-    ap.add_argument("--double", type=int, default=None, 
-                    help="double-stream blocks (default: 4 full, the shape's small)")
-    ap.add_argument("--single", type=int, default=None, 
-                    help="single-stream blocks (default: 8 full, the shape's small)")
-    ap.add_argument("--resolution", type=int, default=None, help="pixels per side (default 1024 GPU, 256 CPU)")
-    ap.add_argument("--text-len", type=int, default=512)
+    add_flux_shape_args(ap, torch.cuda.is_available())
     ap.add_argument("--reps", type=int, default=None, help="timed calls per variant and round (default 20 GPU, 5 CPU)")
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -73,13 +67,8 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     cuda = args.device == "cuda"
     dtype = torch.bfloat16 if cuda else torch.float32
-    if args.size == "full":
-        args.double = 4 if args.double is None else args.double
-        args.single = 8 if args.single is None else args.single
-    resolution = args.resolution or (1024 if cuda else 256)
+    depth, resolution = flux_shape(args, cuda)
     reps = args.reps or (20 if cuda else 5)
-    if resolution % 16:
-        raise SystemExit(f"--resolution {resolution}: must be a multiple of 16 (FLUX: 8x VAE, 2x2 patches)")
     if args.rounds < 1 or reps < 1:
         raise SystemExit("--rounds and --reps must be >= 1")
 
@@ -91,7 +80,6 @@ def main(argv=None) -> int:
     torch._dynamo.reset()
     for v in VARIANTS:
         t0 = time.perf_counter()
-        depth = {k: v for k, v in (("num_layers", args.double), ("num_single_layers", args.single)) if v is not None}
         pipe = build_flux_pipeline(args.size, device=args.device, dtype=dtype, **depth)  # same seed: same weights
         build_s.append(time.perf_counter() - t0)
         rec = RecordingBackend(args.inner)
