@@ -88,12 +88,18 @@ def offloaded_components(pipe) -> list[str]:
     return [name for name, mod in comps.items() if offload_hook(mod) is not None]
 
 
+def offloaded_models(adapter) -> list[str]:
+    """Pipeline names of the adapter's model modules (:meth:`~ralu_runtime.adapters.DiTAdapter.named_model_modules`)
+    that carry a model offload hook (empty: the models it runs are not offloaded)."""
+    return [name for name, mod in adapter.named_model_modules() if offload_hook(mod) is not None]
+
+
 def check_offload(adapter, *, backend: str | None = None, cuda_graphs: bool = False, compile_vae: bool = False,
                   fused_qkv: bool = False, fp8: bool = False, parallel: bool = False, engine: bool = False) -> None:
-    """ValueError, before any work, when the adapter's pipeline is model-offloaded (:func:`offloaded_components` of
-    its model modules) and the call asks for what cannot run offloaded: ``backend`` other than "eager" (None:
-    eager), CUDA graphs, a compiled VAE, fused q/k/v or fp8 weight copies, context parallelism, the serving engine."""
-    names = [name for name, mod in adapter.named_model_modules() if offload_hook(mod) is not None]
+    """ValueError, before any work, when the models the adapter runs are model-offloaded (:func:`offloaded_models`)
+    and the call asks for what cannot run offloaded: ``backend`` other than "eager" (None: eager), CUDA graphs, a
+    compiled VAE, fused q/k/v or fp8 weight copies, context parallelism, the serving engine."""
+    names = offloaded_models(adapter)
     if not names:
         return
     why = None

@@ -371,6 +371,18 @@ def layerwise_casting(module: torch.nn.Module):
     return None if registry is None else registry.hooks.get("layerwise_casting")
 
 
+def _count_cast(found: tuple, where: str, module: torch.nn.Module) -> tuple:
+    """``found`` = ``(first layerwise-cast module's name, (first one stored in a float8 dtype, that dtype))``, each
+    None until seen, updated with ``module`` named ``where`` (a walk calls it once per module, in order)."""
+    cast = layerwise_casting(module)
+    if cast is None:
+        return found
+    cast_at, stored = found
+    if stored is None and cast.storage_dtype.itemsize == 1:
+        stored = (where, cast.storage_dtype)
+    return cast_at or where, stored
+
+
 def compute_dtype(model: torch.nn.Module) -> torch.dtype | None:
     """The dtype ``model`` computes in, from its first parameter: that parameter's dtype, or the compute dtype of
     diffusers' layerwise casting where that stores it in another (a float8 / bfloat16 storage dtype). None for a
@@ -497,7 +509,7 @@ class DiTAdapter(ABC):
         model (:meth:`check_layerwise_casting`); so does diffusers' model offload (an accelerate ``CpuOffload`` hook
         on a model module: ralu does its work, :mod:`ralu_runtime.offload`) with an eager backend
         (:func:`~ralu_runtime.offload.check_offload`)."""
-        cast_at = stored = None  # the first layerwise-cast module; the first one stored in a float8 dtype
+        found = (None, None)  # the first layerwise-cast module; the first one stored in a float8 dtype
         for name, model in self.named_model_modules():
             mods = [(name, model)]
             if not self.runs_block_modules:
@@ -529,11 +541,7 @@ class DiTAdapter(ABC):
                                      "generate(cache=...)")
             for where, mod in model.named_modules(prefix=name):
                 registered = [str(h) for h in (getattr(vars(mod).get("_diffusers_hook"), "hooks", None) or {})]
-                cast = layerwise_casting(mod)
-                if cast is not None:
-                    cast_at = cast_at or where
-                    if stored is None and cast.storage_dtype.itemsize == 1:
-                        stored = (where, cast.storage_dtype)
+                found = _count_cast(found, where, mod)
                 hooks = [h for h in registered
                          if not h.startswith(STATELESS_HOOK_PREFIXES + CONTEXT_PARALLEL_HOOK_PREFIXES)]
                 if hooks:
@@ -544,6 +552,7 @@ class DiTAdapter(ABC):
                                      "forwards, which ralu does not run, so they would be bypassed. Remove them "
                                      f"(pipe.{name}.disable_cache(), HookRegistry.remove_hook) and use "
                                      "generate(cache=...) for temporal caching")
+        cast_at = found[0]
         applied = getattr(self.runner, "applied", None) or {}
         if applied:
             check_offload(self, backend=self.runner.options.backend, cuda_graphs=bool(applied.get("cuda_graphs")),
@@ -555,7 +564,7 @@ class DiTAdapter(ABC):
                 f"backend={backend!r}" if backend in ("onnx", "tensorrt") else
                 "cuda_graphs=True" if applied.get("cuda_graphs") else None,
                 "compile_vae" if applied.get("compile_vae") else None, fp8=applied.get("precision") == "fp8",
-                compiled_blocks=bool(applied.get("compiled_blocks")), found=(cast_at, stored))
+                compiled_blocks=bool(applied.get("compiled_blocks")), found=found)
         if hasattr(self.runner, "note_layerwise_casting"):  # compiled blocks run cast shadows while it is present
             self.runner.note_layerwise_casting(cast_at is not None)
 
@@ -575,15 +584,11 @@ class DiTAdapter(ABC):
     def layerwise_cast_modules(self) -> tuple[str | None, tuple[str, torch.dtype] | None]:
         """``(first module with diffusers' layerwise casting, (first one stored in a float8 dtype, that dtype))`` in
         :meth:`model_modules`, each None where there is none: one walk over every module."""
-        cast_at = stored = None
+        found = (None, None)
         for name, model in self.named_model_modules():
             for where, mod in model.named_modules(prefix=name):
-                cast = layerwise_casting(mod)
-                if cast is not None:
-                    cast_at = cast_at or where
-                    if stored is None and cast.storage_dtype.itemsize == 1:
-                        stored = (where, cast.storage_dtype)
-        return cast_at, stored
+                found = _count_cast(found, where, mod)
+        return found
 
     def check_layerwise_casting(self, model_traced_by: str | None, vae_traced_by: str | None = None, *,
                                 fp8: bool = False, compiled_blocks: bool = False, found: tuple | None = None) -> None:

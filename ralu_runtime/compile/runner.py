@@ -12,7 +12,7 @@ import torch
 
 from ..adapters.base import Conditioning, DiTAdapter, TokenGrid, VelocityCall, check_velocity_calls, current_cache
 from ..execution.call import current_sharding
-from ..offload import check_offload, offload_hook
+from ..offload import check_offload, offloaded_models
 from .cast_layers import CastShadows
 from .cuda_graphs import GraphPool
 from .flatten import flatten, signature, unflatten
@@ -248,7 +248,7 @@ class StageRunner:
                                   "onnxruntime; onnxruntime-gpu for CUDA)") from exc
         self.precision, self.fp8_kernel, fp8 = self._precision(options)
         # None: on CUDA, unless diffusers' model offload moves the weights (the fused copies would stay put)
-        default_fused = cuda and not any(offload_hook(m) is not None for m in adapter.model_modules())
+        default_fused = cuda and not offloaded_models(adapter)
         fused = (default_fused if options.fused_qkv is None else options.fused_qkv) and adapter.fuses_projections \
             and fp8 is None  # under fp8 the shadows' fp8 q/k/v layers run (BackendImpl.fused returns None)
         compile_kwargs = None
