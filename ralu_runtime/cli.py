@@ -126,18 +126,21 @@ def build_parser() -> argparse.ArgumentParser:
                    help="keep the models on the CPU and move each to the GPU while it runs (diffusers' "
                         "enable_model_cpu_offload): less GPU memory, slower; eager only (no compiled --backend, no "
                         "--precision fp8); needs a GPU --device")
-    g.add_argument("--storage-dtype", choices=("float8_e4m3fn", "bfloat16", "float16"), default=None,
+    p = precision_args = argparse.ArgumentParser(add_help=False)  # the weights' dtype: generate, edit and serve
+    p.add_argument("--storage-dtype", choices=("float8_e4m3fn", "bfloat16", "float16"), default=None,
                    help="keep the transformer's Linear / Conv weights in this dtype and cast each layer to --dtype as "
                         "it runs (diffusers' enable_layerwise_casting): less memory (float8_e4m3fn: about half of "
                         "bf16), weights rounded; eager or --backend inductor on a CPU (no CUDA graphs)")
-    g.add_argument("--precision", choices=("auto", "bf16", "fp16", "fp32", "fp8"), default=None,
+    p.add_argument("--precision", choices=("auto", "bf16", "fp16", "fp32", "fp8"), default=None,
                    help="fp8: the transformer blocks' linear layers in fp8 (e4m3) on ralu's own quantized copies "
                         "(GPU of compute capability >= 8.9; eager or inductor backend, eager when --backend is not "
                         "given); default: the model's own dtype (--dtype)")
-    sub.add_parser("generate", parents=[common, image_args], help="generate one image and print per-stage timings",
+    sub.add_parser("generate", parents=[common, image_args, precision_args],
+                   help="generate one image and print per-stage timings",
                    description="Generate one image with RALU and print per-stage steps, tokens and seconds. "
                                "Arguments are checked before the model is loaded.")
-    e = sub.add_parser("edit", parents=[common, image_args], help="edit an image (img2img, inpainting) with RALU",
+    e = sub.add_parser("edit", parents=[common, image_args, precision_args],
+                       help="edit an image (img2img, inpainting) with RALU",
                        description="img2img (--image, --strength) and inpainting (--mask) on FLUX.1, SD3, Chroma, "
                                    "Z-Image and Qwen-Image, FLUX.1 "
                                    "Fill (--image, --mask) and FLUX.1 control (--control-image): "
@@ -159,8 +162,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="0 < S <= 1: how much of the schedule is re-run from the noised image (default: the "
                         "editing pipeline's own: 0.6 for most, 0.9 for Chroma img2img, 1.0 for Z-Image inpainting "
                         "and FLUX.1 Fill)")
-    s = sub.add_parser("serve", parents=[common], help="serve an OpenAI-compatible images API (HTTP) over the "
-                                                        "continuous-batching engine",
+    s = sub.add_parser("serve", parents=[common, precision_args],
+                       help="serve an OpenAI-compatible images API (HTTP) over the continuous-batching engine",
                        description="Serve POST /v1/images/generations (OpenAI images API; JSON, PNG as b64_json), "
                                    "POST /v1/images/edits (multipart uploads; FLUX.1, SD3, Chroma, Z-Image and "
                                    "Qwen-Image models, FLUX.1 Fill, control and Kontext), "
@@ -397,6 +400,37 @@ def _check_output(flag: str, path: str, video: bool = False) -> str:
     return str(target)
 
 
+def _check_weights(args, device: str, dtype: str, *, probe_device: bool = True) -> None:
+    """--storage-dtype and --precision (generate, edit and serve) against the device, --dtype and --backend;
+    ``probe_device=False``: not whether this machine's device runs fp8 (``serve --ray``: the replicas' GPUs)."""
+    if args.storage_dtype is not None:
+        import torch
+
+        if getattr(torch, args.storage_dtype).itemsize >= getattr(torch, dtype).itemsize:
+            raise UsageError(f"--storage-dtype {args.storage_dtype} is not narrower than the model's --dtype {dtype}: "
+                             "it would save nothing; give a narrower one (e.g. float8_e4m3fn) or leave it out")
+        if args.backend in ("onnx", "tensorrt") or (args.backend == "inductor" and device.startswith("cuda")):
+            raise UsageError(f"--storage-dtype with --backend {args.backend}"
+                             + (" on a GPU (CUDA graphs, on by default there, cannot replay the casting)"
+                                if args.backend == "inductor" else " (an exported model cannot run the casting)")
+                             + ": leave --backend out (eager)")
+        if args.precision == "fp8":
+            raise UsageError("--storage-dtype with --precision fp8: use one of the two (fp8 quantizes the weights "
+                             "itself)")
+    named = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}.get(args.precision)
+    if named is not None and named != dtype:
+        raise UsageError(f"--precision {args.precision} but the model runs in {dtype} (--dtype): ralu runs a model in "
+                         f"its own dtype or in fp8; give --dtype {named} (or --precision auto / fp8)")
+    if args.precision == "fp8":
+        from .compile import fp8_support
+
+        if args.backend not in (None, "eager", "inductor"):
+            raise UsageError(f"--precision fp8 runs with --backend eager or inductor, not {args.backend!r}")
+        ok, why = fp8_support(device) if probe_device else (True, "")
+        if not ok:
+            raise UsageError(f"--precision fp8: {why}")
+
+
 def _check_device(device: str | None, dtype: str | None) -> tuple[str, str]:
     import torch
 
@@ -500,20 +534,7 @@ def check_generate(args) -> GeneratePlan:
         if os.path.abspath(mask_out) == os.path.abspath(out):
             raise UsageError(f"--mask-out {args.mask_out!r} is the same file as --out")
     device, dtype = _check_device(args.device, args.dtype)
-    if args.storage_dtype is not None:
-        import torch
-
-        if getattr(torch, args.storage_dtype).itemsize >= getattr(torch, dtype).itemsize:
-            raise UsageError(f"--storage-dtype {args.storage_dtype} is not narrower than the model's --dtype {dtype}: "
-                             "it would save nothing; give a narrower one (e.g. float8_e4m3fn) or leave it out")
-        if args.backend in ("onnx", "tensorrt") or (args.backend == "inductor" and device.startswith("cuda")):
-            raise UsageError(f"--storage-dtype with --backend {args.backend}"
-                             + (" on a GPU (CUDA graphs, on by default there, cannot replay the casting)"
-                                if args.backend == "inductor" else " (an exported model cannot run the casting)")
-                             + ": leave --backend out (eager)")
-        if args.precision == "fp8":
-            raise UsageError("--storage-dtype with --precision fp8: use one of the two (fp8 quantizes the weights "
-                             "itself)")
+    _check_weights(args, device, dtype)
     if args.cpu_offload:
         if args.backend not in (None, "eager"):
             raise UsageError(f"--cpu-offload runs eagerly: --backend {args.backend} holds the weights where they were "
@@ -535,18 +556,6 @@ def check_generate(args) -> GeneratePlan:
         why = _backend_unavailable(args.backend, device)
         if why:
             raise UsageError(f"--backend {args.backend!r} is not available here: {why}")
-    named = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}.get(args.precision)
-    if named is not None and named != dtype:
-        raise UsageError(f"--precision {args.precision} but the model runs in {dtype} (--dtype): ralu runs a model in "
-                         f"its own dtype or in fp8; give --dtype {named} (or --precision auto / fp8)")
-    if args.precision == "fp8":
-        from .compile import fp8_support
-
-        if args.backend not in (None, "eager", "inductor"):
-            raise UsageError(f"--precision fp8 runs with --backend eager or inductor, not {args.backend!r}")
-        ok, why = fp8_support(device)
-        if not ok:
-            raise UsageError(f"--precision fp8: {why}")
     msl = args.max_sequence_length or (_TINY[args.model].max_sequence_length if args.model in _TINY else None)
     text_len = None if msl is None else (77 + msl if family == "sd3" else msl)  # SD3: CLIP 77 + T5 tokens
     if family == "hunyuan-video-1.5":  # its pipeline takes no max_sequence_length (the tokenizers' lengths)
@@ -570,6 +579,7 @@ class ServePlan:
     defaults: dict            # generate arguments of every request unless it sets them
     replicas: int | tuple[int, int] | None = None   # --ray: N, (min, max) or None (one per GPU)
     api_keys: tuple = field(default=(), repr=False)  # --api-key, --api-key-file, $RALU_API_KEY
+    storage_dtype: str | None = None  # diffusers' enable_layerwise_casting of the transformer(s) to this dtype
 
 
 RAY_ONLY_FLAGS = (("--replicas", "replicas"), ("--ray-address", "ray_address"),
@@ -647,6 +657,9 @@ def check_serve(args) -> ServePlan:
     replicas = None
     if getattr(args, "ray", False):
         device, dtype, replicas = _check_ray_serve(args)
+        # each replica resolves its own device and dtype: check against the narrowest default (bfloat16 on a GPU)
+        # and a GPU unless --device cpu; whether the replica's GPU runs fp8 is checked when its engine is built
+        _check_weights(args, device or "cuda", dtype or "bfloat16", probe_device=False)
     else:
         for flag, name in RAY_ONLY_FLAGS:
             if getattr(args, name, None) is not None:
@@ -656,10 +669,13 @@ def check_serve(args) -> ServePlan:
             why = _backend_unavailable(args.backend, device)
             if why:
                 raise UsageError(f"--backend {args.backend!r} is not available here: {why}")
+        _check_weights(args, device, dtype)
     defaults = {"speedup": args.speedup}
+    if args.precision is not None:
+        defaults["precision"] = args.precision
     if args.model in _TINY:   # the same defaults as ralu generate's for the built-in random models
         defaults.update(height=default_h, width=default_w, max_sequence_length=_TINY[args.model].max_sequence_length)
-    return ServePlan(args.model, family, device, dtype, defaults, replicas, api_keys)
+    return ServePlan(args.model, family, device, dtype, defaults, replicas, api_keys, args.storage_dtype)
 
 
 def _serve_api_keys(args) -> tuple:
@@ -734,7 +750,9 @@ def cmd_serve(args) -> int:
         model_name = args.model if args.model in TINY_MODELS else os.path.basename(os.path.normpath(args.model))
 
         def ready(url):
-            print(f"model: {plan.model} ({plan.family}, {plan.device}, {plan.dtype}), loaded in {load_s:.2f} s; "
+            precision = plan.defaults.get("precision")
+            print(f"model: {plan.model} ({plan.family}, {plan.device}, {plan.dtype}{_stored(plan)}"
+                  + (f", precision {precision}" if precision else "") + f"), loaded in {load_s:.2f} s; "
                   f"served as {model_name!r}")
             auth = (f"API key required ({len(plan.api_keys)} accepted)" if plan.api_keys else
                     "no API key (this machine only)" if _is_loopback(args.host) else
@@ -801,7 +819,7 @@ def _serve_ray(args, plan: ServePlan) -> int:
     spec = ray_serving.ReplicaSpec(model=model, device=plan.device, dtype=plan.dtype, defaults=plan.defaults,
                                    max_active=args.max_active, max_queue=args.max_queue,
                                    token_budget=args.token_budget, max_token_steps=args.max_token_steps,
-                                   backend=args.backend,
+                                   backend=args.backend, storage_dtype=plan.storage_dtype,
                                    compile_artifacts=(os.path.abspath(args.compile_artifacts)
                                                       if args.compile_artifacts else None),
                                    log_prompts=args.log_prompts)
@@ -830,6 +848,11 @@ def _serve_ray(args, plan: ServePlan) -> int:
 
 
 # ------------------------------------------------------------------------------------------- generate
+def _stored(plan: GeneratePlan | ServePlan) -> str:
+    """", weights stored in DTYPE" under --storage-dtype, else nothing (for the model line of the reports)."""
+    return f", weights stored in {plan.storage_dtype}" if plan.storage_dtype else ""
+
+
 def _load(plan: GeneratePlan | ServePlan):
     import torch
 
@@ -844,12 +867,11 @@ def _load(plan: GeneratePlan | ServePlan):
         from .api import load_pipeline
 
         pipe = load_pipeline(plan.model, torch_dtype=dtype, device=None if offload else device, reuse=not offload)
-    storage = getattr(plan, "storage_dtype", None)  # --storage-dtype: diffusers' layerwise casting
+    storage = plan.storage_dtype  # --storage-dtype: diffusers' layerwise casting
     if storage is not None:
         from .adapters import get_adapter
 
-        for model in get_adapter(pipe).model_modules():
-            model.enable_layerwise_casting(storage_dtype=getattr(torch, storage), compute_dtype=dtype)
+        get_adapter(pipe).enable_layerwise_casting(getattr(torch, storage), dtype)
     if offload:
         pipe.enable_model_cpu_offload(device=plan.device)
     return pipe
@@ -1076,7 +1098,7 @@ def cmd_generate(args, edit_plan: tuple | None = None) -> int:
             items.append((overlay_mask(image, mask), plan.mask_out))
     write_images(items)
 
-    print(f"model: {plan.model} ({plan.family}, {plan.device}, {plan.dtype}), loaded in {load_s:.2f} s")
+    print(f"model: {plan.model} ({plan.family}, {plan.device}, {plan.dtype}{_stored(plan)}), loaded in {load_s:.2f} s")
     print(_speedup_line(plan, out))
     frames = (f", {plan.num_frames} frames" + (f", regions {plan.regions or 'frame'}" if out.schedule else "")
               if plan.num_frames else "")  # a baseline chooses no regions

@@ -520,6 +520,13 @@ SERVE_BAD = [
     (["--device", "tpu"], "'tpu'"),
     (["--device", "cpu:2"], "there is one CPU device"),
     (["--model", "no/such/folder"], "model folder not found"),
+    (["--device", "cpu", "--storage-dtype", "float16", "--dtype", "float16"], "--storage-dtype float16 is not "
+                                                                               "narrower than the model's --dtype"),
+    (["--device", "cpu", "--storage-dtype", "bfloat16", "--backend", "onnx"], "--storage-dtype with --backend onnx"),
+    (["--device", "cpu", "--storage-dtype", "bfloat16", "--precision", "fp8"], "--storage-dtype with --precision "
+                                                                                "fp8"),
+    (["--device", "cpu", "--precision", "bf16"], "--precision bf16 but the model runs in float32"),
+    (["--device", "cpu", "--precision", "fp9"], "invalid choice: 'fp9'"),
 ]
 
 
@@ -570,6 +577,43 @@ def test_serve_with_a_backend_warms_up_before_listening(monkeypatch, capsys):
     assert settled == [(True, None)]  # after the warm-up request, before the server started
     out = capsys.readouterr().out
     assert "backend eager: warmed up" in out and "heap settled (gc.collect + gc.freeze) in 0.25 s" in out
+
+
+def test_serve_storage_dtype_and_precision_reach_the_engine(monkeypatch, capsys):
+    """``ralu serve --storage-dtype bfloat16 --precision fp8`` is refused (one or the other); ``--storage-dtype``
+    casts the served transformer (diffusers' layerwise casting, float32 compute on the CPU) and ``--precision fp8``
+    becomes every request's default (the CPU's fp8 kernel); both are named in the ready line. The server itself is
+    replaced by a recorder that answers one request through the engine and calls ``on_ready``."""
+    import torch
+
+    from ralu_runtime.adapters.base import layerwise_casting
+    from ralu_runtime.serving import http
+
+    seen = {}
+
+    def fake_serve(engine, host, port, on_ready=None, **kw):
+        pipe = engine.pipe
+        seen["casts"] = {(h.storage_dtype, h.compute_dtype) for h in map(layerwise_casting, pipe.transformer.modules())
+                         if h is not None}
+        seen["precision"] = engine.defaults.get("precision")
+        out = engine.generate("a cat", seed=1, output_type="latent", num_inference_steps=2, speedup=None)
+        seen["finite"] = bool(torch.isfinite(out.images).all())
+        on_ready("http://127.0.0.1:1")
+
+    monkeypatch.setattr(http, "serve", fake_serve)
+    import ralu_runtime.heap as W
+
+    monkeypatch.setattr(W, "settle_heap", lambda freeze=False: 0.0)
+    for args in (["--storage-dtype", "bfloat16"], ["--precision", "fp8"]):
+        seen.clear()
+        assert cli.main(["serve", "--device", "cpu", "--port", "0", *args]) == 0
+        out = capsys.readouterr().out
+        assert seen["finite"]
+        if "--storage-dtype" in args:
+            assert seen["casts"] == {(torch.bfloat16, torch.float32)} and seen["precision"] is None
+            assert "float32, weights stored in bfloat16)" in out
+        else:
+            assert seen["casts"] == set() and seen["precision"] == "fp8" and "float32, precision fp8)" in out
 
 
 def test_the_cli_work_estimate_counts_tokens_as_the_adapters_do():

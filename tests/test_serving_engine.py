@@ -212,6 +212,23 @@ def test_token_budget_bounds_every_multi_request_call(flux):
     assert m["batch_requests"]["counts"][0] == m["batch_requests"]["count"] == m["model_calls"] == 6
 
 
+def test_an_fp8_default_runs_every_packed_request_in_fp8():
+    """``Engine(..., precision="fp8")`` (``ralu serve --precision fp8``): requests of two sizes packed into shared
+    model calls each equal ``generate(..., precision="fp8")`` alone (the CPU's fp8 kernel) and differ from the
+    model's own precision by fp8's error (0.1-1 % here), so the packed calls really ran the quantized copies."""
+    pipe = build_tiny("tiny-flux")  # its own: the fp8 runner stays installed on the pipeline after the engine
+    reqs = [(dict(height=128, width=128, speedup=A, **flux_embeds(1, seed=1)), 11),
+            (dict(height=64, width=96, speedup=A, **flux_embeds(1, seed=2)), 12)]
+    with Engine(pipe, EngineConfig(gather_timeout_s=0.05), output_type="latent", precision="fp8") as eng:
+        outs = [h.result(timeout=300) for h in [eng.submit(seed=seed, **kw) for kw, seed in reqs]]
+        assert eng.metrics()["packed_calls"] > 0
+    for (kw, seed), out in zip(reqs, outs):
+        torch.testing.assert_close(out.images, _alone(pipe, dict(kw, precision="fp8"), seed).images, **TOL)
+        own = _alone(pipe, dict(kw, precision="auto"), seed).images
+        rel = float((out.images - own).norm() / own.norm())
+        assert 1e-4 < rel < 2e-2, rel
+
+
 def test_request_tokens_count_cfg_rows_only_where_the_family_runs_cfg():
     """A request's budgeted tokens double only where its call runs CFG (adapter.runs_cfg): Qwen-Image runs true CFG
     with a negative prompt only, Z-Image at any guidance above 0; each request's count is its largest model call's."""

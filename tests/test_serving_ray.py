@@ -23,6 +23,7 @@ import functools
 import glob
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -575,6 +576,11 @@ def test_replica_start_up_warms_up_through_its_engine_and_refuses_unsigned_artif
     (["--ray", "--replicas", "two"], "--replicas 'two'"),
     (["--ray", "--device", "cuda:1"], "use cpu or cuda"),
     (["--ray", "--compile-artifacts", "/nonexistent/bundle.bin"], "no such file"),
+    # a replica's dtype defaults to bfloat16 on a GPU: bfloat16 storage would save nothing there
+    (["--ray", "--storage-dtype", "bfloat16"], "--storage-dtype bfloat16 is not narrower than the model's --dtype "
+                                               "bfloat16"),
+    (["--ray", "--storage-dtype", "float8_e4m3fn", "--backend", "inductor"], "on a GPU (CUDA graphs"),
+    (["--ray", "--storage-dtype", "float8_e4m3fn", "--precision", "fp8"], "use one of the two"),
 ])
 def test_serve_ray_bad_arguments_exit_2(capsys, args, needle):
     assert cli.main(["serve", *args]) == 2
@@ -586,6 +592,34 @@ def test_serve_ray_plan():
     plan = cli.check_serve(cli.build_parser().parse_args(["serve", "--ray", "--replicas", "1:4"]))
     assert plan.replicas == (1, 4) and plan.device is None and plan.dtype is None
     assert cli.check_serve(cli.build_parser().parse_args(["serve", "--ray", "--replicas", "3"])).replicas == 3
+    weights = cli.check_serve(cli.build_parser().parse_args(["serve", "--ray", "--device", "cpu", "--dtype", "float32",
+                                                             "--storage-dtype", "bfloat16", "--precision", "fp32"]))
+    assert weights.storage_dtype == "bfloat16" and weights.defaults["precision"] == "fp32"
+
+
+def test_replica_storage_dtype_is_checked_and_cast_on_load():
+    """``ReplicaSpec.storage_dtype`` (``ralu serve --ray --storage-dtype``): refused when it names no storage dtype,
+    is not narrower than the replicas' dtype (None: bfloat16) or the model is a callable; else each replica's
+    transformer carries diffusers' layerwise casting from storage to its dtype."""
+    pytest.importorskip("ray.serve")
+    import torch
+    from ralu_runtime.adapters.base import layerwise_casting
+    from ralu_runtime.serving.ray import ReplicaSpec, load_model
+
+    for kw, needle in [(dict(storage_dtype="int8"), "use one of float8_e4m3fn"),
+                       (dict(storage_dtype="bfloat16"), "not narrower than the replicas' dtype 'bfloat16'"),
+                       (dict(storage_dtype="float16", dtype="float16"), "not narrower"),
+                       (dict(storage_dtype="float8_e4m3fn", model=functools.partial(gated_tiny_flux, control="c")), "callable model")]:
+        with pytest.raises(ValueError, match=re.escape(needle)):
+            ReplicaSpec(**kw)
+    pipe, device, dtype = load_model(ReplicaSpec(model="tiny-flux", device="cpu", dtype="float32",
+                                                 storage_dtype="bfloat16"))
+    casts = [layerwise_casting(m) for m in pipe.transformer.modules()]
+    hooks = [h for h in casts if h is not None]
+    assert (device, dtype) == ("cpu", "float32") and hooks
+    assert {(h.storage_dtype, h.compute_dtype) for h in hooks} == {(torch.bfloat16, torch.float32)}
+    plain, _, _ = load_model(ReplicaSpec(model="tiny-flux", device="cpu", dtype="float32"))
+    assert all(layerwise_casting(m) is None for m in plain.transformer.modules())
 
 
 def test_serve_ray_names_the_extra_where_ray_is_missing():

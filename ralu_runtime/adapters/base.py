@@ -455,6 +455,14 @@ class DiTAdapter(ABC):
         model = getattr(self.pipe, "transformer", None) if self.pipe is not None else None
         return [] if model is None else [model]
 
+    def enable_layerwise_casting(self, storage_dtype: torch.dtype, compute_dtype: torch.dtype) -> None:
+        """diffusers' ``enable_layerwise_casting(storage_dtype, compute_dtype)`` on every model module
+        (:meth:`model_modules`: Wan 2.2's two experts too): their Linear / Conv weights kept in ``storage_dtype``,
+        each layer cast to ``compute_dtype`` while it runs. For a pipeline the caller loaded itself (``ralu
+        generate / serve --storage-dtype``)."""
+        for model in self.model_modules():
+            model.enable_layerwise_casting(storage_dtype=storage_dtype, compute_dtype=compute_dtype)
+
     def components(self) -> tuple:
         """The components this adapter was built for; when :meth:`read_components` differs (e.g.
         ``pipe.transformer = other``), :func:`ralu_runtime.adapters.get_adapter` builds a new adapter."""

@@ -88,7 +88,9 @@ class ReplicaSpec:
     a missing file is logged and skipped); ``persistent_cache``: True or a folder for inductor's on-disk cache.
     ``warmup``: ``generate`` arguments per warm-up shape (None: the defaults, :meth:`Engine.warmup_variants`;
     ``[]``: no warm-up), each run ``warmup_requests`` times at once through the engine. ``cpus``: CPUs per replica on CPU-only clusters.
-    ``log_prompts``: let the libraries' warnings quote prompts (default: redacted)."""
+    ``log_prompts``: let the libraries' warnings quote prompts (default: redacted). ``storage_dtype``: a torch dtype
+    name narrower than the replica's dtype (None: bfloat16, the narrowest default): the transformer's weights kept in
+    it, each layer cast while it runs (diffusers' ``enable_layerwise_casting``; not with a callable ``model``)."""
 
     model: Any = "tiny-flux"
     device: str | None = None
@@ -109,9 +111,12 @@ class ReplicaSpec:
     warmup_timeout_s: float = 3600.0
     cpus: float = 1.0
     log_prompts: bool = False
+    storage_dtype: str | None = None
 
     def __post_init__(self):
         self.engine_config()        # the engine's own checks, now
+        if self.storage_dtype is not None:
+            _check_storage_dtype(self.storage_dtype, self.dtype, self.model)
         if self.device not in (None, "cpu", "cuda"):
             raise ValueError(f"device={self.device!r}: use None, 'cpu' or 'cuda' (each replica sees its own GPU)")
         if not (isinstance(self.model, str) or callable(self.model)):
@@ -127,6 +132,26 @@ class ReplicaSpec:
     def engine_config(self) -> EngineConfig:
         return EngineConfig(token_budget=self.token_budget, max_active=self.max_active, max_queue=self.max_queue,
                             gather_timeout_s=self.gather_timeout_s, max_token_steps=self.max_token_steps)
+
+
+STORAGE_DTYPES = ("float8_e4m3fn", "bfloat16", "float16")
+
+
+def _check_storage_dtype(storage: str, dtype: str | None, model) -> None:
+    """``ReplicaSpec.storage_dtype``: a known name, narrower than ``dtype`` (None: bfloat16, the narrowest dtype a
+    replica picks by itself), and a model ralu loads (a callable builds its own pipeline)."""
+    import torch
+
+    if storage not in STORAGE_DTYPES:
+        raise ValueError(f"storage_dtype={storage!r}: use one of {', '.join(STORAGE_DTYPES)} (or None)")
+    compute = dtype or "bfloat16"
+    if getattr(torch, storage).itemsize >= getattr(torch, compute).itemsize:
+        raise ValueError(f"storage_dtype={storage!r} is not narrower than the replicas' dtype {compute!r}"
+                         + ("" if dtype else " (bfloat16 on a GPU when dtype is None)")
+                         + ": give a narrower one (float8_e4m3fn) or None")
+    if callable(model):
+        raise ValueError("storage_dtype with a callable model: enable the casting in the callable "
+                         "(transformer.enable_layerwise_casting)")
 
 
 @dataclass
@@ -314,10 +339,16 @@ def load_model(spec: ReplicaSpec):
     from ..tiny import TINY_BUILDERS, build_tiny
 
     if spec.model in TINY_BUILDERS:
-        return build_tiny(spec.model, device=device, dtype=dtype), device, dtype_name
-    from ..api import load_pipeline
+        pipe = build_tiny(spec.model, device=device, dtype=dtype)
+    else:
+        from ..api import load_pipeline
 
-    return load_pipeline(spec.model, torch_dtype=dtype, device=device), device, dtype_name
+        pipe = load_pipeline(spec.model, torch_dtype=dtype, device=device)
+    if spec.storage_dtype is not None:
+        from ..adapters import get_adapter
+
+        get_adapter(pipe).enable_layerwise_casting(getattr(torch, spec.storage_dtype), dtype)
+    return pipe, device, dtype_name
 
 
 _WIRE_KINDS = {"invalid": ValueError, "busy": EngineBusy, "closed": EngineClosed, "deadline": DeadlineExceeded,
