@@ -116,6 +116,42 @@ def test_full_queue_is_busy_not_dropped(flux):
         eng.submit(seed=4, **kw)
 
 
+def test_a_burst_of_submits_admits_max_active_plus_max_queue(flux):
+    """Requests submitted faster than the scheduler moves them from the queue to the active set: the bound counts
+    both (the queue alone was checked against max_queue only once max_active requests were running, so a burst of
+    20 into max_active=1, max_queue=0 admitted 19)."""
+    gate = threading.Event()
+    kw = dict(height=64, width=64, speedup=A, **flux_embeds(1))
+    adapter = get_adapter(flux)
+    original = adapter.velocity
+
+    def held(*a, **k):
+        gate.wait(60)
+        return original(*a, **k)
+
+    adapter.velocity = held   # nothing finishes during the burst
+    try:
+        for active, queue in ((1, 0), (2, 3)):
+            eng = Engine(flux, EngineConfig(max_active=active, max_queue=queue, packed=False), output_type="latent")
+            admitted, busy = [], 0
+            for i in range(20):
+                try:
+                    admitted.append(eng.submit(seed=i, **kw))
+                except EngineBusy as exc:
+                    assert "queue is full" in str(exc) and f"max_active={active}, max_queue={queue}" in str(exc)
+                    busy += 1
+            assert (len(admitted), busy) == (active + queue, 20 - active - queue)
+            assert eng.metrics()["requests"]["rejected"] == busy
+            eng.shutdown(drain=False, timeout=0)
+            gate.set()
+            eng.shutdown(timeout=120)
+            assert eng.closed
+            gate.clear()
+    finally:
+        gate.set()
+        del adapter.velocity
+
+
 def test_shutdown_without_drain_rejects_the_queue(flux):
     kw = dict(height=64, width=64, speedup=A, **flux_embeds(1))
     eng = Engine(flux, EngineConfig(max_active=1), output_type="latent")

@@ -420,10 +420,13 @@ class Engine:
             if self._closing:
                 self._outcomes["rejected"] += 1
                 raise EngineClosed("the engine is shutting down: no new requests")
-            if len(self._queue) >= self.config.max_queue and len(self._active) >= self.config.max_active:
+            # queued and running together: a burst of submits outpaces the scheduler moving requests to the active
+            # set, so the queue alone (or the active set alone) can be below its bound while the engine is full
+            if len(self._queue) + len(self._active) >= self.config.max_queue + self.config.max_active:
                 self._outcomes["rejected"] += 1
-                raise EngineBusy(f"the queue is full ({self.config.max_queue} waiting, {len(self._active)} running):"
-                                 " retry later")
+                raise EngineBusy(f"the queue is full ({len(self._active)} running, {len(self._queue)} waiting; "
+                                 f"max_active={self.config.max_active}, max_queue={self.config.max_queue}): "
+                                 "retry later")
             self._queue.append(req)
             self._lock.notify_all()
         return req
