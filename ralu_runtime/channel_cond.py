@@ -135,8 +135,9 @@ def check_channels(adapter, *, image, mask_image, control_image, strength, heigh
     # fill
     if control_image is not None:
         raise ValueError("control_image= goes with FluxControlPipeline; FluxFillPipeline takes image= and mask_image=")
-    if image is None or mask_image is None:
-        raise ValueError("FluxFillPipeline needs image= and mask_image= (white = repaint)")
+    for name, value in (("image", image), ("mask_image", mask_image)):
+        if value is None:
+            raise ValueError(f"FluxFillPipeline needs {name}= (it takes image= and mask_image=, white = repaint)")
     if strength is None:
         strength = _call_default(cls, "strength")
     if isinstance(strength, bool) or not isinstance(strength, numbers.Real) or not math.isfinite(strength):
@@ -149,8 +150,6 @@ def check_channels(adapter, *, image, mask_image, control_image, strength, heigh
         raise ValueError(f"image has shape {tuple(image.shape)}: give RGB pixels (3, H, W) or (n, 3, H, W)")
     pixels = _preprocess(pipe.image_processor, image, "image", "image processor", 3, height, width,
                          "give a PIL image, a numpy array (H, W, 3), a float RGB tensor, or a list of them")
-    if not bool(torch.isfinite(pixels).all()):
-        raise ValueError("image contains NaN or Inf values")
     if batch % pixels.shape[0]:
         raise ValueError(f"got {pixels.shape[0]} images for a batch of {batch}: the number must divide the batch")
     mask = _check_mask(pipe, mask_image, height, width, batch)

@@ -215,8 +215,6 @@ def check_edit(adapter, *, image, strength, mask_image, height: int, width: int,
                          "(latents are not taken)")
     pixels = _preprocess(pipe.image_processor, image, "image", "image processor", 3, height, width,
                          "give a PIL image, a numpy array (H, W, 3), a float RGB tensor, or a list of them")
-    if not bool(torch.isfinite(pixels).all()):
-        raise ValueError("image contains NaN or Inf values")
     n = pixels.shape[0]
     if batch % n:
         raise ValueError(f"got {n} images for a batch of {batch} (prompts x num_images_per_prompt): the number of "
@@ -232,7 +230,9 @@ def check_edit(adapter, *, image, strength, mask_image, height: int, width: int,
 def check_not_empty(value, name: str) -> None:
     """ValueError naming argument ``name`` (and the list index) for an image without pixels: a PIL image of size 0 or
     an array / tensor with a zero dimension (an image processor would resize it into a blank image, or divide by its
-    size)."""
+    size), or an empty list."""
+    if isinstance(value, list) and not value:
+        raise ValueError(f"{name}=[] holds no image: give an image, or a list of at least one")
     for i, item in enumerate(value if isinstance(value, (list, tuple)) else [value]):
         dims = item.size if hasattr(item, "getbbox") else getattr(item, "shape", None)  # PIL: (W, H); arrays: shape
         if dims is not None and 0 in tuple(dims):
@@ -252,8 +252,14 @@ def _preprocess(proc, value, name: str, proc_name: str, channels: int, height: i
         raise TypeError(f"{name}={_kind(value)}: the pipeline's {proc_name} cannot read it ({e}); {hint}") from None
     out = out.to("cpu", torch.float32)
     if out.ndim != 4 or out.shape[1] != channels or tuple(out.shape[-2:]) != (height, width):
+        modes = sorted({item.mode for item in (value if isinstance(value, (list, tuple)) else [value])
+                        if hasattr(item, "getbbox") and hasattr(item, "mode")})  # PIL images
+        hint = (f" (PIL image mode {', '.join(modes)}: convert it, e.g. image.convert('RGB'))"
+                if channels == 3 and modes and modes != ["RGB"] else "")
         raise ValueError(f"{name} preprocessed to shape {tuple(out.shape)}; expected (n, {channels}, {height}, "
-                         f"{width})")
+                         f"{width}){hint}")
+    if not bool(torch.isfinite(out).all()):  # a mask's Inf is binarised to 1 by now; NaN is kept by every step
+        raise ValueError(f"{name} contains NaN" + (" or Inf" if channels == 3 else "") + " values")
     if channels == 3:
         check_pixel_range(out, name)
     return out

@@ -286,6 +286,15 @@ def test_unsupported_edit_requests_are_refused(flux_pipe, flux_i2i, flux_inpaint
              num_images_per_prompt=2)
     _refuses(flux_i2i, "mask_image is empty", mask_image=Image.new("L", (64, 0)))
     _refuses(flux_i2i, "multiple of 32", height=H + 8)
+    # an empty list was diffusers' IndexError; a NaN in a mask ran every stage, then failed as "non-finite latents"
+    _refuses(flux_i2i, r"image=\[\] holds no image", image=[])
+    _refuses(flux_i2i, r"mask_image=\[\] holds no image", mask_image=[])
+    nan_mask = _mask()
+    nan_mask[..., 0, 0] = float("nan")
+    _refuses(flux_i2i, "mask_image contains NaN values", mask_image=nan_mask)
+    _refuses(flux_inpaint, "mask_image contains NaN values", mask_image=nan_mask)
+    # an RGBA PNG opened with PIL: the processor keeps four channels; the error says to convert it
+    _refuses(flux_i2i, r"mode RGBA: convert it, e.g. image.convert\('RGB'\)", image=Image.new("RGBA", (W, H)))
 
 
 def test_8bit_pixel_arrays_are_refused_before_any_model_call(flux_pipe, flux_i2i, flux_inpaint):

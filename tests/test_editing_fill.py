@@ -249,7 +249,7 @@ def test_fill_upsamples_the_masked_regions_first(fill):
 
 # ------------------------------------------------------------------------------------------------ refusals
 @pytest.mark.parametrize("kw,needle", [
-    (dict(image="I"), "needs image= and mask_image="),
+    (dict(image="I"), r"needs mask_image= \(it takes image= and mask_image="),
     (dict(image="I", mask_image="M", strength=0.0), "strength=0.0"),
     (dict(image="I", mask_image="M", strength=1e-17), "strength=1e-17 leaves none of the 50 steps"),
     (dict(image="I", mask_image="M", control_image="I"), "control_image= goes with a FluxControlPipeline"),

@@ -268,7 +268,8 @@ def submit_error(exc: BaseException, retry_after) -> ApiError | None:
     None for anything else (a bug: the app's 500 handler). ``retry_after()``: the Retry-After seconds."""
     if isinstance(exc, (ValueError, TypeError)):
         msg = one_line(exc)
-        return ApiError(400, msg, param=_param_of(msg), code="invalid_value")
+        param = _param_of(msg)
+        return ApiError(400, msg, param=param, code="invalid_mask" if param == "mask" else "invalid_value")
     if isinstance(exc, (EngineBusy, EngineClosed)):
         return unavailable(one_line(exc), retry_after())
     return None
