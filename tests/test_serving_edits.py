@@ -280,6 +280,12 @@ def test_form_text_that_is_not_utf8_is_refused(served):
     ({"n": "\u0662"}, "n", "invalid_type"),           # ARABIC-INDIC DIGIT TWO: ASCII digits only
     ({"seed": "\uff13"}, "seed", "invalid_type"),      # FULLWIDTH DIGIT THREE
     ({"strength": "nan"}, "strength", "invalid_type"),
+    ({"guidance_scale": "1_0"}, "guidance_scale", "invalid_type"),   # Python's float() reads 10
+    ({"guidance_scale": "\u0661\u0660"}, "guidance_scale", "invalid_type"),   # Arabic-Indic "10": float() reads 10
+    ({"strength": " 0.5"}, "strength", "invalid_type"),
+    ({"strength": "0_5"}, "strength", "invalid_type"),
+    ({"n": "+1"}, "n", "invalid_type"),
+    ({"seed": " 3"}, "seed", "invalid_type"),
     ({"strength": "1.5"}, "strength", "invalid_value"),
     ({"strength": "0"}, "strength", "invalid_value"),
     ({"response_format": "url"}, "response_format", "invalid_value"),
@@ -291,6 +297,13 @@ def test_bad_fields_are_refused(served, fields, param, code):
     before = engine.metrics()["model_calls"]
     assert_error(edit(server, fields), 400, param=param, code=code)
     assert engine.metrics()["model_calls"] == before
+
+
+def test_strength_range_says_that_zero_is_excluded(served):
+    server, _ = served
+    for text in ("1.5", "0", "0.0"):
+        r = edit(server, {"strength": text})
+        assert r.status_code == 400 and "need a value in (0.0, 1.0]" in r.json()["error"]["message"], r.text
 
 
 def test_body_types_and_access(pipe):

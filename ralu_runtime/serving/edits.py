@@ -40,7 +40,10 @@ _ALPHA_MODES = ("RGBA", "LA", "PA")
 # the edit form's fields: the generation fields, ralu's strength, OpenAI's input_fidelity (accepted, ignored)
 EDIT_FIELDS = {**REQUEST_FIELDS, "strength": ("number", "strength"), "input_fidelity": ("string", None)}
 _FILE_FIELDS = ("image", "image[]", "mask")
-_INT = re.compile(r"[ \t]*[+-]?[0-9]{1,30}[ \t]*", re.ASCII)
+# form numbers as JSON writes them (ASCII digits, a '-' sign, a decimal point, an exponent): Python's int() / float()
+# would also take '1_0' (10), other scripts' digits, a '+' sign and surrounding white space
+_INT = re.compile(r"-?[0-9]{1,30}", re.ASCII)
+_NUMBER = re.compile(r"-?(?:[0-9]{1,30}(?:\.[0-9]{0,30})?|\.[0-9]{1,30})(?:[eE][+-]?[0-9]{1,4})?", re.ASCII)
 
 
 def channel_model(adapter) -> str | None:
@@ -131,17 +134,14 @@ def _typed(name: str, text: str):
     kind = EDIT_FIELDS.get(name, ("string", None))[0]
     if kind == "integer":
         if not _INT.fullmatch(text):
-            raise ApiError(400, f"{name}={text[:60]!r} is not allowed: need an integer", param=name,
-                           code="invalid_type")
+            raise ApiError(400, f"{name}={text[:60]!r} is not allowed: need an integer (ASCII digits, optionally "
+                           "after '-')", param=name, code="invalid_type")
         return int(text)
     if kind == "number":
-        try:
-            value = float(text)
-        except ValueError:
-            value = math.nan
+        value = float(text) if _NUMBER.fullmatch(text) else math.nan
         if not math.isfinite(value):
-            raise ApiError(400, f"{name}={text[:60]!r} is not allowed: need a finite number", param=name,
-                           code="invalid_type")
+            raise ApiError(400, f"{name}={text[:60]!r} is not allowed: need a finite decimal number (ASCII digits, "
+                           "'-', '.', an exponent: 7.5, 0.6, 1e-3)", param=name, code="invalid_type")
         return value
     return text
 

@@ -70,6 +70,7 @@ IGNORED_FIELDS = ("quality", "style", "background", "moderation")
 RANGES = {"n": (1, MAX_IMAGES), "seed": (0, MAX_SEED), "steps": (1, MAX_STEPS),
           "guidance_scale": (0.0, MAX_GUIDANCE_SCALE), "timeout": (0.001, 7 * 86400.0), "output_compression": (0, 100),
           "strength": (0.0, 1.0)}
+OPEN_BELOW = {"strength"}  # fields whose RANGES low end is excluded (strength 0 would leave the image as it is)
 OUTPUT_FORMATS = {"png": "PNG", "jpeg": "JPEG", "webp": "WEBP"}
 # generate()'s (and the engine's) argument names in error messages -> the request field they come from
 _PARAM_OF = {gen: name for name, (_, gen) in REQUEST_FIELDS.items() if gen} | {
@@ -134,9 +135,11 @@ def _check_type(name: str, value, kind: str) -> None:
 
 
 def _check_range(name: str, value, lo, hi) -> None:
-    if not (isinstance(value, int) or math.isfinite(value)) or not lo <= value <= hi:
-        raise ApiError(400, f"{name}={_shown(value)} is not allowed: need a value in [{lo}, {hi}]", param=name,
-                       code="invalid_value")
+    above = name in OPEN_BELOW  # the lowest value itself is not allowed
+    if not (isinstance(value, int) or math.isfinite(value)) or not (lo < value if above else lo <= value) \
+            or not value <= hi:
+        raise ApiError(400, f"{name}={_shown(value)} is not allowed: need a value in {'(' if above else '['}{lo}, "
+                            f"{hi}]", param=name, code="invalid_value")
 
 
 def _unicode_ok(text: str) -> bool:
