@@ -206,11 +206,24 @@ def _check_prompt(prompt, name: str = "prompt") -> int | None:
     if prompt is None:
         return None
     if isinstance(prompt, str):
+        _check_text(prompt, name)
         return 1
     if isinstance(prompt, (list, tuple)) and prompt and all(isinstance(p, str) for p in prompt):
+        for i, p in enumerate(prompt):
+            _check_text(p, f"{name}[{i}]")
         return len(prompt)
     shown = repr(prompt) if len(repr(prompt)) <= 200 else repr(prompt)[:200] + "..."
     raise TypeError(f"{name}={shown} is not allowed: give a string or a non-empty list of strings")
+
+
+def _check_text(text: str, name: str) -> None:
+    """ValueError for a string no tokenizer takes: one with a lone surrogate (``"\\ud800"``; non-UTF-8 bytes of a
+    command line decode to such), which the tokenizers refuse with a TypeError naming no argument."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise ValueError(f"{name} is not valid Unicode text: it holds a lone surrogate ({text[exc.start]!r} at "
+                         f"character {exc.start}; text from bytes that are not UTF-8 decodes to such)") from None
 
 
 def _prompt_lists(prompt, negative_prompt):

@@ -400,6 +400,15 @@ def _check_output(flag: str, path: str, video: bool = False) -> str:
     return str(target)
 
 
+def _is_utf8(text: str) -> bool:
+    """False for an argument Python decoded from bytes that are not UTF-8 (lone surrogates: surrogateescape)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 def _check_weights(args, device: str, dtype: str, *, probe_device: bool = True) -> None:
     """--storage-dtype and --precision (generate, edit and serve) against the device, --dtype and --backend;
     ``probe_device=False``: not whether this machine's device runs fp8 (``serve --ray``: the replicas' GPUs)."""
@@ -512,6 +521,10 @@ def check_generate(args) -> GeneratePlan:
             raise UsageError(f"--steps {args.steps} applies to --speedup none only (a RALU preset fixes its own "
                              "steps)")
         _check_int("--steps", args.steps, 1, MAX_STEPS)
+    for flag, text in (("--prompt", args.prompt), ("--negative-prompt", args.negative_prompt)):
+        if text is not None and not _is_utf8(text):
+            raise UsageError(f"{flag} is not valid UTF-8 text (the command line held bytes that are not UTF-8): give "
+                             "the prompt in UTF-8")
     if args.negative_prompt is not None and not _takes_negative_prompt(args.model, family):
         raise UsageError(f"--negative-prompt: {args.model} ({family}) runs no classifier-free guidance (a guidance "
                          f"embedding or a step-distilled model); families that take one: "

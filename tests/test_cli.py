@@ -154,6 +154,8 @@ BAD = [
                                                              "model's --dtype bfloat16"),
     (["--storage-dtype", "bfloat16", "--backend", "onnx"], "--storage-dtype with --backend onnx (an exported model"),
     (["--storage-dtype", "float8_e4m3fn", "--precision", "fp8"], "--storage-dtype with --precision fp8: use one"),
+    (["--prompt", "fox \udcff\udcfe"], "--prompt is not valid UTF-8"),   # bytes b"\xff\xfe" on the command line
+    (["--model", "tiny-sd3", "--negative-prompt", "\udcc3"], "--negative-prompt is not valid UTF-8"),
 ]
 
 

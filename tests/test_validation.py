@@ -120,7 +120,10 @@ def test_bad_input_fails_before_any_model_call(flux, override, exc, text):
 
 
 @pytest.mark.parametrize("prompt,exc,text", [(123, TypeError, "prompt=123"), ([], TypeError, "prompt=[]"),
-                                              (["a", 3], TypeError, "list of strings")])
+                                              (["a", 3], TypeError, "list of strings"),
+                                              # the tokenizers' TypeError named no argument, after the model loaded
+                                              ("\ud800", ValueError, "prompt is not valid Unicode text"),
+                                              (["a", "b\udcff"], ValueError, "prompt[1] is not valid Unicode")])
 def test_bad_prompt_types(flux, prompt, exc, text):
     counter = CallCounter(flux)
     try:
