@@ -172,10 +172,11 @@ def test_shutdown_without_drain_rejects_the_queue(flux):
     (dict(height=100), "height"), (dict(speedup="9x"), "9x"), (dict(backend="eager"), "belong to the engine"),
     (dict(parallel="ulysses"), "belong to the engine"),
     (dict(deadline_s=-1), "deadline_s"), (dict(region_source="pixels"), "region_source"),
-    (dict(speedup=None, region_source="latent"), "region_source='latent' applies to RALU runs")])  # was ignored
+    (dict(speedup=None, region_source="latent"), "region_source='latent' applies to RALU runs"),  # was ignored
+    (dict(pipe="other"), "pipe: a request runs on the engine's pipeline")])  # prepare's "multiple values" TypeError
 def test_bad_requests_refused_at_submission(flux, kw, match):
     with Engine(flux, output_type="latent") as eng:
-        with pytest.raises(ValueError, match=match):
+        with pytest.raises((ValueError, TypeError), match=match):
             eng.submit(seed=0, **{**flux_embeds(1), **kw})
         m = eng.metrics()
     assert m["model_calls"] == 0 and m["queue_depth"] == 0
@@ -198,6 +199,11 @@ def test_bad_requests_refused_at_submission(flux, kw, match):
     (dict(num_frames=5), ValueError, r"^Engine default arguments: num_frames=5 is not allowed: flux makes images"),
     (dict(height=4096, width=4096, speedup=None, num_inference_steps=1000), ValueError,
      r"^Engine default arguments: .*ralu_runtime.limits"),
+    # generate arguments the engine owns: where each belongs instead (all said "set on the pipeline")
+    (dict(limits={"max_images": 2}), ValueError, r"^limits: the engine's bounds are EngineConfig\(max_images="),
+    (dict(progress=False), ValueError, r"^progress: an engine shows no progress bars"),
+    (dict(device="cpu"), ValueError, r"^device: set on the pipeline before building the engine \(pipe.to"),
+    (dict(config={"max_active": 2}), TypeError, r"^config=dict: give an EngineConfig"),  # was an AttributeError
 ])
 def test_bad_defaults_refused_when_the_engine_is_built(flux, defaults, error, match):
     """Default arguments that every request would fail on are refused by the constructor (they were accepted, and

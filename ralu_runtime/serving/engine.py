@@ -67,6 +67,12 @@ EXIT_TIMEOUT_S = 60.0
 
 # generate() arguments a request may not set: they belong to the engine (its pipeline, backend, thread pool)
 ENGINE_OWNED = ("backend", "compile_options", "torch_dtype", "device", "progress", "parallel", "precision", "limits")
+# where an engine default of those that the engine does not take either belongs instead
+_OWNED_WHY = {"torch_dtype": "set on the pipeline before building the engine (pipe.to(dtype))",
+              "device": "set on the pipeline before building the engine (pipe.to(device))",
+              "parallel": "an engine runs one process's pipeline (context parallelism: generate(parallel=...))",
+              "progress": "an engine shows no progress bars (requests run in its threads)",
+              "limits": "the engine's bounds are EngineConfig(max_images=..., max_token_steps=...)"}
 
 
 def _check_defaults(defaults: dict) -> None:
@@ -327,10 +333,13 @@ class Engine:
     def __init__(self, pipe, config: EngineConfig | None = None, **defaults):
         from ..adapters import get_adapter
 
+        if config is not None and not isinstance(config, EngineConfig):
+            raise TypeError(f"config={type(config).__name__}: give an EngineConfig (e.g. EngineConfig(max_active=2)) "
+                            "or None; generate's arguments go as keywords")
         self.config = config or EngineConfig()
         bad = sorted(set(defaults) & set(ENGINE_OWNED) - {"backend", "compile_options", "precision"})
         if bad:
-            raise ValueError(f"{', '.join(bad)}: set on the pipeline before building the engine")
+            raise ValueError(f"{', '.join(bad)}: {_OWNED_WHY[bad[0]]}")
         if defaults.get("generator") is not None:  # one generator drawn from by every request: same seed, other image
             raise ValueError("generator: a default generator would be shared by every request (each request's image "
                              "would depend on the requests before it); give a default seed=, or a generator per "
@@ -398,6 +407,9 @@ class Engine:
         owned = sorted(set(kwargs) & set(ENGINE_OWNED))
         if owned:
             raise ValueError(f"{', '.join(owned)}: belong to the engine, not to a request")
+        if "pipe" in kwargs:
+            raise TypeError("pipe: a request runs on the engine's pipeline (Engine(pipe, ...)); give generate's other "
+                            "arguments")
         if deadline_s is not None and (isinstance(deadline_s, bool) or not isinstance(deadline_s, (int, float))
                                        or not deadline_s > 0):
             raise ValueError(f"deadline_s={deadline_s!r}: use seconds > 0, or None")
