@@ -270,6 +270,43 @@ def test_partial_request_heads_are_closed_in_time(pipe):
                 s.close()
 
 
+def test_request_heads_over_the_bound_get_400_however_they_arrive(open_server):
+    """max_header_bytes (16 KiB) bounds the head whether it arrives in one read or in pieces: h11's own bound holds
+    only while a head is incomplete in its buffer, so a 17 KB or 60 KB head sent at once was answered 200."""
+    server, _ = open_server
+
+    def send(extra: int, piece: int | None = None) -> bytes:
+        head = (b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Big: " + b"a" * extra + b"\r\n\r\n")
+        with socket.create_connection(("127.0.0.1", server.port), timeout=T) as s:
+            for i in range(0, len(head), piece or len(head)):
+                s.sendall(head[i:i + (piece or len(head))])
+            got = _closed_within(s, 5.0) if extra > 16 * 1024 else s.recv(65536)
+        assert got is not None
+        return got
+
+    assert send(15 * 1024).startswith(b"HTTP/1.1 200")
+    for extra, piece in ((17 * 1024, None), (60 * 1024, None), (20 * 1024, 4096), (20 * 1024, 7)):
+        got = send(extra, piece)
+        assert got.startswith(b"HTTP/1.1 400"), (extra, piece, got[:80])
+        assert b"over 16384 bytes" in got
+    # a client that keeps sending after the refusal: the connection is closed LINGER_S after the response anyway
+    from ralu_runtime.serving.http import LINGER_S
+
+    with socket.create_connection(("127.0.0.1", server.port), timeout=T) as s:
+        s.sendall(b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Big: " + b"a" * (17 * 1024))
+        t0 = time.monotonic()
+        closed = False
+        while time.monotonic() - t0 < LINGER_S + 5:
+            try:
+                s.sendall(b"a" * 1024)
+            except OSError:
+                closed = True
+                break
+            time.sleep(0.05)
+        assert closed and time.monotonic() - t0 >= LINGER_S - 0.5
+    assert httpx.get(server.url + "/health", timeout=T).status_code == 200
+
+
 def test_connections_over_the_cap_get_503(pipe):
     with running(pipe, limits=ConnectionLimits(max_connections=4, header_timeout_s=5.0)) as (server, _):
         socks = [socket.create_connection(("127.0.0.1", server.port), timeout=T) for _ in range(4)]

@@ -308,6 +308,9 @@ def _raw_error(status: int, reason: str, message: str, code: str, extra: str = "
             f"{extra}connection: close\r\n\r\n").encode("ascii") + body
 
 
+LINGER_S = 2.0  # seconds a connection refused mid-request is read (and discarded) after its error response
+
+
 class _BoundedH11(H11Protocol):
     """uvicorn's h11 protocol with read deadlines and a connection cap (uvicorn has neither: a client sending a
     partial request head holds its connection forever). Settings: ``config.ralu_limits``."""
@@ -340,11 +343,19 @@ class _BoundedH11(H11Protocol):
             self._timer.cancel()
         self._timer, self._phase = None, None
 
-    def _close(self, data: bytes = b"") -> None:
+    def _close(self, data: bytes = b"", linger: bool = False) -> None:
+        """Write ``data`` (an error response) and close. ``linger``: for a client that may still be sending (a head
+        refused mid-way), half-close and read what it sends, discarded, for up to LINGER_S before closing: closing
+        with unread bytes makes the kernel reset the connection, and the client loses the response."""
         self._disarm()
         if not self.transport.is_closing():
             if data:
                 self.transport.write(data)
+            if linger and self.transport.can_write_eof():
+                self.transport.write_eof()
+                self._lingering = True
+                self._timer = self.loop.call_later(LINGER_S, self.transport.close)
+                return
             self.transport.close()
 
     def _expired(self, phase: str) -> None:
@@ -361,6 +372,8 @@ class _BoundedH11(H11Protocol):
 
     def _sync(self) -> None:
         """Follow the request's progress: the head deadline until the head is in, then the body deadline."""
+        if getattr(self, "_lingering", False):  # its close is timed already
+            return
         if self.transport.is_closing():
             return self._disarm()
         state = self.conn.their_state
@@ -374,10 +387,32 @@ class _BoundedH11(H11Protocol):
             self._disarm()
 
     def data_received(self, data: bytes) -> None:
-        if self._phase is None and self.conn.their_state is h11.IDLE:
-            self._arm("head")
+        if getattr(self, "_lingering", False):   # an error was sent: drain what the client still sends
+            return
+        if self.conn.their_state is h11.IDLE:
+            if self._phase is None:
+                self._arm("head")
+            if self._head_too_large(data):
+                logger.info("refused a request head over %d bytes", self._limits.max_header_bytes)
+                return self._close(_raw_error(400, "Bad Request", f"the request head is over "
+                                              f"{self._limits.max_header_bytes} bytes", "request_head_too_large"),
+                                   linger=True)
         super().data_received(data)
         self._sync()
+
+    def _head_too_large(self, data: bytes) -> bool:
+        """Whether the request head now arriving (``data`` and what came of it before) exceeds max_header_bytes.
+        h11's own bound (``h11_max_incomplete_event_size``) holds only while a head is incomplete in its buffer: a
+        larger head that arrives whole in one read was taken."""
+        seen, tail = getattr(self, "_head_seen", 0), getattr(self, "_head_tail", b"")
+        buf = tail + data
+        end = buf.find(b"\r\n\r\n")
+        size = seen - len(tail) + (end + 4 if end >= 0 else len(buf))
+        if end >= 0:                        # the head ends in this read: the next one starts afresh
+            self._head_seen, self._head_tail = 0, b""
+        else:
+            self._head_seen, self._head_tail = seen + len(data), buf[-3:]
+        return size > self._limits.max_header_bytes
 
     def on_response_complete(self) -> None:
         super().on_response_complete()
@@ -389,7 +424,8 @@ class _BoundedH11(H11Protocol):
 
     def send_400_response(self, msg: str) -> None:
         self._close(_raw_error(400, "Bad Request", f"{msg} (malformed, or a request head over "
-                                                   f"{self._limits.max_header_bytes} bytes)", "invalid_request"))
+                                                   f"{self._limits.max_header_bytes} bytes)", "invalid_request"),
+                    linger=True)
 
 
 class _Uvicorn(uvicorn.Server):
