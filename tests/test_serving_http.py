@@ -160,6 +160,7 @@ def test_the_seed_drawn_for_a_request_reproduces_it(served):
 @pytest.mark.parametrize("body,status,param,code", [
     (b'{"prompt": "a fox", ', 400, None, "invalid_json"),
     (b'["a fox"]', 400, None, "invalid_json"),
+    (b'{"prompt": "a fox", "seed": ' + b"9" * 5000 + b"}", 400, None, "invalid_json"),   # over Python's digit limit
     ({"prompt": "a fox", "colour": "red", "mood": "calm"}, 400, "colour", "unknown_parameter"),
     ({"size": "64x64"}, 400, "prompt", "missing_required_parameter"),
     ({"prompt": "a fox", "size": "100x100"}, 400, "size", "invalid_value"),
@@ -204,6 +205,9 @@ def test_body_over_the_limit_is_413(pipe):
         assert engine.metrics()["model_calls"] == 0
         r = httpx.get(server.url + "/nowhere", timeout=T)
         assert_error(r, 404, code="not_found")
+        for method in ("PUT", "PATCH"):   # was 415 (the body-type check ran before routing)
+            r = httpx.request(method, server.url + GENERATIONS_PATH, json={"prompt": "x"}, timeout=T)
+            assert_error(r, 405, code="method_not_allowed")
 
 
 def test_work_over_the_engines_limit_is_a_400_before_any_work(pipe):
@@ -212,6 +216,8 @@ def test_work_over_the_engines_limit_is_a_400_before_any_work(pipe):
     with running(pipe, EngineConfig(gather_timeout_s=0.05, max_token_steps=2000)) as (server, engine):
         err = assert_error(post(server, {"prompt": "a fox", "size": "256x256", "n": 2}), 400)
         assert "max_token_steps" in err["message"], err
+        # the advice is the server's flag, not generate's Python arguments a client cannot set
+        assert "ralu serve --max-token-steps" in err["message"] and "limits=" not in err["message"], err
         assert engine.metrics()["model_calls"] == 0
         r = post(server, {"prompt": "a fox", "size": "64x64", "n": 1, "speedup": "none", "steps": 2})
         assert r.status_code == 200, r.text

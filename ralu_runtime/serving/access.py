@@ -31,7 +31,7 @@ LOOPBACK_NAMES = ("localhost", "127.0.0.1", "::1")
 # request body media types by path (default JSON only); the image upload endpoint takes multipart forms only.
 # Requests from a browser page not in the CORS list never get through: see Guard.
 BODY_TYPES: dict[str, tuple[str, ...]] = {"/v1/images/edits": ("multipart/form-data",)}
-_BODY_METHODS = ("POST", "PUT", "PATCH")
+_BODY_METHODS = ("POST",)  # the only method with a body that a route takes (PUT / PATCH: the router's 405)
 _KEY_CHARS = re.compile(r"[\x21-\x7e]+")          # printable ASCII without spaces: what a header can carry
 
 

@@ -18,6 +18,7 @@ import logging
 import math
 import re
 import secrets
+import sys
 import threading
 import time
 from dataclasses import dataclass
@@ -271,6 +272,8 @@ def submit_error(exc: BaseException, retry_after) -> ApiError | None:
     None for anything else (a bug: the app's 500 handler). ``retry_after()``: the Retry-After seconds."""
     if isinstance(exc, (ValueError, TypeError)):
         msg = one_line(exc)
+        if ", or raise it with limits=" in msg:  # generate's advice to a Python caller; a client cannot raise it
+            msg = msg.split(", or raise it with limits=")[0] + " (a bound of this server: ralu serve --max-token-steps)"
         param = _param_of(msg)
         return ApiError(400, msg, param=param, code="invalid_mask" if param == "mask" else "invalid_value")
     if isinstance(exc, (EngineBusy, EngineClosed)):
@@ -353,6 +356,9 @@ async def read_body(request: Request, max_body_bytes: int):
     except RecursionError:
         raise ApiError(400, "the request body is not valid JSON: nested too deeply", code="invalid_json") from None
     except (ValueError, UnicodeDecodeError) as exc:
+        if "integer string conversion" in str(exc):  # Python's digit limit; its advice (sys.set_int_max_...) is ours
+            raise ApiError(400, f"the request body holds an integer of over {sys.get_int_max_str_digits()} digits",
+                           code="invalid_json") from None
         raise ApiError(400, f"the request body is not valid JSON: {one_line(exc)[:200]}",
                        code="invalid_json") from None
 
