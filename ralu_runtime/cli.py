@@ -21,7 +21,7 @@ from pathlib import Path
 
 from .families import CPU_FRAMES, EDIT_PIPELINES, FAMILIES, TINY_SIZE, TINY_TEXT_LEN, family_for_pipeline
 from .families import TINY_MODELS as _TINY
-from .limits import MAX_GUIDANCE_SCALE, MAX_SEED, MAX_SEQUENCE_LENGTH, MAX_STEPS
+from .limits import MAX_GUIDANCE_SCALE, MAX_SEED, MAX_SEQUENCE_LENGTH, MAX_STEPS, MAX_TIMEOUT_S
 from .versions import installed_version
 
 EXIT_FAILURE, EXIT_USAGE = 1, 2
@@ -649,6 +649,9 @@ def check_serve(args) -> ServePlan:
     for flag, value, lo in timeouts:
         if value is not None and not (math.isfinite(value) and (value > 0 if lo is None else value >= lo)):
             raise UsageError(f"{flag} {value} is not allowed: need seconds {'> 0' if lo is None else '>= 0'}")
+    if args.request_timeout > MAX_TIMEOUT_S:
+        raise UsageError(f"--request-timeout {args.request_timeout} is not allowed: need seconds <= {MAX_TIMEOUT_S:g} "
+                         "(7 days, the largest 'timeout' a request may give)")
     _check_int("--max-connections", args.max_connections, 1, 1 << 20)
     api_keys = _serve_api_keys(args)
     from .serving.access import check_access_names

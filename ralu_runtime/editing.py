@@ -301,7 +301,10 @@ def _check_mask(pipe, mask_image, height: int, width: int, batch: int) -> torch.
                          "white pixels: white = repaint; a small white area can vanish when the mask is resized to "
                          "the output size)")
     if batch % mask.shape[0]:
-        raise ValueError(f"got {mask.shape[0]} masks for a batch of {batch}: the number of masks must divide it")
+        hint = (f" (a 3-D tensor is read as (n, H, W) masks: give one mask as (1, {height}, {width}) or (H, W))"
+                if isinstance(mask_image, torch.Tensor) and mask_image.ndim == 3 else "")
+        raise ValueError(f"got {mask.shape[0]} masks for a batch of {batch}: the number of masks must divide it"
+                         + hint)
     return mask
 
 

@@ -29,6 +29,7 @@ DEFAULT_MAX_TOKEN_STEPS = 2**24
 # The ranges of single arguments, shared by generate, the CLI and the server (this module imports no torch):
 MAX_STEPS = 1000                 # num_inference_steps / --steps / "steps": 1..MAX_STEPS
 MAX_SEQUENCE_LENGTH = 512        # text tokens: 1..MAX_SEQUENCE_LENGTH
+MAX_TIMEOUT_S = 7 * 86400.0      # a request's deadline (HTTP 'timeout', ralu serve --request-timeout): 7 days
 MAX_SEED = 2**63 - 1             # seeds: 0..MAX_SEED (a CPU torch.Generator's seed as a non-negative int64)
 MAX_GUIDANCE_SCALE = 100.0       # guidance_scale / --guidance / "guidance_scale": 0..MAX_GUIDANCE_SCALE (the
                                  # published models use 1..10; far beyond, a model's output is saturated noise)

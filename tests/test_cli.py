@@ -515,6 +515,7 @@ SERVE_BAD = [
     (["--max-queue", "-1"], "--max-queue -1"),
     (["--token-budget", "0"], "--token-budget 0"),
     (["--request-timeout", "0"], "--request-timeout 0"),
+    (["--request-timeout", "1e10"], "need seconds <= 604800 (7 days"),   # a request's own timeout is capped there
     (["--grace", "nan"], "--grace nan"),
     (["--max-upload-mb", "0"], "--max-upload-mb 0"),
     (["--max-upload-pixels", "0"], "--max-upload-pixels 0"),

@@ -266,6 +266,7 @@ def test_unsupported_edit_requests_are_refused(flux_pipe, flux_i2i, flux_inpaint
     _refuses(flux_inpaint, "give mask_image")
     _refuses(flux_i2i, "no pixel to repaint", mask_image=torch.zeros(1, 1, H, W))
     _refuses(flux_i2i, "number of masks must divide", mask_image=torch.ones(3, 1, H, W), num_images_per_prompt=2)
+    _refuses(flux_i2i, r"a 3-D tensor is read as \(n, H, W\) masks", mask_image=torch.ones(3, H, W))
     fill = type("Fill", (), {"config": type("C", (), {"in_channels": 384})()})()  # FLUX.1 Fill's input width
     from ralu_runtime.editing import check_edit
 

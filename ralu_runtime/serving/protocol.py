@@ -33,7 +33,7 @@ except ImportError as _exc:  # pragma: no cover - exercised in a subprocess by t
     raise ImportError(f"the ralu HTTP server needs {_exc.name or 'fastapi and prometheus_client'}, which is not "
                       "installed: pip install -e '.[serve]' (fastapi, uvicorn, prometheus_client)") from _exc
 
-from ..limits import MAX_GUIDANCE_SCALE, MAX_SEED, MAX_STEPS
+from ..limits import MAX_GUIDANCE_SCALE, MAX_SEED, MAX_STEPS, MAX_TIMEOUT_S
 from .access import AccessPolicy, is_loopback, parse_api_keys
 from .engine import DeadlineExceeded, EngineBusy, EngineClosed, RequestCancelled
 
@@ -69,7 +69,8 @@ REQUEST_FIELDS = {
 IGNORED_FIELDS = ("quality", "style", "background", "moderation")
 # numeric fields: (lowest, highest) allowed, both included (n: up to the server's max_images)
 RANGES = {"n": (1, MAX_IMAGES), "seed": (0, MAX_SEED), "steps": (1, MAX_STEPS),
-          "guidance_scale": (0.0, MAX_GUIDANCE_SCALE), "timeout": (0.001, 7 * 86400.0), "output_compression": (0, 100),
+          "guidance_scale": (0.0, MAX_GUIDANCE_SCALE), "timeout": (0.001, MAX_TIMEOUT_S),
+          "output_compression": (0, 100),
           "strength": (0.0, 1.0)}
 OPEN_BELOW = {"strength"}  # fields whose RANGES low end is excluded (strength 0 would leave the image as it is)
 OUTPUT_FORMATS = {"png": "PNG", "jpeg": "JPEG", "webp": "WEBP"}
