@@ -106,6 +106,47 @@ def test_missing_file_is_false_and_bad_key_arguments(tmp_path):
         _key(tmp_path / "missing.key")
 
 
+def test_a_fresh_home_gets_its_cache_folders_and_bad_paths_are_artifact_errors(tmp_path, monkeypatch):
+    """Folders above the cache folder that do not exist yet (a fresh home without ~/.cache) are created, 0700:
+    the ancestor check stat-ed them first and raised FileNotFoundError; a file in the way, a path or key of the
+    wrong type, an undecodable manifest and a signed bundle torch cannot read are errors that say so."""
+    from ralu_runtime.compile import enable_persistent_cache
+    from ralu_runtime.compile.artifacts import _key
+
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "before"))
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))   # no such folder yet
+    monkeypatch.delenv("RALU_CACHE_DIR", raising=False)
+    made = enable_persistent_cache()
+    assert made == tmp_path / "home" / ".cache" / "ralu" / "inductor" and made.is_dir()
+    for folder in (made, made.parent, made.parent.parent, made.parents[2]):
+        assert folder.stat().st_mode & 0o777 == 0o700, folder
+    monkeypatch.setenv("RALU_CACHE_DIR", str(tmp_path / "x" / "y"))
+    assert len(_key(None)) == 32 and (tmp_path / "x" / "y" / "artifact.key").is_file()   # the default key file
+    (tmp_path / "file").write_text("")
+    with pytest.raises(ArtifactError, match="a file is in the way"):
+        enable_persistent_cache(tmp_path / "file")
+    with pytest.raises(ArtifactError, match="a file is in the way"):
+        enable_persistent_cache(tmp_path / "file" / "sub")
+    with pytest.raises(TypeError, match="path=None: give the bundle's file path"):
+        load_compile_artifacts(None)
+    with pytest.raises(TypeError, match="key=int"):
+        _key(123)
+
+
+def test_an_undecodable_manifest_and_an_unreadable_signed_bundle_are_refused(tmp_path, monkeypatch):
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "inductor"))
+    key = _key_file(tmp_path / "artifact.key", "11" * 32)
+    bundle = tmp_path / "bundle.bin"
+    bundle.write_bytes(b"not a torch bundle")
+    (tmp_path / "bundle.bin.manifest.json").write_bytes(b"\xff\xfe{}")
+    with pytest.raises(ArtifactError, match="unreadable manifest"):
+        load_compile_artifacts(bundle, key=key)
+    data = bundle.read_bytes()   # signed with the right key: verified, then torch cannot unpickle it
+    (tmp_path / "bundle.bin.manifest.json").write_text(json.dumps(_manifest(data, bytes.fromhex("11" * 32))))
+    with pytest.raises(ArtifactError, match="torch could not read the bundle"):
+        load_compile_artifacts(bundle, key=key)
+
+
 _SAVE = """
 import sys, torch
 from ralu_runtime.compile import enable_persistent_cache, save_compile_artifacts

@@ -96,9 +96,21 @@ def _check_contents(path: Path) -> None:
 def _private_dir(path: Path, *, contents: bool = True) -> Path:
     """Create ``path`` (mode 0700) or make this user's existing folder 0700; a folder of another user, a folder
     above it that others can write (:func:`_check_ancestors`) or, with ``contents``, anything inside that is not
-    this user's own plain file or folder (:func:`_check_contents`) is refused (ArtifactError) and left as it is."""
-    _check_ancestors(path)
-    path.mkdir(parents=True, exist_ok=True, mode=0o700)
+    this user's own plain file or folder (:func:`_check_contents`) is refused (ArtifactError) and left as it is.
+    Missing folders above it (a fresh home without ``~/.cache``) are created with mode 0700 too."""
+    path = path.absolute()
+    try:
+        for parent in reversed(path.parents):  # the missing ones, top down: checked below with the others
+            if not parent.exists():
+                parent.mkdir(mode=0o700, exist_ok=True)
+        _check_ancestors(path)
+        path.mkdir(exist_ok=True, mode=0o700)
+    except (FileExistsError, NotADirectoryError) as exc:
+        raise ArtifactError(f"{path}: cannot be a folder, a file is in the way ({exc.filename}); give a folder "
+                            "path (cache_dir= or RALU_CACHE_DIR)") from None
+    except PermissionError as exc:
+        raise ArtifactError(f"{path}: cannot create it ({exc.strerror}: {exc.filename}); give a folder of your own "
+                            "(cache_dir= or RALU_CACHE_DIR)") from None
     st = path.lstat()
     if stat.S_ISLNK(st.st_mode):
         raise ArtifactError(f"{path} is a symbolic link; give ralu the real folder (its contents are loaded as code)")
@@ -164,9 +176,19 @@ def enable_persistent_cache(cache_dir: str | os.PathLike | None = None) -> Path:
     return path
 
 
+def _bundle_path(path) -> Path:
+    """``path`` of a bundle as a Path; TypeError naming it for anything but a str or os.PathLike."""
+    if not isinstance(path, (str, os.PathLike)):
+        raise TypeError(f"path={path!r}: give the bundle's file path (a str or os.PathLike)")
+    return Path(path)
+
+
 def _key(key) -> bytes:
     """The HMAC key (at least :data:`MIN_KEY_BYTES` bytes): bytes, a hex string, a key file (this user's, mode 0600
     or 0400, holding hex), ``$RALU_ARTIFACT_KEY_FILE``, or the default key file (created on first use)."""
+    if key is not None and not isinstance(key, (bytes, str, os.PathLike)):
+        raise TypeError(f"key={type(key).__name__}: give bytes, a hex string or a key file path (or None: "
+                        "$RALU_ARTIFACT_KEY_FILE or the default key file)")
     if isinstance(key, bytes):
         if len(key) < MIN_KEY_BYTES:
             raise ValueError(f"key: {len(key)} bytes; use at least {MIN_KEY_BYTES} random bytes "
@@ -226,11 +248,11 @@ def save_compile_artifacts(path: str | os.PathLike, *, key=None) -> int:
     """Write torch's portable compile-cache bundle (everything compiled in this process) to ``path`` and its
     signed manifest to ``<path>.manifest.json``. Returns the bundle's bytes (0: nothing compiled, nothing
     written)."""
+    path = _bundle_path(path)
     saved = torch.compiler.save_cache_artifacts()
     if saved is None:
         return 0
     data, _info = saved
-    path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     manifest = {"format": FORMAT, "file": path.name, "size": len(data), "sha256": hashlib.sha256(data).hexdigest(),
                 "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), **environment()}
@@ -244,14 +266,14 @@ def verify_compile_artifacts(path: str | os.PathLike, *, key=None, data: bytes |
     """Check a bundle against its manifest, the key and this environment; returns the manifest or raises
     :class:`ArtifactError` saying what does not match. Reads the file's bytes only (nothing is unpickled);
     ``data``: the bundle's bytes when already read (so the bytes checked are the bytes loaded)."""
-    path = Path(path)
+    path = _bundle_path(path)
     mpath = _manifest_path(path)
     if not mpath.exists():
         raise ArtifactError(f"{path}: no manifest {mpath.name}; ralu loads only bundles written by "
                             "save_compile_artifacts (pass trust=True for a file you vouch for)")
     try:
         manifest = json.loads(mpath.read_text())
-    except (OSError, json.JSONDecodeError) as exc:
+    except (OSError, ValueError) as exc:  # JSONDecodeError, UnicodeDecodeError
         raise ArtifactError(f"{mpath}: unreadable manifest ({exc})") from None
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
         raise ArtifactError(f"{mpath}: not a {FORMAT} manifest")
@@ -277,7 +299,7 @@ def load_compile_artifacts(path: str | os.PathLike, *, key=None, trust: bool = F
     """Load a bundle written by :func:`save_compile_artifacts` (in a fresh process, before compiling), after
     :func:`verify_compile_artifacts` (skipped with ``trust=True``). Returns False when the file does not exist.
     A bundle, manifest or folder that other users can write is refused even with ``trust=True``."""
-    p = Path(path)
+    p = _bundle_path(path)
     if not p.exists():
         return False
     if not p.is_file():
@@ -301,5 +323,7 @@ def load_compile_artifacts(path: str | os.PathLike, *, key=None, trust: bool = F
     from torch._inductor.runtime.cache_dir_utils import cache_dir
 
     _private_dir(Path(cache_dir()))
-    torch.compiler.load_cache_artifacts(data)
+    if torch.compiler.load_cache_artifacts(data) is None:  # torch logs the unpickling failure and goes on
+        raise ArtifactError(f"{p}: torch could not read the bundle (corrupt, or written by another torch build): "
+                            "nothing was loaded; compile afresh and save a new bundle")
     return True
