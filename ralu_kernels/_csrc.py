@@ -17,6 +17,7 @@ from __future__ import annotations
 import importlib
 import logging
 import os
+import warnings
 from typing import Optional, Tuple
 
 import torch
@@ -53,12 +54,25 @@ def _register_fake() -> None:
     _FAKE_REGISTERED = True
 
 
+def csrc_disabled() -> bool:
+    """Whether ``RALU_DISABLE_CSRC`` disables the CUDA op: any value but unset, empty, 0 / false / no / off (any
+    case, spaces around ignored); a value other than 1 / true / yes / on disables it with a warning (it was
+    ignored unless exactly "1")."""
+    value = os.environ.get("RALU_DISABLE_CSRC", "").strip().lower()
+    if value in ("", "0", "false", "no", "off"):
+        return False
+    if value not in ("1", "true", "yes", "on"):
+        warnings.warn(f"RALU_DISABLE_CSRC={os.environ['RALU_DISABLE_CSRC']!r} is read as 'disable the CUDA op' (use "
+                      "1 / true / yes / on, or 0 / false / no / off)", stacklevel=2)
+    return True
+
+
 def load_csrc() -> bool:
     """Import ``ralu_kernels._C`` if present; True when ``torch.ops.ralu.stage_transition`` is usable."""
     global _LOADED
     if _LOADED is not None:
         return _LOADED
-    if os.environ.get("RALU_DISABLE_CSRC") == "1":
+    if csrc_disabled():
         _LOADED = False
         return False
     try:

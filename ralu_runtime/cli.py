@@ -1143,8 +1143,10 @@ def _csrc_status(torch) -> tuple[bool, str]:
     import importlib
     import importlib.util
 
-    if os.environ.get("RALU_DISABLE_CSRC") == "1":
-        return False, "disabled by RALU_DISABLE_CSRC=1"
+    from ralu_kernels._csrc import csrc_disabled
+
+    if csrc_disabled():
+        return False, f"disabled by RALU_DISABLE_CSRC={os.environ['RALU_DISABLE_CSRC']}"
     if importlib.util.find_spec("ralu_kernels._C") is None:
         if torch.version.cuda is None:
             return False, (f"not built: torch {torch.__version__} is a CPU build (the extension is compiled at "
@@ -1251,13 +1253,31 @@ def collect_info() -> dict:
                                for m in measured],
         "paths": {"cache_dir": str(root), "cache_dir_exists": root.is_dir(),
                   "inductor_cache": str(inductor), "inductor_cache_exists": inductor.is_dir(),
-                  "artifact_key": str(key), "artifact_key_exists": key.is_file()},
+                  "artifact_key": str(key), "artifact_key_exists": key.is_file(),
+                  "artifact_key_status": _key_status(key, from_env=bool(key_env))},
         "env": {k: v for k, v in env.items() if v is not None},
     }
 
 
 def _exists(flag: bool) -> str:
     return "exists" if flag else "absent"
+
+
+def _key_status(key: Path, from_env: bool) -> str:
+    """What save/load_compile_artifacts would make of the artifact key file ``key`` (nothing is created): "ok",
+    "absent; created by the first save_compile_artifacts", or why it would be refused."""
+    from .compile.artifacts import ArtifactError, _key
+
+    if not key.exists():
+        return ("refused: $RALU_ARTIFACT_KEY_FILE names no file (it is not created: save and load refuse)"
+                if from_env else "absent; created by the first save_compile_artifacts")
+    if not key.is_file():
+        return "refused: not a regular file"
+    try:
+        _key(key)
+    except (ArtifactError, ValueError, OSError) as exc:
+        return f"refused: {' '.join(str(exc).split())}"
+    return "ok"
 
 
 def format_info(info: dict) -> str:
@@ -1292,12 +1312,12 @@ def format_info(info: dict) -> str:
                      + (f"; skipped {', '.join(m['skipped'])}" if m["skipped"] else "")))
     rows.append(("", ""))
     env = "" if "RALU_CACHE_DIR" in info["env"] else ", RALU_CACHE_DIR not set"
-    rows.append(("cache folder", f"{p['cache_dir']} ({_exists(p['cache_dir_exists'])}{env})"))
+    state = ("not a folder: a file is in the way" if Path(p["cache_dir"]).exists() and not p["cache_dir_exists"]
+             else _exists(p["cache_dir_exists"]))
+    rows.append(("cache folder", f"{p['cache_dir']} ({state}{env})"))
     rows.append(("inductor cache", f"{p['inductor_cache']} ({_exists(p['inductor_cache_exists'])}; used after "
                                    "ralu_runtime.compile.enable_persistent_cache())"))
-    rows.append(("artifact key", f"{p['artifact_key']} ({_exists(p['artifact_key_exists'])}; created by the first "
-                                 "save_compile_artifacts)" if not p["artifact_key_exists"] else
-                 f"{p['artifact_key']} (exists)"))
+    rows.append(("artifact key", f"{p['artifact_key']} ({p['artifact_key_status']})"))
     for name, value in info["env"].items():
         rows.append((f"${name}", value))
     width = max(len(k) for k, _ in rows) + 2

@@ -428,7 +428,21 @@ def test_info_json(tmp_path, monkeypatch, capsys):
     assert set(usable) | set(info["compile_backends"]["unavailable"]) == set(BACKENDS)
     assert all(info["compile_backends"]["unavailable"].values())
     assert info["paths"]["cache_dir"] == str(cache) and info["paths"]["artifact_key"] == str(cache / "artifact.key")
+    assert info["paths"]["artifact_key_status"] == "absent; created by the first save_compile_artifacts"
     assert not cache.exists()  # info only looks
+    # a key file named by $RALU_ARTIFACT_KEY_FILE is never created, and one that would be refused says why
+    for text, mode, status in ((None, None, "refused: $RALU_ARTIFACT_KEY_FILE names no file"),
+                               ("not hex", 0o600, "refused: "), ("11" * 32, 0o644, "refused: "),
+                               ("11" * 32, 0o600, "ok")):
+        keyfile = tmp_path / f"key-{mode}-{bool(text)}"
+        if text is not None:
+            keyfile.write_text(text)
+            keyfile.chmod(mode)
+        monkeypatch.setenv("RALU_ARTIFACT_KEY_FILE", str(keyfile))
+        assert cli.main(["info", "--json"]) == 0
+        got = json.loads(capsys.readouterr().out)["paths"]["artifact_key_status"]
+        assert got.startswith(status), (text, mode, got)
+    monkeypatch.delenv("RALU_ARTIFACT_KEY_FILE")
     import importlib.util
 
     from ralu_runtime.compile.fp8 import resolve_kernel

@@ -351,6 +351,26 @@ def test_load_csrc_false_without_extension(monkeypatch):
                                    num_up=0, **SCALARS)
 
 
+@pytest.mark.parametrize("value,disabled,warns", [
+    (None, False, False), ("", False, False), ("0", False, False), ("off", False, False), (" False ", False, False),
+    ("1", True, False), ("true", True, False), (" YES", True, False), ("on", True, False),
+    ("disable", True, True),   # was ignored (only "1" disabled the op): now disabled, with a warning
+])
+def test_disable_csrc_values(monkeypatch, value, disabled, warns):
+    import warnings
+
+    from ralu_kernels._csrc import csrc_disabled
+
+    if value is None:
+        monkeypatch.delenv("RALU_DISABLE_CSRC", raising=False)
+    else:
+        monkeypatch.setenv("RALU_DISABLE_CSRC", value)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert csrc_disabled() is disabled
+    assert bool(caught) == warns
+
+
 def test_load_csrc_broken_extension_does_not_raise(monkeypatch):
     csrc = _fresh_csrc(monkeypatch)
 
