@@ -416,7 +416,7 @@ def test_onnx_refuses_a_bfloat16_model_before_any_work(monkeypatch):
     ("onnx", {"dynamic": False}, "dynamic=False"),
     ("eager", {"dynamo_backend": "eager"}, "dynamo_backend='eager'"),
     ("inductor", {"dynamo_backend": "eager", "mode": "max-autotune"}, "dynamo_backend='eager' replaces inductor"),
-    ("inductor", {"opset": 17}, "opset=17"),
+    ("inductor", {"opset": 19}, "opset=19"),
     ("eager", {"providers": ["CPUExecutionProvider"]}, "providers=['CPUExecutionProvider']"),
     ("onnx", {"cuda_graphs": True}, "cuda_graphs=True"),
     ("onnx", {"attn_backend": "measure"}, "attn_backend='measure'"),
@@ -432,7 +432,7 @@ def test_options_a_backend_would_ignore_are_refused(backend, options, unused):
 
 @pytest.mark.parametrize("backend,options", [
     ("eager", {"compile_vae": True, "dynamo_backend": "eager"}),  # the VAE's torch.compile backend
-    ("onnx", {"onnx_dir": "graphs", "opset": 17, "providers": ["CPUExecutionProvider"], "cuda_graphs": False}),
+    ("onnx", {"onnx_dir": "graphs", "opset": 19, "providers": ["CPUExecutionProvider"], "cuda_graphs": False}),
     ("tensorrt", {"onnx_dir": "graphs", "cuda_graphs": True}),   # flavour-dependent: checked when it is known
     ("inductor", {"mode": "max-autotune", "dynamic": False, "attn_backend": "measure"}),
     ("eager", {"precision": "fp8", "fused_qkv": False}),
@@ -441,9 +441,28 @@ def test_options_a_backend_uses_are_accepted(backend, options):
     assert make_options(backend, options).unused() == []
 
 
+@pytest.mark.parametrize("options,error,match", [
+    # opsets 14-17 exported graphs onnxruntime refused after the model's first calls; 21-23 were written as 20
+    ({"opset": 17}, ValueError, r"opset=17: use an ONNX opset between 18 and 20"),
+    ({"opset": 21}, ValueError, r"opset=21: use an ONNX opset between 18 and 20"),
+    # torch's InvalidBackend / "'int' object is not callable" after text encoding
+    ({"dynamo_backend": "bogus"}, ValueError, r"dynamo_backend='bogus': use one of torch.compile's backends"),
+    ({"dynamo_backend": 123}, ValueError, r"dynamo_backend=123"),
+    # a string was iterated per character by onnxruntime ("Unknown Provider Type: C"), then ran on the CPU
+    ({"providers": "CPUExecutionProvider"}, TypeError, r"providers='CPUExecutionProvider': give a non-empty list"),
+    ({"providers": []}, TypeError, r"providers=\[\]"),
+    ({"onnx_dir": 5}, TypeError, r"onnx_dir=5: give a folder path"),
+    # onnxruntime fell back to the CPU without a word
+    ({"providers": ["BogusProvider"]}, ValueError, r"'BogusProvider' is no onnxruntime provider"),
+])
+def test_option_values_are_checked_before_any_work(options, error, match):
+    with pytest.raises(error, match=match):
+        make_options("onnx" if "dynamo_backend" not in options else "inductor", options)
+
+
 @pytest.mark.parametrize("flavour,options,unused", [
     ("torch_tensorrt", {"onnx_dir": "graphs"}, "onnx_dir='graphs'"),
-    ("torch_tensorrt", {"opset": 17}, "opset=17"),
+    ("torch_tensorrt", {"opset": 19}, "opset=19"),
     ("tensorrt", {"cuda_graphs": True}, "cuda_graphs=True"),
     ("tensorrt", {"providers": ["TensorrtExecutionProvider"]}, "providers="),
     ("ort-trt", {"cuda_graphs": True}, "cuda_graphs=True"),
@@ -459,4 +478,4 @@ def test_tensorrt_flavour_refuses_what_it_would_ignore(monkeypatch, flavour, opt
     monkeypatch.setattr(T, "tensorrt_flavour", lambda: flavour)
     with pytest.raises(ValueError, match=re.escape(unused)):
         compile_adapter(_fresh_flux(), "tensorrt", **options)
-    check_flavour_options(make_options("tensorrt", {"opset": 17} if flavour != "torch_tensorrt" else {}), flavour)
+    check_flavour_options(make_options("tensorrt", {"opset": 19} if flavour != "torch_tensorrt" else {}), flavour)

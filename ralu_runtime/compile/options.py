@@ -1,6 +1,7 @@
 """Backend names and the options of a compiled model call (:class:`CompileOptions`), and build records."""
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from typing import Any
 
@@ -9,6 +10,27 @@ ATTN_BACKENDS = ("auto", "default", "cudnn", "flash", "efficient", "math", "meas
 MODES = ("default", "max-autotune", "reduce-overhead")
 PRECISIONS = ("auto", "bf16", "fp16", "fp32", "fp8")
 FP8_KERNELS = ("auto", "torchao", "scaled_mm", "emulated")
+# ONNX opsets the onnx backend runs (torch 2.13's TorchScript exporter with onnxruntime, 2026-12-07): 14-17 export
+# CastLike / ReduceMean forms onnxruntime refuses at that opset; above 20 the exporter writes 20
+OPSETS = (18, 20)
+
+
+def _check_providers(providers) -> None:
+    """ValueError for onnxruntime providers this installation does not have (onnxruntime falls back to the CPU
+    without an error, so a typo or a missing onnxruntime-gpu ran on the CPU). Nothing to check without
+    onnxruntime (the backend itself is refused then)."""
+    try:
+        import onnxruntime as ort
+    except ImportError:
+        return
+    avail = ort.get_available_providers()
+    missing = [p for p in providers if p not in avail]
+    if missing:
+        known = set(ort.get_all_providers())
+        what = "; ".join(f"{p!r} is " + ("not built into this onnxruntime" if p in known else "no onnxruntime provider")
+                         for p in missing)
+        raise ValueError(f"providers={list(providers)!r}: {what}; available here: {', '.join(avail)} (for CUDA: pip "
+                         "install onnxruntime-gpu instead of onnxruntime)")
 
 
 @dataclass
@@ -52,8 +74,25 @@ class CompileOptions:
                 raise TypeError(f"{name}={v!r}: use True, False or None (automatic)")
         if not isinstance(self.dynamic, bool):
             raise TypeError(f"dynamic={self.dynamic!r}: use True or False")
-        if not isinstance(self.opset, int) or isinstance(self.opset, bool) or not 14 <= self.opset <= 23:
-            raise ValueError(f"opset={self.opset!r}: use an ONNX opset between 14 and 23")
+        if not isinstance(self.opset, int) or isinstance(self.opset, bool) or not OPSETS[0] <= self.opset <= OPSETS[1]:
+            raise ValueError(f"opset={self.opset!r}: use an ONNX opset between {OPSETS[0]} and {OPSETS[1]} (below, "
+                             "the export holds ops onnxruntime refuses at that opset; above, torch's TorchScript "
+                             "exporter writes opset 20 anyway)")
+        if self.dynamo_backend is not None and not callable(self.dynamo_backend):
+            import torch._dynamo
+
+            known = torch._dynamo.list_backends(exclude_tags=())
+            if self.dynamo_backend not in known:
+                raise ValueError(f"dynamo_backend={self.dynamo_backend!r}: use one of torch.compile's backends "
+                                 f"({', '.join(known)}) or a callable backend")
+        if self.providers is not None and (not isinstance(self.providers, (list, tuple)) or not self.providers
+                                           or not all(isinstance(p, str) for p in self.providers)):
+            raise TypeError(f"providers={self.providers!r}: give a non-empty list of onnxruntime provider names "
+                            "(e.g. ['CUDAExecutionProvider', 'CPUExecutionProvider'])")
+        if self.providers is not None and self.backend == "onnx":
+            _check_providers(self.providers)
+        if self.onnx_dir is not None and not isinstance(self.onnx_dir, (str, os.PathLike)):
+            raise TypeError(f"onnx_dir={self.onnx_dir!r}: give a folder path (str or os.PathLike)")
         unused = self.unused()
         if unused:
             raise ValueError(f"backend={self.backend!r} would ignore " + "; ".join(unused) + ": drop them or choose "
