@@ -760,6 +760,28 @@ def _resolve_order(order, num_up, src_index, group, child, check_values) -> Tupl
 # ---------------------------------------------------------------------------------------------
 # dispatcher
 # ---------------------------------------------------------------------------------------------
+def impl_unusable(impl: str, device) -> Optional[str]:
+    """Why the transition implementation ``impl`` cannot run on ``device`` (None when it can; "auto" and "torch"
+    always can): checked before a call's model work instead of at its first transition."""
+    device = torch.device(device)
+    if impl == "cuda":
+        if device.type != "cuda":
+            return f"impl='cuda' runs on CUDA devices; this pipeline is on {device}"
+        try:
+            from . import _csrc
+
+            ok = bool(_csrc.load_csrc())
+        except Exception:  # noqa: BLE001 - extension missing or broken
+            ok = False
+        if not ok:
+            return ("impl='cuda': the CUDA op torch.ops.ralu.stage_transition is not available (build "
+                    "ralu_kernels._C with a CUDA build of torch; `ralu info` says why)")
+    if impl == "triton" and not _triton_usable(device):
+        return (f"impl='triton' needs triton and a CUDA device, or TRITON_INTERPRET=1 on a CPU; this pipeline is on "
+                f"{device}" + ("" if HAS_TRITON else " and triton is not importable"))
+    return None
+
+
 def _csrc_usable(x: torch.Tensor, out: Optional[torch.Tensor]) -> bool:
     if x.device.type != "cuda" or (out is not None and out.dtype != x.dtype):
         return False

@@ -640,6 +640,13 @@ def prepare(pipe, prompt: str | list[str] | None = None, *, height: int | None =
         raise ValueError(f"speedup={getattr(speedup, 'name', speedup)!r}: RALU's stage transitions run float32, "
                          f"bfloat16 or float16 models; this one is {adapter.dtype} (speedup=None runs it, or move "
                          "the pipeline to one of those dtypes)")
+    if schedule is not None and transition_impl in ("cuda", "triton"):
+        from ralu_kernels.transition import impl_unusable
+
+        why = impl_unusable(transition_impl, adapter.device)
+        if why:
+            raise ValueError(f"transition_impl={transition_impl!r} cannot run here: {why}; use 'auto' (the fastest "
+                             "one that runs) or 'torch'")
     integration = scheduler_integration(adapter, schedule is not None, solver)
     from .channel_cond import check_channels, default_guidance, default_steps
     from .editing import check_edit

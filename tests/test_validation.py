@@ -75,6 +75,9 @@ BAD = [
     # a tensor given where a name goes was printed whole in the error line
     (dict(edge_map=torch.zeros(1, 64, 64)), ValueError, "edge_map=<Tensor of shape (1, 64, 64)> is not allowed"),
     (dict(transition_impl="cuda2"), ValueError, "transition_impl='cuda2'"),
+    # was a RuntimeError at the first transition, after stage 1's model calls
+    *([(dict(transition_impl="cuda"), ValueError, "transition_impl='cuda' cannot run here: impl='cuda' runs on CUDA")]
+      if not torch.cuda.is_available() else []),
     (dict(generator=5, seed=None), TypeError, "generator=5"),
     (dict(generator=[torch.Generator(), None], seed=None), TypeError, "generator[1]=None"),
     (dict(generator=[torch.Generator()] * 3, seed=None), ValueError, "3 generators for a batch of 1"),
@@ -261,3 +264,16 @@ def test_text_masks_are_checked(flux, mask, exc, text):
     finally:
         counter.close()
     assert counter.n == 0
+
+
+def test_transition_impl_is_checked_against_the_device(monkeypatch):
+    """``transition_impl="triton"`` on a CPU needs TRITON_INTERPRET=1 (read when the kernel runs), "cuda" a CUDA
+    device and the built op; "auto" and "torch" run anywhere."""
+    from ralu_kernels.transition import HAS_TRITON, impl_unusable
+
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    assert "TRITON_INTERPRET=1 on a CPU" in impl_unusable("triton", "cpu")
+    assert "runs on CUDA devices" in impl_unusable("cuda", "cpu")
+    assert impl_unusable("auto", "cpu") is None and impl_unusable("torch", "cpu") is None
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    assert (impl_unusable("triton", "cpu") is None) == HAS_TRITON
