@@ -366,6 +366,11 @@ def test_refusals_before_any_work():
     with pytest.raises(ValueError, match="transformer_2.blocks.0 carries diffusers hooks \\(my_state"):
         generate(pipe, "a cat", progress=False, **KW)
     registry.remove_hook("my_state")
+    for bad in (1e30, -1e6, float("nan")):   # 1e30 failed as non-finite latents after every stage; -1e6 ran
+        get_adapter(pipe).guidance_scale_2 = bad
+        with pytest.raises(ValueError, match=r"guidance_scale_2=.* is not allowed: need a number in \[0, 100\]"):
+            generate(pipe, "a cat", progress=False, **KW)
+    get_adapter(pipe).guidance_scale_2 = None
     pipe.register_to_config(boundary_ratio=None)
     get_adapter(pipe).guidance_scale_2 = 3.0
     with pytest.raises(ValueError, match="guidance_scale_2 is only supported"):

@@ -72,6 +72,7 @@ from __future__ import annotations
 import torch
 
 from ..families import FAMILIES, MODELS
+from ..limits import MAX_GUIDANCE_SCALE
 from ..execution.call import not_a_view, static_dims
 from ..execution.modes import DENSE, Mode
 from ..execution.packing import (HostSegments, Packed, PackedExecution, PackedSegments, can_pack, pad_rows,
@@ -249,8 +250,9 @@ class WanAdapter(DiTAdapter):
                              "(Wan 2.2 A14B's two experts), as in WanPipeline")
         g2 = self.guidance_scale_2
         if g2 is not None and (isinstance(g2, bool) or not isinstance(g2, (int, float)) or g2 != g2
-                               or abs(g2) == float("inf")):
-            raise ValueError(f"guidance_scale_2={g2!r} is not allowed: need a finite number or None")
+                               or not 0.0 <= g2 <= MAX_GUIDANCE_SCALE):
+            raise ValueError(f"guidance_scale_2={g2!r} is not allowed: need a number in [0, {MAX_GUIDANCE_SCALE:g}] "
+                             "(as guidance_scale) or None (the same as guidance_scale)")
         sched = self.pipe.scheduler
         cfg = sched.config
         if type(sched).__name__ != "FlowMatchEulerDiscreteScheduler" and not cfg.get("use_flow_sigmas", False):
