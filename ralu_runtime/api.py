@@ -640,6 +640,17 @@ def prepare(pipe, prompt: str | list[str] | None = None, *, height: int | None =
         raise ValueError(f"speedup={getattr(speedup, 'name', speedup)!r}: RALU's stage transitions run float32, "
                          f"bfloat16 or float16 models; this one is {adapter.dtype} (speedup=None runs it, or move "
                          "the pipeline to one of those dtypes)")
+    if getattr(adapter.pipe, "vae", None) is None:
+        needs = [why for why, given in (
+            (f"output_type={output_type!r} (the final decode)", output_type != "latent"),
+            ("region_source='decode' (RALU's preview decode for the region choice)",
+             schedule is not None and region_source == "decode"),
+            ("image= / control_image= (encoded by the VAE)", image is not None or control_image is not None))
+            if given]
+        if needs:
+            raise ValueError(f"pipe.vae is None, and this call needs a VAE for {'; '.join(needs)}: set pipe.vae, or "
+                             "run without one: output_type='latent'" + (", region_source='latent'"
+                                                                      if schedule is not None else ""))
     if schedule is not None and transition_impl in ("cuda", "triton"):
         from ralu_kernels.transition import impl_unusable
 
@@ -647,6 +658,11 @@ def prepare(pipe, prompt: str | list[str] | None = None, *, height: int | None =
         if why:
             raise ValueError(f"transition_impl={transition_impl!r} cannot run here: {why}; use 'auto' (the fastest "
                              "one that runs) or 'torch'")
+    if (schedule is None or image is not None) and getattr(adapter.pipe, "scheduler", None) is None:
+        needs = ("speedup=None runs the pipeline's own sampler, which needs it" if schedule is None
+                 else "an edit's starting noise level comes from it")
+        raise ValueError(f"pipe.scheduler is None: {needs}; set pipe.scheduler (RALU's text-to-image presets follow "
+                         "their own schedule and run without one)")
     integration = scheduler_integration(adapter, schedule is not None, solver)
     from .channel_cond import check_channels, default_guidance, default_steps
     from .editing import check_edit

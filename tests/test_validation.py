@@ -277,3 +277,45 @@ def test_transition_impl_is_checked_against_the_device(monkeypatch):
     assert impl_unusable("auto", "cpu") is None and impl_unusable("torch", "cpu") is None
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     assert (impl_unusable("triton", "cpu") is None) == HAS_TRITON
+
+
+def test_a_pipeline_without_vae_runs_only_calls_that_need_none():
+    """``pipe.vae = None`` was a raw AttributeError after model work (stage 1, or every step before the final
+    decode); now refused before any model call when the call needs a VAE, and run when it needs none."""
+    pipe = build_tiny_flux_pipeline(seed=0)
+    counter = CallCounter(pipe)
+    pipe.vae = None
+    kw = dict(OK, height=128, width=128, **flux_embeds(1))
+    try:
+        for extra, needle in ((dict(), "region_source='decode'"),
+                              (dict(region_source="latent", output_type="pt"), "output_type='pt'"),
+                              (dict(speedup=None, num_inference_steps=2, output_type="np"), "output_type='np'")):
+            with pytest.raises(ValueError, match=rf"pipe.vae is None, and this call needs a VAE for {needle}"):
+                generate(pipe, **{**kw, **extra})
+        assert counter.n == 0
+        out = generate(pipe, **{**kw, "region_source": "latent"})
+        assert out.images.shape == (1, 16, 16, 16) and torch.isfinite(out.images).all()
+    finally:
+        counter.close()
+
+
+def test_a_missing_or_foreign_transformer_and_a_missing_scheduler_are_refused_by_name():
+    """``pipe.transformer = None`` or another family's transformer was an AttributeError inside the adapter;
+    ``pipe.scheduler = None`` passed prepare and failed in run (the baseline sampler, an edit's start)."""
+    flux = build_tiny_flux_pipeline(seed=0)
+    emb = flux_embeds(1)
+    kw = dict(OK, **emb)
+    sd3 = build_tiny_sd3_pipeline(seed=0)
+    for model, match in ((None, "pipe.transformer is None: FluxPipeline runs a FluxTransformer2DModel"),
+                         (sd3.transformer, "pipe.transformer is a SD3Transformer2DModel; FluxPipeline runs a "
+                                           "FluxTransformer2DModel")):
+        pipe = build_tiny_flux_pipeline(seed=0)
+        pipe.transformer = model
+        with pytest.raises(ValueError, match=match):
+            generate(pipe, **kw)
+    flux.scheduler = None
+    with pytest.raises(ValueError, match="pipe.scheduler is None: speedup=None runs the pipeline's own sampler"):
+        generate(flux, **{**kw, "speedup": None, "num_inference_steps": 2})
+    with pytest.raises(ValueError, match="pipe.scheduler is None: an edit's starting noise level"):
+        generate(flux, **kw, image=torch.rand(1, 3, 64, 64), strength=0.6)
+    assert torch.isfinite(generate(flux, **kw).images).all()   # a RALU preset needs no scheduler

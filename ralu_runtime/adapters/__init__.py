@@ -55,6 +55,7 @@ def get_adapter(pipe) -> DiTAdapter:
             cached = None
         if cached is not None and _same(cached.components(), cached.read_components()):
             return cached
+        _check_transformer(pipe)
         adapter = load_object(ADAPTERS[name])(pipe, weak=True)
         if cached is not None:  # a component was replaced: the user's settings and backend stay with the pipeline
             adapter.take_settings(cached)
@@ -63,6 +64,27 @@ def get_adapter(pipe) -> DiTAdapter:
         except TypeError:  # pragma: no cover
             pass
         return adapter
+
+
+def _check_transformer(pipe) -> None:
+    """ValueError when ``pipe.transformer`` is missing or not the class the pipeline declares (an SD3 transformer
+    in a FluxPipeline): the adapter would fail on a missing attribute. A torch.compile'd module is left to
+    :meth:`DiTAdapter.check_forwards`, which says what to do instead."""
+    import inspect
+
+    import torch
+
+    param = inspect.signature(type(pipe).__init__).parameters.get("transformer")
+    want = None if param is None else param.annotation
+    if not isinstance(want, type):  # not declared, or a Union (Wan: its adapter checks)
+        return
+    model = getattr(pipe, "transformer", None)
+    if model is None:
+        raise ValueError(f"pipe.transformer is None: {type(pipe).__name__} runs a {want.__name__}; set "
+                         "pipe.transformer")
+    if not isinstance(model, (want, torch._dynamo.eval_frame.OptimizedModule)):
+        raise ValueError(f"pipe.transformer is a {type(model).__name__}; {type(pipe).__name__} runs a "
+                         f"{want.__name__} (or a subclass): use the pipeline class of that model")
 
 
 def _same(a: tuple, b: tuple) -> bool:
