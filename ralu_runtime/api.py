@@ -640,7 +640,8 @@ def prepare(pipe, prompt: str | list[str] | None = None, *, height: int | None =
         raise ValueError(f"speedup={getattr(speedup, 'name', speedup)!r}: RALU's stage transitions run float32, "
                          f"bfloat16 or float16 models; this one is {adapter.dtype} (speedup=None runs it, or move "
                          "the pipeline to one of those dtypes)")
-    if getattr(adapter.pipe, "vae", None) is None:
+    if adapter.pipe is not None and getattr(adapter.pipe, "vae", None) is None:  # (an adapter without a pipeline
+        # decodes and schedules itself: the Gaussian oracle)
         needs = [why for why, given in (
             (f"output_type={output_type!r} (the final decode)", output_type != "latent"),
             ("region_source='decode' (RALU's preview decode for the region choice)",
@@ -658,7 +659,8 @@ def prepare(pipe, prompt: str | list[str] | None = None, *, height: int | None =
         if why:
             raise ValueError(f"transition_impl={transition_impl!r} cannot run here: {why}; use 'auto' (the fastest "
                              "one that runs) or 'torch'")
-    if (schedule is None or image is not None) and getattr(adapter.pipe, "scheduler", None) is None:
+    if (schedule is None or image is not None) and adapter.pipe is not None and \
+            getattr(adapter.pipe, "scheduler", None) is None:
         needs = ("speedup=None runs the pipeline's own sampler, which needs it" if schedule is None
                  else "an edit's starting noise level comes from it")
         raise ValueError(f"pipe.scheduler is None: {needs}; set pipe.scheduler (RALU's text-to-image presets follow "
@@ -957,12 +959,16 @@ def _run(plan: CallPlan, model_call: ModelCallHook | None, final_decode: FinalDe
 def _rank_settings(plan: CallPlan) -> dict:
     """The call's settings that every rank of a context-parallel call must share (compared before any collective,
     :meth:`~ralu_runtime.parallel.SequenceParallel.agree`): the seed and generator states, the sizes, the schedule,
-    guidance and sampler options, the feature cache. The tensors are compared at each stage's first model call."""
+    guidance and sampler options, the feature cache, the model's weights (a digest). The tensors are compared at
+    each stage's first model call."""
     gens = plan.generator if isinstance(plan.generator, (list, tuple)) else [plan.generator]
     states = [None if g is None else hashlib.sha256(g.get_state().numpy().tobytes()).hexdigest() for g in gens]
     cache = plan.cache
     cache = type(cache).__qualname__ if type(cache).__repr__ is object.__repr__ else repr(cache)
-    return dict(seed=plan.seed, generator=states, height=plan.height, width=plan.width, batch=plan.batch,
+    from .parallel.plan import weights_digest
+
+    return dict(weights=weights_digest(plan.adapter.model_modules()),  # a rank with other weights would mix in
+                seed=plan.seed, generator=states, height=plan.height, width=plan.width, batch=plan.batch,
                 num_frames=plan.num_frames, speedup=plan.schedule, steps=plan.steps, guidance_scale=plan.guidance,
                 cache=cache, noise=plan.noise, solver=plan.solver, region_mode=plan.region_mode,
                 region_source=plan.region_source, edge_map=plan.edge_map, edge_detector=plan.edge_detector,

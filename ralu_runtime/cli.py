@@ -1266,18 +1266,15 @@ def _exists(flag: bool) -> str:
 def _key_status(key: Path, from_env: bool) -> str:
     """What save/load_compile_artifacts would make of the artifact key file ``key`` (nothing is created): "ok",
     "absent; created by the first save_compile_artifacts", or why it would be refused."""
-    from .compile.artifacts import ArtifactError, _key
+    from .compile.artifacts import key_problem
 
     if not key.exists():
         return ("refused: $RALU_ARTIFACT_KEY_FILE names no file (it is not created: save and load refuse)"
                 if from_env else "absent; created by the first save_compile_artifacts")
     if not key.is_file():
         return "refused: not a regular file"
-    try:
-        _key(key)
-    except (ArtifactError, ValueError, OSError) as exc:
-        return f"refused: {' '.join(str(exc).split())}"
-    return "ok"
+    problem = key_problem(key)
+    return "ok" if problem is None else f"refused: {problem}"
 
 
 def format_info(info: dict) -> str:

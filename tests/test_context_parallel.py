@@ -255,9 +255,13 @@ def _disagree_worker():
                                   cache="taylorseer:2" if rank == 0 else None),
         "guidance": lambda: generate(sd3, **sd3_embeds(), **kw, seed=0, speedup=None, num_inference_steps=2,
                                      guidance_scale=2.0 + rank, parallel=u2),
+        "weights": lambda: generate(flux, **flux_embeds(), **kw, seed=0, parallel=u2),  # rank 1's weights changed
     }
     out = {}
     for name, call in cases.items():
+        if name == "weights" and rank == 1:   # one weight matrix 1 % larger (was: both ranks returned a mixed image)
+            with torch.no_grad():
+                flux.transformer.single_transformer_blocks[0].proj_out.weight.mul_(1.01)
         try:
             call()
             out[name] = "no error"
@@ -278,6 +282,8 @@ def test_ranks_with_different_arguments_are_refused_before_any_collective():
         assert "rank 0: ulysses_degree, ring_degree (this rank: ulysses_degree=" in r["degrees"]
         assert "rank 0: cache (" in r["cache"]
         assert "rank 0: guidance_scale (this rank: guidance_scale=" in r["guidance"]
+        assert "rank 0: weights (this rank: weights=" in r["weights"] and "weights differ between the ranks" in \
+            r["weights"]
 
 
 def _wan_rows_worker():

@@ -183,6 +183,16 @@ def _bundle_path(path) -> Path:
     return Path(path)
 
 
+def key_problem(path: str | os.PathLike) -> str | None:
+    """Why the existing key file ``path`` would be refused by save / load / verify (its mode, owner, contents), or
+    None when it would be used. Creates nothing (``ralu info``)."""
+    try:
+        _key(Path(path))
+    except (ArtifactError, ValueError, OSError) as exc:
+        return " ".join(str(exc).split())
+    return None
+
+
 def _key(key) -> bytes:
     """The HMAC key (at least :data:`MIN_KEY_BYTES` bytes): bytes, a hex string, a key file (this user's, mode 0600
     or 0400, holding hex), ``$RALU_ARTIFACT_KEY_FILE``, or the default key file (created on first use)."""

@@ -23,11 +23,56 @@ from __future__ import annotations
 
 import hashlib
 import threading
+import weakref
 
 import torch
 import torch.distributed as dist
 
 from ..execution.sharding import all_gather_flat, gather_rows, spec
+
+
+_DIGESTS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()  # model -> (its model_state, digest)
+_BITS = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+
+
+def _tensor_sum(t: torch.Tensor) -> torch.Tensor:
+    """The integer sum of ``t``'s bits (int64 scalar on its device; accumulated without an int64 copy)."""
+    t = t.detach()
+    if t.dtype == torch.bool:
+        t = t.to(torch.uint8)
+    if (t.is_floating_point() or t.is_complex()) and t.element_size() in _BITS:
+        t = t.contiguous().view(_BITS[t.element_size()])
+    return t.sum(dtype=torch.int64)
+
+
+def weights_digest(models) -> str:
+    """A digest of the values of every parameter and buffer of ``models`` (sha256 over each tensor's integer sum
+    of its bits): what the ranks of a context-parallel call compare, so that a rank holding other weights (a LoRA
+    loaded on one rank, another checkpoint) is refused instead of mixing its results with the others'. Recomputed
+    only when a model's tensors are replaced or modified in place (:func:`~ralu_runtime.compile.runner.model_state`
+    identity and versions: ~1.4 ms for FLUX.1-dev), else cached. Meta tensors and tensor subclasses without a bit
+    view count by shape and dtype only."""
+    from ..compile.runner import model_fingerprint
+
+    out = []
+    for model in models:
+        state = model_fingerprint(model, versions=True)
+        hit = _DIGESTS.get(model)
+        if hit is None or hit[0] != state:
+            h = hashlib.sha256()
+            sums: dict = {}
+            for t in list(model.parameters()) + list(model.buffers()):
+                h.update(f"{tuple(t.shape)}{t.dtype}".encode())
+                try:
+                    if not t.is_meta:
+                        sums.setdefault(t.device, []).append(_tensor_sum(t))
+                except (RuntimeError, TypeError, NotImplementedError):  # a subclass without a plain bit view
+                    pass
+            for device in sorted(sums, key=str):   # one transfer per device
+                h.update(torch.stack(sums[device]).cpu().numpy().tobytes())
+            hit = _DIGESTS[model] = (state, h.hexdigest())
+        out.append(hit[1])
+    return ",".join(out)
 
 
 class RanksDivergedError(RuntimeError):
@@ -140,9 +185,12 @@ class SequenceParallel:
         if bad:
             ranks = [r for r in range(codes.shape[0]) if not torch.equal(codes[r], codes[0])]
             mine = ", ".join(f"{items[i][0]}={items[i][1]!r}" for i in bad)
+            weights = any(items[i][0] == "weights" for i in bad)
             raise RanksDivergedError(f"ranks {ranks} call generate with other arguments than rank 0: "
                                      f"{', '.join(items[i][0] for i in bad)} (this rank: {mine}); every rank must "
-                                     "call generate with the same arguments")
+                                     "call generate with the same arguments"
+                                     + (" on the same model (its weights differ between the ranks: load the same "
+                                        "checkpoint and LoRAs, with the same scales, on every rank)" if weights else ""))
 
     # ---- collectives
     def gather_rows(self, x: torch.Tensor, sizes: list[int]) -> torch.Tensor:
