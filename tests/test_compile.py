@@ -452,10 +452,12 @@ def test_options_a_backend_uses_are_accepted(backend, options):
     ({"providers": "CPUExecutionProvider"}, TypeError, r"providers='CPUExecutionProvider': give a non-empty list"),
     ({"providers": []}, TypeError, r"providers=\[\]"),
     ({"onnx_dir": 5}, TypeError, r"onnx_dir=5: give a folder path"),
+    ({"onnx_dir": __file__}, ValueError, r"onnx_dir='.*test_compile.py' is a file: give a folder"),
     # onnxruntime fell back to the CPU without a word
     ({"providers": ["BogusProvider"]}, ValueError, r"'BogusProvider' is no onnxruntime provider"),
 ])
 def test_option_values_are_checked_before_any_work(options, error, match):
+    """Each was an error from torch, onnxruntime or pathlib after the call's first work, or no error at all."""
     with pytest.raises(error, match=match):
         make_options("onnx" if "dynamo_backend" not in options else "inductor", options)
 

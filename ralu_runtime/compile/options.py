@@ -93,6 +93,8 @@ class CompileOptions:
             _check_providers(self.providers)
         if self.onnx_dir is not None and not isinstance(self.onnx_dir, (str, os.PathLike)):
             raise TypeError(f"onnx_dir={self.onnx_dir!r}: give a folder path (str or os.PathLike)")
+        if self.onnx_dir is not None and os.path.exists(self.onnx_dir) and not os.path.isdir(self.onnx_dir):
+            raise ValueError(f"onnx_dir={os.fspath(self.onnx_dir)!r} is a file: give a folder (created if missing)")
         unused = self.unused()
         if unused:
             raise ValueError(f"backend={self.backend!r} would ignore " + "; ".join(unused) + ": drop them or choose "
