@@ -40,6 +40,7 @@ from .sampler import (NOISE_VARIANTS, REGION_MODES, REGION_SOURCES, SOLVERS, Sta
                       sample_baseline, sample_ralu, scheduler_integration)
 from .offload import check_offload, free_models, keeping_models, offloaded_components, onloading
 from .limits import MAX_GUIDANCE_SCALE, MAX_SEED, MAX_SEQUENCE_LENGTH, MAX_STEPS
+from .text import lone_surrogate
 from .schedule import RaluSchedule, get_preset
 
 OUTPUT_TYPES = ("pil", "np", "pt", "latent")
@@ -219,11 +220,10 @@ def _check_prompt(prompt, name: str = "prompt") -> int | None:
 def _check_text(text: str, name: str) -> None:
     """ValueError for a string no tokenizer takes: one with a lone surrogate (``"\\ud800"``; non-UTF-8 bytes of a
     command line decode to such), which the tokenizers refuse with a TypeError naming no argument."""
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError as exc:
-        raise ValueError(f"{name} is not valid Unicode text: it holds a lone surrogate ({text[exc.start]!r} at "
-                         f"character {exc.start}; text from bytes that are not UTF-8 decodes to such)") from None
+    at = lone_surrogate(text)
+    if at is not None:
+        raise ValueError(f"{name} is not valid Unicode text: it holds a lone surrogate ({text[at]!r} at character "
+                         f"{at}; text from bytes that are not UTF-8 decodes to such)")
 
 
 def _prompt_lists(prompt, negative_prompt):

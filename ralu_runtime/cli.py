@@ -22,6 +22,7 @@ from pathlib import Path
 from .families import CPU_FRAMES, EDIT_PIPELINES, FAMILIES, TINY_SIZE, TINY_TEXT_LEN, family_for_pipeline
 from .families import TINY_MODELS as _TINY
 from .limits import MAX_GUIDANCE_SCALE, MAX_SEED, MAX_SEQUENCE_LENGTH, MAX_STEPS, MAX_TIMEOUT_S
+from .text import lone_surrogate
 from .versions import installed_version
 
 EXIT_FAILURE, EXIT_USAGE = 1, 2
@@ -400,15 +401,6 @@ def _check_output(flag: str, path: str, video: bool = False) -> str:
     return str(target)
 
 
-def _is_utf8(text: str) -> bool:
-    """False for an argument Python decoded from bytes that are not UTF-8 (lone surrogates: surrogateescape)."""
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError:
-        return False
-    return True
-
-
 def _check_weights(args, device: str, dtype: str, *, probe_device: bool = True) -> None:
     """--storage-dtype and --precision (generate, edit and serve) against the device, --dtype and --backend;
     ``probe_device=False``: not whether this machine's device runs fp8 (``serve --ray``: the replicas' GPUs)."""
@@ -522,7 +514,7 @@ def check_generate(args) -> GeneratePlan:
                              "steps)")
         _check_int("--steps", args.steps, 1, MAX_STEPS)
     for flag, text in (("--prompt", args.prompt), ("--negative-prompt", args.negative_prompt)):
-        if text is not None and not _is_utf8(text):
+        if text is not None and lone_surrogate(text) is not None:
             raise UsageError(f"{flag} is not valid UTF-8 text (the command line held bytes that are not UTF-8): give "
                              "the prompt in UTF-8")
     if args.negative_prompt is not None and not _takes_negative_prompt(args.model, family):

@@ -34,6 +34,7 @@ except ImportError as _exc:  # pragma: no cover - exercised in a subprocess by t
                       "installed: pip install -e '.[serve]' (fastapi, uvicorn, prometheus_client)") from _exc
 
 from ..limits import MAX_GUIDANCE_SCALE, MAX_SEED, MAX_STEPS, MAX_TIMEOUT_S
+from ..text import lone_surrogate
 from .access import AccessPolicy, is_loopback, parse_api_keys
 from .engine import DeadlineExceeded, EngineBusy, EngineClosed, RequestCancelled
 
@@ -144,15 +145,6 @@ def _check_range(name: str, value, lo, hi) -> None:
                             f"{hi}]", param=name, code="invalid_value")
 
 
-def _unicode_ok(text: str) -> bool:
-    """False for strings with a lone surrogate (JSON's "\\ud800"), which no tokenizer or UTF-8 encoder takes."""
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError:
-        return False
-    return True
-
-
 def _parse_size(size: str) -> tuple[int, int] | None:
     """"WIDTHxHEIGHT" -> (height, width); "auto" -> None (the model's default)."""
     if size == "auto":
@@ -182,7 +174,7 @@ def parse_request(body: dict, *, model_name: str, max_images: int, default_deadl
     if not isinstance(body, dict):
         raise ApiError(400, f"the request body must be a JSON object, got {type(body).__name__}",
                        code="invalid_json")
-    bad_keys = [k for k in body if not _unicode_ok(k)]
+    bad_keys = [k for k in body if lone_surrogate(k) is not None]
     if bad_keys:
         raise ApiError(400, "a field name is not valid Unicode (a lone surrogate)", code="invalid_value")
     unknown = sorted(set(body) - set(allowed))
@@ -195,7 +187,7 @@ def parse_request(body: dict, *, model_name: str, max_images: int, default_deadl
     fields = {k: v for k, v in body.items() if v is not None}    # null means "not given", as OpenAI's clients send
     for name, value in fields.items():
         _check_type(name, value, allowed[name][0])
-        if isinstance(value, str) and not _unicode_ok(value):
+        if isinstance(value, str) and lone_surrogate(value) is not None:
             raise ApiError(400, f"{name} is not valid Unicode text (it holds a lone surrogate)", param=name,
                            code="invalid_value")
         if name in RANGES:
