@@ -486,3 +486,28 @@ def test_the_torchrun_example_on_the_cpu_gives_the_one_process_image(tmp_path):
     diff = np.abs(got - np.asarray(ref, dtype=np.int16))
     assert got.shape == (256, 256, 3) and got.std() > 10  # an image, not a blank
     assert diff.max() <= 1 and (diff > 0).mean() < 1e-3, (diff.max(), (diff > 0).mean())
+
+
+def test_weights_digest_follows_every_change_and_is_cached_otherwise(monkeypatch):
+    """The digest the ranks compare: equal for equal weights (two builds of one seed), different after an in-place
+    change of one element or a scaled Parameter, equal for a replaced Parameter of the same values; not recomputed
+    while model_state is unchanged."""
+    import ralu_runtime.parallel.plan as P
+    from ralu_runtime.tiny import build_tiny_flux_pipeline
+
+    a, b = build_tiny_flux_pipeline(seed=0).transformer, build_tiny_flux_pipeline(seed=0).transformer
+    first = P.weights_digest([a])
+    assert first == P.weights_digest([b]) and first != P.weights_digest([build_tiny_flux_pipeline(seed=1).transformer])
+    calls = []
+    monkeypatch.setattr(P, "_tensor_sum", lambda t, f=P._tensor_sum: calls.append(1) or f(t))
+    assert P.weights_digest([a]) == first and not calls          # cached
+    w = a.transformer_blocks[0].attn.to_q.weight
+    with torch.no_grad():
+        w[0, 0] += 1e-3
+    changed = P.weights_digest([a])
+    assert changed != first and calls
+    a.transformer_blocks[0].attn.to_q.weight = torch.nn.Parameter(w.detach().clone())
+    assert P.weights_digest([a]) == changed                        # a new Parameter with the same values
+    with torch.no_grad():
+        a.transformer_blocks[0].attn.to_q.weight.mul_(2)
+    assert P.weights_digest([a]) not in (first, changed)
