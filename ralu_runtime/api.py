@@ -938,6 +938,8 @@ def _run(plan: CallPlan, model_call: ModelCallHook | None, final_decode: FinalDe
         cache_stats = state.cache.stats() if hasattr(state.cache, "stats") else None
     for rec in result.records:
         timings[rec.name] = rec.seconds
+    if runner is not None:
+        runner.end_call()  # stamps the sources of weight copies this call made (a later .data write is found)
     latents = adapter.unpack(result.tokens, *noise_latents.shape[-2:])
     masks = result.layout.selected_mask() if (plan.return_masks and result.layout is not None) else None
     if masks is not None and noise_latents.ndim == 5:  # tall grid -> (B, F, hc, wc)

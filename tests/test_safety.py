@@ -568,3 +568,30 @@ def test_a_call_failing_part_way_leaves_the_pipeline_as_found(case):
     assert_same(before, snapshot(pipe, extra={"transformer": pipe.transformer}))
     assert torch.get_default_dtype() == dtype
     assert torch.equal(generate(pipe, **emb, **kw).images, generate(fresh, **emb, **kw).images)
+
+
+@pytest.mark.parametrize("opts", [dict(precision="fp8", compile_options={"fp8_kernel": "emulated"}),
+                                  dict(backend="eager", compile_options={"fused_qkv": True}),
+                                  dict(backend="onnx")], ids=["fp8", "fused_qkv", "onnx"])
+def test_writes_through_data_reach_the_weight_copies(opts):
+    """peft's fuse_lora merges with ``weight.data += delta`` and its hot-swap copies with ``.data.copy_``: no version
+    counter moves, so ralu's fused q/k/v and fp8 copies and an exported graph kept the old weights (fuse_lora then
+    unload_lora_weights gave the image of before, bitwise). The runner's per-call content stamp of the copies'
+    sources finds them: each result equals a fresh pipeline given the same changes."""
+    pipe, fresh = build_tiny_flux_pipeline(seed=0), build_tiny_flux_pipeline(seed=0)
+    emb = flux_embeds(1)
+    kw = opts
+    before = _ralu(pipe, emb, **kw)                        # copies made lazily in this first call
+    for p in (pipe, fresh):
+        p.load_lora_weights(lora_state_dict(p.transformer, 4, seed=1), adapter_name="x")
+        p.fuse_lora(lora_scale=0.7)
+        p.unload_lora_weights()
+    after = _ralu(pipe, emb, **kw)
+    assert not torch.equal(after, before)
+    assert torch.equal(after, _ralu(fresh, emb, **kw))
+    for p in (pipe, fresh):                                 # a second call made no new copy: the begin-of-call stamp
+        p.transformer.single_transformer_blocks[0].proj_out.weight.data.mul_(1.5)
+        p.transformer.transformer_blocks[0].attn.to_k.weight.data.mul_(0.5)
+    assert torch.equal(_ralu(pipe, emb, **kw), _ralu(fresh, emb, **kw))
+    uncompile_adapter(pipe)
+    uncompile_adapter(fresh)

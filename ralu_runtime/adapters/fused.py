@@ -10,7 +10,9 @@ weights in its own tensors, built from the *live* layers, and checks them agains
   hooks is not fused: the model's own layers run, so LoRAs and hooks take effect;
 * a weight changed in place (``w *= 2``, ``load_state_dict``, ``fuse_lora``) is copied into the same fused
   storage (CUDA graphs that read it stay valid); a replaced tensor (other shape, device or object) gives a new
-  fused tensor.
+  fused tensor. Writes through ``.data`` (peft's fuse_lora and hot-swap) leave the version counters as they were:
+  the runner finds them by a per-call stamp of the source tensors (:func:`ralu_runtime.compile.runner.
+  content_stamp`) and calls :meth:`FusedProjections.invalidate`.
 
 Memory: the fused copies add the size of the fused layers (FLUX.1-dev: about 2 B parameters, ~4 GB in bf16)
 while a backend with ``fused_qkv`` is installed; :func:`ralu_runtime.compile.uncompile_adapter` frees them.
@@ -112,6 +114,22 @@ class FusedProjections:
     def clear(self) -> None:
         with self._lock:
             self._entries.clear()
+
+    def source_tensors(self) -> list[torch.Tensor]:
+        """The user's weights and biases the fused copies are made from."""
+        out = []
+        for entry in list(self._entries.values()):
+            layers = entry.layers() if entry.weight is not None else None
+            for m in layers or ():
+                out += [t for t in (m.weight, m.bias) if t is not None]
+        return out
+
+    def invalidate(self) -> None:
+        """Make the next :meth:`refresh` copy every fused weight again (into the same storage): the sources changed
+        in a way their version counters do not show (a write through ``.data``, as peft's fuse_lora does)."""
+        with self._lock:
+            for entry in self._entries.values():
+                entry.state = None
 
     def __len__(self) -> int:
         return len(self._entries)

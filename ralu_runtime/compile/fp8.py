@@ -382,6 +382,25 @@ class Fp8Shadows(BlockShadows):
     def layers(self) -> list[Fp8Linear]:
         return [f for e in self._entries.values() for f in e.layers]
 
+    def source_tensors(self) -> list[torch.Tensor]:
+        """The user's tensors the quantized copies are made from (base weights, biases, active LoRA A / B)."""
+        out = []
+        for f in self.layers():
+            m = f.source_ref()
+            if m is None:
+                continue
+            base = m.get_base_layer() if _is_peft_lora(m) else m
+            out += [t for t in (base.weight, base.bias) if t is not None]
+            if _is_peft_lora(m):
+                out += [w for a in _active(m) for w in (m.lora_A[a].weight, m.lora_B[a].weight)]
+        return out
+
+    def invalidate(self) -> None:
+        """Make the next :meth:`refresh` re-quantize every layer (into the same storage): their sources changed
+        in a way their version counters do not show (a write through ``.data``, as peft's fuse_lora and hot-swap do)."""
+        for f in self.layers():
+            f.state = None
+
     def nbytes(self) -> int:
         """Bytes of ralu's quantized copies (weights and scales)."""
         return sum(f.nbytes() for f in self.layers())

@@ -150,6 +150,18 @@ class BackendImpl(ModelImpl):
         return bool(self.fused_store is not None and len(self.fused_store)) or bool(self.fp8 is not None
                                                                                      and len(self.fp8))
 
+    def copied_tensors(self) -> list[torch.Tensor]:
+        """The user's tensors that ralu's copies (fused q/k/v, fp8) are made from."""
+        out = self.fused_store.source_tensors() if self.fused_store is not None else []
+        return out + (self.fp8.source_tensors() if self.fp8 is not None else [])
+
+    def invalidate_copies(self) -> None:
+        """The next :meth:`refresh` copies every fused and fp8 weight again (their sources changed unseen)."""
+        if self.fused_store is not None:
+            self.fused_store.invalidate()
+        if self.fp8 is not None:
+            self.fp8.invalidate()
+
     def refresh(self) -> bool:
         """Before each ``generate`` call: bring the fused copies and fp8 shadows up to date with the live weights.
         Returns True when a tensor that a captured CUDA graph may read was replaced (the runner drops its graphs)."""
