@@ -595,3 +595,46 @@ def test_writes_through_data_reach_the_weight_copies(opts):
     assert torch.equal(_ralu(pipe, emb, **kw), _ralu(fresh, emb, **kw))
     uncompile_adapter(pipe)
     uncompile_adapter(fresh)
+
+
+@pytest.mark.parametrize("name,attn", [("tiny-flux", "transformer_blocks.0.attn"), ("tiny-z-image", "layers.0.attention"),
+                                       ("tiny-qwen-image", "transformer_blocks.0.attn"),
+                                       ("tiny-chroma", "single_transformer_blocks.0.attn")])
+def test_hooks_that_would_not_run_are_refused_or_warned(name, attn):
+    """A forward hook on an attention module that ralu runs itself never ran (zeroing its output changed nothing,
+    without a word): refused by name. Hooks on the transformer itself (ralu never calls its forward; often a call
+    counter for diffusers' own calls) get one warning per set of hooks."""
+    import warnings
+
+    from ralu_runtime.tiny import build_tiny
+
+    pipe = build_tiny(name)
+    kw = dict(height=64, width=64, seed=0, output_type="latent", progress=False)
+    handle = pipe.transformer.get_submodule(attn).register_forward_hook(lambda m, i, o: o)
+    with pytest.raises(ValueError, match=rf"transformer.{attn} has forward hooks .* on an attention module that ralu "
+                                         "runs itself"):
+        generate(pipe, "a cat", **kw)
+    handle.remove()
+    handle = pipe.transformer.register_forward_pre_hook(lambda *a: None)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        generate(pipe, "a cat", **kw)
+        generate(pipe, "a cat", **kw)
+    said = [w for w in caught if "forward hook(s)" in str(w.message)]
+    assert len(said) == 1 and "ralu never calls its forward" in str(said[0].message)
+    handle.remove()
+
+
+@pytest.mark.parametrize("name,attn", [("tiny-sd3", "transformer_blocks.0.attn"), ("tiny-wan", "blocks.0.attn1")])
+def test_hooks_on_attention_modules_that_run_are_called(name, attn):
+    from ralu_runtime.tiny import build_tiny
+
+    pipe = build_tiny(name)
+    calls = []
+    handle = pipe.transformer.get_submodule(attn).register_forward_hook(lambda m, i, o: calls.append(1) or o)
+    kw = dict(height=64, width=64, seed=0, output_type="latent", progress=False)
+    if name == "tiny-wan":
+        kw["num_frames"] = 5
+    generate(pipe, "a cat", **kw)   # a hook returning the output it got (was NotImplementedError on Wan)
+    handle.remove()
+    assert calls

@@ -15,6 +15,7 @@ import contextvars
 import copy
 import logging
 import threading
+import warnings
 import weakref
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
@@ -113,10 +114,26 @@ def call_with_hooks(module: torch.nn.Module, fn: Callable, args: tuple, hook_kwa
             r = hook(module, (), hook_kwargs, out)
         else:
             r = hook(module, (), out)
-        if r is not None:
+        if r is not None and r is not out:  # a hook that returns the output it was given changes nothing
             raise NotImplementedError(f"a forward hook on {name} returned a new output; ralu runs this block's "
                                       "layers itself and cannot apply hooks that change its output")
     return out
+
+
+_WARNED_HOOKS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()  # model -> hook ids warned about
+
+
+def _warn_model_hooks(where: str, model: torch.nn.Module) -> None:
+    """A warning (once per model and set of hooks) that torch forward hooks on the transformer itself do not run
+    under ralu, which never calls its forward: they often only observe diffusers' calls (counting, timing), so they
+    are not refused; a hook that changes the output would be skipped."""
+    ids = frozenset(map(id, (*model._forward_hooks.values(), *model._forward_pre_hooks.values())))
+    if _WARNED_HOOKS.get(model) == ids:
+        return
+    _WARNED_HOOKS[model] = ids
+    warnings.warn(f"{where} has {len(ids)} forward hook(s) (register_forward_hook / _pre_hook) on the model itself: "
+                  "ralu never calls its forward (it runs the embeddings, blocks and output layers itself), so they "
+                  "do not run in ralu's calls. Hooks on blocks and layers do.", stacklevel=4)
 
 
 def check_blocks(blocks, allowed: tuple[str, ...], model: str, *, attn: str = "attn") -> None:
@@ -418,6 +435,7 @@ class DiTAdapter(ABC):
     fuses_projections: bool = False          # velocity asks ModelImpl.fused for q/k/v weights (ralu-owned fusion)
     onnx_refusal: str | None = None          # why backend="onnx" cannot export this family's model call (None: it can)
     runs_block_modules: bool = False         # one-request calls call the blocks as modules (their forward runs)
+    bypassed_modules: tuple[str, ...] = ()   # block children ralu runs itself, never calling them (their hooks)
 
     def __init__(self, pipe, *, weak: bool = False):
         # weak: hold the pipeline by weak reference (the adapter table in ralu_runtime.adapters is keyed by the
@@ -548,6 +566,15 @@ class DiTAdapter(ABC):
                                      "move the pipeline to its device); for temporal caching use "
                                      "generate(cache=...)")
             for where, mod in model.named_modules(prefix=name):
+                if (mod._forward_hooks or mod._forward_pre_hooks) and mod is model:
+                    _warn_model_hooks(where, mod)
+                elif (mod._forward_hooks or mod._forward_pre_hooks) and \
+                        where.rpartition(".")[2] in self.bypassed_modules:
+                    raise ValueError(f"{where} has forward hooks (register_forward_hook / _pre_hook) on an attention "
+                                     f"module that ralu runs itself ({self.family or 'model'} attention: its forward "
+                                     "does not run, hooks on its layers such as to_q do): they would not run. Remove "
+                                     "them (handle.remove()) to use ralu, or put them on a module that runs (a "
+                                     "block, a layer)")
                 registered = [str(h) for h in (getattr(vars(mod).get("_diffusers_hook"), "hooks", None) or {})]
                 found = _count_cast(found, where, mod)
                 hooks = [h for h in registered

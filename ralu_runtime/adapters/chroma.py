@@ -136,6 +136,7 @@ def _image_ids(positions: torch.Tensor) -> torch.Tensor:
 
 class ChromaAdapter(DiTAdapter):
     """Adapter for diffusers' ``ChromaPipeline`` (Chroma1-HD / Chroma1-Base)."""
+    bypassed_modules = ("attn",)  # its attention runs as ralu's own code (hooks on the module would not)
 
     family = "chroma"  # defaults: ralu_runtime.families
     default_preset = FAMILIES["chroma"].default_preset

@@ -50,6 +50,7 @@ class StreamInputs:
 
 class DoubleStreamAdapter(DiTAdapter):
     """Base of the double-stream families with a text key mask and batched CFG (see the module docstring)."""
+    bypassed_modules = ("attn",)  # its attention runs as ralu's own code (hooks on the module would not)
 
     TEXT: int = 0
     IMAGE: int = 1

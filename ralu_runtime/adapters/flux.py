@@ -111,6 +111,7 @@ def flux_single_block(block, x, temb, rope, ex: Mode = DENSE, qkv=None):
 
 class FluxAdapter(DiTAdapter):
     """Adapter for diffusers' ``FluxPipeline`` (FLUX.1-dev with guidance embedding, FLUX.1-schnell without)."""
+    bypassed_modules = ("attn",)  # its attention runs as ralu's own code (hooks on the module would not)
 
     family = "flux"  # defaults: ralu_runtime.families (FLUX.1-schnell's in __init__)
     default_steps = FAMILIES["flux"].default_steps

@@ -167,6 +167,7 @@ class Flux2Adapter(DiTAdapter):
     """Adapter for diffusers' ``Flux2Pipeline`` (family "flux2": 50 steps, embedded guidance 4.0) and
     ``Flux2KleinPipeline`` (``is_distilled=True``: family "flux2-klein", 4 steps, no guidance; ``False``: family
     "flux2", 50 steps, true CFG at guidance 4.0 with a negative prompt)."""
+    bypassed_modules = ("attn",)  # its attention runs as ralu's own code (hooks on the module would not)
 
     family = "flux2"  # defaults: ralu_runtime.families (FLUX.2-klein distilled's in __init__)
     default_preset = FAMILIES["flux2"].default_preset

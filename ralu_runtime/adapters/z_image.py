@@ -148,6 +148,7 @@ class _RealImage:
 class ZImageAdapter(DiTAdapter):
     """Adapter for diffusers' ``ZImagePipeline`` (Z-Image: 50 steps, CFG 5.0; Z-Image-Turbo: same classes, run
     it with ``speedup="4step"`` / ``num_inference_steps=8`` (its release's 8 model calls) and ``guidance_scale=0``)."""
+    bypassed_modules = ("attention",)  # its attention runs as ralu's own code (hooks on the module would not)
 
     family = "z-image"  # defaults: ralu_runtime.families
     default_preset = FAMILIES["z-image"].default_preset
