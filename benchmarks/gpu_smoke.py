@@ -320,6 +320,25 @@ def run_check(rec: Recorder, name: str, body: Callable[[Check], None], tol: floa
     return rec.status[name] == "ok"
 
 
+def _stamp_cost(runner, cuda: bool) -> dict:
+    """What the runner's per-call content stamp of its weight copies' sources costs (recorded, not judged): the
+    sources' MiB and the mean ms of :func:`ralu_runtime.compile.runner.content_stamp` over 5 calls (its host sync
+    included)."""
+    import torch
+
+    from ralu_runtime.compile.runner import content_stamp
+
+    tensors = runner.impl.copied_tensors()
+    content_stamp(tensors)
+    if cuda:
+        torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(5):
+        content_stamp(tensors)
+    return {"stamp_sources_mib": round(sum(t.numel() * t.element_size() for t in tensors) / 2**20, 1),
+            "stamp_ms": round((time.perf_counter() - t0) / 5 * 1e3, 3)}
+
+
 def _finite(t) -> bool:
     import numpy as np
     import torch
@@ -944,6 +963,7 @@ def precision_job(ctx: Ctx, rec: Recorder) -> None:
         c.expect(graphs == 0, f"{graphs} new dynamo graph(s) on a second fp8 call")
         c.expect(captures == 0, f"{captures} new CUDA-graph capture(s) on a second fp8 call")
         c.expect(_param_state(st["pipe"].transformer) == st["params"], "the user's parameters changed")
+        c.info.update(_stamp_cost(runner, ctx.cuda))
 
     def attn_measure(c: Check):
         uncompile_adapter(st["pipe"])
