@@ -79,6 +79,8 @@ def _control_pixels(pipe, control_image, height: int, width: int) -> torch.Tenso
 
         pixels = control_image.detach().to("cpu", torch.float32)
         check_pixel_range(pixels, "control_image")
+        if not bool(torch.isfinite(pixels).all()):  # (the processor path checks in _preprocess)
+            raise ValueError("control_image contains NaN or Inf values")
         return pixels
     from .editing import _preprocess
 
@@ -124,8 +126,6 @@ def check_channels(adapter, *, image, mask_image, control_image, strength, heigh
         if control_image is None:
             raise ValueError("FluxControlPipeline needs control_image= (a Canny or depth map of the target size)")
         pixels = _control_pixels(pipe, control_image, height, width)
-        if not bool(torch.isfinite(pixels).all()):
-            raise ValueError("control_image contains NaN or Inf values")
         n, prompts = pixels.shape[0], batch // num_images_per_prompt
         if n not in (1, prompts):
             raise ValueError(f"got {n} control images for {prompts} prompt(s): give one (used for every image) or "

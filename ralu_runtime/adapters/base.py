@@ -566,10 +566,10 @@ class DiTAdapter(ABC):
                                      "move the pipeline to its device); for temporal caching use "
                                      "generate(cache=...)")
             for where, mod in model.named_modules(prefix=name):
-                if (mod._forward_hooks or mod._forward_pre_hooks) and mod is model:
+                hooked = mod._forward_hooks or mod._forward_pre_hooks
+                if hooked and mod is model:
                     _warn_model_hooks(where, mod)
-                elif (mod._forward_hooks or mod._forward_pre_hooks) and \
-                        where.rpartition(".")[2] in self.bypassed_modules:
+                elif hooked and where.rpartition(".")[2] in self.bypassed_modules:
                     raise ValueError(f"{where} has forward hooks (register_forward_hook / _pre_hook) on an attention "
                                      f"module that ralu runs itself ({self.family or 'model'} attention: its forward "
                                      "does not run, hooks on its layers such as to_q do): they would not run. Remove "

@@ -368,7 +368,7 @@ class StageRunner:
             if self.impl.refresh():  # an fp8 copy got new storage (a graph would read the old one)
                 self._graphs.clear()
             self._seen = state
-            self._stamp = self._sources_stamp()  # what the copies are made of now
+            self._restamp(stamp)  # what the copies are made of now (the refresh may have changed which)
 
     def end_call(self) -> None:
         """After a ``generate`` call's model calls: stamp the sources of copies made during the call (made lazily at
@@ -377,10 +377,14 @@ class StageRunner:
         with self._call_lock:
             if self._stamp is None and self._fingerprint is None and not self.impl.has_copies():
                 return
-            tensors = self._sources()
-            ids = tuple(map(id, tensors))
-            if self._stamp is None or ids != self._stamp[0]:
-                self._stamp = (ids, content_stamp(tensors))
+            self._restamp(self._stamp)
+
+    def _restamp(self, known: tuple[tuple, bytes] | None) -> None:
+        """Keep ``known`` (``(ids, content_stamp)`` taken of the sources' current values) as the stamp while the
+        sources are the same tensors; stamp them afresh when they are not (copies made or dropped)."""
+        tensors = self._sources()
+        ids = tuple(map(id, tensors))
+        self._stamp = known if known is not None and ids == known[0] else (ids, content_stamp(tensors))
 
     def _sources(self) -> list[torch.Tensor]:
         """What ralu's copies and exported graphs are made from: the fused / fp8 sources, and every parameter and

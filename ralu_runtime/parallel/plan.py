@@ -32,6 +32,8 @@ from ..execution.sharding import all_gather_flat, gather_rows, spec
 
 
 _DIGESTS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()  # model -> (its model_state, digest)
+
+
 def weights_digest(models) -> str:
     """A digest of the values of every parameter and buffer of ``models`` (sha256 over each tensor's integer sum
     of its bits): what the ranks of a context-parallel call compare, so that a rank holding other weights (a LoRA
