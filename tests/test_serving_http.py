@@ -161,6 +161,8 @@ def test_the_seed_drawn_for_a_request_reproduces_it(served):
     (b'{"prompt": "a fox", ', 400, None, "invalid_json"),
     (b'["a fox"]', 400, None, "invalid_json"),
     (b'{"prompt": "a fox", "seed": ' + b"9" * 5000 + b"}", 400, None, "invalid_json"),   # over Python's digit limit
+    (b'{"prompt": "a fox", "seed": 1, "seed": 2}', 400, "seed", "invalid_value"),   # a key twice: which one?
+    (b'{"prompt": "a fox", "x": {"a": 1, "a": 2}}', 400, "a", "invalid_value"),
     ({"prompt": "a fox", "colour": "red", "mood": "calm"}, 400, "colour", "unknown_parameter"),
     ({"size": "64x64"}, 400, "prompt", "missing_required_parameter"),
     ({"prompt": "a fox", "size": "100x100"}, 400, "size", "invalid_value"),
@@ -205,6 +207,10 @@ def test_body_over_the_limit_is_413(pipe):
         assert engine.metrics()["model_calls"] == 0
         r = httpx.get(server.url + "/nowhere", timeout=T)
         assert_error(r, 404, code="not_found")
+        for path in (GENERATIONS_PATH + "/", "/health/", "/metrics/"):   # was 307 to the path without the slash
+            method = "POST" if path.startswith(GENERATIONS_PATH) else "GET"
+            r = httpx.request(method, server.url + path, json={"prompt": "x"}, timeout=T)
+            assert_error(r, 404, code="not_found")
         for method in ("PUT", "PATCH"):   # was 415 (the body-type check ran before routing)
             r = httpx.request(method, server.url + GENERATIONS_PATH, json={"prompt": "x"}, timeout=T)
             assert_error(r, 405, code="method_not_allowed")

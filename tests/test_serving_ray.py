@@ -319,6 +319,7 @@ class TestReplicas:
 
     @pytest.mark.parametrize("body,status,param,code", [
         (b'{"prompt": "a fox", ', 400, None, "invalid_json"),
+        (b'{"prompt": "a fox", "prompt": "a cat"}', 400, "prompt", "invalid_value"),   # a key twice, at the ingress
         ({"prompt": "a fox", "colour": "red"}, 400, "colour", "unknown_parameter"),
         ({"size": "64x64"}, 400, "prompt", "missing_required_parameter"),
         ({"prompt": "a fox", "size": "100x100"}, 400, "size", "invalid_value"),      # checked by the replica

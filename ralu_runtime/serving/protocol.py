@@ -320,6 +320,24 @@ def _no_constant(name: str):
     raise ValueError(f"{name} is not a JSON number")
 
 
+class _DuplicateKey(ValueError):
+    """A JSON object names a key twice (the body is refused: a proxy that checked the first value and a server that
+    used the last would disagree about the request)."""
+
+    def __init__(self, key: str):
+        super().__init__(key)
+        self.key = key
+
+
+def _no_duplicates(pairs: list) -> dict:
+    seen = {}
+    for key, value in pairs:
+        if key in seen:
+            raise _DuplicateKey(key)
+        seen[key] = value
+    return seen
+
+
 async def read_bytes(request: Request, max_bytes: int, *, limit: str = "limit", what: str = "request body") -> bytes:
     """The request's body bytes; 413 over ``max_bytes`` (by Content-Length or while streaming; ``limit`` names it
     in the message), :class:`ClientGone` when the client hangs up (``what`` names the body in that line)."""
@@ -342,10 +360,17 @@ async def read_bytes(request: Request, max_bytes: int, *, limit: str = "limit", 
 
 async def read_body(request: Request, max_body_bytes: int):
     """The request's JSON body; 413 over ``max_body_bytes`` (by Content-Length or while streaming), 400 when it is
-    not JSON (also NaN / Infinity and nesting too deep to parse); :class:`ClientGone` when the client hangs up."""
+    not JSON (also NaN / Infinity, nesting too deep to parse and an object that names a key twice, as the edits
+    form refuses a field given twice); :class:`ClientGone` when the client hangs up."""
     raw = await read_bytes(request, max_body_bytes)
     try:
-        return json.loads(raw, parse_constant=_no_constant)
+        return json.loads(raw, parse_constant=_no_constant, object_pairs_hook=_no_duplicates)
+    except _DuplicateKey as exc:
+        name = exc.key[:60]
+        if lone_surrogate(name) is not None:
+            raise ApiError(400, "a field name is not valid Unicode (a lone surrogate)", code="invalid_value") from None
+        raise ApiError(400, f"the request body names {name!r} twice: give each field once", param=name,
+                       code="invalid_value") from None
     except RecursionError:
         raise ApiError(400, "the request body is not valid JSON: nested too deeply", code="invalid_json") from None
     except (ValueError, UnicodeDecodeError) as exc:
@@ -357,7 +382,10 @@ async def read_body(request: Request, max_body_bytes: int):
 
 
 def install_error_handlers(app) -> None:
-    """OpenAI-shaped error responses on ``app``: ApiError, Starlette's 404 / 405, and 500 for anything else."""
+    """OpenAI-shaped error responses on ``app``: ApiError, Starlette's 404 / 405, and 500 for anything else. A path
+    with a trailing slash is a 404 like any unknown path (Starlette's default, a 307 to the path without it, would
+    send a client to a URL built from the request's own Host header)."""
+    app.router.redirect_slashes = False
 
     @app.exception_handler(ApiError)
     async def _api_error(request, exc: ApiError):
