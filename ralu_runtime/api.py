@@ -429,6 +429,24 @@ def _check_work(adapter: DiTAdapter, bounds, batch: int, height: int, width: int
                          "ralu_runtime.limits.set_limits(max_token_steps=N)")
 
 
+def _warn_no_early_regions(adapter: DiTAdapter, schedule, height: int, width: int, num_frames, region_mode) -> None:
+    """A logged warning when ``schedule.ratio > 0`` upsamples no region in stage 2 at this size (``ratio`` x the
+    coarse blocks is under one block, per frame with ``region_mode="clip"``): stage 2 then runs all at the coarse
+    resolution, as ``ratio=0`` would."""
+    from .sampler import early_regions
+
+    frames = 1 if num_frames is None else 1 + (num_frames - 1) // adapter.temporal_factor
+    blocks = adapter.fine_tokens(height, width, frames) // 4
+    if early_regions(blocks, frames, schedule.ratio, region_mode) == 0:
+        per = f" per latent frame (region_mode={region_mode!r})" if region_mode == "clip" else ""
+        logging.getLogger("ralu").warning(
+            "speedup=%r upsamples no region early at %dx%d: ratio %g of %d coarse blocks%s is under one block, so "
+            "stage 2 runs at the coarse resolution only (as ratio=0); use a larger size%s",
+            schedule.name or "(a schedule)", height, width, schedule.ratio,
+            blocks // frames if region_mode == "clip" else blocks, per,
+            " or region_mode='frame'" if region_mode == "clip" else "")
+
+
 def _check_video(adapter: DiTAdapter, num_frames, region_mode) -> tuple[int | None, str]:
     """``(num_frames, region_mode)`` checked for the adapter: video adapters take ``num_frames = 1 + k *
     temporal_factor`` (default: the pipeline's) and ``region_mode`` "frame" (default) or "clip"; images take neither."""
@@ -708,6 +726,8 @@ def prepare(pipe, prompt: str | list[str] | None = None, *, height: int | None =
             "the negative prompt is ignored: at guidance_scale=%g %s runs no classifier-free guidance (as its "
             "diffusers pipeline); raise guidance_scale to use it", guidance, adapter.family)
     _check_work(adapter, bounds, batch, height, width, num_frames, int(steps), schedule)
+    if schedule is not None and schedule.ratio > 0 and adapter.bounded_work:
+        _warn_no_early_regions(adapter, schedule, height, width, num_frames, region_mode)
     _warn_idle_cache(cache, schedule.steps if schedule is not None else (int(steps),), edit is not None)
     from .parallel import resolve_parallel
 

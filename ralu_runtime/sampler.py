@@ -262,6 +262,14 @@ def draw_seeds(generators: list[torch.Generator], device) -> torch.Tensor:
     return torch.cat(seeds)
 
 
+def early_regions(blocks: int, frames: int, ratio: float, region_mode: str) -> int:
+    """How many of the ``blocks`` coarse 2x2 blocks (all ``frames`` latent frames together) stage 2 upsamples: the
+    top ``ratio`` of them ("frame"), or of each frame's spatial blocks, the same in every frame ("clip")."""
+    if region_mode == "clip":
+        return int(blocks // frames * ratio) * frames
+    return int(blocks * ratio)
+
+
 def select_regions(adapter: DiTAdapter, x: torch.Tensor, v: torch.Tensor, sigma_end: float, latent_hw, k: int,
                    generators, *, edge_map: str, edge_detector: str, decode: Callable | None = None,
                    frames: int = 1, region_mode: str = "frame", region_source: str = "decode",
@@ -339,7 +347,7 @@ def sample_ralu(adapter: DiTAdapter, cond: Conditioning, noise: torch.Tensor, sc
     coarse_hw = (frames * (latent_hw[0] // (2 * p)), latent_hw[1] // (2 * p))  # frames stacked: a tall grid
     fine_hw = (2 * coarse_hw[0], 2 * coarse_hw[1])
     m = coarse_hw[0] * coarse_hw[1]
-    k = int(m // frames * schedule.ratio) * frames if region_mode == "clip" else int(m * schedule.ratio)
+    k = early_regions(m, frames, schedule.ratio, region_mode)
 
     # stage 1: coarse grid
     x = adapter.pack(noise[..., ::2, ::2].contiguous())

@@ -116,3 +116,21 @@ def test_image_families_refuse_video_arguments(pair):
     for kw in (dict(num_frames=9), dict(region_mode="clip")):
         with pytest.raises(ValueError, match="makes images"):
             generate(pipe, **flux_embeds(1), height=H, width=W, speedup=SCHED, **KW, **kw)
+
+
+@torch.no_grad()
+def test_a_ratio_that_upsamples_no_region_at_this_size_is_warned_of(pair, caplog):
+    """ratio 0.1 of a frame's 2 x 3 coarse blocks is under one block: in clip mode stage 2 upsamples nothing (as
+    ratio=0), said in a warning at prepare; per frame (18 blocks in all) one block is upsampled, and nothing is said."""
+    _pipe, video = pair
+    low = SCHED.with_ratio(0.1)
+    with caplog.at_level("WARNING", logger="ralu"):
+        out = generate(video, **flux_embeds(1), height=H, width=W, speedup=low, seed=3, region_mode="clip", **KW)
+    assert int(out.masks.sum()) == 0
+    said = [r.getMessage() for r in caplog.records if "upsamples no region" in r.getMessage()]
+    assert len(said) == 1 and "6 coarse blocks per latent frame" in said[0] and "region_mode='frame'" in said[0]
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="ralu"):
+        out = generate(video, **flux_embeds(1), height=H, width=W, speedup=low, seed=3, region_mode="frame", **KW)
+    assert int(out.masks.sum()) == 1
+    assert not [r for r in caplog.records if "upsamples no region" in r.getMessage()]
