@@ -59,10 +59,20 @@ def _speedup(value: str):
     return None if value in ("none", "baseline", "off") else value
 
 
+def _own_version() -> str:
+    """ralu's installed version (distribution metadata: no torch import), or "unknown" when run from a tree that was
+    never installed."""
+    from .versions import installed_version
+
+    return installed_version("ralu") or "unknown"
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The ``ralu`` argument parser (imports nothing heavy)."""
     parser = _Parser(prog="ralu", description="RALU: region-adaptive latent upsampling for DiTs")
     parser.add_argument("--debug", action="store_true", help="show tracebacks instead of one-line errors")
+    parser.add_argument("--version", action="version", version=f"ralu {_own_version()}",
+                        help="print ralu's version and exit (`ralu info` lists torch, diffusers, kernels...)")
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
                         help="show tracebacks instead of one-line errors")

@@ -52,6 +52,19 @@ def test_help_exits_0():
     assert cli.main(["info", "--help"]) == 0
 
 
+def test_version_prints_the_installed_version_without_heavy_imports():
+    from importlib import metadata
+
+    code = ("import sys, ralu_runtime.cli as c\n"
+            "try: c.build_parser().parse_args(['--version'])\n"
+            "except SystemExit as e: print('exit', e.code)\n"
+            f"print(sorted(m for m in {HEAVY!r} if m in sys.modules))")
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert res.returncode == 0, res.stderr
+    lines = res.stdout.strip().splitlines()
+    assert lines == [f"ralu {metadata.version('ralu')}", "exit 0", "[]"], lines
+
+
 def test_package_names_resolve_lazily():
     from ralu_runtime import RaluOutput, RaluSchedule, generate, get_preset, load_pipeline, solve_nt_matching
     from ralu_runtime.api import generate as api_generate
