@@ -163,7 +163,7 @@ def load_pipeline(path: str | os.PathLike, *, torch_dtype=None, device=None, reu
 
 def resolve_schedule(speedup, adapter: DiTAdapter, height: int | None = None,
                      width: int | None = None) -> RaluSchedule | None:
-    """``speedup`` ("4x", "7x", ... preset of the model family; "default" = the family's fastest preset;
+    """``speedup`` ("4x", "7x", ... preset of the model family; "default" = the family's default preset;
     a RaluSchedule; or None for the baseline) -> schedule. Presets solved for the model's own timestep shift use
     the adapter's h_ori at ``height`` x ``width`` (default: the model's default size)."""
     if speedup is None or isinstance(speedup, RaluSchedule):

@@ -40,6 +40,7 @@ SOLVER_NAMES = ("euler", "ab2", "dpmpp2m")
 BACKEND_NAMES = ("eager", "inductor", "onnx", "tensorrt")
 COMPILED_BACKENDS = ("inductor", "onnx", "tensorrt")
 PRESET_HELP = "; ".join(f"{fam.label}: {', '.join(fam.presets)}" for fam in FAMILIES.values())
+DEFAULT_PRESET_HELP = ", ".join(f"{fam.label} {fam.default_preset}" for fam in FAMILIES.values())
 COMMON_EXTENSIONS = ".png, .jpg, .jpeg, .webp, .bmp, .tiff"
 
 
@@ -84,7 +85,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "model_index.json; nothing is downloaded), or a built-in random model: "
                         f"{', '.join(TINY_MODELS)} (default tiny-flux)")
     g.add_argument("--prompt", metavar="TEXT", default="a photograph of a red fox in the snow",
-                   help="the text prompt (default: a red fox in the snow)")
+                   help="the text prompt (default: %(default)r)")
     g.add_argument("--negative-prompt", metavar="TEXT", default=None,
                    help="what to steer away from, for models with classifier-free guidance (SD3, FLUX.2 klein base, "
                         "Qwen-Image, Z-Image, Chroma, Wan, HunyuanVideo 1.5); used where the guidance scale runs it")
@@ -99,7 +100,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="video models: regions chosen per latent frame (frame, default) or the same in every frame "
                         "(clip)")
     g.add_argument("--speedup", metavar="PRESET", type=_speedup, default="default",
-                   help=f"preset name ({PRESET_HELP}), 'default' (the family's fastest), or 'none' for the "
+                   help=f"preset name ({PRESET_HELP}), 'default' (the family's default preset: "
+                        f"{DEFAULT_PRESET_HELP}), or 'none' for the "
                         "ordinary full-resolution sampler")
     g.add_argument("--steps", metavar="N", type=int, default=None, help="baseline steps (with --speedup none only)")
     g.add_argument("--guidance", metavar="SCALE", type=float, default=None,

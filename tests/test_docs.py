@@ -8,6 +8,7 @@ torch-free parser: no network, no model, no torch. One test runs the README's Py
 random FLUX.1 pipeline instead of the weights it names (about 8 s on a 2-core CPU).
 """
 import ast
+import json
 import itertools
 import re
 import shlex
@@ -294,3 +295,112 @@ def test_readme_python_example_runs_on_the_tiny_model(tmp_path, monkeypatch):
     with_masks = real(ns["pipe"], "a red fox in the snow", speedup="7x", seed=0, height=64, width=64,
                       progress=False, return_masks=True)
     assert with_masks.masks is not None and with_masks.masks.dtype == torch.bool
+
+
+# ------------------------------------------------------------------------ figures the pages copy from result files
+NUMBER = r"\d[\d ]*"   # the pages group digits with spaces (167 800)
+
+
+def _table_rows(page: Path, header_start: str) -> tuple[list[str], list[list[str]]]:
+    """The header cells and the body rows (cells) of the first table of ``page`` whose header starts with
+    ``header_start``."""
+    lines = page.read_text(encoding="utf-8").splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith(header_start))
+    cells = []
+    for line in lines[start:]:
+        if not line.startswith("|"):
+            break
+        cells.append([c.strip() for c in line.strip().strip("|").split("|")])
+    return cells[0], cells[2:]
+
+
+def _num(text: str) -> float:
+    return float(text.replace(" ", ""))
+
+
+def _check_run(where: str, run: dict, tflops: str, ratio: str | None) -> list[str]:
+    bad = []
+    if abs(_num(tflops) - run["tflops"]) > max(0.5, 1e-3 * run["tflops"]):   # rounded to 4 significant digits
+        bad.append(f"{where}: {tflops} TFLOPs, the result file {run['tflops']:.1f}")
+    if ratio is not None and abs(float(ratio) - run["ratio"]) > 0.0051:
+        bad.append(f"{where}: {ratio}x, the result file {run['ratio']:.3f}x")
+    return bad
+
+
+def _runs(entry: dict) -> dict:
+    return {r["run"]: r for r in entry["runs"]}
+
+
+def test_families_flops_table_is_its_result_file():
+    """docs/families.md's FLOPs table is benchmarks/results/families_flops.json (it once kept the baselines of an
+    earlier run: Z-Image-Turbo 9 steps, SD3.5 Medium 28, after the file moved to 8 and 40)."""
+    data = json.loads((ROOT / "benchmarks/results/families_flops.json").read_text())
+    _header, rows = _table_rows(ROOT / "docs/families.md", "| model (params) |")
+    strip = lambda s: re.sub(r"\s*\(.*?\)", "", s).strip()   # noqa: E731 - labels without their parentheses
+    by_label = {strip(r[0]): r for r in rows}
+    assert len(rows) == len(data["flops"]) and set(by_label) == {strip(e["label"]) for e in data["flops"]}
+    bad = []
+    for entry in data["flops"]:
+        row, runs = by_label[strip(entry["label"])], _runs(entry)
+        m = re.fullmatch(rf"(\d+) steps: ({NUMBER})", row[2])
+        assert m, row
+        if int(m.group(1)) != runs["baseline"]["steps"]:
+            bad.append(f"{entry['label']}: {m.group(1)} steps, the result file {runs['baseline']['steps']}")
+        bad += _check_run(f"{entry['label']} baseline", runs["baseline"], m.group(2), None)
+        presets = re.findall(rf"(\w+): ({NUMBER}), ([\d.]+)×", row[3])
+        assert {p for p, _, _ in presets} == set(runs) - {"baseline"}, row
+        for name, tflops, ratio in presets:
+            bad += _check_run(f"{entry['label']} {name}", runs[name], tflops, ratio)
+    assert not bad, bad
+
+
+def test_video_flops_table_is_its_result_file():
+    data = json.loads((ROOT / "benchmarks/results/families_video_flops.json").read_text())
+    header, rows = _table_rows(ROOT / "docs/video.md", "| model | size | baseline |")
+    presets = header[3:]
+    assert len(rows) == len(data["flops"])
+    bad = []
+    for entry in data["flops"]:
+        h, w = entry["resolution"]
+        row = next((r for r in rows if entry["label"].startswith(" ".join(r[0].split()[:2]))
+                    and r[1].startswith(f"{h}×{w}, {entry['num_frames']} frames")), None)
+        assert row is not None, f"no row for {entry['label']}"
+        runs = _runs(entry)
+        m = re.fullmatch(rf"(\d+) steps: ({NUMBER}) TFLOPs", row[2])
+        assert m and int(m.group(1)) == runs["baseline"]["steps"], (row, runs["baseline"])
+        bad += _check_run(f"{entry['label']} baseline", runs["baseline"], m.group(2), None)
+        for name, cell in zip(presets, row[3:]):
+            m = re.fullmatch(rf"({NUMBER}), ([\d.]+)×", cell)
+            assert m, cell
+            bad += _check_run(f"{entry['label']} {name}", runs[name], m.group(1), m.group(2))
+    assert not bad, bad
+
+
+def test_method_preset_table_is_what_get_preset_solves():
+    """docs/method.md's preset table, every row with numbers, solved again by ``get_preset`` (NT-Matching, the
+    pinned scipy): steps, ends, ratio, shifts (3 decimals), Z (4 significant digits, or the bound) and the JS
+    distance (4 decimals). The table once kept an earlier solver's FLUX.2 and Qwen-Image rows."""
+    from ralu_runtime.schedule import get_preset
+
+    _header, rows = _table_rows(ROOT / "docs/method.md", "| family / preset |")
+    bad, checked = [], 0
+    for cells in rows:
+        m = re.match(r"([\w-]+) (\w+)\b", cells[0])
+        shifts = re.fullmatch(r"([\d.]+), ([\d.]+), ([\d.]+)", cells[4])
+        if not (m and shifts):          # "as flux 4x / 7x" rows
+            continue
+        h = re.search(r"h_ori ([\d.]+)", cells[0])
+        s = get_preset(m.group(1), m.group(2), float(h.group(1)) if h else None)
+        ends = tuple(float(e) for e in cells[2].split(","))
+        z = float(cells[5].split()[0])
+        got = (tuple(int(n) for n in cells[1].split(",")), ends, float(cells[3]))
+        if got != (tuple(s.steps), tuple(s.ends), s.ratio):
+            bad.append(f"{cells[0]}: N, e, r {got} vs {(s.steps, s.ends, s.ratio)}")
+        if any(abs(float(a) - b) > 0.0015 for a, b in zip(shifts.groups(), s.shifts)):
+            bad.append(f"{cells[0]}: shifts {cells[4]} vs {[round(x, 3) for x in s.shifts]}")
+        if abs(z - s.z) > 1e-3 * s.z or ("bound" in cells[5]) != (s.z == 100.0):
+            bad.append(f"{cells[0]}: Z {cells[5]} vs {s.z:.4g}")
+        if abs(float(cells[6]) - s.jsd) > 6e-5:
+            bad.append(f"{cells[0]}: JS {cells[6]} vs {s.jsd:.4f}")
+        checked += 1
+    assert checked >= 15 and not bad, (checked, bad)
