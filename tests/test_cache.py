@@ -238,7 +238,8 @@ def test_guidance_given_to_schnell_is_said_to_be_ignored(schnell_pipe, flux_pipe
         prepare(schnell_pipe, guidance_scale=3.5, **SIZE, **flux_embeds())
         prepare(schnell_pipe, guidance_scale=0.0, **SIZE, **flux_embeds())
         prepare(flux_pipe, guidance_scale=3.5, **SIZE, **flux_embeds())
-    assert [r.getMessage() for r in caplog.records if r.name == "ralu"] == [
+    assert [r.getMessage() for r in caplog.records if r.name == "ralu"   # (not the tiny size's own warning)
+            and "upsamples no region" not in r.getMessage()] == [
         "guidance_scale=3.5 is ignored: FLUX.1-schnell's transformer has no guidance embedding (guidance_embeds=False)"]
 
 
@@ -274,7 +275,8 @@ def test_a_taylorseer_plan_that_caches_nothing_is_said(flux_pipe, caplog):
                 cache=TaylorSeerCache(2, warmup=8))
         prepare(flux_pipe, **flux_embeds(), **SIZE, speedup=SCHED, cache=TaylorSeerCache(2, warmup=3))  # 4: "FFFC"
         prepare(flux_pipe, **flux_embeds(), **SIZE, speedup=SCHED, cache=FirstBlockCache(0.1))  # no fixed plan
-    said = [r.getMessage() for r in caplog.records if r.name == "ralu"]
+    said = [r.getMessage() for r in caplog.records if r.name == "ralu"
+             and "upsamples no region" not in r.getMessage()]  # (the tiny size's own warning)
     assert len(said) == 2, said
     assert "caches no step" in said[0] and "stages of 2/3/4 steps" in said[0] and "warm-up 4" in said[0]
     assert "stages of 8 steps" in said[1]

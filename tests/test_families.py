@@ -274,7 +274,8 @@ def test_a_negative_prompt_without_guidance_is_said_to_be_ignored(caplog):
         prepare(sd3, guidance_scale=1.0, **SIZE, **sd3_embeds(sd3, 1, 8, seed=1, cfg=False))
         prepare(qwen, guidance_scale=1.0, **SIZE, **qwen_embeds(qwen, 1, 8, seed=1, cfg=True))
         prepare(qwen, guidance_scale=4.0, **SIZE, **qwen_embeds(qwen, 1, 8, seed=1, cfg=True))
-    lines = [r.getMessage() for r in caplog.records if r.name == "ralu"]
+    lines = [r.getMessage() for r in caplog.records if r.name == "ralu"
+             and "upsamples no region" not in r.getMessage()]  # (the tiny size's own warning)
     assert lines == [f"the negative prompt is ignored: at guidance_scale=1 {fam} runs no classifier-free guidance "
                      "(as its diffusers pipeline); raise guidance_scale to use it" for fam in ("sd3", "qwen-image")]
 

@@ -132,7 +132,8 @@ def test_guidance_given_to_a_distilled_klein_is_said_to_be_ignored(pipes, caplog
         prepare(pipes["klein"], **kw)
         prepare(pipes["klein-base"], guidance_scale=5.0, height=64, width=64,
                 **random_embeds(pipes["klein-base"], 1, 12, seed=0))
-    lines = [r.getMessage() for r in caplog.records if r.name == "ralu"]
+    lines = [r.getMessage() for r in caplog.records if r.name == "ralu"
+             and "upsamples no region" not in r.getMessage()]  # (the tiny size's own warning)
     assert lines == ["guidance_scale=5.0 is ignored: a step-distilled FLUX.2-klein runs no guidance"]
 
 
