@@ -449,7 +449,10 @@ class Engine:
 
     def shutdown(self, drain: bool = True, timeout: float | None = None) -> None:
         """Stop taking requests. ``drain=True``: finish running and queued ones; False: reject queued requests
-        (EngineClosed) and cancel running ones at their next model call. Waits up to ``timeout`` seconds."""
+        (EngineClosed) and cancel running ones at their next model call. Waits up to ``timeout`` seconds for the
+        work, then for the engine's threads to end (the request threads finish after their results are handed
+        over: a process that exits right after ``shutdown`` must not find one still running)."""
+        deadline = None if timeout is None else time.monotonic() + timeout
         with self._lock:
             self._closing = True
             if not drain:
@@ -460,7 +463,13 @@ class Engine:
                 for req in self._active:
                     req._cancel = True
             self._lock.notify_all()
-        self._closed.wait(timeout)
+        if not self._closed.wait(timeout):
+            return
+        with self._lock:
+            threads = [self._scheduler, *self._workers]
+        for thread in threads:
+            if thread is not threading.current_thread():
+                thread.join(None if deadline is None else max(0.0, deadline - time.monotonic()))
 
     @property
     def closed(self) -> bool:
@@ -577,11 +586,13 @@ class Engine:
             outcome, error = "error", e
         with self._lock:
             self._active.discard(req)
-            self._workers.discard(threading.current_thread())
             self._outcomes[outcome] += 1
             self._request_latency.observe(time.monotonic() - req.submitted)
             self._lock.notify_all()
         req._finish(result, error)
+        del result, error  # the request's tensors are freed here, not while the interpreter exits
+        with self._lock:  # listed until now: shutdown joins the thread (one still running at interpreter exit, a
+            self._workers.discard(threading.current_thread())  # daemon inside a torch op, aborted the process)
 
     # ------------------------------------------------------------------------------------------ scheduler
     def _admit(self) -> None:
