@@ -472,14 +472,36 @@ def _check_video(adapter: DiTAdapter, num_frames, region_mode) -> tuple[int | No
 
 
 def _generators(generator, seed, batch: int) -> tuple[Any, list[torch.Generator]]:
-    """(generator argument for the initial noise, per-image generator list for RALU's own draws)."""
+    """(generator argument for the initial noise, per-image generator list for RALU's own draws: see
+    :func:`_ralu_streams`)."""
     if generator is None:
         # no seed: one draw from the global RNG, like diffusers' own pipelines without a generator
         generator = torch.Generator("cpu").manual_seed(int(seed) if seed is not None else
                                                        int(torch.randint(0, 2**62, (1,)).item()))
     if isinstance(generator, (list, tuple)):
-        return list(generator), list(generator)
-    return generator, [generator] * batch
+        return list(generator), _ralu_streams(list(generator))
+    return generator, _ralu_streams([generator] * batch)
+
+
+def _ralu_streams(gens: list[torch.Generator]) -> list[torch.Generator]:
+    """Per image, a generator (on its generator's device) for RALU's own draws (edge-score jitter, transition
+    noise seeds), seeded from the state the image's generator had when the call began and the image's place among
+    the images sharing that generator. The noise is drawn from the user's generators as the pipeline draws it, so
+    with one generator image 0 of a batch has the noise of a single-image call; these streams give it the same
+    RALU draws too (drawn from the shared generator after the noise, they depended on the batch size), and
+    ``[g1, g2]`` stays two single calls. The user's generators advance by the noise (and VAE) draws only."""
+    digests: dict[int, bytes] = {}
+    seen: dict[int, int] = {}
+    out = []
+    for g in gens:
+        key = id(g)
+        if key not in digests:
+            digests[key] = hashlib.blake2b(g.get_state().numpy().tobytes(), digest_size=16).digest()
+        k = seen.get(key, 0)
+        seen[key] = k + 1
+        word = hashlib.blake2b(digests[key] + k.to_bytes(8, "little"), digest_size=8).digest()
+        out.append(torch.Generator(g.device).manual_seed(int.from_bytes(word, "little") >> 1))
+    return out
 
 
 # ---------------------------------------------------------------------------------------- per-call state

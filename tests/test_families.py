@@ -178,6 +178,24 @@ def test_contract_batch_of_two_equals_two_single_runs(any_family):
 
 
 @torch.no_grad()
+def test_contract_image_0_of_a_batch_with_one_seed_is_the_single_call(any_family):
+    """One seed for a batch of two: image 0 equals the one-image call with that seed (latents within the batch's
+    rounding, the same regions), as a diffusers pipeline's image 0 is; RALU's own draws do not depend on the batch
+    size. The generator advances by the noise draws only: as far as the baseline's call moves it."""
+    _name, pipe, embeds, size = any_family
+    emb = embeds(1, 1)
+    kw = dict(size, speedup="default", output_type="latent", progress=False, return_masks=True)
+    g2, g1 = torch.Generator().manual_seed(11), torch.Generator().manual_seed(11)
+    two = generate(pipe, **emb, num_images_per_prompt=2, generator=g2, **kw)
+    one = generate(pipe, **emb, generator=g1, **kw)
+    torch.testing.assert_close(two.images[:1], one.images, **TOL)
+    assert torch.equal(two.masks[:1], one.masks)
+    g0 = torch.Generator().manual_seed(11)
+    generate(pipe, **emb, generator=g0, **{**kw, "speedup": None, "num_inference_steps": 2, "return_masks": False})
+    assert torch.equal(g1.get_state(), g0.get_state())
+
+
+@torch.no_grad()
 def test_contract_same_seed_same_result_whatever_ran_before(any_family):
     """Same seed, same image: on a pipeline that first ran other calls (another size and frame count, the baseline,
     no guidance, a feature cache, exact noise with latent regions, a batch of two with per-image generators) a call
