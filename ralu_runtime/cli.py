@@ -959,15 +959,16 @@ EDIT_FAMILIES = ("flux", "flux-schnell", "sd3", "chroma", "z-image", "qwen-image
 
 
 def _read_image(flag: str, path: str, mode: str):
-    """Open and fully decode an image file (PIL image in ``mode``); UsageError for a missing or unreadable file."""
-    from PIL import Image
+    """Open and fully decode an image file (PIL image in ``mode``, EXIF orientation applied as diffusers'
+    ``load_image`` and ``ralu serve``'s uploads apply it); UsageError for a missing or unreadable file."""
+    from PIL import Image, ImageOps
 
     if not os.path.isfile(path):
         raise UsageError(f"{flag} {path!r}: no such file")
     try:
         with Image.open(path) as img:
             img.load()
-            return img.convert(mode)
+            return ImageOps.exif_transpose(img).convert(mode)
     except (OSError, ValueError, Image.DecompressionBombError) as exc:
         raise UsageError(f"{flag} {path!r} is not an image Pillow can read ({_one_line(exc)})") from None
 

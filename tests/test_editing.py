@@ -466,6 +466,26 @@ def test_ralu_edit_inpaints_an_image_file(tmp_path, capsys):
     assert Image.open(out).size == (96, 64) and Image.open(regions).size == (96, 64)
 
 
+def test_ralu_edit_reads_an_image_file_upright_as_the_server_does(tmp_path):
+    """A photo whose EXIF says "rotate 90" is read upright by ``ralu edit`` (as diffusers' ``load_image`` and
+    ``ralu serve``'s uploads read it); it was read as stored, so the CLI and the server edited different images."""
+    from PIL import Image
+
+    from ralu_runtime import cli
+    from ralu_runtime.serving.edits import decode_image
+
+    arr = (np.random.default_rng(1).random((64, 96, 3)) * 255).astype(np.uint8)
+    exif = Image.Exif()
+    exif[0x0112] = 6                      # orientation: the stored pixels are rotated; show them turned 90 degrees
+    path = tmp_path / "rotated.png"
+    Image.fromarray(arr).save(path, exif=exif)
+    read = cli._read_image("--image", str(path), "RGB")
+    assert read.size == (64, 96)
+    assert np.array_equal(np.asarray(read), np.rot90(arr, k=-1))
+    uploaded = decode_image(path.read_bytes(), "image")
+    assert np.array_equal(np.asarray(uploaded.convert("RGB")), np.asarray(read))
+
+
 @torch.no_grad()
 def test_ralu_edit_that_starts_in_the_last_stage_writes_its_image_and_says_why_no_regions(tmp_path, capsys):
     """strength 0.5 with 4x starts in stage 3 (full resolution, no regions): --mask-out read out.masks[0] of None
