@@ -5,7 +5,9 @@ ratios) and ``<name>.png`` into ``--out`` (default ``benchmarks/results``).
 """
 from __future__ import annotations
 
+import argparse
 import json
+import math
 import os
 import platform
 import statistics
@@ -46,6 +48,8 @@ def time_fn(fn: Callable[[], object], *, warmup: int = 3, reps: int = 10, device
 
     On CUDA uses events and synchronises around every call.
     """
+    if reps < 1 or warmup < 0:
+        raise ValueError(f"reps={reps}, warmup={warmup}: time at least one call (reps >= 1, warmup >= 0)")
     cuda = device == "cuda" or (device is None and torch.cuda.is_available())
     for _ in range(warmup):
         fn()
@@ -132,27 +136,64 @@ def raster_model_call(pipe, resolution: int, text_len: int, device, dtype, *, ru
     return run
 
 
+def positive_int(text: str) -> int:
+    """argparse type: a whole number >= 1 (counts: reps, seeds, samples, world sizes)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value} is not allowed: give 1 or more")
+    return value
+
+
+def non_negative_int(text: str) -> int:
+    """argparse type: a whole number >= 0 (warm-up calls)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{value} is not allowed: give 0 or more")
+    return value
+
+
 def print_table(rows: Sequence[dict], columns: Sequence[str]) -> None:
-    """Print rows as a fixed-width text table with the given columns."""
+    """Print rows as a fixed-width text table with the given columns ("(no rows)" under the header when empty)."""
     def fmt(v):
         if isinstance(v, float):
             return f"{v:.4g}"
         return str(v)
 
-    widths = [max(len(c), *(len(fmt(r.get(c, ""))) for r in rows)) for c in columns]
+    widths = [max([len(c), *(len(fmt(r.get(c, ""))) for r in rows)]) for c in columns]
     print("  ".join(c.ljust(w) for c, w in zip(columns, widths)))
     print("  ".join("-" * w for w in widths))
+    if not rows:
+        print("(no rows)")
     for r in rows:
         print("  ".join(fmt(r.get(c, "")).ljust(w) for c, w in zip(columns, widths)))
 
 
+def json_safe(value):
+    """``value`` with every NaN / infinite float replaced by None (JSON has no NaN: ``json.dumps`` would write the
+    non-standard token ``NaN``, which strict parsers refuse); containers are copied, other values kept."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_safe(v) for v in value]
+    return value
+
+
 def write_json(out_dir: str | Path, name: str, payload: dict) -> Path:
-    """Write ``payload`` plus the environment record to ``out_dir/name.json``."""
+    """Write ``payload`` plus the environment record to ``out_dir/name.json`` (standard JSON: a NaN or infinite
+    float, a figure that does not apply, is written as null)."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     path = out / f"{name}.json"
-    body = {"benchmark": name, "environment": environment(), **payload}
-    path.write_text(json.dumps(body, indent=2, default=str))
+    body = json_safe({"benchmark": name, "environment": environment(), **payload})
+    path.write_text(json.dumps(body, indent=2, default=str, allow_nan=False))
     print(f"wrote {path}")
     return path
 

@@ -29,7 +29,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks._common import bar_plot, device_slug, print_table, time_fn, write_json  # noqa: E402
+from benchmarks._common import bar_plot, device_slug, positive_int, print_table, time_fn, write_json  # noqa: E402
 from ralu_kernels.attention import (  # noqa: E402
     StreamSegments,
     available_backends,
@@ -125,7 +125,7 @@ def main(argv=None):
     ap.add_argument("--quick", action="store_true", help="small shapes (2 heads x 32, lengths 64..256 + 32 text)")
     ap.add_argument("--dtype", default=None, choices=["bfloat16", "float16", "float32"],
                     help="default bfloat16 on CUDA, float32 on CPU")
-    ap.add_argument("--reps", type=int, default=None)
+    ap.add_argument("--reps", type=positive_int, default=None)
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (CPU timings are steadier with 1)")
     args = ap.parse_args(argv)
     if args.threads:

@@ -26,7 +26,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks._common import bar_plot, device_slug, print_table, time_fn, write_json  # noqa: E402
+from benchmarks._common import (bar_plot, device_slug, non_negative_int, positive_int, print_table,  # noqa: E402
+                                time_fn, write_json)
 from ralu_kernels import edge_scores as K  # noqa: E402
 from ralu_runtime import edges as E  # noqa: E402
 
@@ -74,9 +75,9 @@ def agreement(device, block: int = 16, ratios=(0.1, 0.3)) -> list[dict]:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default="benchmarks/results")
-    ap.add_argument("--reps", type=int, default=10)
-    ap.add_argument("--warmup", type=int, default=2)
-    ap.add_argument("--batch", type=int, nargs="+", default=[1, 4])
+    ap.add_argument("--reps", type=positive_int, default=10)
+    ap.add_argument("--warmup", type=non_negative_int, default=2)
+    ap.add_argument("--batch", type=positive_int, nargs="+", default=[1, 4])
     ap.add_argument("--size", type=int, default=512)
     ap.add_argument("--block", type=int, default=16)
     ap.add_argument("--ratio", type=float, default=0.3)

@@ -31,7 +31,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks._common import bar_plot, device_slug, print_table, time_fn, write_json  # noqa: E402
+from benchmarks._common import bar_plot, device_slug, positive_int, print_table, time_fn, write_json  # noqa: E402
 from ralu_kernels import transition as T  # noqa: E402
 
 Z_7X, Z_4X = 6.261, 6.317
@@ -98,7 +98,7 @@ def main() -> None:
     ap.add_argument("--out", default="benchmarks/results")
     ap.add_argument("--quick", action="store_true", help="fewer repetitions; no bandwidth case")
     ap.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
-    ap.add_argument("--batch", type=int, default=1)
+    ap.add_argument("--batch", type=positive_int, default=1)
     ap.add_argument("--threads", type=int, default=1,
                     help="torch CPU threads (default 1: steadier, and much faster on a contended CPU)")
     args = ap.parse_args()

@@ -34,7 +34,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks._common import device_slug, print_table, pyplot, save_figure, write_json  # noqa: E402
+from benchmarks._common import (device_slug, non_negative_int, positive_int, print_table, pyplot,  # noqa: E402
+                                save_figure, write_json)
 
 HEADS = 24  # FLUX.1-dev; the small model has 4 (both divide by 2 and 4; 8 only divides 24)
 
@@ -202,8 +203,8 @@ def main(argv=None) -> int:
     ap.add_argument("--size", choices=("full", "small"), default=None)
     ap.add_argument("--resolution", type=int, default=None)
     ap.add_argument("--steps", type=int, default=28, help="baseline steps (FLUX.1-dev's default 28)")
-    ap.add_argument("--reps", type=int, default=None)
-    ap.add_argument("--warmup", type=int, default=1)
+    ap.add_argument("--reps", type=positive_int, default=None)
+    ap.add_argument("--warmup", type=non_negative_int, default=1)
     ap.add_argument("--cache", default=None, help="temporal cache of the RALU rows, e.g. taylorseer:3")
     ap.add_argument("--no-cuda-graphs", action="store_true", help="compiled rows without CUDA graphs")
     ap.add_argument("--edge-detector", choices=("gpu", "opencv"), default=None)
@@ -224,7 +225,10 @@ def main(argv=None) -> int:
                     ["ralu-7x-eager", "ralu-7x-compiled", "baseline-compiled"] if cuda else
                     ["ralu-7x-eager", "baseline-eager"])}
     for r in cfg["rows"]:
-        parse_row(r)
+        try:
+            parse_row(r)
+        except ValueError as exc:
+            ap.error(str(exc))
     slug = device_slug() if cuda else "quick_cpu"
     tag = args.tag or f"context_parallel_{slug}"
     out_dir = Path(args.out)
@@ -245,7 +249,12 @@ def main(argv=None) -> int:
     from ralu_runtime.parallel.launch import run_local
 
     if args.world_sizes:
-        sizes = [int(s) for s in args.world_sizes.split(",")]
+        try:
+            sizes = [int(s) for s in args.world_sizes.split(",")]
+        except ValueError:
+            sizes = []
+        if not sizes or min(sizes) < 1:
+            ap.error(f"--world-sizes {args.world_sizes!r}: give whole numbers >= 1, comma separated (e.g. 1,2,4)")
     elif cuda:
         n = torch.cuda.device_count()
         sizes = [s for s in (1, 2, 4, 8, 16) if s <= n]

@@ -30,7 +30,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks._common import write_json  # noqa: E402
+from benchmarks._common import positive_int, write_json  # noqa: E402
 from ralu_runtime.editing import edit_cost, edit_stages, start_index  # noqa: E402
 from ralu_runtime.schedule import get_preset  # noqa: E402
 
@@ -340,7 +340,7 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default=str(Path(__file__).parent / "results"))
     ap.add_argument("--cpu", action="store_true", help="also time img2img on the CPU with the small models")
-    ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--reps", type=positive_int, default=3)
     ap.add_argument("--cpu-family", nargs="+", choices=tuple(MODELS), default=list(MODELS),
                     help="families timed with --cpu (default: all)")
     ap.add_argument("--cpu-size", type=int, default=None,

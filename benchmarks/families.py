@@ -28,7 +28,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks._common import print_table, pyplot, save_figure, write_json  # noqa: E402
+from benchmarks._common import positive_int, print_table, pyplot, save_figure, write_json  # noqa: E402
 from benchmarks.flops import velocity_flops  # noqa: E402
 from ralu_runtime.families import CPU_FRAMES, MODELS  # noqa: E402
 
@@ -156,7 +156,7 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--family", nargs="+", default=list(DEFAULT_FAMILIES), choices=tuple(FAMILIES))
     ap.add_argument("--what", nargs="+", default=["flops", "cpu"], choices=("flops", "cpu"))
-    ap.add_argument("--reps", type=int, default=3, help="interleaved rounds of the CPU latency rows")
+    ap.add_argument("--reps", type=positive_int, default=3, help="interleaved rounds of the CPU latency rows")
     ap.add_argument("--cpu-size", type=int, default=None, help="pixels per side of the CPU runs (default 256)")
     ap.add_argument("--out", default="benchmarks/results")
     ap.add_argument("--name", default="families")

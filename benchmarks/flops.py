@@ -20,7 +20,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks._common import print_table, pyplot, save_figure, write_json  # noqa: E402
+from benchmarks._common import positive_int, print_table, pyplot, save_figure, write_json  # noqa: E402
 from ralu_runtime.families import MODELS  # noqa: E402
 
 PAPER_TFLOPS = {"flux": {"baseline": 2991.0, "5x": 540.5, "7x": 426.0}}  # the paper's table, FLUX.1-dev 1024^2
@@ -149,7 +149,7 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", nargs="+", default=["flux", "sd3"], choices=("flux", "sd3"))
     ap.add_argument("--resolution", type=int, default=1024)
-    ap.add_argument("--batch", type=int, default=1)
+    ap.add_argument("--batch", type=positive_int, default=1)
     ap.add_argument("--out", default="benchmarks/results")
     args = ap.parse_args(argv)
     results = [model_flops(m, args.resolution, args.batch) for m in args.model]

@@ -40,7 +40,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks._common import print_table, pyplot, save_figure, write_json  # noqa: E402
+from benchmarks._common import positive_int, print_table, pyplot, save_figure, write_json  # noqa: E402
 from ralu_runtime import oracle_metrics as om  # noqa: E402
 from ralu_runtime.adapters.base import Conditioning, TokenGrid  # noqa: E402
 from ralu_runtime.adapters.oracle import GaussianOracle  # noqa: E402
@@ -228,7 +228,7 @@ def summary(rows: list[dict]) -> list[dict]:
     return out
 
 
-def plot(rows: list[dict], out_dir) -> Path | None:
+def plot(rows: list[dict], out_dir, name: str = "inpaint_oracle") -> Path | None:
     """fd_in per mask, mask-first vs edge-only, one panel per (strength, preset)."""
     plt = pyplot()
     if plt is None:
@@ -245,18 +245,20 @@ def plot(rows: list[dict], out_dir) -> Path | None:
         ax.set_title(f"strength {strength}, RALU {preset}", fontsize=9)
         ax.set_ylabel("FD per pixel to the exact conditional law, in the mask", fontsize=8)
     axes[0][0].legend(fontsize=8)
-    return save_figure(fig, out_dir, "inpaint_oracle")
+    return save_figure(fig, out_dir, name)
 
 
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default=str(Path(__file__).parent / "results"))
-    ap.add_argument("--samples", type=int, default=32, help="noises per case (x channels samples)")
-    ap.add_argument("--seeds", type=int, default=3, help="source images")
+    ap.add_argument("--samples", type=positive_int, default=32, help="noises per case (x channels samples)")
+    ap.add_argument("--seeds", type=positive_int, default=3, help="source images")
     ap.add_argument("--size", type=int, default=16, help="oracle latent side (fine tokens; even, >= 8)")
     ap.add_argument("--channels", type=int, default=4)
     ap.add_argument("--ref-steps", type=int, default=100, help="Euler steps of the reference")
-    ap.add_argument("--quick", action="store_true", help="toy size for tests: 8x8 latents, 6 samples, 1 seed")
+    ap.add_argument("--quick", action="store_true",
+                    help="toy size for tests: 8x8 latents, 6 samples, 1 seed, 40 reference steps (over --size, "
+                         "--samples, --seeds, --ref-steps); written as inpaint_oracle_quick.json / .png")
     args = ap.parse_args(argv)
     if args.quick:
         args.size, args.samples, args.seeds, args.ref_steps = 8, 6, 1, 40
@@ -277,8 +279,9 @@ def main(argv=None) -> dict:
                                      "fd_seam", "ref_fd_in", "ref_fd_seam", "fd_in_vs_mask_first", "fd_in_worse_cases",
                                      "rmse_in", "rmse_seam", "rmse_out", "rmse_in_vs_mask_first", "cases"])
     print(f"{payload['seconds']:.1f} s")
-    write_json(args.out, "inpaint_oracle", {**payload, "notes": __doc__})
-    plot(payload["rows"], args.out)
+    name = "inpaint_oracle_quick" if args.quick else "inpaint_oracle"   # never over the committed full run
+    write_json(args.out, name, {**payload, "notes": __doc__})
+    plot(payload["rows"], args.out, name)
     return payload
 
 

@@ -45,7 +45,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks._common import device_slug, print_table, pyplot, save_figure, write_json  # noqa: E402
+from benchmarks._common import (device_slug, non_negative_int, positive_int, print_table, pyplot,  # noqa: E402
+                                save_figure, write_json)
 
 # ----------------------------------------------------------------------------------------------- models
 # every benchmarked model (shapes, published sampler, CPU sizes) is a record of ralu_runtime.families.MODELS
@@ -395,11 +396,13 @@ def main(argv=None) -> int:
     ap.add_argument("--rows", default=None, help="comma-separated rows (default: baseline and two presets, both kinds)")
     ap.add_argument("--resolution", type=int, default=None,
                     help="pixels per side (default: the model's native size full, its CPU size small)")
-    ap.add_argument("--batch", type=int, default=1)
+    ap.add_argument("--batch", type=positive_int, default=1)
     ap.add_argument("--steps", type=int, default=None,
                     help="baseline steps (default: the model's published setting, e.g. 50 FLUX.1-dev, 28 SD3)")
-    ap.add_argument("--reps", type=int, default=None, help="timed runs per row (default 5; 2 for full eager baseline)")
-    ap.add_argument("--warmup", type=int, default=None, help="untimed runs per row (default 2 compiled, 1 eager)")
+    ap.add_argument("--reps", type=positive_int, default=None,
+                    help="timed runs per row (default 5; 2 for full eager baseline)")
+    ap.add_argument("--warmup", type=non_negative_int, default=None,
+                    help="untimed runs per row (default 2 compiled, 1 eager)")
     ap.add_argument("--warmup-shape", default=None, metavar="HxW[xF]",
                     help="eager rows: warm-up calls at this size (F: frames, video) instead of the timed size")
     ap.add_argument("--scale-baseline-to", type=int, default=None, metavar="N",
@@ -451,8 +454,16 @@ def main(argv=None) -> int:
     args.edge_detector = args.edge_detector or ("gpu" if device.type == "cuda" else "opencv")
     dtype = getattr(torch, args.dtype) if args.dtype else (torch.bfloat16 if device.type == "cuda" else torch.float32)
     rows = args.rows.split(",") if args.rows else default_rows(args.model)
-    for r in rows:
-        parse_row(r)
+    from ralu_runtime.families import FAMILIES
+
+    for r in rows:  # the row names and their presets, before any model is built
+        try:
+            preset, _kind = parse_row(r)
+        except ValueError as exc:
+            ap.error(str(exc))
+        if preset is not None and preset not in FAMILIES[model.family].presets:
+            ap.error(f"row {r!r}: {args.model} has no preset {preset!r}; its presets: "
+                     f"{', '.join(FAMILIES[model.family].presets)}")
     if args.warmup_shape is not None:
         try:
             dims = [int(v) for v in args.warmup_shape.lower().split("x")]

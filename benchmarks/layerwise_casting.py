@@ -33,8 +33,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks._common import (add_flux_shape_args, bar_plot, device_slug, flux_shape, print_table,  # noqa: E402
-                                raster_model_call, time_fn, write_json)
+from benchmarks._common import (add_flux_shape_args, bar_plot, device_slug, flux_shape,  # noqa: E402
+                                positive_int, print_table, raster_model_call, time_fn, write_json)
 from ralu_runtime.tiny.flux import build_flux_pipeline  # noqa: E402
 
 VARIANTS = ("plain", "cast")
@@ -52,8 +52,9 @@ def main(argv=None) -> int:
     add_flux_shape_args(ap, cuda_here)
     ap.add_argument("--storage", choices=tuple(STORAGE), default=None,
                     help="storage dtype of the cast layers (default float8_e4m3fn on a GPU, bfloat16 on a CPU)")
-    ap.add_argument("--reps", type=int, default=None, help="timed calls per variant and round (default 10 GPU, 3 CPU)")
-    ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--reps", type=positive_int, default=None,
+                    help="timed calls per variant and round (default 10 GPU, 3 CPU)")
+    ap.add_argument("--rounds", type=positive_int, default=2)
     ap.add_argument("--compiled", action="store_true",
                     help="also both variants under backend='inductor' without CUDA graphs (the cast model's blocks "
                          "run ralu's cast shadows): each compiles first (about a minute per variant on a GPU)")

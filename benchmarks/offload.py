@@ -26,9 +26,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks._common import (add_flux_shape_args, bar_plot, device_slug, flux_shape, print_table,  # noqa: E402
-                                write_json)
+from benchmarks._common import (add_flux_shape_args, bar_plot, device_slug, flux_shape,  # noqa: E402
+                                positive_int, print_table, write_json)
 from ralu_runtime import generate  # noqa: E402
+from ralu_runtime.families import FAMILIES  # noqa: E402
 from ralu_runtime.tiny.flux import build_flux_pipeline, random_embeds  # noqa: E402
 
 VARIANTS = ("resident", "offloaded")
@@ -38,8 +39,8 @@ def main(argv=None) -> int:
     cuda_here = torch.cuda.is_available()
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     add_flux_shape_args(ap, cuda_here)
-    ap.add_argument("--speedup", default="7x", help="RALU preset (default 7x)")
-    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--speedup", default="7x", choices=FAMILIES["flux"].presets, help="RALU preset (default 7x)")
+    ap.add_argument("--rounds", type=positive_int, default=3)
     ap.add_argument("--device", default="cuda" if cuda_here else "cpu")
     ap.add_argument("--out", default="benchmarks/results")
     ap.add_argument("--name", default=None, help="output name (default offload_<device>)")
@@ -47,8 +48,6 @@ def main(argv=None) -> int:
     cuda = args.device.startswith("cuda")
     dtype = torch.bfloat16 if cuda else torch.float32
     depth, resolution = flux_shape(args, cuda, multiple=32, why="RALU's coarse blocks")
-    if args.rounds < 1:
-        raise SystemExit("--rounds must be >= 1")
 
     pipe = build_flux_pipeline(args.size, device=args.device, dtype=dtype, **depth)
     embeds = random_embeds(pipe, 1, args.text_len, device=args.device, dtype=dtype)

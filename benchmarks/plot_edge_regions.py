@@ -24,18 +24,19 @@ RATIOS = (0.1, 0.3)
 
 
 def main() -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    import skimage.data
-
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default="docs/edge_regions.png")
     ap.add_argument("--block", type=int, default=16)
     ap.add_argument("--detector", default="opencv", choices=("opencv", "gpu"))
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args()
+    try:
+        import matplotlib
+    except ImportError:
+        raise SystemExit("plot_edge_regions.py draws with matplotlib: pip install -e '.[bench]'") from None
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import skimage.data
 
     fig, axes = plt.subplots(len(IMAGES), len(RATIOS), figsize=(4.2 * len(RATIOS), 3.3 * len(IMAGES)))
     for row, name in enumerate(IMAGES):

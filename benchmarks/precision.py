@@ -41,7 +41,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks._common import device_slug, print_table, pyplot, save_figure, write_json  # noqa: E402
+from benchmarks._common import (device_slug, non_negative_int, positive_int, print_table, pyplot,  # noqa: E402
+                                save_figure, write_json)
 
 ROWS = ("baseline-eager-bf16", "baseline-compiled-bf16", "ralu-7x-compiled-bf16", "ralu-4x-compiled-bf16",
         "baseline-compiled-fp8", "ralu-7x-compiled-fp8", "ralu-4x-compiled-fp8")
@@ -237,9 +238,10 @@ def main(argv=None) -> int:
     ap.add_argument("--rows", default=None, help=f"comma-separated subset of {','.join(ROWS)}")
     ap.add_argument("--resolution", type=int, default=None, help="pixels (default 1024; --quick 128)")
     ap.add_argument("--steps", type=int, default=None, help="baseline steps (default 50; --quick 4)")
-    ap.add_argument("--reps", type=int, default=None,
+    ap.add_argument("--reps", type=positive_int, default=None,
                     help="timed runs per row (default 3; 1 for the eager baseline and with --quick)")
-    ap.add_argument("--warmup", type=int, default=1, help="untimed runs per row (compiled rows compile in the first)")
+    ap.add_argument("--warmup", type=non_negative_int, default=1,
+                    help="untimed runs per row (compiled rows compile in the first)")
     ap.add_argument("--fp8-kernel", default="auto", choices=("auto", "torchao", "scaled_mm", "emulated"))
     ap.add_argument("--attn-backend", default="auto",
                     choices=("auto", "default", "cudnn", "flash", "efficient", "math", "measure"))
@@ -265,7 +267,10 @@ def main(argv=None) -> int:
     dtype = torch.bfloat16
     rows = args.rows.split(",") if args.rows else list(ROWS)
     for r in rows:
-        parse_row(r)
+        try:
+            parse_row(r)
+        except ValueError as exc:
+            ap.error(str(exc))
     slug = device_slug() if device.type == "cuda" else "cpu"
     args.tag = args.tag or f"precision_flux_{'quick_' if args.quick else ''}{slug}"
     Path(args.out).mkdir(parents=True, exist_ok=True)

@@ -52,7 +52,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks._common import print_table, pyplot, save_figure, write_json  # noqa: E402
+from benchmarks._common import positive_int, print_table, pyplot, save_figure, write_json  # noqa: E402
 from ralu_runtime import oracle_metrics as om  # noqa: E402
 from ralu_runtime.adapters.base import Conditioning, TokenGrid  # noqa: E402
 from ralu_runtime.adapters.oracle_video import GaussianVideoOracle  # noqa: E402
@@ -418,8 +418,9 @@ def plot(out_dir: Path, name: str, result: dict) -> Path | None:
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--out", default="benchmarks/results")
-    ap.add_argument("--samples", type=int, default=None, help="clips per seed (x16 channels); default 200, quick 24")
-    ap.add_argument("--seeds", type=int, default=None, help="independent seeds per method; default 3, quick 2")
+    ap.add_argument("--samples", type=positive_int, default=None,
+                    help="clips per seed (x16 channels); default 200, quick 24")
+    ap.add_argument("--seeds", type=positive_int, default=None, help="independent seeds per method; default 3, quick 2")
     ap.add_argument("--quick", action="store_true", help="moving non-stationary oracle, 7x, main rows only")
     args = ap.parse_args(argv)
     args.samples = args.samples or (24 if args.quick else 200)

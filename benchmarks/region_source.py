@@ -30,10 +30,12 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks._common import print_table, pyplot, save_figure, write_json  # noqa: E402
+from benchmarks._common import positive_int, print_table, pyplot, save_figure, write_json  # noqa: E402
+from ralu_runtime.families import MODELS  # noqa: E402
 
 VIDEO_FAMILIES = ("wan-480p", "wan-720p", "hunyuan-video15")
 IMAGE_FAMILIES = ("flux",)
+KNOWN_FAMILIES = tuple(MODELS)   # benchmarks.families.FAMILIES: every published model
 
 
 def jaccard(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -184,13 +186,14 @@ def main(argv=None) -> dict:
     ap.add_argument("--out", default="benchmarks/results")
     ap.add_argument("--name", default="region_source")
     ap.add_argument("--what", nargs="+", choices=("flops", "cpu", "oracle"), default=["flops", "cpu", "oracle"])
-    ap.add_argument("--families", nargs="+", default=None, help=f"FLOPs: default {VIDEO_FAMILIES + IMAGE_FAMILIES}")
-    ap.add_argument("--cpu-families", nargs="+", default=["wan-480p", "hunyuan-video15"])
+    ap.add_argument("--families", nargs="+", default=None, choices=KNOWN_FAMILIES,
+                    help=f"FLOPs: default {VIDEO_FAMILIES + IMAGE_FAMILIES}")
+    ap.add_argument("--cpu-families", nargs="+", default=["wan-480p", "hunyuan-video15"], choices=KNOWN_FAMILIES)
     ap.add_argument("--cpu-size", type=int, nargs=2, default=(256, 256), metavar=("H", "W"))
     ap.add_argument("--frames", type=int, default=9)
-    ap.add_argument("--reps", type=int, default=3)
-    ap.add_argument("--samples", type=int, default=200)
-    ap.add_argument("--seeds", type=int, default=3)
+    ap.add_argument("--reps", type=positive_int, default=3)
+    ap.add_argument("--samples", type=positive_int, default=200)
+    ap.add_argument("--seeds", type=positive_int, default=3)
     ap.add_argument("--quick", action="store_true", help="toy sizes: one family per part, 1 rep, few samples")
     args = ap.parse_args(argv)
     if args.quick:

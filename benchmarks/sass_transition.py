@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import os
 import re
 import subprocess
 import sys
@@ -100,6 +101,9 @@ def main() -> None:
     args = ap.parse_args()
     if not T.HAS_TRITON:
         raise SystemExit("needs triton")
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        raise SystemExit("sass_transition.py compiles the kernels to SASS (ptxas, no GPU needed): unset "
+                         "TRITON_INTERPRET, which makes triton interpret them instead")
     import tempfile
 
     import triton

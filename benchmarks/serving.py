@@ -32,7 +32,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks._common import print_table, pyplot, save_figure, write_json  # noqa: E402
+from benchmarks._common import positive_int, print_table, pyplot, save_figure, write_json  # noqa: E402
 
 MIX = ({"height": 256, "width": 256, "speedup": "7x"}, {"height": 256, "width": 256, "speedup": "4x"},
        {"height": 192, "width": 256, "speedup": "7x"}, {"height": 128, "width": 256, "speedup": "7x"})
@@ -207,7 +207,7 @@ def main(argv=None) -> dict:
     ap.add_argument("--model", default="flux", choices=("flux", "sd3"))
     ap.add_argument("--size", default="small", choices=("tiny", "small", "full"))
     ap.add_argument("--device", default=None)
-    ap.add_argument("--requests", type=int, default=16, help="requests per (server, rate)")
+    ap.add_argument("--requests", type=positive_int, default=16, help="requests per (server, rate)")
     ap.add_argument("--loads", type=float, nargs="+", default=(0.5, 1.0, 2.0, 4.0),
                     help="arrival rates as multiples of the lone-request rate")
     ap.add_argument("--servers", nargs="+", default=("sequential", "same-shape", "engine"),

@@ -45,7 +45,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks._common import bar_plot, print_table, write_json  # noqa: E402
+from benchmarks._common import bar_plot, positive_int, print_table, write_json  # noqa: E402
 from ralu_runtime import generate, get_preset  # noqa: E402
 from ralu_runtime.adapters import call_scope  # noqa: E402
 from ralu_runtime.adapters.base import Conditioning, TokenGrid  # noqa: E402
@@ -238,8 +238,8 @@ def quality_table(args) -> tuple[list[dict], dict]:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", default="benchmarks/results")
-    p.add_argument("--samples", type=int, default=128, help="oracle images per row (x 4 channels)")
-    p.add_argument("--reps", type=int, default=3, help="timed rounds of the latency rows (min is reported)")
+    p.add_argument("--samples", type=positive_int, default=128, help="oracle images per row (x 4 channels)")
+    p.add_argument("--reps", type=positive_int, default=3, help="timed rounds of the latency rows (min is reported)")
     p.add_argument("--size", type=int, default=512, help="latency image size (512: 1024 fine tokens)")
     p.add_argument("--hidden", type=int, default=128)
     p.add_argument("--double", type=int, default=2)

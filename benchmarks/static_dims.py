@@ -33,8 +33,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks._common import (add_flux_shape_args, bar_plot, device_slug, flux_shape, print_table,  # noqa: E402
-                                raster_model_call, time_fn, write_json)
+from benchmarks._common import (add_flux_shape_args, bar_plot, device_slug, flux_shape,  # noqa: E402
+                                positive_int, print_table, raster_model_call, time_fn, write_json)
 from ralu_runtime.compile import compile_adapter, uncompile_adapter  # noqa: E402
 from ralu_runtime.compile.graph_check import RecordingBackend  # noqa: E402
 from ralu_runtime.execution import call as call_module  # noqa: E402
@@ -57,8 +57,9 @@ def symbolic_model_dims():
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     add_flux_shape_args(ap, torch.cuda.is_available())
-    ap.add_argument("--reps", type=int, default=None, help="timed calls per variant and round (default 20 GPU, 5 CPU)")
-    ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--reps", type=positive_int, default=None,
+                    help="timed calls per variant and round (default 20 GPU, 5 CPU)")
+    ap.add_argument("--rounds", type=positive_int, default=2)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--out", default="benchmarks/results")
     ap.add_argument("--name", default=None, help="output name (default static_dims_<device>)")

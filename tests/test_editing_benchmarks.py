@@ -85,8 +85,8 @@ def test_inpaint_oracle_benchmark_runs_at_toy_size(tmp_path):
     from benchmarks import inpaint_oracle
 
     payload = inpaint_oracle.main(["--quick", "--out", str(tmp_path)])
-    assert (tmp_path / "inpaint_oracle.json").exists()
-    saved = json.loads((tmp_path / "inpaint_oracle.json").read_text())
+    assert not (tmp_path / "inpaint_oracle.json").exists()   # a quick run never writes the full run's name
+    saved = json.loads((tmp_path / "inpaint_oracle_quick.json").read_text())
     assert saved["environment"]["torch"] == torch.__version__ and saved["shape"]["latent"] == [8, 8]
     rows = payload["rows"]
     assert len(rows) == 4 * 2 * 2 * 2  # masks x strengths x presets x choices (1 seed)
