@@ -136,26 +136,21 @@ def raster_model_call(pipe, resolution: int, text_len: int, device, dtype, *, ru
     return run
 
 
-def positive_int(text: str) -> int:
-    """argparse type: a whole number >= 1 (counts: reps, seeds, samples, world sizes)."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{value} is not allowed: give 1 or more")
-    return value
+def _whole_number(least: int) -> Callable[[str], int]:
+    """An argparse type: a whole number >= ``least`` (argparse prints the reason and exits 2 otherwise)."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+        if value < least:
+            raise argparse.ArgumentTypeError(f"{value} is not allowed: give {least} or more")
+        return value
+    return parse
 
 
-def non_negative_int(text: str) -> int:
-    """argparse type: a whole number >= 0 (warm-up calls)."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"{value} is not allowed: give 0 or more")
-    return value
+positive_int = _whole_number(1)       # counts: reps, seeds, samples, rounds, batch, requests
+non_negative_int = _whole_number(0)   # warm-up calls
 
 
 def print_table(rows: Sequence[dict], columns: Sequence[str]) -> None:
