@@ -418,7 +418,7 @@ def _check_work(adapter: DiTAdapter, bounds, batch: int, height: int, width: int
         raise ValueError(f"this call makes {batch} images (prompts x num_images_per_prompt); the limit is "
                          f"max_images={bounds.max_images}: split the call, or raise it with limits={{'max_images': N}} "
                          "or ralu_runtime.limits.set_limits(max_images=N)")
-    frames = 1 if num_frames is None else 1 + (num_frames - 1) // adapter.temporal_factor
+    frames = adapter.latent_frames(num_frames)
     tokens = adapter.fine_tokens(height, width, frames)
     work = token_steps(batch, tokens, steps, schedule)
     if work > bounds.max_token_steps:
@@ -435,7 +435,7 @@ def _warn_no_early_regions(adapter: DiTAdapter, schedule, height: int, width: in
     resolution, as ``ratio=0`` would."""
     from .sampler import early_regions
 
-    frames = 1 if num_frames is None else 1 + (num_frames - 1) // adapter.temporal_factor
+    frames = adapter.latent_frames(num_frames)
     blocks = adapter.fine_tokens(height, width, frames) // 4
     if early_regions(blocks, frames, schedule.ratio, region_mode) == 0:
         per = f" per latent frame (region_mode={region_mode!r})" if region_mode == "clip" else ""
@@ -464,7 +464,7 @@ def _check_video(adapter: DiTAdapter, num_frames, region_mode) -> tuple[int | No
     if (num_frames - 1) % f:
         raise ValueError(f"num_frames={num_frames} is not allowed: {adapter.family} needs 1 + a multiple of {f} "
                          f"frames (e.g. {1 + (num_frames - 1) // f * f} or {1 + ((num_frames - 1) // f + 1) * f})")
-    latent, cap = (num_frames - 1) // f + 1, adapter.max_latent_frames()
+    latent, cap = adapter.latent_frames(num_frames), adapter.max_latent_frames()
     if cap is not None and latent > cap:
         raise ValueError(f"num_frames={num_frames} gives {latent} latent frames; the model's position tables cover "
                          f"{cap} (at most {1 + (cap - 1) * f} frames)")
@@ -815,7 +815,7 @@ def _check_shard_rows(adapter: DiTAdapter, sp, height: int, width: int, num_fram
     False: Wan) has fewer rows than ranks; the other families shard ``[text ; image]``."""
     if getattr(adapter, "sharded_text", True):
         return
-    frames = 1 if num_frames is None else 1 + (num_frames - 1) // adapter.temporal_factor
+    frames = adapter.latent_frames(num_frames)
     tokens = adapter.fine_tokens(height, width, frames)
     least = tokens if schedule is None else tokens // 4  # RALU's stage 1: a quarter of the tokens
     if least < sp.world:

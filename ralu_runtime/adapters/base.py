@@ -498,6 +498,11 @@ class DiTAdapter(ABC):
         ``encode_prompt`` decides with it, ``prepare`` warns with it and the serving engine sizes work with it."""
         return self.supports_negative_prompt and guidance_scale > 1
 
+    def latent_frames(self, num_frames: int | None) -> int:
+        """Latent frames of a ``num_frames`` video (the pipelines' ``(num_frames - 1) // temporal_factor + 1``);
+        1 for an image (``num_frames`` None)."""
+        return 1 if num_frames is None else (int(num_frames) - 1) // self.temporal_factor + 1
+
     def max_latent_frames(self) -> int | None:
         """Video: the most latent frames the model's position tables cover (None: no fixed limit known)."""
         return None

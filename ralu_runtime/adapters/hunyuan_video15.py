@@ -446,7 +446,7 @@ class HunyuanVideo15Adapter(DoubleStreamAdapter):
 
         num_frames = self.default_frames if num_frames is None else num_frames
         h, w = self.latent_hw(height, width)
-        f = (num_frames - 1) // self.temporal_factor + 1
+        f = self.latent_frames(num_frames)
         return randn_tensor((batch, self.latent_channels, f, h, w), generator=generators, device=self.device,
                             dtype=dtype)
 

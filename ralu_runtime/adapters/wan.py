@@ -350,10 +350,6 @@ class WanAdapter(DiTAdapter):
         x = tokens.view(b, f, h // p, w // p, c, p, p).permute(0, 4, 1, 2, 5, 3, 6)
         return x.reshape(b, c, f, h, w)
 
-    def latent_frames(self, num_frames: int) -> int:
-        """Latent frames of a ``num_frames`` video (the pipeline's ``(num_frames - 1) // 4 + 1``)."""
-        return (int(num_frames) - 1) // self.temporal_factor + 1
-
     def max_latent_frames(self) -> int:
         """The transformer's RoPE table length (``rope_max_seq_len``) in latent frames."""
         return int(self.transformer.config.rope_max_seq_len)

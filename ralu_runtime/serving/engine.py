@@ -511,9 +511,7 @@ class Engine:
     def _max_tokens(self, plan) -> int:
         a = plan.adapter
         p, f = a.patch_size, a.vae_scale_factor
-        frames = 1
-        if plan.num_frames is not None:
-            frames = 1 + (plan.num_frames - 1) // a.temporal_factor
+        frames = a.latent_frames(plan.num_frames)
         negative = plan.negative_prompt is not None or plan.negative_prompt_embeds is not None
         cfg = 2 if a.runs_cfg(plan.guidance, negative) else 1
         return plan.batch * frames * (plan.height // (p * f)) * (plan.width // (p * f)) * cfg
