@@ -250,11 +250,9 @@ def main(argv=None) -> int:
 
     if args.world_sizes:
         try:
-            sizes = [int(s) for s in args.world_sizes.split(",")]
-        except ValueError:
-            sizes = []
-        if not sizes or min(sizes) < 1:
-            ap.error(f"--world-sizes {args.world_sizes!r}: give whole numbers >= 1, comma separated (e.g. 1,2,4)")
+            sizes = [positive_int(s) for s in args.world_sizes.split(",")]
+        except argparse.ArgumentTypeError as exc:
+            ap.error(f"--world-sizes {args.world_sizes!r}: {exc} (whole numbers >= 1, comma separated, e.g. 1,2,4)")
     elif cuda:
         n = torch.cuda.device_count()
         sizes = [s for s in (1, 2, 4, 8, 16) if s <= n]

@@ -320,23 +320,17 @@ def run_check(rec: Recorder, name: str, body: Callable[[Check], None], tol: floa
     return rec.status[name] == "ok"
 
 
-def _stamp_cost(runner, cuda: bool) -> dict:
+def _stamp_cost(runner) -> dict:
     """What the runner's per-call content stamp of its weight copies' sources costs (recorded, not judged): the
     sources' MiB and the mean ms of :func:`ralu_runtime.compile.runner.content_stamp` over 5 calls (its host sync
-    included)."""
-    import torch
-
+    included: wall-clock timing, whatever the device)."""
+    from benchmarks._common import time_fn
     from ralu_runtime.compile.runner import content_stamp
 
     tensors = runner.impl.copied_tensors()
-    content_stamp(tensors)
-    if cuda:
-        torch.cuda.synchronize()
-    t0 = time.perf_counter()
-    for _ in range(5):
-        content_stamp(tensors)
+    timed = time_fn(lambda: content_stamp(tensors), warmup=1, reps=5, device="cpu")
     return {"stamp_sources_mib": round(sum(t.numel() * t.element_size() for t in tensors) / 2**20, 1),
-            "stamp_ms": round((time.perf_counter() - t0) / 5 * 1e3, 3)}
+            "stamp_ms": round(timed["mean_ms"], 3)}
 
 
 def _finite(t) -> bool:
@@ -963,7 +957,7 @@ def precision_job(ctx: Ctx, rec: Recorder) -> None:
         c.expect(graphs == 0, f"{graphs} new dynamo graph(s) on a second fp8 call")
         c.expect(captures == 0, f"{captures} new CUDA-graph capture(s) on a second fp8 call")
         c.expect(_param_state(st["pipe"].transformer) == st["params"], "the user's parameters changed")
-        c.info.update(_stamp_cost(runner, ctx.cuda))
+        c.info.update(_stamp_cost(runner))
 
     def attn_measure(c: Check):
         uncompile_adapter(st["pipe"])
