@@ -72,8 +72,6 @@ def main(argv=None) -> int:
         raise SystemExit(f"--storage {storage}: must be narrower than the compute dtype {dtype}")
     depth, resolution = flux_shape(args, cuda)
     reps = args.reps or (10 if cuda else 3)
-    if args.rounds < 1 or reps < 1:
-        raise SystemExit("--rounds and --reps must be >= 1")
 
     runs: dict[str, dict] = {}
     variants = VARIANTS + (COMPILED_VARIANTS if args.compiled else ())
