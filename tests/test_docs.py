@@ -5,11 +5,13 @@ the README opens with its two commands, the demo and the test command, and the t
 runs; docs/layout.md's map names every source file; every ``--flag`` the pages give ``ralu <command>`` or a
 benchmark / example script is one that command declares. Plain file reads, regular expressions and the CLI's
 torch-free parser: no network, no model, no torch. One test runs the README's Python example, on the built-in tiny
-random FLUX.1 pipeline instead of the weights it names (about 8 s on a 2-core CPU).
+random FLUX.1 pipeline instead of the weights it names (about 8 s on a 2-core CPU). The tables of figures that
+pages copy (families.md's and video.md's FLOPs, method.md's presets) are compared with their result files, and the
+presets solved again with ``get_preset`` (a few seconds).
 """
 import ast
-import json
 import itertools
+import json
 import re
 import shlex
 from pathlib import Path
